@@ -1,0 +1,41 @@
+"""blocksparse_moe: dropless Mixture-of-Experts kernels (block-sparse and grouped GEMMs in Triton).
+
+Importing the package loads no kernels and queries no device; names resolve on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "plan_routing": "routing",
+    "RoutingPlan": "routing",
+    "Topology": "routing",
+    "moe_mlp": "functional",
+    "TopKRouter": "layers.router",
+    "load_balancing_loss": "layers.losses",
+    "router_z_loss": "layers.losses",
+    "dMoE": "layers.moe",
+    "PaddedMoE": "layers.moe",
+}
+
+__all__ = sorted(_EXPORTS) + ["ops", "integrations", "__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .functional import moe_mlp  # noqa: F401
+    from .layers.losses import load_balancing_loss, router_z_loss  # noqa: F401
+    from .layers.moe import PaddedMoE, dMoE  # noqa: F401
+    from .layers.router import TopKRouter  # noqa: F401
+    from .routing import RoutingPlan, Topology, plan_routing  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    if name in ("ops", "integrations", "kernels", "layers", "parallel"):
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'blocksparse_moe' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers (validation, allocation, grid). No autograd here: see ``ops/``."""

@@ -1,0 +1,1 @@
+"""MoE layers: routers, losses, dMoE and PaddedMoE."""

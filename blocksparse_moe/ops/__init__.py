@@ -1,0 +1,1 @@
+"""Differentiable ops (torch.library custom ops + autograd) over the Triton kernels."""

@@ -1,0 +1,313 @@
+"""Routing plan: sort token→expert assignments by expert and build the block-sparse topology.
+
+This module is the specification of the routing metadata, its PyTorch implementation (the CPU path and
+the reference), and the dispatcher that uses the compiled CUDA extension on CUDA tensors when it is built
+(``csrc/``; the same C++ is also built for the host and compared with this file in the tests).
+
+Glossary (T tokens, k choices per token, E experts, B block size, A = T·k assignments):
+
+- assignment ``a`` in ``[0, A)``: the choice ``top_k_index.flatten()[a]``; token ``a // k``, rank ``a % k``.
+- ``tokens_per_expert[E]``: how many valid assignments each expert received (histogram).
+- ``invalid_count[]``: assignments whose expert id is outside ``[0, E)``; they are excluded from the plan
+  (sorted last, mapped to row ``-1``) and turned into a ``ValueError`` when checking is on.
+- ``offsets[E+1]``: exclusive scan of ``tokens_per_expert``; expert ``e`` owns sorted rows
+  ``offsets[e]:offsets[e+1]``.
+- ``padded_offsets[E+1]``: the same with each expert rounded up to a multiple of ``B``.
+- ``sorted_assignment[A]``: stable sort of the assignments by expert id (invalid ids last).
+- ``inverse[A]``: ``inverse[sorted_assignment[i]] = i``.
+- ``row_assignment[A]`` / ``assignment_row[T, k]``: the unpadded sorted layout as the two maps the
+  gather/scatter kernels use (``-1`` = no assignment / invalid).
+- ``padded_row_assignment[max_padded_rows]`` / ``padded_assignment_row[T, k]``: the same for the block-padded
+  layout; padding rows hold ``-1``.
+
+Every buffer is sized from upper bounds known from shapes, so nothing here synchronizes with the device:
+``max_block_rows = min(A, (A + E·(B-1)) // B)`` bounds ``Σ_e ceil(n_e / B)``.
+
+Topology of the block-sparse matrix ``S`` of shape ``[max_block_rows·B, E·nb·B]`` (``nb = ceil(F / B)``
+column blocks per expert): block row ``r`` belongs to the expert ``e(r)`` whose padded rows contain it and holds
+the ``nb`` blocks of columns ``e·nb .. e·nb+nb-1``. Row-major block ``b = r·nb + j``. ``nnz_max =
+max_block_rows·nb`` slots; the true count ``nnz = row_offsets[-1]`` lives on the device.
+
+- ``row_indices[nnz_max]``, ``column_indices[nnz_max]``: block ``b``'s block row and block column; ``-1`` in
+  unused slots ``b >= nnz``.
+- ``row_offsets[max_block_rows+1]``: ``min(r, R)·nb`` where ``R = padded_offsets[E] / B`` used block rows.
+- ``column_offsets_t[E·nb+1]``: start of each block column in column-major order.
+- ``row_indices_t[nnz_max]``, ``column_indices_t[nnz_max]``: the blocks in column-major order; ``-1`` unused.
+- ``block_offsets_t[nnz_max]``: row-major position of each column-major block; identity on unused slots, so
+  it is always a permutation of ``[0, nnz_max)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._backend import check_enabled
+
+__all__ = ["RoutingPlan", "Topology", "plan_routing", "build_topology", "max_block_rows"]
+
+INDEX_DTYPE = torch.int32
+
+
+def max_block_rows(num_assignments: int, num_experts: int, block_size: int) -> int:
+    """Upper bound of ``Σ_e ceil(n_e / B)`` over all routings of ``num_assignments`` onto ``num_experts``."""
+    return min(num_assignments, (num_assignments + num_experts * (block_size - 1)) // block_size)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Block-sparse topology of ``S [max_block_rows·B, E·nb·B]`` for expert MLPs of width ``ffn_size``."""
+
+    block_size: int
+    num_experts: int
+    ffn_size: int  # F: real columns per expert; the last column block of an expert may be partial
+    blocks_per_expert: int  # nb = ceil(F / B)
+    max_block_rows: int
+    row_indices: torch.Tensor  # [nnz_max] int32
+    column_indices: torch.Tensor  # [nnz_max] int32
+    row_offsets: torch.Tensor  # [max_block_rows + 1] int32
+    row_indices_t: torch.Tensor  # [nnz_max] int32
+    column_indices_t: torch.Tensor  # [nnz_max] int32
+    column_offsets_t: torch.Tensor  # [E·nb + 1] int32
+    block_offsets_t: torch.Tensor  # [nnz_max] int32
+
+    @property
+    def nnz_max(self) -> int:
+        return self.max_block_rows * self.blocks_per_expert
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the (upper-bound) sparse matrix: ``max_block_rows · B``."""
+        return self.max_block_rows * self.block_size
+
+    @property
+    def nnz(self) -> torch.Tensor:
+        """Number of used blocks, a device scalar (no sync)."""
+        return self.row_offsets[-1]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The seven index tensors in a fixed order (what the custom ops take)."""
+        return (
+            self.row_indices,
+            self.column_indices,
+            self.row_offsets,
+            self.row_indices_t,
+            self.column_indices_t,
+            self.column_offsets_t,
+            self.block_offsets_t,
+        )
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """Everything the dropless kernels need to know about one routing. All tensors int32, on one device."""
+
+    num_tokens: int
+    top_k: int
+    num_experts: int
+    block_size: int
+    tokens_per_expert: torch.Tensor  # [E]
+    invalid_count: torch.Tensor  # [] assignments with an expert id outside [0, E)
+    offsets: torch.Tensor  # [E+1]
+    padded_offsets: torch.Tensor  # [E+1]
+    sorted_assignment: torch.Tensor  # [A]
+    inverse: torch.Tensor  # [A]
+    row_assignment: torch.Tensor  # [A]  sorted row -> assignment, -1 for invalid
+    assignment_row: torch.Tensor  # [T, k] assignment -> sorted row, -1 for invalid
+    padded_row_assignment: torch.Tensor  # [max_block_rows·B] padded row -> assignment, -1 for padding
+    padded_assignment_row: torch.Tensor  # [T, k] assignment -> padded row, -1 for invalid
+    topology: Topology | None = None
+
+    @property
+    def num_assignments(self) -> int:
+        return self.num_tokens * self.top_k
+
+    @property
+    def max_block_rows(self) -> int:
+        return max_block_rows(self.num_assignments, self.num_experts, self.block_size)
+
+    @property
+    def max_padded_rows(self) -> int:
+        return self.max_block_rows * self.block_size
+
+
+def _validate(top_k_index: torch.Tensor, num_experts: int, block_size: int, ffn_size: int | None) -> None:
+    if not isinstance(top_k_index, torch.Tensor):
+        raise TypeError(f"top_k_index must be a torch.Tensor, got {type(top_k_index).__name__}")
+    if top_k_index.dim() != 2:
+        raise ValueError(f"top_k_index must be 2-D [tokens, top_k], got shape {tuple(top_k_index.shape)}")
+    if top_k_index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"top_k_index must be int32 or int64, got {top_k_index.dtype}")
+    if top_k_index.shape[1] < 1:
+        raise ValueError(f"top_k_index must have top_k >= 1 columns, got shape {tuple(top_k_index.shape)}")
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if ffn_size is not None and (not isinstance(ffn_size, int) or ffn_size < 1):
+        raise ValueError(f"ffn_size must be a positive int or None, got {ffn_size!r}")
+    if top_k_index.numel() >= 2**31 - 1:
+        raise ValueError(f"at most 2**31 - 2 assignments are supported (int32 indices), got {top_k_index.numel()}")
+
+
+def plan_routing(
+    top_k_index: torch.Tensor,
+    num_experts: int,
+    block_size: int = 128,
+    ffn_size: int | None = None,
+    *,
+    check: bool | None = None,
+    use_extension: bool | None = None,
+) -> RoutingPlan:
+    """Build the routing plan (and, when ``ffn_size`` is given, the block-sparse topology).
+
+    Args:
+        top_k_index: ``[T, k]`` int32/int64 expert ids; never modified.
+        num_experts: E.
+        block_size: B, the block-padding granularity (and the sparse block size).
+        ffn_size: F, the expert width; builds ``plan.topology`` with ``ceil(F / B)`` blocks per expert.
+        check: raise ``ValueError`` on expert ids outside ``[0, E)``. Default: always on CPU; on CUDA only
+            with ``BSM_CHECK=1`` (it costs one host sync). Unchecked invalid ids are excluded from the plan.
+        use_extension: on CUDA, use the compiled routing extension (default: when it is built).
+    """
+    _validate(top_k_index, num_experts, block_size, ffn_size)
+    device = top_k_index.device
+    if device.type == "cuda" and use_extension is not False:
+        from . import _ext
+
+        if _ext.cuda_available() or use_extension:
+            plan = _ext.plan_routing_cuda(top_k_index, num_experts, block_size, ffn_size)
+        else:
+            plan = _plan_routing_torch(top_k_index, num_experts, block_size, ffn_size)
+    else:
+        plan = _plan_routing_torch(top_k_index, num_experts, block_size, ffn_size)
+    if check_enabled(device, check):
+        raise_on_invalid(plan, top_k_index)
+    return plan
+
+
+def raise_on_invalid(plan: RoutingPlan, top_k_index: torch.Tensor) -> None:
+    """Turn the device-side invalid counter into a ``ValueError`` (one host sync on GPU)."""
+    invalid = int(plan.invalid_count)
+    if invalid:
+        flat = top_k_index.reshape(-1)
+        bad = flat[(flat < 0) | (flat >= plan.num_experts)][:5].tolist()
+        raise ValueError(
+            f"top_k_index must hold expert ids in [0, {plan.num_experts}), got {invalid} assignment(s) "
+            f"outside that range, e.g. {bad}"
+        )
+
+
+def _plan_routing_torch(
+    top_k_index: torch.Tensor, num_experts: int, block_size: int, ffn_size: int | None
+) -> RoutingPlan:
+    T, k = top_k_index.shape
+    E, B = num_experts, block_size
+    A = T * k
+    device = top_k_index.device
+    i32 = INDEX_DTYPE
+
+    flat = top_k_index.reshape(-1).long()
+    valid = (flat >= 0) & (flat < E)
+    key = torch.where(valid, flat, E)  # invalid ids sort last, into bin E
+
+    counts = torch.zeros(E + 1, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    padded_counts = (counts[:E] + B - 1) // B * B
+    zero = torch.zeros(1, dtype=torch.int64, device=device)
+    offsets = torch.cat([zero, counts[:E].cumsum(0)])
+    padded_offsets = torch.cat([zero, padded_counts.cumsum(0)])
+
+    sorted_key, sorted_assignment = torch.sort(key, stable=True)
+    position = torch.arange(A, dtype=torch.int64, device=device)
+    inverse = torch.empty_like(position).scatter_(0, sorted_assignment, position)
+
+    sorted_valid = sorted_key < E
+    row_assignment = torch.where(sorted_valid, sorted_assignment, -1)
+    assignment_row = torch.where(valid, inverse, -1)
+
+    # Padded layout: sorted row i of expert e lands at padded_offsets[e] + (i - offsets[e]).
+    safe_key = sorted_key.clamp(max=E - 1)
+    padded_sorted_row = padded_offsets[safe_key] + position - offsets[safe_key]
+    padded_sorted_row = torch.where(sorted_valid, padded_sorted_row, -1)
+    R = max_block_rows(A, E, B)
+    P = R * B
+    # Invalid rows scatter into a dummy slot P (no boolean indexing: that would sync).
+    padded_row_assignment = torch.full((P + 1,), -1, dtype=torch.int64, device=device)
+    padded_row_assignment.scatter_(0, torch.where(sorted_valid, padded_sorted_row, P), row_assignment)
+    padded_row_assignment = padded_row_assignment[:P]
+    padded_assignment_row = torch.empty_like(position).scatter_(0, sorted_assignment, padded_sorted_row)
+
+    topology = None
+    if ffn_size is not None:
+        topology = build_topology(padded_offsets.to(i32), B, E, ffn_size, R)
+
+    return RoutingPlan(
+        num_tokens=T,
+        top_k=k,
+        num_experts=E,
+        block_size=B,
+        tokens_per_expert=counts[:E].to(i32),
+        invalid_count=counts[E].to(i32),
+        offsets=offsets.to(i32),
+        padded_offsets=padded_offsets.to(i32),
+        sorted_assignment=sorted_assignment.to(i32),
+        inverse=inverse.to(i32),
+        row_assignment=row_assignment.to(i32),
+        assignment_row=assignment_row.to(i32).view(T, k),
+        padded_row_assignment=padded_row_assignment.to(i32),
+        padded_assignment_row=padded_assignment_row.to(i32).view(T, k),
+        topology=topology,
+    )
+
+
+def build_topology(
+    padded_offsets: torch.Tensor, block_size: int, num_experts: int, ffn_size: int, max_rows: int
+) -> Topology:
+    """Topology from ``padded_offsets[E+1]`` (device tensor), all in closed form: no sort, no sync."""
+    B, E = block_size, num_experts
+    nb = -(-ffn_size // B)
+    nnz_max = max_rows * nb
+    device = padded_offsets.device
+    i64 = torch.int64
+
+    rbo = padded_offsets.to(i64) // B  # block-row offset of each expert, [E+1]
+    used_rows = rbo[E]
+    nrows = rbo[1:] - rbo[:-1]  # block rows per expert, [E]
+
+    b = torch.arange(nnz_max, dtype=i64, device=device)
+    r, j = b // nb, b % nb
+    used = r < used_rows
+    e = (torch.searchsorted(rbo, r, right=True) - 1).clamp(0, E - 1)
+    col = e * nb + j
+    t = nb * rbo[e] + j * nrows[e] + (r - rbo[e])  # column-major position of block b
+    t = torch.where(used, t, b)
+
+    row_indices = torch.where(used, r, -1)
+    column_indices = torch.where(used, col, -1)
+    row_indices_t = torch.empty_like(b).scatter_(0, t, row_indices)
+    column_indices_t = torch.empty_like(b).scatter_(0, t, column_indices)
+    block_offsets_t = torch.empty_like(b).scatter_(0, t, b)
+
+    rows = torch.arange(max_rows + 1, dtype=i64, device=device)
+    row_offsets = torch.minimum(rows, used_rows) * nb
+    c = torch.arange(E * nb + 1, dtype=i64, device=device)
+    ce, cj = (c // nb).clamp(max=E - 1), c % nb
+    column_offsets_t = torch.where(c < E * nb, nb * rbo[ce] + cj * nrows[ce], nb * used_rows)
+
+    i32 = INDEX_DTYPE
+    return Topology(
+        block_size=B,
+        num_experts=E,
+        ffn_size=ffn_size,
+        blocks_per_expert=nb,
+        max_block_rows=max_rows,
+        row_indices=row_indices.to(i32),
+        column_indices=column_indices.to(i32),
+        row_offsets=row_offsets.to(i32),
+        row_indices_t=row_indices_t.to(i32),
+        column_indices_t=column_indices_t.to(i32),
+        column_offsets_t=column_offsets_t.to(i32),
+        block_offsets_t=block_offsets_t.to(i32),
+    )

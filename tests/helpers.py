@@ -1,0 +1,26 @@
+"""Shared test utilities: poisoning, float64 references, tolerances."""
+
+from __future__ import annotations
+
+import torch
+
+POISON = float("nan")
+
+# Tolerances vs a float64 reference, per input dtype (fp32 accumulate inside kernels).
+TOL = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=2e-2, rtol=2e-2),
+    torch.bfloat16: dict(atol=1e-1, rtol=5e-2),
+}
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill with NaN (float) or a large sentinel (int) so unwritten elements show up."""
+    if t.is_floating_point():
+        return t.fill_(POISON)
+    return t.fill_(-(2**30))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    dtype = dtype or actual.dtype
+    torch.testing.assert_close(actual.double(), expected.double(), **TOL.get(dtype, TOL[torch.float32]))
