@@ -1,0 +1,158 @@
+// Argument validation and pybind11 glue shared by _routing_host and _routing_cuda.
+//
+// Python passes raw pointers (tensor.data_ptr()) and sizes; no libtorch. Every output arrives as
+// name -> (pointer, number of elements) and is checked against the size the plan needs, so a wrong buffer is a
+// ValueError (std::invalid_argument), never an out-of-bounds write.
+#pragma once
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "routing.h"
+
+namespace bsm {
+
+namespace py = pybind11;
+
+using Buffer = std::pair<std::uintptr_t, int64_t>;  // (data pointer, number of int32 elements)
+using Buffers = std::map<std::string, Buffer>;
+
+constexpr int64_t kInt32Limit = (int64_t{1} << 31) - 1;  // largest value an int32 index holds
+
+template <typename... Parts>
+[[noreturn]] void invalid(const Parts&... parts) {
+  std::ostringstream message;
+  (message << ... << parts);
+  throw std::invalid_argument(message.str());
+}
+
+// The bound of routing.max_block_rows: min(A, (A + E*(B-1)) // B).
+inline int64_t max_block_rows(int64_t assignments, int64_t num_experts, int64_t block_size) {
+  return std::min(assignments, (assignments + num_experts * (block_size - 1)) / block_size);
+}
+
+inline void check_range(const char* name, int64_t value, int64_t lo, int64_t hi) {
+  if (value < lo || value > hi) invalid(name, " must be in [", lo, ", ", hi, "], got ", value);
+}
+
+inline RoutingShape parse_shape(const std::string& index_dtype, int64_t num_tokens, int64_t top_k,
+                                int64_t num_experts, int64_t block_size, int64_t blocks_per_expert,
+                                int64_t max_rows) {
+  if (index_dtype != "int32" && index_dtype != "int64") {
+    invalid("index_dtype must be 'int32' or 'int64', got '", index_dtype, "'");
+  }
+  check_range("num_tokens", num_tokens, 0, kInt32Limit);
+  check_range("top_k", top_k, 1, kInt32Limit);
+  check_range("num_experts", num_experts, 1, kInt32Limit - 1);
+  check_range("block_size", block_size, 1, kInt32Limit);
+  check_range("blocks_per_expert", blocks_per_expert, 0, kInt32Limit);
+  RoutingShape s{num_tokens, top_k, num_experts, block_size, blocks_per_expert, max_rows, index_dtype == "int64"};
+  if (s.assignments() > kInt32Limit - 1) {
+    invalid("num_tokens * top_k must be at most 2**31 - 2 (int32 indices), got ", s.assignments());
+  }
+  const int64_t expected_rows = max_block_rows(s.assignments(), num_experts, block_size);
+  if (max_rows != expected_rows) {
+    invalid("max_block_rows must be min(A, (A + E*(B-1)) // B) = ", expected_rows, " for A=", s.assignments(),
+            ", E=", num_experts, ", B=", block_size, ", got ", max_rows);
+  }
+  if (s.padded_rows() > kInt32Limit) {
+    invalid("max_block_rows * block_size must fit int32 (<= 2**31 - 1), got ", s.padded_rows());
+  }
+  if (s.nnz_max() > kInt32Limit || num_experts * blocks_per_expert + 1 > kInt32Limit) {
+    invalid("max_block_rows * blocks_per_expert and num_experts * blocks_per_expert + 1 must fit int32, got ",
+            s.nnz_max(), " and ", num_experts * blocks_per_expert + 1);
+  }
+  return s;
+}
+
+// The outputs a plan of shape s needs, in order, with their element counts.
+inline std::vector<std::pair<std::string, int64_t>> expected_outputs(const RoutingShape& s) {
+  const int64_t A = s.assignments(), E = s.num_experts;
+  std::vector<std::pair<std::string, int64_t>> names{
+      {"counts", E + 1},       {"offsets", E + 1},        {"padded_offsets", E + 1},
+      {"sorted_assignment", A}, {"inverse", A},            {"row_assignment", A},
+      {"assignment_row", A},    {"padded_row_assignment", s.padded_rows()}, {"padded_assignment_row", A},
+  };
+  if (s.blocks_per_expert > 0) {
+    const int64_t nnz = s.nnz_max();
+    names.insert(names.end(), {{"row_indices", nnz},
+                               {"column_indices", nnz},
+                               {"row_offsets", s.max_block_rows + 1},
+                               {"row_indices_t", nnz},
+                               {"column_indices_t", nnz},
+                               {"column_offsets_t", E * s.blocks_per_expert + 1},
+                               {"block_offsets_t", nnz}});
+  }
+  return names;
+}
+
+inline std::string joined_names(const RoutingShape& s) {
+  std::string names;
+  for (const auto& [name, numel] : expected_outputs(s)) names += (names.empty() ? "" : ", ") + name;
+  return names;
+}
+
+inline RoutingBuffers parse_buffers(const RoutingShape& s, std::uintptr_t top_k_index, const Buffers& outputs) {
+  const int64_t item = s.index_is_int64 ? 8 : 4;
+  if (s.assignments() > 0 && (top_k_index == 0 || top_k_index % item != 0)) {
+    invalid("top_k_index must be a non-null pointer aligned to ", item, " bytes, got ", top_k_index);
+  }
+  std::map<std::string, int32_t*> pointers;
+  for (const auto& [name, numel] : expected_outputs(s)) {
+    const auto it = outputs.find(name);
+    if (it == outputs.end()) invalid("outputs is missing '", name, "'; expected exactly: ", joined_names(s));
+    const auto [ptr, received] = it->second;
+    if (received != numel) invalid("output '", name, "' must have ", numel, " int32 elements, got ", received);
+    if (numel > 0 && (ptr == 0 || ptr % 4 != 0)) {
+      invalid("output '", name, "' must be a non-null pointer aligned to 4 bytes, got ", ptr);
+    }
+    pointers[name] = reinterpret_cast<int32_t*>(ptr);
+  }
+  for (const auto& [name, buffer] : outputs) {
+    if (pointers.count(name) == 0) invalid("unknown output '", name, "'; expected exactly: ", joined_names(s));
+  }
+  auto get = [&](const char* name) { return pointers.count(name) ? pointers[name] : nullptr; };
+  return RoutingBuffers{reinterpret_cast<const void*>(top_k_index),
+                        get("counts"),
+                        get("offsets"),
+                        get("padded_offsets"),
+                        get("sorted_assignment"),
+                        get("inverse"),
+                        get("row_assignment"),
+                        get("assignment_row"),
+                        get("padded_row_assignment"),
+                        get("padded_assignment_row"),
+                        get("row_indices"),
+                        get("column_indices"),
+                        get("row_offsets"),
+                        get("row_indices_t"),
+                        get("column_indices_t"),
+                        get("column_offsets_t"),
+                        get("block_offsets_t")};
+}
+
+// The arguments of plan_routing common to both modules (pybind11 keyword names).
+#define BSM_PLAN_ARGS                                                                                     \
+  bsm::py::arg("top_k_index"), bsm::py::arg("index_dtype"), bsm::py::arg("num_tokens"), bsm::py::arg("top_k"), \
+      bsm::py::arg("num_experts"), bsm::py::arg("block_size"), bsm::py::arg("blocks_per_expert"),          \
+      bsm::py::arg("max_block_rows"), bsm::py::arg("outputs")
+
+constexpr const char* kPlanDoc = R"doc(Build the routing plan into caller-allocated int32 buffers.
+
+top_k_index: data pointer of the contiguous [num_tokens, top_k] ids (index_dtype 'int32' or 'int64').
+blocks_per_expert: nb = ceil(ffn_size / block_size), or 0 for no topology.
+max_block_rows: routing.max_block_rows(num_tokens * top_k, num_experts, block_size).
+outputs: {name: (data_ptr, numel)} for counts [E+1] (counts[E] = invalid ids), offsets, padded_offsets,
+sorted_assignment, inverse, row_assignment, assignment_row, padded_row_assignment, padded_assignment_row, and,
+when blocks_per_expert > 0, the seven topology arrays. Raises ValueError on any inconsistent argument.)doc";
+
+}  // namespace bsm

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The test command: install the project with its test extras, lint, and run pytest (Triton kernels run in
+# the interpreter when there is no GPU; see tests/conftest.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[test]"
+ruff check .
+ruff format --check .
+python -m pytest -q "$@"
