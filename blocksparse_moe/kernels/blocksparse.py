@@ -1,0 +1,592 @@
+"""Block-sparse matmuls over the expert topology: SDD, DSD and DSDᵀ (DDS and DDSᵀ are DSD launches on views).
+
+Design origin: MegaBlocks (Gale et al., 2022, §5) and its stk library: one kernel per product shape, the
+transpose of the sparse operand read through precomputed column-major metadata (no re-sort, no copy). Unlike stk:
+int32 indices with 64-bit address arithmetic, every tile masked (the expert width F, K and N are arbitrary), and
+dense operands are arbitrary strided views (a weight and its transpose are the same storage).
+
+Limits: block size B in {16, 32, 64, 128} (64 and 128 are the GPU sizes; 16 and 32 keep interpreter tests small);
+fp32 / fp16 / bf16 operands, all of one dtype, fp32 accumulation, output in the input dtype; grid axis 1 (the
+N tiles) at most 65535.
+
+Glossary (``routing.Topology``; P = max_block_rows·B rows, nb = ceil(F / B) column blocks per expert):
+
+- ``data [nnz_max, B, B]``: the blocks of S; slot b is used when ``b < nnz = row_offsets[max_block_rows]``.
+- ``row_indices [nnz_max]`` / ``column_indices [nnz_max]``: block row / block column of slot b (-1 unused).
+  Block column c is column block ``c % nb`` of expert ``c // nb``; its columns ``≥ F`` are padding.
+- ``row_offsets [max_block_rows + 1]``: row r owns slots ``row_offsets[r] .. row_offsets[r + 1]``.
+- ``column_offsets_t [E·nb + 1]``, ``row_indices_t [nnz_max]``, ``block_offsets_t [nnz_max]``: the same blocks in
+  column-major order: column c owns positions ``column_offsets_t[c] ..``; position t is slot ``block_offsets_t[t]``
+  in block row ``row_indices_t[t]``.
+
+Grids (sized from shapes, never from device data):
+
+- ``_sdd_kernel``: ``(nnz_max,)``, one program per slot; slots ``≥ nnz`` write zeros.
+- ``_dsd_kernel`` (S @ w): ``(max_block_rows, cdiv(N, BLOCK_N))``; rows without blocks write zeros.
+- ``_dsd_kernel`` (Sᵀ @ a, ``TRANS_S``): ``(E·nb, cdiv(N, BLOCK_N))``; columns without blocks write zeros.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import resolve_backend
+from ..routing import INDEX_DTYPE, Topology
+from ._common import CompileSpec, check_same_device, interpreting, upcast_dots
+
+__all__ = [
+    "TileConfig",
+    "sdd_configs",
+    "dsd_configs",
+    "compile_specs",
+    "sdd",
+    "dsd",
+    "dsd_t",
+    "dds",
+    "dds_t",
+    "sdd_shape",
+    "dsd_shape",
+    "dsd_t_shape",
+    "dds_shape",
+    "dds_t_shape",
+    "sdd_torch",
+    "dsd_torch",
+    "dsd_t_torch",
+    "dds_torch",
+    "dds_t_torch",
+]
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCK_SIZES = (16, 32, 64, 128)
+_MAX_GRID_Y = 65535
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile shape and launch options of one kernel configuration (``block_n`` unused by SDD)."""
+
+    block_k: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Under the interpreter: small tiles, so that tests cross several K steps per block and several N tiles.
+_INTERPRET_CONFIG = TileConfig(block_k=16, block_n=32, num_warps=4, num_stages=1)
+
+
+def _gpu_table(block_n: int, warps_64: int, stages_64: int) -> dict[tuple[int, torch.dtype], TileConfig]:
+    """Configs for sm_90: B×BLOCK_K tiles feed wgmma (one warpgroup per 64 rows), fp32 takes half the K depth.
+
+    Checked with an sm_90 ahead-of-time compile (HGMMA, no spills), with and without 16-divisible strides.
+    """
+    table = {}
+    for dtype in DTYPES:
+        k16 = 32 if dtype == torch.float32 else 64
+        stages = 3 if dtype == torch.float32 else stages_64
+        table[(128, dtype)] = TileConfig(block_k=k16, block_n=block_n, num_warps=8, num_stages=3)
+        table[(64, dtype)] = TileConfig(block_k=k16, block_n=block_n, num_warps=warps_64, num_stages=stages)
+        table[(32, dtype)] = TileConfig(block_k=32, block_n=min(block_n, 64), num_warps=4, num_stages=3)
+        table[(16, dtype)] = TileConfig(block_k=16, block_n=min(block_n, 64), num_warps=4, num_stages=3)
+    return table
+
+
+@functools.cache
+def sdd_configs() -> dict[tuple[int, torch.dtype], TileConfig]:
+    """The SDD config the GPU path picks for each (block size, dtype); the interpreter pins one config."""
+    return _gpu_table(block_n=0, warps_64=4, stages_64=4)
+
+
+@functools.cache
+def dsd_configs() -> dict[tuple[int, torch.dtype], TileConfig]:
+    """The DSD config (both ``TRANS_S`` variants) for each (block size, dtype); the interpreter pins one.
+
+    B = 64 takes 8 warps: with 4, DSDᵀ's 64×128 tile spills when strides are not multiples of 16.
+    """
+    return _gpu_table(block_n=128, warps_64=8, stages_64=3)
+
+
+def _pick(table: dict[tuple[int, torch.dtype], TileConfig], block_size: int, dtype: torch.dtype) -> TileConfig:
+    return _INTERPRET_CONFIG if interpreting() else table[(block_size, dtype)]
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _sdd_kernel(
+    a_ptr,  # [P, K] dense
+    w_ptr,  # [E, K, F] expert weights
+    out_ptr,  # [nnz_max, B, B] block data
+    row_indices_ptr,  # [nnz_max] int32
+    column_indices_ptr,  # [nnz_max] int32
+    row_offsets_ptr,  # [max_block_rows + 1] int32; the last entry is nnz
+    K,
+    F,
+    max_block_rows,
+    blocks_per_expert,
+    stride_am,
+    stride_ak,
+    stride_we,
+    stride_wk,
+    stride_wf,
+    stride_ob,
+    stride_om,
+    stride_on,
+    B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """``out[b] = a[rows of b] @ w[e, :, columns of b]``; grid ``(nnz_max,)``."""
+    b = tl.program_id(0)
+    nnz = tl.load(row_offsets_ptr + max_block_rows)
+    r = tl.maximum(tl.load(row_indices_ptr + b), 0)  # -1 in unused slots
+    c = tl.maximum(tl.load(column_indices_ptr + b), 0)
+    e = (c // blocks_per_expert).to(tl.int64)
+    f = (c % blocks_per_expert) * B + tl.arange(0, B)
+    f_ok = f < F
+    rows = r.to(tl.int64) * B + tl.arange(0, B)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((B, B), dtype=tl.float32)
+    k_end = tl.where(b < nnz, K, 0)  # unused slots skip the loop and store zeros
+    for k0 in range(0, k_end, BLOCK_K):
+        k = k0 + offs_k
+        k_ok = k < K
+        k64 = k.to(tl.int64)
+        x = tl.load(a_ptr + rows[:, None] * stride_am + k64[None, :] * stride_ak, mask=k_ok[None, :], other=0.0)
+        y = tl.load(
+            w_ptr + e * stride_we + k64[:, None] * stride_wk + f.to(tl.int64)[None, :] * stride_wf,
+            mask=k_ok[:, None] & f_ok[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            x = x.to(tl.float32)
+            y = y.to(tl.float32)
+        acc = tl.dot(x, y, acc)
+    offs = tl.arange(0, B).to(tl.int64)
+    out = out_ptr + b.to(tl.int64) * stride_ob + offs[:, None] * stride_om + offs[None, :] * stride_on
+    tl.store(out, acc.to(out_ptr.dtype.element_ty))  # b < nnz_max: the whole block is in bounds
+
+
+@triton.jit
+def _dsd_kernel(
+    data_ptr,  # [nnz_max, B, B] block data
+    x_ptr,  # S @ w: w [E, F, N];  Sᵀ @ a: a [P, N] (stride_xe unused)
+    out_ptr,  # S @ w: y [P, N] (stride_oe unused);  Sᵀ @ a: g [E, F, N]
+    offsets_ptr,  # S: row_offsets [max_block_rows + 1];  Sᵀ: column_offsets_t [E·nb + 1]
+    indices_ptr,  # S: column_indices [nnz_max];  Sᵀ: row_indices_t [nnz_max]
+    block_offsets_ptr,  # Sᵀ: block_offsets_t [nnz_max] (unused for S)
+    N,
+    F,
+    blocks_per_expert,
+    stride_db,
+    stride_dm,
+    stride_dn,
+    stride_xe,
+    stride_xm,
+    stride_xn,
+    stride_oe,
+    stride_om,
+    stride_on,
+    B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TRANS_S: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """One B×BLOCK_N output tile of ``S @ w`` (block row ``pid 0``) or ``Sᵀ @ a`` (block column ``pid 0``).
+
+    The reduction walks the row's (column's) blocks, ``B // BLOCK_K`` steps each, in one flat loop.
+    """
+    pid = tl.program_id(0)
+    offs_i = tl.arange(0, B)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    n64 = offs_n.to(tl.int64)
+    i64 = offs_i.to(tl.int64)
+    STEPS: tl.constexpr = B // BLOCK_K
+    start = tl.load(offsets_ptr + pid)
+    end = tl.load(offsets_ptr + pid + 1)
+    acc = tl.zeros((B, BLOCK_N), dtype=tl.float32)
+    for t in range(start * STEPS, end * STEPS):
+        s = t // STEPS
+        k = (t % STEPS) * BLOCK_K + offs_k
+        k64 = k.to(tl.int64)
+        idx = tl.load(indices_ptr + s)
+        if TRANS_S:
+            # Sᵀ tile [B, BLOCK_K] = data[b, k, :]ᵀ, in bounds (k < B); columns of S past F reach only masked
+            # output rows. Rows of a: block row idx < max_block_rows, in bounds.
+            b = tl.load(block_offsets_ptr + s).to(tl.int64)
+            d = tl.load(data_ptr + b * stride_db + k64[None, :] * stride_dm + i64[:, None] * stride_dn)
+            rows = idx.to(tl.int64) * B + k64
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + n64[None, :] * stride_xn, mask=n_ok[None, :], other=0.0)
+        else:
+            # S tile [B, BLOCK_K] = data[s, :, k]; columns past F are ignored (masked on both operands).
+            e = (idx // blocks_per_expert).to(tl.int64)
+            f = (idx % blocks_per_expert) * B + k
+            f_ok = f < F
+            d = tl.load(
+                data_ptr + s.to(tl.int64) * stride_db + i64[:, None] * stride_dm + k64[None, :] * stride_dn,
+                mask=f_ok[None, :],
+                other=0.0,
+            )
+            x = tl.load(
+                x_ptr + e * stride_xe + f.to(tl.int64)[:, None] * stride_xm + n64[None, :] * stride_xn,
+                mask=f_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+        if UPCAST:
+            d = d.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(d, x, acc)
+    if TRANS_S:
+        e_out = (pid // blocks_per_expert).to(tl.int64)
+        f_out = (pid % blocks_per_expert) * B + offs_i
+        out = out_ptr + e_out * stride_oe + f_out.to(tl.int64)[:, None] * stride_om + n64[None, :] * stride_on
+        mask = (f_out < F)[:, None] & n_ok[None, :]
+    else:
+        rows_out = pid.to(tl.int64) * B + i64  # pid < max_block_rows: rows in bounds
+        out = out_ptr + rows_out[:, None] * stride_om + n64[None, :] * stride_on
+        mask = n_ok[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------- compile audit
+
+_TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+_INDEX_POINTERS = ("row_indices_ptr", "column_indices_ptr", "row_offsets_ptr", "offsets_ptr", "indices_ptr",
+                   "block_offsets_ptr")  # fmt: skip
+
+
+def _spec(name: str, kernel, dtype: torch.dtype, cfg: TileConfig, constexprs: dict, unit_strides: tuple[str, ...]):
+    """Pointers typed by dtype (``*i32`` for the index tensors), ints ``i32``; ``unit_strides`` specialised to 1
+    as the JIT does for contiguous operands. Blocks of 16 / 32 rows are too short for wgmma (64-row tiles)."""
+    constexprs = {**constexprs, **dict.fromkeys(unit_strides, 1)}
+    signature = {}
+    for arg in kernel.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*i32" if arg in _INDEX_POINTERS else f"*{_TT[dtype]}"
+        else:
+            signature[arg] = "i32"
+    B = constexprs["B"]
+    return CompileSpec(name, kernel, signature, constexprs, cfg.num_warps, cfg.num_stages, is_matmul=B >= 64)
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every configuration the GPU path can pick (dtype × block size × kernel variant), contiguous inner strides."""
+    specs = []
+    for (B, dtype), cfg in sdd_configs().items():
+        constexprs = dict(B=B, BLOCK_K=cfg.block_k, UPCAST=False)
+        name = f"sdd[{_TT[dtype]},B={B},K={cfg.block_k}]"
+        specs.append(_spec(name, _sdd_kernel, dtype, cfg, constexprs, ("stride_ak", "stride_wf", "stride_on")))
+    for (B, dtype), cfg in dsd_configs().items():
+        for trans in (False, True):
+            constexprs = dict(B=B, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, TRANS_S=trans, UPCAST=False)
+            name = f"dsd{'_t' if trans else ''}[{_TT[dtype]},B={B},K={cfg.block_k},N={cfg.block_n}]"
+            specs.append(_spec(name, _dsd_kernel, dtype, cfg, constexprs, ("stride_dn", "stride_xn", "stride_on")))
+    return specs
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def _check_topology(topo: Topology) -> None:
+    if not isinstance(topo, Topology):
+        raise TypeError(f"topo must be a blocksparse_moe.routing.Topology, got {type(topo).__name__}")
+    B, E, F, nb = topo.block_size, topo.num_experts, topo.ffn_size, topo.blocks_per_expert
+    if nb != -(-F // B):
+        raise ValueError(f"topo.blocks_per_expert must be ceil(ffn_size / block_size) = {-(-F // B)}, got {nb}")
+    nnz_max, rows = topo.nnz_max, topo.max_block_rows
+    expected = {
+        "row_indices": nnz_max,
+        "column_indices": nnz_max,
+        "row_offsets": rows + 1,
+        "row_indices_t": nnz_max,
+        "column_indices_t": nnz_max,
+        "column_offsets_t": E * nb + 1,
+        "block_offsets_t": nnz_max,
+    }
+    for name, length in expected.items():
+        t = getattr(topo, name)
+        if t.shape != (length,):
+            raise ValueError(f"topo.{name} must have shape ({length},), got {tuple(t.shape)}")
+        if t.dtype != INDEX_DTYPE:
+            raise TypeError(f"topo.{name} must be {INDEX_DTYPE}, got {t.dtype}")
+
+
+def _check_shape(name: str, t: torch.Tensor, dims: str, expected: tuple[int | None, ...]) -> None:
+    """``expected`` holds the size of each dimension, ``None`` where any size is accepted."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != len(expected) or any(e is not None and s != e for s, e in zip(t.shape, expected)):
+        want = tuple("*" if e is None else e for e in expected)
+        raise ValueError(f"{name} must have shape {dims} = {want}, got {tuple(t.shape)}")
+
+
+def _check_operands(topo: Topology, out: torch.Tensor | None, out_shape: tuple[int, ...], **tensors: torch.Tensor):
+    """Common dtype (fp32/fp16/bf16) and device of the operands, the topology and ``out``; returns the dtype."""
+    dtypes = {name: t.dtype for name, t in tensors.items()}
+    dtype = next(iter(dtypes.values()))
+    if dtype not in DTYPES or len(set(dtypes.values())) > 1:
+        listing = ", ".join(f"{n} {d}" for n, d in dtypes.items())
+        raise TypeError(f"expected operands of one dtype among {DTYPES}, got {listing}")
+    check_same_device(**tensors, row_indices=topo.row_indices, out=out)
+    if out is not None:
+        _check_shape("out", out, "output", out_shape)
+        if out.dtype != dtype:
+            raise TypeError(f"out must have the operands' dtype {dtype}, got {out.dtype}")
+    return dtype
+
+
+def _check_block_size(topo: Topology) -> None:
+    """Triton-only limits: tile sizes, and int32 block-step counters (``nnz_max · B``)."""
+    if topo.block_size not in BLOCK_SIZES:
+        raise ValueError(f"the triton backend needs block_size in {BLOCK_SIZES}, got {topo.block_size}")
+    if topo.nnz_max * topo.block_size >= 2**31:
+        raise ValueError(f"the triton backend needs nnz_max · block_size < 2**31, got {topo.nnz_max * topo.block_size}")
+
+
+def _output(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device) if out is None else out
+
+
+def _finish(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """The torch backend computes a fresh tensor; copy it into ``out`` when one was given."""
+    return result if out is None else out.copy_(result)
+
+
+def _check_data(data: torch.Tensor, topo: Topology) -> None:
+    _check_topology(topo)
+    B = topo.block_size
+    _check_shape("data", data, "[nnz_max, B, B]", (topo.nnz_max, B, B))
+
+
+# Shape functions: validate an op's operands (and ``out``) and return its output shape (fake impls use them too).
+
+
+def sdd_shape(a: torch.Tensor, w: torch.Tensor, topo: Topology, out: torch.Tensor | None = None) -> tuple[int, ...]:
+    _check_topology(topo)
+    _check_shape("a", a, "[P, K]", (topo.num_rows, None))
+    _check_shape("w", w, "[E, K, F]", (topo.num_experts, a.shape[1], topo.ffn_size))
+    shape = (topo.nnz_max, topo.block_size, topo.block_size)
+    _check_operands(topo, out, shape, a=a, w=w)
+    return shape
+
+
+def dsd_shape(data: torch.Tensor, topo: Topology, w: torch.Tensor, out: torch.Tensor | None = None) -> tuple[int, ...]:
+    _check_data(data, topo)
+    _check_shape("w", w, "[E, F, N]", (topo.num_experts, topo.ffn_size, None))
+    shape = (topo.num_rows, w.shape[2])
+    _check_operands(topo, out, shape, data=data, w=w)
+    return shape
+
+
+def dsd_t_shape(
+    data: torch.Tensor, topo: Topology, a: torch.Tensor, out: torch.Tensor | None = None
+) -> tuple[int, ...]:
+    _check_data(data, topo)
+    _check_shape("a", a, "[P, N]", (topo.num_rows, None))
+    shape = (topo.num_experts, topo.ffn_size, a.shape[1])
+    _check_operands(topo, out, shape, data=data, a=a)
+    return shape
+
+
+def dds_shape(a: torch.Tensor, data: torch.Tensor, topo: Topology, out: torch.Tensor | None = None) -> tuple[int, ...]:
+    _check_data(data, topo)
+    _check_shape("a", a, "[M, P]", (None, topo.num_rows))
+    shape = (a.shape[0], topo.num_experts, topo.ffn_size)
+    _check_operands(topo, out, shape, a=a, data=data)
+    return shape
+
+
+def dds_t_shape(
+    g: torch.Tensor, data: torch.Tensor, topo: Topology, out: torch.Tensor | None = None
+) -> tuple[int, ...]:
+    _check_data(data, topo)
+    _check_shape("g", g, "[M, E, F]", (None, topo.num_experts, topo.ffn_size))
+    shape = (g.shape[0], topo.num_rows)
+    _check_operands(topo, out, shape, g=g, data=data)
+    return shape
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+
+def sdd(
+    a: torch.Tensor, w: torch.Tensor, topo: Topology, *, backend: str | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``S = a @ w`` at the blocks of ``topo``: a ``[P, K]``, w ``[E, K, F]`` → data ``[nnz_max, B, B]``.
+
+    Slots ``≥ nnz`` and the columns ``≥ F`` of each expert's last block are zero. ``out`` (optional) receives it.
+    """
+    out_shape = sdd_shape(a, w, topo, out)
+    B, F, K, dtype = topo.block_size, topo.ffn_size, a.shape[1], a.dtype
+    if resolve_backend(a.device, backend) == "torch":
+        return _finish(sdd_torch(a, w, topo), out)
+    _check_block_size(topo)
+    out = _output(out, out_shape, a)
+    if topo.nnz_max == 0:
+        return out
+    cfg = _pick(sdd_configs(), B, dtype)
+    _sdd_kernel[(topo.nnz_max,)](
+        a, w, out, topo.row_indices, topo.column_indices, topo.row_offsets,
+        K, F, topo.max_block_rows, topo.blocks_per_expert,
+        *a.stride(), *w.stride(), *out.stride(),
+        B=B, BLOCK_K=cfg.block_k, UPCAST=upcast_dots(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out
+
+
+def _launch_dsd(
+    data: torch.Tensor,
+    topo: Topology,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    x_strides: tuple[int, int, int],
+    out_strides: tuple[int, int, int],
+    N: int,
+    trans_s: bool,
+) -> None:
+    """``out = S @ x`` (x ``[E, F, N]``, out ``[P, N]``) or ``out = Sᵀ @ x`` (x ``[P, N]``, out ``[E, F, N]``)
+    given as storage and strides (the 2-D side's as ``(0, rows, columns)``), so that views need no copy."""
+    _check_block_size(topo)
+    cfg = _pick(dsd_configs(), topo.block_size, data.dtype)
+    grid = (topo.num_experts * topo.blocks_per_expert if trans_s else topo.max_block_rows, triton.cdiv(N, cfg.block_n))
+    if grid[1] > _MAX_GRID_Y:
+        raise ValueError(f"N (the dense columns) must be at most {_MAX_GRID_Y * cfg.block_n}, got {N}")
+    if grid[0] * grid[1] == 0:
+        return
+    if trans_s:
+        offsets, indices = topo.column_offsets_t, topo.row_indices_t
+    else:
+        offsets, indices = topo.row_offsets, topo.column_indices
+    _dsd_kernel[grid](
+        data, x, out, offsets, indices, topo.block_offsets_t,
+        N, topo.ffn_size, topo.blocks_per_expert,
+        *data.stride(), *x_strides, *out_strides,
+        B=topo.block_size, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, TRANS_S=trans_s, UPCAST=upcast_dots(data.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def dsd(
+    data: torch.Tensor, topo: Topology, w: torch.Tensor, *, backend: str | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``y = S @ w``: w ``[E, F, N]`` → ``[P, N]``; rows with no blocks are zero."""
+    out_shape = dsd_shape(data, topo, w, out)
+    if resolve_backend(data.device, backend) == "torch":
+        return _finish(dsd_torch(data, topo, w), out)
+    out = _output(out, out_shape, data)
+    _launch_dsd(data, topo, w, out, w.stride(), (0, *out.stride()), w.shape[2], trans_s=False)
+    return out
+
+
+def dsd_t(
+    data: torch.Tensor, topo: Topology, a: torch.Tensor, *, backend: str | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``g = Sᵀ @ a``: a ``[P, N]`` → ``[E, F, N]``; experts with no rows give zeros."""
+    out_shape = dsd_t_shape(data, topo, a, out)
+    if resolve_backend(data.device, backend) == "torch":
+        return _finish(dsd_t_torch(data, topo, a), out)
+    out = _output(out, out_shape, data)
+    _launch_dsd(data, topo, a, out, (0, *a.stride()), out.stride(), a.shape[1], trans_s=True)
+    return out
+
+
+def dds(
+    a: torch.Tensor, data: torch.Tensor, topo: Topology, *, backend: str | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``c = a @ S``: a ``[M, P]`` → ``[M, E, F]``, computed as ``(Sᵀ @ aᵀ)ᵀ`` on strided views."""
+    out_shape = dds_shape(a, data, topo, out)
+    if resolve_backend(data.device, backend) == "torch":
+        return _finish(dds_torch(a, data, topo), out)
+    out = _output(out, out_shape, data)
+    s = out.stride()
+    _launch_dsd(data, topo, a, out, (0, a.stride(1), a.stride(0)), (s[1], s[2], s[0]), a.shape[0], trans_s=True)
+    return out
+
+
+def dds_t(
+    g: torch.Tensor, data: torch.Tensor, topo: Topology, *, backend: str | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``c = g @ Sᵀ``: g ``[M, E, F]`` → ``[M, P]``, computed as ``(S @ gᵀ)ᵀ`` with gᵀ the ``[E, F, M]`` view."""
+    out_shape = dds_t_shape(g, data, topo, out)
+    if resolve_backend(data.device, backend) == "torch":
+        return _finish(dds_t_torch(g, data, topo), out)
+    out = _output(out, out_shape, data)
+    s = g.stride()
+    _launch_dsd(data, topo, g, out, (s[1], s[2], s[0]), (0, out.stride(1), out.stride(0)), g.shape[0], trans_s=False)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- torch
+
+
+def _slots(topo: Topology) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per slot: used (``b < nnz``, on the device), block row, block column (0 where unused), column validity."""
+    nnz_max, B = topo.nnz_max, topo.block_size
+    device = topo.row_indices.device
+    used = torch.arange(nnz_max, device=device) < topo.nnz
+    r = topo.row_indices.clamp(min=0).long()
+    c = topo.column_indices.clamp(min=0).long()
+    f = (c % topo.blocks_per_expert * B)[:, None] + torch.arange(B, device=device)
+    return used, r, c, f < topo.ffn_size
+
+
+def _expert_blocks(x: torch.Tensor, topo: Topology) -> torch.Tensor:
+    """``[E, F, N]`` → fp32 ``[E·nb, B, N]``, rows past F zero."""
+    E, F, N = x.shape
+    nb, B = topo.blocks_per_expert, topo.block_size
+    return torch.nn.functional.pad(x.float(), (0, 0, 0, nb * B - F)).reshape(E * nb, B, N)
+
+
+def sdd_torch(a: torch.Tensor, w: torch.Tensor, topo: Topology) -> torch.Tensor:
+    """PyTorch ``sdd`` (same contract): gather each slot's rows and weight columns, one batched matmul."""
+    used, r, c, _ = _slots(topo)
+    R, B, K = topo.max_block_rows, topo.block_size, a.shape[1]
+    blocks = torch.bmm(a.float().reshape(R, B, K)[r], _expert_blocks(w.transpose(1, 2), topo)[c].transpose(1, 2))
+    return torch.where(used[:, None, None], blocks, 0.0).to(a.dtype)
+
+
+def dsd_torch(data: torch.Tensor, topo: Topology, w: torch.Tensor) -> torch.Tensor:
+    """PyTorch ``dsd``: each used slot's block times its expert rows, summed into its block row."""
+    used, r, c, col_ok = _slots(topo)
+    R, B, N = topo.max_block_rows, topo.block_size, w.shape[2]
+    d = torch.where(used[:, None, None] & col_ok[:, None, :], data.float(), 0.0)
+    y = torch.zeros(R, B, N, dtype=torch.float32, device=data.device)
+    y.index_add_(0, r, torch.bmm(d, _expert_blocks(w, topo)[c]))
+    return y.reshape(R * B, N).to(data.dtype)
+
+
+def dsd_t_torch(data: torch.Tensor, topo: Topology, a: torch.Tensor) -> torch.Tensor:
+    """PyTorch ``dsd_t``: each used slot's transposed block times its rows of ``a``, summed into its column."""
+    used, r, c, _ = _slots(topo)
+    R, B, N = topo.max_block_rows, topo.block_size, a.shape[1]
+    E, F, nb = topo.num_experts, topo.ffn_size, topo.blocks_per_expert
+    d = torch.where(used[:, None, None], data.float(), 0.0)
+    g = torch.zeros(E * nb, B, N, dtype=torch.float32, device=data.device)
+    g.index_add_(0, c, torch.bmm(d.transpose(1, 2), a.float().reshape(R, B, N)[r]))
+    return g.reshape(E, nb * B, N)[:, :F].to(data.dtype).contiguous()
+
+
+def dds_torch(a: torch.Tensor, data: torch.Tensor, topo: Topology) -> torch.Tensor:
+    """PyTorch ``dds``: ``(Sᵀ @ aᵀ)ᵀ``."""
+    return dsd_t_torch(data, topo, a.t()).permute(2, 0, 1).contiguous()
+
+
+def dds_t_torch(g: torch.Tensor, data: torch.Tensor, topo: Topology) -> torch.Tensor:
+    """PyTorch ``dds_t``: ``(S @ gᵀ)ᵀ``."""
+    return dsd_torch(data, topo, g.permute(1, 2, 0)).t().contiguous()

@@ -1,0 +1,189 @@
+"""Differentiable block-sparse matmuls: custom ops ``bsm::sdd``, ``bsm::dsd``, ``bsm::dsd_t``, ``bsm::dds``,
+``bsm::dds_t`` (with fake impls, so they trace under ``torch.compile(fullgraph=True)``) and their autograd.
+
+Each op takes its dense/sparse operands, the topology as its seven int32 tensors (``Topology.tensors()`` order)
+plus ``block_size``, ``num_experts``, ``ffn_size``, and the resolved backend (``"triton"`` or ``"torch"``).
+Gradients reuse the same five ops (MegaBlocks §5.1), on transposed views, never copies:
+
+- ``sdd``:   da = dsd(dS, wᵀ),           dw = dsd_t(dS, a)ᵀ
+- ``dsd``:   dS = sdd(dy, wᵀ),           dw = dsd_t(S, dy)
+- ``dsd_t``: dS = sdd(a, dgᵀ),           da = dsd(S, dg)
+- ``dds``:   da = dds_t(dc, S),          dS = sdd(aᵀ, dc viewed [E, M, F])
+- ``dds_t``: dg = dds(dc, S),            dS = sdd(dcᵀ, g viewed [E, M, F])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._backend import resolve_backend
+from ..kernels import blocksparse as kernels
+from ..routing import Topology
+
+__all__ = ["sdd", "dsd", "dsd_t", "dds", "dds_t"]
+
+
+def _topology(topo: list[Tensor], block_size: int, num_experts: int, ffn_size: int) -> Topology:
+    """Rebuild the ``Topology`` from the op arguments (sizes follow from the tensors' static shapes)."""
+    return Topology(block_size, num_experts, ffn_size, -(-ffn_size // block_size), topo[2].shape[0] - 1, *topo)
+
+
+def _args(topo: Topology, operand: Tensor, backend: str | None) -> tuple:
+    """The op arguments that describe the topology and the backend."""
+    if not isinstance(topo, Topology):
+        raise TypeError(f"topo must be a blocksparse_moe.routing.Topology, got {type(topo).__name__}")
+    if not isinstance(operand, Tensor):
+        raise TypeError(f"operands must be torch.Tensor, got {type(operand).__name__}")
+    backend = resolve_backend(operand.device, backend)
+    return list(topo.tensors()), topo.block_size, topo.num_experts, topo.ffn_size, backend
+
+
+# ----------------------------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("bsm::sdd", mutates_args=())
+def _sdd(
+    a: Tensor, w: Tensor, topo: list[Tensor], block_size: int, num_experts: int, ffn_size: int, backend: str
+) -> Tensor:
+    return kernels.sdd(a, w, _topology(topo, block_size, num_experts, ffn_size), backend=backend)
+
+
+@_sdd.register_fake
+def _(a, w, topo, block_size, num_experts, ffn_size, backend):
+    return a.new_empty(kernels.sdd_shape(a, w, _topology(topo, block_size, num_experts, ffn_size)))
+
+
+@torch.library.custom_op("bsm::dsd", mutates_args=())
+def _dsd(
+    data: Tensor, w: Tensor, topo: list[Tensor], block_size: int, num_experts: int, ffn_size: int, backend: str
+) -> Tensor:
+    return kernels.dsd(data, _topology(topo, block_size, num_experts, ffn_size), w, backend=backend)
+
+
+@_dsd.register_fake
+def _(data, w, topo, block_size, num_experts, ffn_size, backend):
+    return data.new_empty(kernels.dsd_shape(data, _topology(topo, block_size, num_experts, ffn_size), w))
+
+
+@torch.library.custom_op("bsm::dsd_t", mutates_args=())
+def _dsd_t(
+    data: Tensor, a: Tensor, topo: list[Tensor], block_size: int, num_experts: int, ffn_size: int, backend: str
+) -> Tensor:
+    return kernels.dsd_t(data, _topology(topo, block_size, num_experts, ffn_size), a, backend=backend)
+
+
+@_dsd_t.register_fake
+def _(data, a, topo, block_size, num_experts, ffn_size, backend):
+    return data.new_empty(kernels.dsd_t_shape(data, _topology(topo, block_size, num_experts, ffn_size), a))
+
+
+@torch.library.custom_op("bsm::dds", mutates_args=())
+def _dds(
+    a: Tensor, data: Tensor, topo: list[Tensor], block_size: int, num_experts: int, ffn_size: int, backend: str
+) -> Tensor:
+    return kernels.dds(a, data, _topology(topo, block_size, num_experts, ffn_size), backend=backend)
+
+
+@_dds.register_fake
+def _(a, data, topo, block_size, num_experts, ffn_size, backend):
+    return data.new_empty(kernels.dds_shape(a, data, _topology(topo, block_size, num_experts, ffn_size)))
+
+
+@torch.library.custom_op("bsm::dds_t", mutates_args=())
+def _dds_t(
+    g: Tensor, data: Tensor, topo: list[Tensor], block_size: int, num_experts: int, ffn_size: int, backend: str
+) -> Tensor:
+    return kernels.dds_t(g, data, _topology(topo, block_size, num_experts, ffn_size), backend=backend)
+
+
+@_dds_t.register_fake
+def _(g, data, topo, block_size, num_experts, ffn_size, backend):
+    return data.new_empty(kernels.dds_t_shape(g, data, _topology(topo, block_size, num_experts, ffn_size)))
+
+
+# ----------------------------------------------------------------------------------------------- autograd
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    """Every op saves its two tensor operands and the topology; the ints and backend ride on ctx."""
+    x, y, topo, *ctx.meta = inputs
+    ctx.save_for_backward(x, y, *topo)
+
+
+# Each backward returns: grads of the two operands, then None for each of the seven topology index tensors, for
+# block_size, num_experts, ffn_size and backend, none of which is differentiable.
+_NO_GRAD = ([None] * 7, None, None, None, None)
+
+
+def _sdd_backward(ctx, grad):
+    a, w, *topo = ctx.saved_tensors
+    da = _dsd(grad, w.transpose(1, 2), topo, *ctx.meta) if ctx.needs_input_grad[0] else None
+    dw = _dsd_t(grad, a, topo, *ctx.meta).transpose(1, 2) if ctx.needs_input_grad[1] else None
+    return da, dw, *_NO_GRAD
+
+
+def _dsd_backward(ctx, grad):
+    data, w, *topo = ctx.saved_tensors
+    ddata = _sdd(grad, w.transpose(1, 2), topo, *ctx.meta) if ctx.needs_input_grad[0] else None
+    dw = _dsd_t(data, grad, topo, *ctx.meta) if ctx.needs_input_grad[1] else None
+    return ddata, dw, *_NO_GRAD
+
+
+def _dsd_t_backward(ctx, grad):
+    data, a, *topo = ctx.saved_tensors
+    ddata = _sdd(a, grad.transpose(1, 2), topo, *ctx.meta) if ctx.needs_input_grad[0] else None
+    da = _dsd(data, grad, topo, *ctx.meta) if ctx.needs_input_grad[1] else None
+    return ddata, da, *_NO_GRAD
+
+
+def _dds_backward(ctx, grad):
+    a, data, *topo = ctx.saved_tensors
+    da = _dds_t(grad, data, topo, *ctx.meta) if ctx.needs_input_grad[0] else None
+    ddata = _sdd(a.t(), grad.transpose(0, 1), topo, *ctx.meta) if ctx.needs_input_grad[1] else None
+    return da, ddata, *_NO_GRAD
+
+
+def _dds_t_backward(ctx, grad):
+    g, data, *topo = ctx.saved_tensors
+    dg = _dds(grad, data, topo, *ctx.meta) if ctx.needs_input_grad[0] else None
+    ddata = _sdd(grad.t(), g.transpose(0, 1), topo, *ctx.meta) if ctx.needs_input_grad[1] else None
+    return dg, ddata, *_NO_GRAD
+
+
+for _op, _backward in (
+    (_sdd, _sdd_backward),
+    (_dsd, _dsd_backward),
+    (_dsd_t, _dsd_t_backward),
+    (_dds, _dds_backward),
+    (_dds_t, _dds_t_backward),
+):
+    _op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------- functional
+
+
+def sdd(a: Tensor, w: Tensor, topo: Topology, backend: str | None = None) -> Tensor:
+    """``S = a @ w`` at ``topo``'s blocks: a ``[P, K]``, w ``[E, K, F]`` → data ``[nnz_max, B, B]``."""
+    return _sdd(a, w, *_args(topo, a, backend))
+
+
+def dsd(data: Tensor, topo: Topology, w: Tensor, backend: str | None = None) -> Tensor:
+    """``y = S @ w``: data ``[nnz_max, B, B]``, w ``[E, F, N]`` → ``[P, N]``."""
+    return _dsd(data, w, *_args(topo, data, backend))
+
+
+def dsd_t(data: Tensor, topo: Topology, a: Tensor, backend: str | None = None) -> Tensor:
+    """``g = Sᵀ @ a``: a ``[P, N]`` → ``[E, F, N]``."""
+    return _dsd_t(data, a, *_args(topo, data, backend))
+
+
+def dds(a: Tensor, data: Tensor, topo: Topology, backend: str | None = None) -> Tensor:
+    """``c = a @ S``: a ``[M, P]`` → ``[M, E, F]``."""
+    return _dds(a, data, *_args(topo, data, backend))
+
+
+def dds_t(g: Tensor, data: Tensor, topo: Topology, backend: str | None = None) -> Tensor:
+    """``c = g @ Sᵀ``: g ``[M, E, F]`` → ``[M, P]``."""
+    return _dds_t(g, data, *_args(topo, data, backend))
