@@ -1,0 +1,230 @@
+"""grouped_mm (with and without the fused gather) and grouped_mm_wgrad: kernels (interpreter) and the torch backend
+vs float64 per-row references; gradients through the custom ops; strided weights; errors; torch.compile of
+gather → grouped_mm → scatter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import TOL, assert_close, poison_
+
+from blocksparse_moe.kernels import grouped_gemm as kernels
+from blocksparse_moe.ops.grouped import grouped_mm
+from blocksparse_moe.ops.permute import gather_rows, scatter_rows
+from blocksparse_moe.routing import RoutingPlan, plan_routing
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BACKENDS = ["triton", "torch"]
+
+CASES = {
+    # name: (T, k, E, K, N, routing)
+    "empty-experts": (13, 2, 5, 19, 23, "skip"),  # experts with no rows (dw = 0); odd K and N
+    "one-token": (1, 1, 1, 5, 3, "uniform"),  # one token, E = 1, k = 1, everything smaller than a tile
+    "k=E": (9, 3, 3, 17, 21, "uniform"),  # k = E: every token on every expert
+    "one-expert": (20, 2, 4, 18, 33, "one-hot"),  # all 40 rows on one expert: several M tiles, others empty
+    "duplicates": (8, 3, 4, 16, 16, "duplicates"),  # a token choosing the same expert twice
+    "invalid": (11, 2, 4, 9, 13, "invalid"),  # ids -1 and E with check=False: rows >= offsets[E] are zero
+    "empty": (0, 2, 3, 9, 11, "uniform"),  # no tokens: empty output, dw = 0
+}
+
+
+def routing(T: int, k: int, E: int, kind: str) -> torch.Tensor:
+    """``[T, k]`` expert ids for each routing kind of ``CASES``."""
+    if kind == "one-hot":
+        return torch.full((T, k), E // 2, dtype=torch.int64)
+    if kind == "skip":  # only even experts: the odd ones get nothing
+        return torch.randint(0, (E + 1) // 2, (T, k)) * 2
+    if kind == "duplicates":
+        idx = torch.randint(0, E, (T, k))
+        idx[:, 1] = idx[:, 0]
+        return idx
+    idx = torch.rand(T, E).argsort(dim=1)[:, :k]
+    if kind == "invalid":
+        idx[0, 0], idx[3, 1], idx[7, 0] = -1, E, E + 5
+    return idx
+
+
+def _case(case: str) -> tuple[RoutingPlan, int, int]:
+    T, k, E, K, N, kind = CASES[case]
+    return plan_routing(routing(T, k, E, kind), E, block_size=1, check=False), K, N
+
+
+def _sources(plan: RoutingPlan, gather: bool) -> list[tuple[int, int, int]]:
+    """(sorted row, source row of x, expert) for every row an expert owns."""
+    offsets, k = plan.offsets.tolist(), plan.top_k
+    ra = plan.row_assignment.tolist()
+    return [
+        (i, ra[i] // k if gather else i, e) for e in range(plan.num_experts) for i in range(offsets[e], offsets[e + 1])
+    ]
+
+
+def ref_grouped_mm(x, w, plan, gather):
+    """float64 ``[R, N]`` one row at a time (rows no expert owns stay zero); differentiable in x and w."""
+    R = plan.num_assignments
+    rows = [torch.zeros(w.shape[2], dtype=torch.float64)] * R
+    for i, src, e in _sources(plan, gather):
+        rows[i] = x.double()[src] @ w.double()[e]
+    return torch.stack(rows) if rows else (x.double()[:0] @ w.double().sum(0))
+
+
+def ref_wgrad(x, dy, plan, gather):
+    """float64 ``[E, K, N]``: Σ over each expert's rows of the outer products."""
+    dw = torch.zeros(plan.num_experts, x.shape[1], dy.shape[1], dtype=torch.float64)
+    for i, src, e in _sources(plan, gather):
+        dw[e] += torch.outer(x.double()[src], dy.double()[i])
+    return dw
+
+
+def _operands(plan, K, N, gather, dtype):
+    T, R = plan.num_tokens, plan.num_assignments
+    x = torch.randn(T if gather else R, K).to(dtype)
+    w = torch.randn(plan.num_experts, K, N).to(dtype) / K**0.5
+    maps = (plan.row_assignment, plan.assignment_row) if gather else (None, None)
+    return x, w, maps
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gather", [True, False], ids=["gather", "sorted"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_grouped_mm_and_wgrad(case, gather, dtype, backend):
+    plan, K, N = _case(case)
+    x, w, maps = _operands(plan, K, N, gather, dtype)
+    inputs = [x.clone(), w.clone(), plan.offsets.clone()]
+    R = plan.num_assignments
+
+    out = poison_(torch.empty(R, N, dtype=dtype))
+    assert kernels.grouped_mm(x, w, plan.offsets, *maps, backend=backend, out=out) is out
+    assert not out.isnan().any()
+    assert_close(out, ref_grouped_mm(x, w, plan, gather), dtype)
+
+    dy = torch.randn(R, N).to(dtype)
+    dw = poison_(torch.empty(plan.num_experts, K, N, dtype=dtype))
+    kernels.grouped_mm_wgrad(x, dy, plan.offsets, maps[0], plan.top_k, backend=backend, out=dw)
+    assert not dw.isnan().any()
+    tol = TOL[dtype]
+    torch.testing.assert_close(dw.double(), ref_wgrad(x, dy, plan, gather), atol=tol["atol"] * 4, rtol=tol["rtol"])
+    empty = plan.tokens_per_expert == 0
+    assert torch.equal(dw[empty], torch.zeros_like(dw[empty]))  # experts with no rows: exactly zero
+
+    for before, after in zip(inputs, (x, w, plan.offsets)):  # inputs never modified
+        assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_weights(backend):
+    # w given as a transpose view of [E, N, K] storage (as wᵀ in the backward), x as a column slice
+    plan, K, N = _case("empty-experts")
+    x = torch.randn(plan.num_tokens, K + 6)[:, 3 : 3 + K]
+    w = torch.randn(plan.num_experts, N, K).transpose(1, 2)
+    out = kernels.grouped_mm(x, w, plan.offsets, plan.row_assignment, plan.assignment_row, backend=backend)
+    assert_close(out, ref_grouped_mm(x, w, plan, True))
+
+
+def test_many_experts_tile_search():
+    # E = 37 (binary search over 38 tile offsets), one M tile each or none, plus invalid rows at the end
+    E = 37
+    idx = torch.randint(0, E + 3, (23, 2))  # ids >= E are invalid
+    plan = plan_routing(idx, E, block_size=1, check=False)
+    x, w = torch.randn(23, 8), torch.randn(E, 8, 5)
+    out = poison_(torch.empty(46, 5))
+    kernels.grouped_mm(x, w, plan.offsets, plan.row_assignment, plan.assignment_row, backend="triton", out=out)
+    assert_close(out, ref_grouped_mm(x, w, plan, True))
+
+
+# ----------------------------------------------------------------------------------------------- autograd
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gather", [True, False], ids=["gather", "sorted"])
+@pytest.mark.parametrize("case", ["empty-experts", "k=E", "duplicates", "invalid", "empty"])
+def test_gradients(case, gather, backend):
+    plan, K, N = _case(case)
+    x, w, maps = _operands(plan, K, N, gather, torch.float32)
+    x.requires_grad_()
+    w.requires_grad_()
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    out = grouped_mm(x, w, plan.offsets, *maps, backend=backend)
+    dy = torch.randn(out.shape)
+    out.backward(dy)
+    expected = ref_grouped_mm(x64, w64, plan, gather)
+    dx, dw = torch.autograd.grad(expected, (x64, w64), dy.double(), allow_unused=True, materialize_grads=True)
+    assert_close(x.grad, dx)
+    assert_close(w.grad, dw)
+
+
+def _moe(x, w, weights, plan, backend):
+    """gather → grouped_mm → scatter with the top-k weights (the unfused path of a one-matrix MoE)."""
+    ra, ar = plan.row_assignment, plan.assignment_row
+    h = grouped_mm(gather_rows(x, ra, ar, backend=backend), w, plan.offsets, backend=backend)
+    return scatter_rows(h, ra, ar, weights, backend=backend)
+
+
+def test_torch_compile_matches_eager():
+    # torch.compile(fullgraph=True) of gather → grouped_mm → scatter (and the fused-gather form), forward + backward
+    plan, K, N = _case("empty-experts")
+    x = torch.randn(plan.num_tokens, K, requires_grad=True)
+    w = torch.randn(plan.num_experts, K, N, requires_grad=True)
+    weights = torch.rand(plan.num_tokens, plan.top_k, requires_grad=True)
+
+    def step(fn):
+        out = fn(x, w, weights)
+        grads = torch.autograd.grad(out, (x, w, weights), torch.ones_like(out))
+        return out, *grads
+
+    def fused(x, w, weights):
+        h = grouped_mm(x, w, plan.offsets, plan.row_assignment, plan.assignment_row, backend="triton")
+        return scatter_rows(h, plan.row_assignment, plan.assignment_row, weights, backend="triton")
+
+    def unfused(x, w, weights):
+        return _moe(x, w, weights, plan, "triton")
+
+    for fn in (fused, unfused):
+        eager = step(fn)
+        compiled = step(torch.compile(fn, fullgraph=True))
+        for a, b in zip(eager, compiled):
+            torch.testing.assert_close(a, b)
+    for a, b in zip(step(fused), step(unfused)):  # fused gather == explicit gather
+        assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------------------------- errors
+
+
+def _args():
+    plan = plan_routing(routing(5, 2, 3, "uniform"), 3, block_size=1)
+    return torch.randn(5, 8), torch.randn(3, 8, 4), plan.offsets, plan.row_assignment, plan.assignment_row
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda x, w, o, ra, ar: (x, w[:, :7], o, ra, ar), ValueError, r"w must have shape \[E, K, N\] = \(3, 8, \*\)"),
+        (lambda x, w, o, ra, ar: (x, w[:2], o, ra, ar), ValueError, r"w must have shape \[E, K, N\] = \(3, 8, \*\)"),
+        (lambda x, w, o, ra, ar: (x[:4], w, o, ra, ar), ValueError, r"x must have shape \[T or R, K\] = \(5, \*\)"),
+        (lambda x, w, o, ra, ar: (x, w.half(), o, ra, ar), TypeError, "w must have x's dtype torch.float32"),
+        (lambda x, w, o, ra, ar: (x, w, o.long(), ra, ar), TypeError, "offsets must be torch.int32, got torch.int64"),
+        (lambda x, w, o, ra, ar: (x, w, o, ra, None), ValueError, "must be given together"),
+        (lambda x, w, o, ra, ar: (x, w, o, ra.to("meta"), ar), ValueError, "expected all tensors on one device"),
+        (lambda x, w, o, ra, ar: (x, w, o.flip(0), ra, ar), ValueError, "offsets must rise from 0"),
+        (lambda x, w, o, ra, ar: (x.int(), w, o, ra, ar), TypeError, "x must have a dtype among"),
+    ],
+)
+def test_errors(change, error, match):
+    with pytest.raises(error, match=match):
+        kernels.grouped_mm(*change(*_args()), backend="triton")
+
+
+def test_other_errors():
+    x, w, o, ra, ar = _args()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        grouped_mm(x, w, o, ra, ar, backend="cutlass")
+    with pytest.raises(ValueError, match=r"dy must have shape \[R, N\] = \(10, \*\), got \(9, 4\)"):
+        kernels.grouped_mm_wgrad(x, torch.randn(9, 4), o, ra, 2)
+    with pytest.raises(ValueError, match="k \\(choices per token\\) must be a positive int, got 0"):
+        kernels.grouped_mm_wgrad(x, torch.randn(10, 4), o, ra, 0)
+    with pytest.raises(TypeError, match="out must have dtype torch.float32, got torch.bfloat16"):
+        kernels.grouped_mm(x, w, o, ra, ar, out=torch.empty(10, 4, dtype=torch.bfloat16))
