@@ -1,0 +1,301 @@
+"""Expert parallelism: W gloo processes on CPU (torch.multiprocessing.spawn) against one process holding all
+experts. Each spawn runs a list of cases so that process start-up (importing torch) is paid once per test.
+
+Workers run the ``torch`` backend of ``moe_mlp`` (``BSM_BACKEND=torch``): the interpreter would only make the
+local expert compute slow, and the kernels have their own tests; what is tested here is the transport.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from functools import partial
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from blocksparse_moe.functional import moe_mlp
+from blocksparse_moe.parallel.expert_parallel import (
+    ep_combine,
+    ep_dispatch,
+    expert_parallel_moe_mlp,
+    gather_experts,
+    shard_experts,
+)
+from blocksparse_moe.reference import per_token_moe_mlp
+
+FP32 = dict(atol=1e-4, rtol=1e-4)
+IMPL = "auto"  # "grouped" on CPU, "blocksparse" on CUDA
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, backend: str, fn, args: tuple) -> None:
+    os.environ["BSM_BACKEND"] = "torch" if backend == "gloo" else "auto"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world: int, fn, *args, backend: str = "gloo") -> None:
+    mp.spawn(_entry, args=(world, _free_port(), backend, fn, args), nprocs=world, join=True)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str  # the edge the case covers
+    tokens: tuple[int, ...]  # tokens per rank (cycled over the ranks)
+    k: int | None  # None: k = E
+    experts_per_rank: int
+    d: int
+    f: int
+    routing: str  # uniform | rank0 | not_last | one_expert
+    glu: bool
+    activation: str = "gelu"
+
+    def fits(self, world: int) -> bool:
+        """Whether the routing exists with ``world`` ranks (distinct uniform choices need k <= E)."""
+        E = self.experts_per_rank * world
+        return (self.routing != "not_last" or world > 1) and (self.routing != "uniform" or (self.k or E) <= E)
+
+
+CASES = [
+    Case("uniform routing, odd sizes, GLU", (7, 5), 2, 2, 13, 11, "uniform", True),
+    Case("uniform routing, no GLU, relu, k = 1", (9,), 1, 1, 10, 7, "uniform", False, "relu"),
+    Case(
+        "skewed: every token to rank 0's experts; other ranks' experts get no tokens",
+        (6, 3),
+        2,
+        2,
+        8,
+        9,
+        "rank0",
+        True,
+        "silu",
+    ),
+    Case("the last rank's experts get no tokens", (5, 8), 2, 1, 9, 6, "not_last", False),
+    Case("all tokens to one expert (the last one)", (4, 6), 1, 2, 7, 5, "one_expert", True),
+    Case("k = E with one expert per rank (every token visits every rank)", (3, 4), None, 1, 6, 5, "uniform", True),
+    Case("a rank with no tokens (T = 0) and one with one token", (0, 1, 5), 2, 1, 8, 8, "uniform", False),
+]
+
+
+def _data(case: Case, world: int, seed: int):
+    """The whole problem over all ranks, identical on every rank (seeded generator)."""
+    g = torch.Generator().manual_seed(seed)
+    E = case.experts_per_rank * world
+    k = case.k or E
+    counts = [case.tokens[r % len(case.tokens)] for r in range(world)]
+    T = sum(counts)
+    x = torch.randn(T, case.d, generator=g)
+    if case.routing == "uniform":
+        idx = torch.rand(T, E, generator=g).argsort(1)[:, :k]
+    elif case.routing == "rank0":
+        idx = torch.randint(0, case.experts_per_rank, (T, k), generator=g)
+    elif case.routing == "not_last":
+        idx = torch.randint(0, E - case.experts_per_rank, (T, k), generator=g)
+    else:
+        idx = torch.full((T, k), E - 1)
+    weights = torch.rand(T, k, generator=g)
+    w1 = torch.randn(E, case.d, case.f, generator=g) / case.d**0.5
+    w2 = torch.randn(E, case.f, case.d, generator=g) / case.f**0.5
+    w3 = torch.randn(E, case.d, case.f, generator=g) / case.d**0.5 if case.glu else None
+    grad = torch.randn(T, case.d, generator=g)
+    return counts, x, idx, weights, (w1, w2, w3), grad
+
+
+def _forward_backward(fn, x, idx, weights, ws, grad):
+    leaves = [t.clone().requires_grad_() for t in (x, weights, *[w for w in ws if w is not None])]
+    x, weights, *w = leaves
+    if ws[2] is None:
+        w.append(None)
+    out = fn(x, idx, weights, *w)
+    (out * grad).sum().backward()
+    return out.detach(), [t.grad for t in leaves]
+
+
+def _check_cases(rank: int, world: int, cases: list[Case], device: str = "cpu") -> None:
+    device = torch.device(device, rank) if device == "cuda" else torch.device(device)
+    for seed, case in enumerate(cases):
+        counts, x, idx, weights, ws, grad = _data(case, world, seed)
+        x, idx, weights, grad = (t.to(device) for t in (x, idx, weights, grad))
+        ws = tuple(None if w is None else w.to(device) for w in ws)
+        E_l = case.experts_per_rank
+        E = E_l * world
+        kw = dict(activation=case.activation)
+        # float64 truth, and the single-process fp32 moe_mlp holding all experts
+        ref, ref_grads = _forward_backward(partial(per_token_moe_mlp, **kw), x, idx, weights, ws, grad)
+        one, one_grads = _forward_backward(partial(moe_mlp, **kw, impl=IMPL), x, idx, weights, ws, grad)
+
+        lo, hi = sum(counts[:rank]), sum(counts[: rank + 1])
+        mine = slice(rank * E_l, (rank + 1) * E_l)
+        inputs = (x[lo:hi], idx[lo:hi], weights[lo:hi], tuple(None if w is None else w[mine] for w in ws))
+        before = [t.clone() for t in (inputs[0], inputs[1], inputs[2])]
+        ep = partial(expert_parallel_moe_mlp, group=None, num_experts=E, **kw, impl=IMPL)
+        out, grads = _forward_backward(ep, *inputs, grad[lo:hi])
+        assert all(torch.equal(a, b) for a, b in zip(before, inputs[:3])), case.name  # inputs not modified
+        assert out.shape == (hi - lo, case.d) and out.dtype == torch.float32, case.name
+        for want, want_grads in ((ref, ref_grads), (one, one_grads)):
+            torch.testing.assert_close(
+                out.double(), want[lo:hi].double(), **FP32, msg=lambda m, c=case: f"{c.name}: out: {m}"
+            )
+            expected = [want_grads[0][lo:hi], want_grads[1][lo:hi]] + [g[mine] for g in want_grads[2:]]
+            for name, got, exp in zip(("x", "top_k_weights", "w1", "w2", "w3"), grads, expected):
+                torch.testing.assert_close(got, exp, **FP32, msg=lambda m, c=case, n=name: f"{c.name}: d{n}: {m}")
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])  # 1: a single rank (E = 1 in the k = 1 case)
+def test_matches_single_process(world):
+    _spawn(world, _check_cases, [c for c in CASES if c.fits(world)])
+
+
+def _check_dmoe(rank: int, world: int) -> None:
+    # the layer: dMoE with expert_parallel_group loading its shard of a single-process dMoE's state dict
+    from blocksparse_moe.layers.moe import dMoE
+
+    torch.manual_seed(3)  # same full layer and data on every rank
+    options = dict(top_k=2, activation="silu", glu=True, impl=IMPL)
+    full = dMoE(10, 7, 2 * world, **options)
+    ep = dMoE(10, 7, 2 * world, **options, expert_parallel_group=dist.group.WORLD)
+    ep.load_state_dict(shard_experts(full, dist.group.WORLD))
+    counts = [3 + 2 * r for r in range(world)]  # uneven token counts, odd sizes
+    x = torch.randn(sum(counts), 10)
+    grad = torch.randn(sum(counts), 10)
+    lo, hi = sum(counts[:rank]), sum(counts[: rank + 1])
+
+    x_full = x.clone().requires_grad_()
+    y_full, _ = full(x_full)
+    (y_full * grad).sum().backward()
+    x_ep = x[lo:hi].clone().requires_grad_()
+    y_ep, _ = ep(x_ep)
+    (y_ep * grad[lo:hi]).sum().backward()
+
+    torch.testing.assert_close(y_ep, y_full[lo:hi], **FP32)
+    torch.testing.assert_close(x_ep.grad, x_full.grad[lo:hi], **FP32)
+    mine = slice(2 * rank, 2 * rank + 2)
+    for name in ("w1", "w2", "w3"):
+        torch.testing.assert_close(getattr(ep, name).grad, getattr(full, name).grad[mine], **FP32)
+    # the replicated router sees only this rank's tokens: its gradients sum over the ranks
+    router_grad = ep.router.weight.grad.clone()
+    dist.all_reduce(router_grad)
+    torch.testing.assert_close(router_grad, full.router.weight.grad, **FP32)
+    # checkpoints are layout-independent: the gathered state dict is the single-process one
+    gathered = gather_experts(ep, dist.group.WORLD)
+    assert gathered.keys() == full.state_dict().keys()
+    assert all(torch.equal(gathered[n], t) for n, t in full.state_dict().items())
+
+
+def _check_stages(rank: int, world: int) -> None:
+    # the two stages alone: identity experts (y = tokens) give out[t] = Σ_j w[t, j] · x[t]
+    g = torch.Generator().manual_seed(1)
+    E, T, d = 2 * world, 5 + rank, 6
+    x = torch.randn(T, d, generator=g)
+    idx = torch.randint(0, E, (T, 3), generator=g)
+    weights = torch.rand(T, 3, generator=g)
+    sent = ep_dispatch(x, idx, group=None, num_experts=E)
+    total = torch.tensor([T * 3])
+    dist.all_reduce(total)
+    received = torch.tensor([sent.tokens.shape[0]])
+    dist.all_reduce(received)
+    assert received.item() == total.item()  # every assignment arrives exactly once
+    assert sum(sent.send_splits) == T * 3 and sum(sent.recv_splits) == sent.tokens.shape[0]
+    assert sent.recv_counts.shape == (world, 2) and sent.local_expert.max().item() <= 1
+    out = ep_combine(sent.tokens, weights, sent)
+    torch.testing.assert_close(out, weights.sum(1, keepdim=True) * x, **FP32)
+
+
+def _check_shard_gather(rank: int, world: int) -> None:
+    g = torch.Generator().manual_seed(2)
+    E = 2 * world
+    full = {
+        "router.weight": torch.randn(E, 6, generator=g),  # replicated
+        "experts.w1": torch.randn(E, 6, 5, generator=g),
+        "experts.w2": torch.randn(E, 5, 6, generator=g),
+        "experts.w3": torch.randn(E, 6, 5, generator=g),
+    }
+    shard = shard_experts(full, None)
+    assert torch.equal(shard["router.weight"], full["router.weight"])
+    for name in ("experts.w1", "experts.w2", "experts.w3"):
+        assert torch.equal(shard[name], full[name][2 * rank : 2 * rank + 2])
+    back = gather_experts(shard, None)
+    assert list(back) == list(full)
+    assert all(torch.equal(back[n], full[n]) for n in full)  # round trip is exact
+    # a module works too (its state_dict), with custom expert-indexed names
+    module = torch.nn.Module()
+    module.bias_per_expert = torch.nn.Parameter(torch.randn(E, 3, generator=g))
+    module.proj = torch.nn.Linear(3, 3)
+    shard = shard_experts(module, None, expert_keys=("bias_per_expert",))
+    assert shard["bias_per_expert"].shape == (2, 3) and shard["proj.weight"].shape == (3, 3)
+    assert torch.equal(
+        gather_experts(shard, None, expert_keys=("bias_per_expert",))["bias_per_expert"],
+        module.bias_per_expert.detach(),
+    )
+
+
+def _check_errors(rank: int, world: int) -> None:
+    x, idx, weights = torch.randn(4, 6), torch.randint(0, 4, (4, 2)), torch.rand(4, 2)
+    w1, w2 = torch.randn(2, 6, 5), torch.randn(2, 5, 6)
+    # E not divisible by the group size
+    with pytest.raises(ValueError, match="divisible by the expert-parallel group size 2"):
+        expert_parallel_moe_mlp(x, idx, weights, w1[:1], w2[:1], group=None, num_experts=3)
+    # full weights instead of this rank's shard
+    with pytest.raises(ValueError, match=r"w1 must be this rank's shard \(2, 6, 5\)"):
+        expert_parallel_moe_mlp(x, idx, weights, torch.randn(4, 6, 5), w2, group=None, num_experts=4)
+    with pytest.raises(ValueError, match="w3 must be this rank's shard"):
+        expert_parallel_moe_mlp(x, idx, weights, w1, w2, torch.randn(2, 6, 4), group=None, num_experts=4)
+    with pytest.raises(TypeError, match="w2 must be torch.float32"):
+        expert_parallel_moe_mlp(x, idx, weights, w1, w2.double(), group=None, num_experts=4)
+    with pytest.raises(ValueError, match=r"top_k_index must be \[4, k\]"):
+        expert_parallel_moe_mlp(x, idx[:3], weights, w1, w2, group=None, num_experts=4)
+    with pytest.raises(ValueError, match="top_k_weights must have shape"):
+        expert_parallel_moe_mlp(x, idx, weights[:, :1], w1, w2, group=None, num_experts=4)
+    with pytest.raises(ValueError, match="divisible by the group size 2"):
+        shard_experts({"w1": torch.randn(3, 2, 2)}, None)
+    # an expert id out of range fails on every rank (before any payload moves)
+    with pytest.raises(ValueError, match=r"expert ids in \[0, 4\)"):
+        expert_parallel_moe_mlp(x, idx + 4, weights, w1, w2, group=None, num_experts=4)
+    # the group still works after the errors
+    out = expert_parallel_moe_mlp(x, idx, weights, w1, w2, group=None, num_experts=4, impl=IMPL)
+    assert out.shape == (4, 6)
+
+
+def _check_two_rank_api(rank: int, world: int) -> None:
+    for check in (_check_stages, _check_shard_gather, _check_dmoe, _check_errors):
+        check(rank, world)
+
+
+def test_stages_checkpoints_layer_and_errors():
+    # one spawn for the smaller checks (process start-up dominates their cost)
+    _spawn(2, _check_two_rank_api)
+
+
+def test_needs_initialized_process_group():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        expert_parallel_moe_mlp(
+            torch.randn(2, 4),
+            torch.zeros(2, 1, dtype=torch.long),
+            torch.rand(2, 1),
+            torch.randn(1, 4, 3),
+            torch.randn(1, 3, 4),
+            group=None,
+            num_experts=1,
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [1, 2])
+def test_matches_single_process_nccl(world):
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs, found {torch.cuda.device_count()}")
+    _spawn(world, _check_cases, [c for c in CASES if c.fits(world)], "cuda", backend="nccl")
