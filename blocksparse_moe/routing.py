@@ -168,7 +168,8 @@ def plan_routing(
         block_size: B, the block-padding granularity (and the sparse block size).
         ffn_size: F, the expert width; builds ``plan.topology`` with ``ceil(F / B)`` blocks per expert.
         check: raise ``ValueError`` on expert ids outside ``[0, E)``. Default: always on CPU; on CUDA only
-            with ``BSM_CHECK=1`` (it costs one host sync). Unchecked invalid ids are excluded from the plan.
+            with ``BSM_CHECK=1`` (it costs one host sync); never while ``torch.compile`` traces (a data-dependent
+            raise would break the graph). Unchecked invalid ids are excluded from the plan.
         use_extension: on CUDA, use the compiled routing extension (default: when it is built).
     """
     _validate(top_k_index, num_experts, block_size, ffn_size)
@@ -182,7 +183,7 @@ def plan_routing(
             plan = _plan_routing_torch(top_k_index, num_experts, block_size, ffn_size)
     else:
         plan = _plan_routing_torch(top_k_index, num_experts, block_size, ffn_size)
-    if check_enabled(device, check):
+    if check_enabled(device, check) and not torch.compiler.is_compiling():
         raise_on_invalid(plan, top_k_index)
     return plan
 

@@ -144,6 +144,9 @@ class dMoE(nn.Module):  # noqa: N801 (MegaBlocks' name)
                 block_size=self._mlp_options["block_size"],
             )
         else:
+            options = self._mlp_options
+            if options.get("num_groups") == "sequence":  # one capacity group per sequence of x [..., S, d]
+                options = {**options, "num_groups": flat.shape[0] // x.shape[-2] if x.dim() > 2 else 1}
             out = moe_mlp(
                 flat,
                 top_k_index,
@@ -153,7 +156,7 @@ class dMoE(nn.Module):  # noqa: N801 (MegaBlocks' name)
                 self.w3,
                 activation=self.activation,
                 recompute_activation=self.recompute_activation,
-                **self._mlp_options,
+                **options,
             )
         if self.shared_expert is not None:
             out = out + self.shared_expert(flat)
@@ -171,7 +174,9 @@ class dMoE(nn.Module):  # noqa: N801 (MegaBlocks' name)
 
 class PaddedMoE(dMoE):
     """The GShard capacity baseline: ``dMoE`` with ``moe_mlp(impl="padded")``; same weights, same outputs
-    when nothing is dropped. ``capacity_factor`` and ``num_groups`` as in ``moe_mlp``."""
+    when nothing is dropped. ``capacity_factor`` and ``num_groups`` as in ``moe_mlp``; ``num_groups="sequence"``
+    gives each sequence of an input ``[..., S, d]`` its own capacity (Switch Transformers, GShard groups);
+    ``capacity`` fixes the per-group capacity instead of deriving it from ``capacity_factor``."""
 
     def __init__(
         self,
@@ -180,8 +185,9 @@ class PaddedMoE(dMoE):
         num_experts: int,
         top_k: int = 2,
         *,
-        capacity_factor: float = 1.25,
-        num_groups: int = 1,
+        capacity_factor: float | None = 1.25,
+        capacity: int | None = None,
+        num_groups: int | str = 1,
         activation="silu",
         glu: bool = True,
         load_balancing_weight: float = 0.01,
@@ -190,9 +196,14 @@ class PaddedMoE(dMoE):
         shared_expert_size: int | None = None,
         **router_kw,
     ) -> None:
-        if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) or capacity_factor < 0:
+        if capacity is not None:
+            if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+                raise ValueError(f"capacity must be a non-negative int or None, got {capacity!r}")
+            capacity_factor = None
+        elif isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) or capacity_factor < 0:
             raise ValueError(f"capacity_factor must be a non-negative number, got {capacity_factor!r}")
-        _positive_int("num_groups", num_groups)
+        if num_groups != "sequence":
+            _positive_int("num_groups", num_groups)
         super().__init__(
             hidden_size,
             ffn_hidden_size,
@@ -207,4 +218,6 @@ class PaddedMoE(dMoE):
             shared_expert_size=shared_expert_size,
             **router_kw,
         )
-        self._mlp_options = dict(impl="padded", capacity_factor=capacity_factor, num_groups=num_groups)
+        self._mlp_options = dict(
+            impl="padded", capacity_factor=capacity_factor, capacity=capacity, num_groups=num_groups
+        )
