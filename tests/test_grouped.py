@@ -86,15 +86,14 @@ def _operands(plan, K, N, gather, dtype):
 # ----------------------------------------------------------------------------------------------- kernels
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# the torch backend runs a CPU-eager expert loop, and on GPU / under torch.compile a sync-free tile schedule
+@pytest.mark.parametrize(
+    "backend, host_loop", [("triton", True), ("torch", True), ("torch", False)], ids=["triton", "torch", "torch-tiles"]
+)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gather", [True, False], ids=["gather", "sorted"])
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("host_loop", [True, False], ids=["cpu-loop", "tile-schedule"])
 def test_grouped_mm_and_wgrad(case, gather, dtype, backend, host_loop, monkeypatch):
-    # the torch backend's sync-free tile schedule (GPU / torch.compile) and its CPU-eager expert loop
-    if backend == "triton" and not host_loop:
-        pytest.skip("the host loop switch only affects the torch backend")
     monkeypatch.setattr(kernels, "_host_loop_ok", lambda x: host_loop and x.device.type == "cpu")
     plan, K, N = _case(case)
     x, w, maps = _operands(plan, K, N, gather, dtype)

@@ -1,0 +1,222 @@
+"""Run the strategies over a list of shapes and collect one row (a flat dict) per strategy and shape."""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from . import flops
+from .problems import Problem, Shape, make_problem
+from .strategies import Case, build_cases, loop_moe_mlp
+from .timing import measure, memory_mib
+
+__all__ = ["run", "Progress"]
+
+
+class Progress:
+    """Progress over shapes on stderr (tqdm when installed, else one plain line per case)."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self._bar = None
+        self._done, self._total, self._enabled = 0, total, enabled
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, file=sys.stderr, unit="shape", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def describe(self, label: str) -> None:
+        """Say which case runs now."""
+        if not self._enabled:
+            return
+        if self._bar is not None:
+            self._bar.set_description_str(label)
+        else:
+            print(f"[shape {self._done + 1}/{self._total}] {label}", file=sys.stderr, flush=True)
+
+    def advance(self) -> None:
+        """One shape done."""
+        self._done += 1
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _reference(p: Problem, grad: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Output and input gradients of the per-expert loop in float64 (CPU) or float32 (CUDA), same inputs."""
+    dt = torch.float64 if p.x.device.type == "cpu" else torch.float32
+    leaves = [t.detach().to(dt).requires_grad_() for t in p.inputs]
+    x, weights, w1, w2, *w3 = leaves
+    out = loop_moe_mlp(p, x, w1, w2, w3[0] if w3 else None, weights)
+    return out.detach(), torch.autograd.grad(out, leaves, grad.to(dt))
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    if expected.numel() == 0:
+        return 0.0
+    scale = expected.abs().max().clamp_min(1e-30)
+    return float((actual.detach().to(expected.dtype) - expected).abs().max() / scale)
+
+
+def _time_case(
+    case: Case,
+    device: torch.device,
+    grad: torch.Tensor,
+    ref: tuple[torch.Tensor, tuple[torch.Tensor, ...]],
+    min_run_time: float,
+) -> dict[str, Any]:
+    """Warm up (checking output, gradients and whether backward runs), then time fwd, bwd and fwd+bwd."""
+    row: dict[str, Any] = {}
+    inputs = case.inputs
+    ref_out, ref_grads = ref
+    out = case.forward()
+    out = case.forward()  # second warm-up: autotuning / caches settle
+    if out.shape != grad.shape:  # dense: its own output shape
+        grad = torch.randn_like(out)
+    if case.comparable:
+        row["max_rel_err"] = _rel_err(out, ref_out)
+    bwd_error = None
+    try:
+        grads = torch.autograd.grad(out, inputs, grad, allow_unused=True)
+        torch.autograd.grad(case.forward(), inputs, grad, allow_unused=True)
+    except (RuntimeError, NotImplementedError) as e:
+        bwd_error = str(e).strip().splitlines()[0][:120]
+        case.notes.append(f"backward n/a: {bwd_error}")
+    else:
+        if case.comparable:
+            row["max_rel_err_grad"] = max(
+                _rel_err(torch.zeros_like(r) if g is None else g, r) for g, r in zip(grads, ref_grads)
+            )
+        del grads
+    del out
+
+    t = measure(case.forward, device, min_run_time)
+    row["fwd_ms"], row["fwd_spread_ms"] = t.median_s * 1e3, t.spread_s * 1e3
+    fwd_peak, fwd_held, out = memory_mib(case.forward, device)
+    row["fwd_peak_mib"], row["fwd_act_mib"] = fwd_peak, fwd_held
+    if bwd_error is None:
+        backward = lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True, allow_unused=True)
+        t = measure(backward, device, min_run_time)
+        row["bwd_ms"], row["bwd_spread_ms"] = t.median_s * 1e3, t.spread_s * 1e3
+        del out
+        step = lambda: torch.autograd.grad(case.forward(), inputs, grad, allow_unused=True)
+        t = measure(step, device, min_run_time)
+        row["fwd_bwd_ms"], row["fwd_bwd_spread_ms"] = t.median_s * 1e3, t.spread_s * 1e3
+        row["fwd_bwd_peak_mib"] = memory_mib(step, device)[0]
+    return row
+
+
+def _basis(row: dict[str, Any]) -> tuple[str, int]:
+    """Time column and FLOP multiplier used for rates and speedups: fwd+bwd when measured, else fwd."""
+    return ("fwd_bwd_ms", 3) if row.get("fwd_bwd_ms") is not None else ("fwd_ms", 1)
+
+
+def _derive(rows: list[dict[str, Any]], capacity_factors: list[float]) -> None:
+    """Per-shape columns that need other rows: % of the dense rate, speedup and memory vs padded."""
+    dense = next((r for r in rows if r["strategy"] == "dense"), None)
+    padded = {r["capacity_factor"]: r for r in rows if r["capacity_factor"] is not None}
+    for r in rows:
+        col, mult = _basis(r)
+        r["basis"] = "fwd+bwd" if mult == 3 else "fwd"
+        r["tflops"] = flops.tflops(mult * r["useful_flops"], r[col] / 1e3)
+        r["tflops_fwd"] = flops.tflops(r["useful_flops"], r["fwd_ms"] / 1e3)
+        if dense is not None and dense[col] is not None and r["tflops"] is not None:
+            r["pct_dense"] = 100.0 * r["tflops"] / flops.tflops(mult * dense["useful_flops"], dense[col] / 1e3)
+        for cf in capacity_factors:
+            pr = padded.get(cf)
+            if pr is None or pr[col] is None:
+                continue
+            r[f"speedup_vs_padded@{cf:g}"] = pr[col] / r[col]
+            if r.get("fwd_act_mib") is not None and pr.get("fwd_act_mib"):
+                r[f"fwd_act_vs_padded@{cf:g}"] = r["fwd_act_mib"] / pr["fwd_act_mib"]
+
+
+def run(
+    shapes: Iterable[Shape],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    strategies: list[str],
+    capacity_factors: list[float],
+    block_size: int,
+    min_run_time: float,
+    reference_max_waste: float = 8.0,
+    seed: int = 0,
+    progress: Progress | None = None,
+    time_budget: float | None = None,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Time every strategy on every shape. Returns (rows, notes on skipped strategies).
+
+    ``time_budget`` (seconds): no case starts after it is spent; the cases left are named in the notes.
+    """
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    deadline = None if time_budget is None else time.monotonic() + time_budget
+    for shape in shapes:
+        if deadline is not None and time.monotonic() > deadline:
+            notes.append(f"time budget of {time_budget:g} s spent: T={shape.tokens} E={shape.experts} not run")
+            continue
+        p = make_problem(shape, dtype, device, seed)
+        grad = torch.randn(p.x.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
+        ref = _reference(p, grad)
+        cases, skipped = build_cases(p, strategies, capacity_factors, block_size, reference_max_waste)
+        tag = f"T={shape.tokens} E={shape.experts} k={shape.top_k} d={shape.hidden} f={shape.ffn} {shape.routing}"
+        notes.extend(s for s in skipped if s not in notes)
+        shape_rows = []
+        for case in cases:
+            if deadline is not None and time.monotonic() > deadline:
+                notes.append(f"time budget of {time_budget:g} s spent: {tag} {case.name} not run")
+                continue
+            if progress is not None:
+                progress.describe(f"{tag} {case.name}")
+            row: dict[str, Any] = dict(
+                tokens=shape.tokens,
+                hidden=shape.hidden,
+                ffn=shape.ffn,
+                experts=shape.experts,
+                top_k=shape.top_k,
+                glu=shape.glu,
+                activation=shape.activation,
+                routing=shape.routing,
+                dtype=str(dtype).removeprefix("torch."),
+                device=device.type,
+                strategy=case.name,
+                capacity_factor=case.capacity_factor,
+                capacity=case.capacity,
+                dropped_fraction=case.dropped_fraction,
+                useful_flops=case.useful_flops,
+                executed_flops=case.executed_flops,
+                executed_over_useful=(case.executed_flops / case.useful_flops)
+                if case.executed_flops is not None and case.useful_flops
+                else None,
+                bwd_ms=None,
+                fwd_bwd_ms=None,
+            )
+            try:
+                row.update(_time_case(case, device, grad, ref, min_run_time))
+            except Exception as e:  # one broken strategy must not end the run: report it and go on
+                message = f"{case.name}: failed, {type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
+                notes.extend([message] if message not in notes else [])
+                continue
+            row["note"] = "; ".join(case.notes)
+            shape_rows.append(row)
+            del case
+            if device.type == "cuda":  # return this case's memory before the next one's peak is measured
+                gc.collect()
+                torch.cuda.empty_cache()
+        _derive(shape_rows, capacity_factors)
+        rows.extend(shape_rows)
+        del p, ref, cases, grad
+        if progress is not None:
+            progress.advance()
+    return rows, notes

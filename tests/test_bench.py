@@ -1,0 +1,294 @@
+"""The benchmark suite (bench/): FLOP accounting, routing generators, strategy cases, harness rows and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import cli, flops
+from bench.harness import run
+from bench.problems import Shape, make_problem, make_routing, parse_routing
+from bench.strategies import build_cases, grouped_mm_moe_mlp, loop_moe_mlp
+from blocksparse_moe.reference import per_token_moe_mlp
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- FLOP accounting -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("glu, mult", [(True, 3), (False, 2)])
+def test_useful_flops(glu, mult):
+    # odd sizes: T=7 tokens, k=3, d=5, f=11
+    assert flops.useful_flops(7 * 3, 5, 11, glu) == 7 * 3 * 2 * 5 * 11 * mult
+    # empty input: no work
+    assert flops.useful_flops(0, 5, 11, glu) == 0
+
+
+def test_backward_is_twice_forward():
+    fwd = flops.useful_flops(6, 4, 8, True)
+    assert flops.backward_flops(fwd) == 2 * fwd and flops.fwd_bwd_flops(fwd) == 3 * fwd
+
+
+@pytest.mark.parametrize("glu, mult", [(True, 3), (False, 2)])
+def test_padded_executed_flops(glu, mult):
+    # E=4 experts, C=5 slots, 3 groups: every slot is computed, filled or not
+    assert flops.padded_executed_flops(4, 5, 3, 16, 24, glu) == 4 * 5 * 3 * 2 * 16 * 24 * mult
+
+
+def test_blocksparse_executed_flops_rounds_each_expert_to_blocks():
+    d, f, B = 16, 32, 8
+    # experts: no tokens (0 blocks), one token (1 block), exactly B, B+1 (2 blocks), 13 (odd)
+    counts = [0, 1, 8, 9, 13]
+    rows = 0 + 8 + 8 + 16 + 16
+    assert flops.blocksparse_executed_flops(counts, B, d, f, glu=True) == rows * 2 * d * f * 3
+    # all tokens to one expert (E=1 edge): only that expert's tail block is padded
+    assert flops.blocksparse_executed_flops([20], B, d, f, glu=False) == 24 * 2 * d * f * 2
+
+
+def test_blocksparse_executed_flops_pads_ffn_to_whole_blocks():
+    # f = 20 is not a multiple of B = 8: sparse blocks cover ceil(20/8)·8 = 24 columns
+    assert flops.blocksparse_executed_flops([8], 8, 4, 20, glu=False) == 8 * 2 * 4 * 24 * 2
+    assert flops.blocksparse_executed_flops([8], 8, 4, 20, glu=False, pad_ffn=False) == 8 * 2 * 4 * 20 * 2
+
+
+def test_capacity_matches_moe_mlp_rule():
+    # ceil(cf · (T/G) · k / E)
+    assert flops.capacity(100, 2, 8, 1.0) == 25
+    assert flops.capacity(100, 2, 8, 1.25) == math.ceil(1.25 * 100 * 2 / 8)
+    assert flops.capacity(12, 1, 5, 1.0, num_groups=3) == 1  # ceil(4/5)
+    assert flops.capacity(9, 1, 3, 2.0) == 6
+
+
+def test_dropped_assignments():
+    # all tokens to one expert: everything beyond the capacity drops
+    assert flops.dropped_assignments([[10, 0, 0, 0]], 3) == 7
+    # per group, over experts; an expert with no tokens drops nothing
+    assert flops.dropped_assignments([[4, 0, 2], [1, 5, 0]], 3) == 1 + 2
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: flops.useful_flops(4, 0, 8, True),
+        lambda: flops.useful_flops(-1, 4, 8, True),
+        lambda: flops.blocksparse_executed_flops([1], 0, 4, 8, True),
+        lambda: flops.capacity(10, 2, 4, 1.0, num_groups=3),
+        lambda: flops.capacity(10, 2, 4, -1.0),
+    ],
+)
+def test_flops_reject_bad_arguments(call):
+    with pytest.raises(ValueError, match="got"):
+        call()
+
+
+def test_tflops():
+    assert flops.tflops(3e12, 1.5) == pytest.approx(2.0)
+    assert flops.tflops(1.0, None) is None and flops.tflops(1.0, 0.0) is None
+
+
+# ---- routing and problems --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["uniform", "zipf:1.2", "one-hot"])
+@pytest.mark.parametrize("E, k", [(5, 5), (7, 3), (1, 1)])  # k = E, odd sizes, E = 1
+def test_routing_distinct_experts_in_range(spec, E, k):
+    idx = make_routing(spec, 37, E, k, torch.Generator().manual_seed(0))
+    assert idx.shape == (37, k) and idx.dtype == torch.int32
+    assert int(idx.min()) >= 0 and int(idx.max()) < E
+    assert all(len(set(row)) == k for row in idx.tolist())
+
+
+def test_routing_one_hot_and_zipf_skew():
+    g = torch.Generator().manual_seed(0)
+    # one-hot with k=1: all tokens sent to one expert
+    assert torch.bincount(make_routing("one-hot", 50, 4, 1, g).long().flatten(), minlength=4).tolist() == [50, 0, 0, 0]
+    counts = torch.bincount(make_routing("zipf:2", 4000, 8, 1, g).long().flatten(), minlength=8)
+    assert counts[0] > counts[1] > counts[3] and counts[0] > 2000  # 1/1^2 / Σ 1/e^2 ≈ 0.65
+
+
+@pytest.mark.parametrize("spec", ["zipf", "zipf:0", "zipf:x", "normal", ""])
+def test_routing_spec_errors(spec):
+    with pytest.raises(ValueError, match="routing must be"):
+        parse_routing(spec)
+
+
+def test_routing_rejects_top_k_above_experts():
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, experts=3\], got 4"):
+        make_routing("uniform", 4, 3, 4, torch.Generator())
+
+
+def _problem(tokens=13, experts=4, top_k=2, glu=True, routing="uniform") -> object:
+    return make_problem(Shape(tokens, 16, 24, experts, top_k, glu, "silu", routing), torch.float32, torch.device("cpu"))
+
+
+def test_problem_inputs_fresh_random_and_histogram():
+    p = _problem()
+    assert p.tokens_per_expert == torch.bincount(p.top_k_index.long().flatten(), minlength=4).tolist()
+    assert sum(p.tokens_per_expert) == 13 * 2
+    for t in p.inputs:
+        assert t.requires_grad and t.is_leaf and t.std() > 0
+    assert torch.allclose(p.top_k_weights.sum(1), torch.ones(13))
+
+
+# ---- baselines match the float64 per-token reference ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "tokens, experts, top_k, glu, routing",
+    [
+        (13, 4, 2, True, "uniform"),  # odd T, GLU
+        (9, 3, 3, False, "uniform"),  # k = E
+        (11, 6, 1, True, "one-hot"),  # all tokens to one expert; experts with no tokens
+        (5, 1, 1, False, "uniform"),  # E = 1
+    ],
+)
+def test_baselines_match_reference(tokens, experts, top_k, glu, routing):
+    p = _problem(tokens, experts, top_k, glu, routing)
+    ref = per_token_moe_mlp(p.x, p.top_k_index, p.top_k_weights, p.w1, p.w2, p.w3, "silu")
+    out = loop_moe_mlp(p, p.x, p.w1, p.w2, p.w3, p.top_k_weights)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    out = grouped_mm_moe_mlp(p, p.w1, p.w2, p.w3)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_baselines_empty_input():
+    # empty input returns empty output
+    p = _problem(tokens=0)
+    assert loop_moe_mlp(p, p.x, p.w1, p.w2, p.w3, p.top_k_weights).shape == (0, 16)
+
+
+# ---- cases and harness -----------------------------------------------------------------------------------------
+
+
+def test_padded_cases_account_drops_and_slots():
+    # one-hot: all 12 assignments (k=1) to expert 0 of 4
+    p = _problem(tokens=12, experts=4, top_k=1, routing="one-hot")
+    cases, skipped = build_cases(p, ["padded"], [1.0, 2.0], 8, 8.0)
+    assert [c.name for c in cases] == ["padded@1", "padded@2"]
+    c1, c2 = cases
+    assert (c1.capacity, c2.capacity) == (3, 6)
+    assert c1.dropped_fraction == pytest.approx(9 / 12) and c2.dropped_fraction == pytest.approx(6 / 12)
+    assert c1.useful_flops == flops.useful_flops(3, 16, 24, True)  # only kept assignments are useful
+    assert c1.executed_flops == flops.padded_executed_flops(4, 3, 1, 16, 24, True)
+    assert not c1.comparable and not c1.notes  # moe_mlp's own drop count agrees
+    assert skipped == []
+
+
+def test_cases_skip_with_reasons_and_reject_unknown():
+    p = _problem(experts=4, top_k=1)
+    cases, skipped = build_cases(p, ["reference", "megablocks", "dense"], [1.0], 8, reference_max_waste=2.0)
+    assert [c.name for c in cases] == ["dense"]
+    assert any("reference" in s and "4x" in s for s in skipped) and any("megablocks" in s for s in skipped)
+    with pytest.raises(ValueError, match=r"unknown strategies \['nope'\]"):
+        build_cases(p, ["nope"], [1.0], 8, 8.0)
+
+
+def test_harness_rows(monkeypatch):
+    shapes = [Shape(8, 16, 24, 4, 2, True, "silu", "uniform")]
+    rows, notes = run(
+        shapes,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        strategies=["padded", "loop", "torch_grouped_mm", "dense"],
+        capacity_factors=[1.0, 2.0],
+        block_size=8,
+        min_run_time=0.001,
+    )
+    names = [r["strategy"] for r in rows]
+    assert names == ["padded@1", "padded@2", "loop", "torch_grouped_mm", "dense"]
+    for r in rows:
+        assert r["fwd_ms"] > 0 and r["fwd_act_mib"] is None  # CPU: no memory counter, reported as n/a
+        if r["strategy"] == "padded@1":
+            assert r["speedup_vs_padded@1"] == pytest.approx(1.0)
+        if r["strategy"] == "dense":
+            assert r["pct_dense"] == pytest.approx(100.0) and r["executed_over_useful"] == 1.0
+        if r["strategy"] in ("loop", "padded@2"):  # nothing dropped at cf=2 here: must match the reference
+            assert r["max_rel_err"] < 1e-5 and r["max_rel_err_grad"] < 1e-5
+            assert r["bwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
+    assert notes == []
+    # a spent time budget runs nothing and says so
+    rows, notes = run(
+        shapes[:1],
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        strategies=["dense"],
+        capacity_factors=[1.0],
+        block_size=8,
+        min_run_time=0.001,
+        time_budget=-1.0,
+    )
+    assert rows == [] and "time budget" in notes[0]
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--top-k", "5", "--experts", "4"], "--top-k must be <= --experts"),
+        (["--routing", "zipf:-1"], "routing must be"),
+        (["--impls", "padded,nope"], "expected a comma-separated subset"),
+        (["--tokens", "0"], "expected positive integers"),
+        (["--capacity-factors", "1,x"], "expected comma-separated numbers"),
+        (["--min-run-time", "0"], "--min-run-time must be > 0"),
+    ],
+)
+def test_cli_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_presets_and_overrides():
+    args = cli.parse_args(["--preset", "fine", "--tokens", "32,64", "--hidden", "48", "--device", "cpu"])
+    shapes = cli.shapes_from_args(args)
+    assert [(s.tokens, s.hidden, s.ffn, s.experts, s.top_k, s.glu) for s in shapes] == [
+        (32, 48, 768, 128, 8, True),
+        (64, 48, 768, 128, 8, True),
+    ]
+    assert args.dtype == "float32" and args.block_size == 64
+    assert {"quick", "mixtral", "fine", "switch"} <= set(cli.PRESETS)
+    m = cli.PRESETS["mixtral"]
+    assert (m.hidden, m.ffn, m.experts, m.top_k, m.glu) == (4096, 14336, 8, 2, True)
+
+
+def test_cli_ep_delegates(monkeypatch, capsys):
+    seen = []
+    fake = type(sys)("bench.ep")
+    fake.main = seen.append
+    monkeypatch.setitem(sys.modules, "bench.ep", fake)
+    assert cli.main(["--ep", "2", "--tokens", "8"]) == 0
+    assert seen == [["--world", "2", "--tokens", "8"]]
+    assert cli.main(["--ep"]) == 2 and "needs a WORLD_SIZE" in capsys.readouterr().err
+
+
+def test_cli_smoke(tmp_path):
+    """A tiny custom config end to end in a fresh process without the interpreter (as users run it)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "bench", "--tokens", "16", "--experts", "4", "--top-k", "2", "--hidden", "32",
+           "--ffn", "32", "--min-run-time", "0.01", "--impls", "blocksparse,grouped,padded,torch_grouped_mm,dense",
+           "--capacity-factors", "1.0,2.0", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "| strategy | fwd ms |" in proc.stdout and "| padded@1 |" in proc.stdout and "| dense |" in proc.stdout
+    with open(tmp_path / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {"padded@1", "padded@2", "torch_grouped_mm", "dense"} <= {r["strategy"] for r in rows}
+    assert {"fwd_ms", "bwd_ms", "fwd_bwd_ms", "useful_flops", "executed_flops", "pct_dense"} <= set(rows[0])
+    data = json.loads((tmp_path / "results.json").read_text())
+    meta = data["metadata"]
+    for key in ("date_utc", "cpu", "torch", "triton", "git_commit", "command", "backend"):
+        assert key in meta
+    assert meta["backend"] == "torch"  # the CLI does not set TRITON_INTERPRET
+    for png in ("time_vs_tokens.png", "pct_dense.png", "drops_vs_capacity_factor.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
