@@ -16,6 +16,8 @@ _EXPORTS = {
     "RoutingPlan": "routing",
     "Topology": "routing",
     "moe_mlp": "functional",
+    "MoEStats": "functional",
+    "per_token_moe_mlp": "reference",
     "TopKRouter": "layers.router",
     "load_balancing_loss": "layers.losses",
     "router_z_loss": "layers.losses",
@@ -26,10 +28,11 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["ops", "integrations", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .functional import moe_mlp  # noqa: F401
+    from .functional import MoEStats, moe_mlp  # noqa: F401
     from .layers.losses import load_balancing_loss, router_z_loss  # noqa: F401
     from .layers.moe import PaddedMoE, dMoE  # noqa: F401
     from .layers.router import TopKRouter  # noqa: F401
+    from .reference import per_token_moe_mlp  # noqa: F401
     from .routing import RoutingPlan, Topology, plan_routing  # noqa: F401
 
 

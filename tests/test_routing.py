@@ -128,3 +128,17 @@ def test_invalid_ids_excluded_when_unchecked():
 def test_bad_input(kwargs, err, match):
     with pytest.raises(err, match=match):
         plan_routing(**kwargs)
+
+
+def test_package_import_is_lazy():
+    # importing the package loads no kernels (no triton) and queries no device; names resolve on use
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, blocksparse_moe as b; assert 'triton' not in sys.modules; "
+        "assert 'blocksparse_moe._routing_cuda' not in sys.modules; b.moe_mlp; b.dMoE; b.ops.sdd; "
+        "b.parallel.shard_experts; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
