@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton kernel modules: interpreter switches and config pinning."""
+"""Helpers shared by the Triton kernel modules: interpreter switches, config pinning, operand validation, output
+handling and compile-audit signatures."""
 
 from __future__ import annotations
 
@@ -9,18 +10,36 @@ import torch
 import triton.language as tl
 
 from .._backend import interpreting
+from ..routing import INDEX_DTYPE
 
 __all__ = [
     "interpreting",
     "tl_dtype",
     "upcast_dots",
     "check_same_device",
+    "check_tensor",
+    "check_float",
+    "check_index",
+    "check_sizes",
+    "check_out",
+    "check_grid_y",
+    "out_or_empty",
+    "copy_to_out",
+    "triton_type",
+    "kernel_signature",
     "CompileSpec",
     "INTERPRET_CONFIG_ENV",
+    "DTYPES",
+    "MAX_GRID_Y",
+    "MAX_INDEX",
 ]
 
 # When interpreting, launchers pin one config (autotune with >1 config needs a GPU driver).
 INTERPRET_CONFIG_ENV = "BSM_PIN_CONFIG"
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the data dtypes every kernel takes
+MAX_GRID_Y = 65535  # programs along grid axis 1
+MAX_INDEX = 2**31 - 1  # sizes that int32 indices can address
 
 
 def upcast_dots(dtype: torch.dtype) -> bool:
@@ -48,12 +67,98 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     return next(iter(devices.values()))
 
 
+def check_tensor(name: str, t: object, dims: str, expected: tuple[int | None, ...]) -> torch.Tensor:
+    """Type and shape; ``expected`` holds each dimension's size, ``None`` where any size is accepted."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != len(expected) or any(e is not None and s != e for s, e in zip(t.shape, expected)):
+        want = ", ".join("*" if e is None else str(e) for e in expected)
+        raise ValueError(f"{name} must have shape {dims} = ({want}), got {tuple(t.shape)}")
+    return t
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    """``t``'s dtype is one of ``DTYPES``."""
+    if t.dtype not in DTYPES:
+        raise TypeError(f"{name} must have a dtype among {DTYPES}, got {t.dtype}")
+
+
+def check_index(name: str, t: torch.Tensor) -> None:
+    """``t`` holds int32 indices (``routing.INDEX_DTYPE``)."""
+    if t.dtype != INDEX_DTYPE:
+        raise TypeError(f"{name} must be {INDEX_DTYPE}, got {t.dtype}")
+
+
+def check_sizes(**sizes: int) -> None:
+    """Each named size is addressable with int32 indices."""
+    for name, size in sizes.items():
+        if size > MAX_INDEX:
+            raise ValueError(f"{name} must be at most {MAX_INDEX} (int32 indices), got {size}")
+
+
+def check_out(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, what: str = "dtype") -> None:
+    """The optional ``out`` has the output's shape and dtype (``what`` names the expected dtype in the error)."""
+    if out is not None:
+        check_tensor("out", out, "output", shape)
+        if out.dtype != dtype:
+            raise TypeError(f"out must have {what} {dtype}, got {out.dtype}")
+
+
+def check_grid_y(grid: tuple[int, ...], name: str, size: int, block: int = 1) -> tuple[int, ...]:
+    """Returns ``grid`` once its axis 1 (``size``, named ``name``, in tiles of ``block``) fits ``MAX_GRID_Y``."""
+    if grid[1] > MAX_GRID_Y:
+        raise ValueError(f"{name} must be at most {MAX_GRID_Y * block}, got {size}")
+    return grid
+
+
+def out_or_empty(
+    out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``out`` when given, else an uninitialised tensor of ``shape`` on like's device, in ``dtype`` (default like's)."""
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device) if out is None else out
+
+
+def copy_to_out(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """The torch backend computes a fresh tensor; copy it into ``out`` when one was given."""
+    return result if out is None else out.copy_(result)
+
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32"}
+
+
+def triton_type(dtype: torch.dtype) -> str:
+    """Triton's name of ``dtype`` (``"bf16"``, ``"i32"``, ...), as in signatures and spec names."""
+    return _TRITON_TYPES[dtype]
+
+
+def kernel_signature(
+    kernel, constexprs: dict[str, Any], dtype: torch.dtype, pointer_dtypes: dict[str, torch.dtype]
+) -> dict[str, str]:
+    """``CompileSpec.signature`` of ``kernel``: ``constexpr`` for the arguments in ``constexprs``; pointers
+    (``*_ptr``) typed by ``pointer_dtypes`` where listed, else by ``dtype``; other arguments ``i32``."""
+    signature = {}
+    for arg in kernel.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = f"*{triton_type(pointer_dtypes.get(arg, dtype))}"
+        else:
+            signature[arg] = "i32"
+    return signature
+
+
 @dataclass(frozen=True)
 class CompileSpec:
     """One kernel configuration the GPU path can pick, for the ahead-of-time compile audit (bench/audit.py).
 
     ``signature`` maps every non-constexpr argument name to a Triton type string (``"*fp16"``, ``"i32"``,
     ...); ``constexprs`` maps every ``tl.constexpr`` argument to its value.
+
+    The JIT specialises pointers and integers that are multiples of 16 (``tt.divisibility`` 16): vector loads,
+    a pipelined K loop. The audit builds each spec in the ``variants`` it lists: ``"unaligned"`` (no
+    divisibility, as odd shapes run) and ``"aligned"`` (every pointer and the integer arguments named in
+    ``aligned`` divisible by 16, as realistic shapes run). A config the launcher picks only for aligned
+    (unaligned) operands lists only that variant.
     """
 
     name: str  # e.g. "sdd[bf16,B=128,K=64]"
@@ -63,3 +168,13 @@ class CompileSpec:
     num_warps: int = 4
     num_stages: int = 3
     is_matmul: bool = True  # sm_90 builds must contain HGMMA
+    aligned: tuple[str, ...] = ()  # integer arguments (sizes, strides) that realistic shapes make multiples of 16
+    variants: tuple[str, ...] = ("unaligned", "aligned")
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.variants if v not in ("unaligned", "aligned")]
+        if unknown or not self.variants:
+            raise ValueError(f"{self.name}: variants must be 'unaligned' and/or 'aligned', got {self.variants}")
+        not_int = [a for a in self.aligned if not self.signature.get(a, "").startswith(("i", "u"))]
+        if not_int:
+            raise ValueError(f"{self.name}: aligned must name integer arguments of the signature, got {not_int}")

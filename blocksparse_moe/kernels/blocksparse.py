@@ -37,7 +37,21 @@ import triton.language as tl
 
 from .._backend import resolve_backend
 from ..routing import INDEX_DTYPE, Topology
-from ._common import CompileSpec, check_same_device, interpreting, upcast_dots
+from ._common import (
+    DTYPES,
+    CompileSpec,
+    check_grid_y,
+    check_index,
+    check_out,
+    check_same_device,
+    check_tensor,
+    copy_to_out,
+    interpreting,
+    kernel_signature,
+    out_or_empty,
+    triton_type,
+    upcast_dots,
+)
 
 __all__ = [
     "TileConfig",
@@ -61,9 +75,7 @@ __all__ = [
     "dds_t_torch",
 ]
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK_SIZES = (16, 32, 64, 128)
-_MAX_GRID_Y = 65535
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -262,25 +274,17 @@ def _dsd_kernel(
 
 # ----------------------------------------------------------------------------------------------- compile audit
 
-_TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-_INDEX_POINTERS = ("row_indices_ptr", "column_indices_ptr", "row_offsets_ptr", "offsets_ptr", "indices_ptr",
-                   "block_offsets_ptr")  # fmt: skip
+_INDEX_POINTERS = dict.fromkeys(
+    ("row_indices_ptr", "column_indices_ptr", "row_offsets_ptr", "offsets_ptr", "indices_ptr", "block_offsets_ptr"),
+    INDEX_DTYPE,
+)
 
 
 def _spec(name: str, kernel, dtype: torch.dtype, cfg: TileConfig, constexprs: dict, unit_strides: tuple[str, ...]):
     """Pointers typed by dtype (``*i32`` for the index tensors), ints ``i32``; ``unit_strides`` specialised to 1
     as the JIT does for contiguous operands. Blocks of 16 / 32 rows are too short for wgmma (64-row tiles)."""
     constexprs = {**constexprs, **dict.fromkeys(unit_strides, 1)}
-    signature = {}
-    for arg in kernel.arg_names:
-        if arg in constexprs:
-            signature[arg] = "constexpr"
-        elif arg.endswith("_ptr"):
-            signature[arg] = "*i32" if arg in _INDEX_POINTERS else f"*{_TT[dtype]}"
-        else:
-            signature[arg] = "i32"
+    signature = kernel_signature(kernel, constexprs, dtype, _INDEX_POINTERS)
     B = constexprs["B"]
     return CompileSpec(name, kernel, signature, constexprs, cfg.num_warps, cfg.num_stages, is_matmul=B >= 64)
 
@@ -290,12 +294,12 @@ def compile_specs() -> list[CompileSpec]:
     specs = []
     for (B, dtype), cfg in sdd_configs().items():
         constexprs = dict(B=B, BLOCK_K=cfg.block_k, UPCAST=False)
-        name = f"sdd[{_TT[dtype]},B={B},K={cfg.block_k}]"
+        name = f"sdd[{triton_type(dtype)},B={B},K={cfg.block_k}]"
         specs.append(_spec(name, _sdd_kernel, dtype, cfg, constexprs, ("stride_ak", "stride_wf", "stride_on")))
     for (B, dtype), cfg in dsd_configs().items():
         for trans in (False, True):
             constexprs = dict(B=B, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, TRANS_S=trans, UPCAST=False)
-            name = f"dsd{'_t' if trans else ''}[{_TT[dtype]},B={B},K={cfg.block_k},N={cfg.block_n}]"
+            name = f"dsd{'_t' if trans else ''}[{triton_type(dtype)},B={B},K={cfg.block_k},N={cfg.block_n}]"
             specs.append(_spec(name, _dsd_kernel, dtype, cfg, constexprs, ("stride_dn", "stride_xn", "stride_on")))
     return specs
 
@@ -323,17 +327,7 @@ def _check_topology(topo: Topology) -> None:
         t = getattr(topo, name)
         if t.shape != (length,):
             raise ValueError(f"topo.{name} must have shape ({length},), got {tuple(t.shape)}")
-        if t.dtype != INDEX_DTYPE:
-            raise TypeError(f"topo.{name} must be {INDEX_DTYPE}, got {t.dtype}")
-
-
-def _check_shape(name: str, t: torch.Tensor, dims: str, expected: tuple[int | None, ...]) -> None:
-    """``expected`` holds the size of each dimension, ``None`` where any size is accepted."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != len(expected) or any(e is not None and s != e for s, e in zip(t.shape, expected)):
-        want = tuple("*" if e is None else e for e in expected)
-        raise ValueError(f"{name} must have shape {dims} = {want}, got {tuple(t.shape)}")
+        check_index(f"topo.{name}", t)
 
 
 def _check_operands(topo: Topology, out: torch.Tensor | None, out_shape: tuple[int, ...], **tensors: torch.Tensor):
@@ -344,10 +338,7 @@ def _check_operands(topo: Topology, out: torch.Tensor | None, out_shape: tuple[i
         listing = ", ".join(f"{n} {d}" for n, d in dtypes.items())
         raise TypeError(f"expected operands of one dtype among {DTYPES}, got {listing}")
     check_same_device(**tensors, row_indices=topo.row_indices, out=out)
-    if out is not None:
-        _check_shape("out", out, "output", out_shape)
-        if out.dtype != dtype:
-            raise TypeError(f"out must have the operands' dtype {dtype}, got {out.dtype}")
+    check_out(out, out_shape, dtype, "the operands' dtype")
     return dtype
 
 
@@ -359,19 +350,10 @@ def _check_block_size(topo: Topology) -> None:
         raise ValueError(f"the triton backend needs nnz_max · block_size < 2**31, got {topo.nnz_max * topo.block_size}")
 
 
-def _output(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    return torch.empty(shape, dtype=like.dtype, device=like.device) if out is None else out
-
-
-def _finish(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """The torch backend computes a fresh tensor; copy it into ``out`` when one was given."""
-    return result if out is None else out.copy_(result)
-
-
 def _check_data(data: torch.Tensor, topo: Topology) -> None:
     _check_topology(topo)
     B = topo.block_size
-    _check_shape("data", data, "[nnz_max, B, B]", (topo.nnz_max, B, B))
+    check_tensor("data", data, "[nnz_max, B, B]", (topo.nnz_max, B, B))
 
 
 # Shape functions: validate an op's operands (and ``out``) and return its output shape (fake impls use them too).
@@ -379,8 +361,8 @@ def _check_data(data: torch.Tensor, topo: Topology) -> None:
 
 def sdd_shape(a: torch.Tensor, w: torch.Tensor, topo: Topology, out: torch.Tensor | None = None) -> tuple[int, ...]:
     _check_topology(topo)
-    _check_shape("a", a, "[P, K]", (topo.num_rows, None))
-    _check_shape("w", w, "[E, K, F]", (topo.num_experts, a.shape[1], topo.ffn_size))
+    check_tensor("a", a, "[P, K]", (topo.num_rows, None))
+    check_tensor("w", w, "[E, K, F]", (topo.num_experts, a.shape[1], topo.ffn_size))
     shape = (topo.nnz_max, topo.block_size, topo.block_size)
     _check_operands(topo, out, shape, a=a, w=w)
     return shape
@@ -388,7 +370,7 @@ def sdd_shape(a: torch.Tensor, w: torch.Tensor, topo: Topology, out: torch.Tenso
 
 def dsd_shape(data: torch.Tensor, topo: Topology, w: torch.Tensor, out: torch.Tensor | None = None) -> tuple[int, ...]:
     _check_data(data, topo)
-    _check_shape("w", w, "[E, F, N]", (topo.num_experts, topo.ffn_size, None))
+    check_tensor("w", w, "[E, F, N]", (topo.num_experts, topo.ffn_size, None))
     shape = (topo.num_rows, w.shape[2])
     _check_operands(topo, out, shape, data=data, w=w)
     return shape
@@ -398,7 +380,7 @@ def dsd_t_shape(
     data: torch.Tensor, topo: Topology, a: torch.Tensor, out: torch.Tensor | None = None
 ) -> tuple[int, ...]:
     _check_data(data, topo)
-    _check_shape("a", a, "[P, N]", (topo.num_rows, None))
+    check_tensor("a", a, "[P, N]", (topo.num_rows, None))
     shape = (topo.num_experts, topo.ffn_size, a.shape[1])
     _check_operands(topo, out, shape, data=data, a=a)
     return shape
@@ -406,7 +388,7 @@ def dsd_t_shape(
 
 def dds_shape(a: torch.Tensor, data: torch.Tensor, topo: Topology, out: torch.Tensor | None = None) -> tuple[int, ...]:
     _check_data(data, topo)
-    _check_shape("a", a, "[M, P]", (None, topo.num_rows))
+    check_tensor("a", a, "[M, P]", (None, topo.num_rows))
     shape = (a.shape[0], topo.num_experts, topo.ffn_size)
     _check_operands(topo, out, shape, a=a, data=data)
     return shape
@@ -416,7 +398,7 @@ def dds_t_shape(
     g: torch.Tensor, data: torch.Tensor, topo: Topology, out: torch.Tensor | None = None
 ) -> tuple[int, ...]:
     _check_data(data, topo)
-    _check_shape("g", g, "[M, E, F]", (None, topo.num_experts, topo.ffn_size))
+    check_tensor("g", g, "[M, E, F]", (None, topo.num_experts, topo.ffn_size))
     shape = (g.shape[0], topo.num_rows)
     _check_operands(topo, out, shape, g=g, data=data)
     return shape
@@ -435,9 +417,9 @@ def sdd(
     out_shape = sdd_shape(a, w, topo, out)
     B, F, K, dtype = topo.block_size, topo.ffn_size, a.shape[1], a.dtype
     if resolve_backend(a.device, backend) == "torch":
-        return _finish(sdd_torch(a, w, topo), out)
+        return copy_to_out(sdd_torch(a, w, topo), out)
     _check_block_size(topo)
-    out = _output(out, out_shape, a)
+    out = out_or_empty(out, out_shape, a)
     if topo.nnz_max == 0:
         return out
     cfg = _pick(sdd_configs(), B, dtype)
@@ -465,8 +447,7 @@ def _launch_dsd(
     _check_block_size(topo)
     cfg = _pick(dsd_configs(), topo.block_size, data.dtype)
     grid = (topo.num_experts * topo.blocks_per_expert if trans_s else topo.max_block_rows, triton.cdiv(N, cfg.block_n))
-    if grid[1] > _MAX_GRID_Y:
-        raise ValueError(f"N (the dense columns) must be at most {_MAX_GRID_Y * cfg.block_n}, got {N}")
+    check_grid_y(grid, "N (the dense columns)", N, cfg.block_n)
     if grid[0] * grid[1] == 0:
         return
     if trans_s:
@@ -488,8 +469,8 @@ def dsd(
     """``y = S @ w``: w ``[E, F, N]`` → ``[P, N]``; rows with no blocks are zero."""
     out_shape = dsd_shape(data, topo, w, out)
     if resolve_backend(data.device, backend) == "torch":
-        return _finish(dsd_torch(data, topo, w), out)
-    out = _output(out, out_shape, data)
+        return copy_to_out(dsd_torch(data, topo, w), out)
+    out = out_or_empty(out, out_shape, data)
     _launch_dsd(data, topo, w, out, w.stride(), (0, *out.stride()), w.shape[2], trans_s=False)
     return out
 
@@ -500,8 +481,8 @@ def dsd_t(
     """``g = Sᵀ @ a``: a ``[P, N]`` → ``[E, F, N]``; experts with no rows give zeros."""
     out_shape = dsd_t_shape(data, topo, a, out)
     if resolve_backend(data.device, backend) == "torch":
-        return _finish(dsd_t_torch(data, topo, a), out)
-    out = _output(out, out_shape, data)
+        return copy_to_out(dsd_t_torch(data, topo, a), out)
+    out = out_or_empty(out, out_shape, data)
     _launch_dsd(data, topo, a, out, (0, *a.stride()), out.stride(), a.shape[1], trans_s=True)
     return out
 
@@ -512,8 +493,8 @@ def dds(
     """``c = a @ S``: a ``[M, P]`` → ``[M, E, F]``, computed as ``(Sᵀ @ aᵀ)ᵀ`` on strided views."""
     out_shape = dds_shape(a, data, topo, out)
     if resolve_backend(data.device, backend) == "torch":
-        return _finish(dds_torch(a, data, topo), out)
-    out = _output(out, out_shape, data)
+        return copy_to_out(dds_torch(a, data, topo), out)
+    out = out_or_empty(out, out_shape, data)
     s = out.stride()
     _launch_dsd(data, topo, a, out, (0, a.stride(1), a.stride(0)), (s[1], s[2], s[0]), a.shape[0], trans_s=True)
     return out
@@ -525,8 +506,8 @@ def dds_t(
     """``c = g @ Sᵀ``: g ``[M, E, F]`` → ``[M, P]``, computed as ``(S @ gᵀ)ᵀ`` with gᵀ the ``[E, F, M]`` view."""
     out_shape = dds_t_shape(g, data, topo, out)
     if resolve_backend(data.device, backend) == "torch":
-        return _finish(dds_t_torch(g, data, topo), out)
-    out = _output(out, out_shape, data)
+        return copy_to_out(dds_t_torch(g, data, topo), out)
+    out = out_or_empty(out, out_shape, data)
     s = g.stride()
     _launch_dsd(data, topo, g, out, (s[1], s[2], s[0]), (0, out.stride(1), out.stride(0)), g.shape[0], trans_s=False)
     return out

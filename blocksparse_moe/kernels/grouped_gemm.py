@@ -33,7 +33,23 @@ import triton.language as tl
 
 from .._backend import resolve_backend
 from ..routing import INDEX_DTYPE
-from ._common import CompileSpec, check_same_device, interpreting, upcast_dots
+from ._common import (
+    DTYPES,
+    CompileSpec,
+    check_float,
+    check_grid_y,
+    check_index,
+    check_out,
+    check_same_device,
+    check_sizes,
+    check_tensor,
+    copy_to_out,
+    interpreting,
+    kernel_signature,
+    out_or_empty,
+    triton_type,
+    upcast_dots,
+)
 
 __all__ = [
     "GemmConfig",
@@ -48,11 +64,6 @@ __all__ = [
     "grouped_mm_wgrad_torch",
     "tile_offsets",
 ]
-
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_GRID_Y = 65535
-_MAX_INDEX = 2**31 - 1
-
 
 # ----------------------------------------------------------------------------------------------- configs
 
@@ -229,8 +240,7 @@ def _grouped_wgrad_kernel(
 
 # ----------------------------------------------------------------------------------------------- compile audit
 
-_TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_INDEX_POINTERS = ("offsets_ptr", "tile_offsets_ptr", "row_assignment_ptr")
+_INDEX_POINTERS = dict.fromkeys(("offsets_ptr", "tile_offsets_ptr", "row_assignment_ptr"), INDEX_DTYPE)
 
 
 def _spec(name: str, kernel, dtype: torch.dtype, cfg: GemmConfig, constexprs: dict, unit: tuple[str, ...]):
@@ -244,14 +254,7 @@ def _spec(name: str, kernel, dtype: torch.dtype, cfg: GemmConfig, constexprs: di
         "BLOCK_K": cfg.block_k,
         "UPCAST": False,
     }
-    signature = {}
-    for arg in kernel.arg_names:
-        if arg in constexprs:
-            signature[arg] = "constexpr"
-        elif arg.endswith("_ptr"):
-            signature[arg] = "*i32" if arg in _INDEX_POINTERS else f"*{_TT[dtype]}"
-        else:
-            signature[arg] = "i32"
+    signature = kernel_signature(kernel, constexprs, dtype, _INDEX_POINTERS)
     return CompileSpec(name, kernel, signature, constexprs, cfg.num_warps, cfg.num_stages, is_matmul=True)
 
 
@@ -260,7 +263,7 @@ def compile_specs() -> list[CompileSpec]:
     transposed (``dy @ wᵀ`` in the backward); contiguous x / dy rows."""
     specs = []
     for dtype in DTYPES:
-        cfg, tag = grouped_mm_config(dtype), _TT[dtype]
+        cfg, tag = grouped_mm_config(dtype), triton_type(dtype)
         for gather in (False, True):
             g = ",gather" if gather else ""
             for w_unit, w_tag in (("stride_wn", ""), ("stride_wk", ",wT")):
@@ -279,50 +282,21 @@ def compile_specs() -> list[CompileSpec]:
 # ----------------------------------------------------------------------------------------------- validation
 
 
-def _check_tensor(name: str, t: object, dims: str, expected: tuple[int | None, ...]) -> torch.Tensor:
-    """Type and shape; ``expected`` holds each dimension's size, ``None`` where any size is accepted."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != len(expected) or any(e is not None and s != e for s, e in zip(t.shape, expected)):
-        want = ", ".join("*" if e is None else str(e) for e in expected)
-        raise ValueError(f"{name} must have shape {dims} = ({want}), got {tuple(t.shape)}")
-    return t
-
-
-def _check_index(name: str, t: torch.Tensor) -> None:
-    if t.dtype != INDEX_DTYPE:
-        raise TypeError(f"{name} must be {INDEX_DTYPE}, got {t.dtype}")
-
-
 def _check_rows(
     x: torch.Tensor, offsets: torch.Tensor, row_assignment: torch.Tensor | None, tokens: int | None
 ) -> tuple[int, int]:
     """x ``[*, K]``, ``offsets [E+1]``, the optional ``row_assignment [R]``; returns ``(E, R)``."""
-    _check_tensor("offsets", offsets, "[E+1]", (None,))
-    _check_index("offsets", offsets)
+    check_tensor("offsets", offsets, "[E+1]", (None,))
+    check_index("offsets", offsets)
     if offsets.shape[0] < 2:
         raise ValueError(f"offsets must have E+1 >= 2 entries, got shape {tuple(offsets.shape)}")
-    _check_tensor("x", x, "[T or R, K]", (tokens, None))
-    if x.dtype not in DTYPES:
-        raise TypeError(f"x must have a dtype among {DTYPES}, got {x.dtype}")
+    check_tensor("x", x, "[T or R, K]", (tokens, None))
+    check_float("x", x)
     if row_assignment is None:
         return offsets.shape[0] - 1, x.shape[0]
-    _check_tensor("row_assignment", row_assignment, "[R]", (None,))
-    _check_index("row_assignment", row_assignment)
+    check_tensor("row_assignment", row_assignment, "[R]", (None,))
+    check_index("row_assignment", row_assignment)
     return offsets.shape[0] - 1, row_assignment.shape[0]
-
-
-def _check_out(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-    if out is not None:
-        _check_tensor("out", out, "output", shape)
-        if out.dtype != dtype:
-            raise TypeError(f"out must have dtype {dtype}, got {out.dtype}")
-
-
-def _check_sizes(**sizes: int) -> None:
-    for name, size in sizes.items():
-        if size > _MAX_INDEX:
-            raise ValueError(f"{name} must be at most {_MAX_INDEX} (int32 indices), got {size}")
 
 
 def grouped_mm_shape(
@@ -342,18 +316,18 @@ def grouped_mm_shape(
         )
     tokens = None
     if assignment_row is not None:
-        _check_tensor("assignment_row", assignment_row, "[T, k]", (None, None))
-        _check_index("assignment_row", assignment_row)
+        check_tensor("assignment_row", assignment_row, "[T, k]", (None, None))
+        check_index("assignment_row", assignment_row)
         if assignment_row.shape[1] < 1:
             raise ValueError(f"assignment_row must have k >= 1 columns, got shape {tuple(assignment_row.shape)}")
         tokens = assignment_row.shape[0]
     E, R = _check_rows(x, offsets, row_assignment, tokens)
-    _check_tensor("w", w, "[E, K, N]", (E, x.shape[1], None))
+    check_tensor("w", w, "[E, K, N]", (E, x.shape[1], None))
     if w.dtype != x.dtype:
         raise TypeError(f"w must have x's dtype {x.dtype}, got {w.dtype}")
-    _check_sizes(R=R, K=x.shape[1], N=w.shape[2])
+    check_sizes(R=R, K=x.shape[1], N=w.shape[2])
     shape = (R, w.shape[2])
-    _check_out(out, shape, x.dtype)
+    check_out(out, shape, x.dtype)
     check_same_device(x=x, w=w, offsets=offsets, row_assignment=row_assignment, assignment_row=assignment_row, out=out)
     return shape
 
@@ -370,12 +344,12 @@ def grouped_mm_wgrad_shape(
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k (choices per token) must be a positive int, got {k!r}")
     E, R = _check_rows(x, offsets, row_assignment, None)
-    _check_tensor("dy", dy, "[R, N]", (R, None))
+    check_tensor("dy", dy, "[R, N]", (R, None))
     if dy.dtype != x.dtype:
         raise TypeError(f"dy must have x's dtype {x.dtype}, got {dy.dtype}")
-    _check_sizes(R=R, K=x.shape[1], N=dy.shape[1], E=E)
+    check_sizes(R=R, K=x.shape[1], N=dy.shape[1], E=E)
     shape = (E, x.shape[1], dy.shape[1])
-    _check_out(out, shape, x.dtype)
+    check_out(out, shape, x.dtype)
     check_same_device(x=x, dy=dy, offsets=offsets, row_assignment=row_assignment, out=out)
     return shape
 
@@ -392,15 +366,6 @@ def _check_index_values(
         used = row_assignment[: int(offsets[-1])]
         if bool(((used < 0) | (used >= assignments)).any()):
             raise ValueError(f"row_assignment must hold assignments in [0, {assignments}) for rows < offsets[E]")
-
-
-def _output(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    return torch.empty(shape, dtype=like.dtype, device=like.device) if out is None else out
-
-
-def _finish(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """The torch backend computes a fresh tensor; copy it into ``out`` when one was given."""
-    return result if out is None else out.copy_(result)
 
 
 def tile_offsets(offsets: torch.Tensor, block_m: int) -> torch.Tensor:
@@ -427,19 +392,18 @@ def grouped_mm(
     ``assignment_row.shape[1]``), else ``i``. x ``[T or R, K]``, w ``[E, K, N]`` (any strides) → ``[R, N]``."""
     shape = grouped_mm_shape(x, w, offsets, row_assignment, assignment_row, out)
     if resolve_backend(x.device, backend) == "torch":
-        return _finish(grouped_mm_torch(x, w, offsets, row_assignment, assignment_row), out)
+        return copy_to_out(grouped_mm_torch(x, w, offsets, row_assignment, assignment_row), out)
     gather = row_assignment is not None
     R, N = shape
     E, K = w.shape[0], x.shape[1]
     top_k = assignment_row.shape[1] if gather else 1
     _check_index_values(offsets, row_assignment, R, assignment_row.numel() if gather else None)
-    out = _output(out, shape, x)
+    out = out_or_empty(out, shape, x)
     if out.numel() == 0:
         return out
     cfg = grouped_mm_config(x.dtype)
     grid = (min(triton.cdiv(R, cfg.block_m) + E, R), triton.cdiv(N, cfg.block_n))
-    if grid[1] > _MAX_GRID_Y:
-        raise ValueError(f"N must be at most {_MAX_GRID_Y * cfg.block_n}, got {N}")
+    check_grid_y(grid, "N", N, cfg.block_n)
     _grouped_mm_kernel[grid](
         x, w, out, offsets, tile_offsets(offsets, cfg.block_m), row_assignment if gather else offsets,
         R, N, K, E, top_k, E.bit_length(),
@@ -464,17 +428,16 @@ def grouped_mm_wgrad(
     dy ``[R, N]`` → ``[E, K, N]``; experts with no rows get zeros. ``k`` is the gather's choices per token."""
     shape = grouped_mm_wgrad_shape(x, dy, offsets, row_assignment, k, out)
     if resolve_backend(x.device, backend) == "torch":
-        return _finish(grouped_mm_wgrad_torch(x, dy, offsets, row_assignment, k), out)
+        return copy_to_out(grouped_mm_wgrad_torch(x, dy, offsets, row_assignment, k), out)
     E, K, N = shape
     gather = row_assignment is not None
     _check_index_values(offsets, row_assignment, dy.shape[0], x.shape[0] * k if gather else None)
-    out = _output(out, shape, x)
+    out = out_or_empty(out, shape, x)
     if out.numel() == 0:
         return out
     cfg = grouped_wgrad_config(x.dtype)
     grid = (triton.cdiv(K, cfg.block_m) * triton.cdiv(N, cfg.block_n), E)
-    if grid[1] > _MAX_GRID_Y:
-        raise ValueError(f"the number of experts must be at most {_MAX_GRID_Y}, got {E}")
+    check_grid_y(grid, "the number of experts", E)
     _grouped_wgrad_kernel[grid](
         x, dy, out, offsets, row_assignment if gather else offsets,
         K, N, k,

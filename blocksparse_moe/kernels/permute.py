@@ -33,7 +33,22 @@ import triton.language as tl
 
 from .._backend import resolve_backend
 from ..routing import INDEX_DTYPE
-from ._common import CompileSpec, check_same_device, interpreting
+from ._common import (
+    DTYPES,
+    CompileSpec,
+    check_float,
+    check_grid_y,
+    check_index,
+    check_out,
+    check_same_device,
+    check_sizes,
+    check_tensor,
+    copy_to_out,
+    interpreting,
+    kernel_signature,
+    out_or_empty,
+    triton_type,
+)
 
 __all__ = [
     "PermuteConfig",
@@ -49,11 +64,6 @@ __all__ = [
     "scatter_rows_torch",
     "weights_grad_torch",
 ]
-
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_GRID_Y = 65535
-_MAX_INDEX = 2**31 - 1
-
 
 # ----------------------------------------------------------------------------------------------- configs
 
@@ -206,8 +216,7 @@ def _weights_grad_kernel(
 
 # ----------------------------------------------------------------------------------------------- compile audit
 
-_TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_INDEX_POINTERS = ("row_assignment_ptr", "assignment_row_ptr")
+_INDEX_POINTERS = dict.fromkeys(("row_assignment_ptr", "assignment_row_ptr"), INDEX_DTYPE)
 
 
 def _spec(name: str, kernel, dtype: torch.dtype, weights_dtype: torch.dtype, constexprs: dict) -> CompileSpec:
@@ -216,18 +225,9 @@ def _spec(name: str, kernel, dtype: torch.dtype, weights_dtype: torch.dtype, con
     cfg = permute_config()
     unit = {s: 1 for s in kernel.arg_names if s.endswith("d") and s.startswith("stride_")}
     constexprs = {**constexprs, **unit, "BLOCK_ROWS": cfg.block_rows, "BLOCK_D": cfg.block_d}
-    signature = {}
-    for arg in kernel.arg_names:
-        if arg in constexprs:
-            signature[arg] = "constexpr"
-        elif arg in _INDEX_POINTERS:
-            signature[arg] = "*i32"
-        elif arg == "weights_ptr" or (kernel is _weights_grad_kernel and arg == "out_ptr"):
-            signature[arg] = f"*{_TT[weights_dtype]}"
-        elif arg.endswith("_ptr"):
-            signature[arg] = f"*{_TT[dtype]}"
-        else:
-            signature[arg] = "i32"
+    weights_pointers = ("weights_ptr", "out_ptr") if kernel is _weights_grad_kernel else ("weights_ptr",)
+    pointer_dtypes = {**_INDEX_POINTERS, **dict.fromkeys(weights_pointers, weights_dtype)}
+    signature = kernel_signature(kernel, constexprs, dtype, pointer_dtypes)
     return CompileSpec(name, kernel, signature, constexprs, cfg.num_warps, num_stages=1, is_matmul=False)
 
 
@@ -236,54 +236,53 @@ def compile_specs() -> list[CompileSpec]:
     specs = []
     for dtype in DTYPES:
         for wdt in dict.fromkeys((dtype, torch.float32)):
-            tag = f"{_TT[dtype]},w={_TT[wdt]}"
+            tag = f"{triton_type(dtype)},w={triton_type(wdt)}"
             for kernel, name in ((_gather_kernel, "gather_rows"), (_scatter_kernel, "scatter_rows")):
                 specs.append(_spec(f"{name}[{tag}]", kernel, dtype, wdt, dict(HAS_WEIGHTS=True)))
             specs.append(_spec(f"weights_grad[{tag}]", _weights_grad_kernel, dtype, wdt, {}))
         for kernel, name in ((_gather_kernel, "gather_rows"), (_scatter_kernel, "scatter_rows")):
-            specs.append(_spec(f"{name}[{_TT[dtype]}]", kernel, dtype, dtype, dict(HAS_WEIGHTS=False)))
+            specs.append(_spec(f"{name}[{triton_type(dtype)}]", kernel, dtype, dtype, dict(HAS_WEIGHTS=False)))
     return specs
 
 
 # ----------------------------------------------------------------------------------------------- validation
 
 
-def _check_tensor(name: str, t: object, dims: str, expected: tuple[int | None, ...]) -> torch.Tensor:
-    """Type and shape; ``expected`` holds each dimension's size, ``None`` where any size is accepted."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != len(expected) or any(e is not None and s != e for s, e in zip(t.shape, expected)):
-        want = ", ".join("*" if e is None else str(e) for e in expected)
-        raise ValueError(f"{name} must have shape {dims} = ({want}), got {tuple(t.shape)}")
-    return t
-
-
-def _check_float(name: str, t: torch.Tensor) -> None:
-    if t.dtype not in DTYPES:
-        raise TypeError(f"{name} must have a dtype among {DTYPES}, got {t.dtype}")
-
-
 def _check_maps(row_assignment: torch.Tensor, assignment_row: torch.Tensor, weights: torch.Tensor | None) -> None:
     """The two index maps (int32, 1-D and 2-D) and the optional weights ``[T, k]``."""
-    _check_tensor("row_assignment", row_assignment, "[R]", (None,))
-    _check_tensor("assignment_row", assignment_row, "[T, k]", (None, None))
-    for name, t in (("row_assignment", row_assignment), ("assignment_row", assignment_row)):
-        if t.dtype != INDEX_DTYPE:
-            raise TypeError(f"{name} must be {INDEX_DTYPE}, got {t.dtype}")
+    check_tensor("row_assignment", row_assignment, "[R]", (None,))
+    check_tensor("assignment_row", assignment_row, "[T, k]", (None, None))
+    check_index("row_assignment", row_assignment)
+    check_index("assignment_row", assignment_row)
     if assignment_row.shape[1] < 1:
         raise ValueError(f"assignment_row must have k >= 1 columns, got shape {tuple(assignment_row.shape)}")
-    if max(row_assignment.shape[0], assignment_row.numel()) > _MAX_INDEX:
-        raise ValueError(f"at most {_MAX_INDEX} rows and assignments are supported (int32 indices)")
+    check_sizes(R=row_assignment.shape[0], assignments=assignment_row.numel())
     if weights is not None:
-        _check_tensor("weights", weights, "[T, k]", tuple(assignment_row.shape))
-        _check_float("weights", weights)
+        check_tensor("weights", weights, "[T, k]", tuple(assignment_row.shape))
+        check_float("weights", weights)
 
 
-def _check_out(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-    if out is not None:
-        _check_tensor("out", out, "output", shape)
-        if out.dtype != dtype:
-            raise TypeError(f"out must have dtype {dtype}, got {out.dtype}")
+def _rows_shape(
+    name: str,
+    data: torch.Tensor,
+    row_assignment: torch.Tensor,
+    assignment_row: torch.Tensor,
+    weights: torch.Tensor | None,
+    out: torch.Tensor | None,
+    gather: bool,
+) -> tuple[int, int]:
+    """The operands of a gather (``data [T, d]`` → ``[R, d]``) or a scatter (``data [R, d]`` → ``[T, d]``);
+    returns the output shape."""
+    _check_maps(row_assignment, assignment_row, weights)
+    T, R = assignment_row.shape[0], row_assignment.shape[0]
+    rows, out_rows, dims = (T, R, "[T, d]") if gather else (R, T, "[R, d]")
+    check_tensor(name, data, dims, (rows, None))
+    check_float(name, data)
+    shape = (out_rows, data.shape[1])
+    check_out(out, shape, data.dtype)
+    maps = dict(row_assignment=row_assignment, assignment_row=assignment_row)
+    check_same_device(**{name: data}, **maps, weights=weights, out=out)
+    return shape
 
 
 def gather_rows_shape(
@@ -294,13 +293,7 @@ def gather_rows_shape(
     out: torch.Tensor | None = None,
 ) -> tuple[int, int]:
     """Validate ``gather_rows``'s operands; returns the output shape ``(R, d)``."""
-    _check_maps(row_assignment, assignment_row, weights)
-    _check_tensor("x", x, "[T, d]", (assignment_row.shape[0], None))
-    _check_float("x", x)
-    shape = (row_assignment.shape[0], x.shape[1])
-    _check_out(out, shape, x.dtype)
-    check_same_device(x=x, row_assignment=row_assignment, assignment_row=assignment_row, weights=weights, out=out)
-    return shape
+    return _rows_shape("x", x, row_assignment, assignment_row, weights, out, gather=True)
 
 
 def scatter_rows_shape(
@@ -311,13 +304,7 @@ def scatter_rows_shape(
     out: torch.Tensor | None = None,
 ) -> tuple[int, int]:
     """Validate ``scatter_rows``'s operands; returns the output shape ``(T, d)``."""
-    _check_maps(row_assignment, assignment_row, weights)
-    _check_tensor("y", y, "[R, d]", (row_assignment.shape[0], None))
-    _check_float("y", y)
-    shape = (assignment_row.shape[0], y.shape[1])
-    _check_out(out, shape, y.dtype)
-    check_same_device(y=y, row_assignment=row_assignment, assignment_row=assignment_row, weights=weights, out=out)
-    return shape
+    return _rows_shape("y", y, row_assignment, assignment_row, weights, out, gather=False)
 
 
 def weights_grad_shape(
@@ -328,18 +315,17 @@ def weights_grad_shape(
     out: torch.Tensor | None = None,
 ) -> tuple[int, int]:
     """Validate ``weights_grad``'s operands; returns the output shape ``(T, k)``."""
-    _check_tensor("assignment_row", assignment_row, "[T, k]", (None, None))
-    if assignment_row.dtype != INDEX_DTYPE:
-        raise TypeError(f"assignment_row must be {INDEX_DTYPE}, got {assignment_row.dtype}")
-    _check_tensor("a", a, "[T, d]", (assignment_row.shape[0], None))
-    _check_tensor("b", b, "[R, d]", (None, a.shape[1]))
-    _check_float("a", a)
+    check_tensor("assignment_row", assignment_row, "[T, k]", (None, None))
+    check_index("assignment_row", assignment_row)
+    check_tensor("a", a, "[T, d]", (assignment_row.shape[0], None))
+    check_tensor("b", b, "[R, d]", (None, a.shape[1]))
+    check_float("a", a)
     if b.dtype != a.dtype:
         raise TypeError(f"a and b must have one dtype, got a {a.dtype}, b {b.dtype}")
     if dtype is not None and dtype not in DTYPES:
         raise TypeError(f"dtype must be one of {DTYPES}, got {dtype}")
     shape = tuple(assignment_row.shape)
-    _check_out(out, shape, dtype or a.dtype)
+    check_out(out, shape, dtype or a.dtype)
     check_same_device(a=a, b=b, assignment_row=assignment_row, out=out)
     return shape
 
@@ -358,17 +344,39 @@ def _check_index_values(row_assignment: torch.Tensor | None, assignment_row: tor
 
 def _grid_d(rows: int, d: int, cfg: PermuteConfig) -> tuple[int, int]:
     grid = (triton.cdiv(rows, cfg.block_rows), triton.cdiv(d, cfg.block_d))
-    if grid[1] > _MAX_GRID_Y:
-        raise ValueError(f"the feature size d must be at most {_MAX_GRID_Y * cfg.block_d}, got {d}")
-    return grid
-
-
-def _finish(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """The torch backend computes a fresh tensor; copy it into ``out`` when one was given."""
-    return result if out is None else out.copy_(result)
+    return check_grid_y(grid, "the feature size d", d, cfg.block_d)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
+
+
+def _launch_rows(
+    data: torch.Tensor,
+    row_assignment: torch.Tensor,
+    assignment_row: torch.Tensor,
+    weights: torch.Tensor | None,
+    out: torch.Tensor | None,
+    shape: tuple[int, int],
+    gather: bool,
+) -> torch.Tensor:
+    """Run the gather (x → sorted rows) or scatter (sorted rows → tokens) kernel into ``out`` or a new tensor."""
+    _check_index_values(row_assignment, assignment_row, row_assignment.shape[0])
+    out = out_or_empty(out, shape, data)
+    if out.numel() == 0:
+        return out
+    cfg = permute_config()
+    w = data if weights is None else weights  # a placeholder pointer when there are no weights
+    w_strides = w.stride() if weights is not None else (0, 0)
+    if gather:  # reads each output row's assignment
+        kernel, index, index_strides = _gather_kernel, row_assignment, ()
+    else:  # reads each token's k rows
+        kernel, index, index_strides = _scatter_kernel, assignment_row, assignment_row.stride()
+    kernel[_grid_d(*shape, cfg)](
+        data, out, index, w, shape[0], shape[1], assignment_row.shape[1],
+        *data.stride(), *out.stride(), *index_strides, *w_strides,
+        HAS_WEIGHTS=weights is not None, BLOCK_ROWS=cfg.block_rows, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return out
 
 
 def gather_rows(
@@ -384,19 +392,8 @@ def gather_rows(
     x ``[T, d]`` → ``[R, d]`` in x's dtype. ``weights=None`` means 1; ``out`` (optional) receives the result."""
     shape = gather_rows_shape(x, row_assignment, assignment_row, weights, out)
     if resolve_backend(x.device, backend) == "torch":
-        return _finish(gather_rows_torch(x, row_assignment, assignment_row, weights), out)
-    _check_index_values(row_assignment, assignment_row, shape[0])
-    out = torch.empty(shape, dtype=x.dtype, device=x.device) if out is None else out
-    if out.numel() == 0:
-        return out
-    cfg = permute_config()
-    w = x if weights is None else weights  # a placeholder pointer when there are no weights
-    _gather_kernel[_grid_d(*shape, cfg)](
-        x, out, row_assignment, w, shape[0], shape[1], assignment_row.shape[1],
-        *x.stride(), *out.stride(), *(w.stride() if weights is not None else (0, 0)),
-        HAS_WEIGHTS=weights is not None, BLOCK_ROWS=cfg.block_rows, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
-    )  # fmt: skip
-    return out
+        return copy_to_out(gather_rows_torch(x, row_assignment, assignment_row, weights), out)
+    return _launch_rows(x, row_assignment, assignment_row, weights, out, shape, gather=True)
 
 
 def scatter_rows(
@@ -412,19 +409,8 @@ def scatter_rows(
     y ``[R, d]`` → ``[T, d]`` in y's dtype. Deterministic (no atomics). ``weights=None`` means 1."""
     shape = scatter_rows_shape(y, row_assignment, assignment_row, weights, out)
     if resolve_backend(y.device, backend) == "torch":
-        return _finish(scatter_rows_torch(y, row_assignment, assignment_row, weights), out)
-    _check_index_values(row_assignment, assignment_row, y.shape[0])
-    out = torch.empty(shape, dtype=y.dtype, device=y.device) if out is None else out
-    if out.numel() == 0:
-        return out
-    cfg = permute_config()
-    w = y if weights is None else weights  # a placeholder pointer when there are no weights
-    _scatter_kernel[_grid_d(*shape, cfg)](
-        y, out, assignment_row, w, shape[0], shape[1], assignment_row.shape[1],
-        *y.stride(), *out.stride(), *assignment_row.stride(), *(w.stride() if weights is not None else (0, 0)),
-        HAS_WEIGHTS=weights is not None, BLOCK_ROWS=cfg.block_rows, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
-    )  # fmt: skip
-    return out
+        return copy_to_out(scatter_rows_torch(y, row_assignment, assignment_row, weights), out)
+    return _launch_rows(y, row_assignment, assignment_row, weights, out, shape, gather=False)
 
 
 def weights_grad(
@@ -441,9 +427,9 @@ def weights_grad(
     dtype = dtype or a.dtype
     shape = weights_grad_shape(a, b, assignment_row, dtype, out)
     if resolve_backend(a.device, backend) == "torch":
-        return _finish(weights_grad_torch(a, b, assignment_row, dtype), out)
+        return copy_to_out(weights_grad_torch(a, b, assignment_row, dtype), out)
     _check_index_values(None, assignment_row, b.shape[0])
-    out = torch.empty(shape, dtype=dtype, device=a.device) if out is None else out
+    out = out_or_empty(out, shape, a, dtype)
     if out.numel() == 0:
         return out
     cfg = permute_config()

@@ -42,64 +42,37 @@ def _args(topo: Topology, operand: Tensor, backend: str | None) -> tuple:
 # ----------------------------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("bsm::sdd", mutates_args=())
-def _sdd(
-    a: Tensor, w: Tensor, topo: list[Tensor], block_size: int, num_experts: int, ffn_size: int, backend: str
-) -> Tensor:
-    return kernels.sdd(a, w, _topology(topo, block_size, num_experts, ffn_size), backend=backend)
+def _define(name: str, operands: tuple[str, str], topo_first: bool):
+    """Custom op ``bsm::<name>`` and its fake over ``kernels.<name>`` and ``kernels.<name>_shape``. The op takes
+    the two tensor operands (named ``operands`` in its schema), then the topology arguments and the backend; the
+    kernel takes ``(x, topo, y)`` when ``topo_first``, else ``(x, y, topo)``."""
+    kernel, kernel_shape = getattr(kernels, name), getattr(kernels, f"{name}_shape")
+    x_name, y_name = operands
+    schema = (
+        f"(Tensor {x_name}, Tensor {y_name}, Tensor[] topo, SymInt block_size, SymInt num_experts, SymInt ffn_size, "
+        "str backend) -> Tensor"
+    )
+
+    def kernel_args(x: Tensor, y: Tensor, topo: list[Tensor], *sizes: int) -> tuple:
+        t = _topology(topo, *sizes)
+        return (x, t, y) if topo_first else (x, y, t)
+
+    @torch.library.custom_op(f"bsm::{name}", mutates_args=(), schema=schema)
+    def op(x, y, topo, block_size, num_experts, ffn_size, backend):
+        return kernel(*kernel_args(x, y, topo, block_size, num_experts, ffn_size), backend=backend)
+
+    @op.register_fake
+    def _(x, y, topo, block_size, num_experts, ffn_size, backend):
+        return x.new_empty(kernel_shape(*kernel_args(x, y, topo, block_size, num_experts, ffn_size)))
+
+    return op
 
 
-@_sdd.register_fake
-def _(a, w, topo, block_size, num_experts, ffn_size, backend):
-    return a.new_empty(kernels.sdd_shape(a, w, _topology(topo, block_size, num_experts, ffn_size)))
-
-
-@torch.library.custom_op("bsm::dsd", mutates_args=())
-def _dsd(
-    data: Tensor, w: Tensor, topo: list[Tensor], block_size: int, num_experts: int, ffn_size: int, backend: str
-) -> Tensor:
-    return kernels.dsd(data, _topology(topo, block_size, num_experts, ffn_size), w, backend=backend)
-
-
-@_dsd.register_fake
-def _(data, w, topo, block_size, num_experts, ffn_size, backend):
-    return data.new_empty(kernels.dsd_shape(data, _topology(topo, block_size, num_experts, ffn_size), w))
-
-
-@torch.library.custom_op("bsm::dsd_t", mutates_args=())
-def _dsd_t(
-    data: Tensor, a: Tensor, topo: list[Tensor], block_size: int, num_experts: int, ffn_size: int, backend: str
-) -> Tensor:
-    return kernels.dsd_t(data, _topology(topo, block_size, num_experts, ffn_size), a, backend=backend)
-
-
-@_dsd_t.register_fake
-def _(data, a, topo, block_size, num_experts, ffn_size, backend):
-    return data.new_empty(kernels.dsd_t_shape(data, _topology(topo, block_size, num_experts, ffn_size), a))
-
-
-@torch.library.custom_op("bsm::dds", mutates_args=())
-def _dds(
-    a: Tensor, data: Tensor, topo: list[Tensor], block_size: int, num_experts: int, ffn_size: int, backend: str
-) -> Tensor:
-    return kernels.dds(a, data, _topology(topo, block_size, num_experts, ffn_size), backend=backend)
-
-
-@_dds.register_fake
-def _(a, data, topo, block_size, num_experts, ffn_size, backend):
-    return data.new_empty(kernels.dds_shape(a, data, _topology(topo, block_size, num_experts, ffn_size)))
-
-
-@torch.library.custom_op("bsm::dds_t", mutates_args=())
-def _dds_t(
-    g: Tensor, data: Tensor, topo: list[Tensor], block_size: int, num_experts: int, ffn_size: int, backend: str
-) -> Tensor:
-    return kernels.dds_t(g, data, _topology(topo, block_size, num_experts, ffn_size), backend=backend)
-
-
-@_dds_t.register_fake
-def _(g, data, topo, block_size, num_experts, ffn_size, backend):
-    return data.new_empty(kernels.dds_t_shape(g, data, _topology(topo, block_size, num_experts, ffn_size)))
+_sdd = _define("sdd", ("a", "w"), topo_first=False)
+_dsd = _define("dsd", ("data", "w"), topo_first=True)
+_dsd_t = _define("dsd_t", ("data", "a"), topo_first=True)
+_dds = _define("dds", ("a", "data"), topo_first=False)
+_dds_t = _define("dds_t", ("g", "data"), topo_first=False)
 
 
 # ----------------------------------------------------------------------------------------------- autograd

@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._backend import resolve_backend
 from ..kernels import grouped_gemm as kernels
-from .permute import _scatter_rows
+from .permute import _backend, _scatter_rows
 
 __all__ = ["grouped_mm"]
 
@@ -92,6 +91,4 @@ def grouped_mm(
     offsets[E]`` zero); ``src(i) = row_assignment[i] // k`` when both maps are given (fused gather, k =
     ``assignment_row.shape[1]``), else ``i``. x ``[T or R, K]``, w ``[E, K, N]`` → ``[R, N]``; differentiable in
     x and w."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    return _grouped_mm(x, w, offsets, row_assignment, assignment_row, resolve_backend(x.device, backend))
+    return _grouped_mm(x, w, offsets, row_assignment, assignment_row, _backend(x, "x", backend))

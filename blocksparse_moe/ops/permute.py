@@ -23,28 +23,25 @@ __all__ = ["gather_rows", "scatter_rows"]
 # ----------------------------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("bsm::gather_rows", mutates_args=())
-def _gather_rows(
-    x: Tensor, row_assignment: Tensor, assignment_row: Tensor, weights: Tensor | None, backend: str
-) -> Tensor:
-    return kernels.gather_rows(x, row_assignment, assignment_row, weights, backend=backend)
+def _define(name: str, data_name: str):
+    """Custom op ``bsm::<name>`` and its fake over ``kernels.<name>`` and ``kernels.<name>_shape``, for the two ops
+    that share one signature (``data_name`` names the data operand in the schema)."""
+    kernel, kernel_shape = getattr(kernels, name), getattr(kernels, f"{name}_shape")
+    schema = f"(Tensor {data_name}, Tensor row_assignment, Tensor assignment_row, Tensor? weights, str backend)"
+
+    @torch.library.custom_op(f"bsm::{name}", mutates_args=(), schema=f"{schema} -> Tensor")
+    def op(data, row_assignment, assignment_row, weights, backend):
+        return kernel(data, row_assignment, assignment_row, weights, backend=backend)
+
+    @op.register_fake
+    def _(data, row_assignment, assignment_row, weights, backend):
+        return data.new_empty(kernel_shape(data, row_assignment, assignment_row, weights))
+
+    return op
 
 
-@_gather_rows.register_fake
-def _(x, row_assignment, assignment_row, weights, backend):
-    return x.new_empty(kernels.gather_rows_shape(x, row_assignment, assignment_row, weights))
-
-
-@torch.library.custom_op("bsm::scatter_rows", mutates_args=())
-def _scatter_rows(
-    y: Tensor, row_assignment: Tensor, assignment_row: Tensor, weights: Tensor | None, backend: str
-) -> Tensor:
-    return kernels.scatter_rows(y, row_assignment, assignment_row, weights, backend=backend)
-
-
-@_scatter_rows.register_fake
-def _(y, row_assignment, assignment_row, weights, backend):
-    return y.new_empty(kernels.scatter_rows_shape(y, row_assignment, assignment_row, weights))
+_gather_rows = _define("gather_rows", "x")
+_scatter_rows = _define("scatter_rows", "y")
 
 
 @torch.library.custom_op("bsm::weights_grad", mutates_args=())
