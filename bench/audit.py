@@ -1,10 +1,14 @@
 """Ahead-of-time compile audit of the Triton kernels: ``python -m bench.audit``.
 
 Every module of ``blocksparse_moe.kernels`` that defines ``compile_specs()`` (a list of
-``kernels._common.CompileSpec``) is compiled for sm_80 and sm_90 without a GPU. For each build the audit reads
-registers, stack and spill stores/loads (ptxas's log, with a fresh ``TRITON_CACHE_DIR`` so nothing comes from
-the cache, and ``cuobjdump --dump-resource-usage``), shared memory (Triton's dynamic allocation + static), and
-counts ``HGMMA`` (Hopper wgmma) and ``HMMA`` (mma.sync) instructions in ``cuobjdump --dump-sass``.
+``kernels._common.CompileSpec``) is compiled for sm_80 and sm_90 without a GPU, in each variant the spec lists:
+``unaligned`` (no divisibility hints: odd shapes) and ``aligned`` (every pointer and the spec's ``aligned``
+integers marked ``tt.divisibility`` 16, as the JIT specialises realistic shapes: vector loads, pipelined K loop);
+the aligned variant is skipped when it has nothing to mark. For each build the audit reads registers, stack and
+spill stores/loads (ptxas's log, with a fresh ``TRITON_CACHE_DIR`` so nothing comes from the cache, and
+``cuobjdump --dump-resource-usage``), shared memory (Triton's dynamic allocation + static), and counts ``HGMMA``
+(Hopper wgmma), ``HMMA`` (mma.sync) and 128-bit global loads (``LDG``/``LDGSTS`` ``.128``) in
+``cuobjdump --dump-sass``.
 
 Exit status 1 when a build spills, fails, or an sm_90 matmul (``spec.is_matmul``) has no HGMMA.
 Builds run in a spawn process pool (``--jobs``, default 2) with ``TRITON_INTERPRET`` unset and
@@ -30,7 +34,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Job", "BuildResult", "collect_jobs", "compile_job", "run_audit", "format_table", "problems", "main"]
+__all__ = [
+    "Job",
+    "BuildResult",
+    "build_variants",
+    "divisibility_attrs",
+    "collect_jobs",
+    "compile_job",
+    "run_audit",
+    "format_table",
+    "problems",
+    "main",
+]
 
 CAPABILITIES = (80, 90)
 KERNELS_PACKAGE = "blocksparse_moe.kernels"
@@ -38,12 +53,14 @@ KERNELS_PACKAGE = "blocksparse_moe.kernels"
 
 @dataclass(frozen=True)
 class Job:
-    """One build: spec number ``index`` of ``module.compile_specs()`` for compute capability ``cc``."""
+    """One build: spec number ``index`` of ``module.compile_specs()`` for compute capability ``cc``, in
+    ``variant`` ``"unaligned"`` or ``"aligned"``."""
 
     module: str
     index: int
     name: str
     cc: int
+    variant: str = "unaligned"
 
 
 @dataclass
@@ -57,6 +74,7 @@ class BuildResult:
     shared: int | None = None  # bytes: dynamic (Triton's allocation) + static
     hgmma: int | None = None
     hmma: int | None = None
+    ld128: int | None = None  # 128-bit global loads (LDG / LDGSTS .128)
     seconds: float = 0.0
     cubin: str | None = None
     error: str | None = None
@@ -75,10 +93,35 @@ def _tool(name: str) -> str:
     return found
 
 
-def collect_jobs(modules: list[str] | None = None, capabilities: tuple[int, ...] = CAPABILITIES) -> list[Job]:
-    """Jobs for ``modules`` (import paths), default: every ``blocksparse_moe.kernels`` module with ``compile_specs``.
+def build_variants(spec) -> tuple[str, ...]:
+    """The variants of ``spec`` worth building: its ``variants``, less ``aligned`` when nothing would be marked
+    divisible (no pointer argument, no ``aligned`` name) and the unaligned build is listed anyway."""
+    if "unaligned" in spec.variants and not divisibility_attrs(spec):
+        return ("unaligned",)
+    return tuple(spec.variants)
 
-    Imports the modules in this process only to count and name the specs; builds happen in workers.
+
+def divisibility_attrs(spec) -> dict[tuple[int], list[list]]:
+    """``ASTSource`` attrs of the aligned variant: ``tt.divisibility`` 16 on every pointer argument and on the
+    integer arguments named in ``spec.aligned`` (what the JIT does for 16-byte aligned data and sizes/strides
+    that are multiples of 16)."""
+    names = spec.kernel.arg_names
+    marked = [a for a, t in spec.signature.items() if t.startswith("*")] + list(spec.aligned)
+    return {(names.index(a),): [["tt.divisibility", 16]] for a in marked}
+
+
+def collect_jobs(
+    modules: list[str] | None = None,
+    capabilities: tuple[int, ...] = CAPABILITIES,
+    only: str | None = None,
+    variants: tuple[str, ...] = ("unaligned", "aligned"),
+) -> list[Job]:
+    """Jobs for ``modules`` (import paths), default: every ``blocksparse_moe.kernels`` module with ``compile_specs``;
+    ``only``: keep the specs whose ``module.name`` (short module name) contains this string; ``variants``: keep
+    these variants.
+
+    Imports the modules in this process only to count and name the specs (with ``TRITON_INTERPRET`` unset, as in
+    the workers: launchers list their interpreter config otherwise); builds happen in workers.
     """
     if modules is None:
         pkg = importlib.import_module(KERNELS_PACKAGE)
@@ -90,17 +133,31 @@ def collect_jobs(modules: list[str] | None = None, capabilities: tuple[int, ...]
         mod = importlib.import_module(name)
         if not hasattr(mod, "compile_specs"):
             continue
-        for index, spec in enumerate(mod.compile_specs()):
-            jobs.extend(Job(name, index, spec.name, cc) for cc in capabilities)
+        for index, spec in enumerate(_gpu_specs(mod)):
+            if only is not None and only not in f"{name.rsplit('.', 1)[-1]}.{spec.name}":
+                continue
+            for variant in build_variants(spec):
+                if variant in variants:
+                    jobs.extend(Job(name, index, spec.name, cc, variant) for cc in capabilities)
     return jobs
 
 
-def _init_worker(fp_fusion: str) -> None:
-    """Compile, never interpret; a fresh cache so ptxas runs (and logs) for every build."""
+def _gpu_specs(mod) -> list:
+    """``mod.compile_specs()`` as the GPU path sees it: ``TRITON_INTERPRET`` unset during the call."""
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        return mod.compile_specs()
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def _init_worker(fp_fusion: str, cache_root: str) -> None:
+    """Compile, never interpret; a fresh cache (under ``cache_root``) so ptxas runs (and logs) for every build."""
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["TRITON_DEFAULT_FP_FUSION"] = fp_fusion
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="bsm-audit-cache-")
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(dir=cache_root)
 
 
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
@@ -135,11 +192,19 @@ def parse_resource_usage(text: str) -> dict[str, int]:
     }
 
 
+_LD128 = re.compile(r"\bLDG(STS)?(\.[A-Z0-9_]+)*\.128\b")
+
+
 def count_mma(sass: str) -> tuple[int, int]:
     """(HGMMA, HMMA) instruction counts in a SASS dump."""
     hgmma = sum(1 for line in sass.splitlines() if "HGMMA" in line)
     hmma = sum(1 for line in sass.splitlines() if re.search(r"\bHMMA\b", line))
     return hgmma, hmma
+
+
+def count_ld128(sass: str) -> int:
+    """128-bit global loads (``LDG.E.128``, ``LDGSTS.E.BYPASS.128``, ...) in a SASS dump."""
+    return sum(1 for line in sass.splitlines() if _LD128.search(line))
 
 
 def compile_job(job: Job, out_dir: str) -> BuildResult:
@@ -153,7 +218,10 @@ def compile_job(job: Job, out_dir: str) -> BuildResult:
 
         spec = importlib.import_module(job.module).compile_specs()[job.index]
         result.is_matmul = spec.is_matmul
-        src = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs)
+        if job.variant not in spec.variants:
+            raise ValueError(f"variant {job.variant!r} not in the spec's {spec.variants}")
+        attrs = divisibility_attrs(spec) if job.variant == "aligned" else {}
+        src = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
         log = io.StringIO()
         with contextlib.redirect_stdout(log):  # Triton prints the ptxas log (TRITON_DUMP_PTXAS_LOG=1)
             kernel = triton.compile(
@@ -161,7 +229,7 @@ def compile_job(job: Job, out_dir: str) -> BuildResult:
                 target=GPUTarget("cuda", job.cc, 32),
                 options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages),
             )
-        safe = re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{job.module.rsplit('.', 1)[-1]}.{job.name}")
+        safe = re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{job.module.rsplit('.', 1)[-1]}.{job.name}.{job.variant}")
         cubin = Path(out_dir) / f"sm_{job.cc}" / f"{safe}.cubin"
         cubin.parent.mkdir(parents=True, exist_ok=True)
         cubin.write_bytes(kernel.asm["cubin"])
@@ -184,6 +252,7 @@ def compile_job(job: Job, out_dir: str) -> BuildResult:
             result.spill_stores = result.spill_loads = res.get("local")
         result.shared = int(getattr(kernel.metadata, "shared", 0) or 0) + res.get("static_shared", 0)
         result.hgmma, result.hmma = count_mma(sass)
+        result.ld128 = count_ld128(sass)
     except Exception as e:  # report the failed build in the table instead of losing the others
         result.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
     result.seconds = time.perf_counter() - start
@@ -193,12 +262,16 @@ def compile_job(job: Job, out_dir: str) -> BuildResult:
 def run_audit(
     jobs: list[Job], out_dir: str | Path, processes: int = 2, fp_fusion: str | None = None
 ) -> list[BuildResult]:
-    """Build ``jobs`` in a spawn pool of ``processes`` workers; results in job order."""
+    """Build ``jobs`` in a spawn pool of ``processes`` workers; results in job order. The workers' Triton caches
+    are removed afterwards."""
     fp_fusion = fp_fusion or os.environ.get("TRITON_DEFAULT_FP_FUSION", "1")
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(
-        max_workers=max(1, processes), mp_context=ctx, initializer=_init_worker, initargs=(fp_fusion,)
-    ) as pool:
+    with (
+        tempfile.TemporaryDirectory(prefix="bsm-audit-cache-") as cache_root,
+        concurrent.futures.ProcessPoolExecutor(
+            max_workers=max(1, processes), mp_context=ctx, initializer=_init_worker, initargs=(fp_fusion, cache_root)
+        ) as pool,
+    ):
         return list(pool.map(compile_job, jobs, [str(out_dir)] * len(jobs)))
 
 
@@ -216,13 +289,17 @@ def problems(result: BuildResult) -> list[str]:
 
 def format_table(results: list[BuildResult]) -> str:
     """Markdown table, one row per kernel configuration and architecture."""
-    header = "| module | config | sm | regs | spill st/ld B | stack B | smem B | HGMMA | HMMA | compile s | status |"
-    lines = [header, "|" + "---|" * 11]
+    header = (
+        "| module | config | variant | sm | regs | spill st/ld B | stack B | smem B | HGMMA | HMMA | LD128 "
+        "| compile s | status |"
+    )
+    lines = [header, "|" + "---|" * 13]
     for r in results:
         status = "; ".join(problems(r)) or "ok"
         cells = [
             r.job.module.rsplit(".", 1)[-1],
             r.job.name,
+            r.job.variant,
             f"sm_{r.job.cc}",
             r.registers,
             f"{r.spill_stores}/{r.spill_loads}" if r.spill_stores is not None else None,
@@ -230,6 +307,7 @@ def format_table(results: list[BuildResult]) -> str:
             r.shared,
             r.hgmma,
             r.hmma,
+            r.ld128,
             f"{r.seconds:.1f}",
             status,
         ]
@@ -241,14 +319,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.audit", description=__doc__.split("\n\n")[0])
     p.add_argument("--modules", nargs="*", default=None, help=f"import paths (default: all of {KERNELS_PACKAGE})")
     p.add_argument("--arch", type=int, nargs="*", default=list(CAPABILITIES), help="compute capabilities")
+    p.add_argument("--only", default=None, help="build only the specs whose 'module.config' contains this string")
+    p.add_argument(
+        "--variants", nargs="*", choices=("unaligned", "aligned"), default=["unaligned", "aligned"], help="variants"
+    )
     p.add_argument("--jobs", type=int, default=2, help="worker processes")
     p.add_argument("--out", type=Path, default=None, help="cubins and logs (default: a temporary folder)")
     args = p.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     start = time.perf_counter()
-    jobs = collect_jobs(args.modules, tuple(args.arch))
+    jobs = collect_jobs(args.modules, tuple(args.arch), args.only, tuple(args.variants))
     if not jobs:
-        print(f"bench.audit: no module defines compile_specs() in {args.modules or KERNELS_PACKAGE}", file=sys.stderr)
+        where = args.modules or KERNELS_PACKAGE
+        print(f"bench.audit: no compile_specs() build in {where} matches --only/--variants", file=sys.stderr)
         return 1
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="bsm-audit-"))
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -336,9 +336,11 @@ def test_torch_backend_any_block_size():
 
 
 def test_compile_specs():
-    """One spec per dtype × block size × kernel variant; every non-constexpr argument typed."""
+    """One spec per dtype × block size × layout (aligned config), plus the 16-bit unaligned fallbacks at
+    B = 64 / 128; every non-constexpr argument typed."""
     specs = kernels.compile_specs()
-    assert len(specs) == 3 * 4 * 3 and len({s.name for s in specs}) == len(specs)
+    # 3 dtypes × 4 block sizes × (3 SDD + 5 DSD layouts), plus 2 dtypes × 2 block sizes × 8 unaligned fallbacks
+    assert len(specs) == 3 * 4 * (3 + 5) + 2 * 2 * (3 + 5) and len({s.name for s in specs}) == len(specs)
     for s in specs:
         assert set(s.signature) == set(s.kernel.arg_names)
         assert all(s.signature[n] == "constexpr" for n in s.constexprs)

@@ -25,6 +25,7 @@ __all__ = [
     "check_grid_y",
     "out_or_empty",
     "copy_to_out",
+    "aligned16",
     "triton_type",
     "kernel_signature",
     "CompileSpec",
@@ -178,3 +179,13 @@ class CompileSpec:
         not_int = [a for a in self.aligned if not self.signature.get(a, "").startswith(("i", "u"))]
         if not_int:
             raise ValueError(f"{self.name}: aligned must name integer arguments of the signature, got {not_int}")
+
+
+def aligned16(tensors: tuple[torch.Tensor, ...], sizes: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """Whether the JIT marks every pointer, size and non-unit stride divisible by 16 (the audit's aligned
+    variant): decided on the host from ``data_ptr()``, shapes and strides, no device sync."""
+    return (
+        all(t.data_ptr() % 16 == 0 for t in tensors)
+        and all(v % 16 == 0 for v in sizes)
+        and all(v == 1 or v % 16 == 0 for v in strides)
+    )

@@ -40,6 +40,7 @@ from ..routing import INDEX_DTYPE, Topology
 from ._common import (
     DTYPES,
     CompileSpec,
+    aligned16,
     check_grid_y,
     check_index,
     check_out,
@@ -98,7 +99,7 @@ _INTERPRET_CONFIG = TileConfig(block_k=16, block_n=32, num_warps=4, num_stages=1
 def _gpu_table(block_n: int, warps_64: int, stages_64: int) -> dict[tuple[int, torch.dtype], TileConfig]:
     """Configs for sm_90: B×BLOCK_K tiles feed wgmma (one warpgroup per 64 rows), fp32 takes half the K depth.
 
-    Checked with an sm_90 ahead-of-time compile (HGMMA, no spills), with and without 16-divisible strides.
+    Checked with the ahead-of-time compile audit (``python -m bench.audit``: HGMMA, no spills on sm_80 / sm_90).
     """
     table = {}
     for dtype in DTYPES:
@@ -111,19 +112,39 @@ def _gpu_table(block_n: int, warps_64: int, stages_64: int) -> dict[tuple[int, t
     return table
 
 
-@functools.cache
-def sdd_configs() -> dict[tuple[int, torch.dtype], TileConfig]:
-    """The SDD config the GPU path picks for each (block size, dtype); the interpreter pins one config."""
-    return _gpu_table(block_n=0, warps_64=4, stages_64=4)
+_HALF = (torch.float16, torch.bfloat16)
 
 
 @functools.cache
-def dsd_configs() -> dict[tuple[int, torch.dtype], TileConfig]:
+def sdd_configs(aligned: bool = True) -> dict[tuple[int, torch.dtype], TileConfig]:
+    """The SDD config the GPU path picks for each (block size, dtype); the interpreter pins one config.
+
+    ``aligned``: operands 16-byte aligned with sizes / strides multiples of 16 (``_aligned16``: vector loads
+    pipelined through shared memory). Otherwise 16-bit types at B = 64 and 128 take a K step of 32: scalar loads
+    are staged in registers, and at 64 the transposed-weight layout spills (B = 128) or sits at 255 registers.
+    """
+    table = _gpu_table(block_n=0, warps_64=4, stages_64=4)
+    if not aligned:
+        for dt in _HALF:
+            table[(128, dt)] = TileConfig(block_k=32, block_n=0, num_warps=8, num_stages=3)
+            table[(64, dt)] = TileConfig(block_k=32, block_n=0, num_warps=4, num_stages=4)
+    return table
+
+
+@functools.cache
+def dsd_configs(aligned: bool = True) -> dict[tuple[int, torch.dtype], TileConfig]:
     """The DSD config (both ``TRANS_S`` variants) for each (block size, dtype); the interpreter pins one.
 
-    B = 64 takes 8 warps: with 4, DSDᵀ's 64×128 tile spills when strides are not multiples of 16.
+    B = 64 takes 8 warps: with 4, DSDᵀ's 64×128 tile spills when strides are not multiples of 16. Unaligned
+    operands (see ``sdd_configs``) of 16-bit types take a K step of 32, and 64 columns at B = 128: the
+    transposed layouts (``dds``, ``dds_t``, ``dsd`` of ``wᵀ``) spill otherwise.
     """
-    return _gpu_table(block_n=128, warps_64=8, stages_64=3)
+    table = _gpu_table(block_n=128, warps_64=8, stages_64=3)
+    if not aligned:
+        for dt in _HALF:
+            table[(128, dt)] = TileConfig(block_k=32, block_n=64, num_warps=8, num_stages=3)
+            table[(64, dt)] = TileConfig(block_k=32, block_n=128, num_warps=8, num_stages=3)
+    return table
 
 
 def _pick(table: dict[tuple[int, torch.dtype], TileConfig], block_size: int, dtype: torch.dtype) -> TileConfig:
@@ -280,27 +301,73 @@ _INDEX_POINTERS = dict.fromkeys(
 )
 
 
-def _spec(name: str, kernel, dtype: torch.dtype, cfg: TileConfig, constexprs: dict, unit_strides: tuple[str, ...]):
+# Sizes and strides that realistic shapes (K, F, N multiples of 16) make multiples of 16 (the unit ones excepted).
+_SDD_ALIGNED = ("K", "F", "stride_am", "stride_ak", "stride_we", "stride_wk", "stride_wf", "stride_ob", "stride_om")
+_DSD_ALIGNED = ("N", "F", "stride_db", "stride_dm", "stride_xe", "stride_xm", "stride_xn", "stride_oe", "stride_om",
+                "stride_on")  # fmt: skip
+
+# The operand layouts the ops run (forward, and the transposed views of the backward): (tag, unit strides).
+_SDD_LAYOUTS = (("", ("stride_ak", "stride_wf", "stride_on")), (",wT", ("stride_ak", "stride_wk", "stride_on")),
+                (",aT", ("stride_am", "stride_wf", "stride_on")))  # fmt: skip
+_DSD_LAYOUTS = (
+    ("dsd", False, ("stride_dn", "stride_xn", "stride_on")),
+    ("dsd", False, ("stride_dn", "stride_xm", "stride_on")),  # dsd(dS, wᵀ)
+    ("dds_t", False, ("stride_dn", "stride_xm", "stride_om")),  # (S @ gᵀ)ᵀ
+    ("dsd_t", True, ("stride_dn", "stride_xn", "stride_on")),
+    ("dds", True, ("stride_dn", "stride_xm", "stride_om")),  # (Sᵀ @ aᵀ)ᵀ
+)
+
+
+def _spec(
+    name: str,
+    kernel,
+    dtype: torch.dtype,
+    cfg: TileConfig,
+    constexprs: dict,
+    unit_strides: tuple[str, ...],
+    aligned: tuple[str, ...],
+    variants: tuple[str, ...],
+) -> CompileSpec:
     """Pointers typed by dtype (``*i32`` for the index tensors), ints ``i32``; ``unit_strides`` specialised to 1
-    as the JIT does for contiguous operands. Blocks of 16 / 32 rows are too short for wgmma (64-row tiles)."""
+    as the JIT does for contiguous operands; ``aligned`` less the unit strides. Blocks of 16 / 32 rows are too
+    short for wgmma (64-row tiles)."""
     constexprs = {**constexprs, **dict.fromkeys(unit_strides, 1)}
     signature = kernel_signature(kernel, constexprs, dtype, _INDEX_POINTERS)
+    aligned = tuple(a for a in aligned if a not in unit_strides)
     B = constexprs["B"]
-    return CompileSpec(name, kernel, signature, constexprs, cfg.num_warps, cfg.num_stages, is_matmul=B >= 64)
+    return CompileSpec(
+        name, kernel, signature, constexprs, cfg.num_warps, cfg.num_stages, B >= 64, aligned=aligned, variants=variants
+    )
+
+
+def _with_variants(configs) -> list[tuple[int, torch.dtype, TileConfig, tuple[str, ...]]]:
+    """(B, dtype, config, audit variants) of a table function: one config for both variants, or the aligned one
+    and the unaligned fallback, which also serves partly aligned operands (built in both variants, the two ends)."""
+    out = []
+    for (B, dtype), fast in configs(aligned=True).items():
+        fallback = configs(aligned=False)[(B, dtype)]
+        if fast == fallback:
+            out.append((B, dtype, fast, ("unaligned", "aligned")))
+        else:
+            out += [(B, dtype, fast, ("aligned",)), (B, dtype, fallback, ("unaligned", "aligned"))]
+    return out
 
 
 def compile_specs() -> list[CompileSpec]:
-    """Every configuration the GPU path can pick (dtype × block size × kernel variant), contiguous inner strides."""
+    """Every configuration the GPU path can pick: dtype × block size × (aligned config, unaligned fallback) ×
+    kernel variant × the operand layouts the ops run."""
     specs = []
-    for (B, dtype), cfg in sdd_configs().items():
+    for B, dtype, cfg, variants in _with_variants(sdd_configs):
         constexprs = dict(B=B, BLOCK_K=cfg.block_k, UPCAST=False)
-        name = f"sdd[{triton_type(dtype)},B={B},K={cfg.block_k}]"
-        specs.append(_spec(name, _sdd_kernel, dtype, cfg, constexprs, ("stride_ak", "stride_wf", "stride_on")))
-    for (B, dtype), cfg in dsd_configs().items():
-        for trans in (False, True):
+        for tag, unit in _SDD_LAYOUTS:
+            name = f"sdd[{triton_type(dtype)}{tag},B={B},K={cfg.block_k}]"
+            specs.append(_spec(name, _sdd_kernel, dtype, cfg, constexprs, unit, _SDD_ALIGNED, variants))
+    for B, dtype, cfg, variants in _with_variants(dsd_configs):
+        for op, trans, unit in _DSD_LAYOUTS:
             constexprs = dict(B=B, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, TRANS_S=trans, UPCAST=False)
-            name = f"dsd{'_t' if trans else ''}[{triton_type(dtype)},B={B},K={cfg.block_k},N={cfg.block_n}]"
-            specs.append(_spec(name, _dsd_kernel, dtype, cfg, constexprs, ("stride_dn", "stride_xn", "stride_on")))
+            tag = ",xT" if op == "dsd" and "stride_xm" in unit else ""
+            name = f"{op}[{triton_type(dtype)}{tag},B={B},K={cfg.block_k},N={cfg.block_n}]"
+            specs.append(_spec(name, _dsd_kernel, dtype, cfg, constexprs, unit, _DSD_ALIGNED, variants))
     return specs
 
 
@@ -422,7 +489,9 @@ def sdd(
     out = out_or_empty(out, out_shape, a)
     if topo.nnz_max == 0:
         return out
-    cfg = _pick(sdd_configs(), B, dtype)
+    indices = (topo.row_indices, topo.column_indices, topo.row_offsets)
+    aligned = aligned16((a, w, out, *indices), (K, F), (*a.stride(), *w.stride(), *out.stride()))
+    cfg = _pick(sdd_configs(aligned), B, dtype)
     _sdd_kernel[(topo.nnz_max,)](
         a, w, out, topo.row_indices, topo.column_indices, topo.row_offsets,
         K, F, topo.max_block_rows, topo.blocks_per_expert,
@@ -445,15 +514,17 @@ def _launch_dsd(
     """``out = S @ x`` (x ``[E, F, N]``, out ``[P, N]``) or ``out = Sᵀ @ x`` (x ``[P, N]``, out ``[E, F, N]``)
     given as storage and strides (the 2-D side's as ``(0, rows, columns)``), so that views need no copy."""
     _check_block_size(topo)
-    cfg = _pick(dsd_configs(), topo.block_size, data.dtype)
-    grid = (topo.num_experts * topo.blocks_per_expert if trans_s else topo.max_block_rows, triton.cdiv(N, cfg.block_n))
-    check_grid_y(grid, "N (the dense columns)", N, cfg.block_n)
-    if grid[0] * grid[1] == 0:
-        return
     if trans_s:
         offsets, indices = topo.column_offsets_t, topo.row_indices_t
     else:
         offsets, indices = topo.row_offsets, topo.column_indices
+    tensors = (data, x, out, offsets, indices, topo.block_offsets_t)
+    aligned = aligned16(tensors, (N, topo.ffn_size), (*data.stride(), *x_strides, *out_strides))
+    cfg = _pick(dsd_configs(aligned), topo.block_size, data.dtype)
+    grid = (topo.num_experts * topo.blocks_per_expert if trans_s else topo.max_block_rows, triton.cdiv(N, cfg.block_n))
+    check_grid_y(grid, "N (the dense columns)", N, cfg.block_n)
+    if grid[0] * grid[1] == 0:
+        return
     _dsd_kernel[grid](
         data, x, out, offsets, indices, topo.block_offsets_t,
         N, topo.ffn_size, topo.blocks_per_expert,

@@ -36,6 +36,7 @@ from ..routing import INDEX_DTYPE
 from ._common import (
     DTYPES,
     CompileSpec,
+    aligned16,
     check_float,
     check_grid_y,
     check_index,
@@ -83,18 +84,27 @@ class GemmConfig:
 _INTERPRET_CONFIG = GemmConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)
 
 
-def grouped_mm_config(dtype: torch.dtype) -> GemmConfig:
+def grouped_mm_config(dtype: torch.dtype, aligned: bool = True) -> GemmConfig:
     """sm_90: 128×128 tiles on two warpgroups (wgmma), K step 64 for 16-bit types (32 for fp32, half the bytes
-    per stage); one config pinned when interpreting."""
+    per stage); one config pinned when interpreting.
+
+    ``aligned``: every operand 16-byte aligned and its sizes / strides multiples of 16 (``_aligned16``), so the
+    JIT's build vectorises the loads and pipelines them through shared memory. Otherwise 16-bit types take a K
+    step of 16: scalar loads are staged in registers, and at 64 the ``wᵀ`` layout spills (255 registers).
+    """
     if interpreting():
         return _INTERPRET_CONFIG
     if dtype == torch.float32:
         return GemmConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3)
+    if not aligned:
+        return GemmConfig(block_m=128, block_n=128, block_k=16, num_warps=8, num_stages=3)
     return GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4)
 
 
 def grouped_wgrad_config(dtype: torch.dtype) -> GemmConfig:
-    """Variable-K weight gradient: ``block_m × block_n`` tile of ``dw[e]`` (K × N), ``block_k`` rows per step."""
+    """Variable-K weight gradient: ``block_m × block_n`` tile of ``dw[e]`` (K × N), ``block_k`` rows per step.
+
+    One config for aligned and unaligned operands (neither spills)."""
     return grouped_mm_config(dtype)
 
 
@@ -243,9 +253,23 @@ def _grouped_wgrad_kernel(
 _INDEX_POINTERS = dict.fromkeys(("offsets_ptr", "tile_offsets_ptr", "row_assignment_ptr"), INDEX_DTYPE)
 
 
-def _spec(name: str, kernel, dtype: torch.dtype, cfg: GemmConfig, constexprs: dict, unit: tuple[str, ...]):
+# Sizes and strides that realistic shapes (K, N multiples of 16) make multiples of 16; R, E, top_k are free.
+_MM_ALIGNED = ("N", "K", "stride_xm", "stride_we", "stride_wk", "stride_wn", "stride_om")
+_WGRAD_ALIGNED = ("K", "N", "stride_xm", "stride_dm", "stride_oe", "stride_ok")
+
+
+def _spec(
+    name: str,
+    kernel,
+    dtype: torch.dtype,
+    cfg: GemmConfig,
+    constexprs: dict,
+    unit: tuple[str, ...],
+    aligned: tuple[str, ...],
+    variants: tuple[str, ...] = ("unaligned", "aligned"),
+) -> CompileSpec:
     """Pointers typed by dtype (``*i32`` for the index tensors), ints ``i32``; ``unit`` strides specialised to 1
-    as the JIT does for contiguous operands."""
+    as the JIT does for contiguous operands; ``aligned`` less the unit strides."""
     constexprs = {
         **constexprs,
         **dict.fromkeys(unit, 1),
@@ -255,27 +279,39 @@ def _spec(name: str, kernel, dtype: torch.dtype, cfg: GemmConfig, constexprs: di
         "UPCAST": False,
     }
     signature = kernel_signature(kernel, constexprs, dtype, _INDEX_POINTERS)
-    return CompileSpec(name, kernel, signature, constexprs, cfg.num_warps, cfg.num_stages, is_matmul=True)
+    aligned = tuple(a for a in aligned if a not in unit)
+    return CompileSpec(
+        name, kernel, signature, constexprs, cfg.num_warps, cfg.num_stages, True, aligned=aligned, variants=variants
+    )
+
+
+def _mm_configs(dtype: torch.dtype) -> list[tuple[GemmConfig, tuple[str, ...]]]:
+    """The ``grouped_mm`` configs of ``dtype`` with the audit variants each runs as: one config for both, or the
+    aligned one and the unaligned fallback, which also serves partly aligned operands (built in both variants,
+    the two ends of that range)."""
+    fast, fallback = grouped_mm_config(dtype), grouped_mm_config(dtype, aligned=False)
+    if fast == fallback:
+        return [(fast, ("unaligned", "aligned"))]
+    return [(fast, ("aligned",)), (fallback, ("unaligned", "aligned"))]
 
 
 def compile_specs() -> list[CompileSpec]:
-    """Every configuration the GPU path can pick: dtype × gather, with the weights both row-major (``x @ w``) and
-    transposed (``dy @ wᵀ`` in the backward); contiguous x / dy rows."""
+    """Every configuration the GPU path can pick: dtype × gather × (aligned config, unaligned fallback), with the
+    weights both row-major (``x @ w``) and transposed (``dy @ wᵀ`` in the backward); contiguous x / dy rows."""
     specs = []
     for dtype in DTYPES:
-        cfg, tag = grouped_mm_config(dtype), triton_type(dtype)
+        tag = triton_type(dtype)
         for gather in (False, True):
-            g = ",gather" if gather else ""
-            for w_unit, w_tag in (("stride_wn", ""), ("stride_wk", ",wT")):
-                unit = ("stride_xk", w_unit, "stride_on")
-                specs.append(
-                    _spec(f"grouped_mm[{tag}{g}{w_tag}]", _grouped_mm_kernel, dtype, cfg, dict(GATHER=gather), unit)
-                )
+            g, ce = (",gather" if gather else ""), dict(GATHER=gather)
+            for cfg, variants in _mm_configs(dtype):
+                for w_unit, w_tag in (("stride_wn", ""), ("stride_wk", ",wT")):
+                    name = f"grouped_mm[{tag}{g}{w_tag},K={cfg.block_k}]"
+                    unit = ("stride_xk", w_unit, "stride_on")
+                    specs.append(_spec(name, _grouped_mm_kernel, dtype, cfg, ce, unit, _MM_ALIGNED, variants))
             wcfg = grouped_wgrad_config(dtype)
+            name = f"grouped_wgrad[{tag}{g},K={wcfg.block_k}]"
             unit = ("stride_xk", "stride_dn", "stride_on")
-            specs.append(
-                _spec(f"grouped_wgrad[{tag}{g}]", _grouped_wgrad_kernel, dtype, wcfg, dict(GATHER=gather), unit)
-            )
+            specs.append(_spec(name, _grouped_wgrad_kernel, dtype, wcfg, ce, unit, _WGRAD_ALIGNED))
     return specs
 
 
@@ -401,7 +437,9 @@ def grouped_mm(
     out = out_or_empty(out, shape, x)
     if out.numel() == 0:
         return out
-    cfg = grouped_mm_config(x.dtype)
+    tensors = (x, w, out, offsets) + ((row_assignment,) if gather else ())
+    aligned = aligned16(tensors, (N, K), (*x.stride(), *w.stride(), *out.stride()))
+    cfg = grouped_mm_config(x.dtype, aligned)
     grid = (min(triton.cdiv(R, cfg.block_m) + E, R), triton.cdiv(N, cfg.block_n))
     check_grid_y(grid, "N", N, cfg.block_n)
     _grouped_mm_kernel[grid](

@@ -219,16 +219,26 @@ def _weights_grad_kernel(
 _INDEX_POINTERS = dict.fromkeys(("row_assignment_ptr", "assignment_row_ptr"), INDEX_DTYPE)
 
 
+def _aligned(kernel) -> tuple[str, ...]:
+    """The feature size d and the row strides of the [rows, d] operands: multiples of 16 for realistic d (the
+    strides of the [T, k] weights and maps are k, not listed)."""
+    rows = {_gather_kernel: ("stride_xt", "stride_or"), _scatter_kernel: ("stride_yr", "stride_ot")}
+    return ("d", *rows.get(kernel, ("stride_at", "stride_br")))
+
+
 def _spec(name: str, kernel, dtype: torch.dtype, weights_dtype: torch.dtype, constexprs: dict) -> CompileSpec:
     """Data pointers typed by ``dtype``, ``weights_ptr`` / ``out_ptr`` of the weight gradient by ``weights_dtype``,
-    index pointers ``*i32``, ints ``i32``; unit feature strides specialised as the JIT does."""
+    index pointers ``*i32``, ints ``i32``; unit feature strides specialised as the JIT does. One config serves
+    aligned and unaligned operands (built in both variants)."""
     cfg = permute_config()
     unit = {s: 1 for s in kernel.arg_names if s.endswith("d") and s.startswith("stride_")}
     constexprs = {**constexprs, **unit, "BLOCK_ROWS": cfg.block_rows, "BLOCK_D": cfg.block_d}
     weights_pointers = ("weights_ptr", "out_ptr") if kernel is _weights_grad_kernel else ("weights_ptr",)
     pointer_dtypes = {**_INDEX_POINTERS, **dict.fromkeys(weights_pointers, weights_dtype)}
     signature = kernel_signature(kernel, constexprs, dtype, pointer_dtypes)
-    return CompileSpec(name, kernel, signature, constexprs, cfg.num_warps, num_stages=1, is_matmul=False)
+    return CompileSpec(
+        name, kernel, signature, constexprs, cfg.num_warps, num_stages=1, is_matmul=False, aligned=_aligned(kernel)
+    )
 
 
 def compile_specs() -> list[CompileSpec]:
