@@ -12,7 +12,17 @@ from blocksparse_moe.ops import blocksparse as bs_ops
 from blocksparse_moe.routing import Topology, plan_routing
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-BACKENDS = ["triton", "torch"]
+# "torch-slots": the torch backend's sync-free slot schedule (used on GPU and under torch.compile) instead of its
+# CPU-eager per-expert loop
+BACKENDS = ["triton", "torch", "torch-slots"]
+
+
+@pytest.fixture(autouse=True)
+def _slot_schedule(request, monkeypatch):
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("backend") == "torch-slots":
+        monkeypatch.setattr(kernels, "host_loop_ok", lambda x: False)
+
 
 CASES = {
     # name: (T, k, E, B, F, K, N, routing)
@@ -114,12 +124,14 @@ def _operands(op: str, topo: Topology, K: int, N: int, dtype: torch.dtype, strid
 
 
 def _call_kernel(op: str, x, y, topo, backend, out=None):
+    backend = "torch" if backend == "torch-slots" else backend
     if op in ("sdd", "dds", "dds_t"):
         return getattr(kernels, op)(x, y, topo, backend=backend, out=out)
     return getattr(kernels, op)(x, topo, y, backend=backend, out=out)
 
 
 def _call_op(op: str, x, y, topo, backend=None):
+    backend = "torch" if backend == "torch-slots" else backend
     if op in ("sdd", "dds", "dds_t"):
         return getattr(bs_ops, op)(x, y, topo, backend=backend)
     return getattr(bs_ops, op)(x, topo, y, backend=backend)

@@ -26,6 +26,7 @@ __all__ = [
     "out_or_empty",
     "copy_to_out",
     "aligned16",
+    "host_loop_ok",
     "triton_type",
     "kernel_signature",
     "CompileSpec",
@@ -189,3 +190,9 @@ def aligned16(tensors: tuple[torch.Tensor, ...], sizes: tuple[int, ...], strides
         and all(v % 16 == 0 for v in sizes)
         and all(v == 1 or v % 16 == 0 for v in strides)
     )
+
+
+def host_loop_ok(x: torch.Tensor) -> bool:
+    """CPU eager: reading routing offsets on the host is free there, so the torch backends loop over experts
+    instead of running their sync-free gather/bmm schedules (which the GPU and ``torch.compile`` still use)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()

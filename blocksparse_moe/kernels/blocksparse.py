@@ -47,6 +47,7 @@ from ._common import (
     check_same_device,
     check_tensor,
     copy_to_out,
+    host_loop_ok,
     interpreting,
     kernel_signature,
     out_or_empty,
@@ -605,8 +606,31 @@ def _expert_blocks(x: torch.Tensor, topo: Topology) -> torch.Tensor:
     return torch.nn.functional.pad(x.float(), (0, 0, 0, nb * B - F)).reshape(E * nb, B, N)
 
 
+def _expert_ranges(topo: Topology) -> list[tuple[int, int, int]]:
+    """CPU eager: ``(expert, first block row, block rows)`` of each expert with rows, read on the host."""
+    nb = topo.blocks_per_expert
+    co = topo.column_offsets_t.tolist()  # expert e's first block column starts at nb·rbo[e], holds nrows(e)
+    ranges = [(e, co[e * nb] // nb, co[e * nb + 1] - co[e * nb]) for e in range(topo.num_experts)]
+    return [(e, r0, n) for e, r0, n in ranges if n > 0]
+
+
+def _expert_matrix(data: torch.Tensor, topo: Topology, r0: int, n: int) -> torch.Tensor:
+    """The dense fp32 ``[n·B, F]`` slab of ``S`` held by block rows ``r0 .. r0+n`` (one expert's)."""
+    nb, B = topo.blocks_per_expert, topo.block_size
+    slab = data[r0 * nb : (r0 + n) * nb].float().reshape(n, nb, B, B).permute(0, 2, 1, 3)
+    return slab.reshape(n * B, nb * B)[:, : topo.ffn_size]
+
+
 def sdd_torch(a: torch.Tensor, w: torch.Tensor, topo: Topology) -> torch.Tensor:
-    """PyTorch ``sdd`` (same contract): gather each slot's rows and weight columns, one batched matmul."""
+    """PyTorch ``sdd`` (same contract): gather each slot's rows and weight columns, one batched matmul (on CPU
+    eager, one dense matmul per expert)."""
+    if host_loop_ok(a):
+        nb, B, F = topo.blocks_per_expert, topo.block_size, topo.ffn_size
+        out = torch.zeros(topo.nnz_max, B, B, dtype=torch.float32)
+        for e, r0, n in _expert_ranges(topo):
+            h = torch.nn.functional.pad(a[r0 * B : (r0 + n) * B].float() @ w[e].float(), (0, nb * B - F))
+            out[r0 * nb : (r0 + n) * nb] = h.reshape(n, B, nb, B).transpose(1, 2).reshape(n * nb, B, B)
+        return out.to(a.dtype)
     used, r, c, _ = _slots(topo)
     R, B, K = topo.max_block_rows, topo.block_size, a.shape[1]
     blocks = torch.bmm(a.float().reshape(R, B, K)[r], _expert_blocks(w.transpose(1, 2), topo)[c].transpose(1, 2))
@@ -615,6 +639,12 @@ def sdd_torch(a: torch.Tensor, w: torch.Tensor, topo: Topology) -> torch.Tensor:
 
 def dsd_torch(data: torch.Tensor, topo: Topology, w: torch.Tensor) -> torch.Tensor:
     """PyTorch ``dsd``: each used slot's block times its expert rows, summed into its block row."""
+    if host_loop_ok(data):
+        B = topo.block_size
+        y = torch.zeros(topo.num_rows, w.shape[2], dtype=torch.float32)
+        for e, r0, n in _expert_ranges(topo):
+            y[r0 * B : (r0 + n) * B] = _expert_matrix(data, topo, r0, n) @ w[e].float()
+        return y.to(data.dtype)
     used, r, c, col_ok = _slots(topo)
     R, B, N = topo.max_block_rows, topo.block_size, w.shape[2]
     d = torch.where(used[:, None, None] & col_ok[:, None, :], data.float(), 0.0)
@@ -625,6 +655,12 @@ def dsd_torch(data: torch.Tensor, topo: Topology, w: torch.Tensor) -> torch.Tens
 
 def dsd_t_torch(data: torch.Tensor, topo: Topology, a: torch.Tensor) -> torch.Tensor:
     """PyTorch ``dsd_t``: each used slot's transposed block times its rows of ``a``, summed into its column."""
+    if host_loop_ok(data):
+        B = topo.block_size
+        g = torch.zeros(topo.num_experts, topo.ffn_size, a.shape[1], dtype=torch.float32)
+        for e, r0, n in _expert_ranges(topo):
+            g[e] = _expert_matrix(data, topo, r0, n).T @ a[r0 * B : (r0 + n) * B].float()
+        return g.to(data.dtype)
     used, r, c, _ = _slots(topo)
     R, B, N = topo.max_block_rows, topo.block_size, a.shape[1]
     E, F, nb = topo.num_experts, topo.ffn_size, topo.blocks_per_expert

@@ -45,6 +45,7 @@ from ._common import (
     check_sizes,
     check_tensor,
     copy_to_out,
+    host_loop_ok,
     interpreting,
     kernel_signature,
     out_or_empty,
@@ -511,12 +512,6 @@ def _tiles(
     return e, rows, src
 
 
-def _host_loop_ok(x: torch.Tensor) -> bool:
-    """CPU eager: reading ``offsets`` on the host is free there, so the torch backend loops over experts instead
-    of running the sync-free tile schedule (which the GPU and ``torch.compile`` still use)."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
 def _expert_ranges(offsets: torch.Tensor) -> list[tuple[int, int, int]]:
     o = offsets.tolist()
     return [(e, o[e], o[e + 1]) for e in range(len(o) - 1) if o[e + 1] > o[e]]
@@ -537,7 +532,7 @@ def grouped_mm_torch(
     takes a copy of its expert's weight: ``(cdiv(R, 64) + E)·K·N`` floats)."""
     R = x.shape[0] if row_assignment is None else row_assignment.shape[0]
     k = 1 if assignment_row is None else assignment_row.shape[1]
-    if _host_loop_ok(x):
+    if host_loop_ok(x):
         out = torch.zeros(R, w.shape[2], dtype=torch.float32)
         for e, lo, hi in _expert_ranges(offsets):
             out[lo:hi] = x[_sources(row_assignment, k, lo, hi)].float() @ w[e].float()
@@ -555,7 +550,7 @@ def grouped_mm_wgrad_torch(
 ) -> torch.Tensor:
     """PyTorch ``grouped_mm_wgrad``: per M tile ``x_tileᵀ @ dy_tile`` in fp32, summed into its expert."""
     R, E = dy.shape[0], offsets.shape[0] - 1
-    if _host_loop_ok(x):
+    if host_loop_ok(x):
         dw = torch.zeros(E, x.shape[1], dy.shape[1], dtype=torch.float32)
         for e, lo, hi in _expert_ranges(offsets):
             dw[e] = x[_sources(row_assignment, k, lo, hi)].float().T @ dy[lo:hi].float()
