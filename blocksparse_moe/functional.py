@@ -1,7 +1,9 @@
 """``moe_mlp``: the expert MLPs of a Mixture-of-Experts layer, given the router's choices, by one of four strategies.
 
 - ``"blocksparse"`` (MegaBlocks, dropless): gather tokens into the block-padded expert-sorted layout, ``sdd``
-  with ``w1`` (and ``w3``), activation on the block data, ``dsd`` with ``w2``, scatter back with the weights.
+  with ``w1`` (and ``w3``), ``dsd_act`` with ``w2`` (a named activation, and the GLU product, fused into its
+  prologue: the memory-optimised MLP; a callable activation runs on the block data before ``dsd``), scatter back
+  with the weights.
 - ``"grouped"`` (dropless): unpadded expert-sorted layout; ``grouped_mm`` with the gather fused, activation,
   ``grouped_mm``, scatter back with the weights.
 - ``"padded"`` (GShard / NLLB baseline, drops): ``[E, G·C, d]`` capacity buffers and ``torch.bmm``.
@@ -79,7 +81,8 @@ def moe_mlp(
             accepted with ``"auto"`` (unused when that resolves to ``"grouped"``).
         return_stats: also return a ``MoEStats``.
         recompute_activation: do not keep the activation output for backward; recompute it from the saved
-            pre-activation (MegaBlocks' memory-optimised MLP; the second GEMM is not recomputed).
+            pre-activation (MegaBlocks' memory-optimised MLP; the second GEMM is not recomputed). Always the case
+            for ``"blocksparse"`` with a named activation (fused into the second GEMM, never stored).
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (default: env ``BSM_BACKEND``), forwarded to the
             ``"blocksparse"`` / ``"grouped"`` ops. ``"auto"`` runs the Triton kernels on CUDA and, on CPU, only
             under ``TRITON_INTERPRET=1``; otherwise the PyTorch implementation of the same strategy runs.
@@ -123,7 +126,7 @@ def moe_mlp(
         if block_size is None:
             block_size = 128 if x.device.type == "cuda" else 64
         out, padded_rows = _blocksparse(
-            x, top_k_index, weights, w1, w2, w3, act, block_size, recompute_activation, backend
+            x, top_k_index, weights, w1, w2, w3, activation, block_size, recompute_activation, backend
         )
         executed = padded_rows.to(torch.int64) * (2 * d * f * nmm)
     if return_stats:
@@ -288,8 +291,8 @@ def _grouped(x, top_k_index, weights, w1, w2, w3, act, recompute, backend):
     return scatter_rows(y, rows, inv, weights, backend=backend)
 
 
-def _blocksparse(x, top_k_index, weights, w1, w2, w3, act, block_size, recompute, backend):
-    from .ops.blocksparse import dsd, sdd
+def _blocksparse(x, top_k_index, weights, w1, w2, w3, activation, block_size, recompute, backend):
+    from .ops.blocksparse import dsd, dsd_act, sdd
     from .ops.permute import gather_rows, scatter_rows
 
     plan = plan_routing(top_k_index, w1.shape[0], block_size=block_size, ffn_size=w1.shape[2], check=False)
@@ -298,6 +301,9 @@ def _blocksparse(x, top_k_index, weights, w1, w2, w3, act, block_size, recompute
     xs = gather_rows(x, rows, inv, backend=backend)
     h = sdd(xs, w1, topo, backend=backend)
     g = None if w3 is None else sdd(xs, w3, topo, backend=backend)
-    y = _activate_then(lambda a: dsd(a, topo, w2, backend=backend), act, h, g, recompute)
+    if isinstance(activation, str):  # fused: nothing post-activation is saved, recompute has nothing to do
+        y = dsd_act(h, g, topo, w2, activation, backend=backend)
+    else:
+        y = _activate_then(lambda a: dsd(a, topo, w2, backend=backend), activation, h, g, recompute)
     out = scatter_rows(y, rows, inv, weights, backend=backend)
     return out, plan.padded_offsets[-1]

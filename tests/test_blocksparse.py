@@ -349,11 +349,130 @@ def test_torch_backend_any_block_size():
 
 def test_compile_specs():
     """One spec per dtype × block size × layout (aligned config), plus the 16-bit unaligned fallbacks at
-    B = 64 / 128; every non-constexpr argument typed."""
+    B = 64 / 128, plus the fused-activation DSD (forward and Sᵀ, GLU or not) at B = 64 / 128; every non-constexpr
+    argument typed."""
     specs = kernels.compile_specs()
     # 3 dtypes × 4 block sizes × (3 SDD + 5 DSD layouts), plus 2 dtypes × 2 block sizes × 8 unaligned fallbacks
-    assert len(specs) == 3 * 4 * (3 + 5) + 2 * 2 * (3 + 5) and len({s.name for s in specs}) == len(specs)
+    plain = 3 * 4 * (3 + 5) + 2 * 2 * (3 + 5)
+    # fused: (3 dtypes × 2 block sizes + 4 16-bit fallbacks) × 2 ops × (GLU or not), + dsd_act's fp32 B = 128
+    # unaligned fallback, GLU or not
+    fused = (3 * 2 + 4) * 2 * 2 + 2
+    assert len(specs) == plain + fused and len({s.name for s in specs}) == len(specs)
     for s in specs:
         assert set(s.signature) == set(s.kernel.arg_names)
         assert all(s.signature[n] == "constexpr" for n in s.constexprs)
         assert s.is_matmul == (s.constexprs["B"] >= 64)
+
+
+# ----------------------------------------------------------------------------------------------- fused activation
+
+ACTS = ["gelu", "gelu_tanh", "relu", "silu", "none"]
+_ACTS64 = {
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda h: torch.nn.functional.gelu(h, approximate="tanh"),
+    "relu": torch.relu,
+    "silu": torch.nn.functional.silu,
+    "none": lambda h: h,
+}
+
+
+def _act_operands(topo: Topology, N: int, dtype: torch.dtype, glu: bool):
+    """Fresh random h (and g), NaN in every element the contract ignores (unused slots, padding columns), w."""
+    B, E, F = topo.block_size, topo.num_experts, topo.ffn_size
+    h = _poison_ignored(torch.randn(topo.nnz_max, B, B).to(dtype), topo)
+    g = _poison_ignored(torch.randn(topo.nnz_max, B, B).to(dtype), topo) if glu else None
+    return h, g, torch.randn(E, F, N).to(dtype)
+
+
+def _act_ref(h, g, w, topo: Topology, activation: str) -> torch.Tensor:
+    """Float64 ``(act(h) [* g]) @ w`` on the dense S (ignored elements never read)."""
+    E, F = topo.num_experts, topo.ffn_size
+    a = _dense(h, topo).double()
+    a = _ACTS64[activation](a)
+    if g is not None:
+        a = a * _dense(g, topo)
+    return a @ w.double().reshape(E * F, -1)
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_dsd_act_forward(activation, glu, backend):
+    """Fused ``dsd_act`` and its Sᵀ twin ``dsd_t_act`` (fp32, poisoned outputs and ignored inputs) vs float64;
+    "empty-experts": experts with no tokens, odd F with a partial last block whose NaN padding must be masked."""
+    topo, _, N = _topology("empty-experts")
+    h, g, w = _act_operands(topo, N, torch.float32, glu)
+    out = poison_(torch.empty(topo.num_rows, N))
+    y = kernels.dsd_act(h, g, topo, w, activation, backend=backend, out=out)
+    assert y is out
+    assert_close(y, _act_ref(h, g, w, topo, activation), torch.float32)
+    a = torch.randn(topo.num_rows, N)
+    out_t = poison_(torch.empty(topo.num_experts, topo.ffn_size, N))
+    kernels.dsd_t_act(h, g, topo, a, activation, backend=backend, out=out_t)
+    E, F = topo.num_experts, topo.ffn_size
+    act = _ACTS64[activation](_dense(h, topo))
+    act = act if g is None else act * _dense(g, topo)
+    assert_close(out_t, (act.t() @ a.double()).reshape(E, F, N), torch.float32)
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dsd_act_gradients(activation, glu, dtype):
+    """Gradients of h, g and w through ``bsm::dsd_act`` (triton) vs float64 autograd of the dense reference;
+    gradients of ignored elements are unspecified (the NaN inputs there), so only the used ones are compared.
+    "k=E": B = 32, two N tiles, a partial last block per expert; fp16/bf16 take the UPCAST dots."""
+    topo, _, N = _topology("k=E" if dtype == torch.float32 else "one-expert")
+    h, g, w = _act_operands(topo, N, dtype, glu)
+    leaves = [t.requires_grad_() for t in (h, g, w) if t is not None]
+    y = bs_ops.dsd_act(h, g, topo, w, activation)
+    assert y.dtype == dtype
+    cot = torch.randn(y.shape).to(dtype)
+    grads = torch.autograd.grad(y, leaves, cot)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    h64, w64 = leaves64[0], leaves64[-1]
+    g64 = leaves64[1] if glu else None
+    ref = _act_ref(h64, g64, w64, topo, activation)
+    tol = TOL[dtype]
+    torch.testing.assert_close(y.double(), ref.detach(), atol=tol["atol"] * 2, rtol=tol["rtol"] * 2)
+    refs = torch.autograd.grad(ref, leaves64, cot.double())
+    keep = ~_poison_ignored(torch.zeros(h.shape), topo).isnan()
+    for gr, r, t in zip(grads, refs, leaves):
+        assert gr.dtype == dtype and gr.shape == t.shape
+        if gr.shape == h.shape:
+            gr, r = torch.where(keep, gr.double(), 0.0), torch.where(keep, r, 0.0)
+        torch.testing.assert_close(gr.double(), r, atol=tol["atol"] * 4, rtol=tol["rtol"] * 2)
+
+
+def test_dsd_act_bad_inputs():
+    """Unknown activation, a gate of another shape / dtype: ValueError / TypeError naming expected and got."""
+    topo, _, N = _topology("one-token")
+    h, g, w = _act_operands(topo, N, torch.float32, glu=True)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        bs_ops.dsd_act(h, g, topo, w, "tanh")
+    with pytest.raises(ValueError, match="g"):
+        kernels.dsd_act(h, g[:, :1], topo, w, "silu")
+    with pytest.raises(TypeError, match="one dtype"):
+        kernels.dsd_act(h, g.half(), topo, w, "silu")
+
+
+def test_dsd_act_compile_fullgraph():
+    """sdd, sdd → fused silu-GLU dsd_act under torch.compile(fullgraph=True) matches eager, forward and backward."""
+    topo, K, N = _topology("empty-experts")
+    E, F = topo.num_experts, topo.ffn_size
+    a = torch.randn(topo.num_rows, K, requires_grad=True)
+    w1, w3 = (torch.randn(E, K, F, requires_grad=True) for _ in range(2))
+    w2 = torch.randn(E, F, N, requires_grad=True)
+
+    def mlp(a, w1, w3, w2):
+        return bs_ops.dsd_act(bs_ops.sdd(a, w1, topo), bs_ops.sdd(a, w3, topo), topo, w2, "silu")
+
+    compiled = torch.compile(mlp, fullgraph=True)
+    cot = torch.randn(topo.num_rows, N)
+    y_eager = mlp(a, w1, w3, w2)
+    y_comp = compiled(a, w1, w3, w2)
+    assert_close(y_comp, y_eager.detach(), torch.float32)
+    g_eager = torch.autograd.grad(y_eager, (a, w1, w3, w2), cot)
+    g_comp = torch.autograd.grad(y_comp, (a, w1, w3, w2), cot)
+    for gc, ge in zip(g_comp, g_eager):
+        assert_close(gc, ge, torch.float32)

@@ -1,4 +1,5 @@
-"""Block-sparse matmuls over the expert topology: SDD, DSD and DSDᵀ (DDS and DDSᵀ are DSD launches on views).
+"""Block-sparse matmuls over the expert topology: SDD, DSD and DSDᵀ (DDS and DDSᵀ are DSD launches on views), and
+DSD / DSDᵀ with the expert activation (and GLU gate) fused into the prologue (``dsd_act``, ``dsd_t_act``).
 
 Design origin: MegaBlocks (Gale et al., 2022, §5) and its stk library: one kernel per product shape, the
 transpose of the sparse operand read through precomputed column-major metadata (no re-sort, no copy). Unlike stk:
@@ -59,15 +60,22 @@ __all__ = [
     "TileConfig",
     "sdd_configs",
     "dsd_configs",
+    "dsd_act_configs",
     "compile_specs",
     "sdd",
     "dsd",
     "dsd_t",
+    "dsd_act",
+    "dsd_t_act",
+    "ACT_CODES",
+    "act_torch",
     "dds",
     "dds_t",
     "sdd_shape",
     "dsd_shape",
     "dsd_t_shape",
+    "dsd_act_shape",
+    "dsd_t_act_shape",
     "dds_shape",
     "dds_t_shape",
     "sdd_torch",
@@ -148,6 +156,20 @@ def dsd_configs(aligned: bool = True) -> dict[tuple[int, torch.dtype], TileConfi
     return table
 
 
+@functools.cache
+def dsd_act_configs(aligned: bool = True, trans_s: bool = False) -> dict[tuple[int, torch.dtype], TileConfig]:
+    """The config of the fused-activation DSD (``trans_s``: its Sᵀ form): ``dsd_configs``, except that 16-bit
+    types at B = 128 take a K step of 32 (at 64, gelu's fp32 prologue spills on sm_80), and the unaligned fp32 S
+    form at B = 128 takes 64 columns (the GLU gate's scalar loads spill on sm_80 otherwise)."""
+    table = dict(dsd_configs(aligned))
+    if aligned:
+        for dt in _HALF:
+            table[(128, dt)] = TileConfig(block_k=32, block_n=128, num_warps=8, num_stages=3)
+    elif not trans_s:
+        table[(128, torch.float32)] = TileConfig(block_k=32, block_n=64, num_warps=8, num_stages=3)
+    return table
+
+
 def _pick(table: dict[tuple[int, torch.dtype], TileConfig], block_size: int, dtype: torch.dtype) -> TileConfig:
     return _INTERPRET_CONFIG if interpreting() else table[(block_size, dtype)]
 
@@ -210,6 +232,24 @@ def _sdd_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty))  # b < nnz_max: the whole block is in bounds
 
 
+# The activations ``_dsd_kernel`` applies to S (``reference.ACTIVATIONS`` names, and "none" for plain GLU).
+ACT_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
+
+
+@triton.jit
+def _activate(h, ACT: tl.constexpr):
+    """``ACT_CODES`` activation of fp32 ``h``: gelu(erf), gelu(tanh) = h·σ(2u), relu, silu."""
+    if ACT == 1:
+        h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    elif ACT == 2:
+        h = h * tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h))
+    elif ACT == 3:
+        h = tl.maximum(h, 0.0)
+    elif ACT == 4:
+        h = h * tl.sigmoid(h)
+    return h
+
+
 @triton.jit
 def _dsd_kernel(
     data_ptr,  # [nnz_max, B, B] block data
@@ -218,12 +258,16 @@ def _dsd_kernel(
     offsets_ptr,  # S: row_offsets [max_block_rows + 1];  Sᵀ: column_offsets_t [E·nb + 1]
     indices_ptr,  # S: column_indices [nnz_max];  Sᵀ: row_indices_t [nnz_max]
     block_offsets_ptr,  # Sᵀ: block_offsets_t [nnz_max] (unused for S)
+    gate_ptr,  # GLU: the gate blocks g [nnz_max, B, B] (unused otherwise)
     N,
     F,
     blocks_per_expert,
     stride_db,
     stride_dm,
     stride_dn,
+    stride_gb,
+    stride_gm,
+    stride_gn,
     stride_xe,
     stride_xm,
     stride_xn,
@@ -235,10 +279,13 @@ def _dsd_kernel(
     BLOCK_N: tl.constexpr,
     TRANS_S: tl.constexpr,
     UPCAST: tl.constexpr,
+    ACT: tl.constexpr = 0,
+    GLU: tl.constexpr = False,
 ):
     """One B×BLOCK_N output tile of ``S @ w`` (block row ``pid 0``) or ``Sᵀ @ a`` (block column ``pid 0``).
 
-    The reduction walks the row's (column's) blocks, ``B // BLOCK_K`` steps each, in one flat loop.
+    The reduction walks the row's (column's) blocks, ``B // BLOCK_K`` steps each, in one flat loop. With ``ACT``
+    (an ``ACT_CODES`` value) and / or ``GLU``, S is ``act(data) [* gate]``, applied in fp32 to each tile as loaded.
     """
     pid = tl.program_id(0)
     offs_i = tl.arange(0, B)
@@ -261,6 +308,8 @@ def _dsd_kernel(
             # output rows. Rows of a: block row idx < max_block_rows, in bounds.
             b = tl.load(block_offsets_ptr + s).to(tl.int64)
             d = tl.load(data_ptr + b * stride_db + k64[None, :] * stride_dm + i64[:, None] * stride_dn)
+            if GLU:
+                gate = tl.load(gate_ptr + b * stride_gb + k64[None, :] * stride_gm + i64[:, None] * stride_gn)
             rows = idx.to(tl.int64) * B + k64
             x = tl.load(x_ptr + rows[:, None] * stride_xm + n64[None, :] * stride_xn, mask=n_ok[None, :], other=0.0)
         else:
@@ -273,11 +322,22 @@ def _dsd_kernel(
                 mask=f_ok[None, :],
                 other=0.0,
             )
+            if GLU:
+                gate = tl.load(
+                    gate_ptr + s.to(tl.int64) * stride_gb + i64[:, None] * stride_gm + k64[None, :] * stride_gn,
+                    mask=f_ok[None, :],
+                    other=0.0,
+                )
             x = tl.load(
                 x_ptr + e * stride_xe + f.to(tl.int64)[:, None] * stride_xm + n64[None, :] * stride_xn,
                 mask=f_ok[:, None] & n_ok[None, :],
                 other=0.0,
             )
+        if ACT != 0 or GLU:
+            d = _activate(d.to(tl.float32), ACT)
+            if GLU:
+                d = d * gate.to(tl.float32)
+            d = d.to(data_ptr.dtype.element_ty)
         if UPCAST:
             d = d.to(tl.float32)
             x = x.to(tl.float32)
@@ -304,8 +364,8 @@ _INDEX_POINTERS = dict.fromkeys(
 
 # Sizes and strides that realistic shapes (K, F, N multiples of 16) make multiples of 16 (the unit ones excepted).
 _SDD_ALIGNED = ("K", "F", "stride_am", "stride_ak", "stride_we", "stride_wk", "stride_wf", "stride_ob", "stride_om")
-_DSD_ALIGNED = ("N", "F", "stride_db", "stride_dm", "stride_xe", "stride_xm", "stride_xn", "stride_oe", "stride_om",
-                "stride_on")  # fmt: skip
+_DSD_ALIGNED = ("N", "F", "stride_db", "stride_dm", "stride_gb", "stride_gm", "stride_xe", "stride_xm", "stride_xn",
+                "stride_oe", "stride_om", "stride_on")  # fmt: skip
 
 # The operand layouts the ops run (forward, and the transposed views of the backward): (tag, unit strides).
 _SDD_LAYOUTS = (("", ("stride_ak", "stride_wf", "stride_on")), (",wT", ("stride_ak", "stride_wk", "stride_on")),
@@ -365,10 +425,27 @@ def compile_specs() -> list[CompileSpec]:
             specs.append(_spec(name, _sdd_kernel, dtype, cfg, constexprs, unit, _SDD_ALIGNED, variants))
     for B, dtype, cfg, variants in _with_variants(dsd_configs):
         for op, trans, unit in _DSD_LAYOUTS:
-            constexprs = dict(B=B, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, TRANS_S=trans, UPCAST=False)
+            constexprs = dict(B=B, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, TRANS_S=trans, UPCAST=False, ACT=0,
+                              GLU=False)  # fmt: skip
             tag = ",xT" if op == "dsd" and "stride_xm" in unit else ""
             name = f"{op}[{triton_type(dtype)}{tag},B={B},K={cfg.block_k},N={cfg.block_n}]"
-            specs.append(_spec(name, _dsd_kernel, dtype, cfg, constexprs, unit, _DSD_ALIGNED, variants))
+            unit_strides = (*unit, "stride_gn")  # the gate pointer is the data's when there is no GLU
+            specs.append(_spec(name, _dsd_kernel, dtype, cfg, constexprs, unit_strides, _DSD_ALIGNED, variants))
+    # the fused activation (one, silu, stands for all: same loads, a few more fp32 ops): dsd_act's forward layout
+    # and the Sᵀ layout of its weight gradient, with and without the GLU gate; B = 64 and 128 (the GPU sizes)
+    for op, trans, unit, configs in (
+        ("dsd_act", False, _DSD_LAYOUTS[0][2], dsd_act_configs),
+        ("dsd_t_act", True, _DSD_LAYOUTS[3][2], functools.partial(dsd_act_configs, trans_s=True)),
+    ):
+        for B, dtype, cfg, variants in _with_variants(configs):
+            if B < 64:
+                continue
+            for glu in (False, True):
+                constexprs = dict(B=B, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, TRANS_S=trans, UPCAST=False,
+                                  ACT=ACT_CODES["silu"], GLU=glu)  # fmt: skip
+                name = f"{op}[{triton_type(dtype)},silu{',glu' if glu else ''},B={B},K={cfg.block_k},N={cfg.block_n}]"
+                unit_strides = (*unit, "stride_gn")
+                specs.append(_spec(name, _dsd_kernel, dtype, cfg, constexprs, unit_strides, _DSD_ALIGNED, variants))
     return specs
 
 
@@ -454,6 +531,47 @@ def dsd_t_shape(
     return shape
 
 
+def _check_act(h: torch.Tensor, g: torch.Tensor | None, topo: Topology, activation: str) -> dict:
+    """Validates ``activation`` and the gate ``g`` (shaped like ``h``); the operands to check for dtype / device."""
+    if activation not in ACT_CODES:
+        raise ValueError(f"activation must be one of {sorted(ACT_CODES)}, got {activation!r}")
+    _check_data(h, topo)
+    if g is None:
+        return {"h": h}
+    check_tensor("g", g, "[nnz_max, B, B]", tuple(h.shape))
+    return {"h": h, "g": g}
+
+
+def dsd_act_shape(
+    h: torch.Tensor,
+    g: torch.Tensor | None,
+    topo: Topology,
+    w: torch.Tensor,
+    activation: str,
+    out: torch.Tensor | None = None,
+) -> tuple[int, ...]:
+    operands = _check_act(h, g, topo, activation)
+    check_tensor("w", w, "[E, F, N]", (topo.num_experts, topo.ffn_size, None))
+    shape = (topo.num_rows, w.shape[2])
+    _check_operands(topo, out, shape, **operands, w=w)
+    return shape
+
+
+def dsd_t_act_shape(
+    h: torch.Tensor,
+    g: torch.Tensor | None,
+    topo: Topology,
+    a: torch.Tensor,
+    activation: str,
+    out: torch.Tensor | None = None,
+) -> tuple[int, ...]:
+    operands = _check_act(h, g, topo, activation)
+    check_tensor("a", a, "[P, N]", (topo.num_rows, None))
+    shape = (topo.num_experts, topo.ffn_size, a.shape[1])
+    _check_operands(topo, out, shape, **operands, a=a)
+    return shape
+
+
 def dds_shape(a: torch.Tensor, data: torch.Tensor, topo: Topology, out: torch.Tensor | None = None) -> tuple[int, ...]:
     _check_data(data, topo)
     check_tensor("a", a, "[M, P]", (None, topo.num_rows))
@@ -511,27 +629,33 @@ def _launch_dsd(
     out_strides: tuple[int, int, int],
     N: int,
     trans_s: bool,
+    activation: str = "none",
+    gate: torch.Tensor | None = None,
 ) -> None:
     """``out = S @ x`` (x ``[E, F, N]``, out ``[P, N]``) or ``out = Sᵀ @ x`` (x ``[P, N]``, out ``[E, F, N]``)
-    given as storage and strides (the 2-D side's as ``(0, rows, columns)``), so that views need no copy."""
+    given as storage and strides (the 2-D side's as ``(0, rows, columns)``), so that views need no copy.
+    S is ``activation(data) [* gate]`` (``ACT_CODES``), applied in the kernel's prologue."""
     _check_block_size(topo)
     if trans_s:
         offsets, indices = topo.column_offsets_t, topo.row_indices_t
     else:
         offsets, indices = topo.row_offsets, topo.column_indices
-    tensors = (data, x, out, offsets, indices, topo.block_offsets_t)
-    aligned = aligned16(tensors, (N, topo.ffn_size), (*data.stride(), *x_strides, *out_strides))
-    cfg = _pick(dsd_configs(aligned), topo.block_size, data.dtype)
+    glu = gate is not None
+    gate = data if gate is None else gate
+    tensors = (data, gate, x, out, offsets, indices, topo.block_offsets_t)
+    strides = (*data.stride(), *gate.stride(), *x_strides, *out_strides)
+    aligned = aligned16(tensors, (N, topo.ffn_size), strides)
+    table = dsd_act_configs(aligned, trans_s) if activation != "none" or glu else dsd_configs(aligned)
+    cfg = _pick(table, topo.block_size, data.dtype)
     grid = (topo.num_experts * topo.blocks_per_expert if trans_s else topo.max_block_rows, triton.cdiv(N, cfg.block_n))
     check_grid_y(grid, "N (the dense columns)", N, cfg.block_n)
     if grid[0] * grid[1] == 0:
         return
     _dsd_kernel[grid](
-        data, x, out, offsets, indices, topo.block_offsets_t,
-        N, topo.ffn_size, topo.blocks_per_expert,
-        *data.stride(), *x_strides, *out_strides,
+        data, x, out, offsets, indices, topo.block_offsets_t, gate,
+        N, topo.ffn_size, topo.blocks_per_expert, *strides,
         B=topo.block_size, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, TRANS_S=trans_s, UPCAST=upcast_dots(data.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ACT=ACT_CODES[activation], GLU=glu, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
 
@@ -556,6 +680,48 @@ def dsd_t(
         return copy_to_out(dsd_t_torch(data, topo, a), out)
     out = out_or_empty(out, out_shape, data)
     _launch_dsd(data, topo, a, out, (0, *a.stride()), out.stride(), a.shape[1], trans_s=True)
+    return out
+
+
+def dsd_act(
+    h: torch.Tensor,
+    g: torch.Tensor | None,
+    topo: Topology,
+    w: torch.Tensor,
+    activation: str,
+    *,
+    backend: str | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = (act(h) [* g]) @ w`` with S's blocks ``h`` (and GLU gate ``g``): w ``[E, F, N]`` → ``[P, N]``.
+
+    ``activation`` is an ``ACT_CODES`` name; it is applied in fp32 to each block as the kernel loads it, so the
+    activated blocks never exist in memory. Columns ``≥ F`` of ``h`` and ``g`` are ignored.
+    """
+    out_shape = dsd_act_shape(h, g, topo, w, activation, out)
+    if resolve_backend(h.device, backend) == "torch":
+        return copy_to_out(dsd_torch(act_torch(h, g, activation), topo, w), out)
+    out = out_or_empty(out, out_shape, h)
+    _launch_dsd(h, topo, w, out, w.stride(), (0, *out.stride()), w.shape[2], False, activation, g)
+    return out
+
+
+def dsd_t_act(
+    h: torch.Tensor,
+    g: torch.Tensor | None,
+    topo: Topology,
+    a: torch.Tensor,
+    activation: str,
+    *,
+    backend: str | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(act(h) [* g])ᵀ @ a``: a ``[P, N]`` → ``[E, F, N]`` (``dsd_act``'s weight gradient), fused like it."""
+    out_shape = dsd_t_act_shape(h, g, topo, a, activation, out)
+    if resolve_backend(h.device, backend) == "torch":
+        return copy_to_out(dsd_t_torch(act_torch(h, g, activation), topo, a), out)
+    out = out_or_empty(out, out_shape, h)
+    _launch_dsd(h, topo, a, out, (0, *a.stride()), out.stride(), a.shape[1], True, activation, g)
     return out
 
 
@@ -635,6 +801,22 @@ def sdd_torch(a: torch.Tensor, w: torch.Tensor, topo: Topology) -> torch.Tensor:
     R, B, K = topo.max_block_rows, topo.block_size, a.shape[1]
     blocks = torch.bmm(a.float().reshape(R, B, K)[r], _expert_blocks(w.transpose(1, 2), topo)[c].transpose(1, 2))
     return torch.where(used[:, None, None], blocks, 0.0).to(a.dtype)
+
+
+def act_torch(h: torch.Tensor, g: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """``act(h) [* g]`` in fp32, rounded to ``h.dtype`` (what the fused kernels feed their dots)."""
+    a = h.float()
+    if activation != "none":
+        a = _TORCH_ACTS[activation](a)
+    return (a if g is None else a * g.float()).to(h.dtype)
+
+
+_TORCH_ACTS = {
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": functools.partial(torch.nn.functional.gelu, approximate="tanh"),
+    "relu": torch.nn.functional.relu,
+    "silu": torch.nn.functional.silu,
+}
 
 
 def dsd_torch(data: torch.Tensor, topo: Topology, w: torch.Tensor) -> torch.Tensor:
