@@ -44,6 +44,7 @@ def _entry(rank: int, world: int, port: int, backend: str, fn, args: tuple) -> N
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
+        dist.barrier()  # no rank tears gloo down while a peer's collective is still in flight
     finally:
         dist.destroy_process_group()
 
