@@ -24,3 +24,20 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None) -> None:
     dtype = dtype or actual.dtype
     torch.testing.assert_close(actual.double(), expected.double(), **TOL.get(dtype, TOL[torch.float32]))
+
+
+def routing(T: int, k: int, E: int, kind: str) -> torch.Tensor:
+    """``[T, k]`` expert ids for a routing kind: "one-hot" (all to one expert), "skip" (odd experts empty),
+    "duplicates" (a token choosing one expert twice), "invalid" (ids -1, E, E+5), else distinct uniform choices."""
+    if kind == "one-hot":
+        return torch.full((T, k), E // 2, dtype=torch.int64)
+    if kind == "skip":  # only even experts: the odd ones get nothing
+        return torch.randint(0, (E + 1) // 2, (T, k)) * 2
+    if kind == "duplicates":
+        idx = torch.randint(0, E, (T, k))
+        idx[:, 1] = idx[:, 0]
+        return idx
+    idx = torch.rand(T, E).argsort(dim=1)[:, :k]
+    if kind == "invalid":
+        idx[0, 0], idx[3, 1], idx[7, 0] = -1, E, E + 5
+    return idx

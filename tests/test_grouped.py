@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TOL, assert_close, poison_
+from helpers import TOL, assert_close, poison_, routing
 
 from blocksparse_moe.kernels import grouped_gemm as kernels
 from blocksparse_moe.ops.grouped import grouped_mm
@@ -26,22 +26,6 @@ CASES = {
     "invalid": (11, 2, 4, 9, 13, "invalid"),  # ids -1 and E with check=False: rows >= offsets[E] are zero
     "empty": (0, 2, 3, 9, 11, "uniform"),  # no tokens: empty output, dw = 0
 }
-
-
-def routing(T: int, k: int, E: int, kind: str) -> torch.Tensor:
-    """``[T, k]`` expert ids for each routing kind of ``CASES``."""
-    if kind == "one-hot":
-        return torch.full((T, k), E // 2, dtype=torch.int64)
-    if kind == "skip":  # only even experts: the odd ones get nothing
-        return torch.randint(0, (E + 1) // 2, (T, k)) * 2
-    if kind == "duplicates":
-        idx = torch.randint(0, E, (T, k))
-        idx[:, 1] = idx[:, 0]
-        return idx
-    idx = torch.rand(T, E).argsort(dim=1)[:, :k]
-    if kind == "invalid":
-        idx[0, 0], idx[3, 1], idx[7, 0] = -1, E, E + 5
-    return idx
 
 
 def _case(case: str) -> tuple[RoutingPlan, int, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TOL, assert_close, poison_
+from helpers import TOL, assert_close, poison_, routing
 
 from blocksparse_moe.kernels import permute as kernels
 from blocksparse_moe.ops import permute as ops
@@ -25,22 +25,6 @@ CASES = {
     "invalid": (11, 2, 4, 17, "invalid"),  # ids -1 and E with check=False: rows -1, contributions dropped
     "empty": (0, 2, 3, 9, "uniform"),  # no tokens: empty outputs
 }
-
-
-def routing(T: int, k: int, E: int, kind: str) -> torch.Tensor:
-    """``[T, k]`` expert ids for each routing kind of ``CASES``."""
-    if kind == "one-hot":
-        return torch.full((T, k), E // 2, dtype=torch.int64)
-    if kind == "skip":  # only even experts: the odd ones get nothing
-        return torch.randint(0, (E + 1) // 2, (T, k)) * 2
-    if kind == "duplicates":
-        idx = torch.randint(0, E, (T, k))
-        idx[:, 1] = idx[:, 0]
-        return idx
-    idx = torch.rand(T, E).argsort(dim=1)[:, :k]
-    if kind == "invalid":
-        idx[0, 0], idx[3, 1], idx[7, 0] = -1, E, E + 5
-    return idx
 
 
 def _plan(case: str) -> tuple[RoutingPlan, int]:
