@@ -16,7 +16,7 @@ from types import ModuleType
 
 import torch
 
-from .routing import INDEX_DTYPE, RoutingPlan, Topology, _validate, max_block_rows
+from .routing import INDEX_DTYPE, RoutingPlan, _validate, build_topology, max_block_rows
 
 __all__ = ["cuda_available", "cuda_module", "host_module", "plan_routing_cuda", "plan_routing_host"]
 
@@ -108,14 +108,8 @@ def _plan(
     )
     topology = None
     if nb:
-        topology = Topology(
-            block_size=block_size,
-            num_experts=num_experts,
-            ffn_size=ffn_size,
-            blocks_per_expert=nb,
-            max_block_rows=max_block_rows(T * k, num_experts, block_size),
-            **{name: out[name] for name in _TOPOLOGY_FIELDS},
-        )
+        R = max_block_rows(T * k, num_experts, block_size)
+        topology = build_topology(out["padded_offsets"], block_size, num_experts, ffn_size, R)
     return RoutingPlan(
         num_tokens=T,
         top_k=k,

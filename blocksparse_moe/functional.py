@@ -20,6 +20,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ._backend import check_enabled, resolve_backend
+from .backends.triton import grouped_block_m
 from .reference import Activation, expert_loop_moe_mlp, get_activation
 from .routing import plan_routing
 
@@ -94,7 +95,7 @@ def moe_mlp(
     act = get_activation(activation)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    backend = resolve_backend(x.device, backend)
+    backend = resolve_backend(x.device, backend, x.dtype)
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     if block_size is not None and impl not in ("auto", "blocksparse"):
@@ -121,7 +122,7 @@ def moe_mlp(
         out, dropped = _padded(x, top_k_index, weights, w1, w2, w3, act, capacity, num_groups, recompute_activation)
         executed = E * capacity * num_groups * 2 * d * f * nmm
     elif impl == "grouped":
-        out = _grouped(x, top_k_index, weights, w1, w2, w3, act, recompute_activation, backend)
+        out = _grouped(x, top_k_index, weights, w1, w2, w3, activation, recompute_activation, backend)
     else:
         if block_size is None:
             block_size = 128 if x.device.type == "cuda" else 64
@@ -279,31 +280,38 @@ def _padded(x, top_k_index, weights, w1, w2, w3, act, capacity, num_groups, reco
     return out, (slot == n).sum()
 
 
-def _grouped(x, top_k_index, weights, w1, w2, w3, act, recompute, backend):
+def _grouped(x, top_k_index, weights, w1, w2, w3, activation, recompute, backend):
     from .ops.grouped import grouped_mm
+    from .ops.mlp import expert_mlp, mlp_routing
     from .ops.permute import scatter_rows
 
     plan = plan_routing(top_k_index, w1.shape[0], block_size=1, check=False)
+    if isinstance(activation, str):  # fused: the activation in the up-projection's epilogue
+        block_m = grouped_block_m(plan.num_assignments, plan.num_experts)
+        routing = mlp_routing(plan, blocksparse=False, block_m=block_m)
+        return expert_mlp(x, weights, w1, w2, w3, routing, activation, backend)
     rows, inv = plan.row_assignment, plan.assignment_row
     h = grouped_mm(x, w1, plan.offsets, rows, inv, backend=backend)
     g = None if w3 is None else grouped_mm(x, w3, plan.offsets, rows, inv, backend=backend)
-    y = _activate_then(lambda a: grouped_mm(a, w2, plan.offsets, backend=backend), act, h, g, recompute)
+    y = _activate_then(lambda a: grouped_mm(a, w2, plan.offsets, backend=backend), activation, h, g, recompute)
     return scatter_rows(y, rows, inv, weights, backend=backend)
 
 
 def _blocksparse(x, top_k_index, weights, w1, w2, w3, activation, block_size, recompute, backend):
-    from .ops.blocksparse import dsd, dsd_act, sdd
+    from .ops.blocksparse import dsd, sdd
+    from .ops.mlp import expert_mlp, mlp_routing
     from .ops.permute import gather_rows, scatter_rows
 
     plan = plan_routing(top_k_index, w1.shape[0], block_size=block_size, ffn_size=w1.shape[2], check=False)
+    if isinstance(activation, str):  # fused: SDD with the activation in its epilogue, then DSD
+        out = expert_mlp(x, weights, w1, w2, w3, mlp_routing(plan, blocksparse=True, block_m=block_size), activation,
+                         backend)  # fmt: skip
+        return out, plan.padded_offsets[-1]
     topo = plan.topology
     rows, inv = plan.padded_row_assignment, plan.padded_assignment_row
     xs = gather_rows(x, rows, inv, backend=backend)
     h = sdd(xs, w1, topo, backend=backend)
     g = None if w3 is None else sdd(xs, w3, topo, backend=backend)
-    if isinstance(activation, str):  # fused: nothing post-activation is saved, recompute has nothing to do
-        y = dsd_act(h, g, topo, w2, activation, backend=backend)
-    else:
-        y = _activate_then(lambda a: dsd(a, topo, w2, backend=backend), activation, h, g, recompute)
+    y = _activate_then(lambda a: dsd(a, topo, w2, backend=backend), activation, h, g, recompute)
     out = scatter_rows(y, rows, inv, weights, backend=backend)
     return out, plan.padded_offsets[-1]

@@ -8,31 +8,11 @@ expert_{top_k_index[t, j]}(x[t])``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
-
 import torch
-import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "get_activation", "per_token_moe_mlp", "expert_loop_moe_mlp"]
+from .activations import ACTIVATIONS, Activation, get_activation
 
-Activation = Callable[[torch.Tensor], torch.Tensor]
-
-ACTIVATIONS: dict[str, Activation] = {
-    "gelu": F.gelu,
-    "gelu_tanh": partial(F.gelu, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
-
-
-def get_activation(activation: str | Activation) -> Activation:
-    """The activation function for a name in ``ACTIVATIONS``, or ``activation`` itself when it is callable."""
-    if callable(activation):
-        return activation
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} or a callable, got {activation!r}")
-    return ACTIVATIONS[activation]
+__all__ = ["ACTIVATIONS", "Activation", "get_activation", "per_token_moe_mlp", "expert_loop_moe_mlp"]
 
 
 def per_token_moe_mlp(

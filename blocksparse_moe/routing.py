@@ -24,17 +24,12 @@ Every buffer is sized from upper bounds known from shapes, so nothing here synch
 ``max_block_rows = min(A, (A + E·(B-1)) // B)`` bounds ``Σ_e ceil(n_e / B)``.
 
 Topology of the block-sparse matrix ``S`` of shape ``[max_block_rows·B, E·nb·B]`` (``nb = ceil(F / B)``
-column blocks per expert): block row ``r`` belongs to the expert ``e(r)`` whose padded rows contain it and holds
-the ``nb`` blocks of columns ``e·nb .. e·nb+nb-1``. Row-major block ``b = r·nb + j``. ``nnz_max =
-max_block_rows·nb`` slots; the true count ``nnz = row_offsets[-1]`` lives on the device.
-
-- ``row_indices[nnz_max]``, ``column_indices[nnz_max]``: block ``b``'s block row and block column; ``-1`` in
-  unused slots ``b >= nnz``.
-- ``row_offsets[max_block_rows+1]``: ``min(r, R)·nb`` where ``R = padded_offsets[E] / B`` used block rows.
-- ``column_offsets_t[E·nb+1]``: start of each block column in column-major order.
-- ``row_indices_t[nnz_max]``, ``column_indices_t[nnz_max]``: the blocks in column-major order; ``-1`` unused.
-- ``block_offsets_t[nnz_max]``: row-major position of each column-major block; identity on unused slots, so
-  it is always a permutation of ``[0, nnz_max)``.
+column blocks per expert): it is block-diagonal by expert. Block row ``r`` belongs to the expert ``e`` whose padded
+rows contain it (``padded_offsets[e] <= r·B < padded_offsets[e+1]``) and holds the ``nb`` blocks of columns
+``e·nb .. e·nb+nb-1``, stored in slots ``r·nb .. r·nb+nb-1`` of the block data ``[nnz_max, B, B]``; block
+column ``c = e·nb + j`` holds the blocks ``r·nb + j`` of expert e's block rows. ``nnz_max = max_block_rows·nb``
+slots; the used ones, ``nnz = padded_offsets[E] / B · nb``, come first. So ``padded_offsets`` and the sizes are the
+whole topology: every index follows in closed form, and the kernels compute it instead of loading it.
 """
 
 from __future__ import annotations
@@ -57,20 +52,19 @@ def max_block_rows(num_assignments: int, num_experts: int, block_size: int) -> i
 
 @dataclass(frozen=True)
 class Topology:
-    """Block-sparse topology of ``S [max_block_rows·B, E·nb·B]`` for expert MLPs of width ``ffn_size``."""
+    """Block-sparse topology of ``S [max_block_rows·B, E·nb·B]`` for expert MLPs of width ``ffn_size``: the
+    block-diagonal layout of the module docstring, given by ``padded_offsets``."""
 
     block_size: int
     num_experts: int
     ffn_size: int  # F: real columns per expert; the last column block of an expert may be partial
-    blocks_per_expert: int  # nb = ceil(F / B)
     max_block_rows: int
-    row_indices: torch.Tensor  # [nnz_max] int32
-    column_indices: torch.Tensor  # [nnz_max] int32
-    row_offsets: torch.Tensor  # [max_block_rows + 1] int32
-    row_indices_t: torch.Tensor  # [nnz_max] int32
-    column_indices_t: torch.Tensor  # [nnz_max] int32
-    column_offsets_t: torch.Tensor  # [E·nb + 1] int32
-    block_offsets_t: torch.Tensor  # [nnz_max] int32
+    padded_offsets: torch.Tensor  # [E+1] int32, multiples of block_size
+
+    @property
+    def blocks_per_expert(self) -> int:
+        """nb = ceil(F / B)."""
+        return -(-self.ffn_size // self.block_size)
 
     @property
     def nnz_max(self) -> int:
@@ -84,19 +78,7 @@ class Topology:
     @property
     def nnz(self) -> torch.Tensor:
         """Number of used blocks, a device scalar (no sync)."""
-        return self.row_offsets[-1]
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        """The seven index tensors in a fixed order (what the custom ops take)."""
-        return (
-            self.row_indices,
-            self.column_indices,
-            self.row_offsets,
-            self.row_indices_t,
-            self.column_indices_t,
-            self.column_offsets_t,
-            self.block_offsets_t,
-        )
+        return self.padded_offsets[-1] // self.block_size * self.blocks_per_expert
 
 
 @dataclass(frozen=True)
@@ -266,49 +248,5 @@ def _plan_routing_torch(
 def build_topology(
     padded_offsets: torch.Tensor, block_size: int, num_experts: int, ffn_size: int, max_rows: int
 ) -> Topology:
-    """Topology from ``padded_offsets[E+1]`` (device tensor), all in closed form: no sort, no sync."""
-    B, E = block_size, num_experts
-    nb = -(-ffn_size // B)
-    nnz_max = max_rows * nb
-    device = padded_offsets.device
-    i64 = torch.int64
-
-    rbo = padded_offsets.to(i64) // B  # block-row offset of each expert, [E+1]
-    used_rows = rbo[E]
-    nrows = rbo[1:] - rbo[:-1]  # block rows per expert, [E]
-
-    b = torch.arange(nnz_max, dtype=i64, device=device)
-    r, j = b // nb, b % nb
-    used = r < used_rows
-    e = (torch.searchsorted(rbo, r, right=True) - 1).clamp(0, E - 1)
-    col = e * nb + j
-    t = nb * rbo[e] + j * nrows[e] + (r - rbo[e])  # column-major position of block b
-    t = torch.where(used, t, b)
-
-    row_indices = torch.where(used, r, -1)
-    column_indices = torch.where(used, col, -1)
-    row_indices_t = torch.empty_like(b).scatter_(0, t, row_indices)
-    column_indices_t = torch.empty_like(b).scatter_(0, t, column_indices)
-    block_offsets_t = torch.empty_like(b).scatter_(0, t, b)
-
-    rows = torch.arange(max_rows + 1, dtype=i64, device=device)
-    row_offsets = torch.minimum(rows, used_rows) * nb
-    c = torch.arange(E * nb + 1, dtype=i64, device=device)
-    ce, cj = (c // nb).clamp(max=E - 1), c % nb
-    column_offsets_t = torch.where(c < E * nb, nb * rbo[ce] + cj * nrows[ce], nb * used_rows)
-
-    i32 = INDEX_DTYPE
-    return Topology(
-        block_size=B,
-        num_experts=E,
-        ffn_size=ffn_size,
-        blocks_per_expert=nb,
-        max_block_rows=max_rows,
-        row_indices=row_indices.to(i32),
-        column_indices=column_indices.to(i32),
-        row_offsets=row_offsets.to(i32),
-        row_indices_t=row_indices_t.to(i32),
-        column_indices_t=column_indices_t.to(i32),
-        column_offsets_t=column_offsets_t.to(i32),
-        block_offsets_t=block_offsets_t.to(i32),
-    )
+    """The topology of ``padded_offsets[E+1]`` (device tensor): nothing to compute, no sync."""
+    return Topology(block_size, num_experts, ffn_size, max_rows, padded_offsets.to(INDEX_DTYPE))

@@ -1,5 +1,5 @@
-"""Block-sparse SDD / DSD / DSDᵀ / DDS / DDSᵀ: kernels (interpreter) and the torch backend vs float64 dense
-references, gradients, strided operands, topology invariants, errors, and torch.compile."""
+"""Block-sparse SDD / DSD / DSDᵀ / DDS / DDSᵀ and SDD's weight gradient: the Triton backend (interpreter) and the
+torch backend vs float64 dense references, gradients, strided operands, the topology, errors, torch.compile."""
 
 from __future__ import annotations
 
@@ -7,21 +7,21 @@ import pytest
 import torch
 from helpers import POISON, TOL, assert_close, poison_
 
-from blocksparse_moe.kernels import blocksparse as kernels
+from blocksparse_moe import backends
 from blocksparse_moe.ops import blocksparse as bs_ops
 from blocksparse_moe.routing import Topology, plan_routing
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# "torch-slots": the torch backend's sync-free slot schedule (used on GPU and under torch.compile) instead of its
+# "torch-tiles": the torch backend's sync-free tile schedule (used on GPU and under torch.compile) instead of its
 # CPU-eager per-expert loop
-BACKENDS = ["triton", "torch", "torch-slots"]
+BACKENDS = ["triton", "torch", "torch-tiles"]
 
 
 @pytest.fixture(autouse=True)
-def _slot_schedule(request, monkeypatch):
+def _tile_schedule(request, monkeypatch):
     callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and callspec.params.get("backend") == "torch-slots":
-        monkeypatch.setattr(kernels, "host_loop_ok", lambda x: False)
+    if callspec is not None and callspec.params.get("backend") == "torch-tiles":
+        monkeypatch.setattr(backends.get("torch"), "host_loop_ok", lambda x: False)
 
 
 CASES = {
@@ -54,17 +54,17 @@ def _topology(case: str) -> tuple[Topology, int, int]:
 
 def _block_index(topo: Topology) -> tuple[torch.Tensor, ...]:
     """For every element of every used block that lies inside S: (slot, row in block, column in block,
-    row of S, column of S), built by a plain loop over the row-major metadata."""
+    row of S, column of S), by a plain loop over the block rows of each expert (``padded_offsets``)."""
     B, F, nb = topo.block_size, topo.ffn_size, topo.blocks_per_expert
-    nnz = int(topo.row_offsets[-1])
+    po = topo.padded_offsets.tolist()
     idx = [[], [], [], [], []]
-    for b in range(nnz):
-        r, c = int(topo.row_indices[b]), int(topo.column_indices[b])
-        e, j = divmod(c, nb)
-        for i in range(B):
-            for jj in range(min(B, F - j * B)):
-                for lst, v in zip(idx, (b, i, jj, r * B + i, e * F + j * B + jj)):
-                    lst.append(v)
+    for e in range(topo.num_experts):
+        for r in range(po[e] // B, po[e + 1] // B):
+            for j in range(nb):
+                for i in range(B):
+                    for jj in range(min(B, F - j * B)):
+                        for lst, v in zip(idx, (r * nb + j, i, jj, r * B + i, e * F + j * B + jj)):
+                            lst.append(v)
     return tuple(torch.tensor(v, dtype=torch.long) for v in idx)
 
 
@@ -94,6 +94,9 @@ def _ref(op: str, x: torch.Tensor, y: torch.Tensor, topo: Topology) -> torch.Ten
         return (_dense(x, topo).t() @ y).reshape(E, F, -1)
     if op == "dds":  # x = a [M, P], y = data
         return (x @ _dense(y, topo)).reshape(-1, E, F)
+    if op == "sdd_wgrad":  # x = a [P, K], y = data: per expert a[rows of e]ᵀ @ S[rows of e, e's columns]
+        S = _dense(y, topo).reshape(topo.num_rows, E, F)
+        return torch.stack([x.t() @ S[:, e] for e in range(E)])
     return x.reshape(x.shape[0], E * F) @ _dense(y, topo).t()  # dds_t: x = g [M, E, F], y = data
 
 
@@ -120,19 +123,22 @@ def _operands(op: str, topo: Topology, K: int, N: int, dtype: torch.dtype, strid
         return data, rand(P, N, perm=[1, 0])
     if op == "dds":
         return rand(M, P, perm=[1, 0]), data
+    if op == "sdd_wgrad":
+        return rand(P, K, perm=[1, 0]), data
     return rand(M, E, F, perm=[1, 2, 0]), data
 
 
 def _call_kernel(op: str, x, y, topo, backend, out=None):
-    backend = "torch" if backend == "torch-slots" else backend
-    if op in ("sdd", "dds", "dds_t"):
-        return getattr(kernels, op)(x, y, topo, backend=backend, out=out)
-    return getattr(kernels, op)(x, topo, y, backend=backend, out=out)
+    """The backend function itself (no custom op), writing into ``out`` when given (poisoned by the tests)."""
+    impl = backends.get("torch" if backend == "torch-tiles" else backend)
+    if op in ("sdd", "dds", "dds_t", "sdd_wgrad"):
+        return getattr(impl, op)(x, y, topo, out=out)
+    return getattr(impl, op)(x, topo, y, out=out)
 
 
 def _call_op(op: str, x, y, topo, backend=None):
-    backend = "torch" if backend == "torch-slots" else backend
-    if op in ("sdd", "dds", "dds_t"):
+    backend = "torch" if backend == "torch-tiles" else backend
+    if op in ("sdd", "dds", "dds_t", "sdd_wgrad"):
         return getattr(bs_ops, op)(x, y, topo, backend=backend)
     return getattr(bs_ops, op)(x, topo, y, backend=backend)
 
@@ -145,6 +151,7 @@ def _out_shape(op: str, x, y, topo: Topology) -> tuple[int, ...]:
         "dsd_t": (E, F, y.shape[-1]),
         "dds": (x.shape[0], E, F),
         "dds_t": (x.shape[0], topo.num_rows),
+        "sdd_wgrad": (E, x.shape[1], F),
     }[op]
 
 
@@ -156,7 +163,7 @@ def _poison_ignored(data: torch.Tensor, topo: Topology) -> torch.Tensor:
     return torch.where(keep, data, POISON)
 
 
-OPS = ["sdd", "dsd", "dsd_t", "dds", "dds_t"]
+OPS = ["sdd", "dsd", "dsd_t", "dds", "dds_t", "sdd_wgrad"]
 
 
 # ----------------------------------------------------------------------------------------------- forward
@@ -171,6 +178,9 @@ def test_forward(op, case, backend):
     x, y = _operands(op, topo, K, N, torch.float32)
     if op != "sdd":  # the sparse operand's unused slots and padding columns must be ignored
         x, y = (_poison_ignored(x, topo), y) if op in ("dsd", "dsd_t") else (x, _poison_ignored(y, topo))
+    # sdd_wgrad reads rows of a only where S has blocks; the rows past the used ones must be ignored
+    if op == "sdd_wgrad":
+        x[int(topo.padded_offsets[-1]) :] = POISON
     before = (x.clone(), y.clone())
     out = poison_(torch.empty(_out_shape(op, x, y, topo)))
     result = _call_kernel(op, x, y, topo, backend, out=out)
@@ -207,11 +217,11 @@ def test_sdd_zeros_outside_blocks():
     """SDD writes exact zeros in unused slots and in the padding columns of each expert's last block."""
     topo, K, _ = _topology("empty-experts")
     a, w = _operands("sdd", topo, K, 0, torch.float32)
-    data = kernels.sdd(a, w, topo, backend="triton", out=poison_(torch.empty(topo.nnz_max, 16, 16)))
+    data = backends.get("triton").sdd(a, w, topo, out=poison_(torch.empty(topo.nnz_max, 16, 16)))
     b, i, jj, _, _ = _block_index(topo)
     inside = torch.zeros(data.shape, dtype=torch.bool)
     inside[b, i, jj] = True
-    assert int(topo.row_offsets[-1]) < topo.nnz_max  # the case has unused slots
+    assert int(topo.nnz) < topo.nnz_max  # the case has unused slots
     assert torch.equal(data[~inside], torch.zeros(int((~inside).sum())))
 
 
@@ -280,27 +290,17 @@ def test_compile_fullgraph():
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_topology_invariants(case):
-    """The metadata properties the kernels rely on."""
+    """What the kernels compute instead of loading: expert row ranges that are whole blocks, in order, used block
+    rows first, and every block row's expert (the closed form of the module docstring of ``routing``)."""
     topo, _, _ = _topology(case)
-    nb, E, R = topo.blocks_per_expert, topo.num_experts, topo.max_block_rows
-    nnz = int(topo.row_offsets[-1])
-    ri, ci = topo.row_indices.tolist(), topo.column_indices.tolist()
-    ro, co = topo.row_offsets.tolist(), topo.column_offsets_t.tolist()
-    assert co[-1] == nnz and ro[0] == 0 and co[0] == 0
-    # used slots are contiguous at the front; unused ones hold -1
-    assert all(ri[b] == -1 and ci[b] == -1 for b in range(nnz, topo.nnz_max))
-    assert all(0 <= ci[b] < E * nb for b in range(nnz))
-    # row r owns slots row_offsets[r]..row_offsets[r+1] (the SDD slot scan and DSD row walk)
-    for r in range(R):
-        assert all(ri[b] == r for b in range(ro[r], ro[r + 1]))
-    # column c owns positions column_offsets_t[c].. (the DSDᵀ walk); each maps to a slot of that column and row
-    bo, rit, cit = topo.block_offsets_t.tolist(), topo.row_indices_t.tolist(), topo.column_indices_t.tolist()
-    assert sorted(bo) == list(range(topo.nnz_max))
-    for c in range(E * nb):
-        for t in range(co[c], co[c + 1]):
-            assert cit[t] == c and ci[bo[t]] == c and ri[bo[t]] == rit[t]
-    # the column-major walk covers each used slot once
-    assert sorted(bo[:nnz]) == list(range(nnz))
+    B, E, R = topo.block_size, topo.num_experts, topo.max_block_rows
+    po = topo.padded_offsets.tolist()
+    assert po[0] == 0 and all(a <= b for a, b in zip(po, po[1:])) and po[-1] <= R * B
+    assert all(v % B == 0 for v in po)
+    assert int(topo.nnz) == po[-1] // B * topo.blocks_per_expert <= topo.nnz_max
+    T, k, E_case, *_ = CASES[case]
+    # R bounds Σ_e ceil(n_e / B) for every routing of T·k assignments
+    assert min(T * k, (T * k + E * (B - 1)) // B) == R
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -320,9 +320,11 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="one dtype"):  # dtype mix
         bs_ops.sdd(a, w.half(), topo)
     with pytest.raises(TypeError, match="one dtype"):  # unsupported dtype
-        bs_ops.dsd(data.double(), topo, torch.randn(E, F, N, dtype=torch.float64))
+        bs_ops.dsd(data.int(), topo, torch.randn(E, F, N).int())
+    with pytest.raises(TypeError, match="backend='triton' takes operands of a dtype among"):  # fp64: torch only
+        bs_ops.dsd(data.double(), topo, torch.randn(E, F, N, dtype=torch.float64), backend="triton")
     with pytest.raises(ValueError, match="one device"):  # device mix
-        kernels.dsd(data, topo, torch.randn(E, F, N, device="meta"))
+        bs_ops.dsd(data, topo, torch.randn(E, F, N, device="meta"))
     with pytest.raises(ValueError, match="backend must be one of"):  # unknown backend
         bs_ops.dsd_t(data, topo, torch.randn(P, N), backend="cuda")
     with pytest.raises(TypeError, match="Topology"):
@@ -331,148 +333,20 @@ def test_bad_inputs():
         bs_ops.dds_t(torch.randn(3, E, F), data[1:], topo)
     with pytest.raises(ValueError, match=r"g must have shape \[M, E, F\]"):
         bs_ops.dds_t(torch.randn(3, E, F + 1), data, topo)
-    with pytest.raises(ValueError, match="out must have shape"):
-        kernels.sdd(a, w, topo, out=torch.empty(1))
-    with pytest.raises(TypeError, match="out must have the operands' dtype"):
-        kernels.sdd(a, w, topo, out=torch.empty(topo.nnz_max, 16, 16, dtype=torch.float16))
-    small = plan_routing(torch.zeros(3, 1, dtype=torch.long), 2, block_size=8, ffn_size=8).topology
-    with pytest.raises(ValueError, match=r"block_size in \(16, 32, 64, 128\), got 8"):
-        kernels.sdd(torch.randn(small.num_rows, 4), torch.randn(2, 4, 8), small, backend="triton")
+    bad = Topology(16, E, F, topo.max_block_rows, topo.padded_offsets + 1)  # offsets not from 0 in whole blocks
+    with pytest.raises(ValueError, match="padded_offsets must rise from 0"):
+        bs_ops.sdd(a, w, bad)
+    with pytest.raises(ValueError, match="block_size must be a power of two"):
+        bs_ops.sdd(a, w, Topology(12, E, F, topo.max_block_rows, topo.padded_offsets))
+    # one validation for both backends: the torch backend rejects what the triton one does
+    with pytest.raises(ValueError, match="padded_offsets must rise from 0"):
+        bs_ops.sdd(a, w, bad, backend="torch")
 
 
-def test_torch_backend_any_block_size():
-    """The torch backend has no block-size restriction (B = 8 here)."""
-    topo = plan_routing(torch.tensor([[0], [1], [1]]), 2, block_size=8, ffn_size=12).topology
-    a, w = torch.randn(topo.num_rows, 5), torch.randn(2, 5, 12)
-    assert_close(kernels.sdd(a, w, topo, backend="torch"), _ref("sdd", a, w, topo), torch.float32)
-
-
-def test_compile_specs():
-    """One spec per dtype × block size × layout (aligned config), plus the 16-bit unaligned fallbacks at
-    B = 64 / 128, plus the fused-activation DSD (forward and Sᵀ, GLU or not) at B = 64 / 128; every non-constexpr
-    argument typed."""
-    specs = kernels.compile_specs()
-    # 3 dtypes × 4 block sizes × (3 SDD + 5 DSD layouts), plus 2 dtypes × 2 block sizes × 8 unaligned fallbacks
-    plain = 3 * 4 * (3 + 5) + 2 * 2 * (3 + 5)
-    # fused: (3 dtypes × 2 block sizes + 4 16-bit fallbacks) × 2 ops × (GLU or not), + dsd_act's fp32 B = 128
-    # unaligned fallback, GLU or not
-    fused = (3 * 2 + 4) * 2 * 2 + 2
-    assert len(specs) == plain + fused and len({s.name for s in specs}) == len(specs)
-    for s in specs:
-        assert set(s.signature) == set(s.kernel.arg_names)
-        assert all(s.signature[n] == "constexpr" for n in s.constexprs)
-        assert s.is_matmul == (s.constexprs["B"] >= 64)
-
-
-# ----------------------------------------------------------------------------------------------- fused activation
-
-ACTS = ["gelu", "gelu_tanh", "relu", "silu", "none"]
-_ACTS64 = {
-    "gelu": torch.nn.functional.gelu,
-    "gelu_tanh": lambda h: torch.nn.functional.gelu(h, approximate="tanh"),
-    "relu": torch.relu,
-    "silu": torch.nn.functional.silu,
-    "none": lambda h: h,
-}
-
-
-def _act_operands(topo: Topology, N: int, dtype: torch.dtype, glu: bool):
-    """Fresh random h (and g), NaN in every element the contract ignores (unused slots, padding columns), w."""
-    B, E, F = topo.block_size, topo.num_experts, topo.ffn_size
-    h = _poison_ignored(torch.randn(topo.nnz_max, B, B).to(dtype), topo)
-    g = _poison_ignored(torch.randn(topo.nnz_max, B, B).to(dtype), topo) if glu else None
-    return h, g, torch.randn(E, F, N).to(dtype)
-
-
-def _act_ref(h, g, w, topo: Topology, activation: str) -> torch.Tensor:
-    """Float64 ``(act(h) [* g]) @ w`` on the dense S (ignored elements never read)."""
-    E, F = topo.num_experts, topo.ffn_size
-    a = _dense(h, topo).double()
-    a = _ACTS64[activation](a)
-    if g is not None:
-        a = a * _dense(g, topo)
-    return a @ w.double().reshape(E * F, -1)
-
-
-@pytest.mark.parametrize("activation", ACTS)
-@pytest.mark.parametrize("glu", [False, True])
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_dsd_act_forward(activation, glu, backend):
-    """Fused ``dsd_act`` and its Sᵀ twin ``dsd_t_act`` (fp32, poisoned outputs and ignored inputs) vs float64;
-    "empty-experts": experts with no tokens, odd F with a partial last block whose NaN padding must be masked."""
-    topo, _, N = _topology("empty-experts")
-    h, g, w = _act_operands(topo, N, torch.float32, glu)
-    out = poison_(torch.empty(topo.num_rows, N))
-    y = kernels.dsd_act(h, g, topo, w, activation, backend=backend, out=out)
-    assert y is out
-    assert_close(y, _act_ref(h, g, w, topo, activation), torch.float32)
-    a = torch.randn(topo.num_rows, N)
-    out_t = poison_(torch.empty(topo.num_experts, topo.ffn_size, N))
-    kernels.dsd_t_act(h, g, topo, a, activation, backend=backend, out=out_t)
-    E, F = topo.num_experts, topo.ffn_size
-    act = _ACTS64[activation](_dense(h, topo))
-    act = act if g is None else act * _dense(g, topo)
-    assert_close(out_t, (act.t() @ a.double()).reshape(E, F, N), torch.float32)
-
-
-@pytest.mark.parametrize("activation", ACTS)
-@pytest.mark.parametrize("glu", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_dsd_act_gradients(activation, glu, dtype):
-    """Gradients of h, g and w through ``bsm::dsd_act`` (triton) vs float64 autograd of the dense reference;
-    gradients of ignored elements are unspecified (the NaN inputs there), so only the used ones are compared.
-    "k=E": B = 32, two N tiles, a partial last block per expert; fp16/bf16 take the UPCAST dots."""
-    topo, _, N = _topology("k=E" if dtype == torch.float32 else "one-expert")
-    h, g, w = _act_operands(topo, N, dtype, glu)
-    leaves = [t.requires_grad_() for t in (h, g, w) if t is not None]
-    y = bs_ops.dsd_act(h, g, topo, w, activation)
-    assert y.dtype == dtype
-    cot = torch.randn(y.shape).to(dtype)
-    grads = torch.autograd.grad(y, leaves, cot)
-    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-    h64, w64 = leaves64[0], leaves64[-1]
-    g64 = leaves64[1] if glu else None
-    ref = _act_ref(h64, g64, w64, topo, activation)
-    tol = TOL[dtype]
-    torch.testing.assert_close(y.double(), ref.detach(), atol=tol["atol"] * 2, rtol=tol["rtol"] * 2)
-    refs = torch.autograd.grad(ref, leaves64, cot.double())
-    keep = ~_poison_ignored(torch.zeros(h.shape), topo).isnan()
-    for gr, r, t in zip(grads, refs, leaves):
-        assert gr.dtype == dtype and gr.shape == t.shape
-        if gr.shape == h.shape:
-            gr, r = torch.where(keep, gr.double(), 0.0), torch.where(keep, r, 0.0)
-        torch.testing.assert_close(gr.double(), r, atol=tol["atol"] * 4, rtol=tol["rtol"] * 2)
-
-
-def test_dsd_act_bad_inputs():
-    """Unknown activation, a gate of another shape / dtype: ValueError / TypeError naming expected and got."""
-    topo, _, N = _topology("one-token")
-    h, g, w = _act_operands(topo, N, torch.float32, glu=True)
-    with pytest.raises(ValueError, match="activation must be one of"):
-        bs_ops.dsd_act(h, g, topo, w, "tanh")
-    with pytest.raises(ValueError, match="g"):
-        kernels.dsd_act(h, g[:, :1], topo, w, "silu")
-    with pytest.raises(TypeError, match="one dtype"):
-        kernels.dsd_act(h, g.half(), topo, w, "silu")
-
-
-def test_dsd_act_compile_fullgraph():
-    """sdd, sdd → fused silu-GLU dsd_act under torch.compile(fullgraph=True) matches eager, forward and backward."""
-    topo, K, N = _topology("empty-experts")
-    E, F = topo.num_experts, topo.ffn_size
-    a = torch.randn(topo.num_rows, K, requires_grad=True)
-    w1, w3 = (torch.randn(E, K, F, requires_grad=True) for _ in range(2))
-    w2 = torch.randn(E, F, N, requires_grad=True)
-
-    def mlp(a, w1, w3, w2):
-        return bs_ops.dsd_act(bs_ops.sdd(a, w1, topo), bs_ops.sdd(a, w3, topo), topo, w2, "silu")
-
-    compiled = torch.compile(mlp, fullgraph=True)
-    cot = torch.randn(topo.num_rows, N)
-    y_eager = mlp(a, w1, w3, w2)
-    y_comp = compiled(a, w1, w3, w2)
-    assert_close(y_comp, y_eager.detach(), torch.float32)
-    g_eager = torch.autograd.grad(y_eager, (a, w1, w3, w2), cot)
-    g_comp = torch.autograd.grad(y_comp, (a, w1, w3, w2), cot)
-    for gc, ge in zip(g_comp, g_eager):
-        assert_close(gc, ge, torch.float32)
+@pytest.mark.parametrize("op", OPS)
+def test_float64_torch_backend(op):
+    """float64 runs on the torch backend (``auto`` picks it: the kernels take fp32 / fp16 / bf16) and matches
+    the float64 reference to float64 precision."""
+    topo, K, N = _topology("k=E")
+    x, y = _operands(op, topo, K, N, torch.float64)
+    torch.testing.assert_close(_call_op(op, x, y, topo), _ref(op, x, y, topo), atol=1e-12, rtol=1e-12)

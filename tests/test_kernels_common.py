@@ -1,10 +1,11 @@
-"""Host-side helpers the launchers share (kernels/_common.py)."""
+"""Host-side helpers of the kernels (kernels/_common.py), the launchers' config choice, and the shared checks."""
 
 import pytest
 import torch
 
-from blocksparse_moe.kernels import grouped_gemm
-from blocksparse_moe.kernels._common import aligned16, check_same_device, upcast_dots
+from blocksparse_moe.kernels import expert_gemm
+from blocksparse_moe.kernels._common import aligned16, upcast_dots
+from blocksparse_moe.ops._checks import check_same_device
 
 
 def test_aligned16_decides_from_pointers_sizes_and_strides():
@@ -18,13 +19,23 @@ def test_aligned16_decides_from_pointers_sizes_and_strides():
     assert not aligned16((z,), z.shape, z.stride())  # row stride 40
 
 
-def test_unaligned_fallback_configs_outside_interpreter(monkeypatch):
-    # the 16-bit fast config is picked for aligned operands only; odd shapes take a smaller K step
-    monkeypatch.setattr(grouped_gemm, "interpreting", lambda: False)
-    fast = grouped_gemm.grouped_mm_config(torch.bfloat16, aligned=True)
-    slow = grouped_gemm.grouped_mm_config(torch.bfloat16, aligned=False)
-    assert slow.block_k < fast.block_k
-    assert grouped_gemm.grouped_mm_config(torch.float32, aligned=False).block_k == 32
+def test_gpu_configs_outside_interpreter(monkeypatch):
+    """The host-side config choice of the GPU path (no device needed): aligned 16-bit operands take K steps of 64,
+    unaligned ones 32; the GLU forward halves the N tile (two accumulators), the backward epilogue takes 32
+    columns; tiles never straddle a layout block; a gathered weight gradient takes 5 stages (its index load gets
+    a pipeline stage of its own)."""
+    monkeypatch.setattr(expert_gemm, "interpreting", lambda: False)
+    fast = expert_gemm.gemm_config(torch.bfloat16, 128, aligned=True)
+    slow = expert_gemm.gemm_config(torch.bfloat16, 128, aligned=False)
+    assert (fast.block_k, fast.block_n, fast.num_warps) == (64, 128, 8) and slow.block_k == 32
+    assert expert_gemm.gemm_config(torch.float32, 128).block_k == 32
+    assert expert_gemm.gemm_config(torch.bfloat16, 128, glu=True, epilogue=1).block_n == 64
+    assert expert_gemm.gemm_config(torch.bfloat16, 128, glu=True, epilogue=2).block_n == 32
+    assert expert_gemm.gemm_config(torch.bfloat16, 64, out_block=64).block_n == 64  # blocked out, B = 64
+    assert expert_gemm.gemm_config(torch.bfloat16, 64).num_warps == 4
+    assert expert_gemm.wgrad_config(torch.bfloat16, gather=True).num_stages == 5
+    assert expert_gemm.wgrad_config(torch.bfloat16).num_stages == 3
+    assert expert_gemm.wgrad_config(torch.bfloat16, a_block=64).block_m == 64
 
 
 def test_upcast_only_for_interpreted_bf16(monkeypatch):

@@ -1,5 +1,5 @@
-"""Helpers shared by the Triton kernel modules: interpreter switches, config pinning, operand validation, output
-handling and compile-audit signatures."""
+"""Helpers shared by the Triton kernel modules: interpreter switches, grid limits, the alignment test that picks a
+config, and the compile-audit signatures (``CompileSpec``, read by ``bench/audit.py``)."""
 
 from __future__ import annotations
 
@@ -7,41 +7,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import triton.language as tl
 
 from .._backend import interpreting
-from ..routing import INDEX_DTYPE
 
 __all__ = [
     "interpreting",
-    "tl_dtype",
     "upcast_dots",
-    "check_same_device",
-    "check_tensor",
-    "check_float",
-    "check_index",
-    "check_sizes",
-    "check_out",
     "check_grid_y",
-    "out_or_empty",
-    "copy_to_out",
     "aligned16",
-    "host_loop_ok",
     "triton_type",
     "kernel_signature",
     "CompileSpec",
-    "INTERPRET_CONFIG_ENV",
-    "DTYPES",
     "MAX_GRID_Y",
-    "MAX_INDEX",
 ]
 
-# When interpreting, launchers pin one config (autotune with >1 config needs a GPU driver).
-INTERPRET_CONFIG_ENV = "BSM_PIN_CONFIG"
-
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the data dtypes every kernel takes
 MAX_GRID_Y = 65535  # programs along grid axis 1
-MAX_INDEX = 2**31 - 1  # sizes that int32 indices can address
 
 
 def upcast_dots(dtype: torch.dtype) -> bool:
@@ -53,76 +33,11 @@ def upcast_dots(dtype: torch.dtype) -> bool:
     return interpreting() and dtype == torch.bfloat16
 
 
-_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
-def tl_dtype(dtype: torch.dtype):
-    return _TL[dtype]
-
-
-def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
-    """All non-None tensors on one device; returns it. Error names each tensor and its device."""
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"expected all tensors on one device, got {listing}")
-    return next(iter(devices.values()))
-
-
-def check_tensor(name: str, t: object, dims: str, expected: tuple[int | None, ...]) -> torch.Tensor:
-    """Type and shape; ``expected`` holds each dimension's size, ``None`` where any size is accepted."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != len(expected) or any(e is not None and s != e for s, e in zip(t.shape, expected)):
-        want = ", ".join("*" if e is None else str(e) for e in expected)
-        raise ValueError(f"{name} must have shape {dims} = ({want}), got {tuple(t.shape)}")
-    return t
-
-
-def check_float(name: str, t: torch.Tensor) -> None:
-    """``t``'s dtype is one of ``DTYPES``."""
-    if t.dtype not in DTYPES:
-        raise TypeError(f"{name} must have a dtype among {DTYPES}, got {t.dtype}")
-
-
-def check_index(name: str, t: torch.Tensor) -> None:
-    """``t`` holds int32 indices (``routing.INDEX_DTYPE``)."""
-    if t.dtype != INDEX_DTYPE:
-        raise TypeError(f"{name} must be {INDEX_DTYPE}, got {t.dtype}")
-
-
-def check_sizes(**sizes: int) -> None:
-    """Each named size is addressable with int32 indices."""
-    for name, size in sizes.items():
-        if size > MAX_INDEX:
-            raise ValueError(f"{name} must be at most {MAX_INDEX} (int32 indices), got {size}")
-
-
-def check_out(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, what: str = "dtype") -> None:
-    """The optional ``out`` has the output's shape and dtype (``what`` names the expected dtype in the error)."""
-    if out is not None:
-        check_tensor("out", out, "output", shape)
-        if out.dtype != dtype:
-            raise TypeError(f"out must have {what} {dtype}, got {out.dtype}")
-
-
 def check_grid_y(grid: tuple[int, ...], name: str, size: int, block: int = 1) -> tuple[int, ...]:
     """Returns ``grid`` once its axis 1 (``size``, named ``name``, in tiles of ``block``) fits ``MAX_GRID_Y``."""
     if grid[1] > MAX_GRID_Y:
         raise ValueError(f"{name} must be at most {MAX_GRID_Y * block}, got {size}")
     return grid
-
-
-def out_or_empty(
-    out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """``out`` when given, else an uninitialised tensor of ``shape`` on like's device, in ``dtype`` (default like's)."""
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device) if out is None else out
-
-
-def copy_to_out(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """The torch backend computes a fresh tensor; copy it into ``out`` when one was given."""
-    return result if out is None else out.copy_(result)
 
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32"}
@@ -161,6 +76,11 @@ class CompileSpec:
     divisibility, as odd shapes run) and ``"aligned"`` (every pointer and the integer arguments named in
     ``aligned`` divisible by 16, as realistic shapes run). A config the launcher picks only for aligned
     (unaligned) operands lists only that variant.
+
+    ``is_matmul`` marks a tensor-core matmul tile (M tile >= 64 rows, as wgmma and tcgen05 need): its builds must
+    use the architecture's MMA (HGMMA on sm_90, tcgen05 ``UTC*MMA`` on sm_100 unless ``tcgen05_ok`` is False,
+    HMMA on sm_80 / sm_120). ``expect_pipelined``: the main (MMA) loop must keep its loads in flight, never waiting
+    its cp.async copies or wgmma to zero inside the loop. See docs/audit.md.
     """
 
     name: str  # e.g. "sdd[bf16,B=128,K=64]"
@@ -169,9 +89,11 @@ class CompileSpec:
     constexprs: dict[str, Any]
     num_warps: int = 4
     num_stages: int = 3
-    is_matmul: bool = True  # sm_90 builds must contain HGMMA
+    is_matmul: bool = True  # a tensor-core tile: HGMMA on sm_90, tcgen05 on sm_100, HMMA on sm_80 / sm_120
     aligned: tuple[str, ...] = ()  # integer arguments (sizes, strides) that realistic shapes make multiples of 16
     variants: tuple[str, ...] = ("unaligned", "aligned")
+    tcgen05_ok: bool = True  # with is_matmul: sm_100 builds must use tcgen05 MMA (Triton 3.9: every M tile >= 64)
+    expect_pipelined: bool = True  # the MMA loop must not wait its async loads / wgmma to zero each iteration
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in ("unaligned", "aligned")]
@@ -190,9 +112,3 @@ def aligned16(tensors: tuple[torch.Tensor, ...], sizes: tuple[int, ...], strides
         and all(v % 16 == 0 for v in sizes)
         and all(v == 1 or v % 16 == 0 for v in strides)
     )
-
-
-def host_loop_ok(x: torch.Tensor) -> bool:
-    """CPU eager: reading routing offsets on the host is free there, so the torch backends loop over experts
-    instead of running their sync-free gather/bmm schedules (which the GPU and ``torch.compile`` still use)."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()

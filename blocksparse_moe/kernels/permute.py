@@ -12,11 +12,11 @@ Glossary (T tokens, k choices per token, A = T·k assignments, R sorted rows, d 
 
 Kernels and grids (sized from shapes, never from device data):
 
-- ``_gather_kernel``: ``out[i] = weights.flat[a] · x[a // k]`` (zero where ``a = -1``); grid
+- ``gather_kernel``: ``out[i] = weights.flat[a] · x[a // k]`` (zero where ``a = -1``); grid
   ``(cdiv(R, BLOCK_ROWS), cdiv(d, BLOCK_D))``.
-- ``_scatter_kernel``: ``out[t] = Σ_j weights[t, j] · y[assignment_row[t, j]]`` over ``j = 0 .. k-1`` in order,
+- ``scatter_kernel``: ``out[t] = Σ_j weights[t, j] · y[assignment_row[t, j]]`` over ``j = 0 .. k-1`` in order,
   skipping ``-1``, fp32 accumulation; grid ``(cdiv(T, BLOCK_ROWS), cdiv(d, BLOCK_D))``.
-- ``_weights_grad_kernel``: ``dw[t, j] = <a[t], b[assignment_row[t, j]]>`` (0 for ``-1``), fp32 accumulation;
+- ``weights_grad_kernel``: ``dw[t, j] = <a[t], b[assignment_row[t, j]]>`` (0 for ``-1``), fp32 accumulation;
   grid ``(cdiv(A, BLOCK_ROWS),)``. The gradient of the top-k weights in both ops: gather uses
   ``(a, b) = (x, dout)``, scatter ``(dout, y)``.
 
@@ -31,38 +31,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import resolve_backend
-from ..routing import INDEX_DTYPE
-from ._common import (
-    DTYPES,
-    CompileSpec,
-    check_float,
-    check_grid_y,
-    check_index,
-    check_out,
-    check_same_device,
-    check_sizes,
-    check_tensor,
-    copy_to_out,
-    interpreting,
-    kernel_signature,
-    out_or_empty,
-    triton_type,
-)
+from ._common import check_grid_y, interpreting
 
 __all__ = [
     "PermuteConfig",
     "permute_config",
-    "compile_specs",
-    "gather_rows",
-    "scatter_rows",
+    "gather",
+    "scatter",
     "weights_grad",
-    "gather_rows_shape",
-    "scatter_rows_shape",
-    "weights_grad_shape",
-    "gather_rows_torch",
-    "scatter_rows_torch",
-    "weights_grad_torch",
+    "gather_kernel",
+    "scatter_kernel",
+    "weights_grad_kernel",
 ]
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -91,7 +70,7 @@ def permute_config() -> PermuteConfig:
 
 
 @triton.jit
-def _gather_kernel(
+def gather_kernel(
     x_ptr,  # [T, d]
     out_ptr,  # [R, d]
     row_assignment_ptr,  # [R] int32
@@ -131,7 +110,7 @@ def _gather_kernel(
 
 
 @triton.jit
-def _scatter_kernel(
+def scatter_kernel(
     y_ptr,  # [R, d]
     out_ptr,  # [T, d]
     assignment_row_ptr,  # [T, k] int32
@@ -176,7 +155,7 @@ def _scatter_kernel(
 
 
 @triton.jit
-def _weights_grad_kernel(
+def weights_grad_kernel(
     a_ptr,  # [T, d]
     b_ptr,  # [R, d]
     out_ptr,  # [T, k]
@@ -214,142 +193,7 @@ def _weights_grad_kernel(
     tl.store(out_ptr + t * stride_ot + j * stride_oj, acc.to(out_ptr.dtype.element_ty), mask=asg_ok)
 
 
-# ----------------------------------------------------------------------------------------------- compile audit
-
-_INDEX_POINTERS = dict.fromkeys(("row_assignment_ptr", "assignment_row_ptr"), INDEX_DTYPE)
-
-
-def _aligned(kernel) -> tuple[str, ...]:
-    """The feature size d and the row strides of the [rows, d] operands: multiples of 16 for realistic d (the
-    strides of the [T, k] weights and maps are k, not listed)."""
-    rows = {_gather_kernel: ("stride_xt", "stride_or"), _scatter_kernel: ("stride_yr", "stride_ot")}
-    return ("d", *rows.get(kernel, ("stride_at", "stride_br")))
-
-
-def _spec(name: str, kernel, dtype: torch.dtype, weights_dtype: torch.dtype, constexprs: dict) -> CompileSpec:
-    """Data pointers typed by ``dtype``, ``weights_ptr`` / ``out_ptr`` of the weight gradient by ``weights_dtype``,
-    index pointers ``*i32``, ints ``i32``; unit feature strides specialised as the JIT does. One config serves
-    aligned and unaligned operands (built in both variants)."""
-    cfg = permute_config()
-    unit = {s: 1 for s in kernel.arg_names if s.endswith("d") and s.startswith("stride_")}
-    constexprs = {**constexprs, **unit, "BLOCK_ROWS": cfg.block_rows, "BLOCK_D": cfg.block_d}
-    weights_pointers = ("weights_ptr", "out_ptr") if kernel is _weights_grad_kernel else ("weights_ptr",)
-    pointer_dtypes = {**_INDEX_POINTERS, **dict.fromkeys(weights_pointers, weights_dtype)}
-    signature = kernel_signature(kernel, constexprs, dtype, pointer_dtypes)
-    return CompileSpec(
-        name, kernel, signature, constexprs, cfg.num_warps, num_stages=1, is_matmul=False, aligned=_aligned(kernel)
-    )
-
-
-def compile_specs() -> list[CompileSpec]:
-    """Every configuration the GPU path can pick: data dtype × weights (same dtype or fp32, or none)."""
-    specs = []
-    for dtype in DTYPES:
-        for wdt in dict.fromkeys((dtype, torch.float32)):
-            tag = f"{triton_type(dtype)},w={triton_type(wdt)}"
-            for kernel, name in ((_gather_kernel, "gather_rows"), (_scatter_kernel, "scatter_rows")):
-                specs.append(_spec(f"{name}[{tag}]", kernel, dtype, wdt, dict(HAS_WEIGHTS=True)))
-            specs.append(_spec(f"weights_grad[{tag}]", _weights_grad_kernel, dtype, wdt, {}))
-        for kernel, name in ((_gather_kernel, "gather_rows"), (_scatter_kernel, "scatter_rows")):
-            specs.append(_spec(f"{name}[{triton_type(dtype)}]", kernel, dtype, dtype, dict(HAS_WEIGHTS=False)))
-    return specs
-
-
-# ----------------------------------------------------------------------------------------------- validation
-
-
-def _check_maps(row_assignment: torch.Tensor, assignment_row: torch.Tensor, weights: torch.Tensor | None) -> None:
-    """The two index maps (int32, 1-D and 2-D) and the optional weights ``[T, k]``."""
-    check_tensor("row_assignment", row_assignment, "[R]", (None,))
-    check_tensor("assignment_row", assignment_row, "[T, k]", (None, None))
-    check_index("row_assignment", row_assignment)
-    check_index("assignment_row", assignment_row)
-    if assignment_row.shape[1] < 1:
-        raise ValueError(f"assignment_row must have k >= 1 columns, got shape {tuple(assignment_row.shape)}")
-    check_sizes(R=row_assignment.shape[0], assignments=assignment_row.numel())
-    if weights is not None:
-        check_tensor("weights", weights, "[T, k]", tuple(assignment_row.shape))
-        check_float("weights", weights)
-
-
-def _rows_shape(
-    name: str,
-    data: torch.Tensor,
-    row_assignment: torch.Tensor,
-    assignment_row: torch.Tensor,
-    weights: torch.Tensor | None,
-    out: torch.Tensor | None,
-    gather: bool,
-) -> tuple[int, int]:
-    """The operands of a gather (``data [T, d]`` → ``[R, d]``) or a scatter (``data [R, d]`` → ``[T, d]``);
-    returns the output shape."""
-    _check_maps(row_assignment, assignment_row, weights)
-    T, R = assignment_row.shape[0], row_assignment.shape[0]
-    rows, out_rows, dims = (T, R, "[T, d]") if gather else (R, T, "[R, d]")
-    check_tensor(name, data, dims, (rows, None))
-    check_float(name, data)
-    shape = (out_rows, data.shape[1])
-    check_out(out, shape, data.dtype)
-    maps = dict(row_assignment=row_assignment, assignment_row=assignment_row)
-    check_same_device(**{name: data}, **maps, weights=weights, out=out)
-    return shape
-
-
-def gather_rows_shape(
-    x: torch.Tensor,
-    row_assignment: torch.Tensor,
-    assignment_row: torch.Tensor,
-    weights: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-) -> tuple[int, int]:
-    """Validate ``gather_rows``'s operands; returns the output shape ``(R, d)``."""
-    return _rows_shape("x", x, row_assignment, assignment_row, weights, out, gather=True)
-
-
-def scatter_rows_shape(
-    y: torch.Tensor,
-    row_assignment: torch.Tensor,
-    assignment_row: torch.Tensor,
-    weights: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-) -> tuple[int, int]:
-    """Validate ``scatter_rows``'s operands; returns the output shape ``(T, d)``."""
-    return _rows_shape("y", y, row_assignment, assignment_row, weights, out, gather=False)
-
-
-def weights_grad_shape(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    assignment_row: torch.Tensor,
-    dtype: torch.dtype | None = None,
-    out: torch.Tensor | None = None,
-) -> tuple[int, int]:
-    """Validate ``weights_grad``'s operands; returns the output shape ``(T, k)``."""
-    check_tensor("assignment_row", assignment_row, "[T, k]", (None, None))
-    check_index("assignment_row", assignment_row)
-    check_tensor("a", a, "[T, d]", (assignment_row.shape[0], None))
-    check_tensor("b", b, "[R, d]", (None, a.shape[1]))
-    check_float("a", a)
-    if b.dtype != a.dtype:
-        raise TypeError(f"a and b must have one dtype, got a {a.dtype}, b {b.dtype}")
-    if dtype is not None and dtype not in DTYPES:
-        raise TypeError(f"dtype must be one of {DTYPES}, got {dtype}")
-    shape = tuple(assignment_row.shape)
-    check_out(out, shape, dtype or a.dtype)
-    check_same_device(a=a, b=b, assignment_row=assignment_row, out=out)
-    return shape
-
-
-def _check_index_values(row_assignment: torch.Tensor | None, assignment_row: torch.Tensor, R: int) -> None:
-    """On CPU (free to read) the interpreter's out-of-bounds accesses corrupt the heap: check the index ranges."""
-    if assignment_row.device.type != "cpu":
-        return
-    A = assignment_row.numel()
-    if A and not bool(((assignment_row >= -1) & (assignment_row < R)).all()):
-        raise ValueError(f"assignment_row must hold rows in [-1, {R}), got values outside that range")
-    ra = row_assignment
-    if ra is not None and ra.numel() and not bool(((ra >= -1) & (ra < A)).all()):
-        raise ValueError(f"row_assignment must hold assignments in [-1, {A}), got values outside that range")
+# ----------------------------------------------------------------------------------------------- launchers
 
 
 def _grid_d(rows: int, d: int, cfg: PermuteConfig) -> tuple[int, int]:
@@ -357,141 +201,44 @@ def _grid_d(rows: int, d: int, cfg: PermuteConfig) -> tuple[int, int]:
     return check_grid_y(grid, "the feature size d", d, cfg.block_d)
 
 
-# ----------------------------------------------------------------------------------------------- launchers
-
-
-def _launch_rows(
-    data: torch.Tensor,
-    row_assignment: torch.Tensor,
-    assignment_row: torch.Tensor,
-    weights: torch.Tensor | None,
-    out: torch.Tensor | None,
-    shape: tuple[int, int],
-    gather: bool,
-) -> torch.Tensor:
-    """Run the gather (x → sorted rows) or scatter (sorted rows → tokens) kernel into ``out`` or a new tensor."""
-    _check_index_values(row_assignment, assignment_row, row_assignment.shape[0])
-    out = out_or_empty(out, shape, data)
+def gather(
+    x: torch.Tensor, row_assignment: torch.Tensor, top_k: int, weights: torch.Tensor | None, out: torch.Tensor
+) -> None:
+    """Launch ``gather_kernel``: ``out[i] = weights.flat[a] · x[a // top_k]``, ``a = row_assignment[i]`` (zero
+    where -1); operands validated by the caller."""
     if out.numel() == 0:
-        return out
+        return
     cfg = permute_config()
-    w = data if weights is None else weights  # a placeholder pointer when there are no weights
-    w_strides = w.stride() if weights is not None else (0, 0)
-    if gather:  # reads each output row's assignment
-        kernel, index, index_strides = _gather_kernel, row_assignment, ()
-    else:  # reads each token's k rows
-        kernel, index, index_strides = _scatter_kernel, assignment_row, assignment_row.stride()
-    kernel[_grid_d(*shape, cfg)](
-        data, out, index, w, shape[0], shape[1], assignment_row.shape[1],
-        *data.stride(), *out.stride(), *index_strides, *w_strides,
+    w = x if weights is None else weights  # a placeholder pointer when there are no weights
+    gather_kernel[_grid_d(*out.shape, cfg)](
+        x, out, row_assignment, w, out.shape[0], out.shape[1], top_k,
+        *x.stride(), *out.stride(), *(w.stride() if weights is not None else (0, 0)),
         HAS_WEIGHTS=weights is not None, BLOCK_ROWS=cfg.block_rows, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
     )  # fmt: skip
-    return out
 
 
-def gather_rows(
-    x: torch.Tensor,
-    row_assignment: torch.Tensor,
-    assignment_row: torch.Tensor,
-    weights: torch.Tensor | None = None,
-    *,
-    backend: str | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``out[i] = weights.flat[a] · x[a // k]`` with ``a = row_assignment[i]`` (zero row where ``a = -1``):
-    x ``[T, d]`` → ``[R, d]`` in x's dtype. ``weights=None`` means 1; ``out`` (optional) receives the result."""
-    shape = gather_rows_shape(x, row_assignment, assignment_row, weights, out)
-    if resolve_backend(x.device, backend) == "torch":
-        return copy_to_out(gather_rows_torch(x, row_assignment, assignment_row, weights), out)
-    return _launch_rows(x, row_assignment, assignment_row, weights, out, shape, gather=True)
-
-
-def scatter_rows(
-    y: torch.Tensor,
-    row_assignment: torch.Tensor,
-    assignment_row: torch.Tensor,
-    weights: torch.Tensor | None = None,
-    *,
-    backend: str | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``out[t] = Σ_j weights[t, j] · y[assignment_row[t, j]]`` skipping ``-1``, j in order, fp32 accumulation:
-    y ``[R, d]`` → ``[T, d]`` in y's dtype. Deterministic (no atomics). ``weights=None`` means 1."""
-    shape = scatter_rows_shape(y, row_assignment, assignment_row, weights, out)
-    if resolve_backend(y.device, backend) == "torch":
-        return copy_to_out(scatter_rows_torch(y, row_assignment, assignment_row, weights), out)
-    return _launch_rows(y, row_assignment, assignment_row, weights, out, shape, gather=False)
-
-
-def weights_grad(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    assignment_row: torch.Tensor,
-    dtype: torch.dtype | None = None,
-    *,
-    backend: str | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``dw[t, j] = <a[t], b[assignment_row[t, j]]>`` (0 where the row is ``-1``), fp32 accumulation:
-    a ``[T, d]``, b ``[R, d]`` → ``[T, k]`` in ``dtype`` (default a's). The top-k weights' gradient."""
-    dtype = dtype or a.dtype
-    shape = weights_grad_shape(a, b, assignment_row, dtype, out)
-    if resolve_backend(a.device, backend) == "torch":
-        return copy_to_out(weights_grad_torch(a, b, assignment_row, dtype), out)
-    _check_index_values(None, assignment_row, b.shape[0])
-    out = out_or_empty(out, shape, a, dtype)
+def scatter(y: torch.Tensor, assignment_row: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor) -> None:
+    """Launch ``scatter_kernel``: ``out[t] = Σ_j weights[t, j] · y[assignment_row[t, j]]`` (skipping -1, j in
+    order); operands validated by the caller."""
     if out.numel() == 0:
-        return out
+        return
     cfg = permute_config()
-    _weights_grad_kernel[(triton.cdiv(out.numel(), cfg.block_rows),)](
-        a, b, out, assignment_row, out.numel(), a.shape[1], shape[1],
+    w = y if weights is None else weights
+    scatter_kernel[_grid_d(*out.shape, cfg)](
+        y, out, assignment_row, w, out.shape[0], out.shape[1], assignment_row.shape[1],
+        *y.stride(), *out.stride(), *assignment_row.stride(), *(w.stride() if weights is not None else (0, 0)),
+        HAS_WEIGHTS=weights is not None, BLOCK_ROWS=cfg.block_rows, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
+    )  # fmt: skip
+
+
+def weights_grad(a: torch.Tensor, b: torch.Tensor, assignment_row: torch.Tensor, out: torch.Tensor) -> None:
+    """Launch ``weights_grad_kernel``: ``out[t, j] = <a[t], b[assignment_row[t, j]]>`` (0 where -1); operands
+    validated by the caller."""
+    if out.numel() == 0:
+        return
+    cfg = permute_config()
+    weights_grad_kernel[(triton.cdiv(out.numel(), cfg.block_rows),)](
+        a, b, out, assignment_row, out.numel(), a.shape[1], out.shape[1],
         *a.stride(), *b.stride(), *out.stride(), *assignment_row.stride(),
         BLOCK_ROWS=cfg.block_rows, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
     )  # fmt: skip
-    return out
-
-
-# ----------------------------------------------------------------------------------------------- torch
-
-
-def gather_rows_torch(
-    x: torch.Tensor, row_assignment: torch.Tensor, assignment_row: torch.Tensor, weights: torch.Tensor | None = None
-) -> torch.Tensor:
-    """PyTorch ``gather_rows`` (same contract): index_select with a zero row appended for ``a = -1``."""
-    T, k = assignment_row.shape
-    a = row_assignment.long()
-    valid = a >= 0
-    rows = _with_zero_row(x).index_select(0, torch.where(valid, a // k, T))
-    if weights is not None:
-        w = torch.cat([weights.float().reshape(-1), weights.new_zeros(1).float()])
-        rows = rows * w.index_select(0, torch.where(valid, a, T * k))[:, None]
-    return rows.to(x.dtype)
-
-
-def _with_zero_row(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in fp32 with a zero row appended (the target of index -1)."""
-    return torch.cat([t.float(), t.new_zeros(1, t.shape[1]).float()])
-
-
-def _rows_of_assignments(b: torch.Tensor, assignment_row: torch.Tensor) -> torch.Tensor:
-    """fp32 ``[T, k, d]``: row ``assignment_row[t, j]`` of b, zero where it is -1."""
-    r = assignment_row.long()
-    idx = torch.where(r >= 0, r, b.shape[0]).reshape(-1)
-    return _with_zero_row(b).index_select(0, idx).view(*r.shape, b.shape[1])
-
-
-def scatter_rows_torch(
-    y: torch.Tensor, row_assignment: torch.Tensor, assignment_row: torch.Tensor, weights: torch.Tensor | None = None
-) -> torch.Tensor:
-    """PyTorch ``scatter_rows``: gather the k rows of each token, weight, sum over j in fp32."""
-    rows = _rows_of_assignments(y, assignment_row)
-    if weights is not None:
-        rows = rows * weights.float()[..., None]
-    return rows.sum(1).to(y.dtype)
-
-
-def weights_grad_torch(
-    a: torch.Tensor, b: torch.Tensor, assignment_row: torch.Tensor, dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """PyTorch ``weights_grad``: ``<a[t], b[assignment_row[t, j]]>`` in fp32, zero where the row is -1."""
-    return (_rows_of_assignments(b, assignment_row) * a.float()[:, None, :]).sum(-1).to(dtype or a.dtype)

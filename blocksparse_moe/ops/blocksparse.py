@@ -1,249 +1,231 @@
-"""Differentiable block-sparse matmuls: custom ops ``bsm::sdd``, ``bsm::dsd``, ``bsm::dsd_t``, ``bsm::dds``,
-``bsm::dds_t`` (with fake impls, so they trace under ``torch.compile(fullgraph=True)``) and their autograd.
+"""Differentiable block-sparse matmuls over the expert topology: custom ops ``bsm::sdd``, ``bsm::dsd``,
+``bsm::dsd_t``, ``bsm::dds``, ``bsm::dds_t`` and ``bsm::sdd_wgrad`` (with fake impls, so they trace under
+``torch.compile(fullgraph=True)``) and their autograd.
 
-Each op takes its dense/sparse operands, the topology as its seven int32 tensors (``Topology.tensors()`` order)
-plus ``block_size``, ``num_experts``, ``ffn_size``, and the resolved backend (``"triton"`` or ``"torch"``).
-Gradients reuse the same five ops (MegaBlocks §5.1), on transposed views, never copies:
+Each op takes its two tensor operands, the topology as ``padded_offsets`` plus ``block_size``, ``ffn_size`` and
+``max_block_rows`` (``routing.Topology``: the block-diagonal layout needs nothing else), and the backend, which the
+functional wrappers below resolve once per call (``_backend.resolve_backend``) after validating the operands
+(``_checks``). Gradients reuse the same ops (MegaBlocks §5.1), on transposed views, never copies, and every weight
+gradient comes out in its parameter's layout:
 
-- ``sdd``:   da = dsd(dS, wᵀ),           dw = dsd_t(dS, a)ᵀ
-- ``dsd``:   dS = sdd(dy, wᵀ),           dw = dsd_t(S, dy)
-- ``dsd_t``: dS = sdd(a, dgᵀ),           da = dsd(S, dg)
-- ``dds``:   da = dds_t(dc, S),          dS = sdd(aᵀ, dc viewed [E, M, F])
-- ``dds_t``: dg = dds(dc, S),            dS = sdd(dcᵀ, g viewed [E, M, F])
+- ``sdd``:   da = dsd(dS, wᵀ),       dw = sdd_wgrad(a, dS)         ``[E, K, F]`` like w
+- ``dsd``:   dS = sdd(dy, wᵀ),       dw = dsd_t(S, dy)             ``[E, F, N]`` like w
+- ``dsd_t``: dS = sdd(a, dgᵀ),       da = dsd(S, dg)
+- ``dds``:   da = dds_t(dc, S),      dS = sdd(aᵀ, dc viewed [E, M, F])
+- ``dds_t``: dg = dds(dc, S),        dS = sdd(dcᵀ, g viewed [E, M, F])
 
-``bsm::dsd_act`` (``y = (act(h) [* g]) @ w``, the memory-optimised MLP's second GEMM) applies the activation in
-the kernel's prologue and saves only ``h``, ``g`` and ``w``: dw = ``bsm::dsd_t_act`` (the Sᵀ kernel with the same
-prologue), da = sdd(dy, wᵀ), then dh = da · g · act'(h) and dg = da · act(h) elementwise in fp32.
+``sdd_wgrad(a, S)`` (``out[e] = a[rows of e]ᵀ @ S[rows of e]``) is ``dds`` with its output in the weights' layout.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from .. import backends
 from .._backend import resolve_backend
-from ..kernels import blocksparse as kernels
 from ..routing import Topology
+from . import _checks
 
-__all__ = ["sdd", "dsd", "dsd_t", "dds", "dds_t", "dsd_act"]
-
-
-def _topology(topo: list[Tensor], block_size: int, num_experts: int, ffn_size: int) -> Topology:
-    """Rebuild the ``Topology`` from the op arguments (sizes follow from the tensors' static shapes)."""
-    return Topology(block_size, num_experts, ffn_size, -(-ffn_size // block_size), topo[2].shape[0] - 1, *topo)
+__all__ = ["sdd", "dsd", "dsd_t", "dds", "dds_t", "sdd_wgrad"]
 
 
-def _args(topo: Topology, operand: Tensor, backend: str | None) -> tuple:
-    """The op arguments that describe the topology and the backend."""
-    if not isinstance(topo, Topology):
-        raise TypeError(f"topo must be a blocksparse_moe.routing.Topology, got {type(topo).__name__}")
-    if not isinstance(operand, Tensor):
-        raise TypeError(f"operands must be torch.Tensor, got {type(operand).__name__}")
-    backend = resolve_backend(operand.device, backend)
-    return list(topo.tensors()), topo.block_size, topo.num_experts, topo.ffn_size, backend
+def _topology(padded_offsets: Tensor, block_size: int, ffn_size: int, max_block_rows: int) -> Topology:
+    return Topology(block_size, padded_offsets.shape[0] - 1, ffn_size, max_block_rows, padded_offsets)
 
 
 # ----------------------------------------------------------------------------------------------- custom ops
 
 
-def _define(name: str, operands: tuple[str, str], topo_first: bool):
-    """Custom op ``bsm::<name>`` and its fake over ``kernels.<name>`` and ``kernels.<name>_shape``. The op takes
-    the two tensor operands (named ``operands`` in its schema), then the topology arguments and the backend; the
-    kernel takes ``(x, topo, y)`` when ``topo_first``, else ``(x, y, topo)``."""
-    kernel, kernel_shape = getattr(kernels, name), getattr(kernels, f"{name}_shape")
-    x_name, y_name = operands
-    schema = (
-        f"(Tensor {x_name}, Tensor {y_name}, Tensor[] topo, SymInt block_size, SymInt num_experts, SymInt ffn_size, "
-        "str backend) -> Tensor"
-    )
-
-    def kernel_args(x: Tensor, y: Tensor, topo: list[Tensor], *sizes: int) -> tuple:
-        t = _topology(topo, *sizes)
-        return (x, t, y) if topo_first else (x, y, t)
-
-    @torch.library.custom_op(f"bsm::{name}", mutates_args=(), schema=schema)
-    def op(x, y, topo, block_size, num_experts, ffn_size, backend):
-        return kernel(*kernel_args(x, y, topo, block_size, num_experts, ffn_size), backend=backend)
-
-    @op.register_fake
-    def _(x, y, topo, block_size, num_experts, ffn_size, backend):
-        return x.new_empty(kernel_shape(*kernel_args(x, y, topo, block_size, num_experts, ffn_size)))
-
-    return op
+@torch.library.custom_op("bsm::sdd", mutates_args=())
+def _sdd(
+    a: Tensor, w: Tensor, padded_offsets: Tensor, block_size: int, ffn_size: int, max_block_rows: int, backend: str
+) -> Tensor:
+    return backends.get(backend).sdd(a, w, _topology(padded_offsets, block_size, ffn_size, max_block_rows))
 
 
-_sdd = _define("sdd", ("a", "w"), topo_first=False)
-_dsd = _define("dsd", ("data", "w"), topo_first=True)
-_dsd_t = _define("dsd_t", ("data", "a"), topo_first=True)
-_dds = _define("dds", ("a", "data"), topo_first=False)
-_dds_t = _define("dds_t", ("g", "data"), topo_first=False)
+@_sdd.register_fake
+def _(a, w, padded_offsets, block_size, ffn_size, max_block_rows, backend):
+    return a.new_empty(_checks.sdd_shape(a, w, _topology(padded_offsets, block_size, ffn_size, max_block_rows)))
 
 
-def _define_act(name: str, operand: str):
-    """Custom op ``bsm::<name>`` over ``kernels.<name>``: ``(h, g | None, <operand>, topology..., activation,
-    backend)``."""
-    kernel, kernel_shape = getattr(kernels, name), getattr(kernels, f"{name}_shape")
-    schema = (
-        f"(Tensor h, Tensor? g, Tensor {operand}, Tensor[] topo, SymInt block_size, SymInt num_experts, "
-        "SymInt ffn_size, str activation, str backend) -> Tensor"
-    )
-
-    @torch.library.custom_op(f"bsm::{name}", mutates_args=(), schema=schema)
-    def op(h, g, x, topo, block_size, num_experts, ffn_size, activation, backend):
-        t = _topology(topo, block_size, num_experts, ffn_size)
-        return kernel(h, g, t, x, activation, backend=backend)
-
-    @op.register_fake
-    def _(h, g, x, topo, block_size, num_experts, ffn_size, activation, backend):
-        return h.new_empty(kernel_shape(h, g, _topology(topo, block_size, num_experts, ffn_size), x, activation))
-
-    return op
+@torch.library.custom_op("bsm::sdd_wgrad", mutates_args=())
+def _sdd_wgrad(
+    a: Tensor, data: Tensor, padded_offsets: Tensor, block_size: int, ffn_size: int, max_block_rows: int, backend: str
+) -> Tensor:
+    return backends.get(backend).sdd_wgrad(a, data, _topology(padded_offsets, block_size, ffn_size, max_block_rows))
 
 
-_dsd_act = _define_act("dsd_act", "w")
-_dsd_t_act = _define_act("dsd_t_act", "a")
+@_sdd_wgrad.register_fake
+def _(a, data, padded_offsets, block_size, ffn_size, max_block_rows, backend):
+    topo = _topology(padded_offsets, block_size, ffn_size, max_block_rows)
+    return a.new_empty(_checks.sdd_wgrad_shape(a, data, topo))
+
+
+@torch.library.custom_op("bsm::dsd", mutates_args=())
+def _dsd(
+    data: Tensor, w: Tensor, padded_offsets: Tensor, block_size: int, ffn_size: int, max_block_rows: int, backend: str
+) -> Tensor:
+    return backends.get(backend).dsd(data, _topology(padded_offsets, block_size, ffn_size, max_block_rows), w)
+
+
+@_dsd.register_fake
+def _(data, w, padded_offsets, block_size, ffn_size, max_block_rows, backend):
+    return data.new_empty(_checks.dsd_shape(data, _topology(padded_offsets, block_size, ffn_size, max_block_rows), w))
+
+
+@torch.library.custom_op("bsm::dsd_t", mutates_args=())
+def _dsd_t(
+    data: Tensor, a: Tensor, padded_offsets: Tensor, block_size: int, ffn_size: int, max_block_rows: int, backend: str
+) -> Tensor:
+    return backends.get(backend).dsd_t(data, _topology(padded_offsets, block_size, ffn_size, max_block_rows), a)
+
+
+@_dsd_t.register_fake
+def _(data, a, padded_offsets, block_size, ffn_size, max_block_rows, backend):
+    topo = _topology(padded_offsets, block_size, ffn_size, max_block_rows)
+    return data.new_empty(_checks.dsd_t_shape(data, topo, a))
+
+
+@torch.library.custom_op("bsm::dds", mutates_args=())
+def _dds(
+    a: Tensor, data: Tensor, padded_offsets: Tensor, block_size: int, ffn_size: int, max_block_rows: int, backend: str
+) -> Tensor:
+    return backends.get(backend).dds(a, data, _topology(padded_offsets, block_size, ffn_size, max_block_rows))
+
+
+@_dds.register_fake
+def _(a, data, padded_offsets, block_size, ffn_size, max_block_rows, backend):
+    return a.new_empty(_checks.dds_shape(a, data, _topology(padded_offsets, block_size, ffn_size, max_block_rows)))
+
+
+@torch.library.custom_op("bsm::dds_t", mutates_args=())
+def _dds_t(
+    g: Tensor, data: Tensor, padded_offsets: Tensor, block_size: int, ffn_size: int, max_block_rows: int, backend: str
+) -> Tensor:
+    return backends.get(backend).dds_t(g, data, _topology(padded_offsets, block_size, ffn_size, max_block_rows))
+
+
+@_dds_t.register_fake
+def _(g, data, padded_offsets, block_size, ffn_size, max_block_rows, backend):
+    return g.new_empty(_checks.dds_t_shape(g, data, _topology(padded_offsets, block_size, ffn_size, max_block_rows)))
 
 
 # ----------------------------------------------------------------------------------------------- autograd
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    """Every op saves its two tensor operands and the topology; the ints and backend ride on ctx."""
-    x, y, topo, *ctx.meta = inputs
-    ctx.save_for_backward(x, y, *topo)
+    """Every op saves its two tensor operands and ``padded_offsets``; the sizes and the backend ride on ctx."""
+    x, y, padded_offsets, ctx.block_size, ctx.ffn_size, ctx.max_block_rows, ctx.backend = inputs
+    ctx.save_for_backward(x, y, padded_offsets)
 
 
-# Each backward returns: grads of the two operands, then None for each of the seven topology index tensors, for
-# block_size, num_experts, ffn_size and backend, none of which is differentiable.
-_NO_GRAD = ([None] * 7, None, None, None, None)
+def _meta(ctx) -> tuple:
+    """The non-tensor op arguments after the operands, from ``ctx``."""
+    return ctx.block_size, ctx.ffn_size, ctx.max_block_rows, ctx.backend
+
+
+# Each backward returns the gradients of the two operands, then None for padded_offsets, block_size, ffn_size,
+# max_block_rows and backend, none of which is differentiable.
+_NO_GRAD = (None,) * 5
 
 
 def _sdd_backward(ctx, grad):
-    a, w, *topo = ctx.saved_tensors
-    da = _dsd(grad, w.transpose(1, 2), topo, *ctx.meta) if ctx.needs_input_grad[0] else None
-    dw = _dsd_t(grad, a, topo, *ctx.meta).transpose(1, 2) if ctx.needs_input_grad[1] else None
+    a, w, offsets = ctx.saved_tensors
+    da = _dsd(grad, w.transpose(1, 2), offsets, *_meta(ctx)) if ctx.needs_input_grad[0] else None
+    dw = _sdd_wgrad(a, grad, offsets, *_meta(ctx)) if ctx.needs_input_grad[1] else None
     return da, dw, *_NO_GRAD
 
 
+def _sdd_wgrad_backward(ctx, grad):  # out[e] = a[rows e]ᵀ S[rows e]: da = dsd(S, gradᵀ), dS = sdd(a, grad)
+    a, data, offsets = ctx.saved_tensors
+    da = _dsd(data, grad.transpose(1, 2), offsets, *_meta(ctx)) if ctx.needs_input_grad[0] else None
+    ddata = _sdd(a, grad, offsets, *_meta(ctx)) if ctx.needs_input_grad[1] else None
+    return da, ddata, *_NO_GRAD
+
+
 def _dsd_backward(ctx, grad):
-    data, w, *topo = ctx.saved_tensors
-    ddata = _sdd(grad, w.transpose(1, 2), topo, *ctx.meta) if ctx.needs_input_grad[0] else None
-    dw = _dsd_t(data, grad, topo, *ctx.meta) if ctx.needs_input_grad[1] else None
+    data, w, offsets = ctx.saved_tensors
+    ddata = _sdd(grad, w.transpose(1, 2), offsets, *_meta(ctx)) if ctx.needs_input_grad[0] else None
+    dw = _dsd_t(data, grad, offsets, *_meta(ctx)) if ctx.needs_input_grad[1] else None
     return ddata, dw, *_NO_GRAD
 
 
 def _dsd_t_backward(ctx, grad):
-    data, a, *topo = ctx.saved_tensors
-    ddata = _sdd(a, grad.transpose(1, 2), topo, *ctx.meta) if ctx.needs_input_grad[0] else None
-    da = _dsd(data, grad, topo, *ctx.meta) if ctx.needs_input_grad[1] else None
+    data, a, offsets = ctx.saved_tensors
+    ddata = _sdd(a, grad.transpose(1, 2), offsets, *_meta(ctx)) if ctx.needs_input_grad[0] else None
+    da = _dsd(data, grad, offsets, *_meta(ctx)) if ctx.needs_input_grad[1] else None
     return ddata, da, *_NO_GRAD
 
 
 def _dds_backward(ctx, grad):
-    a, data, *topo = ctx.saved_tensors
-    da = _dds_t(grad, data, topo, *ctx.meta) if ctx.needs_input_grad[0] else None
-    ddata = _sdd(a.t(), grad.transpose(0, 1), topo, *ctx.meta) if ctx.needs_input_grad[1] else None
+    a, data, offsets = ctx.saved_tensors
+    da = _dds_t(grad, data, offsets, *_meta(ctx)) if ctx.needs_input_grad[0] else None
+    ddata = _sdd(a.t(), grad.transpose(0, 1), offsets, *_meta(ctx)) if ctx.needs_input_grad[1] else None
     return da, ddata, *_NO_GRAD
 
 
 def _dds_t_backward(ctx, grad):
-    g, data, *topo = ctx.saved_tensors
-    dg = _dds(grad, data, topo, *ctx.meta) if ctx.needs_input_grad[0] else None
-    ddata = _sdd(grad.t(), g.transpose(0, 1), topo, *ctx.meta) if ctx.needs_input_grad[1] else None
+    g, data, offsets = ctx.saved_tensors
+    dg = _dds(grad, data, offsets, *_meta(ctx)) if ctx.needs_input_grad[0] else None
+    ddata = _sdd(grad.t(), g.transpose(0, 1), offsets, *_meta(ctx)) if ctx.needs_input_grad[1] else None
     return dg, ddata, *_NO_GRAD
 
 
-def _act_grad(h: Tensor, activation: str) -> tuple[Tensor, Tensor]:
-    """``act(h)`` and ``act'(h)`` in fp32."""
-    h = h.float()
-    if activation == "none":
-        return h, torch.ones_like(h)
-    if activation == "relu":
-        return h.clamp(min=0), (h > 0).float()
-    if activation == "silu":
-        s = torch.sigmoid(h)
-        return h * s, s * (1 + h * (1 - s))
-    if activation == "gelu":
-        cdf = 0.5 * (1 + torch.erf(h * math.sqrt(0.5)))
-        return h * cdf, cdf + h * torch.exp(-0.5 * h * h) / math.sqrt(2 * math.pi)
-    c = math.sqrt(2 / math.pi)  # gelu_tanh: 0.5·h·(1 + tanh(u)), u = c·(h + 0.044715·h³)
-    t = torch.tanh(c * (h + 0.044715 * h**3))
-    return 0.5 * h * (1 + t), 0.5 * (1 + t) + 0.5 * h * (1 - t * t) * c * (1 + 3 * 0.044715 * h * h)
-
-
-def _setup_act_context(ctx, inputs, output) -> None:
-    h, g, w, topo, *meta = inputs
-    ctx.glu = g is not None
-    ctx.activation = meta[3]
-    ctx.meta = (*meta[:3], meta[4])
-    ctx.save_for_backward(h, g, w, *topo)
-
-
-def _dsd_act_backward(ctx, grad):
-    h, g, w, *topo = ctx.saved_tensors
-    activation, (block_size, num_experts, ffn_size, backend) = ctx.activation, ctx.meta
-    dw = None
-    if ctx.needs_input_grad[2]:
-        dw = _dsd_t_act(h, g, grad, topo, block_size, num_experts, ffn_size, activation, backend)
-    dh = dg = None
-    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        da = _sdd(grad, w.transpose(1, 2), topo, *ctx.meta).float()
-        a, da_dh = _act_grad(h, activation)
-        if ctx.needs_input_grad[0]:
-            dh = (da * da_dh if g is None else da * g.float() * da_dh).to(h.dtype)
-        if ctx.needs_input_grad[1]:
-            dg = (da * a).to(g.dtype)
-    return dh, dg, dw, *_NO_GRAD, None
-
-
-for _op, _backward in (
-    (_sdd, _sdd_backward),
-    (_dsd, _dsd_backward),
-    (_dsd_t, _dsd_t_backward),
-    (_dds, _dds_backward),
-    (_dds_t, _dds_t_backward),
-):
-    _op.register_autograd(_backward, setup_context=_setup_context)
-_dsd_act.register_autograd(_dsd_act_backward, setup_context=_setup_act_context)
+_sdd.register_autograd(_sdd_backward, setup_context=_setup_context)
+_sdd_wgrad.register_autograd(_sdd_wgrad_backward, setup_context=_setup_context)
+_dsd.register_autograd(_dsd_backward, setup_context=_setup_context)
+_dsd_t.register_autograd(_dsd_t_backward, setup_context=_setup_context)
+_dds.register_autograd(_dds_backward, setup_context=_setup_context)
+_dds_t.register_autograd(_dds_t_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------- functional
 
 
+def _args(topo: Topology, operand: Tensor, backend: str | None) -> tuple:
+    """The op arguments after the operands: the topology's and the backend resolved for ``operand``."""
+    return (
+        topo.padded_offsets,
+        topo.block_size,
+        topo.ffn_size,
+        topo.max_block_rows,
+        resolve_backend(operand.device, backend, operand.dtype),
+    )
+
+
 def sdd(a: Tensor, w: Tensor, topo: Topology, backend: str | None = None) -> Tensor:
-    """``S = a @ w`` at ``topo``'s blocks: a ``[P, K]``, w ``[E, K, F]`` → data ``[nnz_max, B, B]``."""
+    """``S = a @ w`` at ``topo``'s blocks: a ``[P, K]``, w ``[E, K, F]`` → data ``[nnz_max, B, B]`` (unused slots
+    and the columns past F of each expert's last block are zero)."""
+    _checks.sdd_shape(a, w, topo)
     return _sdd(a, w, *_args(topo, a, backend))
 
 
+def sdd_wgrad(a: Tensor, data: Tensor, topo: Topology, backend: str | None = None) -> Tensor:
+    """``out[e] = a[rows of e]ᵀ @ S[rows of e]``: a ``[P, K]``, data ``[nnz_max, B, B]`` → ``[E, K, F]``."""
+    _checks.sdd_wgrad_shape(a, data, topo)
+    return _sdd_wgrad(a, data, *_args(topo, a, backend))
+
+
 def dsd(data: Tensor, topo: Topology, w: Tensor, backend: str | None = None) -> Tensor:
-    """``y = S @ w``: data ``[nnz_max, B, B]``, w ``[E, F, N]`` → ``[P, N]``."""
+    """``y = S @ w``: data ``[nnz_max, B, B]``, w ``[E, F, N]`` → ``[P, N]`` (rows without blocks zero)."""
+    _checks.dsd_shape(data, topo, w)
     return _dsd(data, w, *_args(topo, data, backend))
 
 
 def dsd_t(data: Tensor, topo: Topology, a: Tensor, backend: str | None = None) -> Tensor:
-    """``g = Sᵀ @ a``: a ``[P, N]`` → ``[E, F, N]``."""
+    """``g = Sᵀ @ a``: a ``[P, N]`` → ``[E, F, N]`` (experts without rows give zeros)."""
+    _checks.dsd_t_shape(data, topo, a)
     return _dsd_t(data, a, *_args(topo, data, backend))
-
-
-def dsd_act(
-    h: Tensor, g: Tensor | None, topo: Topology, w: Tensor, activation: str, backend: str | None = None
-) -> Tensor:
-    """``y = (act(h) [* g]) @ w``: h (and GLU gate g) ``[nnz_max, B, B]``, w ``[E, F, N]`` → ``[P, N]``; the
-    activation (``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"silu"`` or ``"none"``) is fused into the kernel, and
-    backward keeps only ``h``, ``g`` and ``w``. Gradients at the elements of h / g the op ignores are unspecified."""
-    if activation not in kernels.ACT_CODES:
-        raise ValueError(f"activation must be one of {sorted(kernels.ACT_CODES)}, got {activation!r}")
-    topo_tensors, block_size, num_experts, ffn_size, backend = _args(topo, h, backend)
-    return _dsd_act(h, g, w, topo_tensors, block_size, num_experts, ffn_size, activation, backend)
 
 
 def dds(a: Tensor, data: Tensor, topo: Topology, backend: str | None = None) -> Tensor:
     """``c = a @ S``: a ``[M, P]`` → ``[M, E, F]``."""
+    _checks.dds_shape(a, data, topo)
     return _dds(a, data, *_args(topo, data, backend))
 
 
 def dds_t(g: Tensor, data: Tensor, topo: Topology, backend: str | None = None) -> Tensor:
     """``c = g @ Sᵀ``: g ``[M, E, F]`` → ``[M, P]``."""
+    _checks.dds_t_shape(g, data, topo)
     return _dds_t(g, data, *_args(topo, data, backend))

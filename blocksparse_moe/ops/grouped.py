@@ -1,11 +1,12 @@
-"""Differentiable grouped GEMM over expert-sorted rows: custom ops ``bsm::grouped_mm`` and
-``bsm::grouped_mm_wgrad`` (with fake impls, so they trace under ``torch.compile(fullgraph=True)``) and autograd.
+"""Differentiable grouped GEMM over expert-sorted rows: custom ops ``bsm::grouped_mm`` and ``bsm::grouped_mm_wgrad``
+(with fake impls, so they trace under ``torch.compile(fullgraph=True)``) and autograd.
 
 For ``y = grouped_mm(x, w, offsets[, row_assignment, assignment_row])``:
 
 - dx = grouped_mm(dy, wᵀ, offsets) (a view of w, no copy), then, with the fused gather, ``scatter_rows`` of it
   back to the tokens (summing each token's k rows);
-- dw = grouped_mm_wgrad(x, dy, offsets[, row_assignment]): the variable-K kernel (experts with no rows: zeros).
+- dw = grouped_mm_wgrad(x, dy, offsets[, row_assignment]) in w's layout ``[E, K, N]`` (experts with no rows:
+  zeros), the gather fused into its loads.
 """
 
 from __future__ import annotations
@@ -13,10 +14,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kernels import grouped_gemm as kernels
-from .permute import _backend, _scatter_rows
+from .. import backends
+from .._backend import resolve_backend
+from . import _checks
+from .permute import _scatter_rows
 
-__all__ = ["grouped_mm"]
+__all__ = ["grouped_mm", "grouped_mm_wgrad", "row_sources"]
+
+
+def row_sources(row_assignment: Tensor, top_k: int) -> Tensor:
+    """``[R]`` int32 token of each sorted row (``row_assignment // k``, -1 where the row has no assignment)."""
+    return torch.where(row_assignment >= 0, row_assignment // top_k, -1).to(row_assignment.dtype)
 
 
 # ----------------------------------------------------------------------------------------------- custom ops
@@ -31,24 +39,26 @@ def _grouped_mm(
     assignment_row: Tensor | None,
     backend: str,
 ) -> Tensor:
-    return kernels.grouped_mm(x, w, offsets, row_assignment, assignment_row, backend=backend)
+    row_src = None if row_assignment is None else row_sources(row_assignment, assignment_row.shape[1])
+    return backends.get(backend).grouped_mm(x, w, offsets, row_src)
 
 
 @_grouped_mm.register_fake
 def _(x, w, offsets, row_assignment, assignment_row, backend):
-    return x.new_empty(kernels.grouped_mm_shape(x, w, offsets, row_assignment, assignment_row))
+    return x.new_empty(_checks.grouped_mm_shape(x, w, offsets, row_assignment, assignment_row))
 
 
 @torch.library.custom_op("bsm::grouped_mm_wgrad", mutates_args=())
 def _grouped_mm_wgrad(
     x: Tensor, dy: Tensor, offsets: Tensor, row_assignment: Tensor | None, k: int, backend: str
 ) -> Tensor:
-    return kernels.grouped_mm_wgrad(x, dy, offsets, row_assignment, k, backend=backend)
+    row_src = None if row_assignment is None else row_sources(row_assignment, k)
+    return backends.get(backend).grouped_mm_wgrad(x, dy, offsets, row_src)
 
 
 @_grouped_mm_wgrad.register_fake
 def _(x, dy, offsets, row_assignment, k, backend):
-    return x.new_empty(kernels.grouped_mm_wgrad_shape(x, dy, offsets, row_assignment, k))
+    return x.new_empty(_checks.grouped_mm_wgrad_shape(x, dy, offsets, row_assignment, k))
 
 
 # ----------------------------------------------------------------------------------------------- autograd
@@ -91,4 +101,19 @@ def grouped_mm(
     offsets[E]`` zero); ``src(i) = row_assignment[i] // k`` when both maps are given (fused gather, k =
     ``assignment_row.shape[1]``), else ``i``. x ``[T or R, K]``, w ``[E, K, N]`` → ``[R, N]``; differentiable in
     x and w."""
-    return _grouped_mm(x, w, offsets, row_assignment, assignment_row, _backend(x, "x", backend))
+    _checks.grouped_mm_shape(x, w, offsets, row_assignment, assignment_row)
+    return _grouped_mm(x, w, offsets, row_assignment, assignment_row, resolve_backend(x.device, backend, x.dtype))
+
+
+def grouped_mm_wgrad(
+    x: Tensor,
+    dy: Tensor,
+    offsets: Tensor,
+    row_assignment: Tensor | None = None,
+    k: int = 1,
+    backend: str | None = None,
+) -> Tensor:
+    """``dw[e] = x[src(rows of e)]ᵀ @ dy[rows of e]`` → ``[E, K, N]``: ``grouped_mm``'s weight gradient (not
+    differentiable itself)."""
+    _checks.grouped_mm_wgrad_shape(x, dy, offsets, row_assignment, k)
+    return _grouped_mm_wgrad(x, dy, offsets, row_assignment, k, resolve_backend(x.device, backend, x.dtype))

@@ -14,44 +14,48 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import backends
 from .._backend import resolve_backend
-from ..kernels import permute as kernels
+from . import _checks
 
-__all__ = ["gather_rows", "scatter_rows"]
+__all__ = ["gather_rows", "scatter_rows", "weights_grad"]
 
 
 # ----------------------------------------------------------------------------------------------- custom ops
 
 
-def _define(name: str, data_name: str):
-    """Custom op ``bsm::<name>`` and its fake over ``kernels.<name>`` and ``kernels.<name>_shape``, for the two ops
-    that share one signature (``data_name`` names the data operand in the schema)."""
-    kernel, kernel_shape = getattr(kernels, name), getattr(kernels, f"{name}_shape")
-    schema = f"(Tensor {data_name}, Tensor row_assignment, Tensor assignment_row, Tensor? weights, str backend)"
-
-    @torch.library.custom_op(f"bsm::{name}", mutates_args=(), schema=f"{schema} -> Tensor")
-    def op(data, row_assignment, assignment_row, weights, backend):
-        return kernel(data, row_assignment, assignment_row, weights, backend=backend)
-
-    @op.register_fake
-    def _(data, row_assignment, assignment_row, weights, backend):
-        return data.new_empty(kernel_shape(data, row_assignment, assignment_row, weights))
-
-    return op
+@torch.library.custom_op("bsm::gather_rows", mutates_args=())
+def _gather_rows(
+    x: Tensor, row_assignment: Tensor, assignment_row: Tensor, weights: Tensor | None, backend: str
+) -> Tensor:
+    return backends.get(backend).gather_rows(x, row_assignment, assignment_row, weights)
 
 
-_gather_rows = _define("gather_rows", "x")
-_scatter_rows = _define("scatter_rows", "y")
+@_gather_rows.register_fake
+def _(x, row_assignment, assignment_row, weights, backend):
+    return x.new_empty(_checks.gather_rows_shape(x, row_assignment, assignment_row, weights))
+
+
+@torch.library.custom_op("bsm::scatter_rows", mutates_args=())
+def _scatter_rows(
+    y: Tensor, row_assignment: Tensor, assignment_row: Tensor, weights: Tensor | None, backend: str
+) -> Tensor:
+    return backends.get(backend).scatter_rows(y, row_assignment, assignment_row, weights)
+
+
+@_scatter_rows.register_fake
+def _(y, row_assignment, assignment_row, weights, backend):
+    return y.new_empty(_checks.scatter_rows_shape(y, row_assignment, assignment_row, weights))
 
 
 @torch.library.custom_op("bsm::weights_grad", mutates_args=())
 def _weights_grad(a: Tensor, b: Tensor, assignment_row: Tensor, dtype: torch.dtype, backend: str) -> Tensor:
-    return kernels.weights_grad(a, b, assignment_row, dtype, backend=backend)
+    return backends.get(backend).weights_grad(a, b, assignment_row, dtype)
 
 
 @_weights_grad.register_fake
 def _(a, b, assignment_row, dtype, backend):
-    return a.new_empty(kernels.weights_grad_shape(a, b, assignment_row, dtype), dtype=dtype)
+    return a.new_empty(_checks.weights_grad_shape(a, b, assignment_row, dtype), dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------- autograd
@@ -92,12 +96,6 @@ _scatter_rows.register_autograd(_scatter_rows_backward, setup_context=_setup_con
 # ----------------------------------------------------------------------------------------------- functional
 
 
-def _backend(data: Tensor, name: str, backend: str | None) -> str:
-    if not isinstance(data, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(data).__name__}")
-    return resolve_backend(data.device, backend)
-
-
 def gather_rows(
     x: Tensor,
     row_assignment: Tensor,
@@ -107,7 +105,8 @@ def gather_rows(
 ) -> Tensor:
     """Token rows into sorted order: ``out[i] = weights.flat[a] · x[a // k]``, ``a = row_assignment[i]``, zero
     where ``a = -1``. x ``[T, d]`` → ``[R, d]``; differentiable in x and weights ``[T, k]`` (None means 1)."""
-    return _gather_rows(x, row_assignment, assignment_row, weights, _backend(x, "x", backend))
+    _checks.gather_rows_shape(x, row_assignment, assignment_row, weights)
+    return _gather_rows(x, row_assignment, assignment_row, weights, resolve_backend(x.device, backend, x.dtype))
 
 
 def scatter_rows(
@@ -119,4 +118,15 @@ def scatter_rows(
 ) -> Tensor:
     """Sorted rows back to tokens: ``out[t] = Σ_j weights[t, j] · y[assignment_row[t, j]]`` skipping ``-1``,
     deterministic. y ``[R, d]`` → ``[T, d]``; differentiable in y and weights ``[T, k]`` (None means 1)."""
-    return _scatter_rows(y, row_assignment, assignment_row, weights, _backend(y, "y", backend))
+    _checks.scatter_rows_shape(y, row_assignment, assignment_row, weights)
+    return _scatter_rows(y, row_assignment, assignment_row, weights, resolve_backend(y.device, backend, y.dtype))
+
+
+def weights_grad(
+    a: Tensor, b: Tensor, assignment_row: Tensor, dtype: torch.dtype | None = None, backend: str | None = None
+) -> Tensor:
+    """``dw[t, j] = <a[t], b[assignment_row[t, j]]>`` (0 where the row is -1): a ``[T, d]``, b ``[R, d]`` →
+    ``[T, k]`` in ``dtype`` (default a's). The top-k weights' gradient of both ops (not differentiable)."""
+    dtype = dtype or a.dtype
+    _checks.weights_grad_shape(a, b, assignment_row, dtype)
+    return _weights_grad(a, b, assignment_row, dtype, resolve_backend(a.device, backend, a.dtype))

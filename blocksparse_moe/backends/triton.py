@@ -1,0 +1,272 @@
+"""The Triton backend: every op contract (``ops/``) on the two expert-GEMM kernels and the permute kernels.
+
+Each function maps its operands onto the kernels' row layouts (``kernels.expert_gemm.Rows``: dense, blocked or
+gathered) and launches; operands are validated by the op layer (``ops._checks``) before they get here. ``out``
+(optional, for tests that poison it) receives the result.
+
+The block-sparse ops read the block-diagonal topology from ``padded_offsets`` alone: ``sdd`` / ``dsd`` / ``dds_t``
+are ``gemm`` launches whose M tiles are the block rows, ``dsd_t`` / ``dds`` are ``wgrad`` launches reducing over
+each expert's block rows, on strided views where an operand is transposed (never a copy).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels import expert_gemm as gemm_kernels
+from ..kernels import permute as permute_kernels
+from ..kernels._common import interpreting
+from ..kernels.expert_gemm import BackwardEpilogue, Rows, Schedule
+from ..routing import Topology
+from .common import MlpRouting, combine_dots
+
+__all__ = [
+    "DTYPES",
+    "grouped_block_m",
+    "sdd",
+    "sdd_wgrad",
+    "dsd",
+    "dsd_t",
+    "dds",
+    "dds_t",
+    "grouped_mm",
+    "grouped_mm_wgrad",
+    "gather_rows",
+    "scatter_rows",
+    "weights_grad",
+    "mlp_forward",
+    "mlp_backward",
+]
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the kernels' data types (float64: the torch backend)
+
+
+def _empty(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor, dtype=None) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device) if out is None else out
+
+
+def grouped_block_m(rows: int, num_experts: int) -> int:
+    """M tile of the grouped GEMMs, chosen on the host from shapes: 128 rows when experts expect that many
+    (``rows / E``), else 64 (decode, fine-grained experts); 16 when interpreting."""
+    if interpreting():
+        return 16
+    return 128 if rows >= 128 * num_experts else 64
+
+
+def _block_schedule(topo: Topology) -> Schedule:
+    """Block rows as the M tiles: expert e's rows ``padded_offsets[e] .. padded_offsets[e+1]``."""
+    return Schedule.build(topo.padded_offsets, topo.num_rows, topo.block_size, padded=True)
+
+
+def _blocks(data: torch.Tensor, topo: Topology) -> Rows:
+    return Rows.blocked(data, topo.blocks_per_expert, topo.ffn_size)
+
+
+def _rows(t: torch.Tensor, gathered: bool = False) -> Rows:
+    """A dense row operand with unit column stride: the loads the kernels pipeline (wgmma takes a transposed A
+    only through registers, which serialises the loop), so a transposed view is copied first."""
+    return Rows.dense(t if t.stride(1) == 1 else t.contiguous(), gathered)
+
+
+# ----------------------------------------------------------------------------------------------- block-sparse
+
+
+def sdd(a: torch.Tensor, w: torch.Tensor, topo: Topology, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``S = a @ w`` at the blocks of ``topo``: a ``[P, K]``, w ``[E, K, F]`` → data ``[nnz_max, B, B]``."""
+    B = topo.block_size
+    out = _empty(out, (topo.nnz_max, B, B), a)
+    gemm_kernels.gemm(_rows(a), w, _blocks(out, topo), _block_schedule(topo))
+    return out
+
+
+def sdd_wgrad(a: torch.Tensor, data: torch.Tensor, topo: Topology, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[e] = a[rows of e]ᵀ @ S[rows of e]``: a ``[P, K]`` → ``[E, K, F]`` (sdd's weight gradient)."""
+    out = _empty(out, (topo.num_experts, a.shape[1], topo.ffn_size), a)
+    gemm_kernels.wgrad(_rows(a), _blocks(data, topo), out, topo.padded_offsets)
+    return out
+
+
+def dsd(data: torch.Tensor, topo: Topology, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = S @ w``: w ``[E, F, N]`` → ``[P, N]``."""
+    out = _empty(out, (topo.num_rows, w.shape[2]), data)
+    gemm_kernels.gemm(_blocks(data, topo), w, Rows.dense(out), _block_schedule(topo))
+    return out
+
+
+def dsd_t(data: torch.Tensor, topo: Topology, a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``g = Sᵀ @ a``: a ``[P, N]`` → ``[E, F, N]``."""
+    out = _empty(out, (topo.num_experts, topo.ffn_size, a.shape[1]), data)
+    gemm_kernels.wgrad(_blocks(data, topo), _rows(a), out, topo.padded_offsets)
+    return out
+
+
+def dds(a: torch.Tensor, data: torch.Tensor, topo: Topology, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``c = a @ S``: a ``[M, P]`` → ``[M, E, F]``, as ``(Sᵀ @ aᵀ)ᵀ`` (aᵀ copied to rows, the result's view)."""
+    out = _empty(out, (a.shape[0], topo.num_experts, topo.ffn_size), data)
+    gemm_kernels.wgrad(_blocks(data, topo), _rows(a.t()), out.permute(1, 2, 0), topo.padded_offsets)
+    return out
+
+
+def dds_t(g: torch.Tensor, data: torch.Tensor, topo: Topology, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``c = g @ Sᵀ``: g ``[M, E, F]`` → ``[M, P]``, as ``(S @ gᵀ)ᵀ`` (gᵀ a view; the result transposed once)."""
+    rows = dsd(data, topo, g.permute(1, 2, 0))
+    return rows.t().contiguous() if out is None else out.copy_(rows.t())
+
+
+# ----------------------------------------------------------------------------------------------- grouped
+
+
+def grouped_mm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    offsets: torch.Tensor,
+    row_src: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y[i] = x[src(i)] @ w[e]`` for rows ``offsets[e] ≤ i < offsets[e+1]`` (``src = row_src`` when gathering,
+    else ``i``); rows ``≥ offsets[E]`` zero. → ``[R, N]``."""
+    rows = x.shape[0] if row_src is None else row_src.shape[0]
+    out = _empty(out, (rows, w.shape[2]), x)
+    schedule = Schedule.build(offsets, rows, grouped_block_m(rows, w.shape[0]))
+    gemm_kernels.gemm(_rows(x, gathered=row_src is not None), w, Rows.dense(out), schedule, row_src=row_src)
+    return out
+
+
+def grouped_mm_wgrad(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    offsets: torch.Tensor,
+    row_src: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``dw[e] = x[src(rows of e)]ᵀ @ dy[rows of e]`` → ``[E, K, N]`` (zeros for experts without rows)."""
+    out = _empty(out, (offsets.shape[0] - 1, x.shape[1], dy.shape[1]), x)
+    gemm_kernels.wgrad(_rows(x, gathered=row_src is not None), _rows(dy), out, offsets, row_src=row_src)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- permute
+
+
+def gather_rows(x, row_assignment, assignment_row, weights=None, out=None) -> torch.Tensor:
+    """``out[i] = weights.flat[a] · x[a // k]``, ``a = row_assignment[i]`` (zero where -1) → ``[R, d]``."""
+    out = _empty(out, (row_assignment.shape[0], x.shape[1]), x)
+    permute_kernels.gather(x, row_assignment, assignment_row.shape[1], weights, out)
+    return out
+
+
+def scatter_rows(y, row_assignment, assignment_row, weights=None, out=None) -> torch.Tensor:
+    """``out[t] = Σ_j weights[t, j] · y[assignment_row[t, j]]`` (skipping -1, j in order) → ``[T, d]``."""
+    out = _empty(out, (assignment_row.shape[0], y.shape[1]), y)
+    permute_kernels.scatter(y, assignment_row, weights, out)
+    return out
+
+
+def weights_grad(a, b, assignment_row, dtype=None, out=None) -> torch.Tensor:
+    """``dw[t, j] = <a[t], b[assignment_row[t, j]]>`` (0 where -1) → ``[T, k]`` in ``dtype``."""
+    out = _empty(out, tuple(assignment_row.shape), a, dtype)
+    permute_kernels.weights_grad(a, b, assignment_row, out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- fused MLP
+
+
+def _layout(routing: MlpRouting, t: torch.Tensor, cols: int) -> Rows:
+    if routing.block_size:
+        return Rows.blocked(t, -(-cols // routing.block_size), cols)
+    return Rows.dense(t)
+
+
+def _schedule(routing: MlpRouting) -> Schedule:
+    E = routing.offsets.shape[0] - 1
+    max_tiles = routing.rows // routing.block_m if routing.block_size else min(
+        -(-routing.rows // routing.block_m) + E, routing.rows
+    )  # fmt: skip
+    return Schedule(routing.offsets, routing.tile_offsets, routing.block_m, max_tiles)
+
+
+def mlp_forward(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w3: torch.Tensor | None,
+    routing: MlpRouting,
+    activation: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``out [T, d]``, and the ``h``, ``g`` backward needs (``MlpRouting.intermediate_shape``): the gated
+    up-projection (gather fused, activation in the epilogue), the down-projection, the weighted scatter."""
+    F = w1.shape[2]
+    shape = routing.intermediate_shape(F)
+    h = torch.empty(shape, dtype=x.dtype, device=x.device)
+    g = None if w3 is None else torch.empty_like(h)
+    a = torch.empty_like(h)
+    schedule = _schedule(routing)
+    hl = _layout(routing, h, F)
+    gemm_kernels.gemm(
+        _rows(x, gathered=True), w1, hl, schedule, row_src=routing.row_src, gate=w3, gate_out=g, act_out=a,
+        activation=activation,
+    )  # fmt: skip
+    y = torch.empty(routing.rows, w2.shape[2], dtype=x.dtype, device=x.device)
+    gemm_kernels.gemm(_layout(routing, a, F), w2, Rows.dense(y), schedule)
+    out = x.new_empty(x.shape)
+    permute_kernels.scatter(y, routing.assignment_row, weights, out)
+    return out, h, g
+
+
+def mlp_backward(
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w3: torch.Tensor | None,
+    h: torch.Tensor,
+    g: torch.Tensor | None,
+    routing: MlpRouting,
+    activation: str,
+    needs: tuple[bool, bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of ``mlp_forward`` for ``(x, weights, w1, w2, w3)`` where ``needs`` says so, else None.
+
+    1. ``G = dout[token] @ w2ᵀ`` at each row, the epilogue giving ``dh``, ``dg``, ``aw = weight·a`` and the
+       per-row ``<G, a>`` (the top-k weight gradient);
+    2. ``dw2[e] = aw[rows of e]ᵀ @ dout[token]`` (gather fused);
+    3. ``dx = scatter(dh @ w1ᵀ + dg @ w3ᵀ)`` (one GEMM for the pair);
+    4. ``dw1[e], dw3[e] = x[token]ᵀ @ dh, dg`` (gather fused, one pass over the x tiles).
+    """
+    need_x, need_weights, need_w1, need_w2, need_w3 = needs
+    F = w1.shape[2]
+    schedule = _schedule(routing)
+    dh = torch.empty_like(h)
+    dg = None if g is None else torch.empty_like(g)
+    aw = torch.empty_like(h)
+    dots = gemm_kernels.gemm(
+        _rows(dout, gathered=True), w2.transpose(1, 2), _layout(routing, dh, F), schedule,
+        row_src=routing.row_src, gate_out=dg, act_out=aw, activation=activation,
+        backward=BackwardEpilogue(h, g, routing.row_asg, weights.reshape(-1)),
+    )  # fmt: skip
+    dweights = combine_dots(dots, routing.assignment_row, weights.dtype) if need_weights else None
+    dw2 = None
+    if need_w2:
+        dw2 = torch.empty_like(w2, memory_format=torch.contiguous_format)
+        gemm_kernels.wgrad(
+            _layout(routing, aw, F), _rows(dout, gathered=True), dw2, routing.offsets, row_src=routing.row_src
+        )
+    dx = None
+    if need_x:
+        dxs = torch.empty(routing.rows, x.shape[1], dtype=x.dtype, device=x.device)
+        pair = None if g is None else (_layout(routing, dg, F), w3.transpose(1, 2))
+        gemm_kernels.gemm(_layout(routing, dh, F), w1.transpose(1, 2), Rows.dense(dxs), schedule, pair=pair)
+        dx = x.new_empty(x.shape)
+        permute_kernels.scatter(dxs, routing.assignment_row, None, dx)
+    dw1 = dw3 = None
+    if need_w1 or need_w3:
+        dw1 = torch.empty_like(w1, memory_format=torch.contiguous_format)
+        dw3 = None if g is None else torch.empty_like(w3, memory_format=torch.contiguous_format)
+        gemm_kernels.wgrad(
+            _rows(x, gathered=True), _layout(routing, dh, F), dw1, routing.offsets, row_src=routing.row_src,
+            b2=None if dg is None else _layout(routing, dg, F), out2=dw3,
+        )  # fmt: skip
+    return dx, dweights, dw1, dw2, dw3

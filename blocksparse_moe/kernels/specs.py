@@ -1,0 +1,222 @@
+"""Every kernel configuration the GPU path can pick, as ``CompileSpec``s for the ahead-of-time compile audit
+(``python -m bench.audit``): the launchers' configs (``expert_gemm.gemm_config`` / ``wgrad_config``,
+``permute.permute_config``) crossed with the operand layouts the ops run.
+
+Layouts decide which stride the JIT specialises to 1 (a contiguous operand) and so the loads the compiler emits:
+each use below lists its unit strides. Row operands always have unit column stride (the Triton backend copies a
+transposed view first: wgmma takes a transposed A only through registers, which serialises the main loop); weights
+come in either orientation (``wT``: ``dy @ wᵀ``) and stay views. Coverage, and what is left out on purpose:
+
+- dtypes: bf16 and fp32 for every use; fp16 for the main GEMM shapes only (its builds are the bf16 builds with
+  another MMA type: the same tiles, registers and pipeline);
+- the fast config of 16-bit operands is built ``aligned`` (the launcher picks it only for 16-byte aligned operands
+  whose sizes and strides are multiples of 16, ``aligned16``), its fallback ``unaligned`` (odd shapes; partly
+  aligned operands lie between the two);
+- the fused epilogues with silu; the GLU epilogues (forward and backward, dense and blocked) once more with each
+  other activation (bf16, 128-row tiles, the fast config), where the epilogue's registers differ;
+- block sizes 64 and 128 (the GPU sizes; 16 and 32 are for interpreter tests and have no wgmma-sized tile).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..activations import NAMES, kernel_code
+from ._common import CompileSpec, kernel_signature, triton_type
+from .expert_gemm import DENSE_LOG_BLOCK, gemm_config, gemm_kernel, wgrad_config, wgrad_kernel
+from .permute import gather_kernel, permute_config, scatter_kernel, weights_grad_kernel
+
+__all__ = ["compile_specs"]
+
+_INDEX = dict.fromkeys(
+    ("offsets_ptr", "tile_offsets_ptr", "row_src_ptr", "row_asg_ptr", "row_assignment_ptr", "assignment_row_ptr"),
+    torch.int32,
+)
+_FP32 = dict.fromkeys(("weights_ptr", "dots_ptr"), torch.float32)
+
+# Integer arguments that realistic shapes make multiples of 16 (sizes and strides; never row or expert counts).
+_GEMM_ALIGNED = ("N", "N_STORE", "K", "s_arb", "s_ar", "s_acb", "s_ac", "s_we", "s_wk", "s_wn", "s_orb", "s_or",
+                 "s_ocb", "s_oc")  # fmt: skip
+_WGRAD_ALIGNED = ("M", "N", "s_arb", "s_ar", "s_acb", "s_ac", "s_brb", "s_br", "s_bcb", "s_bc", "s_oe", "s_om", "s_on")
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _spec(name, kernel, dtype, cfg, constexprs, unit, aligned, variants, pointer_dtypes) -> CompileSpec:
+    constexprs = {**constexprs, **dict.fromkeys(unit, 1)}
+    signature = kernel_signature(kernel, constexprs, dtype, pointer_dtypes)
+    aligned = tuple(a for a in aligned if a not in unit and a in signature)
+    matmul = constexprs["BLOCK_M"] >= 64
+    return CompileSpec(
+        name, kernel, signature, constexprs, cfg.num_warps, cfg.num_stages, matmul, aligned=aligned,
+        variants=variants,
+    )  # fmt: skip
+
+
+def _variants(dtype: torch.dtype, configs) -> list[tuple[object, tuple[str, ...]]]:
+    """(config, variants) for a config function of ``aligned``: one config for both, or the fast one aligned and
+    the fallback unaligned."""
+    fast, fallback = configs(aligned=True), configs(aligned=False)
+    if fast == fallback:
+        return [(fast, ("unaligned", "aligned"))]
+    return [(fast, ("aligned",)), (fallback, ("unaligned",))]
+
+
+# ----------------------------------------------------------------------------------------------- gemm
+
+# (tag, epilogue, GLU, PAIR, GATHER, A blocked, out blocked, unit strides)
+_GEMM_USES = (
+    ("grouped_mm", 0, False, False, False, False, False, ("s_ac", "s_wn", "s_oc")),
+    ("grouped_mm,gather", 0, False, False, True, False, False, ("s_ac", "s_wn", "s_oc")),
+    ("grouped_mm,wT", 0, False, False, False, False, False, ("s_ac", "s_wk", "s_oc")),  # dy @ wᵀ
+    ("up,glu", 1, True, False, True, False, False, ("s_ac", "s_wn", "s_oc")),
+    ("up", 1, False, False, True, False, False, ("s_ac", "s_wn", "s_oc")),
+    ("down_bwd,glu", 2, True, False, True, False, False, ("s_ac", "s_wk", "s_oc")),  # dout @ w2ᵀ
+    ("down_bwd", 2, False, False, True, False, False, ("s_ac", "s_wk", "s_oc")),
+    ("dgrad_pair", 0, False, True, False, False, False, ("s_ac", "s_wk", "s_oc")),  # dh @ w1ᵀ + dg @ w3ᵀ
+    ("sdd", 0, False, False, False, False, True, ("s_ac", "s_wn", "s_oc")),
+    ("sdd,wT", 0, False, False, False, False, True, ("s_ac", "s_wk", "s_oc")),
+    ("dsd", 0, False, False, False, True, False, ("s_ac", "s_wn", "s_oc")),
+    ("dsd,wT", 0, False, False, False, True, False, ("s_ac", "s_wk", "s_oc")),  # also dds_t: (S @ gᵀ)ᵀ
+    ("up,glu,B", 1, True, False, True, False, True, ("s_ac", "s_wn", "s_oc")),
+    ("up,B", 1, False, False, True, False, True, ("s_ac", "s_wn", "s_oc")),
+    ("down,B", 0, False, False, False, True, False, ("s_ac", "s_wn", "s_oc")),
+    ("down_bwd,glu,B", 2, True, False, True, False, True, ("s_ac", "s_wk", "s_oc")),
+    ("down_bwd,B", 2, False, False, True, False, True, ("s_ac", "s_wk", "s_oc")),
+    ("dgrad_pair,B", 0, False, True, False, True, False, ("s_ac", "s_wk", "s_oc")),
+)
+_MAIN_USES = ("grouped_mm", "up,glu", "down_bwd,glu", "up,glu,B", "dsd")  # also built in fp16
+
+
+def _gemm_specs() -> list[CompileSpec]:
+    specs = []
+    for tag, epilogue, glu, pair, gather, a_blocked, out_blocked, unit in _GEMM_USES:
+        blocked = a_blocked or out_blocked
+        for dtype in (torch.bfloat16, torch.float32, torch.float16):
+            if dtype == torch.float16 and tag not in _MAIN_USES:
+                continue
+            for block_m in (64, 128):  # grouped: chosen from the rows per expert; blocked: B
+                B = block_m if blocked else None
+
+                def configs(aligned, dtype=dtype, block_m=block_m, B=B, epilogue=epilogue, glu=glu, a=a_blocked):
+                    return gemm_config(dtype, block_m, epilogue=epilogue, glu=glu, aligned=aligned,
+                                       out_block=None if a else B, a_block=B if a else None)  # fmt: skip
+
+                lb_block = (B or 0).bit_length() - 1 if blocked else DENSE_LOG_BLOCK
+                activations = ("silu",) if epilogue else ("identity",)
+                if glu and epilogue and dtype == torch.bfloat16 and block_m == 128:
+                    activations = NAMES  # the other activations: bf16, GLU, 128-row tiles, fast config
+                for cfg, variants in _variants(dtype, configs):
+                    for act in activations if variants == ("aligned",) else activations[:1]:
+                        constexprs = dict(
+                            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                            LB_A=lb_block if a_blocked else DENSE_LOG_BLOCK,
+                            LB_O=lb_block if out_blocked else DENSE_LOG_BLOCK, GATHER=gather, GLU=glu, PAIR=pair,
+                            EPILOGUE=epilogue, ACT=kernel_code(act), UPCAST=False,
+                        )  # fmt: skip
+                        act_tag = f",{act}" if epilogue else ""
+                        size = f"B={B}" if blocked else f"M={cfg.block_m}"
+                        name = f"gemm[{tag}{act_tag},{triton_type(dtype)},{size},N={cfg.block_n},K={cfg.block_k}]"
+                        specs.append(
+                            _spec(
+                                name,
+                                gemm_kernel,
+                                dtype,
+                                cfg,
+                                constexprs,
+                                unit,
+                                _GEMM_ALIGNED,
+                                variants,
+                                {**_INDEX, **_FP32},
+                            )  # fmt: skip
+                        )
+    return specs
+
+
+# ----------------------------------------------------------------------------------------------- wgrad
+
+# (tag, A gathered, B gathered, DUAL, A blocked, B blocked, unit strides)
+_WGRAD_USES = (
+    ("grouped_wgrad", True, False, False, False, False, ("s_ac", "s_bc", "s_on")),  # x[token]ᵀ @ dy
+    ("grouped_wgrad,dense", False, False, False, False, False, ("s_ac", "s_bc", "s_on")),
+    ("w13", True, False, True, False, False, ("s_ac", "s_bc", "s_on")),  # x[token]ᵀ @ (dh, dg)
+    ("w2", False, True, False, False, False, ("s_ac", "s_bc", "s_on")),  # awᵀ @ dout[token]
+    ("w13,B", True, False, True, False, True, ("s_ac", "s_bc", "s_on")),
+    ("w2,B", False, True, False, True, False, ("s_ac", "s_bc", "s_on")),
+    ("dsd_t", False, False, False, True, False, ("s_ac", "s_bc", "s_on")),  # Sᵀ @ a
+    ("dds", False, False, False, True, False, ("s_ac", "s_bc", "s_om")),  # (Sᵀ @ aᵀ)ᵀ, aᵀ copied to rows
+    ("sdd_wgrad", False, False, False, False, True, ("s_ac", "s_bc", "s_on")),  # aᵀ @ S
+)
+_MAIN_WGRAD = ("grouped_wgrad", "w13,B")
+
+
+def _wgrad_specs() -> list[CompileSpec]:
+    specs = []
+    for tag, a_gather, b_gather, dual, a_blocked, b_blocked, unit in _WGRAD_USES:
+        blocked = a_blocked or b_blocked
+        for dtype in (torch.bfloat16, torch.float32, torch.float16):
+            if dtype == torch.float16 and tag not in _MAIN_WGRAD:
+                continue
+            for B in (64, 128) if blocked else (None,):
+
+                def configs(aligned, dtype=dtype, B=B, a=a_blocked, b=b_blocked, g=a_gather or b_gather, d=dual):
+                    return wgrad_config(dtype, gather=g, dual=d, aligned=aligned, a_block=B if a else None,
+                                        b_block=B if b else None)  # fmt: skip
+
+                lb = (B or 0).bit_length() - 1 if blocked else DENSE_LOG_BLOCK
+                for cfg, variants in _variants(dtype, configs):
+                    constexprs = dict(
+                        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                        LB_A=lb if a_blocked else DENSE_LOG_BLOCK, LB_B=lb if b_blocked else DENSE_LOG_BLOCK,
+                        A_GATHER=a_gather, B_GATHER=b_gather, DUAL=dual, UPCAST=False,
+                    )  # fmt: skip
+                    size = f"B={B}," if blocked else ""
+                    name = f"wgrad[{tag},{triton_type(dtype)},{size}M={cfg.block_m},N={cfg.block_n},K={cfg.block_k}]"
+                    specs.append(
+                        _spec(name, wgrad_kernel, dtype, cfg, constexprs, unit, _WGRAD_ALIGNED, variants, _INDEX)
+                    )
+    return specs
+
+
+# ----------------------------------------------------------------------------------------------- permute
+
+
+def _permute_specs() -> list[CompileSpec]:
+    """Data dtype × weights (same dtype or fp32, or none); one config serves aligned and unaligned operands."""
+    cfg = permute_config()
+    aligned_rows = {gather_kernel: ("stride_xt", "stride_or"), scatter_kernel: ("stride_yr", "stride_ot")}
+    specs = []
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        for wdt in dict.fromkeys((dtype, torch.float32)):
+            for kernel, name, weighted in (
+                (gather_kernel, "gather_rows", True),
+                (scatter_kernel, "scatter_rows", True),
+                (weights_grad_kernel, "weights_grad", None),
+            ):
+                constexprs = {"BLOCK_ROWS": cfg.block_rows, "BLOCK_D": cfg.block_d}
+                if weighted is not None:
+                    constexprs["HAS_WEIGHTS"] = True
+                unit = {s: 1 for s in kernel.arg_names if s.endswith("d") and s.startswith("stride_")}
+                weights = ("weights_ptr", "out_ptr") if kernel is weights_grad_kernel else ("weights_ptr",)
+                pointer_dtypes = {**_INDEX, **dict.fromkeys(weights, wdt)}
+                signature = kernel_signature(kernel, {**constexprs, **unit}, dtype, pointer_dtypes)
+                aligned = ("d", *aligned_rows.get(kernel, ("stride_at", "stride_br")))
+                specs.append(
+                    CompileSpec(
+                        f"{name}[{triton_type(dtype)},w={triton_type(wdt)}]",
+                        kernel,
+                        signature,
+                        {**constexprs, **unit},
+                        cfg.num_warps,
+                        num_stages=1,
+                        is_matmul=False,
+                        aligned=aligned,
+                        expect_pipelined=False,
+                    )  # fmt: skip
+                )
+    return specs
+
+
+def compile_specs() -> list[CompileSpec]:
+    """The GEMM, weight-gradient and permute configurations the GPU path can pick (module docstring)."""
+    return _gemm_specs() + _wgrad_specs() + _permute_specs()

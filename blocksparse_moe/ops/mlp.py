@@ -1,0 +1,169 @@
+"""The fused expert MLP of both dropless strategies: custom ops ``bsm::expert_mlp`` and
+``bsm::expert_mlp_backward`` (with fake impls, so they trace under ``torch.compile(fullgraph=True)``) and autograd.
+
+``out[t] = Σ_j weights[t, j] · (act(x[t] @ w1[e]) [· (x[t] @ w3[e])]) @ w2[e]``, ``e = top_k_index[t, j]``, in
+the layout of a strategy (``MlpRouting``): the block-sparse one (MegaBlocks: SDD with the GLU pair and the
+activation in its epilogue, then DSD, over the block-padded rows) or the grouped one (the same two GEMMs over the
+unpadded rows). Forward: the gated up-projection reads each x row tile once for ``w1`` and ``w3`` and writes ``h``,
+``g`` and ``a = act(h)·g``; the down-projection is a plain GEMM; the scatter applies the top-k weights.
+
+Autograd saves ``x``, ``h``, ``g`` (bf16 SwiGLU: ``2·(d + 2·k·f)`` bytes per token plus the block padding), the
+weights and the int32 routing, nothing else: no gathered copy of x, no activated ``a``, no expert outputs. The
+backward recomputes ``a`` in the epilogue of the GEMM producing ``dout @ w2ᵀ``, which also gives the top-k weight
+gradient ``<dout @ w2ᵀ, a>`` (``backends.triton.mlp_backward``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..backends.common import MlpRouting
+from ..routing import RoutingPlan
+from .grouped import row_sources
+
+__all__ = ["mlp_routing", "expert_mlp"]
+
+
+def mlp_routing(plan: RoutingPlan, *, blocksparse: bool, block_m: int) -> MlpRouting:
+    """The routing of ``plan`` for one strategy: block-padded rows (``blocksparse``; M tiles are blocks, so
+    ``block_m`` must divide the plan's block size) or the unpadded ones. The tile prefix sum is computed here,
+    once per call, on the device."""
+    if blocksparse:
+        B = plan.block_size
+        if B % block_m:
+            raise ValueError(f"block_m must divide the block size {B}, got {block_m}")
+        offsets, row_asg, asg_row = plan.padded_offsets, plan.padded_row_assignment, plan.padded_assignment_row
+        tile_offsets = offsets // block_m
+    else:
+        B = 0
+        offsets, row_asg, asg_row = plan.offsets, plan.row_assignment, plan.assignment_row
+        tiles = (offsets[1:] - offsets[:-1] + block_m - 1) // block_m
+        tile_offsets = torch.cat([offsets.new_zeros(1), tiles.cumsum(0).to(offsets.dtype)])
+    return MlpRouting(offsets, tile_offsets, row_sources(row_asg, plan.top_k), row_asg, asg_row, B, block_m)
+
+
+def _routing(offsets, tile_offsets, row_src, row_asg, assignment_row, block_size, block_m) -> MlpRouting:
+    return MlpRouting(offsets, tile_offsets, row_src, row_asg, assignment_row, block_size, block_m)
+
+
+# ----------------------------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("bsm::expert_mlp", mutates_args=())
+def _expert_mlp(
+    x: Tensor,
+    weights: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    w3: Tensor | None,
+    offsets: Tensor,
+    tile_offsets: Tensor,
+    row_src: Tensor,
+    row_asg: Tensor,
+    assignment_row: Tensor,
+    block_size: int,
+    block_m: int,
+    activation: str,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    routing = _routing(offsets, tile_offsets, row_src, row_asg, assignment_row, block_size, block_m)
+    out, h, g = backends.get(backend).mlp_forward(x, weights, w1, w2, w3, routing, activation)
+    return out, h, h.new_empty(0) if g is None else g
+
+
+@_expert_mlp.register_fake
+def _(x, weights, w1, w2, w3, offsets, tile_offsets, row_src, row_asg, assignment_row, block_size, block_m, *_):
+    routing = _routing(offsets, tile_offsets, row_src, row_asg, assignment_row, block_size, block_m)
+    h = x.new_empty(routing.intermediate_shape(w1.shape[2]))
+    return x.new_empty(x.shape), h, x.new_empty(0) if w3 is None else torch.empty_like(h)
+
+
+@torch.library.custom_op("bsm::expert_mlp_backward", mutates_args=())
+def _expert_mlp_backward(
+    dout: Tensor,
+    x: Tensor,
+    weights: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    w3: Tensor | None,
+    h: Tensor,
+    g: Tensor | None,
+    offsets: Tensor,
+    tile_offsets: Tensor,
+    row_src: Tensor,
+    row_asg: Tensor,
+    assignment_row: Tensor,
+    block_size: int,
+    block_m: int,
+    activation: str,
+    backend: str,
+    needs: list[bool],
+) -> list[Tensor]:
+    routing = _routing(offsets, tile_offsets, row_src, row_asg, assignment_row, block_size, block_m)
+    grads = backends.get(backend).mlp_backward(dout, x, weights, w1, w2, w3, h, g, routing, activation, tuple(needs))
+    return [x.new_empty(0) if t is None else t for t in grads]
+
+
+@_expert_mlp_backward.register_fake
+def _(dout, x, weights, w1, w2, w3, h, g, *args):
+    needs = args[-1]
+    like = (x, weights, w1, w2, w3)
+    glu = w3 is not None
+    wanted = (needs[0], needs[1], needs[2] or needs[4], needs[3], glu and (needs[2] or needs[4]))
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) if n else x.new_empty(0)
+            for t, n in zip(like, wanted)]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- autograd
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weights, w1, w2, w3, *routing, ctx.activation, ctx.backend = inputs
+    *tensors, ctx.block_size, ctx.block_m = routing
+    _, h, g = output
+    ctx.glu = w3 is not None
+    ctx.mark_non_differentiable(h, g)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, weights, w1, w2, w3, h, g if ctx.glu else None, *tensors)
+
+
+def _backward(ctx, dout, _dh, _dg):
+    x, weights, w1, w2, w3, h, g, *routing = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:5])
+    if dout is None or not any(needs):
+        return (None,) * 14
+    grads = _expert_mlp_backward(
+        dout, x, weights, w1, w2, w3, h, g, *routing, ctx.block_size, ctx.block_m, ctx.activation, ctx.backend, needs
+    )
+    dx, dweights, dw1, dw2, dw3 = (t if n else None for t, n in zip(grads, needs))
+    # None for the five routing tensors, block_size, block_m, activation and backend
+    return dx, dweights, dw1, dw2, dw3, *(None,) * 9
+
+
+_expert_mlp.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------- functional
+
+
+def expert_mlp(
+    x: Tensor,
+    weights: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    w3: Tensor | None,
+    routing: MlpRouting,
+    activation: str,
+    backend: str,
+) -> Tensor:
+    """The fused expert MLP (module docstring): x ``[T, d]``, weights ``[T, k]``, w1 / w3 ``[E, d, f]``, w2
+    ``[E, f, d]`` → ``[T, d]``. ``activation`` is a name of ``activations.NAMES``; ``backend`` resolved by the
+    caller (``functional.moe_mlp`` validates the operands). Differentiable in x, weights, w1, w2, w3."""
+    r = routing
+    out, _, _ = _expert_mlp(
+        x, weights, w1, w2, w3, r.offsets, r.tile_offsets, r.row_src, r.row_asg, r.assignment_row, r.block_size,
+        r.block_m, activation, backend,
+    )  # fmt: skip
+    return out
