@@ -4,20 +4,23 @@ This module is the specification of the routing metadata, its PyTorch implementa
 the reference), and the dispatcher that uses the compiled CUDA extension on CUDA tensors when it is built
 (``csrc/``; the same C++ is also built for the host and compared with this file in the tests).
 
-Glossary (T tokens, k choices per token, E experts, B block size, A = T·k assignments):
+The buffers of a plan are listed once, in ``PLAN_BUFFERS`` and ``TOPOLOGY_BUFFERS`` (name → shape); the
+dataclasses below, the compiled extension (``_ext``, which fills raw buffers by these names) and the custom ops
+(``Topology.tensors()`` / ``Topology.from_tensors``) all follow that table.
+
+Glossary (T tokens, k choices per token, E experts, B block size, A = T·k assignments, R = max_block_rows):
 
 - assignment ``a`` in ``[0, A)``: the choice ``top_k_index.flatten()[a]``; token ``a // k``, rank ``a % k``.
-- ``tokens_per_expert[E]``: how many valid assignments each expert received (histogram).
-- ``invalid_count[]``: assignments whose expert id is outside ``[0, E)``; they are excluded from the plan
-  (sorted last, mapped to row ``-1``) and turned into a ``ValueError`` when checking is on.
+- ``counts[E+1]``: how many valid assignments each expert received (histogram), then, at ``counts[E]``, the
+  assignments whose expert id is outside ``[0, E)``. Read as ``tokens_per_expert[E]`` and ``invalid_count[]``.
+  Invalid assignments are excluded from the plan (sorted last, mapped to row ``-1``) and turned into a
+  ``ValueError`` when checking is on.
 - ``offsets[E+1]``: exclusive scan of ``tokens_per_expert``; expert ``e`` owns sorted rows
-  ``offsets[e]:offsets[e+1]``.
+  ``offsets[e]:offsets[e+1]``. Rows are in stable order by expert, then by assignment index.
 - ``padded_offsets[E+1]``: the same with each expert rounded up to a multiple of ``B``.
-- ``sorted_assignment[A]``: stable sort of the assignments by expert id (invalid ids last).
-- ``inverse[A]``: ``inverse[sorted_assignment[i]] = i``.
 - ``row_assignment[A]`` / ``assignment_row[T, k]``: the unpadded sorted layout as the two maps the
-  gather/scatter kernels use (``-1`` = no assignment / invalid).
-- ``padded_row_assignment[max_padded_rows]`` / ``padded_assignment_row[T, k]``: the same for the block-padded
+  gather/scatter kernels use (``-1`` = no assignment / invalid); mutually inverse on valid assignments.
+- ``padded_row_assignment[R·B]`` / ``padded_assignment_row[T, k]``: the same for the block-padded
   layout; padding rows hold ``-1``.
 
 Every buffer is sized from upper bounds known from shapes, so nothing here synchronizes with the device:
@@ -30,7 +33,7 @@ max_block_rows·nb`` slots; the true count ``nnz = row_offsets[-1]`` lives on th
 
 - ``row_indices[nnz_max]``, ``column_indices[nnz_max]``: block ``b``'s block row and block column; ``-1`` in
   unused slots ``b >= nnz``.
-- ``row_offsets[max_block_rows+1]``: ``min(r, R)·nb`` where ``R = padded_offsets[E] / B`` used block rows.
+- ``row_offsets[max_block_rows+1]``: ``min(r, U)·nb`` where ``U = padded_offsets[E] / B`` used block rows.
 - ``column_offsets_t[E·nb+1]``: start of each block column in column-major order.
 - ``row_indices_t[nnz_max]``, ``column_indices_t[nnz_max]``: the blocks in column-major order; ``-1`` unused.
 - ``block_offsets_t[nnz_max]``: row-major position of each column-major block; identity on unused slots, so
@@ -39,15 +42,47 @@ max_block_rows·nb`` slots; the true count ``nnz = row_offsets[-1]`` lives on th
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ._backend import check_enabled
 
-__all__ = ["RoutingPlan", "Topology", "plan_routing", "build_topology", "max_block_rows"]
+__all__ = [
+    "PLAN_BUFFERS",
+    "TOPOLOGY_BUFFERS",
+    "PlanSizes",
+    "RoutingPlan",
+    "Topology",
+    "plan_routing",
+    "build_topology",
+    "max_block_rows",
+]
 
 INDEX_DTYPE = torch.int32
+
+# The one table of routing buffers (all int32): name -> shape. Plan buffers are shaped from (T, k, E, B, R),
+# topology buffers from (E, R, nb). The order is the order of the dataclass fields below and of csrc/routing.h's
+# RoutingBuffers (the tests check both).
+PLAN_BUFFERS: dict[str, Callable[[int, int, int, int, int], tuple[int, ...]]] = {
+    "counts": lambda T, k, E, B, R: (E + 1,),
+    "offsets": lambda T, k, E, B, R: (E + 1,),
+    "padded_offsets": lambda T, k, E, B, R: (E + 1,),
+    "row_assignment": lambda T, k, E, B, R: (T * k,),
+    "assignment_row": lambda T, k, E, B, R: (T, k),
+    "padded_row_assignment": lambda T, k, E, B, R: (R * B,),
+    "padded_assignment_row": lambda T, k, E, B, R: (T, k),
+}
+TOPOLOGY_BUFFERS: dict[str, Callable[[int, int, int], tuple[int, ...]]] = {
+    "row_indices": lambda E, R, nb: (R * nb,),
+    "column_indices": lambda E, R, nb: (R * nb,),
+    "row_offsets": lambda E, R, nb: (R + 1,),
+    "row_indices_t": lambda E, R, nb: (R * nb,),
+    "column_indices_t": lambda E, R, nb: (R * nb,),
+    "column_offsets_t": lambda E, R, nb: (E * nb + 1,),
+    "block_offsets_t": lambda E, R, nb: (R * nb,),
+}
 
 
 def max_block_rows(num_assignments: int, num_experts: int, block_size: int) -> int:
@@ -56,8 +91,44 @@ def max_block_rows(num_assignments: int, num_experts: int, block_size: int) -> i
 
 
 @dataclass(frozen=True)
+class PlanSizes:
+    """The sizes every buffer of one plan follows from (validated by ``plan_routing``)."""
+
+    num_tokens: int  # T
+    top_k: int  # k
+    num_experts: int  # E
+    block_size: int  # B
+    blocks_per_expert: int  # nb = ceil(F / B); 0: no topology
+
+    @property
+    def num_assignments(self) -> int:
+        return self.num_tokens * self.top_k
+
+    @property
+    def max_block_rows(self) -> int:
+        return max_block_rows(self.num_assignments, self.num_experts, self.block_size)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of every buffer the plan fills, by name, in table order (topology only when ``nb > 0``)."""
+        T, k, E, B, R, nb = (
+            self.num_tokens,
+            self.top_k,
+            self.num_experts,
+            self.block_size,
+            self.max_block_rows,
+            self.blocks_per_expert,
+        )
+        shapes = {name: shape(T, k, E, B, R) for name, shape in PLAN_BUFFERS.items()}
+        if nb:
+            shapes.update({name: shape(E, R, nb) for name, shape in TOPOLOGY_BUFFERS.items()})
+        return shapes
+
+
+@dataclass(frozen=True)
 class Topology:
-    """Block-sparse topology of ``S [max_block_rows·B, E·nb·B]`` for expert MLPs of width ``ffn_size``."""
+    """Block-sparse topology of ``S [max_block_rows·B, E·nb·B]`` for expert MLPs of width ``ffn_size``.
+
+    The index tensors are the ``TOPOLOGY_BUFFERS``, in that order (``tensors()`` / ``from_tensors``)."""
 
     block_size: int
     num_experts: int
@@ -87,37 +158,63 @@ class Topology:
         return self.row_offsets[-1]
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """The seven index tensors in a fixed order (what the custom ops take)."""
-        return (
-            self.row_indices,
-            self.column_indices,
-            self.row_offsets,
-            self.row_indices_t,
-            self.column_indices_t,
-            self.column_offsets_t,
-            self.block_offsets_t,
+        """The index tensors in ``TOPOLOGY_BUFFERS`` order (what the custom ops take)."""
+        return tuple(getattr(self, name) for name in TOPOLOGY_BUFFERS)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape each index tensor must have, by name (from ``TOPOLOGY_BUFFERS``)."""
+        E, R, nb = self.num_experts, self.max_block_rows, self.blocks_per_expert
+        return {name: shape(E, R, nb) for name, shape in TOPOLOGY_BUFFERS.items()}
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: Sequence[torch.Tensor], *, block_size: int, num_experts: int, ffn_size: int
+    ) -> Topology:
+        """Rebuild a topology from ``tensors()`` and its sizes (``max_block_rows`` follows from ``row_offsets``)."""
+        if len(tensors) != len(TOPOLOGY_BUFFERS):
+            raise ValueError(
+                f"expected the {len(TOPOLOGY_BUFFERS)} topology tensors ({', '.join(TOPOLOGY_BUFFERS)}), "
+                f"got {len(tensors)}"
+            )
+        named = dict(zip(TOPOLOGY_BUFFERS, tensors))
+        return cls(
+            block_size=block_size,
+            num_experts=num_experts,
+            ffn_size=ffn_size,
+            blocks_per_expert=-(-ffn_size // block_size),
+            max_block_rows=named["row_offsets"].shape[0] - 1,
+            **named,
         )
 
 
 @dataclass(frozen=True)
 class RoutingPlan:
-    """Everything the dropless kernels need to know about one routing. All tensors int32, on one device."""
+    """Everything the dropless kernels need to know about one routing. All tensors int32, on one device.
+
+    The tensor fields are the ``PLAN_BUFFERS``, in that order."""
 
     num_tokens: int
     top_k: int
     num_experts: int
     block_size: int
-    tokens_per_expert: torch.Tensor  # [E]
-    invalid_count: torch.Tensor  # [] assignments with an expert id outside [0, E)
+    counts: torch.Tensor  # [E+1]: tokens per expert, then the invalid count
     offsets: torch.Tensor  # [E+1]
     padded_offsets: torch.Tensor  # [E+1]
-    sorted_assignment: torch.Tensor  # [A]
-    inverse: torch.Tensor  # [A]
     row_assignment: torch.Tensor  # [A]  sorted row -> assignment, -1 for invalid
     assignment_row: torch.Tensor  # [T, k] assignment -> sorted row, -1 for invalid
     padded_row_assignment: torch.Tensor  # [max_block_rows·B] padded row -> assignment, -1 for padding
     padded_assignment_row: torch.Tensor  # [T, k] assignment -> padded row, -1 for invalid
     topology: Topology | None = None
+
+    @property
+    def tokens_per_expert(self) -> torch.Tensor:
+        """``[E]`` valid assignments per expert (a view of ``counts``)."""
+        return self.counts[: self.num_experts]
+
+    @property
+    def invalid_count(self) -> torch.Tensor:
+        """``[]`` assignments with an expert id outside ``[0, E)`` (a view of ``counts``)."""
+        return self.counts[self.num_experts]
 
     @property
     def num_assignments(self) -> int:
@@ -130,6 +227,28 @@ class RoutingPlan:
     @property
     def max_padded_rows(self) -> int:
         return self.max_block_rows * self.block_size
+
+    @classmethod
+    def from_buffers(cls, sizes: PlanSizes, buffers: dict[str, torch.Tensor], ffn_size: int | None) -> RoutingPlan:
+        """Wrap the buffers one backend filled (``sizes.shapes()`` by name) in a plan."""
+        topology = None
+        if ffn_size is not None:
+            topology = Topology(
+                block_size=sizes.block_size,
+                num_experts=sizes.num_experts,
+                ffn_size=ffn_size,
+                blocks_per_expert=sizes.blocks_per_expert,
+                max_block_rows=sizes.max_block_rows,
+                **{name: buffers[name] for name in TOPOLOGY_BUFFERS},
+            )
+        return cls(
+            num_tokens=sizes.num_tokens,
+            top_k=sizes.top_k,
+            num_experts=sizes.num_experts,
+            block_size=sizes.block_size,
+            **{name: buffers[name] for name in PLAN_BUFFERS},
+            topology=topology,
+        )
 
 
 def _validate(top_k_index: torch.Tensor, num_experts: int, block_size: int, ffn_size: int | None) -> None:
@@ -149,6 +268,14 @@ def _validate(top_k_index: torch.Tensor, num_experts: int, block_size: int, ffn_
         raise ValueError(f"ffn_size must be a positive int or None, got {ffn_size!r}")
     if top_k_index.numel() >= 2**31 - 1:
         raise ValueError(f"at most 2**31 - 2 assignments are supported (int32 indices), got {top_k_index.numel()}")
+
+
+def plan_sizes(top_k_index: torch.Tensor, num_experts: int, block_size: int, ffn_size: int | None) -> PlanSizes:
+    """The sizes of the plan of ``top_k_index`` (validated)."""
+    _validate(top_k_index, num_experts, block_size, ffn_size)
+    T, k = top_k_index.shape
+    nb = 0 if ffn_size is None else -(-ffn_size // block_size)
+    return PlanSizes(T, k, num_experts, block_size, nb)
 
 
 def plan_routing(
@@ -172,17 +299,18 @@ def plan_routing(
             raise would break the graph). Unchecked invalid ids are excluded from the plan.
         use_extension: on CUDA, use the compiled routing extension (default: when it is built).
     """
-    _validate(top_k_index, num_experts, block_size, ffn_size)
+    sizes = plan_sizes(top_k_index, num_experts, block_size, ffn_size)
     device = top_k_index.device
     if device.type == "cuda" and use_extension is not False:
         from . import _ext
 
         if _ext.cuda_available() or use_extension:
-            plan = _ext.plan_routing_cuda(top_k_index, num_experts, block_size, ffn_size)
+            buffers = _ext.plan_buffers_cuda(top_k_index, sizes)
         else:
-            plan = _plan_routing_torch(top_k_index, num_experts, block_size, ffn_size)
+            buffers = plan_buffers_torch(top_k_index, sizes)
     else:
-        plan = _plan_routing_torch(top_k_index, num_experts, block_size, ffn_size)
+        buffers = plan_buffers_torch(top_k_index, sizes)
+    plan = RoutingPlan.from_buffers(sizes, buffers, ffn_size)
     if check_enabled(device, check) and not torch.compiler.is_compiling():
         raise_on_invalid(plan, top_k_index)
     return plan
@@ -200,11 +328,10 @@ def raise_on_invalid(plan: RoutingPlan, top_k_index: torch.Tensor) -> None:
         )
 
 
-def _plan_routing_torch(
-    top_k_index: torch.Tensor, num_experts: int, block_size: int, ffn_size: int | None
-) -> RoutingPlan:
+def plan_buffers_torch(top_k_index: torch.Tensor, sizes: PlanSizes) -> dict[str, torch.Tensor]:
+    """The PyTorch implementation (the specification): every buffer of ``sizes.shapes()``, by name."""
     T, k = top_k_index.shape
-    E, B = num_experts, block_size
+    E, B = sizes.num_experts, sizes.block_size
     A = T * k
     device = top_k_index.device
     i32 = INDEX_DTYPE
@@ -222,17 +349,17 @@ def _plan_routing_torch(
 
     sorted_key, sorted_assignment = torch.sort(key, stable=True)
     position = torch.arange(A, dtype=torch.int64, device=device)
-    inverse = torch.empty_like(position).scatter_(0, sorted_assignment, position)
+    sorted_row = torch.empty_like(position).scatter_(0, sorted_assignment, position)  # inverse permutation
 
     sorted_valid = sorted_key < E
     row_assignment = torch.where(sorted_valid, sorted_assignment, -1)
-    assignment_row = torch.where(valid, inverse, -1)
+    assignment_row = torch.where(valid, sorted_row, -1)
 
     # Padded layout: sorted row i of expert e lands at padded_offsets[e] + (i - offsets[e]).
     safe_key = sorted_key.clamp(max=E - 1)
     padded_sorted_row = padded_offsets[safe_key] + position - offsets[safe_key]
     padded_sorted_row = torch.where(sorted_valid, padded_sorted_row, -1)
-    R = max_block_rows(A, E, B)
+    R = sizes.max_block_rows
     P = R * B
     # Invalid rows scatter into a dummy slot P (no boolean indexing: that would sync).
     padded_row_assignment = torch.full((P + 1,), -1, dtype=torch.int64, device=device)
@@ -240,35 +367,42 @@ def _plan_routing_torch(
     padded_row_assignment = padded_row_assignment[:P]
     padded_assignment_row = torch.empty_like(position).scatter_(0, sorted_assignment, padded_sorted_row)
 
-    topology = None
-    if ffn_size is not None:
-        topology = build_topology(padded_offsets.to(i32), B, E, ffn_size, R)
+    buffers = {
+        "counts": counts.to(i32),
+        "offsets": offsets.to(i32),
+        "padded_offsets": padded_offsets.to(i32),
+        "row_assignment": row_assignment.to(i32),
+        "assignment_row": assignment_row.to(i32).view(T, k),
+        "padded_row_assignment": padded_row_assignment.to(i32),
+        "padded_assignment_row": padded_assignment_row.to(i32).view(T, k),
+    }
+    if sizes.blocks_per_expert:
+        buffers.update(_topology_buffers(buffers["padded_offsets"], B, E, sizes.blocks_per_expert, R))
+    return buffers
 
-    return RoutingPlan(
-        num_tokens=T,
-        top_k=k,
-        num_experts=E,
-        block_size=B,
-        tokens_per_expert=counts[:E].to(i32),
-        invalid_count=counts[E].to(i32),
-        offsets=offsets.to(i32),
-        padded_offsets=padded_offsets.to(i32),
-        sorted_assignment=sorted_assignment.to(i32),
-        inverse=inverse.to(i32),
-        row_assignment=row_assignment.to(i32),
-        assignment_row=assignment_row.to(i32).view(T, k),
-        padded_row_assignment=padded_row_assignment.to(i32),
-        padded_assignment_row=padded_assignment_row.to(i32).view(T, k),
-        topology=topology,
-    )
+
+def _plan_routing_torch(
+    top_k_index: torch.Tensor, num_experts: int, block_size: int, ffn_size: int | None
+) -> RoutingPlan:
+    """``plan_routing`` through the PyTorch implementation, whatever the device (the reference of the tests)."""
+    sizes = plan_sizes(top_k_index, num_experts, block_size, ffn_size)
+    return RoutingPlan.from_buffers(sizes, plan_buffers_torch(top_k_index, sizes), ffn_size)
 
 
 def build_topology(
     padded_offsets: torch.Tensor, block_size: int, num_experts: int, ffn_size: int, max_rows: int
 ) -> Topology:
     """Topology from ``padded_offsets[E+1]`` (device tensor), all in closed form: no sort, no sync."""
+    nb = -(-ffn_size // block_size)
+    buffers = _topology_buffers(padded_offsets, block_size, num_experts, nb, max_rows)
+    return Topology(block_size, num_experts, ffn_size, nb, max_rows, **buffers)
+
+
+def _topology_buffers(
+    padded_offsets: torch.Tensor, block_size: int, num_experts: int, nb: int, max_rows: int
+) -> dict[str, torch.Tensor]:
+    """The ``TOPOLOGY_BUFFERS`` by name, from ``padded_offsets[E+1]``."""
     B, E = block_size, num_experts
-    nb = -(-ffn_size // B)
     nnz_max = max_rows * nb
     device = padded_offsets.device
     i64 = torch.int64
@@ -298,17 +432,12 @@ def build_topology(
     column_offsets_t = torch.where(c < E * nb, nb * rbo[ce] + cj * nrows[ce], nb * used_rows)
 
     i32 = INDEX_DTYPE
-    return Topology(
-        block_size=B,
-        num_experts=E,
-        ffn_size=ffn_size,
-        blocks_per_expert=nb,
-        max_block_rows=max_rows,
-        row_indices=row_indices.to(i32),
-        column_indices=column_indices.to(i32),
-        row_offsets=row_offsets.to(i32),
-        row_indices_t=row_indices_t.to(i32),
-        column_indices_t=column_indices_t.to(i32),
-        column_offsets_t=column_offsets_t.to(i32),
-        block_offsets_t=block_offsets_t.to(i32),
-    )
+    return {
+        "row_indices": row_indices.to(i32),
+        "column_indices": column_indices.to(i32),
+        "row_offsets": row_offsets.to(i32),
+        "row_indices_t": row_indices_t.to(i32),
+        "column_indices_t": column_indices_t.to(i32),
+        "column_offsets_t": column_offsets_t.to(i32),
+        "block_offsets_t": block_offsets_t.to(i32),
+    }

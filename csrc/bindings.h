@@ -74,13 +74,18 @@ inline RoutingShape parse_shape(const std::string& index_dtype, int64_t num_toke
   return s;
 }
 
-// The outputs a plan of shape s needs, in order, with their element counts.
+// The outputs a plan of shape s needs, with their element counts, in the order of routing.PLAN_BUFFERS and
+// TOPOLOGY_BUFFERS (exposed as buffer_sizes(); a test compares the two).
 inline std::vector<std::pair<std::string, int64_t>> expected_outputs(const RoutingShape& s) {
   const int64_t A = s.assignments(), E = s.num_experts;
   std::vector<std::pair<std::string, int64_t>> names{
-      {"counts", E + 1},       {"offsets", E + 1},        {"padded_offsets", E + 1},
-      {"sorted_assignment", A}, {"inverse", A},            {"row_assignment", A},
-      {"assignment_row", A},    {"padded_row_assignment", s.padded_rows()}, {"padded_assignment_row", A},
+      {"counts", E + 1},
+      {"offsets", E + 1},
+      {"padded_offsets", E + 1},
+      {"row_assignment", A},
+      {"assignment_row", A},
+      {"padded_row_assignment", s.padded_rows()},
+      {"padded_assignment_row", A},
   };
   if (s.blocks_per_expert > 0) {
     const int64_t nnz = s.nnz_max();
@@ -125,8 +130,6 @@ inline RoutingBuffers parse_buffers(const RoutingShape& s, std::uintptr_t top_k_
                         get("counts"),
                         get("offsets"),
                         get("padded_offsets"),
-                        get("sorted_assignment"),
-                        get("inverse"),
                         get("row_assignment"),
                         get("assignment_row"),
                         get("padded_row_assignment"),
@@ -152,7 +155,25 @@ top_k_index: data pointer of the contiguous [num_tokens, top_k] ids (index_dtype
 blocks_per_expert: nb = ceil(ffn_size / block_size), or 0 for no topology.
 max_block_rows: routing.max_block_rows(num_tokens * top_k, num_experts, block_size).
 outputs: {name: (data_ptr, numel)} for counts [E+1] (counts[E] = invalid ids), offsets, padded_offsets,
-sorted_assignment, inverse, row_assignment, assignment_row, padded_row_assignment, padded_assignment_row, and,
-when blocks_per_expert > 0, the seven topology arrays. Raises ValueError on any inconsistent argument.)doc";
+row_assignment, assignment_row, padded_row_assignment, padded_assignment_row, and, when blocks_per_expert > 0,
+the seven topology arrays (buffer_sizes() lists them). Raises ValueError on any inconsistent argument.)doc";
+
+// buffer_sizes(index_dtype, ...): [(name, numel)] of the outputs plan_routing expects for these sizes.
+inline std::vector<std::pair<std::string, int64_t>> buffer_sizes(const std::string& index_dtype, int64_t num_tokens,
+                                                                 int64_t top_k, int64_t num_experts,
+                                                                 int64_t block_size, int64_t blocks_per_expert,
+                                                                 int64_t max_rows) {
+  return expected_outputs(
+      parse_shape(index_dtype, num_tokens, top_k, num_experts, block_size, blocks_per_expert, max_rows));
+}
+
+// The functions both modules define besides plan_routing.
+inline void define_common(py::module_& m) {
+  m.def("buffer_sizes", &buffer_sizes,
+        "[(name, numel)] of the int32 outputs plan_routing expects, in order (the C++ side of routing.PLAN_BUFFERS "
+        "and TOPOLOGY_BUFFERS).",
+        py::arg("index_dtype"), py::arg("num_tokens"), py::arg("top_k"), py::arg("num_experts"), py::arg("block_size"),
+        py::arg("blocks_per_expert"), py::arg("max_block_rows"));
+}
 
 }  // namespace bsm

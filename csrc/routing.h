@@ -33,14 +33,13 @@ BSM_HD void atomic_add_one(int32_t* counts, int32_t bin) {
 #endif
 }
 
-// Raw pointers of every buffer of one plan (all int32, caller-allocated with the sizes in the comments).
+// Raw pointers of every buffer of one plan (all int32, caller-allocated with the sizes in the comments), in the
+// order of routing.PLAN_BUFFERS + TOPOLOGY_BUFFERS (blocksparse_moe/routing.py; a test checks the order).
 struct RoutingBuffers {
   const void* top_k_index;         // [A] int32 or int64
   int32_t* counts;                 // [E+1]
   int32_t* offsets;                // [E+1]
   int32_t* padded_offsets;         // [E+1]
-  int32_t* sorted_assignment;      // [A]
-  int32_t* inverse;                // [A]
   int32_t* row_assignment;         // [A]
   int32_t* assignment_row;         // [A]
   int32_t* padded_row_assignment;  // [P]
@@ -75,6 +74,7 @@ struct RoutingScratch {
   int32_t* keys;           // [A]
   int32_t* values;         // [A] 0..A-1
   int32_t* sorted_keys;    // [A]
+  int32_t* sorted_values;  // [A] the assignments in sorted order
   int32_t* padded_counts;  // [E+1]
 };
 
@@ -114,7 +114,7 @@ struct PadCounts {
   }
 };
 
-// Per sorted row i: the inverse permutation and the unpadded / padded row maps.
+// Per sorted row i: the unpadded / padded row maps (mutually inverse on valid assignments).
 // padded_row_assignment must be filled with -1 first (padding rows keep it).
 struct RowMaps {
   const int32_t* sorted_keys;
@@ -122,7 +122,6 @@ struct RowMaps {
   const int32_t* offsets;
   const int32_t* padded_offsets;
   int64_t num_experts;
-  int32_t* inverse;
   int32_t* row_assignment;
   int32_t* assignment_row;
   int32_t* padded_row_assignment;
@@ -131,7 +130,6 @@ struct RowMaps {
     const int32_t a = sorted_assignment[i];
     const int32_t e = sorted_keys[i];
     const int32_t row = static_cast<int32_t>(i);
-    inverse[a] = row;
     if (e < num_experts) {
       const int32_t padded_row = padded_offsets[e] + (row - offsets[e]);
       row_assignment[i] = a;
@@ -248,10 +246,10 @@ void plan_routing(Executor& ex, const RoutingShape& s, const RoutingBuffers& o, 
   ex.for_each(E + 1, PadCounts{o.counts, E, B, w.padded_counts});
   ex.exclusive_scan(w.padded_counts, o.padded_offsets, E + 1);
 
-  ex.sort_pairs(w.keys, w.values, w.sorted_keys, o.sorted_assignment, A, E, o.offsets);
+  ex.sort_pairs(w.keys, w.values, w.sorted_keys, w.sorted_values, A, E, o.offsets);
   ex.for_each(s.padded_rows(), Fill{o.padded_row_assignment, -1});
-  ex.for_each(A, RowMaps{w.sorted_keys, o.sorted_assignment, o.offsets, o.padded_offsets, E, o.inverse,
-                         o.row_assignment, o.assignment_row, o.padded_row_assignment, o.padded_assignment_row});
+  ex.for_each(A, RowMaps{w.sorted_keys, w.sorted_values, o.offsets, o.padded_offsets, E, o.row_assignment,
+                         o.assignment_row, o.padded_row_assignment, o.padded_assignment_row});
 
   if (nb > 0) {
     ex.for_each(s.nnz_max(), Blocks{o.padded_offsets, E, B, nb, o.row_indices, o.column_indices, o.row_indices_t,

@@ -49,12 +49,13 @@ std::size_t cub_temp_bytes(int64_t assignments, int64_t num_experts) {
   return std::max(sort_bytes, scan_bytes);
 }
 
-// Workspace layout: keys [A], values [A], sorted_keys [A], padded_counts [E+1], CUB temp; each 256-byte aligned.
+// Workspace layout: keys [A], values [A], sorted_keys [A], sorted_values [A], padded_counts [E+1], CUB temp; each
+// 256-byte aligned.
 std::size_t workspace_bytes(int64_t assignments, int64_t num_experts) {
   check_range("num_assignments", assignments, 0, kInt32Limit - 1);
   check_range("num_experts", num_experts, 1, kInt32Limit - 1);
   const std::size_t a = align_up(sizeof(int32_t) * assignments);
-  return 3 * a + align_up(sizeof(int32_t) * (num_experts + 1)) + cub_temp_bytes(assignments, num_experts);
+  return 4 * a + align_up(sizeof(int32_t) * (num_experts + 1)) + cub_temp_bytes(assignments, num_experts);
 }
 
 struct CudaExecutor {
@@ -106,8 +107,9 @@ void plan_routing_cuda(std::uintptr_t top_k_index, const std::string& index_dtyp
   auto* base = reinterpret_cast<char*>(workspace);
   const std::size_t a = align_up(sizeof(int32_t) * A);
   const RoutingScratch scratch{reinterpret_cast<int32_t*>(base), reinterpret_cast<int32_t*>(base + a),
-                               reinterpret_cast<int32_t*>(base + 2 * a), reinterpret_cast<int32_t*>(base + 3 * a)};
-  const std::size_t used = 3 * a + align_up(sizeof(int32_t) * (num_experts + 1));
+                               reinterpret_cast<int32_t*>(base + 2 * a), reinterpret_cast<int32_t*>(base + 3 * a),
+                               reinterpret_cast<int32_t*>(base + 4 * a)};
+  const std::size_t used = 4 * a + align_up(sizeof(int32_t) * (num_experts + 1));
   CudaExecutor executor{reinterpret_cast<cudaStream_t>(stream), base + used, static_cast<std::size_t>(needed) - used};
   plan_routing(executor, shape, buffers, scratch);
 }
@@ -131,6 +133,7 @@ PYBIND11_MODULE(_routing_cuda, m) {
   m.doc() = "Routing plan for dropless MoE on CUDA (csrc/routing.h functors + CUB), raw device pointers.";
   m.def("plan_routing", &bsm::plan_routing_cuda, bsm::kPlanDoc, BSM_PLAN_ARGS, bsm::py::arg("workspace"),
         bsm::py::arg("workspace_bytes"), bsm::py::arg("stream"));
+  bsm::define_common(m);
   m.def("workspace_bytes", &bsm::workspace_bytes,
         "Bytes of the device workspace plan_routing needs for num_assignments pairs and num_experts experts "
         "(CUB's host-side size query; needs a CUDA device).",

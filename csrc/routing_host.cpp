@@ -42,10 +42,11 @@ void plan_routing_host(std::uintptr_t top_k_index, const std::string& index_dtyp
   const RoutingBuffers buffers = parse_buffers(shape, top_k_index, outputs);
   py::gil_scoped_release release;
   const int64_t A = shape.assignments();
-  std::vector<int32_t> keys(A), values(A), sorted_keys(A), padded_counts(num_experts + 1);
+  std::vector<int32_t> keys(A), values(A), sorted_keys(A), sorted_values(A), padded_counts(num_experts + 1);
   HostExecutor executor;
   plan_routing(executor, shape, buffers,
-               RoutingScratch{keys.data(), values.data(), sorted_keys.data(), padded_counts.data()});
+               RoutingScratch{keys.data(), values.data(), sorted_keys.data(), sorted_values.data(),
+                              padded_counts.data()});
 }
 
 }  // namespace
@@ -54,4 +55,5 @@ void plan_routing_host(std::uintptr_t top_k_index, const std::string& index_dtyp
 PYBIND11_MODULE(_routing_host, m) {
   m.doc() = "Routing plan for dropless MoE, host build of csrc/routing.h (for tests; CPU pointers).";
   m.def("plan_routing", &bsm::plan_routing_host, bsm::kPlanDoc, BSM_PLAN_ARGS);
+  bsm::define_common(m);
 }
