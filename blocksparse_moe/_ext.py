@@ -1,17 +1,19 @@
 """Lazy access to the compiled routing extensions (never imported or queried at package import time).
 
-- ``_routing_cuda``: ``csrc/routing.h`` run as CUDA kernels + CUB (built when nvcc was found at install time).
+- ``_routing_cuda``: the steps of ``csrc/routing.h`` as CUDA kernels (built when nvcc was found at install time).
 - ``_routing_host``: the same routing C++ compiled for the host; the tests compare it with the PyTorch path.
 
 Both take raw pointers: this module allocates the buffers ``routing.plan_routing`` asks for (name → shape, from
-``routing.PLAN_BUFFERS`` / ``TOPOLOGY_BUFFERS``), passes their ``data_ptr()`` values by name (plus, on CUDA, a
-workspace and the current stream) and returns them; ``routing`` validates the arguments before and wraps the
-buffers after. Nothing here synchronizes with the device, and nothing here imports ``routing``.
+``PlanSizes``: the plan, the topology and the sort's scratch of ``routing.PLAN_BUFFERS`` / ``TOPOLOGY_BUFFERS`` /
+``SCRATCH_BUFFERS``), passes their ``data_ptr()`` values by name (plus, on CUDA, the current stream) and returns
+the plan's buffers; ``routing`` validates the arguments before and wraps the buffers after. Nothing here
+synchronizes with the device, and nothing here imports ``routing``.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 from functools import cache
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -54,13 +56,31 @@ def cuda_available() -> bool:
     return not isinstance(_load("_routing_cuda"), ImportError)
 
 
+ALIGN = 32  # elements (128 bytes): every buffer starts where a vectorized load of it may
+
+
+def _carve(shapes: dict[str, tuple[int, ...]], device: torch.device) -> dict[str, torch.Tensor]:
+    """Uninitialized int32 tensors of ``shapes``, by name: views of one allocation (one allocator call, not one
+    per buffer), each starting on an ``ALIGN`` boundary."""
+    numels = [math.prod(shape) for shape in shapes.values()]
+    starts = [0]
+    for n in numels:
+        starts.append(starts[-1] + -(-n // ALIGN) * ALIGN)
+    block = torch.empty(starts[-1], dtype=torch.int32, device=device)
+    return {
+        name: block[start : start + n].view(shape) for (name, shape), start, n in zip(shapes.items(), starts, numels)
+    }
+
+
 def allocate(sizes: PlanSizes, device: torch.device) -> dict[str, torch.Tensor]:
-    """Uninitialized int32 buffers of ``sizes.shapes()``, by name."""
-    return {name: torch.empty(shape, dtype=torch.int32, device=device) for name, shape in sizes.shapes().items()}
+    """Uninitialized int32 buffers of ``sizes.shapes()`` and ``sizes.scratch_shapes()``, by name, in table order.
+    The plan's buffers share one allocation and the scratch another (freed as soon as the plan is built)."""
+    return {**_carve(sizes.shapes(), device), **_carve(sizes.scratch_shapes(), device)}
 
 
 def _fill(launch, top_k_index: torch.Tensor, sizes: PlanSizes, **extra) -> dict[str, torch.Tensor]:
-    """Allocate, call ``launch(...)`` (a module's ``plan_routing``) on the raw pointers, return the buffers."""
+    """Allocate, call ``launch(...)`` (a module's ``plan_routing``) on the raw pointers, return the plan's buffers
+    (the scratch is released when the stream is done with it, by the caching allocator)."""
     idx = top_k_index.contiguous()
     buffers = allocate(sizes, idx.device)
     launch(
@@ -72,10 +92,10 @@ def _fill(launch, top_k_index: torch.Tensor, sizes: PlanSizes, **extra) -> dict[
         block_size=sizes.block_size,
         blocks_per_expert=sizes.blocks_per_expert,
         max_block_rows=sizes.max_block_rows,
-        outputs={name: (t.data_ptr(), t.numel()) for name, t in buffers.items()},
+        buffers={name: (t.data_ptr(), t.numel()) for name, t in buffers.items()},
         **extra,
     )
-    return buffers
+    return {name: buffers[name] for name in sizes.shapes()}
 
 
 def plan_buffers_cuda(top_k_index: torch.Tensor, sizes: PlanSizes) -> dict[str, torch.Tensor]:
@@ -83,16 +103,7 @@ def plan_buffers_cuda(top_k_index: torch.Tensor, sizes: PlanSizes) -> dict[str, 
     mod = cuda_module()
     device = top_k_index.device
     with torch.cuda.device(device):
-        nbytes = mod.workspace_bytes(sizes.num_assignments, sizes.num_experts)
-        workspace = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        return _fill(
-            mod.plan_routing,
-            top_k_index,
-            sizes,
-            workspace=workspace.data_ptr(),
-            workspace_bytes=nbytes,
-            stream=torch.cuda.current_stream(device).cuda_stream,
-        )
+        return _fill(mod.plan_routing, top_k_index, sizes, stream=torch.cuda.current_stream(device).cuda_stream)
 
 
 def plan_buffers_host(top_k_index: torch.Tensor, sizes: PlanSizes) -> dict[str, torch.Tensor]:

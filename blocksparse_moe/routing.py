@@ -1,12 +1,21 @@
 """Routing plan: sort token→expert assignments by expert and build the block-sparse topology.
 
 This module is the specification of the routing metadata, its PyTorch implementation (the CPU path and
-the reference), and the dispatcher that uses the compiled CUDA extension on CUDA tensors when it is built
-(``csrc/``; the same C++ is also built for the host and compared with this file in the tests).
+the reference), and the dispatcher that picks one of three implementations for CUDA tensors:
 
-The buffers of a plan are listed once, in ``PLAN_BUFFERS`` and ``TOPOLOGY_BUFFERS`` (name → shape); the
-dataclasses below, the compiled extension (``_ext``, which fills raw buffers by these names) and the custom ops
-(``Topology.tensors()`` / ``Topology.from_tensors``) all follow that table.
+- ``"ext"``: the compiled extension ``_routing_cuda`` (``csrc/``, built when nvcc was found at install time);
+- ``"cupy"``: the same ``csrc/routing.h`` compiled at first use with NVRTC through cupy (``_jit``), when no
+  extension is built and cupy is installed (``pip install "blocksparse_moe[cupy]"``);
+- ``"torch"``: ``plan_buffers_torch`` below.
+
+``auto`` tries them in that order; ``BSM_ROUTING=ext|cupy|torch`` (or ``plan_routing(..., backend=)``) forces one
+and raises when it is unavailable. CPU tensors always use the PyTorch routing (the C++ is also built for the host
+and compared with it in the tests). ``python -m blocksparse_moe.info`` prints the choice and why.
+
+The buffers of a plan are listed once, in ``PLAN_BUFFERS``, ``TOPOLOGY_BUFFERS`` and ``SCRATCH_BUFFERS`` (name →
+shape); the dataclasses below, the C++ (``csrc/routing.h``'s ``RoutingBuffers``), the backends (``_ext`` and
+``_jit``, which fill raw buffers by these names) and the custom ops (``Topology.tensors()`` /
+``Topology.from_tensors``) all follow that table.
 
 Glossary (T tokens, k choices per token, E experts, B block size, A = T·k assignments, R = max_block_rows):
 
@@ -42,8 +51,12 @@ max_block_rows·nb`` slots; the true count ``nnz = row_offsets[-1]`` lives on th
 
 from __future__ import annotations
 
+import math
+import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
@@ -51,6 +64,8 @@ from ._backend import check_enabled
 
 __all__ = [
     "PLAN_BUFFERS",
+    "ROUTING_BACKENDS",
+    "SCRATCH_BUFFERS",
     "TOPOLOGY_BUFFERS",
     "PlanSizes",
     "RoutingPlan",
@@ -58,13 +73,15 @@ __all__ = [
     "plan_routing",
     "build_topology",
     "max_block_rows",
+    "routing_backend",
 ]
 
 INDEX_DTYPE = torch.int32
 
 # The one table of routing buffers (all int32): name -> shape. Plan buffers are shaped from (T, k, E, B, R),
-# topology buffers from (E, R, nb). The order is the order of the dataclass fields below and of csrc/routing.h's
-# RoutingBuffers (the tests check both).
+# topology buffers from (E, R, nb), the scratch of the C++ counting sort from (A, E, num_tiles, num_groups) (see
+# PlanSizes). The order is the order of the dataclass fields below and of csrc/routing.h's RoutingBuffers (the
+# tests check both).
 PLAN_BUFFERS: dict[str, Callable[[int, int, int, int, int], tuple[int, ...]]] = {
     "counts": lambda T, k, E, B, R: (E + 1,),
     "offsets": lambda T, k, E, B, R: (E + 1,),
@@ -83,6 +100,13 @@ TOPOLOGY_BUFFERS: dict[str, Callable[[int, int, int], tuple[int, ...]]] = {
     "column_offsets_t": lambda E, R, nb: (E * nb + 1,),
     "block_offsets_t": lambda E, R, nb: (R * nb,),
 }
+SCRATCH_BUFFERS: dict[str, Callable[[int, int, int, int], tuple[int, ...]]] = {
+    "keys": lambda A, E, tiles, groups: (A,),  # sort key of each assignment (E when invalid)
+    "rank": lambda A, E, tiles, groups: (A,),  # rank among the earlier assignments of its tile with the same key
+    "tile_counts": lambda A, E, tiles, groups: (tiles * (E + 1),),  # per tile and key
+    "group_counts": lambda A, E, tiles, groups: (groups * (E + 1),),  # per group of tiles and key
+}
+ROUTING_BACKENDS = ("auto", "ext", "cupy", "torch")
 
 
 def max_block_rows(num_assignments: int, num_experts: int, block_size: int) -> int:
@@ -107,6 +131,34 @@ class PlanSizes:
     @property
     def max_block_rows(self) -> int:
         return max_block_rows(self.num_assignments, self.num_experts, self.block_size)
+
+    # The layout of the C++ counting sort (csrc/routing.h, sort_layout): tiles of 256·ceil((E+1)/1024)
+    # assignments, groups of ceil(sqrt(num_tiles)) tiles.
+    @property
+    def tile_size(self) -> int:
+        return 256 * -(-(self.num_experts + 1) // 1024)
+
+    @property
+    def num_tiles(self) -> int:
+        return -(-self.num_assignments // self.tile_size)
+
+    @property
+    def tiles_per_group(self) -> int:
+        return math.isqrt(self.num_tiles - 1) + 1 if self.num_tiles else 1  # ceil(sqrt(num_tiles)), at least 1
+
+    @property
+    def num_groups(self) -> int:
+        return -(-self.num_tiles // self.tiles_per_group)
+
+    def scratch_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of every scratch buffer of the C++ backends, by name, in table order."""
+        A, E, tiles, groups = self.num_assignments, self.num_experts, self.num_tiles, self.num_groups
+        return {name: shape(A, E, tiles, groups) for name, shape in SCRATCH_BUFFERS.items()}
+
+    @staticmethod
+    def buffer_names() -> tuple[str, ...]:
+        """Every buffer name of the table, in order (what csrc/routing.h's RoutingBuffers holds)."""
+        return (*PLAN_BUFFERS, *TOPOLOGY_BUFFERS, *SCRATCH_BUFFERS)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape of every buffer the plan fills, by name, in table order (topology only when ``nb > 0``)."""
@@ -285,7 +337,7 @@ def plan_routing(
     ffn_size: int | None = None,
     *,
     check: bool | None = None,
-    use_extension: bool | None = None,
+    backend: str | None = None,
 ) -> RoutingPlan:
     """Build the routing plan (and, when ``ffn_size`` is given, the block-sparse topology).
 
@@ -297,23 +349,83 @@ def plan_routing(
         check: raise ``ValueError`` on expert ids outside ``[0, E)``. Default: always on CPU; on CUDA only
             with ``BSM_CHECK=1`` (it costs one host sync); never while ``torch.compile`` traces (a data-dependent
             raise would break the graph). Unchecked invalid ids are excluded from the plan.
-        use_extension: on CUDA, use the compiled routing extension (default: when it is built).
+        backend: the implementation for CUDA tensors, one of ``ROUTING_BACKENDS`` (default: env ``BSM_ROUTING``,
+            else ``"auto"``); see ``routing_backend``. All give the same plan, element for element.
     """
     sizes = plan_sizes(top_k_index, num_experts, block_size, ffn_size)
     device = top_k_index.device
-    if device.type == "cuda" and use_extension is not False:
+    choice, _ = routing_backend(device, backend)
+    if choice == "ext":
         from . import _ext
 
-        if _ext.cuda_available() or use_extension:
-            buffers = _ext.plan_buffers_cuda(top_k_index, sizes)
-        else:
-            buffers = plan_buffers_torch(top_k_index, sizes)
+        buffers = _ext.plan_buffers_cuda(top_k_index, sizes)
+    elif choice == "cupy":
+        from . import _jit
+
+        buffers = _jit.plan_buffers(top_k_index, sizes)
     else:
         buffers = plan_buffers_torch(top_k_index, sizes)
     plan = RoutingPlan.from_buffers(sizes, buffers, ffn_size)
     if check_enabled(device, check) and not torch.compiler.is_compiling():
         raise_on_invalid(plan, top_k_index)
     return plan
+
+
+def routing_backend(device: torch.device, backend: str | None = None) -> tuple[str, str]:
+    """The routing implementation for tensors on ``device``, and why: ``("ext" | "cupy" | "torch", reason)``.
+
+    ``backend=None`` reads ``BSM_ROUTING`` (default ``"auto"``). CPU (and meta) tensors always use ``"torch"``
+    (an explicit ``backend="ext"`` or ``"cupy"`` for them is an error). On CUDA, ``auto`` picks the compiled
+    extension, else the cupy JIT, else PyTorch (and PyTorch while ``torch.compile`` traces); a forced backend
+    that is unavailable raises. A cupy JIT that is installed but fails (NVRTC missing, compile error, ...) gives
+    one warning and the PyTorch routing.
+    """
+    requested = backend if backend is not None else os.environ.get("BSM_ROUTING", "auto")
+    source = f"backend={requested!r}" if backend is not None else f"BSM_ROUTING={requested}"
+    if requested not in ROUTING_BACKENDS:
+        raise ValueError(f"routing backend must be one of {ROUTING_BACKENDS}, got {source}")
+    device = torch.device(device)
+    if device.type != "cuda":
+        if backend is not None and requested in ("ext", "cupy"):
+            raise ValueError(f"the {requested!r} routing backend needs a CUDA tensor, got a tensor on {device}")
+        return "torch", f"{device.type} tensors always use the PyTorch routing"
+    if requested == "torch":
+        return "torch", f"forced by {source}"
+    if requested == "ext":
+        from . import _ext
+
+        _ext.cuda_module()  # raises ImportError saying how to build it
+        return "ext", f"forced by {source}"
+    if requested == "cupy":
+        from . import _jit
+
+        try:
+            return "cupy", f"forced by {source}; {_jit.prepare(device)}"
+        except _jit.JitUnavailable as exc:
+            raise RuntimeError(f"{source} but the cupy JIT routing is unavailable: {exc}") from exc
+    if torch.compiler.is_compiling():
+        return "torch", "torch.compile is tracing: the PyTorch routing traces into the graph"
+    return _auto_cuda_backend(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@cache
+def _auto_cuda_backend(device_index: int) -> tuple[str, str]:
+    """The automatic choice on one CUDA device, made once per process (so a failure warns once)."""
+    from . import _ext, _jit
+
+    if _ext.cuda_available():
+        return "ext", "the compiled extension blocksparse_moe._routing_cuda is built"
+    try:
+        return "cupy", f"no compiled extension; {_jit.prepare(torch.device('cuda', device_index))}"
+    except _jit.JitUnavailable as exc:
+        reason = f"no compiled extension and no cupy JIT ({exc})"
+        if not exc.quiet:
+            warnings.warn(
+                f"blocksparse_moe: the cupy JIT routing is unavailable, using the PyTorch routing: {exc}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return "torch", reason
 
 
 def raise_on_invalid(plan: RoutingPlan, top_k_index: torch.Tensor) -> None:

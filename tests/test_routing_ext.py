@@ -1,6 +1,6 @@
 """The compiled routing C++ (csrc/routing.h) against the PyTorch specification, element for element.
 
-The host module (`_routing_host`, the same functors run by host loops) is checked here on every machine; the
+The host module (`_routing_host`, the same steps run by host loops) is checked here on every machine; the
 CUDA module (`_routing_cuda`) by the `gpu` tests. Every output buffer is poisoned before the C++ runs, so an
 element it fails to write shows up as a mismatch.
 """
@@ -19,6 +19,7 @@ from routing_cases import CASES, assert_same_plan, make_index
 from blocksparse_moe import _ext
 from blocksparse_moe.routing import (
     PLAN_BUFFERS,
+    SCRATCH_BUFFERS,
     TOPOLOGY_BUFFERS,
     RoutingPlan,
     _plan_routing_torch,
@@ -116,12 +117,12 @@ def _host_args(**overrides):
         block_size=2,
         blocks_per_expert=nb,
         max_block_rows=max_block_rows(6, 4, 2),
-        outputs={name: (t.data_ptr(), t.numel()) for name, t in out.items()},
+        buffers={name: (t.data_ptr(), t.numel()) for name, t in out.items()},
     )
-    outputs = overrides.pop("outputs", None)
+    buffers = overrides.pop("buffers", None)
     args.update(overrides)
-    if outputs is not None:
-        args["outputs"] = outputs(args["outputs"])
+    if buffers is not None:
+        args["buffers"] = buffers(args["buffers"])
     return args, (idx, out)  # keep the buffers alive while the module writes them
 
 
@@ -144,15 +145,17 @@ def test_host_raw_arguments_valid():
         (dict(num_tokens=2**30, top_k=2), r"num_tokens \* top_k must be at most 2\*\*31 - 2.*got 2147483648"),
         (dict(max_block_rows=7), r"max_block_rows must be .* = 5 for A=6, E=4, B=2, got 7"),
         (dict(top_k_index=0), r"top_k_index must be a non-null pointer aligned to 4 bytes, got 0"),
-        (dict(outputs=lambda o: {n: v for n, v in o.items() if n != "row_assignment"}), r"missing 'row_assignment'"),
-        (dict(outputs=lambda o: {**o, "bogus": (o["counts"][0], 1)}), r"unknown output 'bogus'; expected exactly"),
-        (dict(outputs=lambda o: {**o, "offsets": (o["offsets"][0], 4)}), r"'offsets' must have 5 int32 .*got 4"),
-        (dict(outputs=lambda o: {**o, "row_assignment": (0, 6)}), r"'row_assignment' must be a non-null pointer"),
-        (dict(outputs=lambda o: {**o, "row_assignment": (o["row_assignment"][0] + 2, 6)}), r"aligned to 4 bytes"),
+        (dict(buffers=lambda o: {n: v for n, v in o.items() if n != "row_assignment"}), r"missing 'row_assignment'"),
+        (dict(buffers=lambda o: {**o, "bogus": (o["counts"][0], 1)}), r"unknown buffer 'bogus'; expected exactly"),
+        (dict(buffers=lambda o: {**o, "offsets": (o["offsets"][0], 4)}), r"'offsets' must have 5 int32 .*got 4"),
+        (dict(buffers=lambda o: {**o, "row_assignment": (0, 6)}), r"'row_assignment' must be a non-null pointer"),
+        (dict(buffers=lambda o: {**o, "row_assignment": (o["row_assignment"][0] + 2, 6)}), r"aligned to 4 bytes"),
         # a buffer the plan no longer has is rejected by name
-        (dict(outputs=lambda o: {**o, "inverse": (o["counts"][0], 6)}), r"unknown output 'inverse'"),
+        (dict(buffers=lambda o: {**o, "inverse": (o["counts"][0], 6)}), r"unknown buffer 'inverse'"),
+        # the scratch of the sort is checked like the outputs
+        (dict(buffers=lambda o: {**o, "tile_counts": (o["tile_counts"][0], 4)}), r"'tile_counts' must have 5 int32"),
         # blocks_per_expert = 0 means no topology: topology buffers are then unexpected
-        (dict(blocks_per_expert=0), r"unknown output 'block_offsets_t'"),
+        (dict(blocks_per_expert=0), r"unknown buffer 'block_offsets_t'"),
         # R·nb must fit int32
         (dict(blocks_per_expert=2**30), r"max_block_rows \* blocks_per_expert .* must fit int32"),
     ],
@@ -165,7 +168,7 @@ def test_host_bad_arguments(overrides, match):
 
 def test_host_bad_argument_types():
     # a wrong Python type is a TypeError from the binding, not a crash
-    args, _keep = _host_args(outputs=lambda o: {**o, "counts": "not a buffer"})
+    args, _keep = _host_args(buffers=lambda o: {**o, "counts": "not a buffer"})
     with pytest.raises(TypeError):
         host.plan_routing(**args)
 
@@ -179,12 +182,14 @@ def test_host_bad_argument_types():
     ],
 )
 def test_cpp_buffers_follow_the_table(T, k, E, B, F):
-    # the C++ side expects exactly routing.PLAN_BUFFERS + TOPOLOGY_BUFFERS, in that order, with the same lengths
+    # the C++ side expects exactly routing's PLAN_BUFFERS + TOPOLOGY_BUFFERS + SCRATCH_BUFFERS, in that order,
+    # with the same lengths
     sizes = plan_sizes(torch.zeros(T, k, dtype=torch.int64), E, B, F)
     cpp = host.buffer_sizes("int64", T, k, E, B, sizes.blocks_per_expert, sizes.max_block_rows)
-    expected = [(name, math.prod(shape)) for name, shape in sizes.shapes().items()]
+    expected = [(name, math.prod(shape)) for name, shape in {**sizes.shapes(), **sizes.scratch_shapes()}.items()]
     assert cpp == expected
-    assert [name for name, _ in cpp] == list(PLAN_BUFFERS) + (list(TOPOLOGY_BUFFERS) if F else [])
+    topology = list(TOPOLOGY_BUFFERS) if F else []
+    assert [name for name, _ in cpp] == [*PLAN_BUFFERS, *topology, *SCRATCH_BUFFERS]
 
 
 def test_cpp_struct_follows_the_table():
@@ -192,7 +197,7 @@ def test_cpp_struct_follows_the_table():
     header = (Path(__file__).parents[1] / "csrc" / "routing.h").read_text()
     body = re.search(r"struct RoutingBuffers \{(.*?)\n\};", header, re.S).group(1)
     fields = re.findall(r"^\s*(?:const )?\w+\* (\w+);", body, re.M)
-    assert fields == ["top_k_index", *PLAN_BUFFERS, *TOPOLOGY_BUFFERS]
+    assert fields == ["top_k_index", *PLAN_BUFFERS, *TOPOLOGY_BUFFERS, *SCRATCH_BUFFERS]
 
 
 # ---------------------------------------------------------------------------------------------- GPU (CUDA module)
@@ -215,9 +220,9 @@ def test_cuda_matches_torch(T, k, E, B, F, kind, dtype):
 
 @pytest.mark.gpu
 @needs_cuda_module
-@pytest.mark.parametrize("E", [1, 2, 255, 256, 512])  # key bits at and around powers of two
+@pytest.mark.parametrize("E", [1, 2, 255, 256, 512, 3000])  # E = 3000: larger tiles (768)
 def test_cuda_large(E):
-    # T·k = 1e6 assignments, with ~1% invalid ids: CUB's radix sort is stable over ceil(log2(E+1)) bits
+    # T·k = 1e6 assignments, with ~1% invalid ids: the counting sort stays stable across tiles and groups
     idx = torch.randint(0, E, (250_000, 4), device="cuda")
     idx[torch.rand(idx.shape, device="cuda") < 0.01] = E + 3
     assert_same_plan(plan_cuda(idx, E, 128, 256), _plan_routing_torch(idx, E, 128, 256))
@@ -235,18 +240,13 @@ def test_cuda_invalid_ids():
 
 @pytest.mark.gpu
 @needs_cuda_module
-def test_cuda_side_stream_and_workspace():
-    # runs on the caller's current stream; workspace size is a host-side query
+def test_cuda_side_stream():
+    # runs on the caller's current stream (a side stream here), after the producer of the ids
     mod = _ext.cuda_module()
     assert mod.device_count() == torch.cuda.device_count()
-    assert mod.workspace_bytes(1000, 8) >= 3 * 4000
-    idx = torch.randint(0, 8, (4096, 2), device="cuda")
     stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
+        idx = torch.randint(0, 8, (4096, 2), device="cuda")
         plan = plan_cuda(idx, 8, 16, 32)
     stream.synchronize()
     assert_same_plan(plan, _plan_routing_torch(idx, 8, 16, 32))
-    with pytest.raises(ValueError, match=r"workspace must hold workspace_bytes\(6, 4\) = \d+ bytes, got 0"):
-        args, _keep = _host_args()
-        mod.plan_routing(**args, workspace=0, workspace_bytes=0, stream=0)
