@@ -8,6 +8,9 @@ Environment switches:
 
 blocksparse_moe._routing_host (the same routing C++ for the host compiler) is always attempted; if it fails the
 install continues with one warning.
+
+The routing sources the cupy backend compiles at run time with NVRTC (JIT_SOURCES) are copied into the package,
+as blocksparse_moe/_jit_src/, so that installs without any compiled module can still run the C++ routing.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
 CUDA_MODES = ("auto", "1", "0")
+JIT_SOURCES = ("routing_jit.cu", "routing.h")  # = blocksparse_moe/_jit.py SOURCE_FILES (a test checks it)
 
 
 class CMakeExtension(Extension):
@@ -107,7 +112,18 @@ class CMakeBuild(build_ext):
         return cache.exists() and "BSM_HAVE_CUDA_CONFIGURED:INTERNAL=ON" in cache.read_text()
 
 
+class BuildPy(build_py):
+    """The Python package plus csrc's JIT sources as blocksparse_moe/_jit_src/ (read by blocksparse_moe._jit)."""
+
+    def run(self) -> None:
+        super().run()
+        target = Path(self.build_lib) / "blocksparse_moe" / "_jit_src"
+        target.mkdir(parents=True, exist_ok=True)
+        for name in JIT_SOURCES:
+            shutil.copyfile(ROOT / "csrc" / name, target / name)
+
+
 setup(
     ext_modules=[CMakeExtension("blocksparse_moe._routing_host"), CMakeExtension("blocksparse_moe._routing_cuda")],
-    cmdclass={"build_ext": CMakeBuild},
+    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy},
 )

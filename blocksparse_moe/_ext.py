@@ -1,34 +1,29 @@
 """Lazy access to the compiled routing extensions (never imported or queried at package import time).
 
-- ``_routing_cuda``: ``csrc/routing.h`` run as CUDA kernels + CUB (built when nvcc was found at install time).
+- ``_routing_cuda``: the steps of ``csrc/routing.h`` as CUDA kernels (built when nvcc was found at install time).
 - ``_routing_host``: the same routing C++ compiled for the host; the tests compare it with the PyTorch path.
 
-Both take raw pointers: this module allocates every output with torch from shape-derived upper bounds, passes
-``data_ptr()`` values (plus, on CUDA, a workspace and the current stream) and wraps the buffers in a
-``RoutingPlan``. Nothing here synchronizes with the device.
+Both take raw pointers: this module allocates the buffers ``routing.plan_routing`` asks for (name → shape, from
+``PlanSizes``: the plan, the topology and the sort's scratch of ``routing.PLAN_BUFFERS`` / ``TOPOLOGY_BUFFERS`` /
+``SCRATCH_BUFFERS``), passes their ``data_ptr()`` values by name (plus, on CUDA, the current stream) and returns
+the plan's buffers; ``routing`` validates the arguments before and wraps the buffers after. Nothing here
+synchronizes with the device, and nothing here imports ``routing``.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 from functools import cache
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 
-from .routing import INDEX_DTYPE, RoutingPlan, _validate, build_topology, max_block_rows
+if TYPE_CHECKING:
+    from .routing import PlanSizes
 
-__all__ = ["cuda_available", "cuda_module", "host_module", "plan_routing_cuda", "plan_routing_host"]
-
-_TOPOLOGY_FIELDS = (
-    "row_indices",
-    "column_indices",
-    "row_offsets",
-    "row_indices_t",
-    "column_indices_t",
-    "column_offsets_t",
-    "block_offsets_t",
-)
+__all__ = ["allocate", "cuda_available", "cuda_module", "host_module", "plan_buffers_cuda", "plan_buffers_host"]
 
 
 @cache
@@ -61,106 +56,56 @@ def cuda_available() -> bool:
     return not isinstance(_load("_routing_cuda"), ImportError)
 
 
-def _allocate(
-    top_k_index: torch.Tensor, num_experts: int, block_size: int, ffn_size: int | None
-) -> tuple[dict[str, torch.Tensor], int]:
-    """Uninitialized int32 outputs sized from upper bounds, and nb (0 without topology)."""
-    T, k = top_k_index.shape
-    A, E = T * k, num_experts
-    R = max_block_rows(A, E, block_size)
-    nb = 0 if ffn_size is None else -(-ffn_size // block_size)
-    sizes = {
-        "counts": E + 1,
-        "offsets": E + 1,
-        "padded_offsets": E + 1,
-        "sorted_assignment": A,
-        "inverse": A,
-        "row_assignment": A,
-        "assignment_row": A,
-        "padded_row_assignment": R * block_size,
-        "padded_assignment_row": A,
+ALIGN = 32  # elements (128 bytes): every buffer starts where a vectorized load of it may
+
+
+def _carve(shapes: dict[str, tuple[int, ...]], device: torch.device) -> dict[str, torch.Tensor]:
+    """Uninitialized int32 tensors of ``shapes``, by name: views of one allocation (one allocator call, not one
+    per buffer), each starting on an ``ALIGN`` boundary."""
+    numels = [math.prod(shape) for shape in shapes.values()]
+    starts = [0]
+    for n in numels:
+        starts.append(starts[-1] + -(-n // ALIGN) * ALIGN)
+    block = torch.empty(starts[-1], dtype=torch.int32, device=device)
+    return {
+        name: block[start : start + n].view(shape) for (name, shape), start, n in zip(shapes.items(), starts, numels)
     }
-    if nb:
-        sizes.update({name: R * nb for name in _TOPOLOGY_FIELDS})
-        sizes.update(row_offsets=R + 1, column_offsets_t=E * nb + 1)
-    out = {name: torch.empty(n, dtype=INDEX_DTYPE, device=top_k_index.device) for name, n in sizes.items()}
-    return out, nb
 
 
-def _plan(
-    launch, top_k_index: torch.Tensor, num_experts: int, block_size: int, ffn_size: int | None, **extra
-) -> RoutingPlan:
-    """Allocate, call ``launch(...)`` (a module's ``plan_routing``) and wrap the buffers in a RoutingPlan."""
-    T, k = top_k_index.shape
+def allocate(sizes: PlanSizes, device: torch.device) -> dict[str, torch.Tensor]:
+    """Uninitialized int32 buffers of ``sizes.shapes()`` and ``sizes.scratch_shapes()``, by name, in table order.
+    The plan's buffers share one allocation and the scratch another (freed as soon as the plan is built)."""
+    return {**_carve(sizes.shapes(), device), **_carve(sizes.scratch_shapes(), device)}
+
+
+def _fill(launch, top_k_index: torch.Tensor, sizes: PlanSizes, **extra) -> dict[str, torch.Tensor]:
+    """Allocate, call ``launch(...)`` (a module's ``plan_routing``) on the raw pointers, return the plan's buffers
+    (the scratch is released when the stream is done with it, by the caching allocator)."""
     idx = top_k_index.contiguous()
-    out, nb = _allocate(idx, num_experts, block_size, ffn_size)
+    buffers = allocate(sizes, idx.device)
     launch(
         top_k_index=idx.data_ptr(),
         index_dtype=str(idx.dtype).removeprefix("torch."),
-        num_tokens=T,
-        top_k=k,
-        num_experts=num_experts,
-        block_size=block_size,
-        blocks_per_expert=nb,
-        max_block_rows=max_block_rows(T * k, num_experts, block_size),
-        outputs={name: (t.data_ptr(), t.numel()) for name, t in out.items()},
+        num_tokens=sizes.num_tokens,
+        top_k=sizes.top_k,
+        num_experts=sizes.num_experts,
+        block_size=sizes.block_size,
+        blocks_per_expert=sizes.blocks_per_expert,
+        max_block_rows=sizes.max_block_rows,
+        buffers={name: (t.data_ptr(), t.numel()) for name, t in buffers.items()},
         **extra,
     )
-    topology = None
-    if nb:
-        R = max_block_rows(T * k, num_experts, block_size)
-        topology = build_topology(out["padded_offsets"], block_size, num_experts, ffn_size, R)
-    return RoutingPlan(
-        num_tokens=T,
-        top_k=k,
-        num_experts=num_experts,
-        block_size=block_size,
-        tokens_per_expert=out["counts"][:num_experts],
-        invalid_count=out["counts"][num_experts],
-        offsets=out["offsets"],
-        padded_offsets=out["padded_offsets"],
-        sorted_assignment=out["sorted_assignment"],
-        inverse=out["inverse"],
-        row_assignment=out["row_assignment"],
-        assignment_row=out["assignment_row"].view(T, k),
-        padded_row_assignment=out["padded_row_assignment"],
-        padded_assignment_row=out["padded_assignment_row"].view(T, k),
-        topology=topology,
-    )
+    return {name: buffers[name] for name in sizes.shapes()}
 
 
-def _check_device(top_k_index: torch.Tensor, device_type: str, name: str) -> None:
-    if top_k_index.device.type != device_type:
-        raise ValueError(f"{name} needs top_k_index on {device_type}, got a tensor on {top_k_index.device}")
-
-
-def plan_routing_cuda(
-    top_k_index: torch.Tensor, num_experts: int, block_size: int, ffn_size: int | None
-) -> RoutingPlan:
-    """``routing.plan_routing`` on a CUDA tensor through ``_routing_cuda``, on the current stream (no sync)."""
-    _validate(top_k_index, num_experts, block_size, ffn_size)
-    _check_device(top_k_index, "cuda", "plan_routing_cuda")
+def plan_buffers_cuda(top_k_index: torch.Tensor, sizes: PlanSizes) -> dict[str, torch.Tensor]:
+    """The plan's buffers filled by ``_routing_cuda`` from a CUDA tensor, on the current stream (no sync)."""
     mod = cuda_module()
     device = top_k_index.device
     with torch.cuda.device(device):
-        nbytes = mod.workspace_bytes(top_k_index.numel(), num_experts)
-        workspace = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        return _plan(
-            mod.plan_routing,
-            top_k_index,
-            num_experts,
-            block_size,
-            ffn_size,
-            workspace=workspace.data_ptr(),
-            workspace_bytes=nbytes,
-            stream=torch.cuda.current_stream(device).cuda_stream,
-        )
+        return _fill(mod.plan_routing, top_k_index, sizes, stream=torch.cuda.current_stream(device).cuda_stream)
 
 
-def plan_routing_host(
-    top_k_index: torch.Tensor, num_experts: int, block_size: int, ffn_size: int | None
-) -> RoutingPlan:
-    """``routing.plan_routing`` on a CPU tensor through ``_routing_host`` (the C++ logic; used by the tests)."""
-    _validate(top_k_index, num_experts, block_size, ffn_size)
-    _check_device(top_k_index, "cpu", "plan_routing_host")
-    return _plan(host_module().plan_routing, top_k_index, num_experts, block_size, ffn_size)
+def plan_buffers_host(top_k_index: torch.Tensor, sizes: PlanSizes) -> dict[str, torch.Tensor]:
+    """The plan's buffers filled by ``_routing_host`` from a CPU tensor (the C++ logic; used by the tests)."""
+    return _fill(host_module().plan_routing, top_k_index, sizes)

@@ -1,6 +1,6 @@
 // Argument validation and pybind11 glue shared by _routing_host and _routing_cuda.
 //
-// Python passes raw pointers (tensor.data_ptr()) and sizes; no libtorch. Every output arrives as
+// Python passes raw pointers (tensor.data_ptr()) and sizes; no libtorch. Every buffer arrives as
 // name -> (pointer, number of elements) and is checked against the size the plan needs, so a wrong buffer is a
 // ValueError (std::invalid_argument), never an out-of-bounds write.
 #pragma once
@@ -55,7 +55,8 @@ inline RoutingShape parse_shape(const std::string& index_dtype, int64_t num_toke
   check_range("num_experts", num_experts, 1, kInt32Limit - 1);
   check_range("block_size", block_size, 1, kInt32Limit);
   check_range("blocks_per_expert", blocks_per_expert, 0, kInt32Limit);
-  RoutingShape s{num_tokens, top_k, num_experts, block_size, blocks_per_expert, max_rows, index_dtype == "int64"};
+  RoutingShape s{num_tokens, top_k, num_experts, block_size, blocks_per_expert, max_rows, index_dtype == "int64",
+                 0,          0,     0,           0};
   if (s.assignments() > kInt32Limit - 1) {
     invalid("num_tokens * top_k must be at most 2**31 - 2 (int32 indices), got ", s.assignments());
   }
@@ -71,16 +72,22 @@ inline RoutingShape parse_shape(const std::string& index_dtype, int64_t num_toke
     invalid("max_block_rows * blocks_per_expert and num_experts * blocks_per_expert + 1 must fit int32, got ",
             s.nnz_max(), " and ", num_experts * blocks_per_expert + 1);
   }
+  sort_layout(s);
   return s;
 }
 
-// The outputs a plan of shape s needs, in order, with their element counts.
-inline std::vector<std::pair<std::string, int64_t>> expected_outputs(const RoutingShape& s) {
+// The buffers a plan of shape s needs, with their element counts, in the order of routing.PLAN_BUFFERS,
+// TOPOLOGY_BUFFERS and SCRATCH_BUFFERS (exposed as buffer_sizes(); a test compares the two).
+inline std::vector<std::pair<std::string, int64_t>> expected_buffers(const RoutingShape& s) {
   const int64_t A = s.assignments(), E = s.num_experts;
   std::vector<std::pair<std::string, int64_t>> names{
-      {"counts", E + 1},       {"offsets", E + 1},        {"padded_offsets", E + 1},
-      {"sorted_assignment", A}, {"inverse", A},            {"row_assignment", A},
-      {"assignment_row", A},    {"padded_row_assignment", s.padded_rows()}, {"padded_assignment_row", A},
+      {"counts", E + 1},
+      {"offsets", E + 1},
+      {"padded_offsets", E + 1},
+      {"row_assignment", A},
+      {"assignment_row", A},
+      {"padded_row_assignment", s.padded_rows()},
+      {"padded_assignment_row", A},
   };
   if (s.blocks_per_expert > 0) {
     const int64_t nnz = s.nnz_max();
@@ -92,67 +99,94 @@ inline std::vector<std::pair<std::string, int64_t>> expected_outputs(const Routi
                                {"column_offsets_t", E * s.blocks_per_expert + 1},
                                {"block_offsets_t", nnz}});
   }
+  names.insert(names.end(), {{"keys", A},
+                             {"rank", A},
+                             {"tile_counts", s.num_tiles * s.bins()},
+                             {"group_counts", s.num_groups * s.bins()}});
   return names;
 }
 
 inline std::string joined_names(const RoutingShape& s) {
   std::string names;
-  for (const auto& [name, numel] : expected_outputs(s)) names += (names.empty() ? "" : ", ") + name;
+  for (const auto& [name, numel] : expected_buffers(s)) names += (names.empty() ? "" : ", ") + name;
   return names;
 }
 
-inline RoutingBuffers parse_buffers(const RoutingShape& s, std::uintptr_t top_k_index, const Buffers& outputs) {
+inline RoutingParams parse_params(const RoutingShape& s, std::uintptr_t top_k_index, const Buffers& buffers) {
   const int64_t item = s.index_is_int64 ? 8 : 4;
   if (s.assignments() > 0 && (top_k_index == 0 || top_k_index % item != 0)) {
     invalid("top_k_index must be a non-null pointer aligned to ", item, " bytes, got ", top_k_index);
   }
   std::map<std::string, int32_t*> pointers;
-  for (const auto& [name, numel] : expected_outputs(s)) {
-    const auto it = outputs.find(name);
-    if (it == outputs.end()) invalid("outputs is missing '", name, "'; expected exactly: ", joined_names(s));
+  for (const auto& [name, numel] : expected_buffers(s)) {
+    const auto it = buffers.find(name);
+    if (it == buffers.end()) invalid("buffers is missing '", name, "'; expected exactly: ", joined_names(s));
     const auto [ptr, received] = it->second;
-    if (received != numel) invalid("output '", name, "' must have ", numel, " int32 elements, got ", received);
+    if (received != numel) invalid("buffer '", name, "' must have ", numel, " int32 elements, got ", received);
     if (numel > 0 && (ptr == 0 || ptr % 4 != 0)) {
-      invalid("output '", name, "' must be a non-null pointer aligned to 4 bytes, got ", ptr);
+      invalid("buffer '", name, "' must be a non-null pointer aligned to 4 bytes, got ", ptr);
     }
     pointers[name] = reinterpret_cast<int32_t*>(ptr);
   }
-  for (const auto& [name, buffer] : outputs) {
-    if (pointers.count(name) == 0) invalid("unknown output '", name, "'; expected exactly: ", joined_names(s));
+  for (const auto& [name, buffer] : buffers) {
+    if (pointers.count(name) == 0) invalid("unknown buffer '", name, "'; expected exactly: ", joined_names(s));
   }
   auto get = [&](const char* name) { return pointers.count(name) ? pointers[name] : nullptr; };
-  return RoutingBuffers{reinterpret_cast<const void*>(top_k_index),
-                        get("counts"),
-                        get("offsets"),
-                        get("padded_offsets"),
-                        get("sorted_assignment"),
-                        get("inverse"),
-                        get("row_assignment"),
-                        get("assignment_row"),
-                        get("padded_row_assignment"),
-                        get("padded_assignment_row"),
-                        get("row_indices"),
-                        get("column_indices"),
-                        get("row_offsets"),
-                        get("row_indices_t"),
-                        get("column_indices_t"),
-                        get("column_offsets_t"),
-                        get("block_offsets_t")};
+  const RoutingBuffers b{reinterpret_cast<const void*>(top_k_index),
+                         get("counts"),
+                         get("offsets"),
+                         get("padded_offsets"),
+                         get("row_assignment"),
+                         get("assignment_row"),
+                         get("padded_row_assignment"),
+                         get("padded_assignment_row"),
+                         get("row_indices"),
+                         get("column_indices"),
+                         get("row_offsets"),
+                         get("row_indices_t"),
+                         get("column_indices_t"),
+                         get("column_offsets_t"),
+                         get("block_offsets_t"),
+                         get("keys"),
+                         get("rank"),
+                         get("tile_counts"),
+                         get("group_counts")};
+  return RoutingParams{s, b};
 }
 
 // The arguments of plan_routing common to both modules (pybind11 keyword names).
 #define BSM_PLAN_ARGS                                                                                     \
   bsm::py::arg("top_k_index"), bsm::py::arg("index_dtype"), bsm::py::arg("num_tokens"), bsm::py::arg("top_k"), \
       bsm::py::arg("num_experts"), bsm::py::arg("block_size"), bsm::py::arg("blocks_per_expert"),          \
-      bsm::py::arg("max_block_rows"), bsm::py::arg("outputs")
+      bsm::py::arg("max_block_rows"), bsm::py::arg("buffers")
 
 constexpr const char* kPlanDoc = R"doc(Build the routing plan into caller-allocated int32 buffers.
 
 top_k_index: data pointer of the contiguous [num_tokens, top_k] ids (index_dtype 'int32' or 'int64').
 blocks_per_expert: nb = ceil(ffn_size / block_size), or 0 for no topology.
 max_block_rows: routing.max_block_rows(num_tokens * top_k, num_experts, block_size).
-outputs: {name: (data_ptr, numel)} for counts [E+1] (counts[E] = invalid ids), offsets, padded_offsets,
-sorted_assignment, inverse, row_assignment, assignment_row, padded_row_assignment, padded_assignment_row, and,
-when blocks_per_expert > 0, the seven topology arrays. Raises ValueError on any inconsistent argument.)doc";
+buffers: {name: (data_ptr, numel)} for counts [E+1] (counts[E] = invalid ids), offsets, padded_offsets,
+row_assignment, assignment_row, padded_row_assignment, padded_assignment_row, when blocks_per_expert > 0 the
+seven topology arrays, and the scratch of the counting sort (buffer_sizes() lists them all). Raises ValueError on
+any inconsistent argument.)doc";
+
+// buffer_sizes(index_dtype, ...): [(name, numel)] of the buffers plan_routing expects for these sizes.
+inline std::vector<std::pair<std::string, int64_t>> buffer_sizes(const std::string& index_dtype, int64_t num_tokens,
+                                                                 int64_t top_k, int64_t num_experts,
+                                                                 int64_t block_size, int64_t blocks_per_expert,
+                                                                 int64_t max_rows) {
+  return expected_buffers(
+      parse_shape(index_dtype, num_tokens, top_k, num_experts, block_size, blocks_per_expert, max_rows));
+}
+
+// The functions both modules define besides plan_routing.
+inline void define_common(py::module_& m) {
+  m.def("buffer_sizes", &buffer_sizes,
+        "[(name, numel)] of the int32 buffers plan_routing expects, in order (the C++ side of routing.PLAN_BUFFERS, "
+        "TOPOLOGY_BUFFERS and SCRATCH_BUFFERS).",
+        py::arg("index_dtype"), py::arg("num_tokens"), py::arg("top_k"), py::arg("num_experts"), py::arg("block_size"),
+        py::arg("blocks_per_expert"), py::arg("max_block_rows"));
+  m.def("params_bytes", []() { return sizeof(RoutingParams); }, "sizeof(RoutingParams), the struct every step takes.");
+}
 
 }  // namespace bsm

@@ -1,20 +1,43 @@
-// Routing plan for dropless MoE: the logic, written once as per-element functors.
+// Routing plan for dropless MoE: the logic, written once as steps over one parameter struct.
 //
-// Every step is a functor `f(i)` over one index range; an executor runs it (host: a loop, CUDA: a kernel) and
-// supplies the two primitives that are not per-element: a stable sort of (key, value) pairs by key and an
-// exclusive scan. `plan_routing<Executor>` below is the whole algorithm; it matches `_plan_routing_torch` and
-// `build_topology` in blocksparse_moe/routing.py element for element (read that file for the spec).
+// A step is a struct with `static int64_t extent(const RoutingParams&)` and `operator()(const RoutingParams&, i)`
+// for i in [0, extent): every index is independent of the others within a step, and each step sees everything
+// the steps before it wrote. An executor runs the steps in the order of `plan_routing` below: host loops
+// (_routing_host), CUDA kernels (_routing_cuda, nvcc) or the same kernels compiled at run time with NVRTC
+// (csrc/routing_jit.cu, driven by blocksparse_moe/_jit.py, which launches these steps by name in this order).
+// The result matches `plan_buffers_torch` and the topology of blocksparse_moe/routing.py element for element
+// (read that file for the spec). No CUB, no host-side queries: every buffer is sized from shapes by the caller.
+//
+// The sort is a stable counting sort by expert, built from per-element steps:
+//   keys:      key[a] (the expert id, or E when outside [0, E)), its rank among the earlier assignments of its
+//              tile with the same key, and a per-tile histogram (atomic adds; order-independent, so deterministic)
+//   tile_scan: per (group of tiles, key): exclusive scan of the tile histogram along the tiles of the group
+//   counts:    per key: exclusive scan of the group totals; the total is counts[key]
+//   offsets:   per key: offsets / padded_offsets as a sum over the lower keys
+//   place:     row(a) = offsets[key] + group prefix + tile prefix + rank: stable by key, then assignment index
 //
 // Glossary (T tokens, k choices, E experts, B block size, A = T*k assignments, nb column blocks per expert,
-// R = max_block_rows, P = R*B padded rows, nnz_max = R*nb):
+// R = max_block_rows, P = R*B padded rows, nnz_max = R*nb; tiles of tile_size assignments, groups of
+// tiles_per_group tiles; H = num_tiles*(E+1)):
 //   key[a]            expert id of assignment a, or E when it lies outside [0, E) (invalid ids sort last)
 //   counts[E+1]       histogram of key; counts[E] counts invalid assignments
-//   offsets[E+1]      exclusive scan of counts (offsets[E] = first invalid sorted row)
-//   padded_offsets    exclusive scan of counts rounded up to multiples of B (invalid bin excluded)
-// int32 everywhere; 64-bit where a product can exceed 2^31 (the caller checks that results fit int32).
+//   offsets[E+1]      exclusive scan of counts[:E] (offsets[E] = first invalid sorted row)
+//   padded_offsets    exclusive scan of counts[:E] rounded up to multiples of B
+// int32 buffers; 64-bit index arithmetic where a product can exceed 2^31 (the caller checks that values fit).
 #pragma once
 
+#ifdef __CUDACC_RTC__  // NVRTC: no standard headers needed (nor shipped)
+namespace bsm {
+using int32_t = int;
+using int64_t = long long;
+}  // namespace bsm
+#else
 #include <cstdint>
+namespace bsm {
+using std::int32_t;
+using std::int64_t;
+}  // namespace bsm
+#endif
 
 #ifdef __CUDACC__
 #define BSM_HD __host__ __device__ __forceinline__
@@ -24,38 +47,9 @@
 
 namespace bsm {
 
-// counts[bin] += 1: atomicAdd on the device, a plain add on the host (host loops are sequential).
-BSM_HD void atomic_add_one(int32_t* counts, int32_t bin) {
-#ifdef __CUDA_ARCH__
-  atomicAdd(counts + bin, 1);
-#else
-  counts[bin] += 1;
-#endif
-}
-
-// Raw pointers of every buffer of one plan (all int32, caller-allocated with the sizes in the comments).
-struct RoutingBuffers {
-  const void* top_k_index;         // [A] int32 or int64
-  int32_t* counts;                 // [E+1]
-  int32_t* offsets;                // [E+1]
-  int32_t* padded_offsets;         // [E+1]
-  int32_t* sorted_assignment;      // [A]
-  int32_t* inverse;                // [A]
-  int32_t* row_assignment;         // [A]
-  int32_t* assignment_row;         // [A]
-  int32_t* padded_row_assignment;  // [P]
-  int32_t* padded_assignment_row;  // [A]
-  // Topology (only when nb > 0).
-  int32_t* row_indices;       // [nnz_max]
-  int32_t* column_indices;    // [nnz_max]
-  int32_t* row_offsets;       // [R+1]
-  int32_t* row_indices_t;     // [nnz_max]
-  int32_t* column_indices_t;  // [nnz_max]
-  int32_t* column_offsets_t;  // [E*nb+1]
-  int32_t* block_offsets_t;   // [nnz_max]
-};
-
-// Sizes of one plan (validated by the caller: see bindings.h).
+// Sizes of one plan, including the layout of the counting sort (see sort_layout). Only 64-bit members: the
+// layout of RoutingParams is then the same for every compiler and for the numpy dtype _jit.py builds from the
+// names (in this order; a test checks it).
 struct RoutingShape {
   int64_t num_tokens;         // T
   int64_t top_k;              // k
@@ -63,85 +57,182 @@ struct RoutingShape {
   int64_t block_size;         // B
   int64_t blocks_per_expert;  // nb (0 = no topology)
   int64_t max_block_rows;     // R
-  bool index_is_int64;
+  int64_t index_is_int64;     // 1: top_k_index is int64, 0: int32
+  int64_t tile_size;          // assignments per tile of the counting sort
+  int64_t num_tiles;          // ceil(A / tile_size)
+  int64_t tiles_per_group;    // tiles scanned by one thread in tile_scan
+  int64_t num_groups;         // ceil(num_tiles / tiles_per_group)
 
-  int64_t assignments() const { return num_tokens * top_k; }
-  int64_t padded_rows() const { return max_block_rows * block_size; }
-  int64_t nnz_max() const { return max_block_rows * blocks_per_expert; }
+  BSM_HD int64_t assignments() const { return num_tokens * top_k; }
+  BSM_HD int64_t padded_rows() const { return max_block_rows * block_size; }
+  BSM_HD int64_t nnz_max() const { return max_block_rows * blocks_per_expert; }
+  BSM_HD int64_t bins() const { return num_experts + 1; }
 };
 
-// Temporaries of the sort/scan steps (owned by the executor's caller).
-struct RoutingScratch {
-  int32_t* keys;           // [A]
-  int32_t* values;         // [A] 0..A-1
-  int32_t* sorted_keys;    // [A]
-  int32_t* padded_counts;  // [E+1]
+// Raw pointers of every buffer of one plan (all int32, caller-allocated with the sizes in the comments), in the
+// order of routing.PLAN_BUFFERS + TOPOLOGY_BUFFERS + SCRATCH_BUFFERS (blocksparse_moe/routing.py; a test checks
+// the order).
+struct RoutingBuffers {
+  const void* top_k_index;         // [A] int32 or int64
+  int32_t* counts;                 // [E+1]
+  int32_t* offsets;                // [E+1]
+  int32_t* padded_offsets;         // [E+1]
+  int32_t* row_assignment;         // [A]
+  int32_t* assignment_row;         // [A]
+  int32_t* padded_row_assignment;  // [P]
+  int32_t* padded_assignment_row;  // [A]
+  // Topology (only when nb > 0; null otherwise).
+  int32_t* row_indices;       // [nnz_max]
+  int32_t* column_indices;    // [nnz_max]
+  int32_t* row_offsets;       // [R+1]
+  int32_t* row_indices_t;     // [nnz_max]
+  int32_t* column_indices_t;  // [nnz_max]
+  int32_t* column_offsets_t;  // [E*nb+1]
+  int32_t* block_offsets_t;   // [nnz_max]
+  // Scratch of the counting sort.
+  int32_t* keys;          // [A]
+  int32_t* rank;          // [A] rank of a among the earlier assignments of its tile with the same key
+  int32_t* tile_counts;   // [H] per tile and key: histogram, then exclusive scan within the group of tiles
+  int32_t* group_counts;  // [num_groups*(E+1)] per group and key: totals, then exclusive scan over groups
 };
 
-struct Fill {
-  int32_t* out;
-  int32_t value;
-  BSM_HD void operator()(int64_t i) const { out[i] = value; }
+// What every step receives (by value, on the device).
+struct RoutingParams {
+  RoutingShape shape;
+  RoutingBuffers buffers;
 };
 
-// Sort keys (invalid ids -> E), identity values, and the histogram.
+// The counting sort's layout for A assignments onto E experts: tiles of 256*ceil((E+1)/1024) assignments keep
+// tile_counts at most ~4*A + E + 1 entries, and groups of ~sqrt(num_tiles) tiles keep every sequential loop of
+// tile_scan and counts at ~sqrt(num_tiles) iterations. (routing.PlanSizes computes the same.)
+BSM_HD void sort_layout(RoutingShape& s) {
+  const int64_t A = s.assignments();
+  s.tile_size = 256 * ((s.num_experts + 1 + 1023) / 1024);
+  s.num_tiles = (A + s.tile_size - 1) / s.tile_size;
+  int64_t g = 1;
+  while (g * g < s.num_tiles) ++g;  // ceil(sqrt(num_tiles)), at least 1
+  s.tiles_per_group = g;
+  s.num_groups = (s.num_tiles + g - 1) / g;
+}
+
+BSM_HD int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+BSM_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// counts[bin] += 1: atomicAdd on the device, a plain add on the host (host loops are sequential).
+BSM_HD void atomic_add_one(int32_t* counts, int64_t bin) {
+#ifdef __CUDA_ARCH__
+  atomicAdd(counts + bin, 1);
+#else
+  counts[bin] += 1;
+#endif
+}
+
+// The sort key of an expert id: the id when it lies in [0, E), else E.
+template <typename Index>
+BSM_HD int32_t key_of(Index id, int64_t num_experts) {
+  return (id >= 0 && static_cast<int64_t>(id) < num_experts) ? static_cast<int32_t>(id)
+                                                              : static_cast<int32_t>(num_experts);
+}
+
+// -1 in every padded row (the rows place does not fill stay padding) and a zero tile histogram.
+struct Init {
+  static BSM_HD int64_t extent(const RoutingParams& p) {
+    return max64(p.shape.num_tiles * p.shape.bins(), p.shape.padded_rows());
+  }
+  BSM_HD void operator()(const RoutingParams& p, int64_t i) const {
+    if (i < p.shape.num_tiles * p.shape.bins()) p.buffers.tile_counts[i] = 0;
+    if (i < p.shape.padded_rows()) p.buffers.padded_row_assignment[i] = -1;
+  }
+};
+
+// Per assignment a: its key, its rank within its tile, and the tile histogram.
 template <typename Index>
 struct Keys {
-  const Index* top_k_index;
-  int64_t num_experts;
-  int32_t* keys;
-  int32_t* values;
-  int32_t* counts;
-  BSM_HD void operator()(int64_t a) const {
-    const Index id = top_k_index[a];
-    const int32_t key = (id >= 0 && static_cast<int64_t>(id) < num_experts) ? static_cast<int32_t>(id)
-                                                                              : static_cast<int32_t>(num_experts);
-    keys[a] = key;
-    values[a] = static_cast<int32_t>(a);
-    atomic_add_one(counts, key);
+  static BSM_HD int64_t extent(const RoutingParams& p) { return p.shape.assignments(); }
+  BSM_HD void operator()(const RoutingParams& p, int64_t a) const {
+    const Index* ids = static_cast<const Index*>(p.buffers.top_k_index);
+    const int64_t E = p.shape.num_experts;
+    const int64_t tile = a / p.shape.tile_size;
+    const int32_t key = key_of(ids[a], E);
+    int32_t rank = 0;
+    for (int64_t j = tile * p.shape.tile_size; j < a; ++j) rank += key_of(ids[j], E) == key ? 1 : 0;
+    p.buffers.keys[a] = key;
+    p.buffers.rank[a] = rank;
+    atomic_add_one(p.buffers.tile_counts + tile * p.shape.bins(), key);
   }
 };
 
-// Each expert's count rounded up to a multiple of B; the invalid bin E gets no padded rows.
-struct PadCounts {
-  const int32_t* counts;
-  int64_t num_experts;
-  int64_t block_size;
-  int32_t* padded_counts;
-  BSM_HD void operator()(int64_t e) const {
-    const int64_t n = e < num_experts ? counts[e] : 0;
-    padded_counts[e] = static_cast<int32_t>((n + block_size - 1) / block_size * block_size);
+// Per (group g, key e), e fastest: exclusive scan of tile_counts[t][e] over the tiles t of group g, in place; the
+// group's total goes to group_counts[g][e].
+struct TileScan {
+  static BSM_HD int64_t extent(const RoutingParams& p) { return p.shape.num_groups * p.shape.bins(); }
+  BSM_HD void operator()(const RoutingParams& p, int64_t i) const {
+    const int64_t bins = p.shape.bins(), g = i / bins, e = i % bins;
+    const int64_t first = g * p.shape.tiles_per_group;
+    const int64_t last = min64(first + p.shape.tiles_per_group, p.shape.num_tiles);
+    int32_t sum = 0;
+    for (int64_t t = first; t < last; ++t) {
+      int32_t& count = p.buffers.tile_counts[t * bins + e];
+      const int32_t value = count;
+      count = sum;
+      sum += value;
+    }
+    p.buffers.group_counts[i] = sum;
   }
 };
 
-// Per sorted row i: the inverse permutation and the unpadded / padded row maps.
-// padded_row_assignment must be filled with -1 first (padding rows keep it).
-struct RowMaps {
-  const int32_t* sorted_keys;
-  const int32_t* sorted_assignment;
-  const int32_t* offsets;
-  const int32_t* padded_offsets;
-  int64_t num_experts;
-  int32_t* inverse;
-  int32_t* row_assignment;
-  int32_t* assignment_row;
-  int32_t* padded_row_assignment;
-  int32_t* padded_assignment_row;
-  BSM_HD void operator()(int64_t i) const {
-    const int32_t a = sorted_assignment[i];
-    const int32_t e = sorted_keys[i];
-    const int32_t row = static_cast<int32_t>(i);
-    inverse[a] = row;
-    if (e < num_experts) {
-      const int32_t padded_row = padded_offsets[e] + (row - offsets[e]);
-      row_assignment[i] = a;
-      assignment_row[a] = row;
-      padded_row_assignment[padded_row] = a;
-      padded_assignment_row[a] = padded_row;
+// Per key e: exclusive scan of group_counts[g][e] over the groups, in place; the total is counts[e].
+struct Counts {
+  static BSM_HD int64_t extent(const RoutingParams& p) { return p.shape.bins(); }
+  BSM_HD void operator()(const RoutingParams& p, int64_t e) const {
+    const int64_t bins = p.shape.bins();
+    int32_t sum = 0;
+    for (int64_t g = 0; g < p.shape.num_groups; ++g) {
+      int32_t& count = p.buffers.group_counts[g * bins + e];
+      const int32_t value = count;
+      count = sum;
+      sum += value;
+    }
+    p.buffers.counts[e] = sum;
+  }
+};
+
+// Per e in [0, E]: offsets[e] and padded_offsets[e], sums over the experts below e (O(E) each, E+1 in parallel).
+struct Offsets {
+  static BSM_HD int64_t extent(const RoutingParams& p) { return p.shape.bins(); }
+  BSM_HD void operator()(const RoutingParams& p, int64_t e) const {
+    const int64_t B = p.shape.block_size;
+    int64_t sum = 0, padded = 0;
+    for (int64_t j = 0; j < e; ++j) {  // e <= E: the invalid bin E never contributes
+      const int64_t n = p.buffers.counts[j];
+      sum += n;
+      padded += (n + B - 1) / B * B;
+    }
+    p.buffers.offsets[e] = static_cast<int32_t>(sum);
+    p.buffers.padded_offsets[e] = static_cast<int32_t>(padded);
+  }
+};
+
+// Per assignment a: its sorted row (stable by key, then a), and the unpadded / padded row maps (mutually inverse
+// on valid assignments; invalid assignments get -1 and the invalid rows after the valid ones).
+struct Place {
+  static BSM_HD int64_t extent(const RoutingParams& p) { return p.shape.assignments(); }
+  BSM_HD void operator()(const RoutingParams& p, int64_t a) const {
+    const RoutingBuffers& o = p.buffers;
+    const int64_t bins = p.shape.bins();
+    const int32_t e = o.keys[a];
+    const int64_t tile = a / p.shape.tile_size, group = tile / p.shape.tiles_per_group;
+    const int32_t row = o.offsets[e] + o.group_counts[group * bins + e] + o.tile_counts[tile * bins + e] + o.rank[a];
+    if (e < p.shape.num_experts) {
+      const int32_t padded_row = o.padded_offsets[e] + (row - o.offsets[e]);
+      o.row_assignment[row] = static_cast<int32_t>(a);
+      o.assignment_row[a] = row;
+      o.padded_row_assignment[padded_row] = static_cast<int32_t>(a);
+      o.padded_assignment_row[a] = padded_row;
     } else {
-      row_assignment[i] = -1;
-      assignment_row[a] = -1;
-      padded_assignment_row[a] = -1;
+      o.row_assignment[row] = -1;
+      o.assignment_row[a] = -1;
+      o.padded_assignment_row[a] = -1;
     }
   }
 };
@@ -166,99 +257,88 @@ BSM_HD int64_t expert_of_block_row(const int32_t* padded_offsets, int64_t block_
   return lo;
 }
 
-// Per row-major block slot b: its indices, and its column-major position t (identity on unused slots).
-struct Blocks {
-  const int32_t* padded_offsets;
-  int64_t num_experts;
-  int64_t block_size;
-  int64_t nb;
-  int32_t* row_indices;
-  int32_t* column_indices;
-  int32_t* row_indices_t;
-  int32_t* column_indices_t;
-  int32_t* block_offsets_t;
-  BSM_HD void operator()(int64_t b) const {
-    const int64_t r = b / nb, j = b % nb;
-    const int64_t used_rows = block_row_offset(padded_offsets, block_size, num_experts);
-    int64_t row = -1, col = -1, t = b;
-    if (r < used_rows) {
-      const int64_t e = expert_of_block_row(padded_offsets, block_size, num_experts, r);
-      const int64_t first = block_row_offset(padded_offsets, block_size, e);
-      const int64_t nrows = block_row_offset(padded_offsets, block_size, e + 1) - first;
-      row = r;
-      col = e * nb + j;
-      t = nb * first + j * nrows + (r - first);
+// The block-sparse topology, from padded_offsets. Index i covers, where it is in range: row-major block slot
+// b = i (its indices, and its column-major position t, identity on unused slots), row_offsets[i] = min(i, used
+// block rows) * nb, and column_offsets_t[i], the start of block column i = e*nb + j in column-major order.
+struct Topology {
+  static BSM_HD int64_t extent(const RoutingParams& p) {
+    const RoutingShape& s = p.shape;
+    return max64(max64(s.nnz_max(), s.max_block_rows + 1), s.num_experts * s.blocks_per_expert + 1);
+  }
+  BSM_HD void operator()(const RoutingParams& p, int64_t i) const {
+    const RoutingBuffers& o = p.buffers;
+    const int64_t E = p.shape.num_experts, B = p.shape.block_size, nb = p.shape.blocks_per_expert;
+    const int64_t used_rows = block_row_offset(o.padded_offsets, B, E);
+    if (i < p.shape.nnz_max()) {
+      const int64_t b = i, r = b / nb, j = b % nb;
+      int64_t row = -1, col = -1, t = b;
+      if (r < used_rows) {
+        const int64_t e = expert_of_block_row(o.padded_offsets, B, E, r);
+        const int64_t first = block_row_offset(o.padded_offsets, B, e);
+        const int64_t nrows = block_row_offset(o.padded_offsets, B, e + 1) - first;
+        row = r;
+        col = e * nb + j;
+        t = nb * first + j * nrows + (r - first);
+      }
+      o.row_indices[b] = static_cast<int32_t>(row);
+      o.column_indices[b] = static_cast<int32_t>(col);
+      o.row_indices_t[t] = static_cast<int32_t>(row);
+      o.column_indices_t[t] = static_cast<int32_t>(col);
+      o.block_offsets_t[t] = static_cast<int32_t>(b);
     }
-    row_indices[b] = static_cast<int32_t>(row);
-    column_indices[b] = static_cast<int32_t>(col);
-    row_indices_t[t] = static_cast<int32_t>(row);
-    column_indices_t[t] = static_cast<int32_t>(col);
-    block_offsets_t[t] = static_cast<int32_t>(b);
-  }
-};
-
-// row_offsets[r] = min(r, used rows) * nb, r in [0, R].
-struct RowOffsets {
-  const int32_t* padded_offsets;
-  int64_t num_experts;
-  int64_t block_size;
-  int64_t nb;
-  int32_t* row_offsets;
-  BSM_HD void operator()(int64_t r) const {
-    const int64_t used_rows = block_row_offset(padded_offsets, block_size, num_experts);
-    row_offsets[r] = static_cast<int32_t>((r < used_rows ? r : used_rows) * nb);
-  }
-};
-
-// column_offsets_t[c]: start of block column c = e*nb + j in column-major order, c in [0, E*nb].
-struct ColumnOffsets {
-  const int32_t* padded_offsets;
-  int64_t num_experts;
-  int64_t block_size;
-  int64_t nb;
-  int32_t* column_offsets_t;
-  BSM_HD void operator()(int64_t c) const {
-    const int64_t e = c / nb, j = c % nb;
-    int64_t start = nb * block_row_offset(padded_offsets, block_size, num_experts);  // c = E*nb: the end
-    if (e < num_experts) {
-      const int64_t first = block_row_offset(padded_offsets, block_size, e);
-      const int64_t nrows = block_row_offset(padded_offsets, block_size, e + 1) - first;
-      start = nb * first + j * nrows;
+    if (i <= p.shape.max_block_rows) o.row_offsets[i] = static_cast<int32_t>(min64(i, used_rows) * nb);
+    if (i <= E * nb) {
+      const int64_t e = i / nb, j = i % nb;
+      int64_t start = nb * used_rows;  // i = E*nb: the end
+      if (e < E) {
+        const int64_t first = block_row_offset(o.padded_offsets, B, e);
+        const int64_t nrows = block_row_offset(o.padded_offsets, B, e + 1) - first;
+        start = nb * first + j * nrows;
+      }
+      o.column_offsets_t[i] = static_cast<int32_t>(start);
     }
-    column_offsets_t[c] = static_cast<int32_t>(start);
   }
 };
 
-// The whole plan. Executor provides:
-//   for_each(n, f)                                  f(i) for i in [0, n)
-//   exclusive_scan(in, out, n)                      int32 exclusive prefix sum
-//   sort_pairs(keys, values, sorted_keys, sorted_values, n, num_experts, offsets)
-//       stable by key, keys in [0, num_experts]; offsets = exclusive scan of the key histogram
-template <typename Executor>
-void plan_routing(Executor& ex, const RoutingShape& s, const RoutingBuffers& o, const RoutingScratch& w) {
-  const int64_t A = s.assignments(), E = s.num_experts, B = s.block_size, nb = s.blocks_per_expert;
+// Every step by name, for the executors that run them by name (the NVRTC build exports `bsm_<name>`, the host
+// module's run_step(name, ...) runs the same loops in the tests).
+#define BSM_ROUTING_STEPS(X)              \
+  X(init, ::bsm::Init)                    \
+  X(keys_i32, ::bsm::Keys<::bsm::int32_t>) \
+  X(keys_i64, ::bsm::Keys<::bsm::int64_t>) \
+  X(tile_scan, ::bsm::TileScan)           \
+  X(counts, ::bsm::Counts)                \
+  X(offsets, ::bsm::Offsets)              \
+  X(place, ::bsm::Place)                  \
+  X(topology, ::bsm::Topology)
 
-  ex.for_each(E + 1, Fill{o.counts, 0});
-  if (s.index_is_int64) {
-    ex.for_each(A, Keys<int64_t>{static_cast<const int64_t*>(o.top_k_index), E, w.keys, w.values, o.counts});
-  } else {
-    ex.for_each(A, Keys<int32_t>{static_cast<const int32_t*>(o.top_k_index), E, w.keys, w.values, o.counts});
-  }
-  ex.exclusive_scan(o.counts, o.offsets, E + 1);
-  ex.for_each(E + 1, PadCounts{o.counts, E, B, w.padded_counts});
-  ex.exclusive_scan(w.padded_counts, o.padded_offsets, E + 1);
-
-  ex.sort_pairs(w.keys, w.values, w.sorted_keys, o.sorted_assignment, A, E, o.offsets);
-  ex.for_each(s.padded_rows(), Fill{o.padded_row_assignment, -1});
-  ex.for_each(A, RowMaps{w.sorted_keys, o.sorted_assignment, o.offsets, o.padded_offsets, E, o.inverse,
-                         o.row_assignment, o.assignment_row, o.padded_row_assignment, o.padded_assignment_row});
-
-  if (nb > 0) {
-    ex.for_each(s.nnz_max(), Blocks{o.padded_offsets, E, B, nb, o.row_indices, o.column_indices, o.row_indices_t,
-                                    o.column_indices_t, o.block_offsets_t});
-    ex.for_each(s.max_block_rows + 1, RowOffsets{o.padded_offsets, E, B, nb, o.row_offsets});
-    ex.for_each(E * nb + 1, ColumnOffsets{o.padded_offsets, E, B, nb, o.column_offsets_t});
-  }
+#ifdef __CUDACC__
+// One step as a grid-stride loop: any grid computes every index (the grid only sets the speed).
+template <typename Step>
+__device__ __forceinline__ void run_step_on_device(const RoutingParams& p) {
+  const int64_t n = Step::extent(p);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) Step{}(p, i);
 }
+#endif
+
+#ifndef __CUDACC_RTC__
+// The whole plan. Executor provides `template <typename Step> void run(const RoutingParams&)`, which must finish
+// (or order, on a stream) each step before the next. _jit.py launches the same steps in the same order.
+template <typename Executor>
+void plan_routing(Executor& ex, const RoutingParams& p) {
+  ex.template run<Init>(p);
+  if (p.shape.index_is_int64) {
+    ex.template run<Keys<int64_t>>(p);
+  } else {
+    ex.template run<Keys<int32_t>>(p);
+  }
+  ex.template run<TileScan>(p);
+  ex.template run<Counts>(p);
+  ex.template run<Offsets>(p);
+  ex.template run<Place>(p);
+  if (p.shape.blocks_per_expert > 0) ex.template run<Topology>(p);
+}
+#endif
 
 }  // namespace bsm

@@ -1,13 +1,25 @@
-"""Routing plan (PyTorch path): invariants, edge cases, and errors."""
+"""Routing plan (PyTorch path): invariants, edge cases, errors, and the one table of plan/topology buffers."""
+
+import dataclasses
 
 import pytest
 import torch
+from helpers import routing
 
-from blocksparse_moe.routing import max_block_rows, plan_routing
+from blocksparse_moe import routing as R
+from blocksparse_moe.routing import (
+    PLAN_BUFFERS,
+    TOPOLOGY_BUFFERS,
+    PlanSizes,
+    RoutingPlan,
+    Topology,
+    max_block_rows,
+    plan_routing,
+)
 
 
-def _loop_reference(idx: torch.Tensor, E: int, B: int):
-    """Independent per-assignment loop: stable order by expert."""
+def _loop_reference(idx: torch.Tensor, E: int):
+    """Independent per-assignment loop: stable order by expert, then assignment index."""
     flat = idx.reshape(-1).tolist()
     order = [a for e in range(E) for a, x in enumerate(flat) if x == e]
     counts = [sum(1 for x in flat if x == e) for e in range(E)]
@@ -16,45 +28,35 @@ def _loop_reference(idx: torch.Tensor, E: int, B: int):
 
 CASES = [
     # (T, k, E, B, F, routing)
-    (1, 1, 1, 4, 3, "uniform"),  # one token, E = 1
-    (7, 3, 3, 4, 5, "uniform"),  # k = E, odd sizes
-    (13, 2, 5, 4, 9, "uniform"),  # E not a power of two, F not a multiple of B
+    (1, 1, 1, 4, 3, "distinct"),  # one token, E = 1
+    (7, 3, 3, 4, 5, "distinct"),  # k = E, odd sizes
+    (13, 2, 5, 4, 9, "distinct"),  # E not a power of two, F not a multiple of B
     (16, 2, 8, 4, 8, "one-hot"),  # all tokens to one expert (others empty)
     (9, 2, 6, 8, 4, "skip"),  # experts with no tokens in the middle, F < B
-    (0, 2, 4, 4, 4, "uniform"),  # empty input
-    (33, 4, 4, 16, 17, "dup"),  # duplicate experts within a row
+    (0, 2, 4, 4, 4, "distinct"),  # empty input
+    (33, 4, 4, 16, 17, "duplicates"),  # duplicate experts within a row
 ]
 
 
-def _make(T, k, E, routing, dtype=torch.int64):
-    if routing == "one-hot":
-        return torch.full((T, k), E // 2, dtype=dtype)
-    if routing == "skip":
-        return torch.randint(0, E // 2, (T, k), dtype=dtype) * 2
-    if routing == "dup":
-        return torch.randint(0, E, (T, 1), dtype=dtype).expand(T, k).contiguous()
-    if k <= E:
-        return torch.rand(T, E).argsort(dim=1)[:, :k].to(dtype)
-    return torch.randint(0, E, (T, k), dtype=dtype)
-
-
-@pytest.mark.parametrize("T,k,E,B,F,routing", CASES)
+@pytest.mark.parametrize("T,k,E,B,F,kind", CASES)
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
-def test_plan_invariants(T, k, E, B, F, routing, dtype):
-    idx = _make(T, k, E, routing, dtype)
+def test_plan_invariants(T, k, E, B, F, kind, dtype):
+    idx = routing(T, k, E, kind).to(dtype)
     before = idx.clone()
     p = plan_routing(idx, E, block_size=B, ffn_size=F)
     assert torch.equal(idx, before)  # input not modified
     A = T * k
-    order, counts = _loop_reference(idx, E, B)
-    assert p.sorted_assignment.tolist() == order
+    order, counts = _loop_reference(idx, E)
+    assert p.row_assignment.tolist() == order  # stable by expert, then assignment index
     assert p.tokens_per_expert.tolist() == counts
     assert int(p.invalid_count) == 0
     assert p.offsets.tolist() == [sum(counts[:e]) for e in range(E + 1)]
     padded = [-(-c // B) * B for c in counts]
     assert p.padded_offsets.tolist() == [sum(padded[:e]) for e in range(E + 1)]
-    # inverse is the inverse permutation
-    assert torch.equal(p.inverse[p.sorted_assignment.long()], torch.arange(A, dtype=torch.int32))
+    # the unpadded maps are mutually inverse permutations
+    ar = p.assignment_row.reshape(-1).long()
+    assert torch.equal(p.row_assignment.long()[ar], torch.arange(A))
+    assert torch.equal(ar[p.row_assignment.long()], torch.arange(A))
     # padded layout maps: mutually inverse, padding rows -1, each expert's rows in its padded range
     R = max_block_rows(A, E, B)
     assert p.padded_row_assignment.shape == (R * B,)
@@ -65,7 +67,7 @@ def test_plan_invariants(T, k, E, B, F, routing, dtype):
     for a in range(A):
         e = int(flat[a])
         assert p.padded_offsets[e] <= par[a] < p.padded_offsets[e] + counts[e]
-    assert torch.equal(p.assignment_row.reshape(-1).long(), p.inverse.long())
+        assert par[a] - p.padded_offsets[e] == ar[a] - p.offsets[e]  # same rank within the expert
     # topology
     t = p.topology
     nb = -(-F // B)
@@ -93,7 +95,7 @@ def test_large_e_and_many_assignments():
     T, k, E = 250_000, 4, 512
     idx = torch.randint(0, E, (T, k), dtype=torch.int32)
     p = plan_routing(idx, E, block_size=128, ffn_size=256)
-    assert torch.equal(p.sorted_assignment.long(), torch.argsort(idx.reshape(-1), stable=True))
+    assert torch.equal(p.row_assignment.long(), torch.argsort(idx.reshape(-1), stable=True))
     assert int(p.offsets[-1]) == T * k
 
 
@@ -107,11 +109,11 @@ def test_invalid_ids_excluded_when_unchecked():
     idx = torch.tensor([[0, 7], [1, 0]])
     p = plan_routing(idx, 2, block_size=2, check=False)
     assert int(p.invalid_count) == 1
+    assert p.counts.tolist() == [2, 1, 1]  # the histogram, then the invalid count
     assert p.tokens_per_expert.tolist() == [2, 1]
     assert p.assignment_row.tolist()[0][1] == -1
     assert p.padded_assignment_row.tolist()[0][1] == -1
-    assert p.sorted_assignment.tolist()[-1] == 1  # invalid sorts last
-    assert -1 in p.row_assignment.tolist()
+    assert p.row_assignment.tolist() == [0, 3, 2, -1]  # stable by expert; the invalid row last, as -1
 
 
 @pytest.mark.parametrize(
@@ -142,3 +144,59 @@ def test_package_import_is_lazy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+# ------------------------------------------------------------------------------ the one table of buffers
+
+
+def _tensor_fields(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if "Tensor" in str(f.type)]
+
+
+def test_dataclass_fields_follow_the_table():
+    # the dataclasses hold exactly the table's buffers, in table order
+    assert _tensor_fields(RoutingPlan) == list(PLAN_BUFFERS)
+    assert _tensor_fields(Topology) == list(TOPOLOGY_BUFFERS)
+
+
+@pytest.mark.parametrize(
+    "T,k,E,B,F",
+    [
+        (0, 2, 4, 4, 4),  # empty input: zero-length buffers, one-element offsets
+        (13, 3, 5, 4, 9),  # odd sizes, partial column block
+        (6, 2, 3, 8, None),  # no topology
+    ],
+)
+def test_plan_buffers_have_the_table_shapes(T, k, E, B, F):
+    # the PyTorch path fills exactly the table's buffers with the table's shapes; the plan wraps them by name
+    idx = routing(T, k, E, "distinct")
+    sizes = R.plan_sizes(idx, E, B, F)
+    buffers = R.plan_buffers_torch(idx, sizes)
+    assert {name: tuple(t.shape) for name, t in buffers.items()} == sizes.shapes()
+    assert list(sizes.shapes()) == list(PLAN_BUFFERS) + (list(TOPOLOGY_BUFFERS) if F else [])
+    assert all(t.dtype == torch.int32 for t in buffers.values())
+    plan = RoutingPlan.from_buffers(sizes, buffers, F)
+    for name in PLAN_BUFFERS:
+        assert getattr(plan, name) is buffers[name]
+    if F is not None:
+        assert plan.topology.shapes() == {name: sizes.shapes()[name] for name in TOPOLOGY_BUFFERS}
+        assert all(t is buffers[name] for name, t in zip(TOPOLOGY_BUFFERS, plan.topology.tensors()))
+
+
+def test_topology_round_trips_through_tensors():
+    # what the custom ops do: pass tensors() positionally, rebuild the same topology by name
+    topo = plan_routing(routing(10, 2, 4, "skip"), 4, block_size=4, ffn_size=10).topology
+    again = Topology.from_tensors(list(topo.tensors()), block_size=4, num_experts=4, ffn_size=10)
+    assert again.max_block_rows == topo.max_block_rows and again.blocks_per_expert == topo.blocks_per_expert
+    assert all(a is b for a, b in zip(again.tensors(), topo.tensors()))
+    assert again == topo
+    with pytest.raises(ValueError, match=r"expected the 7 topology tensors \(row_indices, .*\), got 6"):
+        Topology.from_tensors(list(topo.tensors())[:6], block_size=4, num_experts=4, ffn_size=10)
+
+
+def test_plan_sizes():
+    # the sizes every buffer follows from; max_block_rows is min(A, (A + E·(B-1)) // B)
+    s = PlanSizes(num_tokens=5, top_k=2, num_experts=3, block_size=4, blocks_per_expert=2)
+    assert (s.num_assignments, s.max_block_rows) == (10, 4)
+    assert s.shapes()["padded_row_assignment"] == (16,) and s.shapes()["assignment_row"] == (5, 2)
+    assert s.shapes()["column_offsets_t"] == (7,) and s.shapes()["row_offsets"] == (5,)
