@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import routing
 
 from blocksparse_moe.functional import moe_mlp
 from blocksparse_moe.parallel.expert_parallel import (
@@ -62,7 +63,7 @@ class Case:
     experts_per_rank: int
     d: int
     f: int
-    routing: str  # uniform | rank0 | not_last | one_expert
+    routing: str  # rank0 | not_last | a kind of helpers.routing (uniform, one-hot)
     glu: bool
     activation: str = "gelu"
 
@@ -87,7 +88,7 @@ CASES = [
         "silu",
     ),
     Case("the last rank's experts get no tokens", (5, 8), 2, 1, 9, 6, "not_last", False),
-    Case("all tokens to one expert (the last one)", (4, 6), 1, 2, 7, 5, "one_expert", True),
+    Case("all tokens to one expert (E // 2)", (4, 6), 1, 2, 7, 5, "one-hot", True),
     Case("k = E with one expert per rank (every token visits every rank)", (3, 4), None, 1, 6, 5, "uniform", True),
     Case("a rank with no tokens (T = 0) and one with one token", (0, 1, 5), 2, 1, 8, 8, "uniform", False),
 ]
@@ -101,14 +102,12 @@ def _data(case: Case, world: int, seed: int):
     counts = [case.tokens[r % len(case.tokens)] for r in range(world)]
     T = sum(counts)
     x = torch.randn(T, case.d, generator=g)
-    if case.routing == "uniform":
-        idx = torch.rand(T, E, generator=g).argsort(1)[:, :k]
-    elif case.routing == "rank0":
-        idx = torch.randint(0, case.experts_per_rank, (T, k), generator=g)
-    elif case.routing == "not_last":
-        idx = torch.randint(0, E - case.experts_per_rank, (T, k), generator=g)
+    if case.routing == "rank0":  # experts [0, E_l): rank 0's
+        idx = routing(T, k, case.experts_per_rank, "random", generator=g)
+    elif case.routing == "not_last":  # experts [0, E - E_l): none of the last rank's
+        idx = routing(T, k, E - case.experts_per_rank, "random", generator=g)
     else:
-        idx = torch.full((T, k), E - 1)
+        idx = routing(T, k, E, case.routing, generator=g)
     weights = torch.rand(T, k, generator=g)
     w1 = torch.randn(E, case.d, case.f, generator=g) / case.d**0.5
     w2 = torch.randn(E, case.f, case.d, generator=g) / case.f**0.5
@@ -259,7 +258,7 @@ def _check_bf16_combine(rank: int, world: int) -> None:
     x = torch.randn(world * T, d, generator=g).bfloat16()
     one = torch.randint(0, E, (world * T, 1), generator=g)
     cancel = torch.tensor([[1 + 2**-10, -1.0]]).expand(world * T, 2)
-    generic = torch.rand(world * T, E, generator=g).argsort(1)[:, :2]
+    generic = routing(world * T, 2, E, "uniform", generator=g)
     mine = slice(2 * rank, 2 * rank + 2)
     lo, hi = rank * T, (rank + 1) * T
     for idx, weights in ((one.expand(-1, 2), cancel), (generic, torch.rand(world * T, 2, generator=g))):
@@ -283,7 +282,7 @@ def _check_stages(rank: int, world: int) -> None:
     g = torch.Generator().manual_seed(1)
     E, T, d = 2 * world, 5 + rank, 6
     x = torch.randn(T, d, generator=g)
-    idx = torch.randint(0, E, (T, 3), generator=g)
+    idx = routing(T, 3, E, "random", generator=g)
     weights = torch.rand(T, 3, generator=g)
     sent = ep_dispatch(x, idx, group=None, num_experts=E)
     total = torch.tensor([T * 3])
@@ -292,7 +291,15 @@ def _check_stages(rank: int, world: int) -> None:
     dist.all_reduce(received)
     assert received.item() == total.item()  # every assignment arrives exactly once
     assert sum(sent.send_splits) == T * 3 and sum(sent.recv_splits) == sent.tokens.shape[0]
-    assert sent.recv_counts.shape == (world, 2) and sent.local_expert.max().item() <= 1
+    # rows arrive grouped by (source rank, local expert): the local ids follow recv_counts, and the counts are
+    # every rank's assignments to this rank's two experts
+    assert sent.recv_counts.shape == (world, 2)
+    expected_ids = torch.arange(2).repeat(world).repeat_interleave(sent.recv_counts.flatten().long())
+    assert torch.equal(sent.local_expert, expected_ids)
+    hist = torch.bincount(idx.flatten(), minlength=E)
+    dist.all_reduce(hist)
+    assert torch.equal(sent.recv_counts.sum(0).long(), hist[2 * rank : 2 * rank + 2])
+    assert sent.rows_per_expert == hist[2 * rank : 2 * rank + 2].tolist()
     out = ep_combine(sent.tokens, weights, sent)
     torch.testing.assert_close(out, weights.sum(1, keepdim=True) * x, **FP32)
 

@@ -105,13 +105,17 @@ def test_strided_weights_and_callable_activation(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_weights_in_another_dtype(impl):
-    # fp32 router weights with fp16 tokens: weights are cast to x's dtype, grads come back in fp32
+    # fp32 router weights with fp16 tokens: output in fp16, the weights' gradient in fp32 and right
     x, idx, w, w1, w2, w3 = _inputs(8, 16, 16, 4, 2, "uniform", True, torch.float16)
     w32 = w.float().requires_grad_()
     out = moe_mlp(x, idx, w32, w1, w2, w3, impl=impl, **_impl_kwargs(impl, 8, 2))
     assert out.dtype == torch.float16
-    out.float().sum().backward()
-    assert w32.grad.dtype == torch.float32 and torch.isfinite(w32.grad).all()
+    grad = torch.randn(out.shape, dtype=torch.float64)
+    out.float().backward(grad.float())
+    w64 = w.double().requires_grad_()
+    per_token_moe_mlp(x, idx, w64, w1, w2, w3).backward(grad)
+    assert w32.grad.dtype == torch.float32
+    torch.testing.assert_close(w32.grad.double(), w64.grad, **TOL[torch.float16])
 
 
 def test_auto_picks_grouped_on_cpu():
