@@ -16,6 +16,7 @@ _EXPORTS = {
     "RoutingPlan": "routing",
     "Topology": "routing",
     "moe_mlp": "functional",
+    "custom_moe_mlp": "functional",
     "MoEStats": "functional",
     "per_token_moe_mlp": "reference",
     "TopKRouter": "layers.router",
@@ -23,15 +24,18 @@ _EXPORTS = {
     "router_z_loss": "layers.losses",
     "dMoE": "layers.moe",
     "PaddedMoE": "layers.moe",
+    "MoEExperts": "layers.moe",
+    "expert_parallel": "parallel.expert_parallel",
 }
 
 __all__ = sorted(_EXPORTS) + ["ops", "integrations", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .functional import MoEStats, moe_mlp  # noqa: F401
+    from .functional import MoEStats, custom_moe_mlp, moe_mlp  # noqa: F401
     from .layers.losses import load_balancing_loss, router_z_loss  # noqa: F401
-    from .layers.moe import PaddedMoE, dMoE  # noqa: F401
+    from .layers.moe import MoEExperts, PaddedMoE, dMoE  # noqa: F401
     from .layers.router import TopKRouter  # noqa: F401
+    from .parallel.expert_parallel import expert_parallel  # noqa: F401
     from .reference import per_token_moe_mlp  # noqa: F401
     from .routing import RoutingPlan, Topology, plan_routing  # noqa: F401
 

@@ -54,7 +54,10 @@ def resolve_backend(device: torch.device, backend: str | None = None, dtype: tor
 
 
 def check_enabled(device: torch.device, check: bool | None = None) -> bool:
-    """Whether to validate data-dependent inputs (expert ids). Always on CPU; on GPU opt-in (host sync)."""
+    """Whether to validate data-dependent inputs (expert ids). Always on CPU; on GPU opt-in (host sync); never on
+    the meta device, whose tensors hold no data to read (shape inference, ``torch.device("meta")`` init)."""
+    if device.type == "meta":
+        return False
     if check is not None:
         return check
     if device.type != "cuda":

@@ -53,16 +53,24 @@ def expert_loop_moe_mlp(
     """Loop over experts, each applied densely to all tokens and masked by its combine weights.
 
     Runs every expert on every token (``E×`` the useful FLOPs) so that nothing depends on device data: no
-    host sync, traceable by ``torch.compile``. Computes in ``x.dtype``.
+    host sync, traceable by ``torch.compile``. Computes in ``x.dtype`` and combines in ``top_k_weights``' dtype
+    (at least fp32), rounding once to ``x.dtype``. A token's output depends only on the experts it chose: the others
+    see a zero row and their outputs are selected away (never multiplied by a zero weight, so an inf or NaN in an
+    unchosen expert stays out). Ids outside ``[0, E)`` choose nothing (contribute zero; no indexing by them).
     """
     act = get_activation(activation)
     E = w1.shape[0]
-    # combine[t, e] = Σ_j top_k_weights[t, j] · [top_k_index[t, j] == e]  (duplicates add up)
-    combine = x.new_zeros(x.shape[0], E).scatter_add(1, top_k_index.long(), top_k_weights.to(x.dtype))
-    out = x.new_zeros(x.shape[0], w2.shape[2])
+    wdtype = torch.promote_types(top_k_weights.dtype, torch.float32)
+    # hit[t, j, e] = [top_k_index[t, j] == e]: an invalid id hits no expert; duplicates add up in combine
+    hit = top_k_index.unsqueeze(-1) == torch.arange(E, device=top_k_index.device)
+    combine = torch.where(hit, top_k_weights.to(wdtype).unsqueeze(-1), 0).sum(1)  # [T, E]
+    chosen = hit.any(1)  # [T, E]
+    out = x.new_zeros(x.shape[0], w2.shape[2], dtype=wdtype)
     for e in range(E):
-        h = act(x @ w1[e])
+        mask = chosen[:, e : e + 1]
+        xe = torch.where(mask, x, 0)
+        h = act(xe @ w1[e])
         if w3 is not None:
-            h = h * (x @ w3[e])
-        out = out + combine[:, e : e + 1] * (h @ w2[e])
-    return out
+            h = h * (xe @ w3[e])
+        out = out + torch.where(mask, combine[:, e : e + 1] * (h @ w2[e]).to(wdtype), 0)
+    return out.to(x.dtype)

@@ -1,4 +1,4 @@
-"""Shared test utilities: poisoning, float64 references, tolerances."""
+"""Shared test utilities: poisoning, float64 references, tolerances, the routing-kind generator."""
 
 from __future__ import annotations
 
@@ -26,18 +26,29 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(actual.double(), expected.double(), **TOL.get(dtype, TOL[torch.float32]))
 
 
-def routing(T: int, k: int, E: int, kind: str) -> torch.Tensor:
-    """``[T, k]`` expert ids for a routing kind: "one-hot" (all to one expert), "skip" (odd experts empty),
-    "duplicates" (a token choosing one expert twice), "invalid" (ids -1, E, E+5), else distinct uniform choices."""
+def routing(T: int, k: int, E: int, kind: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``[T, k]`` int64 expert ids for a routing kind, the one generator of the test-suite:
+
+    - "uniform" (or any other name): k distinct experts per token, uniformly (needs k <= E);
+    - "random": k independent uniform choices (duplicates allowed, any k);
+    - "one-hot": every choice to expert ``E // 2`` (all tokens to one expert);
+    - "skip": only even experts (the odd ones, and for even E the last one, get nothing);
+    - "duplicates": distinct choices except that each token's first two are equal (needs k >= 2);
+    - "invalid": distinct choices with ids -1, E and E+5 at [0, 0], [3, 1], [7, 0] (needs T >= 8, k >= 2).
+
+    ``generator`` (optional) draws everything, so that processes can build the same routing."""
+    g = dict(generator=generator)
     if kind == "one-hot":
         return torch.full((T, k), E // 2, dtype=torch.int64)
+    if kind == "random":
+        return torch.randint(0, E, (T, k), **g)
     if kind == "skip":  # only even experts: the odd ones get nothing
-        return torch.randint(0, (E + 1) // 2, (T, k)) * 2
+        return torch.randint(0, (E + 1) // 2, (T, k), **g) * 2
     if kind == "duplicates":
-        idx = torch.randint(0, E, (T, k))
+        idx = torch.randint(0, E, (T, k), **g)
         idx[:, 1] = idx[:, 0]
         return idx
-    idx = torch.rand(T, E).argsort(dim=1)[:, :k]
+    idx = torch.rand(T, E, **g).argsort(dim=1)[:, :k]
     if kind == "invalid":
         idx[0, 0], idx[3, 1], idx[7, 0] = -1, E, E + 5
     return idx

@@ -16,11 +16,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import routing
 
 from blocksparse_moe.functional import moe_mlp
 from blocksparse_moe.parallel.expert_parallel import (
     ep_combine,
     ep_dispatch,
+    expert_parallel,
     expert_parallel_moe_mlp,
     gather_experts,
     shard_experts,
@@ -61,7 +63,7 @@ class Case:
     experts_per_rank: int
     d: int
     f: int
-    routing: str  # uniform | rank0 | not_last | one_expert
+    routing: str  # rank0 | not_last | a kind of helpers.routing (uniform, one-hot)
     glu: bool
     activation: str = "gelu"
 
@@ -86,7 +88,7 @@ CASES = [
         "silu",
     ),
     Case("the last rank's experts get no tokens", (5, 8), 2, 1, 9, 6, "not_last", False),
-    Case("all tokens to one expert (the last one)", (4, 6), 1, 2, 7, 5, "one_expert", True),
+    Case("all tokens to one expert (E // 2)", (4, 6), 1, 2, 7, 5, "one-hot", True),
     Case("k = E with one expert per rank (every token visits every rank)", (3, 4), None, 1, 6, 5, "uniform", True),
     Case("a rank with no tokens (T = 0) and one with one token", (0, 1, 5), 2, 1, 8, 8, "uniform", False),
 ]
@@ -100,14 +102,12 @@ def _data(case: Case, world: int, seed: int):
     counts = [case.tokens[r % len(case.tokens)] for r in range(world)]
     T = sum(counts)
     x = torch.randn(T, case.d, generator=g)
-    if case.routing == "uniform":
-        idx = torch.rand(T, E, generator=g).argsort(1)[:, :k]
-    elif case.routing == "rank0":
-        idx = torch.randint(0, case.experts_per_rank, (T, k), generator=g)
-    elif case.routing == "not_last":
-        idx = torch.randint(0, E - case.experts_per_rank, (T, k), generator=g)
+    if case.routing == "rank0":  # experts [0, E_l): rank 0's
+        idx = routing(T, k, case.experts_per_rank, "random", generator=g)
+    elif case.routing == "not_last":  # experts [0, E - E_l): none of the last rank's
+        idx = routing(T, k, E - case.experts_per_rank, "random", generator=g)
     else:
-        idx = torch.full((T, k), E - 1)
+        idx = routing(T, k, E, case.routing, generator=g)
     weights = torch.rand(T, k, generator=g)
     w1 = torch.randn(E, case.d, case.f, generator=g) / case.d**0.5
     w2 = torch.randn(E, case.f, case.d, generator=g) / case.f**0.5
@@ -161,20 +161,14 @@ def test_matches_single_process(world):
     _spawn(world, _check_cases, [c for c in CASES if c.fits(world)])
 
 
-def _check_dmoe(rank: int, world: int) -> None:
-    # the layer: dMoE with expert_parallel_group loading its shard of a single-process dMoE's state dict
-    from blocksparse_moe.layers.moe import dMoE
-
-    torch.manual_seed(3)  # same full layer and data on every rank
-    options = dict(top_k=2, activation="silu", glu=True, impl=IMPL)
-    full = dMoE(10, 7, 2 * world, **options)
-    ep = dMoE(10, 7, 2 * world, **options, expert_parallel_group=dist.group.WORLD)
-    ep.load_state_dict(shard_experts(full, dist.group.WORLD))
-    counts = [3 + 2 * r for r in range(world)]  # uneven token counts, odd sizes
-    x = torch.randn(sum(counts), 10)
-    grad = torch.randn(sum(counts), 10)
+def _layer_vs_full(full, ep, rank: int, world: int, counts: list[int], seq: int | None = None) -> None:
+    """``ep`` (an expert-parallel copy of ``full``) on this rank's tokens against ``full`` on all of them: outputs,
+    input gradients, expert-shard gradients, router gradients (summed over ranks). ``seq``: inputs ``[B, seq, d]``
+    with ``counts`` sequences per rank."""
+    d = full.hidden_size
+    shape = (sum(counts), seq, d) if seq else (sum(counts), d)
+    x, grad = torch.randn(*shape), torch.randn(*shape)
     lo, hi = sum(counts[:rank]), sum(counts[: rank + 1])
-
     x_full = x.clone().requires_grad_()
     y_full, _ = full(x_full)
     (y_full * grad).sum().backward()
@@ -184,17 +178,103 @@ def _check_dmoe(rank: int, world: int) -> None:
 
     torch.testing.assert_close(y_ep, y_full[lo:hi], **FP32)
     torch.testing.assert_close(x_ep.grad, x_full.grad[lo:hi], **FP32)
-    mine = slice(2 * rank, 2 * rank + 2)
+    E_l = full.num_experts // world
+    mine = slice(E_l * rank, E_l * (rank + 1))
     for name in ("w1", "w2", "w3"):
-        torch.testing.assert_close(getattr(ep, name).grad, getattr(full, name).grad[mine], **FP32)
+        torch.testing.assert_close(getattr(ep.experts, name).grad, getattr(full.experts, name).grad[mine], **FP32)
     # the replicated router sees only this rank's tokens: its gradients sum over the ranks
     router_grad = ep.router.weight.grad.clone()
     dist.all_reduce(router_grad)
     torch.testing.assert_close(router_grad, full.router.weight.grad, **FP32)
+
+
+def _check_dmoe(rank: int, world: int) -> None:
+    # the layer: expert_parallel(dMoE) loading its shard of a single-process dMoE's state dict
+    from blocksparse_moe.layers.moe import dMoE
+
+    torch.manual_seed(3)  # same full layer and data on every rank
+    options = dict(top_k=2, activation="silu", glu=True, impl=IMPL, recompute_activation=True)
+    full = dMoE(10, 7, 2 * world, **options)
+    ep = expert_parallel(dMoE(10, 7, 2 * world, **options), dist.group.WORLD)
+    assert ep.experts.w1.shape == (2, 10, 7) and ep.experts.num_experts == 2  # this rank's shard only
+    ep.load_state_dict(shard_experts(full, dist.group.WORLD))
+    _layer_vs_full(full, ep, rank, world, [3 + 2 * r for r in range(world)])  # uneven token counts, odd sizes
     # checkpoints are layout-independent: the gathered state dict is the single-process one
     gathered = gather_experts(ep, dist.group.WORLD)
     assert gathered.keys() == full.state_dict().keys()
     assert all(torch.equal(gathered[n], t) for n, t in full.state_dict().items())
+    # meta-device construction: shard first, then materialise and load (no full-size expert weights allocated)
+    with torch.device("meta"):
+        lazy = expert_parallel(dMoE(10, 7, 2 * world, **options), dist.group.WORLD)
+    lazy.to_empty(device="cpu")
+    lazy.load_state_dict(shard_experts(full.state_dict(), dist.group.WORLD))
+    x = torch.randn(4, 10)
+    torch.testing.assert_close(lazy(x)[0], ep(x)[0])
+
+
+def _check_padded(rank: int, world: int) -> None:
+    # PaddedMoE under expert parallelism: capacity per rank (GShard's per-device groups): each rank's output equals
+    # the single-device PaddedMoE run on that rank's tokens alone; tight capacity factors, so tokens really drop
+    from blocksparse_moe.functional import padded_capacity, padded_slots
+    from blocksparse_moe.layers.moe import PaddedMoE
+
+    E = 2 * world
+    for options, seq in ((dict(capacity_factor=0.5), None), (dict(num_groups="sequence", capacity_factor=0.75), 5)):
+        torch.manual_seed(4)  # the same layer on every rank
+        full = PaddedMoE(8, 6, E, top_k=2, z_loss_weight=0.1, **options)
+        ep = expert_parallel(PaddedMoE(8, 6, E, top_k=2, z_loss_weight=0.1, **options), dist.group.WORLD)
+        ep.load_state_dict(shard_experts(full, dist.group.WORLD))
+        T = 4 + 3 * rank  # uneven token (or sequence) counts per rank
+        shape = (T, seq, 8) if seq else (T, 8)
+        x, grad = torch.randn(*shape), torch.randn(*shape)
+        # some assignments of this rank really are over capacity
+        _, _, idx = full.router(x.reshape(-1, 8))
+        G = T if seq else 1
+        C = padded_capacity(idx.shape[0], 2, E, capacity_factor=options["capacity_factor"], num_groups=G)
+        assert (padded_slots(idx, E, C, G) == G * E * C).any(), "the case must drop some assignments"
+
+        x_full, x_ep = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_full, aux_full = full(x_full)
+        y_ep, aux_ep = ep(x_ep)
+        torch.testing.assert_close(y_ep, y_full, **FP32)
+        torch.testing.assert_close(aux_ep, aux_full)
+        ((y_full * grad).sum() + aux_full).backward()
+        ((y_ep * grad).sum() + aux_ep).backward()
+        torch.testing.assert_close(x_ep.grad, x_full.grad, **FP32)
+        torch.testing.assert_close(ep.router.weight.grad, full.router.weight.grad, **FP32)
+        for name in ("w1", "w2", "w3"):  # every rank's tokens reach this rank's experts: sum the full-layer grads
+            g = getattr(full.experts, name).grad
+            dist.all_reduce(g)
+            torch.testing.assert_close(getattr(ep.experts, name).grad, g[2 * rank : 2 * rank + 2], **FP32)
+
+
+def _check_bf16_combine(rank: int, world: int) -> None:
+    # defect 13: one weight policy. bf16 tokens, fp32 router weights: the EP output equals the single-process
+    # moe_mlp output. Each token picks one expert twice with weights 1 + 2^-10 and -1 (exact in fp32, 0 if the
+    # weights were rounded to bf16 before the combine), plus a generic routing
+    g = torch.Generator().manual_seed(5)
+    E, T, d, f = 2 * world, 6, 8, 6
+    ws = [(torch.randn(E, *shape, generator=g) / 3).bfloat16() for shape in ((d, f), (f, d), (d, f))]
+    x = torch.randn(world * T, d, generator=g).bfloat16()
+    one = torch.randint(0, E, (world * T, 1), generator=g)
+    cancel = torch.tensor([[1 + 2**-10, -1.0]]).expand(world * T, 2)
+    generic = routing(world * T, 2, E, "uniform", generator=g)
+    mine = slice(2 * rank, 2 * rank + 2)
+    lo, hi = rank * T, (rank + 1) * T
+    for idx, weights in ((one.expand(-1, 2), cancel), (generic, torch.rand(world * T, 2, generator=g))):
+        single = moe_mlp(x, idx, weights, *ws, activation="silu", impl=IMPL)
+        ep = expert_parallel_moe_mlp(
+            x[lo:hi],
+            idx[lo:hi],
+            weights[lo:hi],
+            *(w[mine] for w in ws),
+            group=None,
+            num_experts=E,
+            activation="silu",
+            impl=IMPL,
+        )
+        assert ep.dtype == torch.bfloat16 and ep.abs().sum() > 0
+        torch.testing.assert_close(ep, single[lo:hi], atol=0, rtol=0)
 
 
 def _check_stages(rank: int, world: int) -> None:
@@ -202,7 +282,7 @@ def _check_stages(rank: int, world: int) -> None:
     g = torch.Generator().manual_seed(1)
     E, T, d = 2 * world, 5 + rank, 6
     x = torch.randn(T, d, generator=g)
-    idx = torch.randint(0, E, (T, 3), generator=g)
+    idx = routing(T, 3, E, "random", generator=g)
     weights = torch.rand(T, 3, generator=g)
     sent = ep_dispatch(x, idx, group=None, num_experts=E)
     total = torch.tensor([T * 3])
@@ -211,7 +291,15 @@ def _check_stages(rank: int, world: int) -> None:
     dist.all_reduce(received)
     assert received.item() == total.item()  # every assignment arrives exactly once
     assert sum(sent.send_splits) == T * 3 and sum(sent.recv_splits) == sent.tokens.shape[0]
-    assert sent.recv_counts.shape == (world, 2) and sent.local_expert.max().item() <= 1
+    # rows arrive grouped by (source rank, local expert): the local ids follow recv_counts, and the counts are
+    # every rank's assignments to this rank's two experts
+    assert sent.recv_counts.shape == (world, 2)
+    expected_ids = torch.arange(2).repeat(world).repeat_interleave(sent.recv_counts.flatten().long())
+    assert torch.equal(sent.local_expert, expected_ids)
+    hist = torch.bincount(idx.flatten(), minlength=E)
+    dist.all_reduce(hist)
+    assert torch.equal(sent.recv_counts.sum(0).long(), hist[2 * rank : 2 * rank + 2])
+    assert sent.rows_per_expert == hist[2 * rank : 2 * rank + 2].tolist()
     out = ep_combine(sent.tokens, weights, sent)
     torch.testing.assert_close(out, weights.sum(1, keepdim=True) * x, **FP32)
 
@@ -266,18 +354,33 @@ def _check_errors(rank: int, world: int) -> None:
     # an expert id out of range fails on every rank (before any payload moves)
     with pytest.raises(ValueError, match=r"expert ids in \[0, 4\)"):
         expert_parallel_moe_mlp(x, idx + 4, weights, w1, w2, group=None, num_experts=4)
+    with pytest.raises(ValueError, match="apply expert_parallel to a PaddedMoE"):
+        expert_parallel_moe_mlp(x, idx, weights, w1, w2, group=None, num_experts=4, impl="padded")
+    # the module style: divisible expert count, a MoE layer, applied once
+    from blocksparse_moe.layers.moe import dMoE
+
+    with pytest.raises(ValueError, match="divisible by the expert-parallel group size 2"):
+        expert_parallel(dMoE(6, 4, 3, top_k=1), None)
+    with pytest.raises(TypeError, match="needs a dMoE, a PaddedMoE or their MoEExperts"):
+        expert_parallel(torch.nn.Linear(2, 2), None)
+    layer = expert_parallel(dMoE(6, 4, 4), None)
+    with pytest.raises(ValueError, match="already applied"):
+        expert_parallel(layer.experts, None)
+    with pytest.raises(ValueError, match="return_stats is not supported"):
+        layer.experts(x, idx, weights, return_stats=True)
     # the group still works after the errors
     out = expert_parallel_moe_mlp(x, idx, weights, w1, w2, group=None, num_experts=4, impl=IMPL)
     assert out.shape == (4, 6)
 
 
 def _check_two_rank_api(rank: int, world: int) -> None:
-    for check in (_check_stages, _check_shard_gather, _check_dmoe, _check_errors):
+    for check in (_check_stages, _check_shard_gather, _check_dmoe, _check_padded, _check_bf16_combine, _check_errors):
         check(rank, world)
 
 
-def test_stages_checkpoints_layer_and_errors():
-    # one spawn for the smaller checks (process start-up dominates their cost)
+def test_stages_checkpoints_layers_and_errors():
+    # one spawn for the smaller checks (process start-up dominates their cost): the stages, checkpoints,
+    # expert_parallel on dMoE (also meta-initialised) and PaddedMoE, the bf16 combine policy, errors
     _spawn(2, _check_two_rank_api)
 
 

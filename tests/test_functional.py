@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-from helpers import TOL, assert_close
+from helpers import TOL, assert_close, routing
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from blocksparse_moe.functional import moe_mlp, padded_slots
+from blocksparse_moe.functional import custom_moe_mlp, moe_mlp, padded_slots
 from blocksparse_moe.reference import per_token_moe_mlp
 from blocksparse_moe.routing import plan_routing
 
@@ -16,19 +16,9 @@ IMPLS = ["blocksparse", "grouped", "padded", "reference"]
 B = 16  # blocksparse block size in the interpreter
 
 
-def _routing(T, k, E, kind):
-    if kind == "one-expert":
-        return torch.full((T, k), E // 2, dtype=torch.int64)
-    if kind == "skip":  # only even experts: empty experts between used ones, and the last one empty
-        return torch.randint(0, (E + 1) // 2, (T, k)) * 2 % E
-    if kind == "dup":
-        return torch.randint(0, E, (T, 1)).expand(T, k).contiguous()
-    return torch.rand(T, E).argsort(dim=1)[:, :k]  # distinct experts per token
-
-
 def _inputs(T, d, f, E, k, kind="uniform", glu=True, dtype=torch.float32, transposed=False):
     x = torch.randn(T, d, dtype=dtype)
-    idx = _routing(T, k, E, kind)
+    idx = routing(T, k, E, kind)
     w = torch.rand(T, k, dtype=dtype)
     if transposed:  # strided views: w1/w3 as transposes of [E, f, d], w2 of [E, d, f]
         w1 = (torch.randn(E, f, d) / math.sqrt(d)).to(dtype).transpose(1, 2)
@@ -49,8 +39,9 @@ def _impl_kwargs(impl, T, k):
     return {}
 
 
-def _check_against_reference(impl, x, idx, w, w1, w2, w3, activation, weight_mask=None, **kwargs):
-    """Forward and every gradient of moe_mlp vs the float64 loop (weight_mask zeroes dropped assignments)."""
+def _check_against_reference(impl, x, idx, w, w1, w2, w3, activation, weight_mask=None, ref_index=None, **kwargs):
+    """Forward and every gradient of moe_mlp vs the float64 loop (weight_mask zeroes dropped assignments; the loop
+    routes by ref_index when given, e.g. invalid ids replaced by valid ones whose weight the mask zeroes)."""
     dtype = x.dtype
     diff = [t for t in (x, w, w1, w2, w3) if t is not None]
     leaves = [t.detach().clone().requires_grad_() for t in diff]
@@ -60,7 +51,8 @@ def _check_against_reference(impl, x, idx, w, w1, w2, w3, activation, weight_mas
     rx, rw, rw1, rw2, *rw3 = refs
     out = moe_mlp(lx, idx, lw, lw1, lw2, lw3[0] if lw3 else None, activation=activation, impl=impl, **kwargs)
     mask = torch.ones_like(rw) if weight_mask is None else weight_mask.double()
-    ref = per_token_moe_mlp(rx, idx, rw * mask, rw1, rw2, rw3[0] if rw3 else None, activation)
+    ref_idx = idx if ref_index is None else ref_index
+    ref = per_token_moe_mlp(rx, ref_idx, rw * mask, rw1, rw2, rw3[0] if rw3 else None, activation)
     assert out.shape == ref.shape and out.dtype == dtype
     assert_close(out, ref, dtype)
     grad = torch.randn_like(ref)
@@ -82,16 +74,16 @@ CASES = [
     (7, 16, 24, 1, 1, "uniform", False, "gelu"),  # E = 1, k = 1
     (9, 12, 20, 3, 3, "uniform", False, "gelu_tanh"),  # k = E
     (1, 16, 16, 4, 2, "uniform", True, "relu"),  # one token (most experts empty)
-    (10, 16, 20, 5, 3, "dup", False, "gelu"),  # duplicate experts in one row
-    (16, 16, 33, 4, 2, "one-expert", True, "silu"),  # all tokens to one expert, F = 2B + 1
+    (10, 16, 20, 5, 3, "duplicates", False, "gelu"),  # duplicate experts in one row
+    (16, 16, 33, 4, 2, "one-hot", True, "silu"),  # all tokens to one expert, F = 2B + 1
     (11, 20, 17, 6, 2, "skip", False, "relu"),  # experts with no tokens (between used ones and last)
 ]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("T,d,f,E,k,routing,glu,activation", CASES)
-def test_matches_reference(impl, T, d, f, E, k, routing, glu, activation):
-    x, idx, w, w1, w2, w3 = _inputs(T, d, f, E, k, routing, glu)
+@pytest.mark.parametrize("T,d,f,E,k,kind,glu,activation", CASES)
+def test_matches_reference(impl, T, d, f, E, k, kind, glu, activation):
+    x, idx, w, w1, w2, w3 = _inputs(T, d, f, E, k, kind, glu)
     _check_against_reference(impl, x, idx, w, w1, w2, w3, activation, **_impl_kwargs(impl, T, k))
 
 
@@ -113,13 +105,17 @@ def test_strided_weights_and_callable_activation(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_weights_in_another_dtype(impl):
-    # fp32 router weights with fp16 tokens: weights are cast to x's dtype, grads come back in fp32
+    # fp32 router weights with fp16 tokens: output in fp16, the weights' gradient in fp32 and right
     x, idx, w, w1, w2, w3 = _inputs(8, 16, 16, 4, 2, "uniform", True, torch.float16)
     w32 = w.float().requires_grad_()
     out = moe_mlp(x, idx, w32, w1, w2, w3, impl=impl, **_impl_kwargs(impl, 8, 2))
     assert out.dtype == torch.float16
-    out.float().sum().backward()
-    assert w32.grad.dtype == torch.float32 and torch.isfinite(w32.grad).all()
+    grad = torch.randn(out.shape, dtype=torch.float64)
+    out.float().backward(grad.float())
+    w64 = w.double().requires_grad_()
+    per_token_moe_mlp(x, idx, w64, w1, w2, w3).backward(grad)
+    assert w32.grad.dtype == torch.float32
+    torch.testing.assert_close(w32.grad.double(), w64.grad, **TOL[torch.float16])
 
 
 def test_auto_picks_grouped_on_cpu():
@@ -135,7 +131,8 @@ def test_auto_picks_grouped_on_cpu():
 
 
 def _slots_loop(idx, E, C, G):
-    """Independent loop: per group, rank-major then token order; slot = (g·E + e)·C + position, G·E·C if dropped."""
+    """Independent loop: per group, rank-major then token order; slot = (g·E + e)·C + position, G·E·C if dropped
+    (or an invalid id)."""
     T, k = idx.shape
     S = T // G
     slots = [[None] * k for _ in range(T)]
@@ -144,7 +141,7 @@ def _slots_loop(idx, E, C, G):
         for j in range(k):
             for t in range(g * S, (g + 1) * S):
                 e = int(idx[t, j])
-                if count[e] < C:
+                if 0 <= e < E and count[e] < C:
                     slots[t][j] = (g * E + e) * C + count[e]
                     count[e] += 1
                 else:
@@ -153,18 +150,20 @@ def _slots_loop(idx, E, C, G):
 
 
 @pytest.mark.parametrize(
-    "T,k,E,C,G,routing",
+    "T,k,E,C,G,kind",
     [
         (12, 2, 4, 3, 1, "uniform"),  # one group, some drops
         (12, 2, 4, 2, 3, "uniform"),  # three groups: capacity per group
-        (10, 3, 5, 2, 2, "dup"),  # duplicate experts in a row: later ranks of the same token drop first
-        (8, 2, 4, 3, 1, "one-expert"),  # all tokens to one expert: only the first C first-choices survive
+        (10, 3, 5, 2, 2, "duplicates"),  # duplicate experts in a row: later ranks of the same token drop first
+        (8, 2, 4, 3, 1, "one-hot"),  # all tokens to one expert: only the first C first-choices survive
         (6, 2, 3, 0, 1, "uniform"),  # capacity 0: everything dropped
         (5, 1, 1, 5, 1, "uniform"),  # E = 1, exactly full
+        (12, 2, 4, 6, 1, "invalid"),  # ids -1, E, E+5 (unchecked) claim no slot, and the last slot is used
+        (12, 2, 4, 2, 2, "invalid"),  # the same with two groups and drops
     ],
 )
-def test_padded_slots_vs_loop(T, k, E, C, G, routing):
-    idx = _routing(T, k, E, routing)
+def test_padded_slots_vs_loop(T, k, E, C, G, kind):
+    idx = routing(T, k, E, kind)
     assert torch.equal(padded_slots(idx, E, C, G), _slots_loop(idx, E, C, G))
 
 
@@ -194,14 +193,15 @@ def test_padded_default_capacity_factor_is_one():
 
 
 def test_stats_flops():
-    # executed vs useful FLOPs per strategy (GLU: 3 GEMMs)
+    # executed vs useful FLOPs per strategy (GLU: 3 GEMMs), against counts from the routing
     T, d, f, E, k = 11, 16, 20, 4, 2
     x, idx, w, w1, w2, w3 = _inputs(T, d, f, E, k, "skip", True)
     useful = 2 * T * k * d * f * 3
     counts = torch.bincount(idx.flatten(), minlength=E)
     padded_rows = int(((counts + B - 1) // B * B).sum())
+    padded_width = math.ceil(f / B) * B  # the blocks cover whole B x B tiles: f = 20 runs as 32 columns
     expected = {
-        "blocksparse": padded_rows * 2 * d * f * 3,
+        "blocksparse": padded_rows * 2 * d * padded_width * 3,
         "grouped": useful,
         "reference": E * T * 2 * d * f * 3,
     }
@@ -209,6 +209,182 @@ def test_stats_flops():
         _, s = moe_mlp(x, idx, w, w1, w2, w3, impl=impl, return_stats=True, **_impl_kwargs(impl, T, k))
         assert (s.impl, s.capacity, int(s.dropped), s.useful_flops) == (impl, None, 0, useful)
         assert int(s.executed_flops) == executed, impl
+
+
+def test_stats_executed_flops_hand_computed():
+    # small case by hand: T = 10, k = 2, E = 3, d = 8, f = 20, no GLU (2 GEMMs, 2·d·f = 320 FLOPs per row per GEMM)
+    # tokens 0-2 choose (0, 2), tokens 3-9 choose (2, 2): experts get 3, 0 and 17 assignments (expert 1 empty)
+    idx = torch.tensor([[0, 2]] * 3 + [[2, 2]] * 7)
+    x, w = torch.randn(10, 8), torch.rand(10, 2)
+    w1, w2 = torch.randn(3, 8, 20), torch.randn(3, 20, 8)
+    assert moe_mlp(x, idx, w, w1, w2, impl="grouped", return_stats=True)[1].useful_flops == 20 * 320 * 2  # 12 800
+    # blocksparse, B = 16: rows 3 -> 16, 0 -> 0, 17 -> 32 (48 rows); columns 20 -> 2 blocks = 32 (column padding)
+    # 48 rows · 2 · 8 · 32 · 2 GEMMs = 49 152
+    _, s = moe_mlp(x, idx, w, w1, w2, impl="blocksparse", block_size=16, return_stats=True)
+    assert int(s.executed_flops) == 49_152
+    # B = 32: 3 -> 32, 17 -> 32 (64 rows); 20 columns -> one block of 32: 64 · 2 · 8 · 32 · 2 = 65 536
+    _, s = moe_mlp(x, idx, w, w1, w2, impl="blocksparse", block_size=32, return_stats=True)
+    assert int(s.executed_flops) == 65_536
+    # padded, one group: C = ceil(1.0 · 10 · 2 / 3) = 7 slots per expert, all computed: 3 · 7 · 320 · 2 = 13 440;
+    # expert 2 keeps 7 of its 17 (10 dropped)
+    _, s = moe_mlp(x, idx, w, w1, w2, impl="padded", return_stats=True)
+    assert (s.capacity, int(s.dropped), s.executed_flops) == (7, 10, 13_440)
+    # padded, two groups of 5 tokens: C = ceil(5 · 2 / 3) = 4 per group: 2 · 3 · 4 · 320 · 2 = 15 360; expert 2
+    # gets 3 + 4 = 7 in group 0 (keeps 4) and 10 in group 1 (keeps 4): 9 dropped
+    _, s = moe_mlp(x, idx, w, w1, w2, impl="padded", num_groups=2, return_stats=True)
+    assert (s.capacity, int(s.dropped), s.executed_flops) == (4, 9, 15_360)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# unchecked invalid ids, unchosen experts, combine weights, meta tensors
+
+
+def _invalid_case(impl, T=12, k=2, E=4):
+    """Routing with ids -1, E and E+5 (helpers' "invalid" kind), the reference routing (those replaced by expert 0)
+    and the weight mask that zeroes them."""
+    x, idx, w, w1, w2, w3 = _inputs(T, 13, 19, E, k, "invalid", True)
+    valid = (idx >= 0) & (idx < E)
+    kwargs = _impl_kwargs(impl, T, k)
+    if impl == "padded":  # tight capacity: a stray id that claimed a slot would displace a valid assignment
+        kwargs = dict(capacity=4)
+    return x, idx, w, w1, w2, w3, valid, torch.where(valid, idx, 0), kwargs
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unchecked_invalid_ids_contribute_zero_eager(impl):
+    # check=False (eager, CPU): ids -1, E, E+5 contribute zero and take nobody's slot; outputs and all gradients
+    # equal the loop without those assignments (padded: capacity 4, drops computed on the valid ids only)
+    x, idx, w, w1, w2, w3, valid, ref_idx, kwargs = _invalid_case(impl)
+    mask = valid if impl != "padded" else _slots_loop(idx, 4, 4, 1) < 16  # E = C = 4
+    _check_against_reference(
+        impl, x, idx, w, w1, w2, w3, "silu", weight_mask=mask, ref_index=ref_idx, check=False, **kwargs
+    )
+    with pytest.raises(ValueError, match="expert ids"):  # checked by default on CPU
+        moe_mlp(x, idx, w, w1, w2, w3, impl=impl, **kwargs)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unchecked_invalid_ids_contribute_zero_compiled(impl):
+    # torch.compile(fullgraph=True) never checks ids: the same ids contribute zero and nothing is read or written
+    # out of bounds (inductor's CPU code bounds-checks its indexing, so a stray index raises here)
+    x, idx, w, w1, w2, w3, valid, ref_idx, kwargs = _invalid_case(impl)
+    mask = valid if impl != "padded" else _slots_loop(idx, 4, 4, 1) < 16
+    compiled = torch.compile(
+        lambda x, idx, w: moe_mlp(x, idx, w, w1, w2, w3, activation="silu", impl=impl, **kwargs), fullgraph=True
+    )
+    out = compiled(x, idx, w)
+    assert_close(out, per_token_moe_mlp(x, ref_idx, w * mask, w1, w2, w3, "silu"))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_output_independent_of_unchosen_experts(impl):
+    # expert 3 (chosen by no token) holds inf and NaN: no output or input gradient may notice (0 · inf = NaN
+    # must never happen); equal to the loop over the other experts
+    x, idx, w, w1, w2, w3 = _inputs(10, 13, 19, 4, 2, "uniform", True)
+    idx = idx % 3  # experts 0-2 only (duplicates allowed)
+    w1, w2 = w1.clone(), w2.clone()
+    w1[3] = float("inf")
+    w2[3] = float("nan")
+    leaf = x.clone().requires_grad_()
+    out = moe_mlp(leaf, idx, w, w1, w2, w3, impl=impl, **_impl_kwargs(impl, 10, 2))
+    ref_x = x.double().requires_grad_()
+    ref = per_token_moe_mlp(ref_x, idx, w, w1[:3], w2[:3], w3[:3])
+    assert_close(out, ref)
+    grad = torch.randn_like(ref)
+    out.backward(grad.float())
+    ref.backward(grad)
+    assert_close(leaf.grad, ref_x.grad, torch.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_combine_weights_in_fp32(impl):
+    # one weight policy everywhere: bf16 tokens, fp32 weights used as fp32. Each token picks one expert twice with
+    # weights 1 + 2^-10 and -1, so out = 2^-10 · y exactly in fp32; with the weights rounded to bf16 first
+    # (1 + 2^-10 -> 1) the output would be exactly 0
+    x, _, _, w1, w2, w3 = _inputs(8, 16, 16, 4, 2, "uniform", True, torch.bfloat16)
+    one = torch.randint(0, 4, (8, 1))
+    w = torch.tensor([[1 + 2**-10, -1.0]]).expand(8, 2)
+    kwargs = _impl_kwargs(impl, 8, 2)
+    y = moe_mlp(x, one, torch.ones(8, 1), w1, w2, w3, impl=impl, **_impl_kwargs(impl, 8, 1))
+    out = moe_mlp(x, one.expand(8, 2), w, w1, w2, w3, impl=impl, **kwargs)
+    assert out.dtype == torch.bfloat16 and out.abs().sum() > 0
+    torch.testing.assert_close(out.float(), y.float() * 2**-10, atol=1e-6, rtol=2e-2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_meta_tensors_shape_inference(impl):
+    # meta tensors hold no data: the id check is skipped and the output shape and dtype come out
+    x, idx, w, w1, w2, w3 = (t.to("meta") for t in _inputs(13, 16, 20, 4, 2, "uniform", True))
+    out, stats = moe_mlp(x, idx, w, w1, w2, w3, impl=impl, return_stats=True, **_impl_kwargs(impl, 13, 2))
+    assert out.device.type == "meta" and out.shape == (13, 16) and out.dtype == torch.float32
+    assert stats.impl == impl
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# custom_moe_mlp (row-wise gates and biases: the path of the Hugging Face integration)
+
+
+def _interleaved_swiglu(h):
+    """A gate that needs whole rows: interleaved gate/up columns, clamped (gpt-oss-like)."""
+    gate, up = h[:, ::2].clamp(max=2.0), h[:, 1::2].clamp(-2.0, 2.0)
+    return gate * torch.sigmoid(1.7 * gate) * (up + 1)
+
+
+def _custom_loop(x, idx, w, up, down, up_bias, down_bias, gate):
+    rows = []
+    for t in range(x.shape[0]):
+        acc = x.new_zeros(down.shape[2])
+        for j in range(idx.shape[1]):
+            e = int(idx[t, j])
+            if not 0 <= e < up.shape[0]:
+                continue
+            h = gate((x[t] @ up[e] + up_bias[e]).unsqueeze(0))[0]
+            acc = acc + w[t, j] * (h @ down[e] + down_bias[e])
+        rows.append(acc)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "skip", "invalid"])
+def test_custom_moe_mlp_matches_loop(kind):
+    # a row-wise gate over interleaved columns, biases, empty experts ("skip"), unchecked invalid ids ("invalid")
+    T, d, f, E, k = 12, 13, 9, 5, 2
+    x = torch.randn(T, d)
+    idx = routing(T, k, E, kind)
+    w = torch.rand(T, k)
+    params = [
+        torch.randn(E, d, 2 * f) / d**0.5,
+        torch.randn(E, f, d) / f**0.5,
+        torch.randn(E, 2 * f),
+        torch.randn(E, d),
+    ]
+    leaves = [t.clone().requires_grad_() for t in (x, w, *params)]
+    refs = [t.double().requires_grad_() for t in (x, w, *params)]
+    lx, lw, up, down, up_bias, down_bias = leaves
+    out = custom_moe_mlp(
+        lx, idx, lw, up, down, activation=_interleaved_swiglu, up_bias=up_bias, down_bias=down_bias, check=False
+    )
+    ref = _custom_loop(refs[0], idx, refs[1], *refs[2:], _interleaved_swiglu)
+    assert_close(out, ref)
+    grad = torch.randn_like(ref)
+    out.backward(grad.float())
+    ref.backward(grad)
+    for name, leaf, r in zip(["x", "w", "up", "down", "up_bias", "down_bias"], leaves, refs):
+        torch.testing.assert_close(leaf.grad.double(), r.grad, **TOL[torch.float32], msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_custom_moe_mlp_bad_input():
+    x, idx, w = torch.randn(4, 6), torch.randint(0, 3, (4, 2)), torch.rand(4, 2)
+    up, down = torch.randn(3, 6, 8), torch.randn(3, 4, 6)
+    with pytest.raises(TypeError, match="activation must be a callable"):
+        custom_moe_mlp(x, idx, w, up, down, activation="silu")
+    with pytest.raises(ValueError, match="up must be"):
+        custom_moe_mlp(x, idx, w, up[:, :5], down, activation=torch.relu)
+    with pytest.raises(ValueError, match="up_bias must be"):
+        custom_moe_mlp(x, idx, w, up, down, activation=torch.relu, up_bias=torch.randn(3, 7))
+    with pytest.raises(TypeError, match="down must have x's dtype"):
+        custom_moe_mlp(x, idx, w, up, down.double(), activation=torch.relu)
+    with pytest.raises(ValueError, match="expert ids"):
+        custom_moe_mlp(x, idx + 1, w, up, down, activation=torch.relu)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,8 +452,8 @@ def _saved_block_tensors(fn, nnz_shape) -> tuple[torch.Tensor, int]:
 
 @pytest.mark.parametrize("glu", [False, True])
 def test_blocksparse_fused_activation_saves_only_pre_activation(glu):
-    # a named activation runs fused in bsm::dsd_act: autograd keeps h (and g) only, no post-activation copy, with
-    # or without recompute_activation (same results); a callable keeps the unfused path (one more block tensor)
+    # a named activation runs the fused bsm::expert_mlp: autograd keeps h (and g) only, no post-activation copy,
+    # with or without recompute_activation (same results); a callable keeps the unfused path (more block tensors)
     x, idx, w, w1, w2, w3 = _inputs(13, 13, 19, 4, 2, "uniform", glu)
     topo = plan_routing(idx, 4, block_size=B, ffn_size=19).topology
     leaves = [t.requires_grad_() for t in (x, w1, w2) + ((w3,) if glu else ())]
@@ -291,7 +467,7 @@ def test_blocksparse_fused_activation_saves_only_pre_activation(glu):
 
         with _CountOps() as ops:
             outs[name], saved[name] = _saved_block_tensors(run, (topo.nnz_max, B, B))
-        assert ("bsm.dsd_act.default" in ops.calls) == (name != "callable")
+        assert ("bsm.expert_mlp.default" in ops.calls) == (name != "callable")
     assert saved["fused"] == saved["fused-rc"] == (2 if glu else 1)
     assert saved["callable"] > saved["fused"]
     cot = torch.randn_like(outs["fused"])
@@ -365,7 +541,11 @@ def _bad_cases():
         ({}, dict(impl="grouped", capacity_factor=1.0), ValueError, "impl='padded' only"),
         ({}, dict(impl="blocksparse", num_groups=2), ValueError, "impl='padded' only"),
         ({}, dict(capacity=4), ValueError, "impl='padded' only"),
+        ({}, dict(impl="padded", capacity_factor=float("inf")), ValueError, "finite non-negative"),
+        ({}, dict(impl="padded", capacity_factor=float("nan")), ValueError, "finite non-negative"),
         ({}, dict(impl="blocksparse", block_size=0), ValueError, "block_size must be"),
+        ({}, dict(impl="blocksparse", block_size=256), ValueError, r"block_size must be one of \(16, 32, 64, 128\)"),
+        ({}, dict(block_size=48), ValueError, "block_size must be one of"),
         ({}, dict(impl="padded", block_size=16), ValueError, "block_size applies"),
         ({}, dict(recompute_activation=1), TypeError, "recompute_activation"),
     ], base

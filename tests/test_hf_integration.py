@@ -1,13 +1,16 @@
-"""Hugging Face transformers integration: our experts implementation == "eager" on tiny random MoE models."""
+"""Hugging Face transformers integration: our experts implementation == "eager" on tiny random MoE models, and
+each experts module takes the path (moe_mlp strategy or custom_moe_mlp) the integration claims."""
 
 import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 tf = pytest.importorskip("transformers")
 from transformers.integrations.moe import use_experts_implementation  # noqa: E402
 
+from blocksparse_moe.functional import resolve_impl  # noqa: E402
 from blocksparse_moe.integrations import transformers as bsm_hf  # noqa: E402
 
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64)
@@ -57,10 +60,14 @@ def _run(model, ids):
     return logits.detach(), grads
 
 
+def _model(name):
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(CONFIGS[name]()).float()
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_model_matches_eager(name):
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(CONFIGS[name]()).float()
+    model = _model(name)
     with torch.no_grad():  # random, non-trivial expert biases (gpt-oss initialises them to zero)
         for n, p in model.named_parameters():
             if "experts" in n and "bias" in n:
@@ -125,7 +132,97 @@ def test_register_is_idempotent_and_listed():
 
     bsm_hf.register()
     bsm_hf.register()
-    assert bsm_hf.NAME in ALL_EXPERTS_FUNCTIONS
+    assert ALL_EXPERTS_FUNCTIONS.get_interface(bsm_hf.NAME, None) is bsm_hf.experts_forward
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the ops that run (forward and backward), by name; records the layout (block_size) of each fused
+    expert-MLP call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {}
+        self.block_sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[str(func)] = self.calls.get(str(func), 0) + 1
+        if str(func) == "bsm.expert_mlp.default":
+            self.block_sizes.append(args[10])
+        return func(*args, **(kwargs or {}))
+
+
+def _experts(name):
+    """The first layer's experts module of a tiny model, with routing inputs for it (odd counts, 13 tokens)."""
+    experts = _model(name).model.layers[0].mlp.experts
+    T, k = 13, 2
+    x = torch.randn(T, TINY["hidden_size"])
+    idx = torch.rand(T, experts.num_experts).argsort(1)[:, :k]
+    return experts, x, idx, torch.rand(T, k)
+
+
+def _eager(experts, x, idx, w):
+    experts.config._experts_implementation = "eager"
+    return experts(x, idx, w)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "olmoe"])
+def test_standard_gate_runs_moe_mlp_strategies(name):
+    # a standard gate (default act(gate) * up, no bias, SiLU) is moe_mlp over views of the module's weights: the
+    # fused expert MLP of the grouped strategy on CPU (dense rows: block_size 0), of the block-sparse one (blocked
+    # rows: block_size 16) when asked; the block-sparse one is what "auto" means on CUDA
+    experts, x, idx, w = _experts(name)
+    w1, w2, w3, activation = bsm_hf.moe_mlp_weights(experts)
+    assert activation == "silu" and w1.untyped_storage().data_ptr() == experts.gate_up_proj.untyped_storage().data_ptr()
+    ref = _eager(experts, x, idx, w)
+    assert resolve_impl("auto", torch.device("cuda")) == "blocksparse"
+    for impl, block_size in (("auto", 0), ("blocksparse", 16)):
+        with _CountOps() as ops:
+            out = bsm_hf.experts_forward(experts, x, idx, w, impl=impl, block_size=block_size or None)
+        assert {n: c for n, c in ops.calls.items() if n.startswith("bsm.")} == {"bsm.expert_mlp.default": 1}, impl
+        assert ops.block_sizes == [block_size], impl
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_custom_gate_runs_custom_moe_mlp():
+    # gpt-oss: interleaved gate/up, clamped SwiGLU (_apply_gate overridden) and biases: not a moe_mlp form; the
+    # grouped strategy with the module's own gate (2 grouped GEMMs forward: fused gate_up, down), no block-sparse op
+    experts, x, idx, w = _experts("gpt_oss")
+    with torch.no_grad():
+        for n, p in experts.named_parameters():
+            if "bias" in n:
+                p.normal_(0, 0.1)
+    assert bsm_hf.moe_mlp_weights(experts) is None
+    ref = _eager(experts, x, idx, w)
+    with _CountOps() as ops:
+        out = bsm_hf.experts_forward(experts, x, idx, w, impl="blocksparse", block_size=16)
+    assert ops.calls.get("bsm.grouped_mm.default") == 2
+    assert not any("sdd" in n or "dsd" in n for n in ops.calls)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_model_blocksparse_strategy_matches_eager():
+    # a whole Mixtral through the block-sparse strategy (registered under its own name), forward and backward
+    model = _model("mixtral")
+    ids = torch.randint(0, 64, (2, 7))
+    model.set_experts_implementation("eager")
+    ref_logits, ref_grads = _run(model, ids)
+    bsm_hf.register("bsm_blocksparse_test", impl="blocksparse", block_size=16)
+    model.set_experts_implementation("bsm_blocksparse_test")
+    logits, grads = _run(model, ids)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-4, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_activation_names():
+    # HF / torch activations map to moe_mlp's names; anything else (gelu_new: a different formula) is not standard
+    from transformers.activations import ACT2FN
+
+    names = {k: bsm_hf._activation_name(ACT2FN[k]) for k in ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu")}
+    assert names == {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+    assert bsm_hf._activation_name(ACT2FN["gelu_new"]) is None
+    assert bsm_hf._activation_name(torch.nn.GELU(approximate="tanh")) == "gelu_tanh"
+    assert bsm_hf._activation_name(torch.tanh) is None
 
 
 @pytest.mark.parametrize("capacity", [2, 64])  # tight capacity (drops, per sequence) and ample capacity
@@ -146,3 +243,16 @@ def test_switch_transformers_from_hf_matches(capacity):
 def test_from_hf_rejects_other_modules():
     with pytest.raises(TypeError, match="SwitchTransformersSparseMLP"):
         bsm_hf.from_hf(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
+def test_expert_parallel_sentinels_contribute_zero(name):
+    # under HF's own expert parallelism, ids >= E mark assignments owned by other ranks: unchecked, zero output,
+    # on the standard (moe_mlp) and the custom path alike
+    experts, x, idx, w = _experts(name)
+    sentinel = idx.clone()
+    sentinel[::3, 1] = experts.num_experts
+    valid = sentinel < experts.num_experts
+    ref = _eager(experts, x, torch.where(valid, sentinel, 0), w * valid)
+    experts._is_expert_parallel = True
+    torch.testing.assert_close(bsm_hf.experts_forward(experts, x, sentinel, w), ref, atol=1e-5, rtol=1e-5)

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close
 
+from blocksparse_moe.functional import moe_mlp
 from blocksparse_moe.layers.losses import load_balancing_loss, router_z_loss
-from blocksparse_moe.layers.moe import PaddedMoE, dMoE
+from blocksparse_moe.layers.moe import MoEExperts, PaddedMoE, dMoE
 from blocksparse_moe.layers.router import TopKRouter
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -93,6 +94,42 @@ def test_router_fp32_math_under_bf16():
     logits, weights, _ = r(x)
     assert logits.dtype == weights.dtype == torch.float32
     torch.testing.assert_close(logits, F.linear(x.float(), r.weight.float()), rtol=0, atol=0)
+
+
+def test_router_dtype_wins_over_autocast():
+    # CPU bf16 autocast around the router: its math still runs in router_dtype (fp32), so the logits are the fp32
+    # ones bit for bit and no token changes expert (under autocast, F.linear alone would compute in bf16)
+    r = TopKRouter(64, 8, 2)
+    x = torch.randn(256, 64)
+    logits, weights, index = r(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a_logits, a_weights, a_index = r(x)
+        assert torch.is_autocast_enabled("cpu")  # the router switched autocast off only inside itself
+    assert a_logits.dtype == a_weights.dtype == torch.float32
+    assert torch.equal(a_logits, logits) and torch.equal(a_weights, weights) and torch.equal(a_index, index)
+    # router_dtype float64 under autocast too
+    r64 = TopKRouter(64, 8, 2, router_dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert r64(x)[0].dtype == torch.float64
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_router_normalize_default_depends_on_k(top_k):
+    # k = 1: no renormalisation by default (p/p = 1 would cut the router off from the task loss); k > 1: Mixtral's
+    assert TopKRouter(8, 4, top_k).normalize == (top_k > 1)
+    assert TopKRouter(8, 4, top_k, normalize=True).normalize is True
+
+
+def test_top1_dmoe_router_gets_task_gradient():
+    # Switch: top-1 output = p · expert(x), so the task loss reaches the router (no auxiliary loss here)
+    m = dMoE(16, 24, 4, top_k=1, load_balancing_weight=0.0)
+    x = torch.randn(12, 16)
+    y, aux = m(x)
+    (y * torch.randn_like(y)).sum().backward()
+    assert float(aux) == 0.0
+    assert m.router.weight.grad is not None and m.router.weight.grad.abs().sum() > 0
+    _, weights, index = m.router(x)  # the weight is the router probability itself
+    torch.testing.assert_close(weights, m.router.scores(m.router(x)[0]).gather(1, index))
 
 
 @pytest.mark.parametrize("option", [dict(jitter_eps=0.1), dict(noisy_gating=True)])
@@ -184,10 +221,11 @@ def test_one_expert_dmoe_is_dense_mlp(glu):
     m = dMoE(16, 24, 1, 1, glu=glu, activation="gelu")
     x = torch.randn(7, 16)
     y, _ = m(x)
-    h = F.gelu(x @ m.w1[0])
+    ex = m.experts
+    h = F.gelu(x @ ex.w1[0])
     if glu:
-        h = h * (x @ m.w3[0])
-    assert_close(y, h @ m.w2[0])
+        h = h * (x @ ex.w3[0])
+    assert_close(y, h @ ex.w2[0])
 
 
 def test_aux_loss_and_shared_expert():
@@ -208,13 +246,13 @@ def test_aux_loss_and_shared_expert():
 def test_initialisation():
     # per-expert U(-1/sqrt(fan_in), 1/sqrt(fan_in)): fan_in d for w1/w3, f for w2; no w3 without GLU
     d, f = 64, 100
-    m = dMoE(d, f, 8, 2)
-    for w, fan_in in ((m.w1, d), (m.w3, d), (m.w2, f)):
+    ex = dMoE(d, f, 8, 2).experts
+    for w, fan_in in ((ex.w1, d), (ex.w3, d), (ex.w2, f)):
         bound = 1 / math.sqrt(fan_in)
         assert w.abs().max() <= bound
         assert abs(w.std().item() - bound / math.sqrt(3)) < 0.05 * bound
-    assert m.w1.shape == (8, d, f) and m.w2.shape == (8, f, d) and m.w3.shape == (8, d, f)
-    assert dMoE(d, f, 8, 2, glu=False).w3 is None
+    assert ex.w1.shape == (8, d, f) and ex.w2.shape == (8, f, d) and ex.w3.shape == (8, d, f)
+    assert dMoE(d, f, 8, 2, glu=False).experts.w3 is None
 
 
 def test_dmoe_recompute_activation():
@@ -254,20 +292,81 @@ def test_compile_fullgraph_matches_eager(recompute):
         torch.testing.assert_close(eager[3][name], compiled[3][name], atol=1e-5, rtol=1e-5)
 
 
-def test_layer_bad_input():
-    with pytest.raises(ValueError, match="impl must be one of"):
-        dMoE(8, 8, 4, impl="dense")
-    with pytest.raises(ValueError, match="activation must be one of"):
-        dMoE(8, 8, 4, activation="swish")
-    with pytest.raises(ValueError, match="ffn_hidden_size"):
-        dMoE(8, 0, 4)
-    with pytest.raises(ValueError, match="top_k must be <= num_experts"):
-        dMoE(8, 8, 2, top_k=3)
-    with pytest.raises(ValueError, match="capacity_factor"):
-        PaddedMoE(8, 8, 4, capacity_factor=-1.0)
-    with pytest.raises(ValueError, match="num_groups"):
-        PaddedMoE(8, 8, 4, num_groups=0)
-    with pytest.raises(ValueError, match="hidden_size=8"):
-        dMoE(8, 8, 4)(torch.randn(3, 7))
-    with pytest.raises(ValueError, match="divide"):  # 5 tokens in 2 groups
-        PaddedMoE(8, 8, 4, num_groups=2)(torch.randn(5, 8))
+@pytest.mark.parametrize(
+    "build,exc,match",
+    [
+        (lambda: dMoE(8, 8, 4, impl="dense"), ValueError, "impl must be one of"),
+        (lambda: dMoE(8, 8, 4, activation="swish"), ValueError, "activation must be one of"),
+        (lambda: dMoE(8, 0, 4), ValueError, "ffn_hidden_size"),
+        (lambda: dMoE(8, 8, 2, top_k=3), ValueError, "top_k must be <= num_experts"),
+        (lambda: PaddedMoE(8, 8, 4, capacity_factor=-1.0), ValueError, "capacity_factor"),
+        (lambda: PaddedMoE(8, 8, 4, num_groups=0), ValueError, "num_groups"),
+        # defect 7: inf / NaN capacity factors fail at construction, not at forward
+        (lambda: PaddedMoE(8, 8, 4, capacity_factor=float("inf")), ValueError, "finite non-negative"),
+        (lambda: PaddedMoE(8, 8, 4, capacity_factor=float("nan")), ValueError, "finite non-negative"),
+        (lambda: PaddedMoE(8, 8, 4, capacity=-1), ValueError, "capacity must be"),
+        # defect 14: dMoE validates its moe_mlp options and loss weights at construction
+        (lambda: dMoE(8, 8, 4, block_size=0), ValueError, "block_size must be one of"),
+        (lambda: dMoE(8, 8, 4, block_size=256), ValueError, "block_size must be one of"),  # defect 8
+        (lambda: dMoE(8, 8, 4, impl="grouped", block_size=16), ValueError, "block_size applies"),
+        (lambda: dMoE(8, 8, 4, recompute_activation="yes"), TypeError, "recompute_activation must be a bool"),
+        (lambda: dMoE(8, 8, 4, load_balancing_weight=float("nan")), ValueError, "load_balancing_weight"),
+        (lambda: dMoE(8, 8, 4, z_loss_weight=float("inf")), ValueError, "z_loss_weight"),
+        (lambda: dMoE(8, 8, 4, load_balancing_weight=-0.1), ValueError, "load_balancing_weight"),
+        # defect 2: expert parallelism is a wrapper now; the old layer option says where it went
+        (lambda: PaddedMoE(8, 8, 4, expert_parallel_group=object()), TypeError, r"parallel\.expert_parallel"),
+        (lambda: dMoE(8, 8, 4, expert_parallel_group=object()), TypeError, r"parallel\.expert_parallel"),
+        (lambda: dMoE(8, 8, 4)(torch.randn(3, 7)), ValueError, "hidden_size=8"),
+        (lambda: PaddedMoE(8, 8, 4, num_groups=2)(torch.randn(5, 8)), ValueError, "divide"),  # 5 tokens, 2 groups
+    ],
+)
+def test_layer_bad_input(build, exc, match):
+    with pytest.raises(exc, match=match):
+        build()
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 12), (2, 0, 12), (0, 12), (0, 0, 12)])
+def test_padded_sequence_groups_empty_input(shape):
+    # per-sequence capacity with no tokens (no sequences, or empty sequences): an empty output and a zero aux loss
+    m = PaddedMoE(12, 16, 4, num_groups="sequence", z_loss_weight=0.1)
+    y, aux = m(torch.randn(*shape))
+    assert y.shape == shape and float(aux) == 0.0
+
+
+def test_padded_sequence_groups_match_per_sequence_runs():
+    # num_groups="sequence" with [B, S, d] input: each sequence alone through a one-group PaddedMoE gives the same
+    m = PaddedMoE(12, 16, 4, capacity_factor=0.5, num_groups="sequence")
+    x = torch.randn(3, 7, 12)
+    y, _ = m(x)
+    for b in range(3):
+        torch.testing.assert_close(y[b], m(x[b])[0])
+
+
+def test_experts_submodule_and_state_dict():
+    # one expert module, the same parameter names in both layers (checkpoints move between them)
+    m, p = dMoE(8, 12, 4, shared_expert_size=6), PaddedMoE(8, 12, 4, shared_expert_size=6)
+    assert isinstance(m.experts, MoEExperts) and m.experts.num_experts == 4
+    assert set(m.state_dict()) == set(p.state_dict()) >= {"router.weight", "experts.w1", "experts.w2", "experts.w3"}
+    assert m.experts.options["impl"] == "auto" and p.experts.options["impl"] == "padded"
+    # the experts module alone is moe_mlp over its weights
+    x, idx, w = torch.randn(5, 8), torch.randint(0, 4, (5, 2)), torch.rand(5, 2)
+    ex = m.experts
+    torch.testing.assert_close(ex(x, idx, w), moe_mlp(x, idx, w, ex.w1, ex.w2, ex.w3, activation="silu"))
+
+
+def test_meta_device_init_and_shape_inference():
+    # torch.device("meta") construction allocates nothing; a meta forward infers shapes (the id check skips meta);
+    # to_empty + load_state_dict then gives the real layer
+    real = dMoE(12, 16, 4, shared_expert_size=8, z_loss_weight=0.1)
+    with torch.device("meta"):
+        m = dMoE(12, 16, 4, shared_expert_size=8, z_loss_weight=0.1)
+        y, aux = m(torch.randn(2, 5, 12))
+    assert m.experts.w1.is_meta and y.is_meta and y.shape == (2, 5, 12) and aux.shape == ()
+    with torch.device("meta"):
+        p = PaddedMoE(12, 16, 4, num_groups="sequence")
+        assert p(torch.randn(2, 5, 12))[0].shape == (2, 5, 12)
+    m.to_empty(device="cpu")
+    m.load_state_dict(real.state_dict())
+    x = torch.randn(2, 5, 12)
+    for a, b in zip(m(x), real(x)):
+        torch.testing.assert_close(a, b)

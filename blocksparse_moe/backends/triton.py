@@ -55,10 +55,14 @@ def grouped_block_m(rows: int, num_experts: int) -> int:
 
 def _block_schedule(topo: Topology) -> Schedule:
     """Block rows as the M tiles: expert e's rows ``padded_offsets[e] .. padded_offsets[e+1]``."""
+    if topo.block_size not in gemm_kernels.BLOCK_SIZES:
+        raise ValueError(f"the triton backend needs block_size in {gemm_kernels.BLOCK_SIZES}, got {topo.block_size}")
     return Schedule.build(topo.padded_offsets, topo.num_rows, topo.block_size, padded=True)
 
 
 def _blocks(data: torch.Tensor, topo: Topology) -> Rows:
+    if topo.block_size not in gemm_kernels.BLOCK_SIZES:
+        raise ValueError(f"the triton backend needs block_size in {gemm_kernels.BLOCK_SIZES}, got {topo.block_size}")
     return Rows.blocked(data, topo.blocks_per_expert, topo.ffn_size)
 
 

@@ -3,65 +3,155 @@
 ``register()`` adds ``"blocksparse_moe"`` to ``transformers.integrations.moe.ExpertsInterface``; then
 ``model.set_experts_implementation("blocksparse_moe")`` (or ``from_pretrained(...,
 experts_implementation="blocksparse_moe")``) runs every MoE model whose experts module uses that interface
-(Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, gpt-oss, ...) on this package's routing plan, fused-gather grouped GEMM
-and deterministic weighted scatter. The module's own layout flags are honoured: gated or not, concatenated or
-interleaved gate/up (the module's ``_apply_gate`` splits it), transposed or not, with or without bias, and its
-``act_fn`` / ``_apply_gate`` (applied unfused, so custom gates such as gpt-oss's clamped SwiGLU work unchanged).
+(Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, gpt-oss, ...) through ``functional``'s one dropless core:
+
+- a **standard** experts module (the default gate ``act(gate) * up`` over concatenated gate/up columns, or no gate;
+  no biases, no post-expert norm; ``act_fn`` one of ``moe_mlp``'s named activations) is ``moe_mlp`` over views of
+  its weights (``moe_mlp_weights``): ``impl="auto"`` is the block-sparse strategy on CUDA (the activation fused
+  into the second GEMM) and the grouped one elsewhere;
+- any other (a custom ``_apply_gate`` such as gpt-oss's clamped SwiGLU over interleaved columns, biases, a
+  post-expert norm, an unknown activation) is ``custom_moe_mlp``: the grouped strategy with the module's own gate
+  applied to whole rows.
+
+Weights are used in place (views: transposed or not, gradients flow to the model's parameters).
 
 ``from_hf(module)`` converts a ``SwitchTransformersSparseMLP`` (top-1, per-sequence expert capacity) into an
-equivalent :class:`~blocksparse_moe.layers.moe.PaddedMoE` that shares its weights.
+equivalent :class:`~blocksparse_moe.layers.moe.PaddedMoE` that holds copies of its weights (a new module; training
+one does not change the other).
 """
 
 from __future__ import annotations
 
-import torch
+from functools import partial
 
-from ..ops.grouped import grouped_mm
-from ..ops.permute import scatter_rows
-from ..routing import plan_routing
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..functional import custom_moe_mlp, moe_mlp
 
 NAME = "blocksparse_moe"
 
-__all__ = ["NAME", "register", "experts_forward", "from_hf"]
+__all__ = ["NAME", "register", "experts_forward", "moe_mlp_weights", "from_hf"]
+
+
+def _activation_name(act_fn: object) -> str | None:
+    """The ``moe_mlp`` name of a Hugging Face / torch activation, or None when it is not one of them."""
+    if act_fn in (F.silu, F.relu, F.gelu):
+        return {F.silu: "silu", F.relu: "relu", F.gelu: "gelu"}[act_fn]
+    if isinstance(act_fn, nn.SiLU):
+        return "silu"
+    if isinstance(act_fn, nn.ReLU):
+        return "relu"
+    if isinstance(act_fn, nn.GELU):
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act_fn.approximate)
+    try:
+        from transformers import activations as hf
+    except ImportError:  # pragma: no cover - depends on the environment
+        return None
+    if type(act_fn) is getattr(hf, "SiLUActivation", None):
+        return "silu"
+    inner = getattr(act_fn, "act", None)  # GELUActivation / GELUTanh hold the function they apply
+    if type(act_fn) is getattr(hf, "GELUActivation", None) and inner is F.gelu:
+        return "gelu"
+    if (
+        type(act_fn) is getattr(hf, "GELUTanh", None)
+        and isinstance(inner, partial)
+        and inner.func is F.gelu
+        and inner.keywords == {"approximate": "tanh"}
+    ):
+        return "gelu_tanh"
+    return None
+
+
+def _has_default_gate(module: nn.Module) -> bool:
+    """Whether the module gates with transformers' default ``act(gate) * up`` over concatenated halves."""
+    from transformers.integrations import moe as hf_moe
+
+    default = getattr(hf_moe, "_default_apply_gate", None)
+    return (
+        default is not None
+        and getattr(type(module), "_apply_gate", None) is default
+        and "_apply_gate" not in vars(module)
+        and getattr(module, "is_concatenated", True)
+    )
+
+
+def _in_out(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """A projection weight as ``[E, in, out]`` (a view)."""
+    return weight if module.is_transposed else weight.transpose(1, 2)
+
+
+def moe_mlp_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, str] | None:
+    """``(w1, w2, w3, activation)`` for ``moe_mlp`` (views of the module's weights) when the experts module is
+    standard: the default gate (or none), no bias, no post-expert norm, a named activation. None otherwise."""
+    if getattr(module, "has_bias", False) or getattr(module, "has_post_expert_norm", False):
+        return None
+    activation = _activation_name(getattr(module, "act_fn", None))
+    if activation is None:
+        return None
+    w2 = _in_out(module, module.down_proj)  # [E, F, d]
+    if not module.has_gate:
+        return _in_out(module, module.up_proj), w2, None, activation
+    if not _has_default_gate(module):
+        return None
+    gate_up = _in_out(module, module.gate_up_proj)  # [E, d, 2F]: gate columns first, then up
+    f = gate_up.shape[2] // 2
+    return gate_up[..., :f], w2, gate_up[..., f:], activation
 
 
 def experts_forward(
-    self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    *,
+    impl: str = "auto",
+    block_size: int | None = None,
 ) -> torch.Tensor:
-    """``ExpertsInterface`` entry: ``self`` is the model's experts module, ``hidden_states`` ``[T, d]``."""
-    num_experts = self.num_experts
-    # Expert-parallel sentinels (ids >= E) are excluded from the plan and contribute zero.
-    plan = plan_routing(
-        top_k_index, num_experts, block_size=1, check=False if getattr(self, "_is_expert_parallel", False) else None
-    )
+    """``ExpertsInterface`` entry: ``self`` is the model's experts module, ``hidden_states`` ``[T, d]``.
+
+    ``impl`` / ``block_size`` apply to standard modules (``moe_mlp``'s options); the others run
+    ``custom_moe_mlp``. Expert-parallel sentinels (ids >= E, under HF's own expert parallelism) contribute zero."""
+    check = False if getattr(self, "_is_expert_parallel", False) else None
+    weights = moe_mlp_weights(self)
+    if weights is not None:
+        w1, w2, w3, activation = weights
+        x = hidden_states.to(w1.dtype)
+        out = moe_mlp(
+            x,
+            top_k_index,
+            top_k_weights,
+            w1,
+            w2,
+            w3,
+            activation=activation,
+            impl=impl,
+            block_size=block_size,
+            check=check,
+        )
+        return out.to(hidden_states.dtype)
     has_bias = getattr(self, "has_bias", False)
-    if has_bias:
-        rows = torch.arange(plan.row_assignment.numel(), device=hidden_states.device, dtype=plan.offsets.dtype)
-        row_expert = (torch.searchsorted(plan.offsets[1:], rows, right=True)).clamp(max=num_experts - 1)
-
-    def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gather: bool) -> torch.Tensor:
-        w = weight if self.is_transposed else weight.transpose(1, 2)  # -> [E, in, out], a view
-        if gather:
-            y = grouped_mm(x, w, plan.offsets, plan.row_assignment, plan.assignment_row)
-        else:
-            y = grouped_mm(x, w, plan.offsets)
-        return y + bias[row_expert] if bias is not None else y
-
-    if self.has_gate:
-        h = project(hidden_states, self.gate_up_proj, self.gate_up_proj_bias if has_bias else None, gather=True)
-        h = self._apply_gate(h)
-    else:
-        h = project(hidden_states, self.up_proj, self.up_proj_bias if has_bias else None, gather=True)
-        h = self.act_fn(h)
-    y = project(h.to(hidden_states.dtype), self.down_proj, self.down_proj_bias if has_bias else None, gather=False)
-    if getattr(self, "has_post_expert_norm", False):
-        y = self.post_expert_norm(y)
-    out = scatter_rows(y, plan.row_assignment, plan.assignment_row, top_k_weights.to(y.dtype))
+    up_name = "gate_up_proj" if self.has_gate else "up_proj"
+    up = _in_out(self, getattr(self, up_name))
+    out = custom_moe_mlp(
+        hidden_states.to(up.dtype),
+        top_k_index,
+        top_k_weights,
+        up,
+        _in_out(self, self.down_proj),
+        activation=self._apply_gate if self.has_gate else self.act_fn,
+        up_bias=getattr(self, f"{up_name}_bias") if has_bias else None,
+        down_bias=self.down_proj_bias if has_bias else None,
+        post=self.post_expert_norm if getattr(self, "has_post_expert_norm", False) else None,
+        check=check,
+    )
     return out.to(hidden_states.dtype)
 
 
-def register() -> None:
-    """Register ``"blocksparse_moe"`` in transformers' ``ExpertsInterface`` (idempotent)."""
+def register(name: str = NAME, *, impl: str = "auto", block_size: int | None = None) -> None:
+    """Register ``name`` (default ``"blocksparse_moe"``) in transformers' ``ExpertsInterface`` (idempotent);
+    ``impl`` / ``block_size`` go to ``experts_forward``."""
     try:
         from transformers.integrations.moe import ExpertsInterface
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -69,17 +159,21 @@ def register() -> None:
             "blocksparse_moe.integrations.transformers needs transformers >= 5 with "
             f"transformers.integrations.moe.ExpertsInterface (pip install 'blocksparse_moe[hf]'): {exc}"
         ) from exc
-    ExpertsInterface.register(NAME, experts_forward)
+    if impl == "auto" and block_size is None:
+        ExpertsInterface.register(name, experts_forward)
+    else:
+        ExpertsInterface.register(name, partial(experts_forward, impl=impl, block_size=block_size))
 
 
-def from_hf(module: torch.nn.Module):
-    """Convert a ``SwitchTransformersSparseMLP`` into an equivalent :class:`PaddedMoE`.
+def from_hf(module: nn.Module):
+    """Convert a ``SwitchTransformersSparseMLP`` into an equivalent :class:`PaddedMoE` holding copies of its weights.
 
     Switch routes each token to its top-1 expert (softmax in the router's dtype, weight = that probability, no
     renormalisation), gives every sequence ``expert_capacity`` slots per expert in token order, and drops the
     overflow: that is ``PaddedMoE(top_k=1, capacity=expert_capacity, num_groups="sequence", glu=False)`` with the
     expert's own activation. The weights are copied into the ``[E, d, f]`` / ``[E, f, d]`` layout (a new module
-    that owns its parameters). The experts' dropout is not reproduced, so outputs match in eval mode.
+    that owns its parameters; the two do not share storage). The experts' dropout is not reproduced, so outputs
+    match in eval mode.
     """
     from ..layers.moe import PaddedMoE
 
@@ -111,6 +205,6 @@ def from_hf(module: torch.nn.Module):
         moe.router.weight.copy_(weight)
         for e in range(num_experts):
             expert = experts[f"expert_{e}"]
-            moe.w1[e].copy_(expert.wi.weight.t())
-            moe.w2[e].copy_(expert.wo.weight.t())
+            moe.experts.w1[e].copy_(expert.wi.weight.t())
+            moe.experts.w2[e].copy_(expert.wo.weight.t())
     return moe

@@ -69,6 +69,7 @@ from ..activations import activate, activate_and_grad, kernel_code
 from ._common import aligned16, interpreting, upcast_dots
 
 __all__ = [
+    "BLOCK_SIZES",
     "GemmConfig",
     "gemm_config",
     "wgrad_config",
@@ -480,6 +481,9 @@ def wgrad_config(
 # ----------------------------------------------------------------------------------------------- row layouts
 
 DENSE_LOG_BLOCK = 7  # dense layouts are described with blocks of 128 rows / columns: every tile size divides it
+# Block sizes of blocked layouts: powers of two from the smallest tile (16, tl.dot's minimum) to the largest (128);
+# 64 and 128 are the GPU sizes (a wgmma tile), 16 and 32 keep interpreter tests small.
+BLOCK_SIZES = (16, 32, 64, 128)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,13 @@
-"""MoE layers: ``dMoE`` (dropless, MegaBlocks-style) and ``PaddedMoE`` (the GShard capacity baseline).
+"""MoE layers: ``dMoE`` (dropless, MegaBlocks-style) and ``PaddedMoE`` (the GShard capacity baseline), and
+``MoEExperts``, the routed experts both hold.
 
-Both hold the expert weights as ``w1 [E, d, f]``, ``w2 [E, f, d]`` and, for GLU experts, ``w3 [E, d, f]``
-(same names, so one's ``state_dict`` loads into the other), a ``TopKRouter`` and an optional dense shared expert,
-and return ``(y, aux_loss)`` with ``aux_loss = load_balancing_weight · load_balancing_loss + z_loss_weight ·
-router_z_loss``.
+A layer is ``TopKRouter`` → ``MoEExperts`` (``moe_mlp`` over the expert weights ``w1 [E, d, f]``, ``w2 [E, f, d]``
+and, for GLU experts, ``w3 [E, d, f]``) → plus an optional dense shared expert, and returns ``(y, aux_loss)`` with
+``aux_loss = load_balancing_weight · load_balancing_loss + z_loss_weight · router_z_loss``. The parameter names
+are the same in both layers (``router.weight``, ``experts.w1``, ...), so one's ``state_dict`` loads into the other.
+
+The layers are single-device and know nothing of ranks: ``blocksparse_moe.parallel.expert_parallel(layer, group)``
+shards ``layer.experts`` over a process group and wraps its forward in the dispatch and combine exchanges.
 """
 
 from __future__ import annotations
@@ -13,17 +17,103 @@ import math
 import torch
 from torch import nn
 
-from ..functional import IMPLS, moe_mlp
-from ..reference import get_activation
+from ..activations import Activation, get_activation
+from ..functional import check_options, moe_mlp
 from .losses import load_balancing_loss, router_z_loss
 from .router import TopKRouter
 
-__all__ = ["dMoE", "PaddedMoE"]
+__all__ = ["MoEExperts", "dMoE", "PaddedMoE"]
 
 
 def _positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _loss_weight(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+
+
+class MoEExperts(nn.Module):
+    """The routed experts of a MoE layer: ``forward(x [T, d], top_k_index [T, k], top_k_weights [T, k],
+    **options) -> [T, d]`` is ``moe_mlp`` over this module's weights with its options (keyword ``options``, e.g.
+    ``num_groups``, override them for one call).
+
+    Args:
+        num_experts, hidden_size, ffn_hidden_size: E, d, f.
+        glu: GLU experts (``w3``): ``(act(x @ w1) * (x @ w3)) @ w2``.
+        activation, impl, block_size, recompute_activation, capacity_factor, capacity, num_groups: ``moe_mlp``'s
+            options, validated here (the capacity options need ``impl="padded"``, ``block_size`` a blocksparse
+            impl).
+
+    Expert ids index this module's experts ``[0, num_experts)``. Initialisation per expert as a dense MLP:
+    ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        *,
+        glu: bool = True,
+        activation: str | Activation = "silu",
+        impl: str = "auto",
+        block_size: int | None = None,
+        recompute_activation: bool = False,
+        capacity_factor: float | None = None,
+        capacity: int | None = None,
+        num_groups: int = 1,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("num_experts", num_experts),
+            ("hidden_size", hidden_size),
+            ("ffn_hidden_size", ffn_hidden_size),
+        ):
+            _positive_int(name, value)
+        if not isinstance(glu, bool):
+            raise TypeError(f"glu must be a bool, got {glu!r}")
+        get_activation(activation)  # validates the name
+        options = dict(
+            impl=impl,
+            block_size=block_size,
+            recompute_activation=recompute_activation,
+            capacity_factor=capacity_factor,
+            capacity=capacity,
+            num_groups=num_groups,
+        )
+        check_options(**options)
+        self.options: dict = {"activation": activation, **options}
+        d, f = hidden_size, ffn_hidden_size
+        self.w1 = nn.Parameter(torch.empty(num_experts, d, f))
+        self.w2 = nn.Parameter(torch.empty(num_experts, f, d))
+        self.w3 = nn.Parameter(torch.empty(num_experts, d, f)) if glu else None
+        self.reset_parameters()
+
+    @property
+    def num_experts(self) -> int:
+        """Experts held by this module (after ``expert_parallel``: this rank's share)."""
+        return self.w1.shape[0]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Expert weights ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``: fan_in d for ``w1``/``w3``, f for ``w2``."""
+        for w in (self.w1, self.w2, self.w3):
+            if w is not None:
+                bound = 1 / math.sqrt(w.shape[1])
+                w.uniform_(-bound, bound)
+
+    def forward(
+        self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, **options
+    ) -> torch.Tensor:
+        return moe_mlp(x, top_k_index, top_k_weights, self.w1, self.w2, self.w3, **{**self.options, **options})
+
+    def extra_repr(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v is not None)
+        d, f = self.w1.shape[1:]
+        return f"num_experts={self.num_experts}, hidden_size={d}, ffn_hidden_size={f}, {options}"
 
 
 class _DenseMLP(nn.Module):
@@ -48,15 +138,16 @@ class dMoE(nn.Module):  # noqa: N801 (MegaBlocks' name)
 
     Args:
         hidden_size, ffn_hidden_size, num_experts, top_k: d, f, E, k.
-        activation, impl, block_size, recompute_activation: passed to ``moe_mlp``.
+        activation, impl, block_size, recompute_activation: passed to ``moe_mlp`` (validated here: ``block_size``
+            one of 16, 32, 64, 128 and only with ``impl`` ``"blocksparse"`` or ``"auto"``).
         glu: GLU experts (``w3``), ``act(x @ w1) * (x @ w3) @ w2``.
-        load_balancing_weight, z_loss_weight: coefficients of the auxiliary losses.
+        load_balancing_weight, z_loss_weight: coefficients of the auxiliary losses (finite, >= 0).
         shared_expert_size: width of a dense shared expert added to the output (DeepSeek-MoE); None for none.
-        expert_parallel_group: a process group; this rank then holds only experts ``[r·E/W, (r+1)·E/W)`` and
-            calls ``parallel.expert_parallel.expert_parallel_moe_mlp`` (a collective: every rank calls forward).
         router_kw: ``TopKRouter`` options (score, normalize, jitter_eps, noisy_gating, random_second, router_dtype).
+            ``normalize`` defaults to ``top_k > 1``: at k = 1 a renormalised weight is p/p = 1, which would leave
+            the router without a gradient from the task loss (Switch multiplies by the raw probability).
 
-    Expert weights are initialised per expert like a dense MLP: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.
+    Expert parallelism: ``blocksparse_moe.parallel.expert_parallel(layer, group)`` (the layer stays single-device).
     """
 
     def __init__(
@@ -66,7 +157,7 @@ class dMoE(nn.Module):  # noqa: N801 (MegaBlocks' name)
         num_experts: int,
         top_k: int = 2,
         *,
-        activation="silu",
+        activation: str | Activation = "silu",
         glu: bool = True,
         impl: str = "auto",
         load_balancing_weight: float = 0.01,
@@ -74,90 +165,74 @@ class dMoE(nn.Module):  # noqa: N801 (MegaBlocks' name)
         recompute_activation: bool = False,
         shared_expert_size: int | None = None,
         block_size: int | None = None,
-        expert_parallel_group=None,
         **router_kw,
     ) -> None:
-        super().__init__()
+        self._build(
+            hidden_size,
+            ffn_hidden_size,
+            num_experts,
+            top_k,
+            dict(impl=impl, block_size=block_size, recompute_activation=recompute_activation),
+            activation=activation,
+            glu=glu,
+            load_balancing_weight=load_balancing_weight,
+            z_loss_weight=z_loss_weight,
+            shared_expert_size=shared_expert_size,
+            router_kw=router_kw,
+        )
+
+    def _build(
+        self,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        options: dict,
+        *,
+        activation,
+        glu: bool,
+        load_balancing_weight: float,
+        z_loss_weight: float,
+        shared_expert_size: int | None,
+        router_kw: dict,
+    ) -> None:
+        """The constructor both layers share: validate, then router, experts (``MoEExperts(**options)``), shared
+        expert."""
+        nn.Module.__init__(self)
+        if "expert_parallel_group" in router_kw:
+            raise TypeError(
+                "expert_parallel_group is no longer a layer option: build the layer, then apply "
+                "blocksparse_moe.parallel.expert_parallel(layer, group)"
+            )
         for name, value in (("hidden_size", hidden_size), ("ffn_hidden_size", ffn_hidden_size)):
             _positive_int(name, value)
         if shared_expert_size is not None:
             _positive_int("shared_expert_size", shared_expert_size)
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        get_activation(activation)  # validates the name
-        if expert_parallel_group is not None and recompute_activation:
-            raise ValueError("recompute_activation is not supported with expert_parallel_group")
+        _loss_weight("load_balancing_weight", load_balancing_weight)
+        _loss_weight("z_loss_weight", z_loss_weight)
         self.router = TopKRouter(hidden_size, num_experts, top_k, **router_kw)
+        self.experts = MoEExperts(num_experts, hidden_size, ffn_hidden_size, glu=glu, activation=activation, **options)
+        self.shared_expert = (
+            _DenseMLP(hidden_size, shared_expert_size, activation, glu) if shared_expert_size is not None else None
+        )
         self.hidden_size, self.ffn_hidden_size = hidden_size, ffn_hidden_size
         self.num_experts, self.top_k = num_experts, top_k
-        self.activation, self.recompute_activation = activation, recompute_activation
         self.load_balancing_weight, self.z_loss_weight = load_balancing_weight, z_loss_weight
-        self.expert_parallel_group = expert_parallel_group
-        self._mlp_options: dict = dict(impl=impl, block_size=block_size)
 
-        local_experts = num_experts
-        if expert_parallel_group is not None:
-            import torch.distributed as dist
-
-            world = dist.get_world_size(expert_parallel_group)
-            if num_experts % world:
-                raise ValueError(
-                    f"num_experts must be divisible by the expert-parallel group size {world}, got {num_experts}"
-                )
-            local_experts = num_experts // world
-        d, f = hidden_size, ffn_hidden_size
-        self.w1 = nn.Parameter(torch.empty(local_experts, d, f))
-        self.w2 = nn.Parameter(torch.empty(local_experts, f, d))
-        self.w3 = nn.Parameter(torch.empty(local_experts, d, f)) if glu else None
-        self.shared_expert = (
-            _DenseMLP(d, shared_expert_size, activation, glu) if shared_expert_size is not None else None
-        )
-        self.reset_parameters()
-
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Expert weights ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``: fan_in d for ``w1``/``w3``, f for ``w2``."""
-        for w in (self.w1, self.w2, self.w3):
-            if w is not None:
-                bound = 1 / math.sqrt(w.shape[1])
-                w.uniform_(-bound, bound)
+        """Re-initialise the expert weights (see ``MoEExperts.reset_parameters``)."""
+        self.experts.reset_parameters()
+
+    def _call_options(self, x: torch.Tensor, num_tokens: int) -> dict:
+        """Per-call ``moe_mlp`` options derived from the input's shape (none for the dropless layer)."""
+        return {}
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.dim() < 1 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must be [..., hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
         flat = x.reshape(-1, self.hidden_size)
         logits, top_k_weights, top_k_index = self.router(flat)
-        if self.expert_parallel_group is not None:
-            from ..parallel.expert_parallel import expert_parallel_moe_mlp
-
-            out = expert_parallel_moe_mlp(
-                flat,
-                top_k_index,
-                top_k_weights.to(flat.dtype),
-                self.w1,
-                self.w2,
-                self.w3,
-                group=self.expert_parallel_group,
-                num_experts=self.num_experts,
-                activation=self.activation,
-                impl=self._mlp_options["impl"],
-                block_size=self._mlp_options["block_size"],
-            )
-        else:
-            options = self._mlp_options
-            if options.get("num_groups") == "sequence":  # one capacity group per sequence of x [..., S, d]
-                options = {**options, "num_groups": flat.shape[0] // x.shape[-2] if x.dim() > 2 else 1}
-            out = moe_mlp(
-                flat,
-                top_k_index,
-                top_k_weights,
-                self.w1,
-                self.w2,
-                self.w3,
-                activation=self.activation,
-                recompute_activation=self.recompute_activation,
-                **options,
-            )
+        out = self.experts(flat, top_k_index, top_k_weights, **self._call_options(x, flat.shape[0]))
         if self.shared_expert is not None:
             out = out + self.shared_expert(flat)
         aux = self.load_balancing_weight * load_balancing_loss(
@@ -168,15 +243,17 @@ class dMoE(nn.Module):  # noqa: N801 (MegaBlocks' name)
     def extra_repr(self) -> str:
         return (
             f"hidden_size={self.hidden_size}, ffn_hidden_size={self.ffn_hidden_size}, num_experts={self.num_experts}, "
-            f"top_k={self.top_k}, glu={self.w3 is not None}, {self._mlp_options}"
+            f"top_k={self.top_k}"
         )
 
 
 class PaddedMoE(dMoE):
     """The GShard capacity baseline: ``dMoE`` with ``moe_mlp(impl="padded")``; same weights, same outputs
-    when nothing is dropped. ``capacity_factor`` and ``num_groups`` as in ``moe_mlp``; ``num_groups="sequence"``
-    gives each sequence of an input ``[..., S, d]`` its own capacity (Switch Transformers, GShard groups);
-    ``capacity`` fixes the per-group capacity instead of deriving it from ``capacity_factor``."""
+    when nothing is dropped. ``capacity_factor`` (finite, >= 0) and ``num_groups`` as in ``moe_mlp``;
+    ``num_groups="sequence"`` gives each sequence of an input ``[..., S, d]`` its own capacity (Switch
+    Transformers, GShard groups; one group for a 2-D input or no tokens); ``capacity`` fixes the per-group capacity
+    instead of deriving it from ``capacity_factor``. Under ``parallel.expert_parallel`` each rank's tokens keep
+    their own capacity (GShard's per-device groups)."""
 
     def __init__(
         self,
@@ -188,7 +265,7 @@ class PaddedMoE(dMoE):
         capacity_factor: float | None = 1.25,
         capacity: int | None = None,
         num_groups: int | str = 1,
-        activation="silu",
+        activation: str | Activation = "silu",
         glu: bool = True,
         load_balancing_weight: float = 0.01,
         z_loss_weight: float = 0.0,
@@ -197,27 +274,36 @@ class PaddedMoE(dMoE):
         **router_kw,
     ) -> None:
         if capacity is not None:
-            if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
-                raise ValueError(f"capacity must be a non-negative int or None, got {capacity!r}")
             capacity_factor = None
-        elif isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) or capacity_factor < 0:
-            raise ValueError(f"capacity_factor must be a non-negative number, got {capacity_factor!r}")
         if num_groups != "sequence":
             _positive_int("num_groups", num_groups)
-        super().__init__(
+        options = dict(
+            impl="padded",
+            capacity_factor=capacity_factor,
+            capacity=capacity,
+            num_groups=1 if num_groups == "sequence" else num_groups,
+            recompute_activation=recompute_activation,
+        )
+        self._build(
             hidden_size,
             ffn_hidden_size,
             num_experts,
             top_k,
+            options,
             activation=activation,
             glu=glu,
-            impl="padded",
             load_balancing_weight=load_balancing_weight,
             z_loss_weight=z_loss_weight,
-            recompute_activation=recompute_activation,
             shared_expert_size=shared_expert_size,
-            **router_kw,
+            router_kw=router_kw,
         )
-        self._mlp_options = dict(
-            impl="padded", capacity_factor=capacity_factor, capacity=capacity, num_groups=num_groups
-        )
+        self.num_groups = num_groups
+
+    def _call_options(self, x: torch.Tensor, num_tokens: int) -> dict:
+        if self.num_groups != "sequence":
+            return {}
+        # one capacity group per sequence of x [..., S, d]; a 2-D input, or no tokens at all, is one group
+        return {"num_groups": num_tokens // x.shape[-2] if x.dim() > 2 and num_tokens else 1}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_groups={self.num_groups!r}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,18 +13,27 @@ __all__ = ["TopKRouter"]
 SCORES = ("softmax", "sigmoid")
 
 
+def _autocast_off(device_type: str):
+    """A region where autocast is off for ``device_type`` (a no-op where autocast does not exist or is off)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
+
+
 class TopKRouter(nn.Module):
     """Linear router choosing ``top_k`` of ``num_experts`` experts per token.
 
     Args:
         score: ``"softmax"`` over experts, or an independent ``"sigmoid"`` per expert (DeepSeek-V3).
-        normalize: renormalise the top-k scores to sum to 1 (Mixtral).
+        normalize: renormalise the top-k scores to sum to 1 (Mixtral). Default: ``top_k > 1``; at k = 1 the
+            renormalised weight is p/p = 1, which gives the router no gradient from the task loss (Switch keeps p).
         jitter_eps: training only, multiply the router input by ``U(1 - eps, 1 + eps)`` (Switch).
         noisy_gating: training only, add ``N(0, 1) · softplus(x @ w_noise)`` to the logits, with ``w_noise`` a
             learned projection initialised to zero (Shazeer et al. 2017, noisy top-k gating).
         random_second: training only, ``top_k = 2``: keep the second expert with probability
             ``min(1, 2 · p2 / p1)``, else give it weight 0 (GShard).
-        router_dtype: the router's math runs in this dtype whatever the input dtype (Switch selective precision).
+        router_dtype: the router's math runs in this dtype whatever the input dtype and the autocast state (Switch
+            selective precision: autocast is switched off inside the router).
 
     ``forward(x [T, d])`` returns ``(logits [T, E], top_k_weights [T, k], top_k_index [T, k] int64)``, logits
     and weights in ``router_dtype``; ``scores(logits)`` gives the router probabilities (for the balancing loss).
@@ -35,7 +46,7 @@ class TopKRouter(nn.Module):
         top_k: int,
         *,
         score: str = "softmax",
-        normalize: bool = True,
+        normalize: bool | None = None,
         jitter_eps: float | None = None,
         noisy_gating: bool = False,
         random_second: bool = False,
@@ -51,6 +62,10 @@ class TopKRouter(nn.Module):
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         if jitter_eps is not None and not 0 <= jitter_eps < 1:
             raise ValueError(f"jitter_eps must be None or in [0, 1), got {jitter_eps!r}")
+        if normalize is None:
+            normalize = top_k > 1
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be a bool or None, got {normalize!r}")
         if random_second and top_k != 2:
             raise ValueError(f"random_second needs top_k=2, got top_k={top_k}")
         if not isinstance(router_dtype, torch.dtype) or not router_dtype.is_floating_point:
@@ -69,6 +84,10 @@ class TopKRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if x.dim() != 2 or x.shape[1] != self.hidden_size:
             raise ValueError(f"x must be [T, hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
+        with _autocast_off(x.device.type):
+            return self._route(x)
+
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = x.to(self.router_dtype)
         if self.training and self.jitter_eps:
             h = h * torch.empty_like(h).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)

@@ -1,5 +1,11 @@
 """Expert parallelism over ``torch.distributed``: each rank holds ``E / W`` experts, tokens travel to the ranks
-of their experts and back through two ``all_to_all_single`` exchanges with uneven splits (dropless).
+of their experts and back through two ``all_to_all_single`` exchanges with uneven splits.
+
+``expert_parallel(layer, group)`` applies it to a ``dMoE`` / ``PaddedMoE`` (or their ``MoEExperts``) the way
+torchtitan applies a parallel style: it shards the experts' weights in place and wraps the experts' forward in an
+input hook (dispatch) and an output hook (combine); the layer itself stays single-device and knows nothing of ranks.
+``expert_parallel_moe_mlp`` is the same for the functional ``moe_mlp``; ``ep_dispatch`` / ``ep_local_experts`` /
+``ep_combine`` are its three stages. This module owns the exchanges and their validation.
 
 Data flow on one rank (``W`` ranks in the group, ``E_l = E / W`` local experts; rank ``s`` owns the global
 experts ``[s·E_l, (s+1)·E_l)``, T tokens, k choices per token, A = T·k assignments):
@@ -9,14 +15,19 @@ experts ``[s·E_l, (s+1)·E_l)``, T tokens, k choices per token, A = T·k assign
 2. counts: ``tokens_per_expert`` viewed ``[W, E_l]`` is exchanged (``all_to_all_single``, async, overlapping
    the gather of step 1); afterwards ``recv_counts[s, e]`` = rows rank ``s`` sends to local expert ``e``. The
    payload exchange needs its split sizes as host ints, so reading the counts is **the one host
-   synchronization** of the layer (a device-to-host copy of ``2·W`` ints).
+   synchronization** of the layer (a device-to-host copy of ``2·W·E_l`` ints).
 3. dispatch: ``all_to_all_single`` of the sorted rows → ``tokens [R, d]`` ordered by (source rank, local
    expert). Their local expert ids follow from ``recv_counts``, so no ids are sent.
 4. compute: ``moe_mlp`` on the received rows with the local weight shards, one choice per row, weight 1.
 5. return: ``all_to_all_single`` back → the results in the sorted order of step 1.
-6. combine: ``out[t] = Σ_j top_k_weights[t, j] · y[assignment_row[t, j]]`` (``scatter_rows``).
+6. combine: ``out[t] = Σ_j top_k_weights[t, j] · y[assignment_row[t, j]]`` (``scatter_rows``), the weights in
+   ``functional.combine_dtype`` (fp32 for 16/32-bit tokens) as on one device, so outputs match it.
 
-Expert ids outside ``[0, E)`` raise ``ValueError`` on CPU (on CUDA with ``BSM_CHECK=1``, as in ``plan_routing``);
+Capacity (``PaddedMoE``): each rank's own tokens get the layer's capacity (``capacity_factor`` over the rank's T,
+or ``capacity``), as GShard's per-device groups; the overflow is dropped on the source rank before step 3 (it is
+never sent), and the receiving rank runs its rows through capacity buffers large enough for all of them.
+
+Expert ids outside ``[0, E)`` raise ``ValueError`` on CPU (on CUDA with ``BSM_CHECK=1``, as in ``moe_mlp``);
 unchecked, they are not sent and contribute zero.
 
 Both exchanges are differentiable (the backward of an all-to-all is the reverse all-to-all), so gradients reach
@@ -33,12 +44,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..functional import moe_mlp
+from .._backend import check_enabled
+from ..activations import Activation
+from ..functional import check_expert_ids, combine_dtype, moe_mlp, padded_capacity, padded_slots
 from ..ops.permute import gather_rows, scatter_rows
-from ..reference import Activation
 from ..routing import plan_routing
 
 __all__ = [
+    "expert_parallel",
     "ExpertParallelDispatch",
     "ep_dispatch",
     "ep_local_experts",
@@ -48,7 +61,7 @@ __all__ = [
     "gather_experts",
 ]
 
-EXPERT_KEYS = ("w1", "w2", "w3")  # dMoE's expert-indexed parameters (dim 0 = expert)
+EXPERT_KEYS = ("w1", "w2", "w3")  # MoEExperts' expert-indexed parameters (dim 0 = expert)
 
 
 def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -83,6 +96,107 @@ class _AllToAll(torch.autograd.Function):
         )
 
 
+# ----------------------------------------------------------------------------------------------- the module style
+
+
+@dataclass(eq=False)
+class _ExpertParallelState:
+    """What ``expert_parallel`` attaches to the experts module: the group, and the dispatch in flight between the
+    input hook and the output hook of one forward."""
+
+    group: dist.ProcessGroup | None
+    num_experts: int  # E over all ranks
+    pending: tuple[ExpertParallelDispatch, torch.Tensor] | None = None  # (dispatch, top_k_weights)
+
+
+def expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
+    """Spread the experts of ``module`` (a ``dMoE``, a ``PaddedMoE``, or their ``MoEExperts``) over ``group``
+    (``None``: the default group); returns ``module``, changed in place. Collective-free itself.
+
+    Rank ``r`` keeps experts ``[r·E_l, (r+1)·E_l)`` (``E_l = E / W``; its ``experts.w1`` etc. become those
+    shards, new parameters: build the optimizer afterwards) and every forward of the experts becomes dispatch →
+    local experts → combine (a collective: every rank must call forward, even with no tokens). The router and the
+    shared expert stay replicated (their gradients sum over ranks as in data parallelism). Checkpoints:
+    ``shard_experts`` / ``gather_experts``. A layer built under ``torch.device("meta")`` can be made parallel first,
+    then materialised with ``to_empty`` and loaded with ``shard_experts`` of the full state dict.
+    """
+    from ..layers.moe import MoEExperts
+
+    experts = module if isinstance(module, MoEExperts) else getattr(module, "experts", None)
+    if not isinstance(experts, MoEExperts):
+        raise TypeError(f"expert_parallel needs a dMoE, a PaddedMoE or their MoEExperts, got {type(module).__name__}")
+    if getattr(experts, "_expert_parallel", None) is not None:
+        raise ValueError("expert_parallel was already applied to this module")
+    world, rank = _world(group)
+    E = experts.num_experts
+    if E % world:
+        raise ValueError(f"num_experts must be divisible by the expert-parallel group size {world}, got {E}")
+    local = E // world
+    with torch.no_grad():
+        for name in EXPERT_KEYS:
+            p = getattr(experts, name)
+            if p is not None:
+                shard = p[rank * local : (rank + 1) * local].clone()
+                setattr(experts, name, nn.Parameter(shard, requires_grad=p.requires_grad))
+    experts._expert_parallel = _ExpertParallelState(group=group, num_experts=E)
+    experts.register_forward_pre_hook(_dispatch_hook, with_kwargs=True)
+    experts.register_forward_hook(_combine_hook, with_kwargs=True)
+    return module
+
+
+def _dispatch_hook(experts: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Input hook: send the rows to their experts' ranks; the experts then see ``(tokens, local ids, ones)``."""
+    state: _ExpertParallelState = experts._expert_parallel
+    names = ("x", "top_k_index", "top_k_weights")
+    call = dict(zip(names, args))
+    options = {name: value for name, value in kwargs.items() if name not in names}
+    call.update((name, kwargs[name]) for name in names if name in kwargs)
+    if len(args) > 3 or set(call) != set(names):
+        raise TypeError(f"the experts take (x, top_k_index, top_k_weights, **options), got {len(args)} positional")
+    x, top_k_index, top_k_weights = call["x"], call["top_k_index"], call["top_k_weights"]
+    world, _ = _world(state.group)
+    _check_routing(x, top_k_index, state.num_experts, world)
+    _check_weights(x, top_k_index, top_k_weights)
+    options = {**experts.options, **options}
+    if options.get("return_stats"):
+        raise ValueError("return_stats is not supported under expert parallelism")
+    keep = None
+    if options["impl"] == "padded":  # capacity per rank (GShard): drop the overflow here, before sending
+        T, k = top_k_index.shape
+        G = options.get("num_groups", 1)
+        C = padded_capacity(
+            T,
+            k,
+            state.num_experts,
+            capacity_factor=options["capacity_factor"],
+            capacity=options["capacity"],
+            num_groups=G,
+        )
+        keep = padded_slots(top_k_index, state.num_experts, C, G) < G * state.num_experts * C
+    sent = ep_dispatch(
+        x, top_k_index, group=state.group, num_experts=state.num_experts, keep=keep, check=options.get("check")
+    )
+    state.pending = (sent, top_k_weights)
+    rows = sent.tokens.shape[0]
+    local = {"check": False}  # local ids are right by construction
+    if options["impl"] == "padded":  # buffers for every received row: nothing more is dropped
+        local.update(capacity=max(sent.rows_per_expert, default=0), capacity_factor=None, num_groups=1)
+    return (sent.tokens, sent.local_expert.view(rows, 1), sent.tokens.new_ones(rows, 1)), local
+
+
+def _combine_hook(experts: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+    """Output hook: return the expert outputs to their source ranks and sum each token's choices."""
+    state: _ExpertParallelState = experts._expert_parallel
+    if state.pending is None:
+        raise RuntimeError("expert-parallel output hook without a dispatch (was the input hook removed?)")
+    sent, top_k_weights = state.pending
+    state.pending = None
+    return ep_combine(output, top_k_weights, sent)
+
+
+# ----------------------------------------------------------------------------------------------- the stages
+
+
 @dataclass(frozen=True)
 class ExpertParallelDispatch:
     """What ``ep_dispatch`` received, and what ``ep_combine`` needs to send the results back."""
@@ -90,33 +204,52 @@ class ExpertParallelDispatch:
     tokens: torch.Tensor  # [R, d] rows for this rank's experts, ordered by (source rank, local expert)
     local_expert: torch.Tensor  # [R] int64 local expert id of each row, in [0, E_l)
     recv_counts: torch.Tensor  # [W, E_l] int32 rows received from rank s for local expert e
-    row_assignment: torch.Tensor  # [A] int32 row of the sorted send order -> assignment, -1 if invalid
-    assignment_row: torch.Tensor  # [T, k] int32 assignment -> row of the sorted send order, -1 if invalid
+    row_assignment: torch.Tensor  # [A] int32 row of the sorted send order -> assignment, -1 if not sent
+    assignment_row: torch.Tensor  # [T, k] int32 assignment -> row of the sorted send order, -1 if not sent
     send_splits: list[int]  # rows sent to each rank
     recv_splits: list[int]  # rows received from each rank
+    rows_per_expert: list[int]  # rows received for each local expert (over all source ranks)
     group: dist.ProcessGroup | None
 
 
 def ep_dispatch(
-    x: torch.Tensor, top_k_index: torch.Tensor, *, group: dist.ProcessGroup | None, num_experts: int
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None,
+    num_experts: int,
+    keep: torch.Tensor | None = None,
+    check: bool | None = None,
 ) -> ExpertParallelDispatch:
     """Send each token row to the ranks owning its chosen experts (steps 1-3 of the module docstring).
 
-    Collective. One host synchronization: reading the exchanged per-rank row counts.
+    ``keep`` (``[T, k]`` bool, optional): only these assignments are sent (the others, e.g. over capacity,
+    contribute zero). ``check``: validate the expert ids (default as in ``moe_mlp``). Collective. One host
+    synchronization: reading the exchanged per-rank row counts.
     """
     world, _ = _world(group)
     _check_routing(x, top_k_index, num_experts, world)
+    if check_enabled(x.device, check) and not torch.compiler.is_compiling():
+        check_expert_ids(top_k_index, num_experts)
+    if keep is not None:
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != top_k_index.shape:
+            raise ValueError(
+                f"keep must be a bool tensor of shape {tuple(top_k_index.shape)}, got {getattr(keep, 'dtype', keep)} "
+                f"{tuple(getattr(keep, 'shape', ()))}"
+            )
+        top_k_index = torch.where(keep, top_k_index, num_experts)  # an invalid id: not planned, not sent
     local = num_experts // world
-    plan = plan_routing(top_k_index, num_experts, block_size=1)  # sorted by expert = grouped by owner rank
+    plan = plan_routing(top_k_index, num_experts, block_size=1, check=False)  # sorted by expert = by owner rank
     send_counts = plan.tokens_per_expert
     recv_counts = torch.empty_like(send_counts)
     work = dist.all_to_all_single(recv_counts, send_counts, group=group, async_op=True)
     x_sorted = gather_rows(x, plan.row_assignment, plan.assignment_row)  # runs while the counts travel
     work.wait()
     recv_counts = recv_counts.view(world, local)
-    per_rank = torch.stack([send_counts.view(world, local).sum(1), recv_counts.sum(1)])
-    send_splits, recv_splits = per_rank.tolist()  # the one host sync: split sizes must be host ints
-    sent = sum(send_splits)  # invalid assignments (unchecked on GPU) are sorted last and not sent
+    # the one host sync: split sizes must be host ints
+    sends, recvs = torch.stack([send_counts.view(world, local), recv_counts]).tolist()
+    send_splits, recv_splits = [sum(row) for row in sends], [sum(row) for row in recvs]
+    sent = sum(send_splits)  # assignments not kept or with invalid ids are sorted last and not sent
     tokens = _AllToAll.apply(x_sorted[:sent], recv_splits, send_splits, group)
     expert_ids = torch.arange(local, device=x.device).repeat(world)
     local_expert = torch.repeat_interleave(expert_ids, recv_counts.flatten(), output_size=tokens.shape[0])
@@ -128,6 +261,7 @@ def ep_dispatch(
         assignment_row=plan.assignment_row,
         send_splits=send_splits,
         recv_splits=recv_splits,
+        rows_per_expert=[sum(column) for column in zip(*recvs)],
         group=group,
     )
 
@@ -141,33 +275,45 @@ def ep_local_experts(
     activation: str | Activation = "gelu",
     impl: str = "auto",
     block_size: int | None = None,
+    **options,
 ) -> torch.Tensor:
-    """The local experts on the dispatched rows (step 4): ``moe_mlp`` with one choice of weight 1 per row.
-    Local, no communication; returns ``[R, d]``."""
+    """The local experts on the dispatched rows (step 4): ``moe_mlp`` with one choice of weight 1 per row (further
+    keyword ``options`` go to ``moe_mlp``). Local, no communication; returns ``[R, d]``."""
     rows = dispatch.tokens.shape[0]
     ones = dispatch.tokens.new_ones(rows, 1)
     local_expert = dispatch.local_expert.view(rows, 1)
     return moe_mlp(
-        dispatch.tokens, local_expert, ones, w1, w2, w3, activation=activation, impl=impl, block_size=block_size
+        dispatch.tokens,
+        local_expert,
+        ones,
+        w1,
+        w2,
+        w3,
+        activation=activation,
+        impl=impl,
+        block_size=block_size,
+        **{"check": False, **options},
     )
 
 
 def ep_combine(y: torch.Tensor, top_k_weights: torch.Tensor, dispatch: ExpertParallelDispatch) -> torch.Tensor:
     """Return the expert outputs ``y [R, d]`` (rows of ``dispatch.tokens``) to their source ranks and sum each
-    token's choices weighted by ``top_k_weights [T, k]`` (steps 5-6). Collective; returns ``[T, d]``."""
-    if y.dim() != 2 or y.shape[0] != dispatch.tokens.shape[0]:
+    token's choices weighted by ``top_k_weights [T, k]`` (steps 5-6; the weights in ``combine_dtype(y.dtype)``, as
+    ``moe_mlp`` does). Collective; returns ``[T, d]``."""
+    if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != dispatch.tokens.shape[0]:
         raise ValueError(
-            f"y must be [{dispatch.tokens.shape[0]}, d] (one row per dispatched row), got {tuple(y.shape)}"
+            f"y must be [{dispatch.tokens.shape[0]}, d] (one row per dispatched row), got {getattr(y, 'shape', y)}"
         )
     if top_k_weights.shape != dispatch.assignment_row.shape:
         raise ValueError(
             f"top_k_weights must have shape {tuple(dispatch.assignment_row.shape)}, got {tuple(top_k_weights.shape)}"
         )
     back = _AllToAll.apply(y, dispatch.send_splits, dispatch.recv_splits, dispatch.group)
-    unsent = dispatch.row_assignment.shape[0] - back.shape[0]  # invalid assignments (unchecked on GPU), sorted last
+    unsent = dispatch.row_assignment.shape[0] - back.shape[0]  # assignments not sent, sorted last
     if unsent:
         back = torch.cat([back, back.new_zeros(unsent, back.shape[1])])
-    return scatter_rows(back, dispatch.row_assignment, dispatch.assignment_row, top_k_weights.to(back.dtype))
+    weights = top_k_weights.to(combine_dtype(back.dtype))
+    return scatter_rows(back, dispatch.row_assignment, dispatch.assignment_row, weights)
 
 
 def expert_parallel_moe_mlp(
@@ -183,6 +329,8 @@ def expert_parallel_moe_mlp(
     activation: str | Activation = "gelu",
     impl: str = "auto",
     block_size: int | None = None,
+    recompute_activation: bool = False,
+    check: bool | None = None,
 ) -> torch.Tensor:
     """``moe_mlp`` with the experts spread over the ranks of ``group`` (``None``: the default group).
 
@@ -194,17 +342,35 @@ def expert_parallel_moe_mlp(
             ``E_l = num_experts / W``; rank ``r`` holds the global experts ``[r·E_l, (r+1)·E_l)``.
         group: the expert-parallel process group.
         num_experts: E, over all ranks; divisible by the group size.
-        activation, impl, block_size: passed to ``moe_mlp`` for the local experts.
+        activation, impl, block_size, recompute_activation, check: as in ``moe_mlp`` for the local experts (a
+            dropless ``impl`` or ``"reference"``; for capacity, apply ``expert_parallel`` to a ``PaddedMoE``).
 
     Returns ``[T, d]``, equal to ``moe_mlp`` with all experts on one device; differentiable in ``x``,
     ``top_k_weights`` and the shards. Collective (all ranks call it); one host sync to read the row counts.
     """
     world, _ = _world(group)
     _check_routing(x, top_k_index, num_experts, world)
-    _check_shards(x, top_k_index, top_k_weights, w1, w2, w3, num_experts // world)
-    sent = ep_dispatch(x, top_k_index, group=group, num_experts=num_experts)
-    y = ep_local_experts(sent, w1, w2, w3, activation=activation, impl=impl, block_size=block_size)
+    _check_weights(x, top_k_index, top_k_weights)
+    _check_shards(x, w1, w2, w3, num_experts // world)
+    if impl == "padded":
+        raise ValueError(
+            "impl='padded' needs per-rank capacity: apply expert_parallel to a PaddedMoE instead, got impl='padded'"
+        )
+    sent = ep_dispatch(x, top_k_index, group=group, num_experts=num_experts, check=check)
+    y = ep_local_experts(
+        sent,
+        w1,
+        w2,
+        w3,
+        activation=activation,
+        impl=impl,
+        block_size=block_size,
+        recompute_activation=recompute_activation,
+    )
     return ep_combine(y, top_k_weights, sent)
+
+
+# ----------------------------------------------------------------------------------------------- validation
 
 
 def _check_routing(x: torch.Tensor, top_k_index: torch.Tensor, num_experts: int, world: int) -> None:
@@ -225,22 +391,17 @@ def _check_routing(x: torch.Tensor, top_k_index: torch.Tensor, num_experts: int,
         )
 
 
-def _check_shards(
-    x: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
-    w3: torch.Tensor | None,
-    local: int,
-) -> None:
-    d = x.shape[1]
+def _check_weights(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
     if not isinstance(top_k_weights, torch.Tensor) or not top_k_weights.is_floating_point():
         raise TypeError(f"top_k_weights must be a floating-point tensor, got {getattr(top_k_weights, 'dtype', None)}")
     if top_k_weights.device != x.device:
         raise ValueError(f"top_k_weights must be on {x.device} like x, got {top_k_weights.device}")
     if top_k_weights.shape != top_k_index.shape:
         raise ValueError(f"top_k_weights must have shape {tuple(top_k_index.shape)}, got {tuple(top_k_weights.shape)}")
+
+
+def _check_shards(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor | None, local: int) -> None:
+    d = x.shape[1]
     for name, w in (("w1", w1), ("w2", w2), ("w3", w3)):
         if w is None and name == "w3":
             continue
@@ -256,6 +417,9 @@ def _check_shards(
                 f"{name} must be this rank's shard {expected[name]} (num_experts / group size = {local} experts), "
                 f"got {tuple(w.shape)}"
             )
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
 
 
 def _state(state_dict_or_module: Mapping[str, torch.Tensor] | nn.Module) -> Mapping[str, torch.Tensor]:
