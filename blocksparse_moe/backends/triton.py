@@ -22,6 +22,7 @@ from .common import MlpRouting, combine_dots
 
 __all__ = [
     "DTYPES",
+    "new",
     "grouped_block_m",
     "sdd",
     "sdd_wgrad",
@@ -41,8 +42,14 @@ __all__ = [
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the kernels' data types (float64: the torch backend)
 
 
+def new(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Every tensor this backend returns or hands a kernel to write is allocated here, uninitialised (the tests
+    fill it with NaN instead, so that an element a kernel fails to write shows up)."""
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+
 def _empty(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor, dtype=None) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device) if out is None else out
+    return new(shape, like, dtype) if out is None else out
 
 
 def grouped_block_m(rows: int, num_experts: int) -> int:
@@ -203,18 +210,18 @@ def mlp_forward(
     up-projection (gather fused, activation in the epilogue), the down-projection, the weighted scatter."""
     F = w1.shape[2]
     shape = routing.intermediate_shape(F)
-    h = torch.empty(shape, dtype=x.dtype, device=x.device)
-    g = None if w3 is None else torch.empty_like(h)
-    a = torch.empty_like(h)
+    h = new(shape, x)
+    g = None if w3 is None else new(shape, x)
+    a = new(shape, x)
     schedule = _schedule(routing)
     hl = _layout(routing, h, F)
     gemm_kernels.gemm(
         _rows(x, gathered=True), w1, hl, schedule, row_src=routing.row_src, gate=w3, gate_out=g, act_out=a,
         activation=activation,
     )  # fmt: skip
-    y = torch.empty(routing.rows, w2.shape[2], dtype=x.dtype, device=x.device)
+    y = new((routing.rows, w2.shape[2]), x)
     gemm_kernels.gemm(_layout(routing, a, F), w2, Rows.dense(y), schedule)
-    out = x.new_empty(x.shape)
+    out = new(tuple(x.shape), x)
     permute_kernels.scatter(y, routing.assignment_row, weights, out)
     return out, h, g
 
@@ -243,9 +250,9 @@ def mlp_backward(
     need_x, need_weights, need_w1, need_w2, need_w3 = needs
     F = w1.shape[2]
     schedule = _schedule(routing)
-    dh = torch.empty_like(h)
-    dg = None if g is None else torch.empty_like(g)
-    aw = torch.empty_like(h)
+    dh = new(tuple(h.shape), h)
+    dg = None if g is None else new(tuple(h.shape), h)
+    aw = new(tuple(h.shape), h)
     dots = gemm_kernels.gemm(
         _rows(dout, gathered=True), w2.transpose(1, 2), _layout(routing, dh, F), schedule,
         row_src=routing.row_src, gate_out=dg, act_out=aw, activation=activation,
@@ -254,21 +261,21 @@ def mlp_backward(
     dweights = combine_dots(dots, routing.assignment_row, weights.dtype) if need_weights else None
     dw2 = None
     if need_w2:
-        dw2 = torch.empty_like(w2, memory_format=torch.contiguous_format)
+        dw2 = new(tuple(w2.shape), w2)
         gemm_kernels.wgrad(
             _layout(routing, aw, F), _rows(dout, gathered=True), dw2, routing.offsets, row_src=routing.row_src
         )
     dx = None
     if need_x:
-        dxs = torch.empty(routing.rows, x.shape[1], dtype=x.dtype, device=x.device)
+        dxs = new((routing.rows, x.shape[1]), x)
         pair = None if g is None else (_layout(routing, dg, F), w3.transpose(1, 2))
         gemm_kernels.gemm(_layout(routing, dh, F), w1.transpose(1, 2), Rows.dense(dxs), schedule, pair=pair)
-        dx = x.new_empty(x.shape)
+        dx = new(tuple(x.shape), x)
         permute_kernels.scatter(dxs, routing.assignment_row, None, dx)
     dw1 = dw3 = None
     if need_w1 or need_w3:
-        dw1 = torch.empty_like(w1, memory_format=torch.contiguous_format)
-        dw3 = None if g is None else torch.empty_like(w3, memory_format=torch.contiguous_format)
+        dw1 = new(tuple(w1.shape), w1)
+        dw3 = None if g is None else new(tuple(w3.shape), w3)
         gemm_kernels.wgrad(
             _rows(x, gathered=True), _layout(routing, dh, F), dw1, routing.offsets, row_src=routing.row_src,
             b2=None if dg is None else _layout(routing, dg, F), out2=dw3,

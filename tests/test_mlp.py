@@ -1,0 +1,234 @@
+"""The fused expert MLP (``bsm::expert_mlp``) of both dropless strategies, on the Triton backend (interpreter) and
+the torch backend: output and every gradient vs the float64 per-token loop, with every buffer the Triton backend
+allocates poisoned; what autograd saves (x, h, g, the weights and the int32 routing, nothing else); the edges;
+determinism; a backward that needs only some gradients; torch.compile."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import POISON, TOL, routing
+
+from blocksparse_moe import backends
+from blocksparse_moe.ops.mlp import expert_mlp, mlp_routing
+from blocksparse_moe.reference import per_token_moe_mlp
+from blocksparse_moe.routing import plan_routing
+
+CASES = {
+    # name: (T, d, f, E, k, routing kind)
+    "empty-experts": (13, 19, 21, 5, 2, "skip"),  # experts without tokens; odd d and f, f % B != 0
+    "one-token": (1, 7, 5, 1, 1, "uniform"),  # one token, E = 1, k = 1, everything smaller than a tile
+    "k=E": (9, 17, 33, 3, 3, "uniform"),  # k = E: every token on every expert; f spans three 16-blocks
+    "one-expert": (20, 18, 24, 4, 2, "one-hot"),  # all tokens on one expert: several M tiles, the others empty
+    "duplicates": (8, 16, 16, 4, 3, "duplicates"),  # a token choosing the same expert twice
+    "invalid": (11, 9, 13, 4, 2, "invalid"),  # unchecked ids -1, E, E+5: they contribute zero
+    "empty": (0, 8, 12, 3, 2, "uniform"),  # no tokens: empty output, zero weight gradients
+}
+BACKENDS = ["triton", "torch", "torch-tiles"]
+
+
+@pytest.fixture
+def poison_allocations(monkeypatch):
+    """Every tensor created with ``torch.empty`` (what the Triton backend and the kernels' launchers allocate for
+    kernels to write) starts as NaN (-2**30 for integers), so that an element no kernel writes shows up."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(POISON) if t.is_floating_point() else t.fill_(-(2**30))
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def _inputs(case: str, dtype: torch.dtype, glu: bool):
+    T, d, f, E, k, kind = CASES[case]
+    x = torch.randn(T, d).to(dtype)
+    idx = routing(T, k, E, kind)
+    weights = torch.rand(T, k)  # fp32 combine weights, as moe_mlp passes them
+    w1 = (torch.randn(E, d, f) / math.sqrt(d)).to(dtype)
+    w2 = (torch.randn(E, f, d) / math.sqrt(f)).to(dtype)
+    w3 = (torch.randn(E, d, f) / math.sqrt(d)).to(dtype) if glu else None
+    return x, idx, weights, w1, w2, w3
+
+
+def _reference(x, idx, weights, w1, w2, w3, activation):
+    """float64 output and the loop's leaves; invalid ids contribute zero (their weight masked, the id clamped)."""
+    E = w1.shape[0]
+    valid = (idx >= 0) & (idx < E)
+    leaves = [t.detach().double().requires_grad_() for t in (x, weights, w1, w2, w3) if t is not None]
+    rx, rw, rw1, rw2, *rw3 = leaves
+    out = per_token_moe_mlp(rx, idx.clamp(0, E - 1), rw * valid, rw1, rw2, rw3[0] if rw3 else None, activation)
+    return out, leaves
+
+
+def _run(strategy, backend, x, idx, weights, w1, w2, w3, activation, block_size=16):
+    E = w1.shape[0]
+    if strategy == "blocksparse":
+        plan = plan_routing(idx, E, block_size=block_size, ffn_size=w1.shape[2], check=False)
+        r = mlp_routing(plan, blocksparse=True, block_m=block_size)
+    else:
+        plan = plan_routing(idx, E, block_size=1, check=False)
+        r = mlp_routing(plan, blocksparse=False, block_m=16)
+    return expert_mlp(x, weights, w1, w2, w3, r, activation, backend)
+
+
+def _check(strategy, backend, case, dtype, glu, activation, monkeypatch, block_size=16, tol_scale=1.0):
+    if backend == "torch-tiles":  # the torch backend's sync-free schedule (GPU, torch.compile), not its CPU loop
+        monkeypatch.setattr(backends.get("torch"), "host_loop_ok", lambda t: False)
+        backend = "torch"
+    x, idx, weights, w1, w2, w3 = _inputs(case, dtype, glu)
+    inputs = [t.clone() for t in (x, idx, weights, w1, w2, w3) if t is not None]
+    leaves = [t.requires_grad_() for t in (x, weights, w1, w2, w3) if t is not None]
+    out = _run(strategy, backend, x, idx, weights, w1, w2, w3, activation, block_size)
+    ref, ref_leaves = _reference(x, idx, weights, w1, w2, w3, activation)
+    assert out.shape == ref.shape and out.dtype == dtype
+    tol = {key: v * tol_scale for key, v in TOL[dtype].items()}
+    torch.testing.assert_close(out.double(), ref.detach(), **tol)
+    cot = torch.randn(ref.shape)
+    grads = torch.autograd.grad(out, leaves, cot.to(dtype))
+    if ref.requires_grad:
+        ref_grads = torch.autograd.grad(ref, ref_leaves, cot.double())
+    else:  # no tokens: the reference is a constant, every gradient zero
+        ref_grads = [torch.zeros_like(t) for t in ref_leaves]
+    for name, g, r, t in zip(["x", "weights", "w1", "w2", "w3"], grads, ref_grads, leaves):
+        assert g.shape == t.shape and g.dtype == t.dtype, name
+        assert g.is_contiguous(), name  # weight gradients come in the parameters' layout: no AccumulateGrad copy
+        big = {key: v * 4 * tol_scale for key, v in TOL[dtype].items()}  # sums over many rounded products
+        torch.testing.assert_close(g.double(), r, **big, msg=lambda m, n=name: f"grad {n}: {m}")
+    for before, after in zip(inputs, (x, idx, weights, w1, w2, w3)):  # inputs never modified
+        assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("strategy", ["blocksparse", "grouped"])
+def test_fused_mlp_fp32(strategy, backend, case, monkeypatch, poison_allocations):
+    """SwiGLU, fp32, every edge, every backend."""
+    _check(strategy, backend, case, torch.float32, True, "silu", monkeypatch)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "identity"])
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("strategy", ["blocksparse", "grouped"])
+def test_fused_mlp_activations(strategy, glu, activation, monkeypatch, poison_allocations):
+    """Every activation, gated or not, in both epilogues (Triton, fp32; "empty-experts": odd sizes)."""
+    _check(strategy, "triton", "empty-experts", torch.float32, glu, activation, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("strategy", ["blocksparse", "grouped"])
+def test_fused_mlp_half(strategy, dtype, monkeypatch, poison_allocations):
+    """16-bit operands, output and gradients in their dtype ("k=E": B = 32 for the block-sparse one)."""
+    _check(strategy, "triton", "k=E", dtype, True, "silu", monkeypatch, block_size=32, tol_scale=2)
+
+
+@pytest.mark.parametrize("strategy", ["blocksparse", "grouped"])
+def test_fused_mlp_float64_torch(strategy, monkeypatch):
+    """float64 on the torch backend, to float64 precision (gradient checks of layers in float64 rely on it)."""
+    x, idx, weights, w1, w2, w3 = (None if t is None else t.double() if t.is_floating_point() else t
+                                   for t in _inputs("empty-experts", torch.float32, True))  # fmt: skip
+    leaves = [t.requires_grad_() for t in (x, weights, w1, w2, w3)]
+    out = _run(strategy, "torch", x, idx, weights, w1, w2, w3, "gelu")
+    ref, ref_leaves = _reference(x, idx, weights, w1, w2, w3, "gelu")
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    cot = torch.randn(ref.shape, dtype=torch.float64)
+    for g, r in zip(torch.autograd.grad(out, leaves, cot), torch.autograd.grad(ref, ref_leaves, cot)):
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ["blocksparse", "grouped"])
+def test_saved_for_backward_is_x_h_g_and_routing(strategy):
+    """What autograd keeps: x, the top-k weights, h and g in the strategy's layout, the int32 routing — no gathered
+    copy of x, no activated a, no expert outputs: ``d + 2·k·f`` elements per token (plus the block padding rows)
+    and int32 routing data, nothing else (the parameters w1, w2, w3 are not counted)."""
+    x, idx, weights, w1, w2, w3 = _inputs("empty-experts", torch.float32, True)
+    T, d = x.shape
+    E, _, f = w1.shape
+    k = idx.shape[1]
+    params = {t.untyped_storage().data_ptr() for t in (w1, w2, w3)}
+    leaves = [t.requires_grad_() for t in (x, weights, w1, w2, w3)]
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = _run(strategy, "triton", x, idx, weights, w1, w2, w3, "silu")
+    float_bytes = sum(t.untyped_storage().nbytes() for t in saved.values() if t.is_floating_point())
+    int_tensors = [t for t in saved.values() if not t.is_floating_point()]
+    assert all(t.dtype == torch.int32 for t in int_tensors)
+    if strategy == "blocksparse":
+        B = 16
+        rows = plan_routing(idx, E, block_size=B, ffn_size=f).max_padded_rows
+        intermediate = rows * -(-f // B) * B  # h (and g) per padded row, whole column blocks
+    else:
+        rows = T * k
+        intermediate = rows * f
+    assert float_bytes == 4 * (T * d + T * k + 2 * intermediate)  # x, weights, h, g: nothing else
+    int_bytes = sum(t.untyped_storage().nbytes() for t in int_tensors)
+    assert int_bytes == 4 * (2 * (E + 1) + 2 * rows + T * k)  # offsets, tile offsets, row maps, assignment rows
+    torch.autograd.grad(out, leaves, torch.randn_like(out))  # and backward runs from them
+
+
+@pytest.mark.parametrize("strategy", ["blocksparse", "grouped"])
+def test_partial_gradients_and_determinism(strategy):
+    """A backward that needs only dx (frozen experts) computes it alone, equal to the full backward's; two runs
+    are bitwise equal (no atomics: the top-k weight gradient is a deterministic sum)."""
+    x, idx, weights, w1, w2, w3 = _inputs("one-expert", torch.float32, True)
+    xg = x.clone().requires_grad_()
+    out = _run(strategy, "triton", xg, idx, weights, w1, w2, w3, "silu")
+    (dx_only,) = torch.autograd.grad(out, xg, torch.ones_like(out))
+    runs = []
+    for _ in range(2):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weights, w1, w2, w3)]
+        out = _run(strategy, "triton", leaves[0], idx, *leaves[1:], "silu")
+        runs.append([out, *torch.autograd.grad(out, leaves, torch.ones_like(out))])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(dx_only, runs[0][1])
+
+
+@pytest.mark.parametrize("strategy", ["blocksparse", "grouped"])
+def test_compile_fullgraph(strategy):
+    """torch.compile(fullgraph=True) of the fused op (fake impls of forward and backward) matches eager."""
+    x, idx, weights, w1, w2, w3 = _inputs("empty-experts", torch.float32, True)
+    leaves = [t.requires_grad_() for t in (x, weights, w1, w2, w3)]
+
+    def mlp(x, weights, w1, w2, w3):
+        return _run(strategy, "triton", x, idx, weights, w1, w2, w3, "gelu")
+
+    eager = mlp(*leaves)
+    compiled = torch.compile(mlp, fullgraph=True)(*leaves)
+    torch.testing.assert_close(compiled, eager)
+    cot = torch.randn_like(eager)
+    for gc, ge in zip(torch.autograd.grad(compiled, leaves, cot), torch.autograd.grad(eager, leaves, cot)):
+        torch.testing.assert_close(gc, ge)
+
+
+def test_block_m_must_divide_the_block_size():
+    plan = plan_routing(torch.tensor([[0], [1]]), 2, block_size=16, ffn_size=8)
+    with pytest.raises(ValueError, match="block_m must divide the block size 16, got 32"):
+        mlp_routing(plan, blocksparse=True, block_m=32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["blocksparse", "grouped"])
+def test_no_host_sync_on_gpu(strategy):
+    """Forward and backward of the fused MLP never synchronise with the host (CUDA sync debug mode raises)."""
+    x, idx, weights, w1, w2, w3 = (t.cuda().to(torch.bfloat16) if t is not None and t.is_floating_point() else t
+                                   for t in _inputs("empty-experts", torch.float32, True))  # fmt: skip
+    idx = idx.cuda()
+    weights = weights.float()
+    plans = _run(strategy, "triton", x, idx, weights, w1, w2, w3, "silu", block_size=64)  # warm-up (JIT compiles)
+    leaves = [t.requires_grad_() for t in (x, weights, w1, w2, w3)]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = _run(strategy, "triton", leaves[0], idx, *leaves[1:], "silu", block_size=64)
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    del plans
