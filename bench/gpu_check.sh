@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# One-shot check on a machine with one CUDA GPU and no internet, in under 8 minutes (step limits sum to 475 s):
+# One-shot check on a machine with one CUDA GPU and no internet, in under 8 minutes (step limits sum to 460 s):
 #   1. build the extension        pip install -e . --no-build-isolation --no-deps
-#   2. GPU tests                  pytest -m gpu
-#   3. compile audit              python -m bench.audit   (registers, spills, HGMMA per kernel config)
-#   4. benchmarks                 python -m bench --preset mixtral / fine, token sweeps sized to fit
-#   5. report                     bench/results/<date>-<gpu>.md + bench/results/<date>-<gpu>/ (CSV, JSON, PNGs)
+#   2. GPU tests                  pytest -m gpu (routing backends, CUDA graphs, no host sync in the fused MLP, ...)
+#   3. memcheck                   compute-sanitizer --tool memcheck python -m bench.sanitize: one small fwd+bwd per
+#                                 strategy, unchecked invalid expert ids included; 0 errors expected
+#   4. benchmarks                 python -m bench at the issue-10 reference shapes: --preset mixtral at T=16384
+#                                 and --preset fine at T=32768 (bf16 fwd+bwd; dense GEMMs and torch._grouped_mm
+#                                 in the same run)
+#   5. targets                    python -m bench.targets: % of dense and speedup vs torch._grouped_mm, pass/FAIL
+#   6. report                     bench/results/<date>-<gpu>.md + bench/results/<date>-<gpu>/ (CSV, JSON, PNGs)
 # and print a short summary table last. Every step has a timeout; a failed step is recorded and the rest run.
+# The compile audit is a CPU job (python -m bench.audit, in CI), not repeated here.
 #
 # Usage: bench/gpu_check.sh [--dry-run]
-#   --dry-run: no GPU needed. Skips the build, runs pytest -m gpu (everything skips without a GPU), the audit and
+#   --dry-run: no GPU needed. Skips the build and memcheck, runs pytest -m gpu (everything skips without a GPU),
 #   both presets on CPU at tiny sizes, and writes the report into $BSM_GPU_CHECK_OUT (default: a temporary folder).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,18 +36,14 @@ if [ "$DRY" = 1 ]; then
   DEVICE=(--device cpu --min-run-time 0.01)
   MIXTRAL=(--tokens 32,64 --hidden 64 --ffn 128)
   FINE=(--tokens 64,128 --hidden 64 --ffn 32)
-  AUDIT_JOBS=2
-  AUDIT_LIMIT=300  # 2 CPU cores, not the GPU machine's 16
 else
   GPU=$(python -c "import torch; print(torch.cuda.get_device_name(0))" 2>/dev/null | tr -cs 'A-Za-z0-9' '-' | sed 's/-*$//')
   if [ -z "$GPU" ]; then echo "gpu_check: torch sees no CUDA GPU (use --dry-run on CPU)" >&2; exit 1; fi
   NAME="$DATE-$GPU"
   ROOT="bench/results"
-  DEVICE=(--device cuda --time-budget 70)
-  MIXTRAL=(--tokens 2048,8192)
-  FINE=(--tokens 2048,8192)
-  AUDIT_JOBS=$(nproc)
-  AUDIT_LIMIT=75
+  DEVICE=(--device cuda --time-budget 60)
+  MIXTRAL=(--tokens 16384)  # the issue-10 reference shapes
+  FINE=(--tokens 32768)
 fi
 OUT="$ROOT/$NAME"
 mkdir -p "$OUT"
@@ -70,14 +71,17 @@ if [ "$DRY" = 1 ]; then
 else
   step build 110 python -m pip install -e . --no-build-isolation --no-deps
 fi
-step pytest_gpu 110 python -m pytest -q -m gpu tests
-step audit "$AUDIT_LIMIT" python -m bench.audit --jobs "$AUDIT_JOBS" --out "${TMPDIR:-/tmp}/bsm-audit-$NAME"  # ~50 MB of cubins/SASS: not kept in results
-step bench_mixtral 90 python -m bench --preset mixtral "${DEVICE[@]}" "${MIXTRAL[@]}" --out "$OUT/mixtral" --no-progress
-step bench_fine 90 python -m bench --preset fine "${DEVICE[@]}" "${FINE[@]}" --out "$OUT/fine" --no-progress
+step pytest_gpu 90 python -m pytest -q -m gpu tests
+if [ "$DRY" = 1 ]; then
+  printf 'memcheck\tskipped (dry run)\t0\n' >> "$STEPS"
+else
+  step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 3 python -m bench.sanitize
+fi
+step bench_mixtral 80 python -m bench --preset mixtral "${DEVICE[@]}" "${MIXTRAL[@]}" --out "$OUT/mixtral" --no-progress
+step bench_fine 80 python -m bench --preset fine "${DEVICE[@]}" "${FINE[@]}" --out "$OUT/fine" --no-progress
+step targets 10 python -m bench.targets --mixtral "$OUT/mixtral" --fine "$OUT/fine" --out "$OUT/targets.md"
 
-# the audit's table is its stdout, minus the progress line on stderr that the log also holds
-grep -E '^\||^[0-9]+ builds' "$OUT/audit.log" > "$OUT/audit.md" || true
 printf 'total\t\t%s\n' "$((SECONDS - START))" >> "$STEPS"
 echo >&2
-python -m bench.summary --title "GPU check $NAME" --steps "$STEPS" --audit "$OUT/audit.md" \
-  --out "$ROOT/$NAME.md" "$OUT/mixtral" "$OUT/fine"
+python -m bench.summary --title "GPU check $NAME" --steps "$STEPS" --out "$ROOT/$NAME.md" "$OUT/mixtral" "$OUT/fine"
+cat "$OUT/targets.md" >&2
