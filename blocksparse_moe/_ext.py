@@ -4,10 +4,10 @@
 - ``_routing_host``: the same routing C++ compiled for the host; the tests compare it with the PyTorch path.
 
 Both take raw pointers: this module allocates the buffers ``routing.plan_routing`` asks for (name → shape, from
-``PlanSizes``: the plan, the topology and the sort's scratch of ``routing.PLAN_BUFFERS`` / ``TOPOLOGY_BUFFERS`` /
-``SCRATCH_BUFFERS``), passes their ``data_ptr()`` values by name (plus, on CUDA, the current stream) and returns
-the plan's buffers; ``routing`` validates the arguments before and wraps the buffers after. Nothing here
-synchronizes with the device, and nothing here imports ``routing``.
+``PlanSizes``: the plan and the sort's scratch of ``routing.PLAN_BUFFERS`` / ``SCRATCH_BUFFERS``), passes their
+``data_ptr()`` values by name (plus, on CUDA, the current stream) and returns the plan's buffers; ``routing``
+validates the arguments before and wraps the buffers after. Nothing here synchronizes with the device, and nothing
+here imports ``routing``.
 """
 
 from __future__ import annotations
@@ -90,7 +90,6 @@ def _fill(launch, top_k_index: torch.Tensor, sizes: PlanSizes, **extra) -> dict[
         top_k=sizes.top_k,
         num_experts=sizes.num_experts,
         block_size=sizes.block_size,
-        blocks_per_expert=sizes.blocks_per_expert,
         max_block_rows=sizes.max_block_rows,
         buffers={name: (t.data_ptr(), t.numel()) for name, t in buffers.items()},
         **extra,

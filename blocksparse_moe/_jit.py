@@ -55,7 +55,6 @@ SHAPE_FIELDS = (
     "top_k",
     "num_experts",
     "block_size",
-    "blocks_per_expert",
     "max_block_rows",
     "index_is_int64",
     "tile_size",
@@ -64,7 +63,7 @@ SHAPE_FIELDS = (
     "num_groups",
 )
 # The kernels routing_jit.cu exports (bsm_<name>): routing.h's BSM_ROUTING_STEPS (a test checks it).
-KERNELS = ("init", "keys_i32", "keys_i64", "tile_scan", "counts", "offsets", "place", "topology")
+KERNELS = ("init", "keys_i32", "keys_i64", "tile_scan", "counts", "offsets", "place")
 INSTALL_HINT = 'pip install "blocksparse_moe[cupy]"'
 
 
@@ -228,31 +227,27 @@ def params_dtype() -> np.dtype:
 
 
 def params(top_k_index: torch.Tensor, sizes: PlanSizes, buffers: dict[str, torch.Tensor]) -> np.ndarray:
-    """The kernels' argument: a one-element structured array (cupy passes it by value); absent buffers are null."""
+    """The kernels' argument: a one-element structured array (cupy passes it by value)."""
     dtype = params_dtype()
     shape = [
         int(top_k_index.dtype == torch.int64) if n == "index_is_int64" else getattr(sizes, n) for n in SHAPE_FIELDS
     ]
     pointers = [top_k_index.data_ptr()]
-    pointers += [buffers[n].data_ptr() if n in buffers else 0 for n in dtype.names[len(SHAPE_FIELDS) + 1 :]]
+    pointers += [buffers[n].data_ptr() for n in dtype.names[len(SHAPE_FIELDS) + 1 :]]
     return np.array([(*shape, *pointers)], dtype=dtype)
 
 
 def steps(sizes: PlanSizes, index_is_int64: bool) -> list[tuple[str, int]]:
     """``(kernel name, extent)`` in the order of ``routing.h``'s ``plan_routing`` (the extents size the grids)."""
     A, bins = sizes.num_assignments, sizes.num_experts + 1
-    R, nb = sizes.max_block_rows, sizes.blocks_per_expert
-    sequence = [
-        ("init", max(sizes.num_tiles * bins, R * sizes.block_size)),
+    return [
+        ("init", max(sizes.num_tiles * bins, sizes.max_block_rows * sizes.block_size)),
         ("keys_i64" if index_is_int64 else "keys_i32", A),
         ("tile_scan", sizes.num_groups * bins),
         ("counts", bins),
         ("offsets", bins),
         ("place", A),
     ]
-    if nb:
-        sequence.append(("topology", max(R * nb, R + 1, sizes.num_experts * nb + 1)))
-    return sequence
 
 
 Launcher = Callable[[str, int, np.ndarray], None]

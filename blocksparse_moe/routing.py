@@ -1,4 +1,4 @@
-"""Routing plan: sort token→expert assignments by expert and build the block-sparse topology.
+"""Routing plan: sort token→expert assignments by expert; the block-sparse topology follows from its offsets.
 
 This module is the specification of the routing metadata, its PyTorch implementation (the CPU path and
 the reference), and the dispatcher that picks one of three implementations for CUDA tensors:
@@ -12,10 +12,10 @@ the reference), and the dispatcher that picks one of three implementations for C
 and raises when it is unavailable. CPU tensors always use the PyTorch routing (the C++ is also built for the host
 and compared with it in the tests). ``python -m blocksparse_moe.info`` prints the choice and why.
 
-The buffers of a plan are listed once, in ``PLAN_BUFFERS``, ``TOPOLOGY_BUFFERS`` and ``SCRATCH_BUFFERS`` (name →
-shape); the dataclasses below, the C++ (``csrc/routing.h``'s ``RoutingBuffers``), the backends (``_ext`` and
-``_jit``, which fill raw buffers by these names) and the custom ops (``Topology.tensors()`` /
-``Topology.from_tensors``) all follow that table.
+The buffers of a plan are listed once, in ``PLAN_BUFFERS`` (the plan's outputs) and ``SCRATCH_BUFFERS`` (the
+C++ counting sort's scratch), name → shape; ``RoutingPlan``'s tensor fields, the C++ (``csrc/routing.h``'s
+``RoutingBuffers``) and the backends (``_ext`` and ``_jit``, which fill raw buffers by these names) all follow that
+table. The topology has no buffers of its own (see the end of this docstring).
 
 Glossary (T tokens, k choices per token, E experts, B block size, A = T·k assignments, R = max_block_rows):
 
@@ -41,7 +41,8 @@ rows contain it (``padded_offsets[e] <= r·B < padded_offsets[e+1]``) and holds 
 ``e·nb .. e·nb+nb-1``, stored in slots ``r·nb .. r·nb+nb-1`` of the block data ``[nnz_max, B, B]``; block
 column ``c = e·nb + j`` holds the blocks ``r·nb + j`` of expert e's block rows. ``nnz_max = max_block_rows·nb``
 slots; the used ones, ``nnz = padded_offsets[E] / B · nb``, come first. So ``padded_offsets`` and the sizes are the
-whole topology: every index follows in closed form, and the kernels compute it instead of loading it.
+whole topology (``Topology``): every index follows in closed form, and the kernels compute it instead of loading
+it; no backend computes anything else for it.
 """
 
 from __future__ import annotations
@@ -61,7 +62,6 @@ __all__ = [
     "PLAN_BUFFERS",
     "ROUTING_BACKENDS",
     "SCRATCH_BUFFERS",
-    "TOPOLOGY_BUFFERS",
     "PlanSizes",
     "RoutingPlan",
     "Topology",
@@ -73,10 +73,9 @@ __all__ = [
 
 INDEX_DTYPE = torch.int32
 
-# The one table of routing buffers (all int32): name -> shape. Plan buffers are shaped from (T, k, E, B, R),
-# topology buffers from (E, R, nb), the scratch of the C++ counting sort from (A, E, num_tiles, num_groups) (see
-# PlanSizes). The order is the order of the dataclass fields below and of csrc/routing.h's RoutingBuffers (the
-# tests check both).
+# The one table of routing buffers (all int32): name -> shape. Plan buffers are shaped from (T, k, E, B, R), the
+# scratch of the C++ counting sort from (A, E, num_tiles, num_groups) (see PlanSizes). The order is the order of
+# RoutingPlan's tensor fields and of csrc/routing.h's RoutingBuffers (the tests check both).
 PLAN_BUFFERS: dict[str, Callable[[int, int, int, int, int], tuple[int, ...]]] = {
     "counts": lambda T, k, E, B, R: (E + 1,),
     "offsets": lambda T, k, E, B, R: (E + 1,),
@@ -85,15 +84,6 @@ PLAN_BUFFERS: dict[str, Callable[[int, int, int, int, int], tuple[int, ...]]] = 
     "assignment_row": lambda T, k, E, B, R: (T, k),
     "padded_row_assignment": lambda T, k, E, B, R: (R * B,),
     "padded_assignment_row": lambda T, k, E, B, R: (T, k),
-}
-TOPOLOGY_BUFFERS: dict[str, Callable[[int, int, int], tuple[int, ...]]] = {
-    "row_indices": lambda E, R, nb: (R * nb,),
-    "column_indices": lambda E, R, nb: (R * nb,),
-    "row_offsets": lambda E, R, nb: (R + 1,),
-    "row_indices_t": lambda E, R, nb: (R * nb,),
-    "column_indices_t": lambda E, R, nb: (R * nb,),
-    "column_offsets_t": lambda E, R, nb: (E * nb + 1,),
-    "block_offsets_t": lambda E, R, nb: (R * nb,),
 }
 SCRATCH_BUFFERS: dict[str, Callable[[int, int, int, int], tuple[int, ...]]] = {
     "keys": lambda A, E, tiles, groups: (A,),  # sort key of each assignment (E when invalid)
@@ -117,7 +107,6 @@ class PlanSizes:
     top_k: int  # k
     num_experts: int  # E
     block_size: int  # B
-    blocks_per_expert: int  # nb = ceil(F / B); 0: no topology
 
     @property
     def num_assignments(self) -> int:
@@ -153,22 +142,12 @@ class PlanSizes:
     @staticmethod
     def buffer_names() -> tuple[str, ...]:
         """Every buffer name of the table, in order (what csrc/routing.h's RoutingBuffers holds)."""
-        return (*PLAN_BUFFERS, *TOPOLOGY_BUFFERS, *SCRATCH_BUFFERS)
+        return (*PLAN_BUFFERS, *SCRATCH_BUFFERS)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shape of every buffer the plan fills, by name, in table order (topology only when ``nb > 0``)."""
-        T, k, E, B, R, nb = (
-            self.num_tokens,
-            self.top_k,
-            self.num_experts,
-            self.block_size,
-            self.max_block_rows,
-            self.blocks_per_expert,
-        )
-        shapes = {name: shape(T, k, E, B, R) for name, shape in PLAN_BUFFERS.items()}
-        if nb:
-            shapes.update({name: shape(E, R, nb) for name, shape in TOPOLOGY_BUFFERS.items()})
-        return shapes
+        """Shape of every buffer the plan fills, by name, in table order."""
+        T, k, E, B, R = self.num_tokens, self.top_k, self.num_experts, self.block_size, self.max_block_rows
+        return {name: shape(T, k, E, B, R) for name, shape in PLAN_BUFFERS.items()}
 
 
 @dataclass(frozen=True)
@@ -284,7 +263,7 @@ def plan_sizes(top_k_index: torch.Tensor, num_experts: int, block_size: int, ffn
     """The sizes of the plan of ``top_k_index`` (validated)."""
     _validate(top_k_index, num_experts, block_size, ffn_size)
     T, k = top_k_index.shape
-    return PlanSizes(T, k, num_experts, block_size, 0)  # the topology is padded_offsets: no buffers of its own
+    return PlanSizes(T, k, num_experts, block_size)
 
 
 def plan_routing(
@@ -296,13 +275,14 @@ def plan_routing(
     check: bool | None = None,
     backend: str | None = None,
 ) -> RoutingPlan:
-    """Build the routing plan (and, when ``ffn_size`` is given, the block-sparse topology).
+    """Build the routing plan (and, when ``ffn_size`` is given, its block-sparse topology: ``padded_offsets``).
 
     Args:
         top_k_index: ``[T, k]`` int32/int64 expert ids; never modified.
         num_experts: E.
         block_size: B, the block-padding granularity (and the sparse block size).
-        ffn_size: F, the expert width; builds ``plan.topology`` with ``ceil(F / B)`` blocks per expert.
+        ffn_size: F, the expert width; sets ``plan.topology`` (``ceil(F / B)`` column blocks per expert, indexed
+            in closed form from ``padded_offsets``: nothing more is computed).
         check: raise ``ValueError`` on expert ids outside ``[0, E)``. Default: always on CPU; on CUDA only
             with ``BSM_CHECK=1`` (it costs one host sync); never while ``torch.compile`` traces (a data-dependent
             raise would break the graph). Unchecked invalid ids are excluded from the plan.

@@ -45,8 +45,7 @@ inline void check_range(const char* name, int64_t value, int64_t lo, int64_t hi)
 }
 
 inline RoutingShape parse_shape(const std::string& index_dtype, int64_t num_tokens, int64_t top_k,
-                                int64_t num_experts, int64_t block_size, int64_t blocks_per_expert,
-                                int64_t max_rows) {
+                                int64_t num_experts, int64_t block_size, int64_t max_rows) {
   if (index_dtype != "int32" && index_dtype != "int64") {
     invalid("index_dtype must be 'int32' or 'int64', got '", index_dtype, "'");
   }
@@ -54,9 +53,7 @@ inline RoutingShape parse_shape(const std::string& index_dtype, int64_t num_toke
   check_range("top_k", top_k, 1, kInt32Limit);
   check_range("num_experts", num_experts, 1, kInt32Limit - 1);
   check_range("block_size", block_size, 1, kInt32Limit);
-  check_range("blocks_per_expert", blocks_per_expert, 0, kInt32Limit);
-  RoutingShape s{num_tokens, top_k, num_experts, block_size, blocks_per_expert, max_rows, index_dtype == "int64",
-                 0,          0,     0,           0};
+  RoutingShape s{num_tokens, top_k, num_experts, block_size, max_rows, index_dtype == "int64", 0, 0, 0, 0};
   if (s.assignments() > kInt32Limit - 1) {
     invalid("num_tokens * top_k must be at most 2**31 - 2 (int32 indices), got ", s.assignments());
   }
@@ -68,19 +65,15 @@ inline RoutingShape parse_shape(const std::string& index_dtype, int64_t num_toke
   if (s.padded_rows() > kInt32Limit) {
     invalid("max_block_rows * block_size must fit int32 (<= 2**31 - 1), got ", s.padded_rows());
   }
-  if (s.nnz_max() > kInt32Limit || num_experts * blocks_per_expert + 1 > kInt32Limit) {
-    invalid("max_block_rows * blocks_per_expert and num_experts * blocks_per_expert + 1 must fit int32, got ",
-            s.nnz_max(), " and ", num_experts * blocks_per_expert + 1);
-  }
   sort_layout(s);
   return s;
 }
 
-// The buffers a plan of shape s needs, with their element counts, in the order of routing.PLAN_BUFFERS,
-// TOPOLOGY_BUFFERS and SCRATCH_BUFFERS (exposed as buffer_sizes(); a test compares the two).
+// The buffers a plan of shape s needs, with their element counts, in the order of routing.PLAN_BUFFERS and
+// SCRATCH_BUFFERS (exposed as buffer_sizes(); a test compares the two).
 inline std::vector<std::pair<std::string, int64_t>> expected_buffers(const RoutingShape& s) {
   const int64_t A = s.assignments(), E = s.num_experts;
-  std::vector<std::pair<std::string, int64_t>> names{
+  return {
       {"counts", E + 1},
       {"offsets", E + 1},
       {"padded_offsets", E + 1},
@@ -88,22 +81,11 @@ inline std::vector<std::pair<std::string, int64_t>> expected_buffers(const Routi
       {"assignment_row", A},
       {"padded_row_assignment", s.padded_rows()},
       {"padded_assignment_row", A},
+      {"keys", A},
+      {"rank", A},
+      {"tile_counts", s.num_tiles * s.bins()},
+      {"group_counts", s.num_groups * s.bins()},
   };
-  if (s.blocks_per_expert > 0) {
-    const int64_t nnz = s.nnz_max();
-    names.insert(names.end(), {{"row_indices", nnz},
-                               {"column_indices", nnz},
-                               {"row_offsets", s.max_block_rows + 1},
-                               {"row_indices_t", nnz},
-                               {"column_indices_t", nnz},
-                               {"column_offsets_t", E * s.blocks_per_expert + 1},
-                               {"block_offsets_t", nnz}});
-  }
-  names.insert(names.end(), {{"keys", A},
-                             {"rank", A},
-                             {"tile_counts", s.num_tiles * s.bins()},
-                             {"group_counts", s.num_groups * s.bins()}});
-  return names;
 }
 
 inline std::string joined_names(const RoutingShape& s) {
@@ -131,7 +113,7 @@ inline RoutingParams parse_params(const RoutingShape& s, std::uintptr_t top_k_in
   for (const auto& [name, buffer] : buffers) {
     if (pointers.count(name) == 0) invalid("unknown buffer '", name, "'; expected exactly: ", joined_names(s));
   }
-  auto get = [&](const char* name) { return pointers.count(name) ? pointers[name] : nullptr; };
+  auto get = [&](const char* name) { return pointers.at(name); };  // every name is present (checked above)
   const RoutingBuffers b{reinterpret_cast<const void*>(top_k_index),
                          get("counts"),
                          get("offsets"),
@@ -140,13 +122,6 @@ inline RoutingParams parse_params(const RoutingShape& s, std::uintptr_t top_k_in
                          get("assignment_row"),
                          get("padded_row_assignment"),
                          get("padded_assignment_row"),
-                         get("row_indices"),
-                         get("column_indices"),
-                         get("row_offsets"),
-                         get("row_indices_t"),
-                         get("column_indices_t"),
-                         get("column_offsets_t"),
-                         get("block_offsets_t"),
                          get("keys"),
                          get("rank"),
                          get("tile_counts"),
@@ -157,35 +132,32 @@ inline RoutingParams parse_params(const RoutingShape& s, std::uintptr_t top_k_in
 // The arguments of plan_routing common to both modules (pybind11 keyword names).
 #define BSM_PLAN_ARGS                                                                                     \
   bsm::py::arg("top_k_index"), bsm::py::arg("index_dtype"), bsm::py::arg("num_tokens"), bsm::py::arg("top_k"), \
-      bsm::py::arg("num_experts"), bsm::py::arg("block_size"), bsm::py::arg("blocks_per_expert"),          \
-      bsm::py::arg("max_block_rows"), bsm::py::arg("buffers")
+      bsm::py::arg("num_experts"), bsm::py::arg("block_size"), bsm::py::arg("max_block_rows"),             \
+      bsm::py::arg("buffers")
 
 constexpr const char* kPlanDoc = R"doc(Build the routing plan into caller-allocated int32 buffers.
 
 top_k_index: data pointer of the contiguous [num_tokens, top_k] ids (index_dtype 'int32' or 'int64').
-blocks_per_expert: nb = ceil(ffn_size / block_size), or 0 for no topology.
 max_block_rows: routing.max_block_rows(num_tokens * top_k, num_experts, block_size).
 buffers: {name: (data_ptr, numel)} for counts [E+1] (counts[E] = invalid ids), offsets, padded_offsets,
-row_assignment, assignment_row, padded_row_assignment, padded_assignment_row, when blocks_per_expert > 0 the
-seven topology arrays, and the scratch of the counting sort (buffer_sizes() lists them all). Raises ValueError on
-any inconsistent argument.)doc";
+row_assignment, assignment_row, padded_row_assignment, padded_assignment_row, and the scratch of the counting
+sort (buffer_sizes() lists them all). The block-sparse topology is padded_offsets: it has no buffers of its own.
+Raises ValueError on any inconsistent argument.)doc";
 
 // buffer_sizes(index_dtype, ...): [(name, numel)] of the buffers plan_routing expects for these sizes.
 inline std::vector<std::pair<std::string, int64_t>> buffer_sizes(const std::string& index_dtype, int64_t num_tokens,
                                                                  int64_t top_k, int64_t num_experts,
-                                                                 int64_t block_size, int64_t blocks_per_expert,
-                                                                 int64_t max_rows) {
-  return expected_buffers(
-      parse_shape(index_dtype, num_tokens, top_k, num_experts, block_size, blocks_per_expert, max_rows));
+                                                                 int64_t block_size, int64_t max_rows) {
+  return expected_buffers(parse_shape(index_dtype, num_tokens, top_k, num_experts, block_size, max_rows));
 }
 
 // The functions both modules define besides plan_routing.
 inline void define_common(py::module_& m) {
   m.def("buffer_sizes", &buffer_sizes,
-        "[(name, numel)] of the int32 buffers plan_routing expects, in order (the C++ side of routing.PLAN_BUFFERS, "
-        "TOPOLOGY_BUFFERS and SCRATCH_BUFFERS).",
+        "[(name, numel)] of the int32 buffers plan_routing expects, in order (the C++ side of routing.PLAN_BUFFERS "
+        "and SCRATCH_BUFFERS).",
         py::arg("index_dtype"), py::arg("num_tokens"), py::arg("top_k"), py::arg("num_experts"), py::arg("block_size"),
-        py::arg("blocks_per_expert"), py::arg("max_block_rows"));
+        py::arg("max_block_rows"));
   m.def("params_bytes", []() { return sizeof(RoutingParams); }, "sizeof(RoutingParams), the struct every step takes.");
 }
 

@@ -5,8 +5,10 @@
 // the steps before it wrote. An executor runs the steps in the order of `plan_routing` below: host loops
 // (_routing_host), CUDA kernels (_routing_cuda, nvcc) or the same kernels compiled at run time with NVRTC
 // (csrc/routing_jit.cu, driven by blocksparse_moe/_jit.py, which launches these steps by name in this order).
-// The result matches `plan_buffers_torch` and the topology of blocksparse_moe/routing.py element for element
-// (read that file for the spec). No CUB, no host-side queries: every buffer is sized from shapes by the caller.
+// The result matches `plan_buffers_torch` of blocksparse_moe/routing.py element for element (read that file for
+// the spec). The block-sparse topology needs no step: it is padded_offsets plus sizes, and the kernels compute
+// every block index from it in closed form. No CUB, no host-side queries: every buffer is sized from shapes by the
+// caller.
 //
 // The sort is a stable counting sort by expert, built from per-element steps:
 //   keys:      key[a] (the expert id, or E when outside [0, E)), its rank among the earlier assignments of its
@@ -16,9 +18,8 @@
 //   offsets:   per key: offsets / padded_offsets as a sum over the lower keys
 //   place:     row(a) = offsets[key] + group prefix + tile prefix + rank: stable by key, then assignment index
 //
-// Glossary (T tokens, k choices, E experts, B block size, A = T*k assignments, nb column blocks per expert,
-// R = max_block_rows, P = R*B padded rows, nnz_max = R*nb; tiles of tile_size assignments, groups of
-// tiles_per_group tiles; H = num_tiles*(E+1)):
+// Glossary (T tokens, k choices, E experts, B block size, A = T*k assignments, R = max_block_rows, P = R*B padded
+// rows; tiles of tile_size assignments, groups of tiles_per_group tiles; H = num_tiles*(E+1)):
 //   key[a]            expert id of assignment a, or E when it lies outside [0, E) (invalid ids sort last)
 //   counts[E+1]       histogram of key; counts[E] counts invalid assignments
 //   offsets[E+1]      exclusive scan of counts[:E] (offsets[E] = first invalid sorted row)
@@ -51,27 +52,24 @@ namespace bsm {
 // layout of RoutingParams is then the same for every compiler and for the numpy dtype _jit.py builds from the
 // names (in this order; a test checks it).
 struct RoutingShape {
-  int64_t num_tokens;         // T
-  int64_t top_k;              // k
-  int64_t num_experts;        // E
-  int64_t block_size;         // B
-  int64_t blocks_per_expert;  // nb (0 = no topology)
-  int64_t max_block_rows;     // R
-  int64_t index_is_int64;     // 1: top_k_index is int64, 0: int32
-  int64_t tile_size;          // assignments per tile of the counting sort
-  int64_t num_tiles;          // ceil(A / tile_size)
-  int64_t tiles_per_group;    // tiles scanned by one thread in tile_scan
-  int64_t num_groups;         // ceil(num_tiles / tiles_per_group)
+  int64_t num_tokens;       // T
+  int64_t top_k;            // k
+  int64_t num_experts;      // E
+  int64_t block_size;       // B
+  int64_t max_block_rows;   // R
+  int64_t index_is_int64;   // 1: top_k_index is int64, 0: int32
+  int64_t tile_size;        // assignments per tile of the counting sort
+  int64_t num_tiles;        // ceil(A / tile_size)
+  int64_t tiles_per_group;  // tiles scanned by one thread in tile_scan
+  int64_t num_groups;       // ceil(num_tiles / tiles_per_group)
 
   BSM_HD int64_t assignments() const { return num_tokens * top_k; }
   BSM_HD int64_t padded_rows() const { return max_block_rows * block_size; }
-  BSM_HD int64_t nnz_max() const { return max_block_rows * blocks_per_expert; }
   BSM_HD int64_t bins() const { return num_experts + 1; }
 };
 
 // Raw pointers of every buffer of one plan (all int32, caller-allocated with the sizes in the comments), in the
-// order of routing.PLAN_BUFFERS + TOPOLOGY_BUFFERS + SCRATCH_BUFFERS (blocksparse_moe/routing.py; a test checks
-// the order).
+// order of routing.PLAN_BUFFERS + SCRATCH_BUFFERS (blocksparse_moe/routing.py; a test checks the order).
 struct RoutingBuffers {
   const void* top_k_index;         // [A] int32 or int64
   int32_t* counts;                 // [E+1]
@@ -81,14 +79,6 @@ struct RoutingBuffers {
   int32_t* assignment_row;         // [A]
   int32_t* padded_row_assignment;  // [P]
   int32_t* padded_assignment_row;  // [A]
-  // Topology (only when nb > 0; null otherwise).
-  int32_t* row_indices;       // [nnz_max]
-  int32_t* column_indices;    // [nnz_max]
-  int32_t* row_offsets;       // [R+1]
-  int32_t* row_indices_t;     // [nnz_max]
-  int32_t* column_indices_t;  // [nnz_max]
-  int32_t* column_offsets_t;  // [E*nb+1]
-  int32_t* block_offsets_t;   // [nnz_max]
   // Scratch of the counting sort.
   int32_t* keys;          // [A]
   int32_t* rank;          // [A] rank of a among the earlier assignments of its tile with the same key
@@ -237,69 +227,6 @@ struct Place {
   }
 };
 
-// First block row of expert e.
-BSM_HD int64_t block_row_offset(const int32_t* padded_offsets, int64_t block_size, int64_t e) {
-  return padded_offsets[e] / block_size;
-}
-
-// The last expert e in [0, E) whose first block row is <= r (the owner of block row r when r is used).
-BSM_HD int64_t expert_of_block_row(const int32_t* padded_offsets, int64_t block_size, int64_t num_experts,
-                                   int64_t r) {
-  int64_t lo = 0, hi = num_experts - 1;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) / 2;
-    if (block_row_offset(padded_offsets, block_size, mid) <= r) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  return lo;
-}
-
-// The block-sparse topology, from padded_offsets. Index i covers, where it is in range: row-major block slot
-// b = i (its indices, and its column-major position t, identity on unused slots), row_offsets[i] = min(i, used
-// block rows) * nb, and column_offsets_t[i], the start of block column i = e*nb + j in column-major order.
-struct Topology {
-  static BSM_HD int64_t extent(const RoutingParams& p) {
-    const RoutingShape& s = p.shape;
-    return max64(max64(s.nnz_max(), s.max_block_rows + 1), s.num_experts * s.blocks_per_expert + 1);
-  }
-  BSM_HD void operator()(const RoutingParams& p, int64_t i) const {
-    const RoutingBuffers& o = p.buffers;
-    const int64_t E = p.shape.num_experts, B = p.shape.block_size, nb = p.shape.blocks_per_expert;
-    const int64_t used_rows = block_row_offset(o.padded_offsets, B, E);
-    if (i < p.shape.nnz_max()) {
-      const int64_t b = i, r = b / nb, j = b % nb;
-      int64_t row = -1, col = -1, t = b;
-      if (r < used_rows) {
-        const int64_t e = expert_of_block_row(o.padded_offsets, B, E, r);
-        const int64_t first = block_row_offset(o.padded_offsets, B, e);
-        const int64_t nrows = block_row_offset(o.padded_offsets, B, e + 1) - first;
-        row = r;
-        col = e * nb + j;
-        t = nb * first + j * nrows + (r - first);
-      }
-      o.row_indices[b] = static_cast<int32_t>(row);
-      o.column_indices[b] = static_cast<int32_t>(col);
-      o.row_indices_t[t] = static_cast<int32_t>(row);
-      o.column_indices_t[t] = static_cast<int32_t>(col);
-      o.block_offsets_t[t] = static_cast<int32_t>(b);
-    }
-    if (i <= p.shape.max_block_rows) o.row_offsets[i] = static_cast<int32_t>(min64(i, used_rows) * nb);
-    if (i <= E * nb) {
-      const int64_t e = i / nb, j = i % nb;
-      int64_t start = nb * used_rows;  // i = E*nb: the end
-      if (e < E) {
-        const int64_t first = block_row_offset(o.padded_offsets, B, e);
-        const int64_t nrows = block_row_offset(o.padded_offsets, B, e + 1) - first;
-        start = nb * first + j * nrows;
-      }
-      o.column_offsets_t[i] = static_cast<int32_t>(start);
-    }
-  }
-};
-
 // Every step by name, for the executors that run them by name (the NVRTC build exports `bsm_<name>`, the host
 // module's run_step(name, ...) runs the same loops in the tests).
 #define BSM_ROUTING_STEPS(X)              \
@@ -309,8 +236,7 @@ struct Topology {
   X(tile_scan, ::bsm::TileScan)           \
   X(counts, ::bsm::Counts)                \
   X(offsets, ::bsm::Offsets)              \
-  X(place, ::bsm::Place)                  \
-  X(topology, ::bsm::Topology)
+  X(place, ::bsm::Place)
 
 #ifdef __CUDACC__
 // One step as a grid-stride loop: any grid computes every index (the grid only sets the speed).
@@ -337,7 +263,6 @@ void plan_routing(Executor& ex, const RoutingParams& p) {
   ex.template run<Counts>(p);
   ex.template run<Offsets>(p);
   ex.template run<Place>(p);
-  if (p.shape.blocks_per_expert > 0) ex.template run<Topology>(p);
 }
 #endif
 

@@ -34,10 +34,9 @@ struct CudaExecutor {
 };
 
 void plan_routing_cuda(std::uintptr_t top_k_index, const std::string& index_dtype, int64_t num_tokens, int64_t top_k,
-                       int64_t num_experts, int64_t block_size, int64_t blocks_per_expert, int64_t max_rows,
-                       const Buffers& buffers, std::uintptr_t stream) {
-  const RoutingShape shape =
-      parse_shape(index_dtype, num_tokens, top_k, num_experts, block_size, blocks_per_expert, max_rows);
+                       int64_t num_experts, int64_t block_size, int64_t max_rows, const Buffers& buffers,
+                       std::uintptr_t stream) {
+  const RoutingShape shape = parse_shape(index_dtype, num_tokens, top_k, num_experts, block_size, max_rows);
   const RoutingParams params = parse_params(shape, top_k_index, buffers);
   py::gil_scoped_release release;
   CudaExecutor executor{reinterpret_cast<cudaStream_t>(stream)};

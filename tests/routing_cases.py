@@ -33,20 +33,47 @@ def make_index(T: int, k: int, E: int, kind: str, dtype: torch.dtype) -> torch.T
     return routing(T, k, E, kind).to(dtype)
 
 
+def check_topology(plan: RoutingPlan) -> None:
+    """What the topology now is: the plan's ``padded_offsets`` (multiples of B, rising from 0, each expert's rows
+    rounded up to whole blocks, within ``max_block_rows·B``) plus sizes; ``nnz`` a device scalar (no sync)."""
+    t = plan.topology
+    if t is None:
+        return
+    B, E, R = plan.block_size, plan.num_experts, plan.max_block_rows
+    assert (t.block_size, t.num_experts, t.max_block_rows) == (B, E, R)
+    assert t.padded_offsets.dtype == torch.int32 and t.padded_offsets.shape == (E + 1,)
+    assert t.padded_offsets.device == plan.padded_offsets.device
+    assert torch.equal(t.padded_offsets, plan.padded_offsets)  # the plan's offsets, nothing else
+    po, counts = t.padded_offsets.tolist(), plan.tokens_per_expert.tolist()
+    assert po[0] == 0 and all(v % B == 0 for v in po), po
+    assert all(a <= b for a, b in zip(po, po[1:])), po
+    assert [po[e + 1] - po[e] for e in range(E)] == [-(-n // B) * B for n in counts], (po, counts)
+    nb = -(-t.ffn_size // B)
+    assert t.blocks_per_expert == nb and t.num_rows == R * B and t.nnz_max == R * nb
+    assert po[-1] <= t.num_rows
+    nnz = t.nnz
+    assert nnz.shape == () and nnz.device == plan.padded_offsets.device
+    assert int(nnz) == po[-1] // B * nb <= t.nnz_max
+
+
+def _assert_same_value(name: str, x: object, y: object) -> None:
+    if isinstance(y, torch.Tensor):
+        assert x.dtype == y.dtype == torch.int32, name
+        assert x.shape == y.shape, (name, x.shape, y.shape)
+        assert torch.equal(x.cpu(), y.cpu()), f"{name}:\n{x}\nexpected\n{y}"
+    else:
+        assert x == y, (name, x, y)
+
+
 def assert_same_plan(actual: RoutingPlan, expected: RoutingPlan) -> None:
-    """Every field equal: ints by value, tensors by dtype, shape and every element."""
+    """Every field equal (ints by value, tensors by dtype, shape and every element), the topology's fields and
+    sizes included, and ``actual``'s topology is what ``check_topology`` says it is."""
+    for field in dataclasses.fields(expected):
+        if field.name != "topology":
+            _assert_same_value(field.name, getattr(actual, field.name), getattr(expected, field.name))
     assert (actual.topology is None) == (expected.topology is None)
-    pairs = [(actual, expected)]
     if expected.topology is not None:
-        pairs.append((actual.topology, expected.topology))
-    for a, e in pairs:
-        for field in dataclasses.fields(e):
-            x, y = getattr(a, field.name), getattr(e, field.name)
-            if isinstance(y, Topology):
-                continue
-            if isinstance(y, torch.Tensor):
-                assert x.dtype == y.dtype == torch.int32, field.name
-                assert x.shape == y.shape, (field.name, x.shape, y.shape)
-                assert torch.equal(x.cpu(), y.cpu()), f"{field.name}:\n{x}\nexpected\n{y}"
-            else:
-                assert x == y, field.name
+        names = [field.name for field in dataclasses.fields(Topology)]
+        for name in (*names, "blocks_per_expert", "nnz_max", "num_rows", "nnz"):
+            _assert_same_value(f"topology.{name}", getattr(actual.topology, name), getattr(expected.topology, name))
+    check_topology(actual)

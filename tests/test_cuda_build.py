@@ -1,5 +1,6 @@
-"""The build: the package imports lazily, and the CUDA module (when built) holds sm_80 + sm_90 cubins whose kernels
-use no local memory, links cudart statically, and reports a missing GPU instead of crashing.
+"""The build: the package imports lazily, and the CUDA module (when built) holds sm_80 + sm_90 cubins with one
+kernel per step of csrc/routing.h (no other) that use no local memory, links cudart statically, reports a missing
+GPU instead of crashing, and expects exactly routing's buffer table (so a module built from older sources fails).
 
 Without a built CUDA module these tests skip, unless BSM_REQUIRE_CUDA_BUILD=1 (CI, where nvcc exists) makes
 that a failure.
@@ -8,6 +9,7 @@ that a failure.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 import shutil
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
 REQUIRE = os.environ.get("BSM_REQUIRE_CUDA_BUILD", "0") not in ("", "0")
 
 
@@ -73,6 +76,48 @@ def test_device_count_without_crash():
     from blocksparse_moe import _ext
 
     assert _ext.cuda_module().device_count() == torch.cuda.device_count()
+
+
+@pytest.mark.parametrize(
+    "T,k,E,B",
+    [
+        (0, 2, 4, 4),  # empty input
+        (300, 2, 512, 16),  # E = 512 > T, two groups of tiles
+    ],
+)
+def test_cuda_module_follows_the_table(T, k, E, B):
+    # the built module (callable without a GPU) expects routing's PLAN_BUFFERS + SCRATCH_BUFFERS with their sizes,
+    # and takes the RoutingParams _jit builds from the same names: not a module built from older sources
+    path = _built("_routing_cuda")
+    from blocksparse_moe import _ext, _jit
+    from blocksparse_moe.routing import PLAN_BUFFERS, SCRATCH_BUFFERS, plan_sizes
+
+    mod = _ext.cuda_module()
+    assert Path(mod.__file__) == path
+    sizes = plan_sizes(torch.zeros(T, k, dtype=torch.int32), E, B, None)
+    expected = [(name, math.prod(shape)) for name, shape in {**sizes.shapes(), **sizes.scratch_shapes()}.items()]
+    assert mod.buffer_sizes("int32", T, k, E, B, sizes.max_block_rows) == expected
+    assert [name for name, _ in expected] == [*PLAN_BUFFERS, *SCRATCH_BUFFERS]
+    assert mod.params_bytes() == _jit.params_dtype().itemsize
+
+
+def _step_structs() -> list[str]:
+    """The step struct of each entry of routing.h's BSM_ROUTING_STEPS (Keys twice: int32 and int64 ids)."""
+    header = (ROOT / "csrc" / "routing.h").read_text()
+    table = re.search(r"#define BSM_ROUTING_STEPS\(X\)(.*?)\n\n", header, re.S).group(1)
+    return re.findall(r"X\(\w+, ::bsm::(\w+)", table)
+
+
+def test_kernels_follow_the_steps():
+    # each cubin holds step_kernel<Step> for exactly the steps of BSM_ROUTING_STEPS (no removed step survives)
+    path = _built("_routing_cuda")
+    usage = _cuobjdump("--dump-resource-usage", str(path))
+    cubins = re.split(r"Fatbin elf code:", usage)[1:]
+    assert len(cubins) == 2, usage  # sm_80, sm_90
+    for cubin in cubins:
+        # mangled step_kernel<bsm::Step...>: "step_kernelINS_" then the length-prefixed struct name
+        names = [m.group(2)[: int(m.group(1))] for m in re.finditer(r"step_kernelINS_(\d+)(\w+)", cubin)]
+        assert sorted(names) == sorted(_step_structs()), cubin
 
 
 def test_cubins_for_sm80_and_sm90():

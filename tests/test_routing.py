@@ -1,18 +1,21 @@
-"""Routing plan (PyTorch path): invariants, edge cases, errors, and the one table of plan/topology buffers."""
+"""Routing plan (PyTorch path): invariants, edge cases, errors, the one table of plan buffers, and the topology
+(``padded_offsets`` plus sizes)."""
 
 import dataclasses
 
 import pytest
 import torch
 from helpers import routing
+from routing_cases import check_topology
 
 from blocksparse_moe import routing as R
 from blocksparse_moe.routing import (
     PLAN_BUFFERS,
-    TOPOLOGY_BUFFERS,
+    SCRATCH_BUFFERS,
     PlanSizes,
     RoutingPlan,
     Topology,
+    build_topology,
     max_block_rows,
     plan_routing,
 )
@@ -68,26 +71,18 @@ def test_plan_invariants(T, k, E, B, F, kind, dtype):
         e = int(flat[a])
         assert p.padded_offsets[e] <= par[a] < p.padded_offsets[e] + counts[e]
         assert par[a] - p.padded_offsets[e] == ar[a] - p.offsets[e]  # same rank within the expert
-    # topology
+    # topology: the plan's padded_offsets (multiples of B, rising from 0) plus sizes
     t = p.topology
     nb = -(-F // B)
-    assert t.blocks_per_expert == nb and t.nnz_max == R * nb
-    used = int(p.padded_offsets[-1]) // B
-    assert int(t.nnz) == used * nb
-    assert sorted(t.block_offsets_t.tolist()) == list(range(t.nnz_max))  # a permutation
-    ro = t.row_offsets.tolist()
-    assert all(a <= b for a, b in zip(ro, ro[1:]))  # monotone
-    co = t.column_offsets_t.tolist()
-    assert co[0] == 0 and co[-1] == used * nb and all(a <= b for a, b in zip(co, co[1:]))
-    # transposed metadata names the same blocks
-    bo = t.block_offsets_t.long()
-    assert torch.equal(t.row_indices_t, t.row_indices[bo])
-    assert torch.equal(t.column_indices_t, t.column_indices[bo])
-    for b in range(used * nb):
-        r, c = int(t.row_indices[b]), int(t.column_indices[b])
-        e = c // nb
-        assert int(p.padded_offsets[e]) <= r * B < int(p.padded_offsets[e + 1])
-    assert (t.row_indices[used * nb :] == -1).all()
+    assert (t.block_size, t.num_experts, t.ffn_size, t.max_block_rows) == (B, E, F, R)
+    assert torch.equal(t.padded_offsets, p.padded_offsets)
+    assert t.blocks_per_expert == nb and t.nnz_max == R * nb and t.num_rows == R * B
+    used = sum(padded) // B  # used block rows, from the loop reference's counts
+    assert int(t.nnz) == used * nb <= t.nnz_max
+    po = t.padded_offsets.tolist()
+    owners = [[e for e in range(E) if po[e] <= r * B < po[e + 1]] for r in range(used)]
+    assert all(len(o) == 1 and counts[o[0]] > 0 for o in owners)  # each used block row: one expert, with tokens
+    check_topology(p)
 
 
 def test_large_e_and_many_assignments():
@@ -125,6 +120,7 @@ def test_invalid_ids_excluded_when_unchecked():
         (dict(top_k_index=torch.zeros(3, 1, dtype=torch.int64), num_experts=0), ValueError, "num_experts"),
         (dict(top_k_index=torch.zeros(3, 1, dtype=torch.int64), num_experts=2, block_size=0), ValueError, "block"),
         (dict(top_k_index=[[0]], num_experts=2), TypeError, "torch.Tensor"),
+        (dict(top_k_index=torch.zeros(3, 1, dtype=torch.int64), num_experts=2, ffn_size=0), ValueError, "ffn_size"),
     ],
 )
 def test_bad_input(kwargs, err, match):
@@ -156,7 +152,9 @@ def _tensor_fields(cls) -> list[str]:
 def test_dataclass_fields_follow_the_table():
     # the dataclasses hold exactly the table's buffers, in table order
     assert _tensor_fields(RoutingPlan) == list(PLAN_BUFFERS)
-    assert _tensor_fields(Topology) == list(TOPOLOGY_BUFFERS)
+    # the topology's only tensor is a plan buffer: it has no buffers of its own
+    assert _tensor_fields(Topology) == ["padded_offsets"] and "padded_offsets" in PLAN_BUFFERS
+    assert PlanSizes.buffer_names() == (*PLAN_BUFFERS, *SCRATCH_BUFFERS)
 
 
 @pytest.mark.parametrize(
@@ -164,39 +162,53 @@ def test_dataclass_fields_follow_the_table():
     [
         (0, 2, 4, 4, 4),  # empty input: zero-length buffers, one-element offsets
         (13, 3, 5, 4, 9),  # odd sizes, partial column block
-        (6, 2, 3, 8, None),  # no topology
+        (6, 2, 3, 8, None),  # no topology: the same buffers
     ],
 )
 def test_plan_buffers_have_the_table_shapes(T, k, E, B, F):
-    # the PyTorch path fills exactly the table's buffers with the table's shapes; the plan wraps them by name
+    # the PyTorch path fills exactly the table's buffers with the table's shapes, whether or not a topology is
+    # asked for; the plan wraps them by name, and the topology is the plan's padded_offsets (not a copy)
     idx = routing(T, k, E, "distinct")
     sizes = R.plan_sizes(idx, E, B, F)
+    assert sizes == R.plan_sizes(idx, E, B, None)  # ffn_size changes no buffer
     buffers = R.plan_buffers_torch(idx, sizes)
     assert {name: tuple(t.shape) for name, t in buffers.items()} == sizes.shapes()
-    assert list(sizes.shapes()) == list(PLAN_BUFFERS) + (list(TOPOLOGY_BUFFERS) if F else [])
+    assert list(sizes.shapes()) == list(PLAN_BUFFERS)
     assert all(t.dtype == torch.int32 for t in buffers.values())
     plan = RoutingPlan.from_buffers(sizes, buffers, F)
     for name in PLAN_BUFFERS:
         assert getattr(plan, name) is buffers[name]
-    if F is not None:
-        assert plan.topology.shapes() == {name: sizes.shapes()[name] for name in TOPOLOGY_BUFFERS}
-        assert all(t is buffers[name] for name, t in zip(TOPOLOGY_BUFFERS, plan.topology.tensors()))
+    if F is None:
+        assert plan.topology is None
+    else:
+        assert plan.topology.padded_offsets is buffers["padded_offsets"]
+        check_topology(plan)
 
 
-def test_topology_round_trips_through_tensors():
-    # what the custom ops do: pass tensors() positionally, rebuild the same topology by name
-    topo = plan_routing(routing(10, 2, 4, "skip"), 4, block_size=4, ffn_size=10).topology
-    again = Topology.from_tensors(list(topo.tensors()), block_size=4, num_experts=4, ffn_size=10)
-    assert again.max_block_rows == topo.max_block_rows and again.blocks_per_expert == topo.blocks_per_expert
-    assert all(a is b for a, b in zip(again.tensors(), topo.tensors()))
-    assert again == topo
-    with pytest.raises(ValueError, match=r"expected the 7 topology tensors \(row_indices, .*\), got 6"):
-        Topology.from_tensors(list(topo.tensors())[:6], block_size=4, num_experts=4, ffn_size=10)
+def test_build_topology_from_offsets():
+    # the topology of any padded_offsets (int64 here: converted to int32), the sizes as properties; empty experts
+    # (0 and 2), one partial column block (F = 10, B = 4: nb = 3)
+    po = torch.tensor([0, 0, 8, 8, 12], dtype=torch.int64)
+    topo = build_topology(po, block_size=4, num_experts=4, ffn_size=10, max_rows=5)
+    assert topo.padded_offsets.dtype == torch.int32 and topo.padded_offsets.tolist() == [0, 0, 8, 8, 12]
+    assert (topo.blocks_per_expert, topo.nnz_max, topo.num_rows) == (3, 15, 20)
+    assert topo.nnz.shape == () and int(topo.nnz) == 9  # 3 used block rows · 3 blocks
+    assert po.dtype == torch.int64  # the input is not modified
 
 
 def test_plan_sizes():
     # the sizes every buffer follows from; max_block_rows is min(A, (A + E·(B-1)) // B)
-    s = PlanSizes(num_tokens=5, top_k=2, num_experts=3, block_size=4, blocks_per_expert=2)
+    s = PlanSizes(num_tokens=5, top_k=2, num_experts=3, block_size=4)
     assert (s.num_assignments, s.max_block_rows) == (10, 4)
-    assert s.shapes()["padded_row_assignment"] == (16,) and s.shapes()["assignment_row"] == (5, 2)
-    assert s.shapes()["column_offsets_t"] == (7,) and s.shapes()["row_offsets"] == (5,)
+    assert s.shapes() == {
+        "counts": (4,),
+        "offsets": (4,),
+        "padded_offsets": (4,),
+        "row_assignment": (10,),
+        "assignment_row": (5, 2),
+        "padded_row_assignment": (16,),
+        "padded_assignment_row": (5, 2),
+    }
+    # one tile of 256 assignments, one group: the counting sort's scratch
+    assert (s.tile_size, s.num_tiles, s.tiles_per_group, s.num_groups) == (256, 1, 1, 1)
+    assert s.scratch_shapes() == {"keys": (10,), "rank": (10,), "tile_counts": (4,), "group_counts": (4,)}

@@ -20,7 +20,6 @@ from blocksparse_moe import _ext
 from blocksparse_moe.routing import (
     PLAN_BUFFERS,
     SCRATCH_BUFFERS,
-    TOPOLOGY_BUFFERS,
     RoutingPlan,
     _plan_routing_torch,
     max_block_rows,
@@ -104,10 +103,10 @@ def test_host_invalid_ids_counted_and_excluded(ids, dtype):
 
 
 def _host_args(**overrides):
-    """Valid raw arguments of _routing_host.plan_routing for T=3, k=2, E=4, B=2, nb=2, with overrides."""
+    """Valid raw arguments of _routing_host.plan_routing for T=3, k=2, E=4, B=2, with overrides."""
     idx = torch.tensor([[0, 1], [2, 3], [1, 1]], dtype=torch.int32)
     sizes = plan_sizes(idx, 4, 2, 3)
-    out, nb = _ext.allocate(sizes, idx.device), sizes.blocks_per_expert
+    out = _ext.allocate(sizes, idx.device)
     args = dict(
         top_k_index=idx.data_ptr(),
         index_dtype="int32",
@@ -115,7 +114,6 @@ def _host_args(**overrides):
         top_k=2,
         num_experts=4,
         block_size=2,
-        blocks_per_expert=nb,
         max_block_rows=max_block_rows(6, 4, 2),
         buffers={name: (t.data_ptr(), t.numel()) for name, t in out.items()},
     )
@@ -141,7 +139,6 @@ def test_host_raw_arguments_valid():
         (dict(top_k=0), r"top_k must be in \[1, 2147483647\], got 0"),
         (dict(num_experts=0), r"num_experts must be in \[1, 2147483646\], got 0"),
         (dict(block_size=0), r"block_size must be in \[1, 2147483647\], got 0"),
-        (dict(blocks_per_expert=-1), r"blocks_per_expert must be in \[0, 2147483647\], got -1"),
         (dict(num_tokens=2**30, top_k=2), r"num_tokens \* top_k must be at most 2\*\*31 - 2.*got 2147483648"),
         (dict(max_block_rows=7), r"max_block_rows must be .* = 5 for A=6, E=4, B=2, got 7"),
         (dict(top_k_index=0), r"top_k_index must be a non-null pointer aligned to 4 bytes, got 0"),
@@ -154,10 +151,11 @@ def test_host_raw_arguments_valid():
         (dict(buffers=lambda o: {**o, "inverse": (o["counts"][0], 6)}), r"unknown buffer 'inverse'"),
         # the scratch of the sort is checked like the outputs
         (dict(buffers=lambda o: {**o, "tile_counts": (o["tile_counts"][0], 4)}), r"'tile_counts' must have 5 int32"),
-        # blocks_per_expert = 0 means no topology: topology buffers are then unexpected
-        (dict(blocks_per_expert=0), r"unknown buffer 'block_offsets_t'"),
-        # R·nb must fit int32
-        (dict(blocks_per_expert=2**30), r"max_block_rows \* blocks_per_expert .* must fit int32"),
+        # the topology is padded_offsets: the index arrays it once had are rejected by name
+        (dict(buffers=lambda o: {**o, "row_indices": (o["counts"][0], 10)}), r"unknown buffer 'row_indices'"),
+        (dict(buffers=lambda o: {**o, "block_offsets_t": (o["counts"][0], 10)}), r"unknown buffer 'block_offsets_t'"),
+        # R·B must fit int32 (B = 2**30: 6 assignments onto 4 experts need R = 4 block rows)
+        (dict(block_size=2**30, max_block_rows=4), r"max_block_rows \* block_size must fit int32"),
     ],
 )
 def test_host_bad_arguments(overrides, match):
@@ -171,6 +169,10 @@ def test_host_bad_argument_types():
     args, _keep = _host_args(buffers=lambda o: {**o, "counts": "not a buffer"})
     with pytest.raises(TypeError):
         host.plan_routing(**args)
+    # so is the blocks_per_expert argument the topology arrays once needed (no such parameter any more)
+    args, _keep = _host_args(blocks_per_expert=3)
+    with pytest.raises(TypeError, match="incompatible function arguments"):
+        host.plan_routing(**args)
 
 
 @pytest.mark.parametrize(
@@ -178,18 +180,17 @@ def test_host_bad_argument_types():
     [
         (0, 2, 4, 4, 4),  # empty input
         (13, 3, 5, 4, 9),  # odd sizes, partial column block
-        (6, 2, 3, 8, None),  # no topology
+        (6, 2, 3, 8, None),  # no topology: the same buffers
+        (300, 2, 512, 16, 40),  # E = 512 > T, two groups of tiles
     ],
 )
 def test_cpp_buffers_follow_the_table(T, k, E, B, F):
-    # the C++ side expects exactly routing's PLAN_BUFFERS + TOPOLOGY_BUFFERS + SCRATCH_BUFFERS, in that order,
-    # with the same lengths
+    # the C++ side expects exactly routing's PLAN_BUFFERS + SCRATCH_BUFFERS, in that order, with the same lengths
     sizes = plan_sizes(torch.zeros(T, k, dtype=torch.int64), E, B, F)
-    cpp = host.buffer_sizes("int64", T, k, E, B, sizes.blocks_per_expert, sizes.max_block_rows)
+    cpp = host.buffer_sizes("int64", T, k, E, B, sizes.max_block_rows)
     expected = [(name, math.prod(shape)) for name, shape in {**sizes.shapes(), **sizes.scratch_shapes()}.items()]
     assert cpp == expected
-    topology = list(TOPOLOGY_BUFFERS) if F else []
-    assert [name for name, _ in cpp] == [*PLAN_BUFFERS, *topology, *SCRATCH_BUFFERS]
+    assert [name for name, _ in cpp] == [*PLAN_BUFFERS, *SCRATCH_BUFFERS]
 
 
 def test_cpp_struct_follows_the_table():
@@ -197,7 +198,7 @@ def test_cpp_struct_follows_the_table():
     header = (Path(__file__).parents[1] / "csrc" / "routing.h").read_text()
     body = re.search(r"struct RoutingBuffers \{(.*?)\n\};", header, re.S).group(1)
     fields = re.findall(r"^\s*(?:const )?\w+\* (\w+);", body, re.M)
-    assert fields == ["top_k_index", *PLAN_BUFFERS, *TOPOLOGY_BUFFERS, *SCRATCH_BUFFERS]
+    assert fields == ["top_k_index", *PLAN_BUFFERS, *SCRATCH_BUFFERS]
 
 
 # ---------------------------------------------------------------------------------------------- GPU (CUDA module)

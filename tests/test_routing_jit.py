@@ -91,7 +91,7 @@ def test_jit_ptx_for_an_arch_newer_than_nvrtc(nvrtc):
     ptx = _jit.nvrtc_compile(newest + 10)
     assert ptx.endswith(b"\0")  # the driver reads PTX as a C string
     text = ptx.decode()
-    assert all(f".entry bsm_{name}(" in text for name in _jit.KERNELS)
+    assert sorted(re.findall(r"\.entry bsm_(\w+)\(", text)) == sorted(_jit.KERNELS)  # every step, no other
     with pytest.raises(_jit.JitUnavailable, match=r"cannot compile for sm_50"):
         _jit.target(50)  # an arch older than NVRTC supports
 
@@ -238,7 +238,7 @@ def test_params_and_layout_match_the_cpp(T, k, E, B, F):
     # numpy's RoutingParams has the C++ size; the sort layout and scratch sizes agree with the C++ formulas
     assert _jit.params_dtype().itemsize == host.params_bytes()
     sizes = plan_sizes(torch.zeros(T, k, dtype=torch.int32), E, B, F)
-    cpp = dict(host.buffer_sizes("int32", T, k, E, B, sizes.blocks_per_expert, sizes.max_block_rows))
+    cpp = dict(host.buffer_sizes("int32", T, k, E, B, sizes.max_block_rows))
     assert {name: cpp[name] for name in SCRATCH_BUFFERS} == {
         name: int(np.prod(shape)) for name, shape in sizes.scratch_shapes().items()
     }
@@ -255,6 +255,20 @@ def test_param_fields_follow_the_cpp_structs():
     assert _cpp_struct_fields("RoutingShape") == list(_jit.SHAPE_FIELDS)
     assert _cpp_struct_fields("RoutingBuffers") == ["top_k_index", *routing.PlanSizes.buffer_names()]
     assert list(_jit.params_dtype().names) == [*_jit.SHAPE_FIELDS, "top_k_index", *routing.PlanSizes.buffer_names()]
+
+
+@needs_host
+def test_host_steps_follow_the_kernels():
+    # the host module runs by name exactly the steps routing_jit.cu exports, with steps()'s extents; a removed
+    # step (the topology's) is unknown to it
+    idx = torch.zeros(3, 2, dtype=torch.int32)
+    sizes = plan_sizes(idx, 4, 2, 3)
+    p = _jit.params(idx, sizes, _ext.allocate(sizes, idx.device))
+    expected = dict(_jit.steps(sizes, True) + _jit.steps(sizes, False))
+    assert {name: host.step_extent(name, p.ctypes.data) for name in _jit.KERNELS} == expected
+    known = ", ".join(sorted(_jit.KERNELS))
+    with pytest.raises(ValueError, match=rf"unknown routing step 'topology'; expected one of: {known}$"):
+        host.step_extent("topology", p.ctypes.data)
 
 
 def test_kernel_names_follow_the_cpp_steps():
