@@ -232,3 +232,23 @@ def test_no_host_sync_on_gpu(strategy):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     del plans
+
+
+@pytest.mark.parametrize("tma", [True, False], ids=["tma-weights", "pointer-weights"])
+@pytest.mark.parametrize("strategy", ["blocksparse", "grouped"])
+def test_weight_loads_tma_and_pointers(strategy, tma, monkeypatch, poison_allocations):
+    """Aligned operands (sizes multiples of 16): the weights come in through TMA tensor descriptors (the GPU path on
+    Hopper and newer), w1 / w3 / w2 as stored and w2ᵀ / w1ᵀ / w3ᵀ as transposed views; or through pointer loads.
+    Both match the float64 loop (bf16: the interpreter upcasts the dots; K and N not multiples of the tiles)."""
+    from blocksparse_moe.kernels import expert_gemm
+
+    monkeypatch.setattr(expert_gemm, "TMA_WEIGHTS", tma)
+    modes = []
+    describe = expert_gemm._descriptor
+    monkeypatch.setattr(expert_gemm, "_descriptor", lambda w, mode, *a: modes.append(mode) or describe(w, mode, *a))
+    CASES["aligned"] = (21, 32, 48, 3, 2, "uniform")  # d, f multiples of 16; 21 tokens: partial M tiles
+    try:
+        _check(strategy, "triton", "aligned", torch.bfloat16, True, "silu", monkeypatch, block_size=16, tol_scale=2)
+    finally:
+        del CASES["aligned"]
+    assert set(modes) == ({1, 2} if tma else set())  # forward: w1, w3, w2 as stored; backward: w2ᵀ, w1ᵀ, w3ᵀ

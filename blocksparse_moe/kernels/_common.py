@@ -94,6 +94,7 @@ class CompileSpec:
     variants: tuple[str, ...] = ("unaligned", "aligned")
     tcgen05_ok: bool = True  # with is_matmul: sm_100 builds must use tcgen05 MMA (Triton 3.9: every M tile >= 64)
     expect_pipelined: bool = True  # the MMA loop must not wait its async loads / wgmma to zero each iteration
+    archs: tuple[int, ...] | None = None  # the compute capabilities the launcher picks this config for (None: all)
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in ("unaligned", "aligned")]

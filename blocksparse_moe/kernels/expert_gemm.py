@@ -32,6 +32,12 @@ gathering); in the main loop the column part of a K step ``k0 .. k0 + BLOCK_K`` 
 division**, only address increments, loads and MMA (the gathered reduction of ``_wgrad_kernel`` loads ``row_src``
 in its loop; the pipeliner gives that index load its own stage, so the data loads stay in flight).
 
+**Weight loads.** Where operands allow (Hopper or newer, 16-byte aligned weights with 16-byte multiple strides, the
+fast config), ``gemm_kernel`` reads the weight tiles through TMA with host tensor descriptors (``W_TMA``): over
+``[E, K, N]`` as stored, or over the transposed storage for the ``wᵀ`` views of the backward, the tile transposed in
+shared memory; K and N past the end come back as zeros. Rows stay pointer loads (gathered: TMA has no row gather on
+Hopper), pipelined as asynchronous copies. Otherwise the weights are pointer loads too.
+
 **Program order (L2).** ``_gemm_kernel``: one program per ``BLOCK_M × BLOCK_N`` output tile, grid
 ``(max_m_tiles · cdiv(N, BLOCK_N),)``, in Triton's *grouped* order: ``GROUP_M`` consecutive M tiles (the same
 expert, except at expert boundaries) sweep the N tiles together, so the resident programs share their weight
@@ -64,6 +70,7 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..activations import activate, activate_and_grad, kernel_code
 from ._common import aligned16, interpreting, upcast_dots
@@ -76,6 +83,7 @@ __all__ = [
     "Rows",
     "Schedule",
     "BackwardEpilogue",
+    "TMA_WEIGHTS",
     "gemm",
     "wgrad",
     "gemm_kernel",
@@ -135,6 +143,20 @@ def _tile_start(i, s_blk, s, BLOCK: tl.constexpr, LB: tl.constexpr):
 
 
 @triton.jit
+def _load_w(w_ptr, w_desc, w_off, w_mask, e, k0, n0, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, W_TMA: tl.constexpr):
+    """The ``BLOCK_K × BLOCK_N`` weight tile at ``(k0, n0)`` of expert ``e``: pointer loads (``W_TMA`` 0), or TMA
+    through a host tensor descriptor over ``[E, K, N]`` (1) or over the transposed storage ``[E, N, K]`` (2; the
+    tile is transposed in shared memory, which the MMA reads as is). TMA fills what lies past K or N with zeros."""
+    if W_TMA == 1:
+        w = w_desc.load([e, k0, n0]).reshape(BLOCK_K, BLOCK_N)
+    elif W_TMA == 2:
+        w = w_desc.load([e, n0, k0]).reshape(BLOCK_N, BLOCK_K).trans()
+    else:
+        w = tl.load(w_ptr + w_off, mask=w_mask, other=0.0)
+    return w
+
+
+@triton.jit
 def _mainloop(
     acc,
     acc2,
@@ -144,6 +166,10 @@ def _mainloop(
     s_ac,
     w_ptr,
     w2_ptr,
+    w_desc,
+    w2_desc,
+    e,
+    n0,
     s_wk,
     s_wn,
     offs_n,
@@ -152,12 +178,15 @@ def _mainloop(
     k_steps,
     K,
     BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     LB_A: tl.constexpr,
     DUAL: tl.constexpr,
+    W_TMA: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """``acc += A[rows, :K] @ W[:K, cols]`` (and ``acc2 += A @ W2`` when ``DUAL``), ``BLOCK_K`` at a time over
-    ``k_steps`` steps. ``a_rows``: the tile's row offsets into A; ``w_ptr`` / ``w2_ptr``: the expert's weights."""
+    ``k_steps`` steps. ``a_rows``: the tile's row offsets into A; ``w_ptr`` / ``w2_ptr``: the expert's weights (or
+    their descriptors ``w_desc`` / ``w2_desc`` with ``W_TMA``, at expert ``e``, columns from ``n0``)."""
     offs_k = tl.arange(0, BLOCK_K)
     a_tile = a_ptr + a_rows[:, None] + (offs_k.to(tl.int64) * s_ac)[None, :]
     w_tile = offs_k.to(tl.int64)[:, None] * s_wk + offs_n.to(tl.int64)[None, :] * s_wn
@@ -168,13 +197,13 @@ def _mainloop(
         )
         w_off = tl.cast(t, tl.int64) * (BLOCK_K * s_wk) + w_tile
         w_mask = k_ok[:, None] & n_ok[None, :]
-        w = tl.load(w_ptr + w_off, mask=w_mask, other=0.0)
+        w = _load_w(w_ptr, w_desc, w_off, w_mask, e, t * BLOCK_K, n0, BLOCK_K, BLOCK_N, W_TMA)
         if UPCAST:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc)
         if DUAL:
-            w2 = tl.load(w2_ptr + w_off, mask=w_mask, other=0.0)
+            w2 = _load_w(w2_ptr, w2_desc, w_off, w_mask, e, t * BLOCK_K, n0, BLOCK_K, BLOCK_N, W_TMA)
             if UPCAST:
                 w2 = w2.to(tl.float32)
             acc2 = tl.dot(a, w2, acc2)
@@ -187,6 +216,8 @@ def gemm_kernel(
     w_ptr,  # [E, K, N] any strides
     a2_ptr,  # PAIR: the second A, in A's row layout (unused otherwise)
     w2_ptr,  # GLU: the gate weight; PAIR: the second weight; [E, K, N] with w's strides (unused otherwise)
+    w_desc,  # W_TMA: host tensor descriptor of w ([E, K, N], or [E, N, K] for W_TMA 2); None otherwise
+    w2_desc,  # W_TMA and GLU / PAIR: descriptor of w2; None otherwise
     out_ptr,  # [R, N] row layout: the result (EPILOGUE 0), h (1), dh (2)
     out2_ptr,  # GLU: g (1), dg (2)
     out3_ptr,  # a = act(h) [· g] (1), aw = w·a (2)
@@ -227,6 +258,7 @@ def gemm_kernel(
     PAIR: tl.constexpr,
     EPILOGUE: tl.constexpr,
     ACT: tl.constexpr,  # activations.kernel_code (EPILOGUE 1, 2)
+    W_TMA: tl.constexpr,  # 0: pointer loads of w; 1: TMA over [E, K, N]; 2: TMA over the transposed [E, N, K]
     UPCAST: tl.constexpr,
 ):
     """One ``BLOCK_M × BLOCK_N`` tile of expert e's rows times ``W[e]``; see the module docstring."""
@@ -257,14 +289,16 @@ def gemm_kernel(
     w_base = e.to(tl.int64) * s_we
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GLU only; unused (and removed) otherwise
+    n0 = pid_n * BLOCK_N
+    DUAL: tl.constexpr = GLU and EPILOGUE == 1  # the gate weight's accumulator (the backward reads the saved g)
     acc, acc2 = _mainloop(
-        acc, acc2, a_ptr, a_rows, s_acb, s_ac, w_ptr + w_base, w2_ptr + w_base, s_wk, s_wn, offs_n, n_ok, a_ok,
-        k_steps, K, BLOCK_K, LB_A, GLU, UPCAST,
+        acc, acc2, a_ptr, a_rows, s_acb, s_ac, w_ptr + w_base, w2_ptr + w_base, w_desc, w2_desc, e, n0, s_wk, s_wn,
+        offs_n, n_ok, a_ok, k_steps, K, BLOCK_K, BLOCK_N, LB_A, DUAL, W_TMA, UPCAST,
     )  # fmt: skip
     if PAIR:
         acc, acc2 = _mainloop(
-            acc, acc2, a2_ptr, a_rows, s_acb, s_ac, w2_ptr + w_base, w2_ptr, s_wk, s_wn, offs_n, n_ok, a_ok,
-            k_steps, K, BLOCK_K, LB_A, False, UPCAST,
+            acc, acc2, a2_ptr, a_rows, s_acb, s_ac, w2_ptr + w_base, w2_ptr, w2_desc, w2_desc, e, n0, s_wk, s_wn,
+            offs_n, n_ok, a_ok, k_steps, K, BLOCK_K, BLOCK_N, LB_A, False, W_TMA, UPCAST,
         )  # fmt: skip
 
     o_cols = _tile_start(pid_n, s_ocb, s_oc, BLOCK_N, LB_O) + tl.arange(0, BLOCK_N).to(tl.int64) * s_oc
@@ -558,6 +592,31 @@ class BackwardEpilogue:
 
 # ----------------------------------------------------------------------------------------------- launchers
 
+TMA_WEIGHTS = True  # load the weights through TMA where operands allow (tests switch it off to cover the pointers)
+
+
+def _tma_mode(w: torch.Tensor) -> int:
+    """``W_TMA`` for weights ``w [E, K, N]``: 1 (N contiguous) or 2 (K contiguous, a transposed view) when TMA can
+    read them — Hopper or newer (or the interpreter), a 16-byte aligned base and 16-byte multiples for the other
+    strides (TMA's rules) — else 0."""
+    if not TMA_WEIGHTS:
+        return 0
+    if not interpreting() and (w.device.type != "cuda" or torch.cuda.get_device_capability(w.device)[0] < 9):
+        return 0
+    size = w.element_size()
+    mode = 1 if w.stride(2) == 1 else 2 if w.stride(1) == 1 else 0
+    other = [w.stride(0), w.stride(1) if mode == 1 else w.stride(2)]
+    if mode == 0 or w.data_ptr() % 16 or any(v * size % 16 for v in other):
+        return 0
+    return mode
+
+
+def _descriptor(w: torch.Tensor, mode: int, block_k: int, block_n: int) -> TensorDescriptor:
+    """Host tensor descriptor of ``w`` for ``W_TMA`` ``mode``: over ``[E, K, N]`` or the storage ``[E, N, K]``."""
+    if mode == 1:
+        return TensorDescriptor.from_tensor(w, [1, block_k, block_n])
+    return TensorDescriptor.from_tensor(w.transpose(1, 2), [1, block_n, block_k])
+
 
 def gemm(
     a: Rows,
@@ -603,10 +662,15 @@ def gemm(
     if schedule.max_m_tiles * num_n == 0:
         return dots
     a2, w2 = pair if pair is not None else (a, gate if gate is not None else w)
+    tma = _tma_mode(w) if aligned and _tma_mode(w2) == _tma_mode(w) else 0
+    w_desc = w2_desc = None
+    if tma:
+        w_desc = _descriptor(w, tma, cfg.block_k, cfg.block_n)
+        w2_desc = _descriptor(w2, tma, cfg.block_k, cfg.block_n) if (gate is not None or pair is not None) else None
     bwd = backward or BackwardEpilogue(out.tensor, None, schedule.offsets, out.tensor)
     off = schedule.offsets
     gemm_kernel[(schedule.max_m_tiles * num_n,)](
-        a.tensor, w, a2.tensor, w2, out.tensor, out.tensor if gate_out is None else gate_out,
+        a.tensor, w, a2.tensor, w2, w_desc, w2_desc, out.tensor, out.tensor if gate_out is None else gate_out,
         out.tensor if act_out is None else act_out, bwd.h, bwd.h if bwd.g is None else bwd.g,
         off if row_src is None else row_src, bwd.row_asg, bwd.weights, out.tensor if dots is None else dots, off,
         schedule.tile_offsets,
@@ -614,7 +678,8 @@ def gemm(
         *a.strides, *w.stride(), *out.strides,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, LB_A=a.log_block,
         LB_O=out.log_block, GATHER=a.gathered, GLU=glu, PAIR=pair is not None, EPILOGUE=epilogue,
-        ACT=kernel_code(activation), UPCAST=upcast_dots(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ACT=kernel_code(activation), W_TMA=tma, UPCAST=upcast_dots(dtype), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
     return dots
 

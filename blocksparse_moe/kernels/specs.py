@@ -42,15 +42,29 @@ _WGRAD_ALIGNED = ("M", "N", "s_arb", "s_ar", "s_acb", "s_ac", "s_brb", "s_br", "
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _spec(name, kernel, dtype, cfg, constexprs, unit, aligned, variants, pointer_dtypes) -> CompileSpec:
+_TMA_ARCHS = (90, 100, 120)  # where the launcher loads weights through TMA (``expert_gemm._tma_mode``)
+
+
+def _spec(name, kernel, dtype, cfg, constexprs, unit, aligned, variants, pointer_dtypes, archs=None) -> CompileSpec:
     constexprs = {**constexprs, **dict.fromkeys(unit, 1)}
     signature = kernel_signature(kernel, constexprs, dtype, pointer_dtypes)
-    aligned = tuple(a for a in aligned if a not in unit and a in signature)
+    aligned = tuple(a for a in aligned if a not in unit and a in signature and not a.endswith("_desc"))
     matmul = constexprs["BLOCK_M"] >= 64
     return CompileSpec(
         name, kernel, signature, constexprs, cfg.num_warps, cfg.num_stages, matmul, aligned=aligned,
-        variants=variants,
+        variants=variants, archs=archs,
     )  # fmt: skip
+
+
+def _weight_loads(dtype, cfg, mode: int, two: bool) -> tuple[dict, dict[str, str]]:
+    """The ``W_TMA`` constexprs and, with TMA, the descriptor arguments' signature types (``w2_desc`` only when the
+    kernel reads a second weight: the GLU gate, or the dgrad pair's w3ᵀ)."""
+    if not mode:
+        return {"W_TMA": 0, "w_desc": None, "w2_desc": None}, {}
+    block = [1, cfg.block_k, cfg.block_n] if mode == 1 else [1, cfg.block_n, cfg.block_k]
+    desc = f"tensordesc<{triton_type(dtype)}[{','.join(map(str, block))}]>"
+    constexprs = {"W_TMA": mode} if two else {"W_TMA": mode, "w2_desc": None}
+    return constexprs, {"w_desc": desc, **({"w2_desc": desc} if two else {})}
 
 
 def _variants(dtype: torch.dtype, configs) -> list[tuple[object, tuple[str, ...]]]:
@@ -108,7 +122,7 @@ def _gemm_specs() -> list[CompileSpec]:
                     activations = NAMES  # the other activations: bf16, GLU, 128-row tiles, fast config
                 for cfg, variants in _variants(dtype, configs):
                     for act in activations if variants == ("aligned",) else activations[:1]:
-                        constexprs = dict(
+                        base = dict(
                             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                             LB_A=lb_block if a_blocked else DENSE_LOG_BLOCK,
                             LB_O=lb_block if out_blocked else DENSE_LOG_BLOCK, GATHER=gather, GLU=glu, PAIR=pair,
@@ -116,20 +130,18 @@ def _gemm_specs() -> list[CompileSpec]:
                         )  # fmt: skip
                         act_tag = f",{act}" if epilogue else ""
                         size = f"B={B}" if blocked else f"M={cfg.block_m}"
-                        name = f"gemm[{tag}{act_tag},{triton_type(dtype)},{size},N={cfg.block_n},K={cfg.block_k}]"
-                        specs.append(
-                            _spec(
-                                name,
-                                gemm_kernel,
-                                dtype,
-                                cfg,
-                                constexprs,
-                                unit,
-                                _GEMM_ALIGNED,
-                                variants,
-                                {**_INDEX, **_FP32},
-                            )  # fmt: skip
-                        )
+                        name = f"gemm[{tag}{act_tag},{triton_type(dtype)},{size},N={cfg.block_n},K={cfg.block_k}"
+                        # the fast config loads the weights through TMA on sm_90 and newer, with pointers on sm_80
+                        tma = 2 if "s_wk" in unit else 1
+                        for mode, archs in (
+                            ((tma, _TMA_ARCHS), (0, (80,))) if variants == ("aligned",) else ((0, None),)
+                        ):
+                            constexprs, descs = _weight_loads(dtype, cfg, mode, two=(glu and epilogue == 1) or pair)
+                            constexprs = {**base, **constexprs}
+                            spec = _spec(f"{name}{',tma' if mode else ''}]", gemm_kernel, dtype, cfg, constexprs, unit,
+                                         _GEMM_ALIGNED, variants, {**_INDEX, **_FP32}, archs)  # fmt: skip
+                            spec.signature.update(descs)
+                            specs.append(spec)
     return specs
 
 
