@@ -4,8 +4,9 @@ While ``fn()`` runs, every tensor an autograd node saves passes through the pack
 ``torch.autograd.graph.saved_tensors_hooks``: what built-in ops keep (inputs, outputs, indices) and what custom
 ``autograd.Function`` s and ``torch.library`` ops save with ``ctx.save_for_backward``. Each tensor is charged by the
 **storage** behind it, and each storage once (views of one buffer share it; what stays alive is the whole
-storage). Storages of the tensors passed as ``parameters`` are **not** counted as activations but reported
-separately (``parameter_bytes``): they exist whether or not a backward is pending. Inputs of ``fn`` that are not
+storage). Storages of the tensors passed as ``parameters``, and of tensors made from one parameter alone by a
+chain of single-input ops (autocast's bf16 copy of a weight, its transpose), are **not** counted as activations
+but reported separately (``parameter_bytes``): they do not grow with the tokens. Inputs of ``fn`` that are not
 listed (e.g. the layer input ``x``) count, as they would in the target ``2·(d + 2·k·f)`` bytes per token.
 
 Not seen by the hooks (so not counted): tensors a custom Function stashes on ``ctx`` as attributes, and what a
@@ -44,27 +45,50 @@ def _key(t: torch.Tensor) -> tuple[str, int, int]:
     return (str(t.device), storage.data_ptr(), storage.nbytes())
 
 
+_MAX_CHAIN = 8  # single-input autograd nodes followed back to a parameter (cast, transpose, view, ...)
+
+
+def _from_parameter(t: torch.Tensor, param_keys: set[tuple[str, int, int]]) -> bool:
+    """Whether ``t`` is a parameter, or was made from exactly one parameter by single-input ops."""
+    if _key(t) in param_keys:
+        return True
+    node = t.grad_fn
+    for _ in range(_MAX_CHAIN):
+        if node is None:
+            return False
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+        if variable is not None:
+            return _key(variable) in param_keys
+        inputs = [n for n, _ in node.next_functions if n is not None]
+        if len(inputs) != 1:
+            return False
+        node = inputs[0]
+    return False
+
+
 def saved_for_backward(fn: Callable[[], Any], parameters: Iterable[torch.Tensor] = ()) -> tuple[Any, SavedBytes]:
     """Run ``fn()`` and measure what autograd saved for its backward; returns ``(fn's result, SavedBytes)``.
 
-    ``parameters``: tensors whose storages are reported in ``parameter_bytes`` instead of ``activation_bytes``
-    (model weights; casts of them, e.g. autocast's bf16 copies, are new storages and count as activations).
-    The saved tensors stay reachable from the result's graph exactly as without the hooks.
+    ``parameters``: the weights; their storages, and those of single-input copies of them (casts, views), are
+    reported in ``parameter_bytes`` instead of ``activation_bytes``. The saved tensors stay reachable from the
+    result's graph exactly as without the hooks.
     """
     param_keys = {_key(p) for p in parameters}
-    seen: dict[tuple[str, int, int], torch.Tensor] = {}  # holding each storage keeps its address unique
+    seen: dict[tuple[str, int, int], tuple[torch.Tensor, bool]] = {}  # holding each storage keeps its address
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        seen.setdefault(_key(t), t)
+        key = _key(t)
+        if key not in seen:
+            seen[key] = (t, _from_parameter(t, param_keys))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         result = fn()
     activation = parameter = storages = 0
     by_dtype: dict[str, int] = {}
-    for key, t in seen.items():
+    for key, (t, is_parameter) in seen.items():
         nbytes = key[2]
-        if key in param_keys:
+        if is_parameter:
             parameter += nbytes
             continue
         activation += nbytes

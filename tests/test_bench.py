@@ -299,6 +299,24 @@ def test_saved_for_backward_counts_each_storage_once_and_parameters_apart():
         assert saved_for_backward(graph, parameters=[w])[1] == type(saved)(0, 0, 0, {})
 
 
+def test_saved_for_backward_puts_autocast_copies_of_parameters_apart():
+    # under bf16 autocast mm saves bf16 copies: x's (4·3·2 = 24 B) is an activation, w's (5·3·2 = 30 B, through
+    # ToCopy and a transpose) a parameter copy; the fp32 sigmoid output (4·5·4 = 80 B) an activation
+    x = torch.randn(4, 3, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(5, 3))
+
+    def graph():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = x @ w.t()
+        return y.float().sigmoid().sum()
+
+    _, saved = saved_for_backward(graph, parameters=[w])
+    assert saved.by_dtype == {"bfloat16": 24, "float32": 80} and saved.parameter_bytes == 30
+    # a tensor made from a parameter and an activation is an activation
+    _, saved = saved_for_backward(lambda: ((w * x.sum()) ** 2).sum(), parameters=[w])
+    assert saved.activation_bytes == 5 * 3 * 4 + 4 and saved.parameter_bytes == 60
+
+
 # ---- CLI -------------------------------------------------------------------------------------------------------
 
 
