@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import os
 import re
 import sys
 import time
@@ -247,7 +248,9 @@ def _summary(trainer: Trainer, saved: dict[str, Any]) -> dict[str, Any]:
                 {
                     "layer": i,
                     "dropped_fraction": dropped / assigned if assigned else 0.0,
-                    "dropped_fraction_last_interval": last.get("dropped_fraction", [None] * len(counts))[i],
+                    "dropped_fraction_last_interval": last["dropped_fraction"][i]
+                    if "dropped_fraction" in last
+                    else None,
                     "expert_share": share,
                     "max_over_mean_load": max(share) * len(share) if assigned else None,
                 }
@@ -301,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         f"writing to {args.out}",
         file=sys.stderr,
     )
+    load_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     start = time.perf_counter()
     results = []
     for spec in args.specs:
@@ -319,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     elapsed = time.perf_counter() - start
-    files = outputs.write_all(args, corpus, results, argv, elapsed)
+    files = outputs.write_all(
+        args, corpus, results, argv, {"elapsed_s": round(elapsed, 1), "load_avg_1m_start": load_start}
+    )
     print(outputs.results_table(results))
     print(
         f"bench.train: {len(results)} configs in {elapsed:.0f} s; wrote {', '.join(files)} to {args.out}",

@@ -37,7 +37,7 @@ def results_table(results: list[dict[str, Any]]) -> str:
         "params (active)",
         "final val loss",
         "best val loss (step)",
-        f"val loss at {t_equal:.0f} s",
+        f"val loss at {t_equal:.3g} s",
         "train s",
         "tokens/s",
         "saved B/token: model",
@@ -94,19 +94,22 @@ def _markdown(args: argparse.Namespace, corpus: Corpus, results: list[dict[str, 
     text = [
         f"## Training: byte-level LM, preset {args.preset}, on {where} ({st.device}, {st.autocast or 'float32'})\n",
         f"{meta['date_utc']}, torch {meta['torch']}, triton {meta['triton']}, commit {meta['git_commit']}, "
-        f"library backend {meta['backend']}, {meta['torch_threads']} torch threads, {meta['elapsed_s']} s in all.",
+        f"library backend {meta['backend']}, {meta['torch_threads']} torch threads, {meta['elapsed_s']} s in all; "
+        f"1-minute load average {meta.get('load_avg_1m_start')} at the start, {meta['load_avg_1m']} at the end.",
         f"Command: `{meta['command']}`\n",
         f"Model: {s.n_layers} blocks, d={s.d_model}, {s.n_heads} heads, {s.seq_len}-byte context, vocabulary 256 "
         f"bytes; MoE FFNs: E={s.experts} SwiGLU experts of width f={s.ffn}, top-{s.top_k}, load-balancing "
         f"{st.load_balancing_weight:g} and router z-loss {st.z_loss_weight:g}; dense FFN: SwiGLU of width "
         f"k·f={s.top_k * s.ffn} (the same active FFN parameters). Data: {corpus.source}, {len(corpus.train)} bytes "
         f"train / {len(corpus.val)} validation (fixed split). {st.steps} steps of {st.batch_size}x{s.seq_len} bytes "
-        f"= {tokens:,} tokens ({tokens / len(corpus.train):.1f} passes over the training split); AdamW lr "
+        f"= {tokens:,} tokens ({tokens / len(corpus.train):.2f} passes over the training split); AdamW lr "
         f"{st.lr:g}, {st.warmup_steps} warm-up steps, cosine to {st.min_lr_ratio:g}x; seed {st.seed} (same weights "
         f"and batches for every config; dmoe and padded start identical).\n",
         results_table(results),
         "- Losses: cross-entropy in nats per byte on "
         f"{st.eval_batches}x{st.batch_size} fixed validation windows (eval mode: padded layers drop there too).",
+        "- val loss at N s: each config's validation loss (interpolated between evaluations) after the training "
+        "time of the config that finished first: the comparison per second of wall time.",
         "- tokens/s: after the first evaluation interval (warm-up excluded), training time only.",
         "- saved B/token: bytes autograd keeps for backward per token (`torch.autograd.graph.saved_tensors_hooks`, "
         "each storage once, parameters and their autocast copies excluded; `bench/memory.py`); 'one FFN' is one "
@@ -208,11 +211,15 @@ def _plots(out: Path, results: list[dict[str, Any]], title: str) -> list[str]:
 
 
 def write_all(
-    args: argparse.Namespace, corpus: Corpus, results: list[dict[str, Any]], argv: list[str], elapsed: float
+    args: argparse.Namespace,
+    corpus: Corpus,
+    results: list[dict[str, Any]],
+    argv: list[str],
+    extra: dict[str, Any],
 ) -> list[str]:
-    """Write every output file into ``args.out``; returns their names."""
+    """Write every output file into ``args.out``; returns their names. ``extra``: metadata of the run (elapsed_s)."""
     out: Path = args.out
-    meta = report.metadata(torch.device(args.settings.device), argv, {"elapsed_s": round(elapsed, 1)})
+    meta = report.metadata(torch.device(args.settings.device), argv, extra)
     for key in ("timer", "flops", "saved"):  # the kernel bench's notes
         meta.pop(key, None)
     meta["command"] = " ".join(["python -m bench.train", *argv])
