@@ -37,7 +37,7 @@ def test_train_smoke_outputs_learning_and_dropless_equals_undropped_padded(tmp_p
     out, results = _run(tmp_path, "run")
     for name in ("summary.md", "results.json", "history.csv", "layers.csv"):
         assert (out / name).stat().st_size > 0
-    for png in ("loss_vs_step.png", "loss_vs_time.png", "expert_load.png"):
+    for png in ("loss_vs_step.png", "loss_vs_time.png", "expert_load.png", "dropped_vs_step.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     summary = (out / "summary.md").read_text()
     assert "| dmoe |" in summary and "| padded@2 |" in summary and "| dense |" in summary

@@ -108,6 +108,7 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=int, default=None, help=help_text)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW, cosine to 10%%)")
     p.add_argument("--seed", type=int, default=None, help="initial weights and data order (the same for every config)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true", help="torch.compile the whole model")
     p.add_argument("--out", type=Path, default=None, help="output folder (default bench/out/train-<timestamp>)")
     p.add_argument("--save-checkpoints", action="store_true", help="write OUT/checkpoints/<config>.pt")
@@ -138,7 +139,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     device = args.device or preset.settings.device
     if device == "cuda" and not torch.cuda.is_available():
         p.error(f"--device cuda (preset {args.preset}) requested, but torch sees no CUDA device; try --preset cpu")
-    for flag in [*_SIZE_FLAGS, *_SETTING_FLAGS, "checkpoint_every", "stop_after"]:
+    for flag in [*_SIZE_FLAGS, *_SETTING_FLAGS, "checkpoint_every", "stop_after", "threads"]:
         value = getattr(args, flag)
         if flag not in ("lr", "seed") and value is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
@@ -292,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         _build_parser().error(f"--resume needs {args.out / 'checkpoints'} (written by --save-checkpoints)")
     from . import outputs
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     corpus = load_corpus()
     ckpt_dir = args.out / "checkpoints"
     if args.save_checkpoints:

@@ -42,7 +42,8 @@ def results_table(results: list[dict[str, Any]]) -> str:
         "tokens/s",
         "saved B/token: model",
         "saved B/token: one FFN",
-        "dropped per layer",
+        "dropped per layer: all steps",
+        "dropped: last interval",
         "max/mean expert load per layer",
         "resume check",
     ]
@@ -53,8 +54,9 @@ def results_table(results: list[dict[str, Any]]) -> str:
         dropped = (
             " / ".join(f"{x['dropped_fraction']:.1%}" for x in layers) if r["kind"] == "padded" else "0 (dropless)"
         )
-        if r["kind"] == "dense":
-            dropped = "n/a"
+        last = " / ".join(_f(x["dropped_fraction_last_interval"], ".1%") for x in layers) or "n/a"
+        if r["kind"] != "padded":
+            last = dropped = "n/a" if r["kind"] == "dense" else "0 (dropless)"
         load = " / ".join(_f(x["max_over_mean_load"], ".2f") for x in layers) or "n/a"
         check = r.get("resume_check")
         check_text = (
@@ -71,6 +73,7 @@ def results_table(results: list[dict[str, Any]]) -> str:
             _f(saved["model"], ",.0f"),
             _f(saved["ffn_layer"], ",.0f"),
             dropped,
+            last,
             load,
             check_text,
         ]
@@ -114,13 +117,14 @@ def _markdown(args: argparse.Namespace, corpus: Corpus, results: list[dict[str, 
         "- saved B/token: bytes autograd keeps for backward per token (`torch.autograd.graph.saved_tensors_hooks`, "
         "each storage once, parameters and their autocast copies excluded; `bench/memory.py`); 'one FFN' is one "
         "block's FFN on a `[B, S, d]` fp32 input (its input included).",
-        "- dropped: assignments over capacity, over all training steps, per layer; load: the busiest expert's share "
-        "of assignments over the mean share (1.00 = balanced).",
+        "- dropped: assignments over capacity per layer, over all training steps and over the last evaluation "
+        "interval (`dropped_vs_step.png` shows the whole course); load: the busiest expert's share of assignments "
+        "over all steps, over the mean share (1.00 = balanced).",
         "- resume check: checkpoint saved at the end, reloaded into a fresh model, 2 more steps on both: losses "
         "compared bit for bit.\n",
         "### Validation loss per evaluation\n",
         _val_table(results),
-        "Plots: `loss_vs_step.png`, `loss_vs_time.png`, `expert_load.png`.\n",
+        "Plots: `loss_vs_step.png`, `loss_vs_time.png`, `expert_load.png`, `dropped_vs_step.png` (padded only).\n",
     ]
     return "\n".join(text)
 
@@ -186,6 +190,26 @@ def _plots(out: Path, results: list[dict[str, Any]], title: str) -> list[str]:
         fig.savefig(out / file, dpi=110)
         plt.close(fig)
         names.append(file)
+
+    padded = [r for r in results if r["kind"] == "padded"]
+    if padded:
+        fig, ax = plt.subplots(figsize=(7.5, 4.0))
+        for i, r in enumerate(results):
+            if r["kind"] != "padded":
+                continue
+            pts = [(e["step"], 100 * sum(e["dropped_fraction"]) / len(e["dropped_fraction"])) for e in r["evals"]
+                   if e.get("dropped_fraction")]  # fmt: skip
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=f"C{i}", label=r["config"])
+        ax.set(xlabel="step", ylabel="dropped assignments (%), mean over layers",
+               title="tokens dropped per evaluation interval (training batches)")  # fmt: skip
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.suptitle(title, fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "dropped_vs_step.png", dpi=110)
+        plt.close(fig)
+        names.append("dropped_vs_step.png")
 
     moe = [r for r in results if r["layers"]]
     if moe:
