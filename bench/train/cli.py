@@ -208,6 +208,8 @@ def run_config(
     if resume and checkpoint is not None and checkpoint.exists():
         trainer.load(checkpoint)
         resumed_from = trainer.step
+    elif resume:
+        print(f"bench.train: no checkpoint {checkpoint} for {spec.name}: training it from step 0", file=sys.stderr)
     saved = trainer.saved_bytes_per_token()
     target = min(stop_after or settings.steps, settings.steps)
     bar = StepProgress(spec.name, settings.steps, enabled=progress)
