@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import math
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ from .harness import Progress, run
 from .problems import DTYPES, Shape, parse_routing
 from .strategies import STRATEGIES
 
-__all__ = ["PRESETS", "Preset", "main", "parse_args"]
+__all__ = ["PRESETS", "Preset", "main", "parse_args", "prepare_out_dir"]
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,8 @@ def _floats(text: str) -> list[float]:
         values = [float(v) for v in text.split(",") if v]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    if not values or not all(v > 0 and math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive finite numbers, got {text!r}")
     return values
 
 
@@ -81,7 +83,26 @@ def _routings(text: str) -> list[str]:
     return specs
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def prepare_out_dir(path: Path) -> str | None:
+    """Create the output folder ``path`` if needed and check that a file can be written in it.
+
+    Returns None when it is usable, else the reason (for an argparse-style error).
+    """
+    if path.exists() and not path.is_dir():
+        return f"--out must be a folder, got {str(path)!r}, which is an existing file"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"--out must be a writable folder, got {str(path)!r}: creating it failed ({e.strerror or e})"
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        return f"--out must be a writable folder, got {str(path)!r}: writing a file in it failed ({e.strerror or e})"
+    return None
+
+
+def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="layer shape and token sweep")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when visible, else cpu")
@@ -103,6 +124,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="output folder (default bench/out/<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse and check the arguments; a bad one exits with an argparse error (code 2). Creates nothing."""
+    p = _build_parser()
     args = p.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -116,8 +143,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    if args.min_run_time <= 0:
-        p.error(f"--min-run-time must be > 0 seconds, got {args.min_run_time}")
+    if not (args.min_run_time > 0 and math.isfinite(args.min_run_time)):
+        p.error(f"--min-run-time must be a finite number of seconds > 0, got {args.min_run_time}")
+    if args.time_budget is not None and not (args.time_budget > 0 and math.isfinite(args.time_budget)):
+        p.error(f"--time-budget must be a finite number of seconds > 0 (omit it for no budget), got {args.time_budget}")
+    if not args.reference_max_waste >= 1:  # also NaN
+        p.error(
+            "--reference-max-waste must be >= 1 (the waste E/k is at least 1; inf never skips 'reference'), "
+            f"got {args.reference_max_waste}"
+        )
     preset = PRESETS[args.preset]
     for k in args.top_k or [preset.top_k]:
         for e in args.experts or [preset.experts]:
@@ -151,7 +185,11 @@ def shapes_from_args(args: argparse.Namespace) -> list[Shape]:
 def _run_ep(argv: list[str]) -> int:
     i = argv.index("--ep")
     if i + 1 >= len(argv):
-        print("python -m bench: --ep needs a WORLD_SIZE", file=sys.stderr)
+        print("python -m bench: error: --ep needs a WORLD_SIZE", file=sys.stderr)
+        return 2
+    world = argv[i + 1]
+    if not world.isdigit() or int(world) < 1:
+        print(f"python -m bench: error: --ep WORLD_SIZE must be a positive integer, got {world!r}", file=sys.stderr)
         return 2
     rest = argv[:i] + argv[i + 2 :]
     try:
@@ -161,7 +199,7 @@ def _run_ep(argv: list[str]) -> int:
             f"python -m bench --ep: the expert-parallel benchmark (bench/ep.py) is not available: {e}", file=sys.stderr
         )
         return 2
-    ep.main(["--world", argv[i + 1], *rest])
+    ep.main(["--world", world, *rest])
     return 0
 
 
@@ -176,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     shapes = shapes_from_args(args)
     out_dir = args.out or Path(__file__).parent / "out" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    problem = prepare_out_dir(out_dir)  # before any measuring: fail in a second, not after the run
+    if problem is not None:
+        _build_parser().error(problem)
     pre = PRESETS[args.preset]
     print(
         f"bench: preset {args.preset} ({pre.description}), {len(shapes)} shape(s) x {','.join(args.impls)} on "
@@ -212,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"## MoE MLP benchmark: {args.preset} on {meta['gpu'] or meta['cpu']} ({args.device}, {args.dtype})\n\n"
         f"{meta['date_utc']}, torch {meta['torch']}, triton {meta['triton']}, commit {meta['git_commit']}, "
-        f"backend {meta['backend']}. Timer: {meta['timer']}. {meta['flops']}.\n"
+        f"backend {meta['backend']}. Timer: {meta['timer']}. {meta['flops']}. {meta['saved']}.\n"
         f"Command: `{meta['command']}`\n"
     )
     skipped = "".join(f"- skipped {n}\n" for n in notes)

@@ -41,7 +41,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--backend", default=None, choices=("gloo", "nccl"), help="default: nccl with enough GPUs")
     args = p.parse_args(argv)
-    if args.world < 1 or args.experts % args.world:
+    for name in ("world", "tokens", "hidden", "ffn", "experts"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.experts % args.world:
         p.error(f"--experts must be divisible by --world, got {args.experts} and {args.world}")
     if not 1 <= args.top_k <= args.experts:
         p.error(f"--top-k must be in [1, {args.experts}], got {args.top_k}")

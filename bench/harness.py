@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from . import flops
+from .memory import saved_for_backward
 from .problems import Problem, Shape, make_problem
 from .strategies import Case, build_cases, loop_moe_mlp
 from .timing import measure, memory_mib
@@ -74,8 +75,10 @@ def _time_case(
     grad: torch.Tensor,
     ref: tuple[torch.Tensor, tuple[torch.Tensor, ...]],
     min_run_time: float,
+    tokens: int,
 ) -> dict[str, Any]:
-    """Warm up (checking output, gradients and whether backward runs), then time fwd, bwd and fwd+bwd."""
+    """Warm up (checking output, gradients and whether backward runs), measure the bytes saved for backward,
+    then time fwd, bwd and fwd+bwd."""
     row: dict[str, Any] = {}
     inputs = case.inputs
     ref_out, ref_grads = ref
@@ -99,6 +102,10 @@ def _time_case(
             )
         del grads
     del out
+    out, saved = saved_for_backward(case.forward, case.parameters)
+    del out
+    row["saved_bytes_per_token"] = saved.per_token(tokens)
+    row["saved_param_bytes"] = saved.parameter_bytes
 
     t = measure(case.forward, device, min_run_time)
     row["fwd_ms"], row["fwd_spread_ms"] = t.median_s * 1e3, t.spread_s * 1e3
@@ -203,7 +210,7 @@ def run(
                 fwd_bwd_ms=None,
             )
             try:
-                row.update(_time_case(case, device, grad, ref, min_run_time))
+                row.update(_time_case(case, device, grad, ref, min_run_time, shape.tokens))
             except Exception as e:  # one broken strategy must not end the run: report it and go on
                 message = f"{case.name}: failed, {type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
                 notes.extend([message] if message not in notes else [])

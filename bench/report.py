@@ -71,6 +71,9 @@ def metadata(device: torch.device, argv: list[str], extra: dict[str, Any] | None
         else "torch.utils.benchmark.Timer.adaptive_autorange, median, spread = IQR",
         "flops": "useful = T·k·2·d·f·(3 GLU | 2), kept assignments only for padded; backward = 2x forward; "
         "TFLOP/s and % dense on fwd+bwd when backward runs, else forward",
+        "saved": "saved B/token: bytes autograd keeps for backward per token, measured with "
+        "torch.autograd.graph.saved_tensors_hooks on the real graph, each storage once, the expert weights "
+        "excluded (saved_param_bytes lists them), the inputs x and top-k weights included (bench/memory.py)",
     }
     meta.update(extra or {})
     return meta
@@ -91,7 +94,8 @@ def _time(row: dict[str, Any], key: str) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], capacity_factors: list[float]) -> str:
-    """One table per shape: times (median ± spread, ms), rates, padding waste, memory, drops, speedups."""
+    """One table per shape: times (median ± spread, ms), rates, padding waste, memory (saved for backward per
+    token, activation MiB on CUDA), drops, speedups."""
     out: list[str] = []
     shapes: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
@@ -106,6 +110,7 @@ def markdown(rows: list[dict[str, Any]], capacity_factors: list[float]) -> str:
         "TFLOP/s",
         "% dense",
         "exec/useful",
+        "saved B/token",
         "fwd act MiB",
         "dropped",
         *[f"x vs padded@{cf:g}" for cf in capacity_factors],
@@ -127,6 +132,7 @@ def markdown(rows: list[dict[str, Any]], capacity_factors: list[float]) -> str:
                 _fmt(r.get("tflops")) + ("" if r.get("basis") == "fwd+bwd" else " (fwd)"),
                 _fmt(r.get("pct_dense"), ".1f"),
                 _fmt(r.get("executed_over_useful"), ".2f"),
+                _fmt(r.get("saved_bytes_per_token"), ".0f"),
                 _fmt(r.get("fwd_act_mib"), ".1f"),
                 _fmt(r.get("dropped_fraction"), ".1%"),
                 *[_fmt(r.get(c), ".2f") for c in speed_cols],

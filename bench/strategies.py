@@ -49,6 +49,7 @@ class Case:
     capacity: int | None = None
     dropped_fraction: float | None = 0.0  # None: not applicable (dense)
     notes: list[str] = field(default_factory=list)
+    parameters: list[torch.Tensor] = field(default_factory=list)  # weights: saved-for-backward bytes apart
 
 
 def _act(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -111,6 +112,7 @@ def build_cases(
     s = p.shape
     useful = flops.useful_flops(s.assignments, s.hidden, s.ffn, s.glu)
     w = (p.w1, p.w2, p.w3)
+    weights = [t for t in w if t is not None]
     cases: list[Case] = []
     skipped: list[str] = []
     cuda = p.x.device.type == "cuda"
@@ -130,9 +132,10 @@ def build_cases(
     for name in names:
         if name == "blocksparse":
             executed = flops.blocksparse_executed_flops(p.tokens_per_expert, block_size, s.hidden, s.ffn, s.glu)
-            cases.append(Case(name, ours_case(name, block_size=block_size), p.inputs, useful, executed))
+            case = Case(name, ours_case(name, block_size=block_size), p.inputs, useful, executed, parameters=weights)
+            cases.append(case)
         elif name == "grouped":
-            cases.append(Case(name, ours_case(name), p.inputs, useful, useful))
+            cases.append(Case(name, ours_case(name), p.inputs, useful, useful, parameters=weights))
         elif name == "padded":
             for cf in capacity_factors:
                 cap = flops.capacity(s.tokens, s.top_k, s.experts, cf)
@@ -148,6 +151,7 @@ def build_cases(
                     capacity_factor=cf,
                     capacity=cap,
                     dropped_fraction=dropped / s.assignments if s.assignments else 0.0,
+                    parameters=weights,
                 )
                 _cross_check_drops(case, moe_mlp, p, cap, dropped)
                 cases.append(case)
@@ -160,16 +164,18 @@ def build_cases(
                 )
                 continue
             executed = flops.useful_flops(s.tokens * s.experts, s.hidden, s.ffn, s.glu)
-            cases.append(Case(name, ours_case(name), p.inputs, useful, executed))
+            cases.append(Case(name, ours_case(name), p.inputs, useful, executed, parameters=weights))
         elif name == "loop":
-            cases.append(Case(name, lambda: loop_moe_mlp(p, p.x, *w, p.top_k_weights), p.inputs, useful, useful))
+            forward = lambda: loop_moe_mlp(p, p.x, *w, p.top_k_weights)
+            cases.append(Case(name, forward, p.inputs, useful, useful, parameters=weights))
         elif name == "torch_grouped_mm":
             if not hasattr(torch, "_grouped_mm"):
                 skipped.append(f"torch_grouped_mm: torch {torch.__version__} has no torch._grouped_mm")
                 continue
             gw = tuple(None if t is None else _column_major(t) for t in w) if cuda else w
             inputs = [p.x, p.top_k_weights, *(t for t in gw if t is not None)]
-            cases.append(Case(name, lambda gw=gw: grouped_mm_moe_mlp(p, *gw), inputs, useful, useful))
+            gws = [t for t in gw if t is not None]
+            cases.append(Case(name, lambda gw=gw: grouped_mm_moe_mlp(p, *gw), inputs, useful, useful, parameters=gws))
         elif name == "megablocks":
             case = _megablocks_case(p, useful, skipped)
             if case is not None:
@@ -213,7 +219,9 @@ def _dense_case(p: Problem, useful: int) -> Case:
     w13.requires_grad_()
     w2.requires_grad_()
     forward = lambda: (a @ w13)[:, : s.ffn] @ w2
-    return Case("dense", forward, [a, w13, w2], useful, useful, comparable=False, dropped_fraction=None)
+    return Case(
+        "dense", forward, [a, w13, w2], useful, useful, comparable=False, dropped_fraction=None, parameters=[w13, w2]
+    )
 
 
 def _megablocks_case(p: Problem, useful: int, skipped: list[str]) -> Case | None:
@@ -241,7 +249,8 @@ def _megablocks_case(p: Problem, useful: int, skipped: list[str]) -> Case | None
     )
     layer = dMoE(args)
     x = p.x.detach().view(s.tokens, 1, s.hidden).requires_grad_()
-    case = Case("megablocks", lambda: layer(x)[0], [x, *layer.parameters()], useful, None, comparable=False)
+    params = list(layer.parameters())
+    case = Case("megablocks", lambda: layer(x)[0], [x, *params], useful, None, comparable=False, parameters=params)
     case.notes.append("MegaBlocks dMoE with its own router and weights (routing differs from the benchmark's)")
     return case
 
@@ -268,6 +277,7 @@ def _scattermoe_case(p: Problem, useful: int, skipped: list[str]) -> Case | None
         useful,
         useful,
         comparable=False,
+        parameters=list(mod.parameters()),
     )
     case.notes.append("ScatterMoE with its own weights (same routing)")
     return case

@@ -21,10 +21,11 @@ def _load(run_dir: Path) -> dict[str, Any] | None:
 
 
 def summary_table(runs: dict[str, dict[str, Any]]) -> str:
-    """Per preset, the largest token count: time, rate, % dense and speedup vs padded for each strategy."""
+    """Per preset, the largest token count: time, rate, % dense, speedup vs padded, drops and bytes saved for
+    backward per token for each strategy."""
     lines = [
-        "| preset | T | strategy | fwd+bwd ms | TFLOP/s | % dense | x vs padded@1.25 | dropped |",
-        "|---|---|---|---|---|---|---|---|",
+        "| preset | T | strategy | fwd+bwd ms | TFLOP/s | % dense | x vs padded@1.25 | dropped | saved B/token |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, data in runs.items():
         rows = data["rows"]
@@ -42,6 +43,7 @@ def summary_table(runs: dict[str, dict[str, Any]]) -> str:
                 f"{r['pct_dense']:.0f}" if r.get("pct_dense") is not None else "n/a",
                 f"{r['speedup_vs_padded@1.25']:.2f}" if r.get("speedup_vs_padded@1.25") is not None else "n/a",
                 f"{r['dropped_fraction']:.1%}" if r.get("dropped_fraction") is not None else "n/a",
+                f"{r['saved_bytes_per_token']:.0f}" if r.get("saved_bytes_per_token") is not None else "n/a",
             ]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)

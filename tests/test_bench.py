@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from bench import cli, flops
-from bench.harness import run
+from bench.harness import _derive, run
+from bench.memory import saved_for_backward
 from bench.problems import Shape, make_problem, make_routing, parse_routing
 from bench.strategies import build_cases, grouped_mm_moe_mlp, loop_moe_mlp
 from blocksparse_moe.reference import per_token_moe_mlp
@@ -192,7 +193,8 @@ def test_cases_skip_with_reasons_and_reject_unknown():
         build_cases(p, ["nope"], [1.0], 8, 8.0)
 
 
-def test_harness_rows(monkeypatch):
+def test_harness_rows():
+    # T=8 tokens, k=2 of E=4 experts, d=16, f=24 (GLU): padded@1 has capacity ceil(8·2/4) = 4 slots per expert
     shapes = [Shape(8, 16, 24, 4, 2, True, "silu", "uniform")]
     rows, notes = run(
         shapes,
@@ -203,18 +205,31 @@ def test_harness_rows(monkeypatch):
         block_size=8,
         min_run_time=0.001,
     )
-    names = [r["strategy"] for r in rows]
-    assert names == ["padded@1", "padded@2", "loop", "torch_grouped_mm", "dense"]
+    assert notes == []
+    by_name = {r["strategy"]: r for r in rows}
+    assert list(by_name) == ["padded@1", "padded@2", "loop", "torch_grouped_mm", "dense"]
+    counts = make_problem(shapes[0], torch.float32, torch.device("cpu")).tokens_per_expert  # the run's routing
+    dropped = sum(max(0, c - 4) for c in counts)
+    assert dropped > 0  # this seed overloads an expert: padded@1 must drop, padded@2 (8 slots) cannot
+    assert by_name["padded@1"]["dropped_fraction"] == pytest.approx(dropped / 16)
+    assert by_name["padded@2"]["dropped_fraction"] == 0.0
+    # executed / useful: every slot computed (E·C), only kept assignments useful
+    assert by_name["padded@1"]["executed_over_useful"] == pytest.approx(4 * 4 / (16 - dropped))
+    assert by_name["padded@2"]["executed_over_useful"] == pytest.approx(4 * 8 / 16)
+    expert_weight_bytes = 3 * 4 * 16 * 24 * 4  # w1, w2, w3 in fp32: saved by every strategy, reported apart
     for r in rows:
         assert r["fwd_ms"] > 0 and r["fwd_act_mib"] is None  # CPU: no memory counter, reported as n/a
-        if r["strategy"] == "padded@1":
-            assert r["speedup_vs_padded@1"] == pytest.approx(1.0)
-        if r["strategy"] == "dense":
-            assert r["pct_dense"] == pytest.approx(100.0) and r["executed_over_useful"] == 1.0
-        if r["strategy"] in ("loop", "padded@2"):  # nothing dropped at cf=2 here: must match the reference
+        assert r["bwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
+        if r["strategy"] != "dense":
+            assert r["saved_param_bytes"] == expert_weight_bytes
+        if r["strategy"] in ("loop", "torch_grouped_mm", "padded@2"):  # nothing dropped: must match the reference
             assert r["max_rel_err"] < 1e-5 and r["max_rel_err_grad"] < 1e-5
-            assert r["bwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
-    assert notes == []
+    assert "max_rel_err" not in by_name["padded@1"]  # drops: not comparable with the dropless reference
+    # dense keeps its input a [T·k, d] and the GEMM output [T·k, 2f] (sliced for the second GEMM), fp32, per token
+    assert by_name["dense"]["saved_bytes_per_token"] == (16 * 16 + 16 * 48) * 4 / 8
+    assert by_name["dense"]["saved_param_bytes"] == (16 * 48 + 24 * 16) * 4
+    # padded@2 keeps its 2x capacity buffers: more than the dropless loop's per-assignment rows
+    assert by_name["padded@2"]["saved_bytes_per_token"] > by_name["loop"]["saved_bytes_per_token"]
     # a spent time budget runs nothing and says so
     rows, notes = run(
         shapes[:1],
@@ -229,6 +244,79 @@ def test_harness_rows(monkeypatch):
     assert rows == [] and "time budget" in notes[0]
 
 
+def test_derive_rates_and_speedups_from_other_rows():
+    # hand-made rows: rates, % of dense and speedups come from the right rows and the right time basis
+    def row(name, useful, fwd_bwd_ms, fwd_ms, cf=None, act=None):
+        return dict(strategy=name, useful_flops=useful, fwd_bwd_ms=fwd_bwd_ms, fwd_ms=fwd_ms, capacity_factor=cf,
+                    fwd_act_mib=act)  # fmt: skip
+
+    rows = [
+        row("dense", 100e9, 1.0, 0.4),
+        row("padded@1", 90e9, 2.0, 0.25, cf=1.0, act=6.0),
+        row("grouped", 100e9, 4.0, 1.5, act=3.0),
+        row("fwd-only", 100e9, None, 0.5),  # backward n/a: forward basis
+    ]
+    _derive(rows, [1.0])
+    dense, padded, grouped, fwd_only = rows
+    assert dense["tflops"] == pytest.approx(3 * 100e9 / 1e-3 / 1e12) and dense["basis"] == "fwd+bwd"
+    assert grouped["pct_dense"] == pytest.approx(25.0)  # same FLOPs in 4x the time
+    assert padded["pct_dense"] == pytest.approx(100 * (90 / 2.0) / (100 / 1.0))  # kept FLOPs only
+    assert grouped["speedup_vs_padded@1"] == pytest.approx(2.0 / 4.0)
+    assert grouped["fwd_act_vs_padded@1"] == pytest.approx(0.5)
+    assert fwd_only["basis"] == "fwd" and fwd_only["tflops"] == pytest.approx(100e9 / 0.5e-3 / 1e12)
+    assert fwd_only["pct_dense"] == pytest.approx(80.0)  # vs dense forward: 0.4 ms / 0.5 ms
+    assert fwd_only["speedup_vs_padded@1"] == pytest.approx(0.25 / 0.5)
+
+
+# ---- bytes saved for backward -----------------------------------------------------------------------------------
+
+
+def test_saved_for_backward_counts_each_storage_once_and_parameters_apart():
+    # a graph whose saved tensors are known: x [4, 3] fp32 (48 B), weight w [5, 3] (60 B, a parameter)
+    x = torch.randn(4, 3, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(5, 3))
+    index = torch.tensor([2, 0])  # int64, 16 B
+
+    def graph():
+        s = (x @ w.t()).sigmoid()  # mm saves x and the view w.t() (w's storage); sigmoid saves its output (80 B)
+        p = x[:2] * x[2:]  # mul saves two views of x's storage: nothing new
+        return s.index_select(0, index).sum() + p.sum()  # index_select saves the index; sum saves nothing
+
+    out, saved = saved_for_backward(graph, parameters=[w])
+    assert saved.activation_bytes == 48 + 80 + 16 and saved.storages == 3
+    assert saved.parameter_bytes == 60
+    assert saved.by_dtype == {"float32": 48 + 80, "int64": 16}
+    assert saved.per_token(4) == (48 + 80 + 16) / 4 and saved.per_token(0) is None
+    # without the parameter list, w counts as an activation
+    assert saved_for_backward(graph)[1].activation_bytes == 48 + 80 + 16 + 60
+    # the graph still differentiates as without the hooks
+    grads = torch.autograd.grad(out, [x, w])
+    expected = torch.autograd.grad(graph(), [x, w])
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
+    # nothing requires grad: nothing saved
+    with torch.no_grad():
+        assert saved_for_backward(graph, parameters=[w])[1] == type(saved)(0, 0, 0, {})
+
+
+def test_saved_for_backward_puts_autocast_copies_of_parameters_apart():
+    # under bf16 autocast mm saves bf16 copies: x's (4·3·2 = 24 B) is an activation, w's (5·3·2 = 30 B, through
+    # ToCopy and a transpose) a parameter copy; the fp32 sigmoid output (4·5·4 = 80 B) an activation
+    x = torch.randn(4, 3, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(5, 3))
+
+    def graph():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = x @ w.t()
+        return y.float().sigmoid().sum()
+
+    _, saved = saved_for_backward(graph, parameters=[w])
+    assert saved.by_dtype == {"bfloat16": 24, "float32": 80} and saved.parameter_bytes == 30
+    # a tensor made from a parameter and an activation is an activation
+    _, saved = saved_for_backward(lambda: ((w * x.sum()) ** 2).sum(), parameters=[w])
+    assert saved.activation_bytes == 5 * 3 * 4 + 4 and saved.parameter_bytes == 60
+
+
 # ---- CLI -------------------------------------------------------------------------------------------------------
 
 
@@ -240,7 +328,13 @@ def test_harness_rows(monkeypatch):
         (["--impls", "padded,nope"], "expected a comma-separated subset"),
         (["--tokens", "0"], "expected positive integers"),
         (["--capacity-factors", "1,x"], "expected comma-separated numbers"),
-        (["--min-run-time", "0"], "--min-run-time must be > 0"),
+        (["--min-run-time", "0"], "--min-run-time must be a finite number of seconds > 0"),
+        (["--min-run-time", "nan"], "--min-run-time must be a finite number of seconds > 0"),
+        (["--time-budget", "-1"], "--time-budget must be a finite number of seconds > 0"),
+        (["--time-budget", "nan"], "--time-budget must be a finite number of seconds > 0"),
+        (["--reference-max-waste", "-1"], "--reference-max-waste must be >= 1"),
+        (["--reference-max-waste", "nan"], "--reference-max-waste must be >= 1"),
+        (["--capacity-factors", "1,inf"], "expected positive finite numbers"),  # would overflow the capacity
     ],
 )
 def test_cli_rejects_bad_arguments(argv, message, capsys):
@@ -272,6 +366,59 @@ def test_cli_ep_delegates(monkeypatch, capsys):
     assert cli.main(["--ep"]) == 2 and "needs a WORLD_SIZE" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("world", ["-1", "0", "two", "--tokens"])
+def test_cli_ep_rejects_bad_world_size(world, monkeypatch, capsys):
+    # the error names the world size (not the expert count), and bench.ep is never started
+    fake = type(sys)("bench.ep")
+    fake.main = lambda argv: pytest.fail(f"bench.ep started with {argv}")
+    monkeypatch.setitem(sys.modules, "bench.ep", fake)
+    assert cli.main(["--ep", world, "--tokens", "8"]) == 2
+    assert f"--ep WORLD_SIZE must be a positive integer, got {world!r}" in capsys.readouterr().err
+
+
+def test_ep_parse_args_names_the_bad_argument(capsys):
+    from bench import ep
+
+    for argv, message in [
+        (["--world", "-1"], "--world must be a positive integer, got -1"),
+        (["--world", "3", "--experts", "8"], "--experts must be divisible by --world, got 8 and 3"),
+        (["--tokens", "0"], "--tokens must be a positive integer, got 0"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            ep.parse_args(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def _unusable_out(kind: str, tmp_path: Path) -> str:
+    if kind == "file":
+        (tmp_path / "a-file").write_text("x")
+        return str(tmp_path / "a-file")
+    if kind == "under a file":
+        (tmp_path / "a-file").write_text("x")
+        return str(tmp_path / "a-file" / "sub")
+    if not Path(kind).parent.is_dir():
+        pytest.skip(f"{Path(kind).parent} does not exist here")
+    return kind  # /sys: mkdir refused even as root; /proc: an existing folder where files cannot be created
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("file", "which is an existing file"),
+        ("under a file", "creating it failed"),
+        ("/sys/bsm-bench-out", "creating it failed"),
+        ("/proc", "writing a file in it failed"),
+    ],
+)
+def test_cli_rejects_unusable_out_before_running(kind, message, tmp_path, capsys, monkeypatch):
+    out = _unusable_out(kind, tmp_path)
+    monkeypatch.setattr(cli, "run", lambda *a, **k: pytest.fail("the benchmark ran with an unusable --out"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--tokens", "8", "--experts", "2", "--top-k", "1", "--impls", "dense", "--out", out])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--out must be" in err and message in err and "Traceback" not in err
+
+
 def test_cli_smoke(tmp_path):
     """A tiny custom config end to end in a fresh process without the interpreter (as users run it)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -284,7 +431,10 @@ def test_cli_smoke(tmp_path):
     with open(tmp_path / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert {"padded@1", "padded@2", "torch_grouped_mm", "dense"} <= {r["strategy"] for r in rows}
-    assert {"fwd_ms", "bwd_ms", "fwd_bwd_ms", "useful_flops", "executed_flops", "pct_dense"} <= set(rows[0])
+    columns = {"fwd_ms", "bwd_ms", "fwd_bwd_ms", "useful_flops", "executed_flops", "pct_dense"}
+    assert columns | {"saved_bytes_per_token", "saved_param_bytes"} <= set(rows[0])
+    assert all(float(r["saved_bytes_per_token"]) > 0 for r in rows)
+    assert "| saved B/token |" in proc.stdout and "saved_tensors_hooks" in proc.stdout
     data = json.loads((tmp_path / "results.json").read_text())
     meta = data["metadata"]
     for key in ("date_utc", "cpu", "torch", "triton", "git_commit", "command", "backend"):

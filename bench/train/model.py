@@ -1,0 +1,203 @@
+"""A small decoder-only byte-level transformer whose FFN blocks are the library's MoE layers, or a dense FFN.
+
+Pre-norm blocks: ``x + attn(rms(x))`` (causal ``F.scaled_dot_product_attention``), then ``x + ffn(rms(x))``;
+learned positions; the output head is tied to the byte embedding. The FFN of every block is one of
+
+- ``dmoe[:IMPL]``: ``bsm.dMoE`` (dropless; IMPL ``auto`` | ``blocksparse`` | ``grouped``),
+- ``padded@CF``: ``bsm.PaddedMoE`` with ``capacity_factor=CF`` (one capacity group per batch),
+- ``dense``: a SwiGLU MLP of width ``k·f``: the same active parameters per token as the MoE layers (whose
+  experts are SwiGLU MLPs of width ``f``, ``k`` of them per token; the router's ``d·E`` not counted).
+
+Under autocast (bf16 on GPU) the MoE layers run in the autocast dtype the way autocast runs an ``nn.Linear``:
+the layer input and the expert weights are cast for the call (``torch.func.functional_call``, gradients flow to
+the fp32 weights) while the router stays in fp32. The layers do not follow autocast by themselves (their custom
+ops have no autocast rule and ``moe_mlp`` wants weights in the input's dtype).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import blocksparse_moe as bsm
+
+from .data import VOCAB
+
+__all__ = ["ModelSize", "FFNSpec", "ByteLM", "build_model"]
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    d_model: int
+    n_layers: int
+    n_heads: int
+    seq_len: int
+    ffn: int  # f, the expert width (the dense FFN is k·f wide)
+    experts: int
+    top_k: int
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model must be divisible by n_heads, got {self.d_model} and {self.n_heads}")
+        if self.top_k > self.experts:
+            raise ValueError(f"top_k must be <= experts, got top_k={self.top_k} with experts={self.experts}")
+
+
+_SPEC = re.compile(r"^(?:(dense)|dmoe(?::(auto|blocksparse|grouped))?|padded@([0-9.eE+-]+))$")
+
+
+@dataclass(frozen=True)
+class FFNSpec:
+    """Which FFN the blocks use: ``kind`` ``"dmoe"`` (with ``impl``), ``"padded"`` (with ``capacity_factor``),
+    or ``"dense"``. ``name`` is the spelling ``parse`` reads."""
+
+    kind: str
+    impl: str = "auto"
+    capacity_factor: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> FFNSpec:
+        match = _SPEC.match(text)
+        cf = None
+        if match and match.group(3) is not None:
+            try:
+                cf = float(match.group(3))
+            except ValueError:
+                match = None
+        if match is None or (cf is not None and not (cf > 0 and math.isfinite(cf))):
+            raise ValueError(
+                f"an FFN config must be 'dmoe', 'dmoe:IMPL' (IMPL auto|blocksparse|grouped), 'padded@CF' (CF > 0) "
+                f"or 'dense', got {text!r}"
+            )
+        if match.group(1):
+            return cls("dense")
+        if cf is not None:
+            return cls("padded", impl="padded", capacity_factor=cf)
+        return cls("dmoe", impl=match.group(2) or "auto")
+
+    @property
+    def name(self) -> str:
+        if self.kind == "dense":
+            return "dense"
+        if self.kind == "padded":
+            return f"padded@{self.capacity_factor:g}"
+        return "dmoe" if self.impl == "auto" else f"dmoe:{self.impl}"
+
+    @property
+    def is_moe(self) -> bool:
+        return self.kind != "dense"
+
+
+class DenseFFN(nn.Module):
+    """SwiGLU MLP ``down(silu(up(x)) * gate(x))``, ``nn.Linear`` initialisation (as the MoE experts')."""
+
+    def __init__(self, d: int, width: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(d, width, bias=False)
+        self.gate = nn.Linear(d, width, bias=False)
+        self.down = nn.Linear(width, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.down(F.silu(self.up(x)) * self.gate(x)), x.new_zeros((), dtype=torch.float32)
+
+
+class MoEFFN(nn.Module):
+    """A ``bsm.dMoE`` / ``bsm.PaddedMoE`` used through its public forward, made to follow autocast."""
+
+    def __init__(self, moe: nn.Module) -> None:
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device = x.device.type
+        if not torch.is_autocast_enabled(device):
+            return self.moe(x)
+        dtype = torch.get_autocast_dtype(device)
+        router = {id(p) for m in self.moe.modules() if isinstance(m, bsm.TopKRouter) for p in m.parameters()}
+        cast = {name: p.to(dtype) for name, p in self.moe.named_parameters() if id(p) not in router}
+        with torch.autocast(device, enabled=False):  # the router's math in fp32, the experts in ``dtype``
+            y, aux = torch.func.functional_call(self.moe, cast, (x.to(dtype),))
+        return y, aux
+
+
+class Block(nn.Module):
+    def __init__(self, size: ModelSize, ffn: nn.Module) -> None:
+        super().__init__()
+        d = size.d_model
+        self.n_heads = size.n_heads
+        self.attn_norm = nn.RMSNorm(d)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.ffn_norm = nn.RMSNorm(d)
+        self.ffn = ffn
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S, d = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).view(B, S, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, S, d))
+        y, aux = self.ffn(self.ffn_norm(x))
+        return x + y, aux
+
+
+class ByteLM(nn.Module):
+    """``forward(bytes [B, S] int64) -> (logits [B, S, 256], aux_loss [] fp32: the MoE layers' sum)``."""
+
+    def __init__(self, size: ModelSize, ffns: list[nn.Module]) -> None:
+        super().__init__()
+        self.size = size
+        self.embed = nn.Embedding(VOCAB, size.d_model)
+        self.pos = nn.Embedding(size.seq_len, size.d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.pos.weight, std=0.02)
+        self.blocks = nn.ModuleList(Block(size, ffn) for ffn in ffns)
+        self.norm = nn.RMSNorm(size.d_model)
+
+    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        S = idx.shape[1]
+        if self.size.seq_len < S:
+            raise ValueError(f"sequences must be at most seq_len={self.size.seq_len} bytes, got {S}")
+        x = self.embed(idx) + self.pos.weight[:S]
+        aux = x.new_zeros((), dtype=torch.float32)
+        for block in self.blocks:
+            x, block_aux = block(x)
+            aux = aux + block_aux
+        return F.linear(self.norm(x), self.embed.weight), aux
+
+    def ffns(self) -> list[nn.Module]:
+        """The FFN of each block, in order (``MoEFFN`` or ``DenseFFN``)."""
+        return [block.ffn for block in self.blocks]
+
+
+def build_model(
+    size: ModelSize,
+    spec: FFNSpec,
+    *,
+    load_balancing_weight: float = 0.01,
+    z_loss_weight: float = 1e-3,
+    block_size: int | None = None,
+) -> ByteLM:
+    """The LM with ``spec``'s FFN in every block. Call under a fixed ``torch.manual_seed``: dMoE and PaddedMoE
+    then get identical weights (same constructor order), so they compute the same function when nothing drops."""
+
+    def ffn() -> nn.Module:
+        d, f, E, k = size.d_model, size.ffn, size.experts, size.top_k
+        common = dict(activation="silu", glu=True, load_balancing_weight=load_balancing_weight)
+        if spec.kind == "dense":
+            return DenseFFN(d, k * f)
+        if spec.kind == "padded":
+            return MoEFFN(
+                bsm.PaddedMoE(d, f, E, k, capacity_factor=spec.capacity_factor, z_loss_weight=z_loss_weight, **common)
+            )
+        options = dict(block_size=block_size) if block_size is not None and spec.impl != "grouped" else {}
+        return MoEFFN(bsm.dMoE(d, f, E, k, impl=spec.impl, z_loss_weight=z_loss_weight, **common, **options))
+
+    return ByteLM(size, [ffn() for _ in range(size.n_layers)])
