@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+
+from blocksparse_moe.activations import check_name, get_activation
 
 from . import flops
 from .problems import Problem
@@ -32,7 +33,6 @@ STRATEGIES = (
     "scattermoe",
     "dense",
 )
-_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 
 @dataclass
@@ -53,9 +53,8 @@ class Case:
 
 
 def _act(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {name!r}")
-    return _ACTIVATIONS[name]
+    """The library's activation of that name (``blocksparse_moe.activations``: one table everywhere)."""
+    return get_activation(check_name(name))
 
 
 def loop_moe_mlp(p: Problem, x: torch.Tensor, w1, w2, w3, weights) -> torch.Tensor:

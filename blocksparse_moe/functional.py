@@ -10,8 +10,8 @@
 
 Structure: ``moe_mlp`` validates, then the two dropless strategies run inside one core, ``_dropless``: plan the
 routing, run the strategy (a small function of token rows, plan and combine weights: the experts applied to the
-rows of the plan's layout and combined back per token). ``custom_moe_mlp`` (experts whose gate is not an elementwise activation,
-or with biases: the Hugging Face integration) runs the same core with the ``_grouped_custom`` strategy.
+rows of the plan's layout and combined back per token). ``custom_moe_mlp`` (experts whose gate is not an elementwise
+activation, or with biases: the Hugging Face integration) runs the same core with the ``_grouped_custom`` strategy.
 
 Combine weights (one policy on every path, expert parallelism included): the top-k weights are used in
 ``combine_dtype(x.dtype)`` (fp32, or float64 for float64 tokens) and each token's weighted sum is accumulated in that
@@ -122,9 +122,14 @@ def moe_mlp(
             always, on CUDA with ``BSM_CHECK=1``; never while ``torch.compile`` traces or on the meta device.
             Unchecked, an invalid id contributes zero on every strategy and never touches memory out of bounds.
 
+    Under ``torch.autocast`` the expert GEMMs run in the autocast dtype, as ``nn.Linear`` does: x and the expert
+    weights are cast to it (differentiably: fp32 parameters get fp32 gradients); the combine weights are not.
+
     Returns:
-        ``[T, d]`` in ``x.dtype`` (empty when ``T = 0``), and the ``MoEStats`` when ``return_stats``.
+        ``[T, d]`` in ``x.dtype`` (the autocast dtype under autocast; empty when ``T = 0``), and the ``MoEStats``
+        when ``return_stats``.
     """
+    x, w1, w2, w3 = autocast_operands(x, w1, w2, w3)
     T, d, k, E, f = _validate(x, top_k_index, top_k_weights, w1, w2, w3)
     get_activation(activation)  # validates the name
     check_options(
@@ -199,12 +204,14 @@ def custom_moe_mlp(
         up_bias: ``[E, u]``; down_bias: ``[E, d]`` (optional).
         backend, check: as in ``moe_mlp``.
 
-    Returns ``[T, d]`` in ``x.dtype``; differentiable in ``x``, the weights, the biases and ``top_k_weights``.
+    Returns ``[T, d]`` in ``x.dtype`` (the autocast dtype under autocast, as in ``moe_mlp``); differentiable in
+    ``x``, the weights, the biases and ``top_k_weights``.
     """
     if not callable(activation):
         raise TypeError(f"activation must be a callable mapping rows [R, u] -> [R, h], got {activation!r}")
     if post is not None and not callable(post):
         raise TypeError(f"post must be None or a callable mapping rows [R, d] -> [R, d], got {post!r}")
+    x, up, down, up_bias, down_bias = autocast_operands(x, up, down, up_bias, down_bias)
     T, d, k = _validate_routing(x, top_k_index, top_k_weights, up=up, down=down, up_bias=up_bias, down_bias=down_bias)
     if up.dim() != 3 or down.dim() != 3 or up.shape[1] != d or down.shape[2] != d or down.shape[0] != up.shape[0]:
         raise ValueError(
@@ -235,6 +242,24 @@ def custom_moe_mlp(
 
 
 # ----------------------------------------------------------------------------------------------- options
+
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_operands(x: torch.Tensor, *weights: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """``(x, *weights)``, cast to the autocast dtype when ``torch.autocast`` is on for x's device (floating tensors of
+    the autocast-eligible dtypes only; float64 and non-tensors unchanged), else as given."""
+    if not isinstance(x, torch.Tensor):
+        return (x, *weights)
+    device = x.device.type
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        return (x, *weights)
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t):
+        return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_DTYPES else t
+
+    return (cast(x), *(cast(w) for w in weights))
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:

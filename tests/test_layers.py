@@ -370,3 +370,21 @@ def test_meta_device_init_and_shape_inference():
     x = torch.randn(2, 5, 12)
     for a, b in zip(m(x), real(x)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("layer", ["dmoe", "padded"])
+def test_layers_follow_cpu_autocast(layer):
+    # under autocast the experts run in bf16 like an nn.Linear (x and the expert weights cast in moe_mlp), the
+    # router stays fp32, the aux loss is fp32, and gradients reach the fp32 expert weights
+    torch.manual_seed(0)
+    cls = dMoE if layer == "dmoe" else PaddedMoE
+    moe = cls(16, 24, 4, 2, **({"impl": "grouped"} if layer == "dmoe" else {"capacity_factor": 4.0}))
+    x = torch.randn(2, 5, 16)
+    y32, _ = moe(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16, aux = moe(x)
+    assert y16.dtype == torch.bfloat16 and aux.dtype == torch.float32
+    torch.testing.assert_close(y16.float(), y32, atol=5e-2, rtol=5e-2)
+    y16.float().sum().backward()
+    for w in (moe.experts.w1, moe.experts.w2, moe.experts.w3):
+        assert w.grad.dtype == torch.float32 and w.grad.abs().sum() > 0

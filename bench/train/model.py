@@ -8,10 +8,8 @@ learned positions; the output head is tied to the byte embedding. The FFN of eve
 - ``dense``: a SwiGLU MLP of width ``k·f``: the same active parameters per token as the MoE layers (whose
   experts are SwiGLU MLPs of width ``f``, ``k`` of them per token; the router's ``d·E`` not counted).
 
-Under autocast (bf16 on GPU) the MoE layers run in the autocast dtype the way autocast runs an ``nn.Linear``:
-the layer input and the expert weights are cast for the call (``torch.func.functional_call``, gradients flow to
-the fp32 weights) while the router stays in fp32. The layers do not follow autocast by themselves (their custom
-ops have no autocast rule and ``moe_mlp`` wants weights in the input's dtype).
+Under autocast (bf16 on GPU) the MoE layers run their experts in the autocast dtype, as an ``nn.Linear`` runs
+(``moe_mlp`` casts x and the expert weights; gradients reach the fp32 weights), while the router stays in fp32.
 """
 
 from __future__ import annotations
@@ -109,25 +107,6 @@ class DenseFFN(nn.Module):
         return self.down(F.silu(self.up(x)) * self.gate(x)), x.new_zeros((), dtype=torch.float32)
 
 
-class MoEFFN(nn.Module):
-    """A ``bsm.dMoE`` / ``bsm.PaddedMoE`` used through its public forward, made to follow autocast."""
-
-    def __init__(self, moe: nn.Module) -> None:
-        super().__init__()
-        self.moe = moe
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        device = x.device.type
-        if not torch.is_autocast_enabled(device):
-            return self.moe(x)
-        dtype = torch.get_autocast_dtype(device)
-        router = {id(p) for m in self.moe.modules() if isinstance(m, bsm.TopKRouter) for p in m.parameters()}
-        cast = {name: p.to(dtype) for name, p in self.moe.named_parameters() if id(p) not in router}
-        with torch.autocast(device, enabled=False):  # the router's math in fp32, the experts in ``dtype``
-            y, aux = torch.func.functional_call(self.moe, cast, (x.to(dtype),))
-        return y, aux
-
-
 class Block(nn.Module):
     def __init__(self, size: ModelSize, ffn: nn.Module) -> None:
         super().__init__()
@@ -173,7 +152,7 @@ class ByteLM(nn.Module):
         return F.linear(self.norm(x), self.embed.weight), aux
 
     def ffns(self) -> list[nn.Module]:
-        """The FFN of each block, in order (``MoEFFN`` or ``DenseFFN``)."""
+        """The FFN of each block, in order (``bsm.dMoE`` / ``bsm.PaddedMoE`` or ``DenseFFN``)."""
         return [block.ffn for block in self.blocks]
 
 
@@ -194,10 +173,10 @@ def build_model(
         if spec.kind == "dense":
             return DenseFFN(d, k * f)
         if spec.kind == "padded":
-            return MoEFFN(
-                bsm.PaddedMoE(d, f, E, k, capacity_factor=spec.capacity_factor, z_loss_weight=z_loss_weight, **common)
+            return bsm.PaddedMoE(
+                d, f, E, k, capacity_factor=spec.capacity_factor, z_loss_weight=z_loss_weight, **common
             )
         options = dict(block_size=block_size) if block_size is not None and spec.impl != "grouped" else {}
-        return MoEFFN(bsm.dMoE(d, f, E, k, impl=spec.impl, z_loss_weight=z_loss_weight, **common, **options))
+        return bsm.dMoE(d, f, E, k, impl=spec.impl, z_loss_weight=z_loss_weight, **common, **options)
 
     return ByteLM(size, [ffn() for _ in range(size.n_layers)])
