@@ -19,6 +19,8 @@ come in either orientation (``wT``: ``dy @ wᵀ``) and stay views. Coverage, and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..activations import NAMES, kernel_code
@@ -78,67 +80,92 @@ def _variants(dtype: torch.dtype, configs) -> list[tuple[object, tuple[str, ...]
 
 # ----------------------------------------------------------------------------------------------- gemm
 
-# (tag, epilogue, GLU, PAIR, GATHER, A blocked, out blocked, unit strides)
+
+@dataclass(frozen=True)
+class _GemmUse:
+    """One way the ops run ``gemm_kernel``: its epilogue and operand layouts."""
+
+    tag: str
+    epilogue: int = 0  # 0 plain, 1 forward activation, 2 backward activation
+    glu: bool = False
+    pair: bool = False  # acc = a @ w + a2 @ w2 (the dgrad of the GLU pair)
+    gather: bool = False  # A's rows gathered through row_src
+    a_blocked: bool = False  # A in the blocked layout (else dense)
+    out_blocked: bool = False  # out in the blocked layout (else dense)
+    w_t: bool = False  # the weight a transposed view (unit stride along K: wᵀ in the backward)
+
+    @property
+    def unit(self) -> tuple[str, ...]:
+        """The strides the JIT specialises to 1: A's and out's columns, and w's N (or K for a transposed view)."""
+        return ("s_ac", "s_wk" if self.w_t else "s_wn", "s_oc")
+
+    @property
+    def blocked(self) -> bool:
+        return self.a_blocked or self.out_blocked
+
+
 _GEMM_USES = (
-    ("grouped_mm", 0, False, False, False, False, False, ("s_ac", "s_wn", "s_oc")),
-    ("grouped_mm,gather", 0, False, False, True, False, False, ("s_ac", "s_wn", "s_oc")),
-    ("grouped_mm,wT", 0, False, False, False, False, False, ("s_ac", "s_wk", "s_oc")),  # dy @ wᵀ
-    ("up,glu", 1, True, False, True, False, False, ("s_ac", "s_wn", "s_oc")),
-    ("up", 1, False, False, True, False, False, ("s_ac", "s_wn", "s_oc")),
-    ("down_bwd,glu", 2, True, False, True, False, False, ("s_ac", "s_wk", "s_oc")),  # dout @ w2ᵀ
-    ("down_bwd", 2, False, False, True, False, False, ("s_ac", "s_wk", "s_oc")),
-    ("dgrad_pair", 0, False, True, False, False, False, ("s_ac", "s_wk", "s_oc")),  # dh @ w1ᵀ + dg @ w3ᵀ
-    ("sdd", 0, False, False, False, False, True, ("s_ac", "s_wn", "s_oc")),
-    ("sdd,wT", 0, False, False, False, False, True, ("s_ac", "s_wk", "s_oc")),
-    ("dsd", 0, False, False, False, True, False, ("s_ac", "s_wn", "s_oc")),
-    ("dsd,wT", 0, False, False, False, True, False, ("s_ac", "s_wk", "s_oc")),  # also dds_t: (S @ gᵀ)ᵀ
-    ("up,glu,B", 1, True, False, True, False, True, ("s_ac", "s_wn", "s_oc")),
-    ("up,B", 1, False, False, True, False, True, ("s_ac", "s_wn", "s_oc")),
-    ("down,B", 0, False, False, False, True, False, ("s_ac", "s_wn", "s_oc")),
-    ("down_bwd,glu,B", 2, True, False, True, False, True, ("s_ac", "s_wk", "s_oc")),
-    ("down_bwd,B", 2, False, False, True, False, True, ("s_ac", "s_wk", "s_oc")),
-    ("dgrad_pair,B", 0, False, True, False, True, False, ("s_ac", "s_wk", "s_oc")),
+    _GemmUse("grouped_mm"),
+    _GemmUse("grouped_mm,gather", gather=True),
+    _GemmUse("grouped_mm,wT", w_t=True),  # dy @ wᵀ
+    _GemmUse("up,glu", epilogue=1, glu=True, gather=True),
+    _GemmUse("up", epilogue=1, gather=True),
+    _GemmUse("down_bwd,glu", epilogue=2, glu=True, gather=True, w_t=True),  # dout @ w2ᵀ
+    _GemmUse("down_bwd", epilogue=2, gather=True, w_t=True),
+    _GemmUse("dgrad_pair", pair=True, w_t=True),  # dh @ w1ᵀ + dg @ w3ᵀ
+    _GemmUse("sdd", out_blocked=True),
+    _GemmUse("sdd,wT", out_blocked=True, w_t=True),
+    _GemmUse("dsd", a_blocked=True),
+    _GemmUse("dsd,wT", a_blocked=True, w_t=True),  # also dds_t: (S @ gᵀ)ᵀ
+    _GemmUse("up,glu,B", epilogue=1, glu=True, gather=True, out_blocked=True),
+    _GemmUse("up,B", epilogue=1, gather=True, out_blocked=True),
+    _GemmUse("down,B", a_blocked=True),
+    _GemmUse("down_bwd,glu,B", epilogue=2, glu=True, gather=True, out_blocked=True, w_t=True),
+    _GemmUse("down_bwd,B", epilogue=2, gather=True, out_blocked=True, w_t=True),
+    _GemmUse("dgrad_pair,B", pair=True, a_blocked=True, w_t=True),
 )
 _MAIN_USES = ("grouped_mm", "up,glu", "down_bwd,glu", "up,glu,B", "dsd")  # also built in fp16
 
 
 def _gemm_specs() -> list[CompileSpec]:
     specs = []
-    for tag, epilogue, glu, pair, gather, a_blocked, out_blocked, unit in _GEMM_USES:
-        blocked = a_blocked or out_blocked
+    for use in _GEMM_USES:
         for dtype in (torch.bfloat16, torch.float32, torch.float16):
-            if dtype == torch.float16 and tag not in _MAIN_USES:
+            if dtype == torch.float16 and use.tag not in _MAIN_USES:
                 continue
             for block_m in (64, 128):  # grouped: chosen from the rows per expert; blocked: B
-                B = block_m if blocked else None
+                B = block_m if use.blocked else None
 
-                def configs(aligned, dtype=dtype, block_m=block_m, B=B, epilogue=epilogue, glu=glu, a=a_blocked):
-                    return gemm_config(dtype, block_m, epilogue=epilogue, glu=glu, aligned=aligned,
-                                       out_block=None if a else B, a_block=B if a else None)  # fmt: skip
+                def configs(aligned, dtype=dtype, block_m=block_m, B=B, use=use):
+                    return gemm_config(dtype, block_m, epilogue=use.epilogue, glu=use.glu, aligned=aligned,
+                                       out_block=B if use.out_blocked else None,
+                                       a_block=B if use.a_blocked else None)  # fmt: skip
 
-                lb_block = (B or 0).bit_length() - 1 if blocked else DENSE_LOG_BLOCK
-                activations = ("silu",) if epilogue else ("identity",)
-                if glu and epilogue and dtype == torch.bfloat16 and block_m == 128:
+                lb_block = (B or 0).bit_length() - 1 if use.blocked else DENSE_LOG_BLOCK
+                activations = ("silu",) if use.epilogue else ("identity",)
+                if use.glu and use.epilogue and dtype == torch.bfloat16 and block_m == 128:
                     activations = NAMES  # the other activations: bf16, GLU, 128-row tiles, fast config
                 for cfg, variants in _variants(dtype, configs):
                     for act in activations if variants == ("aligned",) else activations[:1]:
                         base = dict(
                             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                            LB_A=lb_block if a_blocked else DENSE_LOG_BLOCK,
-                            LB_O=lb_block if out_blocked else DENSE_LOG_BLOCK, GATHER=gather, GLU=glu, PAIR=pair,
-                            EPILOGUE=epilogue, ACT=kernel_code(act), UPCAST=False,
+                            LB_A=lb_block if use.a_blocked else DENSE_LOG_BLOCK,
+                            LB_O=lb_block if use.out_blocked else DENSE_LOG_BLOCK, GATHER=use.gather, GLU=use.glu,
+                            PAIR=use.pair, EPILOGUE=use.epilogue, ACT=kernel_code(act), UPCAST=False,
                         )  # fmt: skip
-                        act_tag = f",{act}" if epilogue else ""
-                        size = f"B={B}" if blocked else f"M={cfg.block_m}"
-                        name = f"gemm[{tag}{act_tag},{triton_type(dtype)},{size},N={cfg.block_n},K={cfg.block_k}"
+                        act_tag = f",{act}" if use.epilogue else ""
+                        size = f"B={B}" if use.blocked else f"M={cfg.block_m}"
+                        name = f"gemm[{use.tag}{act_tag},{triton_type(dtype)},{size},N={cfg.block_n},K={cfg.block_k}"
                         # the fast config loads the weights through TMA on sm_90 and newer, with pointers on sm_80
-                        tma = 2 if "s_wk" in unit else 1
+                        tma = 2 if use.w_t else 1
                         for mode, archs in (
                             ((tma, _TMA_ARCHS), (0, (80,))) if variants == ("aligned",) else ((0, None),)
                         ):
-                            constexprs, descs = _weight_loads(dtype, cfg, mode, two=(glu and epilogue == 1) or pair)
+                            two = (use.glu and use.epilogue == 1) or use.pair
+                            constexprs, descs = _weight_loads(dtype, cfg, mode, two=two)
                             constexprs = {**base, **constexprs}
-                            spec = _spec(f"{name}{',tma' if mode else ''}]", gemm_kernel, dtype, cfg, constexprs, unit,
+                            spec = _spec(f"{name}{',tma' if mode else ''}]", gemm_kernel, dtype, cfg, constexprs,
+                                         use.unit,
                                          _GEMM_ALIGNED, variants, {**_INDEX, **_FP32}, archs)  # fmt: skip
                             spec.signature.update(descs)
                             specs.append(spec)
@@ -147,45 +174,67 @@ def _gemm_specs() -> list[CompileSpec]:
 
 # ----------------------------------------------------------------------------------------------- wgrad
 
-# (tag, A gathered, B gathered, DUAL, A blocked, B blocked, unit strides)
+
+@dataclass(frozen=True)
+class _WgradUse:
+    """One way the ops run ``wgrad_kernel``: which operand is gathered or blocked, and the output's layout."""
+
+    tag: str
+    a_gather: bool = False
+    b_gather: bool = False
+    dual: bool = False  # a second B over the same A tiles (dw1 and dw3 together)
+    a_blocked: bool = False
+    b_blocked: bool = False
+    out_t: bool = False  # the result written transposed (unit stride along M: dds)
+
+    @property
+    def unit(self) -> tuple[str, ...]:
+        return ("s_ac", "s_bc", "s_om" if self.out_t else "s_on")
+
+    @property
+    def blocked(self) -> bool:
+        return self.a_blocked or self.b_blocked
+
+
 _WGRAD_USES = (
-    ("grouped_wgrad", True, False, False, False, False, ("s_ac", "s_bc", "s_on")),  # x[token]ᵀ @ dy
-    ("grouped_wgrad,dense", False, False, False, False, False, ("s_ac", "s_bc", "s_on")),
-    ("w13", True, False, True, False, False, ("s_ac", "s_bc", "s_on")),  # x[token]ᵀ @ (dh, dg)
-    ("w2", False, True, False, False, False, ("s_ac", "s_bc", "s_on")),  # awᵀ @ dout[token]
-    ("w13,B", True, False, True, False, True, ("s_ac", "s_bc", "s_on")),
-    ("w2,B", False, True, False, True, False, ("s_ac", "s_bc", "s_on")),
-    ("dsd_t", False, False, False, True, False, ("s_ac", "s_bc", "s_on")),  # Sᵀ @ a
-    ("dds", False, False, False, True, False, ("s_ac", "s_bc", "s_om")),  # (Sᵀ @ aᵀ)ᵀ, aᵀ copied to rows
-    ("sdd_wgrad", False, False, False, False, True, ("s_ac", "s_bc", "s_on")),  # aᵀ @ S
+    _WgradUse("grouped_wgrad", a_gather=True),  # x[token]ᵀ @ dy
+    _WgradUse("grouped_wgrad,dense"),
+    _WgradUse("w13", a_gather=True, dual=True),  # x[token]ᵀ @ (dh, dg)
+    _WgradUse("w2", b_gather=True),  # awᵀ @ dout[token]
+    _WgradUse("w13,B", a_gather=True, dual=True, b_blocked=True),
+    _WgradUse("w2,B", b_gather=True, a_blocked=True),
+    _WgradUse("dsd_t", a_blocked=True),  # Sᵀ @ a
+    _WgradUse("dds", a_blocked=True, out_t=True),  # (Sᵀ @ aᵀ)ᵀ, aᵀ copied to rows
+    _WgradUse("sdd_wgrad", b_blocked=True),  # aᵀ @ S
 )
 _MAIN_WGRAD = ("grouped_wgrad", "w13,B")
 
 
 def _wgrad_specs() -> list[CompileSpec]:
     specs = []
-    for tag, a_gather, b_gather, dual, a_blocked, b_blocked, unit in _WGRAD_USES:
-        blocked = a_blocked or b_blocked
+    for use in _WGRAD_USES:
         for dtype in (torch.bfloat16, torch.float32, torch.float16):
-            if dtype == torch.float16 and tag not in _MAIN_WGRAD:
+            if dtype == torch.float16 and use.tag not in _MAIN_WGRAD:
                 continue
-            for B in (64, 128) if blocked else (None,):
+            for B in (64, 128) if use.blocked else (None,):
 
-                def configs(aligned, dtype=dtype, B=B, a=a_blocked, b=b_blocked, g=a_gather or b_gather, d=dual):
-                    return wgrad_config(dtype, gather=g, dual=d, aligned=aligned, a_block=B if a else None,
-                                        b_block=B if b else None)  # fmt: skip
+                def configs(aligned, dtype=dtype, B=B, use=use):
+                    return wgrad_config(dtype, gather=use.a_gather or use.b_gather, dual=use.dual, aligned=aligned,
+                                        a_block=B if use.a_blocked else None,
+                                        b_block=B if use.b_blocked else None)  # fmt: skip
 
-                lb = (B or 0).bit_length() - 1 if blocked else DENSE_LOG_BLOCK
+                lb = (B or 0).bit_length() - 1 if use.blocked else DENSE_LOG_BLOCK
                 for cfg, variants in _variants(dtype, configs):
                     constexprs = dict(
                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                        LB_A=lb if a_blocked else DENSE_LOG_BLOCK, LB_B=lb if b_blocked else DENSE_LOG_BLOCK,
-                        A_GATHER=a_gather, B_GATHER=b_gather, DUAL=dual, UPCAST=False,
+                        LB_A=lb if use.a_blocked else DENSE_LOG_BLOCK, LB_B=lb if use.b_blocked else DENSE_LOG_BLOCK,
+                        A_GATHER=use.a_gather, B_GATHER=use.b_gather, DUAL=use.dual, UPCAST=False,
                     )  # fmt: skip
-                    size = f"B={B}," if blocked else ""
-                    name = f"wgrad[{tag},{triton_type(dtype)},{size}M={cfg.block_m},N={cfg.block_n},K={cfg.block_k}]"
+                    size = f"B={B}," if use.blocked else ""
+                    tiles = f"M={cfg.block_m},N={cfg.block_n},K={cfg.block_k}"
+                    name = f"wgrad[{use.tag},{triton_type(dtype)},{size}{tiles}]"
                     specs.append(
-                        _spec(name, wgrad_kernel, dtype, cfg, constexprs, unit, _WGRAD_ALIGNED, variants, _INDEX)
+                        _spec(name, wgrad_kernel, dtype, cfg, constexprs, use.unit, _WGRAD_ALIGNED, variants, _INDEX)
                     )
     return specs
 
