@@ -161,6 +161,11 @@ class CompileSpec:
     divisibility, as odd shapes run) and ``"aligned"`` (every pointer and the integer arguments named in
     ``aligned`` divisible by 16, as realistic shapes run). A config the launcher picks only for aligned
     (unaligned) operands lists only that variant.
+
+    ``is_matmul`` marks a tensor-core matmul tile (M tile >= 64 rows, as wgmma and tcgen05 need): its builds must
+    use the architecture's MMA (HGMMA on sm_90, tcgen05 ``UTC*MMA`` on sm_100 unless ``tcgen05_ok`` is False,
+    HMMA on sm_80 / sm_120). ``expect_pipelined``: the main (MMA) loop must keep its loads in flight, never waiting
+    its cp.async copies or wgmma to zero inside the loop. See docs/audit.md.
     """
 
     name: str  # e.g. "sdd[bf16,B=128,K=64]"
@@ -169,9 +174,11 @@ class CompileSpec:
     constexprs: dict[str, Any]
     num_warps: int = 4
     num_stages: int = 3
-    is_matmul: bool = True  # sm_90 builds must contain HGMMA
+    is_matmul: bool = True  # a tensor-core tile: HGMMA on sm_90, tcgen05 on sm_100, HMMA on sm_80 / sm_120
     aligned: tuple[str, ...] = ()  # integer arguments (sizes, strides) that realistic shapes make multiples of 16
     variants: tuple[str, ...] = ("unaligned", "aligned")
+    tcgen05_ok: bool = True  # with is_matmul: sm_100 builds must use tcgen05 MMA (Triton 3.9: every M tile >= 64)
+    expect_pipelined: bool = True  # the MMA loop must not wait its async loads / wgmma to zero each iteration
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in ("unaligned", "aligned")]
