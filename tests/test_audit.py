@@ -571,8 +571,8 @@ def test_failed_build_is_reported():
     assert r.error and "variant 'unaligned' not in" in r.error
 
 
-def test_main_exit_status_and_report_only(capsys):
-    base = ["--modules", __name__, "--arch", "90", "--jobs", "2"]
+def test_main_exit_status_and_report_only(capsys, tmp_path):
+    base = ["--modules", __name__, "--arch", "90", "--jobs", "2", "--out", str(tmp_path)]
     # the flagged spec makes the audit fail (unaligned only: the aligned-only specs drop out)
     assert audit.main([*base, "--variants", "unaligned"]) == 1
     out = capsys.readouterr().out
