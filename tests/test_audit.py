@@ -1,9 +1,14 @@
 """The compile audit (bench/audit.py) on tiny kernels defined here: this module is itself the kernel module the
-audit imports (``compile_specs()`` below), so nothing depends on the library's kernels existing."""
+audit imports (``compile_specs()`` below), so nothing depends on the library's kernels existing. The SASS / ptxas /
+TTGIR parsers are tested on handcrafted snippets; the checks on real builds for every architecture, with a positive
+control (a well-pipelined matmul), a negative one (the dsd_act pattern: an index load and an activation in the K
+loop) and a TMA loop."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +17,8 @@ import triton.language as tl
 
 from bench import audit
 from blocksparse_moe.kernels._common import CompileSpec
+
+ARCHS = tuple(audit.ARCHS)  # 80, 90, 100, 120
 
 
 @triton.jit
@@ -31,6 +38,61 @@ def _tiny_mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, BM: tl.constexpr, BN: tl.const
 
 
 @triton.jit
+def _pipelined_mm_kernel(
+    a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_bk, stride_cm, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr
+):
+    # a [M, K], b [K, N], c [M, N], unit column strides; the positive control: nothing in the K loop but pointer
+    # increments, masked loads and the dot
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
+    b_ptrs = b_ptr + rk[:, None].to(tl.int64) * stride_bk + rn[None, :]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BK)):
+        a = tl.load(a_ptrs, mask=rk[None, :] < K - k * BK, other=0.0)
+        b = tl.load(b_ptrs, mask=rk[:, None] < K - k * BK, other=0.0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BK
+        b_ptrs += BK * stride_bk
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _serialised_mm_kernel(
+    a_ptr, g_ptr, b_ptr, c_ptr, steps_ptr, M, N, stride_am, stride_bk, stride_cm, S,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    # a, g [M, *], b [*, N], c [M, N], steps [S] (K-block of each step); the negative control, dsd_act's pattern:
+    # the step's address comes from a load in the loop, and silu(a) * g is computed on the dot operand
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for s in range(0, S):
+        kk = tl.load(steps_ptr + s) * BK + rk
+        a = tl.load(a_ptr + rm[:, None].to(tl.int64) * stride_am + kk[None, :]).to(tl.float32)
+        g = tl.load(g_ptr + rm[:, None].to(tl.int64) * stride_am + kk[None, :]).to(tl.float32)
+        b = tl.load(b_ptr + kk[:, None].to(tl.int64) * stride_bk + rn[None, :])
+        acc = tl.dot((a * tl.sigmoid(a) * g).to(b.dtype), b, acc)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tma_mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # a [M, K], b [K, N], c [M, N], row-major, through tensor descriptors (TMA on sm_90 / sm_100)
+    a_d = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
+    b_d = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[N, 1], block_shape=[BK, BN])
+    c_d = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, BN])
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BK)):
+        acc = tl.dot(a_d.load([tl.program_id(0) * BM, k * BK]), b_d.load([k * BK, tl.program_id(1) * BN]), acc)
+    c_d.store([tl.program_id(0) * BM, tl.program_id(1) * BN], acc.to(c_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _tiny_copy_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     # x [n] -> y [n]
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -38,7 +100,13 @@ def _tiny_copy_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
 
 
 MM_SIG = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32"}
+STRIDED_SIG = {**MM_SIG, "stride_am": "i32", "stride_bk": "i32", "stride_cm": "i32"}
+SERIAL_SIG = {"a_ptr": "*bf16", "g_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "steps_ptr": "*i32",
+              "M": "i32", "N": "i32", "stride_am": "i32", "stride_bk": "i32", "stride_cm": "i32",
+              "S": "i32"}  # fmt: skip
 COPY_SIG = {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"}
+BIG = dict(BM=128, BN=128, BK=64)  # the positive controls' tile: 128x128x64 bf16, 8 warps, 3 stages
+SERIAL = dict(BM=128, BN=128, BK=32)  # the negative control's: dsd_act's 16-bit B = 128 tile (C7515 at K = 32)
 
 
 _SEEN_INTERPRET: list[str | None] = []  # TRITON_INTERPRET at each compile_specs() call
@@ -47,16 +115,24 @@ _SEEN_INTERPRET: list[str | None] = []  # TRITON_INTERPRET at each compile_specs
 def compile_specs() -> list[CompileSpec]:
     _SEEN_INTERPRET.append(os.environ.get("TRITON_INTERPRET"))
     mm = dict(BM=64, BN=64, BK=32)
+    strides = ("stride_am", "stride_bk", "stride_cm")
     return [
         # N and K are the row strides: aligned builds vectorise the loads and pipeline the K loop
         CompileSpec("mm[bf16,64x64x32]", _tiny_mm_kernel, MM_SIG, mm, num_warps=4, aligned=("N", "K")),
         # 512 fp32 over 128 threads: 4 per thread, one 128-bit load when x and n allow it
         CompileSpec("copy[fp32]", _tiny_copy_kernel, COPY_SIG, dict(BLOCK=512), is_matmul=False, aligned=("n",)),
-        # a "matmul" without tl.dot: the audit must flag it on sm_90; no aligned ints (pointers only)
+        # a "matmul" without tl.dot: the audit must flag it on every architecture; no aligned ints (pointers only)
         CompileSpec("copy-flagged[fp32]", _tiny_copy_kernel, COPY_SIG, dict(BLOCK=512), is_matmul=True),
         # a config a launcher picks only for aligned operands
         CompileSpec("copy-aligned-only[fp32]", _tiny_copy_kernel, COPY_SIG, dict(BLOCK=512), is_matmul=False,
                     aligned=("n",), variants=("aligned",)),
+        # the controls (aligned: the pipelined build the GPU runs for realistic shapes)
+        CompileSpec("pipelined[bf16,128x128x64]", _pipelined_mm_kernel, STRIDED_SIG, BIG, num_warps=8,
+                    aligned=("N", "K", *strides), variants=("aligned",)),
+        CompileSpec("serialised[bf16,128x128x32]", _serialised_mm_kernel, SERIAL_SIG, SERIAL, num_warps=8,
+                    aligned=("N", *strides), variants=("aligned",)),
+        CompileSpec("tma[bf16,128x128x64]", _tma_mm_kernel, MM_SIG, BIG, num_warps=8, aligned=("N", "K"),
+                    variants=("aligned",)),
     ]  # fmt: skip
 
 
@@ -67,15 +143,274 @@ def results(tmp_path_factory):
     return {(r.job.name, r.job.variant, r.job.cc): r for r in audit.run_audit(jobs, out, processes=2)}
 
 
+def _checks(r: audit.BuildResult) -> set[str]:
+    return {check for check, _ in audit.findings(r)}
+
+
+# ----------------------------------------------------------------------------------------------- SASS snippets
+# Shapes of real listings (cuobjdump --dump-sass of Triton 3.9 builds), cut to the instructions the parsers read.
+
+PROLOGUE = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                              /* 0x00000a00ff017b82 */
+        /*0010*/                   LDGSTS.E.BYPASS.128 [R47], desc[UR14][R26.64], P4 ;
+        /*0020*/                   LDGDEPBAR ;
+"""
+EPILOGUE = """
+        /*00c0*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*00d0*/                   DEPBAR.LE SB0, 0x0 ;
+        /*00e0*/                   STG.E.128 desc[UR4][R2.64], R4 ;
+        /*00f0*/                   EXIT ;
+        /*0100*/                   BRA 0x100;
+"""
+
+# sm_90, cp.async + wgmma, pipelined: the loop waits for all but 1 copy group and all but 1 wgmma group; the
+# waits to zero come after the loop (the drain)
+GOOD_LOOP = (
+    PROLOGUE
+    + """
+        /*0030*/                   DEPBAR.LE SB0, 0x1 ;                                /* 0x000080400000791a */
+        /*0040*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0050*/                   WARPGROUP.ARRIVE ;
+        /*0060*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8].tnspB, R24 ;
+        /*0070*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8].tnspB, R24, gsb0 ;
+        /*0080*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0090*/                   LDGSTS.E.BYPASS.128 [R115], desc[UR14][R96.64], P1 ;
+        /*00a0*/                   LDGDEPBAR ;
+        /*00b0*/               @P6 BRA 0x30 ;                                          /* 0xfffffff800186947 */
+"""
+    + EPILOGUE
+)
+
+# the same loop waiting for every copy each iteration (the index load of the step sits in the loop)
+WAIT_ZERO_LOOP = GOOD_LOOP.replace("DEPBAR.LE SB0, 0x1 ;", "DEPBAR.LE SB0, 0x0 ;")
+
+# wgmma serialised (ptxas C7515): each HGMMA commits its own group and is waited to zero at once
+SERIALISED_LOOP = (
+    PROLOGUE
+    + """
+        /*0030*/                   DEPBAR.LE SB0, 0x1 ;
+        /*0040*/                   HGMMA.64x128x16.F32.BF16 R24, R88, gdesc[UR16].tnspB, R24, gsb0 ;
+        /*0050*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0060*/                   MUFU.EX2 R3, R3 ;
+        /*0070*/                   HGMMA.64x128x16.F32.BF16 R24, R88, gdesc[UR16].tnspB, R24, gsb0 ;
+        /*0080*/                   FMUL R3, R3, R4 ;
+        /*0090*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*00a0*/                   LDGSTS.E.BYPASS.128 [R21+0x4000], desc[UR32][R6.64], P2 ;
+        /*00b0*/               @P2 BRA 0x30 ;
+"""
+    + EPILOGUE
+)
+
+# sm_90 TMA + mbarrier, persistent: the descriptor set-up waits SB0 to zero after UTMACMDFLUSH (before the loop);
+# the data wait is an mbarrier phase check whose retry stub lies after EXIT and jumps back into the loop; the
+# epilogue's TMA store (in the loop: the K steps are unrolled) waits SB0 to zero after UTMACMDFLUSH.
+TMA_LOOP = """
+        /*0000*/                   UTMACMDFLUSH ;
+        /*0010*/               @P1 BRA 0x30 ;
+        /*0020*/                   DEPBAR.LE SB0, 0x0 ;
+        /*0030*/                   @UP2 UTMALDG.2D [UR8], [UR22] ;
+        /*0040*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR16+0x18000], R5 ;
+        /*0050*/              @!P0 BRA 0x120 ;
+        /*0060*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR24].tnspB, R24, gsb0 ;
+        /*0070*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0080*/                   @UP2 UTMALDG.2D [UR12], [UR22] ;
+        /*0090*/                   @UP1 UTMASTG.2D [UR4], [UR10] ;
+        /*00a0*/                   UTMACMDFLUSH ;
+        /*00b0*/                   DEPBAR.LE SB0, 0x0 ;
+        /*00c0*/               @P0 BRA 0x40 ;
+        /*00d0*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*00e0*/                   EXIT ;
+        /*0120*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR16+0x18000], R5 ;
+        /*0130*/              @!P0 BRA 0x120 ;
+        /*0140*/                   BRA 0x60 ;
+        /*0150*/                   BRA 0x150;
+"""
+
+# sm_100: tcgen05 MMAs, no loop (one K step); the tensor-memory allocation retry loop has no MMA
+NO_LOOP = """
+        /*0000*/                   UTCATOMSWS.FIND_AND_SET.ALIGN UP0, UR4, UR7 ;
+        /*0010*/                   BRA.U !UP0, 0x0 ;
+        /*0020*/                   LDGSTS.E.BYPASS.128 [R47], desc[UR14][R26.64], P4 ;
+        /*0030*/                   DEPBAR.LE SB0, 0x0 ;
+        /*0040*/                   UTCHMMA gdesc[UR4], gdesc[UR14], tmem[UR9], tmem[UR34], idesc[UR35], !UPT ;
+        /*0050*/                   UTCHMMA gdesc[UR24], gdesc[UR26], tmem[UR9], tmem[UR34], idesc[UR35], UPT ;
+        /*0060*/                   UTCBAR [UR10], URZ ;
+        /*0070*/                   EXIT ;
+"""
+
+
+def test_parse_sass_reads_instructions_and_branch_targets():
+    instrs = audit.parse_sass(GOOD_LOOP)
+    assert len(instrs) == 3 + 9 + 5  # the encoding comments are not instructions
+    bra = next(i for i in instrs if i.addr == 0xB0)
+    assert (bra.pred, bra.op, bra.args, bra.target, bra.base) == ("@P6", "BRA", "0x30", 0x30, "BRA")
+    hgmma = next(i for i in instrs if i.addr == 0x70)
+    assert hgmma.op == "HGMMA.64x128x16.F32.BF16" and hgmma.args.endswith("gsb0") and hgmma.target is None
+    # uniform-predicate branch: the target is the last hexadecimal operand; base shifts addresses and targets
+    (u,) = audit.parse_sass("        /*0190*/   BRA.U !UP0, 0x130 ;", base=0x100)
+    assert (u.addr, u.pred, u.op, u.target) == (0x90, "", "BRA.U", 0x30)
+
+
+def test_mma_families():
+    assert audit.mma_family("HGMMA.64x128x16.F32.BF16") == "wgmma"
+    assert audit.mma_family("QGMMA.64x64x32.F32.E4M3.E4M3") == "wgmma"
+    assert audit.mma_family("UTCHMMA") == "tcgen05" and audit.mma_family("UTCQMMA.2CTA") == "tcgen05"
+    assert audit.mma_family("HMMA.16816.F32.BF16") == "mma.sync" and audit.mma_family("IMMA.16832.S8.S8") == "mma.sync"
+    # tcgen05 bookkeeping, wgmma fences and integer multiply-adds are not MMAs
+    for op in ("UTCBAR", "UTCATOMSWS.AND", "WARPGROUP.ARRIVE", "IMAD.WIDE", "LDGSTS.E.BYPASS.128"):
+        assert audit.mma_family(op) is None, op
+
+
+def test_good_loop_passes():
+    s = audit.analyze_sass(GOOD_LOOP)
+    assert s.mma == {"HGMMA": 2} and s.ld128 == 2 and (s.tma_loads, s.tma_stores) == (0, 0)
+    (lp,) = s.loops
+    assert (lp.start, lp.end, lp.instructions, lp.mma, lp.ldgsts) == (0x30, 0xB0, 9, 2, 1)
+    assert lp.per_mma == 4.5 and lp.cp_async_waits == (1,) and lp.wgmma_waits == (1,) and lp.serialised == 0
+    assert not lp.cp_async_wait_zero and not lp.wgmma_wait_zero and s.main_loop is lp
+    assert audit.findings(_synthetic(90, s)) == []
+
+
+def test_wait_to_zero_loop_is_flagged():
+    s = audit.analyze_sass(WAIT_ZERO_LOOP)
+    (lp,) = s.loops
+    assert lp.cp_async_waits == (0,) and lp.cp_async_wait_zero and not lp.wgmma_wait_zero
+    assert audit.findings(_synthetic(90, s)) == [
+        ("pipeline", "MMA loop 0x30-0xb0 waits cp.async to zero (DEPBAR.LE SB0, 0x0) every iteration")
+    ]
+    # a spec that does not expect a pipelined loop is not flagged
+    assert audit.findings(_synthetic(90, s, expect_pipelined=False)) == []
+
+
+def test_serialised_wgmma_is_flagged():
+    s = audit.analyze_sass(SERIALISED_LOOP)
+    (lp,) = s.loops
+    assert lp.wgmma_waits == (0, 0) and lp.serialised == 2 and lp.wgmma_wait_zero and not lp.cp_async_wait_zero
+    assert lp.per_mma == 4.5
+    assert audit.findings(_synthetic(90, s)) == [
+        ("pipeline", "MMA loop 0x30-0xb0 waits wgmma to zero (gsb0, 0x0) after 2 of 2 MMA")
+    ]
+    # a loop of synchronous loads (LDG -> STS, the unaligned builds) must wait so: reported, not flagged
+    sync = audit.analyze_sass(SERIALISED_LOOP.replace("LDGSTS.E.BYPASS.128 [R21+0x4000]", "STS.128 [R21+0x4000]"))
+    assert sync.loops[0].wgmma_waits == (0, 0) and not sync.loops[0].asynchronous
+    assert audit.findings(_synthetic(90, sync, variant="unaligned")) == []
+    # ... but an aligned build (num_stages > 1) whose MMA loop has no async load at all is not pipelined
+    assert audit.findings(_synthetic(90, sync)) == [
+        ("pipeline", "MMA loop 0x30-0xb0 has no async load (LDGSTS / UTMALDG): not pipelined")
+    ]
+
+
+def test_tma_loop_passes():
+    s = audit.analyze_sass(TMA_LOOP)
+    assert (s.tma_loads, s.tma_stores) == (2, 1)
+    # the stub after EXIT (retry, then BRA back into the body) and the final BRA to itself are no loops
+    assert audit.find_loops(audit.parse_sass(TMA_LOOP)) == [(0x40, 0xC0)]
+    (lp,) = s.loops
+    assert lp.tma_loads == 1 and lp.mbarrier_waits == 1 and lp.asynchronous
+    assert lp.cp_async_waits == () and lp.wgmma_waits == (1,)  # the SB0 wait after UTMACMDFLUSH is the TMA store's
+    assert audit.findings(_synthetic(90, s)) == []
+
+
+def test_no_loop_passes():
+    s = audit.analyze_sass(NO_LOOP)
+    assert s.mma == {"UTCHMMA": 2} and s.family_count("tcgen05") == 2 and s.family_count("wgmma") == 0
+    assert audit.find_loops(audit.parse_sass(NO_LOOP)) == [(0x0, 0x10)]  # the allocation retry: no MMA in it
+    assert s.loops == () and s.main_loop is None
+    assert audit.findings(_synthetic(100, s)) == []
+
+
+def test_mma_check_per_architecture():
+    hmma = audit.SassSummary(mma={"HMMA": 8})
+    assert audit.findings(_synthetic(80, hmma)) == [] and audit.findings(_synthetic(120, hmma)) == []
+    assert audit.findings(_synthetic(90, hmma)) == [("mma", "sm_90 matmul without wgmma (HGMMA)")]
+    assert audit.findings(_synthetic(100, hmma)) == [("mma", "sm_100 matmul without tcgen05 MMA (UTC*MMA)")]
+    # a tile the compiler keeps on mma.sync on sm_100 (tcgen05_ok=False) needs some MMA only
+    assert audit.findings(_synthetic(100, hmma, tcgen05_ok=False)) == []
+    none = audit.SassSummary()
+    assert audit.findings(_synthetic(100, none, tcgen05_ok=False)) == [("mma", "sm_100 matmul without MMA")]
+    assert audit.findings(_synthetic(80, none)) == [("mma", "sm_80 matmul without mma.sync (HMMA)")]
+    assert audit.findings(_synthetic(80, none, is_matmul=False)) == []
+
+
+def test_smem_limit_and_report_only():
+    s = audit.SassSummary(mma={"HMMA": 8})
+    # 131 KB fits sm_80 / sm_90 / sm_100, not sm_120 (99 KB per block)
+    big = {cc: _synthetic(cc, s if cc != 90 else audit.SassSummary(mma={"HGMMA": 4}), shared=132096) for cc in ARCHS}
+    big[100].sass = audit.SassSummary(mma={"UTCHMMA": 4})
+    assert [cc for cc in ARCHS if audit.findings(big[cc])] == [120]
+    assert audit.findings(big[120]) == [("smem", "shared memory 132096 B > sm_120 limit 101376 B")]
+    assert audit.problems(big[120], {"smem"}) == [] and audit.problems(big[120]) == [audit.findings(big[120])[0][1]]
+
+
+def _synthetic(cc, sass, variant="aligned", shared=1024, **flags) -> audit.BuildResult:
+    r = audit.BuildResult(audit.Job("m", 0, "k", cc, variant), registers=64, spill_stores=0, spill_loads=0)
+    r.sass, r.shared, r.num_stages = sass, shared, 3
+    for k, v in flags.items():
+        setattr(r, k, v)
+    return r
+
+
+def test_parsers_read_ptxas_log_resources_and_buffers():
+    # spills: a register-heavy build as ptxas reports it
+    log = (
+        "ptxas info    : Used 255 registers, used 1 barriers, 584 bytes cmem[0]\n"
+        "ptxas info    : Function properties for k\n"
+        "    48 bytes stack frame, 40 bytes spill stores, 36 bytes spill loads\n"
+    )
+    assert audit.parse_ptxas_log(log) == dict(registers=255, stack=48, spill_stores=40, spill_loads=36)
+    # C7515 as ptxas 13 prints it (an info line)
+    c7515 = (
+        "ptxas-blackwell info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized "
+        "due to non wgmma instructions defining accumulator registers of a wgmma between start and end of the "
+        "pipeline stage in the function '_dsd_kernel' in line 957\n"
+        "ptxas-blackwell info    : Used 121 registers, used 1 barriers\n"
+    )
+    assert audit.parse_ptxas_log(c7515) == dict(registers=121, codes=("C7515",))
+    r = _synthetic(90, audit.SassSummary(mma={"HGMMA": 2}))
+    r.ptxas_codes = ("C7515",)
+    assert audit.findings(r) == [("c7515", "ptxas C7515: wgmma serialised")]
+    usage = " Function k:\n  REG:128 STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:584 TEXTURE:0"
+    assert audit.parse_resource_usage(usage) == dict(registers=128, stack=0, static_shared=1024, local=0)
+    sass = (
+        "/*0000*/ LDGSTS.E.BYPASS.128 [R23], desc[UR16][R18.64], P5 ;\n"
+        "/*0010*/ @!P0 LDG.E.128.CONSTANT R4, desc[UR4][R2.64] ;\n"
+        "/*0020*/ LDG.E.64 R6, desc[UR4][R2.64] ;\n/*0030*/ LDGDEPBAR ;\n/*0040*/ STG.E.128 desc[UR4][R2.64], R4 ;\n"
+    )
+    assert audit.analyze_sass(sass).ld128 == 2
+    r = audit.BuildResult(audit.Job("m", 0, "k", 90), registers=255, spill_stores=40, spill_loads=36)
+    r.sass = audit.SassSummary(mma={"HGMMA": 3})
+    assert audit.problems(r) == ["spills 40 B stores / 36 B loads"]
+    # empty logs (no ptxas output captured): nothing invented
+    assert audit.parse_ptxas_log("") == {} and audit.parse_resource_usage("") == {}
+    # TTGIR: 3 buffers per operand; mbarriers (i64), staged values (an initial tensor) and scalars are not buffers
+    ttgir = """
+    %0 = ttg.local_alloc : () -> !ttg.memdesc<3x128x64xbf16, #shared, #smem, mutable>
+    %1 = ttg.local_alloc : () -> !ttg.memdesc<3x64x128xbf16, #shared1, #smem, mutable>
+    %2 = ttg.local_alloc : () -> !ttg.memdesc<3x1xi64, #shared2, #smem, mutable>
+    %3 = ttg.local_alloc %acc : (tensor<128x128xbf16, #mma>) -> !ttg.memdesc<128x128xbf16, #shared3, #smem>
+    %4 = ttg.local_alloc : () -> !ttg.memdesc<1x1xi32, #shared4, #smem, mutable>
+    """
+    assert audit.ttgir_buffers(ttgir) == (3,)
+    # dsd_act today: the activated operand single-buffered, the weights double-buffered
+    dsd = "ttg.local_alloc : () -> !ttg.memdesc<1x128x32xbf16, #s>\nttg.local_alloc : () -> !ttg.memdesc<2x32x128xbf16>"
+    assert audit.ttgir_buffers(dsd) == (1, 2) and audit.ttgir_buffers("") == ()
+
+
+# ----------------------------------------------------------------------------------------------- jobs
+
+
 def test_collect_jobs_covers_every_spec_variant_and_arch():
     jobs = audit.collect_jobs([__name__])
     both = ("unaligned", "aligned")
-    expected = [(s.name, v, cc) for s in compile_specs()[:3] for v in both for cc in (80, 90)]
-    expected += [("copy-aligned-only[fp32]", "aligned", cc) for cc in (80, 90)]
+    specs = compile_specs()
+    expected = [(s.name, v, cc) for s in specs[:3] for v in both for cc in ARCHS]
+    expected += [(s.name, "aligned", cc) for s in specs[3:] for cc in ARCHS]
     assert [(j.name, j.variant, j.cc) for j in jobs] == expected
     # filters: a substring of "module.config", and variants
     only = audit.collect_jobs([__name__], (90,), only="test_audit.copy[", variants=("aligned",))
     assert [(j.name, j.variant, j.cc) for j in only] == [("copy[fp32]", "aligned", 90)]
+    with pytest.raises(ValueError, match=r"capabilities must be among \(80, 90, 100, 120\), got \[89\]"):
+        audit.collect_jobs([__name__], (89,))
 
 
 def test_collect_jobs_lists_the_gpu_configs_while_interpreting(monkeypatch):
@@ -94,6 +429,8 @@ def test_divisibility_attrs_mark_pointers_and_aligned_ints():
     bare = CompileSpec("bare", SimpleNamespace(arg_names=["n", "BLOCK"]), {"n": "i32"}, dict(BLOCK=16))
     assert audit.divisibility_attrs(bare) == {} and audit.build_variants(bare) == ("unaligned",)
     assert audit.build_variants(compile_specs()[3]) == ("aligned",)
+    # the new fields default to the strict checks
+    assert (bare.tcgen05_ok, bare.expect_pipelined) == (True, True)
 
 
 def test_compile_spec_rejects_bad_fields():
@@ -107,25 +444,37 @@ def test_compile_spec_rejects_bad_fields():
         CompileSpec("x", _tiny_copy_kernel, COPY_SIG, dict(BLOCK=512), aligned=("BLOCK",))
 
 
+# ----------------------------------------------------------------------------------------------- real builds
+
+
 @pytest.mark.parametrize("variant", ["unaligned", "aligned"])
 def test_matmul_uses_tensor_cores(results, variant):
-    sm90, sm80 = results["mm[bf16,64x64x32]", variant, 90], results["mm[bf16,64x64x32]", variant, 80]
-    for r in (sm80, sm90):
+    # one small real build per architecture, each with its own MMA
+    expected = {80: {"HMMA"}, 90: {"HGMMA"}, 100: {"UTCHMMA"}, 120: {"HMMA"}}
+    for cc in ARCHS:
+        r = results["mm[bf16,64x64x32]", variant, cc]
         assert r.error is None, r.error
         assert r.registers and r.registers > 0
-        assert (r.spill_stores, r.spill_loads, r.stack) == (0, 0, 0)
         assert r.shared is not None and r.shared > 0  # tiles staged in shared memory
-        assert audit.problems(r) == []
-    assert sm90.hgmma > 0  # Hopper wgmma path
-    assert sm80.hmma > 0 and sm80.hgmma == 0  # Ampere mma.sync path
+        assert set(r.sass.mma) == expected[cc], (cc, r.sass.mma)
+        assert r.sass.main_loop is not None and r.sass.main_loop.mma > 0
+        if (cc, variant) == (120, "aligned"):
+            # ptxas 13 for sm_120 keeps this build at 80 registers and spills 3 values live across the K loop
+            assert audit.findings(r) == [("spill", "spills 12 B stores / 12 B loads")]
+            assert audit.problems(r, {"spill@120"}) == [] and r.stack > 0
+            continue
+        assert (r.spill_stores, r.spill_loads, r.stack) == (0, 0, 0)
+        assert audit.problems(r) == [], (cc, audit.findings(r))
 
 
-@pytest.mark.parametrize("cc", [80, 90])
+@pytest.mark.parametrize("cc", ARCHS)
 def test_aligned_variant_is_the_specialised_build(results, cc):
     # the aligned build vectorises (128-bit loads / cp.async) and pipelines the K loop (more shared memory)
     un, al = results["mm[bf16,64x64x32]", "unaligned", cc], results["mm[bf16,64x64x32]", "aligned", cc]
     assert un.ld128 == 0 and al.ld128 > 0
     assert al.shared > un.shared
+    assert not un.sass.main_loop.asynchronous and al.sass.main_loop.ldgsts > 0
+    assert un.buffers == () and al.buffers and al.buffers[-1] >= 2
     copy_un, copy_al = results["copy[fp32]", "unaligned", cc], results["copy[fp32]", "aligned", cc]
     assert copy_un.ld128 == 0 and copy_al.ld128 > 0
     # pointers alone (n not known to be a multiple of 16) do not allow full-width vectors
@@ -135,44 +484,83 @@ def test_aligned_variant_is_the_specialised_build(results, cc):
 
 def test_non_matmul_passes_without_mma(results):
     for variant in ("unaligned", "aligned"):
-        r = results["copy[fp32]", variant, 90]
-        assert r.error is None and r.hgmma == 0 and r.hmma == 0
-        assert audit.problems(r) == []
+        for cc in ARCHS:
+            r = results["copy[fp32]", variant, cc]
+            assert r.error is None and r.sass.mma == {} and r.sass.loops == ()
+            assert audit.problems(r) == []
 
 
-def test_matmul_without_hgmma_is_flagged_on_sm90_only(results):
+def test_matmul_without_mma_is_flagged_on_every_arch(results):
+    names = {80: "mma.sync (HMMA)", 90: "wgmma (HGMMA)", 100: "tcgen05 MMA (UTC*MMA)", 120: "mma.sync (HMMA)"}
     for variant in ("unaligned", "aligned"):
-        assert audit.problems(results["copy-flagged[fp32]", variant, 90]) == ["sm_90 matmul without HGMMA"]
-        assert audit.problems(results["copy-flagged[fp32]", variant, 80]) == []
+        for cc in ARCHS:
+            r = results["copy-flagged[fp32]", variant, cc]
+            assert audit.problems(r) == [f"sm_{cc} matmul without {names[cc]}"]
 
 
-def test_table_lists_every_build(results):
-    table = audit.format_table(list(results.values()))
+@pytest.mark.parametrize("cc", ARCHS)
+def test_positive_control_passes_every_check(results, cc):
+    # plain pointer loads, 3 stages, 128x128x64 bf16, 8 warps: cp.async waits and wgmma waits stay above zero
+    r = results["pipelined[bf16,128x128x64]", "aligned", cc]
+    assert r.error is None and audit.findings(r) == [], audit.findings(r)
+    lp = r.sass.main_loop
+    assert lp.ldgsts > 0 and lp.cp_async_waits and min(lp.cp_async_waits) > 0
+    assert r.ptxas_codes == () and (r.sass.tma_loads, r.sass.tma_stores) == (0, 0)
+    if cc == 90:
+        assert set(r.sass.mma) == {"HGMMA"} and min(lp.wgmma_waits) > 0 and r.buffers == (3,)
+    if cc == 100:
+        assert set(r.sass.mma) == {"UTCHMMA"} and r.buffers == (3,)
+
+
+@pytest.mark.parametrize("cc", ARCHS)
+def test_negative_control_is_flagged(results, cc):
+    # dsd_act's pattern: the copies are waited to zero every step; on sm_90 the wgmma is serialised (C7515)
+    r = results["serialised[bf16,128x128x32]", "aligned", cc]
+    assert r.error is None
+    lp = r.sass.main_loop
+    assert lp.cp_async_wait_zero and 1 in r.buffers
+    assert _checks(r) == ({"c7515", "pipeline"} if cc == 90 else {"pipeline"}), audit.findings(r)
+    if cc == 90:
+        assert r.ptxas_codes == ("C7515",) and lp.wgmma_wait_zero and lp.serialised == lp.mma
+        assert audit.problems(r, {"c7515", "pipeline"}) == []
+
+
+@pytest.mark.parametrize("cc", [90, 100])
+def test_tma_loop_is_not_flagged(results, cc):
+    # tensor descriptors: TMA loads in the loop, mbarrier waits, no cp.async; the descriptor set-up and the TMA
+    # store wait SB0 to zero outside the loop
+    r = results["tma[bf16,128x128x64]", "aligned", cc]
+    assert r.error is None and audit.findings(r) == [], audit.findings(r)
+    lp = r.sass.main_loop
+    assert lp.tma_loads > 0 and lp.mbarrier_waits > 0 and lp.ldgsts == 0 and lp.cp_async_waits == ()
+    assert r.sass.tma_stores > 0 and r.buffers == (3,)
+
+
+def test_batched_disassembly_matches_cuobjdump(results, monkeypatch):
+    # one nvdisasm run over many functions' code, split and rebased == cuobjdump of each cubin (one per arch)
+    for cc in ARCHS:
+        r = results["tma[bf16,128x128x64]", "aligned", cc]
+        ours = audit.parse_sass(Path(r.cubin).with_suffix(".sass").read_text())
+        theirs = subprocess.run(
+            [audit._tool("cuobjdump"), "--dump-sass", r.cubin], capture_output=True, text=True, check=True
+        ).stdout
+        assert ours == audit.parse_sass(theirs) and len(ours) > 100
+    # nvdisasm refusing the raw code (here: an unknown architecture name): one cuobjdump per cubin instead
+    monkeypatch.setitem(audit.ARCHS, 120, audit.Arch(120, "SM00", "mma.sync", 101376))
+    assert audit.parse_sass(audit.disassemble(120, [r.cubin])[0]) == audit.parse_sass(theirs)
+
+
+def test_tables_list_every_build_and_check(results):
+    table = audit.format_table(list(results.values()), {"pipeline"})
     assert table.count("\n") == 1 + len(results)
-    assert "sm_90 matmul without HGMMA" in table and "| ok |" in table
+    assert "sm_90 matmul without wgmma (HGMMA)" in table and "| ok |" in table
     assert "| mm[bf16,64x64x32] | aligned | sm_90 |" in table and "| copy[fp32] | unaligned | sm_80 |" in table
-
-
-def test_parsers_read_spills_and_resources():
-    # spills: a register-heavy build as ptxas reports it
-    log = (
-        "ptxas info    : Used 255 registers, used 1 barriers, 584 bytes cmem[0]\n"
-        "ptxas info    : Function properties for k\n"
-        "    48 bytes stack frame, 40 bytes spill stores, 36 bytes spill loads\n"
-    )
-    assert audit.parse_ptxas_log(log) == dict(registers=255, stack=48, spill_stores=40, spill_loads=36)
-    usage = " Function k:\n  REG:128 STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:584 TEXTURE:0"
-    assert audit.parse_resource_usage(usage) == dict(registers=128, stack=0, static_shared=1024, local=0)
-    sass = (
-        "LDGSTS.E.BYPASS.128 [R23], desc[UR16][R18.64], P5 ;\n"
-        "@!P0 LDG.E.128.CONSTANT R4, desc[UR4][R2.64] ;\n"
-        "LDG.E.64 R6, desc[UR4][R2.64] ;\nLDGDEPBAR ;\nSTG.E.128 desc[UR4][R2.64], R4 ;\n"
-    )
-    assert audit.count_ld128(sass) == 2
-    r = audit.BuildResult(audit.Job("m", 0, "k", 90), registers=255, spill_stores=40, spill_loads=36, hgmma=3)
-    assert audit.problems(r) == ["spills 40 B stores / 36 B loads"]
-    # empty logs (no ptxas output captured): nothing invented
-    assert audit.parse_ptxas_log("") == {} and audit.parse_resource_usage("") == {}
+    assert "every iteration (report-only)" in table and "| C7515 |" in table
+    checks = audit.format_checks(list(results.values()), {"pipeline"})
+    assert checks.count("\n") == 1 + len(audit.CHECKS)
+    assert "| pipeline | 4 | sm_80 1, sm_90 1, sm_100 1, sm_120 1 | no (report-only) |" in checks
+    assert "| c7515 | 1 | sm_90 1 | yes |" in checks and "| smem | 0 | - | yes |" in checks
+    assert "| spill | 1 | sm_120 1 | yes, not on sm_120 |" in audit.format_checks(list(results.values()), {"spill@120"})
 
 
 def test_failed_build_is_reported():
@@ -183,13 +571,29 @@ def test_failed_build_is_reported():
     assert r.error and "variant 'unaligned' not in" in r.error
 
 
-def test_main_exit_status(capsys):
-    # the flagged spec makes the audit fail (unaligned only: the aligned-only spec drops out)
-    assert audit.main(["--modules", __name__, "--arch", "90", "--variants", "unaligned", "--jobs", "2"]) == 1
+def test_main_exit_status_and_report_only(capsys, tmp_path):
+    base = ["--modules", __name__, "--arch", "90", "--jobs", "2", "--out", str(tmp_path)]
+    # the flagged spec makes the audit fail (unaligned only: the aligned-only specs drop out)
+    assert audit.main([*base, "--variants", "unaligned"]) == 1
     out = capsys.readouterr().out
-    assert "sm_90 matmul without HGMMA" in out and "3 builds, 1 failing" in out
+    assert "sm_90 matmul without wgmma (HGMMA)" in out and "3 builds, 1 failing" in out
     # --only leaves the flagged spec out: exit 0
-    assert audit.main(["--modules", __name__, "--arch", "90", "--only", "copy[", "--jobs", "1"]) == 0
+    assert audit.main([*base, "--only", "copy["]) == 0
     assert "2 builds, 0 failing" in capsys.readouterr().out
-    # edge: nothing matches the filter
+    # the negative control fails on c7515 and pipeline; reported, not failed, with --report-only
+    assert audit.main([*base, "--only", "serialised"]) == 1
+    assert audit.main([*base, "--only", "serialised", "--report-only", "pipeline,c7515"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "1 builds, 0 failing, 1 with report-only findings" in out
+        and "| c7515 | 1 | sm_90 1 | no (report-only) |" in out
+    )
+    # edges: nothing matches the filter; an unknown check name
     assert audit.main(["--modules", __name__, "--only", "no-such-kernel"]) == 1
+    with pytest.raises(SystemExit):
+        audit.main([*base, "--report-only", "pipeline,nope,spill@89"])
+    err = capsys.readouterr().err
+    assert (
+        "checks must be among build, spill, mma, c7515, pipeline, smem, each optionally @ one of 80, 90, 100, " in err
+    )
+    assert "got nope, spill@89" in err
