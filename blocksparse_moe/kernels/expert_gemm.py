@@ -460,6 +460,7 @@ def gemm_config(
     *,
     epilogue: int = 0,
     glu: bool = False,
+    pair: bool = False,
     aligned: bool = True,
     out_block: int | None = None,
     a_block: int | None = None,
@@ -471,9 +472,11 @@ def gemm_config(
     two programs fit one SM. The GLU forward keeps two accumulators (``block_n`` 64: one A tile feeds ``w1`` and
     ``w3``); the backward epilogue holds h, g and four results per element (``block_n`` 32: at 64 it takes 247
     registers on sm_90 and spills on sm_80 / sm_120). Unaligned operands (scalar loads staged in registers) take a
-    K step of 32 and at most 64 columns (32 for the fp32 GLU pair). ``out_block`` / ``a_block``: the block size of
-    a blocked out / A (a tile never straddles a block). One small config when interpreting. Checked by
-    ``python -m bench.audit``.
+    K step of 32 and at most 64 columns, 32 where a tile keeps two accumulators or two pipelines (GLU, the dgrad
+    pair) or the backward epilogue: wider ones spill on sm_80, sm_100 or sm_120; fp32 tiles take at most 64 columns
+    (16 for the unaligned pair) on 8 warps (sm_120's ptxas spills the transposed-weight and pair fp32 builds
+    otherwise). ``out_block`` / ``a_block``: the block size of a blocked out / A (a tile never straddles a block).
+    One small config when interpreting. Checked by ``python -m bench.audit``.
     """
     if interpreting():
         cfg = GemmConfig(block_m, 16, 16, 2, 4, 1)
@@ -481,8 +484,11 @@ def gemm_config(
         block_k = 32 if dtype == torch.float32 or not aligned else 64
         block_n = 32 if epilogue == 2 else 64 if glu else 128
         if not aligned:
-            block_n = min(block_n, 32 if glu and dtype == torch.float32 else 64)
-        cfg = GemmConfig(block_m, block_n, block_k, 8, 8 if block_m >= 128 else 4, 3)
+            block_n = 32 if (glu or pair or epilogue == 2) else 64
+        warps = 8 if block_m >= 128 else 4
+        if dtype == torch.float32:  # 4-byte tiles: at most 64 columns, 8 warps (sm_120 / sm_80 spill otherwise)
+            block_n, warps = min(block_n, 16 if pair and not aligned else 64), 8
+        cfg = GemmConfig(block_m, block_n, block_k, 8, warps, 3)
     return _clamp(cfg, n=out_block, k=a_block)
 
 
@@ -496,15 +502,17 @@ def wgrad_config(
     b_block: int | None = None,
 ) -> GemmConfig:
     """The ``wgrad_kernel`` config: 128×128 tiles of ``dw[e]`` on 8 warps (``dual``: two 128×64 accumulators), 64
-    rows per step for 16-bit types (32 for fp32 or unaligned operands). A gathered operand loads its ``row_src``
-    entries in the loop: 5 stages give that index load a stage of its own and keep 3 buffers of data in flight (with
-    3 stages the data loads wait to zero every step). ``a_block`` / ``b_block``: the block size of a blocked A / B
-    (A's columns are the tile's M, B's its N; the rows step stays inside a block)."""
+    rows per step for 16-bit types (32 for fp32 or unaligned operands; unaligned tiles half as wide: scalar loads
+    staged in registers spill on sm_80 otherwise). A gathered operand loads its ``row_src`` entries in the loop: 5
+    stages give that index load a stage of its own and keep 3 buffers of data in flight (with 3 stages the data loads
+    wait to zero every step). ``a_block`` / ``b_block``: the block size of a blocked A / B (A's columns are the
+    tile's M, B's its N; the rows step stays inside a block)."""
     if interpreting():
         cfg = GemmConfig(16, 16, 16, 2, 4, 1)
     else:
         block_k = 32 if dtype == torch.float32 or not aligned else 64
-        cfg = GemmConfig(128, 64 if dual else 128, block_k, 8, 8, 5 if gather else 3)
+        block_n = (64 if dual else 128) // (1 if aligned else 2)
+        cfg = GemmConfig(128, block_n, block_k, 8, 8, 5 if gather else 3)
     rows_block = min(a_block or 1 << 30, b_block or 1 << 30)
     cfg = _clamp(cfg, a_block, b_block, rows_block)
     if not interpreting() and cfg.block_m * cfg.block_n <= 64 * 64:
@@ -597,9 +605,10 @@ TMA_WEIGHTS = True  # load the weights through TMA where operands allow (tests s
 
 def _tma_mode(w: torch.Tensor) -> int:
     """``W_TMA`` for weights ``w [E, K, N]``: 1 (N contiguous) or 2 (K contiguous, a transposed view) when TMA can
-    read them — Hopper or newer (or the interpreter), a 16-byte aligned base and 16-byte multiples for the other
-    strides (TMA's rules) — else 0."""
-    if not TMA_WEIGHTS:
+    read them — 16-bit weights (tf32 wgmma reads only K-major tiles: an fp32 tile from TMA is waited to zero), on
+    Hopper or newer (or the interpreter), a 16-byte aligned base and 16-byte multiples for the other strides (TMA's
+    rules) — else 0."""
+    if not TMA_WEIGHTS or w.dtype not in _HALF:
         return 0
     if not interpreting() and (w.device.type != "cuda" or torch.cuda.get_device_capability(w.device)[0] < 9):
         return 0
@@ -651,8 +660,8 @@ def gemm(
     dtype = a.tensor.dtype
     aligned = aligned16((a.tensor, w, out.tensor), (K, N), (*a.strides, *w.stride(), *out.strides))
     cfg = gemm_config(
-        dtype, schedule.block_m, epilogue=epilogue, glu=gate is not None, aligned=aligned, out_block=out.block,
-        a_block=a.block,
+        dtype, schedule.block_m, epilogue=epilogue, glu=gate is not None, pair=pair is not None, aligned=aligned,
+        out_block=out.block, a_block=a.block,
     )  # fmt: skip
     n_store = out.padded_cols
     num_n = triton.cdiv(n_store, cfg.block_n)

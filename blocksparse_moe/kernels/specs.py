@@ -137,8 +137,8 @@ def _gemm_specs() -> list[CompileSpec]:
                 B = block_m if use.blocked else None
 
                 def configs(aligned, dtype=dtype, block_m=block_m, B=B, use=use):
-                    return gemm_config(dtype, block_m, epilogue=use.epilogue, glu=use.glu, aligned=aligned,
-                                       out_block=B if use.out_blocked else None,
+                    return gemm_config(dtype, block_m, epilogue=use.epilogue, glu=use.glu, pair=use.pair,
+                                       aligned=aligned, out_block=B if use.out_blocked else None,
                                        a_block=B if use.a_blocked else None)  # fmt: skip
 
                 lb_block = (B or 0).bit_length() - 1 if use.blocked else DENSE_LOG_BLOCK
@@ -156,11 +156,10 @@ def _gemm_specs() -> list[CompileSpec]:
                         act_tag = f",{act}" if use.epilogue else ""
                         size = f"B={B}" if use.blocked else f"M={cfg.block_m}"
                         name = f"gemm[{use.tag}{act_tag},{triton_type(dtype)},{size},N={cfg.block_n},K={cfg.block_k}"
-                        # the fast config loads the weights through TMA on sm_90 and newer, with pointers on sm_80
+                        # the fast 16-bit config loads the weights through TMA on sm_90 and newer, pointers on sm_80
                         tma = 2 if use.w_t else 1
-                        for mode, archs in (
-                            ((tma, _TMA_ARCHS), (0, (80,))) if variants == ("aligned",) else ((0, None),)
-                        ):
+                        fast = variants == ("aligned",) and dtype != torch.float32  # fp32 weights: pointer loads
+                        for mode, archs in ((tma, _TMA_ARCHS), (0, (80,))) if fast else ((0, None),):
                             two = (use.glu and use.epilogue == 1) or use.pair
                             constexprs, descs = _weight_loads(dtype, cfg, mode, two=two)
                             constexprs = {**base, **constexprs}
