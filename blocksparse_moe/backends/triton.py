@@ -190,10 +190,9 @@ def _layout(routing: MlpRouting, t: torch.Tensor, cols: int) -> Rows:
 
 
 def _schedule(routing: MlpRouting) -> Schedule:
+    """The tile schedule of ``routing`` (its ``tile_offsets`` computed once per call by ``ops.mlp.mlp_routing``)."""
     E = routing.offsets.shape[0] - 1
-    max_tiles = routing.rows // routing.block_m if routing.block_size else min(
-        -(-routing.rows // routing.block_m) + E, routing.rows
-    )  # fmt: skip
+    max_tiles = Schedule.max_tiles(routing.rows, E, routing.block_m, padded=bool(routing.block_size))
     return Schedule(routing.offsets, routing.tile_offsets, routing.block_m, max_tiles)
 
 
@@ -214,10 +213,9 @@ def mlp_forward(
     g = None if w3 is None else new(shape, x)
     a = new(shape, x)
     schedule = _schedule(routing)
-    hl = _layout(routing, h, F)
     gemm_kernels.gemm(
-        _rows(x, gathered=True), w1, hl, schedule, row_src=routing.row_src, gate=w3, gate_out=g, act_out=a,
-        activation=activation,
+        _rows(x, gathered=True), w1, _layout(routing, h, F), schedule, row_src=routing.row_src, gate=w3, gate_out=g,
+        act_out=a, activation=activation,
     )  # fmt: skip
     y = new((routing.rows, w2.shape[2]), x)
     gemm_kernels.gemm(_layout(routing, a, F), w2, Rows.dense(y), schedule)
@@ -250,11 +248,12 @@ def mlp_backward(
     need_x, need_weights, need_w1, need_w2, need_w3 = needs
     F = w1.shape[2]
     schedule = _schedule(routing)
+    douts = _rows(dout, gathered=True)  # the token rows of dout, read through row_src in the loads
     dh = new(tuple(h.shape), h)
     dg = None if g is None else new(tuple(h.shape), h)
     aw = new(tuple(h.shape), h)
     dots = gemm_kernels.gemm(
-        _rows(dout, gathered=True), w2.transpose(1, 2), _layout(routing, dh, F), schedule,
+        douts, w2.transpose(1, 2), _layout(routing, dh, F), schedule,
         row_src=routing.row_src, gate_out=dg, act_out=aw, activation=activation,
         backward=BackwardEpilogue(h, g, routing.row_asg, weights.reshape(-1)),
     )  # fmt: skip
@@ -262,9 +261,7 @@ def mlp_backward(
     dw2 = None
     if need_w2:
         dw2 = new(tuple(w2.shape), w2)
-        gemm_kernels.wgrad(
-            _layout(routing, aw, F), _rows(dout, gathered=True), dw2, routing.offsets, row_src=routing.row_src
-        )
+        gemm_kernels.wgrad(_layout(routing, aw, F), douts, dw2, routing.offsets, row_src=routing.row_src)
     dx = None
     if need_x:
         dxs = new((routing.rows, x.shape[1]), x)

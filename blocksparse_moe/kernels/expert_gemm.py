@@ -579,13 +579,20 @@ class Schedule:
     def build(cls, offsets: torch.Tensor, rows: int, block_m: int, *, padded: bool = False) -> Schedule:
         """The schedule of ``rows`` expert-sorted rows. ``padded``: every expert's row count is a multiple of
         ``block_m`` (block-padded offsets), so the tiles are ``offsets / block_m`` exactly. No host sync."""
-        E = offsets.shape[0] - 1
         if padded:
-            return cls(offsets, offsets // block_m, block_m, rows // block_m)
-        tiles = (offsets[1:] - offsets[:-1] + block_m - 1) // block_m
-        tile_offsets = torch.cat([offsets.new_zeros(1), tiles.cumsum(0).to(offsets.dtype)])
-        # Σ_e ceil(n_e / m) ≤ cdiv(R, m) + E tiles of rows, plus those zeroing the rows ≥ offsets[E]; each ≥ 1 row
-        return cls(offsets, tile_offsets, block_m, min(triton.cdiv(rows, block_m) + E, rows))
+            tile_offsets = offsets // block_m
+        else:
+            tiles = (offsets[1:] - offsets[:-1] + block_m - 1) // block_m
+            tile_offsets = torch.cat([offsets.new_zeros(1), tiles.cumsum(0).to(offsets.dtype)])
+        return cls(offsets, tile_offsets, block_m, cls.max_tiles(rows, offsets.shape[0] - 1, block_m, padded))
+
+    @staticmethod
+    def max_tiles(rows: int, num_experts: int, block_m: int, padded: bool) -> int:
+        """The grid's bound of M tiles: ``rows / block_m`` for block-padded rows; otherwise ``Σ_e ceil(n_e / m) ≤
+        cdiv(R, m) + E`` tiles of rows plus those zeroing the rows ``≥ offsets[E]``, each with at least one row."""
+        if padded:
+            return rows // block_m
+        return min(triton.cdiv(rows, block_m) + num_experts, rows)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .. import backends
 from ..backends.common import MlpRouting
+from ..kernels.expert_gemm import Schedule
 from ..routing import RoutingPlan
 from .grouped import row_sources
 
@@ -35,12 +36,10 @@ def mlp_routing(plan: RoutingPlan, *, blocksparse: bool, block_m: int) -> MlpRou
         if B % block_m:
             raise ValueError(f"block_m must divide the block size {B}, got {block_m}")
         offsets, row_asg, asg_row = plan.padded_offsets, plan.padded_row_assignment, plan.padded_assignment_row
-        tile_offsets = offsets // block_m
     else:
         B = 0
         offsets, row_asg, asg_row = plan.offsets, plan.row_assignment, plan.assignment_row
-        tiles = (offsets[1:] - offsets[:-1] + block_m - 1) // block_m
-        tile_offsets = torch.cat([offsets.new_zeros(1), tiles.cumsum(0).to(offsets.dtype)])
+    tile_offsets = Schedule.build(offsets, row_asg.shape[0], block_m, padded=blocksparse).tile_offsets
     return MlpRouting(offsets, tile_offsets, row_sources(row_asg, plan.top_k), row_asg, asg_row, B, block_m)
 
 
