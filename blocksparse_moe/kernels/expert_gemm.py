@@ -678,7 +678,9 @@ def gemm(
     if schedule.max_m_tiles * num_n == 0:
         return dots
     a2, w2 = pair if pair is not None else (a, gate if gate is not None else w)
-    tma = _tma_mode(w) if aligned and _tma_mode(w2) == _tma_mode(w) else 0
+    tma = _tma_mode(w) if aligned else 0
+    if tma and _tma_mode(w2) != tma:  # the second weight (GLU gate, pair) must load the same way
+        tma = 0
     w_desc = w2_desc = None
     if tma:
         w_desc = _descriptor(w, tma, cfg.block_k, cfg.block_n)
