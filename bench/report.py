@@ -49,7 +49,7 @@ def metadata(device: torch.device, argv: list[str], extra: dict[str, Any] | None
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    from blocksparse_moe._backend import resolve_backend
+    from blocksparse_moe.config import resolve_backend
 
     meta: dict[str, Any] = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

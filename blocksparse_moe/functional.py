@@ -32,9 +32,9 @@ from functools import partial
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from ._backend import check_enabled, resolve_backend
 from .activations import Activation, get_activation
 from .backends.triton import grouped_block_m
+from .config import check_enabled, resolve_backend
 from .reference import expert_loop_moe_mlp
 from .routing import RoutingPlan, plan_routing
 
@@ -144,7 +144,7 @@ def moe_mlp(
     backend = resolve_backend(x.device, backend, x.dtype)
     if impl == "padded":
         capacity = padded_capacity(T, k, E, capacity_factor=capacity_factor, capacity=capacity, num_groups=num_groups)
-    if check_enabled(x.device, check) and not torch.compiler.is_compiling():
+    if check_enabled(x.device, check):
         check_expert_ids(top_k_index, E)
 
     weights = top_k_weights.to(combine_dtype(x.dtype))
@@ -224,7 +224,7 @@ def custom_moe_mlp(
         if bias is not None and tuple(bias.shape) != (E, width):
             raise ValueError(f"{name} must be [E={E}, {width}], got shape {tuple(bias.shape)}")
     backend = resolve_backend(x.device, backend, x.dtype)
-    if check_enabled(x.device, check) and not torch.compiler.is_compiling():
+    if check_enabled(x.device, check):
         check_expert_ids(top_k_index, E)
     weights = top_k_weights.to(combine_dtype(x.dtype))
     strategy = partial(
@@ -434,7 +434,7 @@ def _validate(
 
 def check_expert_ids(top_k_index: torch.Tensor, num_experts: int) -> None:
     """Raise ``ValueError`` if ``top_k_index`` holds an id outside ``[0, num_experts)`` (reads the data: one host
-    sync on GPU; callers gate it with ``_backend.check_enabled``)."""
+    sync on GPU; callers gate it with ``config.check_enabled``)."""
     bad = (top_k_index < 0) | (top_k_index >= num_experts)
     if bool(bad.any()):
         raise ValueError(

@@ -60,7 +60,7 @@ def _jit_compiles(arch: int) -> str:
 
 def collect() -> list[tuple[str, str]]:
     """``(label, value)`` lines of the report."""
-    from . import _backend, _ext, _jit
+    from . import _ext, _jit, config
     from .routing import routing_backend
 
     lines = [
@@ -82,7 +82,7 @@ def collect() -> list[tuple[str, str]]:
         return f"{name}: {why}"
 
     def kernels_line(device: torch.device) -> str:
-        name = _backend.resolve_backend(device)
+        name = config.resolve_backend(device)
         why = "Triton kernels" if name == "triton" else "the PyTorch implementation of the same strategy"
         if device.type == "cpu" and name == "triton":
             why += " under Triton's interpreter (TRITON_INTERPRET=1)"

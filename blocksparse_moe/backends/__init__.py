@@ -1,6 +1,6 @@
 """The implementations of every op contract, one module per backend: ``triton`` (the kernels; CUDA, or CPU under
 Triton's interpreter) and ``torch`` (PyTorch; the CPU path, float64, and the reference). ``get(name)`` returns one;
-``_backend.resolve_backend`` chooses the name, once per op call, in the op layer."""
+``config.resolve_backend`` chooses the name, once per op call, in the op layer."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .._backend import interpreting
+from ..config import interpreting
 
 __all__ = [
     "interpreting",

@@ -1,5 +1,5 @@
 """Differentiable ops (``torch.library`` custom ops + autograd). Each validates its operands once (``_checks``),
-resolves the backend once (``_backend.resolve_backend``) and runs ``backends.triton`` or ``backends.torch``.
+resolves the backend once (``config.resolve_backend``) and runs ``backends.triton`` or ``backends.torch``.
 
 Block-sparse (over a routing ``Topology``): ``sdd``, ``sdd_wgrad``, ``dsd``, ``dsd_t``, ``dds``, ``dds_t``.
 Grouped: ``grouped_mm``, ``grouped_mm_wgrad``. Permutation: ``gather_rows``, ``scatter_rows``, ``weights_grad``.

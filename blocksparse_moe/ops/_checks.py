@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from ..config import FLOAT_DTYPES
 from ..routing import INDEX_DTYPE, Topology
+from ..validation import MAX_INDEX, check_float, check_same_device, check_sizes, check_tensor
 
 __all__ = [
     "FLOAT_DTYPES",
@@ -36,44 +38,10 @@ __all__ = [
     "check_row_maps",
 ]
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # the torch backend's; triton: no fp64
-MAX_INDEX = 2**31 - 1  # sizes that int32 indices can address
-
-
-def check_tensor(name: str, t: object, dims: str, expected: tuple[int | None, ...]) -> torch.Tensor:
-    """Type and shape; ``expected`` holds each dimension's size, ``None`` where any size is accepted."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != len(expected) or any(e is not None and s != e for s, e in zip(t.shape, expected)):
-        want = ", ".join("*" if e is None else str(e) for e in expected)
-        raise ValueError(f"{name} must have shape {dims} = ({want}), got {tuple(t.shape)}")
-    return t
-
-
-def check_float(name: str, t: torch.Tensor) -> None:
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must have a dtype among {FLOAT_DTYPES}, got {t.dtype}")
-
 
 def check_index(name: str, t: torch.Tensor) -> None:
     if t.dtype != INDEX_DTYPE:
         raise TypeError(f"{name} must be {INDEX_DTYPE}, got {t.dtype}")
-
-
-def check_sizes(**sizes: int) -> None:
-    """Each named size is addressable with int32 indices."""
-    for name, size in sizes.items():
-        if size > MAX_INDEX:
-            raise ValueError(f"{name} must be at most {MAX_INDEX} (int32 indices), got {size}")
-
-
-def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
-    """All non-None tensors on one device; returns it."""
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"expected all tensors on one device, got {listing}")
-    return next(iter(devices.values()))
 
 
 def check_out(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> None:

@@ -4,7 +4,7 @@
 
 Each op takes its two tensor operands, the topology as ``padded_offsets`` plus ``block_size``, ``ffn_size`` and
 ``max_block_rows`` (``routing.Topology``: the block-diagonal layout needs nothing else), and the backend, which the
-functional wrappers below resolve once per call (``_backend.resolve_backend``) after validating the operands
+functional wrappers below resolve once per call (``config.resolve_backend``) after validating the operands
 (``_checks``). Gradients reuse the same ops (MegaBlocks §5.1), on transposed views, never copies, and every weight
 gradient comes out in its parameter's layout:
 
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from .._backend import resolve_backend
+from ..config import resolve_backend
 from ..routing import Topology
 from . import _checks
 

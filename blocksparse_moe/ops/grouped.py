@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from .._backend import resolve_backend
+from ..config import resolve_backend
 from . import _checks
 from .permute import _scatter_rows
 

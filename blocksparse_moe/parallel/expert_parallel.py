@@ -44,8 +44,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._backend import check_enabled
 from ..activations import Activation
+from ..config import check_enabled
 from ..functional import check_expert_ids, combine_dtype, moe_mlp, padded_capacity, padded_slots
 from ..ops.permute import gather_rows, scatter_rows
 from ..routing import plan_routing
@@ -229,7 +229,7 @@ def ep_dispatch(
     """
     world, _ = _world(group)
     _check_routing(x, top_k_index, num_experts, world)
-    if check_enabled(x.device, check) and not torch.compiler.is_compiling():
+    if check_enabled(x.device, check):
         check_expert_ids(top_k_index, num_experts)
     if keep is not None:
         if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != top_k_index.shape:
