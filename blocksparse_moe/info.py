@@ -60,7 +60,7 @@ def _jit_compiles(arch: int) -> str:
 
 def collect() -> list[tuple[str, str]]:
     """``(label, value)`` lines of the report."""
-    from . import _ext, _jit, config
+    from . import _ext, _jit, backends, config
     from .routing import routing_backend
 
     lines = [
@@ -91,6 +91,7 @@ def collect() -> list[tuple[str, str]]:
     cpu = torch.device("cpu")
     lines.append(("routing, CPU tensors", _try(lambda: routing_line(cpu))))
     lines.append(("kernels, CPU tensors", _try(lambda: kernels_line(cpu))))
+    lines.append(("torch backend GEMMs, CPU", _try(lambda: f"{backends.get('torch').host_primitive(cpu)} (probed)")))
     count = _try(lambda: str(torch.cuda.device_count()))
     if count.isdigit() and int(count) > 0:
         for index in range(int(count)):

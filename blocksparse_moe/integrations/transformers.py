@@ -96,8 +96,8 @@ def moe_mlp_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torc
     if not _has_default_gate(module):
         return None
     gate_up = _in_out(module, module.gate_up_proj)  # [E, d, 2F]: gate columns first, then up
-    f = gate_up.shape[2] // 2
-    return gate_up[..., :f], w2, gate_up[..., f:], activation
+    w1, w3 = gate_up.split(gate_up.shape[2] // 2, dim=2)  # one split: its backward is one cat, not two scatters
+    return w1, w2, w3, activation
 
 
 def experts_forward(
