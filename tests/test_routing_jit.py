@@ -149,6 +149,20 @@ def test_nvrtc_library_missing(nvrtc, monkeypatch):
     assert not info.value.quiet
 
 
+@pytest.mark.parametrize(
+    "cache, xdg, expected",
+    [
+        ("/tmp/bsm-a", "/tmp/xdg", "/tmp/bsm-a"),  # the switch wins
+        ("", "/tmp/xdg", "/tmp/xdg/blocksparse_moe"),  # empty means unset (config.switch): XDG_CACHE_HOME
+        ("", "", "~/.cache/blocksparse_moe"),  # neither: the switch's default
+    ],
+)
+def test_cache_dir_follows_the_switch(monkeypatch, cache, xdg, expected):
+    monkeypatch.setenv("BSM_CACHE_DIR", cache)
+    monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    assert _jit.cache_dir() == Path(expected).expanduser()
+
+
 def test_cupy_not_installed(monkeypatch):
     # no cupy at all: a quiet failure (the user did not ask for it)
     monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs.nvrtc", None)
