@@ -169,8 +169,8 @@ def moe_mlp(
         strategy = partial(
             _blocksparse, w1=w1, w2=w2, w3=w3, activation=activation, recompute=recompute_activation, backend=backend
         )
-        out, plan = _dropless(x, top_k_index, weights, E, strategy, block_size=B, ffn_size=f)
-        padded_width = plan.topology.blocks_per_expert * B  # the last column block of an expert is computed whole
+        out, plan = _dropless(x, top_k_index, weights, E, strategy, block_size=B)
+        padded_width = plan.topology(f).blocks_per_expert * B  # the last column block of an expert is computed whole
         executed = plan.padded_offsets[-1].to(torch.int64) * (2 * d * padded_width * nmm)
     if return_stats:
         return out, MoEStats(impl, capacity, dropped, executed, useful)
@@ -454,14 +454,12 @@ def _dropless(
     strategy: Callable[[torch.Tensor, RoutingPlan, torch.Tensor], torch.Tensor],
     *,
     block_size: int,
-    ffn_size: int | None = None,
 ) -> tuple[torch.Tensor, RoutingPlan]:
-    """The dropless pipeline every dropless path shares: plan the routing (block size ``block_size``; topology when
-    ``ffn_size`` is given), then ``out = strategy(x, plan, weights)``: each token's experts applied to its rows of
-    the plan's layout (the unpadded one when ``block_size = 1``, else the block-padded one) and combined,
-    ``out[t] = Σ_j weights[t, j] · y[row(t, j)]``. Ids were checked (or deliberately not) by the caller; invalid
-    ones have no row and contribute zero."""
-    plan = plan_routing(top_k_index, num_experts, block_size=block_size, ffn_size=ffn_size, check=False)
+    """The dropless pipeline every dropless path shares: plan the routing (block size ``block_size``), then
+    ``out = strategy(x, plan, weights)``: each token's experts applied to its rows of the plan's layout (the unpadded
+    one when ``block_size = 1``, else the block-padded one) and combined, ``out[t] = Σ_j weights[t, j] · y[row(t, j)]``.
+    Ids were checked (or deliberately not) by the caller; invalid ones have no row and contribute zero."""
+    plan = plan_routing(top_k_index, num_experts, block_size=block_size, check=False)
     return strategy(x, plan, weights), plan
 
 
@@ -532,7 +530,7 @@ def _blocksparse(x, plan, weights, *, w1, w2, w3, activation, recompute, backend
     if isinstance(activation, str):
         routing = mlp_routing(plan, blocksparse=True, block_m=plan.block_size)
         return expert_mlp(x, weights, w1, w2, w3, routing, activation, backend)
-    topo = plan.topology
+    topo = plan.topology(w1.shape[2])
     xs = gather_rows(x, plan.padded_row_assignment, plan.padded_assignment_row, backend=backend)
     h = sdd(xs, w1, topo, backend=backend)
     g = None if w3 is None else sdd(xs, w3, topo, backend=backend)

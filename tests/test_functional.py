@@ -455,7 +455,7 @@ def test_blocksparse_fused_activation_saves_only_pre_activation(glu):
     # a named activation runs the fused bsm::expert_mlp: autograd keeps h (and g) only, no post-activation copy,
     # with or without recompute_activation (same results); a callable keeps the unfused path (more block tensors)
     x, idx, w, w1, w2, w3 = _inputs(13, 13, 19, 4, 2, "uniform", glu)
-    topo = plan_routing(idx, 4, block_size=B, ffn_size=19).topology
+    topo = plan_routing(idx, 4, block_size=B).topology(19)
     leaves = [t.requires_grad_() for t in (x, w1, w2) + ((w3,) if glu else ())]
     runs = {"fused": ("silu", False), "fused-rc": ("silu", True), "callable": (torch.nn.functional.silu, False)}
     outs, saved = {}, {}
