@@ -313,6 +313,21 @@ def test_combine_weights_in_fp32(impl):
     torch.testing.assert_close(out.float(), y.float() * 2**-10, atol=1e-6, rtol=2e-2)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_combine_weights_in_fp32_under_autocast(impl):
+    # defect 3: under CPU autocast (bf16) the combine still runs in fp32 on every strategy. Each token picks one
+    # expert twice with weights 1 + 2^-9 and -1: out = 2^-9 · y; the padded strategy's combine was a bmm that
+    # autocast ran in bf16 (1 + 2^-9 -> 1), which returned exactly 0
+    x, _, _, w1, w2, w3 = _inputs(8, 16, 16, 4, 2, "uniform", True)
+    one = torch.randint(0, 4, (8, 1))
+    w = torch.tensor([[1 + 2**-9, -1.0]]).expand(8, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe_mlp(x, one, torch.ones(8, 1), w1, w2, w3, impl=impl, **_impl_kwargs(impl, 8, 1))
+        out = moe_mlp(x, one.expand(8, 2), w, w1, w2, w3, impl=impl, **_impl_kwargs(impl, 8, 2))
+    assert out.dtype == torch.bfloat16 and out.abs().sum() > 0
+    torch.testing.assert_close(out.float(), y.float() * 2**-9, atol=1e-6, rtol=2e-2)
+
+
 def test_grouped_callable_activation_compile_dynamic():
     # defect 4: torch.compile(dynamic=True) of the grouped strategy with a callable activation (symbolic T and k)
     # matches eager, forward and gradients, for two shapes through one compiled function

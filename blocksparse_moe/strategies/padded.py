@@ -74,7 +74,7 @@ def padded(
     recompute: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The experts on ``capacity`` slots per expert per group; returns ``(out [T, d] in x.dtype, dropped [] int64)``
-    (valid assignments over capacity)."""
+    (valid assignments over capacity). The combine runs in ``weights``' dtype (fp32 at least), autocast or not."""
     T, d = x.shape
     E = w1.shape[0]
     n = num_groups * E * capacity
@@ -89,6 +89,7 @@ def padded(
     y = activate_then(lambda a: torch.bmm(a, w2), activation, h, g, recompute)  # [E, G·C, d]
     y = y.view(E, num_groups, capacity, d).transpose(0, 1).reshape(n, d)
     gathered = torch.cat([y, y.new_zeros(1, d)]).index_select(0, slot.reshape(-1)).view(*slot.shape, d)
-    out = torch.bmm(weights.unsqueeze(1), gathered.to(weights.dtype)).squeeze(1)  # combine in the weights' dtype
+    # combine in the weights' dtype, elementwise: autocast would run a bmm in its 16-bit dtype
+    out = (weights.unsqueeze(-1) * gathered.to(weights.dtype)).sum(1)
     valid = (top_k_index >= 0) & (top_k_index < E)
     return out.to(x.dtype), ((slot == n) & valid).sum()
