@@ -74,11 +74,14 @@ def _run(strategy, backend, x, idx, weights, w1, w2, w3, activation, block_size=
     return expert_mlp(x, weights, w1, w2, w3, r, activation, backend)
 
 
-def _check(strategy, backend, case, dtype, glu, activation, monkeypatch, block_size=16, tol_scale=1.0):
+def _check(strategy, backend, case, dtype, glu, activation, monkeypatch, block_size=16, tol_scale=1.0, layout=None):
+    """``layout``: maps (w1, w2, w3) to the same values in other strides (the mixed-layout tests)."""
     if backend == "torch-tiles":  # the torch backend's sync-free schedule (GPU, torch.compile), not its CPU loop
         monkeypatch.setattr(backends.get("torch"), "host_loop_ok", lambda t: False)
         backend = "torch"
     x, idx, weights, w1, w2, w3 = _inputs(case, dtype, glu)
+    if layout is not None:
+        w1, w2, w3 = layout(w1, w2, w3)
     inputs = [t.clone() for t in (x, idx, weights, w1, w2, w3) if t is not None]
     leaves = [t.requires_grad_() for t in (x, weights, w1, w2, w3) if t is not None]
     out = _run(strategy, backend, x, idx, weights, w1, w2, w3, activation, block_size)
@@ -252,3 +255,51 @@ def test_weight_loads_tma_and_pointers(strategy, tma, monkeypatch, poison_alloca
     finally:
         del CASES["aligned"]
     assert set(modes) == ({1, 2} if tma else set())  # forward: w1, w3, w2 as stored; backward: w2ᵀ, w1ᵀ, w3ᵀ
+
+
+def _transposed(w: torch.Tensor) -> torch.Tensor:
+    """``w`` as a transposed view: the same values, stored ``[E, N, K]`` (unit stride along K)."""
+    return w.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _sliced(w: torch.Tensor, extra: int, first: bool = True) -> torch.Tensor:
+    """``w`` as a slice of a wider ``[E, K, N + extra]`` tensor whose other columns are NaN (an out-of-bounds or
+    wrongly strided read shows): the first ``N`` columns, or the last ones (``first=False``)."""
+    E, K, N = w.shape
+    wide = torch.full((E, K, N + extra), float("nan"), dtype=w.dtype)
+    view = wide[..., :N] if first else wide[..., extra:]
+    view.copy_(w)
+    return view
+
+
+LAYOUTS = {
+    # name: (w1, w2, w3) -> the same values in other strides; each weight read with its own strides (issue 15, 1)
+    "w3-transposed": lambda w1, w2, w3: (w1, w2, _transposed(w3)),  # gate K-major beside an N-major w1
+    "w1-transposed": lambda w1, w2, w3: (_transposed(w1), w2, w3),  # the reverse: the pair's w1ᵀ K-major
+    "gate-up": lambda w1, w2, w3: (_sliced(w1, w1.shape[2]), w2, w3),  # w1 = gate_up[..., :f] beside a separate w3
+    "w3-sliced": lambda w1, w2, w3: (w1, w2, _sliced(w3, 16, first=False)),  # w3 inside a wider NaN-padded tensor
+    "w2-transposed": lambda w1, w2, w3: (w1, _transposed(w2), w3),  # the down-projection transposed
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("strategy", ["blocksparse", "grouped"])
+def test_weights_of_mixed_layouts(strategy, dtype, layout, monkeypatch, poison_allocations):
+    """w1, w2, w3 of different strides (a transposed view, a slice of gate_up, a slice of a NaN-padded tensor): the
+    output and every gradient match the float64 loop on the Triton backend (regression, issue 15 defect 1: the
+    GLU forward read w3, and the backward pair w3ᵀ, with w1's strides). "empty-experts": odd sizes, pointer loads."""
+    _check(strategy, "triton", "empty-experts", dtype, True, "silu", monkeypatch, tol_scale=2, layout=LAYOUTS[layout])
+
+
+@pytest.mark.parametrize("layout", ["w3-transposed", "w3-sliced"])
+@pytest.mark.parametrize("strategy", ["blocksparse", "grouped"])
+def test_weights_of_mixed_layouts_tma(strategy, layout, monkeypatch, poison_allocations):
+    """Aligned fp16 weights of mixed layouts: a w3 slice of aligned strides gets its own TMA descriptor; a transposed
+    w3 beside an N-major w1 falls back to pointer loads for both (one ``W_TMA`` mode per launch)."""
+    CASES["aligned"] = (21, 32, 48, 3, 2, "uniform")  # d, f multiples of 16; 21 tokens: partial M tiles
+    try:
+        _check(strategy, "triton", "aligned", torch.float16, True, "silu", monkeypatch, tol_scale=2,
+               layout=LAYOUTS[layout])  # fmt: skip
+    finally:
+        del CASES["aligned"]

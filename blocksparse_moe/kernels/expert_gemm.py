@@ -172,6 +172,8 @@ def _mainloop(
     n0,
     s_wk,
     s_wn,
+    s_w2k,
+    s_w2n,
     offs_n,
     n_ok,
     row_ok,
@@ -185,11 +187,13 @@ def _mainloop(
     UPCAST: tl.constexpr,
 ):
     """``acc += A[rows, :K] @ W[:K, cols]`` (and ``acc2 += A @ W2`` when ``DUAL``), ``BLOCK_K`` at a time over
-    ``k_steps`` steps. ``a_rows``: the tile's row offsets into A; ``w_ptr`` / ``w2_ptr``: the expert's weights (or
-    their descriptors ``w_desc`` / ``w2_desc`` with ``W_TMA``, at expert ``e``, columns from ``n0``)."""
+    ``k_steps`` steps. ``a_rows``: the tile's row offsets into A; ``w_ptr`` / ``w2_ptr``: the expert's weights, each
+    read with its own strides (``s_wk, s_wn`` / ``s_w2k, s_w2n``), or their descriptors ``w_desc`` / ``w2_desc``
+    with ``W_TMA``, at expert ``e``, columns from ``n0``."""
     offs_k = tl.arange(0, BLOCK_K)
     a_tile = a_ptr + a_rows[:, None] + (offs_k.to(tl.int64) * s_ac)[None, :]
     w_tile = offs_k.to(tl.int64)[:, None] * s_wk + offs_n.to(tl.int64)[None, :] * s_wn
+    w2_tile = offs_k.to(tl.int64)[:, None] * s_w2k + offs_n.to(tl.int64)[None, :] * s_w2n
     for t in range(0, k_steps):
         k_ok = (t * BLOCK_K + offs_k) < K
         a = tl.load(
@@ -203,7 +207,8 @@ def _mainloop(
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc)
         if DUAL:
-            w2 = _load_w(w2_ptr, w2_desc, w_off, w_mask, e, t * BLOCK_K, n0, BLOCK_K, BLOCK_N, W_TMA)
+            w2_off = tl.cast(t, tl.int64) * (BLOCK_K * s_w2k) + w2_tile
+            w2 = _load_w(w2_ptr, w2_desc, w2_off, w_mask, e, t * BLOCK_K, n0, BLOCK_K, BLOCK_N, W_TMA)
             if UPCAST:
                 w2 = w2.to(tl.float32)
             acc2 = tl.dot(a, w2, acc2)
@@ -215,7 +220,7 @@ def gemm_kernel(
     a_ptr,  # A [T, K] gathered through row_src (GATHER), or [R, K] in a row layout
     w_ptr,  # [E, K, N] any strides
     a2_ptr,  # PAIR: the second A, in A's row layout (unused otherwise)
-    w2_ptr,  # GLU: the gate weight; PAIR: the second weight; [E, K, N] with w's strides (unused otherwise)
+    w2_ptr,  # GLU: the gate weight; PAIR: the second weight; [E, K, N] any strides (unused otherwise)
     w_desc,  # W_TMA: host tensor descriptor of w ([E, K, N], or [E, N, K] for W_TMA 2); None otherwise
     w2_desc,  # W_TMA and GLU / PAIR: descriptor of w2; None otherwise
     out_ptr,  # [R, N] row layout: the result (EPILOGUE 0), h (1), dh (2)
@@ -243,6 +248,9 @@ def gemm_kernel(
     s_we,
     s_wk,
     s_wn,
+    s_w2e,
+    s_w2k,
+    s_w2n,
     s_orb,
     s_or,
     s_ocb,
@@ -287,18 +295,19 @@ def gemm_kernel(
         a_ok = row_ok
         a_rows = _row_offsets(rows, s_arb, s_ar, LB_A)
     w_base = e.to(tl.int64) * s_we
+    w2_base = e.to(tl.int64) * s_w2e
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GLU only; unused (and removed) otherwise
     n0 = pid_n * BLOCK_N
     DUAL: tl.constexpr = GLU and EPILOGUE == 1  # the gate weight's accumulator (the backward reads the saved g)
     acc, acc2 = _mainloop(
-        acc, acc2, a_ptr, a_rows, s_acb, s_ac, w_ptr + w_base, w2_ptr + w_base, w_desc, w2_desc, e, n0, s_wk, s_wn,
-        offs_n, n_ok, a_ok, k_steps, K, BLOCK_K, BLOCK_N, LB_A, DUAL, W_TMA, UPCAST,
+        acc, acc2, a_ptr, a_rows, s_acb, s_ac, w_ptr + w_base, w2_ptr + w2_base, w_desc, w2_desc, e, n0, s_wk, s_wn,
+        s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, BLOCK_K, BLOCK_N, LB_A, DUAL, W_TMA, UPCAST,
     )  # fmt: skip
     if PAIR:
         acc, acc2 = _mainloop(
-            acc, acc2, a2_ptr, a_rows, s_acb, s_ac, w2_ptr + w_base, w2_ptr, w2_desc, w2_desc, e, n0, s_wk, s_wn,
-            offs_n, n_ok, a_ok, k_steps, K, BLOCK_K, BLOCK_N, LB_A, False, W_TMA, UPCAST,
+            acc, acc2, a2_ptr, a_rows, s_acb, s_ac, w2_ptr + w2_base, w2_ptr, w2_desc, w2_desc, e, n0, s_w2k, s_w2n,
+            s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, BLOCK_K, BLOCK_N, LB_A, False, W_TMA, UPCAST,
         )  # fmt: skip
 
     o_cols = _tile_start(pid_n, s_ocb, s_oc, BLOCK_N, LB_O) + tl.arange(0, BLOCK_N).to(tl.int64) * s_oc
@@ -652,7 +661,7 @@ def gemm(
     ``schedule``; rows past ``offsets[E]`` are zeroed. Operands are validated by the caller.
 
     - ``row_src`` with a gathered ``a``: the token of each row (-1: a zero row);
-    - ``pair = (a2, w2)``: ``out = a @ w + a2 @ w2`` (``a2`` in ``a``'s layout, ``w2`` with ``w``'s strides);
+    - ``pair = (a2, w2)``: ``out = a @ w + a2 @ w2`` (``a2`` in ``a``'s layout; ``w2`` any strides);
     - forward epilogue (``act_out`` given): ``out = h``, ``gate_out = g`` (GLU: ``gate`` is the gate weight),
       ``act_out = act(h) [· g]``;
     - ``backward``: the backward epilogue; ``out = dh``, ``gate_out = dg`` (GLU), ``act_out = aw``; returns the
@@ -665,9 +674,10 @@ def gemm(
     epilogue = 2 if backward is not None else 1 if act_out is not None else 0
     glu = gate is not None or (backward is not None and backward.g is not None)
     dtype = a.tensor.dtype
-    aligned = aligned16((a.tensor, w, out.tensor), (K, N), (*a.strides, *w.stride(), *out.strides))
+    a2, w2 = pair if pair is not None else (a, gate if gate is not None else w)
+    aligned = aligned16((a.tensor, w, w2, out.tensor), (K, N), (*a.strides, *w.stride(), *w2.stride(), *out.strides))
     cfg = gemm_config(
-        dtype, schedule.block_m, epilogue=epilogue, glu=gate is not None, pair=pair is not None, aligned=aligned,
+        dtype, schedule.block_m, epilogue=epilogue, glu=glu, pair=pair is not None, aligned=aligned,
         out_block=out.block, a_block=a.block,
     )  # fmt: skip
     n_store = out.padded_cols
@@ -677,7 +687,9 @@ def gemm(
         dots = torch.empty(num_n, out.rows, dtype=torch.float32, device=out.tensor.device)
     if schedule.max_m_tiles * num_n == 0:
         return dots
-    a2, w2 = pair if pair is not None else (a, gate if gate is not None else w)
+    if a2.strides != a.strides or a2.log_block != a.log_block:
+        raise ValueError(f"gemm: the pair's second operand must share the first's row layout, got strides "
+                         f"{a2.strides} and {a.strides}")  # fmt: skip
     tma = _tma_mode(w) if aligned else 0
     if tma and _tma_mode(w2) != tma:  # the second weight (GLU gate, pair) must load the same way
         tma = 0
@@ -693,7 +705,7 @@ def gemm(
         off if row_src is None else row_src, bwd.row_asg, bwd.weights, out.tensor if dots is None else dots, off,
         schedule.tile_offsets,
         out.rows, N, n_store, K, E, E.bit_length(), schedule.max_m_tiles,
-        *a.strides, *w.stride(), *out.strides,
+        *a.strides, *w.stride(), *w2.stride(), *out.strides,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, LB_A=a.log_block,
         LB_O=out.log_block, GATHER=a.gathered, GLU=glu, PAIR=pair is not None, EPILOGUE=epilogue,
         ACT=kernel_code(activation), W_TMA=tma, UPCAST=upcast_dots(dtype), num_warps=cfg.num_warps,

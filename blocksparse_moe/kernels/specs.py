@@ -37,8 +37,8 @@ _INDEX = dict.fromkeys(
 _FP32 = dict.fromkeys(("weights_ptr", "dots_ptr"), torch.float32)
 
 # Integer arguments that realistic shapes make multiples of 16 (sizes and strides; never row or expert counts).
-_GEMM_ALIGNED = ("N", "N_STORE", "K", "s_arb", "s_ar", "s_acb", "s_ac", "s_we", "s_wk", "s_wn", "s_orb", "s_or",
-                 "s_ocb", "s_oc")  # fmt: skip
+_GEMM_ALIGNED = ("N", "N_STORE", "K", "s_arb", "s_ar", "s_acb", "s_ac", "s_we", "s_wk", "s_wn", "s_w2e", "s_w2k",
+                 "s_w2n", "s_orb", "s_or", "s_ocb", "s_oc")  # fmt: skip
 _WGRAD_ALIGNED = ("M", "N", "s_arb", "s_ar", "s_acb", "s_ac", "s_brb", "s_br", "s_bcb", "s_bc", "s_oe", "s_om", "s_on")
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -96,8 +96,9 @@ class _GemmUse:
 
     @property
     def unit(self) -> tuple[str, ...]:
-        """The strides the JIT specialises to 1: A's and out's columns, and w's N (or K for a transposed view)."""
-        return ("s_ac", "s_wk" if self.w_t else "s_wn", "s_oc")
+        """The strides the JIT specialises to 1: A's and out's columns, and w's and w2's N (or K for transposed
+        views; w2 is w itself where the kernel reads no second weight)."""
+        return ("s_ac", "s_wk" if self.w_t else "s_wn", "s_w2k" if self.w_t else "s_w2n", "s_oc")
 
     @property
     def blocked(self) -> bool:
