@@ -33,7 +33,6 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .activations import Activation, get_activation
-from .backends.triton import grouped_block_m
 from .config import check_enabled, resolve_backend
 from .reference import expert_loop_moe_mlp
 from .routing import RoutingPlan, plan_routing
@@ -512,8 +511,7 @@ def _grouped(x, plan, weights, *, w1, w2, w3, activation, recompute, backend):
     from .ops.mlp import expert_mlp, mlp_routing
 
     if isinstance(activation, str):
-        routing = mlp_routing(plan, blocksparse=False, block_m=grouped_block_m(plan.num_assignments, plan.num_experts))
-        return expert_mlp(x, weights, w1, w2, w3, routing, activation, backend)
+        return expert_mlp(x, weights, w1, w2, w3, mlp_routing(plan), activation, backend)
     rows, inv = plan.row_assignment, plan.assignment_row
     h = grouped_mm(x, w1, plan.offsets, rows, inv, backend=backend)
     g = None if w3 is None else grouped_mm(x, w3, plan.offsets, rows, inv, backend=backend)
@@ -530,8 +528,7 @@ def _blocksparse(x, plan, weights, *, w1, w2, w3, activation, recompute, backend
     from .ops.permute import gather_rows
 
     if isinstance(activation, str):
-        routing = mlp_routing(plan, blocksparse=True, block_m=plan.block_size)
-        return expert_mlp(x, weights, w1, w2, w3, routing, activation, backend)
+        return expert_mlp(x, weights, w1, w2, w3, mlp_routing(plan), activation, backend)
     topo = plan.topology
     xs = gather_rows(x, plan.padded_row_assignment, plan.padded_assignment_row, backend=backend)
     h = sdd(xs, w1, topo, backend=backend)

@@ -5,6 +5,7 @@ determinism; a backward that needs only some gradients; torch.compile."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -67,11 +68,9 @@ def _run(strategy, backend, x, idx, weights, w1, w2, w3, activation, block_size=
     E = w1.shape[0]
     if strategy == "blocksparse":
         plan = plan_routing(idx, E, block_size=block_size, ffn_size=w1.shape[2], check=False)
-        r = mlp_routing(plan, blocksparse=True, block_m=block_size)
     else:
         plan = plan_routing(idx, E, block_size=1, check=False)
-        r = mlp_routing(plan, blocksparse=False, block_m=16)
-    return expert_mlp(x, weights, w1, w2, w3, r, activation, backend)
+    return expert_mlp(x, weights, w1, w2, w3, mlp_routing(plan), activation, backend)
 
 
 def _check(strategy, backend, case, dtype, glu, activation, monkeypatch, block_size=16, tol_scale=1.0, layout=None):
@@ -173,7 +172,7 @@ def test_saved_for_backward_is_x_h_g_and_routing(strategy):
         intermediate = rows * f
     assert float_bytes == 4 * (T * d + T * k + 2 * intermediate)  # x, weights, h, g: nothing else
     int_bytes = sum(t.untyped_storage().nbytes() for t in int_tensors)
-    assert int_bytes == 4 * (2 * (E + 1) + 2 * rows + T * k)  # offsets, tile offsets, row maps, assignment rows
+    assert int_bytes == 4 * ((E + 1) + 2 * rows + T * k)  # offsets, row maps, assignment rows (tiles: the backend's)
     torch.autograd.grad(out, leaves, torch.randn_like(out))  # and backward runs from them
 
 
@@ -212,10 +211,55 @@ def test_compile_fullgraph(strategy):
         torch.testing.assert_close(gc, ge)
 
 
-def test_block_m_must_divide_the_block_size():
-    plan = plan_routing(torch.tensor([[0], [1]]), 2, block_size=16, ffn_size=8)
-    with pytest.raises(ValueError, match="block_m must divide the block size 16, got 32"):
-        mlp_routing(plan, blocksparse=True, block_m=32)
+BAD = {
+    # name: (operands -> bad operands (x, weights, w1, w2, w3, activation), error, words of its message)
+    "fewer-experts": (lambda x, wt, w1, w2, w3: (x, wt, w1[:-1], w2[:-1], w3[:-1], "silu"), ValueError, "w1 must"),
+    "w2-width": (lambda x, wt, w1, w2, w3: (x, wt, w1, w2[..., :-1], w3, "silu"), ValueError, "w2 must have shape"),
+    "w2-height": (lambda x, wt, w1, w2, w3: (x, wt, w1, w2[:, :-1], w3, "silu"), ValueError, "w2 must have shape"),
+    "fewer-x-rows": (lambda x, wt, w1, w2, w3: (x[:-1], wt, w1, w2, w3, "silu"), ValueError, "x must have shape"),
+    "w3-shape": (lambda x, wt, w1, w2, w3: (x, wt, w1, w2, w3[..., :-1], "silu"), ValueError, "w3 must have shape"),
+    "weights-shape": (lambda x, wt, w1, w2, w3: (x, wt[:, :1], w1, w2, w3, "silu"), ValueError, "weights must"),
+    "w1-dtype": (lambda x, wt, w1, w2, w3: (x, wt, w1.double(), w2, w3, "silu"), TypeError, "w1 must have x's"),
+    "w3-dtype": (lambda x, wt, w1, w2, w3: (x, wt, w1, w2, w3.half(), "silu"), TypeError, "w3 must have x's"),
+    "x-dtype": (lambda x, wt, w1, w2, w3: (x.int(), wt, w1, w2, w3, "silu"), TypeError, "x must have a dtype"),
+    "w2-device": (lambda x, wt, w1, w2, w3: (x, wt, w1, w2.to("meta"), w3, "silu"), ValueError, "w2 on meta"),
+    "activation": (lambda x, wt, w1, w2, w3: (x, wt, w1, w2, w3, "swish"), ValueError, "activation must be one of"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+@pytest.mark.parametrize("strategy", ["blocksparse", "grouped"])
+def test_bad_operands(strategy, case):
+    """``expert_mlp`` validates its operands before either backend runs: the same error naming the operand on both
+    (regression, issue 15 defect 2: fewer experts, a wrong w2, fewer rows of x were read out of bounds)."""
+    x, idx, weights, w1, w2, w3 = _inputs("empty-experts", torch.float32, True)
+    E = w1.shape[0]
+    plan = plan_routing(idx, E, block_size=16 if strategy == "blocksparse" else 1, ffn_size=w1.shape[2], check=False)
+    bad, error, words = BAD[case]
+    args = bad(x, weights, w1, w2, w3)
+    before = [t.clone() for t in args[:5] if t.device.type == "cpu"]
+    messages = set()
+    for backend in ("triton", "torch"):
+        with pytest.raises(error, match=words) as info:
+            expert_mlp(*args[:5], mlp_routing(plan), args[5], backend)
+        messages.add(str(info.value))
+    assert len(messages) == 1  # identical on both backends
+    assert all(torch.equal(a, b) for a, b in zip(before, [t for t in args[:5] if t.device.type == "cpu"]))
+
+
+def test_bad_routing():
+    """The routing must be an ``MlpRouting`` of int32 tensors with a power-of-two block size."""
+    x, idx, weights, w1, w2, w3 = _inputs("one-token", torch.float32, True)
+    plan = plan_routing(idx, w1.shape[0], block_size=1, check=False)
+    with pytest.raises(TypeError, match="routing must be a blocksparse_moe.backends.common.MlpRouting, got Routing"):
+        expert_mlp(x, weights, w1, w2, w3, plan, "silu")
+    r = mlp_routing(plan)
+    with pytest.raises(ValueError, match="routing.block_size must be a power of two"):
+        expert_mlp(x, weights, w1, w2, w3, dataclasses.replace(r, block_size=3), "silu")
+    with pytest.raises(TypeError, match="routing.row_src must be torch.int32"):
+        expert_mlp(x, weights, w1, w2, w3, dataclasses.replace(r, row_src=r.row_src.long()), "silu")
+    with pytest.raises(ValueError, match=r"routing.row_src must hold tokens in \[-1, 1\)"):
+        expert_mlp(x, weights, w1, w2, w3, dataclasses.replace(r, row_src=r.row_src + 1), "silu")
 
 
 @pytest.mark.gpu
