@@ -1,6 +1,6 @@
 """The Triton backend: every op contract (``ops/``) on the two expert-GEMM kernels and the permute kernels.
 
-Each function maps its operands onto the kernels' row layouts (``kernels.expert_gemm.Rows``: dense, blocked or
+Each function maps its operands onto the kernels' row layouts (``kernels.layouts.Rows``: dense, blocked or
 gathered) and launches; operands are validated by the op layer (``ops._checks``) before they get here. ``out``
 (optional, for tests that poison it) receives the result.
 
@@ -16,7 +16,8 @@ import torch
 from ..kernels import expert_gemm as gemm_kernels
 from ..kernels import permute as permute_kernels
 from ..kernels._common import interpreting
-from ..kernels.expert_gemm import BackwardEpilogue, Rows, Schedule
+from ..kernels.expert_gemm import BackwardEpilogue
+from ..kernels.layouts import Rows, Schedule
 from ..routing import Topology
 from .common import OPS, MlpRouting, combine_dots
 
