@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from bench import audit
-from blocksparse_moe.kernels._common import CompileSpec
+from blocksparse_moe.kernels.specs import CompileSpec
 
 ARCHS = tuple(audit.ARCHS)  # 80, 90, 100, 120
 
