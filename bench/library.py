@@ -1,0 +1,14 @@
+"""The library's choice tables the bench CLIs check their flags against.
+
+Read here, in one place, so that a table moving inside ``blocksparse_moe`` is one edit in ``bench``.
+"""
+
+from __future__ import annotations
+
+from blocksparse_moe.functional import IMPLS
+from blocksparse_moe.kernels.expert_gemm import BLOCK_SIZES
+
+__all__ = ["BLOCK_SIZES", "DROPLESS_IMPLS"]
+
+# what expert parallelism runs on the local experts: every strategy but "padded" (its capacity is per rank)
+DROPLESS_IMPLS = tuple(i for i in IMPLS if i != "padded")
