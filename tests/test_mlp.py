@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from helpers import POISON, TOL, routing
+from helpers import POISON, TOL, assert_close_to_reference, routing
 
 from blocksparse_moe import backends
 from blocksparse_moe.ops.mlp import expert_mlp, mlp_routing
@@ -86,19 +86,34 @@ def _check(strategy, backend, case, dtype, glu, activation, monkeypatch, block_s
     out = _run(strategy, backend, x, idx, weights, w1, w2, w3, activation, block_size)
     ref, ref_leaves = _reference(x, idx, weights, w1, w2, w3, activation)
     assert out.shape == ref.shape and out.dtype == dtype
-    tol = {key: v * tol_scale for key, v in TOL[dtype].items()}
-    torch.testing.assert_close(out.double(), ref.detach(), **tol)
     cot = torch.randn(ref.shape)
     grads = torch.autograd.grad(out, leaves, cot.to(dtype))
+    same_grads = [None] * len(leaves)  # the torch backend itself: judged by the TOL table
+    # the kernels may err at most 2x as much as the torch backend in the same dtype. Not yet in bf16: there the fused
+    # kernels (interpreted) err 3-5x as much as the torch backend, output and gradients alike; the TOL table until
+    # that is understood
+    relative = backend == "triton" and dtype != torch.bfloat16
+    if relative:
+        same_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+        sx, sweights, sw1, sw2, *sw3 = same_leaves
+        same = _run(strategy, "torch", sx, idx, sweights, sw1, sw2, sw3[0] if sw3 else None, activation, block_size)
+        same_grads = torch.autograd.grad(same, same_leaves, cot.to(dtype))
+        assert_close_to_reference(out, ref.detach(), same)
+    else:
+        tol = {key: v * tol_scale for key, v in TOL[dtype].items()}
+        torch.testing.assert_close(out.double(), ref.detach(), **tol)
     if ref.requires_grad:
         ref_grads = torch.autograd.grad(ref, ref_leaves, cot.double())
     else:  # no tokens: the reference is a constant, every gradient zero
         ref_grads = [torch.zeros_like(t) for t in ref_leaves]
-    for name, g, r, t in zip(["x", "weights", "w1", "w2", "w3"], grads, ref_grads, leaves):
+    for name, g, r, t, sg in zip(["x", "weights", "w1", "w2", "w3"], grads, ref_grads, leaves, same_grads):
         assert g.shape == t.shape and g.dtype == t.dtype, name
         assert g.is_contiguous(), name  # weight gradients come in the parameters' layout: no AccumulateGrad copy
-        big = {key: v * 4 * tol_scale for key, v in TOL[dtype].items()}  # sums over many rounded products
-        torch.testing.assert_close(g.double(), r, **big, msg=lambda m, n=name: f"grad {n}: {m}")
+        if relative:
+            assert_close_to_reference(g, r, sg, msg=f"grad {name}: ")
+        else:
+            big = {key: v * 4 * tol_scale for key, v in TOL[dtype].items()}  # sums over many rounded products
+            torch.testing.assert_close(g.double(), r, **big, msg=lambda m, n=name: f"grad {n}: {m}")
     for before, after in zip(inputs, (x, idx, weights, w1, w2, w3)):  # inputs never modified
         assert torch.equal(before, after)
 

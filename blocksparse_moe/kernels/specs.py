@@ -57,7 +57,7 @@ def kernel_signature(
 
 @dataclass(frozen=True)
 class CompileSpec:
-    """One kernel configuration the GPU path can pick, for the ahead-of-time compile audit (bench/audit.py).
+    """One kernel configuration the GPU path can pick, for the ahead-of-time compile audit (bench/audit/).
 
     ``signature`` maps every non-constexpr argument name to a Triton type string (``"*fp16"``, ``"i32"``,
     ...); ``constexprs`` maps every ``tl.constexpr`` argument to its value.
