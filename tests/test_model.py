@@ -92,6 +92,21 @@ def test_flop_totals_equal_the_analytic_count(estimates):
     assert by["decode", "grouped"]["seconds"] < by["decode", "blocksparse"]["seconds"]
 
 
+def test_auto_rule_agrees_with_the_model(estimates):
+    # impl="auto" (options.resolve_impl) picks what the model says: grouped at decode (the block padding dominates),
+    # blocksparse at the reference shapes, where the two tie within 2% (the MegaBlocks layout stays the default)
+    results, stdout, _ = estimates
+    by = {(r["shape"], r["impl"]): r for r in results}
+    for shape in SHAPES:
+        sparse, grouped = by[shape, "blocksparse"]["seconds"], by[shape, "grouped"]["seconds"]
+        auto = by[shape, "blocksparse"]["auto_impl"]
+        if shape == "decode":
+            assert auto == "grouped" and grouped < 0.95 * sparse
+        else:
+            assert auto == "blocksparse" and abs(sparse - grouped) < 0.02 * grouped
+    assert "impl='auto' on CUDA picks grouped here" in stdout
+
+
 def _gemm(R: int, N: int, K: int, m_tiles: int, n_tiles: int, block_m: int = 64, **flags) -> Launch:
     args = dict(
         BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32, R=R, N=N, N_STORE=N, K=K, num_m_tiles=m_tiles, GLU=False,

@@ -21,7 +21,7 @@ import torch
 from .record import EagerOp, Launch, Recording, record
 from .roofline import GPUS, SHAPES, Cost, Gpu, LayerShape, balanced_rows, eager_time, launch_cost
 
-__all__ = ["IMPLS", "BLOCK_SIZE", "Estimate", "estimate", "layer_inputs"]
+__all__ = ["IMPLS", "BLOCK_SIZE", "Estimate", "estimate", "layer_inputs", "auto_impl", "padding_ratio"]
 
 IMPLS = ("blocksparse", "grouped")
 BLOCK_SIZE = 128  # the block-sparse strategy's block size on CUDA
@@ -67,6 +67,22 @@ class Estimate:
             f"{self.shape.name} {self.impl} {self.gpu.name}: {self.seconds * 1e3:.3f} ms, {self.tflops:.0f} TFLOP/s, "
             f"{self.dense_pct:.1f}% of dense (estimate)"
         )
+
+
+def padding_ratio(shape: LayerShape) -> float:
+    """The block-sparse strategy's rows (the sync-free bound of block-padded rows) over the assignments."""
+    from blocksparse_moe.routing.spec import max_block_rows
+
+    A = shape.assignments
+    return max_block_rows(A, shape.experts, BLOCK_SIZE) * BLOCK_SIZE / A
+
+
+def auto_impl(shape: LayerShape) -> str:
+    """What ``impl="auto"`` runs for ``shape`` on CUDA (``options.resolve_impl``)."""
+    from blocksparse_moe.options import resolve_impl
+
+    A, E = shape.assignments, shape.experts
+    return resolve_impl("auto", torch.device("cuda"), assignments=A, experts=E, block_size=BLOCK_SIZE)
 
 
 def layer_inputs(shape: LayerShape, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:

@@ -8,7 +8,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from . import IMPLS, Estimate, estimate
+from blocksparse_moe.options import AUTO_MAX_PADDING
+
+from . import IMPLS, Estimate, auto_impl, estimate, padding_ratio
 from .roofline import EFFICIENCY_MODEL, GPUS, SHAPES, eager_time
 
 
@@ -71,6 +73,8 @@ def report(est: Estimate) -> str:
         f"{idle} exiting at once",
         f"  fp32 temporaries: {len(fp32)}, {sum(op.out_bytes for op in fp32) / 1e6:.1f} MB "
         + ", ".join(sorted({f"{op.name} ({op.op or 'front door'})" for op in fp32})),
+        f"  impl='auto' on CUDA picks {auto_impl(s)} here (block-sparse rows bound / assignments = "
+        f"{padding_ratio(s):.2f}; grouped above {AUTO_MAX_PADDING})",
         est.closing_line(),
     ]
     return "\n".join(lines)
@@ -88,6 +92,7 @@ def to_json(est: Estimate) -> dict:
         "useful_flops": est.useful_flops,
         "executed_flops": est.executed_flops,
         "analytic_flops": est.shape.useful_flops(),
+        "auto_impl": auto_impl(est.shape),
         "launches": [
             {
                 "kernel": la.kernel,
