@@ -8,7 +8,8 @@ experts_implementation="blocksparse_moe")``) runs every MoE model whose experts 
 - a **standard** experts module (the default gate ``act(gate) * up`` over concatenated gate/up columns, or no gate;
   no biases, no post-expert norm; ``act_fn`` one of ``moe_mlp``'s named activations) is ``moe_mlp`` over views of
   its weights (``moe_mlp_weights``) with the registered ``MoEOptions``: ``impl="auto"`` is the block-sparse
-  strategy on CUDA (the activation applied in the up-projection's epilogue) and the grouped one elsewhere;
+  strategy on CUDA (the activation applied in the up-projection's epilogue; the grouped one where its block padding
+  would dominate, ``options.resolve_impl``) and the grouped one elsewhere;
 - any other (a custom ``_apply_gate`` such as gpt-oss's clamped SwiGLU over interleaved columns, biases, a
   post-expert norm, an unknown activation) is ``custom_moe_mlp``: the grouped strategy with the module's own gate
   applied to whole rows (the registered options' ``backend`` and ``check``).
@@ -98,8 +99,8 @@ def moe_mlp_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torc
     if not _has_default_gate(module):
         return None
     gate_up = _in_out(module, module.gate_up_proj)  # [E, d, 2F]: gate columns first, then up
-    f = gate_up.shape[2] // 2
-    return gate_up[..., :f], w2, gate_up[..., f:], activation
+    w1, w3 = gate_up.split(gate_up.shape[2] // 2, dim=2)  # one split: its backward is one cat, not two scatters
+    return w1, w2, w3, activation
 
 
 def experts_forward(
