@@ -487,8 +487,8 @@ def gemm_config(
     ``w3``); the backward epilogue holds h, g and four results per element (``block_n`` 32: at 64 it takes 247
     registers on sm_90 and spills on sm_80 / sm_120). Unaligned operands (scalar loads staged in registers) take a
     K step of 32 and at most 64 columns, 32 where a tile keeps two accumulators or two pipelines (GLU, the dgrad
-    pair) or the backward epilogue: wider ones spill on sm_80, sm_100 or sm_120; fp32 tiles take at most 64 columns
-    (16 for the unaligned pair) on 8 warps (sm_120's ptxas spills the transposed-weight and pair fp32 builds
+    pair) or the backward epilogue: wider ones spill on sm_80, sm_100 or sm_120; fp32 tiles take at most 64 columns,
+    the pair 32 (16 unaligned), on 8 warps (sm_120's ptxas spills the transposed-weight and pair fp32 builds
     otherwise). ``out_block`` / ``a_block``: the block size of a blocked out / A (a tile never straddles a block).
     One small config when interpreting. Checked by ``python -m bench.audit``.
     """
@@ -501,7 +501,8 @@ def gemm_config(
             block_n = 32 if (glu or pair or epilogue == Epilogue.BACKWARD) else 64
         warps = 8 if block_m >= 128 else 4
         if dtype == torch.float32:  # 4-byte tiles: at most 64 columns, 8 warps (sm_120 / sm_80 spill otherwise)
-            block_n, warps = min(block_n, 16 if pair and not aligned else 64), 8
+            # the pair reads each weight with its own strides: at 64 columns sm_120's ptxas spills it
+            block_n, warps = min(block_n, (32 if aligned else 16) if pair else 64), 8
         cfg = GemmConfig(block_m, block_n, block_k, 8, warps, 3)
     return _clamp(cfg, n=out_block, k=a_block)
 
