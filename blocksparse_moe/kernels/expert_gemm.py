@@ -48,7 +48,9 @@ columns and their A rows in L2 instead of re-reading the weights once per M tile
 - ``BACKWARD`` (``_backward_epilogue``): ``acc = G = dout[token] @ w2ᵀ`` at the tile; with ``w`` the row's top-k
   weight and ``a`` recomputed from the saved ``h``, ``g``: stores ``dh = w·G·g·act'(h)``, ``dg = w·G·act(h)``,
   ``aw = w·a`` (for ``dW2``) and ``dots[n_tile, p] = Σ_tile G·a`` (the top-k weight gradient ``<dout @ w2ᵀ, a>``,
-  reduced over the N tiles afterwards, deterministically).
+  reduced over the N tiles afterwards, deterministically). Full-width tiles: the accumulator is split into column
+  slices of ``EPI_N`` (``tl.split`` halvings) and the epilogue runs slice by slice, loading h and g per slice, so
+  that only one slice's temporaries are live beside the accumulator.
 
 The launchers choose the config and the grid and launch; the ops validate the operands (``ops._checks``) and the
 backend allocates (``backends.triton``). Limits: fp32 / fp16 / bf16 operands of one dtype, fp32 accumulation,
