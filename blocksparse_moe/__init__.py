@@ -20,8 +20,10 @@ _EXPORTS = {
     "MoEStats": "functional",
     "per_token_moe_mlp": "reference",
     "TopKRouter": "layers.router",
+    "update_expert_bias": "layers.router",
     "load_balancing_loss": "layers.losses",
     "router_z_loss": "layers.losses",
+    "sequence_balance_loss": "layers.losses",
     "dMoE": "layers.moe",
     "PaddedMoE": "layers.moe",
     "MoEExperts": "layers.moe",
@@ -32,9 +34,9 @@ __all__ = sorted(_EXPORTS) + ["ops", "integrations", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .functional import MoEStats, custom_moe_mlp, moe_mlp  # noqa: F401
-    from .layers.losses import load_balancing_loss, router_z_loss  # noqa: F401
+    from .layers.losses import load_balancing_loss, router_z_loss, sequence_balance_loss  # noqa: F401
     from .layers.moe import MoEExperts, PaddedMoE, dMoE  # noqa: F401
-    from .layers.router import TopKRouter  # noqa: F401
+    from .layers.router import TopKRouter, update_expert_bias  # noqa: F401
     from .parallel.expert_parallel import expert_parallel  # noqa: F401
     from .reference import per_token_moe_mlp  # noqa: F401
     from .routing import RoutingPlan, Topology, plan_routing  # noqa: F401
