@@ -38,6 +38,20 @@ def _mixtral():
     )
 
 
+def _qwen2():
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+    # k = 2 of 6, not renormalised, a shared expert of width 14 with its sigmoid gate
+    config = tf.Qwen2MoeConfig(
+        hidden_size=D,
+        moe_intermediate_size=10,
+        shared_expert_intermediate_size=14,
+        num_experts=6,
+        num_experts_per_tok=2,
+    )
+    return Qwen2MoeSparseMoeBlock(config)
+
+
 def _qwen3():
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
@@ -58,6 +72,7 @@ def _olmoe():
 
 BLOCKS = {
     "mixtral": _mixtral,
+    "qwen2_moe": _qwen2,
     "qwen3_moe": _qwen3,
     "olmoe": _olmoe,
     "deepseek_v3": _deepseek,
@@ -96,7 +111,9 @@ def _hf_grads(block, layer):
         "experts.w3": gu[:, f:].mT,
         "experts.w2": down.mT,
     }
-    shared = getattr(block, "shared_experts", None)
+    shared = getattr(block, "shared_experts", getattr(block, "shared_expert", None))
+    if getattr(block, "shared_expert_gate", None) is not None:
+        grads["shared_expert_gate.weight"] = block.shared_expert_gate.weight.grad
     if shared is not None:
         grads["shared_expert.up.weight"] = shared.gate_proj.weight.grad
         grads["shared_expert.gate.weight"] = shared.up_proj.weight.grad
@@ -142,7 +159,7 @@ def test_from_hf_carries_the_deepseek_options():
     assert bsm_hf.from_hf(block, load_balancing_weight=0.1, impl="reference").load_balancing_weight == 0.1
 
 
-@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "deepseek_v3"])
 def test_to_hf_writes_weights_back(name):
     block = _block(name)
     layer = bsm_hf.from_hf(block)

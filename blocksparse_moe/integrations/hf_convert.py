@@ -4,8 +4,8 @@ How an HF experts module's weights map onto ``moe_mlp``'s ``w1 [E, d, f]``, ``w2
 (views, ``moe_mlp_weights``) lives here, and the conversions are copies through those same views, so the two
 directions cannot disagree:
 
-- ``from_hf(block)``: a sparse MoE block (Mixtral, Qwen3-MoE, OLMoE, DeepSeek-V3, or Switch Transformers'
-  sparse MLP) -> an equivalent ``dMoE`` (Switch: ``PaddedMoE``) holding copies of its weights;
+- ``from_hf(block)``: a sparse MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, or Switch
+  Transformers' sparse MLP) -> an equivalent ``dMoE`` (Switch: ``PaddedMoE``) holding copies of its weights;
 - ``to_hf(layer, block)``: the layer's weights written back into the block (in place);
 - ``upcycle(mlp, num_experts, top_k)``: a ``dMoE`` whose every expert is a copy of a dense gated MLP (Llama, Qwen2,
   Mistral: ``gate_proj`` / ``up_proj`` / ``down_proj``), equal to it at initialisation.
@@ -95,6 +95,7 @@ def moe_mlp_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torc
 # attribute names may route differently (gpt-oss: softmax after the top-k, a router bias), so it is refused.
 _ROUTED_BLOCKS = {
     "MixtralSparseMoeBlock": "softmax",  # softmax, top-k always renormalised
+    "Qwen2MoeSparseMoeBlock": "softmax",  # softmax, renormalised when norm_topk_prob; sigmoid-gated shared expert
     "Qwen3MoeSparseMoeBlock": "softmax",  # softmax, renormalised when norm_topk_prob
     "OlmoeSparseMoeBlock": "softmax",
     "DeepseekV3MoE": "deepseek",  # sigmoid + e_score_correction_bias, groups, routed_scaling_factor, shared experts
@@ -122,8 +123,10 @@ def _router_options(block: nn.Module) -> dict:
 
 
 def _shared_mlp(block: nn.Module) -> nn.Module | None:
-    """The block's dense shared expert(s) (DeepSeek's several shared experts are one wider MLP), or None."""
-    return getattr(block, "shared_experts", None)
+    """The block's dense shared expert (Qwen2-MoE's ``shared_expert``; DeepSeek's several ``shared_experts`` are
+    one wider MLP), or None."""
+    shared = getattr(block, "shared_experts", None)
+    return shared if shared is not None else getattr(block, "shared_expert", None)
 
 
 def _dense_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
@@ -165,6 +168,9 @@ def _layer_pairs(layer: nn.Module, block: nn.Module) -> list[tuple[torch.Tensor,
         # the layer's shared expert computes down(act(up(x)) * gate(x)): its "up" is HF's activated gate_proj
         pairs += [(layer.shared_expert.up.weight, gate), (layer.shared_expert.gate.weight, up)]
         pairs.append((layer.shared_expert.down.weight, down))
+        gate_proj = getattr(block, "shared_expert_gate", None)  # Qwen2-MoE: sigmoid(x · w) scales the shared expert
+        if gate_proj is not None:
+            pairs.append((layer.shared_expert_gate.weight, gate_proj.weight))
     for ours, theirs in pairs:
         if ours.shape != theirs.shape:
             raise ValueError(
@@ -178,8 +184,9 @@ def from_hf(block: nn.Module, **layer_options) -> nn.Module:
     """An equivalent layer holding copies of an HF sparse MoE block's weights (a new module: training one does not
     change the other).
 
-    - Mixtral, Qwen3-MoE, OLMoE: ``dMoE`` with softmax routing (renormalised as the block: always for Mixtral,
-      ``norm_topk_prob`` otherwise);
+    - Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE: ``dMoE`` with softmax routing (renormalised as the block: always for
+      Mixtral, ``norm_topk_prob`` otherwise); Qwen2-MoE's shared expert with its sigmoid gate
+      (``shared_expert_gate=True``);
     - DeepSeek-V3: ``dMoE`` with sigmoid scores, ``expert_bias`` (a copy of ``e_score_correction_bias``), group-limited
       routing (``n_group`` / ``topk_group``), ``scaling_factor=routed_scaling_factor`` and its shared experts as
       one wider dense shared expert;
@@ -198,8 +205,8 @@ def from_hf(block: nn.Module, **layer_options) -> nn.Module:
     weights = moe_mlp_weights(block.experts) if family is not None else None
     if weights is None:
         raise TypeError(
-            "block must be the sparse MoE block of Mixtral, Qwen3-MoE, OLMoE, DeepSeek-V3 (with standard experts: "
-            f"default gate, no bias) or a SwitchTransformersSparseMLP, got {type(block).__name__}"
+            "block must be the sparse MoE block of Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3 (with standard "
+            f"experts: default gate, no bias) or a SwitchTransformersSparseMLP, got {type(block).__name__}"
         )
     from ..layers.moe import dMoE
 
@@ -216,6 +223,7 @@ def from_hf(block: nn.Module, **layer_options) -> nn.Module:
         activation=activation,
         glu=True,
         shared_expert_size=shared.gate_proj.out_features if shared is not None else None,
+        shared_expert_gate=getattr(block, "shared_expert_gate", None) is not None,
         **{"load_balancing_weight": 0.0, **_router_options(block), **layer_options},
     )
     layer = layer.to(device=w1.device, dtype=w1.dtype)

@@ -13,16 +13,18 @@ shards ``layer.experts`` over a process group and wraps its forward in the dispa
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import nn
 
 from ..activations import Activation, get_activation
 from ..functional import check_options, moe_mlp
+from ..validation import boolean, non_negative_number
 from .losses import load_balancing_loss, router_z_loss
 from .router import TopKRouter
 
-__all__ = ["MoEExperts", "dMoE", "PaddedMoE"]
+__all__ = ["MoEExperts", "dMoE", "PaddedMoE", "freeze"]
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -133,6 +135,11 @@ class _DenseMLP(nn.Module):
         return self.down(h)
 
 
+def _dropout_after(act: Activation, p: float, h: torch.Tensor) -> torch.Tensor:
+    """``dropout(act(h))``: in the GLU product ``act(h) * g`` the same as dropout on the product."""
+    return torch.nn.functional.dropout(act(h), p, training=True)
+
+
 class dMoE(nn.Module):  # noqa: N801 (MegaBlocks' name)
     """Dropless MoE layer: ``forward(x [..., d]) -> (y [..., d], aux_loss [] fp32)``.
 
@@ -142,7 +149,13 @@ class dMoE(nn.Module):  # noqa: N801 (MegaBlocks' name)
             one of 16, 32, 64, 128 and only with ``impl`` ``"blocksparse"`` or ``"auto"``).
         glu: GLU experts (``w3``), ``act(x @ w1) * (x @ w3) @ w2``.
         load_balancing_weight, z_loss_weight: coefficients of the auxiliary losses (finite, >= 0).
-        shared_expert_size: width of a dense shared expert added to the output (DeepSeek-MoE); None for none.
+        shared_expert_size: width of a dense shared expert added to the output (DeepSeek-MoE; several shared
+            experts are one wider MLP); None for none.
+        shared_expert_gate: scale the shared expert's output by ``sigmoid(x · w)`` per token, ``w`` a learned
+            ``[1, d]`` projection (``shared_expert_gate.weight``; Qwen2-MoE). Needs ``shared_expert_size``.
+        expert_dropout: dropout probability on the expert intermediate ``act(x @ w1) [* (x @ w3)]``, in training
+            only (ST-MoE's fine-tuning recipe). In training it runs ``moe_mlp`` with a callable activation, so the
+            op-by-op pipeline instead of the fused expert MLP.
         router_kw: ``TopKRouter`` options (score, normalize, jitter_eps, noisy_gating, random_second, router_dtype).
             ``normalize`` defaults to ``top_k > 1``: at k = 1 a renormalised weight is p/p = 1, which would leave
             the router without a gradient from the task loss (Switch multiplies by the raw probability).
@@ -164,6 +177,8 @@ class dMoE(nn.Module):  # noqa: N801 (MegaBlocks' name)
         z_loss_weight: float = 0.0,
         recompute_activation: bool = False,
         shared_expert_size: int | None = None,
+        shared_expert_gate: bool = False,
+        expert_dropout: float = 0.0,
         block_size: int | None = None,
         **router_kw,
     ) -> None:
@@ -178,6 +193,8 @@ class dMoE(nn.Module):  # noqa: N801 (MegaBlocks' name)
             load_balancing_weight=load_balancing_weight,
             z_loss_weight=z_loss_weight,
             shared_expert_size=shared_expert_size,
+            shared_expert_gate=shared_expert_gate,
+            expert_dropout=expert_dropout,
             router_kw=router_kw,
         )
 
@@ -194,6 +211,8 @@ class dMoE(nn.Module):  # noqa: N801 (MegaBlocks' name)
         load_balancing_weight: float,
         z_loss_weight: float,
         shared_expert_size: int | None,
+        shared_expert_gate: bool,
+        expert_dropout: float,
         router_kw: dict,
     ) -> None:
         """The constructor both layers share: validate, then router, experts (``MoEExperts(**options)``), shared
@@ -210,11 +229,18 @@ class dMoE(nn.Module):  # noqa: N801 (MegaBlocks' name)
             _positive_int("shared_expert_size", shared_expert_size)
         _loss_weight("load_balancing_weight", load_balancing_weight)
         _loss_weight("z_loss_weight", z_loss_weight)
+        boolean("shared_expert_gate", shared_expert_gate)
+        if shared_expert_gate and shared_expert_size is None:
+            raise ValueError("shared_expert_gate=True needs a shared expert, got shared_expert_size=None")
+        if not non_negative_number("expert_dropout", expert_dropout) < 1:
+            raise ValueError(f"expert_dropout must be in [0, 1), got {expert_dropout!r}")
         self.router = TopKRouter(hidden_size, num_experts, top_k, **router_kw)
         self.experts = MoEExperts(num_experts, hidden_size, ffn_hidden_size, glu=glu, activation=activation, **options)
         self.shared_expert = (
             _DenseMLP(hidden_size, shared_expert_size, activation, glu) if shared_expert_size is not None else None
         )
+        self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if shared_expert_gate else None
+        self.expert_dropout = float(expert_dropout)
         self.hidden_size, self.ffn_hidden_size = hidden_size, ffn_hidden_size
         self.num_experts, self.top_k = num_experts, top_k
         self.load_balancing_weight, self.z_loss_weight = load_balancing_weight, z_loss_weight
@@ -232,9 +258,16 @@ class dMoE(nn.Module):  # noqa: N801 (MegaBlocks' name)
             raise ValueError(f"x must be [..., hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
         flat = x.reshape(-1, self.hidden_size)
         logits, top_k_weights, top_k_index = self.router(flat)
-        out = self.experts(flat, top_k_index, top_k_weights, **self._call_options(x, flat.shape[0]))
+        options = self._call_options(x, flat.shape[0])
+        if self.training and self.expert_dropout:
+            act = get_activation(self.experts.options["activation"])
+            options["activation"] = partial(_dropout_after, act, self.expert_dropout)
+        out = self.experts(flat, top_k_index, top_k_weights, **options)
         if self.shared_expert is not None:
-            out = out + self.shared_expert(flat)
+            shared = self.shared_expert(flat)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+            out = out + shared
         aux = self.load_balancing_weight * load_balancing_loss(
             self.router.scores(logits), top_k_index, self.num_experts
         ) + self.z_loss_weight * router_z_loss(logits)
@@ -271,6 +304,8 @@ class PaddedMoE(dMoE):
         z_loss_weight: float = 0.0,
         recompute_activation: bool = False,
         shared_expert_size: int | None = None,
+        shared_expert_gate: bool = False,
+        expert_dropout: float = 0.0,
         **router_kw,
     ) -> None:
         if capacity is not None:
@@ -295,6 +330,8 @@ class PaddedMoE(dMoE):
             load_balancing_weight=load_balancing_weight,
             z_loss_weight=z_loss_weight,
             shared_expert_size=shared_expert_size,
+            shared_expert_gate=shared_expert_gate,
+            expert_dropout=expert_dropout,
             router_kw=router_kw,
         )
         self.num_groups = num_groups
@@ -307,3 +344,35 @@ class PaddedMoE(dMoE):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_groups={self.num_groups!r}"
+
+
+def freeze(
+    layer: nn.Module, *, experts: bool | None = None, router: bool | None = None, shared: bool | None = None
+) -> nn.Module:
+    """Freeze (``True``) or unfreeze (``False``) parts of every ``dMoE`` / ``PaddedMoE`` in ``layer`` (a layer or a
+    model), for the fine-tuning recipes (ST-MoE: freeze the experts, or everything else); ``None`` leaves a part as
+    it is. ``experts``: the routed experts' weights; ``router``: the router's parameters (its expert bias is a
+    buffer, moved by ``update_expert_bias`` only); ``shared``: the shared expert and its gate. Sets
+    ``requires_grad``; returns ``layer``."""
+    if not isinstance(layer, nn.Module):
+        raise TypeError(f"layer must be a torch.nn.Module, got {type(layer).__name__}")
+    parts = {"experts": experts, "router": router, "shared": shared}
+    for name, value in parts.items():
+        if value is not None:
+            boolean(name, value)
+    layers = [m for m in layer.modules() if isinstance(m, dMoE)]
+    if not layers:
+        raise ValueError(f"layer must be or hold a dMoE or PaddedMoE, got none in {type(layer).__name__}")
+    for moe in layers:
+        modules = {
+            "experts": [moe.experts],
+            "router": [moe.router],
+            "shared": [moe.shared_expert, moe.shared_expert_gate],
+        }
+        for name, value in parts.items():
+            if value is None:
+                continue
+            for module in modules[name]:
+                if module is not None:
+                    module.requires_grad_(not value)
+    return layer
