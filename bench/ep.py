@@ -15,6 +15,7 @@ Usage: ``python -m bench.ep --world 2`` (or ``python -m bench --ep 2``).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import statistics
@@ -23,6 +24,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from .library import DROPLESS_IMPLS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--glu", action="store_true", help="GLU experts (w3)")
     p.add_argument("--skew", type=float, default=0.0, help="router logit bias towards rank 0's experts (0 = uniform)")
-    p.add_argument("--impl", default="auto", help="moe_mlp impl for the local experts")
+    p.add_argument("--impl", default="auto", choices=DROPLESS_IMPLS, help="moe_mlp impl for the local experts")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: bf16 on GPU")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -48,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--experts must be divisible by --world, got {args.experts} and {args.world}")
     if not 1 <= args.top_k <= args.experts:
         p.error(f"--top-k must be in [1, {args.experts}], got {args.top_k}")
+    if not math.isfinite(args.skew):
+        p.error(f"--skew must be a finite number, got {args.skew}")
     if args.iters < 1 or args.warmup < 0:
         p.error(f"--iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
     if args.backend is None:

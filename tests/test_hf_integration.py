@@ -10,8 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 tf = pytest.importorskip("transformers")
 from transformers.integrations.moe import use_experts_implementation  # noqa: E402
 
-from blocksparse_moe.functional import resolve_impl  # noqa: E402
 from blocksparse_moe.integrations import transformers as bsm_hf  # noqa: E402
+from blocksparse_moe.options import MoEOptions, resolve_impl  # noqa: E402
 
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64)
 
@@ -135,6 +135,34 @@ def test_register_is_idempotent_and_listed():
     assert ALL_EXPERTS_FUNCTIONS.get_interface(bsm_hf.NAME, None) is bsm_hf.experts_forward
 
 
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(impl="bogus"), ValueError, "impl must be one of"),  # accepted until the first forward before
+        (dict(block_size=48), ValueError, r"block_size must be one of \(16, 32, 64, 128\)"),  # same
+        (dict(impl="grouped", block_size=16), ValueError, "block_size applies"),
+        (dict(options=MoEOptions(), impl="padded"), ValueError, "not both"),
+        (dict(options="grouped"), TypeError, "options must be a MoEOptions"),
+    ],
+)
+def test_register_validates_options_at_register_time(kwargs, exc, match):
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    with pytest.raises(exc, match=match):
+        bsm_hf.register("bsm_bad_options_test", **kwargs)
+    assert "bsm_bad_options_test" not in ALL_EXPERTS_FUNCTIONS
+
+
+def test_register_with_options_runs_them():
+    # register(options=...) hands the whole MoEOptions to every forward of the registered name
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    options = MoEOptions(impl="reference")
+    bsm_hf.register("bsm_options_test", options=options)
+    fn = ALL_EXPERTS_FUNCTIONS.get_interface("bsm_options_test", None)
+    assert fn.keywords == {"options": options}
+
+
 class _CountOps(TorchDispatchMode):
     """Counts the ops that run (forward and backward), by name; records the layout (block_size) of each fused
     expert-MLP call."""
@@ -147,7 +175,7 @@ class _CountOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.calls[str(func)] = self.calls.get(str(func), 0) + 1
         if str(func) == "bsm.expert_mlp.default":
-            self.block_sizes.append(args[10])
+            self.block_sizes.append(args[9])  # bsm::expert_mlp's block_size (1: unpadded rows)
         return func(*args, **(kwargs or {}))
 
 
@@ -168,16 +196,16 @@ def _eager(experts, x, idx, w):
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "olmoe"])
 def test_standard_gate_runs_moe_mlp_strategies(name):
     # a standard gate (default act(gate) * up, no bias, SiLU) is moe_mlp over views of the module's weights: the
-    # fused expert MLP of the grouped strategy on CPU (dense rows: block_size 0), of the block-sparse one (blocked
+    # fused expert MLP of the grouped strategy on CPU (unpadded rows: block_size 1), of the block-sparse one (blocked
     # rows: block_size 16) when asked; the block-sparse one is what "auto" means on CUDA
     experts, x, idx, w = _experts(name)
     w1, w2, w3, activation = bsm_hf.moe_mlp_weights(experts)
     assert activation == "silu" and w1.untyped_storage().data_ptr() == experts.gate_up_proj.untyped_storage().data_ptr()
     ref = _eager(experts, x, idx, w)
     assert resolve_impl("auto", torch.device("cuda")) == "blocksparse"
-    for impl, block_size in (("auto", 0), ("blocksparse", 16)):
+    for impl, block_size, asked in (("auto", 1, None), ("blocksparse", 16, 16)):
         with _CountOps() as ops:
-            out = bsm_hf.experts_forward(experts, x, idx, w, impl=impl, block_size=block_size or None)
+            out = bsm_hf.experts_forward(experts, x, idx, w, impl=impl, block_size=asked)
         assert {n: c for n, c in ops.calls.items() if n.startswith("bsm.")} == {"bsm.expert_mlp.default": 1}, impl
         assert ops.block_sizes == [block_size], impl
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -21,7 +21,7 @@ experts ``[s·E_l, (s+1)·E_l)``, T tokens, k choices per token, A = T·k assign
 4. compute: ``moe_mlp`` on the received rows with the local weight shards, one choice per row, weight 1.
 5. return: ``all_to_all_single`` back → the results in the sorted order of step 1.
 6. combine: ``out[t] = Σ_j top_k_weights[t, j] · y[assignment_row[t, j]]`` (``scatter_rows``), the weights in
-   ``functional.combine_dtype`` (fp32 for 16/32-bit tokens) as on one device, so outputs match it.
+   ``strategies.combine_dtype`` (fp32 for 16/32-bit tokens) as on one device, so outputs match it.
 
 Capacity (``PaddedMoE``): each rank's own tokens get the layer's capacity (``capacity_factor`` over the rank's T,
 or ``capacity``), as GShard's per-device groups; the overflow is dropped on the source rank before step 3 (it is
@@ -38,7 +38,7 @@ group call it, in the same order, even a rank with no tokens; ``requires_grad`` 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -46,9 +46,11 @@ from torch import nn
 
 from ..activations import Activation
 from ..config import check_enabled
-from ..functional import check_expert_ids, combine_dtype, moe_mlp, padded_capacity, padded_slots
+from ..functional import moe_mlp
 from ..ops.permute import gather_rows, scatter_rows
 from ..routing import plan_routing
+from ..strategies import combine_dtype, padded_capacity, padded_slots
+from ..validation import check_expert_ids
 
 __all__ = [
     "expert_parallel",
@@ -157,7 +159,7 @@ def _dispatch_hook(experts: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
     world, _ = _world(state.group)
     _check_routing(x, top_k_index, state.num_experts, world)
     _check_weights(x, top_k_index, top_k_weights)
-    options = {**experts.options, **options}
+    options = {**asdict(experts.options), **options}
     if options.get("return_stats"):
         raise ValueError("return_stats is not supported under expert parallelism")
     keep = None
