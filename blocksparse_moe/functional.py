@@ -167,6 +167,7 @@ def moe_mlp(
             capacity=capacity,
             num_groups=options.num_groups,
             recompute=recompute,
+            drop_policy=options.drop_policy,
         )
         executed = E * capacity * options.num_groups * 2 * d * f * nmm
     elif impl == "grouped":

@@ -19,9 +19,10 @@ from .kernels.expert_gemm import BLOCK_SIZES
 from .routing.spec import max_block_rows
 from .validation import boolean, choice, non_negative_int, non_negative_number, positive_int
 
-__all__ = ["IMPLS", "BLOCK_SIZES", "AUTO_MAX_PADDING", "MoEOptions", "options_from", "resolve_impl"]
+__all__ = ["IMPLS", "DROP_POLICIES", "BLOCK_SIZES", "AUTO_MAX_PADDING", "MoEOptions", "options_from", "resolve_impl"]
 
 IMPLS = ("auto", "blocksparse", "grouped", "padded", "reference")
+DROP_POLICIES = ("position", "probs")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class MoEOptions:
         capacity_factor, capacity, num_groups: ``"padded"`` only. Tokens form ``num_groups`` equal contiguous
             groups; each expert has ``capacity`` slots per group, default ``ceil(capacity_factor · (T / G) · k /
             E)`` with ``capacity_factor`` (finite, >= 0) 1.0. At most one of ``capacity`` and ``capacity_factor``.
+        drop_policy: ``"padded"`` only: which assignments of a group claim an expert's slots when it has more than
+            ``capacity``: ``"position"`` (every first choice before any second one, then token order: GShard) or
+            ``"probs"`` (the largest combine weights first, ties in position order; Megatron's ``probs``).
         recompute_activation: do not keep the activation output for backward; recompute it from the saved
             pre-activation (MegaBlocks' memory-optimised MLP).
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or None (env ``BSM_BACKEND``): the kernels that run the
@@ -53,6 +57,7 @@ class MoEOptions:
     capacity_factor: float | None = None
     capacity: int | None = None
     num_groups: int = 1
+    drop_policy: str = "position"
     recompute_activation: bool = False
     backend: str | None = None
     check: bool | None = None
@@ -72,6 +77,12 @@ class MoEOptions:
                     f"with impl={self.impl!r}"
                 )
         positive_int("num_groups", self.num_groups)
+        choice("drop_policy", self.drop_policy, DROP_POLICIES)
+        if self.drop_policy != "position" and self.impl != "padded":
+            raise ValueError(
+                f"drop_policy applies to impl='padded' only ({self.impl!r} drops nothing), got "
+                f"drop_policy={self.drop_policy!r}"
+            )
         if self.capacity is not None:
             non_negative_int("capacity", self.capacity)
         if self.capacity_factor is not None:
