@@ -161,8 +161,7 @@ class TopKRouter(nn.Module):
         probs = self.scores(logits)
         choice_scores = self._choice_scores(probs)
         top_choice, top_k_index = choice_scores.topk(self.top_k, dim=-1)
-        # the combine weights come from the unbiased scores: topk's own values where there is no bias (a layer whose
-        # router leaves them unused and gathers instead comes out wrong from torch.compile's inductor on CPU)
+        # the combine weights come from the unbiased scores: topk's own values where there is no bias, else a gather
         top_probs = top_choice if self.expert_bias is None else probs.gather(1, top_k_index)
         # + 1e-20: sigmoid scores can all underflow (DeepSeek-V3's guard); below half an ulp of any softmax top-k sum
         top_k_weights = top_probs / (top_probs.sum(-1, keepdim=True) + 1e-20) if self.normalize else top_probs

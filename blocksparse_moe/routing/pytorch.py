@@ -31,7 +31,10 @@ def plan_buffers(top_k_index: torch.Tensor, sizes: PlanSizes) -> dict[str, torch
 
     sorted_key, sorted_assignment = torch.sort(key, stable=True)
     position = torch.arange(A, dtype=torch.int64, device=device)
-    sorted_row = torch.empty_like(position).scatter_(0, sorted_assignment, position)  # inverse permutation
+    # the inverse permutation, by a second sort: a scatter into a fresh buffer (empty_like(...).scatter_) is lost by
+    # torch.compile's inductor (CPU, torch 2.13) when the ids come from a topk in the same graph and only a custom
+    # op reads the result (tests/test_router.py::test_compiled_layer_with_expert_bias_matches_eager)
+    sorted_row = torch.argsort(sorted_assignment)
 
     sorted_valid = sorted_key < E
     row_assignment = torch.where(sorted_valid, sorted_assignment, -1)
@@ -49,7 +52,7 @@ def plan_buffers(top_k_index: torch.Tensor, sizes: PlanSizes) -> dict[str, torch
         0, target, row_assignment
     )
     padded_row_token = torch.full((P + 1,), -1, dtype=torch.int64, device=device).scatter_(0, target, row_token)
-    padded_assignment_row = torch.empty_like(position).scatter_(0, sorted_assignment, padded_sorted_row)
+    padded_assignment_row = padded_sorted_row[sorted_row]
 
     buffers = {
         "counts": counts,
