@@ -417,3 +417,15 @@ def test_bad_router_options_name_the_argument(options, exc, match):
 def test_layer_router_flags_validated(options, exc, match):
     with pytest.raises(exc, match=match):
         dMoE(8, 8, 4, 2, impl="reference", **options)
+
+
+def test_expert_bias_stays_fp32_under_a_dtype_cast():
+    # model.to(bfloat16) casts floating buffers; the bias must keep fp32, else a 1e-3 update of a bias near 1 is lost
+    m = dMoE(8, 8, 4, 2, impl="reference", expert_bias=True).to(torch.bfloat16)
+    assert m.router.expert_bias.dtype == torch.float32 and m.router.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        m.router.expert_bias.fill_(1.0)
+    m.train()(torch.randn(16, 8, dtype=torch.bfloat16))
+    before = m.router.expert_bias.clone()
+    update_expert_bias(m, rate=1e-3)
+    assert (m.router.expert_bias - before).abs().max() > 5e-4  # the update landed (bf16 spacing at 1 is 7.8e-3)

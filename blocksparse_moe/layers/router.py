@@ -133,6 +133,14 @@ class TopKRouter(nn.Module):
         """Router probabilities ``[T, E]`` from the logits (softmax or sigmoid)."""
         return logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
 
+    def _apply(self, fn, recurse: bool = True):
+        """``module.to(dtype)`` / ``.half()`` keep ``expert_bias`` in fp32: its updates (``rate`` ~1e-3) would vanish
+        in a 16-bit bias of magnitude ~1."""
+        super()._apply(fn, recurse)
+        if self.expert_bias is not None and self.expert_bias.dtype != torch.float32:
+            self.expert_bias = self.expert_bias.float()
+        return self
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if x.dim() != 2 or x.shape[1] != self.hidden_size:
             raise ValueError(f"x must be [T, hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
