@@ -26,6 +26,7 @@ _EXPORTS = {
     "PaddedMoE": "layers.moe",
     "MoEExperts": "layers.moe",
     "expert_parallel": "parallel.expert_parallel",
+    "parallelize_moe": "parallel.parallelize",
 }
 
 __all__ = sorted(_EXPORTS) + ["ops", "integrations", "__version__"]
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .layers.moe import MoEExperts, PaddedMoE, dMoE  # noqa: F401
     from .layers.router import TopKRouter  # noqa: F401
     from .parallel.expert_parallel import expert_parallel  # noqa: F401
+    from .parallel.parallelize import parallelize_moe  # noqa: F401
     from .reference import per_token_moe_mlp  # noqa: F401
     from .routing import RoutingPlan, Topology, plan_routing  # noqa: F401
 

@@ -1,11 +1,12 @@
 """Expert parallelism over ``torch.distributed``: each rank holds ``E / W`` experts, tokens travel to the ranks
 of their experts and back through two ``all_to_all_single`` exchanges with uneven splits.
 
-``expert_parallel(layer, group)`` applies it to a ``dMoE`` / ``PaddedMoE`` (or their ``MoEExperts``) the way
-torchtitan applies a parallel style: it shards the experts' weights in place and wraps the experts' forward in an
-input hook (dispatch) and an output hook (combine); the layer itself stays single-device and knows nothing of ranks.
-``expert_parallel_moe_mlp`` is the same for the functional ``moe_mlp``; ``ep_dispatch`` / ``ep_local_experts`` /
-``ep_combine`` are its three stages. This module owns the exchanges and their validation.
+``expert_parallel(layer, mesh)`` applies it to a ``dMoE`` / ``PaddedMoE`` (or their ``MoEExperts``) the way
+torchtitan applies a parallel style: it shards the experts' weights in place (DTensors ``Shard(0)`` on a 1-D
+``DeviceMesh``, or plain shards on a process group) and places a class before the experts' own whose forward is
+dispatch → local experts → combine (as ``fully_shard`` does); the layer itself stays single-device and knows nothing
+of ranks. ``expert_parallel_moe_mlp`` is the same for the functional ``moe_mlp``; ``ep_dispatch`` /
+``ep_local_experts`` / ``ep_combine`` are its three stages. This module owns the exchanges and their validation.
 
 Data flow on one rank (``W`` ranks in the group, ``E_l = E / W`` local experts; rank ``s`` owns the global
 experts ``[s·E_l, (s+1)·E_l)``, T tokens, k choices per token, A = T·k assignments):
@@ -43,6 +44,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from ..activations import Activation
 from ..config import check_enabled
@@ -101,24 +104,31 @@ class _AllToAll(torch.autograd.Function):
 
 @dataclass(eq=False)
 class _ExpertParallelState:
-    """What ``expert_parallel`` attaches to the experts module: the group, and the dispatch in flight between the
-    input hook and the output hook of one forward."""
+    """What ``expert_parallel`` attaches to the experts module."""
 
-    group: dist.ProcessGroup | None
+    group: dist.ProcessGroup | None  # the exchange's process group
+    mesh: DeviceMesh | None  # the 1-D mesh the weights are DTensors on (None: plain local shards)
     num_experts: int  # E over all ranks
-    pending: tuple[ExpertParallelDispatch, torch.Tensor] | None = None  # (dispatch, top_k_weights)
 
 
-def expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
-    """Spread the experts of ``module`` (a ``dMoE``, a ``PaddedMoE``, or their ``MoEExperts``) over ``group``
-    (``None``: the default group); returns ``module``, changed in place. Collective-free itself.
+def expert_parallel(module: nn.Module, mesh: DeviceMesh | dist.ProcessGroup | None = None) -> nn.Module:
+    """Spread the experts of ``module`` (a ``dMoE``, a ``PaddedMoE``, or their ``MoEExperts``) over ``mesh``: a 1-D
+    ``DeviceMesh``, a process group, or ``None`` (the default group); returns ``module``, changed in place.
+    Collective-free itself.
 
-    Rank ``r`` keeps experts ``[r·E_l, (r+1)·E_l)`` (``E_l = E / W``; its ``experts.w1`` etc. become those
-    shards, new parameters: build the optimizer afterwards) and every forward of the experts becomes dispatch →
-    local experts → combine (a collective: every rank must call forward, even with no tokens). The router and the
-    shared expert stay replicated (their gradients sum over ranks as in data parallelism). Checkpoints:
-    ``shard_experts`` / ``gather_experts``. A layer built under ``torch.device("meta")`` can be made parallel first,
-    then materialised with ``to_empty`` and loaded with ``shard_experts`` of the full state dict.
+    Rank ``r`` of the mesh (or group) owns experts ``[r·E_l, (r+1)·E_l)`` (``E_l = E / W``; ``E`` must be
+    divisible by ``W``, else ``ValueError``) and every forward of the experts becomes dispatch → local experts →
+    combine (a collective: every rank must call forward, even with no tokens). The weights ``w1``, ``w2``, ``w3``
+    become new parameters (build the optimizer afterwards):
+
+    - on a ``DeviceMesh``: DTensors ``Shard(0)`` over it, of the global shape ``[E, ., .]``, so that ``fully_shard``
+      (FSDP2) composes on the other dimensions of the same mesh and ``torch.distributed.checkpoint`` saves and
+      reshards them (``parallelize_moe`` does both);
+    - on a process group: this rank's plain shards ``[E_l, ., .]`` (``shard_experts`` / ``gather_experts`` convert
+      single-device checkpoints).
+
+    The router and the shared expert stay replicated (their gradients sum over ranks as in data parallelism). A layer
+    built under ``torch.device("meta")`` can be made parallel first, then materialised with ``to_empty`` and loaded.
     """
     from ..layers.moe import MoEExperts
 
@@ -127,6 +137,7 @@ def expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = None) -
         raise TypeError(f"expert_parallel needs a dMoE, a PaddedMoE or their MoEExperts, got {type(module).__name__}")
     if getattr(experts, "_expert_parallel", None) is not None:
         raise ValueError("expert_parallel was already applied to this module")
+    group, mesh = _group_of(mesh)
     world, rank = _world(group)
     E = experts.num_experts
     if E % world:
@@ -136,62 +147,82 @@ def expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = None) -
         for name in EXPERT_KEYS:
             p = getattr(experts, name)
             if p is not None:
-                shard = p[rank * local : (rank + 1) * local].clone()
+                if mesh is None:
+                    shard = p[rank * local : (rank + 1) * local].clone()
+                else:  # each rank takes its own chunk of its own copy: no communication
+                    shard = distribute_tensor(p, mesh, [Shard(0)], src_data_rank=None)
                 setattr(experts, name, nn.Parameter(shard, requires_grad=p.requires_grad))
-    experts._expert_parallel = _ExpertParallelState(group=group, num_experts=E)
-    experts.register_forward_pre_hook(_dispatch_hook, with_kwargs=True)
-    experts.register_forward_hook(_combine_hook, with_kwargs=True)
+    experts._expert_parallel = _ExpertParallelState(group=group, mesh=mesh, num_experts=E)
+    experts.__class__ = _expert_parallel_class(type(experts))
     return module
 
 
-def _dispatch_hook(experts: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Input hook: send the rows to their experts' ranks; the experts then see ``(tokens, local ids, ones)``."""
-    state: _ExpertParallelState = experts._expert_parallel
-    names = ("x", "top_k_index", "top_k_weights")
-    call = dict(zip(names, args))
-    options = {name: value for name, value in kwargs.items() if name not in names}
-    call.update((name, kwargs[name]) for name in names if name in kwargs)
-    if len(args) > 3 or set(call) != set(names):
-        raise TypeError(f"the experts take (x, top_k_index, top_k_weights, **options), got {len(args)} positional")
-    x, top_k_index, top_k_weights = call["x"], call["top_k_index"], call["top_k_weights"]
-    world, _ = _world(state.group)
-    _check_routing(x, top_k_index, state.num_experts, world)
-    _check_weights(x, top_k_index, top_k_weights)
-    options = {**experts.options, **options}
-    if options.get("return_stats"):
-        raise ValueError("return_stats is not supported under expert parallelism")
-    keep = None
-    if options["impl"] == "padded":  # capacity per rank (GShard): drop the overflow here, before sending
-        T, k = top_k_index.shape
-        G = options.get("num_groups", 1)
-        C = padded_capacity(
-            T,
-            k,
-            state.num_experts,
-            capacity_factor=options["capacity_factor"],
-            capacity=options["capacity"],
-            num_groups=G,
+def _group_of(mesh: DeviceMesh | dist.ProcessGroup | None) -> tuple[dist.ProcessGroup | None, DeviceMesh | None]:
+    if isinstance(mesh, DeviceMesh):
+        if mesh.ndim != 1:
+            raise ValueError(
+                f"expert_parallel needs a 1-D DeviceMesh (e.g. mesh['ep']), got {mesh.ndim} dimensions "
+                f"{mesh.mesh_dim_names}"
+            )
+        return mesh.get_group(), mesh
+    if mesh is None or isinstance(mesh, dist.ProcessGroup):
+        return mesh, None
+    raise TypeError(f"mesh must be a 1-D DeviceMesh, a ProcessGroup or None, got {type(mesh).__name__}")
+
+
+def _local(w: torch.Tensor | None) -> torch.Tensor | None:
+    """This rank's expert shard of a weight (a DTensor's local tensor; differentiable)."""
+    return w.to_local() if isinstance(w, DTensor) else w
+
+
+class _ExpertParallelExperts:
+    """Placed before the experts' class by ``expert_parallel`` (as ``fully_shard`` does): its ``forward`` is
+    dispatch → ``moe_mlp`` over this rank's shards → combine, with the experts' options."""
+
+    def forward(
+        self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, **options
+    ) -> torch.Tensor:
+        state: _ExpertParallelState = self._expert_parallel
+        world, _ = _world(state.group)
+        _check_routing(x, top_k_index, state.num_experts, world)
+        _check_weights(x, top_k_index, top_k_weights)
+        options = {**self.options, **options}
+        if options.pop("return_stats", False):
+            raise ValueError("return_stats is not supported under expert parallelism")
+        keep = None
+        if options["impl"] == "padded":  # capacity per rank (GShard): drop the overflow here, before sending
+            T, k = top_k_index.shape
+            G = options["num_groups"]
+            C = padded_capacity(
+                T,
+                k,
+                state.num_experts,
+                capacity_factor=options["capacity_factor"],
+                capacity=options["capacity"],
+                num_groups=G,
+            )
+            keep = padded_slots(top_k_index, state.num_experts, C, G) < G * state.num_experts * C
+        sent = ep_dispatch(
+            x,
+            top_k_index,
+            group=state.group,
+            num_experts=state.num_experts,
+            keep=keep,
+            check=options.pop("check", None),
         )
-        keep = padded_slots(top_k_index, state.num_experts, C, G) < G * state.num_experts * C
-    sent = ep_dispatch(
-        x, top_k_index, group=state.group, num_experts=state.num_experts, keep=keep, check=options.get("check")
-    )
-    state.pending = (sent, top_k_weights)
-    rows = sent.tokens.shape[0]
-    local = {"check": False}  # local ids are right by construction
-    if options["impl"] == "padded":  # buffers for every received row: nothing more is dropped
-        local.update(capacity=max(sent.rows_per_expert, default=0), capacity_factor=None, num_groups=1)
-    return (sent.tokens, sent.local_expert.view(rows, 1), sent.tokens.new_ones(rows, 1)), local
+        if options["impl"] == "padded":  # buffers for every received row: nothing more is dropped
+            options.update(capacity=max(sent.rows_per_expert, default=0), capacity_factor=None, num_groups=1)
+        y = ep_local_experts(sent, *(_local(w) for w in (self.w1, self.w2, self.w3)), **options)
+        return ep_combine(y, top_k_weights, sent)
 
 
-def _combine_hook(experts: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-    """Output hook: return the expert outputs to their source ranks and sum each token's choices."""
-    state: _ExpertParallelState = experts._expert_parallel
-    if state.pending is None:
-        raise RuntimeError("expert-parallel output hook without a dispatch (was the input hook removed?)")
-    sent, top_k_weights = state.pending
-    state.pending = None
-    return ep_combine(output, top_k_weights, sent)
+_EP_CLASSES: dict[type, type] = {}
+
+
+def _expert_parallel_class(cls: type) -> type:
+    if cls not in _EP_CLASSES:
+        _EP_CLASSES[cls] = type(f"ExpertParallel{cls.__name__}", (_ExpertParallelExperts, cls), {})
+    return _EP_CLASSES[cls]
 
 
 # ----------------------------------------------------------------------------------------------- the stages
