@@ -16,12 +16,14 @@ import torch
 import torch.distributed as dist
 from multiprocess import spawn
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor, Shard
 
 from blocksparse_moe.layers.moe import PaddedMoE, dMoE
 from blocksparse_moe.parallel import expert_parallel, parallelize_moe
+from blocksparse_moe.parallel.checkpoint import load_checkpoint, save_checkpoint
 
 WORLD = 4
 FP32 = dict(atol=1e-4, rtol=1e-4)  # as test_expert_parallel; Adam's steps amplify summation-order noise
@@ -75,9 +77,9 @@ def _layer(case: Case, num_groups: int) -> nn.Module:
     return dMoE(D, F, case.num_experts, **kw)
 
 
-def _model(case: Case, num_groups: int = 1) -> nn.Module:
+def _model(case: Case, num_groups: int = 1, seed: int = 0) -> nn.Module:
     """The model, the same on every rank (seeded); ``num_groups``: PaddedMoE's capacity groups."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return Tiny(_layer(case, num_groups), D)
 
 
@@ -210,3 +212,73 @@ def _check_cases(rank: int, world: int, cases: list[Case]) -> None:
 def test_parallelize_moe_matches_single_process():
     # one spawn: the API and error checks, then every case of CASES
     spawn(WORLD, _check_cases, CASES)
+
+
+# ----------------------------------------------------------------------------------------------- DCP checkpoints
+
+LAYOUTS = ((1, 4), (4, 1))  # (dp_shard, ep) a checkpoint saved at 2×2 is loaded at: ep = 4, and ep = 1 × dp = 4
+
+
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, target: torch.Tensor) -> None:
+    out, aux = model(x)
+    (((out - target) ** 2).mean() + aux).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _full_states(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Every parameter and every optimizer state tensor, gathered to full tensors (collective)."""
+    model_state, optim_state = get_state_dict(model, opt)
+    params = {name: _full(t).clone() for name, t in model_state.items()}
+    optim = {(name, key): _full(t).clone() for name, state in optim_state["state"].items() for key, t in state.items()}
+    return params, optim
+
+
+def _check_dcp(rank: int, world: int, path: str) -> None:
+    case = Case("checkpoint", (2, 2))
+    g = torch.Generator().manual_seed(rank)  # each rank its own batch
+    batches = [(torch.randn(4, D, generator=g), torch.randn(4, D, generator=g)) for _ in range(3)]
+    model = parallelize_moe(_model(case), init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_shard", "ep")))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for x, target in batches[:2]:
+        _train_step(model, opt, x, target)
+    save_checkpoint(f"{path}/ckpt", model, opt)
+    params, optim = _full_states(model, opt)
+    if rank == 0:  # what the single-process load must find
+        torch.save(params, f"{path}/full.pt")
+    _train_step(model, opt, *batches[2])
+    after, _ = _full_states(model, opt)
+
+    for layout in LAYOUTS:
+        mesh = init_device_mesh("cpu", layout, mesh_dim_names=("dp_shard", "ep"))
+        fresh = parallelize_moe(_model(case, seed=1), mesh)  # other weights: the load must overwrite them
+        fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+        load_checkpoint(f"{path}/ckpt", fresh, fresh_opt)
+        got, got_optim = _full_states(fresh, fresh_opt)
+        assert got.keys() == params.keys() and got_optim.keys() == optim.keys(), layout
+        for name, want in params.items():
+            assert torch.equal(got[name], want), (layout, name)
+        for name, want in optim.items():
+            assert torch.equal(got_optim[name], want), (layout, name)
+        # and the resumed run continues the same curve: the next step equals the uninterrupted one's
+        _train_step(fresh, fresh_opt, *batches[2])
+        for name, want in _full_states(fresh, fresh_opt)[0].items():
+            torch.testing.assert_close(want, after[name], **FP32, msg=lambda m, n=name, lay=layout: f"{lay} {n}: {m}")
+
+
+def test_dcp_checkpoint_reloads_at_other_layouts(tmp_path):
+    # saved at ep=2 × dp_shard=2 (weights and AdamW state), loaded at ep=4, at ep=1 × dp_shard=4, and in this
+    # process without any process group, with equal weights
+    spawn(WORLD, _check_dcp, str(tmp_path))
+    case = Case("checkpoint", (2, 2))
+    model = _model(case, seed=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    load_checkpoint(tmp_path / "ckpt", model, opt)
+    full = torch.load(tmp_path / "full.pt")
+    state = model.state_dict()
+    assert state.keys() == full.keys()
+    for name, want in full.items():
+        assert torch.equal(state[name], want), name
+    assert all(s["step"].item() == 2 for s in opt.state.values()) and len(opt.state) == len(full)
+    with pytest.raises(FileNotFoundError, match="DCP checkpoint directory"):
+        load_checkpoint(tmp_path / "missing", model)
