@@ -54,6 +54,7 @@ class Case:
     num_experts: int = 4
     layer_kw: dict = field(default_factory=dict)
     bf16: bool = False  # bf16 parameters, fp32 gradient reduction (MixedPrecisionPolicy)
+    capacity_per_rank: int | None = None  # the sync-free mode's bound
     steps: int = 3
 
 
@@ -66,6 +67,7 @@ CASES = [
     Case("2×2, two ranks with no tokens and one with one token", (2, 2), tokens=(0, 7, 0, 1), num_experts=8),
     Case("2×2, bf16 parameters with fp32 gradient reduction", (2, 2), bf16=True),
     Case("PaddedMoE under EP × FSDP2 (tight capacity: tokens drop)", (2, 2), layer="padded"),
+    Case("2×2, the sync-free exchange within its bound", (2, 2), capacity_per_rank=12),
 ]
 
 
@@ -102,7 +104,7 @@ def _check_case(rank: int, world: int, case: Case) -> None:
     ref_bf16 = _model(case, num_groups=world).bfloat16()
     model = _model(case)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if case.bf16 else None
-    parallelize_moe(model, mesh, mp_policy=policy)
+    parallelize_moe(model, mesh, mp_policy=policy, capacity_per_rank=case.capacity_per_rank)
     assert isinstance(model.moe.experts.w1, DTensor) and isinstance(model.inp.weight, DTensor), msg
     assert model.moe.experts.w1.shape == (case.num_experts, D, F), msg  # global shape
     # bf16: Adam's eps 1e-8 turns bf16 noise in a near-zero gradient element into a full step of either sign; a

@@ -24,6 +24,12 @@ experts ``[s·E_l, (s+1)·E_l)``, T tokens, k choices per token, A = T·k assign
 6. combine: ``out[t] = Σ_j top_k_weights[t, j] · y[assignment_row[t, j]]`` (``scatter_rows``), the weights in
    ``functional.combine_dtype`` (fp32 for 16/32-bit tokens) as on one device, so outputs match it.
 
+Sync-free mode (``capacity_per_rank = C``): steps 2-5 use buffers sized from shapes: each rank sends ``C`` rows to
+every rank (its rows for that rank in sorted order, then zero rows) through functional collectives with equal
+splits, the counts travel on the device and give the received rows' local expert ids (``E_l`` for an empty slot,
+which ``moe_mlp`` skips), and each sorted row reads its result back from its slot. Nothing is read on the host;
+rows past ``C`` for one destination are dropped (they contribute zero) and counted (``dropped``).
+
 Capacity (``PaddedMoE``): each rank's own tokens get the layer's capacity (``capacity_factor`` over the rank's T,
 or ``capacity``), as GShard's per-device groups; the overflow is dropped on the source rank before step 3 (it is
 never sent), and the receiving rank runs its rows through capacity buffers large enough for all of them.
@@ -43,15 +49,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from ..activations import Activation
 from ..config import check_enabled
-from ..functional import check_expert_ids, combine_dtype, moe_mlp, padded_capacity, padded_slots
+from ..functional import combine_dtype, moe_mlp, padded_capacity, padded_slots
 from ..ops.permute import gather_rows, scatter_rows
 from ..routing import plan_routing
+from ..validation import check_expert_ids, non_negative_int
 
 __all__ = [
     "expert_parallel",
@@ -77,6 +85,10 @@ def _all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[in
     out = x.new_empty((sum(output_splits), *x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
     return out
+
+
+def _funcol_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    return dist.group.WORLD if group is None else group
 
 
 class _AllToAll(torch.autograd.Function):
@@ -109,9 +121,13 @@ class _ExpertParallelState:
     group: dist.ProcessGroup | None  # the exchange's process group
     mesh: DeviceMesh | None  # the 1-D mesh the weights are DTensors on (None: plain local shards)
     num_experts: int  # E over all ranks
+    capacity_per_rank: int | None  # None: exact exchange (one host sync); C: bounded, sync-free
+    dropped: torch.Tensor | None = None  # [] assignments of this rank dropped over capacity_per_rank, last forward
 
 
-def expert_parallel(module: nn.Module, mesh: DeviceMesh | dist.ProcessGroup | None = None) -> nn.Module:
+def expert_parallel(
+    module: nn.Module, mesh: DeviceMesh | dist.ProcessGroup | None = None, *, capacity_per_rank: int | None = None
+) -> nn.Module:
     """Spread the experts of ``module`` (a ``dMoE``, a ``PaddedMoE``, or their ``MoEExperts``) over ``mesh``: a 1-D
     ``DeviceMesh``, a process group, or ``None`` (the default group); returns ``module``, changed in place.
     Collective-free itself.
@@ -126,6 +142,13 @@ def expert_parallel(module: nn.Module, mesh: DeviceMesh | dist.ProcessGroup | No
       reshards them (``parallelize_moe`` does both);
     - on a process group: this rank's plain shards ``[E_l, ., .]`` (``shard_experts`` / ``gather_experts`` convert
       single-device checkpoints).
+
+    ``capacity_per_rank``: ``None`` (default) exchanges exactly the rows routed, dropless, with one host
+    synchronization per forward (the split sizes); an int ``C`` sizes every exchange buffer from shapes instead (each
+    rank sends ``C`` rows to every rank): no host synchronization (CUDA graphs, ``torch.compile(fullgraph=True)``),
+    equal to the default within the bound, and past it the rows over ``C`` for one destination rank are dropped
+    (GShard's policy: they contribute zero) and counted in ``experts.dropped_assignments`` (a device tensor, this
+    rank's drops in the last forward). ``C = T·k`` (this rank's assignments) can never drop.
 
     The router and the shared expert stay replicated (their gradients sum over ranks as in data parallelism). A layer
     built under ``torch.device("meta")`` can be made parallel first, then materialised with ``to_empty`` and loaded.
@@ -152,7 +175,11 @@ def expert_parallel(module: nn.Module, mesh: DeviceMesh | dist.ProcessGroup | No
                 else:  # each rank takes its own chunk of its own copy: no communication
                     shard = distribute_tensor(p, mesh, [Shard(0)], src_data_rank=None)
                 setattr(experts, name, nn.Parameter(shard, requires_grad=p.requires_grad))
-    experts._expert_parallel = _ExpertParallelState(group=group, mesh=mesh, num_experts=E)
+    if capacity_per_rank is not None:
+        non_negative_int("capacity_per_rank", capacity_per_rank)
+    experts._expert_parallel = _ExpertParallelState(
+        group=group, mesh=mesh, num_experts=E, capacity_per_rank=capacity_per_rank
+    )
     experts.__class__ = _expert_parallel_class(type(experts))
     return module
 
@@ -209,11 +236,19 @@ class _ExpertParallelExperts:
             num_experts=state.num_experts,
             keep=keep,
             check=options.pop("check", None),
+            capacity_per_rank=state.capacity_per_rank,
         )
+        state.dropped = sent.dropped
         if options["impl"] == "padded":  # buffers for every received row: nothing more is dropped
-            options.update(capacity=max(sent.rows_per_expert, default=0), capacity_factor=None, num_groups=1)
+            options.update(capacity=sent.local_capacity, capacity_factor=None, num_groups=1)
         y = ep_local_experts(sent, *(_local(w) for w in (self.w1, self.w2, self.w3)), **options)
         return ep_combine(y, top_k_weights, sent)
+
+    @property
+    def dropped_assignments(self) -> torch.Tensor | None:
+        """This rank's assignments dropped over ``capacity_per_rank`` in the last forward (a 0-d int64 device
+        tensor, always 0 in the default mode; ``None`` before the first forward)."""
+        return self._expert_parallel.dropped
 
 
 _EP_CLASSES: dict[type, type] = {}
@@ -233,13 +268,16 @@ class ExpertParallelDispatch:
     """What ``ep_dispatch`` received, and what ``ep_combine`` needs to send the results back."""
 
     tokens: torch.Tensor  # [R, d] rows for this rank's experts, ordered by (source rank, local expert)
-    local_expert: torch.Tensor  # [R] int64 local expert id of each row, in [0, E_l)
+    local_expert: torch.Tensor  # [R] int64 local expert id of each row, in [0, E_l); E_l for an empty slot
     recv_counts: torch.Tensor  # [W, E_l] int32 rows received from rank s for local expert e
     row_assignment: torch.Tensor  # [A] int32 row of the sorted send order -> assignment, -1 if not sent
     assignment_row: torch.Tensor  # [T, k] int32 assignment -> row of the sorted send order, -1 if not sent
-    send_splits: list[int]  # rows sent to each rank
-    recv_splits: list[int]  # rows received from each rank
-    rows_per_expert: list[int]  # rows received for each local expert (over all source ranks)
+    send_splits: list[int]  # rows sent to each rank (bounded mode: capacity_per_rank each)
+    recv_splits: list[int]  # rows received from each rank (bounded mode: capacity_per_rank each)
+    rows_per_expert: list[int] | None  # rows received for each local expert (over all source ranks); bounded: None
+    local_capacity: int  # an upper bound of the rows received for one local expert (exact in the default mode)
+    dropped: torch.Tensor  # [] int64 this rank's assignments over capacity_per_rank, not sent (0 in the default mode)
+    row_slot: torch.Tensor | None  # bounded mode: [A] slot of each sorted row in the exchange buffer, W·C if none
     group: dist.ProcessGroup | None
 
 
@@ -251,15 +289,23 @@ def ep_dispatch(
     num_experts: int,
     keep: torch.Tensor | None = None,
     check: bool | None = None,
+    capacity_per_rank: int | None = None,
 ) -> ExpertParallelDispatch:
     """Send each token row to the ranks owning its chosen experts (steps 1-3 of the module docstring).
 
     ``keep`` (``[T, k]`` bool, optional): only these assignments are sent (the others, e.g. over capacity,
-    contribute zero). ``check``: validate the expert ids (default as in ``moe_mlp``). Collective. One host
-    synchronization: reading the exchanged per-rank row counts.
+    contribute zero). ``check``: validate the expert ids (default as in ``moe_mlp``). Collective.
+
+    ``capacity_per_rank`` (``None``: exact mode): ``None`` exchanges exactly the rows routed (one host
+    synchronization: the split sizes). An int ``C`` is the bounded, sync-free mode: each rank sends ``C`` rows to
+    every rank (its rows for that rank's experts in sorted order, then empty slots), so every buffer is sized from
+    shapes and nothing is read on the host; rows past ``C`` for one destination are dropped (their assignments
+    contribute zero, GShard-style) and counted in ``dropped``; within the bound it equals the exact mode.
     """
     world, _ = _world(group)
     _check_routing(x, top_k_index, num_experts, world)
+    if capacity_per_rank is not None:
+        non_negative_int("capacity_per_rank", capacity_per_rank)
     if check_enabled(x.device, check):
         check_expert_ids(top_k_index, num_experts)
     if keep is not None:
@@ -269,8 +315,14 @@ def ep_dispatch(
                 f"{tuple(getattr(keep, 'shape', ()))}"
             )
         top_k_index = torch.where(keep, top_k_index, num_experts)  # an invalid id: not planned, not sent
-    local = num_experts // world
     plan = plan_routing(top_k_index, num_experts, block_size=1, check=False)  # sorted by expert = by owner rank
+    if capacity_per_rank is None:
+        return _dispatch_exact(x, plan, world, group)
+    return _dispatch_bounded(x, plan, world, group, capacity_per_rank)
+
+
+def _dispatch_exact(x: torch.Tensor, plan, world: int, group) -> ExpertParallelDispatch:
+    local = plan.num_experts // world
     send_counts = plan.tokens_per_expert
     recv_counts = torch.empty_like(send_counts)
     work = dist.all_to_all_single(recv_counts, send_counts, group=group, async_op=True)
@@ -284,6 +336,7 @@ def ep_dispatch(
     tokens = _AllToAll.apply(x_sorted[:sent], recv_splits, send_splits, group)
     expert_ids = torch.arange(local, device=x.device).repeat(world)
     local_expert = torch.repeat_interleave(expert_ids, recv_counts.flatten(), output_size=tokens.shape[0])
+    rows_per_expert = [sum(column) for column in zip(*recvs)]
     return ExpertParallelDispatch(
         tokens=tokens,
         local_expert=local_expert,
@@ -292,7 +345,50 @@ def ep_dispatch(
         assignment_row=plan.assignment_row,
         send_splits=send_splits,
         recv_splits=recv_splits,
-        rows_per_expert=[sum(column) for column in zip(*recvs)],
+        rows_per_expert=rows_per_expert,
+        local_capacity=max(rows_per_expert, default=0),
+        dropped=torch.zeros((), dtype=torch.int64, device=x.device),
+        row_slot=None,
+        group=group,
+    )
+
+
+def _dispatch_bounded(x: torch.Tensor, plan, world: int, group, capacity: int) -> ExpertParallelDispatch:
+    """The sync-free exchange: ``[W·C, d]`` buffers, slot ``s·C + j`` = the ``j``-th row for rank ``s``."""
+    C, local, device = capacity, plan.num_experts // world, x.device
+    counts = plan.tokens_per_expert.view(world, local).long()  # [W, E_l] sorted rows per (rank, local expert)
+    per_rank = counts.sum(1)
+    starts = per_rank.cumsum(0) - per_rank  # [W] first sorted row for each rank
+    kept_ends = counts.cumsum(1).clamp(max=C)  # [W, E_l] the first C rows per rank are kept
+    kept = torch.diff(kept_ends, dim=1, prepend=kept_ends.new_zeros(world, 1))
+    recv_counts = funcol.all_to_all_single(kept.flatten(), None, None, _funcol_group(group)).view(world, local)
+    # send slot s·C + j holds sorted row starts[s] + j while j < kept rows for s; else a zero row (index A)
+    A = plan.row_assignment.shape[0]
+    j = torch.arange(C, device=device)
+    slot_row = torch.where(j < kept_ends[:, -1:], starts[:, None] + j, A).flatten()  # [W·C]
+    # each sorted row's slot: W·C (a zero row) when not sent (over capacity, not kept, invalid id)
+    row = torch.arange(A, device=device)
+    rank = torch.searchsorted(per_rank.cumsum(0), row, right=True).clamp(max=world - 1)
+    position = row - starts[rank]
+    sent = (position < kept_ends[rank, -1]) & (row < per_rank.sum())
+    row_slot = torch.where(sent, rank * C + position, world * C)
+    x_sorted = gather_rows(x, plan.row_assignment, plan.assignment_row)
+    send = torch.cat([x_sorted, x_sorted.new_zeros(1, x.shape[1])])[slot_row]
+    tokens = funcol.all_to_all_single_autograd(send, None, None, _funcol_group(group))
+    recv_ends = recv_counts.cumsum(1)  # [W, E_l]: local expert of slot j from rank s = #ends <= j (E_l: empty)
+    local_expert = torch.searchsorted(recv_ends, j.expand(world, C).contiguous(), right=True).flatten()
+    return ExpertParallelDispatch(
+        tokens=tokens,
+        local_expert=local_expert,
+        recv_counts=recv_counts.int(),
+        row_assignment=plan.row_assignment,
+        assignment_row=plan.assignment_row,
+        send_splits=[C] * world,
+        recv_splits=[C] * world,
+        rows_per_expert=None,
+        local_capacity=world * C,
+        dropped=per_rank.sum() - kept_ends[:, -1].sum(),
+        row_slot=row_slot,
         group=group,
     )
 
@@ -339,10 +435,14 @@ def ep_combine(y: torch.Tensor, top_k_weights: torch.Tensor, dispatch: ExpertPar
         raise ValueError(
             f"top_k_weights must have shape {tuple(dispatch.assignment_row.shape)}, got {tuple(top_k_weights.shape)}"
         )
-    back = _AllToAll.apply(y, dispatch.send_splits, dispatch.recv_splits, dispatch.group)
-    unsent = dispatch.row_assignment.shape[0] - back.shape[0]  # assignments not sent, sorted last
-    if unsent:
-        back = torch.cat([back, back.new_zeros(unsent, back.shape[1])])
+    if dispatch.row_slot is None:  # exact mode: the rows come back in sorted order; the unsent ones are last
+        back = _AllToAll.apply(y, dispatch.send_splits, dispatch.recv_splits, dispatch.group)
+        unsent = dispatch.row_assignment.shape[0] - back.shape[0]
+        if unsent:
+            back = torch.cat([back, back.new_zeros(unsent, back.shape[1])])
+    else:  # bounded mode: each sorted row reads its slot (a zero row when it was not sent)
+        back = funcol.all_to_all_single_autograd(y, None, None, _funcol_group(dispatch.group))
+        back = torch.cat([back, back.new_zeros(1, back.shape[1])])[dispatch.row_slot]
     weights = top_k_weights.to(combine_dtype(back.dtype))
     return scatter_rows(back, dispatch.row_assignment, dispatch.assignment_row, weights)
 
@@ -362,6 +462,7 @@ def expert_parallel_moe_mlp(
     block_size: int | None = None,
     recompute_activation: bool = False,
     check: bool | None = None,
+    capacity_per_rank: int | None = None,
 ) -> torch.Tensor:
     """``moe_mlp`` with the experts spread over the ranks of ``group`` (``None``: the default group).
 
@@ -375,9 +476,12 @@ def expert_parallel_moe_mlp(
         num_experts: E, over all ranks; divisible by the group size.
         activation, impl, block_size, recompute_activation, check: as in ``moe_mlp`` for the local experts (a
             dropless ``impl`` or ``"reference"``; for capacity, apply ``expert_parallel`` to a ``PaddedMoE``).
+        capacity_per_rank: ``None`` for the exact exchange (one host sync), or the sync-free bound ``C`` (rows
+            this rank sends to each rank; the rows over it are dropped): see ``ep_dispatch``.
 
     Returns ``[T, d]``, equal to ``moe_mlp`` with all experts on one device; differentiable in ``x``,
-    ``top_k_weights`` and the shards. Collective (all ranks call it); one host sync to read the row counts.
+    ``top_k_weights`` and the shards. Collective (all ranks call it); one host sync to read the row counts unless
+    ``capacity_per_rank`` is given.
     """
     world, _ = _world(group)
     _check_routing(x, top_k_index, num_experts, world)
@@ -387,7 +491,9 @@ def expert_parallel_moe_mlp(
         raise ValueError(
             "impl='padded' needs per-rank capacity: apply expert_parallel to a PaddedMoE instead, got impl='padded'"
         )
-    sent = ep_dispatch(x, top_k_index, group=group, num_experts=num_experts, check=check)
+    sent = ep_dispatch(
+        x, top_k_index, group=group, num_experts=num_experts, check=check, capacity_per_rank=capacity_per_rank
+    )
     y = ep_local_experts(
         sent,
         w1,
