@@ -13,6 +13,7 @@ import torch.distributed as dist
 from helpers import routing
 from multiprocess import spawn
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 
 from blocksparse_moe.backends import torch as torch_backend
 from blocksparse_moe.functional import moe_mlp
@@ -113,37 +114,43 @@ def _ranges(counts: list[int]) -> list[tuple[int, int]]:
     return [(sum(counts[:r]), sum(counts[: r + 1])) for r in range(len(counts))]
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def _check_layer(rank: int, world: int) -> None:
-    # the layer on a mesh: several AdamW steps equal to the default (exact) mode within the bound; no host read in
-    # forward and backward; the drop counter; PaddedMoE
+    # the layer on a mesh (dMoE, PaddedMoE): several AdamW steps of the sync-free mode within its bound, of
+    # pipelined chunks, and of both, equal to the default mode; no host read in forward and backward; the counter
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     d, T = 8, 6
     for make in (lambda: dMoE(d, 6, 2 * world, top_k=2), lambda: PaddedMoE(d, 6, 2 * world, capacity_factor=1.0)):
         torch.manual_seed(0)
         full = make()
         exact = expert_parallel(copy.deepcopy(full), mesh)
-        bounded = expert_parallel(copy.deepcopy(full), mesh, capacity_per_rank=T * 2)
-        opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (exact, bounded)]
+        variants = [
+            expert_parallel(copy.deepcopy(full), mesh, capacity_per_rank=T * 2),  # sync-free, within the bound
+            expert_parallel(copy.deepcopy(full), mesh, num_chunks=4),  # pipelined chunks of 1, 1, 2, 2 tokens
+            expert_parallel(copy.deepcopy(full), mesh, capacity_per_rank=4, num_chunks=3),  # both: 2 tokens a chunk
+        ]
+        models = [exact, *variants]
+        opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in models]
         g = torch.Generator().manual_seed(rank)
         for _ in range(3):
             x = torch.randn(T, d, generator=g)
             losses = []
-            for model, opt in zip((exact, bounded), opts):
+            for model, opt in zip(models, opts):
                 y, aux = model(x)
                 loss = (y**2).mean() + aux
                 loss.backward()
                 opt.step()
                 opt.zero_grad()
                 losses.append(loss.detach())
-            torch.testing.assert_close(losses[1], losses[0], **FP32)
-        assert bounded.experts.dropped_assignments.item() == 0
-        for (name, a), b in zip(exact.named_parameters(), bounded.parameters()):
-            torch.testing.assert_close(
-                b.full_tensor() if hasattr(b, "full_tensor") else b,
-                a.full_tensor() if hasattr(a, "full_tensor") else a,
-                **FP32,
-                msg=lambda m, n=name: f"{n}: {m}",
-            )
+            for loss in losses[1:]:
+                torch.testing.assert_close(loss, losses[0], **FP32)
+        for model in variants:
+            assert model.experts.dropped_assignments.item() == 0
+            for (name, a), b in zip(exact.named_parameters(), model.parameters()):
+                torch.testing.assert_close(_full(b), _full(a), **FP32, msg=lambda m, n=name: f"{n}: {m}")
 
     # no host read in the bounded experts' forward and backward (ids unchecked, as on CUDA by default)
     torch.manual_seed(0)

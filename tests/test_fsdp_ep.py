@@ -55,6 +55,7 @@ class Case:
     layer_kw: dict = field(default_factory=dict)
     bf16: bool = False  # bf16 parameters, fp32 gradient reduction (MixedPrecisionPolicy)
     capacity_per_rank: int | None = None  # the sync-free mode's bound
+    num_chunks: int = 1  # pipelined token chunks
     steps: int = 3
 
 
@@ -68,6 +69,8 @@ CASES = [
     Case("2×2, bf16 parameters with fp32 gradient reduction", (2, 2), bf16=True),
     Case("PaddedMoE under EP × FSDP2 (tight capacity: tokens drop)", (2, 2), layer="padded"),
     Case("2×2, the sync-free exchange within its bound", (2, 2), capacity_per_rank=12),
+    Case("2×2, 4 pipelined chunks, PaddedMoE (capacity over the rank's tokens)", (2, 2), layer="padded", num_chunks=4),
+    Case("2×2, 3 chunks, sync-free: chunks of 0 and 1 tokens", (2, 2), (0, 7, 0, 1), num_chunks=3, capacity_per_rank=6),
 ]
 
 
@@ -104,7 +107,7 @@ def _check_case(rank: int, world: int, case: Case) -> None:
     ref_bf16 = _model(case, num_groups=world).bfloat16()
     model = _model(case)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if case.bf16 else None
-    parallelize_moe(model, mesh, mp_policy=policy, capacity_per_rank=case.capacity_per_rank)
+    parallelize_moe(model, mesh, mp_policy=policy, capacity_per_rank=case.capacity_per_rank, num_chunks=case.num_chunks)
     assert isinstance(model.moe.experts.w1, DTensor) and isinstance(model.inp.weight, DTensor), msg
     assert model.moe.experts.w1.shape == (case.num_experts, D, F), msg  # global shape
     # bf16: Adam's eps 1e-8 turns bf16 noise in a near-zero gradient element into a full step of either sign; a

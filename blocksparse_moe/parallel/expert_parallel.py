@@ -44,7 +44,7 @@ group call it, in the same order, even a rank with no tokens; ``requires_grad`` 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,14 +59,17 @@ from ..config import check_enabled
 from ..functional import combine_dtype, moe_mlp, padded_capacity, padded_slots
 from ..ops.permute import gather_rows, scatter_rows
 from ..routing import plan_routing
-from ..validation import check_expert_ids, non_negative_int
+from ..validation import check_expert_ids, non_negative_int, positive_int
 
 __all__ = [
     "expert_parallel",
     "ExpertParallelDispatch",
     "ep_dispatch",
+    "ep_dispatch_chunks",
     "ep_local_experts",
     "ep_combine",
+    "ep_pipeline",
+    "chunk_bounds",
     "expert_parallel_moe_mlp",
     "shard_experts",
     "gather_experts",
@@ -81,34 +84,8 @@ def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
-    out = x.new_empty((sum(output_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
-    return out
-
-
 def _funcol_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
     return dist.group.WORLD if group is None else group
-
-
-class _AllToAll(torch.autograd.Function):
-    """``all_to_all_single`` along dim 0 with uneven splits; the gradient takes the reverse route."""
-
-    @staticmethod
-    def forward(ctx, x, output_splits, input_splits, group):
-        ctx.splits = (output_splits, input_splits)
-        ctx.group = group
-        return _all_to_all(x, output_splits, input_splits, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        output_splits, input_splits = ctx.splits
-        return (
-            _all_to_all(grad, input_splits, output_splits, ctx.group),
-            None,  # output_splits
-            None,  # input_splits
-            None,  # group
-        )
 
 
 # ----------------------------------------------------------------------------------------------- the module style
@@ -122,11 +99,16 @@ class _ExpertParallelState:
     mesh: DeviceMesh | None  # the 1-D mesh the weights are DTensors on (None: plain local shards)
     num_experts: int  # E over all ranks
     capacity_per_rank: int | None  # None: exact exchange (one host sync); C: bounded, sync-free
+    num_chunks: int  # token chunks pipelined through dispatch -> experts -> combine
     dropped: torch.Tensor | None = None  # [] assignments of this rank dropped over capacity_per_rank, last forward
 
 
 def expert_parallel(
-    module: nn.Module, mesh: DeviceMesh | dist.ProcessGroup | None = None, *, capacity_per_rank: int | None = None
+    module: nn.Module,
+    mesh: DeviceMesh | dist.ProcessGroup | None = None,
+    *,
+    capacity_per_rank: int | None = None,
+    num_chunks: int = 1,
 ) -> nn.Module:
     """Spread the experts of ``module`` (a ``dMoE``, a ``PaddedMoE``, or their ``MoEExperts``) over ``mesh``: a 1-D
     ``DeviceMesh``, a process group, or ``None`` (the default group); returns ``module``, changed in place.
@@ -149,6 +131,12 @@ def expert_parallel(
     equal to the default within the bound, and past it the rows over ``C`` for one destination rank are dropped
     (GShard's policy: they contribute zero) and counted in ``experts.dropped_assignments`` (a device tensor, this
     rank's drops in the last forward). ``C = T·k`` (this rank's assignments) can never drop.
+
+    ``num_chunks``: split this rank's tokens into that many contiguous chunks and pipeline them: every chunk's
+    dispatch is issued first, then chunk ``i``'s experts run while the rows of the later chunks travel and the
+    results of the earlier ones return (asynchronous functional collectives; in the exact mode one host
+    synchronization for all chunks). Results equal the unchunked layer's; with ``capacity_per_rank`` the bound
+    applies to each chunk.
 
     The router and the shared expert stay replicated (their gradients sum over ranks as in data parallelism). A layer
     built under ``torch.device("meta")`` can be made parallel first, then materialised with ``to_empty`` and loaded.
@@ -177,8 +165,9 @@ def expert_parallel(
                 setattr(experts, name, nn.Parameter(shard, requires_grad=p.requires_grad))
     if capacity_per_rank is not None:
         non_negative_int("capacity_per_rank", capacity_per_rank)
+    positive_int("num_chunks", num_chunks)
     experts._expert_parallel = _ExpertParallelState(
-        group=group, mesh=mesh, num_experts=E, capacity_per_rank=capacity_per_rank
+        group=group, mesh=mesh, num_experts=E, capacity_per_rank=capacity_per_rank, num_chunks=num_chunks
     )
     experts.__class__ = _expert_parallel_class(type(experts))
     return module
@@ -216,6 +205,7 @@ class _ExpertParallelExperts:
         options = {**self.options, **options}
         if options.pop("return_stats", False):
             raise ValueError("return_stats is not supported under expert parallelism")
+        check = options.pop("check", None)
         keep = None
         if options["impl"] == "padded":  # capacity per rank (GShard): drop the overflow here, before sending
             T, k = top_k_index.shape
@@ -229,20 +219,30 @@ class _ExpertParallelExperts:
                 num_groups=G,
             )
             keep = padded_slots(top_k_index, state.num_experts, C, G) < G * state.num_experts * C
-        sent = ep_dispatch(
+        weights = [_local(w) for w in (self.w1, self.w2, self.w3)]
+
+        def experts(sent: ExpertParallelDispatch) -> torch.Tensor:
+            if options["impl"] == "padded":  # buffers for every received row: nothing more is dropped
+                return ep_local_experts(
+                    sent,
+                    *weights,
+                    **{**options, "capacity": sent.local_capacity, "capacity_factor": None, "num_groups": 1},
+                )
+            return ep_local_experts(sent, *weights, **options)
+
+        out, state.dropped = ep_pipeline(
             x,
             top_k_index,
+            top_k_weights,
+            experts,
             group=state.group,
             num_experts=state.num_experts,
             keep=keep,
-            check=options.pop("check", None),
+            check=check,
             capacity_per_rank=state.capacity_per_rank,
+            num_chunks=state.num_chunks,
         )
-        state.dropped = sent.dropped
-        if options["impl"] == "padded":  # buffers for every received row: nothing more is dropped
-            options.update(capacity=sent.local_capacity, capacity_factor=None, num_groups=1)
-        y = ep_local_experts(sent, *(_local(w) for w in (self.w1, self.w2, self.w3)), **options)
-        return ep_combine(y, top_k_weights, sent)
+        return out
 
     @property
     def dropped_assignments(self) -> torch.Tensor | None:
@@ -301,11 +301,48 @@ def ep_dispatch(
     every rank (its rows for that rank's experts in sorted order, then empty slots), so every buffer is sized from
     shapes and nothing is read on the host; rows past ``C`` for one destination are dropped (their assignments
     contribute zero, GShard-style) and counted in ``dropped``; within the bound it equals the exact mode.
+
+    The payload exchange is in flight when this returns: ``tokens`` waits for it at its first use.
     """
+    (sent,) = ep_dispatch_chunks(
+        x,
+        top_k_index,
+        group=group,
+        num_experts=num_experts,
+        keep=keep,
+        check=check,
+        capacity_per_rank=capacity_per_rank,
+        num_chunks=1,
+    )
+    return sent
+
+
+def chunk_bounds(num_tokens: int, num_chunks: int) -> list[tuple[int, int]]:
+    """``num_chunks`` contiguous token ranges covering ``[0, num_tokens)``, sizes differing by at most one (from
+    the shape: no host read)."""
+    return [(num_tokens * i // num_chunks, num_tokens * (i + 1) // num_chunks) for i in range(num_chunks)]
+
+
+def ep_dispatch_chunks(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None,
+    num_experts: int,
+    keep: torch.Tensor | None = None,
+    check: bool | None = None,
+    capacity_per_rank: int | None = None,
+    num_chunks: int = 1,
+) -> list[ExpertParallelDispatch]:
+    """``ep_dispatch`` of the token ranges ``chunk_bounds(T, num_chunks)``, one dispatch each, all payload
+    exchanges in flight on return (in chunk order): the caller computes chunk ``i`` while the later ones travel.
+    The exact mode reads the split sizes of every chunk in one host synchronization; the bounded mode applies
+    ``capacity_per_rank`` to each chunk. Collective."""
     world, _ = _world(group)
     _check_routing(x, top_k_index, num_experts, world)
     if capacity_per_rank is not None:
         non_negative_int("capacity_per_rank", capacity_per_rank)
+    positive_int("num_chunks", num_chunks)
     if check_enabled(x.device, check):
         check_expert_ids(top_k_index, num_experts)
     if keep is not None:
@@ -315,42 +352,52 @@ def ep_dispatch(
                 f"{tuple(getattr(keep, 'shape', ()))}"
             )
         top_k_index = torch.where(keep, top_k_index, num_experts)  # an invalid id: not planned, not sent
-    plan = plan_routing(top_k_index, num_experts, block_size=1, check=False)  # sorted by expert = by owner rank
+    chunks = [(x[a:b], top_k_index[a:b]) for a, b in chunk_bounds(x.shape[0], num_chunks)]
+    # sorted by expert = by owner rank
+    plans = [plan_routing(idx, num_experts, block_size=1, check=False) for _, idx in chunks]
     if capacity_per_rank is None:
-        return _dispatch_exact(x, plan, world, group)
-    return _dispatch_bounded(x, plan, world, group, capacity_per_rank)
+        return _dispatch_exact([x for x, _ in chunks], plans, world, group)
+    return [_dispatch_bounded(x, plan, world, group, capacity_per_rank) for (x, _), plan in zip(chunks, plans)]
 
 
-def _dispatch_exact(x: torch.Tensor, plan, world: int, group) -> ExpertParallelDispatch:
-    local = plan.num_experts // world
-    send_counts = plan.tokens_per_expert
-    recv_counts = torch.empty_like(send_counts)
+def _dispatch_exact(xs: list[torch.Tensor], plans: list, world: int, group) -> list[ExpertParallelDispatch]:
+    n, E = len(plans), plans[0].num_experts
+    local = E // world
+    # [W (destination), n, E_l]: each destination's counts of every chunk, exchanged at once
+    send_counts = torch.stack([plan.tokens_per_expert for plan in plans]).view(n, world, local).transpose(0, 1)
+    send_counts = send_counts.contiguous()
+    recv_counts = torch.empty_like(send_counts)  # [W (source), n, E_l]
     work = dist.all_to_all_single(recv_counts, send_counts, group=group, async_op=True)
-    x_sorted = gather_rows(x, plan.row_assignment, plan.assignment_row)  # runs while the counts travel
-    work.wait()
-    recv_counts = recv_counts.view(world, local)
+    sorted_rows = [gather_rows(x, plan.row_assignment, plan.assignment_row) for x, plan in zip(xs, plans)]
+    work.wait()  # the gathers ran while the counts travelled
     # the one host sync: split sizes must be host ints
-    sends, recvs = torch.stack([send_counts.view(world, local), recv_counts]).tolist()
-    send_splits, recv_splits = [sum(row) for row in sends], [sum(row) for row in recvs]
-    sent = sum(send_splits)  # assignments not kept or with invalid ids are sorted last and not sent
-    tokens = _AllToAll.apply(x_sorted[:sent], recv_splits, send_splits, group)
-    expert_ids = torch.arange(local, device=x.device).repeat(world)
-    local_expert = torch.repeat_interleave(expert_ids, recv_counts.flatten(), output_size=tokens.shape[0])
-    rows_per_expert = [sum(column) for column in zip(*recvs)]
-    return ExpertParallelDispatch(
-        tokens=tokens,
-        local_expert=local_expert,
-        recv_counts=recv_counts,
-        row_assignment=plan.row_assignment,
-        assignment_row=plan.assignment_row,
-        send_splits=send_splits,
-        recv_splits=recv_splits,
-        rows_per_expert=rows_per_expert,
-        local_capacity=max(rows_per_expert, default=0),
-        dropped=torch.zeros((), dtype=torch.int64, device=x.device),
-        row_slot=None,
-        group=group,
-    )
+    sends, recvs = torch.stack([send_counts, recv_counts]).transpose(1, 2).tolist()  # [2][n][W][E_l]
+    dispatches = []
+    for i, (plan, x_sorted) in enumerate(zip(plans, sorted_rows)):
+        send_splits, recv_splits = [sum(row) for row in sends[i]], [sum(row) for row in recvs[i]]
+        sent = sum(send_splits)  # assignments not kept or with invalid ids are sorted last and not sent
+        tokens = funcol.all_to_all_single_autograd(x_sorted[:sent], recv_splits, send_splits, _funcol_group(group))
+        chunk_counts = recv_counts[:, i]  # [W, E_l]
+        expert_ids = torch.arange(local, device=x_sorted.device).repeat(world)
+        local_expert = torch.repeat_interleave(expert_ids, chunk_counts.flatten(), output_size=sum(recv_splits))
+        rows_per_expert = [sum(column) for column in zip(*recvs[i])]
+        dispatches.append(
+            ExpertParallelDispatch(
+                tokens=tokens,
+                local_expert=local_expert,
+                recv_counts=chunk_counts,
+                row_assignment=plan.row_assignment,
+                assignment_row=plan.assignment_row,
+                send_splits=send_splits,
+                recv_splits=recv_splits,
+                rows_per_expert=rows_per_expert,
+                local_capacity=max(rows_per_expert, default=0),
+                dropped=torch.zeros((), dtype=torch.int64, device=x_sorted.device),
+                row_slot=None,
+                group=group,
+            )
+        )
+    return dispatches
 
 
 def _dispatch_bounded(x: torch.Tensor, plan, world: int, group, capacity: int) -> ExpertParallelDispatch:
@@ -374,7 +421,7 @@ def _dispatch_bounded(x: torch.Tensor, plan, world: int, group, capacity: int) -
     row_slot = torch.where(sent, rank * C + position, world * C)
     x_sorted = gather_rows(x, plan.row_assignment, plan.assignment_row)
     send = torch.cat([x_sorted, x_sorted.new_zeros(1, x.shape[1])])[slot_row]
-    tokens = funcol.all_to_all_single_autograd(send, None, None, _funcol_group(group))
+    tokens = funcol.all_to_all_single_autograd(send, [C] * world, [C] * world, _funcol_group(group))
     recv_ends = recv_counts.cumsum(1)  # [W, E_l]: local expert of slot j from rank s = #ends <= j (E_l: empty)
     local_expert = torch.searchsorted(recv_ends, j.expand(world, C).contiguous(), right=True).flatten()
     return ExpertParallelDispatch(
@@ -435,16 +482,60 @@ def ep_combine(y: torch.Tensor, top_k_weights: torch.Tensor, dispatch: ExpertPar
         raise ValueError(
             f"top_k_weights must have shape {tuple(dispatch.assignment_row.shape)}, got {tuple(top_k_weights.shape)}"
         )
+    return _weighted_sum(_send_back(y, dispatch), top_k_weights, dispatch)
+
+
+def _send_back(y: torch.Tensor, dispatch: ExpertParallelDispatch) -> torch.Tensor:
+    """Step 5: the reverse exchange, in flight on return (the result waits for it at its first use)."""
+    return funcol.all_to_all_single_autograd(
+        y, dispatch.send_splits, dispatch.recv_splits, _funcol_group(dispatch.group)
+    )
+
+
+def _weighted_sum(back: torch.Tensor, top_k_weights: torch.Tensor, dispatch: ExpertParallelDispatch) -> torch.Tensor:
+    """Step 6: ``back`` (the returned rows) in sorted order, then each token's weighted sum of its choices."""
     if dispatch.row_slot is None:  # exact mode: the rows come back in sorted order; the unsent ones are last
-        back = _AllToAll.apply(y, dispatch.send_splits, dispatch.recv_splits, dispatch.group)
         unsent = dispatch.row_assignment.shape[0] - back.shape[0]
         if unsent:
             back = torch.cat([back, back.new_zeros(unsent, back.shape[1])])
     else:  # bounded mode: each sorted row reads its slot (a zero row when it was not sent)
-        back = funcol.all_to_all_single_autograd(y, None, None, _funcol_group(dispatch.group))
         back = torch.cat([back, back.new_zeros(1, back.shape[1])])[dispatch.row_slot]
     weights = top_k_weights.to(combine_dtype(back.dtype))
     return scatter_rows(back, dispatch.row_assignment, dispatch.assignment_row, weights)
+
+
+def ep_pipeline(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    experts: Callable[[ExpertParallelDispatch], torch.Tensor],
+    *,
+    group: dist.ProcessGroup | None,
+    num_experts: int,
+    keep: torch.Tensor | None = None,
+    check: bool | None = None,
+    capacity_per_rank: int | None = None,
+    num_chunks: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch → ``experts`` → combine over ``num_chunks`` token chunks, pipelined: every chunk's dispatch is
+    issued first (``ep_dispatch_chunks``), then chunk ``i``'s ``experts(dispatch) -> [R_i, d]`` runs while the rows
+    of the later chunks travel and the results of the earlier ones return; the weighted sums come last. Returns
+    ``(out [T, d], dropped [] int64)``, ``out`` equal to the unchunked pipeline's. Collective."""
+    dispatches = ep_dispatch_chunks(
+        x,
+        top_k_index,
+        group=group,
+        num_experts=num_experts,
+        keep=keep,
+        check=check,
+        capacity_per_rank=capacity_per_rank,
+        num_chunks=num_chunks,
+    )
+    returning = [_send_back(experts(sent), sent) for sent in dispatches]
+    bounds = chunk_bounds(x.shape[0], num_chunks)
+    out = [_weighted_sum(back, top_k_weights[a:b], sent) for back, sent, (a, b) in zip(returning, dispatches, bounds)]
+    dropped = torch.stack([sent.dropped for sent in dispatches]).sum()
+    return (out[0] if num_chunks == 1 else torch.cat(out)), dropped
 
 
 def expert_parallel_moe_mlp(
@@ -463,6 +554,7 @@ def expert_parallel_moe_mlp(
     recompute_activation: bool = False,
     check: bool | None = None,
     capacity_per_rank: int | None = None,
+    num_chunks: int = 1,
 ) -> torch.Tensor:
     """``moe_mlp`` with the experts spread over the ranks of ``group`` (``None``: the default group).
 
@@ -478,6 +570,7 @@ def expert_parallel_moe_mlp(
             dropless ``impl`` or ``"reference"``; for capacity, apply ``expert_parallel`` to a ``PaddedMoE``).
         capacity_per_rank: ``None`` for the exact exchange (one host sync), or the sync-free bound ``C`` (rows
             this rank sends to each rank; the rows over it are dropped): see ``ep_dispatch``.
+        num_chunks: token chunks pipelined through dispatch → experts → combine (``ep_pipeline``).
 
     Returns ``[T, d]``, equal to ``moe_mlp`` with all experts on one device; differentiable in ``x``,
     ``top_k_weights`` and the shards. Collective (all ranks call it); one host sync to read the row counts unless
@@ -491,20 +584,19 @@ def expert_parallel_moe_mlp(
         raise ValueError(
             "impl='padded' needs per-rank capacity: apply expert_parallel to a PaddedMoE instead, got impl='padded'"
         )
-    sent = ep_dispatch(
-        x, top_k_index, group=group, num_experts=num_experts, check=check, capacity_per_rank=capacity_per_rank
+    options = dict(activation=activation, impl=impl, block_size=block_size, recompute_activation=recompute_activation)
+    out, _ = ep_pipeline(
+        x,
+        top_k_index,
+        top_k_weights,
+        lambda sent: ep_local_experts(sent, w1, w2, w3, **options),
+        group=group,
+        num_experts=num_experts,
+        check=check,
+        capacity_per_rank=capacity_per_rank,
+        num_chunks=num_chunks,
     )
-    y = ep_local_experts(
-        sent,
-        w1,
-        w2,
-        w3,
-        activation=activation,
-        impl=impl,
-        block_size=block_size,
-        recompute_activation=recompute_activation,
-    )
-    return ep_combine(y, top_k_weights, sent)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- validation

@@ -48,6 +48,7 @@ def parallelize_moe(
     mp_policy: MixedPrecisionPolicy | None = None,
     reshard_after_forward: bool = True,
     capacity_per_rank: int | None = None,
+    num_chunks: int = 1,
 ) -> nn.Module:
     """Expert parallelism on ``mesh["ep"]`` for every ``dMoE`` / ``PaddedMoE`` in ``model``, FSDP2 for their experts
     on ``mesh["dp_shard"]``, and FSDP2 for the rest of the model (each MoE layer, then the whole model) on both
@@ -60,7 +61,8 @@ def parallelize_moe(
         mp_policy: FSDP2's mixed precision for every shard (e.g. bf16 parameters, fp32 gradient reduction). The
             experts do not cast their inputs (the router's fp32 combine weights stay fp32, as on one device).
         reshard_after_forward: passed to every ``fully_shard``.
-        capacity_per_rank: ``expert_parallel``'s sync-free bound (``None``: the exact exchange, one host sync).
+        capacity_per_rank, num_chunks: ``expert_parallel``'s sync-free bound (``None``: the exact exchange, one
+            host sync) and pipelined token chunks.
 
     The model's parameters become DTensors (expert weights ``[E, ., .]`` on the whole mesh, the others on the
     flattened one), so ``torch.distributed.checkpoint`` saves and reloads the model at any other layout. Each rank's
@@ -84,7 +86,7 @@ def parallelize_moe(
     policy = mp_policy or MixedPrecisionPolicy()
     everywhere = mesh._flatten("_".join(MESH_DIMS))  # every rank: the data-parallel group of the non-expert weights
     for layer in layers:
-        expert_parallel(layer, mesh["ep"], capacity_per_rank=capacity_per_rank)
+        expert_parallel(layer, mesh["ep"], capacity_per_rank=capacity_per_rank, num_chunks=num_chunks)
         experts = fully_shard(
             layer.experts,
             mesh=mesh["dp_shard"],
