@@ -1,6 +1,7 @@
 """Build the routing extensions with CMake + pybind11 (metadata lives in pyproject.toml; never imports torch).
 
-Environment switches:
+Environment switches (``SWITCHES``: the build's rows of blocksparse_moe.config.SWITCHES, read here without importing
+the package, which imports torch; a test checks that names, values and defaults agree; empty means unset):
     BSM_CUDA=auto|1|0   build blocksparse_moe._routing_cuda when nvcc is found (auto), or fail without it (1),
                         or skip it (0). Without it the package is pure Python + Triton.
     BSM_CUDA_ARCHS      CUDA architectures, default "80;90" (SASS for each, PTX for the newest).
@@ -26,8 +27,19 @@ from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
-CUDA_MODES = ("auto", "1", "0")
-JIT_SOURCES = ("routing_jit.cu", "routing.h")  # = blocksparse_moe/_jit.py SOURCE_FILES (a test checks it)
+# name -> (accepted values or None for free text, default): the build's rows of blocksparse_moe.config.SWITCHES
+SWITCHES = {"BSM_CUDA": (("auto", "1", "0"), "auto"), "BSM_CUDA_ARCHS": (None, "80;90")}
+JIT_SOURCES = ("routing_jit.cu", "routing.h")  # = blocksparse_moe/routing/jit.py SOURCE_FILES (a test checks it)
+
+
+def switch(name: str) -> str:
+    """The value of build switch ``name``, its default when unset or empty; a ValueError for a value it does not
+    take (the rule of blocksparse_moe.config.switch)."""
+    values, default = SWITCHES[name]
+    value = os.environ.get(name, "") or default
+    if values is not None and value not in values:
+        raise ValueError(f"environment variable {name} must be one of {values} (or unset), got {value!r}")
+    return value
 
 
 class CMakeExtension(Extension):
@@ -46,9 +58,7 @@ class CMakeBuild(build_ext):
     """Configure once, build every target (keep going on errors), then keep the modules that were built."""
 
     def build_extensions(self) -> None:
-        mode = os.environ.get("BSM_CUDA", "auto")
-        if mode not in CUDA_MODES:
-            raise ValueError(f"BSM_CUDA must be one of {CUDA_MODES}, got {mode!r}")
+        mode = switch("BSM_CUDA")
         build_dir = Path(self.build_temp).resolve() / "cmake"
         out_dir = Path(self.get_ext_fullpath(self.extensions[0].name)).resolve().parent
         build_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +99,7 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DBSM_OUTPUT_DIR={out_dir}",
-            f"-DBSM_CUDA_ARCHS={os.environ.get('BSM_CUDA_ARCHS', '80;90')}",
+            f"-DBSM_CUDA_ARCHS={switch('BSM_CUDA_ARCHS')}",
             "-DCMAKE_BUILD_TYPE=Release",
         ]
         if shutil.which("ninja") and not (build_dir / "Makefile").exists():
@@ -113,7 +123,7 @@ class CMakeBuild(build_ext):
 
 
 class BuildPy(build_py):
-    """The Python package plus csrc's JIT sources as blocksparse_moe/_jit_src/ (read by blocksparse_moe._jit)."""
+    """The Python package plus csrc's JIT sources as blocksparse_moe/_jit_src/ (read by blocksparse_moe.routing.jit)."""
 
     def run(self) -> None:
         super().run()

@@ -39,12 +39,12 @@ def case():
         w1=(torch.randn(E, D, F, generator=g) * D**-0.5).to(**opts),
         w2=(torch.randn(E, F, D, generator=g) * F**-0.5).to(**opts),
         w3=(torch.randn(E, D, F, generator=g) * D**-0.5).to(**opts),
-        plan=plan_routing(index, E, block_size=BLOCK, ffn_size=F),
+        plan=plan_routing(index, E, block_size=BLOCK),
         plan1=plan_routing(index, E, block_size=1),
     )
     p = c["plan"]
     c["xs"] = gather_rows(c["x"], p.padded_row_assignment, p.padded_assignment_row)
-    c["h"] = sdd(c["xs"], c["w1"], p.topology)
+    c["h"] = sdd(c["xs"], c["w1"], p.topology(F))
     return c
 
 
@@ -76,11 +76,11 @@ def test_grouped_mm_fused_gather(benchmark, case):
 
 
 def test_sdd(benchmark, case):
-    _bench(benchmark, lambda: sdd(case["xs"], case["w1"], case["plan"].topology))
+    _bench(benchmark, lambda: sdd(case["xs"], case["w1"], case["plan"].topology(F)))
 
 
 def test_dsd(benchmark, case):
-    _bench(benchmark, lambda: dsd(case["h"], case["plan"].topology, case["w2"]))
+    _bench(benchmark, lambda: dsd(case["h"], case["plan"].topology(F), case["w2"]))
 
 
 @pytest.mark.parametrize("impl", ["blocksparse", "grouped", "padded", "reference"])

@@ -18,6 +18,7 @@ _EXPORTS = {
     "moe_mlp": "functional",
     "custom_moe_mlp": "functional",
     "MoEStats": "functional",
+    "MoEOptions": "options",
     "per_token_moe_mlp": "reference",
     "TopKRouter": "layers.router",
     "load_balancing_loss": "layers.losses",
@@ -25,6 +26,7 @@ _EXPORTS = {
     "dMoE": "layers.moe",
     "PaddedMoE": "layers.moe",
     "MoEExperts": "layers.moe",
+    "MoELayer": "layers.moe",
     "expert_parallel": "parallel.expert_parallel",
     "parallelize_moe": "parallel.parallelize",
 }
@@ -34,8 +36,9 @@ __all__ = sorted(_EXPORTS) + ["ops", "integrations", "__version__"]
 if TYPE_CHECKING:  # pragma: no cover
     from .functional import MoEStats, custom_moe_mlp, moe_mlp  # noqa: F401
     from .layers.losses import load_balancing_loss, router_z_loss  # noqa: F401
-    from .layers.moe import MoEExperts, PaddedMoE, dMoE  # noqa: F401
+    from .layers.moe import MoEExperts, MoELayer, PaddedMoE, dMoE  # noqa: F401
     from .layers.router import TopKRouter  # noqa: F401
+    from .options import MoEOptions  # noqa: F401
     from .parallel.expert_parallel import expert_parallel  # noqa: F401
     from .parallel.parallelize import parallelize_moe  # noqa: F401
     from .reference import per_token_moe_mlp  # noqa: F401
@@ -45,6 +48,6 @@ if TYPE_CHECKING:  # pragma: no cover
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    if name in ("ops", "integrations", "kernels", "layers", "parallel"):
+    if name in ("ops", "integrations", "kernels", "layers", "parallel", "strategies"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'blocksparse_moe' has no attribute {name!r}")

@@ -8,7 +8,7 @@ Three words name the three choices users see; each is made in one function here:
   or on CPU under ``TRITON_INTERPRET=1``) or their PyTorch implementation (``"torch"``: the CPU path, float64, and
   the reference of the tests). ``resolve_backend`` below.
 - **routing implementation** (``BSM_ROUTING``): which code computes the routing plan on CUDA — the compiled
-  extension, the cupy/NVRTC JIT or PyTorch (``routing.routing_backend``).
+  extension, the cupy/NVRTC JIT or PyTorch (``routing.routing_implementation``).
 
 ``SWITCHES`` is the table of every ``BSM_*`` environment variable (name, values, default, meaning); the README's
 switch table and ``python -m blocksparse_moe.info`` print from it, and ``switch(name)`` reads one (an empty value
@@ -27,6 +27,8 @@ __all__ = [
     "Switch",
     "SWITCHES",
     "switch",
+    "switch_default",
+    "switch_table",
     "interpreting",
     "BACKENDS",
     "FLOAT_DTYPES",
@@ -122,6 +124,11 @@ def switch(name: str) -> str:
     if spec.values is not None and value not in spec.values:
         raise ValueError(f"environment variable {name} must be one of {spec.values} (or unset), got {value!r}")
     return value
+
+
+def switch_default(name: str) -> str:
+    """The default of switch ``name`` (its value when unset)."""
+    return _BY_NAME[name].default
 
 
 def switch_table() -> str:

@@ -1,8 +1,11 @@
 """``python -m blocksparse_moe.info``: which implementation each part of the package will use here, and why.
 
-Like ``torch.utils.collect_env``: versions, what is built or installed, the switches in the environment, then per
-part (routing on CPU and on each CUDA device, the kernels) the backend and the reason. It never fails: a problem
-is printed as the reason. Paste its output into bug reports.
+Like ``torch.utils.collect_env``: versions, what is built or installed, every switch of ``config.SWITCHES`` (its
+value and default), then the three choices users see, each in its own word: the **strategy** (``impl=``, chosen per
+call), the **kernels backend** (``backend=`` / ``BSM_BACKEND``) and the **routing implementation** (``BSM_ROUTING``),
+on CPU and on each CUDA device, with the reason. The report never stops at a problem: it is printed as the reason.
+A switch set to a value it does not take is an error: the report says so on its line and ``main`` exits with
+status 2 after printing it. Paste its output into bug reports.
 """
 
 from __future__ import annotations
@@ -15,7 +18,12 @@ from collections.abc import Callable
 
 import torch
 
-SWITCHES = ("BSM_ROUTING", "BSM_BACKEND", "BSM_CHECK", "BSM_CACHE_DIR", "TRITON_INTERPRET")
+from . import config
+from .routing import ext as _ext
+from .routing import jit as _jit
+from .routing import routing_implementation
+
+STRATEGIES = "blocksparse, grouped, padded, reference (moe_mlp(impl=...), chosen per call)"
 
 
 def _try(fn: Callable[[], str]) -> str:
@@ -36,9 +44,29 @@ def _extension(name: str) -> str:
     return f"built ({spec.origin})" if spec is not None and spec.origin else "not built"
 
 
-def _nvrtc() -> str:
-    from . import _jit
+def _switch_line(switch: config.Switch) -> str:
+    """``value (default D)``; ``<unset>`` for an absent or empty variable; ``invalid: ...`` for a value it does not
+    take."""
+    raw = os.environ.get(switch.name, "")
+    try:
+        config.switch(switch.name)
+    except ValueError as exc:
+        return f"invalid: {exc}"
+    return f"{raw or '<unset>'} (default {switch.default})"
 
+
+def invalid_switches() -> list[str]:
+    """The errors of the switches set to a value they do not take."""
+    errors = []
+    for s in config.SWITCHES:
+        try:
+            config.switch(s.name)
+        except ValueError as exc:
+            errors.append(str(exc))
+    return errors
+
+
+def _nvrtc() -> str:
     def describe() -> str:
         major, minor = _jit.nvrtc_version()
         archs = sorted(_jit._nvrtc().getSupportedArchs())
@@ -48,8 +76,6 @@ def _nvrtc() -> str:
 
 
 def _jit_compiles(arch: int) -> str:
-    from . import _jit
-
     def check() -> str:
         data = _jit.binary(arch)
         kind, flag = _jit.target(arch)
@@ -60,9 +86,6 @@ def _jit_compiles(arch: int) -> str:
 
 def collect() -> list[tuple[str, str]]:
     """``(label, value)`` lines of the report."""
-    from . import _ext, _jit, config
-    from .routing import routing_backend
-
     lines = [
         ("python", sys.version.split()[0]),
         ("blocksparse_moe", os.path.dirname(__file__)),
@@ -75,10 +98,12 @@ def collect() -> list[tuple[str, str]]:
         ("routing JIT sources", _try(lambda: str(_jit.source_dir()))),
         ("routing JIT cache", str(_jit.cache_dir())),
     ]
-    lines += [(name, os.environ.get(name, "<unset>")) for name in SWITCHES]
+    lines += [(s.name, _switch_line(s)) for s in config.SWITCHES]
+    lines.append(("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET") or "<unset>"))
+    lines.append(("strategy", STRATEGIES))
 
     def routing_line(device: torch.device) -> str:
-        name, why = routing_backend(device)
+        name, why = routing_implementation(device)
         return f"{name}: {why}"
 
     def kernels_line(device: torch.device) -> str:
@@ -89,32 +114,39 @@ def collect() -> list[tuple[str, str]]:
         return f"{name}: {why}"
 
     cpu = torch.device("cpu")
-    lines.append(("routing, CPU tensors", _try(lambda: routing_line(cpu))))
-    lines.append(("kernels, CPU tensors", _try(lambda: kernels_line(cpu))))
+    lines.append(("routing implementation, CPU tensors", _try(lambda: routing_line(cpu))))
+    lines.append(("kernels backend, CPU tensors", _try(lambda: kernels_line(cpu))))
     count = _try(lambda: str(torch.cuda.device_count()))
     if count.isdigit() and int(count) > 0:
         for index in range(int(count)):
             device = torch.device("cuda", index)
             label = _try(lambda d=device: f"{torch.cuda.get_device_name(d)}, sm_{_jit._device_arch(d)}")
-            lines.append((f"routing, cuda:{index} ({label})", _try(lambda d=device: routing_line(d))))
-            lines.append((f"kernels, cuda:{index}", _try(lambda d=device: kernels_line(d))))
+            lines.append((f"routing implementation, cuda:{index} ({label})", _try(lambda d=device: routing_line(d))))
+            lines.append((f"kernels backend, cuda:{index}", _try(lambda d=device: kernels_line(d))))
     else:
-        requested = os.environ.get("BSM_ROUTING", "auto")
-        if requested != "auto":
-            order = f"{requested} (forced by BSM_ROUTING)"
-        else:
-            order = "ext (built)" if _ext.cuda_available() else "the cupy JIT if it loads there, else torch"
-        lines.append(("routing, CUDA tensors", f"no CUDA device visible; on one: {order}"))
+
+        def order() -> str:
+            requested = config.switch("BSM_ROUTING")
+            if requested != "auto":
+                return f"{requested} (forced by BSM_ROUTING={requested!r})"
+            return "ext (built)" if _ext.cuda_available() else "the cupy JIT if it loads there, else torch"
+
+        lines.append(("routing implementation, CUDA tensors", f"no CUDA device visible; on one: {_try(order)}"))
         lines.append(("cupy JIT check (no device)", _jit_compiles(90)))
     return lines
 
 
-def main() -> None:
+def main() -> int:
+    """Print the report; status 2 (and the errors on stderr) when a switch holds a value it does not take."""
     lines = collect()
     width = max(len(label) for label, _ in lines)
     for label, value in lines:
         print(f"{label:<{width}}  {value}")
+    errors = invalid_switches()
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    return 2 if errors else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -64,10 +64,10 @@ def choice(name: str, value: object, choices: Sequence[object]) -> object:
 
 
 def non_negative_number(name: str, value: object) -> float:
-    """A finite real number ``>= 0`` (symbolic floats under ``torch.compile(dynamic=True)`` pass unchecked)."""
-    if isinstance(value, torch.SymFloat):
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    """A finite real number ``>= 0``, symbolic ones under ``torch.compile(dynamic=True)`` included (one chained
+    comparison, which NaN and inf fail and which dynamo traces; ``math.isfinite`` breaks its graph)."""
+    numeric = isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool)
+    if not numeric or not 0 <= value < math.inf:
         raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
     return value
 

@@ -35,7 +35,7 @@ template <typename... Parts>
   throw std::invalid_argument(message.str());
 }
 
-// The bound of routing.max_block_rows: min(A, (A + E*(B-1)) // B).
+// The bound of routing.spec.max_block_rows: min(A, (A + E*(B-1)) // B).
 inline int64_t max_block_rows(int64_t assignments, int64_t num_experts, int64_t block_size) {
   return std::min(assignments, (assignments + num_experts * (block_size - 1)) / block_size);
 }
@@ -69,22 +69,13 @@ inline RoutingShape parse_shape(const std::string& index_dtype, int64_t num_toke
   return s;
 }
 
-// The buffers a plan of shape s needs, with their element counts, in the order of routing.PLAN_BUFFERS and
-// SCRATCH_BUFFERS (exposed as buffer_sizes(); a test compares the two).
+// The buffers a plan of shape s needs, with their element counts, in table order (BSM_ROUTING_BUFFERS; exposed as
+// buffer_sizes(), which a test compares with routing/spec.py).
 inline std::vector<std::pair<std::string, int64_t>> expected_buffers(const RoutingShape& s) {
-  const int64_t A = s.assignments(), E = s.num_experts;
   return {
-      {"counts", E + 1},
-      {"offsets", E + 1},
-      {"padded_offsets", E + 1},
-      {"row_assignment", A},
-      {"assignment_row", A},
-      {"padded_row_assignment", s.padded_rows()},
-      {"padded_assignment_row", A},
-      {"keys", A},
-      {"rank", A},
-      {"tile_counts", s.num_tiles * s.bins()},
-      {"group_counts", s.num_groups * s.bins()},
+#define BSM_BUFFER_SIZE(name, kind, numel) {#name, numel},
+      BSM_ROUTING_BUFFERS(BSM_BUFFER_SIZE)
+#undef BSM_BUFFER_SIZE
   };
 }
 
@@ -94,38 +85,35 @@ inline std::string joined_names(const RoutingShape& s) {
   return names;
 }
 
+// One buffer of `buffers` by name, checked against the element count the plan needs.
+inline int32_t* parse_buffer(const Buffers& buffers, const RoutingShape& s, const char* name, int64_t numel) {
+  const auto it = buffers.find(name);
+  if (it == buffers.end()) invalid("buffers is missing '", name, "'; expected exactly: ", joined_names(s));
+  const auto [ptr, received] = it->second;
+  if (received != numel) invalid("buffer '", name, "' must have ", numel, " int32 elements, got ", received);
+  if (numel > 0 && (ptr == 0 || ptr % 4 != 0)) {
+    invalid("buffer '", name, "' must be a non-null pointer aligned to 4 bytes, got ", ptr);
+  }
+  return reinterpret_cast<int32_t*>(ptr);
+}
+
 inline RoutingParams parse_params(const RoutingShape& s, std::uintptr_t top_k_index, const Buffers& buffers) {
   const int64_t item = s.index_is_int64 ? 8 : 4;
   if (s.assignments() > 0 && (top_k_index == 0 || top_k_index % item != 0)) {
     invalid("top_k_index must be a non-null pointer aligned to ", item, " bytes, got ", top_k_index);
   }
-  std::map<std::string, int32_t*> pointers;
-  for (const auto& [name, numel] : expected_buffers(s)) {
-    const auto it = buffers.find(name);
-    if (it == buffers.end()) invalid("buffers is missing '", name, "'; expected exactly: ", joined_names(s));
-    const auto [ptr, received] = it->second;
-    if (received != numel) invalid("buffer '", name, "' must have ", numel, " int32 elements, got ", received);
-    if (numel > 0 && (ptr == 0 || ptr % 4 != 0)) {
-      invalid("buffer '", name, "' must be a non-null pointer aligned to 4 bytes, got ", ptr);
-    }
-    pointers[name] = reinterpret_cast<int32_t*>(ptr);
-  }
+  RoutingBuffers b{};
+  b.top_k_index = reinterpret_cast<const void*>(top_k_index);
+#define BSM_PARSE_BUFFER(name, kind, numel) b.name = parse_buffer(buffers, s, #name, numel);
+  BSM_ROUTING_BUFFERS(BSM_PARSE_BUFFER)
+#undef BSM_PARSE_BUFFER
+  const auto expected = expected_buffers(s);
   for (const auto& [name, buffer] : buffers) {
-    if (pointers.count(name) == 0) invalid("unknown buffer '", name, "'; expected exactly: ", joined_names(s));
+    const auto known = [&name = name](const auto& entry) { return entry.first == name; };
+    if (std::none_of(expected.begin(), expected.end(), known)) {
+      invalid("unknown buffer '", name, "'; expected exactly: ", joined_names(s));
+    }
   }
-  auto get = [&](const char* name) { return pointers.at(name); };  // every name is present (checked above)
-  const RoutingBuffers b{reinterpret_cast<const void*>(top_k_index),
-                         get("counts"),
-                         get("offsets"),
-                         get("padded_offsets"),
-                         get("row_assignment"),
-                         get("assignment_row"),
-                         get("padded_row_assignment"),
-                         get("padded_assignment_row"),
-                         get("keys"),
-                         get("rank"),
-                         get("tile_counts"),
-                         get("group_counts")};
   return RoutingParams{s, b};
 }
 
@@ -138,10 +126,10 @@ inline RoutingParams parse_params(const RoutingShape& s, std::uintptr_t top_k_in
 constexpr const char* kPlanDoc = R"doc(Build the routing plan into caller-allocated int32 buffers.
 
 top_k_index: data pointer of the contiguous [num_tokens, top_k] ids (index_dtype 'int32' or 'int64').
-max_block_rows: routing.max_block_rows(num_tokens * top_k, num_experts, block_size).
-buffers: {name: (data_ptr, numel)} for counts [E+1] (counts[E] = invalid ids), offsets, padded_offsets,
-row_assignment, assignment_row, padded_row_assignment, padded_assignment_row, and the scratch of the counting
-sort (buffer_sizes() lists them all). The block-sparse topology is padded_offsets: it has no buffers of its own.
+max_block_rows: routing.spec.max_block_rows(num_tokens * top_k, num_experts, block_size).
+buffers: {name: (data_ptr, numel)} for every buffer of csrc/routing.h's BSM_ROUTING_BUFFERS table: the plan's
+(counts [E+1] with counts[E] = invalid ids, offsets, ..., row_token, ...) and the scratch of the counting sort
+(buffer_sizes() lists them all, in order). The block-sparse topology is padded_offsets: it has no buffers of its own.
 Raises ValueError on any inconsistent argument.)doc";
 
 // buffer_sizes(index_dtype, ...): [(name, numel)] of the buffers plan_routing expects for these sizes.
@@ -154,8 +142,8 @@ inline std::vector<std::pair<std::string, int64_t>> buffer_sizes(const std::stri
 // The functions both modules define besides plan_routing.
 inline void define_common(py::module_& m) {
   m.def("buffer_sizes", &buffer_sizes,
-        "[(name, numel)] of the int32 buffers plan_routing expects, in order (the C++ side of routing.PLAN_BUFFERS "
-        "and SCRATCH_BUFFERS).",
+        "[(name, numel)] of the int32 buffers plan_routing expects, in order (the C++ side of "
+        "routing.spec.PLAN_BUFFERS and SCRATCH_BUFFERS).",
         py::arg("index_dtype"), py::arg("num_tokens"), py::arg("top_k"), py::arg("num_experts"), py::arg("block_size"),
         py::arg("max_block_rows"));
   m.def("params_bytes", []() { return sizeof(RoutingParams); }, "sizeof(RoutingParams), the struct every step takes.");

@@ -4,8 +4,8 @@
 // for i in [0, extent): every index is independent of the others within a step, and each step sees everything
 // the steps before it wrote. An executor runs the steps in the order of `plan_routing` below: host loops
 // (_routing_host), CUDA kernels (_routing_cuda, nvcc) or the same kernels compiled at run time with NVRTC
-// (csrc/routing_jit.cu, driven by blocksparse_moe/_jit.py, which launches these steps by name in this order).
-// The result matches `plan_buffers_torch` of blocksparse_moe/routing.py element for element (read that file for
+// (csrc/routing_jit.cu, driven by blocksparse_moe/routing/jit.py, which launches these steps by name in this order).
+// The result matches blocksparse_moe/routing/pytorch.py element for element (blocksparse_moe/routing/spec.py is
 // the spec). The block-sparse topology needs no step: it is padded_offsets plus sizes, and the kernels compute
 // every block index from it in closed form. No CUB, no host-side queries: every buffer is sized from shapes by the
 // caller.
@@ -49,7 +49,7 @@ using std::int64_t;
 namespace bsm {
 
 // Sizes of one plan, including the layout of the counting sort (see sort_layout). Only 64-bit members: the
-// layout of RoutingParams is then the same for every compiler and for the numpy dtype _jit.py builds from the
+// layout of RoutingParams is then the same for every compiler and for the numpy dtype routing/jit.py builds from the
 // names (in this order; a test checks it).
 struct RoutingShape {
   int64_t num_tokens;       // T
@@ -68,22 +68,31 @@ struct RoutingShape {
   BSM_HD int64_t bins() const { return num_experts + 1; }
 };
 
-// Raw pointers of every buffer of one plan (all int32, caller-allocated with the sizes in the comments), in the
-// order of routing.PLAN_BUFFERS + SCRATCH_BUFFERS (blocksparse_moe/routing.py; a test checks the order).
+// The one table of buffers (all int32, caller-allocated): X(name, kind, number of elements for the RoutingShape s),
+// kind `plan` (the plan's outputs) or `scratch` (the counting sort's). It generates RoutingBuffers,
+// expected_buffers and parse_params (bindings.h); blocksparse_moe/routing/spec.py's PLAN_BUFFERS and
+// SCRATCH_BUFFERS are the same table in the same order (a test reads both).
+#define BSM_ROUTING_BUFFERS(X)                                                                          \
+  X(counts, plan, s.bins())                     /* tokens per expert, then the invalid count */         \
+  X(offsets, plan, s.bins())                    /* exclusive scan of counts[:E] */                      \
+  X(padded_offsets, plan, s.bins())             /* the same, each expert rounded up to B rows */        \
+  X(row_assignment, plan, s.assignments())      /* sorted row -> assignment, -1 for invalid */          \
+  X(row_token, plan, s.assignments())           /* sorted row -> token (assignment / k), -1 */          \
+  X(assignment_row, plan, s.assignments())      /* assignment -> sorted row, -1 for invalid */          \
+  X(padded_row_assignment, plan, s.padded_rows()) /* padded row -> assignment, -1 for padding */        \
+  X(padded_row_token, plan, s.padded_rows())    /* padded row -> token, -1 for padding */               \
+  X(padded_assignment_row, plan, s.assignments()) /* assignment -> padded row, -1 for invalid */        \
+  X(keys, scratch, s.assignments())             /* sort key of each assignment (E when invalid) */      \
+  X(rank, scratch, s.assignments())             /* rank among the earlier assignments of its tile */    \
+  X(tile_counts, scratch, s.num_tiles * s.bins()) /* per tile and key, then scanned within the group */ \
+  X(group_counts, scratch, s.num_groups * s.bins()) /* per group and key, then scanned over groups */
+
+// Raw pointers of every buffer of one plan: the input, then BSM_ROUTING_BUFFERS in order.
 struct RoutingBuffers {
-  const void* top_k_index;         // [A] int32 or int64
-  int32_t* counts;                 // [E+1]
-  int32_t* offsets;                // [E+1]
-  int32_t* padded_offsets;         // [E+1]
-  int32_t* row_assignment;         // [A]
-  int32_t* assignment_row;         // [A]
-  int32_t* padded_row_assignment;  // [P]
-  int32_t* padded_assignment_row;  // [A]
-  // Scratch of the counting sort.
-  int32_t* keys;          // [A]
-  int32_t* rank;          // [A] rank of a among the earlier assignments of its tile with the same key
-  int32_t* tile_counts;   // [H] per tile and key: histogram, then exclusive scan within the group of tiles
-  int32_t* group_counts;  // [num_groups*(E+1)] per group and key: totals, then exclusive scan over groups
+  const void* top_k_index;  // [A] int32 or int64
+#define BSM_BUFFER_FIELD(name, kind, numel) int32_t* name;
+  BSM_ROUTING_BUFFERS(BSM_BUFFER_FIELD)
+#undef BSM_BUFFER_FIELD
 };
 
 // What every step receives (by value, on the device).
@@ -94,7 +103,7 @@ struct RoutingParams {
 
 // The counting sort's layout for A assignments onto E experts: tiles of 256*ceil((E+1)/1024) assignments keep
 // tile_counts at most ~4*A + E + 1 entries, and groups of ~sqrt(num_tiles) tiles keep every sequential loop of
-// tile_scan and counts at ~sqrt(num_tiles) iterations. (routing.PlanSizes computes the same.)
+// tile_scan and counts at ~sqrt(num_tiles) iterations. (routing.spec.PlanSizes computes the same.)
 BSM_HD void sort_layout(RoutingShape& s) {
   const int64_t A = s.assignments();
   s.tile_size = 256 * ((s.num_experts + 1 + 1023) / 1024);
@@ -131,7 +140,10 @@ struct Init {
   }
   BSM_HD void operator()(const RoutingParams& p, int64_t i) const {
     if (i < p.shape.num_tiles * p.shape.bins()) p.buffers.tile_counts[i] = 0;
-    if (i < p.shape.padded_rows()) p.buffers.padded_row_assignment[i] = -1;
+    if (i < p.shape.padded_rows()) {
+      p.buffers.padded_row_assignment[i] = -1;
+      p.buffers.padded_row_token[i] = -1;
+    }
   }
 };
 
@@ -203,7 +215,7 @@ struct Offsets {
   }
 };
 
-// Per assignment a: its sorted row (stable by key, then a), and the unpadded / padded row maps (mutually inverse
+// Per assignment a: its sorted row (stable by key, then a), and the unpadded / padded row maps and row tokens (mutually inverse
 // on valid assignments; invalid assignments get -1 and the invalid rows after the valid ones).
 struct Place {
   static BSM_HD int64_t extent(const RoutingParams& p) { return p.shape.assignments(); }
@@ -215,12 +227,16 @@ struct Place {
     const int32_t row = o.offsets[e] + o.group_counts[group * bins + e] + o.tile_counts[tile * bins + e] + o.rank[a];
     if (e < p.shape.num_experts) {
       const int32_t padded_row = o.padded_offsets[e] + (row - o.offsets[e]);
+      const int32_t token = static_cast<int32_t>(a / p.shape.top_k);
       o.row_assignment[row] = static_cast<int32_t>(a);
+      o.row_token[row] = token;
       o.assignment_row[a] = row;
       o.padded_row_assignment[padded_row] = static_cast<int32_t>(a);
+      o.padded_row_token[padded_row] = token;
       o.padded_assignment_row[a] = padded_row;
     } else {
       o.row_assignment[row] = -1;
+      o.row_token[row] = -1;
       o.assignment_row[a] = -1;
       o.padded_assignment_row[a] = -1;
     }
@@ -250,7 +266,7 @@ __device__ __forceinline__ void run_step_on_device(const RoutingParams& p) {
 
 #ifndef __CUDACC_RTC__
 // The whole plan. Executor provides `template <typename Step> void run(const RoutingParams&)`, which must finish
-// (or order, on a stream) each step before the next. _jit.py launches the same steps in the same order.
+// (or order, on a stream) each step before the next. routing/jit.py launches the same steps in the same order.
 template <typename Executor>
 void plan_routing(Executor& ex, const RoutingParams& p) {
   ex.template run<Init>(p);

@@ -1,7 +1,7 @@
 // blocksparse_moe._routing_host: the routing steps of routing.h run by plain host loops (g++ only, no CUDA).
 // It exists to prove the C++ routing logic against the PyTorch specification on machines without a GPU: both as
 // the whole plan (plan_routing) and step by step, by name (run_step), which is how the tests drive
-// blocksparse_moe/_jit.py's launch sequence on the CPU.
+// blocksparse_moe/routing/jit.py's launch sequence on the CPU.
 #include <functional>
 
 #include "bindings.h"
@@ -70,7 +70,7 @@ PYBIND11_MODULE(_routing_host, m) {
   m.def("plan_routing", &bsm::plan_routing_host, bsm::kPlanDoc, BSM_PLAN_ARGS);
   bsm::define_common(m);
   m.def("run_step", &bsm::run_step,
-        "Run one step of routing.h by name (as _jit.py launches it) on the RoutingParams at address `params` "
+        "Run one step of routing.h by name (as routing/jit.py launches it) on the RoutingParams at address `params` "
         "(host pointers; unchecked: a test hook).",
         bsm::py::arg("name"), bsm::py::arg("params"));
   m.def("step_extent", &bsm::step_extent, "The index range of one step for the RoutingParams at `params`.",

@@ -1,5 +1,5 @@
-// The NVRTC translation unit of the cupy backend (blocksparse_moe/_jit.py): every step of routing.h as an
-// extern "C" kernel `bsm_<name>` taking the RoutingParams by value. _jit.py compiles this file at first use for
+// The NVRTC translation unit of the cupy backend (blocksparse_moe/routing/jit.py): every step of routing.h as an
+// extern "C" kernel `bsm_<name>` taking the RoutingParams by value. routing/jit.py compiles this file at first use for
 // the device's architecture (routing.h is passed to NVRTC as a named header; no CUDA header is needed) and
 // launches the kernels in the order of routing.h's plan_routing, on PyTorch's current stream.
 #include "routing.h"

@@ -46,7 +46,7 @@ def _routing(T: int, k: int, E: int, routing: str) -> torch.Tensor:
 
 def _topology(case: str) -> tuple[Topology, int, int]:
     T, k, E, B, F, K, N, routing = CASES[case]
-    return plan_routing(_routing(T, k, E, routing), E, block_size=B, ffn_size=F).topology, K, N
+    return plan_routing(_routing(T, k, E, routing), E, block_size=B).topology(F), K, N
 
 
 # ----------------------------------------------------------------------------------------------- references

@@ -8,6 +8,7 @@ that a failure.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import math
 import os
@@ -20,8 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from blocksparse_moe.config import SWITCHES, switch
+
 ROOT = Path(__file__).resolve().parents[1]
-REQUIRE = os.environ.get("BSM_REQUIRE_CUDA_BUILD", "0") not in ("", "0")
+REQUIRE = switch("BSM_REQUIRE_CUDA_BUILD") == "1"
 
 
 def _built(name: str) -> Path:
@@ -53,8 +56,42 @@ def test_import_is_lazy():
     assert out.strip() == "[]"
 
 
+def test_setup_switches_follow_the_config():
+    # setup.py reads its switches without importing torch (nor the package); its table is config's build rows
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert "torch" not in imported and "blocksparse_moe" not in imported
+    table = next(n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "SWITCHES")
+    assert ast.literal_eval(table) == {s.name: (s.values, s.default) for s in SWITCHES if s.when == "build"}
+
+
+def _setup_switch():
+    """setup.py's ``switch`` function with its ``SWITCHES`` table, run without running setup()."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    keep = [
+        n
+        for n in tree.body
+        if getattr(n, "name", None) == "switch" or (isinstance(n, ast.Assign) and n.targets[0].id == "SWITCHES")
+    ]
+    namespace = {"os": os}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), "setup.py", "exec"), namespace)
+    return namespace["switch"]
+
+
+@pytest.mark.parametrize("value, mode", [("", "auto"), ("0", "0")])
+def test_setup_empty_switch_is_unset(monkeypatch, value, mode):
+    # the rule of config.switch: empty means unset; a value outside the set is an error naming it
+    switch_of_setup = _setup_switch()
+    monkeypatch.setenv("BSM_CUDA", value)
+    assert switch_of_setup("BSM_CUDA") == mode
+    monkeypatch.setenv("BSM_CUDA", "yes")
+    with pytest.raises(ValueError, match=r"BSM_CUDA must be one of \('auto', '1', '0'\) \(or unset\), got 'yes'"):
+        switch_of_setup("BSM_CUDA")
+
+
 def test_cuda_available_matches_build():
-    from blocksparse_moe import _ext
+    from blocksparse_moe.routing import ext as _ext
 
     built = importlib.util.find_spec("blocksparse_moe._routing_cuda") is not None
     assert _ext.cuda_available() is built
@@ -65,7 +102,7 @@ def test_cuda_available_matches_build():
 def test_host_module_built():
     # the host build needs only a C++ compiler: CI (BSM_REQUIRE_CUDA_BUILD=1) must have it
     _built("_routing_host")
-    from blocksparse_moe import _ext
+    from blocksparse_moe.routing import ext as _ext
 
     assert callable(_ext.host_module().plan_routing)
 
@@ -73,7 +110,7 @@ def test_host_module_built():
 def test_device_count_without_crash():
     # with no GPU / no driver, cudaGetDeviceCount fails (error 35 here): reported as 0 devices, never a crash
     _built("_routing_cuda")
-    from blocksparse_moe import _ext
+    from blocksparse_moe.routing import ext as _ext
 
     assert _ext.cuda_module().device_count() == torch.cuda.device_count()
 
@@ -87,14 +124,15 @@ def test_device_count_without_crash():
 )
 def test_cuda_module_follows_the_table(T, k, E, B):
     # the built module (callable without a GPU) expects routing's PLAN_BUFFERS + SCRATCH_BUFFERS with their sizes,
-    # and takes the RoutingParams _jit builds from the same names: not a module built from older sources
+    # and takes the RoutingParams routing.jit builds from the same names: not a module built from older sources
     path = _built("_routing_cuda")
-    from blocksparse_moe import _ext, _jit
     from blocksparse_moe.routing import PLAN_BUFFERS, SCRATCH_BUFFERS, plan_sizes
+    from blocksparse_moe.routing import ext as _ext
+    from blocksparse_moe.routing import jit as _jit
 
     mod = _ext.cuda_module()
     assert Path(mod.__file__) == path
-    sizes = plan_sizes(torch.zeros(T, k, dtype=torch.int32), E, B, None)
+    sizes = plan_sizes(torch.zeros(T, k, dtype=torch.int32), E, B)
     expected = [(name, math.prod(shape)) for name, shape in {**sizes.shapes(), **sizes.scratch_shapes()}.items()]
     assert mod.buffer_sizes("int32", T, k, E, B, sizes.max_block_rows) == expected
     assert [name for name, _ in expected] == [*PLAN_BUFFERS, *SCRATCH_BUFFERS]

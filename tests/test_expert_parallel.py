@@ -215,8 +215,8 @@ def _check_dmoe(rank: int, world: int) -> None:
 def _check_padded(rank: int, world: int) -> None:
     # PaddedMoE under expert parallelism: capacity per rank (GShard's per-device groups): each rank's output equals
     # the single-device PaddedMoE run on that rank's tokens alone; tight capacity factors, so tokens really drop
-    from blocksparse_moe.functional import padded_capacity, padded_slots
     from blocksparse_moe.layers.moe import PaddedMoE
+    from blocksparse_moe.strategies import padded_capacity, padded_slots
 
     E = 2 * world
     for options, seq in ((dict(capacity_factor=0.5), None), (dict(num_groups="sequence", capacity_factor=0.75), 5)):

@@ -8,9 +8,11 @@ import torch
 from helpers import TOL, assert_close, routing
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from blocksparse_moe.functional import custom_moe_mlp, moe_mlp, padded_slots
+from blocksparse_moe.functional import custom_moe_mlp, moe_mlp
+from blocksparse_moe.options import MoEOptions
 from blocksparse_moe.reference import per_token_moe_mlp
 from blocksparse_moe.routing import plan_routing
+from blocksparse_moe.strategies import padded_slots
 
 IMPLS = ["blocksparse", "grouped", "padded", "reference"]
 B = 16  # blocksparse block size in the interpreter
@@ -312,6 +314,64 @@ def test_combine_weights_in_fp32(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_combine_weights_in_fp32_under_autocast(impl):
+    # defect 3: under CPU autocast (bf16) the combine still runs in fp32 on every strategy. Each token picks one
+    # expert twice with weights 1 + 2^-9 and -1: out = 2^-9 · y; the padded strategy's combine was a bmm that
+    # autocast ran in bf16 (1 + 2^-9 -> 1), which returned exactly 0
+    x, _, _, w1, w2, w3 = _inputs(8, 16, 16, 4, 2, "uniform", True)
+    one = torch.randint(0, 4, (8, 1))
+    w = torch.tensor([[1 + 2**-9, -1.0]]).expand(8, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe_mlp(x, one, torch.ones(8, 1), w1, w2, w3, impl=impl, **_impl_kwargs(impl, 8, 1))
+        out = moe_mlp(x, one.expand(8, 2), w, w1, w2, w3, impl=impl, **_impl_kwargs(impl, 8, 2))
+    assert out.dtype == torch.bfloat16 and out.abs().sum() > 0
+    torch.testing.assert_close(out.float(), y.float() * 2**-9, atol=1e-6, rtol=2e-2)
+
+
+def test_grouped_callable_activation_compile_dynamic():
+    # defect 4: torch.compile(dynamic=True) of the grouped strategy with a callable activation (symbolic T and k)
+    # matches eager, forward and gradients, for two shapes through one compiled function
+    _, _, _, w1, w2, w3 = _inputs(1, 12, 20, 4, 2)
+
+    def mlp(x, idx, w):
+        return moe_mlp(x, idx, w, w1, w2, w3, activation=torch.nn.functional.silu, impl="grouped")
+
+    compiled = torch.compile(mlp, dynamic=True, fullgraph=True)
+    for T, k in ((9, 2), (7, 3)):
+        x, idx, w, *_ = _inputs(T, 12, 20, 4, k)
+        xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out = compiled(xc, idx, w)
+        ref = mlp(xe, idx, w)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        out.sum().backward()
+        ref.sum().backward()
+        torch.testing.assert_close(xc.grad, xe.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_padded_symbolic_capacity_factor_compiles():
+    # defect 4: a symbolic capacity factor (here derived from T under dynamic=True) passes the option checks
+    # (math.isfinite on it broke the graph) and matches eager
+    _, _, _, w1, w2, _ = _inputs(1, 12, 16, 4, 2, glu=False)
+
+    def mlp(x, idx, w):
+        return moe_mlp(x, idx, w, w1, w2, impl="padded", capacity_factor=x.shape[0] / 16)
+
+    compiled = torch.compile(mlp, dynamic=True, fullgraph=True)
+    for T in (12, 20):
+        x, idx, w, *_ = _inputs(T, 12, 16, 4, 2, glu=False)
+        torch.testing.assert_close(compiled(x, idx, w), mlp(x, idx, w), atol=1e-5, rtol=1e-5)
+
+
+def test_options_object_equals_keywords():
+    # moe_mlp(options=MoEOptions(...)) is the same call as the keywords that build it
+    x, idx, w, w1, w2, w3 = _inputs(11, 12, 20, 4, 2)
+    for kwargs in (dict(impl="padded", capacity=3, num_groups=1), dict(impl="blocksparse", block_size=B)):
+        a, sa = moe_mlp(x, idx, w, w1, w2, w3, return_stats=True, **kwargs)
+        b, sb = moe_mlp(x, idx, w, w1, w2, w3, return_stats=True, options=MoEOptions(**kwargs))
+        assert torch.equal(a, b) and sa.impl == sb.impl and sa.capacity == sb.capacity
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_meta_tensors_shape_inference(impl):
     # meta tensors hold no data: the id check is skipped and the output shape and dtype come out
     x, idx, w, w1, w2, w3 = (t.to("meta") for t in _inputs(13, 16, 20, 4, 2, "uniform", True))
@@ -377,14 +437,23 @@ def test_custom_moe_mlp_bad_input():
     up, down = torch.randn(3, 6, 8), torch.randn(3, 4, 6)
     with pytest.raises(TypeError, match="activation must be a callable"):
         custom_moe_mlp(x, idx, w, up, down, activation="silu")
-    with pytest.raises(ValueError, match="up must be"):
+    with pytest.raises(ValueError, match="up must have shape"):
         custom_moe_mlp(x, idx, w, up[:, :5], down, activation=torch.relu)
-    with pytest.raises(ValueError, match="up_bias must be"):
+    with pytest.raises(ValueError, match="down must have shape"):
+        custom_moe_mlp(x, idx, w, up, down[..., :5], activation=torch.relu)
+    with pytest.raises(ValueError, match="up_bias must have shape"):
         custom_moe_mlp(x, idx, w, up, down, activation=torch.relu, up_bias=torch.randn(3, 7))
     with pytest.raises(TypeError, match="down must have x's dtype"):
         custom_moe_mlp(x, idx, w, up, down.double(), activation=torch.relu)
     with pytest.raises(ValueError, match="expert ids"):
         custom_moe_mlp(x, idx + 1, w, up, down, activation=torch.relu)
+    # the activation's output width must be down's rows (defect: the error named internal operands)
+    with pytest.raises(ValueError, match=r"activation must map rows \[R, 8\] to \[R, 4\] \(down's rows h\)"):
+        custom_moe_mlp(x, idx, w, up, down, activation=torch.relu)
+    with pytest.raises(ValueError, match=r"post must map rows \[R, 6\] to \[R, 6\]"):
+        custom_moe_mlp(x, idx, w, up, down, activation=lambda h: h[:, :4], post=lambda y: y[:, :2])
+    with pytest.raises(TypeError, match="check must be a bool"):
+        custom_moe_mlp(x, idx, w, up, down, activation=lambda h: h[:, :4], check="no")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -455,7 +524,7 @@ def test_blocksparse_fused_activation_saves_only_pre_activation(glu):
     # a named activation runs the fused bsm::expert_mlp: autograd keeps h (and g) only, no post-activation copy,
     # with or without recompute_activation (same results); a callable keeps the unfused path (more block tensors)
     x, idx, w, w1, w2, w3 = _inputs(13, 13, 19, 4, 2, "uniform", glu)
-    topo = plan_routing(idx, 4, block_size=B, ffn_size=19).topology
+    topo = plan_routing(idx, 4, block_size=B).topology(19)
     leaves = [t.requires_grad_() for t in (x, w1, w2) + ((w3,) if glu else ())]
     runs = {"fused": ("silu", False), "fused-rc": ("silu", True), "callable": (torch.nn.functional.silu, False)}
     outs, saved = {}, {}
@@ -517,15 +586,20 @@ def _bad_cases():
     base = dict(x=x, top_k_index=idx, top_k_weights=w, w1=w1, w2=w2, w3=w3)
     return [
         (dict(x=x[0]), {}, ValueError, "x must be 2-D"),
-        (dict(x=x.long()), {}, TypeError, "x must be one of"),
-        (dict(top_k_index=idx.float()), {}, TypeError, "int32 or int64"),
+        (dict(x=x.long()), {}, TypeError, "x must have a dtype among"),
+        (
+            dict(top_k_index=idx.float()),
+            {},
+            TypeError,
+            r"top_k_index must have a dtype among \(torch.int32, torch.int64\)",
+        ),
         (dict(top_k_index=idx[:5]), {}, ValueError, "top_k_index must be"),
         (dict(top_k_index=idx.clone().fill_(4)), {}, ValueError, r"expert ids in \[0, 4\)"),
         (dict(top_k_index=idx.clone().fill_(-1)), dict(impl="padded"), ValueError, "expert ids"),
         (dict(top_k_weights=w[:, :1]), {}, ValueError, "top_k_weights must have"),
-        (dict(top_k_weights=w.long()), {}, TypeError, "float tensor"),
+        (dict(top_k_weights=w.long()), {}, TypeError, "top_k_weights must have a dtype among"),
         (dict(w1=w1[:, :7]), {}, ValueError, "w1 must be"),
-        (dict(w2=w2[:3]), {}, ValueError, "w2 must be"),
+        (dict(w2=w2[:3]), {}, ValueError, "w2 must have shape"),
         (dict(w3=w3[..., :5]), {}, ValueError, "w3 must have"),
         (dict(w2=w2.double()), {}, TypeError, "w2 must have x's dtype"),
         (dict(w1=[1.0]), {}, TypeError, "w1 must be a torch.Tensor"),
@@ -548,6 +622,10 @@ def _bad_cases():
         ({}, dict(block_size=48), ValueError, "block_size must be one of"),
         ({}, dict(impl="padded", block_size=16), ValueError, "block_size applies"),
         ({}, dict(recompute_activation=1), TypeError, "recompute_activation"),
+        ({}, dict(check="no"), TypeError, "check must be a bool"),  # a truthy string was accepted
+        ({}, dict(return_stats="yes"), TypeError, "return_stats must be a bool"),  # a truthy string was accepted
+        ({}, dict(options={"impl": "grouped"}), TypeError, "options must be a MoEOptions"),
+        ({}, dict(options=MoEOptions(), impl="grouped"), ValueError, r"not both; got options and \['impl'\]"),
     ], base
 
 

@@ -10,8 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 tf = pytest.importorskip("transformers")
 from transformers.integrations.moe import use_experts_implementation  # noqa: E402
 
-from blocksparse_moe.functional import resolve_impl  # noqa: E402
 from blocksparse_moe.integrations import transformers as bsm_hf  # noqa: E402
+from blocksparse_moe.options import MoEOptions, resolve_impl  # noqa: E402
 
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64)
 
@@ -133,6 +133,34 @@ def test_register_is_idempotent_and_listed():
     bsm_hf.register()
     bsm_hf.register()
     assert ALL_EXPERTS_FUNCTIONS.get_interface(bsm_hf.NAME, None) is bsm_hf.experts_forward
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(impl="bogus"), ValueError, "impl must be one of"),  # accepted until the first forward before
+        (dict(block_size=48), ValueError, r"block_size must be one of \(16, 32, 64, 128\)"),  # same
+        (dict(impl="grouped", block_size=16), ValueError, "block_size applies"),
+        (dict(options=MoEOptions(), impl="padded"), ValueError, "not both"),
+        (dict(options="grouped"), TypeError, "options must be a MoEOptions"),
+    ],
+)
+def test_register_validates_options_at_register_time(kwargs, exc, match):
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    with pytest.raises(exc, match=match):
+        bsm_hf.register("bsm_bad_options_test", **kwargs)
+    assert "bsm_bad_options_test" not in ALL_EXPERTS_FUNCTIONS
+
+
+def test_register_with_options_runs_them():
+    # register(options=...) hands the whole MoEOptions to every forward of the registered name
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    options = MoEOptions(impl="reference")
+    bsm_hf.register("bsm_options_test", options=options)
+    fn = ALL_EXPERTS_FUNCTIONS.get_interface("bsm_options_test", None)
+    assert fn.keywords == {"options": options}
 
 
 class _CountOps(TorchDispatchMode):

@@ -12,6 +12,7 @@ from blocksparse_moe.functional import moe_mlp
 from blocksparse_moe.layers.losses import load_balancing_loss, router_z_loss
 from blocksparse_moe.layers.moe import MoEExperts, PaddedMoE, dMoE
 from blocksparse_moe.layers.router import TopKRouter
+from blocksparse_moe.options import MoEOptions
 
 # ---------------------------------------------------------------------------------------------------------------
 # losses
@@ -292,6 +293,19 @@ def test_compile_fullgraph_matches_eager(recompute):
         torch.testing.assert_close(eager[3][name], compiled[3][name], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("num_groups", [1, "sequence"])
+def test_padded_compile_dynamic_matches_eager(num_groups):
+    # defect 4: PaddedMoE(capacity_factor=...) under torch.compile(dynamic=True) (symbolic sizes, and a symbolic
+    # number of sequence groups) matches eager, for two input shapes through one compiled module
+    torch.manual_seed(0)
+    m = PaddedMoE(12, 16, 4, 2, capacity_factor=0.75, num_groups=num_groups, z_loss_weight=0.01)
+    compiled = torch.compile(m, dynamic=True, fullgraph=True)
+    for shape in ((2, 6, 12), (3, 5, 12)):
+        x = torch.randn(*shape)
+        for a, b in zip(compiled(x), m(x)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "build,exc,match",
     [
@@ -318,6 +332,19 @@ def test_compile_fullgraph_matches_eager(recompute):
         (lambda: dMoE(8, 8, 4, expert_parallel_group=object()), TypeError, r"parallel\.expert_parallel"),
         (lambda: dMoE(8, 8, 4)(torch.randn(3, 7)), ValueError, "hidden_size=8"),
         (lambda: PaddedMoE(8, 8, 4, num_groups=2)(torch.randn(5, 8)), ValueError, "divide"),  # 5 tokens, 2 groups
+        # a list as the input names the argument (was an AttributeError: 'list' object has no attribute 'dim')
+        (lambda: dMoE(8, 8, 4)([[0.5] * 8]), TypeError, r"x must be a torch.Tensor \[\.\.\., hidden_size=8\]"),
+        (lambda: PaddedMoE(8, 8, 4)([[0.5] * 8]), TypeError, "x must be a torch.Tensor"),
+        # a list where a size goes names the argument
+        (lambda: dMoE([8], 8, 4), ValueError, r"hidden_size must be a positive int, got \[8\]"),
+        (lambda: dMoE(8, 8, [4]), ValueError, r"num_experts must be a positive int, got \[4\]"),
+        (lambda: PaddedMoE(8, [8], 4), ValueError, r"ffn_hidden_size must be a positive int, got \[8\]"),
+        (lambda: dMoE(8, 8, 4, glu="yes"), TypeError, "glu must be a bool"),
+        # the options: one MoEOptions, or the keywords, not both; PaddedMoE's must be padded
+        (lambda: dMoE(8, 8, 4, options=MoEOptions(), impl="grouped"), ValueError, "not both"),
+        (lambda: PaddedMoE(8, 8, 4, options=MoEOptions(impl="padded"), capacity=3), ValueError, "not both"),
+        (lambda: PaddedMoE(8, 8, 4, options=MoEOptions(impl="grouped")), ValueError, "impl='padded'"),
+        (lambda: dMoE(8, 8, 4, options={"impl": "grouped"}), TypeError, "options must be a MoEOptions"),
     ],
 )
 def test_layer_bad_input(build, exc, match):
@@ -347,7 +374,7 @@ def test_experts_submodule_and_state_dict():
     m, p = dMoE(8, 12, 4, shared_expert_size=6), PaddedMoE(8, 12, 4, shared_expert_size=6)
     assert isinstance(m.experts, MoEExperts) and m.experts.num_experts == 4
     assert set(m.state_dict()) == set(p.state_dict()) >= {"router.weight", "experts.w1", "experts.w2", "experts.w3"}
-    assert m.experts.options["impl"] == "auto" and p.experts.options["impl"] == "padded"
+    assert m.experts.options.impl == "auto" and p.experts.options.impl == "padded" and m.options is m.experts.options
     # the experts module alone is moe_mlp over its weights
     x, idx, w = torch.randn(5, 8), torch.randint(0, 4, (5, 2)), torch.rand(5, 2)
     ex = m.experts

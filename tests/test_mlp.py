@@ -66,7 +66,7 @@ def _reference(x, idx, weights, w1, w2, w3, activation):
 def _run(strategy, backend, x, idx, weights, w1, w2, w3, activation, block_size=16):
     E = w1.shape[0]
     if strategy == "blocksparse":
-        plan = plan_routing(idx, E, block_size=block_size, ffn_size=w1.shape[2], check=False)
+        plan = plan_routing(idx, E, block_size=block_size, check=False)
         r = mlp_routing(plan, blocksparse=True, block_m=block_size)
     else:
         plan = plan_routing(idx, E, block_size=1, check=False)
@@ -163,7 +163,7 @@ def test_saved_for_backward_is_x_h_g_and_routing(strategy):
     assert all(t.dtype == torch.int32 for t in int_tensors)
     if strategy == "blocksparse":
         B = 16
-        rows = plan_routing(idx, E, block_size=B, ffn_size=f).max_padded_rows
+        rows = plan_routing(idx, E, block_size=B).topology(f).num_rows
         intermediate = rows * -(-f // B) * B  # h (and g) per padded row, whole column blocks
     else:
         rows = T * k
@@ -210,7 +210,7 @@ def test_compile_fullgraph(strategy):
 
 
 def test_block_m_must_divide_the_block_size():
-    plan = plan_routing(torch.tensor([[0], [1]]), 2, block_size=16, ffn_size=8)
+    plan = plan_routing(torch.tensor([[0], [1]]), 2, block_size=16)
     with pytest.raises(ValueError, match="block_m must divide the block size 16, got 32"):
         mlp_routing(plan, blocksparse=True, block_m=32)
 

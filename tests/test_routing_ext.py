@@ -8,31 +8,22 @@ element it fails to write shows up as a mismatch.
 from __future__ import annotations
 
 import math
-import re
-from pathlib import Path
 
 import pytest
 import torch
 from helpers import poison_
-from routing_cases import CASES, assert_same_plan, make_index
+from routing_cases import CASES, assert_same_plan, cpp_buffer_table, make_index, torch_plan
 
-from blocksparse_moe import _ext
-from blocksparse_moe.routing import (
-    PLAN_BUFFERS,
-    SCRATCH_BUFFERS,
-    RoutingPlan,
-    _plan_routing_torch,
-    max_block_rows,
-    plan_sizes,
-)
+from blocksparse_moe.routing import PLAN_BUFFERS, SCRATCH_BUFFERS, RoutingPlan, max_block_rows, plan_sizes, spec
+from blocksparse_moe.routing import ext as _ext
 
 host = pytest.importorskip("blocksparse_moe._routing_host", reason="host routing extension not built")
 
 
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
-    """Make _ext allocate poisoned (not merely uninitialized) outputs."""
-    allocate = _ext.allocate
+    """Make spec.allocate (which _ext uses) return poisoned (not merely uninitialized) outputs."""
+    allocate = spec.allocate
 
     def poisoned(*args, **kwargs):
         out = allocate(*args, **kwargs)
@@ -40,19 +31,19 @@ def _poison_outputs(monkeypatch):
             poison_(t)
         return out
 
-    monkeypatch.setattr(_ext, "allocate", poisoned)
+    monkeypatch.setattr(spec, "allocate", poisoned)
 
 
-def plan_host(idx: torch.Tensor, E: int, B: int, F: int | None) -> RoutingPlan:
+def plan_host(idx: torch.Tensor, E: int, B: int) -> RoutingPlan:
     """The plan as the host build of the C++ fills it."""
-    sizes = plan_sizes(idx, E, B, F)
-    return RoutingPlan.from_buffers(sizes, _ext.plan_buffers_host(idx, sizes), F)
+    sizes = plan_sizes(idx, E, B)
+    return RoutingPlan.from_buffers(sizes, _ext.plan_buffers_host(idx, sizes))
 
 
-def plan_cuda(idx: torch.Tensor, E: int, B: int, F: int | None) -> RoutingPlan:
+def plan_cuda(idx: torch.Tensor, E: int, B: int) -> RoutingPlan:
     """The plan as the CUDA build of the C++ fills it."""
-    sizes = plan_sizes(idx, E, B, F)
-    return RoutingPlan.from_buffers(sizes, _ext.plan_buffers_cuda(idx, sizes), F)
+    sizes = plan_sizes(idx, E, B)
+    return RoutingPlan.from_buffers(sizes, _ext.plan_buffers_cuda(idx, sizes))
 
 
 @pytest.mark.parametrize("T,k,E,B,F,kind", CASES)
@@ -60,24 +51,24 @@ def plan_cuda(idx: torch.Tensor, E: int, B: int, F: int | None) -> RoutingPlan:
 def test_host_matches_torch(T, k, E, B, F, kind, dtype):
     idx = make_index(T, k, E, kind, dtype)
     before = idx.clone()
-    plan = plan_host(idx, E, B, F)
+    plan = plan_host(idx, E, B)
     assert torch.equal(idx, before)  # input not modified
-    assert_same_plan(plan, _plan_routing_torch(idx, E, B, F))
+    assert_same_plan(plan, torch_plan(idx, E, B), F)
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_host_large(dtype):
     # T·k = 1e6 assignments onto E = 512 experts (one case): the counting sort stays stable and exact
     idx = torch.randint(0, 512, (250_000, 4), dtype=dtype)
-    assert_same_plan(plan_host(idx, 512, 128, 256), _plan_routing_torch(idx, 512, 128, 256))
+    assert_same_plan(plan_host(idx, 512, 128), torch_plan(idx, 512, 128), 256)
 
 
 def test_host_non_contiguous_index():
     # a transposed (non-contiguous) view of the ids: read in logical order, never modified
     base = torch.randint(0, 6, (3, 10), dtype=torch.int64)
     idx = base.t()
-    plan = plan_host(idx, 6, 4, 8)
-    assert_same_plan(plan, _plan_routing_torch(idx, 6, 4, 8))
+    plan = plan_host(idx, 6, 4)
+    assert_same_plan(plan, torch_plan(idx, 6, 4), 8)
 
 
 @pytest.mark.parametrize(
@@ -94,8 +85,8 @@ def test_host_invalid_ids_counted_and_excluded(ids, dtype):
     if dtype == torch.int32 and any(abs(x) >= 2**31 for row in ids for x in row):
         pytest.skip("ids do not fit int32")
     idx = torch.tensor(ids, dtype=dtype)
-    plan = plan_host(idx, 4, 2, 3)
-    assert_same_plan(plan, _plan_routing_torch(idx, 4, 2, 3))
+    plan = plan_host(idx, 4, 2)
+    assert_same_plan(plan, torch_plan(idx, 4, 2), 3)
     flat = idx.reshape(-1)
     invalid = ((flat < 0) | (flat >= 4)).sum()
     assert int(plan.invalid_count) == int(invalid)
@@ -105,8 +96,8 @@ def test_host_invalid_ids_counted_and_excluded(ids, dtype):
 def _host_args(**overrides):
     """Valid raw arguments of _routing_host.plan_routing for T=3, k=2, E=4, B=2, with overrides."""
     idx = torch.tensor([[0, 1], [2, 3], [1, 1]], dtype=torch.int32)
-    sizes = plan_sizes(idx, 4, 2, 3)
-    out = _ext.allocate(sizes, idx.device)
+    sizes = plan_sizes(idx, 4, 2)
+    out = spec.allocate(sizes, idx.device)
     args = dict(
         top_k_index=idx.data_ptr(),
         index_dtype="int32",
@@ -176,17 +167,17 @@ def test_host_bad_argument_types():
 
 
 @pytest.mark.parametrize(
-    "T,k,E,B,F",
+    "T,k,E,B",
     [
-        (0, 2, 4, 4, 4),  # empty input
-        (13, 3, 5, 4, 9),  # odd sizes, partial column block
-        (6, 2, 3, 8, None),  # no topology: the same buffers
-        (300, 2, 512, 16, 40),  # E = 512 > T, two groups of tiles
+        (0, 2, 4, 4),  # empty input
+        (13, 3, 5, 4),  # odd sizes
+        (6, 2, 3, 1),  # B = 1: unpadded rows, the same buffers
+        (300, 2, 512, 16),  # E = 512 > T, two groups of tiles
     ],
 )
-def test_cpp_buffers_follow_the_table(T, k, E, B, F):
+def test_cpp_buffers_follow_the_table(T, k, E, B):
     # the C++ side expects exactly routing's PLAN_BUFFERS + SCRATCH_BUFFERS, in that order, with the same lengths
-    sizes = plan_sizes(torch.zeros(T, k, dtype=torch.int64), E, B, F)
+    sizes = plan_sizes(torch.zeros(T, k, dtype=torch.int64), E, B)
     cpp = host.buffer_sizes("int64", T, k, E, B, sizes.max_block_rows)
     expected = [(name, math.prod(shape)) for name, shape in {**sizes.shapes(), **sizes.scratch_shapes()}.items()]
     assert cpp == expected
@@ -194,11 +185,12 @@ def test_cpp_buffers_follow_the_table(T, k, E, B, F):
 
 
 def test_cpp_struct_follows_the_table():
-    # csrc/routing.h's RoutingBuffers names the same buffers in the same order (after the input pointer)
-    header = (Path(__file__).parents[1] / "csrc" / "routing.h").read_text()
-    body = re.search(r"struct RoutingBuffers \{(.*?)\n\};", header, re.S).group(1)
-    fields = re.findall(r"^\s*(?:const )?\w+\* (\w+);", body, re.M)
-    assert fields == ["top_k_index", *PLAN_BUFFERS, *SCRATCH_BUFFERS]
+    # csrc/routing.h's one X-macro table (which generates RoutingBuffers, expected_buffers and parse_params) is
+    # spec's PLAN_BUFFERS then SCRATCH_BUFFERS, same names, same kinds, same order
+    table = cpp_buffer_table()
+    assert [name for name, kind in table if kind == "plan"] == list(PLAN_BUFFERS)
+    assert [name for name, kind in table if kind == "scratch"] == list(SCRATCH_BUFFERS)
+    assert [name for name, _ in table] == [*PLAN_BUFFERS, *SCRATCH_BUFFERS]
 
 
 # ---------------------------------------------------------------------------------------------- GPU (CUDA module)
@@ -213,10 +205,10 @@ needs_cuda_module = pytest.mark.skipif(not _ext.cuda_available(), reason="_routi
 def test_cuda_matches_torch(T, k, E, B, F, kind, dtype):
     idx = make_index(T, k, E, kind, dtype).cuda()
     before = idx.clone()
-    plan = plan_cuda(idx, E, B, F)
+    plan = plan_cuda(idx, E, B)
     assert plan.row_assignment.device == idx.device
     assert torch.equal(idx, before)
-    assert_same_plan(plan, _plan_routing_torch(idx, E, B, F))
+    assert_same_plan(plan, torch_plan(idx, E, B), F)
 
 
 @pytest.mark.gpu
@@ -226,7 +218,7 @@ def test_cuda_large(E):
     # T·k = 1e6 assignments, with ~1% invalid ids: the counting sort stays stable across tiles and groups
     idx = torch.randint(0, E, (250_000, 4), device="cuda")
     idx[torch.rand(idx.shape, device="cuda") < 0.01] = E + 3
-    assert_same_plan(plan_cuda(idx, E, 128, 256), _plan_routing_torch(idx, E, 128, 256))
+    assert_same_plan(plan_cuda(idx, E, 128), torch_plan(idx, E, 128), 256)
 
 
 @pytest.mark.gpu
@@ -234,8 +226,8 @@ def test_cuda_large(E):
 def test_cuda_invalid_ids():
     # ids outside [0, E), including int64 ids that truncate to valid int32 ids
     idx = torch.tensor([[0, 7], [-1, 2**32 + 1], [3, 1]], device="cuda")
-    plan = plan_cuda(idx, 4, 2, 3)
-    assert_same_plan(plan, _plan_routing_torch(idx, 4, 2, 3))
+    plan = plan_cuda(idx, 4, 2)
+    assert_same_plan(plan, torch_plan(idx, 4, 2), 3)
     assert int(plan.invalid_count) == 3
 
 
@@ -248,6 +240,6 @@ def test_cuda_side_stream():
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         idx = torch.randint(0, 8, (4096, 2), device="cuda")
-        plan = plan_cuda(idx, 8, 16, 32)
+        plan = plan_cuda(idx, 8, 16)
     stream.synchronize()
-    assert_same_plan(plan, _plan_routing_torch(idx, 8, 16, 32))
+    assert_same_plan(plan, torch_plan(idx, 8, 16), 32)

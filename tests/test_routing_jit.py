@@ -1,4 +1,4 @@
-"""The cupy/NVRTC routing backend (blocksparse_moe/_jit.py) and the choice of routing backend.
+"""The cupy/NVRTC routing implementation (blocksparse_moe/routing/jit.py) and the choice of routing implementation.
 
 On every machine: the JIT source (exactly what the backend compiles) builds with NVRTC for sm_80, sm_90 and
 sm_100; the cache key follows the source; the launch sequence, run step by step by the host build of the same
@@ -21,20 +21,15 @@ import numpy as np
 import pytest
 import torch
 from helpers import poison_
-from routing_cases import CASES, assert_same_plan, make_index
+from routing_cases import CASES, assert_same_plan, cpp_buffer_table, make_index, torch_plan
 
-from blocksparse_moe import _ext, _jit, routing
-from blocksparse_moe.routing import (
-    SCRATCH_BUFFERS,
-    RoutingPlan,
-    _plan_routing_torch,
-    plan_routing,
-    plan_sizes,
-    routing_backend,
-)
+from blocksparse_moe import config, info, routing
+from blocksparse_moe.routing import SCRATCH_BUFFERS, RoutingPlan, plan_routing, plan_sizes, routing_implementation, spec
+from blocksparse_moe.routing import ext as _ext
+from blocksparse_moe.routing import jit as _jit
 
 ROOT = Path(__file__).resolve().parents[1]
-REQUIRE_NVRTC = os.environ.get("BSM_REQUIRE_NVRTC", "0") not in ("", "0")
+REQUIRE_NVRTC = config.switch("BSM_REQUIRE_NVRTC") == "1"
 ARCHS = (80, 90, 100)
 
 
@@ -65,11 +60,11 @@ def _fresh_choice(monkeypatch, shared_cache):
     monkeypatch.delenv("BSM_ROUTING", raising=False)
     monkeypatch.setenv("BSM_CACHE_DIR", str(shared_cache))
     _jit.reset()
-    routing._auto_cuda_backend.cache_clear()
+    routing._auto_cuda.cache_clear()
     _jit._warned_cache.clear()
     yield
     _jit.reset()
-    routing._auto_cuda_backend.cache_clear()
+    routing._auto_cuda.cache_clear()
 
 
 # ------------------------------------------------------------------------------------------- NVRTC, no GPU
@@ -154,6 +149,20 @@ def test_nvrtc_library_missing(nvrtc, monkeypatch):
     assert not info.value.quiet
 
 
+@pytest.mark.parametrize(
+    "cache, xdg, expected",
+    [
+        ("/tmp/bsm-a", "/tmp/xdg", "/tmp/bsm-a"),  # the switch wins
+        ("", "/tmp/xdg", "/tmp/xdg/blocksparse_moe"),  # empty means unset (config.switch): XDG_CACHE_HOME
+        ("", "", "~/.cache/blocksparse_moe"),  # neither: the switch's default
+    ],
+)
+def test_cache_dir_follows_the_switch(monkeypatch, cache, xdg, expected):
+    monkeypatch.setenv("BSM_CACHE_DIR", cache)
+    monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    assert _jit.cache_dir() == Path(expected).expanduser()
+
+
 def test_cupy_not_installed(monkeypatch):
     # no cupy at all: a quiet failure (the user did not ask for it)
     monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs.nvrtc", None)
@@ -164,7 +173,7 @@ def test_cupy_not_installed(monkeypatch):
 
 def test_sources_missing(monkeypatch, tmp_path):
     # a broken install without the sources: a clear failure, not a crash
-    monkeypatch.setattr(_jit, "__file__", str(tmp_path / "blocksparse_moe" / "_jit.py"))
+    monkeypatch.setattr(_jit, "__file__", str(tmp_path / "blocksparse_moe" / "routing" / "jit.py"))
     with pytest.raises(_jit.JitUnavailable, match=r"routing sources .* broken install"):
         _jit.sources()
 
@@ -177,13 +186,13 @@ needs_host = pytest.mark.skipif(isinstance(host, ImportError), reason="host rout
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """Make _ext.allocate (which _jit uses) return poisoned buffers, so that unwritten elements show up."""
-    allocate = _ext.allocate
+    """Make spec.allocate (which _jit uses) return poisoned buffers, so that unwritten elements show up."""
+    allocate = spec.allocate
 
     def poisoned_allocate(*args, **kwargs):
         return {name: poison_(t) for name, t in allocate(*args, **kwargs).items()}
 
-    monkeypatch.setattr(_ext, "allocate", poisoned_allocate)
+    monkeypatch.setattr(spec, "allocate", poisoned_allocate)
 
 
 def host_launch(name: str, extent: int, params: np.ndarray) -> None:
@@ -192,9 +201,9 @@ def host_launch(name: str, extent: int, params: np.ndarray) -> None:
     host.run_step(name, params.ctypes.data)
 
 
-def plan_jit_on_host(idx: torch.Tensor, E: int, B: int, F: int | None) -> RoutingPlan:
-    sizes = plan_sizes(idx, E, B, F)
-    return RoutingPlan.from_buffers(sizes, _jit.plan_buffers(idx, sizes, host_launch), F)
+def plan_jit_on_host(idx: torch.Tensor, E: int, B: int) -> RoutingPlan:
+    sizes = plan_sizes(idx, E, B)
+    return RoutingPlan.from_buffers(sizes, _jit.plan_buffers(idx, sizes, host_launch))
 
 
 @needs_host
@@ -203,7 +212,7 @@ def plan_jit_on_host(idx: torch.Tensor, E: int, B: int, F: int | None) -> Routin
 def test_launch_sequence_matches_torch(poisoned, T, k, E, B, F, kind, dtype):
     idx = make_index(T, k, E, kind, dtype)
     before = idx.clone()
-    assert_same_plan(plan_jit_on_host(idx, E, B, F), _plan_routing_torch(idx, E, B, F))
+    assert_same_plan(plan_jit_on_host(idx, E, B), torch_plan(idx, E, B), F)
     assert torch.equal(idx, before)  # input not modified
 
 
@@ -212,7 +221,7 @@ def test_launch_sequence_large(poisoned):
     # T·k = 1e6 onto E = 512 with ~1% invalid ids: many tiles and groups, stable and exact
     idx = torch.randint(0, 512, (250_000, 4), dtype=torch.int32)
     idx[torch.rand(idx.shape) < 0.01] = 515
-    assert_same_plan(plan_jit_on_host(idx, 512, 128, 256), _plan_routing_torch(idx, 512, 128, 256))
+    assert_same_plan(plan_jit_on_host(idx, 512, 128), torch_plan(idx, 512, 128), 256)
 
 
 @needs_host
@@ -220,24 +229,24 @@ def test_launch_sequence_large(poisoned):
 def test_launch_sequence_tile_sizes(poisoned, E):
     # tiles grow with E (256·ceil((E+1)/1024)); partial last tile and group
     idx = torch.randint(0, E, (1500, 3), dtype=torch.int64)
-    sizes = plan_sizes(idx, E, 8, 24)
+    sizes = plan_sizes(idx, E, 8)
     assert sizes.tile_size == 256 * -(-(E + 1) // 1024)
-    assert_same_plan(plan_jit_on_host(idx, E, 8, 24), _plan_routing_torch(idx, E, 8, 24))
+    assert_same_plan(plan_jit_on_host(idx, E, 8), torch_plan(idx, E, 8), 24)
 
 
 @needs_host
 def test_launch_sequence_non_contiguous_index(poisoned):
     # a transposed view of the ids is read in logical order
     idx = torch.randint(0, 6, (3, 10), dtype=torch.int64).t()
-    assert_same_plan(plan_jit_on_host(idx, 6, 4, 8), _plan_routing_torch(idx, 6, 4, 8))
+    assert_same_plan(plan_jit_on_host(idx, 6, 4), torch_plan(idx, 6, 4), 8)
 
 
 @needs_host
-@pytest.mark.parametrize("T,k,E,B,F", [(0, 2, 4, 4, 4), (300, 2, 512, 16, 40), (7, 3, 3, 4, None)])
-def test_params_and_layout_match_the_cpp(T, k, E, B, F):
+@pytest.mark.parametrize("T,k,E,B", [(0, 2, 4, 4), (300, 2, 512, 16), (7, 3, 3, 4)])
+def test_params_and_layout_match_the_cpp(T, k, E, B):
     # numpy's RoutingParams has the C++ size; the sort layout and scratch sizes agree with the C++ formulas
     assert _jit.params_dtype().itemsize == host.params_bytes()
-    sizes = plan_sizes(torch.zeros(T, k, dtype=torch.int32), E, B, F)
+    sizes = plan_sizes(torch.zeros(T, k, dtype=torch.int32), E, B)
     cpp = dict(host.buffer_sizes("int32", T, k, E, B, sizes.max_block_rows))
     assert {name: cpp[name] for name in SCRATCH_BUFFERS} == {
         name: int(np.prod(shape)) for name, shape in sizes.scratch_shapes().items()
@@ -253,7 +262,7 @@ def _cpp_struct_fields(struct: str) -> list[str]:
 def test_param_fields_follow_the_cpp_structs():
     # the numpy dtype is built by name; its order must be routing.h's RoutingShape then RoutingBuffers
     assert _cpp_struct_fields("RoutingShape") == list(_jit.SHAPE_FIELDS)
-    assert _cpp_struct_fields("RoutingBuffers") == ["top_k_index", *routing.PlanSizes.buffer_names()]
+    assert [name for name, _ in cpp_buffer_table()] == list(routing.PlanSizes.buffer_names())
     assert list(_jit.params_dtype().names) == [*_jit.SHAPE_FIELDS, "top_k_index", *routing.PlanSizes.buffer_names()]
 
 
@@ -262,8 +271,8 @@ def test_host_steps_follow_the_kernels():
     # the host module runs by name exactly the steps routing_jit.cu exports, with steps()'s extents; a removed
     # step (the topology's) is unknown to it
     idx = torch.zeros(3, 2, dtype=torch.int32)
-    sizes = plan_sizes(idx, 4, 2, 3)
-    p = _jit.params(idx, sizes, _ext.allocate(sizes, idx.device))
+    sizes = plan_sizes(idx, 4, 2)
+    p = _jit.params(idx, sizes, spec.allocate(sizes, idx.device))
     expected = dict(_jit.steps(sizes, True) + _jit.steps(sizes, False))
     assert {name: host.step_extent(name, p.ctypes.data) for name in _jit.KERNELS} == expected
     known = ", ".join(sorted(_jit.KERNELS))
@@ -276,7 +285,7 @@ def test_kernel_names_follow_the_cpp_steps():
     header = (ROOT / "csrc" / "routing.h").read_text()
     table = re.search(r"#define BSM_ROUTING_STEPS\(X\)(.*?)\n\n", header, re.S).group(1)
     assert re.findall(r"X\((\w+),", table) == list(_jit.KERNELS)
-    sizes = plan_sizes(torch.zeros(3, 2, dtype=torch.int64), 4, 2, 3)
+    sizes = plan_sizes(torch.zeros(3, 2, dtype=torch.int64), 4, 2)
     assert {name for name, _ in _jit.steps(sizes, True) + _jit.steps(sizes, False)} == set(_jit.KERNELS)
 
 
@@ -293,7 +302,7 @@ def test_setup_ships_the_jit_sources(tmp_path):
     )
     for name in _jit.SOURCE_FILES:
         assert (out / "blocksparse_moe" / "_jit_src" / name).read_bytes() == (ROOT / "csrc" / name).read_bytes()
-    code = "from blocksparse_moe import _jit; print(_jit.source_dir())"
+    code = "from blocksparse_moe.routing import jit; print(jit.source_dir())"
     found = subprocess.run(
         [sys.executable, "-c", code],
         cwd=tmp_path,
@@ -325,37 +334,39 @@ def fake_gpu(monkeypatch):
 
 
 def test_choice_on_cpu():
-    # CPU tensors always use the PyTorch routing; asking for a GPU backend explicitly is an error
-    assert routing_backend(torch.device("cpu"))[0] == "torch"
-    with pytest.raises(ValueError, match=r"the 'cupy' routing backend needs a CUDA tensor, got a tensor on cpu"):
-        routing_backend(torch.device("cpu"), "cupy")
-    with pytest.raises(ValueError, match=r"routing backend must be one of .*got backend='cuda'"):
-        routing_backend(torch.device("cpu"), "cuda")
+    # CPU tensors always use the PyTorch routing; asking for a GPU implementation explicitly is an error
+    assert routing_implementation(torch.device("cpu"))[0] == "torch"
+    needs = r"the 'cupy' routing implementation \(implementation\) needs a CUDA tensor, got cpu"
+    with pytest.raises(ValueError, match=needs):
+        routing_implementation(torch.device("cpu"), "cupy")
+    with pytest.raises(ValueError, match=r"implementation must be one of .* or None, got 'cuda'"):
+        routing_implementation(torch.device("cpu"), "cuda")
 
 
 def test_env_switch_is_validated(monkeypatch):
     monkeypatch.setenv("BSM_ROUTING", "nvrtc")
-    with pytest.raises(ValueError, match=r"routing backend must be one of \('auto', 'ext', 'cupy', 'torch'\), got "):
+    choices = r"\('auto', 'ext', 'cupy', 'torch'\)"
+    with pytest.raises(ValueError, match=rf"BSM_ROUTING must be one of {choices} \(or unset\), got 'nvrtc'"):
         plan_routing(torch.zeros(2, 1, dtype=torch.int64), 2)
 
 
 def test_choice_prefers_the_extension(fake_gpu, monkeypatch):
     monkeypatch.setattr(_ext, "cuda_available", lambda: True)
-    assert routing_backend(fake_gpu) == ("ext", "the compiled extension blocksparse_moe._routing_cuda is built")
+    assert routing_implementation(fake_gpu) == ("ext", "the compiled extension blocksparse_moe._routing_cuda is built")
 
 
 def test_choice_cupy_when_no_extension(nvrtc, fake_gpu):
-    name, why = routing_backend(fake_gpu)
+    name, why = routing_implementation(fake_gpu)
     assert name == "cupy" and re.search(r"no compiled extension; cupy JIT ready \(NVRTC \d+\.\d+, cubin for sm_90", why)
 
 
 def test_choice_forced(nvrtc, fake_gpu, monkeypatch):
-    assert routing_backend(fake_gpu, "torch") == ("torch", "forced by backend='torch'")
+    assert routing_implementation(fake_gpu, "torch") == ("torch", "forced by implementation='torch'")
     monkeypatch.setenv("BSM_ROUTING", "cupy")
-    assert routing_backend(fake_gpu)[0] == "cupy"
+    assert routing_implementation(fake_gpu)[0] == "cupy"
     with pytest.raises(ImportError, match=r"_routing_cuda is not built"):
         monkeypatch.setattr(_ext, "_load", lambda name: ImportError("no such module"))
-        routing_backend(fake_gpu, "ext")
+        routing_implementation(fake_gpu, "ext")
 
 
 @pytest.mark.parametrize("failure", ["nvrtc missing", "compile error", "load error"])
@@ -372,20 +383,20 @@ def test_failure_warns_once_then_torch(nvrtc, fake_gpu, monkeypatch, failure):
         monkeypatch.setattr(_jit, "_load_module", lambda device, data: (_ for _ in ()).throw(OSError("bad image")))
         match = r"could not be loaded on cuda:0 \(OSError: bad image\)"
     with pytest.warns(RuntimeWarning, match=f"cupy JIT routing is unavailable, using the PyTorch routing: .*{match}"):
-        assert routing_backend(fake_gpu)[0] == "torch"
+        assert routing_implementation(fake_gpu)[0] == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        name, why = routing_backend(fake_gpu)  # no second warning
+        name, why = routing_implementation(fake_gpu)  # no second warning
     assert name == "torch" and re.search(match, why)
-    with pytest.raises(RuntimeError, match=f"backend='cupy' but the cupy JIT routing is unavailable: .*{match}"):
-        routing_backend(fake_gpu, "cupy")  # forced: an error, not a fallback
+    with pytest.raises(RuntimeError, match=f"implementation='cupy' but the cupy JIT routing is unavailable: .*{match}"):
+        routing_implementation(fake_gpu, "cupy")  # forced: an error, not a fallback
 
 
 def test_cupy_absent_is_quiet(fake_gpu, monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs.nvrtc", None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        name, why = routing_backend(fake_gpu)
+        name, why = routing_implementation(fake_gpu)
     assert name == "torch" and "cupy is not installed" in why
 
 
@@ -394,30 +405,64 @@ def test_unwritable_cache_keeps_the_jit(nvrtc, fake_gpu, monkeypatch, tmp_path):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("BSM_CACHE_DIR", str(tmp_path / "file" / "cache"))
     with pytest.warns(RuntimeWarning, match="routing kernel cache is not usable"):
-        assert routing_backend(fake_gpu)[0] == "cupy"
+        assert routing_implementation(fake_gpu)[0] == "cupy"
 
 
-def test_info_runs(monkeypatch):
-    # python -m blocksparse_moe.info prints every part's choice, and survives a bad switch
+def test_info_runs():
+    # python -m blocksparse_moe.info prints every switch and each choice in its own word
     out = subprocess.run(
         [sys.executable, "-m", "blocksparse_moe.info"], cwd=ROOT, check=True, capture_output=True, text=True
     ).stdout
-    assert re.search(r"^routing, CPU tensors +torch: cpu tensors always use the PyTorch routing$", out, re.M)
-    assert re.search(r"^kernels, CPU tensors +(torch|triton): ", out, re.M)
-    assert re.search(r"^routing, (CUDA tensors|cuda:0 .*) +", out, re.M)
-    from blocksparse_moe import info
+    cpu = r"^routing implementation, CPU tensors +torch: cpu tensors always use the PyTorch routing$"
+    assert re.search(cpu, out, re.M)
+    assert re.search(r"^kernels backend, CPU tensors +(torch|triton): ", out, re.M)
+    assert re.search(r"^routing implementation, (CUDA tensors|cuda:0 .*) +", out, re.M)
+    assert re.search(r"^strategy +blocksparse, grouped, padded, reference", out, re.M)
+    for switch in config.SWITCHES:
+        assert re.search(rf"^{switch.name} +.* \(default {re.escape(switch.default)}\)$", out, re.M), switch.name
 
+
+@pytest.mark.parametrize("value", ["", "auto"])
+def test_info_empty_switch_is_unset(value):
+    # defect 7: BSM_ROUTING="" means unset, like every other switch (it used to raise)
+    env = {**os.environ, "BSM_ROUTING": value}
+    out = subprocess.run(
+        [sys.executable, "-m", "blocksparse_moe.info"], cwd=ROOT, env=env, check=True, capture_output=True, text=True
+    ).stdout
+    assert re.search(r"^routing implementation, CPU tensors +torch: ", out, re.M)
+    assert "forced by" not in out
+
+
+def test_info_rejects_a_bad_switch(monkeypatch):
+    # defect 7: BSM_ROUTING=bogus is an error (status 2, the switch's values named), not "forced by BSM_ROUTING"
+    env = {**os.environ, "BSM_ROUTING": "bogus"}
+    run = subprocess.run(
+        [sys.executable, "-m", "blocksparse_moe.info"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 2
+    message = "BSM_ROUTING must be one of ('auto', 'ext', 'cupy', 'torch') (or unset), got 'bogus'"
+    assert f"error: environment variable {message}" in run.stderr
+    assert "forced by" not in run.stdout
     monkeypatch.setenv("BSM_ROUTING", "bogus")
     lines = dict(info.collect())
-    assert "routing backend must be one of" in lines["routing, CPU tensors"]
-    assert lines["BSM_ROUTING"] == "bogus"
+    assert lines["BSM_ROUTING"] == f"invalid: environment variable {message}"
+    assert message in lines["routing implementation, CPU tensors"]
+    assert message in lines["routing implementation, CUDA tensors"]
+
+
+def test_empty_routing_switch_is_unset(monkeypatch):
+    # defect 7: plan_routing with BSM_ROUTING="" routes as with the switch unset (it raised before)
+    monkeypatch.setenv("BSM_ROUTING", "")
+    assert routing_implementation(torch.device("cpu")) == ("torch", "cpu tensors always use the PyTorch routing")
+    plan = plan_routing(torch.tensor([[1, 0], [0, 1]]), 2, block_size=1)
+    assert plan.row_assignment.tolist() == [1, 2, 0, 3]
 
 
 # ------------------------------------------------------------------------------------------------------ GPU
 
 
-def _cupy_plan(idx, E, B, F):
-    return plan_routing(idx, E, block_size=B, ffn_size=F, check=False, backend="cupy")
+def _cupy_plan(idx, E, B):
+    return plan_routing(idx, E, block_size=B, check=False, implementation="cupy")
 
 
 @pytest.mark.gpu
@@ -426,11 +471,11 @@ def _cupy_plan(idx, E, B, F):
 def test_gpu_cupy_matches_torch_and_extension(nvrtc, poisoned, T, k, E, B, F, kind, dtype):
     idx = make_index(T, k, E, kind, dtype).cuda()
     before = idx.clone()
-    plan = _cupy_plan(idx, E, B, F)
+    plan = _cupy_plan(idx, E, B)
     assert plan.row_assignment.device == idx.device and torch.equal(idx, before)
-    assert_same_plan(plan, _plan_routing_torch(idx, E, B, F))
+    assert_same_plan(plan, torch_plan(idx, E, B), F)
     if _ext.cuda_available():
-        assert_same_plan(plan, plan_routing(idx, E, block_size=B, ffn_size=F, check=False, backend="ext"))
+        assert_same_plan(plan, plan_routing(idx, E, block_size=B, check=False, implementation="ext"), F)
 
 
 @pytest.mark.gpu
@@ -439,8 +484,8 @@ def test_gpu_cupy_large(nvrtc, E):
     # T·k = 1e6 assignments with ~1% invalid ids (counted in counts[E], sorted last)
     idx = torch.randint(0, E, (250_000, 4), device="cuda")
     idx[torch.rand(idx.shape, device="cuda") < 0.01] = E + 3
-    plan = _cupy_plan(idx, E, 128, 256)
-    assert_same_plan(plan, _plan_routing_torch(idx, E, 128, 256))
+    plan = _cupy_plan(idx, E, 128)
+    assert_same_plan(plan, torch_plan(idx, E, 128), 256)
     assert int(plan.invalid_count) == int((idx == E + 3).sum())
 
 
@@ -450,9 +495,9 @@ def test_gpu_cupy_on_the_current_stream(nvrtc):
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         idx = torch.randint(0, 8, (4096, 2), device="cuda")
-        plan = _cupy_plan(idx, 8, 16, 32)
+        plan = _cupy_plan(idx, 8, 16)
     stream.synchronize()
-    assert_same_plan(plan, _plan_routing_torch(idx, 8, 16, 32))
+    assert_same_plan(plan, torch_plan(idx, 8, 16), 32)
 
 
 @pytest.mark.gpu

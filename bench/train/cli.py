@@ -119,6 +119,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume-check", action="store_true",
                    help="skip the checkpoint round trip (save, reload, 2 more steps: identical losses)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    p.add_argument("--ep", type=int, default=None,
+                   help="expert-parallel size: train dmoe on torchrun's processes (see distributed.py)")  # fmt: skip
+    p.add_argument("--dp-shard", type=int, default=None, help="FSDP2 size of the (dp_shard, ep) mesh (with --ep)")
     return p
 
 
@@ -139,7 +142,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     device = args.device or preset.settings.device
     if device == "cuda" and not torch.cuda.is_available():
         p.error(f"--device cuda (preset {args.preset}) requested, but torch sees no CUDA device; try --preset cpu")
-    for flag in [*_SIZE_FLAGS, *_SETTING_FLAGS, "checkpoint_every", "stop_after", "threads"]:
+    for flag in [*_SIZE_FLAGS, *_SETTING_FLAGS, "checkpoint_every", "stop_after", "threads", "ep", "dp_shard"]:
         value = getattr(args, flag)
         if flag not in ("lr", "seed") and value is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
@@ -169,6 +172,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--block-size applies to dmoe or dmoe:blocksparse configs, and none is selected")
     if args.checkpoint_every is not None or args.stop_after is not None:
         args.save_checkpoints = True
+    args.distributed = args.ep is not None or args.dp_shard is not None
+    if args.distributed:
+        args.ep, args.dp_shard = args.ep or 1, args.dp_shard or 1
+        if args.configs is None:
+            args.specs = [FFNSpec.parse("dmoe")]
+        if len(args.specs) != 1 or args.specs[0].kind != "dmoe":
+            p.error(f"--ep / --dp-shard train one dmoe config, got --configs {','.join(s.name for s in args.specs)}")
+        if args.out is None:
+            p.error("--ep / --dp-shard need --out (every process writes to the same folder)")
+        if args.checkpoint_every is not None or args.compile:
+            p.error("--checkpoint-every and --compile are single-process options")
     if args.out is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         args.out = Path(__file__).resolve().parent.parent / "out" / f"train-{stamp}"
@@ -291,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     problem = prepare_out_dir(args.out)
     if problem is not None:
         _build_parser().error(problem)
+    if args.distributed:
+        from . import distributed
+
+        return distributed.run(args)
     if args.resume and not (args.out / "checkpoints").is_dir():
         _build_parser().error(f"--resume needs {args.out / 'checkpoints'} (written by --save-checkpoints)")
     from . import outputs

@@ -7,11 +7,11 @@ experts_implementation="blocksparse_moe")``) runs every MoE model whose experts 
 
 - a **standard** experts module (the default gate ``act(gate) * up`` over concatenated gate/up columns, or no gate;
   no biases, no post-expert norm; ``act_fn`` one of ``moe_mlp``'s named activations) is ``moe_mlp`` over views of
-  its weights (``moe_mlp_weights``): ``impl="auto"`` is the block-sparse strategy on CUDA (the activation fused
-  into the second GEMM) and the grouped one elsewhere;
+  its weights (``moe_mlp_weights``) with the registered ``MoEOptions``: ``impl="auto"`` is the block-sparse
+  strategy on CUDA (the activation applied in the up-projection's epilogue) and the grouped one elsewhere;
 - any other (a custom ``_apply_gate`` such as gpt-oss's clamped SwiGLU over interleaved columns, biases, a
   post-expert norm, an unknown activation) is ``custom_moe_mlp``: the grouped strategy with the module's own gate
-  applied to whole rows.
+  applied to whole rows (the registered options' ``backend`` and ``check``).
 
 Weights are used in place (views: transposed or not, gradients flow to the model's parameters).
 
@@ -22,6 +22,7 @@ one does not change the other).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..functional import custom_moe_mlp, moe_mlp
+from ..options import MoEOptions, options_from
 
 NAME = "blocksparse_moe"
 
@@ -106,30 +108,23 @@ def experts_forward(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
     *,
+    options: MoEOptions | None = None,
     impl: str = "auto",
     block_size: int | None = None,
 ) -> torch.Tensor:
     """``ExpertsInterface`` entry: ``self`` is the model's experts module, ``hidden_states`` ``[T, d]``.
 
-    ``impl`` / ``block_size`` apply to standard modules (``moe_mlp``'s options); the others run
-    ``custom_moe_mlp``. Expert-parallel sentinels (ids >= E, under HF's own expert parallelism) contribute zero."""
-    check = False if getattr(self, "_is_expert_parallel", False) else None
+    ``options`` (default ``MoEOptions()``; ``impl`` / ``block_size`` are a convenience that builds them) are
+    ``moe_mlp``'s for standard modules; the others run ``custom_moe_mlp`` with their ``backend`` and ``check``.
+    Expert-parallel sentinels (ids >= E, under HF's own expert parallelism) contribute zero."""
+    options = options_from(options, impl=impl, block_size=block_size)
+    if getattr(self, "_is_expert_parallel", False):
+        options = replace(options, check=False)
     weights = moe_mlp_weights(self)
     if weights is not None:
         w1, w2, w3, activation = weights
         x = hidden_states.to(w1.dtype)
-        out = moe_mlp(
-            x,
-            top_k_index,
-            top_k_weights,
-            w1,
-            w2,
-            w3,
-            activation=activation,
-            impl=impl,
-            block_size=block_size,
-            check=check,
-        )
+        out = moe_mlp(x, top_k_index, top_k_weights, w1, w2, w3, activation=activation, options=options)
         return out.to(hidden_states.dtype)
     has_bias = getattr(self, "has_bias", False)
     up_name = "gate_up_proj" if self.has_gate else "up_proj"
@@ -144,14 +139,21 @@ def experts_forward(
         up_bias=getattr(self, f"{up_name}_bias") if has_bias else None,
         down_bias=self.down_proj_bias if has_bias else None,
         post=self.post_expert_norm if getattr(self, "has_post_expert_norm", False) else None,
-        check=check,
+        backend=options.backend,
+        check=options.check,
     )
     return out.to(hidden_states.dtype)
 
 
-def register(name: str = NAME, *, impl: str = "auto", block_size: int | None = None) -> None:
-    """Register ``name`` (default ``"blocksparse_moe"``) in transformers' ``ExpertsInterface`` (idempotent);
-    ``impl`` / ``block_size`` go to ``experts_forward``."""
+def register(
+    name: str = NAME, *, options: MoEOptions | None = None, impl: str = "auto", block_size: int | None = None
+) -> None:
+    """Register ``name`` (default ``"blocksparse_moe"``) in transformers' ``ExpertsInterface`` (idempotent) with
+    ``options`` for ``experts_forward``; ``impl`` / ``block_size`` are a convenience that builds them. The options
+    are validated here, not at the first forward."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty str, got {name!r}")
+    options = options_from(options, impl=impl, block_size=block_size)
     try:
         from transformers.integrations.moe import ExpertsInterface
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -159,10 +161,10 @@ def register(name: str = NAME, *, impl: str = "auto", block_size: int | None = N
             "blocksparse_moe.integrations.transformers needs transformers >= 5 with "
             f"transformers.integrations.moe.ExpertsInterface (pip install 'blocksparse_moe[hf]'): {exc}"
         ) from exc
-    if impl == "auto" and block_size is None:
+    if options == MoEOptions():
         ExpertsInterface.register(name, experts_forward)
     else:
-        ExpertsInterface.register(name, partial(experts_forward, impl=impl, block_size=block_size))
+        ExpertsInterface.register(name, partial(experts_forward, options=options))
 
 
 def from_hf(module: nn.Module):

@@ -1,10 +1,13 @@
-"""MoE layers: ``dMoE`` (dropless, MegaBlocks-style) and ``PaddedMoE`` (the GShard capacity baseline), and
-``MoEExperts``, the routed experts both hold.
+"""MoE layers: ``dMoE`` (dropless, MegaBlocks-style) and ``PaddedMoE`` (the GShard capacity baseline), both a
+``MoELayer`` (their shared base: router, experts, shared expert, losses), and ``MoEExperts``, the routed experts
+they hold.
 
 A layer is ``TopKRouter`` → ``MoEExperts`` (``moe_mlp`` over the expert weights ``w1 [E, d, f]``, ``w2 [E, f, d]``
-and, for GLU experts, ``w3 [E, d, f]``) → plus an optional dense shared expert, and returns ``(y, aux_loss)`` with
-``aux_loss = load_balancing_weight · load_balancing_loss + z_loss_weight · router_z_loss``. The parameter names
-are the same in both layers (``router.weight``, ``experts.w1``, ...), so one's ``state_dict`` loads into the other.
+and, for GLU experts, ``w3 [E, d, f]``, with the layer's ``MoEOptions``) → plus an optional dense shared expert, and
+returns ``(y, aux_loss)`` with ``aux_loss = load_balancing_weight · load_balancing_loss + z_loss_weight ·
+router_z_loss``. ``dMoE`` and ``PaddedMoE`` differ only in the options they build (``PaddedMoE``: ``impl="padded"``
+and its capacity) and in ``PaddedMoE``'s per-sequence capacity groups. The parameter names are the same in both
+layers (``router.weight``, ``experts.w1``, ...), so one's ``state_dict`` loads into the other.
 
 The layers are single-device and know nothing of ranks: ``blocksparse_moe.parallel.expert_parallel(layer, group)``
 shards ``layer.experts`` over a process group and wraps its forward in the dispatch and combine exchanges.
@@ -13,39 +16,33 @@ shards ``layer.experts`` over a process group and wraps its forward in the dispa
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, replace
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..activations import Activation, get_activation
-from ..functional import check_options, moe_mlp
+from ..functional import moe_mlp
+from ..options import MoEOptions, options_from
+from ..validation import boolean, non_negative_number, positive_int
 from .losses import load_balancing_loss, router_z_loss
 from .router import TopKRouter
 
-__all__ = ["MoEExperts", "dMoE", "PaddedMoE"]
-
-
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _loss_weight(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+__all__ = ["MoEExperts", "MoELayer", "dMoE", "PaddedMoE"]
 
 
 class MoEExperts(nn.Module):
-    """The routed experts of a MoE layer: ``forward(x [T, d], top_k_index [T, k], top_k_weights [T, k],
-    **options) -> [T, d]`` is ``moe_mlp`` over this module's weights with its options (keyword ``options``, e.g.
-    ``num_groups``, override them for one call).
+    """The routed experts of a MoE layer: ``forward(x [T, d], top_k_index [T, k], top_k_weights [T, k], *,
+    return_stats=False, **overrides) -> [T, d]`` is ``moe_mlp`` over this module's weights with its ``options``
+    (keyword ``overrides``, ``MoEOptions`` fields such as ``num_groups``, replace them for one call).
 
     Args:
         num_experts, hidden_size, ffn_hidden_size: E, d, f.
         glu: GLU experts (``w3``): ``(act(x @ w1) * (x @ w3)) @ w2``.
-        activation, impl, block_size, recompute_activation, capacity_factor, capacity, num_groups: ``moe_mlp``'s
-            options, validated here (the capacity options need ``impl="padded"``, ``block_size`` a blocksparse
-            impl).
+        activation: ``moe_mlp``'s activation (a name or an elementwise callable).
+        options: the ``MoEOptions`` of every call; ``option_keywords`` (``MoEOptions`` fields: ``impl``,
+            ``block_size``, ...) build one when it is None.
 
     Expert ids index this module's experts ``[0, num_experts)``. Initialisation per expert as a dense MLP:
     ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.
@@ -59,33 +56,17 @@ class MoEExperts(nn.Module):
         *,
         glu: bool = True,
         activation: str | Activation = "silu",
-        impl: str = "auto",
-        block_size: int | None = None,
-        recompute_activation: bool = False,
-        capacity_factor: float | None = None,
-        capacity: int | None = None,
-        num_groups: int = 1,
+        options: MoEOptions | None = None,
+        **option_keywords: Any,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("num_experts", num_experts),
-            ("hidden_size", hidden_size),
-            ("ffn_hidden_size", ffn_hidden_size),
-        ):
-            _positive_int(name, value)
-        if not isinstance(glu, bool):
-            raise TypeError(f"glu must be a bool, got {glu!r}")
+        positive_int("num_experts", num_experts)
+        positive_int("hidden_size", hidden_size)
+        positive_int("ffn_hidden_size", ffn_hidden_size)
+        boolean("glu", glu)
         get_activation(activation)  # validates the name
-        options = dict(
-            impl=impl,
-            block_size=block_size,
-            recompute_activation=recompute_activation,
-            capacity_factor=capacity_factor,
-            capacity=capacity,
-            num_groups=num_groups,
-        )
-        check_options(**options)
-        self.options: dict = {"activation": activation, **options}
+        self.activation = activation
+        self.options = options_from(options, **option_keywords)
         d, f = hidden_size, ffn_hidden_size
         self.w1 = nn.Parameter(torch.empty(num_experts, d, f))
         self.w2 = nn.Parameter(torch.empty(num_experts, f, d))
@@ -106,14 +87,34 @@ class MoEExperts(nn.Module):
                 w.uniform_(-bound, bound)
 
     def forward(
-        self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, **options
+        self,
+        x: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        *,
+        return_stats: bool = False,
+        **overrides: Any,
     ) -> torch.Tensor:
-        return moe_mlp(x, top_k_index, top_k_weights, self.w1, self.w2, self.w3, **{**self.options, **options})
+        options = replace(self.options, **overrides) if overrides else self.options
+        return moe_mlp(
+            x,
+            top_k_index,
+            top_k_weights,
+            self.w1,
+            self.w2,
+            self.w3,
+            activation=self.activation,
+            options=options,
+            return_stats=return_stats,
+        )
 
     def extra_repr(self) -> str:
-        options = ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v is not None)
+        options = ", ".join(f"{k}={v!r}" for k, v in asdict(self.options).items() if v is not None)
         d, f = self.w1.shape[1:]
-        return f"num_experts={self.num_experts}, hidden_size={d}, ffn_hidden_size={f}, {options}"
+        return (
+            f"num_experts={self.num_experts}, hidden_size={d}, ffn_hidden_size={f}, activation={self.activation!r}, "
+            f"{options}"
+        )
 
 
 class _DenseMLP(nn.Module):
@@ -133,13 +134,15 @@ class _DenseMLP(nn.Module):
         return self.down(h)
 
 
-class dMoE(nn.Module):  # noqa: N801 (MegaBlocks' name)
-    """Dropless MoE layer: ``forward(x [..., d]) -> (y [..., d], aux_loss [] fp32)``.
+class MoELayer(nn.Module):
+    """A MoE layer: ``forward(x [..., d]) -> (y [..., d], aux_loss [] fp32)``: ``TopKRouter`` → ``MoEExperts`` with
+    ``options`` → plus an optional dense shared expert. ``dMoE`` and ``PaddedMoE`` are this layer with the options
+    of their strategy.
 
     Args:
         hidden_size, ffn_hidden_size, num_experts, top_k: d, f, E, k.
-        activation, impl, block_size, recompute_activation: passed to ``moe_mlp`` (validated here: ``block_size``
-            one of 16, 32, 64, 128 and only with ``impl`` ``"blocksparse"`` or ``"auto"``).
+        options: the experts' ``MoEOptions`` (default ``MoEOptions()``: ``impl="auto"``).
+        activation: the experts' activation (a name or an elementwise callable), also the shared expert's.
         glu: GLU experts (``w3``), ``act(x @ w1) * (x @ w3) @ w2``.
         load_balancing_weight, z_loss_weight: coefficients of the auxiliary losses (finite, >= 0).
         shared_expert_size: width of a dense shared expert added to the output (DeepSeek-MoE); None for none.
@@ -157,61 +160,33 @@ class dMoE(nn.Module):  # noqa: N801 (MegaBlocks' name)
         num_experts: int,
         top_k: int = 2,
         *,
+        options: MoEOptions | None = None,
         activation: str | Activation = "silu",
         glu: bool = True,
-        impl: str = "auto",
         load_balancing_weight: float = 0.01,
         z_loss_weight: float = 0.0,
-        recompute_activation: bool = False,
         shared_expert_size: int | None = None,
-        block_size: int | None = None,
-        **router_kw,
+        **router_kw: Any,
     ) -> None:
-        self._build(
-            hidden_size,
-            ffn_hidden_size,
-            num_experts,
-            top_k,
-            dict(impl=impl, block_size=block_size, recompute_activation=recompute_activation),
-            activation=activation,
-            glu=glu,
-            load_balancing_weight=load_balancing_weight,
-            z_loss_weight=z_loss_weight,
-            shared_expert_size=shared_expert_size,
-            router_kw=router_kw,
-        )
-
-    def _build(
-        self,
-        hidden_size: int,
-        ffn_hidden_size: int,
-        num_experts: int,
-        top_k: int,
-        options: dict,
-        *,
-        activation,
-        glu: bool,
-        load_balancing_weight: float,
-        z_loss_weight: float,
-        shared_expert_size: int | None,
-        router_kw: dict,
-    ) -> None:
-        """The constructor both layers share: validate, then router, experts (``MoEExperts(**options)``), shared
-        expert."""
-        nn.Module.__init__(self)
+        super().__init__()
         if "expert_parallel_group" in router_kw:
             raise TypeError(
                 "expert_parallel_group is no longer a layer option: build the layer, then apply "
                 "blocksparse_moe.parallel.expert_parallel(layer, group)"
             )
-        for name, value in (("hidden_size", hidden_size), ("ffn_hidden_size", ffn_hidden_size)):
-            _positive_int(name, value)
+        positive_int("hidden_size", hidden_size)
+        positive_int("ffn_hidden_size", ffn_hidden_size)
+        positive_int("num_experts", num_experts)
+        positive_int("top_k", top_k)
         if shared_expert_size is not None:
-            _positive_int("shared_expert_size", shared_expert_size)
-        _loss_weight("load_balancing_weight", load_balancing_weight)
-        _loss_weight("z_loss_weight", z_loss_weight)
+            positive_int("shared_expert_size", shared_expert_size)
+        non_negative_number("load_balancing_weight", load_balancing_weight)
+        non_negative_number("z_loss_weight", z_loss_weight)
+        options = options_from(options)
         self.router = TopKRouter(hidden_size, num_experts, top_k, **router_kw)
-        self.experts = MoEExperts(num_experts, hidden_size, ffn_hidden_size, glu=glu, activation=activation, **options)
+        self.experts = MoEExperts(
+            num_experts, hidden_size, ffn_hidden_size, glu=glu, activation=activation, options=options
+        )
         self.shared_expert = (
             _DenseMLP(hidden_size, shared_expert_size, activation, glu) if shared_expert_size is not None else None
         )
@@ -219,20 +194,28 @@ class dMoE(nn.Module):  # noqa: N801 (MegaBlocks' name)
         self.num_experts, self.top_k = num_experts, top_k
         self.load_balancing_weight, self.z_loss_weight = load_balancing_weight, z_loss_weight
 
+    @property
+    def options(self) -> MoEOptions:
+        """The experts' ``MoEOptions``."""
+        return self.experts.options
+
     def reset_parameters(self) -> None:
         """Re-initialise the expert weights (see ``MoEExperts.reset_parameters``)."""
         self.experts.reset_parameters()
 
-    def _call_options(self, x: torch.Tensor, num_tokens: int) -> dict:
-        """Per-call ``moe_mlp`` options derived from the input's shape (none for the dropless layer)."""
+    def _overrides(self, x: torch.Tensor, num_tokens: int) -> dict:
+        """Per-call ``MoEOptions`` fields derived from the input's shape (none here; ``PaddedMoE``'s sequence
+        groups)."""
         return {}
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor [..., hidden_size={self.hidden_size}], got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must be [..., hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
         flat = x.reshape(-1, self.hidden_size)
         logits, top_k_weights, top_k_index = self.router(flat)
-        out = self.experts(flat, top_k_index, top_k_weights, **self._call_options(x, flat.shape[0]))
+        out = self.experts(flat, top_k_index, top_k_weights, **self._overrides(x, flat.shape[0]))
         if self.shared_expert is not None:
             out = out + self.shared_expert(flat)
         aux = self.load_balancing_weight * load_balancing_loss(
@@ -247,13 +230,17 @@ class dMoE(nn.Module):  # noqa: N801 (MegaBlocks' name)
         )
 
 
-class PaddedMoE(dMoE):
-    """The GShard capacity baseline: ``dMoE`` with ``moe_mlp(impl="padded")``; same weights, same outputs
-    when nothing is dropped. ``capacity_factor`` (finite, >= 0) and ``num_groups`` as in ``moe_mlp``;
-    ``num_groups="sequence"`` gives each sequence of an input ``[..., S, d]`` its own capacity (Switch
-    Transformers, GShard groups; one group for a 2-D input or no tokens); ``capacity`` fixes the per-group capacity
-    instead of deriving it from ``capacity_factor``. Under ``parallel.expert_parallel`` each rank's tokens keep
-    their own capacity (GShard's per-device groups)."""
+class dMoE(MoELayer):  # noqa: N801 (MegaBlocks' name)
+    """Dropless MoE layer: ``MoELayer`` with ``options`` (default ``impl="auto"``: ``"blocksparse"`` on CUDA,
+    ``"grouped"`` elsewhere).
+
+    Args:
+        hidden_size, ffn_hidden_size, num_experts, top_k: d, f, E, k.
+        options: the experts' ``MoEOptions``; or the convenience keywords ``impl``, ``block_size``,
+            ``recompute_activation`` (``MoEOptions`` fields) build it.
+        layer_kw: ``MoELayer``'s (``activation``, ``glu``, ``load_balancing_weight``, ``z_loss_weight``,
+            ``shared_expert_size``) and the router's options.
+    """
 
     def __init__(
         self,
@@ -262,44 +249,67 @@ class PaddedMoE(dMoE):
         num_experts: int,
         top_k: int = 2,
         *,
+        options: MoEOptions | None = None,
+        impl: str = "auto",
+        block_size: int | None = None,
+        recompute_activation: bool = False,
+        **layer_kw: Any,
+    ) -> None:
+        options = options_from(options, impl=impl, block_size=block_size, recompute_activation=recompute_activation)
+        super().__init__(hidden_size, ffn_hidden_size, num_experts, top_k, options=options, **layer_kw)
+
+
+class PaddedMoE(MoELayer):
+    """The GShard capacity baseline: ``MoELayer`` with ``moe_mlp(impl="padded")``; same weights as ``dMoE``, same
+    outputs when nothing is dropped. ``capacity_factor`` (finite, >= 0) and ``num_groups`` as in ``MoEOptions``;
+    ``num_groups="sequence"`` gives each sequence of an input ``[..., S, d]`` its own capacity (Switch
+    Transformers, GShard groups; one group for a 2-D input or no tokens); ``capacity`` fixes the per-group capacity
+    instead of deriving it from ``capacity_factor``. Under ``parallel.expert_parallel`` each rank's tokens keep
+    their own capacity (GShard's per-device groups).
+
+    Args:
+        hidden_size, ffn_hidden_size, num_experts, top_k: d, f, E, k.
+        options: the experts' ``MoEOptions`` (``impl="padded"``); or the convenience keywords ``capacity_factor``,
+            ``capacity``, ``num_groups`` (an int or ``"sequence"``), ``recompute_activation`` build it.
+        layer_kw: ``MoELayer``'s and the router's options.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        num_experts: int,
+        top_k: int = 2,
+        *,
+        options: MoEOptions | None = None,
         capacity_factor: float | None = 1.25,
         capacity: int | None = None,
         num_groups: int | str = 1,
-        activation: str | Activation = "silu",
-        glu: bool = True,
-        load_balancing_weight: float = 0.01,
-        z_loss_weight: float = 0.0,
         recompute_activation: bool = False,
-        shared_expert_size: int | None = None,
-        **router_kw,
+        **layer_kw: Any,
     ) -> None:
-        if capacity is not None:
-            capacity_factor = None
-        if num_groups != "sequence":
-            _positive_int("num_groups", num_groups)
-        options = dict(
-            impl="padded",
-            capacity_factor=capacity_factor,
-            capacity=capacity,
-            num_groups=1 if num_groups == "sequence" else num_groups,
-            recompute_activation=recompute_activation,
-        )
-        self._build(
-            hidden_size,
-            ffn_hidden_size,
-            num_experts,
-            top_k,
-            options,
-            activation=activation,
-            glu=glu,
-            load_balancing_weight=load_balancing_weight,
-            z_loss_weight=z_loss_weight,
-            shared_expert_size=shared_expert_size,
-            router_kw=router_kw,
-        )
+        sequence = num_groups == "sequence"
+        if options is None:
+            options = MoEOptions(
+                impl="padded",
+                capacity_factor=None if capacity is not None else capacity_factor,
+                capacity=capacity,
+                num_groups=1 if sequence else num_groups,
+                recompute_activation=recompute_activation,
+            )
+        else:
+            given = capacity_factor != 1.25 or capacity is not None or num_groups not in (1, "sequence")
+            if given or recompute_activation:
+                raise ValueError(
+                    "give options=MoEOptions(...) or the keywords capacity_factor, capacity, num_groups (except "
+                    "'sequence'), recompute_activation, not both"
+                )
+            if options.impl != "padded":
+                raise ValueError(f"PaddedMoE needs options with impl='padded', got impl={options.impl!r}")
+        super().__init__(hidden_size, ffn_hidden_size, num_experts, top_k, options=options, **layer_kw)
         self.num_groups = num_groups
 
-    def _call_options(self, x: torch.Tensor, num_tokens: int) -> dict:
+    def _overrides(self, x: torch.Tensor, num_tokens: int) -> dict:
         if self.num_groups != "sequence":
             return {}
         # one capacity group per sequence of x [..., S, d]; a 2-D input, or no tokens at all, is one group

@@ -22,7 +22,7 @@ experts ``[s·E_l, (s+1)·E_l)``, T tokens, k choices per token, A = T·k assign
 4. compute: ``moe_mlp`` on the received rows with the local weight shards, one choice per row, weight 1.
 5. return: ``all_to_all_single`` back → the results in the sorted order of step 1.
 6. combine: ``out[t] = Σ_j top_k_weights[t, j] · y[assignment_row[t, j]]`` (``scatter_rows``), the weights in
-   ``functional.combine_dtype`` (fp32 for 16/32-bit tokens) as on one device, so outputs match it.
+   ``strategies.combine_dtype`` (fp32 for 16/32-bit tokens) as on one device, so outputs match it.
 
 Sync-free mode (``capacity_per_rank = C``): steps 2-5 use buffers sized from shapes: each rank sends ``C`` rows to
 every rank (its rows for that rank in sorted order, then zero rows) through functional collectives with equal
@@ -45,7 +45,7 @@ group call it, in the same order, even a rank with no tokens; ``requires_grad`` 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -56,9 +56,10 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from ..activations import Activation
 from ..config import check_enabled
-from ..functional import combine_dtype, moe_mlp, padded_capacity, padded_slots
+from ..functional import moe_mlp
 from ..ops.permute import gather_rows, scatter_rows
 from ..routing import plan_routing
+from ..strategies import combine_dtype, padded_capacity, padded_slots
 from ..validation import check_expert_ids, non_negative_int, positive_int
 
 __all__ = [
@@ -202,7 +203,7 @@ class _ExpertParallelExperts:
         world, _ = _world(state.group)
         _check_routing(x, top_k_index, state.num_experts, world)
         _check_weights(x, top_k_index, top_k_weights)
-        options = {**self.options, **options}
+        options = {**asdict(self.options), **options}
         if options.pop("return_stats", False):
             raise ValueError("return_stats is not supported under expert parallelism")
         check = options.pop("check", None)
@@ -226,9 +227,10 @@ class _ExpertParallelExperts:
                 return ep_local_experts(
                     sent,
                     *weights,
+                    activation=self.activation,
                     **{**options, "capacity": sent.local_capacity, "capacity_factor": None, "num_groups": 1},
                 )
-            return ep_local_experts(sent, *weights, **options)
+            return ep_local_experts(sent, *weights, activation=self.activation, **options)
 
         out, state.dropped = ep_pipeline(
             x,

@@ -68,7 +68,7 @@ def parallelize_moe(
     flattened one), so ``torch.distributed.checkpoint`` saves and reloads the model at any other layout. Each rank's
     loss must be its share of the global mean (see the module docstring). Collective (all ranks call it).
     """
-    from ..layers.moe import dMoE
+    from ..layers.moe import MoELayer
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -80,7 +80,7 @@ def parallelize_moe(
         raise TypeError(f"mp_policy must be a MixedPrecisionPolicy or None, got {type(mp_policy).__name__}")
     if not isinstance(reshard_after_forward, bool):
         raise TypeError(f"reshard_after_forward must be a bool, got {reshard_after_forward!r}")
-    layers = [m for m in model.modules() if isinstance(m, dMoE)]  # PaddedMoE is a dMoE
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]  # dMoE, PaddedMoE
     if not layers:
         raise ValueError(f"model holds no dMoE or PaddedMoE to parallelise (a {type(model).__name__})")
     policy = mp_policy or MixedPrecisionPolicy()

@@ -3,27 +3,24 @@
 - ``_routing_cuda``: the steps of ``csrc/routing.h`` as CUDA kernels (built when nvcc was found at install time).
 - ``_routing_host``: the same routing C++ compiled for the host; the tests compare it with the PyTorch path.
 
-Both take raw pointers: this module allocates the buffers ``routing.plan_routing`` asks for (name → shape, from
-``PlanSizes``: the plan and the sort's scratch of ``routing.PLAN_BUFFERS`` / ``SCRATCH_BUFFERS``), passes their
-``data_ptr()`` values by name (plus, on CUDA, the current stream) and returns the plan's buffers; ``routing``
-validates the arguments before and wraps the buffers after. Nothing here synchronizes with the device, and nothing
-here imports ``routing``.
+Both take raw pointers: this module allocates the buffers of ``spec.PlanSizes`` (``spec.allocate``: the plan and the
+sort's scratch of ``spec.PLAN_BUFFERS`` / ``SCRATCH_BUFFERS``), passes their ``data_ptr()`` values by name (plus,
+on CUDA, the current stream) and returns the plan's buffers; the dispatcher (``routing``) validates the arguments
+before and wraps the buffers after. Nothing here synchronizes with the device; this module imports only ``spec``.
 """
 
 from __future__ import annotations
 
 import importlib
-import math
 from functools import cache
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from .routing import PlanSizes
+from . import spec
+from .spec import PlanSizes
 
-__all__ = ["allocate", "cuda_available", "cuda_module", "host_module", "plan_buffers_cuda", "plan_buffers_host"]
+__all__ = ["cuda_available", "cuda_module", "host_module", "plan_buffers_cuda", "plan_buffers_host"]
 
 
 @cache
@@ -56,33 +53,11 @@ def cuda_available() -> bool:
     return not isinstance(_load("_routing_cuda"), ImportError)
 
 
-ALIGN = 32  # elements (128 bytes): every buffer starts where a vectorized load of it may
-
-
-def _carve(shapes: dict[str, tuple[int, ...]], device: torch.device) -> dict[str, torch.Tensor]:
-    """Uninitialized int32 tensors of ``shapes``, by name: views of one allocation (one allocator call, not one
-    per buffer), each starting on an ``ALIGN`` boundary."""
-    numels = [math.prod(shape) for shape in shapes.values()]
-    starts = [0]
-    for n in numels:
-        starts.append(starts[-1] + -(-n // ALIGN) * ALIGN)
-    block = torch.empty(starts[-1], dtype=torch.int32, device=device)
-    return {
-        name: block[start : start + n].view(shape) for (name, shape), start, n in zip(shapes.items(), starts, numels)
-    }
-
-
-def allocate(sizes: PlanSizes, device: torch.device) -> dict[str, torch.Tensor]:
-    """Uninitialized int32 buffers of ``sizes.shapes()`` and ``sizes.scratch_shapes()``, by name, in table order.
-    The plan's buffers share one allocation and the scratch another (freed as soon as the plan is built)."""
-    return {**_carve(sizes.shapes(), device), **_carve(sizes.scratch_shapes(), device)}
-
-
 def _fill(launch, top_k_index: torch.Tensor, sizes: PlanSizes, **extra) -> dict[str, torch.Tensor]:
     """Allocate, call ``launch(...)`` (a module's ``plan_routing``) on the raw pointers, return the plan's buffers
     (the scratch is released when the stream is done with it, by the caching allocator)."""
     idx = top_k_index.contiguous()
-    buffers = allocate(sizes, idx.device)
+    buffers = spec.allocate(sizes, idx.device)
     launch(
         top_k_index=idx.data_ptr(),
         index_dtype=str(idx.dtype).removeprefix("torch."),

@@ -1,6 +1,6 @@
-"""The cupy backend of the routing: ``csrc/routing.h`` compiled at first use with NVRTC, cached on disk, and
-launched on PyTorch's current stream with raw pointers (no copy, no host sync). For GPU installs without the
-compiled extension (``pip install "blocksparse_moe[cupy]"``); ``routing.routing_backend`` decides when.
+"""The cupy implementation of the routing (``"cupy"``): ``csrc/routing.h`` compiled at first use with NVRTC, cached
+on disk, and launched on PyTorch's current stream with raw pointers (no copy, no host sync). For GPU installs without
+the compiled extension (``pip install "blocksparse_moe[cupy]"``); ``routing.routing_implementation`` decides when.
 
 Layers, each testable without a GPU except the last:
 
@@ -13,13 +13,13 @@ Layers, each testable without a GPU except the last:
   keyed by the sources, options, arch and NVRTC version (``cache_key``). An unwritable cache warns once.
 - ``params(...)``: ``routing.h``'s ``RoutingParams`` as a one-element numpy structured array, built by name.
 - ``steps(...)``: the launch sequence of ``routing.h``'s ``plan_routing`` (names and extents).
-- ``plan_buffers(idx, sizes)``: allocate with torch (``_ext.allocate``), build the params, launch every step. The
+- ``plan_buffers(idx, sizes)``: allocate with torch (``spec.allocate``), build the params, launch every step. The
   tests run it on the CPU with ``_routing_host.run_step`` as the launcher (same steps, host loops).
 - ``prepare(device)`` / the launcher: load the binary into the device's context (``cupy.cuda.function.Module``)
   and launch each kernel on ``cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)``.
 
-Failures that make the backend unavailable raise ``JitUnavailable`` (``quiet`` when cupy is simply not
-installed); ``routing`` then warns once and uses the PyTorch routing, or raises when cupy was forced.
+Failures that make the implementation unavailable raise ``JitUnavailable`` (``quiet`` when cupy is simply not
+installed); the dispatcher (``routing``) then warns once and uses the PyTorch routing, or raises when cupy was forced.
 """
 
 from __future__ import annotations
@@ -32,15 +32,13 @@ import warnings
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from . import _ext
-
-if TYPE_CHECKING:
-    from .routing import PlanSizes
+from ..config import switch, switch_default
+from . import spec
+from .spec import PlanSizes
 
 __all__ = ["JitUnavailable", "binary", "cache_dir", "cache_key", "nvrtc_compile", "plan_buffers", "prepare", "sources"]
 
@@ -80,12 +78,12 @@ class JitUnavailable(RuntimeError):
 
 def source_dir() -> Path:
     """Where the JIT sources are: the package copy (installed wheels) or the source tree's ``csrc/``."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "_jit_src", here.parent / "csrc"):
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "_jit_src", package.parent / "csrc"):
         if all((candidate / name).is_file() for name in SOURCE_FILES):
             return candidate
     raise JitUnavailable(
-        f"the routing sources {SOURCE_FILES} are neither in {here / '_jit_src'} nor in {here.parent / 'csrc'} "
+        f"the routing sources {SOURCE_FILES} are neither in {package / '_jit_src'} nor in {package.parent / 'csrc'} "
         "(a broken install: reinstall blocksparse_moe)"
     )
 
@@ -168,9 +166,10 @@ def nvrtc_compile(arch: int, text: tuple[str, dict[str, str]] | None = None) -> 
 
 def cache_dir() -> Path:
     """``BSM_CACHE_DIR``, else ``$XDG_CACHE_HOME/blocksparse_moe``, else ``~/.cache/blocksparse_moe``."""
-    if os.environ.get("BSM_CACHE_DIR"):
-        return Path(os.environ["BSM_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "blocksparse_moe"
+    chosen = switch("BSM_CACHE_DIR")
+    if chosen == switch_default("BSM_CACHE_DIR") and os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "blocksparse_moe"
+    return Path(chosen).expanduser()
 
 
 def cache_path(arch: int) -> Path:
@@ -220,8 +219,6 @@ def _warn_cache(problem: str) -> None:
 @cache
 def params_dtype() -> np.dtype:
     """``routing.h``'s ``RoutingParams``: the shape (int64) then the pointers (uint64), 8-byte fields only."""
-    from .routing import PlanSizes
-
     pointers = ("top_k_index", *PlanSizes.buffer_names())
     return np.dtype([(name, "<i8") for name in SHAPE_FIELDS] + [(name, "<u8") for name in pointers])
 
@@ -259,7 +256,7 @@ def plan_buffers(
     """The plan's buffers filled by the routing kernels, launched by ``launch(name, extent, params)`` (default:
     the CUDA launcher of the tensor's device, on the current stream; no sync, no copy)."""
     idx = top_k_index.contiguous()
-    buffers = _ext.allocate(sizes, idx.device)
+    buffers = spec.allocate(sizes, idx.device)
     p = params(idx, sizes, buffers)
     sequence = [(name, extent) for name, extent in steps(sizes, idx.dtype == torch.int64) if extent]
     if launch is None:

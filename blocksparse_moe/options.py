@@ -1,0 +1,117 @@
+"""``MoEOptions``: the options of a MoE MLP, written once, validated once, passed whole.
+
+``moe_mlp``, ``MoEExperts``, the layers, ``parallel`` and ``integrations.transformers.register`` all take one
+``MoEOptions`` (torchtitan's ``MoEArgs``); their keyword arguments of the same names are a convenience that builds
+one (``options_from``). A new option is a new field here, with its check in ``__post_init__``.
+
+The fields are what a caller chooses about *how* the experts run; what they compute (weights, activation, routing)
+is given with the data. The strategy names are ``IMPLS``; ``resolve_impl`` says what ``"auto"`` stands for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from .config import BACKENDS
+from .kernels.expert_gemm import BLOCK_SIZES
+from .validation import boolean, choice, non_negative_int, non_negative_number, positive_int
+
+__all__ = ["IMPLS", "BLOCK_SIZES", "MoEOptions", "options_from", "resolve_impl"]
+
+IMPLS = ("auto", "blocksparse", "grouped", "padded", "reference")
+
+
+@dataclass(frozen=True)
+class MoEOptions:
+    """How ``moe_mlp`` runs the experts (validated at construction; every check names its field).
+
+    Attributes:
+        impl: the strategy: ``"blocksparse"``, ``"grouped"``, ``"padded"``, ``"reference"`` or ``"auto"``
+            (``"blocksparse"`` on CUDA, ``"grouped"`` elsewhere; ``resolve_impl``).
+        block_size: ``"blocksparse"`` block size, one of ``BLOCK_SIZES`` (the Triton kernels' tiles; the torch
+            backend takes the same set); None: 128 on CUDA, 64 elsewhere. Only with ``impl`` ``"blocksparse"`` or
+            ``"auto"`` (unused when that resolves to ``"grouped"``).
+        capacity_factor, capacity, num_groups: ``"padded"`` only. Tokens form ``num_groups`` equal contiguous
+            groups; each expert has ``capacity`` slots per group, default ``ceil(capacity_factor · (T / G) · k /
+            E)`` with ``capacity_factor`` (finite, >= 0) 1.0. At most one of ``capacity`` and ``capacity_factor``.
+        recompute_activation: do not keep the activation output for backward; recompute it from the saved
+            pre-activation (MegaBlocks' memory-optimised MLP).
+        backend: ``"auto"``, ``"triton"``, ``"torch"`` or None (env ``BSM_BACKEND``): the kernels that run the
+            ``"blocksparse"`` / ``"grouped"`` ops (``config.resolve_backend``).
+        check: validate expert ids (one host sync on GPU); None: on CPU always, on CUDA with ``BSM_CHECK=1``;
+            never while ``torch.compile`` traces or on the meta device (``config.check_enabled``).
+
+    Symbolic sizes (``torch.compile(dynamic=True)``) pass the checks.
+    """
+
+    impl: str = "auto"
+    block_size: int | None = None
+    capacity_factor: float | None = None
+    capacity: int | None = None
+    num_groups: int = 1
+    recompute_activation: bool = False
+    backend: str | None = None
+    check: bool | None = None
+
+    def __post_init__(self) -> None:
+        choice("impl", self.impl, IMPLS)
+        boolean("recompute_activation", self.recompute_activation)
+        if self.backend is not None:
+            choice("backend", self.backend, BACKENDS)
+        if self.check is not None:
+            boolean("check", self.check)
+        if self.block_size is not None:
+            choice("block_size", self.block_size, BLOCK_SIZES)
+            if self.impl not in ("auto", "blocksparse"):
+                raise ValueError(
+                    f"block_size applies to impl='blocksparse' (or 'auto'), got block_size={self.block_size} "
+                    f"with impl={self.impl!r}"
+                )
+        positive_int("num_groups", self.num_groups)
+        if self.capacity is not None:
+            non_negative_int("capacity", self.capacity)
+        if self.capacity_factor is not None:
+            non_negative_number("capacity_factor", self.capacity_factor)
+        if self.capacity is not None and self.capacity_factor is not None:
+            raise ValueError(
+                f"give capacity or capacity_factor, not both; got capacity={self.capacity}, "
+                f"capacity_factor={self.capacity_factor}"
+            )
+        if self.impl != "padded" and (
+            self.capacity_factor is not None or self.capacity is not None or self.num_groups != 1
+        ):
+            raise ValueError(
+                f"capacity_factor, capacity and num_groups apply to impl='padded' only ({self.impl!r} drops nothing), "
+                f"got capacity_factor={self.capacity_factor}, capacity={self.capacity}, num_groups={self.num_groups}"
+            )
+
+
+_DEFAULTS = {f.name: f.default for f in fields(MoEOptions)}
+
+
+def _is_default(value: object, default: object) -> bool:
+    return value is default or (type(value) is type(default) and value == default)
+
+
+def options_from(options: MoEOptions | None = None, **keywords: object) -> MoEOptions:
+    """``options``, or a ``MoEOptions`` built from ``keywords`` (``MoEOptions``' fields) when it is None. Giving
+    both ``options`` and a keyword that differs from its default is a ``ValueError`` (which would win is unclear)."""
+    if options is None:
+        return MoEOptions(**keywords)
+    if not isinstance(options, MoEOptions):
+        raise TypeError(f"options must be a MoEOptions or None, got {type(options).__name__}")
+    given = [name for name, value in keywords.items() if not _is_default(value, _DEFAULTS[name])]
+    if given:
+        raise ValueError(f"give options=MoEOptions(...) or the keyword options, not both; got options and {given}")
+    return options
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The strategy ``impl`` stands for on ``device``: ``"auto"`` is ``"blocksparse"`` on CUDA, else
+    ``"grouped"``."""
+    choice("impl", impl, IMPLS)
+    if impl == "auto":
+        return "blocksparse" if device.type == "cuda" else "grouped"
+    return impl

@@ -1,0 +1,150 @@
+"""The dropless strategies: every assignment is computed, in the rows of a routing plan's expert-sorted layout.
+
+Each strategy is the same pipeline: plan the routing (``plan_routing``: the unpadded layout for ``block_size = 1``,
+else the block-padded one), apply each token's experts to its rows of that layout, and combine them back per token,
+``out[t] = Σ_j weights[t, j] · y[row(t, j)]``. Each returns ``(out, plan)``.
+
+- ``grouped``: unpadded rows; a named activation runs the fused expert MLP (``ops.mlp``: the activation in the
+  up-projection's epilogue, the top-k weight gradient in the backward epilogue, nothing but x, h, g saved); a
+  callable one runs op by op (``grouped_mm`` with the gather fused, the activation, ``grouped_mm``, ``combine``).
+- ``blocksparse`` (MegaBlocks): block-padded rows; the fused expert MLP (SDD with the GLU pair and the activation in
+  its epilogue, then DSD) for a named activation; otherwise gather, ``sdd``, the activation on the blocks, ``dsd``,
+  ``combine``.
+- ``grouped_custom``: unpadded rows, a row-wise ``activation`` (it sees whole rows, which the block layout does not
+  give it) and optional biases and post-expert map (``functional.custom_moe_mlp``).
+
+Ids were checked (or deliberately not) by the caller; invalid ones have no row and contribute zero. ``weights`` are
+the combine weights, already in ``common.combine_dtype(x.dtype)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..activations import Activation
+from ..backends.triton import grouped_block_m
+from ..routing import RoutingPlan, plan_routing
+from .common import activate_then
+
+__all__ = ["grouped", "blocksparse", "grouped_custom", "combine", "default_block_size"]
+
+
+def default_block_size(device: torch.device) -> int:
+    """``blocksparse``'s block size when none is given: 128 on CUDA, 64 elsewhere."""
+    return 128 if device.type == "cuda" else 64
+
+
+def combine(y: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor, backend: str) -> torch.Tensor:
+    """``out[t] = Σ_j weights[t, j] · y[row(t, j)]`` for expert-output rows ``y`` in the plan's layout (unpadded for
+    ``block_size = 1``, else block-padded), deterministic."""
+    from ..ops.permute import scatter_rows
+
+    if plan.block_size == 1:
+        return scatter_rows(y, plan.row_assignment, plan.assignment_row, weights, backend=backend)
+    return scatter_rows(y, plan.padded_row_assignment, plan.padded_assignment_row, weights, backend=backend)
+
+
+def grouped(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w3: torch.Tensor | None,
+    *,
+    activation: str | Activation,
+    recompute: bool,
+    backend: str,
+) -> tuple[torch.Tensor, RoutingPlan]:
+    """Unpadded sorted rows: the fused expert MLP for a named activation; otherwise fused-gather ``grouped_mm`` with
+    w1 (and w3), the activation, ``grouped_mm`` with w2, combine."""
+    from ..ops.grouped import grouped_mm
+    from ..ops.mlp import expert_mlp, mlp_routing
+
+    plan = plan_routing(top_k_index, w1.shape[0], block_size=1, check=False)
+    if isinstance(activation, str):
+        routing = mlp_routing(plan, blocksparse=False, block_m=grouped_block_m(plan.num_assignments, plan.num_experts))
+        return expert_mlp(x, weights, w1, w2, w3, routing, activation, backend), plan
+    rows, inv = plan.row_assignment, plan.assignment_row
+    h = grouped_mm(x, w1, plan.offsets, rows, inv, backend=backend)
+    g = None if w3 is None else grouped_mm(x, w3, plan.offsets, rows, inv, backend=backend)
+    y = activate_then(lambda a: grouped_mm(a, w2, plan.offsets, backend=backend), activation, h, g, recompute)
+    return combine(y, plan, weights, backend), plan
+
+
+def blocksparse(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w3: torch.Tensor | None,
+    *,
+    activation: str | Activation,
+    block_size: int,
+    recompute: bool,
+    backend: str,
+) -> tuple[torch.Tensor, RoutingPlan]:
+    """Block-padded sorted rows (block size ``block_size``, the topology of ``w1``'s width): the fused expert MLP
+    for a named activation (MegaBlocks' SDD with the GLU pair and the activation in its epilogue, then DSD);
+    otherwise gather, ``sdd`` with w1 (and w3), the activation on the blocks, ``dsd`` with w2, combine."""
+    from ..ops.blocksparse import dsd, sdd
+    from ..ops.mlp import expert_mlp, mlp_routing
+    from ..ops.permute import gather_rows
+
+    plan = plan_routing(top_k_index, w1.shape[0], block_size=block_size, check=False)
+    if isinstance(activation, str):
+        routing = mlp_routing(plan, blocksparse=True, block_m=plan.block_size)
+        return expert_mlp(x, weights, w1, w2, w3, routing, activation, backend), plan
+    topo = plan.topology(w1.shape[2])
+    xs = gather_rows(x, plan.padded_row_assignment, plan.padded_assignment_row, backend=backend)
+    h = sdd(xs, w1, topo, backend=backend)
+    g = None if w3 is None else sdd(xs, w3, topo, backend=backend)
+    y = activate_then(lambda a: dsd(a, topo, w2, backend=backend), activation, h, g, recompute)
+    return combine(y, plan, weights, backend), plan
+
+
+def grouped_custom(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    weights: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    *,
+    activation: Callable[[torch.Tensor], torch.Tensor],
+    up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
+    post: Callable[[torch.Tensor], torch.Tensor] | None,
+    backend: str,
+) -> tuple[torch.Tensor, RoutingPlan]:
+    """Unpadded sorted rows: ``post(activation(x @ up[e] + up_bias[e]) @ down[e] + down_bias[e])`` with a row-wise
+    ``activation``, combine."""
+    from ..ops.grouped import grouped_mm
+
+    plan = plan_routing(top_k_index, up.shape[0], block_size=1, check=False)
+    if up_bias is not None or down_bias is not None:  # expert of each sorted row (rows past offsets[E]: clamped)
+        rows = torch.arange(plan.row_assignment.numel(), device=x.device, dtype=plan.offsets.dtype)
+        row_expert = torch.searchsorted(plan.offsets[1:], rows, right=True).clamp(max=up.shape[0] - 1)
+    h = grouped_mm(x, up, plan.offsets, plan.row_assignment, plan.assignment_row, backend=backend)
+    if up_bias is not None:
+        h = h + up_bias[row_expert]
+    a = activation(h)
+    _check_rows("activation", h, a, down.shape[1], "down's rows h")
+    y = grouped_mm(a.to(x.dtype), down, plan.offsets, backend=backend)
+    if down_bias is not None:
+        y = y + down_bias[row_expert]
+    if post is not None:
+        y, before = post(y), y
+        _check_rows("post", before, y, x.shape[1], "the hidden size d")
+    return combine(y, plan, weights, backend), plan
+
+
+def _check_rows(name: str, rows: torch.Tensor, result: object, width: int, what: str) -> None:
+    """A user map of rows ``[R, *]`` returned a tensor ``[R, width]``; otherwise a ``ValueError`` naming it."""
+    shape = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
+    if not isinstance(result, torch.Tensor) or result.dim() != 2 or result.shape != (rows.shape[0], width):
+        raise ValueError(
+            f"{name} must map rows [R, {rows.shape[1]}] to [R, {width}] ({what}), got {tuple(rows.shape)} -> {shape}"
+        )

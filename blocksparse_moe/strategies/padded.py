@@ -1,0 +1,95 @@
+"""The padded strategy (GShard / NLLB capacity baseline, drops): ``[E, G·C, d]`` capacity buffers and ``torch.bmm``.
+
+Tokens form ``G`` equal contiguous groups; each expert has ``C`` slots per group (``padded_capacity``). Within a
+group, assignments claim their expert's slots rank-major, then in token order (every first choice of a group before
+any second choice: ``padded_slots``); an assignment over capacity contributes zero. ``parallel`` applies the same
+capacity and drop order per rank before sending.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..activations import Activation
+from ..validation import non_negative_int, non_negative_number, positive_int
+from .common import activate_then
+
+__all__ = ["padded", "padded_capacity", "padded_slots"]
+
+
+def padded_capacity(
+    num_tokens: int,
+    top_k: int,
+    num_experts: int,
+    *,
+    capacity_factor: float | None = None,
+    capacity: int | None = None,
+    num_groups: int = 1,
+) -> int:
+    """Slots per expert per group: ``capacity``, else ``ceil(capacity_factor · (T / G) · k / E)``
+    (``capacity_factor`` default 1.0); ``num_groups`` must divide ``num_tokens``."""
+    positive_int("num_groups", num_groups)
+    if capacity is not None and capacity_factor is not None:
+        raise ValueError(f"give capacity or capacity_factor, not both; got {capacity=}, {capacity_factor=}")
+    if num_tokens % num_groups:
+        raise ValueError(f"num_groups must divide the number of tokens, got T={num_tokens} and {num_groups=}")
+    if capacity is not None:
+        return non_negative_int("capacity", capacity)
+    factor = 1.0 if capacity_factor is None else non_negative_number("capacity_factor", capacity_factor)
+    return math.ceil(factor * (num_tokens // num_groups) * top_k / num_experts)
+
+
+def padded_slots(top_k_index: torch.Tensor, num_experts: int, capacity: int, num_groups: int = 1) -> torch.Tensor:
+    """Slot of each assignment in the ``[G, E, C]`` capacity buffers (flattened), ``G·E·C`` when dropped.
+
+    Within each of the ``G`` contiguous token groups, assignments claim their expert's ``C`` slots rank-major,
+    then in token order. An id outside ``[0, E)`` claims no slot (``G·E·C``, as if dropped). Vectorised (cumsum
+    over a one-hot), no host sync. Returns ``[T, k]`` int64.
+    """
+    T, k = top_k_index.shape
+    G, E, C = num_groups, num_experts, capacity
+    S = T // G
+    e = top_k_index.long().view(G, S, k).transpose(1, 2).reshape(G, k * S)  # rank-major order per group
+    valid = (e >= 0) & (e < E)
+    onehot = (e.unsqueeze(-1) == torch.arange(E, device=e.device)).long()  # [G, k·S, E]; invalid ids: all zero
+    position = (onehot.cumsum(1) * onehot).sum(2) - 1  # place in its expert's queue (-1 for an invalid id)
+    group = torch.arange(G, device=e.device).view(G, 1)
+    slot = torch.where(valid & (position < C), (group * E + e) * C + position, G * E * C)
+    return slot.view(G, k, S).transpose(1, 2).reshape(T, k)
+
+
+def padded(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w3: torch.Tensor | None,
+    *,
+    activation: Activation,
+    capacity: int,
+    num_groups: int,
+    recompute: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The experts on ``capacity`` slots per expert per group; returns ``(out [T, d] in x.dtype, dropped [] int64)``
+    (valid assignments over capacity). The combine runs in ``weights``' dtype (fp32 at least), autocast or not."""
+    T, d = x.shape
+    E = w1.shape[0]
+    n = num_groups * E * capacity
+    slot = padded_slots(top_k_index, E, capacity, num_groups)  # [T, k], n = dropped or invalid
+    token = torch.arange(slot.numel(), device=x.device) // slot.shape[1]
+    # slot -> token (T = empty slot); dropped assignments all land in the discarded entry n
+    source = torch.full((n + 1,), T, dtype=torch.int64, device=x.device).scatter_(0, slot.reshape(-1), token)[:n]
+    buffers = torch.cat([x, x.new_zeros(1, d)]).index_select(0, source)
+    buffers = buffers.view(num_groups, E, capacity, d).transpose(0, 1).reshape(E, num_groups * capacity, d)
+    h = torch.bmm(buffers, w1)
+    g = None if w3 is None else torch.bmm(buffers, w3)
+    y = activate_then(lambda a: torch.bmm(a, w2), activation, h, g, recompute)  # [E, G·C, d]
+    y = y.view(E, num_groups, capacity, d).transpose(0, 1).reshape(n, d)
+    gathered = torch.cat([y, y.new_zeros(1, d)]).index_select(0, slot.reshape(-1)).view(*slot.shape, d)
+    # combine in the weights' dtype, elementwise: autocast would run a bmm in its 16-bit dtype
+    out = (weights.unsqueeze(-1) * gathered.to(weights.dtype)).sum(1)
+    valid = (top_k_index >= 0) & (top_k_index < E)
+    return out.to(x.dtype), ((slot == n) & valid).sum()
