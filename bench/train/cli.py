@@ -107,6 +107,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ]:
         p.add_argument(f"--{name}", type=int, default=None, help=help_text)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW, cosine to 10%%)")
+    p.add_argument("--load-balancing-weight", type=float, default=None,
+                   help="the MoE layers' load-balancing loss coefficient (default 0.01)")  # fmt: skip
     p.add_argument("--seed", type=int, default=None, help="initial weights and data order (the same for every config)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true", help="torch.compile the whole model")
@@ -129,7 +131,7 @@ _SIZE_FLAGS = {"d_model": "d_model", "layers": "n_layers", "heads": "n_heads", "
                "experts": "experts", "top_k": "top_k"}  # fmt: skip
 _SETTING_FLAGS = {"steps": "steps", "batch_size": "batch_size", "eval_every": "eval_every",
                   "eval_batches": "eval_batches", "warmup": "warmup_steps", "block_size": "block_size", "lr": "lr",
-                  "seed": "seed"}  # fmt: skip
+                  "seed": "seed", "load_balancing_weight": "load_balancing_weight"}  # fmt: skip
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -144,10 +146,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--device cuda (preset {args.preset}) requested, but torch sees no CUDA device; try --preset cpu")
     for flag in [*_SIZE_FLAGS, *_SETTING_FLAGS, "checkpoint_every", "stop_after", "threads", "ep", "dp_shard"]:
         value = getattr(args, flag)
-        if flag not in ("lr", "seed") and value is not None and value < 1:
+        if flag not in ("lr", "seed", "load_balancing_weight") and value is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
     if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
         p.error(f"--lr must be a finite number > 0, got {args.lr}")
+    lb = args.load_balancing_weight
+    if lb is not None and not (lb >= 0 and math.isfinite(lb)):
+        p.error(f"--load-balancing-weight must be a finite number >= 0, got {lb}")
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     overrides = {field: getattr(args, flag) for flag, field in _SIZE_FLAGS.items() if getattr(args, flag) is not None}
     settings = {field: getattr(args, flag) for flag, field in _SETTING_FLAGS.items() if getattr(args, flag) is not None}
