@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .harness import Progress, run
+from .library import BLOCK_SIZES
 from .problems import DTYPES, Shape, parse_routing
 from .strategies import STRATEGIES
 
@@ -117,7 +118,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", choices=("gelu", "relu", "silu"), default=None)
     p.add_argument("--routing", type=_routings, default=["uniform"], help="uniform | zipf:S | one-hot (comma list)")
     p.add_argument("--capacity-factors", type=_floats, default=[1.0, 1.25, 2.0], help="padded baselines")
-    p.add_argument("--block-size", type=int, default=None, help="blocksparse block size (default 128 cuda, 64 cpu)")
+    p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=None,
+                   help="blocksparse block size (default 128 cuda, 64 cpu)")  # fmt: skip
     p.add_argument("--min-run-time", type=float, default=0.2, help="CPU measuring budget per timing, seconds")
     p.add_argument("--reference-max-waste", type=float, default=8.0, help="skip 'reference' when E/k exceeds this")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; no case starts after that")
@@ -139,7 +141,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"
     if args.block_size is None:
         args.block_size = 128 if args.device == "cuda" else 64
-    for name in ("hidden", "ffn", "block_size"):
+    for name in ("hidden", "ffn"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")

@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .library import DROPLESS_IMPLS
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.ep", description=__doc__.split("\n\n")[0])
@@ -38,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--glu", action="store_true", help="GLU experts (w3)")
     p.add_argument("--skew", type=float, default=0.0, help="router logit bias towards rank 0's experts (0 = uniform)")
-    p.add_argument("--impl", default="auto", help="moe_mlp impl for the local experts (a dropless one)")
+    p.add_argument("--impl", default="auto", choices=DROPLESS_IMPLS, help="moe_mlp impl for the local experts")
     p.add_argument("--chunks", default="1,2,4", help="comma-separated chunk counts to time (pipelined token chunks)")
     p.add_argument("--capacity-per-rank", type=int, default=None, help="the sync-free mode's bound (default: exact)")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: bf16 on GPU")
@@ -53,8 +55,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--experts must be divisible by --world, got {args.experts} and {args.world}")
     if not 1 <= args.top_k <= args.experts:
         p.error(f"--top-k must be in [1, {args.experts}], got {args.top_k}")
-    if args.impl not in IMPLS:
-        p.error(f"--impl must be one of {', '.join(IMPLS)}, got {args.impl!r}")
     if not math.isfinite(args.skew):
         p.error(f"--skew must be a finite number, got {args.skew}")
     try:
@@ -74,9 +74,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.dtype is None:
         args.dtype = "bfloat16" if args.backend == "nccl" else "float32"
     return args
-
-
-IMPLS = ("auto", "blocksparse", "grouped", "reference")  # dropless moe_mlp strategies for the local experts
 
 
 def _free_port() -> int:

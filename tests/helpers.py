@@ -6,7 +6,9 @@ import torch
 
 POISON = float("nan")
 
-# Tolerances vs a float64 reference, per input dtype (fp32 accumulate inside kernels).
+# Tolerances vs a float64 reference, per input dtype (fp32 accumulate inside kernels), for results with no
+# same-precision PyTorch computation to compare with (the PyTorch backend itself, compiled vs eager); kernels are
+# judged by assert_close_to_reference.
 TOL = {
     torch.float32: dict(atol=1e-4, rtol=1e-4),
     torch.float16: dict(atol=2e-2, rtol=2e-2),
@@ -24,6 +26,35 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None) -> None:
     dtype = dtype or actual.dtype
     torch.testing.assert_close(actual.double(), expected.double(), **TOL.get(dtype, TOL[torch.float32]))
+
+
+def assert_close_to_reference(
+    out: torch.Tensor, ref64: torch.Tensor, same_precision: torch.Tensor | None, *, factor: float = 2.0, msg: str = ""
+) -> None:
+    """The kernel's result ``out`` is as accurate as PyTorch in its dtype (flash-attention's rule).
+
+    ``ref64`` is the float64 reference (from the same rounded inputs) and ``same_precision`` the same-dtype PyTorch
+    computation of the same thing (the torch backend, or the eager math in that dtype). Passes when
+    ``max|out - ref64| <= factor · max|same_precision - ref64| + ulp``, ``ulp`` being ``out``'s machine epsilon
+    times ``max|ref64|`` (a floor for results PyTorch happens to get exactly). ``same_precision=None`` marks a
+    result that is the PyTorch computation itself (the torch backend under test): judged by the ``TOL`` table.
+    NaN anywhere in ``out`` (a poisoned element left unwritten) fails."""
+    assert out.shape == ref64.shape, f"{msg}shape {tuple(out.shape)} != reference {tuple(ref64.shape)}"
+    if same_precision is None:
+        torch.testing.assert_close(out.double(), ref64.double(), **TOL[out.dtype], msg=msg or None)
+        return
+    assert same_precision.shape == ref64.shape and same_precision.dtype == out.dtype
+    if out.numel() == 0:
+        return
+    ref64 = ref64.double()
+    err = (out.double() - ref64).abs().max().item()
+    torch_err = (same_precision.double() - ref64).abs().max().item()
+    ulp = torch.finfo(out.dtype).eps * ref64.abs().max().item()
+    bound = factor * torch_err + ulp
+    assert err <= bound, (  # False for NaN
+        f"{msg}max error {err:.3e} vs float64 exceeds {factor} x PyTorch's {out.dtype} error {torch_err:.3e} "
+        f"+ {ulp:.3e} (one ulp of max|reference|)"
+    )
 
 
 def routing(T: int, k: int, E: int, kind: str, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,8 +1,8 @@
-"""The compile audit (bench/audit.py) on tiny kernels defined here: this module is itself the kernel module the
-audit imports (``compile_specs()`` below), so nothing depends on the library's kernels existing. The SASS / ptxas /
-TTGIR parsers are tested on handcrafted snippets; the checks on real builds for every architecture, with a positive
-control (a well-pipelined matmul), a negative one (the dsd_act pattern: an index load and an activation in the K
-loop) and a TMA loop."""
+"""The compile audit (the ``bench.audit`` package) on tiny kernels defined here: this module is itself the kernel
+module the audit imports (``compile_specs()`` below), so nothing depends on the library's kernels existing. The
+SASS / ptxas / TTGIR parsers are tested on handcrafted snippets; the checks on real builds for every architecture,
+with a positive control (a well-pipelined matmul), a negative one (the dsd_act pattern: an index load and an
+activation in the K loop) and a TMA loop."""
 
 from __future__ import annotations
 
@@ -15,10 +15,13 @@ import pytest
 import triton
 import triton.language as tl
 
-from bench import audit
-from blocksparse_moe.kernels._common import CompileSpec
+from bench.audit import __main__ as audit_main
+from bench.audit import jobs as audit_jobs
+from bench.audit import report as audit_report
+from bench.audit import sass as audit_sass
+from blocksparse_moe.kernels.specs import CompileSpec
 
-ARCHS = tuple(audit.ARCHS)  # 80, 90, 100, 120
+ARCHS = tuple(audit_sass.ARCHS)  # 80, 90, 100, 120
 
 
 @triton.jit
@@ -138,13 +141,13 @@ def compile_specs() -> list[CompileSpec]:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    jobs = audit.collect_jobs([__name__])
+    jobs = audit_jobs.collect_jobs([__name__])
     out = tmp_path_factory.mktemp("audit")
-    return {(r.job.name, r.job.variant, r.job.cc): r for r in audit.run_audit(jobs, out, processes=2)}
+    return {(r.job.name, r.job.variant, r.job.cc): r for r in audit_jobs.run_audit(jobs, out, processes=2)}
 
 
-def _checks(r: audit.BuildResult) -> set[str]:
-    return {check for check, _ in audit.findings(r)}
+def _checks(r: audit_jobs.BuildResult) -> set[str]:
+    return {check for check, _ in audit_report.findings(r)}
 
 
 # ----------------------------------------------------------------------------------------------- SASS snippets
@@ -240,110 +243,117 @@ NO_LOOP = """
 
 
 def test_parse_sass_reads_instructions_and_branch_targets():
-    instrs = audit.parse_sass(GOOD_LOOP)
+    instrs = audit_sass.parse_sass(GOOD_LOOP)
     assert len(instrs) == 3 + 9 + 5  # the encoding comments are not instructions
     bra = next(i for i in instrs if i.addr == 0xB0)
     assert (bra.pred, bra.op, bra.args, bra.target, bra.base) == ("@P6", "BRA", "0x30", 0x30, "BRA")
     hgmma = next(i for i in instrs if i.addr == 0x70)
     assert hgmma.op == "HGMMA.64x128x16.F32.BF16" and hgmma.args.endswith("gsb0") and hgmma.target is None
     # uniform-predicate branch: the target is the last hexadecimal operand; base shifts addresses and targets
-    (u,) = audit.parse_sass("        /*0190*/   BRA.U !UP0, 0x130 ;", base=0x100)
+    (u,) = audit_sass.parse_sass("        /*0190*/   BRA.U !UP0, 0x130 ;", base=0x100)
     assert (u.addr, u.pred, u.op, u.target) == (0x90, "", "BRA.U", 0x30)
 
 
 def test_mma_families():
-    assert audit.mma_family("HGMMA.64x128x16.F32.BF16") == "wgmma"
-    assert audit.mma_family("QGMMA.64x64x32.F32.E4M3.E4M3") == "wgmma"
-    assert audit.mma_family("UTCHMMA") == "tcgen05" and audit.mma_family("UTCQMMA.2CTA") == "tcgen05"
-    assert audit.mma_family("HMMA.16816.F32.BF16") == "mma.sync" and audit.mma_family("IMMA.16832.S8.S8") == "mma.sync"
+    assert audit_sass.mma_family("HGMMA.64x128x16.F32.BF16") == "wgmma"
+    assert audit_sass.mma_family("QGMMA.64x64x32.F32.E4M3.E4M3") == "wgmma"
+    assert audit_sass.mma_family("UTCHMMA") == "tcgen05" and audit_sass.mma_family("UTCQMMA.2CTA") == "tcgen05"
+    assert (
+        audit_sass.mma_family("HMMA.16816.F32.BF16") == "mma.sync"
+        and audit_sass.mma_family("IMMA.16832.S8.S8") == "mma.sync"
+    )
     # tcgen05 bookkeeping, wgmma fences and integer multiply-adds are not MMAs
     for op in ("UTCBAR", "UTCATOMSWS.AND", "WARPGROUP.ARRIVE", "IMAD.WIDE", "LDGSTS.E.BYPASS.128"):
-        assert audit.mma_family(op) is None, op
+        assert audit_sass.mma_family(op) is None, op
 
 
 def test_good_loop_passes():
-    s = audit.analyze_sass(GOOD_LOOP)
+    s = audit_sass.analyze_sass(GOOD_LOOP)
     assert s.mma == {"HGMMA": 2} and s.ld128 == 2 and (s.tma_loads, s.tma_stores) == (0, 0)
     (lp,) = s.loops
     assert (lp.start, lp.end, lp.instructions, lp.mma, lp.ldgsts) == (0x30, 0xB0, 9, 2, 1)
     assert lp.per_mma == 4.5 and lp.cp_async_waits == (1,) and lp.wgmma_waits == (1,) and lp.serialised == 0
     assert not lp.cp_async_wait_zero and not lp.wgmma_wait_zero and s.main_loop is lp
-    assert audit.findings(_synthetic(90, s)) == []
+    assert audit_report.findings(_synthetic(90, s)) == []
 
 
 def test_wait_to_zero_loop_is_flagged():
-    s = audit.analyze_sass(WAIT_ZERO_LOOP)
+    s = audit_sass.analyze_sass(WAIT_ZERO_LOOP)
     (lp,) = s.loops
     assert lp.cp_async_waits == (0,) and lp.cp_async_wait_zero and not lp.wgmma_wait_zero
-    assert audit.findings(_synthetic(90, s)) == [
+    assert audit_report.findings(_synthetic(90, s)) == [
         ("pipeline", "MMA loop 0x30-0xb0 waits cp.async to zero (DEPBAR.LE SB0, 0x0) every iteration")
     ]
     # a spec that does not expect a pipelined loop is not flagged
-    assert audit.findings(_synthetic(90, s, expect_pipelined=False)) == []
+    assert audit_report.findings(_synthetic(90, s, expect_pipelined=False)) == []
 
 
 def test_serialised_wgmma_is_flagged():
-    s = audit.analyze_sass(SERIALISED_LOOP)
+    s = audit_sass.analyze_sass(SERIALISED_LOOP)
     (lp,) = s.loops
     assert lp.wgmma_waits == (0, 0) and lp.serialised == 2 and lp.wgmma_wait_zero and not lp.cp_async_wait_zero
     assert lp.per_mma == 4.5
-    assert audit.findings(_synthetic(90, s)) == [
+    assert audit_report.findings(_synthetic(90, s)) == [
         ("pipeline", "MMA loop 0x30-0xb0 waits wgmma to zero (gsb0, 0x0) after 2 of 2 MMA")
     ]
     # a loop of synchronous loads (LDG -> STS, the unaligned builds) must wait so: reported, not flagged
-    sync = audit.analyze_sass(SERIALISED_LOOP.replace("LDGSTS.E.BYPASS.128 [R21+0x4000]", "STS.128 [R21+0x4000]"))
+    sync = audit_sass.analyze_sass(SERIALISED_LOOP.replace("LDGSTS.E.BYPASS.128 [R21+0x4000]", "STS.128 [R21+0x4000]"))
     assert sync.loops[0].wgmma_waits == (0, 0) and not sync.loops[0].asynchronous
-    assert audit.findings(_synthetic(90, sync, variant="unaligned")) == []
+    assert audit_report.findings(_synthetic(90, sync, variant="unaligned")) == []
     # ... but an aligned build (num_stages > 1) whose MMA loop has no async load at all is not pipelined
-    assert audit.findings(_synthetic(90, sync)) == [
+    assert audit_report.findings(_synthetic(90, sync)) == [
         ("pipeline", "MMA loop 0x30-0xb0 has no async load (LDGSTS / UTMALDG): not pipelined")
     ]
 
 
 def test_tma_loop_passes():
-    s = audit.analyze_sass(TMA_LOOP)
+    s = audit_sass.analyze_sass(TMA_LOOP)
     assert (s.tma_loads, s.tma_stores) == (2, 1)
     # the stub after EXIT (retry, then BRA back into the body) and the final BRA to itself are no loops
-    assert audit.find_loops(audit.parse_sass(TMA_LOOP)) == [(0x40, 0xC0)]
+    assert audit_sass.find_loops(audit_sass.parse_sass(TMA_LOOP)) == [(0x40, 0xC0)]
     (lp,) = s.loops
     assert lp.tma_loads == 1 and lp.mbarrier_waits == 1 and lp.asynchronous
     assert lp.cp_async_waits == () and lp.wgmma_waits == (1,)  # the SB0 wait after UTMACMDFLUSH is the TMA store's
-    assert audit.findings(_synthetic(90, s)) == []
+    assert audit_report.findings(_synthetic(90, s)) == []
 
 
 def test_no_loop_passes():
-    s = audit.analyze_sass(NO_LOOP)
+    s = audit_sass.analyze_sass(NO_LOOP)
     assert s.mma == {"UTCHMMA": 2} and s.family_count("tcgen05") == 2 and s.family_count("wgmma") == 0
-    assert audit.find_loops(audit.parse_sass(NO_LOOP)) == [(0x0, 0x10)]  # the allocation retry: no MMA in it
+    assert audit_sass.find_loops(audit_sass.parse_sass(NO_LOOP)) == [(0x0, 0x10)]  # the allocation retry: no MMA in it
     assert s.loops == () and s.main_loop is None
-    assert audit.findings(_synthetic(100, s)) == []
+    assert audit_report.findings(_synthetic(100, s)) == []
 
 
 def test_mma_check_per_architecture():
-    hmma = audit.SassSummary(mma={"HMMA": 8})
-    assert audit.findings(_synthetic(80, hmma)) == [] and audit.findings(_synthetic(120, hmma)) == []
-    assert audit.findings(_synthetic(90, hmma)) == [("mma", "sm_90 matmul without wgmma (HGMMA)")]
-    assert audit.findings(_synthetic(100, hmma)) == [("mma", "sm_100 matmul without tcgen05 MMA (UTC*MMA)")]
+    hmma = audit_sass.SassSummary(mma={"HMMA": 8})
+    assert audit_report.findings(_synthetic(80, hmma)) == [] and audit_report.findings(_synthetic(120, hmma)) == []
+    assert audit_report.findings(_synthetic(90, hmma)) == [("mma", "sm_90 matmul without wgmma (HGMMA)")]
+    assert audit_report.findings(_synthetic(100, hmma)) == [("mma", "sm_100 matmul without tcgen05 MMA (UTC*MMA)")]
     # a tile the compiler keeps on mma.sync on sm_100 (tcgen05_ok=False) needs some MMA only
-    assert audit.findings(_synthetic(100, hmma, tcgen05_ok=False)) == []
-    none = audit.SassSummary()
-    assert audit.findings(_synthetic(100, none, tcgen05_ok=False)) == [("mma", "sm_100 matmul without MMA")]
-    assert audit.findings(_synthetic(80, none)) == [("mma", "sm_80 matmul without mma.sync (HMMA)")]
-    assert audit.findings(_synthetic(80, none, is_matmul=False)) == []
+    assert audit_report.findings(_synthetic(100, hmma, tcgen05_ok=False)) == []
+    none = audit_sass.SassSummary()
+    assert audit_report.findings(_synthetic(100, none, tcgen05_ok=False)) == [("mma", "sm_100 matmul without MMA")]
+    assert audit_report.findings(_synthetic(80, none)) == [("mma", "sm_80 matmul without mma.sync (HMMA)")]
+    assert audit_report.findings(_synthetic(80, none, is_matmul=False)) == []
 
 
 def test_smem_limit_and_report_only():
-    s = audit.SassSummary(mma={"HMMA": 8})
+    s = audit_sass.SassSummary(mma={"HMMA": 8})
     # 131 KB fits sm_80 / sm_90 / sm_100, not sm_120 (99 KB per block)
-    big = {cc: _synthetic(cc, s if cc != 90 else audit.SassSummary(mma={"HGMMA": 4}), shared=132096) for cc in ARCHS}
-    big[100].sass = audit.SassSummary(mma={"UTCHMMA": 4})
-    assert [cc for cc in ARCHS if audit.findings(big[cc])] == [120]
-    assert audit.findings(big[120]) == [("smem", "shared memory 132096 B > sm_120 limit 101376 B")]
-    assert audit.problems(big[120], {"smem"}) == [] and audit.problems(big[120]) == [audit.findings(big[120])[0][1]]
+    big = {
+        cc: _synthetic(cc, s if cc != 90 else audit_sass.SassSummary(mma={"HGMMA": 4}), shared=132096) for cc in ARCHS
+    }
+    big[100].sass = audit_sass.SassSummary(mma={"UTCHMMA": 4})
+    assert [cc for cc in ARCHS if audit_report.findings(big[cc])] == [120]
+    assert audit_report.findings(big[120]) == [("smem", "shared memory 132096 B > sm_120 limit 101376 B")]
+    assert audit_report.problems(big[120], {"smem"}) == [] and audit_report.problems(big[120]) == [
+        audit_report.findings(big[120])[0][1]
+    ]
 
 
-def _synthetic(cc, sass, variant="aligned", shared=1024, **flags) -> audit.BuildResult:
-    r = audit.BuildResult(audit.Job("m", 0, "k", cc, variant), registers=64, spill_stores=0, spill_loads=0)
+def _synthetic(cc, sass, variant="aligned", shared=1024, **flags) -> audit_jobs.BuildResult:
+    r = audit_jobs.BuildResult(audit_jobs.Job("m", 0, "k", cc, variant), registers=64, spill_stores=0, spill_loads=0)
     r.sass, r.shared, r.num_stages = sass, shared, 3
     for k, v in flags.items():
         setattr(r, k, v)
@@ -357,7 +367,7 @@ def test_parsers_read_ptxas_log_resources_and_buffers():
         "ptxas info    : Function properties for k\n"
         "    48 bytes stack frame, 40 bytes spill stores, 36 bytes spill loads\n"
     )
-    assert audit.parse_ptxas_log(log) == dict(registers=255, stack=48, spill_stores=40, spill_loads=36)
+    assert audit_sass.parse_ptxas_log(log) == dict(registers=255, stack=48, spill_stores=40, spill_loads=36)
     # C7515 as ptxas 13 prints it (an info line)
     c7515 = (
         "ptxas-blackwell info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized "
@@ -365,23 +375,23 @@ def test_parsers_read_ptxas_log_resources_and_buffers():
         "pipeline stage in the function '_dsd_kernel' in line 957\n"
         "ptxas-blackwell info    : Used 121 registers, used 1 barriers\n"
     )
-    assert audit.parse_ptxas_log(c7515) == dict(registers=121, codes=("C7515",))
-    r = _synthetic(90, audit.SassSummary(mma={"HGMMA": 2}))
+    assert audit_sass.parse_ptxas_log(c7515) == dict(registers=121, codes=("C7515",))
+    r = _synthetic(90, audit_sass.SassSummary(mma={"HGMMA": 2}))
     r.ptxas_codes = ("C7515",)
-    assert audit.findings(r) == [("c7515", "ptxas C7515: wgmma serialised")]
+    assert audit_report.findings(r) == [("c7515", "ptxas C7515: wgmma serialised")]
     usage = " Function k:\n  REG:128 STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:584 TEXTURE:0"
-    assert audit.parse_resource_usage(usage) == dict(registers=128, stack=0, static_shared=1024, local=0)
+    assert audit_sass.parse_resource_usage(usage) == dict(registers=128, stack=0, static_shared=1024, local=0)
     sass = (
         "/*0000*/ LDGSTS.E.BYPASS.128 [R23], desc[UR16][R18.64], P5 ;\n"
         "/*0010*/ @!P0 LDG.E.128.CONSTANT R4, desc[UR4][R2.64] ;\n"
         "/*0020*/ LDG.E.64 R6, desc[UR4][R2.64] ;\n/*0030*/ LDGDEPBAR ;\n/*0040*/ STG.E.128 desc[UR4][R2.64], R4 ;\n"
     )
-    assert audit.analyze_sass(sass).ld128 == 2
-    r = audit.BuildResult(audit.Job("m", 0, "k", 90), registers=255, spill_stores=40, spill_loads=36)
-    r.sass = audit.SassSummary(mma={"HGMMA": 3})
-    assert audit.problems(r) == ["spills 40 B stores / 36 B loads"]
+    assert audit_sass.analyze_sass(sass).ld128 == 2
+    r = audit_jobs.BuildResult(audit_jobs.Job("m", 0, "k", 90), registers=255, spill_stores=40, spill_loads=36)
+    r.sass = audit_sass.SassSummary(mma={"HGMMA": 3})
+    assert audit_report.problems(r) == ["spills 40 B stores / 36 B loads"]
     # empty logs (no ptxas output captured): nothing invented
-    assert audit.parse_ptxas_log("") == {} and audit.parse_resource_usage("") == {}
+    assert audit_sass.parse_ptxas_log("") == {} and audit_sass.parse_resource_usage("") == {}
     # TTGIR: 3 buffers per operand; mbarriers (i64), staged values (an initial tensor) and scalars are not buffers
     ttgir = """
     %0 = ttg.local_alloc : () -> !ttg.memdesc<3x128x64xbf16, #shared, #smem, mutable>
@@ -390,45 +400,45 @@ def test_parsers_read_ptxas_log_resources_and_buffers():
     %3 = ttg.local_alloc %acc : (tensor<128x128xbf16, #mma>) -> !ttg.memdesc<128x128xbf16, #shared3, #smem>
     %4 = ttg.local_alloc : () -> !ttg.memdesc<1x1xi32, #shared4, #smem, mutable>
     """
-    assert audit.ttgir_buffers(ttgir) == (3,)
+    assert audit_sass.ttgir_buffers(ttgir) == (3,)
     # dsd_act today: the activated operand single-buffered, the weights double-buffered
     dsd = "ttg.local_alloc : () -> !ttg.memdesc<1x128x32xbf16, #s>\nttg.local_alloc : () -> !ttg.memdesc<2x32x128xbf16>"
-    assert audit.ttgir_buffers(dsd) == (1, 2) and audit.ttgir_buffers("") == ()
+    assert audit_sass.ttgir_buffers(dsd) == (1, 2) and audit_sass.ttgir_buffers("") == ()
 
 
 # ----------------------------------------------------------------------------------------------- jobs
 
 
 def test_collect_jobs_covers_every_spec_variant_and_arch():
-    jobs = audit.collect_jobs([__name__])
+    jobs = audit_jobs.collect_jobs([__name__])
     both = ("unaligned", "aligned")
     specs = compile_specs()
     expected = [(s.name, v, cc) for s in specs[:3] for v in both for cc in ARCHS]
     expected += [(s.name, "aligned", cc) for s in specs[3:] for cc in ARCHS]
     assert [(j.name, j.variant, j.cc) for j in jobs] == expected
     # filters: a substring of "module.config", and variants
-    only = audit.collect_jobs([__name__], (90,), only="test_audit.copy[", variants=("aligned",))
+    only = audit_jobs.collect_jobs([__name__], (90,), only="test_audit.copy[", variants=("aligned",))
     assert [(j.name, j.variant, j.cc) for j in only] == [("copy[fp32]", "aligned", 90)]
     with pytest.raises(ValueError, match=r"capabilities must be among \(80, 90, 100, 120\), got \[89\]"):
-        audit.collect_jobs([__name__], (89,))
+        audit_jobs.collect_jobs([__name__], (89,))
 
 
 def test_collect_jobs_lists_the_gpu_configs_while_interpreting(monkeypatch):
     # the specs are listed as the workers (which never interpret) list them; the caller's environment is kept
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     _SEEN_INTERPRET.clear()
-    audit.collect_jobs([__name__])
+    audit_jobs.collect_jobs([__name__])
     assert _SEEN_INTERPRET == [None] and os.environ["TRITON_INTERPRET"] == "1"
 
 
 def test_divisibility_attrs_mark_pointers_and_aligned_ints():
     spec = compile_specs()[0]
     idx = {a: (_tiny_mm_kernel.arg_names.index(a),) for a in ("a_ptr", "b_ptr", "c_ptr", "N", "K")}
-    assert audit.divisibility_attrs(spec) == {i: [["tt.divisibility", 16]] for i in idx.values()}
+    assert audit_jobs.divisibility_attrs(spec) == {i: [["tt.divisibility", 16]] for i in idx.values()}
     # edge: nothing to mark (no pointer, no aligned int): the aligned build would repeat the unaligned one
     bare = CompileSpec("bare", SimpleNamespace(arg_names=["n", "BLOCK"]), {"n": "i32"}, dict(BLOCK=16))
-    assert audit.divisibility_attrs(bare) == {} and audit.build_variants(bare) == ("unaligned",)
-    assert audit.build_variants(compile_specs()[3]) == ("aligned",)
+    assert audit_jobs.divisibility_attrs(bare) == {} and audit_jobs.build_variants(bare) == ("unaligned",)
+    assert audit_jobs.build_variants(compile_specs()[3]) == ("aligned",)
     # the new fields default to the strict checks
     assert (bare.tcgen05_ok, bare.expect_pipelined) == (True, True)
 
@@ -460,11 +470,11 @@ def test_matmul_uses_tensor_cores(results, variant):
         assert r.sass.main_loop is not None and r.sass.main_loop.mma > 0
         if (cc, variant) == (120, "aligned"):
             # ptxas 13 for sm_120 keeps this build at 80 registers and spills 3 values live across the K loop
-            assert audit.findings(r) == [("spill", "spills 12 B stores / 12 B loads")]
-            assert audit.problems(r, {"spill@120"}) == [] and r.stack > 0
+            assert audit_report.findings(r) == [("spill", "spills 12 B stores / 12 B loads")]
+            assert audit_report.problems(r, {"spill@120"}) == [] and r.stack > 0
             continue
         assert (r.spill_stores, r.spill_loads, r.stack) == (0, 0, 0)
-        assert audit.problems(r) == [], (cc, audit.findings(r))
+        assert audit_report.problems(r) == [], (cc, audit_report.findings(r))
 
 
 @pytest.mark.parametrize("cc", ARCHS)
@@ -487,7 +497,7 @@ def test_non_matmul_passes_without_mma(results):
         for cc in ARCHS:
             r = results["copy[fp32]", variant, cc]
             assert r.error is None and r.sass.mma == {} and r.sass.loops == ()
-            assert audit.problems(r) == []
+            assert audit_report.problems(r) == []
 
 
 def test_matmul_without_mma_is_flagged_on_every_arch(results):
@@ -495,14 +505,14 @@ def test_matmul_without_mma_is_flagged_on_every_arch(results):
     for variant in ("unaligned", "aligned"):
         for cc in ARCHS:
             r = results["copy-flagged[fp32]", variant, cc]
-            assert audit.problems(r) == [f"sm_{cc} matmul without {names[cc]}"]
+            assert audit_report.problems(r) == [f"sm_{cc} matmul without {names[cc]}"]
 
 
 @pytest.mark.parametrize("cc", ARCHS)
 def test_positive_control_passes_every_check(results, cc):
     # plain pointer loads, 3 stages, 128x128x64 bf16, 8 warps: cp.async waits and wgmma waits stay above zero
     r = results["pipelined[bf16,128x128x64]", "aligned", cc]
-    assert r.error is None and audit.findings(r) == [], audit.findings(r)
+    assert r.error is None and audit_report.findings(r) == [], audit_report.findings(r)
     lp = r.sass.main_loop
     assert lp.ldgsts > 0 and lp.cp_async_waits and min(lp.cp_async_waits) > 0
     assert r.ptxas_codes == () and (r.sass.tma_loads, r.sass.tma_stores) == (0, 0)
@@ -519,10 +529,10 @@ def test_negative_control_is_flagged(results, cc):
     assert r.error is None
     lp = r.sass.main_loop
     assert lp.cp_async_wait_zero and 1 in r.buffers
-    assert _checks(r) == ({"c7515", "pipeline"} if cc == 90 else {"pipeline"}), audit.findings(r)
+    assert _checks(r) == ({"c7515", "pipeline"} if cc == 90 else {"pipeline"}), audit_report.findings(r)
     if cc == 90:
         assert r.ptxas_codes == ("C7515",) and lp.wgmma_wait_zero and lp.serialised == lp.mma
-        assert audit.problems(r, {"c7515", "pipeline"}) == []
+        assert audit_report.problems(r, {"c7515", "pipeline"}) == []
 
 
 @pytest.mark.parametrize("cc", [90, 100])
@@ -530,7 +540,7 @@ def test_tma_loop_is_not_flagged(results, cc):
     # tensor descriptors: TMA loads in the loop, mbarrier waits, no cp.async; the descriptor set-up and the TMA
     # store wait SB0 to zero outside the loop
     r = results["tma[bf16,128x128x64]", "aligned", cc]
-    assert r.error is None and audit.findings(r) == [], audit.findings(r)
+    assert r.error is None and audit_report.findings(r) == [], audit_report.findings(r)
     lp = r.sass.main_loop
     assert lp.tma_loads > 0 and lp.mbarrier_waits > 0 and lp.ldgsts == 0 and lp.cp_async_waits == ()
     assert r.sass.tma_stores > 0 and r.buffers == (3,)
@@ -540,58 +550,60 @@ def test_batched_disassembly_matches_cuobjdump(results, monkeypatch):
     # one nvdisasm run over many functions' code, split and rebased == cuobjdump of each cubin (one per arch)
     for cc in ARCHS:
         r = results["tma[bf16,128x128x64]", "aligned", cc]
-        ours = audit.parse_sass(Path(r.cubin).with_suffix(".sass").read_text())
+        ours = audit_sass.parse_sass(Path(r.cubin).with_suffix(".sass").read_text())
         theirs = subprocess.run(
-            [audit._tool("cuobjdump"), "--dump-sass", r.cubin], capture_output=True, text=True, check=True
+            [audit_sass._tool("cuobjdump"), "--dump-sass", r.cubin], capture_output=True, text=True, check=True
         ).stdout
-        assert ours == audit.parse_sass(theirs) and len(ours) > 100
+        assert ours == audit_sass.parse_sass(theirs) and len(ours) > 100
     # nvdisasm refusing the raw code (here: an unknown architecture name): one cuobjdump per cubin instead
-    monkeypatch.setitem(audit.ARCHS, 120, audit.Arch(120, "SM00", "mma.sync", 101376))
-    assert audit.parse_sass(audit.disassemble(120, [r.cubin])[0]) == audit.parse_sass(theirs)
+    monkeypatch.setitem(audit_sass.ARCHS, 120, audit_sass.Arch(120, "SM00", "mma.sync", 101376))
+    assert audit_sass.parse_sass(audit_sass.disassemble(120, [r.cubin])[0]) == audit_sass.parse_sass(theirs)
 
 
 def test_tables_list_every_build_and_check(results):
-    table = audit.format_table(list(results.values()), {"pipeline"})
+    table = audit_report.format_table(list(results.values()), {"pipeline"})
     assert table.count("\n") == 1 + len(results)
     assert "sm_90 matmul without wgmma (HGMMA)" in table and "| ok |" in table
     assert "| mm[bf16,64x64x32] | aligned | sm_90 |" in table and "| copy[fp32] | unaligned | sm_80 |" in table
     assert "every iteration (report-only)" in table and "| C7515 |" in table
-    checks = audit.format_checks(list(results.values()), {"pipeline"})
-    assert checks.count("\n") == 1 + len(audit.CHECKS)
+    checks = audit_report.format_checks(list(results.values()), {"pipeline"})
+    assert checks.count("\n") == 1 + len(audit_report.CHECKS)
     assert "| pipeline | 4 | sm_80 1, sm_90 1, sm_100 1, sm_120 1 | no (report-only) |" in checks
     assert "| c7515 | 1 | sm_90 1 | yes |" in checks and "| smem | 0 | - | yes |" in checks
-    assert "| spill | 1 | sm_120 1 | yes, not on sm_120 |" in audit.format_checks(list(results.values()), {"spill@120"})
+    assert "| spill | 1 | sm_120 1 | yes, not on sm_120 |" in audit_report.format_checks(
+        list(results.values()), {"spill@120"}
+    )
 
 
 def test_failed_build_is_reported():
-    r = audit.compile_job(audit.Job(__name__, 99, "missing", 90), "/nonexistent")
-    assert r.error and r.error.startswith("IndexError") and audit.problems(r) == [f"build failed: {r.error}"]
+    r = audit_jobs.compile_job(audit_jobs.Job(__name__, 99, "missing", 90), "/nonexistent")
+    assert r.error and r.error.startswith("IndexError") and audit_report.problems(r) == [f"build failed: {r.error}"]
     # a variant the spec does not list (the launcher never runs it) is an error, not a silent build
-    r = audit.compile_job(audit.Job(__name__, 3, "copy-aligned-only[fp32]", 90, "unaligned"), "/nonexistent")
+    r = audit_jobs.compile_job(audit_jobs.Job(__name__, 3, "copy-aligned-only[fp32]", 90, "unaligned"), "/nonexistent")
     assert r.error and "variant 'unaligned' not in" in r.error
 
 
 def test_main_exit_status_and_report_only(capsys, tmp_path):
     base = ["--modules", __name__, "--arch", "90", "--jobs", "2", "--out", str(tmp_path)]
     # the flagged spec makes the audit fail (unaligned only: the aligned-only specs drop out)
-    assert audit.main([*base, "--variants", "unaligned"]) == 1
+    assert audit_main.main([*base, "--variants", "unaligned"]) == 1
     out = capsys.readouterr().out
     assert "sm_90 matmul without wgmma (HGMMA)" in out and "3 builds, 1 failing" in out
     # --only leaves the flagged spec out: exit 0
-    assert audit.main([*base, "--only", "copy["]) == 0
+    assert audit_main.main([*base, "--only", "copy["]) == 0
     assert "2 builds, 0 failing" in capsys.readouterr().out
     # the negative control fails on c7515 and pipeline; reported, not failed, with --report-only
-    assert audit.main([*base, "--only", "serialised"]) == 1
-    assert audit.main([*base, "--only", "serialised", "--report-only", "pipeline,c7515"]) == 0
+    assert audit_main.main([*base, "--only", "serialised"]) == 1
+    assert audit_main.main([*base, "--only", "serialised", "--report-only", "pipeline,c7515"]) == 0
     out = capsys.readouterr().out
     assert (
         "1 builds, 0 failing, 1 with report-only findings" in out
         and "| c7515 | 1 | sm_90 1 | no (report-only) |" in out
     )
     # edges: nothing matches the filter; an unknown check name
-    assert audit.main(["--modules", __name__, "--only", "no-such-kernel"]) == 1
+    assert audit_main.main(["--modules", __name__, "--only", "no-such-kernel"]) == 1
     with pytest.raises(SystemExit):
-        audit.main([*base, "--report-only", "pipeline,nope,spill@89"])
+        audit_main.main([*base, "--report-only", "pipeline,nope,spill@89"])
     err = capsys.readouterr().err
     assert (
         "checks must be among build, spill, mma, c7515, pipeline, smem, each optionally @ one of 80, 90, 100, " in err

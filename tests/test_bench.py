@@ -335,6 +335,10 @@ def test_saved_for_backward_puts_autocast_copies_of_parameters_apart():
         (["--reference-max-waste", "-1"], "--reference-max-waste must be >= 1"),
         (["--reference-max-waste", "nan"], "--reference-max-waste must be >= 1"),
         (["--capacity-factors", "1,inf"], "expected positive finite numbers"),  # would overflow the capacity
+        # block sizes the kernels do not take (ran everything but blocksparse and exited 0): odd, too small, too big
+        (["--block-size", "48"], "--block-size: invalid choice: 48 (choose from 16, 32, 64, 128)"),
+        (["--block-size", "3"], "--block-size: invalid choice: 3"),
+        (["--block-size", "256"], "--block-size: invalid choice: 256"),
     ],
 )
 def test_cli_rejects_bad_arguments(argv, message, capsys):
@@ -383,10 +387,23 @@ def test_ep_parse_args_names_the_bad_argument(capsys):
         (["--world", "-1"], "--world must be a positive integer, got -1"),
         (["--world", "3", "--experts", "8"], "--experts must be divisible by --world, got 8 and 3"),
         (["--tokens", "0"], "--tokens must be a positive integer, got 0"),
+        (["--impl", "nope"], "--impl: invalid choice: 'nope'"),  # was a traceback in every rank
+        (["--impl", "padded"], "--impl: invalid choice: 'padded'"),  # capacity is per rank: expert_parallel's job
+        (["--skew", "nan"], "--skew must be a finite number, got nan"),  # was accepted
+        (["--skew=-inf"], "--skew must be a finite number, got -inf"),
     ]:
         with pytest.raises(SystemExit) as e:
             ep.parse_args(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_ep_bad_impl_exits_2_without_starting_ranks(monkeypatch, capsys):
+    from bench import ep
+
+    monkeypatch.setattr(ep.mp, "get_context", lambda *a: pytest.fail("ranks started with a bad --impl"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--ep", "2", "--impl", "nope"])
+    assert e.value.code == 2 and "--impl: invalid choice: 'nope'" in capsys.readouterr().err
 
 
 def _unusable_out(kind: str, tmp_path: Path) -> str:

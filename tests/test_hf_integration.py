@@ -175,7 +175,7 @@ class _CountOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.calls[str(func)] = self.calls.get(str(func), 0) + 1
         if str(func) == "bsm.expert_mlp.default":
-            self.block_sizes.append(args[10])
+            self.block_sizes.append(args[9])  # bsm::expert_mlp's block_size (1: unpadded rows)
         return func(*args, **(kwargs or {}))
 
 
@@ -196,16 +196,16 @@ def _eager(experts, x, idx, w):
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "olmoe"])
 def test_standard_gate_runs_moe_mlp_strategies(name):
     # a standard gate (default act(gate) * up, no bias, SiLU) is moe_mlp over views of the module's weights: the
-    # fused expert MLP of the grouped strategy on CPU (dense rows: block_size 0), of the block-sparse one (blocked
+    # fused expert MLP of the grouped strategy on CPU (unpadded rows: block_size 1), of the block-sparse one (blocked
     # rows: block_size 16) when asked; the block-sparse one is what "auto" means on CUDA
     experts, x, idx, w = _experts(name)
     w1, w2, w3, activation = bsm_hf.moe_mlp_weights(experts)
     assert activation == "silu" and w1.untyped_storage().data_ptr() == experts.gate_up_proj.untyped_storage().data_ptr()
     ref = _eager(experts, x, idx, w)
     assert resolve_impl("auto", torch.device("cuda")) == "blocksparse"
-    for impl, block_size in (("auto", 0), ("blocksparse", 16)):
+    for impl, block_size, asked in (("auto", 1, None), ("blocksparse", 16, 16)):
         with _CountOps() as ops:
-            out = bsm_hf.experts_forward(experts, x, idx, w, impl=impl, block_size=block_size or None)
+            out = bsm_hf.experts_forward(experts, x, idx, w, impl=impl, block_size=asked)
         assert {n: c for n, c in ops.calls.items() if n.startswith("bsm.")} == {"bsm.expert_mlp.default": 1}, impl
         assert ops.block_sizes == [block_size], impl
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

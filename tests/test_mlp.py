@@ -5,11 +5,12 @@ determinism; a backward that needs only some gradients; torch.compile."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
-from helpers import POISON, TOL, routing
+from helpers import POISON, TOL, assert_close_to_reference, routing
 
 from blocksparse_moe import backends
 from blocksparse_moe.ops.mlp import expert_mlp, mlp_routing
@@ -67,36 +68,52 @@ def _run(strategy, backend, x, idx, weights, w1, w2, w3, activation, block_size=
     E = w1.shape[0]
     if strategy == "blocksparse":
         plan = plan_routing(idx, E, block_size=block_size, check=False)
-        r = mlp_routing(plan, blocksparse=True, block_m=block_size)
     else:
         plan = plan_routing(idx, E, block_size=1, check=False)
-        r = mlp_routing(plan, blocksparse=False, block_m=16)
-    return expert_mlp(x, weights, w1, w2, w3, r, activation, backend)
+    return expert_mlp(x, weights, w1, w2, w3, mlp_routing(plan), activation, backend)
 
 
-def _check(strategy, backend, case, dtype, glu, activation, monkeypatch, block_size=16, tol_scale=1.0):
+def _check(strategy, backend, case, dtype, glu, activation, monkeypatch, block_size=16, tol_scale=1.0, layout=None):
+    """``layout``: maps (w1, w2, w3) to the same values in other strides (the mixed-layout tests)."""
     if backend == "torch-tiles":  # the torch backend's sync-free schedule (GPU, torch.compile), not its CPU loop
         monkeypatch.setattr(backends.get("torch"), "host_loop_ok", lambda t: False)
         backend = "torch"
     x, idx, weights, w1, w2, w3 = _inputs(case, dtype, glu)
+    if layout is not None:
+        w1, w2, w3 = layout(w1, w2, w3)
     inputs = [t.clone() for t in (x, idx, weights, w1, w2, w3) if t is not None]
     leaves = [t.requires_grad_() for t in (x, weights, w1, w2, w3) if t is not None]
     out = _run(strategy, backend, x, idx, weights, w1, w2, w3, activation, block_size)
     ref, ref_leaves = _reference(x, idx, weights, w1, w2, w3, activation)
     assert out.shape == ref.shape and out.dtype == dtype
-    tol = {key: v * tol_scale for key, v in TOL[dtype].items()}
-    torch.testing.assert_close(out.double(), ref.detach(), **tol)
     cot = torch.randn(ref.shape)
     grads = torch.autograd.grad(out, leaves, cot.to(dtype))
+    same_grads = [None] * len(leaves)  # the torch backend itself: judged by the TOL table
+    # the kernels may err at most 2x as much as the torch backend in the same dtype. Not yet in bf16: there the fused
+    # kernels (interpreted) err 3-5x as much as the torch backend, output and gradients alike; the TOL table until
+    # that is understood
+    relative = backend == "triton" and dtype != torch.bfloat16
+    if relative:
+        same_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+        sx, sweights, sw1, sw2, *sw3 = same_leaves
+        same = _run(strategy, "torch", sx, idx, sweights, sw1, sw2, sw3[0] if sw3 else None, activation, block_size)
+        same_grads = torch.autograd.grad(same, same_leaves, cot.to(dtype))
+        assert_close_to_reference(out, ref.detach(), same)
+    else:
+        tol = {key: v * tol_scale for key, v in TOL[dtype].items()}
+        torch.testing.assert_close(out.double(), ref.detach(), **tol)
     if ref.requires_grad:
         ref_grads = torch.autograd.grad(ref, ref_leaves, cot.double())
     else:  # no tokens: the reference is a constant, every gradient zero
         ref_grads = [torch.zeros_like(t) for t in ref_leaves]
-    for name, g, r, t in zip(["x", "weights", "w1", "w2", "w3"], grads, ref_grads, leaves):
+    for name, g, r, t, sg in zip(["x", "weights", "w1", "w2", "w3"], grads, ref_grads, leaves, same_grads):
         assert g.shape == t.shape and g.dtype == t.dtype, name
         assert g.is_contiguous(), name  # weight gradients come in the parameters' layout: no AccumulateGrad copy
-        big = {key: v * 4 * tol_scale for key, v in TOL[dtype].items()}  # sums over many rounded products
-        torch.testing.assert_close(g.double(), r, **big, msg=lambda m, n=name: f"grad {n}: {m}")
+        if relative:
+            assert_close_to_reference(g, r, sg, msg=f"grad {name}: ")
+        else:
+            big = {key: v * 4 * tol_scale for key, v in TOL[dtype].items()}  # sums over many rounded products
+            torch.testing.assert_close(g.double(), r, **big, msg=lambda m, n=name: f"grad {n}: {m}")
     for before, after in zip(inputs, (x, idx, weights, w1, w2, w3)):  # inputs never modified
         assert torch.equal(before, after)
 
@@ -170,7 +187,7 @@ def test_saved_for_backward_is_x_h_g_and_routing(strategy):
         intermediate = rows * f
     assert float_bytes == 4 * (T * d + T * k + 2 * intermediate)  # x, weights, h, g: nothing else
     int_bytes = sum(t.untyped_storage().nbytes() for t in int_tensors)
-    assert int_bytes == 4 * (2 * (E + 1) + 2 * rows + T * k)  # offsets, tile offsets, row maps, assignment rows
+    assert int_bytes == 4 * ((E + 1) + 2 * rows + T * k)  # offsets, row maps, assignment rows (tiles: the backend's)
     torch.autograd.grad(out, leaves, torch.randn_like(out))  # and backward runs from them
 
 
@@ -209,10 +226,55 @@ def test_compile_fullgraph(strategy):
         torch.testing.assert_close(gc, ge)
 
 
-def test_block_m_must_divide_the_block_size():
-    plan = plan_routing(torch.tensor([[0], [1]]), 2, block_size=16)
-    with pytest.raises(ValueError, match="block_m must divide the block size 16, got 32"):
-        mlp_routing(plan, blocksparse=True, block_m=32)
+BAD = {
+    # name: (operands -> bad operands (x, weights, w1, w2, w3, activation), error, words of its message)
+    "fewer-experts": (lambda x, wt, w1, w2, w3: (x, wt, w1[:-1], w2[:-1], w3[:-1], "silu"), ValueError, "w1 must"),
+    "w2-width": (lambda x, wt, w1, w2, w3: (x, wt, w1, w2[..., :-1], w3, "silu"), ValueError, "w2 must have shape"),
+    "w2-height": (lambda x, wt, w1, w2, w3: (x, wt, w1, w2[:, :-1], w3, "silu"), ValueError, "w2 must have shape"),
+    "fewer-x-rows": (lambda x, wt, w1, w2, w3: (x[:-1], wt, w1, w2, w3, "silu"), ValueError, "x must have shape"),
+    "w3-shape": (lambda x, wt, w1, w2, w3: (x, wt, w1, w2, w3[..., :-1], "silu"), ValueError, "w3 must have shape"),
+    "weights-shape": (lambda x, wt, w1, w2, w3: (x, wt[:, :1], w1, w2, w3, "silu"), ValueError, "weights must"),
+    "w1-dtype": (lambda x, wt, w1, w2, w3: (x, wt, w1.double(), w2, w3, "silu"), TypeError, "w1 must have x's"),
+    "w3-dtype": (lambda x, wt, w1, w2, w3: (x, wt, w1, w2, w3.half(), "silu"), TypeError, "w3 must have x's"),
+    "x-dtype": (lambda x, wt, w1, w2, w3: (x.int(), wt, w1, w2, w3, "silu"), TypeError, "x must have a dtype"),
+    "w2-device": (lambda x, wt, w1, w2, w3: (x, wt, w1, w2.to("meta"), w3, "silu"), ValueError, "w2 on meta"),
+    "activation": (lambda x, wt, w1, w2, w3: (x, wt, w1, w2, w3, "swish"), ValueError, "activation must be one of"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+@pytest.mark.parametrize("strategy", ["blocksparse", "grouped"])
+def test_bad_operands(strategy, case):
+    """``expert_mlp`` validates its operands before either backend runs: the same error naming the operand on both
+    (regression, issue 15 defect 2: fewer experts, a wrong w2, fewer rows of x were read out of bounds)."""
+    x, idx, weights, w1, w2, w3 = _inputs("empty-experts", torch.float32, True)
+    E = w1.shape[0]
+    plan = plan_routing(idx, E, block_size=16 if strategy == "blocksparse" else 1, ffn_size=w1.shape[2], check=False)
+    bad, error, words = BAD[case]
+    args = bad(x, weights, w1, w2, w3)
+    before = [t.clone() for t in args[:5] if t.device.type == "cpu"]
+    messages = set()
+    for backend in ("triton", "torch"):
+        with pytest.raises(error, match=words) as info:
+            expert_mlp(*args[:5], mlp_routing(plan), args[5], backend)
+        messages.add(str(info.value))
+    assert len(messages) == 1  # identical on both backends
+    assert all(torch.equal(a, b) for a, b in zip(before, [t for t in args[:5] if t.device.type == "cpu"]))
+
+
+def test_bad_routing():
+    """The routing must be an ``MlpRouting`` of int32 tensors with a power-of-two block size."""
+    x, idx, weights, w1, w2, w3 = _inputs("one-token", torch.float32, True)
+    plan = plan_routing(idx, w1.shape[0], block_size=1, check=False)
+    with pytest.raises(TypeError, match="routing must be a blocksparse_moe.backends.common.MlpRouting, got Routing"):
+        expert_mlp(x, weights, w1, w2, w3, plan, "silu")
+    r = mlp_routing(plan)
+    with pytest.raises(ValueError, match="routing.block_size must be a power of two"):
+        expert_mlp(x, weights, w1, w2, w3, dataclasses.replace(r, block_size=3), "silu")
+    with pytest.raises(TypeError, match="routing.row_src must be torch.int32"):
+        expert_mlp(x, weights, w1, w2, w3, dataclasses.replace(r, row_src=r.row_src.long()), "silu")
+    with pytest.raises(ValueError, match=r"routing.row_src must hold tokens in \[-1, 1\)"):
+        expert_mlp(x, weights, w1, w2, w3, dataclasses.replace(r, row_src=r.row_src + 1), "silu")
 
 
 @pytest.mark.gpu
@@ -252,3 +314,51 @@ def test_weight_loads_tma_and_pointers(strategy, tma, monkeypatch, poison_alloca
     finally:
         del CASES["aligned"]
     assert set(modes) == ({1, 2} if tma else set())  # forward: w1, w3, w2 as stored; backward: w2ᵀ, w1ᵀ, w3ᵀ
+
+
+def _transposed(w: torch.Tensor) -> torch.Tensor:
+    """``w`` as a transposed view: the same values, stored ``[E, N, K]`` (unit stride along K)."""
+    return w.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _sliced(w: torch.Tensor, extra: int, first: bool = True) -> torch.Tensor:
+    """``w`` as a slice of a wider ``[E, K, N + extra]`` tensor whose other columns are NaN (an out-of-bounds or
+    wrongly strided read shows): the first ``N`` columns, or the last ones (``first=False``)."""
+    E, K, N = w.shape
+    wide = torch.full((E, K, N + extra), float("nan"), dtype=w.dtype)
+    view = wide[..., :N] if first else wide[..., extra:]
+    view.copy_(w)
+    return view
+
+
+LAYOUTS = {
+    # name: (w1, w2, w3) -> the same values in other strides; each weight read with its own strides (issue 15, 1)
+    "w3-transposed": lambda w1, w2, w3: (w1, w2, _transposed(w3)),  # gate K-major beside an N-major w1
+    "w1-transposed": lambda w1, w2, w3: (_transposed(w1), w2, w3),  # the reverse: the pair's w1ᵀ K-major
+    "gate-up": lambda w1, w2, w3: (_sliced(w1, w1.shape[2]), w2, w3),  # w1 = gate_up[..., :f] beside a separate w3
+    "w3-sliced": lambda w1, w2, w3: (w1, w2, _sliced(w3, 16, first=False)),  # w3 inside a wider NaN-padded tensor
+    "w2-transposed": lambda w1, w2, w3: (w1, _transposed(w2), w3),  # the down-projection transposed
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("strategy", ["blocksparse", "grouped"])
+def test_weights_of_mixed_layouts(strategy, dtype, layout, monkeypatch, poison_allocations):
+    """w1, w2, w3 of different strides (a transposed view, a slice of gate_up, a slice of a NaN-padded tensor): the
+    output and every gradient match the float64 loop on the Triton backend (regression, issue 15 defect 1: the
+    GLU forward read w3, and the backward pair w3ᵀ, with w1's strides). "empty-experts": odd sizes, pointer loads."""
+    _check(strategy, "triton", "empty-experts", dtype, True, "silu", monkeypatch, tol_scale=2, layout=LAYOUTS[layout])
+
+
+@pytest.mark.parametrize("layout", ["w3-transposed", "w3-sliced"])
+@pytest.mark.parametrize("strategy", ["blocksparse", "grouped"])
+def test_weights_of_mixed_layouts_tma(strategy, layout, monkeypatch, poison_allocations):
+    """Aligned fp16 weights of mixed layouts: a w3 slice of aligned strides gets its own TMA descriptor; a transposed
+    w3 beside an N-major w1 falls back to pointer loads for both (one ``W_TMA`` mode per launch)."""
+    CASES["aligned"] = (21, 32, 48, 3, 2, "uniform")  # d, f multiples of 16; 21 tokens: partial M tiles
+    try:
+        _check(strategy, "triton", "aligned", torch.float16, True, "silu", monkeypatch, tol_scale=2,
+               layout=LAYOUTS[layout])  # fmt: skip
+    finally:
+        del CASES["aligned"]

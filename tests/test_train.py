@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -64,10 +65,16 @@ def test_train_smoke_outputs_learning_and_dropless_equals_undropped_padded(tmp_p
     assert padded["saved_bytes_per_token"]["ffn_layer"] > dmoe["saved_bytes_per_token"]["ffn_layer"]
 
 
+def _history(out) -> list[dict[str, str]]:
+    """history.csv without its wall-clock column."""
+    with open(out / "history.csv") as fh:
+        return [{k: v for k, v in row.items() if k != "time_s"} for row in csv.DictReader(fh)]
+
+
 def test_resumed_run_matches_uninterrupted(tmp_path):
     # padded@1 drops: the routing statistics must survive the checkpoint too
     args = ["--configs", "padded@1", "--no-resume-check"]
-    _, full = _run(tmp_path, "full", *args)
+    full_out, full = _run(tmp_path, "full", *args)
     out, part = _run(tmp_path, "split", *args, "--stop-after", "6")
     assert part["padded@1"]["steps"] == 6 and not part["padded@1"]["complete"]
     assert (out / "checkpoints" / "padded_1.pt").exists()
@@ -75,10 +82,17 @@ def test_resumed_run_matches_uninterrupted(tmp_path):
     a, b = full["padded@1"], resumed["padded@1"]
     assert b["resumed_from_step"] == 6 and b["complete"] and b["steps"] == 12
     assert b["train_loss"] == a["train_loss"]  # bit for bit
-    val_b = {e["step"]: e["val_loss"] for e in b["evals"]}  # the split run also evaluated at its stop, step 6
-    assert {e["step"]: e["val_loss"] for e in a["evals"]} == {s: val_b[s] for s in (0, 4, 8, 12)}
+    # the same evaluations: none at the stop (step 6), so the history and the best step are the same
+    assert [(e["step"], e["val_loss"]) for e in b["evals"]] == [(e["step"], e["val_loss"]) for e in a["evals"]]
+    assert [e["step"] for e in a["evals"]] == [0, 4, 8, 12]
+    assert (b["best_val_loss"], b["best_step"]) == (a["best_val_loss"], a["best_step"])
     assert [x["dropped_fraction"] for x in b["layers"]] == [x["dropped_fraction"] for x in a["layers"]]
     assert any(x["dropped_fraction"] > 0 for x in a["layers"])
+    assert _history(out) == _history(full_out)
+    # checkpoints every 5 steps (5 and 10 are not evaluation steps): the same history as without checkpoints
+    every_out, every = _run(tmp_path, "every", *args, "--checkpoint-every", "5")
+    assert [e["step"] for e in every["padded@1"]["evals"]] == [0, 4, 8, 12]
+    assert _history(every_out) == _history(full_out)
 
 
 def test_padded_drop_count_matches_moe_mlp():
@@ -133,6 +147,8 @@ def test_ffn_spec_names(text, name):
         (["--top-k", "5"], "top_k must be <= experts"),
         (["--lr", "nan"], "--lr must be a finite number > 0"),
         (["--configs", "dense", "--block-size", "32"], "--block-size applies to dmoe"),
+        (["--block-size", "48"], "--block-size: invalid choice: 48 (choose from 16, 32, 64, 128)"),  # was a traceback
+        (["--block-size", "256"], "--block-size: invalid choice: 256"),
     ],
 )
 def test_cli_rejects_bad_arguments(argv, message, capsys):

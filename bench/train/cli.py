@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..cli import prepare_out_dir
+from ..library import BLOCK_SIZES
 from .data import Corpus, load_corpus
 from .loop import StepProgress, Trainer, TrainSettings, check_resume
 from .model import FFNSpec, ModelSize
@@ -103,9 +104,10 @@ def _build_parser() -> argparse.ArgumentParser:
         ("eval-every", "steps between validation passes"),
         ("eval-batches", "fixed validation batches per pass"),
         ("warmup", "linear warm-up steps"),
-        ("block-size", "blocksparse block size (default: the library's)"),
     ]:
         p.add_argument(f"--{name}", type=int, default=None, help=help_text)
+    p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=None,
+                   help="blocksparse block size (default: the library's)")  # fmt: skip
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW, cosine to 10%%)")
     p.add_argument("--load-balancing-weight", type=float, default=None,
                    help="the MoE layers' load-balancing loss coefficient (default 0.01)")  # fmt: skip

@@ -257,23 +257,27 @@ class Trainer:
         self.evals.append(entry)
 
     def run(self, until: int, progress: StepProgress | None = None) -> None:
-        """Train up to step ``until`` (≤ steps), evaluating at step 0, every ``eval_every`` steps and at the end."""
+        """Train up to step ``until`` (≤ steps), evaluating at step 0, every ``eval_every`` steps and at the last
+        step of the run. Where ``until`` stops a run early (a checkpoint, ``--stop-after``) nothing is evaluated, so
+        a stopped and resumed run records the same evaluations as an uninterrupted one."""
         until = min(until, self.settings.steps)
         if not self.evals:
             self._record_eval()
         start = time.perf_counter()
         while self.step < until:
             self.train_step()
-            if self.step % self.settings.eval_every == 0 or self.step == until:
+            evaluate = self.step % self.settings.eval_every == 0 or self.step == self.settings.steps
+            if evaluate or self.step == until:
                 self._sync()
                 self.train_time += time.perf_counter() - start
                 self._flush()
-                self._record_eval()
-                if progress is not None:
-                    e = self.evals[-1]
-                    tok_s = e["tokens"] / self.train_time if self.train_time else 0.0
-                    text = f"loss {self.train_losses[-1]:.3f} val {e['val_loss']:.3f} {tok_s:,.0f} tok/s"
-                    progress.update(self.step, text, force=self.step == until)
+                if evaluate:
+                    self._record_eval()
+                    if progress is not None:
+                        e = self.evals[-1]
+                        tok_s = e["tokens"] / self.train_time if self.train_time else 0.0
+                        text = f"loss {self.train_losses[-1]:.3f} val {e['val_loss']:.3f} {tok_s:,.0f} tok/s"
+                        progress.update(self.step, text, force=self.step == until)
                 start = time.perf_counter()
 
     def _sync(self) -> None:

@@ -17,26 +17,10 @@ import torch
 
 from ..activations import act_and_grad, get_activation
 from ..routing import Topology
-from .common import MlpRouting, combine_dots
+from .common import OPS, MlpRouting, combine_dots
 
-__all__ = [
-    "DTYPES",
-    "sdd",
-    "sdd_wgrad",
-    "dsd",
-    "dsd_t",
-    "dds",
-    "dds_t",
-    "grouped_mm",
-    "grouped_mm_wgrad",
-    "gather_rows",
-    "scatter_rows",
-    "weights_grad",
-    "mlp_forward",
-    "mlp_backward",
-]
+__all__ = ["host_loop_ok", *OPS]
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _TILE = 64  # rows per tile of the sync-free schedule
 
 
@@ -232,12 +216,12 @@ def weights_grad(a, b, assignment_row, dtype=None, out=None) -> torch.Tensor:
 
 def _layout(rows: torch.Tensor, routing: MlpRouting) -> torch.Tensor:
     """Dense intermediate rows ``[R, F]`` in the strategy's layout."""
-    return _to_blocks(rows, routing.block_size) if routing.block_size else rows
+    return _to_blocks(rows, routing.block_size) if routing.blocked else rows
 
 
 def _rows(t: torch.Tensor, routing: MlpRouting, cols: int) -> torch.Tensor:
     """An intermediate in the strategy's layout as dense rows ``[R, F]`` (accumulation dtype)."""
-    return _to_rows(t, routing.block_size, cols) if routing.block_size else _acc(t)
+    return _to_rows(t, routing.block_size, cols) if routing.blocked else _acc(t)
 
 
 def mlp_forward(x, weights, w1, w2, w3, routing: MlpRouting, activation: str):

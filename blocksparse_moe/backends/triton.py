@@ -1,6 +1,6 @@
 """The Triton backend: every op contract (``ops/``) on the two expert-GEMM kernels and the permute kernels.
 
-Each function maps its operands onto the kernels' row layouts (``kernels.expert_gemm.Rows``: dense, blocked or
+Each function maps its operands onto the kernels' row layouts (``kernels.layouts.Rows``: dense, blocked or
 gathered) and launches; operands are validated by the op layer (``ops._checks``) before they get here. ``out``
 (optional, for tests that poison it) receives the result.
 
@@ -16,30 +16,12 @@ import torch
 from ..kernels import expert_gemm as gemm_kernels
 from ..kernels import permute as permute_kernels
 from ..kernels._common import interpreting
-from ..kernels.expert_gemm import BackwardEpilogue, Rows, Schedule
+from ..kernels.expert_gemm import BackwardEpilogue
+from ..kernels.layouts import Rows, Schedule
 from ..routing import Topology
-from .common import MlpRouting, combine_dots
+from .common import OPS, MlpRouting, combine_dots
 
-__all__ = [
-    "DTYPES",
-    "new",
-    "grouped_block_m",
-    "sdd",
-    "sdd_wgrad",
-    "dsd",
-    "dsd_t",
-    "dds",
-    "dds_t",
-    "grouped_mm",
-    "grouped_mm_wgrad",
-    "gather_rows",
-    "scatter_rows",
-    "weights_grad",
-    "mlp_forward",
-    "mlp_backward",
-]
-
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the kernels' data types (float64: the torch backend)
+__all__ = ["new", *OPS]
 
 
 def new(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -52,24 +34,28 @@ def _empty(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor,
     return new(shape, like, dtype) if out is None else out
 
 
-def grouped_block_m(rows: int, num_experts: int) -> int:
-    """M tile of the grouped GEMMs, chosen on the host from shapes: 128 rows when experts expect that many
-    (``rows / E``), else 64 (decode, fine-grained experts); 16 when interpreting."""
+def _grouped_block_m(rows: int, num_experts: int) -> int:
+    """M tile of the grouped GEMMs (and of the fused MLP's unpadded rows), chosen on the host from shapes: 128 rows
+    when experts expect that many (``rows / E``), else 64 (decode, fine-grained experts); 16 when interpreting."""
     if interpreting():
         return 16
     return 128 if rows >= 128 * num_experts else 64
 
 
+def _block_size(B: int) -> int:
+    """The block size of a blocked layout, one the kernels take (``expert_gemm.BLOCK_SIZES``)."""
+    if B not in gemm_kernels.BLOCK_SIZES:
+        raise ValueError(f"the triton backend needs block_size in {gemm_kernels.BLOCK_SIZES}, got {B}")
+    return B
+
+
 def _block_schedule(topo: Topology) -> Schedule:
     """Block rows as the M tiles: expert e's rows ``padded_offsets[e] .. padded_offsets[e+1]``."""
-    if topo.block_size not in gemm_kernels.BLOCK_SIZES:
-        raise ValueError(f"the triton backend needs block_size in {gemm_kernels.BLOCK_SIZES}, got {topo.block_size}")
-    return Schedule.build(topo.padded_offsets, topo.num_rows, topo.block_size, padded=True)
+    return Schedule.build(topo.padded_offsets, topo.num_rows, _block_size(topo.block_size), padded=True)
 
 
 def _blocks(data: torch.Tensor, topo: Topology) -> Rows:
-    if topo.block_size not in gemm_kernels.BLOCK_SIZES:
-        raise ValueError(f"the triton backend needs block_size in {gemm_kernels.BLOCK_SIZES}, got {topo.block_size}")
+    _block_size(topo.block_size)
     return Rows.blocked(data, topo.blocks_per_expert, topo.ffn_size)
 
 
@@ -138,7 +124,7 @@ def grouped_mm(
     else ``i``); rows ``≥ offsets[E]`` zero. → ``[R, N]``."""
     rows = x.shape[0] if row_src is None else row_src.shape[0]
     out = _empty(out, (rows, w.shape[2]), x)
-    schedule = Schedule.build(offsets, rows, grouped_block_m(rows, w.shape[0]))
+    schedule = Schedule.build(offsets, rows, _grouped_block_m(rows, w.shape[0]))
     gemm_kernels.gemm(_rows(x, gathered=row_src is not None), w, Rows.dense(out), schedule, row_src=row_src)
     return out
 
@@ -184,16 +170,18 @@ def weights_grad(a, b, assignment_row, dtype=None, out=None) -> torch.Tensor:
 
 
 def _layout(routing: MlpRouting, t: torch.Tensor, cols: int) -> Rows:
-    if routing.block_size:
+    if routing.blocked:
         return Rows.blocked(t, -(-cols // routing.block_size), cols)
     return Rows.dense(t)
 
 
 def _schedule(routing: MlpRouting) -> Schedule:
-    """The tile schedule of ``routing`` (its ``tile_offsets`` computed once per call by ``ops.mlp.mlp_routing``)."""
-    E = routing.offsets.shape[0] - 1
-    max_tiles = Schedule.max_tiles(routing.rows, E, routing.block_m, padded=bool(routing.block_size))
-    return Schedule(routing.offsets, routing.tile_offsets, routing.block_m, max_tiles)
+    """The tile schedule of the fused MLP's rows, this backend's choice: M tiles of ``block_size`` rows over the
+    block-padded rows (a tile per block row), of ``_grouped_block_m`` rows over the unpadded ones. Built on the
+    device (no host sync) once per forward and once per backward (an ``[E+1]`` prefix sum)."""
+    if routing.blocked:
+        return Schedule.build(routing.offsets, routing.rows, _block_size(routing.block_size), padded=True)
+    return Schedule.build(routing.offsets, routing.rows, _grouped_block_m(routing.rows, routing.num_experts))
 
 
 def mlp_forward(

@@ -20,15 +20,81 @@ come in either orientation (``wT``: ``dy @ wᵀ``) and stay views. Coverage, and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..activations import NAMES, kernel_code
-from ._common import CompileSpec, kernel_signature, triton_type
-from .expert_gemm import DENSE_LOG_BLOCK, gemm_config, gemm_kernel, wgrad_config, wgrad_kernel
+from .expert_gemm import Epilogue, WeightLoad, gemm_config, gemm_kernel, wgrad_config, wgrad_kernel
+from .layouts import DENSE_LOG_BLOCK
 from .permute import gather_kernel, permute_config, scatter_kernel, weights_grad_kernel
 
-__all__ = ["compile_specs"]
+__all__ = ["CompileSpec", "compile_specs", "kernel_signature", "triton_type"]
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32"}
+
+
+def triton_type(dtype: torch.dtype) -> str:
+    """Triton's name of ``dtype`` (``"bf16"``, ``"i32"``, ...), as in signatures and spec names."""
+    return _TRITON_TYPES[dtype]
+
+
+def kernel_signature(
+    kernel, constexprs: dict[str, Any], dtype: torch.dtype, pointer_dtypes: dict[str, torch.dtype]
+) -> dict[str, str]:
+    """``CompileSpec.signature`` of ``kernel``: ``constexpr`` for the arguments in ``constexprs``; pointers
+    (``*_ptr``) typed by ``pointer_dtypes`` where listed, else by ``dtype``; other arguments ``i32``."""
+    signature = {}
+    for arg in kernel.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = f"*{triton_type(pointer_dtypes.get(arg, dtype))}"
+        else:
+            signature[arg] = "i32"
+    return signature
+
+
+@dataclass(frozen=True)
+class CompileSpec:
+    """One kernel configuration the GPU path can pick, for the ahead-of-time compile audit (bench/audit/).
+
+    ``signature`` maps every non-constexpr argument name to a Triton type string (``"*fp16"``, ``"i32"``,
+    ...); ``constexprs`` maps every ``tl.constexpr`` argument to its value.
+
+    The JIT specialises pointers and integers that are multiples of 16 (``tt.divisibility`` 16): vector loads,
+    a pipelined K loop. The audit builds each spec in the ``variants`` it lists: ``"unaligned"`` (no
+    divisibility, as odd shapes run) and ``"aligned"`` (every pointer and the integer arguments named in
+    ``aligned`` divisible by 16, as realistic shapes run). A config the launcher picks only for aligned
+    (unaligned) operands lists only that variant.
+
+    ``is_matmul`` marks a tensor-core matmul tile (M tile >= 64 rows, as wgmma and tcgen05 need): its builds must
+    use the architecture's MMA (HGMMA on sm_90, tcgen05 ``UTC*MMA`` on sm_100 unless ``tcgen05_ok`` is False,
+    HMMA on sm_80 / sm_120). ``expect_pipelined``: the main (MMA) loop must keep its loads in flight, never waiting
+    its cp.async copies or wgmma to zero inside the loop. See docs/audit.md.
+    """
+
+    name: str  # e.g. "sdd[bf16,B=128,K=64]"
+    kernel: Any  # the @triton.jit function
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 3
+    is_matmul: bool = True  # a tensor-core tile: HGMMA on sm_90, tcgen05 on sm_100, HMMA on sm_80 / sm_120
+    aligned: tuple[str, ...] = ()  # integer arguments (sizes, strides) that realistic shapes make multiples of 16
+    variants: tuple[str, ...] = ("unaligned", "aligned")
+    tcgen05_ok: bool = True  # with is_matmul: sm_100 builds must use tcgen05 MMA (Triton 3.9: every M tile >= 64)
+    expect_pipelined: bool = True  # the MMA loop must not wait its async loads / wgmma to zero each iteration
+    archs: tuple[int, ...] | None = None  # the compute capabilities the launcher picks this config for (None: all)
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.variants if v not in ("unaligned", "aligned")]
+        if unknown or not self.variants:
+            raise ValueError(f"{self.name}: variants must be 'unaligned' and/or 'aligned', got {self.variants}")
+        not_int = [a for a in self.aligned if not self.signature.get(a, "").startswith(("i", "u"))]
+        if not_int:
+            raise ValueError(f"{self.name}: aligned must name integer arguments of the signature, got {not_int}")
+
 
 _INDEX = dict.fromkeys(
     ("offsets_ptr", "tile_offsets_ptr", "row_src_ptr", "row_asg_ptr", "row_assignment_ptr", "assignment_row_ptr"),
@@ -37,8 +103,8 @@ _INDEX = dict.fromkeys(
 _FP32 = dict.fromkeys(("weights_ptr", "dots_ptr"), torch.float32)
 
 # Integer arguments that realistic shapes make multiples of 16 (sizes and strides; never row or expert counts).
-_GEMM_ALIGNED = ("N", "N_STORE", "K", "s_arb", "s_ar", "s_acb", "s_ac", "s_we", "s_wk", "s_wn", "s_orb", "s_or",
-                 "s_ocb", "s_oc")  # fmt: skip
+_GEMM_ALIGNED = ("N", "N_STORE", "K", "s_arb", "s_ar", "s_acb", "s_ac", "s_we", "s_wk", "s_wn", "s_w2e", "s_w2k",
+                 "s_w2n", "s_orb", "s_or", "s_ocb", "s_oc")  # fmt: skip
 _WGRAD_ALIGNED = ("M", "N", "s_arb", "s_ar", "s_acb", "s_ac", "s_brb", "s_br", "s_bcb", "s_bc", "s_oe", "s_om", "s_on")
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -58,14 +124,14 @@ def _spec(name, kernel, dtype, cfg, constexprs, unit, aligned, variants, pointer
     )  # fmt: skip
 
 
-def _weight_loads(dtype, cfg, mode: int, two: bool) -> tuple[dict, dict[str, str]]:
+def _weight_loads(dtype, cfg, mode: WeightLoad, two: bool) -> tuple[dict, dict[str, str]]:
     """The ``W_TMA`` constexprs and, with TMA, the descriptor arguments' signature types (``w2_desc`` only when the
     kernel reads a second weight: the GLU gate, or the dgrad pair's w3ᵀ)."""
-    if not mode:
-        return {"W_TMA": 0, "w_desc": None, "w2_desc": None}, {}
-    block = [1, cfg.block_k, cfg.block_n] if mode == 1 else [1, cfg.block_n, cfg.block_k]
+    if mode == WeightLoad.POINTERS:
+        return {"W_TMA": int(mode), "w_desc": None, "w2_desc": None}, {}
+    block = [1, cfg.block_k, cfg.block_n] if mode == WeightLoad.TMA else [1, cfg.block_n, cfg.block_k]
     desc = f"tensordesc<{triton_type(dtype)}[{','.join(map(str, block))}]>"
-    constexprs = {"W_TMA": mode} if two else {"W_TMA": mode, "w2_desc": None}
+    constexprs = {"W_TMA": int(mode)} if two else {"W_TMA": int(mode), "w2_desc": None}
     return constexprs, {"w_desc": desc, **({"w2_desc": desc} if two else {})}
 
 
@@ -86,7 +152,7 @@ class _GemmUse:
     """One way the ops run ``gemm_kernel``: its epilogue and operand layouts."""
 
     tag: str
-    epilogue: int = 0  # 0 plain, 1 forward activation, 2 backward activation
+    epilogue: Epilogue = Epilogue.PLAIN
     glu: bool = False
     pair: bool = False  # acc = a @ w + a2 @ w2 (the dgrad of the GLU pair)
     gather: bool = False  # A's rows gathered through row_src
@@ -96,8 +162,9 @@ class _GemmUse:
 
     @property
     def unit(self) -> tuple[str, ...]:
-        """The strides the JIT specialises to 1: A's and out's columns, and w's N (or K for a transposed view)."""
-        return ("s_ac", "s_wk" if self.w_t else "s_wn", "s_oc")
+        """The strides the JIT specialises to 1: A's and out's columns, and w's and w2's N (or K for transposed
+        views; w2 is w itself where the kernel reads no second weight)."""
+        return ("s_ac", "s_wk" if self.w_t else "s_wn", "s_w2k" if self.w_t else "s_w2n", "s_oc")
 
     @property
     def blocked(self) -> bool:
@@ -108,20 +175,20 @@ _GEMM_USES = (
     _GemmUse("grouped_mm"),
     _GemmUse("grouped_mm,gather", gather=True),
     _GemmUse("grouped_mm,wT", w_t=True),  # dy @ wᵀ
-    _GemmUse("up,glu", epilogue=1, glu=True, gather=True),
-    _GemmUse("up", epilogue=1, gather=True),
-    _GemmUse("down_bwd,glu", epilogue=2, glu=True, gather=True, w_t=True),  # dout @ w2ᵀ
-    _GemmUse("down_bwd", epilogue=2, gather=True, w_t=True),
+    _GemmUse("up,glu", epilogue=Epilogue.FORWARD, glu=True, gather=True),
+    _GemmUse("up", epilogue=Epilogue.FORWARD, gather=True),
+    _GemmUse("down_bwd,glu", epilogue=Epilogue.BACKWARD, glu=True, gather=True, w_t=True),  # dout @ w2ᵀ
+    _GemmUse("down_bwd", epilogue=Epilogue.BACKWARD, gather=True, w_t=True),
     _GemmUse("dgrad_pair", pair=True, w_t=True),  # dh @ w1ᵀ + dg @ w3ᵀ
     _GemmUse("sdd", out_blocked=True),
     _GemmUse("sdd,wT", out_blocked=True, w_t=True),
     _GemmUse("dsd", a_blocked=True),
     _GemmUse("dsd,wT", a_blocked=True, w_t=True),  # also dds_t: (S @ gᵀ)ᵀ
-    _GemmUse("up,glu,B", epilogue=1, glu=True, gather=True, out_blocked=True),
-    _GemmUse("up,B", epilogue=1, gather=True, out_blocked=True),
+    _GemmUse("up,glu,B", epilogue=Epilogue.FORWARD, glu=True, gather=True, out_blocked=True),
+    _GemmUse("up,B", epilogue=Epilogue.FORWARD, gather=True, out_blocked=True),
     _GemmUse("down,B", a_blocked=True),
-    _GemmUse("down_bwd,glu,B", epilogue=2, glu=True, gather=True, out_blocked=True, w_t=True),
-    _GemmUse("down_bwd,B", epilogue=2, gather=True, out_blocked=True, w_t=True),
+    _GemmUse("down_bwd,glu,B", epilogue=Epilogue.BACKWARD, glu=True, gather=True, out_blocked=True, w_t=True),
+    _GemmUse("down_bwd,B", epilogue=Epilogue.BACKWARD, gather=True, out_blocked=True, w_t=True),
     _GemmUse("dgrad_pair,B", pair=True, a_blocked=True, w_t=True),
 )
 _MAIN_USES = ("grouped_mm", "up,glu", "down_bwd,glu", "up,glu,B", "dsd")  # also built in fp16
@@ -151,15 +218,16 @@ def _gemm_specs() -> list[CompileSpec]:
                             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                             LB_A=lb_block if use.a_blocked else DENSE_LOG_BLOCK,
                             LB_O=lb_block if use.out_blocked else DENSE_LOG_BLOCK, GATHER=use.gather, GLU=use.glu,
-                            PAIR=use.pair, EPILOGUE=use.epilogue, ACT=kernel_code(act), UPCAST=False,
+                            PAIR=use.pair, EPILOGUE=int(use.epilogue), ACT=kernel_code(act), UPCAST=False,
                         )  # fmt: skip
                         act_tag = f",{act}" if use.epilogue else ""
                         size = f"B={B}" if use.blocked else f"M={cfg.block_m}"
                         name = f"gemm[{use.tag}{act_tag},{triton_type(dtype)},{size},N={cfg.block_n},K={cfg.block_k}"
                         # the fast 16-bit config loads the weights through TMA on sm_90 and newer, pointers on sm_80
-                        tma = 2 if use.w_t else 1
+                        tma = WeightLoad.TMA_T if use.w_t else WeightLoad.TMA
                         fast = variants == ("aligned",) and dtype != torch.float32  # fp32 weights: pointer loads
-                        for mode, archs in ((tma, _TMA_ARCHS), (0, (80,))) if fast else ((0, None),):
+                        pointers = WeightLoad.POINTERS
+                        for mode, archs in ((tma, _TMA_ARCHS), (pointers, (80,))) if fast else ((pointers, None),):
                             two = (use.glu and use.epilogue == 1) or use.pair
                             constexprs, descs = _weight_loads(dtype, cfg, mode, two=two)
                             constexprs = {**base, **constexprs}

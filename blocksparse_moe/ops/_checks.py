@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..activations import check_name
+from ..backends.common import MlpRouting
 from ..config import FLOAT_DTYPES
 from ..routing import INDEX_DTYPE, Topology
 from ..validation import MAX_INDEX, check_float, check_same_device, check_sizes, check_tensor
@@ -34,6 +36,7 @@ __all__ = [
     "gather_rows_shape",
     "scatter_rows_shape",
     "weights_grad_shape",
+    "expert_mlp_shape",
     "check_offsets",
     "check_row_maps",
 ]
@@ -305,3 +308,70 @@ def weights_grad_shape(a, b, assignment_row, dtype=None, out=None) -> tuple[int,
     check_same_device(a=a, b=b, assignment_row=assignment_row, out=out)
     check_row_maps(None, assignment_row, b.shape[0], assignment_row.numel())
     return shape
+
+
+# ----------------------------------------------------------------------------------------------- fused MLP
+
+
+def check_mlp_routing(routing: object) -> MlpRouting:
+    """An ``MlpRouting``: int32 offsets ``[E+1]``, row maps ``[R]``, ``assignment_row [T, k]``, a power-of-two
+    block size dividing R; index values in range where reading them is free."""
+    if not isinstance(routing, MlpRouting):
+        raise TypeError(f"routing must be a blocksparse_moe.backends.common.MlpRouting, got {type(routing).__name__}")
+    B = routing.block_size
+    if isinstance(B, bool) or not isinstance(B, int) or B < 1 or B & (B - 1):
+        raise ValueError(f"routing.block_size must be a power of two (1: unpadded rows), got {B!r}")
+    check_tensor("routing.offsets", routing.offsets, "[E+1]", (None,))
+    if routing.offsets.shape[0] < 2:
+        raise ValueError(f"routing.offsets must have E+1 >= 2 entries, got shape {tuple(routing.offsets.shape)}")
+    check_tensor("routing.row_src", routing.row_src, "[R]", (None,))
+    R = routing.rows
+    check_tensor("routing.row_asg", routing.row_asg, "[R]", (R,))
+    check_tensor("routing.assignment_row", routing.assignment_row, "[T, k]", (None, None))
+    for name in ("offsets", "row_src", "row_asg", "assignment_row"):
+        check_index(f"routing.{name}", getattr(routing, name))
+    if R % B:
+        raise ValueError(f"routing's rows must be a multiple of its block size {B}, got {R}")
+    T, k = routing.assignment_row.shape
+    check_sizes(R=R, assignments=T * k)
+    check_offsets(routing.offsets, R, multiple=B, name="routing.offsets")
+    check_row_maps(routing.row_asg, routing.assignment_row, R, T * k)
+    if _readable(routing.row_src) and R and not bool(((routing.row_src >= -1) & (routing.row_src < T)).all()):
+        raise ValueError(f"routing.row_src must hold tokens in [-1, {T}), got values outside it")
+    return routing
+
+
+def expert_mlp_shape(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w3: torch.Tensor | None,
+    routing: MlpRouting,
+    activation: str,
+) -> tuple[int, int]:
+    """``expert_mlp``'s operands (x ``[T, d]``, weights ``[T, k]``, w1 / w3 ``[E, d, f]``, w2 ``[E, f, d]``, T, k
+    and E those of ``routing``); returns ``(T, d)``."""
+    check_mlp_routing(routing)
+    check_name(activation)
+    T, k = routing.assignment_row.shape
+    E = routing.num_experts
+    check_tensor("x", x, "[T, d]", (T, None))
+    check_float("x", x)
+    check_tensor("weights", weights, "[T, k]", (T, k))
+    check_float("weights", weights)
+    d = x.shape[1]
+    check_tensor("w1", w1, "[E, d, f]", (E, d, None))
+    f = w1.shape[2]
+    if w3 is not None:
+        check_tensor("w3", w3, "[E, d, f] (w1's shape)", (E, d, f))
+    check_tensor("w2", w2, "[E, f, d]", (E, f, d))
+    for name, w in (("w1", w1), ("w2", w2), ("w3", w3)):
+        if w is not None and w.dtype != x.dtype:
+            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {w.dtype}")
+    check_sizes(T=T, d=d, f=f)
+    check_same_device(
+        x=x, weights=weights, w1=w1, w2=w2, w3=w3, offsets=routing.offsets, row_src=routing.row_src,
+        row_asg=routing.row_asg, assignment_row=routing.assignment_row,
+    )  # fmt: skip
+    return (T, d)

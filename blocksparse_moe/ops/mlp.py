@@ -20,34 +20,27 @@ from torch import Tensor
 
 from .. import backends
 from ..backends.common import MlpRouting
-from ..kernels.expert_gemm import Schedule
+from ..config import resolve_backend
 from ..routing import RoutingPlan
+from . import _checks
 from .grouped import row_sources
 
 __all__ = ["mlp_routing", "expert_mlp"]
 
 
-def mlp_routing(plan: RoutingPlan, *, blocksparse: bool, block_m: int) -> MlpRouting:
-    """The routing of ``plan`` for one strategy: block-padded rows (``blocksparse``; M tiles are blocks, so
-    ``block_m`` must divide the plan's block size) or the unpadded ones. The tile prefix sum is computed here,
-    once per call, on the device."""
-    if blocksparse:
-        B = plan.block_size
-        if B % block_m:
-            raise ValueError(f"block_m must divide the block size {B}, got {block_m}")
+def mlp_routing(plan: RoutingPlan) -> MlpRouting:
+    """The row layout of ``plan`` for the fused MLP: block-padded rows when ``plan.block_size > 1`` (the
+    block-sparse strategy), else the unpadded ones (the grouped strategy)."""
+    if plan.block_size > 1:
         offsets, row_asg, asg_row = plan.padded_offsets, plan.padded_row_assignment, plan.padded_assignment_row
     else:
-        B = 0
         offsets, row_asg, asg_row = plan.offsets, plan.row_assignment, plan.assignment_row
-    tile_offsets = Schedule.build(offsets, row_asg.shape[0], block_m, padded=blocksparse).tile_offsets
-    return MlpRouting(offsets, tile_offsets, row_sources(row_asg, plan.top_k), row_asg, asg_row, B, block_m)
-
-
-def _routing(offsets, tile_offsets, row_src, row_asg, assignment_row, block_size, block_m) -> MlpRouting:
-    return MlpRouting(offsets, tile_offsets, row_src, row_asg, assignment_row, block_size, block_m)
+    return MlpRouting(offsets, row_sources(row_asg, plan.top_k), row_asg, asg_row, plan.block_size)
 
 
 # ----------------------------------------------------------------------------------------------- custom ops
+# The routing crosses the custom-op boundary as its four tensors and its block size (custom ops take no dataclass);
+# each op builds one MlpRouting from them.
 
 
 @torch.library.custom_op("bsm::expert_mlp", mutates_args=())
@@ -58,23 +51,21 @@ def _expert_mlp(
     w2: Tensor,
     w3: Tensor | None,
     offsets: Tensor,
-    tile_offsets: Tensor,
     row_src: Tensor,
     row_asg: Tensor,
     assignment_row: Tensor,
     block_size: int,
-    block_m: int,
     activation: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    routing = _routing(offsets, tile_offsets, row_src, row_asg, assignment_row, block_size, block_m)
+    routing = MlpRouting(offsets, row_src, row_asg, assignment_row, block_size)
     out, h, g = backends.get(backend).mlp_forward(x, weights, w1, w2, w3, routing, activation)
     return out, h, h.new_empty(0) if g is None else g
 
 
 @_expert_mlp.register_fake
-def _(x, weights, w1, w2, w3, offsets, tile_offsets, row_src, row_asg, assignment_row, block_size, block_m, *_):
-    routing = _routing(offsets, tile_offsets, row_src, row_asg, assignment_row, block_size, block_m)
+def _(x, weights, w1, w2, w3, offsets, row_src, row_asg, assignment_row, block_size, activation, backend):
+    routing = MlpRouting(offsets, row_src, row_asg, assignment_row, block_size)
     h = x.new_empty(routing.intermediate_shape(w1.shape[2]))
     return x.new_empty(x.shape), h, x.new_empty(0) if w3 is None else torch.empty_like(h)
 
@@ -90,17 +81,15 @@ def _expert_mlp_backward(
     h: Tensor,
     g: Tensor | None,
     offsets: Tensor,
-    tile_offsets: Tensor,
     row_src: Tensor,
     row_asg: Tensor,
     assignment_row: Tensor,
     block_size: int,
-    block_m: int,
     activation: str,
     backend: str,
     needs: list[bool],
 ) -> list[Tensor]:
-    routing = _routing(offsets, tile_offsets, row_src, row_asg, assignment_row, block_size, block_m)
+    routing = MlpRouting(offsets, row_src, row_asg, assignment_row, block_size)
     grads = backends.get(backend).mlp_backward(dout, x, weights, w1, w2, w3, h, g, routing, activation, tuple(needs))
     return [x.new_empty(0) if t is None else t for t in grads]
 
@@ -119,26 +108,27 @@ def _(dout, x, weights, w1, w2, w3, h, g, *args):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weights, w1, w2, w3, *routing, ctx.activation, ctx.backend = inputs
-    *tensors, ctx.block_size, ctx.block_m = routing
+    x, weights, w1, w2, w3, offsets, row_src, row_asg, assignment_row, ctx.block_size, ctx.activation, ctx.backend = (
+        inputs
+    )
     _, h, g = output
     ctx.glu = w3 is not None
     ctx.mark_non_differentiable(h, g)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, weights, w1, w2, w3, h, g if ctx.glu else None, *tensors)
+    ctx.save_for_backward(x, weights, w1, w2, w3, h, g if ctx.glu else None, offsets, row_src, row_asg, assignment_row)
 
 
 def _backward(ctx, dout, _dh, _dg):
     x, weights, w1, w2, w3, h, g, *routing = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     if dout is None or not any(needs):
-        return (None,) * 14
+        return (None,) * 12
     grads = _expert_mlp_backward(
-        dout, x, weights, w1, w2, w3, h, g, *routing, ctx.block_size, ctx.block_m, ctx.activation, ctx.backend, needs
+        dout, x, weights, w1, w2, w3, h, g, *routing, ctx.block_size, ctx.activation, ctx.backend, needs
     )
     dx, dweights, dw1, dw2, dw3 = (t if n else None for t, n in zip(grads, needs))
-    # None for the five routing tensors, block_size, block_m, activation and backend
-    return dx, dweights, dw1, dw2, dw3, *(None,) * 9
+    # None for the four routing tensors, block_size, activation and backend
+    return dx, dweights, dw1, dw2, dw3, *(None,) * 7
 
 
 _expert_mlp.register_autograd(_backward, setup_context=_setup_context)
@@ -155,14 +145,16 @@ def expert_mlp(
     w3: Tensor | None,
     routing: MlpRouting,
     activation: str,
-    backend: str,
+    backend: str | None = None,
 ) -> Tensor:
-    """The fused expert MLP (module docstring): x ``[T, d]``, weights ``[T, k]``, w1 / w3 ``[E, d, f]``, w2
-    ``[E, f, d]`` → ``[T, d]``. ``activation`` is a name of ``activations.NAMES``; ``backend`` resolved by the
-    caller (``functional.moe_mlp`` validates the operands). Differentiable in x, weights, w1, w2, w3."""
+    """The fused expert MLP (module docstring): x ``[T, d]``, weights ``[T, k]``, w1 / w3 ``[E, d, f]`` (w3 None:
+    no GLU), w2 ``[E, f, d]`` (any strides each) → ``[T, d]``, over the rows of ``routing`` (``mlp_routing``).
+    ``activation`` is a name of ``activations.NAMES``; ``backend`` as for every op (``config.resolve_backend``).
+    Differentiable in x, weights, w1, w2, w3 (once: no double backward)."""
+    _checks.expert_mlp_shape(x, weights, w1, w2, w3, routing, activation)
+    backend = resolve_backend(x.device, backend, x.dtype)
     r = routing
     out, _, _ = _expert_mlp(
-        x, weights, w1, w2, w3, r.offsets, r.tile_offsets, r.row_src, r.row_asg, r.assignment_row, r.block_size,
-        r.block_m, activation, backend,
-    )  # fmt: skip
+        x, weights, w1, w2, w3, r.offsets, r.row_src, r.row_asg, r.assignment_row, r.block_size, activation, backend
+    )
     return out

@@ -24,7 +24,6 @@ from collections.abc import Callable
 import torch
 
 from ..activations import Activation
-from ..backends.triton import grouped_block_m
 from ..routing import RoutingPlan, plan_routing
 from .common import activate_then
 
@@ -65,7 +64,7 @@ def grouped(
 
     plan = plan_routing(top_k_index, w1.shape[0], block_size=1, check=False)
     if isinstance(activation, str):
-        routing = mlp_routing(plan, blocksparse=False, block_m=grouped_block_m(plan.num_assignments, plan.num_experts))
+        routing = mlp_routing(plan)
         return expert_mlp(x, weights, w1, w2, w3, routing, activation, backend), plan
     rows, inv = plan.row_assignment, plan.assignment_row
     h = grouped_mm(x, w1, plan.offsets, rows, inv, backend=backend)
@@ -96,7 +95,7 @@ def blocksparse(
 
     plan = plan_routing(top_k_index, w1.shape[0], block_size=block_size, check=False)
     if isinstance(activation, str):
-        routing = mlp_routing(plan, blocksparse=True, block_m=plan.block_size)
+        routing = mlp_routing(plan)
         return expert_mlp(x, weights, w1, w2, w3, routing, activation, backend), plan
     topo = plan.topology(w1.shape[2])
     xs = gather_rows(x, plan.padded_row_assignment, plan.padded_assignment_row, backend=backend)
