@@ -174,6 +174,32 @@ def _check_layer(rank: int, world: int) -> None:
         expert_parallel(dMoE(d, 6, 2 * world), mesh, capacity_per_rank=-1)
 
 
+def _check_shared_overlap(rank: int, world: int) -> None:
+    # the shared expert runs once per forward, inside the experts' forward (while the dispatch is in flight), and
+    # the layer's output and gradients equal the single-process layer's, in both exchange modes and with chunks
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    torch.manual_seed(0)
+    full = dMoE(8, 6, 2 * world, top_k=2, shared_expert_size=5)
+    x = torch.randn(5 + rank, 8)
+    for kw in (dict(), dict(capacity_per_rank=10, num_chunks=2)):
+        layer = expert_parallel(copy.deepcopy(full), mesh, **kw)
+        calls, inside = [], []  # shared-expert calls; shared-expert calls done when the experts' forward returned
+        layer.shared_expert.up.register_forward_hook(lambda m, a, o, calls=calls: calls.append(1))
+        layer.experts.register_forward_hook(lambda m, a, o, calls=calls, inside=inside: inside.append(len(calls)))
+        leaf, ref_leaf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y, _ = layer(leaf)
+        assert len(calls) == 1 and inside == [1], (calls, inside)  # computed once, before the experts returned
+        y_ref, _ = full(ref_leaf)
+        torch.testing.assert_close(y, y_ref, **FP32)
+        y.sum().backward()
+        y_ref.sum().backward()
+        torch.testing.assert_close(leaf.grad, ref_leaf.grad, **FP32)
+        for name in ("up", "gate", "down"):  # replicated, and both layers saw this rank's tokens only
+            got, want = (getattr(m.shared_expert, name).weight.grad for m in (layer, full))
+            torch.testing.assert_close(got, want, **FP32)
+        full.zero_grad()
+
+
 def _check_compile(rank: int, world: int) -> None:
     # the bounded experts' forward and backward under torch.compile(fullgraph=True), equal to eager: functional
     # collectives (aot_eager: the graph is captured whole; code generation is not what is tested)
@@ -198,6 +224,7 @@ def _check_compile(rank: int, world: int) -> None:
 def _check_all(rank: int, world: int) -> None:
     _check_functional(rank, world)
     _check_layer(rank, world)
+    _check_shared_overlap(rank, world)
 
 
 def test_sync_free_mode():

@@ -101,6 +101,7 @@ class _ExpertParallelState:
     num_experts: int  # E over all ranks
     capacity_per_rank: int | None  # None: exact exchange (one host sync); C: bounded, sync-free
     num_chunks: int  # token chunks pipelined through dispatch -> experts -> combine
+    shared_expert: nn.Module | None  # the layer's shared expert: run while the dispatch is in flight
     dropped: torch.Tensor | None = None  # [] assignments of this rank dropped over capacity_per_rank, last forward
 
 
@@ -139,7 +140,9 @@ def expert_parallel(
     synchronization for all chunks). Results equal the unchunked layer's; with ``capacity_per_rank`` the bound
     applies to each chunk.
 
-    The router and the shared expert stay replicated (their gradients sum over ranks as in data parallelism). A layer
+    The router and the shared expert stay replicated (their gradients sum over ranks as in data parallelism). Applied
+    to a layer (not to its ``MoEExperts`` alone), the layer's shared expert runs while the dispatch is in flight (the
+    layer's own call of it then returns that output). A layer
     built under ``torch.device("meta")`` can be made parallel first, then materialised with ``to_empty`` and loaded.
     """
     from ..layers.moe import MoEExperts
@@ -167,10 +170,19 @@ def expert_parallel(
     if capacity_per_rank is not None:
         non_negative_int("capacity_per_rank", capacity_per_rank)
     positive_int("num_chunks", num_chunks)
+    shared = getattr(module, "shared_expert", None) if module is not experts else None
     experts._expert_parallel = _ExpertParallelState(
-        group=group, mesh=mesh, num_experts=E, capacity_per_rank=capacity_per_rank, num_chunks=num_chunks
+        group=group,
+        mesh=mesh,
+        num_experts=E,
+        capacity_per_rank=capacity_per_rank,
+        num_chunks=num_chunks,
+        shared_expert=shared,
     )
-    experts.__class__ = _expert_parallel_class(type(experts))
+    experts.__class__ = _subclass(type(experts), _ExpertParallelExperts, "ExpertParallel")
+    if shared is not None:
+        shared._ep_early = None
+        shared.__class__ = _subclass(type(shared), _EarlySharedExpert, "Early")
     return module
 
 
@@ -232,11 +244,14 @@ class _ExpertParallelExperts:
                 )
             return ep_local_experts(sent, *weights, activation=self.activation, **options)
 
-        out, state.dropped = ep_pipeline(
+        shared = state.shared_expert
+        side = None if shared is None else lambda: shared(x)
+        out, state.dropped, early = ep_pipeline(
             x,
             top_k_index,
             top_k_weights,
             experts,
+            side=side,
             group=state.group,
             num_experts=state.num_experts,
             keep=keep,
@@ -244,6 +259,8 @@ class _ExpertParallelExperts:
             capacity_per_rank=state.capacity_per_rank,
             num_chunks=state.num_chunks,
         )
+        if shared is not None:  # the layer's own call of its shared expert on x returns this
+            shared._ep_early = (x, early)
         return out
 
     @property
@@ -253,13 +270,26 @@ class _ExpertParallelExperts:
         return self._expert_parallel.dropped
 
 
-_EP_CLASSES: dict[type, type] = {}
+class _EarlySharedExpert:
+    """Placed before the shared expert's class by ``expert_parallel`` on a layer: called on the very tensor the
+    experts' forward already ran it on (while its dispatch was in flight), it returns that output instead of
+    computing it again; on any other input it computes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        early, self._ep_early = self._ep_early, None
+        if early is not None and early[0] is x:
+            return early[1]
+        return super().forward(x)
 
 
-def _expert_parallel_class(cls: type) -> type:
-    if cls not in _EP_CLASSES:
-        _EP_CLASSES[cls] = type(f"ExpertParallel{cls.__name__}", (_ExpertParallelExperts, cls), {})
-    return _EP_CLASSES[cls]
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _subclass(cls: type, mixin: type, prefix: str) -> type:
+    """``cls`` with ``mixin`` placed before it (one class per pair, as ``fully_shard`` does)."""
+    if (cls, mixin) not in _CLASSES:
+        _CLASSES[cls, mixin] = type(f"{prefix}{cls.__name__}", (mixin, cls), {})
+    return _CLASSES[cls, mixin]
 
 
 # ----------------------------------------------------------------------------------------------- the stages
@@ -518,11 +548,13 @@ def ep_pipeline(
     check: bool | None = None,
     capacity_per_rank: int | None = None,
     num_chunks: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    side: Callable[[], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Dispatch → ``experts`` → combine over ``num_chunks`` token chunks, pipelined: every chunk's dispatch is
     issued first (``ep_dispatch_chunks``), then chunk ``i``'s ``experts(dispatch) -> [R_i, d]`` runs while the rows
-    of the later chunks travel and the results of the earlier ones return; the weighted sums come last. Returns
-    ``(out [T, d], dropped [] int64)``, ``out`` equal to the unchunked pipeline's. Collective."""
+    of the later chunks travel and the results of the earlier ones return; the weighted sums come last. ``side``
+    (e.g. the shared expert) runs once every dispatch is in flight. Returns ``(out [T, d], dropped [] int64,
+    side's result or None)``, ``out`` equal to the unchunked pipeline's. Collective."""
     dispatches = ep_dispatch_chunks(
         x,
         top_k_index,
@@ -533,11 +565,12 @@ def ep_pipeline(
         capacity_per_rank=capacity_per_rank,
         num_chunks=num_chunks,
     )
+    early = None if side is None else side()
     returning = [_send_back(experts(sent), sent) for sent in dispatches]
     bounds = chunk_bounds(x.shape[0], num_chunks)
     out = [_weighted_sum(back, top_k_weights[a:b], sent) for back, sent, (a, b) in zip(returning, dispatches, bounds)]
     dropped = torch.stack([sent.dropped for sent in dispatches]).sum()
-    return (out[0] if num_chunks == 1 else torch.cat(out)), dropped
+    return (out[0] if num_chunks == 1 else torch.cat(out)), dropped, early
 
 
 def expert_parallel_moe_mlp(
@@ -587,7 +620,7 @@ def expert_parallel_moe_mlp(
             "impl='padded' needs per-rank capacity: apply expert_parallel to a PaddedMoE instead, got impl='padded'"
         )
     options = dict(activation=activation, impl=impl, block_size=block_size, recompute_activation=recompute_activation)
-    out, _ = ep_pipeline(
+    out, _, _ = ep_pipeline(
         x,
         top_k_index,
         top_k_weights,
