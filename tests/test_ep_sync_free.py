@@ -170,8 +170,12 @@ def _check_layer(rank: int, world: int) -> None:
     assert dropped.item() == (~_kept(idx, 2, 3)).sum().item()
 
     # errors
+    untouched = dMoE(d, 6, 2 * world)
     with pytest.raises(ValueError, match="capacity_per_rank must be a non-negative int, got -1"):
-        expert_parallel(dMoE(d, 6, 2 * world), mesh, capacity_per_rank=-1)
+        expert_parallel(untouched, mesh, capacity_per_rank=-1)
+    with pytest.raises(ValueError, match="num_chunks must be a positive int, got 0"):
+        expert_parallel(untouched, mesh, num_chunks=0)
+    assert type(untouched.experts.w1) is torch.nn.Parameter and untouched.experts.w1.shape[0] == 2 * world  # as built
 
 
 def _check_shared_overlap(rank: int, world: int) -> None:

@@ -1,5 +1,5 @@
 """Expert parallelism over ``torch.distributed``: each rank holds ``E / W`` experts, tokens travel to the ranks
-of their experts and back through two ``all_to_all_single`` exchanges with uneven splits.
+of their experts and back through two all-to-all exchanges with uneven splits.
 
 ``expert_parallel(layer, mesh)`` applies it to a ``dMoE`` / ``PaddedMoE`` (or their ``MoEExperts``) the way
 torchtitan applies a parallel style: it shards the experts' weights in place (DTensors ``Shard(0)`` on a 1-D
@@ -17,10 +17,11 @@ experts ``[s·E_l, (s+1)·E_l)``, T tokens, k choices per token, A = T·k assign
    the gather of step 1); afterwards ``recv_counts[s, e]`` = rows rank ``s`` sends to local expert ``e``. The
    payload exchange needs its split sizes as host ints, so reading the counts is **the one host
    synchronization** of the layer (a device-to-host copy of ``2·W·E_l`` ints).
-3. dispatch: ``all_to_all_single`` of the sorted rows → ``tokens [R, d]`` ordered by (source rank, local
-   expert). Their local expert ids follow from ``recv_counts``, so no ids are sent.
+3. dispatch: all-to-all of the sorted rows → ``tokens [R, d]`` ordered by (source rank, local expert), a
+   functional collective in flight until ``tokens`` is first used. Their local expert ids follow from
+   ``recv_counts``, so no ids are sent.
 4. compute: ``moe_mlp`` on the received rows with the local weight shards, one choice per row, weight 1.
-5. return: ``all_to_all_single`` back → the results in the sorted order of step 1.
+5. return: all-to-all back → the results in the sorted order of step 1.
 6. combine: ``out[t] = Σ_j top_k_weights[t, j] · y[assignment_row[t, j]]`` (``scatter_rows``), the weights in
    ``strategies.combine_dtype`` (fp32 for 16/32-bit tokens) as on one device, so outputs match it.
 
@@ -29,6 +30,11 @@ every rank (its rows for that rank in sorted order, then zero rows) through func
 splits, the counts travel on the device and give the received rows' local expert ids (``E_l`` for an empty slot,
 which ``moe_mlp`` skips), and each sorted row reads its result back from its slot. Nothing is read on the host;
 rows past ``C`` for one destination are dropped (they contribute zero) and counted (``dropped``).
+
+Overlap (``num_chunks = n``, ``ep_pipeline``): the tokens split into ``n`` contiguous chunks; steps 1-3 run for
+every chunk first (one host synchronization for all of them), then chunk ``i``'s step 4 runs while the later
+chunks' rows travel and the earlier chunks' results return (step 5), and step 6 comes last. A layer's shared expert
+runs once every dispatch is in flight.
 
 Capacity (``PaddedMoE``): each rank's own tokens get the layer's capacity (``capacity_factor`` over the rank's T,
 or ``capacity``), as GShard's per-device groups; the overflow is dropped on the source rank before step 3 (it is
@@ -97,7 +103,6 @@ class _ExpertParallelState:
     """What ``expert_parallel`` attaches to the experts module."""
 
     group: dist.ProcessGroup | None  # the exchange's process group
-    mesh: DeviceMesh | None  # the 1-D mesh the weights are DTensors on (None: plain local shards)
     num_experts: int  # E over all ranks
     capacity_per_rank: int | None  # None: exact exchange (one host sync); C: bounded, sync-free
     num_chunks: int  # token chunks pipelined through dispatch -> experts -> combine
@@ -153,6 +158,9 @@ def expert_parallel(
     if getattr(experts, "_expert_parallel", None) is not None:
         raise ValueError("expert_parallel was already applied to this module")
     group, mesh = _group_of(mesh)
+    if capacity_per_rank is not None:
+        non_negative_int("capacity_per_rank", capacity_per_rank)
+    positive_int("num_chunks", num_chunks)
     world, rank = _world(group)
     E = experts.num_experts
     if E % world:
@@ -167,13 +175,9 @@ def expert_parallel(
                 else:  # each rank takes its own chunk of its own copy: no communication
                     shard = distribute_tensor(p, mesh, [Shard(0)], src_data_rank=None)
                 setattr(experts, name, nn.Parameter(shard, requires_grad=p.requires_grad))
-    if capacity_per_rank is not None:
-        non_negative_int("capacity_per_rank", capacity_per_rank)
-    positive_int("num_chunks", num_chunks)
     shared = getattr(module, "shared_expert", None) if module is not experts else None
     experts._expert_parallel = _ExpertParallelState(
         group=group,
-        mesh=mesh,
         num_experts=E,
         capacity_per_rank=capacity_per_rank,
         num_chunks=num_chunks,
