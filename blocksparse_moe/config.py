@@ -3,7 +3,7 @@
 Three words name the three choices users see; each is made in one function here:
 
 - **strategy** (``impl=``): how the expert MLPs are laid out — ``blocksparse``, ``grouped``, ``padded``,
-  ``reference`` (``functional.moe_mlp``; ``auto`` is resolved by ``resolve_impl`` in the strategies package).
+  ``reference`` (``functional.moe_mlp``; ``auto`` is resolved by ``options.resolve_impl``).
 - **backend** (``backend=``, ``BSM_BACKEND``): which code runs the ops — the Triton kernels (``"triton"``: on CUDA,
   or on CPU under ``TRITON_INTERPRET=1``) or their PyTorch implementation (``"torch"``: the CPU path, float64, and
   the reference of the tests). ``resolve_backend`` below.

@@ -89,10 +89,11 @@ def _check(strategy, backend, case, dtype, glu, activation, monkeypatch, block_s
     cot = torch.randn(ref.shape)
     grads = torch.autograd.grad(out, leaves, cot.to(dtype))
     same_grads = [None] * len(leaves)  # the torch backend itself: judged by the TOL table
-    # the kernels may err at most 2x as much as the torch backend in the same dtype. Not yet in bf16: there the fused
-    # kernels (interpreted) err 3-5x as much as the torch backend, output and gradients alike; the TOL table until
-    # that is understood
-    relative = backend == "triton" and dtype != torch.bfloat16
+    # the kernels may err at most 2x as much as the torch backend in the same dtype. Not for bf16 under the
+    # interpreter: Triton 3.9's interpreter rounds fp32 -> bf16 toward zero where the GPU rounds to nearest even
+    # (pinned by test_kernels_common::test_interpreter_rounds_bf16_toward_zero), and the fused MLP rounds h, g, a and
+    # y to bf16, so there its error is 3-5x the torch backend's; the TOL table judges it. On a GPU the rule applies.
+    relative = backend == "triton" and (dtype != torch.bfloat16 or torch.cuda.is_available())
     if relative:
         same_leaves = [t.detach().clone().requires_grad_() for t in leaves]
         sx, sweights, sw1, sw2, *sw3 = same_leaves
@@ -249,7 +250,7 @@ def test_bad_operands(strategy, case):
     (regression, issue 15 defect 2: fewer experts, a wrong w2, fewer rows of x were read out of bounds)."""
     x, idx, weights, w1, w2, w3 = _inputs("empty-experts", torch.float32, True)
     E = w1.shape[0]
-    plan = plan_routing(idx, E, block_size=16 if strategy == "blocksparse" else 1, ffn_size=w1.shape[2], check=False)
+    plan = plan_routing(idx, E, block_size=16 if strategy == "blocksparse" else 1, check=False)
     bad, error, words = BAD[case]
     args = bad(x, weights, w1, w2, w3)
     before = [t.clone() for t in args[:5] if t.device.type == "cpu"]

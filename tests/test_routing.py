@@ -353,6 +353,14 @@ def test_routing_imports_have_no_cycle():
         importlib.import_module(name)
 
 
+def test_package_imports_have_no_cycle():
+    # the whole package: config/validation -> options -> routing -> backends/ops -> strategies -> functional ->
+    # layers -> parallel/integrations, with no module importing one above it (function bodies included)
+    modules = _package_modules()
+    graph = {name: _imports(name, path, set(modules)) for name, path in modules.items()}
+    assert _cycle(graph, set(modules)) is None
+
+
 def test_cycle_finder_finds_a_function_body_import(tmp_path):
     # the check above can fail: an import inside a function body counts
     path = tmp_path / "b.py"

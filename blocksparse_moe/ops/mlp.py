@@ -23,7 +23,6 @@ from ..backends.common import MlpRouting
 from ..config import resolve_backend
 from ..routing import RoutingPlan
 from . import _checks
-from .grouped import row_sources
 
 __all__ = ["mlp_routing", "expert_mlp"]
 
@@ -32,10 +31,14 @@ def mlp_routing(plan: RoutingPlan) -> MlpRouting:
     """The row layout of ``plan`` for the fused MLP: block-padded rows when ``plan.block_size > 1`` (the
     block-sparse strategy), else the unpadded ones (the grouped strategy)."""
     if plan.block_size > 1:
-        offsets, row_asg, asg_row = plan.padded_offsets, plan.padded_row_assignment, plan.padded_assignment_row
-    else:
-        offsets, row_asg, asg_row = plan.offsets, plan.row_assignment, plan.assignment_row
-    return MlpRouting(offsets, row_sources(row_asg, plan.top_k), row_asg, asg_row, plan.block_size)
+        return MlpRouting(
+            plan.padded_offsets,
+            plan.padded_row_token,
+            plan.padded_row_assignment,
+            plan.padded_assignment_row,
+            plan.block_size,
+        )
+    return MlpRouting(plan.offsets, plan.row_token, plan.row_assignment, plan.assignment_row, plan.block_size)
 
 
 # ----------------------------------------------------------------------------------------------- custom ops

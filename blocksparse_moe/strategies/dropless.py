@@ -24,6 +24,10 @@ from collections.abc import Callable
 import torch
 
 from ..activations import Activation
+from ..ops.blocksparse import dsd, sdd
+from ..ops.grouped import grouped_mm
+from ..ops.mlp import expert_mlp, mlp_routing
+from ..ops.permute import gather_rows, scatter_rows
 from ..routing import RoutingPlan, plan_routing
 from .common import activate_then
 
@@ -38,8 +42,6 @@ def default_block_size(device: torch.device) -> int:
 def combine(y: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor, backend: str) -> torch.Tensor:
     """``out[t] = Σ_j weights[t, j] · y[row(t, j)]`` for expert-output rows ``y`` in the plan's layout (unpadded for
     ``block_size = 1``, else block-padded), deterministic."""
-    from ..ops.permute import scatter_rows
-
     if plan.block_size == 1:
         return scatter_rows(y, plan.row_assignment, plan.assignment_row, weights, backend=backend)
     return scatter_rows(y, plan.padded_row_assignment, plan.padded_assignment_row, weights, backend=backend)
@@ -59,9 +61,6 @@ def grouped(
 ) -> tuple[torch.Tensor, RoutingPlan]:
     """Unpadded sorted rows: the fused expert MLP for a named activation; otherwise fused-gather ``grouped_mm`` with
     w1 (and w3), the activation, ``grouped_mm`` with w2, combine."""
-    from ..ops.grouped import grouped_mm
-    from ..ops.mlp import expert_mlp, mlp_routing
-
     plan = plan_routing(top_k_index, w1.shape[0], block_size=1, check=False)
     if isinstance(activation, str):
         routing = mlp_routing(plan)
@@ -89,10 +88,6 @@ def blocksparse(
     """Block-padded sorted rows (block size ``block_size``, the topology of ``w1``'s width): the fused expert MLP
     for a named activation (MegaBlocks' SDD with the GLU pair and the activation in its epilogue, then DSD);
     otherwise gather, ``sdd`` with w1 (and w3), the activation on the blocks, ``dsd`` with w2, combine."""
-    from ..ops.blocksparse import dsd, sdd
-    from ..ops.mlp import expert_mlp, mlp_routing
-    from ..ops.permute import gather_rows
-
     plan = plan_routing(top_k_index, w1.shape[0], block_size=block_size, check=False)
     if isinstance(activation, str):
         routing = mlp_routing(plan)
@@ -120,8 +115,6 @@ def grouped_custom(
 ) -> tuple[torch.Tensor, RoutingPlan]:
     """Unpadded sorted rows: ``post(activation(x @ up[e] + up_bias[e]) @ down[e] + down_bias[e])`` with a row-wise
     ``activation``, combine."""
-    from ..ops.grouped import grouped_mm
-
     plan = plan_routing(top_k_index, up.shape[0], block_size=1, check=False)
     if up_bias is not None or down_bias is not None:  # expert of each sorted row (rows past offsets[E]: clamped)
         rows = torch.arange(plan.row_assignment.numel(), device=x.device, dtype=plan.offsets.dtype)
