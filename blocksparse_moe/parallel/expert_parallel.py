@@ -63,6 +63,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from ..activations import Activation
 from ..config import check_enabled
 from ..functional import moe_mlp
+from ..layers.moe import MoEExperts
 from ..ops.permute import gather_rows, scatter_rows
 from ..routing import plan_routing
 from ..strategies import combine_dtype, padded_capacity, padded_slots
@@ -150,8 +151,6 @@ def expert_parallel(
     layer's own call of it then returns that output). A layer
     built under ``torch.device("meta")`` can be made parallel first, then materialised with ``to_empty`` and loaded.
     """
-    from ..layers.moe import MoEExperts
-
     experts = module if isinstance(module, MoEExperts) else getattr(module, "experts", None)
     if not isinstance(experts, MoEExperts):
         raise TypeError(f"expert_parallel needs a dMoE, a PaddedMoE or their MoEExperts, got {type(module).__name__}")

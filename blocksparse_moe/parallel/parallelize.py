@@ -34,6 +34,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from ..layers.moe import MoELayer
 from .expert_parallel import expert_parallel
 
 __all__ = ["MESH_DIMS", "parallelize_moe"]
@@ -68,8 +69,6 @@ def parallelize_moe(
     flattened one), so ``torch.distributed.checkpoint`` saves and reloads the model at any other layout. Each rank's
     loss must be its share of the global mean (see the module docstring). Collective (all ranks call it).
     """
-    from ..layers.moe import MoELayer
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(mesh, DeviceMesh):
