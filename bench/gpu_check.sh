@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot check on a machine with one CUDA GPU and no internet, in under 8 minutes (step limits sum to 460 s):
+# One-shot check on a machine with one CUDA GPU and no internet, in under 8 minutes (step limits sum to 480 s):
 #   1. build the extension        pip install -e . --no-build-isolation --no-deps
 #   2. GPU tests                  pytest -m gpu (routing backends, CUDA graphs, no host sync in the fused MLP, ...)
 #   3. memcheck                   compute-sanitizer --tool memcheck python -m bench.sanitize: one small fwd+bwd per
@@ -8,6 +8,8 @@
 #                                 and --preset fine at T=32768 (bf16 fwd+bwd; dense GEMMs and torch._grouped_mm
 #                                 in the same run)
 #   5. targets                    python -m bench.targets: % of dense and speedup vs torch._grouped_mm, pass/FAIL
+#      model                      python -m bench.model.compare: the whole-layer roofline's estimate beside each
+#                                 measured fwd+bwd time (the dry run compares with the H200 model)
 #   6. report                     bench/results/<date>-<gpu>.md + bench/results/<date>-<gpu>/ (CSV, JSON, PNGs)
 # and print a short summary table last. Every step has a timeout; a failed step is recorded and the rest run.
 # The compile audit is a CPU job (python -m bench.audit, in CI), not repeated here.
@@ -80,8 +82,10 @@ fi
 step bench_mixtral 80 python -m bench --preset mixtral "${DEVICE[@]}" "${MIXTRAL[@]}" --out "$OUT/mixtral" --no-progress
 step bench_fine 80 python -m bench --preset fine "${DEVICE[@]}" "${FINE[@]}" --out "$OUT/fine" --no-progress
 step targets 10 python -m bench.targets --mixtral "$OUT/mixtral" --fine "$OUT/fine" --out "$OUT/targets.md"
+step model 20 python -m bench.model.compare --gpu "${GPU:-h200}" "$OUT/mixtral" "$OUT/fine" --out "$OUT/model.md"
 
 printf 'total\t\t%s\n' "$((SECONDS - START))" >> "$STEPS"
 echo >&2
 python -m bench.summary --title "GPU check $NAME" --steps "$STEPS" --out "$ROOT/$NAME.md" "$OUT/mixtral" "$OUT/fine"
 cat "$OUT/targets.md" >&2
+[ -f "$OUT/model.md" ] && cat "$OUT/model.md" >&2

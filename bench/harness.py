@@ -97,8 +97,10 @@ def _time_case(
         case.notes.append(f"backward n/a: {bwd_error}")
     else:
         if case.comparable:
+            if case.grads_as_reference is not None:
+                grads = case.grads_as_reference(grads)
             row["max_rel_err_grad"] = max(
-                _rel_err(torch.zeros_like(r) if g is None else g, r) for g, r in zip(grads, ref_grads)
+                _rel_err(torch.zeros_like(r) if g is None else g, r) for g, r in zip(grads, ref_grads, strict=True)
             )
         del grads
     del out

@@ -4,7 +4,9 @@ Ours (``blocksparse_moe.moe_mlp``): ``blocksparse``, ``grouped``, ``padded`` (on
 ``reference`` (the library's expert loop: every expert on every token). Baselines: ``loop`` (Hugging Face eager
 style: per-expert ``torch.where``, host-syncs), ``torch_grouped_mm`` (torchtitan style: sort, offsets,
 ``torch._grouped_mm`` per matmul; backward n/a wherever it raises), ``megablocks`` / ``scattermoe`` (when
-installed, CUDA only), and ``dense``: plain GEMMs of the same useful FLOPs, the machine's ceiling.
+installed, CUDA only), ``hf_experts`` (transformers' own experts implementations and ours through its
+``ExpertsInterface``, when transformers is installed: ``bench.hf_experts``), and ``dense``: plain GEMMs of the same
+useful FLOPs, the machine's ceiling.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ STRATEGIES = (
     "torch_grouped_mm",
     "megablocks",
     "scattermoe",
+    "hf_experts",
     "dense",
 )
 
@@ -50,6 +53,8 @@ class Case:
     dropped_fraction: float | None = 0.0  # None: not applicable (dense)
     notes: list[str] = field(default_factory=list)
     parameters: list[torch.Tensor] = field(default_factory=list)  # weights: saved-for-backward bytes apart
+    # the gradients of ``inputs`` in the reference's order (x, weights, w1, w2, w3), when the inputs differ
+    grads_as_reference: Callable[[tuple], tuple] | None = None
 
 
 def _act(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -183,6 +188,10 @@ def build_cases(
             case = _scattermoe_case(p, useful, skipped)
             if case is not None:
                 cases.append(case)
+        elif name == "hf_experts":
+            from .hf_experts import hf_cases
+
+            cases += hf_cases(p, useful, skipped)
         elif name == "dense":
             cases.append(_dense_case(p, useful))
     return cases, skipped

@@ -21,12 +21,15 @@ _EXPORTS = {
     "MoEOptions": "options",
     "per_token_moe_mlp": "reference",
     "TopKRouter": "layers.router",
+    "update_expert_bias": "layers.router",
     "load_balancing_loss": "layers.losses",
     "router_z_loss": "layers.losses",
+    "sequence_balance_loss": "layers.losses",
     "dMoE": "layers.moe",
     "PaddedMoE": "layers.moe",
     "MoEExperts": "layers.moe",
     "MoELayer": "layers.moe",
+    "freeze": "layers.moe",
     "expert_parallel": "parallel.expert_parallel",
     "parallelize_moe": "parallel.parallelize",
 }
@@ -35,9 +38,9 @@ __all__ = sorted(_EXPORTS) + ["ops", "integrations", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .functional import MoEStats, custom_moe_mlp, moe_mlp  # noqa: F401
-    from .layers.losses import load_balancing_loss, router_z_loss  # noqa: F401
-    from .layers.moe import MoEExperts, MoELayer, PaddedMoE, dMoE  # noqa: F401
-    from .layers.router import TopKRouter  # noqa: F401
+    from .layers.losses import load_balancing_loss, router_z_loss, sequence_balance_loss  # noqa: F401
+    from .layers.moe import MoEExperts, MoELayer, PaddedMoE, dMoE, freeze  # noqa: F401
+    from .layers.router import TopKRouter, update_expert_bias  # noqa: F401
     from .options import MoEOptions  # noqa: F401
     from .parallel.expert_parallel import expert_parallel  # noqa: F401
     from .parallel.parallelize import parallelize_moe  # noqa: F401

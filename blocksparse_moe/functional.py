@@ -99,8 +99,8 @@ def moe_mlp(
         activation: ``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"silu"`` or a callable (elementwise).
         options: how the experts run (``MoEOptions``: strategy ``impl``, ``block_size``, the ``"padded"`` capacity
             options ``capacity_factor`` / ``capacity`` / ``num_groups``, ``recompute_activation``, ``backend``,
-            ``check``; see its docstring). Default ``MoEOptions()``: ``"blocksparse"`` on CUDA, ``"grouped"``
-            elsewhere, ids checked on CPU.
+            ``check``; see its docstring). Default ``MoEOptions()``: ``"blocksparse"`` on CUDA (``"grouped"`` where
+            its block padding would dominate, ``options.resolve_impl``), ``"grouped"`` elsewhere, ids checked on CPU.
         impl, capacity_factor, capacity, num_groups, block_size, recompute_activation, backend, check: a
             convenience: the fields of a ``MoEOptions`` built from them when ``options`` is None (with ``options``
             they must keep their defaults). ``recompute_activation`` changes nothing for the fused expert MLP (a
@@ -130,7 +130,8 @@ def moe_mlp(
     x, w1, w2, w3 = autocast_operands(x, w1, w2, w3)
     T, d, k, E, f = _validate(x, top_k_index, top_k_weights, w1, w2, w3)
     act = get_activation(activation)  # validates the name
-    impl = resolve_impl(options.impl, x.device)
+    B = default_block_size(x.device) if options.block_size is None else options.block_size
+    impl = resolve_impl(options.impl, x.device, assignments=T * k, experts=E, block_size=B)
     backend = resolve_backend(x.device, options.backend, x.dtype)
     recompute = options.recompute_activation
     capacity = None
@@ -166,6 +167,7 @@ def moe_mlp(
             capacity=capacity,
             num_groups=options.num_groups,
             recompute=recompute,
+            drop_policy=options.drop_policy,
         )
         executed = E * capacity * options.num_groups * 2 * d * f * nmm
     elif impl == "grouped":
@@ -173,7 +175,6 @@ def moe_mlp(
             x, top_k_index, weights, w1, w2, w3, activation=activation, recompute=recompute, backend=backend
         )
     else:
-        B = default_block_size(x.device) if options.block_size is None else options.block_size
         out, plan = blocksparse(
             x,
             top_k_index,

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import config
+from . import backends, config
 from .routing import ext as _ext
 from .routing import jit as _jit
 from .routing import routing_implementation
@@ -116,6 +116,7 @@ def collect() -> list[tuple[str, str]]:
     cpu = torch.device("cpu")
     lines.append(("routing implementation, CPU tensors", _try(lambda: routing_line(cpu))))
     lines.append(("kernels backend, CPU tensors", _try(lambda: kernels_line(cpu))))
+    lines.append(("torch backend GEMMs, CPU", _try(lambda: f"{backends.get('torch').host_primitive(cpu)} (probed)")))
     count = _try(lambda: str(torch.cuda.device_count()))
     if count.isdigit() and int(count) > 0:
         for index in range(int(count)):

@@ -16,11 +16,13 @@ import torch
 
 from .config import BACKENDS
 from .kernels.expert_gemm import BLOCK_SIZES
+from .routing.spec import max_block_rows
 from .validation import boolean, choice, non_negative_int, non_negative_number, positive_int
 
-__all__ = ["IMPLS", "BLOCK_SIZES", "MoEOptions", "options_from", "resolve_impl"]
+__all__ = ["IMPLS", "DROP_POLICIES", "BLOCK_SIZES", "AUTO_MAX_PADDING", "MoEOptions", "options_from", "resolve_impl"]
 
 IMPLS = ("auto", "blocksparse", "grouped", "padded", "reference")
+DROP_POLICIES = ("position", "probs")
 
 
 @dataclass(frozen=True)
@@ -29,13 +31,17 @@ class MoEOptions:
 
     Attributes:
         impl: the strategy: ``"blocksparse"``, ``"grouped"``, ``"padded"``, ``"reference"`` or ``"auto"``
-            (``"blocksparse"`` on CUDA, ``"grouped"`` elsewhere; ``resolve_impl``).
+            (``"blocksparse"`` on CUDA unless its block padding would dominate — few assignments per expert, as
+            in decode — else ``"grouped"``; ``resolve_impl``).
         block_size: ``"blocksparse"`` block size, one of ``BLOCK_SIZES`` (the Triton kernels' tiles; the torch
             backend takes the same set); None: 128 on CUDA, 64 elsewhere. Only with ``impl`` ``"blocksparse"`` or
             ``"auto"`` (unused when that resolves to ``"grouped"``).
         capacity_factor, capacity, num_groups: ``"padded"`` only. Tokens form ``num_groups`` equal contiguous
             groups; each expert has ``capacity`` slots per group, default ``ceil(capacity_factor · (T / G) · k /
             E)`` with ``capacity_factor`` (finite, >= 0) 1.0. At most one of ``capacity`` and ``capacity_factor``.
+        drop_policy: ``"padded"`` only: which assignments of a group claim an expert's slots when it has more than
+            ``capacity``: ``"position"`` (every first choice before any second one, then token order: GShard) or
+            ``"probs"`` (the largest combine weights first, ties in position order; Megatron's ``probs``).
         recompute_activation: do not keep the activation output for backward; recompute it from the saved
             pre-activation (MegaBlocks' memory-optimised MLP).
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or None (env ``BSM_BACKEND``): the kernels that run the
@@ -51,6 +57,7 @@ class MoEOptions:
     capacity_factor: float | None = None
     capacity: int | None = None
     num_groups: int = 1
+    drop_policy: str = "position"
     recompute_activation: bool = False
     backend: str | None = None
     check: bool | None = None
@@ -70,6 +77,12 @@ class MoEOptions:
                     f"with impl={self.impl!r}"
                 )
         positive_int("num_groups", self.num_groups)
+        choice("drop_policy", self.drop_policy, DROP_POLICIES)
+        if self.drop_policy != "position" and self.impl != "padded":
+            raise ValueError(
+                f"drop_policy applies to impl='padded' only ({self.impl!r} drops nothing), got "
+                f"drop_policy={self.drop_policy!r}"
+            )
         if self.capacity is not None:
             non_negative_int("capacity", self.capacity)
         if self.capacity_factor is not None:
@@ -108,10 +121,37 @@ def options_from(options: MoEOptions | None = None, **keywords: object) -> MoEOp
     return options
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """The strategy ``impl`` stands for on ``device``: ``"auto"`` is ``"blocksparse"`` on CUDA, else
-    ``"grouped"``."""
+# "auto" takes the grouped strategy on CUDA when the block-sparse one's rows (the sync-free bound of block-padded
+# rows, which it allocates and computes over) would exceed the assignments by more than this factor. bench.model
+# puts the crossover there (H200, bf16 SwiGLU fwd+bwd): fine-grained experts (E=128, k=8, B=128) tie at T=4096
+# (bound/assignments 1.50), grouped is 3% faster at T=2048 (1.99) and 13% at T=64 (decode, 32.8); Mixtral's
+# experts (E=8, k=2) tie at T=1024 (1.44), grouped is 8% faster at T=256 (2.75).
+AUTO_MAX_PADDING = 1.5
+
+
+def resolve_impl(
+    impl: str,
+    device: torch.device,
+    *,
+    assignments: int | None = None,
+    experts: int | None = None,
+    block_size: int = 128,
+) -> str:
+    """The strategy ``impl`` stands for on ``device``, decided on the host from shapes only (no sync).
+
+    ``"auto"`` is ``"grouped"`` off CUDA (no block padding to compute); on CUDA it is ``"blocksparse"``, unless the
+    ``assignments`` (``T·k``) onto ``experts`` are so few that the block-sparse rows (``max_block_rows · B``, the
+    sync-free bound for blocks of ``block_size`` B) exceed ``AUTO_MAX_PADDING`` times the assignments: then the
+    block padding dominates (decode: 64 tokens, k = 8 of 128 experts, B = 128 give 16,768 rows for 512
+    assignments) and ``"grouped"`` is the faster. Without the shapes, the large-shape answer (``"blocksparse"`` on
+    CUDA)."""
     choice("impl", impl, IMPLS)
-    if impl == "auto":
-        return "blocksparse" if device.type == "cuda" else "grouped"
-    return impl
+    if impl != "auto":
+        return impl
+    if device.type != "cuda":
+        return "grouped"
+    if assignments is not None and experts is not None:
+        rows = max_block_rows(assignments, experts, block_size) * block_size
+        if rows > AUTO_MAX_PADDING * assignments:
+            return "grouped"
+    return "blocksparse"

@@ -360,6 +360,24 @@ def _synthetic(cc, sass, variant="aligned", shared=1024, **flags) -> audit_jobs.
     return r
 
 
+def test_ctas_per_sm_from_registers_shared_memory_and_threads():
+    s = audit_sass.SassSummary(mma={"HGMMA": 4})
+    # 8 warps, 128 registers (65536 / (128 * 256) = 2), 96 KB shared (2 on sm_90 / sm_100: 228 KB per SM)
+    r = _synthetic(90, s, shared=98304, num_warps=8, registers=128)
+    assert audit_report.ctas_per_sm(r) == 2
+    r.registers = 138  # rounded up to 144: 65536 / (144 * 256) = 1.8 -> one CTA (the backward epilogue's case)
+    assert audit_report.ctas_per_sm(r) == 1
+    # shared memory decides: 5 stages of 128x64 + 64x128 bf16 tiles (160 KB + the 1 KB reserve) -> one CTA
+    assert audit_report.ctas_per_sm(_synthetic(90, s, shared=163840, num_warps=8, registers=96)) == 1
+    # sm_120: 100 KB per SM; 4 warps of 64 registers: 1536 threads allow 12, 48 KB each allow 2
+    assert audit_report.ctas_per_sm(_synthetic(120, s, shared=49152, num_warps=4, registers=64)) == 2
+    # threads decide: 2 warps, 32 registers, no shared memory -> 2048 / 64 = 32 (the CTA limit too)
+    assert audit_report.ctas_per_sm(_synthetic(80, s, shared=0, num_warps=2, registers=32)) == 32
+    assert audit_report.ctas_per_sm(_synthetic(90, s)) is None  # num_warps unknown: no guess
+    table = audit_report.format_table([_synthetic(90, s, shared=98304, num_warps=8, registers=128)])
+    assert "| CTA/SM |" in table.splitlines()[0] and "| 98304 | 2 |" in table
+
+
 def test_parsers_read_ptxas_log_resources_and_buffers():
     # spills: a register-heavy build as ptxas reports it
     log = (

@@ -24,16 +24,20 @@ def test_aligned16_decides_from_pointers_sizes_and_strides():
 
 def test_gpu_configs_outside_interpreter(monkeypatch):
     """The host-side config choice of the GPU path (no device needed): aligned 16-bit operands take K steps of 64,
-    unaligned ones 32; the GLU forward halves the N tile (two accumulators), the backward epilogue takes 32
-    columns; tiles never straddle a layout block; a gathered weight gradient takes 5 stages (its index load gets
-    a pipeline stage of its own)."""
+    unaligned ones 32; the GLU forward halves the N tile (two accumulators), the backward epilogue takes full-width
+    tiles processed in column slices of 8 (32 columns unaligned); tiles never straddle a layout block; a gathered
+    weight gradient takes 5 stages (its index load gets a pipeline stage of its own)."""
     monkeypatch.setattr(expert_gemm, "interpreting", lambda: False)
     fast = expert_gemm.gemm_config(torch.bfloat16, 128, aligned=True)
     slow = expert_gemm.gemm_config(torch.bfloat16, 128, aligned=False)
     assert (fast.block_k, fast.block_n, fast.num_warps) == (64, 128, 8) and slow.block_k == 32
     assert expert_gemm.gemm_config(torch.float32, 128).block_k == 32
     assert expert_gemm.gemm_config(torch.bfloat16, 128, glu=True, epilogue=1).block_n == 64
-    assert expert_gemm.gemm_config(torch.bfloat16, 128, glu=True, epilogue=2).block_n == 32
+    bwd = expert_gemm.gemm_config(torch.bfloat16, 128, glu=True, epilogue=2)
+    assert (bwd.block_n, bwd.epi_n) == (128, 8)
+    assert expert_gemm.gemm_config(torch.bfloat16, 128, glu=True, epilogue=2, aligned=False).block_n == 32
+    assert expert_gemm.gemm_config(torch.bfloat16, 128, epilogue=2, out_block=64).epi_n == 8  # blocked out, B = 64
+    assert expert_gemm.gemm_config(torch.bfloat16, 128).epi_n == 128  # one slice: the whole tile
     assert expert_gemm.gemm_config(torch.bfloat16, 64, out_block=64).block_n == 64  # blocked out, B = 64
     assert expert_gemm.gemm_config(torch.bfloat16, 64).num_warps == 4
     assert expert_gemm.wgrad_config(torch.bfloat16, gather=True).num_stages == 5

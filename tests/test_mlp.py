@@ -25,6 +25,7 @@ CASES = {
     "one-expert": (20, 18, 24, 4, 2, "one-hot"),  # all tokens on one expert: several M tiles, the others empty
     "duplicates": (8, 16, 16, 4, 3, "duplicates"),  # a token choosing the same expert twice
     "invalid": (11, 9, 13, 4, 2, "invalid"),  # unchecked ids -1, E, E+5: they contribute zero
+    "wide-f": (6, 10, 150, 3, 2, "uniform"),  # f over three 64-column backward tiles: slices past f, partial tile
     "empty": (0, 8, 12, 3, 2, "uniform"),  # no tokens: empty output, zero weight gradients
 }
 BACKENDS = ["triton", "torch", "torch-tiles"]

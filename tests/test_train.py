@@ -12,7 +12,7 @@ import torch
 import blocksparse_moe as bsm
 from bench.train import cli
 from bench.train.data import load_corpus, sample_batch, validation_batches
-from bench.train.loop import RoutingStats
+from bench.train.loop import RoutingStats, Trainer
 from bench.train.model import FFNSpec, ModelSize, build_model
 
 
@@ -130,7 +130,13 @@ def test_data_split_is_fixed_and_batches_shift_by_one():
 
 @pytest.mark.parametrize(
     "text, name",
-    [("dmoe", "dmoe"), ("dmoe:blocksparse", "dmoe:blocksparse"), ("padded@1.0", "padded@1"), ("dense", "dense")],
+    [
+        ("dmoe", "dmoe"),
+        ("dmoe:blocksparse", "dmoe:blocksparse"),
+        ("dmoe:grouped+deepseek", "dmoe:grouped+deepseek"),
+        ("padded@1.0", "padded@1"),
+        ("dense", "dense"),
+    ],
 )
 def test_ffn_spec_names(text, name):
     assert FFNSpec.parse(text).name == name
@@ -141,6 +147,7 @@ def test_ffn_spec_names(text, name):
     [
         (["--configs", "padded@0"], "an FFN config must be"),
         (["--configs", "dmoe:loop"], "an FFN config must be"),
+        (["--configs", "padded@1+deepseek"], "an FFN config must be"),
         (["--configs", "dmoe,dmoe:auto"], "distinct FFN configs"),
         (["--steps", "0"], "--steps must be a positive integer"),
         (["--heads", "3"], "d_model must be divisible by n_heads"),
@@ -166,3 +173,32 @@ def test_cli_rejects_unusable_out_and_missing_checkpoints(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             cli.main(["--preset", "tiny", "--no-progress", *argv])
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_router_deepseek_runs_next_to_softmax(tmp_path):
+    # --router deepseek adds dmoe+deepseek beside dmoe (softmax + aux loss): it trains, its expert bias moves after
+    # every optimizer step (auxiliary-loss-free balancing, no aux loss), the load plot holds both, resume is exact
+    assert [s.name for s in cli.parse_args(["--preset", "tiny", "--router", "deepseek"]).specs] == [
+        "dmoe",
+        "dmoe+deepseek",
+        "padded@2",
+        "dense",
+    ]
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--preset", "tiny", "--router", "deepseek", "--configs", "dense"])
+    out, results = _run(tmp_path, "run", "--configs", "dmoe", "--router", "deepseek")
+    assert list(results) == ["dmoe", "dmoe+deepseek"]
+    assert (out / "expert_load.png").read_bytes()[:4] == b"\x89PNG"
+    deepseek = results["dmoe+deepseek"]
+    assert deepseek["resume_check"]["identical"], deepseek["resume_check"]
+    assert all(a == 0.0 for a in deepseek["aux_loss"])
+    assert deepseek["evals"][-1]["val_loss"] < deepseek["evals"][0]["val_loss"] - 1.0
+    preset = cli.PRESETS["tiny"]
+    trainer = Trainer(preset.size, FFNSpec.parse("dmoe+deepseek"), preset.settings, load_corpus())
+    routers = [ffn.router for ffn in trainer.model.ffns()]
+    assert all((r.score, r.num_expert_groups, r.topk_groups) == ("sigmoid", 2, 1) for r in routers)
+    assert all(ffn.shared_expert is not None for ffn in trainer.model.ffns())
+    trainer.train_step()
+    for r in routers:  # one step: the bias moved by ±rate (mean 0) and the counts were reset by the hook
+        assert r.expert_bias.abs().max() > 0 and abs(float(r.expert_bias.sum())) < 1e-6
+        assert int(r.tokens_per_expert.sum()) == 0

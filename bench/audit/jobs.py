@@ -66,6 +66,7 @@ class BuildResult:
     tcgen05_ok: bool = True
     expect_pipelined: bool = True
     num_stages: int | None = None
+    num_warps: int | None = None
     registers: int | None = None
     spill_stores: int | None = None  # bytes
     spill_loads: int | None = None  # bytes
@@ -191,6 +192,7 @@ def compile_job(job: Job, out_dir: str, keep_ir: bool = False) -> BuildResult:
         result.tcgen05_ok = getattr(spec, "tcgen05_ok", True)
         result.expect_pipelined = getattr(spec, "expect_pipelined", True)
         result.num_stages = spec.num_stages
+        result.num_warps = spec.num_warps
         if job.variant not in spec.variants:
             raise ValueError(f"variant {job.variant!r} not in the spec's {spec.variants}")
         attrs = divisibility_attrs(spec) if job.variant == "aligned" else {}

@@ -6,7 +6,17 @@ from __future__ import annotations
 from .jobs import BuildResult
 from .sass import ARCHS, SassSummary
 
-__all__ = ["CHECKS", "PTXAS_CODES", "findings", "format_checks", "format_table", "problems", "reported_only"]
+__all__ = [
+    "CHECKS",
+    "PTXAS_CODES",
+    "SM_LIMITS",
+    "ctas_per_sm",
+    "findings",
+    "format_checks",
+    "format_table",
+    "problems",
+    "reported_only",
+]
 
 CHECKS = {
     "build": "the build (or its disassembly) failed",
@@ -72,6 +82,34 @@ def problems(result: BuildResult, report_only: frozenset[str] | set[str] = froze
     return [msg for check, msg in findings(result) if not reported_only(check, result.job.cc, report_only)]
 
 
+# ----------------------------------------------------------------------------------------------- occupancy
+
+# Per-SM resources (CUDA programming guide, compute capabilities table): registers, shared memory, threads, CTAs.
+SM_LIMITS = {
+    80: dict(registers=65536, shared=167936, threads=2048, ctas=32),
+    90: dict(registers=65536, shared=233472, threads=2048, ctas=32),
+    100: dict(registers=65536, shared=233472, threads=2048, ctas=32),
+    120: dict(registers=65536, shared=102400, threads=1536, ctas=24),
+}
+_CTA_RESERVED_SHARED = 1024  # shared memory the runtime reserves per CTA (sm_80 and newer)
+
+
+def ctas_per_sm(result: BuildResult) -> int | None:
+    """CTAs of this build one SM holds at once: the fewest allowed by registers (per thread, rounded up to 8),
+    shared memory (plus the 1 KB the runtime reserves per CTA), threads and the CTA limit; None when unknown.
+    Report-only for now (issue 16: failing below 2 unless the kernel is persistent)."""
+    if result.registers is None or result.shared is None or not result.num_warps:
+        return None
+    limits, threads = SM_LIMITS[result.job.cc], result.num_warps * 32
+    registers = -(-max(result.registers, 1) // 8) * 8
+    return min(
+        limits["registers"] // (registers * threads),
+        limits["shared"] // (result.shared + _CTA_RESERVED_SHARED),
+        limits["threads"] // threads,
+        limits["ctas"],
+    )
+
+
 # ----------------------------------------------------------------------------------------------- report
 
 
@@ -115,10 +153,10 @@ def format_table(results: list[BuildResult], report_only: frozenset[str] | set[s
     """Markdown table, one row per kernel configuration and architecture. Findings of ``report_only`` checks are
     listed with a ``(report-only)`` mark."""
     header = (
-        "| module | config | variant | sm | regs | spill st/ld B | stack B | smem B | buffers | MMA | loop instr/MMA "
-        "| loop waits | TMA | LD128 | ptxas | compile s | status |"
+        "| module | config | variant | sm | regs | spill st/ld B | stack B | smem B | CTA/SM | buffers | MMA "
+        "| loop instr/MMA | loop waits | TMA | LD128 | ptxas | compile s | status |"
     )
-    lines = [header, "|" + "---|" * 17]
+    lines = [header, "|" + "---|" * 18]
     for r in results:
         marks = [
             f"{msg} (report-only)" if reported_only(check, r.job.cc, report_only) else msg for check, msg in findings(r)
@@ -133,6 +171,7 @@ def format_table(results: list[BuildResult], report_only: frozenset[str] | set[s
             f"{r.spill_stores}/{r.spill_loads}" if r.spill_stores is not None else None,
             r.stack,
             r.shared,
+            ctas_per_sm(r),
             _buffers_cell(r.buffers),
             _mma_cell(r.sass),
             per_mma,

@@ -25,7 +25,7 @@ from ..cli import prepare_out_dir
 from ..library import BLOCK_SIZES
 from .data import Corpus, load_corpus
 from .loop import StepProgress, Trainer, TrainSettings, check_resume
-from .model import FFNSpec, ModelSize
+from .model import ROUTERS, FFNSpec, ModelSize
 
 __all__ = ["PRESETS", "Preset", "main", "parse_args", "run_config"]
 
@@ -87,7 +87,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu with CUDA, else cpu")
     p.add_argument("--configs", type=_configs, default=None,
-                   help="FFN configs (comma list): dmoe, dmoe:blocksparse, dmoe:grouped, padded@CF, dense")  # fmt: skip
+                   help="FFN configs (comma list): dmoe, dmoe:blocksparse, dmoe:grouped (each optionally "
+                        "+deepseek), padded@CF, dense")  # fmt: skip
+    p.add_argument("--router", choices=ROUTERS, default="softmax",
+                   help="deepseek: also run each dmoe config with DeepSeek-V3's routing (sigmoid, groups, expert bias "
+                        "updated every step, shared expert; config NAME+deepseek), next to its softmax + aux-loss "
+                        "run")  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: the preset's")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="float32, or bfloat16 autocast (default: bfloat16 on cuda, float32 on cpu)")  # fmt: skip
@@ -175,6 +180,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     except ValueError as e:
         p.error(str(e))
     args.specs = [FFNSpec.parse(n) for n in (args.configs or preset.configs)]
+    if args.router != "softmax":
+        if not any(s.kind == "dmoe" for s in args.specs):
+            p.error(f"--router {args.router} applies to dmoe configs, and none is selected")
+        twins = {
+            s.name: replace(s, router=args.router) for s in args.specs if s.kind == "dmoe" and s.router == "softmax"
+        }
+        args.specs = [t for s in args.specs for t in ([s, twins[s.name]] if s.name in twins else [s])]
+        args.specs = list({s.name: s for s in args.specs}.values())  # a twin also listed in --configs: once
     if args.block_size is not None and not any(s.kind == "dmoe" and s.impl != "grouped" for s in args.specs):
         p.error("--block-size applies to dmoe or dmoe:blocksparse configs, and none is selected")
     if args.checkpoint_every is not None or args.stop_after is not None:

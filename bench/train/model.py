@@ -3,7 +3,12 @@
 Pre-norm blocks: ``x + attn(rms(x))`` (causal ``F.scaled_dot_product_attention``), then ``x + ffn(rms(x))``;
 learned positions; the output head is tied to the byte embedding. The FFN of every block is one of
 
-- ``dmoe[:IMPL]``: ``bsm.dMoE`` (dropless; IMPL ``auto`` | ``blocksparse`` | ``grouped``),
+- ``dmoe[:IMPL]``: ``bsm.dMoE`` (dropless; IMPL ``auto`` | ``blocksparse`` | ``grouped``), softmax router with the
+  load-balancing and z-loss,
+- ``dmoe[:IMPL]+deepseek``: the same with DeepSeek-V3's routing: sigmoid scores renormalised over the chosen
+  experts, group-limited (groups of 2 experts, half of them allowed, at least enough for k), an expert bias updated
+  after every optimizer step (``bsm.update_expert_bias``, auxiliary-loss-free balancing: no balancing or z-loss) and
+  one shared expert of width ``f`` (so ``f`` more active FFN width per token than ``dmoe``),
 - ``padded@CF``: ``bsm.PaddedMoE`` with ``capacity_factor=CF`` (one capacity group per batch),
 - ``dense``: a SwiGLU MLP of width ``k·f``: the same active parameters per token as the MoE layers (whose
   experts are SwiGLU MLPs of width ``f``, ``k`` of them per token; the router's ``d·E`` not counted).
@@ -26,7 +31,7 @@ import blocksparse_moe as bsm
 
 from .data import VOCAB
 
-__all__ = ["ModelSize", "FFNSpec", "ByteLM", "build_model"]
+__all__ = ["ROUTERS", "ModelSize", "FFNSpec", "ByteLM", "build_model", "deepseek_options"]
 
 
 @dataclass(frozen=True)
@@ -49,37 +54,39 @@ class ModelSize:
             raise ValueError(f"top_k must be <= experts, got top_k={self.top_k} with experts={self.experts}")
 
 
-_SPEC = re.compile(r"^(?:(dense)|dmoe(?::(auto|blocksparse|grouped))?|padded@([0-9.eE+-]+))$")
+_SPEC = re.compile(r"^(?:(dense)|dmoe(?::(auto|blocksparse|grouped))?(\+deepseek)?|padded@([0-9.eE+-]+))$")
+ROUTERS = ("softmax", "deepseek")
 
 
 @dataclass(frozen=True)
 class FFNSpec:
-    """Which FFN the blocks use: ``kind`` ``"dmoe"`` (with ``impl``), ``"padded"`` (with ``capacity_factor``),
-    or ``"dense"``. ``name`` is the spelling ``parse`` reads."""
+    """Which FFN the blocks use: ``kind`` ``"dmoe"`` (with ``impl`` and ``router``), ``"padded"`` (with
+    ``capacity_factor``), or ``"dense"``. ``name`` is the spelling ``parse`` reads."""
 
     kind: str
     impl: str = "auto"
     capacity_factor: float | None = None
+    router: str = "softmax"  # one of ROUTERS (dmoe only)
 
     @classmethod
     def parse(cls, text: str) -> FFNSpec:
         match = _SPEC.match(text)
         cf = None
-        if match and match.group(3) is not None:
+        if match and match.group(4) is not None:
             try:
-                cf = float(match.group(3))
+                cf = float(match.group(4))
             except ValueError:
                 match = None
         if match is None or (cf is not None and not (cf > 0 and math.isfinite(cf))):
             raise ValueError(
-                f"an FFN config must be 'dmoe', 'dmoe:IMPL' (IMPL auto|blocksparse|grouped), 'padded@CF' (CF > 0) "
-                f"or 'dense', got {text!r}"
+                f"an FFN config must be 'dmoe', 'dmoe:IMPL' (IMPL auto|blocksparse|grouped), either with "
+                f"'+deepseek', 'padded@CF' (CF > 0) or 'dense', got {text!r}"
             )
         if match.group(1):
             return cls("dense")
         if cf is not None:
             return cls("padded", impl="padded", capacity_factor=cf)
-        return cls("dmoe", impl=match.group(2) or "auto")
+        return cls("dmoe", impl=match.group(2) or "auto", router="deepseek" if match.group(3) else "softmax")
 
     @property
     def name(self) -> str:
@@ -87,7 +94,8 @@ class FFNSpec:
             return "dense"
         if self.kind == "padded":
             return f"padded@{self.capacity_factor:g}"
-        return "dmoe" if self.impl == "auto" else f"dmoe:{self.impl}"
+        name = "dmoe" if self.impl == "auto" else f"dmoe:{self.impl}"
+        return name if self.router == "softmax" else f"{name}+{self.router}"
 
     @property
     def is_moe(self) -> bool:
@@ -156,6 +164,22 @@ class ByteLM(nn.Module):
         return [block.ffn for block in self.blocks]
 
 
+def deepseek_options(size: ModelSize) -> dict:
+    """``dMoE`` options of the ``+deepseek`` configs (see the module docstring)."""
+    groups = size.experts // 2 if size.experts % 2 == 0 and size.experts >= 4 else None
+    options = dict(
+        score="sigmoid",
+        normalize=True,
+        expert_bias=True,
+        shared_expert_size=size.ffn,
+        load_balancing_weight=0.0,
+        z_loss_weight=0.0,
+    )
+    if groups is not None:  # half the groups, and at least the k / 2 groups that k experts need
+        options.update(num_expert_groups=groups, topk_groups=max(groups // 2, -(-size.top_k // 2)))
+    return options
+
+
 def build_model(
     size: ModelSize,
     spec: FFNSpec,
@@ -177,6 +201,8 @@ def build_model(
                 d, f, E, k, capacity_factor=spec.capacity_factor, z_loss_weight=z_loss_weight, **common
             )
         options = dict(block_size=block_size) if block_size is not None and spec.impl != "grouped" else {}
+        if spec.router == "deepseek":
+            return bsm.dMoE(d, f, E, k, impl=spec.impl, **{**common, **options, **deepseek_options(size)})
         return bsm.dMoE(d, f, E, k, impl=spec.impl, z_loss_weight=z_loss_weight, **common, **options)
 
     return ByteLM(size, [ffn() for _ in range(size.n_layers)])

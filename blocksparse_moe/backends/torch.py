@@ -6,12 +6,17 @@ against. Two primitives carry everything: ``_expert_mm`` (each expert's rows tim
 their block-diagonal topology, gathered operands are indexed by ``row_src``. Arithmetic is fp32 (float64 for
 float64 inputs) with results rounded to the input dtype where the kernels round.
 
-Schedules: on CPU in eager mode reading the routing offsets on the host is free, so the primitives loop over the
-experts (one dense matmul each); on GPU and under ``torch.compile`` they run a sync-free schedule (one batched
-matmul over tiles of 64 rows, each tile with a copy of its expert's weight).
+Schedules: on CPU in eager mode reading the routing offsets on the host is free, so the primitives run the
+fastest host primitive available there (``host_primitive``): one ``torch._grouped_mm`` call where that op runs on the
+device (a probe of availability, once per device type, never a timing) and the operands meet its stride rule, else
+a loop over the experts (one ``torch.mm`` each, into the result); both compute each expert's rows with the same
+matrix products (bit for bit). On GPU and under ``torch.compile`` they run a sync-free schedule (one batched matmul
+over tiles of 64 rows, each tile with a copy of its expert's weight).
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 import torch
 
@@ -19,7 +24,7 @@ from ..activations import act_and_grad, get_activation
 from ..routing import Topology
 from .common import OPS, MlpRouting, combine_dots
 
-__all__ = ["host_loop_ok", *OPS]
+__all__ = ["host_loop_ok", "host_primitive", "grouped_mm_available", *OPS]
 
 _TILE = 64  # rows per tile of the sync-free schedule
 
@@ -42,9 +47,50 @@ def host_loop_ok(t: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------- primitives
 
 
-def _expert_ranges(offsets: torch.Tensor) -> list[tuple[int, int, int]]:
-    o = offsets.tolist()
+def _expert_ranges(o: list[int]) -> list[tuple[int, int, int]]:
     return [(e, o[e], o[e + 1]) for e in range(len(o) - 1) if o[e + 1] > o[e]]
+
+
+@cache
+def grouped_mm_available(device_type: str) -> bool:
+    """Whether ``torch._grouped_mm`` runs on ``device_type`` in both forms the primitives use (rows × a weight per
+    group, and the per-group ``aᵀ @ b``), checked once against ``torch.mm`` on a tiny problem (a probe of
+    availability: nothing is timed)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    a = torch.arange(64 * 16, dtype=torch.float32, device=device_type).view(64, 16) % 7 - 3
+    w = torch.arange(2 * 16 * 16, dtype=torch.float32, device=device_type).view(2, 16, 16) % 5 - 2
+    offs = torch.tensor([16, 64], dtype=torch.int32, device=device_type)
+    try:
+        y = torch._grouped_mm(a, w, offs=offs)
+        g = torch._grouped_mm(a.t(), a, offs=offs)
+    except (RuntimeError, NotImplementedError):
+        return False
+    want_y = torch.cat([a[:16] @ w[0], a[16:] @ w[1]])
+    want_g = torch.stack([a[:16].t() @ a[:16], a[16:].t() @ a[16:]])
+    return torch.equal(y, want_y) and torch.equal(g, want_g)
+
+
+def host_primitive(device: torch.device) -> str:
+    """The expert-GEMM primitive of the CPU-eager path on ``device`` for fp32 operands: ``"torch._grouped_mm"`` when
+    the probe passes there, else ``"torch.mm loop"`` (also for operands ``torch._grouped_mm`` does not take)."""
+    return "torch._grouped_mm" if grouped_mm_available(device.type) else "torch.mm loop"
+
+
+def _grouped_mm_takes(cols: int, *operands: torch.Tensor) -> bool:
+    """``torch._grouped_mm``'s operand rule: fp32 / 16-bit matrices (the last two dimensions of each operand) with
+    one unit stride and the other a multiple of 16 bytes, and a result ``cols`` wide in multiples of 16 bytes;
+    float64 and other strides take the loop."""
+    t = operands[0]
+    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not grouped_mm_available(t.device.type):
+        return False
+    unit = 16 // t.element_size()
+
+    def fits(rows_stride: int, cols_stride: int) -> bool:
+        other = rows_stride if cols_stride == 1 else cols_stride if rows_stride == 1 else 0
+        return other > 0 and other % unit == 0
+
+    return cols % unit == 0 and all(fits(*o.stride()[-2:]) for o in operands)
 
 
 def _tiles(offsets: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,9 +112,14 @@ def _expert_mm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
     R, N = a.shape[0], w.shape[2]
     w = w.to(a.dtype)
     if host_loop_ok(a):
-        out = a.new_zeros(R, N)
-        for e, lo, hi in _expert_ranges(offsets):
-            out[lo:hi] = a[lo:hi] @ w[e]
+        o = offsets.tolist()
+        if _grouped_mm_takes(N, a, w):
+            out = torch._grouped_mm(a, w, offs=offsets[1:].to(torch.int32))
+        else:
+            out = a.new_empty(R, N)
+            for e, lo, hi in _expert_ranges(o):
+                torch.mm(a[lo:hi], w[e], out=out[lo:hi])
+        out[o[-1] :].zero_()  # rows past offsets[E]: no expert writes them
         return out
     e, rows = _tiles(offsets, R)
     padded = torch.cat([a, a.new_zeros(1, a.shape[1])])
@@ -82,9 +133,11 @@ def _expert_wgrad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> to
     E, R = offsets.shape[0] - 1, a.shape[0]
     b = b.to(a.dtype)
     if host_loop_ok(a):
+        if _grouped_mm_takes(b.shape[1], a.T, b):
+            return torch._grouped_mm(a.T, b, offs=offsets[1:].to(torch.int32))  # experts without rows: zeros
         out = a.new_zeros(E, a.shape[1], b.shape[1])
-        for e, lo, hi in _expert_ranges(offsets):
-            out[e] = a[lo:hi].T @ b[lo:hi]
+        for e, lo, hi in _expert_ranges(offsets.tolist()):
+            torch.mm(a[lo:hi].T, b[lo:hi], out=out[e])
         return out
     e, rows = _tiles(offsets, R)
     pa = torch.cat([a, a.new_zeros(1, a.shape[1])])
@@ -98,6 +151,8 @@ def _gathered(x: torch.Tensor, row_src: torch.Tensor | None) -> torch.Tensor:
     if row_src is None:
         return _acc(x)
     src = row_src.long()
+    if host_loop_ok(x) and not bool((src < 0).any()):  # CPU eager: no zero row to append (the common case)
+        return _acc(x).index_select(0, src)
     padded = torch.cat([_acc(x), _acc(x).new_zeros(1, x.shape[1])])
     return padded[torch.where(src >= 0, src, x.shape[0])]
 
@@ -224,15 +279,29 @@ def _rows(t: torch.Tensor, routing: MlpRouting, cols: int) -> torch.Tensor:
     return _to_rows(t, routing.block_size, cols) if routing.blocked else _acc(t)
 
 
+def _adjacent(w1: torch.Tensor, w3: torch.Tensor | None) -> torch.Tensor | None:
+    """``[w1 | w3]`` as one ``[E, K, 2N]`` view when ``w3`` lies right after ``w1`` along N in one tensor with the
+    same strides (Hugging Face's concatenated ``gate_up_proj``), so that one GEMM gives ``dh @ w1ᵀ + dg @ w3ᵀ``
+    (no second result to add); else None."""
+    if w3 is None or w1.shape != w3.shape or w1.stride() != w3.stride() or w1.dtype != w3.dtype:
+        return None
+    base = w1.untyped_storage().data_ptr()
+    if base == 0 or base != w3.untyped_storage().data_ptr():  # 0: no data (meta)
+        return None
+    E, K, N = w1.shape
+    if w3.storage_offset() != w1.storage_offset() + N * w1.stride(2):
+        return None
+    return w1.as_strided((E, K, 2 * N), w1.stride(), w1.storage_offset())
+
+
 def mlp_forward(x, weights, w1, w2, w3, routing: MlpRouting, activation: str):
     """``out [T, d]`` and the ``h``, ``g`` backward needs (``MlpRouting.intermediate_shape``)."""
     dtype, act = x.dtype, get_activation(activation)
     xs = _gathered(x, routing.row_src)
     h = _expert_mm(xs, w1, routing.offsets).to(dtype)
+    g = None if w3 is None else _expert_mm(xs, w3, routing.offsets).to(dtype)
     a = act(_acc(h))
-    g = None
-    if w3 is not None:
-        g = _expert_mm(xs, w3, routing.offsets).to(dtype)
+    if g is not None:
         a = a * _acc(g)
     y = _expert_mm(_acc(a.to(dtype)), w2, routing.offsets).to(dtype)
     out = scatter_rows(y, routing.row_asg, routing.assignment_row, weights)
@@ -251,23 +320,31 @@ def mlp_backward(dout, x, weights, w1, w2, w3, h, g, routing: MlpRouting, activa
     asg = routing.row_asg.long()
     flat = torch.cat([_acc(weights).reshape(-1), _acc(weights).new_zeros(1)]).to(G.dtype)
     wr = flat[torch.where(asg >= 0, asg, flat.shape[0] - 1)][:, None]
-    dh = G * wr * dact
-    dg = None
+    a = act if g is None else act * _rows(g, routing, F).to(G.dtype)  # act(h) [· g]
+    dweights = combine_dots((G * a).sum(1)[None], routing.assignment_row, weights.dtype) if need_weights else None
+    Gw = G.mul_(wr)  # G is not needed unweighted any more
+    # dh and dg side by side, as [dh | dg] for the dx GEMM of adjacent w1 and w3
+    dhg = torch.empty(G.shape[0], 2 * F if g is not None else F, dtype=G.dtype, device=G.device)
+    dh = torch.mul(Gw, dact, out=dhg[:, :F])
     if g is not None:
-        gr = _rows(g, routing, F).to(G.dtype)
-        dg = (G * wr * act).to(dtype)
-        dh = dh * gr
-        act = act * gr
-    dh = dh.to(dtype)
-    dweights = combine_dots((G * act).sum(1)[None], routing.assignment_row, weights.dtype) if need_weights else None
-    dw2 = _expert_wgrad(_acc((act * wr).to(dtype)), douts, routing.offsets).to(dtype) if need_w2 else None
+        torch.mul(Gw, act, out=dhg[:, F:])
+        dh.mul_(_rows(g, routing, F).to(G.dtype))
+    dhg = dhg.to(dtype)
+    dh, dg = dhg[:, :F], None if g is None else dhg[:, F:]
+    dw2 = _expert_wgrad(_acc((a * wr).to(dtype)), douts, routing.offsets).to(dtype) if need_w2 else None
     dx = None
     if need_x:
-        dxs = _expert_mm(_acc(dh), w1.transpose(1, 2), routing.offsets)
-        if dg is not None:
-            dxs = dxs + _expert_mm(_acc(dg), w3.transpose(1, 2), routing.offsets)
+        pair = _adjacent(w1, w3)
+        if pair is not None:
+            dxs = _expert_mm(_acc(dhg), pair.transpose(1, 2), routing.offsets)
+        else:
+            dxs = _expert_mm(_acc(dh), w1.transpose(1, 2), routing.offsets)
+            if dg is not None:
+                dxs = dxs + _expert_mm(_acc(dg), w3.transpose(1, 2), routing.offsets)
         dx = scatter_rows(dxs.to(dtype), routing.row_asg, routing.assignment_row)
-    xs = _gathered(x, routing.row_src)
-    dw1 = _expert_wgrad(xs, _acc(dh), routing.offsets).to(dtype) if need_w1 or need_w3 else None
-    dw3 = _expert_wgrad(xs, _acc(dg), routing.offsets).to(dtype) if dg is not None and (need_w1 or need_w3) else None
+    dw1 = dw3 = None
+    if need_w1 or need_w3:
+        xs = _gathered(x, routing.row_src)
+        dw1 = _expert_wgrad(xs, _acc(dh), routing.offsets).to(dtype)
+        dw3 = None if dg is None else _expert_wgrad(xs, _acc(dg), routing.offsets).to(dtype)
     return dx, dweights, dw1, dw2, dw3

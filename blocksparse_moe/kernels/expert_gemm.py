@@ -48,7 +48,9 @@ columns and their A rows in L2 instead of re-reading the weights once per M tile
 - ``BACKWARD`` (``_backward_epilogue``): ``acc = G = dout[token] @ w2ᵀ`` at the tile; with ``w`` the row's top-k
   weight and ``a`` recomputed from the saved ``h``, ``g``: stores ``dh = w·G·g·act'(h)``, ``dg = w·G·act(h)``,
   ``aw = w·a`` (for ``dW2``) and ``dots[n_tile, p] = Σ_tile G·a`` (the top-k weight gradient ``<dout @ w2ᵀ, a>``,
-  reduced over the N tiles afterwards, deterministically).
+  reduced over the N tiles afterwards, deterministically). Full-width tiles: the accumulator is split into column
+  slices of ``EPI_N`` (``tl.split`` halvings) and the epilogue runs slice by slice, loading h and g per slice, so
+  that only one slice's temporaries are live beside the accumulator.
 
 The launchers choose the config and the grid and launch; the ops validate the operands (``ops._checks``) and the
 backend allocates (``backends.triton``). Limits: fp32 / fp16 / bf16 operands of one dtype, fp32 accumulation,
@@ -105,6 +107,7 @@ class WeightLoad(enum.IntEnum):
 # the modes as the kernels read them (a @triton.jit function reads only constexpr globals)
 _PLAIN = tl.constexpr(Epilogue.PLAIN)
 _FORWARD = tl.constexpr(Epilogue.FORWARD)
+_BACKWARD = tl.constexpr(Epilogue.BACKWARD)
 _TMA = tl.constexpr(WeightLoad.TMA)
 _TMA_T = tl.constexpr(WeightLoad.TMA_T)
 
@@ -214,28 +217,66 @@ def _forward_epilogue(acc, acc2, h_ptr, g_ptr, a_ptr, o_off, store, GLU: tl.cons
 
 
 @triton.jit
-def _backward_epilogue(
-    acc, dh_ptr, dg_ptr, aw_ptr, h_ptr, g_ptr, row_asg_ptr, weights_ptr, dots_ptr, o_off, store, rows, row_ok, n_ok,
-    pid_n, R, GLU: tl.constexpr, ACT: tl.constexpr,
+def _halves(x, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+    """Columns ``[0, WIDTH/2)`` and ``[WIDTH/2, WIDTH)`` of ``x [BLOCK_M, WIDTH]`` (no data movement on an MMA
+    accumulator: the split column bit indexes each thread's registers)."""
+    return tl.split(x.reshape(BLOCK_M, 2, WIDTH // 2).permute(0, 2, 1))
+
+
+@triton.jit
+def _backward_slice(
+    G, j, dh_ptr, dg_ptr, aw_ptr, h_ptr, g_ptr, wr, o_rows, o_col0, s_oc, row_ok, n0, N, N_STORE,
+    GLU: tl.constexpr, ACT: tl.constexpr, EPI_N: tl.constexpr,
 ):  # fmt: skip
-    """``EPILOGUE`` ``BACKWARD``, ``acc = G = dout[token] @ w2ᵀ``: with ``w`` the row's top-k weight and ``a``
-    recomputed from the saved ``h`` [, ``g``], stores ``dh = w·G·[g·]act'(h)``, (``GLU``) ``dg = w·G·act(h)``,
-    ``aw = w·a`` and this N tile's ``dots[pid_n, row] = Σ G·a``."""
+    """The backward epilogue on column slice ``j`` (``EPI_N`` columns from ``n0 + j·EPI_N``) of the tile, ``G`` its
+    columns of the accumulator: loads h [, g] there, stores dh [, dg] and aw, returns ``Σ G·a`` over the slice."""
     dtype = dh_ptr.dtype.element_ty
-    valid = row_ok[:, None] & n_ok[None, :]
+    cols = j * EPI_N + tl.arange(0, EPI_N)
+    o_off = o_rows[:, None] + (o_col0 + cols.to(tl.int64) * s_oc)[None, :]
+    valid = row_ok[:, None] & (n0 + cols < N)[None, :]
+    store = row_ok[:, None] & (n0 + cols < N_STORE)[None, :]
     h = tl.load(h_ptr + o_off, mask=valid, other=0.0).to(tl.float32)
-    asg = tl.load(row_asg_ptr + rows, mask=row_ok, other=-1)
-    wr = tl.load(weights_ptr + tl.maximum(asg, 0).to(tl.int64), mask=asg >= 0, other=0.0).to(tl.float32)
     act, dact = activate_and_grad(h, ACT)
-    dh = acc * wr[:, None] * dact
+    Gw = G * wr[:, None]
+    dh = Gw * dact
     if GLU:
         g = tl.load(g_ptr + o_off, mask=valid, other=0.0).to(tl.float32)
-        tl.store(dg_ptr + o_off, (acc * wr[:, None] * act).to(dtype), mask=store)
+        tl.store(dg_ptr + o_off, (Gw * act).to(dtype), mask=store)
         dh = dh * g
         act = act * g
     tl.store(dh_ptr + o_off, dh.to(dtype), mask=store)
     tl.store(aw_ptr + o_off, (act * wr[:, None]).to(dtype), mask=store)
-    dots = tl.sum(tl.where(valid, acc * act, 0.0), axis=1)
+    return tl.sum(tl.where(valid, G * act, 0.0), axis=1)
+
+
+@triton.jit
+def _backward_epilogue(
+    acc, dh_ptr, dg_ptr, aw_ptr, h_ptr, g_ptr, row_asg_ptr, weights_ptr, dots_ptr, o_rows, o_col0, s_oc, rows,
+    row_ok, n0, pid_n, R, N, N_STORE, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPI_N: tl.constexpr,
+    GLU: tl.constexpr, ACT: tl.constexpr,
+):  # fmt: skip
+    """``EPILOGUE`` ``BACKWARD``, ``acc = G = dout[token] @ w2ᵀ``: with ``w`` the row's top-k weight and ``a``
+    recomputed from the saved ``h`` [, ``g``], stores ``dh = w·G·[g·]act'(h)``, (``GLU``) ``dg = w·G·act(h)``,
+    ``aw = w·a`` and this N tile's ``dots[pid_n, row] = Σ G·a``. Processed in ``BLOCK_N / EPI_N`` (a power of two,
+    at most 16) column slices of the accumulator (``_backward_slice``), so that only one slice of h, g and the
+    results is live beside the accumulator."""
+    asg = tl.load(row_asg_ptr + rows, mask=row_ok, other=-1)
+    wr = tl.load(weights_ptr + tl.maximum(asg, 0).to(tl.int64), mask=asg >= 0, other=0.0).to(tl.float32)
+    SLICES: tl.constexpr = BLOCK_N // EPI_N
+    tl.static_assert(SLICES * EPI_N == BLOCK_N and SLICES <= 16, "BLOCK_N: at most 16 slices of EPI_N columns")
+    parts = (acc,)
+    for level in tl.static_range(4):  # halve every slice while it is wider than EPI_N
+        if (BLOCK_N >> level) > EPI_N:
+            halves = ()
+            for i in tl.static_range(1 << level):
+                halves = halves + _halves(parts[i], BLOCK_M, BLOCK_N >> level)
+            parts = halves
+    dots = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for j in tl.static_range(SLICES):
+        dots += _backward_slice(
+            parts[j], j, dh_ptr, dg_ptr, aw_ptr, h_ptr, g_ptr, wr, o_rows, o_col0, s_oc, row_ok, n0, N, N_STORE, GLU,
+            ACT, EPI_N,
+        )  # fmt: skip
     tl.store(dots_ptr + pid_n.to(tl.int64) * R + rows, dots, mask=row_ok)
 
 
@@ -282,6 +323,7 @@ def gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EPI_N: tl.constexpr,  # BACKWARD: the epilogue's column slice (BLOCK_N / EPI_N slices: 1, 2 or 4)
     GROUP_M: tl.constexpr,
     LB_A: tl.constexpr,  # log2 of A's layout block (any value for dense / gathered A)
     LB_O: tl.constexpr,  # log2 of out's layout block
@@ -334,18 +376,20 @@ def gemm_kernel(
             s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, BLOCK_K, BLOCK_N, LB_A, False, W_TMA, UPCAST,
         )  # fmt: skip
 
-    o_cols = tile_start(pid_n, s_ocb, s_oc, BLOCK_N, LB_O) + tl.arange(0, BLOCK_N).to(tl.int64) * s_oc
-    o_off = row_offsets(rows, s_orb, s_or, LB_O)[:, None] + o_cols[None, :]
-    store = row_ok[:, None] & (offs_n < N_STORE)[None, :]
-    if EPILOGUE == _PLAIN:
-        _store_plain(acc, out_ptr, o_off, store)
-    elif EPILOGUE == _FORWARD:
-        _forward_epilogue(acc, acc2, out_ptr, out2_ptr, out3_ptr, o_off, store, GLU, ACT)
-    else:
+    o_rows = row_offsets(rows, s_orb, s_or, LB_O)
+    o_col0 = tile_start(pid_n, s_ocb, s_oc, BLOCK_N, LB_O)
+    if EPILOGUE == _BACKWARD:
         _backward_epilogue(
-            acc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr, row_asg_ptr, weights_ptr, dots_ptr, o_off, store, rows,
-            row_ok, n_ok, pid_n, R, GLU, ACT,
+            acc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr, row_asg_ptr, weights_ptr, dots_ptr, o_rows, o_col0, s_oc,
+            rows, row_ok, n0, pid_n, R, N, N_STORE, BLOCK_M, BLOCK_N, EPI_N, GLU, ACT,
         )  # fmt: skip
+    else:
+        o_off = o_rows[:, None] + (o_col0 + tl.arange(0, BLOCK_N).to(tl.int64) * s_oc)[None, :]
+        store = row_ok[:, None] & (offs_n < N_STORE)[None, :]
+        if EPILOGUE == _PLAIN:
+            _store_plain(acc, out_ptr, o_off, store)
+        else:
+            _forward_epilogue(acc, acc2, out_ptr, out2_ptr, out3_ptr, o_off, store, GLU, ACT)
 
 
 @triton.jit
@@ -445,7 +489,7 @@ def wgrad_kernel(
 @dataclass(frozen=True)
 class GemmConfig:
     """Output tile ``block_m × block_n``, reduction step ``block_k``, M tiles per group of the grouped order,
-    and launch options."""
+    launch options, and the backward epilogue's column slice ``epilogue_n`` (``block_n`` / 1, 2 or 4)."""
 
     block_m: int
     block_n: int
@@ -453,6 +497,12 @@ class GemmConfig:
     group_m: int
     num_warps: int
     num_stages: int
+    epilogue_n: int | None = None  # None: block_n (one slice)
+
+    @property
+    def epi_n(self) -> int:
+        """``gemm_kernel``'s ``EPI_N``."""
+        return min(self.epilogue_n or self.block_n, self.block_n)
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -484,25 +534,30 @@ def gemm_config(
     sm_90: ``block_m`` rows on ``block_m / 16`` warps (a warpgroup per 64 rows: wgmma), K step 64 for 16-bit types
     (32 for fp32), 3 stages of 128×64 + 64×128 16-bit tiles (96 KB of shared memory) and at most ~128 registers, so
     two programs fit one SM. The GLU forward keeps two accumulators (``block_n`` 64: one A tile feeds ``w1`` and
-    ``w3``); the backward epilogue holds h, g and four results per element (``block_n`` 32: at 64 it takes 247
-    registers on sm_90 and spills on sm_80 / sm_120). Unaligned operands (scalar loads staged in registers) take a
-    K step of 32 and at most 64 columns, 32 where a tile keeps two accumulators or two pipelines (GLU, the dgrad
-    pair) or the backward epilogue: wider ones spill on sm_80, sm_100 or sm_120; fp32 tiles take at most 64 columns
-    (16 for the unaligned pair) on 8 warps (sm_120's ptxas spills the transposed-weight and pair fp32 builds
-    otherwise). ``out_block`` / ``a_block``: the block size of a blocked out / A (a tile never straddles a block).
-    One small config when interpreting. Checked by ``python -m bench.audit``.
+    ``w3``); the backward epilogue holds h, g and four results per element, so it runs full-width tiles (``block_n``
+    128) and processes the accumulator in column slices of 8 (``epilogue_n``: ≤ 128 registers on sm_90 with every
+    activation; slices of 16 or 32 take 135-148, a whole 128-column tile ~250 and spills). Unaligned operands
+    (scalar loads staged in registers) take a K step of 32 and at most 64 columns, 32 where a tile keeps two
+    accumulators or two pipelines (GLU, the dgrad pair) or the backward epilogue: wider ones spill on sm_80, sm_100
+    or sm_120; fp32 tiles take at most 64 columns, the pair 32 (16 unaligned), on 8 warps (sm_120's ptxas spills
+    the transposed-weight and pair fp32 builds otherwise). ``out_block`` / ``a_block``: the block size of a blocked out
+    / A (a tile never straddles a block). One small config when interpreting (the backward epilogue's 64 columns
+    wide in eight slices, fewer in narrower blocks).
+    Checked by ``python -m bench.audit``.
     """
+    backward = epilogue == Epilogue.BACKWARD
     if interpreting():
-        cfg = GemmConfig(block_m, 16, 16, 2, 4, 1)
+        cfg = GemmConfig(block_m, 64, 16, 2, 4, 1, 8) if backward else GemmConfig(block_m, 16, 16, 2, 4, 1)
     else:
         block_k = 32 if dtype == torch.float32 or not aligned else 64
-        block_n = 32 if epilogue == Epilogue.BACKWARD else 64 if glu else 128
+        block_n = 64 if glu and not backward else 128
         if not aligned:
-            block_n = 32 if (glu or pair or epilogue == Epilogue.BACKWARD) else 64
+            block_n = 32 if (glu or pair or backward) else 64
         warps = 8 if block_m >= 128 else 4
         if dtype == torch.float32:  # 4-byte tiles: at most 64 columns, 8 warps (sm_120 / sm_80 spill otherwise)
-            block_n, warps = min(block_n, 16 if pair and not aligned else 64), 8
-        cfg = GemmConfig(block_m, block_n, block_k, 8, warps, 3)
+            # the pair reads each weight with its own strides: at 64 columns sm_120's ptxas spills it
+            block_n, warps = min(block_n, (32 if aligned else 16) if pair else 64), 8
+        cfg = GemmConfig(block_m, block_n, block_k, 8, warps, 3, 8 if backward else None)
     return _clamp(cfg, n=out_block, k=a_block)
 
 
@@ -644,8 +699,8 @@ def gemm(
         schedule.tile_offsets,
         out.rows, N, n_store, K, E, E.bit_length(), schedule.max_m_tiles,
         *a.strides, *w.stride(), *w2.stride(), *out.strides,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, LB_A=a.log_block,
-        LB_O=out.log_block, GATHER=a.gathered, GLU=glu, PAIR=pair is not None, EPILOGUE=int(epilogue),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EPI_N=cfg.epi_n, GROUP_M=cfg.group_m,
+        LB_A=a.log_block, LB_O=out.log_block, GATHER=a.gathered, GLU=glu, PAIR=pair is not None, EPILOGUE=int(epilogue),
         ACT=kernel_code(activation), W_TMA=int(tma), UPCAST=upcast_dots(dtype), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip

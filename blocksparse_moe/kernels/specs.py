@@ -215,8 +215,8 @@ def _gemm_specs() -> list[CompileSpec]:
                 for cfg, variants in _variants(dtype, configs):
                     for act in activations if variants == ("aligned",) else activations[:1]:
                         base = dict(
-                            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                            LB_A=lb_block if use.a_blocked else DENSE_LOG_BLOCK,
+                            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EPI_N=cfg.epi_n,
+                            GROUP_M=cfg.group_m, LB_A=lb_block if use.a_blocked else DENSE_LOG_BLOCK,
                             LB_O=lb_block if use.out_blocked else DENSE_LOG_BLOCK, GATHER=use.gather, GLU=use.glu,
                             PAIR=use.pair, EPILOGUE=int(use.epilogue), ACT=kernel_code(act), UPCAST=False,
                         )  # fmt: skip

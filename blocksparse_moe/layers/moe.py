@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,16 +27,17 @@ from ..activations import Activation, get_activation
 from ..functional import moe_mlp
 from ..options import MoEOptions, options_from
 from ..validation import boolean, non_negative_number, positive_int
-from .losses import load_balancing_loss, router_z_loss
+from .losses import load_balancing_loss, router_z_loss, sequence_balance_loss
 from .router import TopKRouter
 
-__all__ = ["MoEExperts", "MoELayer", "dMoE", "PaddedMoE"]
+__all__ = ["MoEExperts", "MoELayer", "dMoE", "PaddedMoE", "freeze"]
 
 
 class MoEExperts(nn.Module):
     """The routed experts of a MoE layer: ``forward(x [T, d], top_k_index [T, k], top_k_weights [T, k], *,
-    return_stats=False, **overrides) -> [T, d]`` is ``moe_mlp`` over this module's weights with its ``options``
-    (keyword ``overrides``, ``MoEOptions`` fields such as ``num_groups``, replace them for one call).
+    return_stats=False, activation=None, **overrides) -> [T, d]`` is ``moe_mlp`` over this module's weights with
+    its ``activation`` and ``options`` (``activation``, and keyword ``overrides``, ``MoEOptions`` fields such as
+    ``num_groups``, replace them for one call).
 
     Args:
         num_experts, hidden_size, ffn_hidden_size: E, d, f.
@@ -93,6 +95,7 @@ class MoEExperts(nn.Module):
         top_k_weights: torch.Tensor,
         *,
         return_stats: bool = False,
+        activation: str | Activation | None = None,
         **overrides: Any,
     ) -> torch.Tensor:
         options = replace(self.options, **overrides) if overrides else self.options
@@ -103,7 +106,7 @@ class MoEExperts(nn.Module):
             self.w1,
             self.w2,
             self.w3,
-            activation=self.activation,
+            activation=self.activation if activation is None else activation,
             options=options,
             return_stats=return_stats,
         )
@@ -134,6 +137,11 @@ class _DenseMLP(nn.Module):
         return self.down(h)
 
 
+def _dropout_after(act: Activation, p: float, h: torch.Tensor) -> torch.Tensor:
+    """``dropout(act(h))``: in the GLU product ``act(h) * g`` the same as dropout on the product."""
+    return torch.nn.functional.dropout(act(h), p, training=True)
+
+
 class MoELayer(nn.Module):
     """A MoE layer: ``forward(x [..., d]) -> (y [..., d], aux_loss [] fp32)``: ``TopKRouter`` → ``MoEExperts`` with
     ``options`` → plus an optional dense shared expert. ``dMoE`` and ``PaddedMoE`` are this layer with the options
@@ -145,8 +153,17 @@ class MoELayer(nn.Module):
         activation: the experts' activation (a name or an elementwise callable), also the shared expert's.
         glu: GLU experts (``w3``), ``act(x @ w1) * (x @ w3) @ w2``.
         load_balancing_weight, z_loss_weight: coefficients of the auxiliary losses (finite, >= 0).
-        shared_expert_size: width of a dense shared expert added to the output (DeepSeek-MoE); None for none.
-        router_kw: ``TopKRouter`` options (score, normalize, jitter_eps, noisy_gating, random_second, router_dtype).
+        shared_expert_size: width of a dense shared expert added to the output (DeepSeek-MoE; several shared
+            experts are one wider MLP); None for none.
+        shared_expert_gate: scale the shared expert's output by ``sigmoid(x · w)`` per token, ``w`` a learned
+            ``[1, d]`` projection (``shared_expert_gate.weight``; Qwen2-MoE). Needs ``shared_expert_size``.
+        expert_dropout: dropout probability on the expert intermediate ``act(x @ w1) [* (x @ w3)]``, in training
+            only (ST-MoE's fine-tuning recipe). In training the experts then run ``moe_mlp`` with a callable
+            activation: the op-by-op pipeline instead of the fused expert MLP.
+        sequence_balance_weight: coefficient of DeepSeek-V3's per-sequence balance loss (``sequence_balance_loss``
+            over the sequences of an input ``[..., S, d]``; a 2-D input is one sequence), added to ``aux_loss``.
+        router_kw: ``TopKRouter`` options (score, normalize, jitter_eps, noisy_gating, random_second, expert_bias,
+            num_expert_groups, topk_groups, scaling_factor, router_dtype).
             ``normalize`` defaults to ``top_k > 1``: at k = 1 a renormalised weight is p/p = 1, which would leave
             the router without a gradient from the task loss (Switch multiplies by the raw probability).
 
@@ -165,7 +182,10 @@ class MoELayer(nn.Module):
         glu: bool = True,
         load_balancing_weight: float = 0.01,
         z_loss_weight: float = 0.0,
+        sequence_balance_weight: float = 0.0,
         shared_expert_size: int | None = None,
+        shared_expert_gate: bool = False,
+        expert_dropout: float = 0.0,
         **router_kw: Any,
     ) -> None:
         super().__init__()
@@ -182,6 +202,12 @@ class MoELayer(nn.Module):
             positive_int("shared_expert_size", shared_expert_size)
         non_negative_number("load_balancing_weight", load_balancing_weight)
         non_negative_number("z_loss_weight", z_loss_weight)
+        non_negative_number("sequence_balance_weight", sequence_balance_weight)
+        boolean("shared_expert_gate", shared_expert_gate)
+        if shared_expert_gate and shared_expert_size is None:
+            raise ValueError("shared_expert_gate=True needs a shared expert, got shared_expert_size=None")
+        if not non_negative_number("expert_dropout", expert_dropout) < 1:
+            raise ValueError(f"expert_dropout must be in [0, 1), got {expert_dropout!r}")
         options = options_from(options)
         self.router = TopKRouter(hidden_size, num_experts, top_k, **router_kw)
         self.experts = MoEExperts(
@@ -190,6 +216,9 @@ class MoELayer(nn.Module):
         self.shared_expert = (
             _DenseMLP(hidden_size, shared_expert_size, activation, glu) if shared_expert_size is not None else None
         )
+        self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if shared_expert_gate else None
+        self.expert_dropout = float(expert_dropout)
+        self.sequence_balance_weight = sequence_balance_weight
         self.hidden_size, self.ffn_hidden_size = hidden_size, ffn_hidden_size
         self.num_experts, self.top_k = num_experts, top_k
         self.load_balancing_weight, self.z_loss_weight = load_balancing_weight, z_loss_weight
@@ -215,12 +244,24 @@ class MoELayer(nn.Module):
             raise ValueError(f"x must be [..., hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
         flat = x.reshape(-1, self.hidden_size)
         logits, top_k_weights, top_k_index = self.router(flat)
-        out = self.experts(flat, top_k_index, top_k_weights, **self._overrides(x, flat.shape[0]))
+        activation = None
+        if self.training and self.expert_dropout:
+            activation = partial(_dropout_after, get_activation(self.experts.activation), self.expert_dropout)
+        out = self.experts(flat, top_k_index, top_k_weights, activation=activation, **self._overrides(x, flat.shape[0]))
         if self.shared_expert is not None:
-            out = out + self.shared_expert(flat)
+            shared = self.shared_expert(flat)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+            out = out + shared
+        scores = self.router.scores(logits)
         aux = self.load_balancing_weight * load_balancing_loss(
-            self.router.scores(logits), top_k_index, self.num_experts
+            scores, top_k_index, self.num_experts
         ) + self.z_loss_weight * router_z_loss(logits)
+        if self.sequence_balance_weight:
+            seq_len = x.shape[-2] if x.dim() > 2 and flat.shape[0] else max(flat.shape[0], 1)
+            aux = aux + self.sequence_balance_weight * sequence_balance_loss(
+                scores, top_k_index, self.num_experts, seq_len=seq_len
+            )
         return out.view(x.shape), aux
 
     def extra_repr(self) -> str:
@@ -232,7 +273,7 @@ class MoELayer(nn.Module):
 
 class dMoE(MoELayer):  # noqa: N801 (MegaBlocks' name)
     """Dropless MoE layer: ``MoELayer`` with ``options`` (default ``impl="auto"``: ``"blocksparse"`` on CUDA,
-    ``"grouped"`` elsewhere).
+    ``"grouped"`` where its block padding would dominate and elsewhere; ``options.resolve_impl``).
 
     Args:
         hidden_size, ffn_hidden_size, num_experts, top_k: d, f, E, k.
@@ -270,7 +311,8 @@ class PaddedMoE(MoELayer):
     Args:
         hidden_size, ffn_hidden_size, num_experts, top_k: d, f, E, k.
         options: the experts' ``MoEOptions`` (``impl="padded"``); or the convenience keywords ``capacity_factor``,
-            ``capacity``, ``num_groups`` (an int or ``"sequence"``), ``recompute_activation`` build it.
+            ``capacity``, ``num_groups`` (an int or ``"sequence"``), ``drop_policy`` (``"position"`` or
+            ``"probs"``: which assignments keep the slots), ``recompute_activation`` build it.
         layer_kw: ``MoELayer``'s and the router's options.
     """
 
@@ -285,6 +327,7 @@ class PaddedMoE(MoELayer):
         capacity_factor: float | None = 1.25,
         capacity: int | None = None,
         num_groups: int | str = 1,
+        drop_policy: str = "position",
         recompute_activation: bool = False,
         **layer_kw: Any,
     ) -> None:
@@ -295,14 +338,15 @@ class PaddedMoE(MoELayer):
                 capacity_factor=None if capacity is not None else capacity_factor,
                 capacity=capacity,
                 num_groups=1 if sequence else num_groups,
+                drop_policy=drop_policy,
                 recompute_activation=recompute_activation,
             )
         else:
             given = capacity_factor != 1.25 or capacity is not None or num_groups not in (1, "sequence")
-            if given or recompute_activation:
+            if given or recompute_activation or drop_policy != "position":
                 raise ValueError(
                     "give options=MoEOptions(...) or the keywords capacity_factor, capacity, num_groups (except "
-                    "'sequence'), recompute_activation, not both"
+                    "'sequence'), drop_policy, recompute_activation, not both"
                 )
             if options.impl != "padded":
                 raise ValueError(f"PaddedMoE needs options with impl='padded', got impl={options.impl!r}")
@@ -317,3 +361,30 @@ class PaddedMoE(MoELayer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_groups={self.num_groups!r}"
+
+
+def freeze(
+    layer: nn.Module, *, experts: bool | None = None, router: bool | None = None, shared: bool | None = None
+) -> nn.Module:
+    """Freeze (``True``) or unfreeze (``False``) parts of every ``MoELayer`` (``dMoE``, ``PaddedMoE``) in
+    ``layer`` (a layer or a model), for the fine-tuning recipes (ST-MoE: freeze the experts, or everything else);
+    ``None`` leaves a part as it is. ``experts``: the routed experts' weights; ``router``: the router's parameters
+    (its expert bias is a buffer, moved by ``update_expert_bias`` only); ``shared``: the shared expert and its
+    gate. Sets ``requires_grad``; returns ``layer``."""
+    if not isinstance(layer, nn.Module):
+        raise TypeError(f"layer must be a torch.nn.Module, got {type(layer).__name__}")
+    parts = {"experts": experts, "router": router, "shared": shared}
+    for name, value in parts.items():
+        if value is not None:
+            boolean(name, value)
+    layers = [m for m in layer.modules() if isinstance(m, MoELayer)]
+    if not layers:
+        raise ValueError(f"layer must be or hold a dMoE or PaddedMoE, got none in {type(layer).__name__}")
+    for moe in layers:
+        shared_modules = [moe.shared_expert, moe.shared_expert_gate]
+        modules = {"experts": [moe.experts], "router": [moe.router], "shared": shared_modules}
+        for name, value in parts.items():
+            for module in modules[name] if value is not None else ():
+                if module is not None:
+                    module.requires_grad_(not value)
+    return layer

@@ -1,14 +1,18 @@
-"""Top-k token-choice router (Switch / GShard / Mixtral / Shazeer variants)."""
+"""Top-k token-choice router (Switch / GShard / Mixtral / Shazeer / DeepSeek-V3 variants) and the auxiliary-loss-free
+balancing update of its expert bias (DeepSeek-V3)."""
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TopKRouter"]
+from ..validation import boolean, choice, non_negative_number, positive_int
+
+__all__ = ["TopKRouter", "update_expert_bias"]
 
 SCORES = ("softmax", "sigmoid")
 
@@ -25,13 +29,25 @@ class TopKRouter(nn.Module):
 
     Args:
         score: ``"softmax"`` over experts, or an independent ``"sigmoid"`` per expert (DeepSeek-V3).
-        normalize: renormalise the top-k scores to sum to 1 (Mixtral). Default: ``top_k > 1``; at k = 1 the
-            renormalised weight is p/p = 1, which gives the router no gradient from the task loss (Switch keeps p).
+        normalize: renormalise the top-k scores to sum to 1 over the selected experts (Mixtral; DeepSeek-V3 with
+            sigmoid scores). Default: ``top_k > 1``; at k = 1 the renormalised weight is p/p = 1, which gives the
+            router no gradient from the task loss (Switch keeps p).
         jitter_eps: training only, multiply the router input by ``U(1 - eps, 1 + eps)`` (Switch).
         noisy_gating: training only, add ``N(0, 1) · softplus(x @ w_noise)`` to the logits, with ``w_noise`` a
             learned projection initialised to zero (Shazeer et al. 2017, noisy top-k gating).
         random_second: training only, ``top_k = 2``: keep the second expert with probability
             ``min(1, 2 · p2 / p1)``, else give it weight 0 (GShard).
+        expert_bias: a per-expert bias *buffer* ``expert_bias [E]`` (fp32, zeros) added to the scores for the
+            choice of experts only; the combine weights come from the unbiased scores (DeepSeek-V3's
+            auxiliary-loss-free balancing). In training the router counts the tokens sent to each expert in the
+            buffer ``tokens_per_expert [E]`` (int64, on the device, no host sync; not saved in the state_dict);
+            ``update_expert_bias`` turns the counts into a bias update and resets them.
+        num_expert_groups, topk_groups: group-limited routing (DeepSeek-V3's ``n_group`` / ``topk_group``): the
+            experts form ``num_expert_groups`` equal groups of consecutive ids, each group is scored by the sum of
+            its two best (biased) scores (its best one when a group holds one expert), and every token picks its
+            ``top_k`` experts inside its ``topk_groups`` best groups only. Both or neither.
+        scaling_factor: the combine weights are multiplied by this (DeepSeek-V3's ``routed_scaling_factor``),
+            after the renormalisation.
         router_dtype: the router's math runs in this dtype whatever the input dtype and the autocast state (Switch
             selective precision: autocast is switched off inside the router).
 
@@ -50,32 +66,68 @@ class TopKRouter(nn.Module):
         jitter_eps: float | None = None,
         noisy_gating: bool = False,
         random_second: bool = False,
+        expert_bias: bool = False,
+        num_expert_groups: int | None = None,
+        topk_groups: int | None = None,
+        scaling_factor: float = 1.0,
         router_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         for name, value in (("hidden_size", hidden_size), ("num_experts", num_experts), ("top_k", top_k)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            positive_int(name, value)
         if top_k > num_experts:
             raise ValueError(f"top_k must be <= num_experts={num_experts}, got {top_k}")
-        if score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-        if jitter_eps is not None and not 0 <= jitter_eps < 1:
-            raise ValueError(f"jitter_eps must be None or in [0, 1), got {jitter_eps!r}")
+        choice("score", score, SCORES)
         if normalize is None:
             normalize = top_k > 1
-        if not isinstance(normalize, bool):
-            raise TypeError(f"normalize must be a bool or None, got {normalize!r}")
+        boolean("normalize", normalize)
+        if jitter_eps is not None and (non_negative_number("jitter_eps", jitter_eps) >= 1):
+            raise ValueError(f"jitter_eps must be None or a number in [0, 1), got {jitter_eps!r}")
+        boolean("noisy_gating", noisy_gating)
+        boolean("random_second", random_second)
         if random_second and top_k != 2:
             raise ValueError(f"random_second needs top_k=2, got top_k={top_k}")
+        boolean("expert_bias", expert_bias)
+        self._check_groups(num_experts, top_k, num_expert_groups, topk_groups)
+        if non_negative_number("scaling_factor", scaling_factor) == 0:
+            raise ValueError(f"scaling_factor must be a finite positive number, got {scaling_factor!r}")
         if not isinstance(router_dtype, torch.dtype) or not router_dtype.is_floating_point:
             raise TypeError(f"router_dtype must be a floating torch.dtype, got {router_dtype!r}")
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
         self.score, self.normalize, self.jitter_eps = score, normalize, jitter_eps
         self.random_second, self.router_dtype = random_second, router_dtype
+        self.num_expert_groups, self.topk_groups = num_expert_groups, topk_groups
+        self.scaling_factor = float(scaling_factor)
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's default
         self.noise_weight = nn.Parameter(torch.zeros(num_experts, hidden_size)) if noisy_gating else None
+        self.register_buffer("expert_bias", torch.zeros(num_experts) if expert_bias else None)
+        self.register_buffer(
+            "tokens_per_expert", torch.zeros(num_experts, dtype=torch.int64) if expert_bias else None, persistent=False
+        )
+
+    @staticmethod
+    def _check_groups(num_experts: int, top_k: int, num_groups: object, topk_groups: object) -> None:
+        if (num_groups is None) != (topk_groups is None):
+            raise ValueError(
+                f"num_expert_groups and topk_groups must be given together, got num_expert_groups={num_groups!r}, "
+                f"topk_groups={topk_groups!r}"
+            )
+        if num_groups is None:
+            return
+        positive_int("num_expert_groups", num_groups)
+        positive_int("topk_groups", topk_groups)
+        if num_experts % num_groups:
+            raise ValueError(
+                f"num_expert_groups must divide num_experts={num_experts}, got num_expert_groups={num_groups}"
+            )
+        if topk_groups > num_groups:
+            raise ValueError(f"topk_groups must be <= num_expert_groups={num_groups}, got {topk_groups}")
+        if top_k > topk_groups * (num_experts // num_groups):
+            raise ValueError(
+                f"topk_groups={topk_groups} groups of {num_experts // num_groups} experts hold fewer than "
+                f"top_k={top_k} experts: topk_groups must be at least {-(-top_k // (num_experts // num_groups))}"
+            )
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Router probabilities ``[T, E]`` from the logits (softmax or sigmoid)."""
@@ -87,6 +139,17 @@ class TopKRouter(nn.Module):
         with _autocast_off(x.device.type):
             return self._route(x)
 
+    def _choice_scores(self, probs: torch.Tensor) -> torch.Tensor:
+        """The scores the experts are chosen by: ``probs`` plus the expert bias, outside the chosen groups -inf."""
+        choice_scores = probs if self.expert_bias is None else probs + self.expert_bias.to(probs.dtype)
+        if self.num_expert_groups is None:
+            return choice_scores
+        grouped = choice_scores.unflatten(-1, (self.num_expert_groups, -1))  # [T, G, E / G]
+        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # [T, G]
+        top_groups = group_scores.topk(self.topk_groups, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
+        return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(-2)
+
     def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = x.to(self.router_dtype)
         if self.training and self.jitter_eps:
@@ -96,16 +159,67 @@ class TopKRouter(nn.Module):
             noise_std = F.softplus(F.linear(h, self.noise_weight.to(self.router_dtype)))
             logits = logits + torch.randn_like(logits) * noise_std
         probs = self.scores(logits)
-        top_probs, top_k_index = probs.topk(self.top_k, dim=-1)
-        top_k_weights = top_probs / top_probs.sum(-1, keepdim=True) if self.normalize else top_probs
+        choice_scores = self._choice_scores(probs)
+        top_choice, top_k_index = choice_scores.topk(self.top_k, dim=-1)
+        # the combine weights come from the unbiased scores: topk's own values where there is no bias (a layer whose
+        # router leaves them unused and gathers instead comes out wrong from torch.compile's inductor on CPU)
+        top_probs = top_choice if self.expert_bias is None else probs.gather(1, top_k_index)
+        # + 1e-20: sigmoid scores can all underflow (DeepSeek-V3's guard); below half an ulp of any softmax top-k sum
+        top_k_weights = top_probs / (top_probs.sum(-1, keepdim=True) + 1e-20) if self.normalize else top_probs
         if self.training and self.random_second:
             p1, p2 = top_probs.detach().unbind(-1)
             keep = torch.rand_like(p2) < (2 * p2 / p1).clamp(max=1)
             top_k_weights = torch.stack([top_k_weights[:, 0], top_k_weights[:, 1] * keep], dim=-1)
+        if self.scaling_factor != 1.0:
+            top_k_weights = top_k_weights * self.scaling_factor
+        if self.training and self.tokens_per_expert is not None:
+            flat = top_k_index.detach().reshape(-1)
+            self.tokens_per_expert.scatter_add_(0, flat, torch.ones_like(flat))
         return logits, top_k_weights, top_k_index
 
     def extra_repr(self) -> str:
+        extra = "".join(
+            f", {name}={value!r}"
+            for name, value, default in (
+                ("expert_bias", self.expert_bias is not None, False),
+                ("num_expert_groups", self.num_expert_groups, None),
+                ("topk_groups", self.topk_groups, None),
+                ("scaling_factor", self.scaling_factor, 1.0),
+            )
+            if value != default
+        )
         return (
             f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}, "
-            f"score={self.score!r}, normalize={self.normalize}, router_dtype={self.router_dtype}"
+            f"score={self.score!r}, normalize={self.normalize}, router_dtype={self.router_dtype}{extra}"
         )
+
+
+@torch.no_grad()
+def update_expert_bias(layer_or_model: nn.Module, rate: float = 1e-3, group=None) -> None:
+    """DeepSeek-V3's auxiliary-loss-free balancing step for every ``TopKRouter(expert_bias=True)`` in
+    ``layer_or_model``: ``expert_bias += rate · sign(mean load - load)`` (an overloaded expert's bias falls, an
+    underloaded one's rises), the update re-centred to mean 0 (so the bias keeps its mean), then the counts reset.
+
+    ``load`` is the router's ``tokens_per_expert``, counted in training since the last update; with a process
+    ``group`` the counts of all routers are summed over its ranks first (one ``all_reduce``: pass the group that
+    spans the data- and expert-parallel ranks, so every rank applies the same update). Call it after each optimizer
+    step, e.g. ``optimizer.register_step_post_hook(lambda *_: update_expert_bias(model))``. No host sync.
+    """
+    if not isinstance(layer_or_model, nn.Module):
+        raise TypeError(f"layer_or_model must be a torch.nn.Module, got {type(layer_or_model).__name__}")
+    non_negative_number("rate", rate)
+    routers = [m for m in layer_or_model.modules() if isinstance(m, TopKRouter) and m.expert_bias is not None]
+    if not routers:
+        raise ValueError(
+            f"layer_or_model must hold a TopKRouter with expert_bias=True, got none in {type(layer_or_model).__name__}"
+        )
+    loads = [r.tokens_per_expert for r in routers]
+    if group is not None:
+        flat = torch.cat(loads)
+        dist.all_reduce(flat, group=group)
+        loads = flat.split([r.num_experts for r in routers])
+    for router, load in zip(routers, loads):
+        load = load.float()
+        delta = torch.sign(load.mean() - load) * rate
+        router.expert_bias.add_(delta - delta.mean())
+        router.tokens_per_expert.zero_()

@@ -212,7 +212,13 @@ class _ExpertParallelExperts:
     dispatch → ``moe_mlp`` over this rank's shards → combine, with the experts' options."""
 
     def forward(
-        self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, **options
+        self,
+        x: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        *,
+        activation: str | Activation | None = None,
+        **options,
     ) -> torch.Tensor:
         state: _ExpertParallelState = self._expert_parallel
         world, _ = _world(state.group)
@@ -236,16 +242,17 @@ class _ExpertParallelExperts:
             )
             keep = padded_slots(top_k_index, state.num_experts, C, G) < G * state.num_experts * C
         weights = [_local(w) for w in (self.w1, self.w2, self.w3)]
+        activation = self.activation if activation is None else activation
 
         def experts(sent: ExpertParallelDispatch) -> torch.Tensor:
             if options["impl"] == "padded":  # buffers for every received row: nothing more is dropped
                 return ep_local_experts(
                     sent,
                     *weights,
-                    activation=self.activation,
+                    activation=activation,
                     **{**options, "capacity": sent.local_capacity, "capacity_factor": None, "num_groups": 1},
                 )
-            return ep_local_experts(sent, *weights, activation=self.activation, **options)
+            return ep_local_experts(sent, *weights, activation=activation, **options)
 
         shared = state.shared_expert
         side = None if shared is None else lambda: shared(x)

@@ -2,7 +2,8 @@
 
 Tokens form ``G`` equal contiguous groups; each expert has ``C`` slots per group (``padded_capacity``). Within a
 group, assignments claim their expert's slots rank-major, then in token order (every first choice of a group before
-any second choice: ``padded_slots``); an assignment over capacity contributes zero. ``parallel`` applies the same
+any second choice: ``padded_slots``), or, with a ``priority`` (``drop_policy="probs"``: the combine weights), the
+highest priority first; an assignment over capacity contributes zero. ``parallel`` applies the same
 capacity and drop order per rank before sending.
 """
 
@@ -41,22 +42,36 @@ def padded_capacity(
     return math.ceil(factor * (num_tokens // num_groups) * top_k / num_experts)
 
 
-def padded_slots(top_k_index: torch.Tensor, num_experts: int, capacity: int, num_groups: int = 1) -> torch.Tensor:
+def padded_slots(
+    top_k_index: torch.Tensor,
+    num_experts: int,
+    capacity: int,
+    num_groups: int = 1,
+    priority: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Slot of each assignment in the ``[G, E, C]`` capacity buffers (flattened), ``G·E·C`` when dropped.
 
     Within each of the ``G`` contiguous token groups, assignments claim their expert's ``C`` slots rank-major,
-    then in token order. An id outside ``[0, E)`` claims no slot (``G·E·C``, as if dropped). Vectorised (cumsum
-    over a one-hot), no host sync. Returns ``[T, k]`` int64.
+    then in token order; with ``priority [T, k]`` (``drop_policy="probs"``: the combine weights) the highest
+    priority first, ties in that order (a stable sort). An id outside ``[0, E)`` claims no slot (``G·E·C``, as if
+    dropped). Vectorised (cumsum over a one-hot), no host sync. Returns ``[T, k]`` int64.
     """
     T, k = top_k_index.shape
     G, E, C = num_groups, num_experts, capacity
     S = T // G
     e = top_k_index.long().view(G, S, k).transpose(1, 2).reshape(G, k * S)  # rank-major order per group
+    order = None
+    if priority is not None:  # claim order: by descending priority within each group
+        p = priority.detach().view(G, S, k).transpose(1, 2).reshape(G, k * S)
+        order = p.argsort(dim=1, descending=True, stable=True)
+        e = e.gather(1, order)
     valid = (e >= 0) & (e < E)
     onehot = (e.unsqueeze(-1) == torch.arange(E, device=e.device)).long()  # [G, k·S, E]; invalid ids: all zero
     position = (onehot.cumsum(1) * onehot).sum(2) - 1  # place in its expert's queue (-1 for an invalid id)
     group = torch.arange(G, device=e.device).view(G, 1)
     slot = torch.where(valid & (position < C), (group * E + e) * C + position, G * E * C)
+    if order is not None:  # back to rank-major order
+        slot = torch.empty_like(slot).scatter_(1, order, slot)
     return slot.view(G, k, S).transpose(1, 2).reshape(T, k)
 
 
@@ -72,13 +87,16 @@ def padded(
     capacity: int,
     num_groups: int,
     recompute: bool,
+    drop_policy: str = "position",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The experts on ``capacity`` slots per expert per group; returns ``(out [T, d] in x.dtype, dropped [] int64)``
-    (valid assignments over capacity). The combine runs in ``weights``' dtype (fp32 at least), autocast or not."""
+    (valid assignments over capacity; which ones: ``drop_policy``, see ``MoEOptions``). The combine runs in
+    ``weights``' dtype (fp32 at least), autocast or not."""
     T, d = x.shape
     E = w1.shape[0]
     n = num_groups * E * capacity
-    slot = padded_slots(top_k_index, E, capacity, num_groups)  # [T, k], n = dropped or invalid
+    priority = weights if drop_policy == "probs" else None
+    slot = padded_slots(top_k_index, E, capacity, num_groups, priority)  # [T, k], n = dropped or invalid
     token = torch.arange(slot.numel(), device=x.device) // slot.shape[1]
     # slot -> token (T = empty slot); dropped assignments all land in the discarded entry n
     source = torch.full((n + 1,), T, dtype=torch.int64, device=x.device).scatter_(0, slot.reshape(-1), token)[:n]

@@ -1,0 +1,305 @@
+"""The per-launch roofline of ``bench.model``: GPUs, layer shapes, the routing assumption and one cost function per
+kernel, all stated here (``EFFICIENCY_MODEL`` is printed in the model's header).
+
+Every number below that is not a count is an assumption until a GPU measures it (``bench/gpu_check.sh`` prints the
+estimate beside each measured number): the GPU table says which of its numbers are vendor specifications and which
+were measured; the efficiencies are this model's, chosen from the kernels' structure, not fitted to a measurement.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .record import EagerOp, Launch, TensorInfo
+
+__all__ = [
+    "Gpu",
+    "GPUS",
+    "LayerShape",
+    "SHAPES",
+    "Cost",
+    "EFFICIENCY_MODEL",
+    "balanced_rows",
+    "launch_cost",
+    "eager_time",
+]
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """One GPU of the model. ``dense_tflops``: the bf16 dense GEMM rate that "% of dense" refers to."""
+
+    name: str
+    label: str
+    capability: tuple[int, int]
+    sms: int
+    dense_tflops: float
+    hbm_tbps: float
+    l2_tbps: float
+    smem_per_sm: int  # bytes of shared memory a CTA set may use per SM
+    main_loop_factor: float  # the architecture's factor on the main-loop efficiency of these kernels
+    source: str
+
+    @property
+    def sm_flops(self) -> float:
+        """Dense FLOP/s of one SM."""
+        return self.dense_tflops * 1e12 / self.sms
+
+
+GPUS: dict[str, Gpu] = {
+    "h100": Gpu(
+        "h100", "H100 SXM", (9, 0), 132, 989.0, 3.35, 10.0, 227 * 1024, 1.0,
+        "989 TFLOP/s bf16 dense and 3.35 TB/s: NVIDIA specification; L2 10 TB/s: assumption",
+    ),
+    "h200": Gpu(
+        "h200", "H200", (9, 0), 132, 790.0, 4.3, 10.0, 227 * 1024, 1.0,
+        "790 TFLOP/s bf16 dense GEMM and 4.3 TB/s device copy: measured on the project's H200 (PLATFORM.md; "
+        "specification 989 TFLOP/s, 4.8 TB/s); L2 10 TB/s: assumption",
+    ),
+    "b200": Gpu(
+        "b200", "B200", (10, 0), 148, 2250.0, 8.0, 20.0, 227 * 1024, 0.55,
+        "2250 TFLOP/s bf16 dense and 8 TB/s: NVIDIA specification; L2 20 TB/s: assumption; main loops at 0.55 of "
+        "the sm_90 efficiency (Hopper-structured kernels compiled for tcgen05, issue 16: ~45% of tensor peak)",
+    ),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One MoE layer: T tokens of width d, E experts of width f, top-k routing; bf16 SwiGLU."""
+
+    name: str
+    tokens: int
+    hidden: int
+    ffn: int
+    experts: int
+    top_k: int
+
+    @property
+    def assignments(self) -> int:
+        return self.tokens * self.top_k
+
+    def useful_flops(self) -> int:
+        """Forward + backward FLOPs of the expert GEMMs a perfect dropless layer executes: 3 GEMMs of
+        ``2·T·k·d·f`` forward (w1, w3, w2), twice that backward (input and weight gradients)."""
+        return 3 * 3 * 2 * self.assignments * self.hidden * self.ffn
+
+
+SHAPES: dict[str, LayerShape] = {
+    "mixtral": LayerShape("mixtral", 16384, 4096, 14336, 8, 2),
+    "fine": LayerShape("fine", 32768, 2048, 768, 128, 8),
+    "decode": LayerShape("decode", 64, 2048, 768, 128, 8),
+}
+
+
+def balanced_rows(assignments: int, experts: int) -> list[int]:
+    """The routing the model assumes: balanced, ``A // E`` assignments per expert (the first ``A % E`` one more)."""
+    base, extra = divmod(assignments, experts)
+    return [base + (e < extra) for e in range(experts)]
+
+
+EFFICIENCY_MODEL = """\
+efficiency model (assumptions, not measurements):
+  GEMM launch time = max(MMA, L2, HBM) + 3 us (launch, prologue, ramp)
+    MMA  = ceil(CTAs with work / SMs) x (executed FLOPs per CTA) / (SM dense rate x main-loop efficiency)
+           main-loop efficiency: by the MMA tile's N: >=128: 0.90, 64: 0.75, 32: 0.50, 16: 0.30; x0.85 with one CTA
+           per SM (prologue and epilogue not overlapped by a second CTA); x the GPU's factor (B200: 0.55);
+           fp32 operands at half the bf16 rate (tf32)
+    L2   = operand tiles read by the CTAs (A and W tiles every K step) / L2 bandwidth
+    HBM  = unique bytes (each operand row and weight once, every output and epilogue operand once) / (0.85 x HBM)
+  CTAs per SM = min(registers, shared memory, 2048 threads); registers per thread estimated as 64 + the fp32
+    accumulator elements per thread (x5 for the backward epilogue: G, h, g, act, act' live), rounded up to 8;
+    shared memory = stages x (A tile + W tiles)
+  permute kernels and eager ops: bytes / (0.85 x HBM) + 3 us each
+  routing: balanced (T*k/E assignments per expert); the routing itself runs its PyTorch implementation on meta
+    tensors here (on CUDA the compiled extension runs instead): its ops are listed, not modelled as the extension
+  W_TMA is 0 in the list (meta tensors are not CUDA tensors); the bytes and FLOPs are the same with TMA weights"""
+
+_N_EFFICIENCY = ((128, 0.90), (64, 0.75), (32, 0.50), (16, 0.30))
+_OVERHEAD_S = 3e-6
+_HBM_EFFICIENCY = 0.85
+_BASE_REGISTERS = 64
+_BWD_LIVE = 5  # fp32 values live per accumulator element in the backward epilogue
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one launch does under the model, and how long it takes."""
+
+    executed_flops: int
+    useful_flops: int
+    hbm_bytes: int
+    l2_bytes: int
+    work_ctas: int  # CTAs with MMA work (or, for permute kernels, every CTA)
+    zero_ctas: int  # CTAs that only write zeros (spare tiles of the sync-free bound, experts without rows)
+    idle_ctas: int  # CTAs with nothing to do (exit at once)
+    ctas_per_sm: int
+    efficiency: float  # main-loop efficiency assumed (0 for memory-bound kernels)
+    tile: str
+    mma_s: float
+    l2_s: float
+    hbm_s: float
+
+    @property
+    def seconds(self) -> float:
+        return max(self.mma_s, self.l2_s, self.hbm_s) + _OVERHEAD_S
+
+    @property
+    def bound(self) -> str:
+        return max((self.mma_s, "MMA"), (self.l2_s, "L2"), (self.hbm_s, "HBM"))[1]
+
+    @property
+    def intensity(self) -> float:
+        """MMA FLOPs per byte of operand tiles read from L2."""
+        return self.executed_flops / self.l2_bytes if self.l2_bytes else 0.0
+
+
+def _n_efficiency(block_n: int) -> float:
+    for n, eff in _N_EFFICIENCY:
+        if block_n >= n:
+            return eff
+    return _N_EFFICIENCY[-1][1]
+
+
+def _ctas_per_sm(gpu: Gpu, warps: int, acc_per_thread: float, smem: int) -> int:
+    threads = warps * 32
+    regs = min(255, 8 * math.ceil((_BASE_REGISTERS + acc_per_thread) / 8))
+    return max(1, min(65536 // (regs * threads), gpu.smem_per_sm // max(smem, 1), 2048 // threads))
+
+
+def _mma_seconds(gpu: Gpu, executed: int, work_ctas: int, efficiency: float) -> float:
+    if not work_ctas:
+        return 0.0
+    per_cta = executed / work_ctas
+    return math.ceil(work_ctas / gpu.sms) * per_cta / (gpu.sm_flops * efficiency)
+
+
+def _efficiency(gpu: Gpu, block_n: int, ctas_per_sm: int, itemsize: int) -> float:
+    eff = _n_efficiency(block_n) * gpu.main_loop_factor * (0.85 if ctas_per_sm == 1 else 1.0)
+    return eff / 2 if itemsize == 4 else eff
+
+
+def _hbm_seconds(gpu: Gpu, nbytes: int) -> float:
+    return nbytes / (gpu.hbm_tbps * 1e12 * _HBM_EFFICIENCY)
+
+
+def _gemm_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int]) -> Cost:
+    a = launch.args
+    BM, BN, BK = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
+    R, N, N_store, K = a["R"], a["N"], a["N_STORE"], a["K"]
+    m_tiles = a["num_m_tiles"]
+    n_tiles = launch.ctas // m_tiles
+    itemsize = a["a_ptr"].itemsize
+    dual = bool(a["GLU"]) and a["EPILOGUE"] == 1
+    pair = bool(a["PAIR"])
+    products = 1 + dual + pair
+    k_steps = math.ceil(K / BK)
+    used = sum(math.ceil(r / BM) for r in rows)
+    if used > m_tiles:
+        raise ValueError(f"{launch.kernel}: the routing needs {used} M tiles, the grid has {m_tiles}")
+    zero_m = min(m_tiles - used, math.ceil(max(R - sum(rows), 0) / BM))
+    executed = used * n_tiles * 2 * BM * BN * k_steps * BK * products
+    useful = sum(useful_rows) * 2 * N * K * products
+    a_rows = sum(useful_rows) if a["GATHER"] else sum(rows)
+    experts_used = sum(1 for r in rows if r)
+    outputs = 1 if a["EPILOGUE"] == 0 else 2 + bool(a["GLU"])  # h, a [, g] / dh, aw [, dg]
+    epilogue_reads = 1 + bool(a["GLU"]) if a["EPILOGUE"] == 2 else 0  # the saved h [, g]
+    written_rows = min(sum(rows) + zero_m * BM, R)
+    hbm = (
+        a_rows * K * itemsize * (1 + pair)
+        + experts_used * K * N * itemsize * products
+        + written_rows * N_store * itemsize * (outputs + epilogue_reads)
+        + (n_tiles * R * 4 if a["EPILOGUE"] == 2 else 0)  # the fp32 per-tile dots
+    )
+    l2 = used * n_tiles * k_steps * (BM * BK * (1 + pair) + BK * BN * (1 + dual)) * itemsize
+    threads = a["num_warps"] * 32
+    acc = BM * BN * (1 + dual) / threads * (_BWD_LIVE if a["EPILOGUE"] == 2 else 1)
+    smem = a["num_stages"] * (BM * BK + BK * BN * (1 + dual)) * itemsize
+    per_sm = _ctas_per_sm(gpu, a["num_warps"], acc, smem)
+    eff = _efficiency(gpu, BN, per_sm, itemsize)
+    work = used * n_tiles
+    return Cost(
+        executed, useful, hbm, l2, work, zero_m * n_tiles, (m_tiles - used - zero_m) * n_tiles, per_sm, eff,
+        f"{BM}x{BN}x{BK}", _mma_seconds(gpu, executed, work, eff), l2 / (gpu.l2_tbps * 1e12), _hbm_seconds(gpu, hbm),
+    )  # fmt: skip
+
+
+def _wgrad_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int]) -> Cost:
+    a = launch.args
+    BM, BN, BK = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
+    M, N = a["M"], a["N"]
+    E = a["out_ptr"].shape[0]
+    if len(rows) != E:
+        raise ValueError(f"{launch.kernel}: {E} experts in the output, {len(rows)} in the routing")
+    tiles = math.ceil(M / BM) * math.ceil(N / BN)
+    itemsize = a["a_ptr"].itemsize
+    products = 1 + bool(a["DUAL"])
+    steps = [math.ceil(r / BK) for r in rows]
+    executed = sum(tiles * 2 * BM * BN * s * BK * products for s in steps)
+    useful = sum(2 * M * N * r * products for r in useful_rows)
+    a_rows = sum(useful_rows) if a["A_GATHER"] else sum(rows)
+    b_rows = sum(useful_rows) if a["B_GATHER"] else sum(rows)
+    hbm = (a_rows * M + b_rows * N * products + E * M * N * products) * itemsize
+    l2 = sum(tiles * s * BK * (BM + BN * products) for s in steps) * itemsize
+    threads = a["num_warps"] * 32
+    smem = a["num_stages"] * BK * (BM + BN * products) * itemsize
+    per_sm = _ctas_per_sm(gpu, a["num_warps"], BM * BN * products / threads, smem)
+    eff = _efficiency(gpu, BN, per_sm, itemsize)
+    work = tiles * sum(1 for r in rows if r)
+    return Cost(
+        executed, useful, hbm, l2, work, tiles * E - work, 0, per_sm, eff, f"{BM}x{BN}x{BK}",
+        _mma_seconds(gpu, executed, work, eff), l2 / (gpu.l2_tbps * 1e12), _hbm_seconds(gpu, hbm),
+    )  # fmt: skip
+
+
+def _permute_cost(launch: Launch, gpu: Gpu, moved: int) -> Cost:
+    a = launch.args
+    tile = f"{a['BLOCK_ROWS']}x{a['BLOCK_D']}"
+    return Cost(0, 0, moved, 0, launch.ctas, 0, 0, 0, 0.0, tile, 0.0, 0.0, _hbm_seconds(gpu, moved))
+
+
+def _scatter_bytes(a: dict) -> int:
+    """``out[t] = Σ_j w · y[row(t, j)]``: each assignment's row read once, each token written once."""
+    y: TensorInfo = a["y_ptr"]
+    out: TensorInfo = a["out_ptr"]
+    asg: TensorInfo = a["assignment_row_ptr"]
+    d = out.shape[1]
+    weights = asg.numel * a["weights_ptr"].itemsize if a["HAS_WEIGHTS"] else 0
+    return asg.numel * d * y.itemsize + out.nbytes + asg.nbytes + weights
+
+
+def _gather_bytes(a: dict) -> int:
+    """``out[i] = w · x[token(i)]``: every sorted row written, its token row read."""
+    x: TensorInfo = a["x_ptr"]
+    out: TensorInfo = a["out_ptr"]
+    return out.numel * (x.itemsize + out.itemsize) + a["row_assignment_ptr"].nbytes
+
+
+def _weights_grad_bytes(a: dict) -> int:
+    """``dw[t, j] = <a[t], b[row(t, j)]>``: each assignment reads its token's row and its sorted row."""
+    out: TensorInfo = a["out_ptr"]
+    d = a["a_ptr"].shape[1]
+    return out.numel * d * (a["a_ptr"].itemsize + a["b_ptr"].itemsize) + out.nbytes + a["assignment_row_ptr"].nbytes
+
+
+def launch_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int]) -> Cost:
+    """The cost of ``launch`` on ``gpu`` when expert e owns ``rows[e]`` sorted rows (block-padded for the
+    block-sparse strategy) of which ``useful_rows[e]`` are assignments. A kernel without a cost function is an
+    error (the model must learn every kernel the launchers use)."""
+    if launch.kernel == "gemm_kernel":
+        return _gemm_cost(launch, gpu, rows, useful_rows)
+    if launch.kernel == "wgrad_kernel":
+        return _wgrad_cost(launch, gpu, rows, useful_rows)
+    if launch.kernel == "scatter_kernel":
+        return _permute_cost(launch, gpu, _scatter_bytes(launch.args))
+    if launch.kernel == "gather_kernel":
+        return _permute_cost(launch, gpu, _gather_bytes(launch.args))
+    if launch.kernel == "weights_grad_kernel":
+        return _permute_cost(launch, gpu, _weights_grad_bytes(launch.args))
+    raise ValueError(f"bench.model has no cost function for the kernel {launch.kernel!r}")
+
+
+def eager_time(op: EagerOp, gpu: Gpu) -> float:
+    """Seconds of one eager op: its bytes at HBM speed plus the launch."""
+    return _hbm_seconds(gpu, op.bytes) + _OVERHEAD_S

@@ -1,0 +1,172 @@
+"""bench.model, the whole-layer roofline: it runs for every shape × strategy on CPU in seconds, its launch list is
+the launchers' (GEMM launches forward and backward), its FLOP totals equal the analytic count, its cost functions
+count tiles as the kernels do, and the comparison with a measured run reads the bench's results.
+
+The model records the GPU launch list, so it runs with the interpreter off: in a subprocess (the tests' process
+has ``TRITON_INTERPRET=1``, under which ``record`` refuses to run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.model.compare import gpu_of
+from bench.model.record import Launch, TensorInfo, record
+from bench.model.roofline import GPUS, SHAPES, balanced_rows, launch_cost
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def estimates(tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "all.json"
+    start = time.perf_counter()
+    proc = _run("bench.model", "--shape", "all", "--impl", "all", "--gpu", "h200", "--json", str(out))
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(out.read_text()), proc.stdout, seconds
+
+
+def _analytic_flops(T: int, d: int, f: int, k: int) -> int:
+    """Forward: x@w1, x@w3, a@w2 over T·k rows; backward: each GEMM's input and weight gradients (2x forward)."""
+    forward = 3 * (2 * T * k * d * f)
+    return forward + 2 * forward
+
+
+def test_every_shape_and_strategy_runs_in_seconds(estimates):
+    results, stdout, seconds = estimates
+    assert {(r["shape"], r["impl"]) for r in results} == {(s, i) for s in SHAPES for i in ("blocksparse", "grouped")}
+    assert seconds < 120  # six recordings + one import on two shared cores (about 10 s when quiet)
+    closing = [line for line in stdout.splitlines() if line.endswith("(estimate)")]
+    assert len(closing) == 6
+    pattern = r"^(mixtral|fine|decode) (blocksparse|grouped) h200: [\d.]+ ms, \d+ TFLOP/s, [\d.]+% of dense"
+    pattern += r" \(estimate\)$"
+    assert all(re.match(pattern, line) for line in closing), closing
+
+
+def test_launch_list_is_the_launchers(estimates):
+    results, _, _ = estimates
+    for r in results:
+        kernels = [(la["phase"], la["kernel"]) for la in r["launches"]]
+        forward = [k for p, k in kernels if p == "forward"]
+        backward = [k for p, k in kernels if p == "backward"]
+        # forward: the gated up-projection and the down-projection, then the weighted scatter
+        assert sorted(forward) == ["gemm_kernel", "gemm_kernel", "scatter_kernel"], r["impl"]
+        # backward: dgrad of w2 with the epilogue, the dx pair, dW2, dW1 + dW3 (dual), the dx scatter
+        assert sorted(backward) == ["gemm_kernel", "gemm_kernel", "scatter_kernel", "wgrad_kernel", "wgrad_kernel"]
+        assert all(la["op"] is not None for la in r["launches"])  # every kernel runs inside the custom ops
+        assert r["eager_ops"], "the routing's eager ops are counted"
+
+
+def test_flop_totals_equal_the_analytic_count(estimates):
+    results, _, _ = estimates
+    for r in results:
+        s = SHAPES[r["shape"]]
+        analytic = _analytic_flops(s.tokens, s.hidden, s.ffn, s.top_k)
+        assert r["useful_flops"] == analytic == r["analytic_flops"]
+        assert r["executed_flops"] >= r["useful_flops"]
+        assert r["dense_pct"] == pytest.approx(100 * analytic / r["seconds"] / 1e12 / GPUS["h200"].dense_tflops)
+    by = {(r["shape"], r["impl"]): r for r in results}
+    # Mixtral, balanced: 4096 rows per expert, a multiple of every tile: nothing wasted
+    assert by["mixtral", "blocksparse"]["executed_flops"] == by["mixtral", "blocksparse"]["useful_flops"]
+    # decode: 4 rows per expert padded to a 128-row block (32x the work), 64-row tiles for grouped (16x)
+    assert by["decode", "blocksparse"]["executed_flops"] == 32 * by["decode", "blocksparse"]["useful_flops"]
+    assert by["decode", "grouped"]["executed_flops"] < by["decode", "blocksparse"]["executed_flops"]
+    # what impl="auto"'s rule rests on: at decode the grouped layout is the faster (the block padding dominates)
+    assert by["decode", "grouped"]["seconds"] < by["decode", "blocksparse"]["seconds"]
+
+
+def test_auto_rule_agrees_with_the_model(estimates):
+    # impl="auto" (options.resolve_impl) picks what the model says: grouped at decode (the block padding dominates),
+    # blocksparse at the reference shapes, where the two tie within 2% (the MegaBlocks layout stays the default)
+    results, stdout, _ = estimates
+    by = {(r["shape"], r["impl"]): r for r in results}
+    for shape in SHAPES:
+        sparse, grouped = by[shape, "blocksparse"]["seconds"], by[shape, "grouped"]["seconds"]
+        auto = by[shape, "blocksparse"]["auto_impl"]
+        if shape == "decode":
+            assert auto == "grouped" and grouped < 0.95 * sparse
+        else:
+            assert auto == "blocksparse" and abs(sparse - grouped) < 0.02 * grouped
+    assert "impl='auto' on CUDA picks grouped here" in stdout
+
+
+def _gemm(R: int, N: int, K: int, m_tiles: int, n_tiles: int, block_m: int = 64, **flags) -> Launch:
+    args = dict(
+        BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32, R=R, N=N, N_STORE=N, K=K, num_m_tiles=m_tiles, GLU=False,
+        EPILOGUE=0, PAIR=False, GATHER=False, num_warps=4, num_stages=3,
+        a_ptr=TensorInfo((R, K), (K, 1), torch.bfloat16),
+    )  # fmt: skip
+    args.update(flags)
+    return Launch("gemm_kernel", (m_tiles * n_tiles,), args, "forward", "bsm::expert_mlp")
+
+
+def test_gemm_cost_counts_tiles_like_the_kernel():
+    # two experts with 100 and 28 rows in 64-row tiles: 2 + 1 tiles with work; R = 256 rows, grid bound 6 M tiles:
+    # rows 128..191 and 192..255 are written with zeros by 2 tiles, the sixth tile has no rows at all
+    launch = _gemm(R=256, N=128, K=96, m_tiles=6, n_tiles=2)
+    c = launch_cost(launch, GPUS["h200"], [100, 28], [100, 28])
+    assert (c.work_ctas, c.zero_ctas, c.idle_ctas) == (3 * 2, 2 * 2, 1 * 2)
+    assert c.executed_flops == 3 * 2 * (2 * 64 * 64 * 96)  # K = 96: three 32-steps, no K padding
+    assert c.useful_flops == 128 * 2 * 128 * 96
+    # the GLU forward: two accumulators over the same A tiles (twice the FLOPs, one A read)
+    glu = launch_cost(_gemm(R=256, N=128, K=96, m_tiles=6, n_tiles=2, GLU=True, EPILOGUE=1), GPUS["h200"],
+                      [100, 28], [100, 28])  # fmt: skip
+    assert glu.executed_flops == 2 * c.executed_flops
+    # an expert with no rows takes no tile; a grid too small for the routing is an error (not silently costed)
+    assert launch_cost(launch, GPUS["h200"], [0, 128], [0, 128]).work_ctas == 2 * 2
+    with pytest.raises(ValueError, match="M tiles"):
+        launch_cost(_gemm(R=256, N=128, K=96, m_tiles=2, n_tiles=2), GPUS["h200"], [100, 28], [100, 28])
+    with pytest.raises(ValueError, match="no cost function"):
+        launch_cost(Launch("mystery_kernel", (1,), {}, "forward", None), GPUS["h200"], [1], [1])
+
+
+def test_balanced_rows_and_gpu_names():
+    assert balanced_rows(10, 4) == [3, 3, 2, 2]  # odd split: the first A % E experts get one more
+    assert sum(balanced_rows(32768 * 8, 128)) == 32768 * 8
+    assert gpu_of("NVIDIA-H200") == "h200" and gpu_of("NVIDIA B200") == "b200" and gpu_of("Tesla-V100") is None
+
+
+def test_record_refuses_the_interpreter():
+    assert os.environ.get("TRITON_INTERPRET") == "1"  # conftest: the launchers would pick interpreter configs
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        record(lambda x: x, {"x": torch.empty(2, 2, device="meta")})
+
+
+def test_compare_puts_the_estimate_beside_measured_rows(tmp_path):
+    row = {"tokens": 256, "hidden": 128, "ffn": 64, "experts": 4, "top_k": 2, "glu": True, "dtype": "bfloat16"}
+    rows = [
+        {**row, "strategy": "blocksparse", "fwd_bwd_ms": 0.5},
+        {**row, "strategy": "grouped", "fwd_bwd_ms": None},  # a strategy that did not run: n/a, still estimated
+        {**row, "strategy": "padded", "fwd_bwd_ms": 0.4},  # not a dropless strategy: no estimate
+    ]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text(json.dumps({"rows": rows}))
+    proc = _run("bench.model.compare", "--gpu", "NVIDIA-H200", str(tmp_path / "run"), "--out", str(tmp_path / "m.md"))
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in (tmp_path / "m.md").read_text().splitlines() if line.startswith("| 256 ")]
+    assert [line.split(" | ")[2] for line in lines] == ["blocksparse", "grouped"]
+    measured, model, ratio = lines[0].split(" | ")[3:6]
+    assert float(measured) == 0.5 and float(ratio.rstrip(" |")) == pytest.approx(0.5 / float(model), rel=0.02)
+    assert lines[1].split(" | ")[3] == "n/a"
+
+
+def test_cli_rejects_unknown_names():
+    proc = _run("bench.model", "--shape", "mixtral,huge")
+    assert proc.returncode == 2 and "--shape must be among" in proc.stderr
