@@ -51,7 +51,7 @@ group call it, in the same order, even a rank with no tokens; ``requires_grad`` 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -65,6 +65,7 @@ from ..config import check_enabled
 from ..functional import moe_mlp
 from ..layers.moe import MoEExperts
 from ..ops.permute import gather_rows, scatter_rows
+from ..options import MoEOptions, options_from
 from ..routing import plan_routing
 from ..strategies import combine_dtype, padded_capacity, padded_slots
 from ..validation import check_expert_ids, non_negative_int, positive_int
@@ -224,35 +225,31 @@ class _ExpertParallelExperts:
         world, _ = _world(state.group)
         _check_routing(x, top_k_index, state.num_experts, world)
         _check_weights(x, top_k_index, top_k_weights)
-        options = {**asdict(self.options), **options}
         if options.pop("return_stats", False):
             raise ValueError("return_stats is not supported under expert parallelism")
-        check = options.pop("check", None)
+        opts = replace(self.options, **options) if options else self.options
+        check = opts.check
         keep = None
-        if options["impl"] == "padded":  # capacity per rank (GShard): drop the overflow here, before sending
+        if opts.impl == "padded":  # capacity per rank (GShard): drop the overflow here, before sending
+            if opts.drop_policy != "position":
+                raise ValueError(
+                    f"expert parallelism drops a PaddedMoE's overflow by position only, got drop_policy="
+                    f"{opts.drop_policy!r}"
+                )
             T, k = top_k_index.shape
-            G = options["num_groups"]
+            G = opts.num_groups
             C = padded_capacity(
-                T,
-                k,
-                state.num_experts,
-                capacity_factor=options["capacity_factor"],
-                capacity=options["capacity"],
-                num_groups=G,
+                T, k, state.num_experts, capacity_factor=opts.capacity_factor, capacity=opts.capacity, num_groups=G
             )
             keep = padded_slots(top_k_index, state.num_experts, C, G) < G * state.num_experts * C
         weights = [_local(w) for w in (self.w1, self.w2, self.w3)]
         activation = self.activation if activation is None else activation
 
         def experts(sent: ExpertParallelDispatch) -> torch.Tensor:
-            if options["impl"] == "padded":  # buffers for every received row: nothing more is dropped
-                return ep_local_experts(
-                    sent,
-                    *weights,
-                    activation=activation,
-                    **{**options, "capacity": sent.local_capacity, "capacity_factor": None, "num_groups": 1},
-                )
-            return ep_local_experts(sent, *weights, activation=activation, **options)
+            local = opts
+            if opts.impl == "padded":  # buffers for every received row: nothing more is dropped
+                local = replace(opts, capacity=sent.local_capacity, capacity_factor=None, num_groups=1)
+            return ep_local_experts(sent, *weights, activation=activation, options=local)
 
         shared = state.shared_expert
         side = None if shared is None else lambda: shared(x)
@@ -489,12 +486,13 @@ def ep_local_experts(
     w3: torch.Tensor | None = None,
     *,
     activation: str | Activation = "gelu",
-    impl: str = "auto",
-    block_size: int | None = None,
-    **options,
+    options: MoEOptions | None = None,
+    **option_keywords,
 ) -> torch.Tensor:
-    """The local experts on the dispatched rows (step 4): ``moe_mlp`` with one choice of weight 1 per row (further
-    keyword ``options`` go to ``moe_mlp``). Local, no communication; returns ``[R, d]``."""
+    """The local experts on the dispatched rows (step 4): ``moe_mlp`` with one choice of weight 1 per row, with
+    ``options`` (or ``MoEOptions`` keywords; ids unchecked: right by construction). Local, no communication;
+    returns ``[R, d]``."""
+    options = replace(options_from(options, **option_keywords), check=False)
     rows = dispatch.tokens.shape[0]
     ones = dispatch.tokens.new_ones(rows, 1)
     local_expert = dispatch.local_expert.view(rows, 1)
@@ -506,9 +504,7 @@ def ep_local_experts(
         w2,
         w3,
         activation=activation,
-        impl=impl,
-        block_size=block_size,
-        **{"check": False, **options},
+        options=options,
     )
 
 
