@@ -31,6 +31,7 @@ _EXPORTS = {
     "MoELayer": "layers.moe",
     "freeze": "layers.moe",
     "expert_parallel": "parallel.expert_parallel",
+    "parallelize_moe": "parallel.parallelize",
 }
 
 __all__ = sorted(_EXPORTS) + ["ops", "integrations", "__version__"]
@@ -42,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .layers.router import TopKRouter, update_expert_bias  # noqa: F401
     from .options import MoEOptions  # noqa: F401
     from .parallel.expert_parallel import expert_parallel  # noqa: F401
+    from .parallel.parallelize import parallelize_moe  # noqa: F401
     from .reference import per_token_moe_mlp  # noqa: F401
     from .routing import RoutingPlan, Topology, plan_routing  # noqa: F401
 

@@ -7,16 +7,14 @@ local expert compute slow, and the kernels have their own tests; what is tested 
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass
 from functools import partial
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from helpers import routing
+from multiprocess import spawn
 
 from blocksparse_moe.functional import moe_mlp
 from blocksparse_moe.parallel.expert_parallel import (
@@ -31,28 +29,6 @@ from blocksparse_moe.reference import per_token_moe_mlp
 
 FP32 = dict(atol=1e-4, rtol=1e-4)
 IMPL = "auto"  # "grouped" on CPU, "blocksparse" on CUDA
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, backend: str, fn, args: tuple) -> None:
-    os.environ["BSM_BACKEND"] = "torch" if backend == "gloo" else "auto"
-    if backend == "nccl":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-        dist.barrier()  # no rank tears gloo down while a peer's collective is still in flight
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(world: int, fn, *args, backend: str = "gloo") -> None:
-    mp.spawn(_entry, args=(world, _free_port(), backend, fn, args), nprocs=world, join=True)
 
 
 @dataclass(frozen=True)
@@ -158,7 +134,7 @@ def _check_cases(rank: int, world: int, cases: list[Case], device: str = "cpu") 
 
 @pytest.mark.parametrize("world", [1, 2, 4])  # 1: a single rank (E = 1 in the k = 1 case)
 def test_matches_single_process(world):
-    _spawn(world, _check_cases, [c for c in CASES if c.fits(world)])
+    spawn(world, _check_cases, [c for c in CASES if c.fits(world)])
 
 
 def _layer_vs_full(full, ep, rank: int, world: int, counts: list[int], seq: int | None = None) -> None:
@@ -381,7 +357,7 @@ def _check_two_rank_api(rank: int, world: int) -> None:
 def test_stages_checkpoints_layers_and_errors():
     # one spawn for the smaller checks (process start-up dominates their cost): the stages, checkpoints,
     # expert_parallel on dMoE (also meta-initialised) and PaddedMoE, the bf16 combine policy, errors
-    _spawn(2, _check_two_rank_api)
+    spawn(2, _check_two_rank_api)
 
 
 def test_needs_initialized_process_group():
@@ -402,4 +378,4 @@ def test_needs_initialized_process_group():
 def test_matches_single_process_nccl(world):
     if torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} GPUs, found {torch.cuda.device_count()}")
-    _spawn(world, _check_cases, [c for c in CASES if c.fits(world)], "cuda", backend="nccl")
+    spawn(world, _check_cases, [c for c in CASES if c.fits(world)], "cuda", backend="nccl")

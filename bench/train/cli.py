@@ -114,6 +114,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=None,
                    help="blocksparse block size (default: the library's)")  # fmt: skip
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW, cosine to 10%%)")
+    p.add_argument("--load-balancing-weight", type=float, default=None,
+                   help="the MoE layers' load-balancing loss coefficient (default 0.01)")  # fmt: skip
     p.add_argument("--seed", type=int, default=None, help="initial weights and data order (the same for every config)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true", help="torch.compile the whole model")
@@ -126,6 +128,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume-check", action="store_true",
                    help="skip the checkpoint round trip (save, reload, 2 more steps: identical losses)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    p.add_argument("--ep", type=int, default=None,
+                   help="expert-parallel size: train dmoe on torchrun's processes (see distributed.py)")  # fmt: skip
+    p.add_argument("--dp-shard", type=int, default=None, help="FSDP2 size of the (dp_shard, ep) mesh (with --ep)")
     return p
 
 
@@ -133,7 +138,7 @@ _SIZE_FLAGS = {"d_model": "d_model", "layers": "n_layers", "heads": "n_heads", "
                "experts": "experts", "top_k": "top_k"}  # fmt: skip
 _SETTING_FLAGS = {"steps": "steps", "batch_size": "batch_size", "eval_every": "eval_every",
                   "eval_batches": "eval_batches", "warmup": "warmup_steps", "block_size": "block_size", "lr": "lr",
-                  "seed": "seed"}  # fmt: skip
+                  "seed": "seed", "load_balancing_weight": "load_balancing_weight"}  # fmt: skip
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -146,12 +151,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     device = args.device or preset.settings.device
     if device == "cuda" and not torch.cuda.is_available():
         p.error(f"--device cuda (preset {args.preset}) requested, but torch sees no CUDA device; try --preset cpu")
-    for flag in [*_SIZE_FLAGS, *_SETTING_FLAGS, "checkpoint_every", "stop_after", "threads"]:
+    for flag in [*_SIZE_FLAGS, *_SETTING_FLAGS, "checkpoint_every", "stop_after", "threads", "ep", "dp_shard"]:
         value = getattr(args, flag)
-        if flag not in ("lr", "seed") and value is not None and value < 1:
+        if flag not in ("lr", "seed", "load_balancing_weight") and value is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
     if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
         p.error(f"--lr must be a finite number > 0, got {args.lr}")
+    lb = args.load_balancing_weight
+    if lb is not None and not (lb >= 0 and math.isfinite(lb)):
+        p.error(f"--load-balancing-weight must be a finite number >= 0, got {lb}")
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     overrides = {field: getattr(args, flag) for flag, field in _SIZE_FLAGS.items() if getattr(args, flag) is not None}
     settings = {field: getattr(args, flag) for flag, field in _SETTING_FLAGS.items() if getattr(args, flag) is not None}
@@ -184,6 +192,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--block-size applies to dmoe or dmoe:blocksparse configs, and none is selected")
     if args.checkpoint_every is not None or args.stop_after is not None:
         args.save_checkpoints = True
+    args.distributed = args.ep is not None or args.dp_shard is not None
+    if args.distributed:
+        args.ep, args.dp_shard = args.ep or 1, args.dp_shard or 1
+        if args.configs is None:
+            args.specs = [FFNSpec.parse("dmoe")]
+        if len(args.specs) != 1 or args.specs[0].kind != "dmoe":
+            p.error(f"--ep / --dp-shard train one dmoe config, got --configs {','.join(s.name for s in args.specs)}")
+        if args.out is None:
+            p.error("--ep / --dp-shard need --out (every process writes to the same folder)")
+        if args.checkpoint_every is not None or args.compile:
+            p.error("--checkpoint-every and --compile are single-process options")
     if args.out is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         args.out = Path(__file__).resolve().parent.parent / "out" / f"train-{stamp}"
@@ -306,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     problem = prepare_out_dir(args.out)
     if problem is not None:
         _build_parser().error(problem)
+    if args.distributed:
+        from . import distributed
+
+        return distributed.run(args)
     if args.resume and not (args.out / "checkpoints").is_dir():
         _build_parser().error(f"--resume needs {args.out / 'checkpoints'} (written by --save-checkpoints)")
     from . import outputs

@@ -1,0 +1,53 @@
+"""``torchrun --nproc-per-node 4 -m bench.train --ep 2 --dp-shard 2``: the command's own path (``cli.main`` in 4
+processes with torchrun's environment), a DCP checkpoint at ep=2 × dp_shard=2 resumed at ep=4, every step's loss
+against the single-process trainer's (same seed, same global batch). The load-balancing loss is switched off here:
+each rank computes it over its own tokens, which is the one intended difference from one process."""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import replace
+
+import torch.multiprocessing as mp
+from multiprocess import free_port
+
+from bench.train import cli
+from bench.train.data import load_corpus
+from bench.train.loop import Trainer
+from bench.train.model import FFNSpec
+
+WORLD = 4
+COMMON = ["--preset", "tiny", "--steps", "4", "--load-balancing-weight", "0", "--no-progress", "--no-resume-check"]
+
+
+def _torchrun_worker(rank: int, port: int, argv: list[str]) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD)
+    )
+    os.environ["BSM_BACKEND"] = "torch"
+    assert cli.main(argv) == 0
+
+
+def _torchrun(argv: list[str]) -> None:
+    mp.spawn(_torchrun_worker, args=(free_port(), argv), nprocs=WORLD, join=True)
+
+
+def test_parallel_training_matches_one_process_and_resumes_at_another_layout(tmp_path):
+    out = str(tmp_path)
+    _torchrun([*COMMON, "--ep", "2", "--dp-shard", "2", "--stop-after", "2", "--out", out])
+    assert (tmp_path / "dcp" / "trainer.pt").is_file()
+    _torchrun([*COMMON, "--ep", "4", "--resume", "--out", out])
+    with open(tmp_path / "losses.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["step"], r["layout"]) for r in rows] == [("1", "2x2"), ("2", "2x2"), ("3", "1x4"), ("4", "1x4")]
+
+    preset = cli.PRESETS["tiny"]
+    settings = replace(preset.settings, steps=4, warmup_steps=1, load_balancing_weight=0.0)
+    assert cli.parse_args(COMMON).settings == settings  # the same trajectory as the parallel runs
+    single = Trainer(preset.size, FFNSpec.parse("dmoe"), settings, load_corpus())
+    for _ in range(4):
+        single.train_step()
+    single._flush()
+    diffs = [abs(float(r["ce"]) - want) for r, want in zip(rows, single.train_losses)]
+    assert max(diffs) < 1e-5, diffs
