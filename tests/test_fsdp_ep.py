@@ -71,6 +71,8 @@ CASES = [
     Case("2×2, the sync-free exchange within its bound", (2, 2), capacity_per_rank=12),
     Case("2×2, 4 pipelined chunks, PaddedMoE (capacity over the rank's tokens)", (2, 2), layer="padded", num_chunks=4),
     Case("2×2, 3 chunks, sync-free: chunks of 0 and 1 tokens", (2, 2), (0, 7, 0, 1), num_chunks=3, capacity_per_rank=6),
+    # the balance loss's expert fractions over every rank's tokens (parallelize_moe's balance_group), as in one process
+    Case("2×2, load-balancing loss over the global batch", (2, 2), layer_kw=dict(load_balancing_weight=0.05)),
 ]
 
 

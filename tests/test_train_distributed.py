@@ -1,7 +1,7 @@
 """``torchrun --nproc-per-node 4 -m bench.train --ep 2 --dp-shard 2``: the command's own path (``cli.main`` in 4
 processes with torchrun's environment), a DCP checkpoint at ep=2 × dp_shard=2 resumed at ep=4, every step's loss
-against the single-process trainer's (same seed, same global batch). The load-balancing loss is switched off here:
-each rank computes it over its own tokens, which is the one intended difference from one process."""
+against the single-process trainer's (same seed, same global batch), load-balancing loss included: parallelize_moe
+counts its expert fractions over every rank's tokens, as one process does over the global batch."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from bench.train.loop import Trainer
 from bench.train.model import FFNSpec
 
 WORLD = 4
-COMMON = ["--preset", "tiny", "--steps", "4", "--load-balancing-weight", "0", "--no-progress", "--no-resume-check"]
+COMMON = ["--preset", "tiny", "--steps", "4", "--no-progress", "--no-resume-check"]
 
 
 def _torchrun_worker(rank: int, port: int, argv: list[str]) -> None:
@@ -43,7 +43,8 @@ def test_parallel_training_matches_one_process_and_resumes_at_another_layout(tmp
     assert [(r["step"], r["layout"]) for r in rows] == [("1", "2x2"), ("2", "2x2"), ("3", "1x4"), ("4", "1x4")]
 
     preset = cli.PRESETS["tiny"]
-    settings = replace(preset.settings, steps=4, warmup_steps=1, load_balancing_weight=0.0)
+    settings = replace(preset.settings, steps=4, warmup_steps=1)
+    assert settings.load_balancing_weight > 0  # the balance loss is on
     assert cli.parse_args(COMMON).settings == settings  # the same trajectory as the parallel runs
     single = Trainer(preset.size, FFNSpec.parse("dmoe"), settings, load_corpus())
     for _ in range(4):

@@ -7,10 +7,8 @@ checkpoints that resume at another layout.
 gloo on CPU, NCCL on GPUs (one per process). The model, the initial weights (``--seed``), the optimizer (AdamW,
 decay on matrices), the schedule, the gradient clipping and the data order are the single-process trainer's
 (``loop.Trainer``): every rank draws the same global batch of ``--batch-size`` sequences and trains on its
-``1 / W`` share, so each step sees the single-process batch and the gradients are those of its mean loss. The
-difference left: each rank's load-balancing loss is computed over its own tokens (the loss is not linear in the
-batch), so from the second step on the losses differ from the single-process run's by that much (the first step's
-loss is the same function of the same weights and batch).
+``1 / W`` share, so each step sees the single-process batch and the gradients are those of its mean loss, the
+load-balancing loss included (``parallelize_moe`` counts its expert fractions over every rank's tokens).
 
 Checkpoints: ``OUT/dcp`` (``parallel.save_checkpoint``: weights and AdamW state, resharded on load) and
 ``OUT/dcp/trainer.pt`` (step, schedule, data order, losses). ``OUT/losses.csv`` holds one row per step: the

@@ -222,6 +222,9 @@ class MoELayer(nn.Module):
         self.hidden_size, self.ffn_hidden_size = hidden_size, ffn_hidden_size
         self.num_experts, self.top_k = num_experts, top_k
         self.load_balancing_weight, self.z_loss_weight = load_balancing_weight, z_loss_weight
+        # the process group whose tokens form the batch of the load-balancing loss's expert fractions (one all_reduce
+        # of E + 1 counts, no host sync); None: this process's tokens. parallelize_moe sets it to every rank.
+        self.balance_group = None
 
     @property
     def options(self) -> MoEOptions:
@@ -254,9 +257,11 @@ class MoELayer(nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
             out = out + shared
         scores = self.router.scores(logits)
-        aux = self.load_balancing_weight * load_balancing_loss(
-            scores, top_k_index, self.num_experts
-        ) + self.z_loss_weight * router_z_loss(logits)
+        aux = self.z_loss_weight * router_z_loss(logits)
+        if self.load_balancing_weight:
+            aux = aux + self.load_balancing_weight * load_balancing_loss(
+                scores, top_k_index, self.num_experts, group=self.balance_group
+            )
         if self.sequence_balance_weight:
             seq_len = x.shape[-2] if x.dim() > 2 and flat.shape[0] else max(flat.shape[0], 1)
             aux = aux + self.sequence_balance_weight * sequence_balance_loss(

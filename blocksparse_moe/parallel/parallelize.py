@@ -22,8 +22,9 @@ each has its own tokens.
 Gradients are those of the mean loss over the global batch, as in one process, when each rank's loss is its share
 ``Σ_{own tokens} loss / N_global · W`` (the local mean when the ranks hold equal batches): FSDP averages the
 non-expert gradients over all ``W`` ranks; an expert shard's gradient already sums the contributions of its ``ep``
-row's tokens (the all-to-all's backward), so its reduce-scatter over ``dp_shard`` divides by ``W`` as well. Batch
-statistics (the load-balancing loss, which is not linear in the batch) are computed per rank.
+row's tokens (the all-to-all's backward), so its reduce-scatter over ``dp_shard`` divides by ``W`` as well. The
+load-balancing loss, not linear in the batch, counts its expert fractions over every rank's tokens (each layer's
+``balance_group``): with equal batches the mean of the ranks' losses is the global batch's.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def parallelize_moe(
 
     The model's parameters become DTensors (expert weights ``[E, ., .]`` on the whole mesh, the others on the
     flattened one), so ``torch.distributed.checkpoint`` saves and reloads the model at any other layout. Each rank's
-    loss must be its share of the global mean (see the module docstring). Collective (all ranks call it).
+    loss must be its share of the global mean (see the module docstring). Each layer's load-balancing loss counts
+    its expert fractions over every rank's tokens (``balance_group``), so with equal batches the mean of the ranks'
+    auxiliary losses is the single-process loss of the global batch. Collective (all ranks call it).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -86,6 +89,7 @@ def parallelize_moe(
     everywhere = mesh._flatten("_".join(MESH_DIMS))  # every rank: the data-parallel group of the non-expert weights
     for layer in layers:
         expert_parallel(layer, mesh["ep"], capacity_per_rank=capacity_per_rank, num_chunks=num_chunks)
+        layer.balance_group = everywhere.get_group()  # the balance loss's expert fractions: the global batch's
         experts = fully_shard(
             layer.experts,
             mesh=mesh["dp_shard"],
