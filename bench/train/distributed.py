@@ -35,7 +35,7 @@ from blocksparse_moe.parallel import load_checkpoint, parallelize_moe, save_chec
 from blocksparse_moe.parallel.parallelize import MESH_DIMS
 
 from .data import VOCAB, Corpus, sample_batch
-from .loop import TrainSettings
+from .loop import TrainSettings, build_optimizer
 from .model import FFNSpec, ModelSize, build_model
 
 __all__ = ["DistributedTrainer", "run"]
@@ -74,21 +74,8 @@ class DistributedTrainer:
             block_size=settings.block_size,
         ).to(self.device)
         self.model = parallelize_moe(model, mesh)
-        matrices = [p for p in self.model.parameters() if p.dim() >= 2]
-        others = [p for p in self.model.parameters() if p.dim() < 2]
-        groups = [{"params": matrices, "weight_decay": settings.weight_decay}, {"params": others, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95))
-        sched = torch.optim.lr_scheduler
-        decay = sched.CosineAnnealingLR(
-            self.optimizer, T_max=settings.steps - settings.warmup_steps, eta_min=settings.lr * settings.min_lr_ratio
-        )
-        if settings.warmup_steps:
-            warmup = sched.LinearLR(
-                self.optimizer, start_factor=1 / (settings.warmup_steps + 1), total_iters=settings.warmup_steps
-            )
-            self.scheduler = sched.SequentialLR(self.optimizer, [warmup, decay], milestones=[settings.warmup_steps])
-        else:
-            self.scheduler = decay
+        # the single-process trainer's; the expert-bias counts (DeepSeek router) summed over every rank
+        self.optimizer, self.scheduler = build_optimizer(self.model, spec, settings, dist.group.WORLD)
         self.data_rng = torch.Generator().manual_seed(settings.seed + 1)
         self.step = 0
         self.history: list[dict[str, Any]] = []  # per step: step, ce, aux, layout

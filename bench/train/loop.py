@@ -158,6 +158,28 @@ class StepProgress:
             print(file=self.stream, flush=True)
 
 
+def build_optimizer(
+    model: torch.nn.Module, spec: FFNSpec, settings: TrainSettings, bias_group=None
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW (weight decay on matrices only; with the DeepSeek router, the expert-bias update after every step, its
+    token counts summed over ``bias_group``) and its schedule (linear warmup, then cosine decay): the single-process
+    and the distributed trainer's."""
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": settings.weight_decay}, {"params": others, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95))
+    if spec.router == "deepseek":  # auxiliary-loss-free balancing after every step
+        optimizer.register_step_post_hook(lambda *_: bsm.update_expert_bias(model, EXPERT_BIAS_RATE, bias_group))
+    sched = torch.optim.lr_scheduler
+    decay = sched.CosineAnnealingLR(
+        optimizer, T_max=settings.steps - settings.warmup_steps, eta_min=settings.lr * settings.min_lr_ratio
+    )
+    if not settings.warmup_steps:
+        return optimizer, decay
+    warmup = sched.LinearLR(optimizer, start_factor=1 / (settings.warmup_steps + 1), total_iters=settings.warmup_steps)
+    return optimizer, sched.SequentialLR(optimizer, [warmup, decay], milestones=[settings.warmup_steps])
+
+
 class Trainer:
     """One configuration's model, optimizer, schedule, data order and history; ``state_dict`` round-trips all."""
 
@@ -174,23 +196,7 @@ class Trainer:
         ).to(self.device)
         self.stats = RoutingStats(self.model, spec, self.device) if spec.is_moe else None
         self.forward = torch.compile(self.model) if settings.compile else self.model
-        matrices = [p for p in self.model.parameters() if p.dim() >= 2]
-        others = [p for p in self.model.parameters() if p.dim() < 2]
-        groups = [{"params": matrices, "weight_decay": settings.weight_decay}, {"params": others, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95))
-        if spec.router == "deepseek":  # auxiliary-loss-free balancing after every step
-            self.optimizer.register_step_post_hook(lambda *_: bsm.update_expert_bias(self.model, rate=EXPERT_BIAS_RATE))
-        sched = torch.optim.lr_scheduler
-        decay = sched.CosineAnnealingLR(
-            self.optimizer, T_max=settings.steps - settings.warmup_steps, eta_min=settings.lr * settings.min_lr_ratio
-        )
-        if settings.warmup_steps:
-            warmup = sched.LinearLR(
-                self.optimizer, start_factor=1 / (settings.warmup_steps + 1), total_iters=settings.warmup_steps
-            )
-            self.scheduler = sched.SequentialLR(self.optimizer, [warmup, decay], milestones=[settings.warmup_steps])
-        else:
-            self.scheduler = decay
+        self.optimizer, self.scheduler = build_optimizer(self.model, spec, settings)
         self.data_rng = torch.Generator().manual_seed(settings.seed + 1)
         self.val = validation_batches(corpus.val, settings.batch_size, size.seq_len, settings.eval_batches)
         self.step = 0
