@@ -551,8 +551,8 @@ def gemm_config(
     else:
         block_k = 32 if dtype == torch.float32 or not aligned else 64
         block_n = 64 if glu and not backward else 128
-        if not aligned:
-            block_n = 32 if (glu or pair or backward) else 64
+        if not aligned:  # 64-row forward-epilogue tiles too: at 64 columns sm_80 spills (128 rows: sm_100 at 32)
+            block_n = 32 if (glu or pair or backward or (epilogue == Epilogue.FORWARD and block_m < 128)) else 64
         warps = 8 if block_m >= 128 else 4
         if dtype == torch.float32:  # 4-byte tiles: at most 64 columns, 8 warps (sm_120 / sm_80 spill otherwise)
             # the pair reads each weight with its own strides: at 64 columns sm_120's ptxas spills it
