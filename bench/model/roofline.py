@@ -232,19 +232,19 @@ def _wgrad_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int
     E = a["out_ptr"].shape[0]
     if len(rows) != E:
         raise ValueError(f"{launch.kernel}: {E} experts in the output, {len(rows)} in the routing")
-    tiles = math.ceil(M / BM) * math.ceil(N / BN)
+    products = 1 + bool(a["DUAL"])  # DUAL: a second B, its own N tiles (one product per CTA)
+    tiles = math.ceil(M / BM) * math.ceil(N / BN) * products
     itemsize = a["a_ptr"].itemsize
-    products = 1 + bool(a["DUAL"])
     steps = [math.ceil(r / BK) for r in rows]
-    executed = sum(tiles * 2 * BM * BN * s * BK * products for s in steps)
+    executed = sum(tiles * 2 * BM * BN * s * BK for s in steps)
     useful = sum(2 * M * N * r * products for r in useful_rows)
     a_rows = sum(useful_rows) if a["A_GATHER"] else sum(rows)
     b_rows = sum(useful_rows) if a["B_GATHER"] else sum(rows)
     hbm = (a_rows * M + b_rows * N * products + E * M * N * products) * itemsize
-    l2 = sum(tiles * s * BK * (BM + BN * products) for s in steps) * itemsize
+    l2 = sum(tiles * s * BK * (BM + BN) for s in steps) * itemsize
     threads = a["num_warps"] * 32
-    smem = a["num_stages"] * BK * (BM + BN * products) * itemsize
-    per_sm = _ctas_per_sm(gpu, a["num_warps"], BM * BN * products / threads, smem)
+    smem = a["num_stages"] * BK * (BM + BN) * itemsize
+    per_sm = _ctas_per_sm(gpu, a["num_warps"], BM * BN / threads, smem)
     eff = _efficiency(gpu, BN, per_sm, itemsize)
     work = tiles * sum(1 for r in rows if r)
     return Cost(

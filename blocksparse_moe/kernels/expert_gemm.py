@@ -396,7 +396,7 @@ def gemm_kernel(
 def wgrad_kernel(
     a_ptr,  # [rows, M] gathered through row_src (A_GATHER) or a row layout
     b_ptr,  # [rows, N] gathered through row_src (B_GATHER) or a row layout
-    b2_ptr,  # DUAL: a second B in b's row layout, its result in out2 (unused otherwise)
+    b2_ptr,  # DUAL: a second B in b's row layout and strides, its result in out2 (unused otherwise)
     out_ptr,  # [E, M, N] any strides
     out2_ptr,  # DUAL: [E, M, N] with out's strides
     offsets_ptr,  # [E+1] int32 expert row offsets
@@ -425,14 +425,22 @@ def wgrad_kernel(
     DUAL: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """``out[e] = A[rows of e]ᵀ @ B[rows of e]`` (and ``out2[e]`` with B2), one ``BLOCK_M × BLOCK_N`` tile, reduced
-    over expert e's rows ``BLOCK_K`` at a time; experts without rows get zeros. Blocked layouts need expert row
-    offsets that are multiples of ``BLOCK_K`` (the block-padded ones are)."""
+    """``out[e] = A[rows of e]ᵀ @ B[rows of e]`` (``DUAL``: or ``out2[e]`` with B2), one ``BLOCK_M × BLOCK_N`` tile,
+    reduced over expert e's rows ``BLOCK_K`` at a time; experts without rows get zeros. ``DUAL`` doubles the N tiles:
+    the second half computes ``out2`` (one full-width accumulator per program, next to the program of the same A
+    tile in the grouped order, which shares it in L2). Blocked layouts need expert row offsets that are multiples of
+    ``BLOCK_K`` (the block-padded ones are)."""
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_b = tiles_n * 2 if DUAL else tiles_n  # N tiles of out, then (DUAL) those of out2
     pid = tl.program_id(0)
-    e = pid // (tiles_m * tiles_n)
-    pid_m, pid_n = _grouped_order(pid % (tiles_m * tiles_n), tiles_m, tiles_n, GROUP_M)
+    e = pid // (tiles_m * tiles_b)
+    pid_m, pid_n = _grouped_order(pid % (tiles_m * tiles_b), tiles_m, tiles_b, GROUP_M)
+    if DUAL:  # noqa: SIM102 (a constexpr branch around a runtime one)
+        if pid_n >= tiles_n:
+            pid_n -= tiles_n
+            b_ptr = b2_ptr
+            out_ptr = out2_ptr
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
@@ -444,7 +452,6 @@ def wgrad_kernel(
     start = tl.load(offsets_ptr + e)
     end = tl.load(offsets_ptr + e + 1)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_K):
         rows = r0 + offs_k
         r_ok = rows < end
@@ -465,22 +472,13 @@ def wgrad_kernel(
             b_rows = row_start(r0, s_brb, s_br, LB_B) + k64 * s_br
             b_ok = r_ok
         a = tl.load(a_ptr + a_rows[None, :] + a_cols[:, None], mask=m_ok[:, None] & a_ok[None, :], other=0.0)
-        b_off = b_rows[:, None] + b_cols[None, :]
-        b = tl.load(b_ptr + b_off, mask=b_ok[:, None] & n_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + b_rows[:, None] + b_cols[None, :], mask=b_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc)
-        if DUAL:
-            b2 = tl.load(b2_ptr + b_off, mask=b_ok[:, None] & n_ok[None, :], other=0.0)
-            if UPCAST:
-                b2 = b2.to(tl.float32)
-            acc2 = tl.dot(a, b2, acc2)
     o_off = e.to(tl.int64) * s_oe + offs_m.to(tl.int64)[:, None] * s_om + offs_n.to(tl.int64)[None, :] * s_on
-    mask = m_ok[:, None] & n_ok[None, :]
-    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    if DUAL:
-        tl.store(out2_ptr + o_off, acc2.to(out2_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -565,12 +563,12 @@ def wgrad_config(
     dtype: torch.dtype,
     *,
     gather: bool = False,
-    dual: bool = False,
     aligned: bool = True,
     a_block: int | None = None,
     b_block: int | None = None,
 ) -> GemmConfig:
-    """The ``wgrad_kernel`` config: 128×128 tiles of ``dw[e]`` on 8 warps (``dual``: two 128×64 accumulators), 64
+    """The ``wgrad_kernel`` config: 128×128 tiles of ``dw[e]`` on 8 warps (a dual launch too: one product per
+    program, ``HGMMA.64x128`` where two 128×64 accumulators ran ``64x64`` MMAs at the same operand intensity), 64
     rows per step for 16-bit types (32 for fp32 or unaligned operands; unaligned tiles half as wide: scalar loads
     staged in registers spill on sm_80 otherwise). A gathered operand loads its ``row_src`` entries in the loop: 5
     stages give that index load a stage of its own and keep 3 buffers of data in flight (with 3 stages the data loads
@@ -580,7 +578,7 @@ def wgrad_config(
         cfg = GemmConfig(16, 16, 16, 2, 4, 1)
     else:
         block_k = 32 if dtype == torch.float32 or not aligned else 64
-        block_n = (64 if dual else 128) // (1 if aligned else 2)
+        block_n = 128 if aligned else 64
         cfg = GemmConfig(128, block_n, block_k, 8, 8, 5 if gather else 3)
     rows_block = min(a_block or 1 << 30, b_block or 1 << 30)
     cfg = _clamp(cfg, a_block, b_block, rows_block)
@@ -723,10 +721,11 @@ def wgrad(
     E, M, N = out.shape
     gather = a.gathered or b.gathered
     aligned = aligned16((a.tensor, b.tensor, out), (M, N), (*a.strides, *b.strides, *out.stride()))
-    cfg = wgrad_config(
-        a.tensor.dtype, gather=gather, dual=b2 is not None, aligned=aligned, a_block=a.block, b_block=b.block
-    )
-    grid = E * triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    cfg = wgrad_config(a.tensor.dtype, gather=gather, aligned=aligned, a_block=a.block, b_block=b.block)
+    if b2 is not None and (b2.strides != b.strides or b2.log_block != b.log_block or out2.stride() != out.stride()):
+        raise ValueError(f"wgrad: b2 and out2 must share b's and out's layouts, got strides {b2.strides} and "
+                         f"{b.strides}, {out2.stride()} and {out.stride()}")  # fmt: skip
+    grid = E * triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n) * (1 if b2 is None else 2)
     if grid == 0:
         return
     wgrad_kernel[(grid,)](

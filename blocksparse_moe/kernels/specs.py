@@ -249,7 +249,7 @@ class _WgradUse:
     tag: str
     a_gather: bool = False
     b_gather: bool = False
-    dual: bool = False  # a second B over the same A tiles (dw1 and dw3 together)
+    dual: bool = False  # a second B over the same A tiles (dw1 and dw3 in one launch)
     a_blocked: bool = False
     b_blocked: bool = False
     out_t: bool = False  # the result written transposed (unit stride along M: dds)
@@ -286,7 +286,7 @@ def _wgrad_specs() -> list[CompileSpec]:
             for B in (64, 128) if use.blocked else (None,):
 
                 def configs(aligned, dtype=dtype, B=B, use=use):
-                    return wgrad_config(dtype, gather=use.a_gather or use.b_gather, dual=use.dual, aligned=aligned,
+                    return wgrad_config(dtype, gather=use.a_gather or use.b_gather, aligned=aligned,
                                         a_block=B if use.a_blocked else None,
                                         b_block=B if use.b_blocked else None)  # fmt: skip
 
