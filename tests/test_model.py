@@ -137,6 +137,30 @@ def test_gemm_cost_counts_tiles_like_the_kernel():
         launch_cost(Launch("mystery_kernel", (1,), {}, "forward", None), GPUS["h200"], [1], [1])
 
 
+# sm_90 builds of the backward epilogue the launchers pick for aligned bf16 (python -m bench.audit --only
+# 'gemm[down_bwd' --arch 90, 2026-12-06): (BLOCK_M, BLOCK_N, warps, EPI_N, ptxas registers, CTAs per SM)
+AUDIT_BACKWARD = [
+    (128, 128, 8, 8, 128, 2),  # the full-width tile in 16 slices of 8 columns (128 registers: two CTAs per SM)
+    (64, 128, 4, 8, 128, 3),  # 64-row tiles: three by shared memory
+    (64, 64, 4, 8, 79, 4),  # B = 64 blocks: four
+]
+
+
+def test_register_estimate_follows_the_epilogue_slices():
+    # regression: the estimate counted five live values per accumulator element, whatever the slice width, so the
+    # full-width backward tile came out at 255 registers and one CTA per SM where ptxas gives 128 and two
+    h200 = GPUS["h200"]
+    for block_m, block_n, warps, epi_n, _registers, ctas in AUDIT_BACKWARD:
+        launch = _gemm(R=1024, N=512, K=256, m_tiles=1024 // block_m, n_tiles=512 // block_n, block_m=block_m,
+                       BLOCK_N=block_n, BLOCK_K=64, EPI_N=epi_n, EPILOGUE=2, GLU=True, GATHER=True,
+                       num_warps=warps)  # fmt: skip
+        assert launch_cost(launch, h200, [1024], [1024]).ctas_per_sm == ctas, (block_m, block_n)
+    # one slice as wide as the tile keeps h, g, act and act' of every column live: one CTA (ptxas spills it)
+    whole = _gemm(R=1024, N=512, K=256, m_tiles=8, n_tiles=4, block_m=128, BLOCK_N=128, BLOCK_K=64, EPI_N=128,
+                  EPILOGUE=2, GLU=True, GATHER=True, num_warps=8)  # fmt: skip
+    assert launch_cost(whole, h200, [1024], [1024]).ctas_per_sm == 1
+
+
 def test_balanced_rows_and_gpu_names():
     assert balanced_rows(10, 4) == [3, 3, 2, 2]  # odd split: the first A % E experts get one more
     assert sum(balanced_rows(32768 * 8, 128)) == 32768 * 8

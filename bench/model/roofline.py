@@ -108,8 +108,9 @@ efficiency model (assumptions, not measurements):
            fp32 operands at half the bf16 rate (tf32)
     L2   = operand tiles read by the CTAs (A and W tiles every K step) / L2 bandwidth
     HBM  = unique bytes (each operand row and weight once, every output and epilogue operand once) / (0.85 x HBM)
-  CTAs per SM = min(registers, shared memory, 2048 threads); registers per thread estimated as 64 + the fp32
-    accumulator elements per thread (x5 for the backward epilogue: G, h, g, act, act' live), rounded up to 8;
+  CTAs per SM = min(registers, shared memory, 2048 threads); registers per thread estimated as 48 + the fp32
+    accumulator elements per thread (+ 4 per element of the backward epilogue's column slice of EPI_N columns: h,
+    g, act, act' live beside the accumulator), rounded up to 8 (sm_90 ptxas, bench.audit: within 16 of it);
     shared memory = stages x (A tile + W tiles)
   permute kernels and eager ops: bytes / (0.85 x HBM) + 3 us each
   routing: balanced (T*k/E assignments per expert); the routing itself runs its PyTorch implementation on meta
@@ -119,8 +120,13 @@ efficiency model (assumptions, not measurements):
 _N_EFFICIENCY = ((128, 0.90), (64, 0.75), (32, 0.50), (16, 0.30))
 _OVERHEAD_S = 3e-6
 _HBM_EFFICIENCY = 0.85
-_BASE_REGISTERS = 64
-_BWD_LIVE = 5  # fp32 values live per accumulator element in the backward epilogue
+# Registers per thread = _BASE_REGISTERS + the fp32 accumulator elements per thread (+ the backward epilogue's live
+# values of one column slice), checked against ptxas (bench.audit, sm_90, 2026-12-06): 128x128 plain / wgrad 102-110
+# (model 112), the backward epilogue at 128x128 / 64x128 in slices of 8 columns 119-128 (model 128), at 64x64 72-79
+# (model 96): the same CTAs per SM as measured for each.
+_BASE_REGISTERS = 48
+_BWD_LIVE = 4  # fp32 values live per element of the backward epilogue's column slice beside the accumulator: h, g,
+# act(h), act'(h)
 
 
 @dataclass(frozen=True)
@@ -214,7 +220,7 @@ def _gemm_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int]
     )
     l2 = used * n_tiles * k_steps * (BM * BK * (1 + pair) + BK * BN * (1 + dual)) * itemsize
     threads = a["num_warps"] * 32
-    acc = BM * BN * (1 + dual) / threads * (_BWD_LIVE if a["EPILOGUE"] == 2 else 1)
+    acc = (BM * BN * (1 + dual) + (BM * a["EPI_N"] * _BWD_LIVE if a["EPILOGUE"] == 2 else 0)) / threads
     smem = a["num_stages"] * (BM * BK + BK * BN * (1 + dual)) * itemsize
     per_sm = _ctas_per_sm(gpu, a["num_warps"], acc, smem)
     eff = _efficiency(gpu, BN, per_sm, itemsize)
