@@ -1,6 +1,7 @@
-"""bench.model, the whole-layer roofline: it runs for every shape × strategy on CPU in seconds, its launch list is
-the launchers' (GEMM launches forward and backward), its FLOP totals equal the analytic count, its cost functions
-count tiles as the kernels do, and the comparison with a measured run reads the bench's results.
+"""bench.model, the whole-layer roofline: it runs for every shape × strategy (ours and the ``torch._grouped_mm``
+baseline) on CPU in seconds, its launch list is the launchers' (GEMM launches forward and backward), its FLOP totals
+equal the analytic count, its cost functions count tiles as the kernels (and the library's kernel) do, and the
+comparison with a measured run reads the bench's results.
 
 The model records the GPU launch list, so it runs with the interpreter off: in a subprocess (the tests' process
 has ``TRITON_INTERPRET=1``, under which ``record`` refuses to run)."""
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.model import BASELINE, IMPLS, OURS
 from bench.model.compare import gpu_of
 from bench.model.record import Launch, TensorInfo, record
 from bench.model.roofline import GPUS, SHAPES, balanced_rows, launch_cost
@@ -51,11 +53,13 @@ def _analytic_flops(T: int, d: int, f: int, k: int) -> int:
 
 def test_every_shape_and_strategy_runs_in_seconds(estimates):
     results, stdout, seconds = estimates
-    assert {(r["shape"], r["impl"]) for r in results} == {(s, i) for s in SHAPES for i in ("blocksparse", "grouped")}
-    assert seconds < 120  # six recordings + one import on two shared cores (about 10 s when quiet)
+    assert IMPLS == ("blocksparse", "grouped", "torch_grouped_mm")
+    assert {(r["shape"], r["impl"]) for r in results} == {(s, i) for s in SHAPES for i in IMPLS}
+    assert seconds < 120  # nine recordings + one import on two shared cores (about 10 s when quiet)
     closing = [line for line in stdout.splitlines() if line.endswith("(estimate)")]
-    assert len(closing) == 6
-    pattern = r"^(mixtral|fine|decode) (blocksparse|grouped) h200: [\d.]+ ms, \d+ TFLOP/s, [\d.]+% of dense"
+    assert len(closing) == 9
+    pattern = r"^(mixtral|fine|decode) (blocksparse|grouped|torch_grouped_mm) h200: [\d.]+ ms, \d+ TFLOP/s, [\d.]+%"
+    pattern += r" of dense"
     pattern += r" \(estimate\)$"
     assert all(re.match(pattern, line) for line in closing), closing
 
@@ -63,6 +67,12 @@ def test_every_shape_and_strategy_runs_in_seconds(estimates):
 def test_launch_list_is_the_launchers(estimates):
     results, _, _ = estimates
     for r in results:
+        if r["impl"] == BASELINE:
+            # torchtitan's layer: w1, w3, w2 forward; each one's input and weight gradient backward
+            phases = [la["phase"] for la in r["launches"] if la["kernel"] == "aten::_grouped_mm"]
+            assert phases == ["forward"] * 3 + ["backward"] * 6 and len(r["launches"]) == 9
+            assert r["speedup_vs_baseline"] is None
+            continue
         kernels = [(la["phase"], la["kernel"]) for la in r["launches"]]
         forward = [k for p, k in kernels if p == "forward"]
         backward = [k for p, k in kernels if p == "backward"]
@@ -90,6 +100,17 @@ def test_flop_totals_equal_the_analytic_count(estimates):
     assert by["decode", "grouped"]["executed_flops"] < by["decode", "blocksparse"]["executed_flops"]
     # what impl="auto"'s rule rests on: at decode the grouped layout is the faster (the block padding dominates)
     assert by["decode", "grouped"]["seconds"] < by["decode", "blocksparse"]["seconds"]
+
+
+def test_speedup_over_the_baseline(estimates):
+    # each of our strategies' summary gives its speedup over the torch._grouped_mm baseline of the same layer
+    results, stdout, _ = estimates
+    by = {(r["shape"], r["impl"]): r for r in results}
+    for shape in SHAPES:
+        for impl in OURS:
+            r = by[shape, impl]
+            assert r["speedup_vs_baseline"] == pytest.approx(by[shape, BASELINE]["seconds"] / r["seconds"])
+    assert stdout.count("vs the torch._grouped_mm baseline") == len(SHAPES) * len(OURS)
 
 
 def test_auto_rule_agrees_with_the_model(estimates):
@@ -161,6 +182,36 @@ def test_register_estimate_follows_the_epilogue_slices():
     assert launch_cost(whole, h200, [1024], [1024]).ctas_per_sm == 1
 
 
+def _grouped_mm(a_shape: tuple[int, ...], b_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> Launch:
+    def info(shape):
+        return TensorInfo(shape, (1,) * len(shape), torch.bfloat16)
+
+    args = {"mat_a": info(a_shape), "mat_b": info(b_shape), "out": info(out_shape)}
+    return Launch("aten::_grouped_mm", (), args, "forward", None)
+
+
+def test_grouped_mm_cost_counts_the_library_tiles():
+    h200, b200 = GPUS["h200"], GPUS["b200"]
+    # rows x a weight per group, 2 groups of 300 and 0 rows (an average of 150 > 128, N = 512 > 128): 128x256x64
+    # tiles, ceil(300 / 128) = 3 M tiles x 2 N tiles, K = 96 in two 64-steps; the empty group takes no tile
+    c = launch_cost(_grouped_mm((300, 96), (2, 96, 512), (300, 512)), h200, [300, 0], [300, 0])
+    assert (c.tile, c.work_ctas, c.ctas_per_sm) == ("128x256x64", 3 * 2, 1)
+    assert c.executed_flops == 6 * 2 * (2 * 128 * 256 * 64) and c.useful_flops == 2 * 300 * 512 * 96
+    # the B tile is multicast to the 2 CTAs of a cluster: half its L2 reads
+    assert c.l2_bytes == 6 * 2 * (128 * 64 + 64 * 256 // 2) * 2
+    assert c.hbm_bytes == (300 * 96 + 96 * 512 + 300 * 512) * 2  # the used group's weight only
+    # small groups (an average of 4 rows, decode) take 64x128x128 tiles; so does sm_100 whatever the shape
+    small = launch_cost(_grouped_mm((512, 256), (128, 256, 256), (512, 256)), h200, [4] * 128, [4] * 128)
+    assert (small.tile, small.work_ctas) == ("64x128x128", 128 * 2)
+    assert launch_cost(_grouped_mm((300, 96), (2, 96, 512), (300, 512)), b200, [300, 0], [300, 0]).tile == "64x128x128"
+    # the weight gradient [K, R] @ [R, N] -> [E, K, N]: K x N tiles per group with rows, reducing over its rows
+    w = launch_cost(_grouped_mm((256, 300), (300, 512), (2, 256, 512)), h200, [200, 100], [200, 100])
+    assert w.work_ctas == 2 * (2 * 2) and w.executed_flops == 4 * 2 * 128 * 256 * 64 * (4 + 2)
+    assert w.useful_flops == 2 * 256 * 512 * 300
+    with pytest.raises(ValueError, match="groups of 290 rows"):
+        launch_cost(_grouped_mm((300, 96), (2, 96, 512), (300, 512)), h200, [290, 0], [290, 0])
+
+
 def test_balanced_rows_and_gpu_names():
     assert balanced_rows(10, 4) == [3, 3, 2, 2]  # odd split: the first A % E experts get one more
     assert sum(balanced_rows(32768 * 8, 128)) == 32768 * 8
@@ -179,16 +230,23 @@ def test_compare_puts_the_estimate_beside_measured_rows(tmp_path):
         {**row, "strategy": "blocksparse", "fwd_bwd_ms": 0.5},
         {**row, "strategy": "grouped", "fwd_bwd_ms": None},  # a strategy that did not run: n/a, still estimated
         {**row, "strategy": "padded", "fwd_bwd_ms": 0.4},  # not a dropless strategy: no estimate
+        {**row, "strategy": "torch_grouped_mm", "fwd_bwd_ms": 0.8},  # the baseline: estimated, and the speedups
     ]
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "results.json").write_text(json.dumps({"rows": rows}))
     proc = _run("bench.model.compare", "--gpu", "NVIDIA-H200", str(tmp_path / "run"), "--out", str(tmp_path / "m.md"))
     assert proc.returncode == 0, proc.stderr
-    lines = [line for line in (tmp_path / "m.md").read_text().splitlines() if line.startswith("| 256 ")]
-    assert [line.split(" | ")[2] for line in lines] == ["blocksparse", "grouped"]
+    text = (tmp_path / "m.md").read_text()
+    estimates, vs = text.split("\n\n")
+    lines = [line for line in estimates.splitlines() if line.startswith("| 256 ")]
+    assert [line.split(" | ")[2] for line in lines] == ["blocksparse", "grouped", "torch_grouped_mm"]
     measured, model, ratio = lines[0].split(" | ")[3:6]
     assert float(measured) == 0.5 and float(ratio.rstrip(" |")) == pytest.approx(0.5 / float(model), rel=0.02)
     assert lines[1].split(" | ")[3] == "n/a"
+    base_model = float(lines[2].split(" | ")[4])
+    speedups = [line.split(" | ") for line in vs.splitlines() if line.startswith("| 256 ")]
+    assert [(s[2], s[3]) for s in speedups] == [("blocksparse", "1.60x"), ("grouped", "n/a")]
+    assert float(speedups[0][4].rstrip("x |")) == pytest.approx(base_model / float(model), rel=0.02)
 
 
 def test_cli_rejects_unknown_names():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from blocksparse_moe.options import AUTO_MAX_PADDING
 
-from . import IMPLS, Estimate, auto_impl, estimate, padding_ratio
+from . import BASELINE, IMPLS, OURS, Estimate, auto_impl, estimate, padding_ratio, speedup_vs_baseline
 from .roofline import EFFICIENCY_MODEL, GPUS, SHAPES, eager_time
 
 
@@ -36,8 +36,9 @@ def report(est: Estimate) -> str:
         a = launch.args
         ws = f"{a.get('num_warps', '-')}/{a.get('num_stages', '-')}"
         ctas = f"{c.work_ctas}/{c.zero_ctas}/{c.idle_ctas}"
+        grid = launch.ctas if launch.grid else "-"  # a library GEMM: its tiles are the model's assumption
         lines.append(
-            f"{i:>2} {launch.phase:8} {launch.kernel:19} {c.tile:>10} {ws:>5} {launch.ctas:>8} {c.ctas_per_sm:>6} "
+            f"{i:>2} {launch.phase:8} {launch.kernel:19} {c.tile:>10} {ws:>5} {grid:>8} {c.ctas_per_sm:>6} "
             f"{ctas:>21} {c.executed_flops / 1e9:9.1f} {c.useful_flops / 1e9:9.1f} {_mb(c.hbm_bytes)} "
             f"{_mb(c.l2_bytes)} {c.intensity:6.1f} {c.efficiency:5.2f} {c.bound:>5} {c.seconds * 1e6:9.1f}"
         )
@@ -75,8 +76,12 @@ def report(est: Estimate) -> str:
         + ", ".join(sorted({f"{op.name} ({op.op or 'front door'})" for op in fp32})),
         f"  impl='auto' on CUDA picks {auto_impl(s)} here (block-sparse rows bound / assignments = "
         f"{padding_ratio(s):.2f}; grouped above {AUTO_MAX_PADDING})",
-        est.closing_line(),
     ]
+    if est.impl in OURS:
+        base = estimate(s, BASELINE, gpu, dtype=est.dtype)
+        lines.append(f"  vs the torch._grouped_mm baseline ({BASELINE}: {base.seconds * 1e3:.3f} ms): "
+                     f"{speedup_vs_baseline(est):.2f}x faster (target >= 1.3x)")  # fmt: skip
+    lines.append(est.closing_line())
     return "\n".join(lines)
 
 
@@ -93,6 +98,7 @@ def to_json(est: Estimate) -> dict:
         "executed_flops": est.executed_flops,
         "analytic_flops": est.shape.useful_flops(),
         "auto_impl": auto_impl(est.shape),
+        "speedup_vs_baseline": speedup_vs_baseline(est) if est.impl in OURS else None,
         "launches": [
             {
                 "kernel": la.kernel,

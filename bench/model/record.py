@@ -9,7 +9,8 @@ things stand in for the GPU:
 - the package's custom ops (``bsm::*``) run their real implementation (on meta tensors a custom op would run its
   fake), with the ``backend`` argument set to ``"triton"``: the launchers see what they see on CUDA;
 - a ``TorchDispatchMode`` counts every eager aten op (outside and inside the custom ops) with the bytes it reads
-  and writes and the dtype of what it creates.
+  and writes and the dtype of what it creates; the library GEMMs of ``ATEN_GEMMS`` (``torch._grouped_mm``, the
+  baseline strategy's) are recorded as launches instead, their operands as ``mat_a`` / ``mat_b`` / ``out``.
 
 What stays as on the CPU: ``TRITON_INTERPRET`` must be off (the launchers pick their GPU configs); the launchers'
 ``torch.cuda`` queries (compute capability) see ``capability`` (patched); meta tensors are never ``cuda`` tensors,
@@ -34,7 +35,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from blocksparse_moe.config import interpreting
 
-__all__ = ["TensorInfo", "Launch", "EagerOp", "Recording", "record"]
+__all__ = ["TensorInfo", "Launch", "EagerOp", "Recording", "ATEN_GEMMS", "record"]
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,8 @@ class TensorInfo:
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch: ``kernel[grid](**args)``; ``phase`` is ``"forward"`` or ``"backward"``, ``op`` the custom
-    op it ran inside (``None``: outside every op)."""
+    op it ran inside (``None``: outside every op). A library GEMM (``ATEN_GEMMS``) has no grid (``()``): its cost
+    function assumes the tiles."""
 
     kernel: str
     grid: tuple[int, ...]
@@ -136,6 +138,10 @@ _NO_KERNEL = _ALLOCATIONS | {
 }
 
 
+# Library GEMMs recorded as launches (costed by bench.model.roofline), not as eager ops.
+ATEN_GEMMS = ("aten::_grouped_mm",)
+
+
 def _launches_kernel(func: torch._ops.OpOverload) -> bool:
     """Whether an aten op runs a kernel of its own: not a view or an allocation, not a composite (its parts are
     counted)."""
@@ -186,6 +192,11 @@ class _Mode(TorchDispatchMode):
             finally:
                 self.rec.ops.pop()
         out = func(*args, **kwargs)
+        if name in ATEN_GEMMS:
+            mat_a, mat_b = args[:2]
+            operands = {"mat_a": TensorInfo.of(mat_a), "mat_b": TensorInfo.of(mat_b), "out": TensorInfo.of(out)}
+            self.rec.launches.append(Launch(name, (), operands, self.rec.phase, self.rec.op))
+            return out
         kernel = _launches_kernel(func)
         if kernel or name in _ALLOCATIONS:
             # a factory from an input (``new_zeros``, ``ones_like``) reads only its metadata

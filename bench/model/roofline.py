@@ -112,6 +112,11 @@ efficiency model (assumptions, not measurements):
     accumulator elements per thread (+ 4 per element of the backward epilogue's column slice of EPI_N columns: h,
     g, act, act' live beside the accumulator), rounded up to 8 (sm_90 ptxas, bench.audit: within 16 of it);
     shared memory = stages x (A tile + W tiles)
+  torch._grouped_mm (the torch_grouped_mm baseline): PyTorch's CUTLASS kernel, costed by the same MMA / L2 / HBM
+    formulas on its own tiles (GroupMM.cu): sm_90 128x256x64 (64x128x128 when a group's M or N <= 128; sm_100
+    64x128x128), clusters of 2 CTAs along M with the B tile multicast (half its L2 reads), one persistent
+    warp-specialized CTA per SM at the main-loop efficiency of our N >= 128 tiles (0.90), with no one-CTA penalty
+    (its epilogue overlaps the next tile's loads) and no GPU factor (native on sm_100)
   permute kernels and eager ops: bytes / (0.85 x HBM) + 3 us each
   routing: balanced (T*k/E assignments per expert); the routing itself runs its PyTorch implementation on meta
     tensors here (on CUDA the compiled extension runs instead): its ops are listed, not modelled as the extension
@@ -259,6 +264,51 @@ def _wgrad_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int
     )  # fmt: skip
 
 
+def _library_tile(gpu: Gpu, group_m: int, n: int) -> tuple[int, int, int, int]:
+    """``(BM, BN, BK, multicast)`` of PyTorch's bf16 ``torch._grouped_mm`` kernel (``aten/src/ATen/native/cuda/
+    GroupMM.cu``: CUTLASS, persistent, TMA warp-specialized, clusters of 2 CTAs along M sharing each B tile by TMA
+    multicast): on sm_90 64x128x128 (ping-pong) when the average group's M or N is at most 128, else 128x256x64
+    (cooperative); on sm_100 64x128x128."""
+    if gpu.capability[0] >= 10 or group_m <= 128 or n <= 128:
+        return 64, 128, 128, 2
+    return 128, 256, 64, 2
+
+
+def _grouped_mm_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int]) -> Cost:
+    """``torch._grouped_mm``: ``mat_a [R, K]`` times a weight per group ``mat_b [E, K, N]`` → ``[R, N]``, or the
+    weight gradient ``mat_a [K, R]`` times ``mat_b [R, N]`` → ``[E, K, N]``, groups of ``rows[e]`` rows, on the
+    library's tiles (``_library_tile``; the efficiency model states the rest)."""
+    a: TensorInfo = launch.args["mat_a"]
+    b: TensorInfo = launch.args["mat_b"]
+    itemsize = a.itemsize
+    E = len(rows)
+    if len(b.shape) == 3:  # rows x a weight per group
+        (R, K), N = a.shape, b.shape[2]
+        if sum(rows) != R or b.shape[0] != E:
+            raise ValueError(f"{launch.kernel}: [{R}, {K}] @ {list(b.shape)} for {E} groups of {sum(rows)} rows")
+        BM, BN, BK, multicast = _library_tile(gpu, R // E, N)
+        tiles = [math.ceil(r / BM) * math.ceil(N / BN) for r in rows]
+        steps = [math.ceil(K / BK)] * E
+        hbm = (R * K + sum(1 for r in rows if r) * K * N + R * N) * itemsize
+    else:  # the weight gradient: a reduction over each group's rows
+        (K, R), N = a.shape, b.shape[1]
+        if sum(rows) != R:
+            raise ValueError(f"{launch.kernel}: [{K}, {R}] @ [{R}, {N}] for groups of {sum(rows)} rows")
+        BM, BN, BK, multicast = _library_tile(gpu, K, N)
+        tiles = [math.ceil(K / BM) * math.ceil(N / BN) if r else 0 for r in rows]
+        steps = [math.ceil(r / BK) for r in rows]
+        hbm = (R * K + R * N + E * K * N) * itemsize
+    useful = sum(useful_rows) * 2 * K * N
+    executed = sum(t * s * 2 * BM * BN * BK for t, s in zip(tiles, steps))
+    l2 = sum(t * s for t, s in zip(tiles, steps)) * (BM * BK + BK * BN // multicast) * itemsize
+    work = sum(tiles)
+    eff = _n_efficiency(BN) / (2 if itemsize == 4 else 1)  # persistent, warp-specialized: no one-CTA or GPU factor
+    return Cost(
+        executed, useful, hbm, l2, work, 0, 0, 1, eff, f"{BM}x{BN}x{BK}", _mma_seconds(gpu, executed, work, eff),
+        l2 / (gpu.l2_tbps * 1e12), _hbm_seconds(gpu, hbm),
+    )  # fmt: skip
+
+
 def _permute_cost(launch: Launch, gpu: Gpu, moved: int) -> Cost:
     a = launch.args
     tile = f"{a['BLOCK_ROWS']}x{a['BLOCK_D']}"
@@ -303,6 +353,8 @@ def launch_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int
         return _permute_cost(launch, gpu, _gather_bytes(launch.args))
     if launch.kernel == "weights_grad_kernel":
         return _permute_cost(launch, gpu, _weights_grad_bytes(launch.args))
+    if launch.kernel == "aten::_grouped_mm":
+        return _grouped_mm_cost(launch, gpu, rows, useful_rows)
     raise ValueError(f"bench.model has no cost function for the kernel {launch.kernel!r}")
 
 
