@@ -105,7 +105,8 @@ efficiency model (assumptions, not measurements):
     MMA  = ceil(CTAs with work / SMs) x (executed FLOPs per CTA) / (SM dense rate x main-loop efficiency)
            main-loop efficiency: by the MMA tile's N: >=128: 0.90, 64: 0.75, 32: 0.50, 16: 0.30; x0.85 with one CTA
            per SM (prologue and epilogue not overlapped by a second CTA); x the GPU's factor (B200: 0.55);
-           fp32 operands at half the bf16 rate (tf32)
+           fp32 operands at half the bf16 rate (tf32); M tiles under 64 rows (decode: mma.sync, not wgmma) at the
+           same efficiency: they serve shapes whose weight reads bound them (HBM), where it does not decide
     L2   = operand tiles read by the CTAs (A and W tiles every K step) / L2 bandwidth
     HBM  = unique bytes (each operand row and weight once, every output and epilogue operand once) / (0.85 x HBM)
   CTAs per SM = min(registers, shared memory, 2048 threads); registers per thread estimated as 48 + the fp32
