@@ -21,7 +21,7 @@ import torch
 
 from bench.model import BASELINE, IMPLS, OURS
 from bench.model.compare import gpu_of
-from bench.model.record import Launch, TensorInfo, record
+from bench.model.record import ROUTING_STEPS, Launch, TensorInfo, record
 from bench.model.roofline import GPUS, SHAPES, balanced_rows, launch_cost
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,15 +73,21 @@ def test_launch_list_is_the_launchers(estimates):
             assert phases == ["forward"] * 3 + ["backward"] * 6 and len(r["launches"]) == 9
             assert r["speedup_vs_baseline"] is None
             continue
-        kernels = [(la["phase"], la["kernel"]) for la in r["launches"]]
+        # the routing first, at the front door: the extension's steps (its PyTorch implementation's ops, which
+        # build the plan on meta tensors, listed apart and not costed)
+        steps = [f"routing::{step}" for step in ROUTING_STEPS]
+        assert [la["kernel"] for la in r["launches"][:6]] == steps and r["routing_torch_ops"]
+        assert all(la["phase"] == "forward" and la["op"] is None for la in r["launches"][:6])
+        kernels = [(la["phase"], la["kernel"]) for la in r["launches"][6:]]
         forward = [k for p, k in kernels if p == "forward"]
         backward = [k for p, k in kernels if p == "backward"]
         # forward: the gated up-projection and the down-projection, then the weighted scatter
         assert sorted(forward) == ["gemm_kernel", "gemm_kernel", "scatter_kernel"], r["impl"]
         # backward: dgrad of w2 with the epilogue, the dx pair, dW2, dW1 + dW3 (dual), the dx scatter
         assert sorted(backward) == ["gemm_kernel", "gemm_kernel", "scatter_kernel", "wgrad_kernel", "wgrad_kernel"]
-        assert all(la["op"] is not None for la in r["launches"])  # every kernel runs inside the custom ops
-        assert r["eager_ops"], "the routing's eager ops are counted"
+        assert all(la["op"] is not None for la in r["launches"][6:])  # every kernel runs inside the custom ops
+        assert "aten::floor_divide" in r["eager_ops"], "the tile schedule's eager ops are counted"
+        assert r["forward_seconds"] < r["seconds"]
 
 
 def test_flop_totals_equal_the_analytic_count(estimates):
@@ -211,6 +217,13 @@ def test_grouped_mm_cost_counts_the_library_tiles():
     assert w.useful_flops == 2 * 256 * 512 * 300
     with pytest.raises(ValueError, match="groups of 290 rows"):
         launch_cost(_grouped_mm((300, 96), (2, 96, 512), (300, 512)), h200, [290, 0], [290, 0])
+
+
+def test_routing_steps_cost_their_bytes_and_a_launch():
+    # each step of the routing extension: its share of the plan's bytes at 0.85 x HBM, plus the 3 us launch
+    step = Launch("routing::Keys", (), {"bytes": 3_655_000}, "forward", None)
+    c = launch_cost(step, GPUS["h200"], [1], [1])
+    assert c.executed_flops == 0 and c.seconds == pytest.approx(3_655_000 / (4.3e12 * 0.85) + 3e-6)
 
 
 def test_balanced_rows_and_gpu_names():

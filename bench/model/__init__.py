@@ -24,7 +24,7 @@ from functools import cache
 
 import torch
 
-from .record import EagerOp, Launch, Recording, record
+from .record import ROUTING, EagerOp, Launch, Recording, record
 from .roofline import GPUS, SHAPES, Cost, Gpu, LayerShape, balanced_rows, eager_time, launch_cost
 
 __all__ = [
@@ -59,11 +59,23 @@ class Estimate:
 
     @property
     def eager_kernels(self) -> list[EagerOp]:
-        return [op for op in self.eager if op.kernel]
+        """The eager ops that launch a kernel on CUDA (not the routing's PyTorch implementation: the extension's
+        launches stand for it)."""
+        return [op for op in self.eager if op.kernel and op.op != ROUTING]
+
+    @property
+    def routing_ops(self) -> list[EagerOp]:
+        """The kernels of the routing's PyTorch implementation, which builds the plan on meta tensors here."""
+        return [op for op in self.eager if op.kernel and op.op == ROUTING]
+
+    def phase_seconds(self, phase: str) -> float:
+        """The estimate of the ``"forward"`` or the ``"backward"`` launches and eager ops."""
+        launches = sum(c.seconds for la, c in self.launches if la.phase == phase)
+        return launches + sum(eager_time(op, self.gpu) for op in self.eager_kernels if op.phase == phase)
 
     @property
     def seconds(self) -> float:
-        return sum(c.seconds for _, c in self.launches) + sum(eager_time(op, self.gpu) for op in self.eager_kernels)
+        return self.phase_seconds("forward") + self.phase_seconds("backward")
 
     @property
     def useful_flops(self) -> int:

@@ -51,6 +51,8 @@ def report(est: Estimate) -> str:
         t = sum(eager_time(op, gpu) for op in ops)
         lines.append(f"   {phase:8} {where:28} {name:32} x{len(ops):<3} {_mb(sum(o.bytes for o in ops))} MB "
                      f"{t * 1e6:8.1f} us")  # fmt: skip
+    lines.append(f"   not costed: the routing's PyTorch implementation ({len(est.routing_ops)} kernels), which builds "
+                 "the plan on meta tensors here (routing::* above: the extension that builds it on CUDA)")  # fmt: skip
     gemms = [(la, c) for la, c in est.launches if c.executed_flops]
     work = sum(c.work_ctas for _, c in gemms)
     zero = sum(c.zero_ctas for _, c in gemms)
@@ -58,15 +60,18 @@ def report(est: Estimate) -> str:
     fp32 = [op for op in est.eager if op.out_dtype is not None and op.out_dtype.is_floating_point
             and op.out_dtype.itemsize == 4 and op.out_bytes]  # fmt: skip
     gemm_s = sum(c.seconds for _, c in gemms)
-    permute_s = sum(c.seconds for _, c in est.launches if not c.executed_flops)
+    routing = [c for la, c in est.launches if la.kernel.startswith("routing::")]
+    permutes = [c for la, c in est.launches if not c.executed_flops and not la.kernel.startswith("routing::")]
     eager_s = sum(eager_time(op, gpu) for op in kernels)
     phases = Counter(la.phase for la, _ in gemms)
     lines += [
         "",
         "summary:",
         f"  launches: {len(gemms)} GEMM ({phases['forward']} forward, {phases['backward']} backward) "
-        f"{gemm_s * 1e3:.3f} ms; {len(est.launches) - len(gemms)} permute {permute_s * 1e3:.3f} ms; "
-        f"{len(kernels)} eager ops {eager_s * 1e3:.3f} ms",
+        f"{gemm_s * 1e3:.3f} ms; {len(permutes)} permute {sum(c.seconds for c in permutes) * 1e3:.3f} ms; "
+        f"{len(routing)} routing {sum(c.seconds for c in routing) * 1e3:.3f} ms; {len(kernels)} eager ops "
+        f"{eager_s * 1e3:.3f} ms; forward {est.phase_seconds('forward') * 1e3:.3f} ms, backward "
+        f"{est.phase_seconds('backward') * 1e3:.3f} ms",
         f"  FLOPs: executed {est.executed_flops / 1e12:.2f} TFLOP, useful {est.useful_flops / 1e12:.2f} TFLOP "
         f"(analytic 18*T*k*d*f = {s.useful_flops() / 1e12:.2f}), executed/useful "
         f"{est.executed_flops / max(est.useful_flops, 1):.2f}",
@@ -92,6 +97,7 @@ def to_json(est: Estimate) -> dict:
         "impl": est.impl,
         "gpu": est.gpu.name,
         "seconds": est.seconds,
+        "forward_seconds": est.phase_seconds("forward"),
         "tflops": est.tflops,
         "dense_pct": est.dense_pct,
         "useful_flops": est.useful_flops,
@@ -119,6 +125,7 @@ def to_json(est: Estimate) -> dict:
             for la, c in est.launches
         ],
         "eager_ops": [op.name for op in est.eager_kernels],
+        "routing_torch_ops": [op.name for op in est.routing_ops],
     }
 
 

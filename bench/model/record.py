@@ -15,7 +15,9 @@ things stand in for the GPU:
 What stays as on the CPU: ``TRITON_INTERPRET`` must be off (the launchers pick their GPU configs); the launchers'
 ``torch.cuda`` queries (compute capability) see ``capability`` (patched); meta tensors are never ``cuda`` tensors,
 so a launcher that asks ``tensor.device.type == "cuda"`` (the TMA weight loads) takes its non-CUDA branch; the
-routing runs its PyTorch implementation (meta tensors), whose eager ops are counted as the front door's.
+routing runs its PyTorch implementation (meta tensors): its eager ops are recorded under the pseudo-op ``ROUTING``
+(listed, not costed), and the launches of the compiled extension that builds the plan on CUDA instead
+(``ROUTING_STEPS``, one kernel each, ``csrc/routing.h``) are recorded after it, with the plan's bytes.
 A host synchronisation on the GPU path (``.item()``, ``.tolist()``, ``nonzero``) fails here: meta tensors have no
 data.
 """
@@ -34,8 +36,9 @@ from triton.runtime.jit import JITFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from blocksparse_moe.config import interpreting
+from blocksparse_moe.routing import pytorch as routing_torch
 
-__all__ = ["TensorInfo", "Launch", "EagerOp", "Recording", "ATEN_GEMMS", "record"]
+__all__ = ["TensorInfo", "Launch", "EagerOp", "Recording", "ATEN_GEMMS", "ROUTING", "ROUTING_STEPS", "record"]
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,10 @@ _NO_KERNEL = _ALLOCATIONS | {
 
 # Library GEMMs recorded as launches (costed by bench.model.roofline), not as eager ops.
 ATEN_GEMMS = ("aten::_grouped_mm",)
+# The routing: the pseudo-op its PyTorch implementation's eager ops run under here, and the kernels the compiled
+# extension launches for it on CUDA (csrc/routing.h's plan_routing, one grid-stride kernel per step).
+ROUTING = "routing (PyTorch implementation)"
+ROUTING_STEPS = ("Init", "Keys", "TileScan", "Counts", "Offsets", "Place")
 
 
 def _launches_kernel(func: torch._ops.OpOverload) -> bool:
@@ -212,7 +219,8 @@ class _Mode(TorchDispatchMode):
 
 @contextlib.contextmanager
 def _patched(rec: Recording, capability: tuple[int, int]) -> Iterator[None]:
-    """Triton launches recorded instead of run; ``torch.cuda.get_device_capability`` answering ``capability``."""
+    """Triton launches recorded instead of run; ``torch.cuda.get_device_capability`` answering ``capability``; the
+    routing's PyTorch implementation run under ``ROUTING``, followed by the extension's launches."""
 
     def run(self, *args, grid, warmup, **kwargs):
         names = self.arg_names
@@ -222,13 +230,27 @@ def _patched(rec: Recording, capability: tuple[int, int]) -> Iterator[None]:
         g = tuple(int(v) for v in g)
         rec.launches.append(Launch(self.fn.__name__, g, bound, rec.phase, rec.op))
 
-    saved_run, saved_cc = JITFunction.run, torch.cuda.get_device_capability
+    def plan_buffers(top_k_index: torch.Tensor, sizes: Any) -> dict[str, torch.Tensor]:
+        rec.ops.append(ROUTING)
+        try:
+            buffers = saved_plan(top_k_index, sizes)
+        finally:
+            rec.ops.pop()
+        moved = _nbytes(top_k_index) + sum(_nbytes(t) for t in buffers.values())  # read the ids, write the plan
+        for step in ROUTING_STEPS:
+            share = {"bytes": moved // len(ROUTING_STEPS)}
+            rec.launches.append(Launch(f"routing::{step}", (), share, rec.phase, rec.op))
+        return buffers
+
+    saved_run, saved_cc, saved_plan = JITFunction.run, torch.cuda.get_device_capability, routing_torch.plan_buffers
     JITFunction.run = run
     torch.cuda.get_device_capability = lambda *a, **k: capability
+    routing_torch.plan_buffers = plan_buffers
     try:
         yield
     finally:
         JITFunction.run, torch.cuda.get_device_capability = saved_run, saved_cc
+        routing_torch.plan_buffers = saved_plan
 
 
 def record(

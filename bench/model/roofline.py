@@ -119,8 +119,9 @@ efficiency model (assumptions, not measurements):
     warp-specialized CTA per SM at the main-loop efficiency of our N >= 128 tiles (0.90), with no one-CTA penalty
     (its epilogue overlaps the next tile's loads) and no GPU factor (native on sm_100)
   permute kernels and eager ops: bytes / (0.85 x HBM) + 3 us each
-  routing: balanced (T*k/E assignments per expert); the routing itself runs its PyTorch implementation on meta
-    tensors here (on CUDA the compiled extension runs instead): its ops are listed, not modelled as the extension
+  routing: balanced (T*k/E assignments per expert); the plan is built by the compiled extension on CUDA: its 6
+    step kernels (routing::*) move the ids and the plan's buffers once in all, at HBM speed, + 3 us each; the
+    PyTorch implementation that builds it on meta tensors here is listed, not costed
   W_TMA is 0 in the list (meta tensors are not CUDA tensors); the bytes and FLOPs are the same with TMA weights"""
 
 _N_EFFICIENCY = ((128, 0.90), (64, 0.75), (32, 0.50), (16, 0.30))
@@ -356,6 +357,9 @@ def launch_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int
         return _permute_cost(launch, gpu, _weights_grad_bytes(launch.args))
     if launch.kernel == "aten::_grouped_mm":
         return _grouped_mm_cost(launch, gpu, rows, useful_rows)
+    if launch.kernel.startswith("routing::"):  # a step of the routing extension: its share of the plan's bytes
+        moved = launch.args["bytes"]
+        return Cost(0, 0, moved, 0, 1, 0, 0, 0, 0.0, "-", 0.0, 0.0, _hbm_seconds(gpu, moved))
     raise ValueError(f"bench.model has no cost function for the kernel {launch.kernel!r}")
 
 
