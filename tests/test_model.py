@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.model import BASELINE, IMPLS, OURS
+from bench.model import BASELINE, IMPLS, OURS, estimate
 from bench.model.compare import gpu_of
 from bench.model.record import ROUTING_STEPS, Launch, TensorInfo, record
 from bench.model.roofline import GPUS, SHAPES, balanced_rows, launch_cost
@@ -245,6 +245,7 @@ def test_compare_puts_the_estimate_beside_measured_rows(tmp_path):
         {**row, "strategy": "grouped", "fwd_bwd_ms": None},  # a strategy that did not run: n/a, still estimated
         {**row, "strategy": "padded", "fwd_bwd_ms": 0.4},  # not a dropless strategy: no estimate
         {**row, "strategy": "torch_grouped_mm", "fwd_bwd_ms": 0.8},  # the baseline: estimated, and the speedups
+        {**row, "strategy": "torch_grouped_mm", "dtype": "float32", "fwd_bwd_ms": 9.0},  # bf16 only: not estimated
     ]
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "results.json").write_text(json.dumps({"rows": rows}))
@@ -261,6 +262,12 @@ def test_compare_puts_the_estimate_beside_measured_rows(tmp_path):
     speedups = [line.split(" | ") for line in vs.splitlines() if line.startswith("| 256 ")]
     assert [(s[2], s[3]) for s in speedups] == [("blocksparse", "1.60x"), ("grouped", "n/a")]
     assert float(speedups[0][4].rstrip("x |")) == pytest.approx(base_model / float(model), rel=0.02)
+
+
+def test_baseline_is_bf16_only():
+    # torch._grouped_mm's CUDA kernel (and its meta function) takes bf16 only: an fp32 estimate is a clear error
+    with pytest.raises(ValueError, match="bfloat16 only"):
+        estimate("decode", BASELINE, "h200", dtype=torch.float32)
 
 
 def test_cli_rejects_unknown_names():

@@ -174,6 +174,9 @@ def estimate(
     gpu = GPUS[gpu] if isinstance(gpu, str) else gpu
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == BASELINE and dtype != torch.bfloat16:
+        raise ValueError(f"impl={BASELINE!r} is modelled in bfloat16 only (torch._grouped_mm's CUDA kernel), got "
+                         f"{dtype}")  # fmt: skip
     if tokens is not None:
         shape = replace(shape, tokens=tokens)
     return _estimate(shape, impl, gpu, dtype)

@@ -85,7 +85,7 @@ def report(est: Estimate) -> str:
     if est.impl in OURS:
         base = estimate(s, BASELINE, gpu, dtype=est.dtype)
         lines.append(f"  vs the torch._grouped_mm baseline ({BASELINE}: {base.seconds * 1e3:.3f} ms): "
-                     f"{speedup_vs_baseline(est):.2f}x faster (target >= 1.3x)")  # fmt: skip
+                     f"speedup {speedup_vs_baseline(est):.2f}x (target >= 1.3x)")  # fmt: skip
     lines.append(est.closing_line())
     return "\n".join(lines)
 
