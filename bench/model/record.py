@@ -73,8 +73,8 @@ class TensorInfo:
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch: ``kernel[grid](**args)``; ``phase`` is ``"forward"`` or ``"backward"``, ``op`` the custom
-    op it ran inside (``None``: outside every op). A library GEMM (``ATEN_GEMMS``) has no grid (``()``): its cost
-    function assumes the tiles."""
+    op it ran inside (``None``: outside every op). A library GEMM (``ATEN_GEMMS``) or a routing extension step
+    (``routing::<step>``) has no grid (``()``): its cost function states what it assumes."""
 
     kernel: str
     grid: tuple[int, ...]
