@@ -6,7 +6,8 @@
 #   3. memcheck                   compute-sanitizer --tool memcheck python -m bench.sanitize: one small fwd+bwd per
 #                                 strategy, unchecked invalid expert ids included; 0 errors expected
 #   4. benchmarks                 python -m bench at the issue-10 reference shapes: --preset mixtral at T=16384
-#                                 and --preset fine at T=32768 (bf16 fwd+bwd; dense GEMMs and torch._grouped_mm
+#                                 and --preset fine at T=32768, then the decode shape T=64 within the same time
+#                                 budget (bf16 fwd+bwd; dense GEMMs and torch._grouped_mm
 #                                 in the same run)
 #   5. targets                    python -m bench.targets: % of dense and speedup vs torch._grouped_mm, pass/FAIL
 #      model                      python -m bench.model.compare: the whole-layer roofline's estimate beside each
@@ -47,7 +48,7 @@ else
   ROOT="bench/results"
   DEVICE=(--device cuda --time-budget 60)
   MIXTRAL=(--tokens 16384)  # the issue-10 reference shapes
-  FINE=(--tokens 32768)
+  FINE=(--tokens 32768,64)  # then decode (T=64) if the time budget allows: the targets judge the largest T
 fi
 OUT="$ROOT/$NAME"
 mkdir -p "$OUT"
