@@ -51,8 +51,10 @@ def report(est: Estimate) -> str:
         t = sum(eager_time(op, gpu) for op in ops)
         lines.append(f"   {phase:8} {where:28} {name:32} x{len(ops):<3} {_mb(sum(o.bytes for o in ops))} MB "
                      f"{t * 1e6:8.1f} us")  # fmt: skip
-    lines.append(f"   not costed: the routing's PyTorch implementation ({len(est.routing_ops)} kernels), which builds "
-                 "the plan on meta tensors here (routing::* above: the extension that builds it on CUDA)")  # fmt: skip
+    if est.routing_ops:
+        lines.append(f"   not costed: the routing's PyTorch implementation ({len(est.routing_ops)} kernels), which "
+                     "builds the plan on meta tensors here (routing::* above: the extension that builds it on "
+                     "CUDA)")  # fmt: skip
     gemms = [(la, c) for la, c in est.launches if c.executed_flops]
     work = sum(c.work_ctas for _, c in gemms)
     zero = sum(c.zero_ctas for _, c in gemms)
