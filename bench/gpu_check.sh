@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # One-shot check on a machine with one CUDA GPU and no internet, in under 8 minutes (step limits sum to 480 s):
 #   1. build the extension        pip install -e . --no-build-isolation --no-deps
-#   2. GPU tests                  pytest -m gpu (routing backends, CUDA graphs, no host sync in the fused MLP, ...)
+#   2. GPU tests                  pytest -m gpu (routing backends, CUDA graphs: the decode step captured fwd+bwd,
+#                                 no host sync in the fused MLP, ...)
 #   3. memcheck                   compute-sanitizer --tool memcheck python -m bench.sanitize: one small fwd+bwd per
 #                                 strategy, unchecked invalid expert ids included; 0 errors expected
 #   4. benchmarks                 python -m bench at the issue-10 reference shapes: --preset mixtral at T=16384
-#                                 and --preset fine at T=32768 (bf16 fwd+bwd; dense GEMMs and torch._grouped_mm
+#                                 and --preset fine at T=32768, then the decode shape T=64 within the same time
+#                                 budget (bf16 fwd+bwd; dense GEMMs and torch._grouped_mm
 #                                 in the same run)
 #   5. targets                    python -m bench.targets: % of dense and speedup vs torch._grouped_mm, pass/FAIL
 #      model                      python -m bench.model.compare: the whole-layer roofline's estimate beside each
-#                                 measured fwd+bwd time (the dry run compares with the H200 model)
+#                                 measured fwd+bwd time (blocksparse, grouped, torch_grouped_mm) and the speedups
+#                                 over torch._grouped_mm, measured and estimated (the dry run: the H200 model)
 #   6. report                     bench/results/<date>-<gpu>.md + bench/results/<date>-<gpu>/ (CSV, JSON, PNGs)
 # and print a short summary table last. Every step has a timeout; a failed step is recorded and the rest run.
 # The compile audit is a CPU job (python -m bench.audit, in CI), not repeated here.
@@ -45,7 +48,7 @@ else
   ROOT="bench/results"
   DEVICE=(--device cuda --time-budget 60)
   MIXTRAL=(--tokens 16384)  # the issue-10 reference shapes
-  FINE=(--tokens 32768)
+  FINE=(--tokens 32768,64)  # then decode (T=64) if the time budget allows: the targets judge the largest T
 fi
 OUT="$ROOT/$NAME"
 mkdir -p "$OUT"

@@ -22,7 +22,7 @@ from blocksparse_moe.activations import check_name, get_activation
 from . import flops
 from .problems import Problem
 
-__all__ = ["STRATEGIES", "Case", "build_cases", "loop_moe_mlp", "grouped_mm_moe_mlp"]
+__all__ = ["STRATEGIES", "Case", "build_cases", "loop_moe_mlp", "grouped_mm_mlp", "grouped_mm_moe_mlp"]
 
 STRATEGIES = (
     "blocksparse",
@@ -78,23 +78,37 @@ def loop_moe_mlp(p: Problem, x: torch.Tensor, w1, w2, w3, weights) -> torch.Tens
     return out
 
 
-def grouped_mm_moe_mlp(p: Problem, w1, w2, w3) -> torch.Tensor:
-    """torchtitan-style dropless MLP: stable sort by expert, offsets, one ``torch._grouped_mm`` per matmul."""
-    act = _act(p.shape.activation)
-    k, E = p.shape.top_k, w1.shape[0]
-    flat = p.top_k_index.reshape(-1).long()
+def grouped_mm_mlp(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w3: torch.Tensor | None,
+    activation: str,
+) -> torch.Tensor:
+    """torchtitan-style dropless MLP: stable sort by expert, offsets, one ``torch._grouped_mm`` per matmul (no host
+    sync: ``bench.model`` records it on meta tensors as the ``torch_grouped_mm`` strategy)."""
+    act = _act(activation)
+    k, E = top_k_index.shape[1], w1.shape[0]
+    flat = top_k_index.reshape(-1).long()
     order = flat.argsort(stable=True)
     token = order // k
     counts = torch.zeros(E, dtype=torch.int32, device=flat.device).scatter_add_(
         0, flat, torch.ones_like(flat, dtype=torch.int32)
     )
     offs = counts.cumsum(0, dtype=torch.int32)
-    xs = p.x.index_select(0, token)
+    xs = x.index_select(0, token)
     h = act(torch._grouped_mm(xs, w1, offs=offs))
     if w3 is not None:
         h = h * torch._grouped_mm(xs, w3, offs=offs)
-    y = torch._grouped_mm(h, w2, offs=offs) * p.top_k_weights.reshape(-1)[order].unsqueeze(1)
-    return torch.zeros_like(p.x).index_add(0, token, y)
+    y = torch._grouped_mm(h, w2, offs=offs) * top_k_weights.reshape(-1)[order].unsqueeze(1)
+    return torch.zeros_like(x).index_add(0, token, y)
+
+
+def grouped_mm_moe_mlp(p: Problem, w1, w2, w3) -> torch.Tensor:
+    """``grouped_mm_mlp`` on ``p``'s tokens and routing."""
+    return grouped_mm_mlp(p.x, p.top_k_index, p.top_k_weights, w1, w2, w3, p.shape.activation)
 
 
 def _column_major(w: torch.Tensor) -> torch.Tensor:

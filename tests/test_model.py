@@ -1,6 +1,7 @@
-"""bench.model, the whole-layer roofline: it runs for every shape × strategy on CPU in seconds, its launch list is
-the launchers' (GEMM launches forward and backward), its FLOP totals equal the analytic count, its cost functions
-count tiles as the kernels do, and the comparison with a measured run reads the bench's results.
+"""bench.model, the whole-layer roofline: it runs for every shape × strategy (ours and the ``torch._grouped_mm``
+baseline) on CPU in seconds, its launch list is the launchers' (GEMM launches forward and backward), its FLOP totals
+equal the analytic count, its cost functions count tiles as the kernels (and the library's kernel) do, and the
+comparison with a measured run reads the bench's results.
 
 The model records the GPU launch list, so it runs with the interpreter off: in a subprocess (the tests' process
 has ``TRITON_INTERPRET=1``, under which ``record`` refuses to run)."""
@@ -18,8 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.model import BASELINE, IMPLS, OURS, estimate
 from bench.model.compare import gpu_of
-from bench.model.record import Launch, TensorInfo, record
+from bench.model.record import ROUTING_STEPS, Launch, TensorInfo, record
 from bench.model.roofline import GPUS, SHAPES, balanced_rows, launch_cost
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,11 +53,13 @@ def _analytic_flops(T: int, d: int, f: int, k: int) -> int:
 
 def test_every_shape_and_strategy_runs_in_seconds(estimates):
     results, stdout, seconds = estimates
-    assert {(r["shape"], r["impl"]) for r in results} == {(s, i) for s in SHAPES for i in ("blocksparse", "grouped")}
-    assert seconds < 120  # six recordings + one import on two shared cores (about 10 s when quiet)
+    assert IMPLS == ("blocksparse", "grouped", "torch_grouped_mm")
+    assert {(r["shape"], r["impl"]) for r in results} == {(s, i) for s in SHAPES for i in IMPLS}
+    assert seconds < 120  # nine recordings + one import on two shared cores (about 10 s when quiet)
     closing = [line for line in stdout.splitlines() if line.endswith("(estimate)")]
-    assert len(closing) == 6
-    pattern = r"^(mixtral|fine|decode) (blocksparse|grouped) h200: [\d.]+ ms, \d+ TFLOP/s, [\d.]+% of dense"
+    assert len(closing) == 9
+    pattern = r"^(mixtral|fine|decode) (blocksparse|grouped|torch_grouped_mm) h200: [\d.]+ ms, \d+ TFLOP/s, [\d.]+%"
+    pattern += r" of dense"
     pattern += r" \(estimate\)$"
     assert all(re.match(pattern, line) for line in closing), closing
 
@@ -63,15 +67,27 @@ def test_every_shape_and_strategy_runs_in_seconds(estimates):
 def test_launch_list_is_the_launchers(estimates):
     results, _, _ = estimates
     for r in results:
-        kernels = [(la["phase"], la["kernel"]) for la in r["launches"]]
+        if r["impl"] == BASELINE:
+            # torchtitan's layer: w1, w3, w2 forward; each one's input and weight gradient backward
+            phases = [la["phase"] for la in r["launches"] if la["kernel"] == "aten::_grouped_mm"]
+            assert phases == ["forward"] * 3 + ["backward"] * 6 and len(r["launches"]) == 9
+            assert r["speedup_vs_baseline"] is None
+            continue
+        # the routing first, at the front door: the extension's steps (its PyTorch implementation's ops, which
+        # build the plan on meta tensors, listed apart and not costed)
+        steps = [f"routing::{step}" for step in ROUTING_STEPS]
+        assert [la["kernel"] for la in r["launches"][:6]] == steps and r["routing_torch_ops"]
+        assert all(la["phase"] == "forward" and la["op"] is None for la in r["launches"][:6])
+        kernels = [(la["phase"], la["kernel"]) for la in r["launches"][6:]]
         forward = [k for p, k in kernels if p == "forward"]
         backward = [k for p, k in kernels if p == "backward"]
         # forward: the gated up-projection and the down-projection, then the weighted scatter
         assert sorted(forward) == ["gemm_kernel", "gemm_kernel", "scatter_kernel"], r["impl"]
         # backward: dgrad of w2 with the epilogue, the dx pair, dW2, dW1 + dW3 (dual), the dx scatter
         assert sorted(backward) == ["gemm_kernel", "gemm_kernel", "scatter_kernel", "wgrad_kernel", "wgrad_kernel"]
-        assert all(la["op"] is not None for la in r["launches"])  # every kernel runs inside the custom ops
-        assert r["eager_ops"], "the routing's eager ops are counted"
+        assert all(la["op"] is not None for la in r["launches"][6:])  # every kernel runs inside the custom ops
+        assert "aten::floor_divide" in r["eager_ops"], "the tile schedule's eager ops are counted"
+        assert r["forward_seconds"] < r["seconds"]
 
 
 def test_flop_totals_equal_the_analytic_count(estimates):
@@ -85,11 +101,23 @@ def test_flop_totals_equal_the_analytic_count(estimates):
     by = {(r["shape"], r["impl"]): r for r in results}
     # Mixtral, balanced: 4096 rows per expert, a multiple of every tile: nothing wasted
     assert by["mixtral", "blocksparse"]["executed_flops"] == by["mixtral", "blocksparse"]["useful_flops"]
-    # decode: 4 rows per expert padded to a 128-row block (32x the work), 64-row tiles for grouped (16x)
+    # decode: 4 rows per expert padded to a 128-row block (32x the work); grouped: 16-row tiles for the GEMMs (4x;
+    # 16x with the 64-row tiles before), the weight gradients' 64-row reduction steps (16x): 8x in all
     assert by["decode", "blocksparse"]["executed_flops"] == 32 * by["decode", "blocksparse"]["useful_flops"]
-    assert by["decode", "grouped"]["executed_flops"] < by["decode", "blocksparse"]["executed_flops"]
+    assert by["decode", "grouped"]["executed_flops"] == 8 * by["decode", "grouped"]["useful_flops"]
     # what impl="auto"'s rule rests on: at decode the grouped layout is the faster (the block padding dominates)
     assert by["decode", "grouped"]["seconds"] < by["decode", "blocksparse"]["seconds"]
+
+
+def test_speedup_over_the_baseline(estimates):
+    # each of our strategies' summary gives its speedup over the torch._grouped_mm baseline of the same layer
+    results, stdout, _ = estimates
+    by = {(r["shape"], r["impl"]): r for r in results}
+    for shape in SHAPES:
+        for impl in OURS:
+            r = by[shape, impl]
+            assert r["speedup_vs_baseline"] == pytest.approx(by[shape, BASELINE]["seconds"] / r["seconds"])
+    assert stdout.count("vs the torch._grouped_mm baseline") == len(SHAPES) * len(OURS)
 
 
 def test_auto_rule_agrees_with_the_model(estimates):
@@ -137,6 +165,67 @@ def test_gemm_cost_counts_tiles_like_the_kernel():
         launch_cost(Launch("mystery_kernel", (1,), {}, "forward", None), GPUS["h200"], [1], [1])
 
 
+# sm_90 builds of the backward epilogue the launchers pick for aligned bf16 (python -m bench.audit --only
+# 'gemm[down_bwd' --arch 90, 2026-12-06): (BLOCK_M, BLOCK_N, warps, EPI_N, ptxas registers, CTAs per SM)
+AUDIT_BACKWARD = [
+    (128, 128, 8, 8, 128, 2),  # the full-width tile in 16 slices of 8 columns (128 registers: two CTAs per SM)
+    (64, 128, 4, 8, 128, 3),  # 64-row tiles: three by shared memory
+    (64, 64, 4, 8, 79, 4),  # B = 64 blocks: four
+]
+
+
+def test_register_estimate_follows_the_epilogue_slices():
+    # regression: the estimate counted five live values per accumulator element, whatever the slice width, so the
+    # full-width backward tile came out at 255 registers and one CTA per SM where ptxas gives 128 and two
+    h200 = GPUS["h200"]
+    for block_m, block_n, warps, epi_n, _registers, ctas in AUDIT_BACKWARD:
+        launch = _gemm(R=1024, N=512, K=256, m_tiles=1024 // block_m, n_tiles=512 // block_n, block_m=block_m,
+                       BLOCK_N=block_n, BLOCK_K=64, EPI_N=epi_n, EPILOGUE=2, GLU=True, GATHER=True,
+                       num_warps=warps)  # fmt: skip
+        assert launch_cost(launch, h200, [1024], [1024]).ctas_per_sm == ctas, (block_m, block_n)
+    # one slice as wide as the tile keeps h, g, act and act' of every column live: one CTA (ptxas spills it)
+    whole = _gemm(R=1024, N=512, K=256, m_tiles=8, n_tiles=4, block_m=128, BLOCK_N=128, BLOCK_K=64, EPI_N=128,
+                  EPILOGUE=2, GLU=True, GATHER=True, num_warps=8)  # fmt: skip
+    assert launch_cost(whole, h200, [1024], [1024]).ctas_per_sm == 1
+
+
+def _grouped_mm(a_shape: tuple[int, ...], b_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> Launch:
+    def info(shape):
+        return TensorInfo(shape, (1,) * len(shape), torch.bfloat16)
+
+    args = {"mat_a": info(a_shape), "mat_b": info(b_shape), "out": info(out_shape)}
+    return Launch("aten::_grouped_mm", (), args, "forward", None)
+
+
+def test_grouped_mm_cost_counts_the_library_tiles():
+    h200, b200 = GPUS["h200"], GPUS["b200"]
+    # rows x a weight per group, 2 groups of 300 and 0 rows (an average of 150 > 128, N = 512 > 128): 128x256x64
+    # tiles, ceil(300 / 128) = 3 M tiles x 2 N tiles, K = 96 in two 64-steps; the empty group takes no tile
+    c = launch_cost(_grouped_mm((300, 96), (2, 96, 512), (300, 512)), h200, [300, 0], [300, 0])
+    assert (c.tile, c.work_ctas, c.ctas_per_sm) == ("128x256x64", 3 * 2, 1)
+    assert c.executed_flops == 6 * 2 * (2 * 128 * 256 * 64) and c.useful_flops == 2 * 300 * 512 * 96
+    # the B tile is multicast to the 2 CTAs of a cluster: half its L2 reads
+    assert c.l2_bytes == 6 * 2 * (128 * 64 + 64 * 256 // 2) * 2
+    assert c.hbm_bytes == (300 * 96 + 96 * 512 + 300 * 512) * 2  # the used group's weight only
+    # small groups (an average of 4 rows, decode) take 64x128x128 tiles; so does sm_100 whatever the shape
+    small = launch_cost(_grouped_mm((512, 256), (128, 256, 256), (512, 256)), h200, [4] * 128, [4] * 128)
+    assert (small.tile, small.work_ctas) == ("64x128x128", 128 * 2)
+    assert launch_cost(_grouped_mm((300, 96), (2, 96, 512), (300, 512)), b200, [300, 0], [300, 0]).tile == "64x128x128"
+    # the weight gradient [K, R] @ [R, N] -> [E, K, N]: K x N tiles per group with rows, reducing over its rows
+    w = launch_cost(_grouped_mm((256, 300), (300, 512), (2, 256, 512)), h200, [200, 100], [200, 100])
+    assert w.work_ctas == 2 * (2 * 2) and w.executed_flops == 4 * 2 * 128 * 256 * 64 * (4 + 2)
+    assert w.useful_flops == 2 * 256 * 512 * 300
+    with pytest.raises(ValueError, match="groups of 290 rows"):
+        launch_cost(_grouped_mm((300, 96), (2, 96, 512), (300, 512)), h200, [290, 0], [290, 0])
+
+
+def test_routing_steps_cost_their_bytes_and_a_launch():
+    # each step of the routing extension: its share of the plan's bytes at 0.85 x HBM, plus the 3 us launch
+    step = Launch("routing::Keys", (), {"bytes": 3_655_000}, "forward", None)
+    c = launch_cost(step, GPUS["h200"], [1], [1])
+    assert c.executed_flops == 0 and c.seconds == pytest.approx(3_655_000 / (4.3e12 * 0.85) + 3e-6)
+
+
 def test_balanced_rows_and_gpu_names():
     assert balanced_rows(10, 4) == [3, 3, 2, 2]  # odd split: the first A % E experts get one more
     assert sum(balanced_rows(32768 * 8, 128)) == 32768 * 8
@@ -155,16 +244,30 @@ def test_compare_puts_the_estimate_beside_measured_rows(tmp_path):
         {**row, "strategy": "blocksparse", "fwd_bwd_ms": 0.5},
         {**row, "strategy": "grouped", "fwd_bwd_ms": None},  # a strategy that did not run: n/a, still estimated
         {**row, "strategy": "padded", "fwd_bwd_ms": 0.4},  # not a dropless strategy: no estimate
+        {**row, "strategy": "torch_grouped_mm", "fwd_bwd_ms": 0.8},  # the baseline: estimated, and the speedups
+        {**row, "strategy": "torch_grouped_mm", "dtype": "float32", "fwd_bwd_ms": 9.0},  # bf16 only: not estimated
     ]
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "results.json").write_text(json.dumps({"rows": rows}))
     proc = _run("bench.model.compare", "--gpu", "NVIDIA-H200", str(tmp_path / "run"), "--out", str(tmp_path / "m.md"))
     assert proc.returncode == 0, proc.stderr
-    lines = [line for line in (tmp_path / "m.md").read_text().splitlines() if line.startswith("| 256 ")]
-    assert [line.split(" | ")[2] for line in lines] == ["blocksparse", "grouped"]
+    text = (tmp_path / "m.md").read_text()
+    estimates, vs = text.split("\n\n")
+    lines = [line for line in estimates.splitlines() if line.startswith("| 256 ")]
+    assert [line.split(" | ")[2] for line in lines] == ["blocksparse", "grouped", "torch_grouped_mm"]
     measured, model, ratio = lines[0].split(" | ")[3:6]
     assert float(measured) == 0.5 and float(ratio.rstrip(" |")) == pytest.approx(0.5 / float(model), rel=0.02)
     assert lines[1].split(" | ")[3] == "n/a"
+    base_model = float(lines[2].split(" | ")[4])
+    speedups = [line.split(" | ") for line in vs.splitlines() if line.startswith("| 256 ")]
+    assert [(s[2], s[3]) for s in speedups] == [("blocksparse", "1.60x"), ("grouped", "n/a")]
+    assert float(speedups[0][4].rstrip("x |")) == pytest.approx(base_model / float(model), rel=0.02)
+
+
+def test_baseline_is_bf16_only():
+    # torch._grouped_mm's CUDA kernel (and its meta function) takes bf16 only: an fp32 estimate is a clear error
+    with pytest.raises(ValueError, match="bfloat16 only"):
+        estimate("decode", BASELINE, "h200", dtype=torch.float32)
 
 
 def test_cli_rejects_unknown_names():

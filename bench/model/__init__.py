@@ -5,7 +5,12 @@ Triton launches are recorded instead of run, eager ops counted); each launch is 
 (``roofline``: FLOPs executed and useful, HBM and L2 bytes, CTAs per SM, an efficiency model stated in the output's
 header), and the layer's estimate is the sum. Usage::
 
-    python -m bench.model --shape mixtral|fine|decode --impl blocksparse|grouped --gpu h100|h200|b200
+    python -m bench.model --shape mixtral|fine|decode --impl blocksparse|grouped|torch_grouped_mm --gpu h100|h200|b200
+
+``torch_grouped_mm`` is the baseline the targets compare with (``bench.strategies.grouped_mm_mlp``, torchtitan's
+sort + one ``torch._grouped_mm`` per matmul + eager elementwise ops): its ``_grouped_mm`` calls are recorded as
+library GEMMs (the efficiency model states their tiles), everything else as eager ops. The summary of each of our
+strategies gives its speedup over that baseline.
 
 The last line reads ``<shape> <impl> <gpu>: <ms> ms, <TFLOP/s> TFLOP/s, <pct>% of dense (estimate)``; ``--json``
 writes the launch list and the totals. It is an estimate: ``bench/gpu_check.sh`` prints it beside the measured
@@ -15,15 +20,29 @@ numbers, so that a GPU corrects the model.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cache
 
 import torch
 
-from .record import EagerOp, Launch, Recording, record
+from .record import ROUTING, EagerOp, Launch, Recording, record
 from .roofline import GPUS, SHAPES, Cost, Gpu, LayerShape, balanced_rows, eager_time, launch_cost
 
-__all__ = ["IMPLS", "BLOCK_SIZE", "Estimate", "estimate", "layer_inputs", "auto_impl", "padding_ratio"]
+__all__ = [
+    "IMPLS",
+    "OURS",
+    "BASELINE",
+    "BLOCK_SIZE",
+    "Estimate",
+    "estimate",
+    "speedup_vs_baseline",
+    "layer_inputs",
+    "auto_impl",
+    "padding_ratio",
+]
 
-IMPLS = ("blocksparse", "grouped")
+OURS = ("blocksparse", "grouped")  # the library's dropless strategies (moe_mlp's impl)
+BASELINE = "torch_grouped_mm"  # bench.strategies.grouped_mm_mlp: what the speedup targets compare with
+IMPLS = (*OURS, BASELINE)
 BLOCK_SIZE = 128  # the block-sparse strategy's block size on CUDA
 
 
@@ -36,14 +55,27 @@ class Estimate:
     gpu: Gpu
     launches: list[tuple[Launch, Cost]]
     eager: list[EagerOp]
+    dtype: torch.dtype = torch.bfloat16
 
     @property
     def eager_kernels(self) -> list[EagerOp]:
-        return [op for op in self.eager if op.kernel]
+        """The eager ops that launch a kernel on CUDA (not the routing's PyTorch implementation: the extension's
+        launches stand for it)."""
+        return [op for op in self.eager if op.kernel and op.op != ROUTING]
+
+    @property
+    def routing_ops(self) -> list[EagerOp]:
+        """The kernels of the routing's PyTorch implementation, which builds the plan on meta tensors here."""
+        return [op for op in self.eager if op.kernel and op.op == ROUTING]
+
+    def phase_seconds(self, phase: str) -> float:
+        """The estimate of the ``"forward"`` or the ``"backward"`` launches and eager ops."""
+        launches = sum(c.seconds for la, c in self.launches if la.phase == phase)
+        return launches + sum(eager_time(op, self.gpu) for op in self.eager_kernels if op.phase == phase)
 
     @property
     def seconds(self) -> float:
-        return sum(c.seconds for _, c in self.launches) + sum(eager_time(op, self.gpu) for op in self.eager_kernels)
+        return self.phase_seconds("forward") + self.phase_seconds("backward")
 
     @property
     def useful_flops(self) -> int:
@@ -85,22 +117,39 @@ def auto_impl(shape: LayerShape) -> str:
     return resolve_impl("auto", torch.device("cuda"), assignments=A, experts=E, block_size=BLOCK_SIZE)
 
 
-def layer_inputs(shape: LayerShape, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+def layer_inputs(
+    shape: LayerShape, dtype: torch.dtype = torch.bfloat16, column_major: bool = False
+) -> dict[str, torch.Tensor]:
     """The layer's operands on the meta device: x ``[T, d]``, the router's ``[T, k]`` choices and weights (fp32),
-    SwiGLU experts ``w1``, ``w3`` ``[E, d, f]`` and ``w2`` ``[E, f, d]``."""
+    SwiGLU experts ``w1``, ``w3`` ``[E, d, f]`` and ``w2`` ``[E, f, d]`` (``column_major``: each ``[E, K, N]``
+    weight stored with K contiguous, as ``bench.strategies`` hands ``torch._grouped_mm`` its weights on CUDA)."""
     T, d, f, E, k = shape.tokens, shape.hidden, shape.ffn, shape.experts, shape.top_k
     meta = torch.device("meta")
+
+    def weight(K: int, N: int) -> torch.Tensor:
+        if column_major:
+            return torch.empty(E, N, K, dtype=dtype, device=meta).transpose(1, 2)
+        return torch.empty(E, K, N, dtype=dtype, device=meta)
+
     return {
         "x": torch.empty(T, d, dtype=dtype, device=meta),
         "top_k_index": torch.empty(T, k, dtype=torch.int64, device=meta),
         "top_k_weights": torch.empty(T, k, dtype=torch.float32, device=meta),
-        "w1": torch.empty(E, d, f, dtype=dtype, device=meta),
-        "w2": torch.empty(E, f, d, dtype=dtype, device=meta),
-        "w3": torch.empty(E, d, f, dtype=dtype, device=meta),
+        "w1": weight(d, f),
+        "w2": weight(f, d),
+        "w3": weight(d, f),
     }
 
 
 def _layer(impl: str):
+    if impl == BASELINE:
+        from bench.strategies import grouped_mm_mlp
+
+        def baseline(**inputs: torch.Tensor) -> torch.Tensor:
+            return grouped_mm_mlp(**inputs, activation="silu")
+
+        return baseline
+
     from blocksparse_moe import moe_mlp
 
     options = {"block_size": BLOCK_SIZE} if impl == "blocksparse" else {}
@@ -125,10 +174,24 @@ def estimate(
     gpu = GPUS[gpu] if isinstance(gpu, str) else gpu
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == BASELINE and dtype != torch.bfloat16:
+        raise ValueError(f"impl={BASELINE!r} is modelled in bfloat16 only (torch._grouped_mm's CUDA kernel), got "
+                         f"{dtype}")  # fmt: skip
     if tokens is not None:
         shape = replace(shape, tokens=tokens)
-    rec: Recording = record(_layer(impl), layer_inputs(shape, dtype), gpu.capability)
+    return _estimate(shape, impl, gpu, dtype)
+
+
+@cache
+def _estimate(shape: LayerShape, impl: str, gpu: Gpu, dtype: torch.dtype) -> Estimate:
+    rec: Recording = record(_layer(impl), layer_inputs(shape, dtype, column_major=impl == BASELINE), gpu.capability)
     useful_rows = balanced_rows(shape.assignments, shape.experts)
     rows = [-(-n // BLOCK_SIZE) * BLOCK_SIZE for n in useful_rows] if impl == "blocksparse" else useful_rows
     costs = [(launch, launch_cost(launch, gpu, rows, useful_rows)) for launch in rec.launches]
-    return Estimate(shape, impl, gpu, costs, rec.eager)
+    return Estimate(shape, impl, gpu, costs, rec.eager, dtype)
+
+
+def speedup_vs_baseline(est: Estimate) -> float:
+    """How many times faster ``est`` is than the ``torch_grouped_mm`` baseline on the same layer and GPU (the issue's
+    target: >= 1.3)."""
+    return estimate(est.shape, BASELINE, est.gpu, dtype=est.dtype).seconds / est.seconds

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from blocksparse_moe.options import AUTO_MAX_PADDING
 
-from . import IMPLS, Estimate, auto_impl, estimate, padding_ratio
+from . import BASELINE, IMPLS, OURS, Estimate, auto_impl, estimate, padding_ratio, speedup_vs_baseline
 from .roofline import EFFICIENCY_MODEL, GPUS, SHAPES, eager_time
 
 
@@ -36,8 +36,9 @@ def report(est: Estimate) -> str:
         a = launch.args
         ws = f"{a.get('num_warps', '-')}/{a.get('num_stages', '-')}"
         ctas = f"{c.work_ctas}/{c.zero_ctas}/{c.idle_ctas}"
+        grid = launch.ctas if launch.grid else "-"  # a library GEMM: its tiles are the model's assumption
         lines.append(
-            f"{i:>2} {launch.phase:8} {launch.kernel:19} {c.tile:>10} {ws:>5} {launch.ctas:>8} {c.ctas_per_sm:>6} "
+            f"{i:>2} {launch.phase:8} {launch.kernel:19} {c.tile:>10} {ws:>5} {grid:>8} {c.ctas_per_sm:>6} "
             f"{ctas:>21} {c.executed_flops / 1e9:9.1f} {c.useful_flops / 1e9:9.1f} {_mb(c.hbm_bytes)} "
             f"{_mb(c.l2_bytes)} {c.intensity:6.1f} {c.efficiency:5.2f} {c.bound:>5} {c.seconds * 1e6:9.1f}"
         )
@@ -50,6 +51,10 @@ def report(est: Estimate) -> str:
         t = sum(eager_time(op, gpu) for op in ops)
         lines.append(f"   {phase:8} {where:28} {name:32} x{len(ops):<3} {_mb(sum(o.bytes for o in ops))} MB "
                      f"{t * 1e6:8.1f} us")  # fmt: skip
+    if est.routing_ops:
+        lines.append(f"   not costed: the routing's PyTorch implementation ({len(est.routing_ops)} kernels), which "
+                     "builds the plan on meta tensors here (routing::* above: the extension that builds it on "
+                     "CUDA)")  # fmt: skip
     gemms = [(la, c) for la, c in est.launches if c.executed_flops]
     work = sum(c.work_ctas for _, c in gemms)
     zero = sum(c.zero_ctas for _, c in gemms)
@@ -57,15 +62,18 @@ def report(est: Estimate) -> str:
     fp32 = [op for op in est.eager if op.out_dtype is not None and op.out_dtype.is_floating_point
             and op.out_dtype.itemsize == 4 and op.out_bytes]  # fmt: skip
     gemm_s = sum(c.seconds for _, c in gemms)
-    permute_s = sum(c.seconds for _, c in est.launches if not c.executed_flops)
+    routing = [c for la, c in est.launches if la.kernel.startswith("routing::")]
+    permutes = [c for la, c in est.launches if not c.executed_flops and not la.kernel.startswith("routing::")]
     eager_s = sum(eager_time(op, gpu) for op in kernels)
     phases = Counter(la.phase for la, _ in gemms)
     lines += [
         "",
         "summary:",
         f"  launches: {len(gemms)} GEMM ({phases['forward']} forward, {phases['backward']} backward) "
-        f"{gemm_s * 1e3:.3f} ms; {len(est.launches) - len(gemms)} permute {permute_s * 1e3:.3f} ms; "
-        f"{len(kernels)} eager ops {eager_s * 1e3:.3f} ms",
+        f"{gemm_s * 1e3:.3f} ms; {len(permutes)} permute {sum(c.seconds for c in permutes) * 1e3:.3f} ms; "
+        f"{len(routing)} routing {sum(c.seconds for c in routing) * 1e3:.3f} ms; {len(kernels)} eager ops "
+        f"{eager_s * 1e3:.3f} ms; forward {est.phase_seconds('forward') * 1e3:.3f} ms, backward "
+        f"{est.phase_seconds('backward') * 1e3:.3f} ms",
         f"  FLOPs: executed {est.executed_flops / 1e12:.2f} TFLOP, useful {est.useful_flops / 1e12:.2f} TFLOP "
         f"(analytic 18*T*k*d*f = {s.useful_flops() / 1e12:.2f}), executed/useful "
         f"{est.executed_flops / max(est.useful_flops, 1):.2f}",
@@ -75,8 +83,12 @@ def report(est: Estimate) -> str:
         + ", ".join(sorted({f"{op.name} ({op.op or 'front door'})" for op in fp32})),
         f"  impl='auto' on CUDA picks {auto_impl(s)} here (block-sparse rows bound / assignments = "
         f"{padding_ratio(s):.2f}; grouped above {AUTO_MAX_PADDING})",
-        est.closing_line(),
     ]
+    if est.impl in OURS:
+        base = estimate(s, BASELINE, gpu, dtype=est.dtype)
+        lines.append(f"  vs the torch._grouped_mm baseline ({BASELINE}: {base.seconds * 1e3:.3f} ms): "
+                     f"speedup {speedup_vs_baseline(est):.2f}x (target >= 1.3x)")  # fmt: skip
+    lines.append(est.closing_line())
     return "\n".join(lines)
 
 
@@ -87,12 +99,14 @@ def to_json(est: Estimate) -> dict:
         "impl": est.impl,
         "gpu": est.gpu.name,
         "seconds": est.seconds,
+        "forward_seconds": est.phase_seconds("forward"),
         "tflops": est.tflops,
         "dense_pct": est.dense_pct,
         "useful_flops": est.useful_flops,
         "executed_flops": est.executed_flops,
         "analytic_flops": est.shape.useful_flops(),
         "auto_impl": auto_impl(est.shape),
+        "speedup_vs_baseline": speedup_vs_baseline(est) if est.impl in OURS else None,
         "launches": [
             {
                 "kernel": la.kernel,
@@ -113,6 +127,7 @@ def to_json(est: Estimate) -> dict:
             for la, c in est.launches
         ],
         "eager_ops": [op.name for op in est.eager_kernels],
+        "routing_torch_ops": [op.name for op in est.routing_ops],
     }
 
 

@@ -1,9 +1,10 @@
 """``python -m bench.model.compare``: the model's estimate beside each measured number of a benchmark run.
 
-For every row of the dropless strategies (``blocksparse``, ``grouped``; GLU rows) in the bench output folders
-given, the same layer (tokens, widths, experts, k, dtype) is estimated by ``bench.model`` on ``--gpu`` and printed
-beside the measured forward + backward time, with their ratio: the day a GPU is lent, this table says where the
-model is wrong. Usage (``bench/gpu_check.sh`` runs it)::
+For every row of the dropless strategies (``blocksparse``, ``grouped``) and of the ``torch_grouped_mm`` baseline
+(GLU rows) in the bench output folders given, the same layer (tokens, widths, experts, k, dtype) is estimated by
+``bench.model`` on ``--gpu`` and printed beside the measured forward + backward time, with their ratio; a second
+table gives each of our strategies' speedup over the baseline, measured and estimated (the target: >= 1.3x). The
+day a GPU is lent, these tables say where the model is wrong. Usage (``bench/gpu_check.sh`` runs it)::
 
     python -m bench.model.compare --gpu h200 DIR [DIR ...] [--out FILE]
 """
@@ -17,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from . import IMPLS, estimate
+from . import BASELINE, IMPLS, OURS, estimate
 from .roofline import GPUS, LayerShape
 
-__all__ = ["gpu_of", "compare", "main"]
+__all__ = ["gpu_of", "compare", "speedups", "main"]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -33,22 +34,58 @@ def gpu_of(device_name: str) -> str | None:
     return None
 
 
+def _modelled(rows: list[dict]) -> list[dict]:
+    """The rows the model estimates: our dropless strategies and the baseline (bf16 only, as its CUDA kernel), GLU,
+    a dtype it knows."""
+    return [
+        r
+        for r in rows
+        if r.get("strategy") in IMPLS and r.get("glu") and r.get("dtype") in _DTYPES
+        and (r["strategy"] != BASELINE or r["dtype"] == "bfloat16")
+    ]  # fmt: skip
+
+
+def _layer(r: dict) -> tuple[LayerShape, str]:
+    shape = LayerShape("run", r["tokens"], r["hidden"], r["ffn"], r["experts"], r["top_k"])
+    return shape, f"d={r['hidden']} f={r['ffn']} E={r['experts']} k={r['top_k']}"
+
+
+def _model_ms(r: dict, gpu: str) -> float:
+    return estimate(_layer(r)[0], r["strategy"], gpu, dtype=_DTYPES[r["dtype"]]).seconds * 1e3
+
+
 def compare(rows: list[dict], gpu: str) -> list[list[str]]:
-    """``[tokens, shape, strategy, measured ms, model ms, measured / model]`` per dropless GLU row."""
+    """``[tokens, shape, strategy, measured ms, model ms, measured / model]`` per modelled row."""
     table = []
-    for r in rows:
-        if r.get("strategy") not in IMPLS or not r.get("glu") or r.get("dtype") not in _DTYPES:
-            continue
-        shape = LayerShape("run", r["tokens"], r["hidden"], r["ffn"], r["experts"], r["top_k"])
-        est = estimate(shape, r["strategy"], gpu, dtype=_DTYPES[r["dtype"]])
+    for r in _modelled(rows):
         measured = r.get("fwd_bwd_ms")
-        model = est.seconds * 1e3
+        model = _model_ms(r, gpu)
         table.append([
-            str(r["tokens"]), f"d={r['hidden']} f={r['ffn']} E={r['experts']} k={r['top_k']}", r["strategy"],
-            "n/a" if measured is None else f"{measured:.3f}", f"{model:.3f}",
-            "n/a" if measured is None else f"{measured / model:.2f}",
+            str(r["tokens"]), _layer(r)[1], r["strategy"], "n/a" if measured is None else f"{measured:.3f}",
+            f"{model:.3f}", "n/a" if measured is None else f"{measured / model:.2f}",
         ])  # fmt: skip
     return table
+
+
+def speedups(rows: list[dict], gpu: str) -> list[list[str]]:
+    """``[tokens, shape, strategy, measured speedup, model speedup]`` over the ``torch_grouped_mm`` baseline of the
+    same layer and dtype, for each of our strategies' rows that has one (n/a where a time is missing)."""
+    rows = _modelled(rows)
+    base = {(r["tokens"], _layer(r)[1], r["dtype"]): r for r in rows if r["strategy"] == BASELINE}
+    table = []
+    for r in rows:
+        b = base.get((r["tokens"], _layer(r)[1], r["dtype"]))
+        if r["strategy"] not in OURS or b is None:
+            continue
+        ours, theirs = r.get("fwd_bwd_ms"), b.get("fwd_bwd_ms")
+        measured = f"{theirs / ours:.2f}x" if ours and theirs else "n/a"
+        table.append([str(r["tokens"]), _layer(r)[1], r["strategy"], measured,
+                      f"{_model_ms(b, gpu) / _model_ms(r, gpu):.2f}x"])  # fmt: skip
+    return table
+
+
+def _markdown(head: list[str], table: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in table]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,10 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         if path.exists():
             rows += json.loads(path.read_text())["rows"]
     head = ["tokens", "shape", "strategy", "measured fwd+bwd ms", f"model ms ({gpu})", "measured / model"]
-    table = compare(rows, gpu)
-    text = "\n".join(
-        ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in table]
-    )
+    vs = ["tokens", "shape", "strategy", "x torch._grouped_mm measured", f"x torch._grouped_mm model ({gpu})"]
+    text = "\n".join(_markdown(head, compare(rows, gpu)) + [""] + _markdown(vs, speedups(rows, gpu)))
     print(text)
     if args.out is not None:
         args.out.write_text(text + "\n")

@@ -9,12 +9,15 @@ things stand in for the GPU:
 - the package's custom ops (``bsm::*``) run their real implementation (on meta tensors a custom op would run its
   fake), with the ``backend`` argument set to ``"triton"``: the launchers see what they see on CUDA;
 - a ``TorchDispatchMode`` counts every eager aten op (outside and inside the custom ops) with the bytes it reads
-  and writes and the dtype of what it creates.
+  and writes and the dtype of what it creates; the library GEMMs of ``ATEN_GEMMS`` (``torch._grouped_mm``, the
+  baseline strategy's) are recorded as launches instead, their operands as ``mat_a`` / ``mat_b`` / ``out``.
 
 What stays as on the CPU: ``TRITON_INTERPRET`` must be off (the launchers pick their GPU configs); the launchers'
 ``torch.cuda`` queries (compute capability) see ``capability`` (patched); meta tensors are never ``cuda`` tensors,
 so a launcher that asks ``tensor.device.type == "cuda"`` (the TMA weight loads) takes its non-CUDA branch; the
-routing runs its PyTorch implementation (meta tensors), whose eager ops are counted as the front door's.
+routing runs its PyTorch implementation (meta tensors): its eager ops are recorded under the pseudo-op ``ROUTING``
+(listed, not costed), and the launches of the compiled extension that builds the plan on CUDA instead
+(``ROUTING_STEPS``, one kernel each, ``csrc/routing.h``) are recorded after it, with the plan's bytes.
 A host synchronisation on the GPU path (``.item()``, ``.tolist()``, ``nonzero``) fails here: meta tensors have no
 data.
 """
@@ -33,8 +36,9 @@ from triton.runtime.jit import JITFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from blocksparse_moe.config import interpreting
+from blocksparse_moe.routing import pytorch as routing_torch
 
-__all__ = ["TensorInfo", "Launch", "EagerOp", "Recording", "record"]
+__all__ = ["TensorInfo", "Launch", "EagerOp", "Recording", "ATEN_GEMMS", "ROUTING", "ROUTING_STEPS", "record"]
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,8 @@ class TensorInfo:
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch: ``kernel[grid](**args)``; ``phase`` is ``"forward"`` or ``"backward"``, ``op`` the custom
-    op it ran inside (``None``: outside every op)."""
+    op it ran inside (``None``: outside every op). A library GEMM (``ATEN_GEMMS``) or a routing extension step
+    (``routing::<step>``) has no grid (``()``): its cost function states what it assumes."""
 
     kernel: str
     grid: tuple[int, ...]
@@ -136,6 +141,14 @@ _NO_KERNEL = _ALLOCATIONS | {
 }
 
 
+# Library GEMMs recorded as launches (costed by bench.model.roofline), not as eager ops.
+ATEN_GEMMS = ("aten::_grouped_mm",)
+# The routing: the pseudo-op its PyTorch implementation's eager ops run under here, and the kernels the compiled
+# extension launches for it on CUDA (csrc/routing.h's plan_routing, one grid-stride kernel per step).
+ROUTING = "routing (PyTorch implementation)"
+ROUTING_STEPS = ("Init", "Keys", "TileScan", "Counts", "Offsets", "Place")
+
+
 def _launches_kernel(func: torch._ops.OpOverload) -> bool:
     """Whether an aten op runs a kernel of its own: not a view or an allocation, not a composite (its parts are
     counted)."""
@@ -186,6 +199,11 @@ class _Mode(TorchDispatchMode):
             finally:
                 self.rec.ops.pop()
         out = func(*args, **kwargs)
+        if name in ATEN_GEMMS:
+            mat_a, mat_b = args[:2]
+            operands = {"mat_a": TensorInfo.of(mat_a), "mat_b": TensorInfo.of(mat_b), "out": TensorInfo.of(out)}
+            self.rec.launches.append(Launch(name, (), operands, self.rec.phase, self.rec.op))
+            return out
         kernel = _launches_kernel(func)
         if kernel or name in _ALLOCATIONS:
             # a factory from an input (``new_zeros``, ``ones_like``) reads only its metadata
@@ -201,7 +219,8 @@ class _Mode(TorchDispatchMode):
 
 @contextlib.contextmanager
 def _patched(rec: Recording, capability: tuple[int, int]) -> Iterator[None]:
-    """Triton launches recorded instead of run; ``torch.cuda.get_device_capability`` answering ``capability``."""
+    """Triton launches recorded instead of run; ``torch.cuda.get_device_capability`` answering ``capability``; the
+    routing's PyTorch implementation run under ``ROUTING``, followed by the extension's launches."""
 
     def run(self, *args, grid, warmup, **kwargs):
         names = self.arg_names
@@ -211,13 +230,27 @@ def _patched(rec: Recording, capability: tuple[int, int]) -> Iterator[None]:
         g = tuple(int(v) for v in g)
         rec.launches.append(Launch(self.fn.__name__, g, bound, rec.phase, rec.op))
 
-    saved_run, saved_cc = JITFunction.run, torch.cuda.get_device_capability
+    def plan_buffers(top_k_index: torch.Tensor, sizes: Any) -> dict[str, torch.Tensor]:
+        rec.ops.append(ROUTING)
+        try:
+            buffers = saved_plan(top_k_index, sizes)
+        finally:
+            rec.ops.pop()
+        moved = _nbytes(top_k_index) + sum(_nbytes(t) for t in buffers.values())  # read the ids, write the plan
+        for step in ROUTING_STEPS:
+            share = {"bytes": moved // len(ROUTING_STEPS)}
+            rec.launches.append(Launch(f"routing::{step}", (), share, rec.phase, rec.op))
+        return buffers
+
+    saved_run, saved_cc, saved_plan = JITFunction.run, torch.cuda.get_device_capability, routing_torch.plan_buffers
     JITFunction.run = run
     torch.cuda.get_device_capability = lambda *a, **k: capability
+    routing_torch.plan_buffers = plan_buffers
     try:
         yield
     finally:
         JITFunction.run, torch.cuda.get_device_capability = saved_run, saved_cc
+        routing_torch.plan_buffers = saved_plan
 
 
 def record(

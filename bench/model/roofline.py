@@ -105,22 +105,35 @@ efficiency model (assumptions, not measurements):
     MMA  = ceil(CTAs with work / SMs) x (executed FLOPs per CTA) / (SM dense rate x main-loop efficiency)
            main-loop efficiency: by the MMA tile's N: >=128: 0.90, 64: 0.75, 32: 0.50, 16: 0.30; x0.85 with one CTA
            per SM (prologue and epilogue not overlapped by a second CTA); x the GPU's factor (B200: 0.55);
-           fp32 operands at half the bf16 rate (tf32)
+           fp32 operands at half the bf16 rate (tf32); M tiles under 64 rows (decode: mma.sync, not wgmma) at the
+           same efficiency: they serve shapes whose weight reads bound them (HBM), where it does not decide
     L2   = operand tiles read by the CTAs (A and W tiles every K step) / L2 bandwidth
     HBM  = unique bytes (each operand row and weight once, every output and epilogue operand once) / (0.85 x HBM)
-  CTAs per SM = min(registers, shared memory, 2048 threads); registers per thread estimated as 64 + the fp32
-    accumulator elements per thread (x5 for the backward epilogue: G, h, g, act, act' live), rounded up to 8;
+  CTAs per SM = min(registers, shared memory, 2048 threads); registers per thread estimated as 48 + the fp32
+    accumulator elements per thread (+ 4 per element of the backward epilogue's column slice of EPI_N columns: h,
+    g, act, act' live beside the accumulator), rounded up to 8 (sm_90 ptxas, bench.audit: within 16 of it);
     shared memory = stages x (A tile + W tiles)
+  torch._grouped_mm (the torch_grouped_mm baseline): PyTorch's CUTLASS kernel, costed by the same MMA / L2 / HBM
+    formulas on its own tiles (GroupMM.cu): sm_90 128x256x64 (64x128x128 when a group's M or N <= 128; sm_100
+    64x128x128), clusters of 2 CTAs along M with the B tile multicast (half its L2 reads), one persistent
+    warp-specialized CTA per SM at the main-loop efficiency of our N >= 128 tiles (0.90), with no one-CTA penalty
+    (its epilogue overlaps the next tile's loads) and no GPU factor (native on sm_100)
   permute kernels and eager ops: bytes / (0.85 x HBM) + 3 us each
-  routing: balanced (T*k/E assignments per expert); the routing itself runs its PyTorch implementation on meta
-    tensors here (on CUDA the compiled extension runs instead): its ops are listed, not modelled as the extension
+  routing: balanced (T*k/E assignments per expert); the plan is built by the compiled extension on CUDA: its 6
+    step kernels (routing::*) move the ids and the plan's buffers once in all, at HBM speed, + 3 us each; the
+    PyTorch implementation that builds it on meta tensors here is listed, not costed
   W_TMA is 0 in the list (meta tensors are not CUDA tensors); the bytes and FLOPs are the same with TMA weights"""
 
 _N_EFFICIENCY = ((128, 0.90), (64, 0.75), (32, 0.50), (16, 0.30))
 _OVERHEAD_S = 3e-6
 _HBM_EFFICIENCY = 0.85
-_BASE_REGISTERS = 64
-_BWD_LIVE = 5  # fp32 values live per accumulator element in the backward epilogue
+# Registers per thread = _BASE_REGISTERS + the fp32 accumulator elements per thread (+ the backward epilogue's live
+# values of one column slice), checked against ptxas (bench.audit, sm_90, 2026-12-06): 128x128 plain / wgrad 102-110
+# (model 112), the backward epilogue at 128x128 / 64x128 in slices of 8 columns 119-128 (model 128), at 64x64 72-79
+# (model 96): the same CTAs per SM as measured for each.
+_BASE_REGISTERS = 48
+_BWD_LIVE = 4  # fp32 values live per element of the backward epilogue's column slice beside the accumulator: h, g,
+# act(h), act'(h)
 
 
 @dataclass(frozen=True)
@@ -214,7 +227,7 @@ def _gemm_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int]
     )
     l2 = used * n_tiles * k_steps * (BM * BK * (1 + pair) + BK * BN * (1 + dual)) * itemsize
     threads = a["num_warps"] * 32
-    acc = BM * BN * (1 + dual) / threads * (_BWD_LIVE if a["EPILOGUE"] == 2 else 1)
+    acc = (BM * BN * (1 + dual) + (BM * a["EPI_N"] * _BWD_LIVE if a["EPILOGUE"] == 2 else 0)) / threads
     smem = a["num_stages"] * (BM * BK + BK * BN * (1 + dual)) * itemsize
     per_sm = _ctas_per_sm(gpu, a["num_warps"], acc, smem)
     eff = _efficiency(gpu, BN, per_sm, itemsize)
@@ -250,6 +263,51 @@ def _wgrad_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int
     return Cost(
         executed, useful, hbm, l2, work, tiles * E - work, 0, per_sm, eff, f"{BM}x{BN}x{BK}",
         _mma_seconds(gpu, executed, work, eff), l2 / (gpu.l2_tbps * 1e12), _hbm_seconds(gpu, hbm),
+    )  # fmt: skip
+
+
+def _library_tile(gpu: Gpu, group_m: int, n: int) -> tuple[int, int, int, int]:
+    """``(BM, BN, BK, multicast)`` of PyTorch's bf16 ``torch._grouped_mm`` kernel (``aten/src/ATen/native/cuda/
+    GroupMM.cu``: CUTLASS, persistent, TMA warp-specialized, clusters of 2 CTAs along M sharing each B tile by TMA
+    multicast): on sm_90 64x128x128 (ping-pong) when the average group's M or N is at most 128, else 128x256x64
+    (cooperative); on sm_100 64x128x128."""
+    if gpu.capability[0] >= 10 or group_m <= 128 or n <= 128:
+        return 64, 128, 128, 2
+    return 128, 256, 64, 2
+
+
+def _grouped_mm_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int]) -> Cost:
+    """``torch._grouped_mm``: ``mat_a [R, K]`` times a weight per group ``mat_b [E, K, N]`` → ``[R, N]``, or the
+    weight gradient ``mat_a [K, R]`` times ``mat_b [R, N]`` → ``[E, K, N]``, groups of ``rows[e]`` rows, on the
+    library's tiles (``_library_tile``; the efficiency model states the rest)."""
+    a: TensorInfo = launch.args["mat_a"]
+    b: TensorInfo = launch.args["mat_b"]
+    itemsize = a.itemsize
+    E = len(rows)
+    if len(b.shape) == 3:  # rows x a weight per group
+        (R, K), N = a.shape, b.shape[2]
+        if sum(rows) != R or b.shape[0] != E:
+            raise ValueError(f"{launch.kernel}: [{R}, {K}] @ {list(b.shape)} for {E} groups of {sum(rows)} rows")
+        BM, BN, BK, multicast = _library_tile(gpu, R // E, N)
+        tiles = [math.ceil(r / BM) * math.ceil(N / BN) for r in rows]
+        steps = [math.ceil(K / BK)] * E
+        hbm = (R * K + sum(1 for r in rows if r) * K * N + R * N) * itemsize
+    else:  # the weight gradient: a reduction over each group's rows
+        (K, R), N = a.shape, b.shape[1]
+        if sum(rows) != R:
+            raise ValueError(f"{launch.kernel}: [{K}, {R}] @ [{R}, {N}] for groups of {sum(rows)} rows")
+        BM, BN, BK, multicast = _library_tile(gpu, K, N)
+        tiles = [math.ceil(K / BM) * math.ceil(N / BN) if r else 0 for r in rows]
+        steps = [math.ceil(r / BK) for r in rows]
+        hbm = (R * K + R * N + E * K * N) * itemsize
+    useful = sum(useful_rows) * 2 * K * N
+    executed = sum(t * s * 2 * BM * BN * BK for t, s in zip(tiles, steps))
+    l2 = sum(t * s for t, s in zip(tiles, steps)) * (BM * BK + BK * BN // multicast) * itemsize
+    work = sum(tiles)
+    eff = _n_efficiency(BN) / (2 if itemsize == 4 else 1)  # persistent, warp-specialized: no one-CTA or GPU factor
+    return Cost(
+        executed, useful, hbm, l2, work, 0, 0, 1, eff, f"{BM}x{BN}x{BK}", _mma_seconds(gpu, executed, work, eff),
+        l2 / (gpu.l2_tbps * 1e12), _hbm_seconds(gpu, hbm),
     )  # fmt: skip
 
 
@@ -297,6 +355,11 @@ def launch_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int
         return _permute_cost(launch, gpu, _gather_bytes(launch.args))
     if launch.kernel == "weights_grad_kernel":
         return _permute_cost(launch, gpu, _weights_grad_bytes(launch.args))
+    if launch.kernel == "aten::_grouped_mm":
+        return _grouped_mm_cost(launch, gpu, rows, useful_rows)
+    if launch.kernel.startswith("routing::"):  # a step of the routing extension: its share of the plan's bytes
+        moved = launch.args["bytes"]
+        return Cost(0, 0, moved, 0, 1, 0, 0, 0, 0.0, "-", 0.0, 0.0, _hbm_seconds(gpu, moved))
     raise ValueError(f"bench.model has no cost function for the kernel {launch.kernel!r}")
 
 

@@ -35,11 +35,18 @@ def _empty(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor,
 
 
 def _grouped_block_m(rows: int, num_experts: int) -> int:
-    """M tile of the grouped GEMMs (and of the fused MLP's unpadded rows), chosen on the host from shapes: 128 rows
-    when experts expect that many (``rows / E``), else 64 (decode, fine-grained experts); 16 when interpreting."""
+    """M tile of the grouped GEMMs (and of the fused MLP's unpadded rows), chosen on the host from shapes only (no
+    sync): 128 rows when experts expect that many (``rows / E``); else the smallest of the kernels' tiles
+    (``BLOCK_SIZES``: 16, 32, 64) that holds the ``ceil(rows / E)`` rows an expert expects, 64 from 33 to 127. The
+    16- and 32-row tiles serve shapes where an expert gets a few rows (decode: 4 at T = 64, k = 8, E = 128): the
+    weights' HBM reads bound those GEMMs, where a 64-row tile would execute 16x the useful MMA work (Triton runs M
+    tiles under 64 rows on mma.sync rather than wgmma, which these shapes do not miss). 16 when interpreting."""
     if interpreting():
         return 16
-    return 128 if rows >= 128 * num_experts else 64
+    if rows >= 128 * num_experts:
+        return 128
+    expected = min(-(-rows // num_experts), 64)
+    return next(m for m in gemm_kernels.BLOCK_SIZES if m >= expected)
 
 
 def _block_size(B: int) -> int:

@@ -14,7 +14,9 @@ come in either orientation (``wT``: ``dy @ wᵀ``) and stay views. Coverage, and
   aligned operands lie between the two);
 - the fused epilogues with silu; the GLU epilogues (forward and backward, dense and blocked) once more with each
   other activation (bf16, 128-row tiles, the fast config), where the epilogue's registers differ;
-- block sizes 64 and 128 (the GPU sizes; 16 and 32 are for interpreter tests and have no wgmma-sized tile).
+- block sizes 64 and 128 (the GPU sizes; 16 and 32 are for interpreter tests and have no wgmma-sized tile); the
+  grouped (unpadded) M tiles 16, 32, 64 and 128 (``backends.triton._grouped_block_m``: 16 and 32 rows for experts
+  with a few rows each, as in decode, on mma.sync: not ``is_matmul``, which asks for wgmma / tcgen05).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 
 from ..activations import NAMES, kernel_code
-from .expert_gemm import Epilogue, WeightLoad, gemm_config, gemm_kernel, wgrad_config, wgrad_kernel
+from .expert_gemm import BLOCK_SIZES, Epilogue, WeightLoad, gemm_config, gemm_kernel, wgrad_config, wgrad_kernel
 from .layouts import DENSE_LOG_BLOCK
 from .permute import gather_kernel, permute_config, scatter_kernel, weights_grad_kernel
 
@@ -200,7 +202,7 @@ def _gemm_specs() -> list[CompileSpec]:
         for dtype in (torch.bfloat16, torch.float32, torch.float16):
             if dtype == torch.float16 and use.tag not in _MAIN_USES:
                 continue
-            for block_m in (64, 128):  # grouped: chosen from the rows per expert; blocked: B
+            for block_m in (64, 128) if use.blocked else BLOCK_SIZES:  # blocked: B; grouped: from the rows per expert
                 B = block_m if use.blocked else None
 
                 def configs(aligned, dtype=dtype, block_m=block_m, B=B, use=use):
