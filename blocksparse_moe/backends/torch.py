@@ -305,10 +305,11 @@ def mlp_forward(x, weights, w1, w2, w3, routing: MlpRouting, activation: str):
 def mlp_backward(dout, x, weights, w1, w2, w3, h, g, routing: MlpRouting, activation: str, needs):
     """Gradients of ``mlp_forward`` for ``(x, weights, w1, w2, w3)`` where ``needs`` says so, else None.
 
-    Over the ``[R, f]`` rows, in the accumulation dtype: ``G = dout[token] @ w2ᵀ``, the top-k weight gradient
-    ``<G, a>``, then ``G`` weighted in place; ``dg = w·G·act(h)`` in ``act(h)``'s buffer, ``dh = w·G·g·act'(h)`` in
-    ``G``'s (``act_backward``: one fused pass) and ``aw = w·a`` in ``a``'s: no buffer beyond ``G``, ``act(h)`` and
-    ``a`` (a large one would cost page faults on every call on CPU)."""
+    Over the ``[R, f]`` rows, in the accumulation dtype: ``G = dout[token] @ w2ᵀ``; ``dW2 = aᵀ @ (w·dout[token])``
+    (the gathered dout weighted in place); the top-k weight gradient ``<G, a>`` (``a`` multiplied in place); then
+    ``G`` weighted in place, ``dg = w·G·act(h)`` in ``act(h)``'s buffer and ``dh = w·G·g·act'(h)`` in ``G``'s
+    (``act_backward``: one fused pass). No buffer beyond ``G``, ``act(h)`` and ``a``: a large one would cost page
+    faults on every call on CPU."""
     need_x, need_weights, need_w1, need_w2, need_w3 = needs
     dtype, F = x.dtype, w1.shape[2]
     douts = _gathered(dout, routing.row_src)
@@ -317,16 +318,16 @@ def mlp_backward(dout, x, weights, w1, w2, w3, h, g, routing: MlpRouting, activa
     gr = None if g is None else _rows(g, routing, F)
     act = get_activation(activation)(hr)  # hr itself for the identity: never written
     a = act if gr is None else act * gr  # act(h) [· g]
-    dweights = combine_dots((G * a).sum(1)[None], routing.assignment_row, weights.dtype) if need_weights else None
     wr = _row_weights(_acc(weights), routing, G.dtype)
-    G.mul_(wr)  # G is not needed unweighted any more
+    dw2 = _expert_wgrad(_acc(a.to(dtype)), douts.mul_(wr), routing.offsets).to(dtype) if need_w2 else None
+    dweights = None
+    if need_weights:
+        dots = (a * G if a is hr else a.mul_(G)).sum(1)  # the identity without GLU: a is h itself
+        dweights = combine_dots(dots[None], routing.assignment_row, weights.dtype)
+    G.mul_(wr)
     dg = None if gr is None else act * G if act is hr else act.mul_(G)
     dh = act_backward(G if gr is None else G.mul_(gr), hr, activation)
     dh, dg = dh.to(dtype), None if dg is None else dg.to(dtype)
-    dw2 = None
-    if need_w2:
-        aw = a * wr if a is hr else a.mul_(wr)  # the identity without GLU: a is h itself
-        dw2 = _expert_wgrad(_acc(aw.to(dtype)), douts, routing.offsets).to(dtype)
     dx = None
     if need_x:
         dxs = _expert_mm(_acc(dh), w1.transpose(1, 2), routing.offsets)
