@@ -123,6 +123,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-run-time", type=float, default=0.2, help="CPU measuring budget per timing, seconds")
     p.add_argument("--reference-max-waste", type=float, default=8.0, help="skip 'reference' when E/k exceeds this")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; no case starts after that")
+    p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                   help="after each shape, time fwd+bwd of its cases in alternation ROUNDS times (0: off): the "
+                        "times to compare rows by on a shared machine, whose load hits every case alike")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="output folder (default bench/out/<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -149,6 +152,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--min-run-time must be a finite number of seconds > 0, got {args.min_run_time}")
     if args.time_budget is not None and not (args.time_budget > 0 and math.isfinite(args.time_budget)):
         p.error(f"--time-budget must be a finite number of seconds > 0 (omit it for no budget), got {args.time_budget}")
+    if args.interleave < 0:
+        p.error(f"--interleave must be a number of rounds >= 0 (0: off), got {args.interleave}")
     if not args.reference_max_waste >= 1:  # also NaN
         p.error(
             "--reference-max-waste must be >= 1 (the waste E/k is at least 1; inf never skips 'reference'), "
@@ -240,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             progress=progress,
             time_budget=args.time_budget,
+            interleave=args.interleave,
         )
     finally:
         progress.close()
@@ -247,7 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     meta = report.metadata(
         device,
         argv,
-        {"preset": args.preset, "block_size": args.block_size, "dtype": args.dtype, "elapsed_s": round(elapsed, 1)},
+        {
+            "preset": args.preset,
+            "block_size": args.block_size,
+            "dtype": args.dtype,
+            "interleave": args.interleave,
+            "elapsed_s": round(elapsed, 1),
+        },
     )
     title = f"{meta['gpu'] or meta['cpu']} | torch {meta['torch']} | {meta['date_utc']}"
     table = report.markdown(rows, args.capacity_factors)

@@ -5,16 +5,17 @@ from __future__ import annotations
 import gc
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from . import flops
+from .hf_experts import BASELINE as HF_BASELINE
 from .memory import saved_for_backward
 from .problems import Problem, Shape, make_problem
 from .strategies import Case, build_cases, loop_moe_mlp
-from .timing import measure, memory_mib
+from .timing import interleaved, measure, memory_mib
 
 __all__ = ["run", "Progress"]
 
@@ -76,9 +77,9 @@ def _time_case(
     ref: tuple[torch.Tensor, tuple[torch.Tensor, ...]],
     min_run_time: float,
     tokens: int,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Callable[[], object] | None]:
     """Warm up (checking output, gradients and whether backward runs), measure the bytes saved for backward,
-    then time fwd, bwd and fwd+bwd."""
+    then time fwd, bwd and fwd+bwd. Returns the row and the fwd+bwd step (None when backward does not run)."""
     row: dict[str, Any] = {}
     inputs = case.inputs
     ref_out, ref_grads = ref
@@ -122,7 +123,8 @@ def _time_case(
         t = measure(step, device, min_run_time)
         row["fwd_bwd_ms"], row["fwd_bwd_spread_ms"] = t.median_s * 1e3, t.spread_s * 1e3
         row["fwd_bwd_peak_mib"] = memory_mib(step, device)[0]
-    return row
+        return row, step
+    return row, None
 
 
 def _basis(row: dict[str, Any]) -> tuple[str, int]:
@@ -131,12 +133,19 @@ def _basis(row: dict[str, Any]) -> tuple[str, int]:
 
 
 def _derive(rows: list[dict[str, Any]], capacity_factors: list[float]) -> None:
-    """Per-shape columns that need other rows: % of the dense rate, speedup and memory vs padded."""
+    """Per-shape columns that need other rows: % of the dense rate, speedup and memory vs padded, speedup vs
+    transformers' ``grouped_mm`` experts (on the interleaved times where both rows have them)."""
     dense = next((r for r in rows if r["strategy"] == "dense"), None)
     padded = {r["capacity_factor"]: r for r in rows if r["capacity_factor"] is not None}
+    hf = next((r for r in rows if r["strategy"] == HF_BASELINE), None)
     for r in rows:
         col, mult = _basis(r)
         r["basis"] = "fwd+bwd" if mult == 3 else "fwd"
+        if hf is not None:
+            both = r.get("fwd_bwd_interleaved_ms") is not None and hf.get("fwd_bwd_interleaved_ms") is not None
+            key = "fwd_bwd_interleaved_ms" if both else col
+            if hf.get(key) is not None:
+                r["speedup_vs_hf_grouped_mm"] = hf[key] / r[key]
         r["tflops"] = flops.tflops(mult * r["useful_flops"], r[col] / 1e3)
         r["tflops_fwd"] = flops.tflops(r["useful_flops"], r["fwd_ms"] / 1e3)
         if dense is not None and dense[col] is not None and r["tflops"] is not None:
@@ -163,10 +172,13 @@ def run(
     seed: int = 0,
     progress: Progress | None = None,
     time_budget: float | None = None,
+    interleave: int = 0,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Time every strategy on every shape. Returns (rows, notes on skipped strategies).
 
     ``time_budget`` (seconds): no case starts after it is spent; the cases left are named in the notes.
+    ``interleave`` (rounds, 0: none): after a shape's cases, time one fwd+bwd step of each of them in alternation
+    (``timing.interleaved``) into ``fwd_bwd_interleaved_ms``, comparable across the shape's rows on a shared machine.
     """
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
@@ -182,6 +194,7 @@ def run(
         tag = f"T={shape.tokens} E={shape.experts} k={shape.top_k} d={shape.hidden} f={shape.ffn} {shape.routing}"
         notes.extend(s for s in skipped if s not in notes)
         shape_rows = []
+        steps: dict[str, Callable[[], object]] = {}  # fwd+bwd step of each case whose backward runs
         for case in cases:
             if deadline is not None and time.monotonic() > deadline:
                 notes.append(f"time budget of {time_budget:g} s spent: {tag} {case.name} not run")
@@ -212,17 +225,30 @@ def run(
                 fwd_bwd_ms=None,
             )
             try:
-                row.update(_time_case(case, device, grad, ref, min_run_time, shape.tokens))
+                timed, step = _time_case(case, device, grad, ref, min_run_time, shape.tokens)
+                row.update(timed)
             except Exception as e:  # one broken strategy must not end the run: report it and go on
                 message = f"{case.name}: failed, {type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
                 notes.extend([message] if message not in notes else [])
                 continue
             row["note"] = "; ".join(case.notes)
             shape_rows.append(row)
-            del case
+            if step is not None:
+                steps[case.name] = step
+            del case, step
             if device.type == "cuda":  # return this case's memory before the next one's peak is measured
                 gc.collect()
                 torch.cuda.empty_cache()
+        if interleave and steps:
+            if progress is not None:
+                progress.describe(f"{tag} fwd+bwd of {len(steps)} cases interleaved, {interleave} rounds")
+            timings = interleaved(steps, device, interleave)
+            for row in shape_rows:
+                t = timings.get(row["strategy"])
+                if t is not None:
+                    row["fwd_bwd_interleaved_ms"] = t.median_s * 1e3
+                    row["fwd_bwd_interleaved_spread_ms"] = t.spread_s * 1e3
+        del steps
         _derive(shape_rows, capacity_factors)
         rows.extend(shape_rows)
         del p, ref, cases, grad

@@ -18,9 +18,10 @@ import torch
 from .problems import Problem
 from .strategies import Case
 
-__all__ = ["IMPLEMENTATIONS", "hf_cases"]
+__all__ = ["IMPLEMENTATIONS", "BASELINE", "hf_cases"]
 
 IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")  # transformers' own; ours is added under its NAME
+BASELINE = "hf:grouped_mm"  # transformers' fastest on CPU: the row the others' speedup is measured against
 BATCHED_MM_MAX_BYTES = 2**30  # batched_mm copies its expert's weights for every assignment: skipped above this
 
 

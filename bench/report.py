@@ -116,6 +116,11 @@ def markdown(rows: list[dict[str, Any]], capacity_factors: list[float]) -> str:
         *[f"x vs padded@{cf:g}" for cf in capacity_factors],
         "max rel err (out / grads)",
     ]
+    # where measured: the interleaved fwd+bwd times (--interleave) and the speedup vs transformers' grouped_mm
+    extra = [(key, name) for key, name in (("fwd_bwd_interleaved_ms", "fwd+bwd interleaved ms"),
+                                           ("speedup_vs_hf_grouped_mm", "x vs hf:grouped_mm"))
+             if any(r.get(key) is not None for r in rows)]  # fmt: skip
+    header += [name for _, name in extra]
     for (T, d, f, E, k, glu, routing, dtype), group in shapes.items():
         out.append(
             f"\n### T={T} d={d} f={f} E={E} k={k} {'GLU' if glu else 'MLP'} routing={routing} {dtype} "
@@ -137,6 +142,7 @@ def markdown(rows: list[dict[str, Any]], capacity_factors: list[float]) -> str:
                 _fmt(r.get("dropped_fraction"), ".1%"),
                 *[_fmt(r.get(c), ".2f") for c in speed_cols],
                 f"{_fmt(r.get('max_rel_err'), '.1e')} / {_fmt(r.get('max_rel_err_grad'), '.1e')}",
+                *[_time(r, key) if key.endswith("_ms") else _fmt(r.get(key), ".2f") for key, _ in extra],
             ]
             out.append("| " + " | ".join(cells) + " |")
         notes = [f"- {r['strategy']}: {r['note']}" for r in group if r.get("note")]

@@ -1,10 +1,11 @@
-"""The expert activations, in one place: names, PyTorch functions, fp32 derivatives, and the Triton code the fused
+"""The expert activations, in one place: names, PyTorch functions and their backward, and the Triton code the fused
 kernels apply in their epilogues.
 
 Every named activation has
 
 - a PyTorch function (``ACTIVATIONS[name]``), what the reference and the PyTorch backends run;
-- an fp32 derivative in PyTorch (``act_and_grad``), what the PyTorch backend of the fused backward runs;
+- its backward in PyTorch (``act_backward``: ``grad · act'(h)`` in one pass, PyTorch's own fused op), what the
+  PyTorch backend of the fused backward runs;
 - a kernel code (``kernel_code(name)``) selecting the same function and derivative in the Triton helpers
   ``activate`` / ``activate_and_grad`` below, which the fused expert-GEMM kernels inline.
 
@@ -16,7 +17,6 @@ Adding an activation means adding it to ``_SPECS``, and a branch to each of the 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -26,42 +26,29 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-__all__ = ["Activation", "ACTIVATIONS", "NAMES", "get_activation", "kernel_code", "act_and_grad", "check_name"]
+__all__ = ["Activation", "ACTIVATIONS", "NAMES", "get_activation", "kernel_code", "act_backward", "check_name"]
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
-
-_SQRT_HALF = math.sqrt(0.5)
-_INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
-_TANH_C = math.sqrt(2 / math.pi)
-
-
-def _gelu_grad(h: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (1 + torch.erf(h * _SQRT_HALF)) + h * torch.exp(-0.5 * h * h) * _INV_SQRT_2PI
-
-
-def _gelu_tanh_grad(h: torch.Tensor) -> torch.Tensor:
-    t = torch.tanh(_TANH_C * (h + 0.044715 * h**3))  # gelu_tanh = 0.5·h·(1 + t)
-    return 0.5 * (1 + t) + 0.5 * h * (1 - t * t) * _TANH_C * (1 + 3 * 0.044715 * h * h)
-
-
-def _silu_grad(h: torch.Tensor) -> torch.Tensor:
-    s = torch.sigmoid(h)
-    return s * (1 + h * (1 - s))
 
 
 @dataclass(frozen=True)
 class _Spec:
     code: int  # the constexpr the Triton helpers switch on
     fn: Activation
-    grad: Activation  # d fn / dh, fp32
+    backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (grad, h) -> grad · fn'(h), into grad
 
 
+_aten = torch.ops.aten
 _SPECS: dict[str, _Spec] = {
-    "identity": _Spec(0, lambda h: h, torch.ones_like),
-    "gelu": _Spec(1, F.gelu, _gelu_grad),
-    "gelu_tanh": _Spec(2, partial(F.gelu, approximate="tanh"), _gelu_tanh_grad),
-    "relu": _Spec(3, F.relu, lambda h: (h > 0).to(h.dtype)),
-    "silu": _Spec(4, F.silu, _silu_grad),
+    "identity": _Spec(0, lambda h: h, lambda grad, h: grad),
+    "gelu": _Spec(1, F.gelu, lambda grad, h: _aten.gelu_backward.grad_input(grad, h, grad_input=grad)),
+    "gelu_tanh": _Spec(
+        2,
+        partial(F.gelu, approximate="tanh"),
+        lambda grad, h: _aten.gelu_backward.grad_input(grad, h, approximate="tanh", grad_input=grad),
+    ),
+    "relu": _Spec(3, F.relu, lambda grad, h: _aten.threshold_backward.grad_input(grad, h, 0, grad_input=grad)),
+    "silu": _Spec(4, F.silu, lambda grad, h: _aten.silu_backward.grad_input(grad, h, grad_input=grad)),
 }
 
 NAMES: tuple[str, ...] = tuple(_SPECS)
@@ -89,11 +76,11 @@ def kernel_code(name: str) -> int:
     return _SPECS[check_name(name)].code
 
 
-def act_and_grad(h: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``act(h)`` and ``act'(h)`` computed in fp32 (float64 stays float64)."""
-    spec = _SPECS[check_name(name)]
-    h = h if h.dtype == torch.float64 else h.float()
-    return spec.fn(h), spec.grad(h)
+def act_backward(grad: torch.Tensor, h: torch.Tensor, name: str) -> torch.Tensor:
+    """``grad · act'(h)`` of a named activation in one pass over the elements (PyTorch's own backward of the
+    activation, e.g. ``aten.silu_backward``), written into ``grad`` (a buffer the caller owns) and returned. ``h``
+    has ``grad``'s shape and dtype (the caller's accumulation dtype: fp32, or float64)."""
+    return _SPECS[check_name(name)].backward(grad, h)
 
 
 # ----------------------------------------------------------------------------------------------- Triton

@@ -1,5 +1,6 @@
-"""The activation module: every name is supported everywhere, with one meaning — the PyTorch function, its fp32
-derivative, and the Triton helpers (interpreter) agree with float64 autograd; unknown names are refused."""
+"""The activation module: every name is supported everywhere, with one meaning — the PyTorch function, its backward
+(``act_backward``, in place), and the Triton helpers (interpreter) agree with float64 autograd; unknown names are
+refused."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import triton
 import triton.language as tl
 
 from blocksparse_moe import activations
-from blocksparse_moe.activations import NAMES, act_and_grad, activate, activate_and_grad, kernel_code
+from blocksparse_moe.activations import NAMES, act_backward, activate, activate_and_grad, kernel_code
 
 
 @triton.jit
@@ -32,14 +33,16 @@ def test_every_name_agrees_everywhere(name):
     h64 = h.double().requires_grad_()
     ref = activations.ACTIVATIONS[name](h64)
     (ref_grad,) = torch.autograd.grad(ref.sum(), h64)
-    # the PyTorch function and its derivative
-    a, da = act_and_grad(h, name)
-    assert a.dtype == da.dtype == torch.float32
-    torch.testing.assert_close(a.double(), ref.detach(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(da.double(), ref_grad, atol=1e-5, rtol=1e-5)
-    a64, da64 = act_and_grad(h.double(), name)  # float64 stays float64
-    assert a64.dtype == torch.float64
-    torch.testing.assert_close(da64, ref_grad, atol=1e-12, rtol=1e-12)
+    # the PyTorch function, and its backward grad · act'(h), written into grad (fp32 and float64)
+    torch.testing.assert_close(activations.ACTIVATIONS[name](h).double(), ref.detach(), atol=1e-5, rtol=1e-5)
+    grad = torch.randn(h.shape, dtype=torch.float64)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        buffer, hd = grad.to(dtype, copy=True), h.to(dtype)
+        before = hd.clone()
+        result = act_backward(buffer, hd, name)
+        assert result.data_ptr() == buffer.data_ptr() and result.dtype == dtype  # in place, in grad's dtype
+        assert torch.equal(hd, before)  # h is only read
+        torch.testing.assert_close(result.double(), grad * ref_grad, atol=tol, rtol=tol)
     # the Triton helpers, by kernel code (outputs poisoned)
     outs = [torch.full_like(h, float("nan")) for _ in range(3)]
     _act_kernel[(triton.cdiv(h.numel(), 64),)](h, *outs, h.numel(), ACT=kernel_code(name), BLOCK=64)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import cli, flops
+from bench import cli, flops, report, timing
 from bench.harness import _derive, run
 from bench.memory import saved_for_backward
 from bench.problems import Shape, make_problem, make_routing, parse_routing
@@ -268,6 +268,60 @@ def test_derive_rates_and_speedups_from_other_rows():
     assert fwd_only["speedup_vs_padded@1"] == pytest.approx(0.25 / 0.5)
 
 
+def test_interleaved_alternates_the_closures_and_takes_medians(monkeypatch):
+    calls = []
+    readings = iter([0.0, 1.0, 1.0, 3.0, 3.0, 6.0, 6.0, 8.0, 8.0, 12.0, 12.0, 13.0])  # perf_counter, start/end pairs
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(readings))
+
+    def fn(name):
+        return lambda: calls.append(name)
+
+    result = timing.interleaved({"a": fn("a"), "b": fn("b")}, torch.device("cpu"), 3)
+    assert calls == ["a", "b", "b", "a", "a", "b"]  # every round calls each once, starting one later each round
+    # a took 1, 2, 4 s and b 2, 3, 1 s: medians 2 and 2, inter-quartile ranges 3 - 1.5 and 2.5 - 1.5
+    assert result["a"] == timing.Timing(2.0, 1.5) and result["b"] == timing.Timing(2.0, 1.0)
+    with pytest.raises(ValueError, match="rounds must be a positive integer, got 0"):
+        timing.interleaved({"a": fn("a")}, torch.device("cpu"), 0)
+
+
+def test_harness_interleaves_the_cases_of_a_shape():
+    shape = Shape(8, 16, 24, 4, 2, True, "silu", "uniform")
+    common = dict(dtype=torch.float32, device=torch.device("cpu"), capacity_factors=[1.0], block_size=8,
+                  min_run_time=0.001)  # fmt: skip
+    rows, _ = run([shape], strategies=["torch_grouped_mm", "dense"], interleave=3, **common)
+    assert all(r["fwd_bwd_interleaved_ms"] > 0 and r["fwd_bwd_interleaved_spread_ms"] >= 0 for r in rows)
+    rows, _ = run([shape], strategies=["dense"], **common)  # off by default
+    assert "fwd_bwd_interleaved_ms" not in rows[0]
+    pytest.importorskip("transformers")
+    rows, _ = run([shape], strategies=["hf_experts"], interleave=2, **common)
+    by_name = {r["strategy"]: r for r in rows}
+    assert by_name["hf:grouped_mm"]["speedup_vs_hf_grouped_mm"] == 1.0
+    ours = by_name["hf:blocksparse_moe"]
+    assert ours["speedup_vs_hf_grouped_mm"] == pytest.approx(
+        by_name["hf:grouped_mm"]["fwd_bwd_interleaved_ms"] / ours["fwd_bwd_interleaved_ms"]
+    )
+    table = report.markdown(rows, [1.0])
+    assert "| fwd+bwd interleaved ms | x vs hf:grouped_mm |" in table and "| hf:blocksparse_moe |" in table
+
+
+def test_derive_speedup_vs_hf_grouped_mm():
+    # interleaved times where both rows have them, else the row's basis (fwd+bwd, or fwd without backward)
+    def row(name, fwd_bwd_ms, fwd_ms, interleaved=None):
+        return dict(strategy=name, useful_flops=1e9, fwd_bwd_ms=fwd_bwd_ms, fwd_ms=fwd_ms, capacity_factor=None,
+                    fwd_bwd_interleaved_ms=interleaved)  # fmt: skip
+
+    rows = [row("hf:grouped_mm", 3.0, 1.0, 6.0), row("ours", 2.0, 0.5, 4.0), row("late", 1.5, 0.5)]
+    rows.append(row("fwd", None, 2.0))
+    _derive(rows, [])
+    hf, ours, late, fwd = rows
+    assert hf["speedup_vs_hf_grouped_mm"] == 1.0 and ours["speedup_vs_hf_grouped_mm"] == pytest.approx(1.5)
+    assert late["speedup_vs_hf_grouped_mm"] == pytest.approx(2.0)  # not interleaved: fwd+bwd vs fwd+bwd
+    assert fwd["speedup_vs_hf_grouped_mm"] == pytest.approx(0.5)  # no backward: forward vs forward
+    rows = [row("ours", 2.0, 0.5, 4.0)]
+    _derive(rows, [])
+    assert "speedup_vs_hf_grouped_mm" not in rows[0]  # no transformers row: no column
+
+
 # ---- bytes saved for backward -----------------------------------------------------------------------------------
 
 
@@ -333,6 +387,7 @@ def test_saved_for_backward_puts_autocast_copies_of_parameters_apart():
         (["--time-budget", "-1"], "--time-budget must be a finite number of seconds > 0"),
         (["--time-budget", "nan"], "--time-budget must be a finite number of seconds > 0"),
         (["--reference-max-waste", "-1"], "--reference-max-waste must be >= 1"),
+        (["--interleave", "-1"], "--interleave must be a number of rounds >= 0 (0: off), got -1"),
         (["--reference-max-waste", "nan"], "--reference-max-waste must be >= 1"),
         (["--capacity-factors", "1,inf"], "expected positive finite numbers"),  # would overflow the capacity
         # block sizes the kernels do not take (ran everything but blocksparse and exited 0): odd, too small, too big

@@ -1,8 +1,8 @@
 """The PyTorch backend's CPU-eager primitive: ``torch._grouped_mm`` where the probe finds it (torch 2.13 CPU) and the
 operands meet its stride rule, else the per-expert ``torch.mm`` loop. The two give the same bits; the layer through
 either matches float64, with and without weight gradients (``torch._grouped_mm``'s own CPU backward fails when only
-x requires grad: ours never differentiates through it). Hugging Face's concatenated ``gate_up_proj`` (w1 and w3
-adjacent in one tensor) takes one GEMM for dx. And the ``hf_experts`` bench rows compute the same layer."""
+x requires grad: ours never differentiates through it), also with Hugging Face's concatenated ``gate_up_proj`` (w1 and
+w3 adjacent in one tensor). And the ``hf_experts`` bench rows compute the same layer."""
 
 from __future__ import annotations
 
@@ -114,24 +114,9 @@ def test_layer_matches_float64_and_the_loop(case, impl, leaves, monkeypatch):
     assert torch.equal(out, out2) and all(torch.equal(a, b) for a, b in zip(grads, grads2, strict=True))
 
 
-def test_adjacent_w1_w3():
-    E, d, f = 3, 8, 12
-    gate_up = torch.randn(E, 2 * f, d)
-    w1, w3 = gate_up.transpose(1, 2).split(f, dim=2)  # Hugging Face's layout, as the integration views it
-    pair = TORCH._adjacent(w1, w3)
-    assert pair is not None and torch.equal(pair, torch.cat([w1, w3], dim=2))
-    assert TORCH._adjacent(w3, w1) is None  # w3 before w1: not [w1 | w3]
-    assert TORCH._adjacent(w1, w3.clone()) is None  # separate tensors
-    assert TORCH._adjacent(w1, None) is None  # no GLU
-    other = torch.randn(E, d, 2 * f)
-    assert TORCH._adjacent(other[..., :f], other[..., f:]) is not None  # stored [E, d, 2f], split on the last dim
-    wide = torch.randn(E, d, 2 * f + 1)
-    assert TORCH._adjacent(wide[..., :f], wide[..., f + 1 :]) is None  # a column between them
-
-
 @pytest.mark.parametrize("case", ["empty-experts", "k=E", "invalid"])
 def test_concatenated_gate_up_matches_float64(case):
-    # one [E, 2f, d] parameter as Hugging Face stores it: dx takes one GEMM over [dh | dg]
+    # one [E, 2f, d] parameter as Hugging Face stores it (w1 and w3 adjacent views of it)
     x, idx, weights, w1, w2, w3 = _inputs(case)
     E, f = w1.shape[0], w1.shape[2]
     gate_up = torch.cat([w1, w3], dim=2).transpose(1, 2).contiguous().requires_grad_()

@@ -20,7 +20,7 @@ from functools import cache
 
 import torch
 
-from ..activations import act_and_grad, get_activation
+from ..activations import act_backward, get_activation
 from ..routing import Topology
 from .common import OPS, MlpRouting, combine_dots
 
@@ -234,8 +234,10 @@ def _with_zero_row(t: torch.Tensor) -> torch.Tensor:
 
 
 def _rows_of_assignments(b: torch.Tensor, assignment_row: torch.Tensor) -> torch.Tensor:
-    """``[T, k, d]``: row ``assignment_row[t, j]`` of b, zero where it is -1."""
+    """``[T, k, d]``: row ``assignment_row[t, j]`` of b, zero where it is -1 (a new tensor, the caller's to modify)."""
     r = assignment_row.long()
+    if host_loop_ok(b) and not bool((r < 0).any()):  # CPU eager: no zero row to append (the common case)
+        return _acc(b.index_select(0, r.reshape(-1))).view(*r.shape, b.shape[1])
     idx = torch.where(r >= 0, r, b.shape[0]).reshape(-1)
     return _with_zero_row(b).index_select(0, idx).view(*r.shape, b.shape[1])
 
@@ -256,7 +258,7 @@ def scatter_rows(y, row_assignment, assignment_row, weights=None, out=None) -> t
     """``out[t] = Σ_j weights[t, j] · y[assignment_row[t, j]]`` (skipping -1) → ``[T, d]``."""
     rows = _rows_of_assignments(y, assignment_row)
     if weights is not None:
-        rows = rows * _acc(weights)[..., None].to(rows.dtype)
+        rows.mul_(_acc(weights)[..., None].to(rows.dtype))
     return _out(rows.sum(1), out, y.dtype)
 
 
@@ -279,68 +281,58 @@ def _rows(t: torch.Tensor, routing: MlpRouting, cols: int) -> torch.Tensor:
     return _to_rows(t, routing.block_size, cols) if routing.blocked else _acc(t)
 
 
-def _adjacent(w1: torch.Tensor, w3: torch.Tensor | None) -> torch.Tensor | None:
-    """``[w1 | w3]`` as one ``[E, K, 2N]`` view when ``w3`` lies right after ``w1`` along N in one tensor with the
-    same strides (Hugging Face's concatenated ``gate_up_proj``), so that one GEMM gives ``dh @ w1ᵀ + dg @ w3ᵀ``
-    (no second result to add); else None."""
-    if w3 is None or w1.shape != w3.shape or w1.stride() != w3.stride() or w1.dtype != w3.dtype:
-        return None
-    base = w1.untyped_storage().data_ptr()
-    if base == 0 or base != w3.untyped_storage().data_ptr():  # 0: no data (meta)
-        return None
-    E, K, N = w1.shape
-    if w3.storage_offset() != w1.storage_offset() + N * w1.stride(2):
-        return None
-    return w1.as_strided((E, K, 2 * N), w1.stride(), w1.storage_offset())
+def _row_weights(weights: torch.Tensor, routing: MlpRouting, dtype: torch.dtype) -> torch.Tensor:
+    """The top-k weight of each row ``[R, 1]`` in ``dtype`` (0 for rows of no assignment)."""
+    flat = torch.cat([weights.reshape(-1), weights.new_zeros(1)]).to(dtype)
+    asg = routing.row_asg.long()
+    return flat[torch.where(asg >= 0, asg, flat.shape[0] - 1)][:, None]
 
 
 def mlp_forward(x, weights, w1, w2, w3, routing: MlpRouting, activation: str):
     """``out [T, d]`` and the ``h``, ``g`` backward needs (``MlpRouting.intermediate_shape``)."""
-    dtype, act = x.dtype, get_activation(activation)
+    dtype = x.dtype
     xs = _gathered(x, routing.row_src)
     h = _expert_mm(xs, w1, routing.offsets).to(dtype)
     g = None if w3 is None else _expert_mm(xs, w3, routing.offsets).to(dtype)
-    a = act(_acc(h))
+    a = get_activation(activation)(_acc(h))
     if g is not None:
-        a = a * _acc(g)
+        a = a * _acc(g) if a is h else a.mul_(_acc(g))  # identity: a is h itself, which is returned
     y = _expert_mm(_acc(a.to(dtype)), w2, routing.offsets).to(dtype)
     out = scatter_rows(y, routing.row_asg, routing.assignment_row, weights)
     return out, _layout(h, routing), None if g is None else _layout(g, routing)
 
 
 def mlp_backward(dout, x, weights, w1, w2, w3, h, g, routing: MlpRouting, activation: str, needs):
-    """Gradients of ``mlp_forward`` for ``(x, weights, w1, w2, w3)`` where ``needs`` says so, else None."""
+    """Gradients of ``mlp_forward`` for ``(x, weights, w1, w2, w3)`` where ``needs`` says so, else None.
+
+    Over the ``[R, f]`` rows, in the accumulation dtype: ``G = dout[token] @ w2ᵀ``; ``dW2 = aᵀ @ (w·dout[token])``
+    (the gathered dout weighted in place); the top-k weight gradient ``<G, a>`` (``a`` multiplied in place); then
+    ``G`` weighted in place, ``dg = w·G·act(h)`` in ``act(h)``'s buffer and ``dh = w·G·g·act'(h)`` in ``G``'s
+    (``act_backward``: one fused pass). No buffer beyond ``G``, ``act(h)`` and ``a``: a large one would cost page
+    faults on every call on CPU."""
     need_x, need_weights, need_w1, need_w2, need_w3 = needs
     dtype, F = x.dtype, w1.shape[2]
     douts = _gathered(dout, routing.row_src)
     G = _expert_mm(douts, w2.transpose(1, 2), routing.offsets)  # dout[token] @ w2ᵀ, unweighted
     hr = _rows(h, routing, F)
-    act, dact = act_and_grad(hr, activation)
-    act, dact = act.to(G.dtype), dact.to(G.dtype)
-    asg = routing.row_asg.long()
-    flat = torch.cat([_acc(weights).reshape(-1), _acc(weights).new_zeros(1)]).to(G.dtype)
-    wr = flat[torch.where(asg >= 0, asg, flat.shape[0] - 1)][:, None]
-    a = act if g is None else act * _rows(g, routing, F).to(G.dtype)  # act(h) [· g]
-    dweights = combine_dots((G * a).sum(1)[None], routing.assignment_row, weights.dtype) if need_weights else None
-    Gw = G.mul_(wr)  # G is not needed unweighted any more
-    # dh and dg side by side, as [dh | dg] for the dx GEMM of adjacent w1 and w3
-    dhg = torch.empty(G.shape[0], 2 * F if g is not None else F, dtype=G.dtype, device=G.device)
-    dh = torch.mul(Gw, dact, out=dhg[:, :F])
-    if g is not None:
-        torch.mul(Gw, act, out=dhg[:, F:])
-        dh.mul_(_rows(g, routing, F).to(G.dtype))
-    dhg = dhg.to(dtype)
-    dh, dg = dhg[:, :F], None if g is None else dhg[:, F:]
-    dw2 = _expert_wgrad(_acc((a * wr).to(dtype)), douts, routing.offsets).to(dtype) if need_w2 else None
+    gr = None if g is None else _rows(g, routing, F)
+    act = get_activation(activation)(hr)  # hr itself for the identity: never written
+    a = act if gr is None else act * gr  # act(h) [· g]
+    wr = _row_weights(_acc(weights), routing, G.dtype)
+    dw2 = _expert_wgrad(_acc(a.to(dtype)), douts.mul_(wr), routing.offsets).to(dtype) if need_w2 else None
+    dweights = None
+    if need_weights:
+        dots = (a * G if a is hr else a.mul_(G)).sum(1)  # the identity without GLU: a is h itself
+        dweights = combine_dots(dots[None], routing.assignment_row, weights.dtype)
+    G.mul_(wr)
+    dg = None if gr is None else act * G if act is hr else act.mul_(G)
+    dh = act_backward(G if gr is None else G.mul_(gr), hr, activation)
+    dh, dg = dh.to(dtype), None if dg is None else dg.to(dtype)
     dx = None
     if need_x:
-        pair = _adjacent(w1, w3)
-        if pair is not None:
-            dxs = _expert_mm(_acc(dhg), pair.transpose(1, 2), routing.offsets)
-        else:
-            dxs = _expert_mm(_acc(dh), w1.transpose(1, 2), routing.offsets)
-            if dg is not None:
-                dxs = dxs + _expert_mm(_acc(dg), w3.transpose(1, 2), routing.offsets)
+        dxs = _expert_mm(_acc(dh), w1.transpose(1, 2), routing.offsets)
+        if dg is not None:
+            dxs.add_(_expert_mm(_acc(dg), w3.transpose(1, 2), routing.offsets))
         dx = scatter_rows(dxs.to(dtype), routing.row_asg, routing.assignment_row)
     dw1 = dw3 = None
     if need_w1 or need_w3:
