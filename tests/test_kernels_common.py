@@ -58,7 +58,10 @@ def test_gpu_configs_per_compute_capability(monkeypatch, cc):
     for kw in (dict(), dict(glu=True, epilogue=1), dict(epilogue=2), dict(pair=True), dict(out_block=128)):
         cfg = expert_gemm.gemm_config(torch.bfloat16, 128, capability=cc, **kw)
         assert cfg.num_warps == (4 if blackwell else 8), kw
-        assert replace(cfg, num_warps=8) == expert_gemm.gemm_config(torch.bfloat16, 128, capability=80, **kw)
+        sm80 = expert_gemm.gemm_config(torch.bfloat16, 128, capability=80, **kw)
+        assert replace(cfg, num_warps=8, epilogue_n=sm80.epilogue_n) == sm80
+    # the backward epilogue's column slices: 16 on 4 tcgen05 warps (slices of 8 spilled the gelu epilogue there)
+    assert expert_gemm.gemm_config(torch.bfloat16, 128, epilogue=2, capability=cc).epi_n == (16 if blackwell else 8)
     assert expert_gemm.gemm_config(torch.bfloat16, 128, aligned=False, capability=cc).num_warps == 8
     assert expert_gemm.gemm_config(torch.float32, 128, capability=cc).num_warps == 8
     assert expert_gemm.gemm_config(torch.bfloat16, 64, capability=cc).num_warps == 4  # small-M tiles: 4 everywhere

@@ -543,7 +543,9 @@ def gemm_config(
     the transposed-weight and pair fp32 builds otherwise). ``out_block`` / ``a_block``: the block size of a blocked out
     / A (a tile never straddles a block). sm_100 (tcgen05: the accumulator lives in tensor memory) runs the aligned
     16-bit 128-row tiles on 4 warps: on 8 the warps issue the loop's loads and barriers twice over, 1.1-1.4 issue
-    clocks per MMA clock (``bench.audit``'s issue ratio), 0.62-0.66 on 4 (0.82 with the GLU's two accumulators).
+    clocks per MMA clock (``bench.audit``'s issue ratio), 0.62-0.66 on 4 (0.82 with the GLU's two accumulators);
+    there the backward epilogue takes slices of 16 columns (88-159 registers; in slices of 8 ptxas spills the gelu
+    epilogue, 255 registers and 80 B).
     One small config when interpreting (the backward epilogue's 64 columns wide in eight slices, fewer in narrower
     blocks). Checked by ``python -m bench.audit``.
     """
@@ -555,11 +557,12 @@ def gemm_config(
         block_n = 64 if glu and not backward else 128
         if not aligned:  # 64-row forward-epilogue tiles too: at 64 columns sm_80 spills (128 rows: sm_100 at 32)
             block_n = 32 if (glu or pair or backward or (epilogue == Epilogue.FORWARD and block_m < 128)) else 64
-        warps = 8 if block_m >= 128 and not (_blackwell(capability) and aligned and dtype in _HALF) else 4
+        tcgen05_4 = block_m >= 128 and _blackwell(capability) and aligned and dtype in _HALF
+        warps = 8 if block_m >= 128 and not tcgen05_4 else 4
         if dtype == torch.float32:  # 4-byte tiles: at most 64 columns, 8 warps (sm_120 / sm_80 spill otherwise)
             # the pair reads each weight with its own strides: at 64 columns sm_120's ptxas spills it
             block_n, warps = min(block_n, (32 if aligned else 16) if pair else 64), 8
-        cfg = GemmConfig(block_m, block_n, block_k, 8, warps, 3, 8 if backward else None)
+        cfg = GemmConfig(block_m, block_n, block_k, 8, warps, 3, (16 if tcgen05_4 else 8) if backward else None)
     return _clamp(cfg, n=out_block, k=a_block)
 
 
