@@ -378,6 +378,175 @@ def test_ctas_per_sm_from_registers_shared_memory_and_threads():
     assert "| CTA/SM |" in table.splitlines()[0] and "| 98304 | 2 |" in table
 
 
+# ----------------------------------------------------------------------------------------------- per FLOP
+
+
+def _mma_loop(mma: list[str], others: int, fillers: int = 0, before: str = "") -> str:
+    """SASS of a K loop holding the MMA lines ``mma``, ``others`` real instructions beside them (loads, address
+    arithmetic, waits, the back edge) and ``fillers`` NOP / ``@!PT`` lines, after ``before`` (set-up lines)."""
+    lines = [ln for ln in before.splitlines() if ln.strip()]
+    lines += ["LDGSTS.E.BYPASS.128 [R23], desc[UR22][R16.64], P5", "DEPBAR.LE SB0, 0x1", *mma]
+    lines += ["IADD3 R26, P4, PT, R26, 0x1, RZ"] * (others - 3)
+    lines += ["NOP", "@!PT LDS RZ, [RZ]"] * (fillers // 2)
+    start = 16 * len([ln for ln in before.splitlines() if ln.strip()])
+    body = [f"        /*{16 * k:04x}*/ {ln} ;" for k, ln in enumerate(lines)]
+    end = 16 * len(lines)
+    body += [f"        /*{end:04x}*/ @P4 BRA 0x{start:x} ;", f"        /*{end + 16:04x}*/ EXIT ;"]
+    return "\n".join(body) + "\n"
+
+
+def _per_flop(cc, sass_text, num_warps=8, **fields) -> audit_jobs.BuildResult:
+    r = _synthetic(cc, audit_sass.analyze_sass(sass_text), num_warps=num_warps, registers=128, shared=98304)
+    r.per_flop, r.operand_bytes, r.min_intensity = True, 32768, 64.0
+    for k, v in fields.items():
+        setattr(r, k, v)
+    return r
+
+
+def _flop_checks(r) -> list[str]:
+    return [check for check, _ in audit_report.findings(r) if check in audit_report.PER_FLOP]
+
+
+HGMMA_128 = ["HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8].tnspB, R24"] * 3 + [
+    "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0"
+]
+UMOV_IDESC = "UMOV UR37, 0x8210490"  # tcgen05 kind::f16 instruction descriptor: bf16, M = 128, N = 128
+
+
+def test_mma_shapes_from_sass():
+    instrs = audit_sass.parse_sass(
+        "/*0000*/ HGMMA.64x32x16.F32.BF16 R24, gdesc[UR8], R24 ;\n/*0010*/ HMMA.16816.F32.BF16 R4, R8, R12, R4 ;\n"
+        "/*0020*/ HMMA.1684.F32.TF32 R4, R8, R12, R4 ;\n/*0030*/ QGMMA.64x128x32.F32.E4M3.E4M3 R24, gdesc[UR4], R24 ;\n"
+        f"/*0040*/ {UMOV_IDESC} ;\n"
+        "/*0050*/ UTCHMMA gdesc[UR8], gdesc[UR24], tmem[UR14], tmem[UR36], idesc[UR37], UPT ;\n"
+        "/*0060*/ UMOV UR11, 0x4200910 ;\n"
+        "/*0070*/ UTCHMMA gdesc[UR8], gdesc[UR24], tmem[UR14], tmem[UR6], idesc[UR11] ;\n"
+        "/*0080*/ UTCHMMA gdesc[UR8], gdesc[UR24], tmem[UR14], tmem[UR6], idesc[UR12] ;\n"
+    )
+    shapes = [audit_sass.mma_shape(instrs, k) for k in range(len(instrs))]
+    assert shapes == [
+        (64, 32, 16, "16"),  # wgmma: per warpgroup, the shape in the mnemonic
+        (16, 8, 16, "16"),  # mma.sync m16 n8 k16, per warp
+        (16, 8, 4, "tf32"),
+        (64, 128, 32, "8"),  # fp8 wgmma
+        None,  # the UMOV
+        (128, 128, 16, "16"),  # tcgen05: M and N from the instruction descriptor, K = 32 bytes of bf16
+        None,
+        (64, 128, 8, "tf32"),  # A type 2 in bits 7-9: tf32, K = 8
+        None,  # no UMOV sets UR12: unknown
+    ]
+
+
+def test_issue_ratio_against_the_fma_rate():
+    # sm_90, 8 warps, 4 HGMMA.64x128x16 per warpgroup (128x128x64 per CTA: 512 clocks at 2048 FMA / clock) in a
+    # 120-instruction loop: 8 / 4 x 120 = 240 issue clocks -> 0.47; NOPs and @!PT fillers are not issued work
+    good = _per_flop(90, _mma_loop(HGMMA_128, 116, fillers=40))
+    lp = good.sass.main_loop
+    assert (lp.instructions, lp.real_instructions, lp.mma_work, lp.mma_kind) == (160, 120, {"wgmma": 524288}, "16")
+    assert audit_report.cta_mma_work(good) == 128 * 128 * 64 and audit_report.issue_ratio(good) == pytest.approx(
+        240 / 512
+    )
+    assert _flop_checks(good) == []
+    # the old backward epilogue's 128x32 tiles: HGMMA.64x32x16, a quarter of the work in as many instructions
+    narrow = _per_flop(90, _mma_loop([m.replace("64x128x16", "64x32x16") for m in HGMMA_128], 116), operand_bytes=20480,
+                       min_intensity=48.0)  # fmt: skip
+    assert audit_report.issue_ratio(narrow) == pytest.approx(240 / 128)
+    assert audit_report.findings(narrow)[0] == (
+        "issue",
+        "issue ratio 1.88 > 0.75: 8 warps x 120 instructions / 4 per 262144 FMA at 2048 / clock",
+    )
+    # sm_100: one tcgen05 MMA per K step of 16 for the CTA; the same loop is issue-bound at twice the rate
+    tc = ["UTCHMMA gdesc[UR8], gdesc[UR24], tmem[UR14], tmem[UR36], idesc[UR37], UPT"] * 4
+    blackwell = _per_flop(100, _mma_loop(tc, 140, before=f"/*0000*/ {UMOV_IDESC} ;"))
+    assert audit_report.cta_mma_work(blackwell) == 128 * 128 * 64
+    assert audit_report.issue_ratio(blackwell) == pytest.approx(2 * 144 / 256) and _flop_checks(blackwell) == ["issue"]
+    assert _flop_checks(_per_flop(100, _mma_loop(tc, 140, before=f"/*0000*/ {UMOV_IDESC} ;"), num_warps=4)) == []
+    # an unreadable MMA shape is flagged, not passed
+    unknown = _per_flop(100, _mma_loop(tc, 60))
+    assert audit_report.issue_ratio(unknown) is None and _flop_checks(unknown) == ["issue"]
+    # sm_80: HMMA per warp, 1024 FMA / clock: 8 warps x 64 HMMA.16816 = 128x128x64 in 1024 clocks
+    hmma = _per_flop(80, _mma_loop(["HMMA.16816.F32.BF16 R4, R8, R12, R4"] * 64, 200))
+    assert audit_report.issue_ratio(hmma) == pytest.approx(2 * 264 / 1024)
+
+
+def test_operand_intensity_floor_and_exemptions():
+    # 128x128x64 bf16: 2 MiFLOP over (128x64 + 64x128) x 2 B = 64 FLOP/B: passes the floor of 64
+    r = _per_flop(90, _mma_loop(HGMMA_128, 116))
+    assert audit_report.operand_intensity(r) == 64 and _flop_checks(r) == []
+    # the same work over twice the bytes (a 128x64 GLU tile reading two weights per A tile, written wrong): 32
+    r.operand_bytes = 65536
+    assert audit_report.findings(r) == [
+        ("intensity", "operand intensity 32.0 FLOP/B < 64: 2097152 FLOP per 65536 B of operand tiles")
+    ]
+    r.min_intensity = None  # a small-M (decode) tile: exempt from intensity only
+    assert _flop_checks(r) == []
+    r.min_intensity, r.operand_bytes = 48.0, 40960  # the backward epilogue's floor: 51.2 passes
+    assert _flop_checks(r) == []
+
+
+def test_occupancy_check_and_persistent_kernels():
+    # 138 registers x 256 threads: one CTA per SM (the old backward epilogue)
+    r = _per_flop(90, _mma_loop(HGMMA_128, 116), registers=138)
+    assert audit_report.ctas_per_sm(r) == 1 and audit_report.findings(r) == [
+        ("occupancy", "1 CTA/SM < 2 (registers 138, shared 98304 B, 8 warps) and not persistent")
+    ]
+    r.persistent = True  # a persistent tile loop keeps one CTA busy per SM
+    assert _flop_checks(r) == []
+    # 5 stages of 128x64 + 64x128 bf16 tiles: 160 KB of shared memory, one CTA on sm_90
+    assert _flop_checks(_per_flop(90, _mma_loop(HGMMA_128, 116), shared=163840)) == ["occupancy"]
+
+
+def test_per_flop_scope_enforcement_and_waivers():
+    bad = _mma_loop([m.replace("64x128x16", "64x32x16") for m in HGMMA_128], 116)
+    # only the aligned build of a per_flop spec is checked (unaligned fallbacks and other kernels are not)
+    assert _flop_checks(_per_flop(90, bad, per_flop=False)) == []
+    assert _flop_checks(_per_flop(90, bad, job=audit_jobs.Job("m", 0, "k", 90, "unaligned"))) == []
+    # enforced on sm_90 and sm_100; reported on sm_80 / sm_120
+    r = _per_flop(90, bad, operand_bytes=8192)  # intensity 64: only the issue ratio fails
+    assert _flop_checks(r) == ["issue"] and audit_report.why_not_enforced(r, "issue", frozenset()) is None
+    on80 = _per_flop(80, _mma_loop(["HMMA.16816.F32.BF16 R4, R8, R12, R4"] * 64, 200), registers=255)
+    assert _flop_checks(on80) == ["occupancy"] and audit_report.problems(on80) == []
+    assert "per-FLOP checks enforced on sm_90, sm_100 only" in audit_report.format_table([on80])
+    # a spec's waiver: that check, that build, with its reason in the table
+    r.waivers = (("issue", "needs a persistent kernel"),)
+    assert audit_report.problems(r) == [] and audit_report.waiver(r, "issue") == "needs a persistent kernel"
+    assert "(report-only: needs a persistent kernel)" in audit_report.format_table([r])
+    r.waivers = (("issue@100", "sm_100 only"),)
+    assert audit_report.problems(r)  # a waiver for another architecture does not apply
+    checks = audit_report.format_checks([r, on80])
+    assert "| issue | 1 | sm_90 1 | yes, not on sm_80, sm_120 |" in checks
+    assert "| occupancy | 1 | sm_80 1 | yes, not on sm_80, sm_120 |" in checks
+
+
+def test_launcher_specs_say_what_they_serve():
+    from blocksparse_moe.kernels import expert_gemm, specs
+
+    all_specs = audit_jobs._gpu_specs(specs)  # the GPU configs (the tests interpret)
+    gemm = {s.name: s for s in all_specs if s.kernel is expert_gemm.gemm_kernel}
+    wgrad = [s for s in all_specs if s.kernel is expert_gemm.wgrad_kernel]
+    assert all(s.serves for s in all_specs)
+    # the per-FLOP checks reach every config with an aligned build, each with its operand tiles
+    for s in [*gemm.values(), *wgrad]:
+        assert s.per_flop == ("aligned" in s.variants) and s.operand_bytes, s.name
+    large = gemm["gemm[grouped_mm,bf16,M=128,N=128,K=64,w=8,tma]"]
+    assert large.serves == "grouped, large T, aligned" and large.min_intensity == 64 and large.waivers == ()
+    assert large.operand_bytes == (128 * 64 + 64 * 128) * 2 and (large.archs, large.num_warps) == ((90, 120), 8)
+    # the config functions pick per architecture: sm_100 runs the same tile on 4 warps (tcgen05)
+    blackwell = gemm["gemm[grouped_mm,bf16,M=128,N=128,K=64,w=4,tma]"]
+    assert (blackwell.archs, blackwell.num_warps) == ((100,), 4)
+    glu = gemm["gemm[up,glu,silu,bf16,M=128,N=64,K=64,w=4,tma]"]  # one A tile, two weight tiles
+    assert glu.operand_bytes == (128 * 64 + 2 * 64 * 64) * 2 and [w for w, _ in glu.waivers] == ["issue@100"]
+    assert gemm["gemm[down_bwd,glu,silu,bf16,M=128,N=128,K=64,w=8,tma]"].min_intensity == 48
+    pair = gemm["gemm[dgrad_pair,bf16,M=128,N=128,K=64,w=8,tma]"]  # two K loops, one A and one weight tile each
+    assert pair.operand_bytes == (128 * 64 + 64 * 128) * 2
+    dw = {s.name: s for s in wgrad}["wgrad[w13,bf16,M=128,N=128,K=64,w=4]"]
+    assert (dw.archs, dw.num_warps, dw.operand_bytes) == ((90, 100), 4, (64 * 128 + 64 * 128) * 2)
+    small = gemm["gemm[grouped_mm,bf16,M=64,N=128,K=64,tma]"]
+    assert small.serves == "grouped, small T / decode, aligned" and small.min_intensity is None
+    fallback = next(s for s in gemm.values() if s.variants == ("unaligned",))
+    assert fallback.serves.endswith("unaligned fallback") and not fallback.per_flop
+
+
 def test_parsers_read_ptxas_log_resources_and_buffers():
     # spills: a register-heavy build as ptxas reports it
     log = (
@@ -624,6 +793,7 @@ def test_main_exit_status_and_report_only(capsys, tmp_path):
         audit_main.main([*base, "--report-only", "pipeline,nope,spill@89"])
     err = capsys.readouterr().err
     assert (
-        "checks must be among build, spill, mma, c7515, pipeline, smem, each optionally @ one of 80, 90, 100, " in err
+        "checks must be among build, spill, mma, c7515, pipeline, smem, issue, intensity, occupancy, each optionally "
+        "@ one of 80, 90, 100, " in err
     )
     assert "got nope, spill@89" in err

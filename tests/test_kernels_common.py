@@ -1,5 +1,7 @@
 """Host-side helpers of the kernels (kernels/_common.py), the launchers' config choice, and the shared checks."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import triton
@@ -7,7 +9,7 @@ import triton.language as tl
 
 from blocksparse_moe.config import interpreting
 from blocksparse_moe.kernels import expert_gemm
-from blocksparse_moe.kernels._common import aligned16, upcast_dots
+from blocksparse_moe.kernels._common import aligned16, capability, upcast_dots
 from blocksparse_moe.ops._checks import check_same_device
 
 
@@ -43,6 +45,32 @@ def test_gpu_configs_outside_interpreter(monkeypatch):
     assert expert_gemm.wgrad_config(torch.bfloat16, gather=True).num_stages == 5
     assert expert_gemm.wgrad_config(torch.bfloat16).num_stages == 3
     assert expert_gemm.wgrad_config(torch.bfloat16, a_block=64).block_m == 64
+
+
+@pytest.mark.parametrize("cc", [80, 90, 100, 103, 120, None])
+def test_gpu_configs_per_compute_capability(monkeypatch, cc):
+    """Warps per architecture (bench.audit's issue ratio): tcgen05 (sm_100 / sm_103) runs the aligned 16-bit
+    128-row GEMM tiles on 4 warps, every other architecture on 8; the aligned 16-bit 128x128 weight-gradient tiles
+    take 4 warps where the MMA is asynchronous (sm_90, sm_100; None, off CUDA, is sm_90's), 8 on mma.sync
+    (sm_80, sm_120). Unaligned and fp32 tiles keep 8 everywhere; tiles and stages never change."""
+    monkeypatch.setattr(expert_gemm, "interpreting", lambda: False)
+    blackwell, async_mma = cc in (100, 103), cc in (90, 100, 103, None)
+    for kw in (dict(), dict(glu=True, epilogue=1), dict(epilogue=2), dict(pair=True), dict(out_block=128)):
+        cfg = expert_gemm.gemm_config(torch.bfloat16, 128, capability=cc, **kw)
+        assert cfg.num_warps == (4 if blackwell else 8), kw
+        sm80 = expert_gemm.gemm_config(torch.bfloat16, 128, capability=80, **kw)
+        assert replace(cfg, num_warps=8, epilogue_n=sm80.epilogue_n) == sm80
+    # the backward epilogue's column slices: 16 on 4 tcgen05 warps (slices of 8 spilled the gelu epilogue there)
+    assert expert_gemm.gemm_config(torch.bfloat16, 128, epilogue=2, capability=cc).epi_n == (16 if blackwell else 8)
+    assert expert_gemm.gemm_config(torch.bfloat16, 128, aligned=False, capability=cc).num_warps == 8
+    assert expert_gemm.gemm_config(torch.float32, 128, capability=cc).num_warps == 8
+    assert expert_gemm.gemm_config(torch.bfloat16, 64, capability=cc).num_warps == 4  # small-M tiles: 4 everywhere
+    for kw in (dict(gather=True), dict(), dict(b_block=128)):
+        assert expert_gemm.wgrad_config(torch.bfloat16, capability=cc, **kw).num_warps == (4 if async_mma else 8)
+    assert expert_gemm.wgrad_config(torch.bfloat16, aligned=False, capability=cc).num_warps == 8
+    assert expert_gemm.wgrad_config(torch.float32, capability=cc).num_warps == 8
+    assert expert_gemm.wgrad_config(torch.bfloat16, b_block=64, capability=cc).num_warps == 8  # 128x64 tiles
+    assert capability(torch.empty(1)) is None  # off CUDA the launchers pass None
 
 
 def test_upcast_only_for_interpreted_bf16(monkeypatch):

@@ -17,7 +17,10 @@ concatenated text sections (``cuobjdump -xtext``): nvdisasm costs ~0.4 s per cal
 Checks (``CHECKS``; docs/audit.md has the exact patterns): ``build``, ``spill``, ``mma`` (a matmul without the
 architecture's tensor-core MMA: HGMMA on sm_90, tcgen05 on sm_100, HMMA on sm_80 / sm_120), ``c7515`` (ptxas
 serialised the wgmma), ``pipeline`` (the main loop waits its cp.async copies or wgmma to zero every iteration),
-``smem`` (over the architecture's per-block limit). Exit status 1 when a check outside ``--report-only`` fails.
+``smem`` (over the architecture's per-block limit), and the per-FLOP checks of the launchers' aligned configs
+(enforced on sm_90 and sm_100): ``issue`` (issue ratio above 0.75), ``intensity`` (MMA FLOPs per byte of operand
+tiles below the spec's floor), ``occupancy`` (under 2 CTAs per SM, not persistent). Exit status 1 when a check
+outside ``--report-only`` and the spec's ``waivers`` fails.
 Builds run in a spawn process pool (``--jobs``, default 2) with ``TRITON_INTERPRET`` unset and
 ``TRITON_DEFAULT_FP_FUSION`` set explicitly (default 1).
 

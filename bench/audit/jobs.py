@@ -67,6 +67,12 @@ class BuildResult:
     expect_pipelined: bool = True
     num_stages: int | None = None
     num_warps: int | None = None
+    serves: str = ""  # the shapes the launchers pick this config for
+    per_flop: bool = False  # the per-FLOP checks apply (to the aligned build)
+    persistent: bool = False
+    operand_bytes: int | None = None  # distinct operand tiles of one main-loop iteration
+    min_intensity: float | None = None  # None: exempt
+    waivers: tuple[tuple[str, str], ...] = ()  # (check or check@cc, reason): report-only for this build
     registers: int | None = None
     spill_stores: int | None = None  # bytes
     spill_loads: int | None = None  # bytes
@@ -193,6 +199,8 @@ def compile_job(job: Job, out_dir: str, keep_ir: bool = False) -> BuildResult:
         result.expect_pipelined = getattr(spec, "expect_pipelined", True)
         result.num_stages = spec.num_stages
         result.num_warps = spec.num_warps
+        for name in ("serves", "per_flop", "persistent", "operand_bytes", "min_intensity", "waivers"):
+            setattr(result, name, getattr(spec, name, getattr(result, name)))
         if job.variant not in spec.variants:
             raise ValueError(f"variant {job.variant!r} not in the spec's {spec.variants}")
         attrs = divisibility_attrs(spec) if job.variant == "aligned" else {}

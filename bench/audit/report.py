@@ -10,12 +10,21 @@ __all__ = [
     "CHECKS",
     "PTXAS_CODES",
     "SM_LIMITS",
+    "FMA_PER_CLOCK",
+    "ISSUE_LIMIT",
+    "PER_FLOP",
+    "PER_FLOP_ARCHS",
+    "cta_mma_work",
     "ctas_per_sm",
     "findings",
     "format_checks",
     "format_table",
+    "issue_ratio",
+    "operand_intensity",
     "problems",
     "reported_only",
+    "waiver",
+    "why_not_enforced",
 ]
 
 CHECKS = {
@@ -28,6 +37,31 @@ CHECKS = {
     "or WARPGROUP.DEPBAR.LE gsb0, 0x0 with async loads in it (wgmma); or, aligned and num_stages > 1, it has no async "
     "load (LDGSTS / UTMALDG) at all; skipped for expect_pipelined=False",
     "smem": "shared memory above the architecture's per-block limit",
+    "issue": "per-FLOP (PER_FLOP_ARCHS): issue ratio = (warps / 4 x real main-loop instructions) / (sum of the loop's "
+    "MMA M*N*K over the CTA / the SM's dense FMAs per clock, FMA_PER_CLOCK) above ISSUE_LIMIT; real = every SASS "
+    "instruction of the loop body but NOP and never-executed @!PT fillers; M*N*K per issuing unit: HGMMA.MxNxK per "
+    "warpgroup, HMMA.168K (m16 n8 kK) per warp, tcgen05 per CTA (M, N from its instruction descriptor, K = 32 bytes)",
+    "intensity": "per-FLOP: operand intensity = the main loop's MMA FLOPs (2 M*N*K over the CTA) / the bytes of its "
+    "distinct operand tiles (CompileSpec.operand_bytes) below CompileSpec.min_intensity (64; 48 for the backward "
+    "epilogue; small-M tiles exempt)",
+    "occupancy": "per-FLOP: CTAs per SM (registers rounded up to 8, shared memory + 1 KB, threads, CTA limit) below 2, "
+    "unless the kernel is persistent (CompileSpec.persistent)",
+}
+
+# The per-FLOP checks: they apply to the aligned builds of the configs the launchers pick at large shapes
+# (CompileSpec.per_flop), are enforced on these architectures and reported on the others.
+PER_FLOP = ("issue", "intensity", "occupancy")
+PER_FLOP_ARCHS = (90, 100)
+ISSUE_LIMIT = 0.75
+MIN_CTAS = 2
+
+# Dense tensor-core FMAs per SM per clock, by MMA operand kind (sass.MMA_KINDS): the vendor's dense TFLOP/s
+# / (2 x SMs x the boost clock of that figure).
+FMA_PER_CLOCK = {
+    80: {"16": 1024, "tf32": 512, "8": 2048},  # A100 SXM: 312 / 156 / 624 (int8) TFLOP/s, 108 SMs, 1.41 GHz
+    90: {"16": 2048, "tf32": 1024, "8": 4096},  # H100 SXM: 989 / 495 / 1979 (fp8), 132 SMs, 1.83 GHz
+    100: {"16": 4096, "tf32": 2048, "8": 8192},  # B200: 2250 / 1125 / 4500 (fp8), 148 SMs, 1.86 GHz
+    120: {"16": 512, "tf32": 128, "8": 1024},  # RTX 5090: 419 / 105 / 838 (fp8), 170 SMs, 2.41 GHz (fp16 accumulate)
 }
 
 # ptxas notes ("(Cxxxx) Potential Performance Loss: ...") that fail a check
@@ -67,7 +101,73 @@ def findings(result: BuildResult) -> list[tuple[str, str]]:
                 out.append(("pipeline", f"{where} has no async load (LDGSTS / UTMALDG): not pipelined"))
     if result.shared is not None and result.shared > arch.smem_limit:
         out.append(("smem", f"shared memory {result.shared} B > sm_{arch.cc} limit {arch.smem_limit} B"))
+    if result.per_flop and result.job.variant == "aligned":
+        out += _per_flop_findings(result)
     return out
+
+
+def _per_flop_findings(result: BuildResult) -> list[tuple[str, str]]:
+    out = []
+    lp = None if result.sass is None else result.sass.main_loop
+    if lp is not None:  # no MMA loop (one K step, unrolled): no loop to be issue-bound
+        ratio = issue_ratio(result)
+        if ratio is None:
+            out.append(("issue", "issue ratio unknown: an MMA shape or operand kind of the main loop is unreadable"))
+        elif ratio > ISSUE_LIMIT:
+            work, rate = cta_mma_work(result), FMA_PER_CLOCK[result.job.cc][lp.mma_kind]
+            out.append(
+                ("issue", f"issue ratio {ratio:.2f} > {ISSUE_LIMIT}: {result.num_warps} warps x "
+                 f"{lp.real_instructions} instructions / 4 per {work} FMA at {rate} / clock")
+            )  # fmt: skip
+        intensity = operand_intensity(result)
+        if result.min_intensity is not None and intensity is not None and intensity < result.min_intensity:
+            out.append(
+                ("intensity", f"operand intensity {intensity:.1f} FLOP/B < {result.min_intensity:g}: "
+                 f"{2 * cta_mma_work(result)} FLOP per {result.operand_bytes} B of operand tiles")
+            )  # fmt: skip
+    ctas = ctas_per_sm(result)
+    if ctas is not None and ctas < MIN_CTAS and not result.persistent:
+        out.append(("occupancy", f"{ctas} CTA/SM < {MIN_CTAS} (registers {result.registers}, shared {result.shared} B, "
+                                 f"{result.num_warps} warps) and not persistent"))  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- per FLOP
+
+# the MMA instructions' issuing unit (sass.mma_shape) in warps: a warp, a warpgroup, the whole CTA
+_ISSUING_WARPS = {"mma.sync": 1, "wgmma": 4, "tcgen05": None}
+
+
+def cta_mma_work(result: BuildResult) -> int | None:
+    """Σ M·N·K of one main-loop iteration over the CTA: each warp issues the loop's mma.sync for itself, each
+    warpgroup its wgmma, one thread the CTA's tcgen05 MMA. None when unknown (no loop, unreadable shapes)."""
+    lp = None if result.sass is None else result.sass.main_loop
+    if lp is None or lp.mma_work is None or not result.num_warps:
+        return None
+    return sum(
+        work * (1 if _ISSUING_WARPS[fam] is None else result.num_warps // _ISSUING_WARPS[fam])
+        for fam, work in lp.mma_work.items()
+    )
+
+
+def issue_ratio(result: BuildResult) -> float | None:
+    """Clocks the SM's 4 schedulers spend issuing one main-loop iteration (``warps / 4 ×`` its real instructions)
+    over the clocks its MMAs take at the architecture's dense rate (``FMA_PER_CLOCK``); above 1 the loop cannot
+    keep the tensor cores busy. None when unknown."""
+    work = cta_mma_work(result)
+    lp = result.sass.main_loop if work else None
+    if lp is None or lp.mma_kind is None:
+        return None
+    return (result.num_warps / 4 * lp.real_instructions) / (work / FMA_PER_CLOCK[result.job.cc][lp.mma_kind])
+
+
+def operand_intensity(result: BuildResult) -> float | None:
+    """MMA FLOPs of one main-loop iteration per byte of its distinct operand tiles (``operand_bytes``); None when
+    unknown."""
+    work = cta_mma_work(result)
+    if not work or not result.operand_bytes:
+        return None
+    return 2 * work / result.operand_bytes
 
 
 def reported_only(check: str, cc: int, report_only: frozenset[str] | set[str]) -> bool:
@@ -76,10 +176,27 @@ def reported_only(check: str, cc: int, report_only: frozenset[str] | set[str]) -
     return check in report_only or f"{check}@{cc}" in report_only
 
 
+def why_not_enforced(result: BuildResult, check: str, report_only: frozenset[str] | set[str]) -> str | None:
+    """Why ``check`` only reports on this build (None: enforced): ``"--report-only"``; a per-FLOP check outside
+    ``PER_FLOP_ARCHS``; or the build's spec waives it (``CompileSpec.waivers``: the check, or ``check@cc``, and the
+    reason)."""
+    cc = result.job.cc
+    if reported_only(check, cc, report_only):
+        return "--report-only"
+    if check in PER_FLOP and cc not in PER_FLOP_ARCHS:
+        return f"per-FLOP checks enforced on {', '.join(f'sm_{a}' for a in PER_FLOP_ARCHS)} only"
+    return waiver(result, check)
+
+
+def waiver(result: BuildResult, check: str) -> str | None:
+    """The reason the build's spec gives for reporting ``check`` only (``CompileSpec.waivers``), or None."""
+    return next((why for name, why in result.waivers if name in (check, f"{check}@{result.job.cc}")), None)
+
+
 def problems(result: BuildResult, report_only: frozenset[str] | set[str] = frozenset()) -> list[str]:
-    """Why a build fails the audit (empty when it passes): the messages of its findings outside ``report_only``
-    (check names, or ``check@cc`` for one architecture)."""
-    return [msg for check, msg in findings(result) if not reported_only(check, result.job.cc, report_only)]
+    """Why a build fails the audit (empty when it passes): the messages of its findings that are enforced (outside
+    ``report_only``, check names or ``check@cc`` for one architecture; see ``why_not_enforced``)."""
+    return [msg for check, msg in findings(result) if why_not_enforced(result, check, report_only) is None]
 
 
 # ----------------------------------------------------------------------------------------------- occupancy
@@ -97,7 +214,7 @@ _CTA_RESERVED_SHARED = 1024  # shared memory the runtime reserves per CTA (sm_80
 def ctas_per_sm(result: BuildResult) -> int | None:
     """CTAs of this build one SM holds at once: the fewest allowed by registers (per thread, rounded up to 8),
     shared memory (plus the 1 KB the runtime reserves per CTA), threads and the CTA limit; None when unknown.
-    Report-only for now (issue 16: failing below 2 unless the kernel is persistent)."""
+    The ``occupancy`` check fails a per-FLOP build below 2 unless the kernel is persistent."""
     if result.registers is None or result.shared is None or not result.num_warps:
         return None
     limits, threads = SM_LIMITS[result.job.cc], result.num_warps * 32
@@ -153,20 +270,24 @@ def format_table(results: list[BuildResult], report_only: frozenset[str] | set[s
     """Markdown table, one row per kernel configuration and architecture. Findings of ``report_only`` checks are
     listed with a ``(report-only)`` mark."""
     header = (
-        "| module | config | variant | sm | regs | spill st/ld B | stack B | smem B | CTA/SM | buffers | MMA "
-        "| loop instr/MMA | loop waits | TMA | LD128 | ptxas | compile s | status |"
+        "| module | config | variant | sm | serves | regs | spill st/ld B | stack B | smem B | CTA/SM | buffers | MMA "
+        "| loop instr/MMA | issue | FLOP/B | loop waits | TMA | LD128 | ptxas | compile s | status |"
     )
-    lines = [header, "|" + "---|" * 18]
+    lines = [header, "|" + "---|" * 21]
     for r in results:
-        marks = [
-            f"{msg} (report-only)" if reported_only(check, r.job.cc, report_only) else msg for check, msg in findings(r)
-        ]
+        marks = []
+        for check, msg in findings(r):
+            why = why_not_enforced(r, check, report_only)
+            marks.append(msg if why is None else f"{msg} (report-only)" if why == "--report-only" else
+                         f"{msg} (report-only: {why})")  # fmt: skip
         per_mma, waits = _loop_cells(r.sass)
+        ratio, intensity = issue_ratio(r), operand_intensity(r)
         cells = [
             r.job.module.rsplit(".", 1)[-1],
             r.job.name,
             r.job.variant,
             f"sm_{r.job.cc}",
+            r.serves or "-",
             r.registers,
             f"{r.spill_stores}/{r.spill_loads}" if r.spill_stores is not None else None,
             r.stack,
@@ -175,6 +296,8 @@ def format_table(results: list[BuildResult], report_only: frozenset[str] | set[s
             _buffers_cell(r.buffers),
             _mma_cell(r.sass),
             per_mma,
+            "-" if ratio is None else f"{ratio:.2f}",
+            "-" if intensity is None else f"{intensity:.0f}",
             waits,
             _tma_cell(r.sass),
             r.ld128,
@@ -193,8 +316,13 @@ def format_checks(results: list[BuildResult], report_only: frozenset[str] | set[
         flagged = [r for r in results if any(c == check for c, _ in findings(r))]
         per_arch = ", ".join(f"sm_{cc} {n}" for cc in ARCHS if (n := sum(1 for r in flagged if r.job.cc == cc)))
         relaxed = [f"sm_{cc}" for cc in ARCHS if f"{check}@{cc}" in report_only]
+        if check in PER_FLOP:
+            relaxed += [f"sm_{cc}" for cc in ARCHS if cc not in PER_FLOP_ARCHS and f"sm_{cc}" not in relaxed]
+        waived = sum(1 for r in flagged if waiver(r, check) is not None)
         enforced = (
             "no (report-only)" if check in report_only else f"yes, not on {', '.join(relaxed)}" if relaxed else "yes"
         )
+        if waived:
+            enforced += f" ({waived} builds waived by their spec)"
         lines.append(f"| {check} | {len(flagged)} | {per_arch or '-'} | {enforced} |")
     return "\n".join(lines)

@@ -17,6 +17,7 @@ __all__ = [
     "ARCHS",
     "CAPABILITIES",
     "MMA_FAMILIES",
+    "MMA_KINDS",
     "Arch",
     "Instr",
     "LoopStats",
@@ -25,6 +26,7 @@ __all__ = [
     "disassemble",
     "find_loops",
     "mma_family",
+    "mma_shape",
     "parse_ptxas_log",
     "parse_resource_usage",
     "parse_sass",
@@ -94,6 +96,9 @@ class LoopStats:
     cp_async_waits: tuple[int, ...] = ()
     wgmma_waits: tuple[int, ...] = ()
     serialised: int = 0
+    real_instructions: int = 0  # less NOP and never-executed ``@!PT`` fillers
+    mma_work: dict[str, int] | None = None  # MMA family -> sum of M·N·K per issuing unit; None: a shape unknown
+    mma_kind: str | None = None  # operand kind of the MMAs (``MMA_KINDS``); None: unknown or mixed
 
     @property
     def per_mma(self) -> float:
@@ -217,6 +222,57 @@ def mma_family(op: str) -> str | None:
     return next((fam for fam, pat in MMA_FAMILIES if pat.fullmatch(mnemonic)), None)
 
 
+MMA_KINDS = ("16", "tf32", "8")  # 16-bit (f16 / bf16), tf32, 8-bit (fp8 / int8) operands: the rate classes
+
+_WGMMA_SHAPE = re.compile(r"\.(\d+)x(\d+)x(\d+)\b")  # HGMMA.64x128x16.F32.BF16
+_MMA_SYNC_SHAPE = re.compile(r"\.168(\d+)\b")  # HMMA.16816.F32.BF16 (m16 n8 k16), HMMA.1684.F32.TF32
+_IDESC = re.compile(r"idesc\[(UR\d+)\]")
+_UMOV_IMM = re.compile(r"(UR\d+)\s*,\s*0x([0-9a-f]+)$")
+
+
+def _operand_kind(op: str) -> str | None:
+    """``MMA_KINDS`` entry of an HGMMA / HMMA mnemonic's operand type (``.BF16``, ``.F16``, ``.TF32``, ``.E4M3``);
+    an ``HMMA`` with only ``.F32`` (or ``.F16``) reads f16."""
+    mods = set(op.split(".")[1:])
+    if "TF32" in mods:
+        return "tf32"
+    if mods & {"E4M3", "E5M2", "S8", "U8"} or op.startswith(("QGMMA", "IGMMA", "IMMA", "QMMA")):
+        return "8"
+    return "16"
+
+
+def mma_shape(instrs: list[Instr], k: int) -> tuple[int, int, int, str] | None:
+    """``(M, N, K, kind)`` of the MMA instruction ``instrs[k]`` as one issuing unit runs it: a warpgroup for wgmma
+    (``HGMMA.64x128x16``), a warp for mma.sync (``HMMA.16816``: m16 n8 k16), the CTA for tcgen05, whose shape is in
+    its instruction descriptor (``idesc[URn]``, set by the last ``UMOV URn, imm`` before it: N / 8 in bits 17-22,
+    M / 16 in bits 24-28, the A type in bits 7-9 (2: tf32); K is 32 bytes of operand). None when unreadable."""
+    ins = instrs[k]
+    family = mma_family(ins.op)
+    if family == "wgmma":
+        m = _WGMMA_SHAPE.search(ins.op)
+        return (int(m.group(1)), int(m.group(2)), int(m.group(3)), _operand_kind(ins.op)) if m else None
+    if family == "mma.sync":
+        m = _MMA_SYNC_SHAPE.search(ins.op)
+        return (16, 8, int(m.group(1)), _operand_kind(ins.op)) if m else None
+    if family == "tcgen05":
+        reg = _IDESC.search(ins.args)
+        if reg is None:
+            return None
+        for prev in reversed(instrs[:k]):
+            m = _UMOV_IMM.match(prev.args) if prev.op == "UMOV" else None
+            if m and m.group(1) == reg.group(1):
+                d = int(m.group(2), 16)
+                kind = "8" if ins.base in ("UTCQMMA", "UTCIMMA") else "tf32" if (d >> 7) & 7 == 2 else "16"
+                return (((d >> 24) & 0x1F) << 4, ((d >> 17) & 0x3F) << 3, {"16": 16, "tf32": 8, "8": 32}[kind], kind)
+        return None
+    return None
+
+
+def _real(ins: Instr) -> bool:
+    """An instruction the warp really issues: not a ``NOP``, not a never-executed ``@!PT`` filler."""
+    return ins.base != "NOP" and ins.pred != "@!PT"
+
+
 def find_loops(instrs: list[Instr]) -> list[tuple[int, int]]:
     """``(start, end)`` of each loop: a ``BRA`` to an address at or before its own (the back edge), located before
     the function's last ``EXIT``. Branches after it are out-of-line stubs (mbarrier retry loops jumping back into
@@ -258,6 +314,19 @@ def _loop_stats(instrs: list[Instr], start: int, end: int) -> LoopStats:
         nxt = next((j for j in body[n + 1 :] if mma_family(j.op) == "wgmma" or j.op == "WARPGROUP.DEPBAR.LE"), None)
         if nxt is not None and nxt.op == "WARPGROUP.DEPBAR.LE" and _wait(nxt) == ("gsb0", 0):
             serialised += 1
+    work: dict[str, int] | None = {}
+    kinds = set()
+    for k in idx:
+        family = mma_family(instrs[k].op)
+        if family is None:
+            continue
+        shape = mma_shape(instrs, k)
+        if shape is None or work is None:
+            work = None
+            continue
+        m, n, kk, kind = shape
+        work[family] = work.get(family, 0) + m * n * kk
+        kinds.add(kind)
     return LoopStats(
         start=start,
         end=end,
@@ -269,6 +338,9 @@ def _loop_stats(instrs: list[Instr], start: int, end: int) -> LoopStats:
         cp_async_waits=tuple(cp_waits),
         wgmma_waits=tuple(wg_waits),
         serialised=serialised,
+        real_instructions=sum(1 for i in body if _real(i)),
+        mma_work=work,
+        mma_kind=next(iter(kinds)) if len(kinds) == 1 else None,
     )
 
 

@@ -12,6 +12,7 @@ __all__ = [
     "upcast_dots",
     "check_grid_y",
     "aligned16",
+    "capability",
     "MAX_GRID_Y",
 ]
 
@@ -42,3 +43,12 @@ def aligned16(tensors: tuple[torch.Tensor, ...], sizes: tuple[int, ...], strides
         and all(v % 16 == 0 for v in sizes)
         and all(v == 1 or v % 16 == 0 for v in strides)
     )
+
+
+def capability(t: torch.Tensor) -> int | None:
+    """``major * 10 + minor`` of the CUDA device holding ``t`` (a cached host query, no sync), for the config
+    functions; None off CUDA (CPU, the interpreter, ``bench.model``'s meta tensors)."""
+    if t.device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return major * 10 + minor

@@ -69,7 +69,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..activations import activate, activate_and_grad, kernel_code
-from ._common import aligned16, interpreting, upcast_dots
+from ._common import aligned16, capability, interpreting, upcast_dots
 from .layouts import BLOCK_SIZES, Rows, Schedule, expert_of_tile, row_offsets, row_start, tile_start
 
 __all__ = [
@@ -526,8 +526,10 @@ def gemm_config(
     aligned: bool = True,
     out_block: int | None = None,
     a_block: int | None = None,
+    capability: int | None = None,
 ) -> GemmConfig:
-    """The ``gemm_kernel`` config for M tiles of ``block_m`` rows (the caller's tile schedule).
+    """The ``gemm_kernel`` config for M tiles of ``block_m`` rows (the caller's tile schedule) on a device of compute
+    ``capability`` (``major * 10 + minor``; None, off CUDA: the sm_90 config).
 
     sm_90: ``block_m`` rows on ``block_m / 16`` warps (a warpgroup per 64 rows: wgmma), K step 64 for 16-bit types
     (32 for fp32), 3 stages of 128×64 + 64×128 16-bit tiles (96 KB of shared memory) and at most ~128 registers, so
@@ -539,9 +541,13 @@ def gemm_config(
     accumulators or two pipelines (GLU, the dgrad pair) or the backward epilogue: wider ones spill on sm_80, sm_100
     or sm_120; fp32 tiles take at most 64 columns, the pair 32 (16 unaligned), on 8 warps (sm_120's ptxas spills
     the transposed-weight and pair fp32 builds otherwise). ``out_block`` / ``a_block``: the block size of a blocked out
-    / A (a tile never straddles a block). One small config when interpreting (the backward epilogue's 64 columns
-    wide in eight slices, fewer in narrower blocks).
-    Checked by ``python -m bench.audit``.
+    / A (a tile never straddles a block). sm_100 (tcgen05: the accumulator lives in tensor memory) runs the aligned
+    16-bit 128-row tiles on 4 warps: on 8 the warps issue the loop's loads and barriers twice over, 1.1-1.4 issue
+    clocks per MMA clock (``bench.audit``'s issue ratio), 0.62-0.66 on 4 (0.82 with the GLU's two accumulators);
+    there the backward epilogue takes slices of 16 columns (88-159 registers; in slices of 8 ptxas spills the gelu
+    epilogue, 255 registers and 80 B).
+    One small config when interpreting (the backward epilogue's 64 columns wide in eight slices, fewer in narrower
+    blocks). Checked by ``python -m bench.audit``.
     """
     backward = epilogue == Epilogue.BACKWARD
     if interpreting():
@@ -551,12 +557,18 @@ def gemm_config(
         block_n = 64 if glu and not backward else 128
         if not aligned:  # 64-row forward-epilogue tiles too: at 64 columns sm_80 spills (128 rows: sm_100 at 32)
             block_n = 32 if (glu or pair or backward or (epilogue == Epilogue.FORWARD and block_m < 128)) else 64
-        warps = 8 if block_m >= 128 else 4
+        tcgen05_4 = block_m >= 128 and _blackwell(capability) and aligned and dtype in _HALF
+        warps = 8 if block_m >= 128 and not tcgen05_4 else 4
         if dtype == torch.float32:  # 4-byte tiles: at most 64 columns, 8 warps (sm_120 / sm_80 spill otherwise)
             # the pair reads each weight with its own strides: at 64 columns sm_120's ptxas spills it
             block_n, warps = min(block_n, (32 if aligned else 16) if pair else 64), 8
-        cfg = GemmConfig(block_m, block_n, block_k, 8, warps, 3, 8 if backward else None)
+        cfg = GemmConfig(block_m, block_n, block_k, 8, warps, 3, (16 if tcgen05_4 else 8) if backward else None)
     return _clamp(cfg, n=out_block, k=a_block)
+
+
+def _blackwell(capability: int | None) -> bool:
+    """sm_100 / sm_103 (tcgen05 MMA); not sm_120, whose matmuls are mma.sync."""
+    return capability is not None and capability // 10 == 10
 
 
 def wgrad_config(
@@ -566,6 +578,7 @@ def wgrad_config(
     aligned: bool = True,
     a_block: int | None = None,
     b_block: int | None = None,
+    capability: int | None = None,
 ) -> GemmConfig:
     """The ``wgrad_kernel`` config: 128×128 tiles of ``dw[e]`` on 8 warps (a dual launch too: one product per
     program, ``HGMMA.64x128`` where two 128×64 accumulators ran ``64x64`` MMAs at the same operand intensity), 64
@@ -573,7 +586,10 @@ def wgrad_config(
     staged in registers spill on sm_80 otherwise). A gathered operand loads its ``row_src`` entries in the loop: 5
     stages give that index load a stage of its own and keep 3 buffers of data in flight (with 3 stages the data loads
     wait to zero every step). ``a_block`` / ``b_block``: the block size of a blocked A / B (A's columns are the
-    tile's M, B's its N; the rows step stays inside a block)."""
+    tile's M, B's its N; the rows step stays inside a block). ``capability``: the device's (``major * 10 + minor``;
+    None, off CUDA: sm_90). On sm_90 and sm_100 (asynchronous MMA: wgmma, tcgen05) the aligned 16-bit 128×128 tiles
+    run on 4 warps: on 8 every warp issues its share of the row loads and barriers, 0.77 (sm_90) and 1.6 (sm_100)
+    issue clocks per MMA clock (``bench.audit``'s issue ratio), 0.58 and 1.3 on 4 (200-240 registers, 2 CTAs/SM)."""
     if interpreting():
         cfg = GemmConfig(16, 16, 16, 2, 4, 1)
     else:
@@ -583,6 +599,9 @@ def wgrad_config(
     rows_block = min(a_block or 1 << 30, b_block or 1 << 30)
     cfg = _clamp(cfg, a_block, b_block, rows_block)
     if not interpreting() and cfg.block_m * cfg.block_n <= 64 * 64:
+        cfg = replace(cfg, num_warps=4)
+    async_mma = capability is None or capability // 10 in (9, 10)
+    if not interpreting() and async_mma and aligned and dtype in _HALF and cfg.block_m * cfg.block_n >= 128 * 128:
         cfg = replace(cfg, num_warps=4)
     return cfg
 
@@ -669,7 +688,7 @@ def gemm(
     aligned = aligned16((a.tensor, w, w2, out.tensor), (K, N), (*a.strides, *w.stride(), *w2.stride(), *out.strides))
     cfg = gemm_config(
         dtype, schedule.block_m, epilogue=epilogue, glu=glu, pair=pair is not None, aligned=aligned,
-        out_block=out.block, a_block=a.block,
+        out_block=out.block, a_block=a.block, capability=capability(a.tensor),
     )  # fmt: skip
     n_store = out.padded_cols
     num_n = triton.cdiv(n_store, cfg.block_n)
@@ -721,7 +740,8 @@ def wgrad(
     E, M, N = out.shape
     gather = a.gathered or b.gathered
     aligned = aligned16((a.tensor, b.tensor, out), (M, N), (*a.strides, *b.strides, *out.stride()))
-    cfg = wgrad_config(a.tensor.dtype, gather=gather, aligned=aligned, a_block=a.block, b_block=b.block)
+    cfg = wgrad_config(a.tensor.dtype, gather=gather, aligned=aligned, a_block=a.block, b_block=b.block,
+                       capability=capability(a.tensor))  # fmt: skip
     if b2 is not None and (b2.strides != b.strides or b2.log_block != b.log_block or out2.stride() != out.stride()):
         raise ValueError(f"wgrad: b2 and out2 must share b's and out's layouts, got strides {b2.strides} and "
                          f"{b.strides}, {out2.stride()} and {out.stride()}")  # fmt: skip

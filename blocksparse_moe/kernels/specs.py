@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from ..activations import NAMES, kernel_code
-from .expert_gemm import BLOCK_SIZES, Epilogue, WeightLoad, gemm_config, gemm_kernel, wgrad_config, wgrad_kernel
-from .layouts import DENSE_LOG_BLOCK
+from .expert_gemm import Epilogue, WeightLoad, gemm_config, gemm_kernel, wgrad_config, wgrad_kernel
+from .layouts import BLOCK_SIZES, DENSE_LOG_BLOCK
 from .permute import gather_kernel, permute_config, scatter_kernel, weights_grad_kernel
 
 __all__ = ["CompileSpec", "compile_specs", "kernel_signature", "triton_type"]
@@ -74,6 +74,13 @@ class CompileSpec:
     use the architecture's MMA (HGMMA on sm_90, tcgen05 ``UTC*MMA`` on sm_100 unless ``tcgen05_ok`` is False,
     HMMA on sm_80 / sm_120). ``expect_pipelined``: the main (MMA) loop must keep its loads in flight, never waiting
     its cp.async copies or wgmma to zero inside the loop. See docs/audit.md.
+
+    The per-FLOP checks (issue ratio, operand intensity, CTAs per SM) apply to the aligned build of a ``per_flop``
+    spec (a config the launchers pick at large, realistic shapes); ``serves`` says which shapes get it,
+    ``operand_bytes`` is what one main-loop iteration reads (its distinct operand tiles), ``min_intensity`` the
+    intensity floor (FLOP per operand byte; None: exempt, for small-M tiles), ``persistent`` a kernel whose programs
+    loop over tiles (one CTA per SM suffices), ``waivers`` the ``(check or "check@cc", reason)`` pairs the audit
+    reports without failing on, for this config only.
     """
 
     name: str  # e.g. "sdd[bf16,B=128,K=64]"
@@ -88,6 +95,12 @@ class CompileSpec:
     tcgen05_ok: bool = True  # with is_matmul: sm_100 builds must use tcgen05 MMA (Triton 3.9: every M tile >= 64)
     expect_pipelined: bool = True  # the MMA loop must not wait its async loads / wgmma to zero each iteration
     archs: tuple[int, ...] | None = None  # the compute capabilities the launcher picks this config for (None: all)
+    persistent: bool = False  # programs loop over the tiles (a grid of about one wave): 1 CTA/SM is no loss
+    serves: str = ""  # the shapes the launchers pick this config for
+    per_flop: bool = False  # picked at large shapes: the per-FLOP checks apply to its aligned build
+    operand_bytes: int | None = None  # bytes of the distinct operand tiles one main-loop iteration reads
+    min_intensity: float | None = 64.0  # FLOP per operand byte at least; None: exempt (small-M tiles)
+    waivers: tuple[tuple[str, str], ...] = ()  # (check or "check@cc", reason): reported, not failed, here
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in ("unaligned", "aligned")]
@@ -96,6 +109,9 @@ class CompileSpec:
         not_int = [a for a in self.aligned if not self.signature.get(a, "").startswith(("i", "u"))]
         if not_int:
             raise ValueError(f"{self.name}: aligned must name integer arguments of the signature, got {not_int}")
+        bad = [w for w in self.waivers if len(w) != 2 or not all(isinstance(v, str) and v for v in w)]
+        if bad:
+            raise ValueError(f"{self.name}: waivers must be (check, reason) pairs of non-empty strings, got {bad}")
 
 
 _INDEX = dict.fromkeys(
@@ -112,17 +128,77 @@ _WGRAD_ALIGNED = ("M", "N", "s_arb", "s_ar", "s_acb", "s_ac", "s_brb", "s_br", "
 _HALF = (torch.float16, torch.bfloat16)
 
 
+_ARCHS = (80, 90, 100, 120)  # the compute capabilities the configs are listed for (``bench.audit``'s targets)
 _TMA_ARCHS = (90, 100, 120)  # where the launcher loads weights through TMA (``expert_gemm._tma_mode``)
 
 
-def _spec(name, kernel, dtype, cfg, constexprs, unit, aligned, variants, pointer_dtypes, archs=None) -> CompileSpec:
+def _spec(
+    name, kernel, dtype, cfg, constexprs, unit, aligned, variants, pointer_dtypes, archs=None, **audit
+) -> CompileSpec:
     constexprs = {**constexprs, **dict.fromkeys(unit, 1)}
     signature = kernel_signature(kernel, constexprs, dtype, pointer_dtypes)
     aligned = tuple(a for a in aligned if a not in unit and a in signature and not a.endswith("_desc"))
     matmul = constexprs["BLOCK_M"] >= 64
     return CompileSpec(
         name, kernel, signature, constexprs, cfg.num_warps, cfg.num_stages, matmul, aligned=aligned,
-        variants=variants, archs=archs,
+        variants=variants, archs=archs, **audit,
+    )  # fmt: skip
+
+
+# The M tile (token rows) the schedules use at large shapes: the grouped GEMMs' tile when experts get at least that
+# many rows (``backends.triton._grouped_block_m``) and the default block size; smaller M tiles serve small T / decode.
+_LARGE_M = max(BLOCK_SIZES)
+_MIN_INTENSITY = 64.0  # FLOP per byte of operand tiles (issue 16: ~64 FLOP per L2 byte caps a kernel near 640 TFLOP/s)
+_MIN_INTENSITY_BWD = 48.0  # the backward epilogue's (its h / g / dout loads come on top)
+
+# Per-FLOP checks the kernels cannot pass without a structural change: reported, not failed, for these configs only
+# (``CompileSpec.waivers``); each names why and what it would take.
+_WAIVE_FP32 = (
+    "fp32 (tf32) tiles: 4-byte operands at <= 64 columns and a K step of 32 (wider fp32 tiles spill on sm_80 / "
+    "sm_120), a quarter of a 16-bit K step's MMA work over as many load instructions; left to do: per-architecture "
+    "fp32 tiles"
+)
+_WAIVE_B64 = (
+    "block_size=64: the blocks bound the tile to 64 rows or columns (the default block_size=128 gets 128-wide tiles); "
+    "a tile over several blocks is a kernel change"
+)
+_WAIVE_SMALL_M_100 = (
+    "64-row tiles (small T / decode) on sm_100: a tcgen05 M = 64 MMA does half an M = 128 one's work under the same "
+    "cp.async row loads of 4 warps (1.0-1.4 issue clocks per MMA clock; 128x256 tiles leave 1 CTA/SM); needs TMA row "
+    "gathers or swapped operands (issue 16 items 5-6)"
+)
+_WAIVE_GLU_100 = (
+    "GLU forward on sm_100: two 128x64 accumulators per A tile, 16 tcgen05 MMAs of N = 64 per K step (0.8 issue "
+    "clocks per MMA clock on 4 warps); a 128-wide GLU tile needs its epilogue in column slices (a kernel change)"
+)
+_WAIVE_WGRAD_100 = (
+    "weight gradient on sm_100: both operands by cp.async from every thread, 64-bit row addresses recomputed each K "
+    "step (issue 16 item 2: 1.2-1.3 issue clocks per MMA clock on 4 warps); needs TMA / gather4 operand loads"
+)
+
+
+def _audit_fields(dtype, cfg, variants, shapes: str, operand_bytes: int, *, backward=False, glu=False, wgrad=False,
+                  blocked_64=False) -> dict:  # fmt: skip
+    """``CompileSpec``'s per-FLOP fields of a launcher config: what it serves (``shapes`` and the alignment its
+    variants run), the per-FLOP checks on its aligned build, the intensity floor (exempt below ``_LARGE_M`` rows),
+    and the waivers that apply to it."""
+    alignment = {("aligned",): "aligned", ("unaligned",): "unaligned fallback"}.get(variants, "any alignment")
+    small_m = cfg.block_m < _LARGE_M
+    floor = None if small_m else _MIN_INTENSITY_BWD if backward else _MIN_INTENSITY
+    waivers = []
+    if dtype == torch.float32:
+        waivers += [("issue", _WAIVE_FP32), ("intensity", _WAIVE_FP32)]
+    elif blocked_64:
+        waivers += [("issue", _WAIVE_B64), ("intensity", _WAIVE_B64)]
+    elif wgrad:
+        waivers.append(("issue@100", _WAIVE_WGRAD_100))
+    elif small_m:
+        waivers.append(("issue@100", _WAIVE_SMALL_M_100))
+    elif glu:
+        waivers.append(("issue@100", _WAIVE_GLU_100))
+    return dict(
+        serves=f"{shapes}, {alignment}", per_flop="aligned" in variants, operand_bytes=operand_bytes,
+        min_intensity=floor, waivers=tuple(waivers) if "aligned" in variants else (),
     )  # fmt: skip
 
 
@@ -137,13 +213,31 @@ def _weight_loads(dtype, cfg, mode: WeightLoad, two: bool) -> tuple[dict, dict[s
     return constexprs, {"w_desc": desc, **({"w2_desc": desc} if two else {})}
 
 
-def _variants(dtype: torch.dtype, configs) -> list[tuple[object, tuple[str, ...]]]:
-    """(config, variants) for a config function of ``aligned``: one config for both, or the fast one aligned and
-    the fallback unaligned."""
-    fast, fallback = configs(aligned=True), configs(aligned=False)
-    if fast == fallback:
-        return [(fast, ("unaligned", "aligned"))]
-    return [(fast, ("aligned",)), (fallback, ("unaligned",))]
+def _variants(configs) -> list[tuple[Any, tuple[str, ...], tuple[int, ...] | None, str]]:
+    """``(config, variants, archs, tag)`` for a config function of ``aligned`` and ``capability``: per architecture
+    one config for both variants, or the fast one aligned and the fallback unaligned; architectures that get the same
+    config share one entry (``archs`` None: every one). ``tag``: ``",w=<warps>"`` where one variant has several
+    configs across the architectures (their names would clash otherwise), else empty."""
+    out: dict[tuple[Any, tuple[str, ...]], list[int]] = {}
+    for cc in _ARCHS:
+        fast, fallback = configs(aligned=True, capability=cc), configs(aligned=False, capability=cc)
+        pairs = (
+            [(fast, ("unaligned", "aligned"))]
+            if fast == fallback
+            else [(fast, ("aligned",)), (fallback, ("unaligned",))]
+        )
+        for key in pairs:
+            out.setdefault(key, []).append(cc)
+    many = {v for (_, v) in out if sum(1 for (_, w) in out if w == v) > 1}
+    return [
+        (
+            cfg,
+            variants,
+            None if tuple(archs) == _ARCHS else tuple(archs),
+            f",w={cfg.num_warps}" if variants in many else "",
+        )
+        for (cfg, variants), archs in out.items()
+    ]
 
 
 # ----------------------------------------------------------------------------------------------- gemm
@@ -205,16 +299,24 @@ def _gemm_specs() -> list[CompileSpec]:
             for block_m in (64, 128) if use.blocked else BLOCK_SIZES:  # blocked: B; grouped: from the rows per expert
                 B = block_m if use.blocked else None
 
-                def configs(aligned, dtype=dtype, block_m=block_m, B=B, use=use):
+                def configs(aligned, capability, dtype=dtype, block_m=block_m, B=B, use=use):
                     return gemm_config(dtype, block_m, epilogue=use.epilogue, glu=use.glu, pair=use.pair,
                                        aligned=aligned, out_block=B if use.out_blocked else None,
-                                       a_block=B if use.a_blocked else None)  # fmt: skip
+                                       a_block=B if use.a_blocked else None, capability=capability)  # fmt: skip
 
                 lb_block = (B or 0).bit_length() - 1 if use.blocked else DENSE_LOG_BLOCK
+                shapes = f"blocksparse B={B}" if use.blocked else (
+                    "grouped, large T" if block_m >= _LARGE_M else "grouped, small T / decode")  # fmt: skip
                 activations = ("silu",) if use.epilogue else ("identity",)
                 if use.glu and use.epilogue and dtype == torch.bfloat16 and block_m == 128:
                     activations = NAMES  # the other activations: bf16, GLU, 128-row tiles, fast config
-                for cfg, variants in _variants(dtype, configs):
+                for cfg, variants, cfg_archs, warps_tag in _variants(configs):
+                    # one K step: an A tile and a weight tile (two with the GLU's gate; the pair runs two K loops)
+                    two_w = use.glu and use.epilogue == Epilogue.FORWARD
+                    tiles = cfg.block_m * cfg.block_k + (1 + two_w) * cfg.block_k * cfg.block_n
+                    audit = _audit_fields(dtype, cfg, variants, shapes, tiles * dtype.itemsize,
+                                          backward=use.epilogue == Epilogue.BACKWARD, glu=two_w,
+                                          blocked_64=use.blocked and B < _LARGE_M)  # fmt: skip
                     for act in activations if variants == ("aligned",) else activations[:1]:
                         base = dict(
                             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EPI_N=cfg.epi_n,
@@ -225,17 +327,24 @@ def _gemm_specs() -> list[CompileSpec]:
                         act_tag = f",{act}" if use.epilogue else ""
                         size = f"B={B}" if use.blocked else f"M={cfg.block_m}"
                         name = f"gemm[{use.tag}{act_tag},{triton_type(dtype)},{size},N={cfg.block_n},K={cfg.block_k}"
+                        name += warps_tag
                         # the fast 16-bit config loads the weights through TMA on sm_90 and newer, pointers on sm_80
                         tma = WeightLoad.TMA_T if use.w_t else WeightLoad.TMA
                         fast = variants == ("aligned",) and dtype != torch.float32  # fp32 weights: pointer loads
                         pointers = WeightLoad.POINTERS
-                        for mode, archs in ((tma, _TMA_ARCHS), (pointers, (80,))) if fast else ((pointers, None),):
+                        for mode, mode_archs in (
+                            ((tma, _TMA_ARCHS), (pointers, (80,))) if fast else ((pointers, _ARCHS),)
+                        ):
+                            archs = tuple(cc for cc in mode_archs if cc in (cfg_archs or _ARCHS))
+                            if not archs:
+                                continue
+                            archs = None if archs == _ARCHS else archs
                             two = (use.glu and use.epilogue == 1) or use.pair
                             constexprs, descs = _weight_loads(dtype, cfg, mode, two=two)
                             constexprs = {**base, **constexprs}
                             spec = _spec(f"{name}{',tma' if mode else ''}]", gemm_kernel, dtype, cfg, constexprs,
                                          use.unit,
-                                         _GEMM_ALIGNED, variants, {**_INDEX, **_FP32}, archs)  # fmt: skip
+                                         _GEMM_ALIGNED, variants, {**_INDEX, **_FP32}, archs, **audit)  # fmt: skip
                             spec.signature.update(descs)
                             specs.append(spec)
     return specs
@@ -287,13 +396,17 @@ def _wgrad_specs() -> list[CompileSpec]:
                 continue
             for B in (64, 128) if use.blocked else (None,):
 
-                def configs(aligned, dtype=dtype, B=B, use=use):
+                def configs(aligned, capability, dtype=dtype, B=B, use=use):
                     return wgrad_config(dtype, gather=use.a_gather or use.b_gather, aligned=aligned,
                                         a_block=B if use.a_blocked else None,
-                                        b_block=B if use.b_blocked else None)  # fmt: skip
+                                        b_block=B if use.b_blocked else None, capability=capability)  # fmt: skip
 
                 lb = (B or 0).bit_length() - 1 if use.blocked else DENSE_LOG_BLOCK
-                for cfg, variants in _variants(dtype, configs):
+                shapes = f"blocksparse B={B}" if use.blocked else "grouped, every T"
+                for cfg, variants, archs, warps_tag in _variants(configs):
+                    tiles = cfg.block_k * (cfg.block_m + cfg.block_n)
+                    audit = _audit_fields(dtype, cfg, variants, shapes, tiles * dtype.itemsize, wgrad=True,
+                                          blocked_64=use.blocked and B < _LARGE_M)  # fmt: skip
                     constexprs = dict(
                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                         LB_A=lb if use.a_blocked else DENSE_LOG_BLOCK, LB_B=lb if use.b_blocked else DENSE_LOG_BLOCK,
@@ -301,9 +414,21 @@ def _wgrad_specs() -> list[CompileSpec]:
                     )  # fmt: skip
                     size = f"B={B}," if use.blocked else ""
                     tiles = f"M={cfg.block_m},N={cfg.block_n},K={cfg.block_k}"
-                    name = f"wgrad[{use.tag},{triton_type(dtype)},{size}{tiles}]"
+                    name = f"wgrad[{use.tag},{triton_type(dtype)},{size}{tiles}{warps_tag}]"
                     specs.append(
-                        _spec(name, wgrad_kernel, dtype, cfg, constexprs, use.unit, _WGRAD_ALIGNED, variants, _INDEX)
+                        _spec(
+                            name,
+                            wgrad_kernel,
+                            dtype,
+                            cfg,
+                            constexprs,
+                            use.unit,
+                            _WGRAD_ALIGNED,
+                            variants,
+                            _INDEX,
+                            archs,
+                            **audit,
+                        )
                     )
     return specs
 
@@ -342,6 +467,7 @@ def _permute_specs() -> list[CompileSpec]:
                         is_matmul=False,
                         aligned=aligned,
                         expect_pipelined=False,
+                        serves="permutes, every shape",
                     )  # fmt: skip
                 )
     return specs
