@@ -167,6 +167,12 @@ _WAIVE_SMALL_M_100 = (
     "cp.async row loads of 4 warps (1.0-1.4 issue clocks per MMA clock; 128x256 tiles leave 1 CTA/SM); needs TMA row "
     "gathers or swapped operands (issue 16 items 5-6)"
 )
+_WAIVE_DECODE = (
+    "tiles under 64 rows (decode: experts of at most 32 rows): Triton runs them on mma.sync (no wgmma / tcgen05 "
+    "under 64 rows), and the GEMM is bound by streaming the expert's weights (2 FLOP per weight element and row: at "
+    "most 32 FLOP per byte), not by the issue rate; swapped operands (the weight's columns as the MMA's M) are left "
+    "to do"
+)
 _WAIVE_GLU_100 = (
     "GLU forward on sm_100: two 128x64 accumulators per A tile, 16 tcgen05 MMAs of N = 64 per K step (0.8 issue "
     "clocks per MMA clock on 4 warps); a 128-wide GLU tile needs its epilogue in column slices (a kernel change)"
@@ -192,6 +198,8 @@ def _audit_fields(dtype, cfg, variants, shapes: str, operand_bytes: int, *, back
         waivers += [("issue", _WAIVE_B64), ("intensity", _WAIVE_B64)]
     elif wgrad:
         waivers.append(("issue@100", _WAIVE_WGRAD_100))
+    elif cfg.block_m < 64:
+        waivers.append(("issue", _WAIVE_DECODE))
     elif small_m:
         waivers.append(("issue@100", _WAIVE_SMALL_M_100))
     elif glu:
