@@ -82,6 +82,7 @@ def moe_mlp(
     recompute_activation: bool = False,
     backend: str | None = None,
     check: bool | None = None,
+    fp8: str | None = None,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, MoEStats]:
     """Mixture-of-Experts MLP: ``out[t] = Σ_j top_k_weights[t, j] · expert_{top_k_index[t, j]}(x[t])``.
@@ -99,9 +100,10 @@ def moe_mlp(
         activation: ``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"silu"`` or a callable (elementwise).
         options: how the experts run (``MoEOptions``: strategy ``impl``, ``block_size``, the ``"padded"`` capacity
             options ``capacity_factor`` / ``capacity`` / ``num_groups``, ``recompute_activation``, ``backend``,
-            ``check``; see its docstring). Default ``MoEOptions()``: ``"blocksparse"`` on CUDA (``"grouped"`` where
-            its block padding would dominate, ``options.resolve_impl``), ``"grouped"`` elsewhere, ids checked on CPU.
-        impl, capacity_factor, capacity, num_groups, block_size, recompute_activation, backend, check: a
+            ``check``, the FP8 recipe ``fp8``; see its docstring). Default ``MoEOptions()``: ``"blocksparse"`` on
+            CUDA (``"grouped"`` where its block padding would dominate, ``options.resolve_impl``), ``"grouped"``
+            elsewhere, ids checked on CPU, no FP8.
+        impl, capacity_factor, capacity, num_groups, block_size, recompute_activation, backend, check, fp8: a
             convenience: the fields of a ``MoEOptions`` built from them when ``options`` is None (with ``options``
             they must keep their defaults). ``recompute_activation`` changes nothing for the fused expert MLP (a
             named activation on ``"blocksparse"`` / ``"grouped"``): it applies the activation in the
@@ -125,11 +127,17 @@ def moe_mlp(
         recompute_activation=recompute_activation,
         backend=backend,
         check=check,
+        fp8=fp8,
     )
     boolean("return_stats", return_stats)
     x, w1, w2, w3 = autocast_operands(x, w1, w2, w3)
     T, d, k, E, f = _validate(x, top_k_index, top_k_weights, w1, w2, w3)
     act = get_activation(activation)  # validates the name
+    if options.fp8 is not None and not isinstance(activation, str) and options.impl != "padded":
+        raise ValueError(
+            f"fp8 on the dropless strategies needs a named activation (the fused expert MLP), got fp8="
+            f"{options.fp8!r} with the callable {activation!r}; use a name or impl='padded'"
+        )
     B = default_block_size(x.device) if options.block_size is None else options.block_size
     impl = resolve_impl(options.impl, x.device, assignments=T * k, experts=E, block_size=B)
     backend = resolve_backend(x.device, options.backend, x.dtype)
@@ -168,12 +176,14 @@ def moe_mlp(
             num_groups=options.num_groups,
             recompute=recompute,
             drop_policy=options.drop_policy,
+            fp8=options.fp8,
         )
         executed = E * capacity * options.num_groups * 2 * d * f * nmm
     elif impl == "grouped":
         out, _ = grouped(
-            x, top_k_index, weights, w1, w2, w3, activation=activation, recompute=recompute, backend=backend
-        )
+            x, top_k_index, weights, w1, w2, w3, activation=activation, recompute=recompute, backend=backend,
+            fp8=options.fp8,
+        )  # fmt: skip
     else:
         out, plan = blocksparse(
             x,
@@ -186,6 +196,7 @@ def moe_mlp(
             block_size=B,
             recompute=recompute,
             backend=backend,
+            fp8=options.fp8,
         )
         padded_width = plan.topology(f).blocks_per_expert * B  # the last column block of an expert is computed whole
         executed = plan.padded_offsets[-1].to(torch.int64) * (2 * d * padded_width * nmm)

@@ -294,8 +294,13 @@ def _adjacent(w1: torch.Tensor, w3: torch.Tensor | None) -> torch.Tensor | None:
     return w1.as_strided((E, K, 2 * N), w1.stride(), w1.storage_offset())
 
 
-def mlp_forward(x, weights, w1, w2, w3, routing: MlpRouting, activation: str):
-    """``out [T, d]`` and the ``h``, ``g`` backward needs (``MlpRouting.intermediate_shape``)."""
+def mlp_forward(x, weights, w1, w2, w3, routing: MlpRouting, activation: str, fp8: str | None = None):
+    """``out [T, d]`` and the ``h``, ``g`` backward needs (``MlpRouting.intermediate_shape``); with an ``fp8``
+    recipe, its emulation (``torch_fp8``)."""
+    if fp8:
+        from . import torch_fp8  # imports this module
+
+        return torch_fp8.mlp_forward(x, weights, w1, w2, w3, routing, activation, fp8)
     dtype, act = x.dtype, get_activation(activation)
     xs = _gathered(x, routing.row_src)
     h = _expert_mm(xs, w1, routing.offsets).to(dtype)
@@ -308,8 +313,12 @@ def mlp_forward(x, weights, w1, w2, w3, routing: MlpRouting, activation: str):
     return out, _layout(h, routing), None if g is None else _layout(g, routing)
 
 
-def mlp_backward(dout, x, weights, w1, w2, w3, h, g, routing: MlpRouting, activation: str, needs):
+def mlp_backward(dout, x, weights, w1, w2, w3, h, g, routing: MlpRouting, activation: str, needs, fp8=None):
     """Gradients of ``mlp_forward`` for ``(x, weights, w1, w2, w3)`` where ``needs`` says so, else None."""
+    if fp8:
+        from . import torch_fp8  # imports this module
+
+        return torch_fp8.mlp_backward(dout, x, weights, w1, w2, w3, h, g, routing, activation, needs, fp8)
     need_x, need_weights, need_w1, need_w2, need_w3 = needs
     dtype, F = x.dtype, w1.shape[2]
     douts = _gathered(dout, routing.row_src)

@@ -58,13 +58,15 @@ def grouped(
     activation: str | Activation,
     recompute: bool,
     backend: str,
+    fp8: str | None = None,
 ) -> tuple[torch.Tensor, RoutingPlan]:
-    """Unpadded sorted rows: the fused expert MLP for a named activation; otherwise fused-gather ``grouped_mm`` with
-    w1 (and w3), the activation, ``grouped_mm`` with w2, combine."""
+    """Unpadded sorted rows: the fused expert MLP for a named activation (its GEMMs in FP8 with an ``fp8``
+    recipe); otherwise fused-gather ``grouped_mm`` with w1 (and w3), the activation, ``grouped_mm`` with w2,
+    combine (no ``fp8``)."""
     plan = plan_routing(top_k_index, w1.shape[0], block_size=1, check=False)
     if isinstance(activation, str):
         routing = mlp_routing(plan)
-        return expert_mlp(x, weights, w1, w2, w3, routing, activation, backend), plan
+        return expert_mlp(x, weights, w1, w2, w3, routing, activation, backend, fp8), plan
     rows, inv = plan.row_assignment, plan.assignment_row
     h = grouped_mm(x, w1, plan.offsets, rows, inv, backend=backend)
     g = None if w3 is None else grouped_mm(x, w3, plan.offsets, rows, inv, backend=backend)
@@ -84,14 +86,16 @@ def blocksparse(
     block_size: int,
     recompute: bool,
     backend: str,
+    fp8: str | None = None,
 ) -> tuple[torch.Tensor, RoutingPlan]:
     """Block-padded sorted rows (block size ``block_size``, the topology of ``w1``'s width): the fused expert MLP
-    for a named activation (MegaBlocks' SDD with the GLU pair and the activation in its epilogue, then DSD);
-    otherwise gather, ``sdd`` with w1 (and w3), the activation on the blocks, ``dsd`` with w2, combine."""
+    for a named activation (MegaBlocks' SDD with the GLU pair and the activation in its epilogue, then DSD; FP8
+    GEMMs with an ``fp8`` recipe); otherwise gather, ``sdd`` with w1 (and w3), the activation on the blocks,
+    ``dsd`` with w2, combine (no ``fp8``)."""
     plan = plan_routing(top_k_index, w1.shape[0], block_size=block_size, check=False)
     if isinstance(activation, str):
         routing = mlp_routing(plan)
-        return expert_mlp(x, weights, w1, w2, w3, routing, activation, backend), plan
+        return expert_mlp(x, weights, w1, w2, w3, routing, activation, backend, fp8), plan
     topo = plan.topology(w1.shape[2])
     xs = gather_rows(x, plan.padded_row_assignment, plan.padded_assignment_row, backend=backend)
     h = sdd(xs, w1, topo, backend=backend)

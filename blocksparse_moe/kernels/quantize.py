@@ -1,0 +1,238 @@
+"""FP8 (E4M3) quantization of GEMM operands: one scale per group of elements, computed on the device (amax per
+group), bit for bit the reference of ``blocksparse_moe.fp8`` (its docstring states the arithmetic: IEEE division,
+clamp to ±448, round to nearest even, fp32 or E8M0 scales, NaN propagation).
+
+Glossary (a batch of B matrices ``[R, C]``: B = E for expert weights, 1 for rows):
+
+- group ``(GR, GC)``: the elements sharing a scale: ``(1, G)`` along the columns (activations, the reduced
+  dimension K), ``(G, 1)`` along the rows (a weight gradient's operands, reduced over the tokens), ``(G, G)``
+  blocks (``"blockwise"`` weights); G may be the whole dimension (``"rowwise"``).
+- ``bounds [nR + 1]`` int64 (optional): the row range of each row group (``fp8.row_groups``: groups of one
+  expert's rows), instead of ``GR`` rows each.
+- ``scale [B, nR, nC]``: fp32 ``amax / 448``, or uint8 E8M0 biased exponents.
+
+Kernel and grid (sized from shapes): ``quantize_kernel``, one program per row group (or ``TR`` rows) × column group
+(or ``TC`` columns) × matrix: ``(nR or cdiv(R, TR), nC or cdiv(C, TC), B)``. Each program reads its groups twice
+(the maxima, then the quantization), ``TR × TC`` elements at a time, so a group may be as long as a dimension.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import fp8 as fp8_reference
+from ._common import check_grid_y, interpreting
+
+__all__ = ["quantize_config", "quantize", "quantize_rows", "fake_quantize", "fake_quantize_rows", "QUANTIZER",
+           "quantize_kernel", "e4m3_bits"]  # fmt: skip
+
+_MAX_TILE = 128
+
+
+def quantize_config(group: tuple[int, int]) -> tuple[int, int, int]:
+    """``(TR, TC, num_warps)`` for groups ``(GR, GC)``: a tile spans a group along its reduced dimension (up to
+    128) and 64 rows or columns across it (16 when interpreting: several programs in small tests)."""
+    across = 16 if interpreting() else 64
+
+    def tile(g: int) -> int:
+        return min(_MAX_TILE, triton.next_power_of_2(g)) if g > 1 else across
+
+    return tile(group[0]), tile(group[1]), 4
+
+
+@triton.jit
+def e4m3_bits(x):
+    """The E4M3 (fn) bits of fp32 ``x`` (|x| ≤ 448 or NaN) rounded to nearest even, as uint8: integer math, the same
+    on the GPU and in the interpreter (whose ``.to(tl.float8e4nv)`` rounds some values wrongly in Triton 3.9)."""
+    bits = x.to(tl.int32, bitcast=True)
+    sign = ((bits >> 24) & 0x80).to(tl.int32)
+    mag = bits & 0x7FFFFFFF
+    # normal E4M3 (|x| >= 2^-6): round the 23-bit mantissa to 3 bits, half to even, then rebias 127 -> 7
+    rounded = (mag + 0x7FFFF + ((mag >> 20) & 1)) >> 20
+    normal = rounded - ((127 - 7) << 3)
+    # subnormal E4M3 (|x| < 2^-6): multiples of 2^-9, rounded half to even by the fp32 addition of 2^23
+    y = tl.abs(x) * 512.0
+    sub = ((y + 8388608.0) - 8388608.0).to(tl.int32)
+    out = tl.where(mag < 0x3C800000, sub, normal)  # 0x3C800000: 2^-6
+    out = tl.where(x != x, 0x7F, out)
+    return (out | sign).to(tl.uint8)
+
+
+@triton.jit
+def quantize_kernel(
+    t_ptr,  # [B, R, C] input (any float dtype), strides (s_tb, s_tr, s_tc)
+    q_ptr,  # [B, R, C] E4M3 output (its uint8 bits), contiguous
+    s_ptr,  # [B, nR, nC] scales (fp32, or uint8 E8M0), contiguous
+    bounds_ptr,  # [nR + 1] int64 row bounds of the row groups (ROW_BOUNDS), else unused
+    R,
+    C,
+    nR,
+    nC,
+    GR,
+    GC,
+    s_tb,
+    s_tr,
+    s_tc,
+    REDUCE_ROWS: tl.constexpr,  # GR > 1 (or ROW_BOUNDS): a scale covers several rows
+    REDUCE_COLS: tl.constexpr,  # GC > 1: a scale covers several columns
+    ROW_BOUNDS: tl.constexpr,
+    E8M0: tl.constexpr,
+    TR: tl.constexpr,
+    TC: tl.constexpr,
+):
+    """Quantize the groups of one program (module docstring); a scale group must reduce rows or columns or both."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    if REDUCE_ROWS:
+        if ROW_BOUNDS:
+            lo_r = tl.load(bounds_ptr + pid_r).to(tl.int32)
+            hi_r = tl.load(bounds_ptr + pid_r + 1).to(tl.int32)
+        else:
+            lo_r = pid_r * GR
+            hi_r = tl.minimum(lo_r + GR, R)
+    else:
+        lo_r = pid_r * TR
+        hi_r = tl.minimum(lo_r + TR, R)
+    if REDUCE_COLS:
+        lo_c = pid_c * GC
+        hi_c = tl.minimum(lo_c + GC, C)
+    else:
+        lo_c = pid_c * TC
+        hi_c = tl.minimum(lo_c + TC, C)
+    t_ptr += b * s_tb
+    q_ptr += b * R * C
+    ar = tl.arange(0, TR)
+    ac = tl.arange(0, TC)
+
+    # pass 1: |t| maxima and NaN flags, elementwise over the tiles, then over the reduced dimensions
+    m = tl.zeros((TR, TC), dtype=tl.float32)
+    nan = tl.zeros((TR, TC), dtype=tl.int32)
+    for r0 in range(lo_r, hi_r, TR):
+        rows = r0 + ar
+        for c0 in range(lo_c, hi_c, TC):
+            cols = c0 + ac
+            mask = (rows < hi_r)[:, None] & (cols < hi_c)[None, :]
+            v = tl.load(t_ptr + rows[:, None] * s_tr + cols[None, :] * s_tc, mask=mask, other=0.0).to(tl.float32)
+            m = tl.maximum(m, tl.abs(v))
+            nan = tl.maximum(nan, (v != v).to(tl.int32))
+    if REDUCE_ROWS:
+        m = tl.max(m, axis=0, keep_dims=True)
+        nan = tl.max(nan, axis=0, keep_dims=True)
+    if REDUCE_COLS:
+        m = tl.max(m, axis=1, keep_dims=True)
+        nan = tl.max(nan, axis=1, keep_dims=True)
+    amax = tl.where(nan > 0, float("nan"), m)
+
+    # the scale and the divisor
+    r = tl.div_rn(amax, 448.0)
+    if E8M0:
+        bits = r.to(tl.int32, bitcast=True)
+        exponent = (bits >> 23) & 0xFF
+        biased = tl.where(exponent == 255, 255, tl.minimum(exponent + ((bits & 0x7FFFFF) != 0).to(tl.int32), 254))
+        value_bits = tl.where(biased == 0, 1 << 22, tl.where(biased == 255, 0x7FC00000, biased << 23))
+        divisor = value_bits.to(tl.float32, bitcast=True)
+        scale = biased.to(tl.uint8)
+    else:
+        divisor = tl.where(r == 0, 1.0, r)
+        scale = r
+    if REDUCE_ROWS:
+        s_rows = pid_r + tl.zeros((1, 1), dtype=tl.int32)
+        s_rmask = s_rows < nR
+    else:
+        s_rows = (lo_r + ar)[:, None]
+        s_rmask = s_rows < hi_r
+    if REDUCE_COLS:
+        s_cols = pid_c + tl.zeros((1, 1), dtype=tl.int32)
+        s_cmask = s_cols < nC
+    else:
+        s_cols = (lo_c + ac)[None, :]
+        s_cmask = s_cols < hi_c
+    tl.store(s_ptr + b * nR * nC + s_rows * nC + s_cols, scale, mask=s_rmask & s_cmask)
+
+    # pass 2: q = e4m3(clamp(t / divisor, -448, 448)), NaN kept
+    for r0 in range(lo_r, hi_r, TR):
+        rows = r0 + ar
+        for c0 in range(lo_c, hi_c, TC):
+            cols = c0 + ac
+            mask = (rows < hi_r)[:, None] & (cols < hi_c)[None, :]
+            v = tl.load(t_ptr + rows[:, None] * s_tr + cols[None, :] * s_tc, mask=mask, other=0.0).to(tl.float32)
+            q = tl.div_rn(v, divisor + tl.zeros_like(v))
+            q = tl.where(q > 448.0, 448.0, tl.where(q < -448.0, -448.0, q))
+            tl.store(q_ptr + rows[:, None] * C + cols[None, :], e4m3_bits(q), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+
+def _launch(t: torch.Tensor, group: tuple[int, int], scale_dtype: torch.dtype, bounds: torch.Tensor | None):
+    """``t [R, C]`` or ``[B, R, C]`` → ``(q, scale)``; ``bounds``: the row groups' row ranges (``GR`` unused)."""
+    batched = t.dim() == 3
+    t3 = t if batched else t.unsqueeze(0)
+    B, R, C = t3.shape
+    GR, GC = group
+    nR = bounds.shape[0] - 1 if bounds is not None else -(-R // GR)
+    nC = -(-C // GC)
+    q = torch.empty((B, R, C), dtype=fp8_reference.E4M3, device=t.device)
+    scale = torch.empty((B, nR, nC), dtype=scale_dtype, device=t.device)
+    reduce_rows, reduce_cols = bounds is not None or GR > 1, GC > 1
+    if not (reduce_rows or reduce_cols):
+        raise ValueError(f"a quantization group must span more than one element, got {group}")
+    TR, TC, num_warps = quantize_config((R if bounds is not None else GR, GC))
+    if B and R and C:
+        grid = (nR if reduce_rows else triton.cdiv(R, TR), nC if reduce_cols else triton.cdiv(C, TC), B)
+        check_grid_y(grid, "the number of column groups", C, GC if reduce_cols else TC)
+        quantize_kernel[grid](
+            t3, q.view(torch.uint8), scale, t3 if bounds is None else bounds, R, C, nR, nC, GR, GC, *t3.stride(),
+            REDUCE_ROWS=reduce_rows, REDUCE_COLS=reduce_cols, ROW_BOUNDS=bounds is not None,
+            E8M0=scale_dtype == torch.uint8, TR=TR, TC=TC, num_warps=num_warps,
+        )  # fmt: skip
+    elif scale.numel():
+        scale.zero_()  # groups with no element (R = 0 with row bounds): amax 0
+    if not batched:
+        return q[0], scale[0]
+    return q, scale
+
+
+def _whole(block: tuple[int | None, int | None], R: int, C: int) -> tuple[int, int]:
+    return (max(R, 1) if block[0] is None else block[0]), (max(C, 1) if block[1] is None else block[1])
+
+
+def quantize(
+    t: torch.Tensor, block: tuple[int | None, int | None], scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fp8.quantize`` on the kernel: ``t [R, C]`` or ``[B, R, C]`` → ``(q E4M3, scale [.., ceil(R / br),
+    ceil(C / bc)])``."""
+    return _launch(t, _whole(block, *t.shape[-2:]), scale_dtype, None)
+
+
+def quantize_rows(
+    t: torch.Tensor, offsets: torch.Tensor, group: int | None, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fp8.quantize_rows`` on the kernel: expert-sorted rows ``t [R, C]`` → ``(q, scale [n + 1, C], ids [R])``,
+    one scale per column and group of one expert's rows. The group bounds come from ``ids`` by a search on the
+    device (no host sync)."""
+    ids, n = fp8_reference.row_groups(offsets, t.shape[0], group)
+    bounds = torch.searchsorted(ids, torch.arange(n + 2, device=t.device))
+    q, scale = _launch(t, (1, 1), scale_dtype, bounds)
+    return q, scale, ids
+
+
+def fake_quantize(
+    t: torch.Tensor, block: tuple[int | None, int | None], scale_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``fp8.fake_quantize`` with the kernel's quantization."""
+    return fp8_reference.dequantize(*quantize(t, block, scale_dtype), block)
+
+
+def fake_quantize_rows(
+    t: torch.Tensor, offsets: torch.Tensor, group: int | None, scale_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``fp8.fake_quantize_rows`` with the kernel's quantization."""
+    q, scale, ids = quantize_rows(t, offsets, group, scale_dtype)
+    return q.float() * fp8_reference.scale_value(scale)[ids]
+
+
+QUANTIZER = fp8_reference.Quantizer(fake_quantize, fake_quantize_rows)
