@@ -26,7 +26,7 @@ from .. import fp8 as fp8_reference
 from ._common import check_grid_y, interpreting
 
 __all__ = ["quantize_config", "quantize", "quantize_rows", "fake_quantize", "fake_quantize_rows", "QUANTIZER",
-           "quantize_kernel", "e4m3_bits"]  # fmt: skip
+           "quantize_kernel", "e4m3_bits", "load_fp32"]  # fmt: skip
 
 _MAX_TILE = 128
 
@@ -61,8 +61,17 @@ def e4m3_bits(x):
 
 
 @triton.jit
+def load_fp32(ptrs, mask, BF16_BITS: tl.constexpr):
+    """fp32 values of the input elements at ``ptrs``: bf16 read as its 16 bits and widened by a shift (exact for
+    every bf16, denormals included: Triton 3.9's interpreter converts bf16 denormals wrongly), other dtypes cast."""
+    if BF16_BITS:
+        return (tl.load(ptrs, mask=mask, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def quantize_kernel(
-    t_ptr,  # [B, R, C] input (any float dtype), strides (s_tb, s_tr, s_tc)
+    t_ptr,  # [B, R, C] input (fp32 / fp16, or bf16 as int16 bits: BF16_BITS), strides (s_tb, s_tr, s_tc)
     q_ptr,  # [B, R, C] E4M3 output (its uint8 bits), contiguous
     s_ptr,  # [B, nR, nC] scales (fp32, or uint8 E8M0), contiguous
     bounds_ptr,  # [nR + 1] int64 row bounds of the row groups (ROW_BOUNDS), else unused
@@ -79,6 +88,7 @@ def quantize_kernel(
     REDUCE_COLS: tl.constexpr,  # GC > 1: a scale covers several columns
     ROW_BOUNDS: tl.constexpr,
     E8M0: tl.constexpr,
+    BF16_BITS: tl.constexpr,
     TR: tl.constexpr,
     TC: tl.constexpr,
 ):
@@ -115,7 +125,7 @@ def quantize_kernel(
         for c0 in range(lo_c, hi_c, TC):
             cols = c0 + ac
             mask = (rows < hi_r)[:, None] & (cols < hi_c)[None, :]
-            v = tl.load(t_ptr + rows[:, None] * s_tr + cols[None, :] * s_tc, mask=mask, other=0.0).to(tl.float32)
+            v = load_fp32(t_ptr + rows[:, None] * s_tr + cols[None, :] * s_tc, mask, BF16_BITS)
             m = tl.maximum(m, tl.abs(v))
             nan = tl.maximum(nan, (v != v).to(tl.int32))
     if REDUCE_ROWS:
@@ -158,13 +168,18 @@ def quantize_kernel(
         for c0 in range(lo_c, hi_c, TC):
             cols = c0 + ac
             mask = (rows < hi_r)[:, None] & (cols < hi_c)[None, :]
-            v = tl.load(t_ptr + rows[:, None] * s_tr + cols[None, :] * s_tc, mask=mask, other=0.0).to(tl.float32)
+            v = load_fp32(t_ptr + rows[:, None] * s_tr + cols[None, :] * s_tc, mask, BF16_BITS)
             q = tl.div_rn(v, divisor + tl.zeros_like(v))
             q = tl.where(q > 448.0, 448.0, tl.where(q < -448.0, -448.0, q))
             tl.store(q_ptr + rows[:, None] * C + cols[None, :], e4m3_bits(q), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
+
+
+def new(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every tensor the launchers return is allocated here, uninitialised (the tests poison it instead)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _launch(t: torch.Tensor, group: tuple[int, int], scale_dtype: torch.dtype, bounds: torch.Tensor | None):
@@ -175,19 +190,21 @@ def _launch(t: torch.Tensor, group: tuple[int, int], scale_dtype: torch.dtype, b
     GR, GC = group
     nR = bounds.shape[0] - 1 if bounds is not None else -(-R // GR)
     nC = -(-C // GC)
-    q = torch.empty((B, R, C), dtype=fp8_reference.E4M3, device=t.device)
-    scale = torch.empty((B, nR, nC), dtype=scale_dtype, device=t.device)
+    q = new((B, R, C), fp8_reference.E4M3, t.device)
+    scale = new((B, nR, nC), scale_dtype, t.device)
     reduce_rows, reduce_cols = bounds is not None or GR > 1, GC > 1
     if not (reduce_rows or reduce_cols):
         raise ValueError(f"a quantization group must span more than one element, got {group}")
     TR, TC, num_warps = quantize_config((R if bounds is not None else GR, GC))
+    bf16 = t.dtype == torch.bfloat16
     if B and R and C:
         grid = (nR if reduce_rows else triton.cdiv(R, TR), nC if reduce_cols else triton.cdiv(C, TC), B)
         check_grid_y(grid, "the number of column groups", C, GC if reduce_cols else TC)
         quantize_kernel[grid](
-            t3, q.view(torch.uint8), scale, t3 if bounds is None else bounds, R, C, nR, nC, GR, GC, *t3.stride(),
-            REDUCE_ROWS=reduce_rows, REDUCE_COLS=reduce_cols, ROW_BOUNDS=bounds is not None,
-            E8M0=scale_dtype == torch.uint8, TR=TR, TC=TC, num_warps=num_warps,
+            t3.view(torch.int16) if bf16 else t3, q.view(torch.uint8), scale, t3 if bounds is None else bounds, R, C,
+            nR, nC, GR, GC, *t3.stride(), REDUCE_ROWS=reduce_rows, REDUCE_COLS=reduce_cols,
+            ROW_BOUNDS=bounds is not None, E8M0=scale_dtype == torch.uint8, BF16_BITS=bf16, TR=TR, TC=TC,
+            num_warps=num_warps,
         )  # fmt: skip
     elif scale.numel():
         scale.zero_()  # groups with no element (R = 0 with row bounds): amax 0
