@@ -133,13 +133,13 @@ def moe_mlp(
     x, w1, w2, w3 = autocast_operands(x, w1, w2, w3)
     T, d, k, E, f = _validate(x, top_k_index, top_k_weights, w1, w2, w3)
     act = get_activation(activation)  # validates the name
-    if options.fp8 is not None and not isinstance(activation, str) and options.impl != "padded":
-        raise ValueError(
-            f"fp8 on the dropless strategies needs a named activation (the fused expert MLP), got fp8="
-            f"{options.fp8!r} with the callable {activation!r}; use a name or impl='padded'"
-        )
     B = default_block_size(x.device) if options.block_size is None else options.block_size
     impl = resolve_impl(options.impl, x.device, assignments=T * k, experts=E, block_size=B)
+    if options.fp8 is not None and impl == "blocksparse" and not isinstance(activation, str):
+        raise ValueError(
+            f"fp8 with a callable activation runs on impl 'grouped' or 'padded' (the block-sparse op-by-op path has "
+            f"no FP8 GEMMs), got fp8={options.fp8!r}, impl='blocksparse' and {activation!r}"
+        )
     backend = resolve_backend(x.device, options.backend, x.dtype)
     recompute = options.recompute_activation
     capacity = None
@@ -218,6 +218,7 @@ def custom_moe_mlp(
     post: Callable[[torch.Tensor], torch.Tensor] | None = None,
     backend: str | None = None,
     check: bool | None = None,
+    fp8: str | None = None,
 ) -> torch.Tensor:
     """MoE MLP for experts outside ``moe_mlp``'s elementwise form, by the grouped strategy of the same core:
     ``expert_e(x) = post(activation(x @ up[e] + up_bias[e]) @ down[e] + down_bias[e])``.
@@ -230,7 +231,8 @@ def custom_moe_mlp(
         x: ``[T, d]`` tokens; top_k_index, top_k_weights: ``[T, k]`` as in ``moe_mlp`` (same combine policy).
         up: ``[E, d, u]``; down: ``[E, h, d]`` (strided views welcome); same dtype and device as ``x``.
         up_bias: ``[E, u]``; down_bias: ``[E, d]`` (optional).
-        backend, check: as in ``moe_mlp``.
+        backend, check, fp8: as in ``moe_mlp`` (``fp8``: the up and down GEMMs, forward and backward, in FP8 by
+            that recipe, emulated: ``backends.torch_fp8.grouped_mm``; the biases, the gate and ``post`` unquantized).
 
     Returns ``[T, d]`` in ``x.dtype`` (the autocast dtype under autocast, as in ``moe_mlp``); differentiable in
     ``x``, the weights, the biases and ``top_k_weights``.
@@ -239,7 +241,7 @@ def custom_moe_mlp(
         raise TypeError(f"activation must be a callable mapping rows [R, u] -> [R, h], got {activation!r}")
     if post is not None and not callable(post):
         raise TypeError(f"post must be None or a callable mapping rows [R, d] -> [R, d], got {post!r}")
-    options = MoEOptions(impl="grouped", backend=backend, check=check)
+    options = MoEOptions(impl="grouped", backend=backend, check=check, fp8=fp8)
     x, up, down, up_bias, down_bias = autocast_operands(x, up, down, up_bias, down_bias)
     T, d, k = _validate_routing(x, top_k_index, top_k_weights, up=up, down=down, up_bias=up_bias, down_bias=down_bias)
     check_tensor("up", up, "[E, d, u]", (None, d, None))
@@ -266,6 +268,7 @@ def custom_moe_mlp(
         down_bias=down_bias,
         post=post,
         backend=backend,
+        fp8=options.fp8,
     )
     return out
 

@@ -52,7 +52,7 @@ class MoEOptions:
         fp8: None (the GEMMs in the operands' dtype) or an FP8 recipe of ``fp8.RECIPES``: ``"blockwise"``,
             ``"mxfp8"``, ``"rowwise"``: every expert GEMM, forward and backward, multiplies E4M3 operands with the
             recipe's scales (``blocksparse_moe.fp8``); inputs and parameters keep their dtype. Emulated in this
-            release (``backends.torch_fp8``). Needs a named activation on ``"blocksparse"`` / ``"grouped"``.
+            release (``backends.torch_fp8``). With a callable activation: ``"grouped"`` or ``"padded"`` only.
 
     Symbolic sizes (``torch.compile(dynamic=True)``) pass the checks.
     """

@@ -27,10 +27,12 @@ import torch
 from .. import fp8 as fp8_recipes
 from ..activations import act_and_grad, get_activation
 from ..fp8 import REFERENCE, Quantizer
+from ..ops import grouped as ops_grouped
+from ..ops import permute as ops_permute
 from .common import MlpRouting, combine_dots
 from .torch import _expert_mm, _expert_wgrad, _gathered, _layout, _rows, scatter_rows
 
-__all__ = ["mlp_forward", "mlp_backward", "bmm"]
+__all__ = ["mlp_forward", "mlp_backward", "bmm", "grouped_mm", "quantizer_for"]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -165,3 +167,68 @@ def _bmm_grads(ctx, a: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, rcp) -> 
 def bmm(a: torch.Tensor, w: torch.Tensor, fp8: str) -> torch.Tensor:
     """``torch.bmm(a, w)`` with the FP8 GEMMs of recipe ``fp8`` forward and backward (``_Bmm``), in ``a``'s dtype."""
     return _Bmm.apply(a, w, fp8)
+
+
+# ----------------------------------------------------------------------------------------------- grouped GEMM
+
+
+def quantizer_for(backend: str) -> Quantizer:
+    """The quantizer of ``backend``'s FP8 emulation: the reference (torch), or the Triton kernels (triton, with the
+    backend's one-time warning)."""
+    if backend == "triton":
+        from . import triton as triton_backend  # imports this module
+
+        return triton_backend._fp8_emulation()
+    return REFERENCE
+
+
+class _GroupedMm(torch.autograd.Function):
+    """``ops.grouped.grouped_mm`` with FP8 operands (``custom_moe_mlp`` and the grouped strategy's op-by-op path):
+    forward x per token along K, w along K; backward ``dx = dy @ wᵀ`` (dy per row along N, w along N; then the sum
+    of each token's rows) and ``dw = x[src]ᵀ @ dy`` (both in groups of one expert's rows, ``fp8.quantize_rows``).
+    The GEMMs run on the PyTorch backend's ops in fp32; the quantization is ``backend``'s."""
+
+    @staticmethod
+    def forward(ctx, x, w, offsets, row_assignment, assignment_row, backend: str, fp8: str) -> torch.Tensor:
+        ctx.save_for_backward(x, w, offsets, row_assignment, assignment_row)
+        ctx.backend, ctx.fp8 = backend, fp8
+        rcp, quantizer, acc = fp8_recipes.recipe(fp8), quantizer_for(backend), _acc_dtype(x.dtype)
+        xq = quantizer.blocks(x, rcp.act_block(), rcp.scale_dtype).to(acc)
+        wq = fp8_recipes.weight(w, rcp, 0, quantizer.blocks).to(acc)
+        return ops_grouped.grouped_mm(xq, wq, offsets, row_assignment, assignment_row, "torch").to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple:
+        x, w, offsets, row_assignment, assignment_row = ctx.saved_tensors
+        rcp, quantizer, acc = fp8_recipes.recipe(ctx.fp8), quantizer_for(ctx.backend), _acc_dtype(x.dtype)
+        sd = rcp.scale_dtype
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dq = quantizer.blocks(dy, rcp.act_block(), sd).to(acc)
+            wt = fp8_recipes.weight(w, rcp, 1, quantizer.blocks).to(acc).transpose(1, 2)
+            dx = ops_grouped.grouped_mm(dq, wt, offsets, backend="torch")
+            if row_assignment is not None:
+                dx = ops_permute.scatter_rows(dx, row_assignment, assignment_row, backend="torch")
+            dx = dx.to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            src = None if row_assignment is None else ops_grouped.row_sources(row_assignment, assignment_row.shape[1])
+            xr = quantizer.rows(_gathered(x, src), offsets, rcp.group, sd).to(acc)
+            dyr = quantizer.rows(dy, offsets, rcp.group, sd).to(acc)
+            dw = ops_grouped.grouped_mm_wgrad(xr, dyr, offsets, backend="torch")
+            dw = dw.to(w.dtype)
+        # None for offsets, row_assignment, assignment_row, backend and fp8
+        return dx, dw, None, None, None, None, None
+
+
+def grouped_mm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    offsets: torch.Tensor,
+    row_assignment: torch.Tensor | None,
+    assignment_row: torch.Tensor | None,
+    backend: str,
+    fp8: str,
+) -> torch.Tensor:
+    """``ops.grouped.grouped_mm`` (same arguments) with the FP8 GEMMs of recipe ``fp8`` forward and backward
+    (``_GroupedMm``), in ``x``'s dtype."""
+    return _GroupedMm.apply(x, w, offsets, row_assignment, assignment_row, backend, fp8)
