@@ -267,8 +267,10 @@ def weight(w: torch.Tensor, rcp: Recipe, reduced: int, quantizer=fake_quantize) 
 
     Cached per parameter (the tensor owning the storage, by identity) and its version counter (``_version``, which
     every in-place update bumps): a weight is quantized once per optimizer step for all the GEMMs that read it in
-    that layout (forward and backward). Not cached while ``torch.compile`` traces (the quantization is then part of
-    the graph), for inference tensors (no version counter), on meta, or where autograd would record the quantization."""
+    that layout (forward and backward; ``"blockwise"``'s square blocks serve both layouts). The cache holds the
+    dequantized fp32 copy (4 bytes per element per layout: an emulation's choice). Not cached while
+    ``torch.compile`` traces (the quantization is then part of the graph), for inference tensors (no version
+    counter), on meta, or where autograd would record the quantization."""
     block = rcp.weight_block(reduced)
     if not _cacheable(w):
         return quantizer(w, block, rcp.scale_dtype)
@@ -278,7 +280,7 @@ def weight(w: torch.Tensor, rcp: Recipe, reduced: int, quantizer=fake_quantize) 
     if entry is None or entry[0]() is not base or entry[1] != base._version:
         entry = (weakref.ref(base, lambda _: _CACHE.pop(key, None)), base._version, {})
         _CACHE[key] = entry
-    view = (w.storage_offset(), tuple(w.shape), w.stride(), w.dtype, rcp.name, reduced, quantizer)
+    view = (w.storage_offset(), tuple(w.shape), w.stride(), w.dtype, block, rcp.scale_dtype, quantizer)
     cached = entry[2].get(view)
     if cached is None:
         cached = entry[2][view] = quantizer(w, block, rcp.scale_dtype)

@@ -232,7 +232,7 @@ def custom_moe_mlp(
         up: ``[E, d, u]``; down: ``[E, h, d]`` (strided views welcome); same dtype and device as ``x``.
         up_bias: ``[E, u]``; down_bias: ``[E, d]`` (optional).
         backend, check, fp8: as in ``moe_mlp`` (``fp8``: the up and down GEMMs, forward and backward, in FP8 by
-            that recipe, emulated: ``backends.torch_fp8.grouped_mm``; the biases, the gate and ``post`` unquantized).
+            that recipe, emulated: ``strategies.fp8.grouped_mm``; the biases, the gate and ``post`` unquantized).
 
     Returns ``[T, d]`` in ``x.dtype`` (the autocast dtype under autocast, as in ``moe_mlp``); differentiable in
     ``x``, the weights, the biases and ``top_k_weights``.

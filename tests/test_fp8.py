@@ -111,15 +111,18 @@ def test_weight_cache_once_per_version():
     assert fp8.weight(w, r, 0, counting) is a and len(calls) == 1
     fp8.weight(w, r, 1, counting)  # the other layout: once more
     assert len(calls) == 2
+    fp8.weight(w, fp8.recipe("blockwise"), 0, counting)
+    fp8.weight(w, fp8.recipe("blockwise"), 1, counting)  # 128x128 blocks serve both layouts
+    assert len(calls) == 3
     fp8.weight(w.transpose(1, 2).transpose(1, 2), r, 0, counting)  # a view of the same storage and layout
-    assert len(calls) == 2
+    assert len(calls) == 3
     w.add_(1.0)  # an optimizer step
     b = fp8.weight(w, r, 0, counting)
-    assert len(calls) == 3 and not torch.equal(a, b)
+    assert len(calls) == 4 and not torch.equal(a, b)
     p = torch.nn.Parameter(torch.randn(2, 64, 32))
     fp8.weight(p, r, 0, counting)
     fp8.weight(p, r, 0, counting)
-    assert len(calls) == 5  # requires grad with grad mode on: not cached
+    assert len(calls) == 6  # requires grad with grad mode on: not cached
     fp8.weight_cache_clear()
 
 
@@ -309,7 +312,7 @@ def test_fp8_none_is_unchanged():
 def test_triton_backend_runs_the_emulation(recipe):
     """Under the Triton backend (interpreter), fp8 runs the same emulation with the quantize kernels: equal to the
     torch backend's bit for bit (the kernels equal the reference), after a one-time warning."""
-    triton_backend._fp8_emulation.cache_clear()
+    triton_backend.fp8_quantizer.cache_clear()
     problem = _problem(T=24, d=40, f=24, E=3, k=2)
     with pytest.warns(UserWarning, match="FP8 tensor-core kernels are not built yet"):
         got = _run(*problem, impl="grouped", fp8=recipe, backend="triton")

@@ -21,10 +21,18 @@ from functools import cache
 import torch
 
 from ..activations import act_and_grad, get_activation
+from ..fp8 import REFERENCE, Quantizer
 from ..routing import Topology
+from . import torch_fp8
 from .common import OPS, MlpRouting, combine_dots
 
-__all__ = ["host_loop_ok", "host_primitive", "grouped_mm_available", *OPS]
+__all__ = ["host_loop_ok", "host_primitive", "grouped_mm_available", "fp8_quantizer", *OPS]
+
+
+def fp8_quantizer() -> Quantizer:
+    """The quantizer of this backend's FP8 emulation (``torch_fp8``, ``strategies.fp8``): ``fp8``'s reference."""
+    return REFERENCE
+
 
 _TILE = 64  # rows per tile of the sync-free schedule
 
@@ -298,8 +306,6 @@ def mlp_forward(x, weights, w1, w2, w3, routing: MlpRouting, activation: str, fp
     """``out [T, d]`` and the ``h``, ``g`` backward needs (``MlpRouting.intermediate_shape``); with an ``fp8``
     recipe, its emulation (``torch_fp8``)."""
     if fp8:
-        from . import torch_fp8  # imports this module
-
         return torch_fp8.mlp_forward(x, weights, w1, w2, w3, routing, activation, fp8)
     dtype, act = x.dtype, get_activation(activation)
     xs = _gathered(x, routing.row_src)
@@ -316,8 +322,6 @@ def mlp_forward(x, weights, w1, w2, w3, routing: MlpRouting, activation: str, fp
 def mlp_backward(dout, x, weights, w1, w2, w3, h, g, routing: MlpRouting, activation: str, needs, fp8=None):
     """Gradients of ``mlp_forward`` for ``(x, weights, w1, w2, w3)`` where ``needs`` says so, else None."""
     if fp8:
-        from . import torch_fp8  # imports this module
-
         return torch_fp8.mlp_backward(dout, x, weights, w1, w2, w3, h, g, routing, activation, needs, fp8)
     need_x, need_weights, need_w1, need_w2, need_w3 = needs
     dtype, F = x.dtype, w1.shape[2]

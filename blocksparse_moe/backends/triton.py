@@ -27,7 +27,7 @@ from ..routing import Topology
 from . import torch_fp8
 from .common import OPS, MlpRouting, combine_dots
 
-__all__ = ["new", *OPS]
+__all__ = ["new", "fp8_quantizer", *OPS]
 
 
 def new(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -191,7 +191,7 @@ def _schedule(routing: MlpRouting) -> Schedule:
 
 
 @cache
-def _fp8_emulation() -> Quantizer:
+def fp8_quantizer() -> Quantizer:
     """The quantizer of the FP8 MLP on this backend: until the FP8 paths of ``gemm_kernel`` / ``wgrad_kernel``
     exist, the fused MLP runs the PyTorch emulation (``backends.torch_fp8``) with the Triton quantize kernels
     (``kernels.quantize``), and says so once."""
@@ -215,9 +215,9 @@ def mlp_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``out [T, d]``, and the ``h``, ``g`` backward needs (``MlpRouting.intermediate_shape``): the gated
     up-projection (gather fused, activation in the epilogue), the down-projection, the weighted scatter. With an
-    ``fp8`` recipe: its emulation (``_fp8_emulation``)."""
+    ``fp8`` recipe: its emulation (``fp8_quantizer``)."""
     if fp8:
-        return torch_fp8.mlp_forward(x, weights, w1, w2, w3, routing, activation, fp8, _fp8_emulation())
+        return torch_fp8.mlp_forward(x, weights, w1, w2, w3, routing, activation, fp8, fp8_quantizer())
     F = w1.shape[2]
     shape = routing.intermediate_shape(F)
     h = new(shape, x)
@@ -250,7 +250,7 @@ def mlp_backward(
     fp8: str | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients of ``mlp_forward`` for ``(x, weights, w1, w2, w3)`` where ``needs`` says so, else None (with an
-    ``fp8`` recipe: its emulation, ``_fp8_emulation``).
+    ``fp8`` recipe: its emulation, ``fp8_quantizer``).
 
     1. ``G = dout[token] @ w2ᵀ`` at each row, the epilogue giving ``dh``, ``dg``, ``aw = weight·a`` and the
        per-row ``<G, a>`` (the top-k weight gradient);
@@ -260,7 +260,7 @@ def mlp_backward(
     """
     if fp8:
         return torch_fp8.mlp_backward(
-            dout, x, weights, w1, w2, w3, h, g, routing, activation, needs, fp8, _fp8_emulation()
+            dout, x, weights, w1, w2, w3, h, g, routing, activation, needs, fp8, fp8_quantizer()
         )
     need_x, need_weights, need_w1, need_w2, need_w3 = needs
     F = w1.shape[2]

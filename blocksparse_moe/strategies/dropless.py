@@ -25,12 +25,12 @@ from functools import partial
 import torch
 
 from ..activations import Activation
-from ..backends import torch_fp8
 from ..ops.blocksparse import dsd, sdd
 from ..ops.grouped import grouped_mm
 from ..ops.mlp import expert_mlp, mlp_routing
 from ..ops.permute import gather_rows, scatter_rows
 from ..routing import RoutingPlan, plan_routing
+from . import fp8 as fp8_gemms
 from .common import activate_then
 
 __all__ = ["grouped", "blocksparse", "grouped_custom", "combine", "default_block_size"]
@@ -53,7 +53,7 @@ def _grouped_mm(backend: str, fp8: str | None) -> Callable[..., torch.Tensor]:
     """``grouped_mm(x, w, offsets, row_assignment, assignment_row)`` on ``backend``, FP8 with an ``fp8`` recipe."""
     if fp8 is None:
         return partial(grouped_mm, backend=backend)
-    return partial(torch_fp8.grouped_mm, backend=backend, fp8=fp8)
+    return partial(fp8_gemms.grouped_mm, backend=backend, fp8=fp8)
 
 
 def grouped(
@@ -71,7 +71,7 @@ def grouped(
 ) -> tuple[torch.Tensor, RoutingPlan]:
     """Unpadded sorted rows: the fused expert MLP for a named activation; otherwise fused-gather ``grouped_mm``
     with w1 (and w3), the activation, ``grouped_mm`` with w2, combine. With an ``fp8`` recipe every GEMM is FP8
-    (``backends.torch_fp8``)."""
+    (``backends.torch_fp8``, ``strategies.fp8``)."""
     plan = plan_routing(top_k_index, w1.shape[0], block_size=1, check=False)
     if isinstance(activation, str):
         routing = mlp_routing(plan)
@@ -129,7 +129,7 @@ def grouped_custom(
     fp8: str | None = None,
 ) -> tuple[torch.Tensor, RoutingPlan]:
     """Unpadded sorted rows: ``post(activation(x @ up[e] + up_bias[e]) @ down[e] + down_bias[e])`` with a row-wise
-    ``activation``, combine; the two GEMMs in FP8 with an ``fp8`` recipe (``backends.torch_fp8``)."""
+    ``activation``, combine; the two GEMMs in FP8 with an ``fp8`` recipe (``strategies.fp8``)."""
     plan = plan_routing(top_k_index, up.shape[0], block_size=1, check=False)
     if up_bias is not None or down_bias is not None:  # expert of each sorted row (rows past offsets[E]: clamped)
         rows = torch.arange(plan.row_assignment.numel(), device=x.device, dtype=plan.offsets.dtype)

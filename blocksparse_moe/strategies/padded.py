@@ -15,8 +15,8 @@ from functools import partial
 import torch
 
 from ..activations import Activation
-from ..backends import torch_fp8
 from ..validation import non_negative_int, non_negative_number, positive_int
+from . import fp8 as fp8_gemms
 from .common import activate_then
 
 __all__ = ["padded", "padded_capacity", "padded_slots"]
@@ -95,7 +95,7 @@ def padded(
     """The experts on ``capacity`` slots per expert per group; returns ``(out [T, d] in x.dtype, dropped [] int64)``
     (valid assignments over capacity; which ones: ``drop_policy``, see ``MoEOptions``). The combine runs in
     ``weights``' dtype (fp32 at least), autocast or not. With an ``fp8`` recipe the three bmm run its FP8 GEMMs,
-    emulated (``backends.torch_fp8.bmm``)."""
+    emulated (``strategies.fp8.bmm``)."""
     T, d = x.shape
     E = w1.shape[0]
     n = num_groups * E * capacity
@@ -106,7 +106,7 @@ def padded(
     source = torch.full((n + 1,), T, dtype=torch.int64, device=x.device).scatter_(0, slot.reshape(-1), token)[:n]
     buffers = torch.cat([x, x.new_zeros(1, d)]).index_select(0, source)
     buffers = buffers.view(num_groups, E, capacity, d).transpose(0, 1).reshape(E, num_groups * capacity, d)
-    bmm = torch.bmm if fp8 is None else partial(torch_fp8.bmm, fp8=fp8)
+    bmm = torch.bmm if fp8 is None else partial(fp8_gemms.bmm, fp8=fp8)
     h = bmm(buffers, w1)
     g = None if w3 is None else bmm(buffers, w3)
     y = activate_then(lambda a: bmm(a, w2), activation, h, g, recompute)  # [E, G·C, d]
