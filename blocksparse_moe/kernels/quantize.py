@@ -32,14 +32,17 @@ _MAX_TILE = 128
 
 
 def quantize_config(group: tuple[int, int]) -> tuple[int, int, int]:
-    """``(TR, TC, num_warps)`` for groups ``(GR, GC)``: a tile spans a group along its reduced dimension (up to
-    128) and 64 rows or columns across it (16 when interpreting: several programs in small tests)."""
-    across = 16 if interpreting() else 64
-
-    def tile(g: int) -> int:
-        return min(_MAX_TILE, triton.next_power_of_2(g)) if g > 1 else across
-
-    return tile(group[0]), tile(group[1]), 4
+    """``(TR, TC, num_warps)`` for groups ``(GR, GC)``: ``TR × TC`` elements per step (2048 on the GPU: 16 fp32 per
+    thread of 4 warps, no spills; 256 when interpreting, so that small tests cross tiles), the tile spanning a group
+    along its reduced dimension up to 128 (columns first), the rest across."""
+    budget = 256 if interpreting() else 2048
+    GR, GC = group
+    if GC > 1:
+        TC = min(_MAX_TILE, triton.next_power_of_2(GC))
+        across = budget // TC
+        return (across if GR == 1 else min(triton.next_power_of_2(GR), across)), TC, 4
+    TR = min(_MAX_TILE, triton.next_power_of_2(GR))
+    return TR, budget // TR, 4
 
 
 @triton.jit
@@ -119,15 +122,14 @@ def quantize_kernel(
 
     # pass 1: |t| maxima and NaN flags, elementwise over the tiles, then over the reduced dimensions
     m = tl.zeros((TR, TC), dtype=tl.float32)
-    nan = tl.zeros((TR, TC), dtype=tl.int32)
     for r0 in range(lo_r, hi_r, TR):
         rows = r0 + ar
         for c0 in range(lo_c, hi_c, TC):
             cols = c0 + ac
             mask = (rows < hi_r)[:, None] & (cols < hi_c)[None, :]
             v = load_fp32(t_ptr + rows[:, None] * s_tr + cols[None, :] * s_tc, mask, BF16_BITS)
-            m = tl.maximum(m, tl.abs(v))
-            nan = tl.maximum(nan, (v != v).to(tl.int32))
+            m = tl.maximum(m, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
+    nan = (m != m).to(tl.int32)  # tl.max drops NaN: the flags are reduced beside the maxima
     if REDUCE_ROWS:
         m = tl.max(m, axis=0, keep_dims=True)
         nan = tl.max(nan, axis=0, keep_dims=True)
