@@ -56,6 +56,7 @@ __all__ = [
     "fake_quantize",
     "quantize_rows",
     "fake_quantize_rows",
+    "fake_quantize_dual",
     "row_groups",
     "scale_value",
     "Quantizer",
@@ -231,17 +232,27 @@ def fake_quantize_rows(
     return q.float() * scale_value(scale)[ids]
 
 
+def fake_quantize_dual(
+    t: torch.Tensor, offsets: torch.Tensor, group: int | None, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both layouts of expert-sorted rows that feed a GEMM reducing over their columns and a weight gradient (dh,
+    dg): ``(fake_quantize(t, (1, group)), fake_quantize_rows(t, offsets, group))``."""
+    return fake_quantize(t, (1, group), scale_dtype), fake_quantize_rows(t, offsets, group, scale_dtype)
+
+
 @dataclass(frozen=True)
 class Quantizer:
-    """The two fake quantizations the FP8 emulation calls (``backends.torch_fp8``): ``blocks(t, block,
-    scale_dtype)`` as ``fake_quantize`` and ``rows(t, offsets, group, scale_dtype)`` as ``fake_quantize_rows``;
-    ``REFERENCE`` is this module's, ``kernels.quantize.QUANTIZER`` the Triton kernels'."""
+    """The fake quantizations the FP8 emulation calls (``backends.torch_fp8``, ``strategies.fp8``): ``blocks(t,
+    block, scale_dtype)`` as ``fake_quantize``, ``rows(t, offsets, group, scale_dtype)`` as ``fake_quantize_rows``
+    and ``dual(t, offsets, group, scale_dtype)`` as ``fake_quantize_dual``; ``REFERENCE`` is this module's,
+    ``kernels.quantize.QUANTIZER`` the Triton kernels' (``dual``: one kernel writing both layouts)."""
 
     blocks: Callable[..., torch.Tensor]
     rows: Callable[..., torch.Tensor]
+    dual: Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
-REFERENCE = Quantizer(fake_quantize, fake_quantize_rows)
+REFERENCE = Quantizer(fake_quantize, fake_quantize_rows, fake_quantize_dual)
 
 
 # ----------------------------------------------------------------------------------------------- weight cache

@@ -185,6 +185,24 @@ def test_quantize_rows_kernel_exact(poisoned, device, recipe):
     assert_same(q, q_ref, f"values {recipe}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_quantize_dual_kernel_exact(poisoned, device, recipe, dtype):
+    """The one-pass quantization of a weight-gradient operand in both layouts == the two references bit for bit
+    (rowwise: the two launchers); experts with no rows, one row, 129 rows, rows past offsets[E], 300 columns (a
+    partial column group), the edge values of ``_edgy``."""
+    r = fp8.recipe(recipe)
+    offsets = torch.tensor([0, 0, 50, 51, 180, 180], dtype=torch.int32, device=device)
+    t = _edgy((190, 300), dtype).to(device)
+    (q_rows, s_rows), (q_cols, s_cols, ids) = kq.quantize_dual(t, offsets, r.group, r.scale_dtype)
+    q1, s1 = fp8.quantize(t, (1, r.group), r.scale_dtype)
+    q2, s2, ids2 = fp8.quantize_rows(t, offsets, r.group, r.scale_dtype)
+    assert torch.equal(ids, ids2)
+    for got, want, what in ((s_rows, s1, "row scales"), (q_rows, q1, "row values"), (s_cols, s2, "column scales"),
+                            (q_cols, q2, "column values")):  # fmt: skip
+        assert_same(got, want, f"{recipe} {what}")
+
+
 def test_e4m3_rounding_sweep(device):
     """The kernel's own E4M3 rounding (integer math) == torch's cast on a dense sweep of [-448, 448], the
     subnormals and every midpoint between E4M3 neighbours (ties to even)."""

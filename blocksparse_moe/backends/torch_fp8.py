@@ -116,15 +116,26 @@ def mlp_backward(
     dw2 = None
     if need_w2:
         dw2 = pt._expert_wgrad(rows((a * wr).to(dtype)), rows(pt._gathered(dout, routing.row_src)), offsets).to(dtype)
+    need_wgrad = need_w1 or need_w3
+
+    def layouts(t: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """dh or dg for the dx GEMM (along f) and for the weight gradient (along the tokens): one pass for both."""
+        if t is None:
+            return None, None
+        if need_x and need_wgrad:
+            return tuple(u.to(acc) for u in quantizer.dual(t, offsets, rcp.group, sd))
+        return (quantizer.blocks(t, act_block, sd).to(acc) if need_x else None), (rows(t) if need_wgrad else None)
+
+    (dh_f, dh_t), (dg_f, dg_t) = layouts(dh), layouts(dg)
     dx = None
     if need_x:
-        dxs = pt._expert_mm(quantizer.blocks(dh, act_block, sd).to(acc), transposed(w1), offsets)
+        dxs = pt._expert_mm(dh_f, transposed(w1), offsets)
         if dg is not None:
-            dxs = dxs + pt._expert_mm(quantizer.blocks(dg, act_block, sd).to(acc), transposed(w3), offsets)
+            dxs = dxs + pt._expert_mm(dg_f, transposed(w3), offsets)
         dx = pt.scatter_rows(dxs.to(dtype), routing.row_asg, routing.assignment_row)
     dw1 = dw3 = None
-    if need_w1 or need_w3:
+    if need_wgrad:
         xs = rows(pt._gathered(x, routing.row_src))
-        dw1 = pt._expert_wgrad(xs, rows(dh), offsets).to(dtype)
-        dw3 = None if dg is None else pt._expert_wgrad(xs, rows(dg), offsets).to(dtype)
+        dw1 = pt._expert_wgrad(xs, dh_t, offsets).to(dtype)
+        dw3 = None if dg is None else pt._expert_wgrad(xs, dg_t, offsets).to(dtype)
     return dx, dweights, dw1, dw2, dw3

@@ -11,9 +11,14 @@ Glossary (a batch of B matrices ``[R, C]``: B = E for expert weights, 1 for rows
   expert's rows), instead of ``GR`` rows each.
 - ``scale [B, nR, nC]``: fp32 ``amax / 448``, or uint8 E8M0 biased exponents.
 
-Kernel and grid (sized from shapes): ``quantize_kernel``, one program per row group (or ``TR`` rows) × column group
-(or ``TC`` columns) × matrix: ``(nR or cdiv(R, TR), nC or cdiv(C, TC), B)``. Each program reads its groups twice
-(the maxima, then the quantization), ``TR × TC`` elements at a time, so a group may be as long as a dimension.
+Kernels and grids (sized from shapes):
+
+- ``quantize_kernel``, one program per row group (or ``TR`` rows) × column group (or ``TC`` columns) × matrix:
+  ``(nR or cdiv(R, TR), nC or cdiv(C, TC), B)``. Each program reads its groups twice (the maxima, then the
+  quantization), ``TR × TC`` elements at a time, so a group may be as long as a dimension.
+- ``quantize_dual_kernel``: a weight-gradient operand that also feeds a GEMM reducing over its columns (dh, dg) in
+  both layouts at once, groups of ``G`` columns per row and of one expert's rows (at most ``G``) per column; one
+  program per row group × ``G`` columns, ``(nR, cdiv(C, G))``, two reads of each element in all.
 """
 
 from __future__ import annotations
@@ -25,8 +30,22 @@ import triton.language as tl
 from .. import fp8 as fp8_reference
 from ._common import check_grid_y, interpreting
 
-__all__ = ["quantize_config", "quantize", "quantize_rows", "fake_quantize", "fake_quantize_rows", "QUANTIZER",
-           "quantize_kernel", "e4m3_bits", "load_fp32"]  # fmt: skip
+__all__ = [
+    "quantize_config",
+    "quantize",
+    "quantize_rows",
+    "quantize_dual",
+    "fake_quantize",
+    "fake_quantize_rows",
+    "fake_quantize_dual",
+    "QUANTIZER",
+    "quantize_kernel",
+    "quantize_dual_kernel",
+    "e4m3_bits",
+    "load_fp32",
+    "scale_and_divisor",
+    "quantized_bits",
+]
 
 _MAX_TILE = 128
 
@@ -70,6 +89,31 @@ def load_fp32(ptrs, mask, BF16_BITS: tl.constexpr):
     if BF16_BITS:
         return (tl.load(ptrs, mask=mask, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
     return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def scale_and_divisor(amax, E8M0: tl.constexpr):
+    """The stored scale of groups with maxima ``amax`` (fp32 ``amax / 448``, or the E8M0 biased exponent as uint8)
+    and the fp32 value the group is divided by (``fp8`` module docstring)."""
+    r = tl.div_rn(amax, 448.0)
+    if E8M0:  # one return at the end: an early one does not compile when the caller is inside a loop
+        bits = r.to(tl.int32, bitcast=True)
+        exponent = (bits >> 23) & 0xFF
+        biased = tl.where(exponent == 255, 255, tl.minimum(exponent + ((bits & 0x7FFFFF) != 0).to(tl.int32), 254))
+        value_bits = tl.where(biased == 0, 1 << 22, tl.where(biased == 255, 0x7FC00000, biased << 23))
+        scale = biased.to(tl.uint8)
+        divisor = value_bits.to(tl.float32, bitcast=True)
+    else:
+        scale = r
+        divisor = tl.where(r == 0, 1.0, r)
+    return scale, divisor
+
+
+@triton.jit
+def quantized_bits(v, divisor):
+    """E4M3 bits of ``e4m3(clamp(v / divisor, -448, 448))`` (IEEE division, NaN kept)."""
+    q = tl.div_rn(v, divisor + tl.zeros_like(v))
+    return e4m3_bits(tl.where(q > 448.0, 448.0, tl.where(q < -448.0, -448.0, q)))
 
 
 @triton.jit
@@ -138,18 +182,7 @@ def quantize_kernel(
         nan = tl.max(nan, axis=1, keep_dims=True)
     amax = tl.where(nan > 0, float("nan"), m)
 
-    # the scale and the divisor
-    r = tl.div_rn(amax, 448.0)
-    if E8M0:
-        bits = r.to(tl.int32, bitcast=True)
-        exponent = (bits >> 23) & 0xFF
-        biased = tl.where(exponent == 255, 255, tl.minimum(exponent + ((bits & 0x7FFFFF) != 0).to(tl.int32), 254))
-        value_bits = tl.where(biased == 0, 1 << 22, tl.where(biased == 255, 0x7FC00000, biased << 23))
-        divisor = value_bits.to(tl.float32, bitcast=True)
-        scale = biased.to(tl.uint8)
-    else:
-        divisor = tl.where(r == 0, 1.0, r)
-        scale = r
+    scale, divisor = scale_and_divisor(amax, E8M0)
     if REDUCE_ROWS:
         s_rows = pid_r + tl.zeros((1, 1), dtype=tl.int32)
         s_rmask = s_rows < nR
@@ -171,9 +204,59 @@ def quantize_kernel(
             cols = c0 + ac
             mask = (rows < hi_r)[:, None] & (cols < hi_c)[None, :]
             v = load_fp32(t_ptr + rows[:, None] * s_tr + cols[None, :] * s_tc, mask, BF16_BITS)
-            q = tl.div_rn(v, divisor + tl.zeros_like(v))
-            q = tl.where(q > 448.0, 448.0, tl.where(q < -448.0, -448.0, q))
-            tl.store(q_ptr + rows[:, None] * C + cols[None, :], e4m3_bits(q), mask=mask)
+            tl.store(q_ptr + rows[:, None] * C + cols[None, :], quantized_bits(v, divisor), mask=mask)
+
+
+@triton.jit
+def quantize_dual_kernel(
+    t_ptr,  # [R, C] expert-sorted rows (fp32 / fp16, or bf16 as int16 bits: BF16_BITS), strides (s_tr, s_tc)
+    qr_ptr,  # [R, C] E4M3 bits, groups of G along the columns (a GEMM reducing over C), contiguous
+    sr_ptr,  # [R, nC] their scales
+    qc_ptr,  # [R, C] E4M3 bits, groups of one expert's rows per column (a weight gradient reducing over R)
+    sc_ptr,  # [nR, C] their scales
+    bounds_ptr,  # [nR + 1] int64 row bounds of the row groups (at most G rows each)
+    R,
+    C,
+    nC,
+    G,
+    s_tr,
+    s_tc,
+    E8M0: tl.constexpr,
+    BF16_BITS: tl.constexpr,
+    TR: tl.constexpr,  # rows per step
+    TG: tl.constexpr,  # next power of two >= G: the columns of the program
+):
+    """Both layouts of a weight-gradient operand in one read of each element per pass: program (row group, G
+    columns). Pass 1 walks the group's rows in steps of TR: each row's G columns are one row-layout group (scale and
+    values written at once), and the column maxima accumulate; pass 2 writes the column layout."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    lo_r = tl.load(bounds_ptr + pid_r).to(tl.int32)
+    hi_r = tl.load(bounds_ptr + pid_r + 1).to(tl.int32)
+    cols = pid_c * G + tl.arange(0, TG)
+    cmask = (cols < C) & (tl.arange(0, TG) < G)
+    ar = tl.arange(0, TR)
+    m = tl.zeros((TR, TG), dtype=tl.float32)
+    for r0 in range(lo_r, hi_r, TR):
+        rows = r0 + ar
+        mask = (rows < hi_r)[:, None] & cmask[None, :]
+        v = load_fp32(t_ptr + rows[:, None] * s_tr + cols[None, :] * s_tc, mask, BF16_BITS)
+        a = tl.abs(v)
+        m = tl.maximum(m, a, propagate_nan=tl.PropagateNan.ALL)
+        row_nan = tl.max((a != a).to(tl.int32), axis=1, keep_dims=True)
+        row_amax = tl.where(row_nan > 0, float("nan"), tl.max(a, axis=1, keep_dims=True))
+        scale, divisor = scale_and_divisor(row_amax, E8M0)
+        tl.store(sr_ptr + rows[:, None] * nC + pid_c, scale, mask=(rows < hi_r)[:, None])
+        tl.store(qr_ptr + rows[:, None] * C + cols[None, :], quantized_bits(v, divisor), mask=mask)
+    col_nan = tl.max((m != m).to(tl.int32), axis=0, keep_dims=True)
+    col_amax = tl.where(col_nan > 0, float("nan"), tl.max(m, axis=0, keep_dims=True))
+    scale, divisor = scale_and_divisor(col_amax, E8M0)
+    tl.store(sc_ptr + pid_r * C + cols[None, :], scale, mask=cmask[None, :])
+    for r0 in range(lo_r, hi_r, TR):
+        rows = r0 + ar
+        mask = (rows < hi_r)[:, None] & cmask[None, :]
+        v = load_fp32(t_ptr + rows[:, None] * s_tr + cols[None, :] * s_tc, mask, BF16_BITS)
+        tl.store(qc_ptr + rows[:, None] * C + cols[None, :], quantized_bits(v, divisor), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -239,6 +322,36 @@ def quantize_rows(
     return q, scale, ids
 
 
+def quantize_dual(
+    t: torch.Tensor, offsets: torch.Tensor, group: int | None, scale_dtype: torch.dtype = torch.float32
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Expert-sorted rows ``t [R, C]`` in both layouts a weight-gradient operand needs: ``quantize(t, (1, group))``
+    (for the GEMM reducing over C) and ``quantize_rows(t, offsets, group)`` (for the weight gradient), from one
+    kernel that reads each element once per pass (``quantize_dual_kernel``). A ``group`` of None (``"rowwise"``:
+    whole dimensions, which one program cannot hold) runs the two launchers instead."""
+    if group is None:
+        return quantize(t, (1, None), scale_dtype), quantize_rows(t, offsets, None, scale_dtype)
+    R, C = t.shape
+    ids, n = fp8_reference.row_groups(offsets, R, group)
+    bounds = torch.searchsorted(ids, torch.arange(n + 2, device=t.device))
+    nC = -(-C // group)
+    q_rows, s_rows = new((R, C), fp8_reference.E4M3, t.device), new((R, nC), scale_dtype, t.device)
+    q_cols, s_cols = new((R, C), fp8_reference.E4M3, t.device), new((n + 1, C), scale_dtype, t.device)
+    TG = triton.next_power_of_2(group)
+    TR = max(1, (256 if interpreting() else 2048) // TG)
+    bf16 = t.dtype == torch.bfloat16
+    if R and C:
+        grid = check_grid_y((n + 1, nC), "the number of column groups", C, group)
+        quantize_dual_kernel[grid](
+            t.view(torch.int16) if bf16 else t, q_rows.view(torch.uint8), s_rows, q_cols.view(torch.uint8), s_cols,
+            bounds, R, C, nC, group, *t.stride(), E8M0=scale_dtype == torch.uint8, BF16_BITS=bf16, TR=TR, TG=TG,
+            num_warps=4,
+        )  # fmt: skip
+    elif s_cols.numel():
+        s_cols.zero_()  # groups with no row: amax 0
+    return (q_rows, s_rows), (q_cols, s_cols, ids)
+
+
 def fake_quantize(
     t: torch.Tensor, block: tuple[int | None, int | None], scale_dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
@@ -254,4 +367,13 @@ def fake_quantize_rows(
     return q.float() * fp8_reference.scale_value(scale)[ids]
 
 
-QUANTIZER = fp8_reference.Quantizer(fake_quantize, fake_quantize_rows)
+def fake_quantize_dual(
+    t: torch.Tensor, offsets: torch.Tensor, group: int | None, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fp8.fake_quantize_dual`` with the kernel's quantization (``quantize_dual``)."""
+    (q_rows, s_rows), (q_cols, s_cols, ids) = quantize_dual(t, offsets, group, scale_dtype)
+    along_columns = fp8_reference.dequantize(q_rows, s_rows, (1, group))
+    return along_columns, q_cols.float() * fp8_reference.scale_value(s_cols)[ids]
+
+
+QUANTIZER = fp8_reference.Quantizer(fake_quantize, fake_quantize_rows, fake_quantize_dual)

@@ -30,7 +30,7 @@ from ..fp8 import recipe as recipe_of
 from .expert_gemm import Epilogue, WeightLoad, gemm_config, gemm_kernel, wgrad_config, wgrad_kernel
 from .layouts import DENSE_LOG_BLOCK
 from .permute import gather_kernel, permute_config, scatter_kernel, weights_grad_kernel
-from .quantize import quantize_config, quantize_kernel
+from .quantize import quantize_config, quantize_dual_kernel, quantize_kernel
 
 __all__ = ["CompileSpec", "compile_specs", "kernel_signature", "triton_type"]
 
@@ -385,6 +385,35 @@ def _quantize_specs() -> list[CompileSpec]:
                         expect_pipelined=False,
                     )  # fmt: skip
                 )
+        if r.group is not None:  # rowwise: quantize_dual runs the two launchers
+            specs += _quantize_dual_specs(recipe)
+    return specs
+
+
+def _quantize_dual_specs(recipe: str) -> list[CompileSpec]:
+    """The one-pass quantization of dh / dg in both layouts (``quantize_dual``'s tiles), bf16 and fp32."""
+    r, specs = recipe_of(recipe), []
+    for dtype in (torch.bfloat16, torch.float32):
+        constexprs = {"E8M0": r.scale_dtype == torch.uint8, "BF16_BITS": dtype == torch.bfloat16,
+                      "TR": 2048 // r.group, "TG": r.group, "s_tc": 1}  # fmt: skip
+        pointers = {"t_ptr": torch.int16 if dtype == torch.bfloat16 else dtype, "qr_ptr": torch.uint8,
+                    "qc_ptr": torch.uint8, "sr_ptr": r.scale_dtype, "sc_ptr": r.scale_dtype,
+                    "bounds_ptr": torch.int64}  # fmt: skip
+        signature = kernel_signature(quantize_dual_kernel, constexprs, dtype, pointers)
+        name = f"quantize_dual[{recipe},{triton_type(dtype)}]"
+        specs.append(
+            CompileSpec(
+                name,
+                quantize_dual_kernel,
+                signature,
+                constexprs,
+                4,
+                num_stages=1,
+                is_matmul=False,
+                aligned=("C", "s_tr"),
+                expect_pipelined=False,
+            )  # fmt: skip
+        )
     return specs
 
 
