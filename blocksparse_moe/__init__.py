@@ -34,7 +34,7 @@ _EXPORTS = {
     "parallelize_moe": "parallel.parallelize",
 }
 
-__all__ = sorted(_EXPORTS) + ["ops", "integrations", "__version__"]
+__all__ = sorted(_EXPORTS) + ["ops", "integrations", "fp8", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .functional import MoEStats, custom_moe_mlp, moe_mlp  # noqa: F401
@@ -51,6 +51,6 @@ if TYPE_CHECKING:  # pragma: no cover
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    if name in ("ops", "integrations", "kernels", "layers", "parallel", "strategies"):
+    if name in ("ops", "integrations", "kernels", "layers", "parallel", "strategies", "fp8"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'blocksparse_moe' has no attribute {name!r}")

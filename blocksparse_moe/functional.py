@@ -82,6 +82,7 @@ def moe_mlp(
     recompute_activation: bool = False,
     backend: str | None = None,
     check: bool | None = None,
+    fp8: str | None = None,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, MoEStats]:
     """Mixture-of-Experts MLP: ``out[t] = Σ_j top_k_weights[t, j] · expert_{top_k_index[t, j]}(x[t])``.
@@ -99,9 +100,10 @@ def moe_mlp(
         activation: ``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"silu"`` or a callable (elementwise).
         options: how the experts run (``MoEOptions``: strategy ``impl``, ``block_size``, the ``"padded"`` capacity
             options ``capacity_factor`` / ``capacity`` / ``num_groups``, ``recompute_activation``, ``backend``,
-            ``check``; see its docstring). Default ``MoEOptions()``: ``"blocksparse"`` on CUDA (``"grouped"`` where
-            its block padding would dominate, ``options.resolve_impl``), ``"grouped"`` elsewhere, ids checked on CPU.
-        impl, capacity_factor, capacity, num_groups, block_size, recompute_activation, backend, check: a
+            ``check``, the FP8 recipe ``fp8``; see its docstring). Default ``MoEOptions()``: ``"blocksparse"`` on
+            CUDA (``"grouped"`` where its block padding would dominate, ``options.resolve_impl``), ``"grouped"``
+            elsewhere, ids checked on CPU, no FP8.
+        impl, capacity_factor, capacity, num_groups, block_size, recompute_activation, backend, check, fp8: a
             convenience: the fields of a ``MoEOptions`` built from them when ``options`` is None (with ``options``
             they must keep their defaults). ``recompute_activation`` changes nothing for the fused expert MLP (a
             named activation on ``"blocksparse"`` / ``"grouped"``): it applies the activation in the
@@ -125,6 +127,7 @@ def moe_mlp(
         recompute_activation=recompute_activation,
         backend=backend,
         check=check,
+        fp8=fp8,
     )
     boolean("return_stats", return_stats)
     x, w1, w2, w3 = autocast_operands(x, w1, w2, w3)
@@ -132,6 +135,11 @@ def moe_mlp(
     act = get_activation(activation)  # validates the name
     B = default_block_size(x.device) if options.block_size is None else options.block_size
     impl = resolve_impl(options.impl, x.device, assignments=T * k, experts=E, block_size=B)
+    if options.fp8 is not None and impl == "blocksparse" and not isinstance(activation, str):
+        raise ValueError(
+            f"fp8 with a callable activation runs on impl 'grouped' or 'padded' (the block-sparse op-by-op path has "
+            f"no FP8 GEMMs), got fp8={options.fp8!r}, impl='blocksparse' and {activation!r}"
+        )
     backend = resolve_backend(x.device, options.backend, x.dtype)
     recompute = options.recompute_activation
     capacity = None
@@ -168,12 +176,14 @@ def moe_mlp(
             num_groups=options.num_groups,
             recompute=recompute,
             drop_policy=options.drop_policy,
+            fp8=options.fp8,
         )
         executed = E * capacity * options.num_groups * 2 * d * f * nmm
     elif impl == "grouped":
         out, _ = grouped(
-            x, top_k_index, weights, w1, w2, w3, activation=activation, recompute=recompute, backend=backend
-        )
+            x, top_k_index, weights, w1, w2, w3, activation=activation, recompute=recompute, backend=backend,
+            fp8=options.fp8,
+        )  # fmt: skip
     else:
         out, plan = blocksparse(
             x,
@@ -186,6 +196,7 @@ def moe_mlp(
             block_size=B,
             recompute=recompute,
             backend=backend,
+            fp8=options.fp8,
         )
         padded_width = plan.topology(f).blocks_per_expert * B  # the last column block of an expert is computed whole
         executed = plan.padded_offsets[-1].to(torch.int64) * (2 * d * padded_width * nmm)
@@ -207,6 +218,7 @@ def custom_moe_mlp(
     post: Callable[[torch.Tensor], torch.Tensor] | None = None,
     backend: str | None = None,
     check: bool | None = None,
+    fp8: str | None = None,
 ) -> torch.Tensor:
     """MoE MLP for experts outside ``moe_mlp``'s elementwise form, by the grouped strategy of the same core:
     ``expert_e(x) = post(activation(x @ up[e] + up_bias[e]) @ down[e] + down_bias[e])``.
@@ -219,7 +231,8 @@ def custom_moe_mlp(
         x: ``[T, d]`` tokens; top_k_index, top_k_weights: ``[T, k]`` as in ``moe_mlp`` (same combine policy).
         up: ``[E, d, u]``; down: ``[E, h, d]`` (strided views welcome); same dtype and device as ``x``.
         up_bias: ``[E, u]``; down_bias: ``[E, d]`` (optional).
-        backend, check: as in ``moe_mlp``.
+        backend, check, fp8: as in ``moe_mlp`` (``fp8``: the up and down GEMMs, forward and backward, in FP8 by
+            that recipe, emulated: ``strategies.fp8.grouped_mm``; the biases, the gate and ``post`` unquantized).
 
     Returns ``[T, d]`` in ``x.dtype`` (the autocast dtype under autocast, as in ``moe_mlp``); differentiable in
     ``x``, the weights, the biases and ``top_k_weights``.
@@ -228,7 +241,7 @@ def custom_moe_mlp(
         raise TypeError(f"activation must be a callable mapping rows [R, u] -> [R, h], got {activation!r}")
     if post is not None and not callable(post):
         raise TypeError(f"post must be None or a callable mapping rows [R, d] -> [R, d], got {post!r}")
-    options = MoEOptions(impl="grouped", backend=backend, check=check)
+    options = MoEOptions(impl="grouped", backend=backend, check=check, fp8=fp8)
     x, up, down, up_bias, down_bias = autocast_operands(x, up, down, up_bias, down_bias)
     T, d, k = _validate_routing(x, top_k_index, top_k_weights, up=up, down=down, up_bias=up_bias, down_bias=down_bias)
     check_tensor("up", up, "[E, d, u]", (None, d, None))
@@ -255,6 +268,7 @@ def custom_moe_mlp(
         down_bias=down_bias,
         post=post,
         backend=backend,
+        fp8=options.fp8,
     )
     return out
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from .config import BACKENDS
+from .fp8 import check_recipe
 from .kernels.expert_gemm import BLOCK_SIZES
 from .routing.spec import max_block_rows
 from .validation import boolean, choice, non_negative_int, non_negative_number, positive_int
@@ -48,6 +49,10 @@ class MoEOptions:
             ``"blocksparse"`` / ``"grouped"`` ops (``config.resolve_backend``).
         check: validate expert ids (one host sync on GPU); None: on CPU always, on CUDA with ``BSM_CHECK=1``;
             never while ``torch.compile`` traces or on the meta device (``config.check_enabled``).
+        fp8: None (the GEMMs in the operands' dtype) or an FP8 recipe of ``fp8.RECIPES``: ``"blockwise"``,
+            ``"mxfp8"``, ``"rowwise"``: every expert GEMM, forward and backward, multiplies E4M3 operands with the
+            recipe's scales (``blocksparse_moe.fp8``); inputs and parameters keep their dtype. Emulated in this
+            release (``backends.torch_fp8``). With a callable activation: ``"grouped"`` or ``"padded"`` only.
 
     Symbolic sizes (``torch.compile(dynamic=True)``) pass the checks.
     """
@@ -61,9 +66,13 @@ class MoEOptions:
     recompute_activation: bool = False
     backend: str | None = None
     check: bool | None = None
+    fp8: str | None = None
 
     def __post_init__(self) -> None:
         choice("impl", self.impl, IMPLS)
+        check_recipe("fp8", self.fp8)
+        if self.fp8 is not None and self.impl == "reference":
+            raise ValueError("fp8 applies to impl 'auto', 'blocksparse', 'grouped' and 'padded', got impl='reference'")
         boolean("recompute_activation", self.recompute_activation)
         if self.backend is not None:
             choice("backend", self.backend, BACKENDS)

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from blocksparse_moe.fp8 import RECIPES as FP8_RECIPES
+
 from ..cli import prepare_out_dir
 from ..library import BLOCK_SIZES
 from .data import Corpus, load_corpus
@@ -93,6 +95,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="deepseek: also run each dmoe config with DeepSeek-V3's routing (sigmoid, groups, expert bias "
                         "updated every step, shared expert; config NAME+deepseek), next to its softmax + aux-loss "
                         "run")  # fmt: skip
+    p.add_argument("--fp8", choices=FP8_RECIPES, default=None,
+                   help="also run each MoE config with its expert GEMMs in FP8 by this recipe (config "
+                        "NAME+fp8=RECIPE; emulated in this release), next to its run without")  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: the preset's")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="float32, or bfloat16 autocast (default: bfloat16 on cuda, float32 on cpu)")  # fmt: skip
@@ -186,6 +191,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         twins = {
             s.name: replace(s, router=args.router) for s in args.specs if s.kind == "dmoe" and s.router == "softmax"
         }
+        args.specs = [t for s in args.specs for t in ([s, twins[s.name]] if s.name in twins else [s])]
+        args.specs = list({s.name: s for s in args.specs}.values())  # a twin also listed in --configs: once
+    if args.fp8 is not None:
+        if not any(s.is_moe for s in args.specs):
+            p.error(f"--fp8 {args.fp8} applies to MoE configs, and none is selected")
+        twins = {s.name: replace(s, fp8=args.fp8) for s in args.specs if s.is_moe and s.fp8 is None}
         args.specs = [t for s in args.specs for t in ([s, twins[s.name]] if s.name in twins else [s])]
         args.specs = list({s.name: s for s in args.specs}.values())  # a twin also listed in --configs: once
     if args.block_size is not None and not any(s.kind == "dmoe" and s.impl != "grouped" for s in args.specs):

@@ -10,6 +10,8 @@ learned positions; the output head is tied to the byte embedding. The FFN of eve
   after every optimizer step (``bsm.update_expert_bias``, auxiliary-loss-free balancing: no balancing or z-loss) and
   one shared expert of width ``f`` (so ``f`` more active FFN width per token than ``dmoe``),
 - ``padded@CF``: ``bsm.PaddedMoE`` with ``capacity_factor=CF`` (one capacity group per batch),
+- any of the MoE configs with ``+fp8=RECIPE`` (``blockwise`` | ``mxfp8`` | ``rowwise``): its expert GEMMs in FP8
+  (``MoEOptions.fp8``; emulated in this release),
 - ``dense``: a SwiGLU MLP of width ``k·f``: the same active parameters per token as the MoE layers (whose
   experts are SwiGLU MLPs of width ``f``, ``k`` of them per token; the router's ``d·E`` not counted).
 
@@ -54,7 +56,10 @@ class ModelSize:
             raise ValueError(f"top_k must be <= experts, got top_k={self.top_k} with experts={self.experts}")
 
 
-_SPEC = re.compile(r"^(?:(dense)|dmoe(?::(auto|blocksparse|grouped))?(\+deepseek)?|padded@([0-9.eE+-]+))$")
+_SPEC = re.compile(
+    r"^(?:(dense)|dmoe(?::(auto|blocksparse|grouped))?(\+deepseek)?|padded@([0-9.eE+-]+?))"
+    r"(?:\+fp8=(" + "|".join(bsm.fp8.RECIPES) + r"))?$"
+)
 ROUTERS = ("softmax", "deepseek")
 
 
@@ -67,6 +72,7 @@ class FFNSpec:
     impl: str = "auto"
     capacity_factor: float | None = None
     router: str = "softmax"  # one of ROUTERS (dmoe only)
+    fp8: str | None = None  # an FP8 recipe of the experts' GEMMs (MoE configs only)
 
     @classmethod
     def parse(cls, text: str) -> FFNSpec:
@@ -77,25 +83,32 @@ class FFNSpec:
                 cf = float(match.group(4))
             except ValueError:
                 match = None
-        if match is None or (cf is not None and not (cf > 0 and math.isfinite(cf))):
+        if (
+            match is None
+            or (cf is not None and not (cf > 0 and math.isfinite(cf)))
+            or (match.group(1) and match.group(5))
+        ):
             raise ValueError(
                 f"an FFN config must be 'dmoe', 'dmoe:IMPL' (IMPL auto|blocksparse|grouped), either with "
-                f"'+deepseek', 'padded@CF' (CF > 0) or 'dense', got {text!r}"
+                f"'+deepseek', 'padded@CF' (CF > 0), each optionally with '+fp8=RECIPE' (RECIPE "
+                f"{'|'.join(bsm.fp8.RECIPES)}), or 'dense', got {text!r}"
             )
+        fp8 = match.group(5)
         if match.group(1):
             return cls("dense")
         if cf is not None:
-            return cls("padded", impl="padded", capacity_factor=cf)
-        return cls("dmoe", impl=match.group(2) or "auto", router="deepseek" if match.group(3) else "softmax")
+            return cls("padded", impl="padded", capacity_factor=cf, fp8=fp8)
+        return cls("dmoe", impl=match.group(2) or "auto", router="deepseek" if match.group(3) else "softmax", fp8=fp8)
 
     @property
     def name(self) -> str:
         if self.kind == "dense":
             return "dense"
+        suffix = "" if self.fp8 is None else f"+fp8={self.fp8}"
         if self.kind == "padded":
-            return f"padded@{self.capacity_factor:g}"
+            return f"padded@{self.capacity_factor:g}{suffix}"
         name = "dmoe" if self.impl == "auto" else f"dmoe:{self.impl}"
-        return name if self.router == "softmax" else f"{name}+{self.router}"
+        return (name if self.router == "softmax" else f"{name}+{self.router}") + suffix
 
     @property
     def is_moe(self) -> bool:
@@ -193,7 +206,7 @@ def build_model(
 
     def ffn() -> nn.Module:
         d, f, E, k = size.d_model, size.ffn, size.experts, size.top_k
-        common = dict(activation="silu", glu=True, load_balancing_weight=load_balancing_weight)
+        common = dict(activation="silu", glu=True, load_balancing_weight=load_balancing_weight, fp8=spec.fp8)
         if spec.kind == "dense":
             return DenseFFN(d, k * f)
         if spec.kind == "padded":

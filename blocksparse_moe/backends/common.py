@@ -54,7 +54,8 @@ class MlpRouting:
 class Backend(Protocol):
     """The op contract every backend module implements (``backends.triton``, ``backends.torch``), one function per
     op of ``ops/`` (the fused MLP as its forward and backward). Operands arrive validated (``ops._checks``);
-    ``out``, where taken, receives the result."""
+    ``out``, where taken, receives the result. ``fp8`` (the fused MLP): None, or a recipe of ``fp8.RECIPES`` whose
+    FP8 GEMMs run instead (``backends.torch_fp8``)."""
 
     def sdd(self, a: Tensor, w: Tensor, topo: Topology, out: Tensor | None = None) -> Tensor: ...
 
@@ -112,6 +113,7 @@ class Backend(Protocol):
         w3: Tensor | None,
         routing: MlpRouting,
         activation: str,
+        fp8: str | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None]: ...
 
     def mlp_backward(
@@ -127,6 +129,7 @@ class Backend(Protocol):
         routing: MlpRouting,
         activation: str,
         needs: tuple[bool, bool, bool, bool, bool],
+        fp8: str | None = None,
     ) -> tuple[Tensor | None, ...]: ...
 
 

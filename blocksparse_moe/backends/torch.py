@@ -21,10 +21,18 @@ from functools import cache
 import torch
 
 from ..activations import act_backward, get_activation
+from ..fp8 import REFERENCE, Quantizer
 from ..routing import Topology
+from . import torch_fp8
 from .common import OPS, MlpRouting, combine_dots
 
-__all__ = ["host_loop_ok", "host_primitive", "grouped_mm_available", *OPS]
+__all__ = ["host_loop_ok", "host_primitive", "grouped_mm_available", "fp8_quantizer", *OPS]
+
+
+def fp8_quantizer() -> Quantizer:
+    """The quantizer of this backend's FP8 emulation (``torch_fp8``, ``strategies.fp8``): ``fp8``'s reference."""
+    return REFERENCE
+
 
 _TILE = 64  # rows per tile of the sync-free schedule
 
@@ -288,8 +296,11 @@ def _row_weights(weights: torch.Tensor, routing: MlpRouting, dtype: torch.dtype)
     return flat[torch.where(asg >= 0, asg, flat.shape[0] - 1)][:, None]
 
 
-def mlp_forward(x, weights, w1, w2, w3, routing: MlpRouting, activation: str):
-    """``out [T, d]`` and the ``h``, ``g`` backward needs (``MlpRouting.intermediate_shape``)."""
+def mlp_forward(x, weights, w1, w2, w3, routing: MlpRouting, activation: str, fp8: str | None = None):
+    """``out [T, d]`` and the ``h``, ``g`` backward needs (``MlpRouting.intermediate_shape``); with an ``fp8``
+    recipe, its emulation (``torch_fp8``)."""
+    if fp8:
+        return torch_fp8.mlp_forward(x, weights, w1, w2, w3, routing, activation, fp8)
     dtype = x.dtype
     xs = _gathered(x, routing.row_src)
     h = _expert_mm(xs, w1, routing.offsets).to(dtype)
@@ -302,14 +313,17 @@ def mlp_forward(x, weights, w1, w2, w3, routing: MlpRouting, activation: str):
     return out, _layout(h, routing), None if g is None else _layout(g, routing)
 
 
-def mlp_backward(dout, x, weights, w1, w2, w3, h, g, routing: MlpRouting, activation: str, needs):
-    """Gradients of ``mlp_forward`` for ``(x, weights, w1, w2, w3)`` where ``needs`` says so, else None.
+def mlp_backward(dout, x, weights, w1, w2, w3, h, g, routing: MlpRouting, activation: str, needs, fp8=None):
+    """Gradients of ``mlp_forward`` for ``(x, weights, w1, w2, w3)`` where ``needs`` says so, else None; with an
+    ``fp8`` recipe, its emulation (``torch_fp8``).
 
     Over the ``[R, f]`` rows, in the accumulation dtype: ``G = dout[token] @ w2ᵀ``; ``dW2 = aᵀ @ (w·dout[token])``
     (the gathered dout weighted in place); the top-k weight gradient ``<G, a>`` (``a`` multiplied in place); then
     ``G`` weighted in place, ``dg = w·G·act(h)`` in ``act(h)``'s buffer and ``dh = w·G·g·act'(h)`` in ``G``'s
     (``act_backward``: one fused pass). No buffer beyond ``G``, ``act(h)`` and ``a``: a large one would cost page
     faults on every call on CPU."""
+    if fp8:
+        return torch_fp8.mlp_backward(dout, x, weights, w1, w2, w3, h, g, routing, activation, needs, fp8)
     need_x, need_weights, need_w1, need_w2, need_w3 = needs
     dtype, F = x.dtype, w1.shape[2]
     douts = _gathered(dout, routing.row_src)

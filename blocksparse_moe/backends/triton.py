@@ -11,17 +11,23 @@ each expert's block rows, on strided views where an operand is transposed (never
 
 from __future__ import annotations
 
+import warnings
+from functools import cache
+
 import torch
 
+from ..fp8 import Quantizer
 from ..kernels import expert_gemm as gemm_kernels
 from ..kernels import permute as permute_kernels
+from ..kernels import quantize as quantize_kernels
 from ..kernels._common import interpreting
 from ..kernels.expert_gemm import BackwardEpilogue
 from ..kernels.layouts import Rows, Schedule
 from ..routing import Topology
+from . import torch_fp8
 from .common import OPS, MlpRouting, combine_dots
 
-__all__ = ["new", *OPS]
+__all__ = ["new", "fp8_quantizer", *OPS]
 
 
 def new(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -191,6 +197,19 @@ def _schedule(routing: MlpRouting) -> Schedule:
     return Schedule.build(routing.offsets, routing.rows, _grouped_block_m(routing.rows, routing.num_experts))
 
 
+@cache
+def fp8_quantizer() -> Quantizer:
+    """The quantizer of the FP8 MLP on this backend: until the FP8 paths of ``gemm_kernel`` / ``wgrad_kernel``
+    exist, the fused MLP runs the PyTorch emulation (``backends.torch_fp8``) with the Triton quantize kernels
+    (``kernels.quantize``), and says so once."""
+    warnings.warn(
+        "blocksparse_moe: the FP8 tensor-core kernels are not built yet; fp8 runs the PyTorch emulation (Triton "
+        "quantize kernels, fp32 matmuls of the dequantized operands)",
+        stacklevel=3,
+    )
+    return quantize_kernels.QUANTIZER
+
+
 def mlp_forward(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -199,9 +218,13 @@ def mlp_forward(
     w3: torch.Tensor | None,
     routing: MlpRouting,
     activation: str,
+    fp8: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``out [T, d]``, and the ``h``, ``g`` backward needs (``MlpRouting.intermediate_shape``): the gated
-    up-projection (gather fused, activation in the epilogue), the down-projection, the weighted scatter."""
+    up-projection (gather fused, activation in the epilogue), the down-projection, the weighted scatter. With an
+    ``fp8`` recipe: its emulation (``fp8_quantizer``)."""
+    if fp8:
+        return torch_fp8.mlp_forward(x, weights, w1, w2, w3, routing, activation, fp8, fp8_quantizer())
     F = w1.shape[2]
     shape = routing.intermediate_shape(F)
     h = new(shape, x)
@@ -231,8 +254,10 @@ def mlp_backward(
     routing: MlpRouting,
     activation: str,
     needs: tuple[bool, bool, bool, bool, bool],
+    fp8: str | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of ``mlp_forward`` for ``(x, weights, w1, w2, w3)`` where ``needs`` says so, else None.
+    """Gradients of ``mlp_forward`` for ``(x, weights, w1, w2, w3)`` where ``needs`` says so, else None (with an
+    ``fp8`` recipe: its emulation, ``fp8_quantizer``).
 
     1. ``G = dout[token] @ w2ᵀ`` at each row, the epilogue giving ``dh``, ``dg``, ``aw = weight·a`` and the
        per-row ``<G, a>`` (the top-k weight gradient);
@@ -240,6 +265,10 @@ def mlp_backward(
     3. ``dx = scatter(dh @ w1ᵀ + dg @ w3ᵀ)`` (one GEMM for the pair);
     4. ``dw1[e], dw3[e] = x[token]ᵀ @ dh, dg`` (gather fused, one pass over the x tiles).
     """
+    if fp8:
+        return torch_fp8.mlp_backward(
+            dout, x, weights, w1, w2, w3, h, g, routing, activation, needs, fp8, fp8_quantizer()
+        )
     need_x, need_weights, need_w1, need_w2, need_w3 = needs
     F = w1.shape[2]
     schedule = _schedule(routing)

@@ -46,13 +46,15 @@ def experts_forward(
     options: MoEOptions | None = None,
     impl: str = "auto",
     block_size: int | None = None,
+    fp8: str | None = None,
 ) -> torch.Tensor:
     """``ExpertsInterface`` entry: ``self`` is the model's experts module, ``hidden_states`` ``[T, d]``.
 
-    ``options`` (default ``MoEOptions()``; ``impl`` / ``block_size`` are a convenience that builds them) are
-    ``moe_mlp``'s for standard modules; the others run ``custom_moe_mlp`` with their ``backend`` and ``check``.
+    ``options`` (default ``MoEOptions()``; ``impl`` / ``block_size`` / ``fp8`` are a convenience that builds them)
+    are ``moe_mlp``'s for standard modules; the others run ``custom_moe_mlp`` with their ``backend``, ``check`` and
+    ``fp8``.
     Expert-parallel sentinels (ids >= E, under HF's own expert parallelism) contribute zero."""
-    options = options_from(options, impl=impl, block_size=block_size)
+    options = options_from(options, impl=impl, block_size=block_size, fp8=fp8)
     if getattr(self, "_is_expert_parallel", False):
         options = replace(options, check=False)
     weights = moe_mlp_weights(self)
@@ -76,19 +78,26 @@ def experts_forward(
         post=self.post_expert_norm if getattr(self, "has_post_expert_norm", False) else None,
         backend=options.backend,
         check=options.check,
+        fp8=options.fp8,
     )
     return out.to(hidden_states.dtype)
 
 
 def register(
-    name: str = NAME, *, options: MoEOptions | None = None, impl: str = "auto", block_size: int | None = None
+    name: str = NAME,
+    *,
+    options: MoEOptions | None = None,
+    impl: str = "auto",
+    block_size: int | None = None,
+    fp8: str | None = None,
 ) -> None:
     """Register ``name`` (default ``"blocksparse_moe"``) in transformers' ``ExpertsInterface`` (idempotent) with
-    ``options`` for ``experts_forward``; ``impl`` / ``block_size`` are a convenience that builds them. The options
-    are validated here, not at the first forward."""
+    ``options`` for ``experts_forward``; ``impl`` / ``block_size`` / ``fp8`` (an FP8 recipe of the experts' GEMMs,
+    ``MoEOptions.fp8``) are a convenience that builds them. The options are validated here, not at the first
+    forward."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty str, got {name!r}")
-    options = options_from(options, impl=impl, block_size=block_size)
+    options = options_from(options, impl=impl, block_size=block_size, fp8=fp8)
     try:
         from transformers.integrations.moe import ExpertsInterface
     except ImportError as exc:  # pragma: no cover - depends on the environment

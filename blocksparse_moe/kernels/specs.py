@@ -27,13 +27,17 @@ from typing import Any
 import torch
 
 from ..activations import NAMES, kernel_code
+from ..fp8 import RECIPES
+from ..fp8 import recipe as recipe_of
 from .expert_gemm import Epilogue, WeightLoad, gemm_config, gemm_kernel, wgrad_config, wgrad_kernel
 from .layouts import BLOCK_SIZES, DENSE_LOG_BLOCK
 from .permute import gather_kernel, permute_config, scatter_kernel, weights_grad_kernel
+from .quantize import quantize_config, quantize_dual_kernel, quantize_kernel
 
 __all__ = ["CompileSpec", "compile_specs", "kernel_signature", "triton_type"]
 
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32"}
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
+                 torch.int16: "i16", torch.int64: "i64", torch.uint8: "u8"}  # fmt: skip
 
 
 def triton_type(dtype: torch.dtype) -> str:
@@ -481,6 +485,75 @@ def _permute_specs() -> list[CompileSpec]:
     return specs
 
 
+# ----------------------------------------------------------------------------------------------- quantize
+
+
+def _quantize_specs() -> list[CompileSpec]:
+    """Each FP8 recipe's quantizations (``kernels.quantize``): activations along K, weights reduced along K and
+    along N, and the weight-gradient operands (row groups of one expert, ``bounds``); bf16 (read as int16 bits)
+    and fp32 inputs with unit column stride. A group of the whole dimension (``"rowwise"``) is built at the tiles
+    realistic sizes (>= 128) pick."""
+    specs = []
+    for recipe in RECIPES:
+        r = recipe_of(recipe)
+        uses = {"act": r.act_block(), "w_k": r.weight_block(0), "w_n": r.weight_block(1), "rows": None}
+        for use, block in uses.items():
+            bounds = block is None
+            GR, GC = (4096, 1) if bounds else tuple(4096 if g is None else g for g in block)
+            TR, TC, num_warps = quantize_config((GR, GC))
+            for dtype in (torch.bfloat16, torch.float32):
+                constexprs = {"REDUCE_ROWS": bounds or GR > 1, "REDUCE_COLS": GC > 1, "ROW_BOUNDS": bounds,
+                              "E8M0": r.scale_dtype == torch.uint8, "BF16_BITS": dtype == torch.bfloat16,
+                              "TR": TR, "TC": TC, "s_tc": 1}  # fmt: skip
+                pointers = {"t_ptr": torch.int16 if dtype == torch.bfloat16 else dtype, "q_ptr": torch.uint8,
+                            "s_ptr": r.scale_dtype, "bounds_ptr": torch.int64}  # fmt: skip
+                signature = kernel_signature(quantize_kernel, constexprs, dtype, pointers)
+                specs.append(
+                    CompileSpec(
+                        f"quantize[{recipe},{use},{triton_type(dtype)}]",
+                        quantize_kernel,
+                        signature,
+                        constexprs,
+                        num_warps,
+                        num_stages=1,
+                        is_matmul=False,
+                        aligned=("C", "s_tb", "s_tr"),
+                        expect_pipelined=False,
+                    )  # fmt: skip
+                )
+        if r.group is not None:  # rowwise: quantize_dual runs the two launchers
+            specs += _quantize_dual_specs(recipe)
+    return specs
+
+
+def _quantize_dual_specs(recipe: str) -> list[CompileSpec]:
+    """The one-pass quantization of dh / dg in both layouts (``quantize_dual``'s tiles), bf16 and fp32."""
+    r, specs = recipe_of(recipe), []
+    for dtype in (torch.bfloat16, torch.float32):
+        constexprs = {"E8M0": r.scale_dtype == torch.uint8, "BF16_BITS": dtype == torch.bfloat16,
+                      "TR": 2048 // r.group, "TG": r.group, "s_tc": 1}  # fmt: skip
+        pointers = {"t_ptr": torch.int16 if dtype == torch.bfloat16 else dtype, "qr_ptr": torch.uint8,
+                    "qc_ptr": torch.uint8, "sr_ptr": r.scale_dtype, "sc_ptr": r.scale_dtype,
+                    "bounds_ptr": torch.int64}  # fmt: skip
+        signature = kernel_signature(quantize_dual_kernel, constexprs, dtype, pointers)
+        name = f"quantize_dual[{recipe},{triton_type(dtype)}]"
+        specs.append(
+            CompileSpec(
+                name,
+                quantize_dual_kernel,
+                signature,
+                constexprs,
+                4,
+                num_stages=1,
+                is_matmul=False,
+                aligned=("C", "s_tr"),
+                expect_pipelined=False,
+            )  # fmt: skip
+        )
+    return specs
+
+
 def compile_specs() -> list[CompileSpec]:
-    """The GEMM, weight-gradient and permute configurations the GPU path can pick (module docstring)."""
-    return _gemm_specs() + _wgrad_specs() + _permute_specs()
+    """The GEMM, weight-gradient, permute and FP8 quantize configurations the GPU path can pick (module
+    docstring)."""
+    return _gemm_specs() + _wgrad_specs() + _permute_specs() + _quantize_specs()

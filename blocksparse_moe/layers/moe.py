@@ -283,7 +283,7 @@ class dMoE(MoELayer):  # noqa: N801 (MegaBlocks' name)
     Args:
         hidden_size, ffn_hidden_size, num_experts, top_k: d, f, E, k.
         options: the experts' ``MoEOptions``; or the convenience keywords ``impl``, ``block_size``,
-            ``recompute_activation`` (``MoEOptions`` fields) build it.
+            ``recompute_activation``, ``fp8`` (``MoEOptions`` fields) build it.
         layer_kw: ``MoELayer``'s (``activation``, ``glu``, ``load_balancing_weight``, ``z_loss_weight``,
             ``shared_expert_size``) and the router's options.
     """
@@ -299,9 +299,12 @@ class dMoE(MoELayer):  # noqa: N801 (MegaBlocks' name)
         impl: str = "auto",
         block_size: int | None = None,
         recompute_activation: bool = False,
+        fp8: str | None = None,
         **layer_kw: Any,
     ) -> None:
-        options = options_from(options, impl=impl, block_size=block_size, recompute_activation=recompute_activation)
+        options = options_from(
+            options, impl=impl, block_size=block_size, recompute_activation=recompute_activation, fp8=fp8
+        )
         super().__init__(hidden_size, ffn_hidden_size, num_experts, top_k, options=options, **layer_kw)
 
 
@@ -317,7 +320,8 @@ class PaddedMoE(MoELayer):
         hidden_size, ffn_hidden_size, num_experts, top_k: d, f, E, k.
         options: the experts' ``MoEOptions`` (``impl="padded"``); or the convenience keywords ``capacity_factor``,
             ``capacity``, ``num_groups`` (an int or ``"sequence"``), ``drop_policy`` (``"position"`` or
-            ``"probs"``: which assignments keep the slots), ``recompute_activation`` build it.
+            ``"probs"``: which assignments keep the slots), ``recompute_activation``, ``fp8`` (the three bmm in
+            FP8, emulated) build it.
         layer_kw: ``MoELayer``'s and the router's options.
     """
 
@@ -334,6 +338,7 @@ class PaddedMoE(MoELayer):
         num_groups: int | str = 1,
         drop_policy: str = "position",
         recompute_activation: bool = False,
+        fp8: str | None = None,
         **layer_kw: Any,
     ) -> None:
         sequence = num_groups == "sequence"
@@ -345,13 +350,14 @@ class PaddedMoE(MoELayer):
                 num_groups=1 if sequence else num_groups,
                 drop_policy=drop_policy,
                 recompute_activation=recompute_activation,
+                fp8=fp8,
             )
         else:
             given = capacity_factor != 1.25 or capacity is not None or num_groups not in (1, "sequence")
-            if given or recompute_activation or drop_policy != "position":
+            if given or recompute_activation or drop_policy != "position" or fp8 is not None:
                 raise ValueError(
                     "give options=MoEOptions(...) or the keywords capacity_factor, capacity, num_groups (except "
-                    "'sequence'), drop_policy, recompute_activation, not both"
+                    "'sequence'), drop_policy, recompute_activation, fp8, not both"
                 )
             if options.impl != "padded":
                 raise ValueError(f"PaddedMoE needs options with impl='padded', got impl={options.impl!r}")

@@ -21,6 +21,7 @@ from torch import Tensor
 from .. import backends
 from ..backends.common import MlpRouting
 from ..config import resolve_backend
+from ..fp8 import check_recipe
 from ..routing import RoutingPlan
 from . import _checks
 
@@ -43,7 +44,7 @@ def mlp_routing(plan: RoutingPlan) -> MlpRouting:
 
 # ----------------------------------------------------------------------------------------------- custom ops
 # The routing crosses the custom-op boundary as its four tensors and its block size (custom ops take no dataclass);
-# each op builds one MlpRouting from them.
+# each op builds one MlpRouting from them. The FP8 recipe crosses as a str, "" for None.
 
 
 @torch.library.custom_op("bsm::expert_mlp", mutates_args=())
@@ -60,14 +61,15 @@ def _expert_mlp(
     block_size: int,
     activation: str,
     backend: str,
+    fp8: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     routing = MlpRouting(offsets, row_src, row_asg, assignment_row, block_size)
-    out, h, g = backends.get(backend).mlp_forward(x, weights, w1, w2, w3, routing, activation)
+    out, h, g = backends.get(backend).mlp_forward(x, weights, w1, w2, w3, routing, activation, fp8 or None)
     return out, h, h.new_empty(0) if g is None else g
 
 
 @_expert_mlp.register_fake
-def _(x, weights, w1, w2, w3, offsets, row_src, row_asg, assignment_row, block_size, activation, backend):
+def _(x, weights, w1, w2, w3, offsets, row_src, row_asg, assignment_row, block_size, activation, backend, fp8):
     routing = MlpRouting(offsets, row_src, row_asg, assignment_row, block_size)
     h = x.new_empty(routing.intermediate_shape(w1.shape[2]))
     return x.new_empty(x.shape), h, x.new_empty(0) if w3 is None else torch.empty_like(h)
@@ -90,10 +92,13 @@ def _expert_mlp_backward(
     block_size: int,
     activation: str,
     backend: str,
+    fp8: str,
     needs: list[bool],
 ) -> list[Tensor]:
     routing = MlpRouting(offsets, row_src, row_asg, assignment_row, block_size)
-    grads = backends.get(backend).mlp_backward(dout, x, weights, w1, w2, w3, h, g, routing, activation, tuple(needs))
+    grads = backends.get(backend).mlp_backward(
+        dout, x, weights, w1, w2, w3, h, g, routing, activation, tuple(needs), fp8 or None
+    )
     return [x.new_empty(0) if t is None else t for t in grads]
 
 
@@ -111,9 +116,8 @@ def _(dout, x, weights, w1, w2, w3, h, g, *args):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weights, w1, w2, w3, offsets, row_src, row_asg, assignment_row, ctx.block_size, ctx.activation, ctx.backend = (
-        inputs
-    )
+    x, weights, w1, w2, w3, offsets, row_src, row_asg, assignment_row, *flags = inputs
+    ctx.block_size, ctx.activation, ctx.backend, ctx.fp8 = flags
     _, h, g = output
     ctx.glu = w3 is not None
     ctx.mark_non_differentiable(h, g)
@@ -125,13 +129,13 @@ def _backward(ctx, dout, _dh, _dg):
     x, weights, w1, w2, w3, h, g, *routing = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     if dout is None or not any(needs):
-        return (None,) * 12
+        return (None,) * 13
     grads = _expert_mlp_backward(
-        dout, x, weights, w1, w2, w3, h, g, *routing, ctx.block_size, ctx.activation, ctx.backend, needs
+        dout, x, weights, w1, w2, w3, h, g, *routing, ctx.block_size, ctx.activation, ctx.backend, ctx.fp8, needs
     )
     dx, dweights, dw1, dw2, dw3 = (t if n else None for t, n in zip(grads, needs))
-    # None for the four routing tensors, block_size, activation and backend
-    return dx, dweights, dw1, dw2, dw3, *(None,) * 7
+    # None for the four routing tensors, block_size, activation, backend and fp8
+    return dx, dweights, dw1, dw2, dw3, *(None,) * 8
 
 
 _expert_mlp.register_autograd(_backward, setup_context=_setup_context)
@@ -149,15 +153,19 @@ def expert_mlp(
     routing: MlpRouting,
     activation: str,
     backend: str | None = None,
+    fp8: str | None = None,
 ) -> Tensor:
     """The fused expert MLP (module docstring): x ``[T, d]``, weights ``[T, k]``, w1 / w3 ``[E, d, f]`` (w3 None:
     no GLU), w2 ``[E, f, d]`` (any strides each) → ``[T, d]``, over the rows of ``routing`` (``mlp_routing``).
-    ``activation`` is a name of ``activations.NAMES``; ``backend`` as for every op (``config.resolve_backend``).
+    ``activation`` is a name of ``activations.NAMES``; ``backend`` as for every op (``config.resolve_backend``);
+    ``fp8`` None or a recipe of ``fp8.RECIPES``: every GEMM in FP8 (emulated today: ``backends.torch_fp8``).
     Differentiable in x, weights, w1, w2, w3 (once: no double backward)."""
     _checks.expert_mlp_shape(x, weights, w1, w2, w3, routing, activation)
+    check_recipe("fp8", fp8)
     backend = resolve_backend(x.device, backend, x.dtype)
     r = routing
     out, _, _ = _expert_mlp(
-        x, weights, w1, w2, w3, r.offsets, r.row_src, r.row_asg, r.assignment_row, r.block_size, activation, backend
-    )
+        x, weights, w1, w2, w3, r.offsets, r.row_src, r.row_asg, r.assignment_row, r.block_size, activation, backend,
+        fp8 or "",
+    )  # fmt: skip
     return out

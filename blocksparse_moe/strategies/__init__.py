@@ -4,7 +4,8 @@
   routing, run the experts on the plan's expert-sorted rows, combine per token;
 - ``padded``: the GShard capacity baseline (``padded_capacity``, ``padded_slots``, ``padded``), which ``parallel``
   also uses for its per-rank capacity;
-- ``common``: what they share (``autocast_operands``, ``combine_dtype``, ``activate_then``).
+- ``common``: what they share (``autocast_operands``, ``combine_dtype``, ``activate_then``);
+- ``fp8``: the FP8 GEMMs (emulated) of the paths that compose ops: the padded ``bmm``, ``grouped_mm``.
 
 The ``"reference"`` strategy is ``reference.expert_loop_moe_mlp``.
 """

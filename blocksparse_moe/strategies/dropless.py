@@ -20,6 +20,7 @@ the combine weights, already in ``common.combine_dtype(x.dtype)``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -29,6 +30,7 @@ from ..ops.grouped import grouped_mm
 from ..ops.mlp import expert_mlp, mlp_routing
 from ..ops.permute import gather_rows, scatter_rows
 from ..routing import RoutingPlan, plan_routing
+from . import fp8 as fp8_gemms
 from .common import activate_then
 
 __all__ = ["grouped", "blocksparse", "grouped_custom", "combine", "default_block_size"]
@@ -47,6 +49,13 @@ def combine(y: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor, backend: 
     return scatter_rows(y, plan.padded_row_assignment, plan.padded_assignment_row, weights, backend=backend)
 
 
+def _grouped_mm(backend: str, fp8: str | None) -> Callable[..., torch.Tensor]:
+    """``grouped_mm(x, w, offsets, row_assignment, assignment_row)`` on ``backend``, FP8 with an ``fp8`` recipe."""
+    if fp8 is None:
+        return partial(grouped_mm, backend=backend)
+    return partial(fp8_gemms.grouped_mm, backend=backend, fp8=fp8)
+
+
 def grouped(
     x: torch.Tensor,
     top_k_index: torch.Tensor,
@@ -58,17 +67,20 @@ def grouped(
     activation: str | Activation,
     recompute: bool,
     backend: str,
+    fp8: str | None = None,
 ) -> tuple[torch.Tensor, RoutingPlan]:
-    """Unpadded sorted rows: the fused expert MLP for a named activation; otherwise fused-gather ``grouped_mm`` with
-    w1 (and w3), the activation, ``grouped_mm`` with w2, combine."""
+    """Unpadded sorted rows: the fused expert MLP for a named activation; otherwise fused-gather ``grouped_mm``
+    with w1 (and w3), the activation, ``grouped_mm`` with w2, combine. With an ``fp8`` recipe every GEMM is FP8
+    (``backends.torch_fp8``, ``strategies.fp8``)."""
     plan = plan_routing(top_k_index, w1.shape[0], block_size=1, check=False)
     if isinstance(activation, str):
         routing = mlp_routing(plan)
-        return expert_mlp(x, weights, w1, w2, w3, routing, activation, backend), plan
+        return expert_mlp(x, weights, w1, w2, w3, routing, activation, backend, fp8), plan
     rows, inv = plan.row_assignment, plan.assignment_row
-    h = grouped_mm(x, w1, plan.offsets, rows, inv, backend=backend)
-    g = None if w3 is None else grouped_mm(x, w3, plan.offsets, rows, inv, backend=backend)
-    y = activate_then(lambda a: grouped_mm(a, w2, plan.offsets, backend=backend), activation, h, g, recompute)
+    mm = _grouped_mm(backend, fp8)
+    h = mm(x, w1, plan.offsets, rows, inv)
+    g = None if w3 is None else mm(x, w3, plan.offsets, rows, inv)
+    y = activate_then(lambda a: mm(a, w2, plan.offsets, None, None), activation, h, g, recompute)
     return combine(y, plan, weights, backend), plan
 
 
@@ -84,14 +96,16 @@ def blocksparse(
     block_size: int,
     recompute: bool,
     backend: str,
+    fp8: str | None = None,
 ) -> tuple[torch.Tensor, RoutingPlan]:
     """Block-padded sorted rows (block size ``block_size``, the topology of ``w1``'s width): the fused expert MLP
-    for a named activation (MegaBlocks' SDD with the GLU pair and the activation in its epilogue, then DSD);
-    otherwise gather, ``sdd`` with w1 (and w3), the activation on the blocks, ``dsd`` with w2, combine."""
+    for a named activation (MegaBlocks' SDD with the GLU pair and the activation in its epilogue, then DSD; FP8
+    GEMMs with an ``fp8`` recipe); otherwise gather, ``sdd`` with w1 (and w3), the activation on the blocks,
+    ``dsd`` with w2, combine (no ``fp8``)."""
     plan = plan_routing(top_k_index, w1.shape[0], block_size=block_size, check=False)
     if isinstance(activation, str):
         routing = mlp_routing(plan)
-        return expert_mlp(x, weights, w1, w2, w3, routing, activation, backend), plan
+        return expert_mlp(x, weights, w1, w2, w3, routing, activation, backend, fp8), plan
     topo = plan.topology(w1.shape[2])
     xs = gather_rows(x, plan.padded_row_assignment, plan.padded_assignment_row, backend=backend)
     h = sdd(xs, w1, topo, backend=backend)
@@ -112,19 +126,21 @@ def grouped_custom(
     down_bias: torch.Tensor | None,
     post: Callable[[torch.Tensor], torch.Tensor] | None,
     backend: str,
+    fp8: str | None = None,
 ) -> tuple[torch.Tensor, RoutingPlan]:
     """Unpadded sorted rows: ``post(activation(x @ up[e] + up_bias[e]) @ down[e] + down_bias[e])`` with a row-wise
-    ``activation``, combine."""
+    ``activation``, combine; the two GEMMs in FP8 with an ``fp8`` recipe (``strategies.fp8``)."""
     plan = plan_routing(top_k_index, up.shape[0], block_size=1, check=False)
     if up_bias is not None or down_bias is not None:  # expert of each sorted row (rows past offsets[E]: clamped)
         rows = torch.arange(plan.row_assignment.numel(), device=x.device, dtype=plan.offsets.dtype)
         row_expert = torch.searchsorted(plan.offsets[1:], rows, right=True).clamp(max=up.shape[0] - 1)
-    h = grouped_mm(x, up, plan.offsets, plan.row_assignment, plan.assignment_row, backend=backend)
+    mm = _grouped_mm(backend, fp8)
+    h = mm(x, up, plan.offsets, plan.row_assignment, plan.assignment_row)
     if up_bias is not None:
         h = h + up_bias[row_expert]
     a = activation(h)
     _check_rows("activation", h, a, down.shape[1], "down's rows h")
-    y = grouped_mm(a.to(x.dtype), down, plan.offsets, backend=backend)
+    y = mm(a.to(x.dtype), down, plan.offsets, None, None)
     if down_bias is not None:
         y = y + down_bias[row_expert]
     if post is not None:

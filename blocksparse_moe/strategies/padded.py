@@ -10,11 +10,13 @@ capacity and drop order per rank before sending.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 
 from ..activations import Activation
 from ..validation import non_negative_int, non_negative_number, positive_int
+from . import fp8 as fp8_gemms
 from .common import activate_then
 
 __all__ = ["padded", "padded_capacity", "padded_slots"]
@@ -88,10 +90,12 @@ def padded(
     num_groups: int,
     recompute: bool,
     drop_policy: str = "position",
+    fp8: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The experts on ``capacity`` slots per expert per group; returns ``(out [T, d] in x.dtype, dropped [] int64)``
     (valid assignments over capacity; which ones: ``drop_policy``, see ``MoEOptions``). The combine runs in
-    ``weights``' dtype (fp32 at least), autocast or not."""
+    ``weights``' dtype (fp32 at least), autocast or not. With an ``fp8`` recipe the three bmm run its FP8 GEMMs,
+    emulated (``strategies.fp8.bmm``)."""
     T, d = x.shape
     E = w1.shape[0]
     n = num_groups * E * capacity
@@ -102,9 +106,10 @@ def padded(
     source = torch.full((n + 1,), T, dtype=torch.int64, device=x.device).scatter_(0, slot.reshape(-1), token)[:n]
     buffers = torch.cat([x, x.new_zeros(1, d)]).index_select(0, source)
     buffers = buffers.view(num_groups, E, capacity, d).transpose(0, 1).reshape(E, num_groups * capacity, d)
-    h = torch.bmm(buffers, w1)
-    g = None if w3 is None else torch.bmm(buffers, w3)
-    y = activate_then(lambda a: torch.bmm(a, w2), activation, h, g, recompute)  # [E, G·C, d]
+    bmm = torch.bmm if fp8 is None else partial(fp8_gemms.bmm, fp8=fp8)
+    h = bmm(buffers, w1)
+    g = None if w3 is None else bmm(buffers, w3)
+    y = activate_then(lambda a: bmm(a, w2), activation, h, g, recompute)  # [E, G·C, d]
     y = y.view(E, num_groups, capacity, d).transpose(0, 1).reshape(n, d)
     gathered = torch.cat([y, y.new_zeros(1, d)]).index_select(0, slot.reshape(-1)).view(*slot.shape, d)
     # combine in the weights' dtype, elementwise: autocast would run a bmm in its 16-bit dtype

@@ -1,0 +1,379 @@
+"""FP8 (E4M3) quantization of GEMM operands: one scale per group of elements, computed on the device (amax per
+group), bit for bit the reference of ``blocksparse_moe.fp8`` (its docstring states the arithmetic: IEEE division,
+clamp to ±448, round to nearest even, fp32 or E8M0 scales, NaN propagation).
+
+Glossary (a batch of B matrices ``[R, C]``: B = E for expert weights, 1 for rows):
+
+- group ``(GR, GC)``: the elements sharing a scale: ``(1, G)`` along the columns (activations, the reduced
+  dimension K), ``(G, 1)`` along the rows (a weight gradient's operands, reduced over the tokens), ``(G, G)``
+  blocks (``"blockwise"`` weights); G may be the whole dimension (``"rowwise"``).
+- ``bounds [nR + 1]`` int64 (optional): the row range of each row group (``fp8.row_groups``: groups of one
+  expert's rows), instead of ``GR`` rows each.
+- ``scale [B, nR, nC]``: fp32 ``amax / 448``, or uint8 E8M0 biased exponents.
+
+Kernels and grids (sized from shapes):
+
+- ``quantize_kernel``, one program per row group (or ``TR`` rows) × column group (or ``TC`` columns) × matrix:
+  ``(nR or cdiv(R, TR), nC or cdiv(C, TC), B)``. Each program reads its groups twice (the maxima, then the
+  quantization), ``TR × TC`` elements at a time, so a group may be as long as a dimension.
+- ``quantize_dual_kernel``: a weight-gradient operand that also feeds a GEMM reducing over its columns (dh, dg) in
+  both layouts at once, groups of ``G`` columns per row and of one expert's rows (at most ``G``) per column; one
+  program per row group × ``G`` columns, ``(nR, cdiv(C, G))``, two reads of each element in all.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import fp8 as fp8_reference
+from ._common import check_grid_y, interpreting
+
+__all__ = [
+    "quantize_config",
+    "quantize",
+    "quantize_rows",
+    "quantize_dual",
+    "fake_quantize",
+    "fake_quantize_rows",
+    "fake_quantize_dual",
+    "QUANTIZER",
+    "quantize_kernel",
+    "quantize_dual_kernel",
+    "e4m3_bits",
+    "load_fp32",
+    "scale_and_divisor",
+    "quantized_bits",
+]
+
+_MAX_TILE = 128
+
+
+def quantize_config(group: tuple[int, int]) -> tuple[int, int, int]:
+    """``(TR, TC, num_warps)`` for groups ``(GR, GC)``: ``TR × TC`` elements per step (2048 on the GPU: 16 fp32 per
+    thread of 4 warps, no spills; 256 when interpreting, so that small tests cross tiles), the tile spanning a group
+    along its reduced dimension up to 128 (columns first), the rest across."""
+    budget = 256 if interpreting() else 2048
+    GR, GC = group
+    if GC > 1:
+        TC = min(_MAX_TILE, triton.next_power_of_2(GC))
+        across = budget // TC
+        return (across if GR == 1 else min(triton.next_power_of_2(GR), across)), TC, 4
+    TR = min(_MAX_TILE, triton.next_power_of_2(GR))
+    return TR, budget // TR, 4
+
+
+@triton.jit
+def e4m3_bits(x):
+    """The E4M3 (fn) bits of fp32 ``x`` (|x| ≤ 448 or NaN) rounded to nearest even, as uint8: integer math, the same
+    on the GPU and in the interpreter (whose ``.to(tl.float8e4nv)`` rounds some values wrongly in Triton 3.9)."""
+    bits = x.to(tl.int32, bitcast=True)
+    sign = ((bits >> 24) & 0x80).to(tl.int32)
+    mag = bits & 0x7FFFFFFF
+    # normal E4M3 (|x| >= 2^-6): round the 23-bit mantissa to 3 bits, half to even, then rebias 127 -> 7
+    rounded = (mag + 0x7FFFF + ((mag >> 20) & 1)) >> 20
+    normal = rounded - ((127 - 7) << 3)
+    # subnormal E4M3 (|x| < 2^-6): multiples of 2^-9, rounded half to even by the fp32 addition of 2^23
+    y = tl.abs(x) * 512.0
+    sub = ((y + 8388608.0) - 8388608.0).to(tl.int32)
+    out = tl.where(mag < 0x3C800000, sub, normal)  # 0x3C800000: 2^-6
+    out = tl.where(x != x, 0x7F, out)
+    return (out | sign).to(tl.uint8)
+
+
+@triton.jit
+def load_fp32(ptrs, mask, BF16_BITS: tl.constexpr):
+    """fp32 values of the input elements at ``ptrs``: bf16 read as its 16 bits and widened by a shift (exact for
+    every bf16, denormals included: Triton 3.9's interpreter converts bf16 denormals wrongly), other dtypes cast."""
+    if BF16_BITS:
+        return (tl.load(ptrs, mask=mask, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def scale_and_divisor(amax, E8M0: tl.constexpr):
+    """The stored scale of groups with maxima ``amax`` (fp32 ``amax / 448``, or the E8M0 biased exponent as uint8)
+    and the fp32 value the group is divided by (``fp8`` module docstring)."""
+    r = tl.div_rn(amax, 448.0)
+    if E8M0:  # one return at the end: an early one does not compile when the caller is inside a loop
+        bits = r.to(tl.int32, bitcast=True)
+        exponent = (bits >> 23) & 0xFF
+        biased = tl.where(exponent == 255, 255, tl.minimum(exponent + ((bits & 0x7FFFFF) != 0).to(tl.int32), 254))
+        value_bits = tl.where(biased == 0, 1 << 22, tl.where(biased == 255, 0x7FC00000, biased << 23))
+        scale = biased.to(tl.uint8)
+        divisor = value_bits.to(tl.float32, bitcast=True)
+    else:
+        scale = r
+        divisor = tl.where(r == 0, 1.0, r)
+    return scale, divisor
+
+
+@triton.jit
+def quantized_bits(v, divisor):
+    """E4M3 bits of ``e4m3(clamp(v / divisor, -448, 448))`` (IEEE division, NaN kept)."""
+    q = tl.div_rn(v, divisor + tl.zeros_like(v))
+    return e4m3_bits(tl.where(q > 448.0, 448.0, tl.where(q < -448.0, -448.0, q)))
+
+
+@triton.jit
+def quantize_kernel(
+    t_ptr,  # [B, R, C] input (fp32 / fp16, or bf16 as int16 bits: BF16_BITS), strides (s_tb, s_tr, s_tc)
+    q_ptr,  # [B, R, C] E4M3 output (its uint8 bits), contiguous
+    s_ptr,  # [B, nR, nC] scales (fp32, or uint8 E8M0), contiguous
+    bounds_ptr,  # [nR + 1] int64 row bounds of the row groups (ROW_BOUNDS), else unused
+    R,
+    C,
+    nR,
+    nC,
+    GR,
+    GC,
+    s_tb,
+    s_tr,
+    s_tc,
+    REDUCE_ROWS: tl.constexpr,  # GR > 1 (or ROW_BOUNDS): a scale covers several rows
+    REDUCE_COLS: tl.constexpr,  # GC > 1: a scale covers several columns
+    ROW_BOUNDS: tl.constexpr,
+    E8M0: tl.constexpr,
+    BF16_BITS: tl.constexpr,
+    TR: tl.constexpr,
+    TC: tl.constexpr,
+):
+    """Quantize the groups of one program (module docstring); a scale group must reduce rows or columns or both."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    if REDUCE_ROWS:
+        if ROW_BOUNDS:
+            lo_r = tl.load(bounds_ptr + pid_r).to(tl.int32)
+            hi_r = tl.load(bounds_ptr + pid_r + 1).to(tl.int32)
+        else:
+            lo_r = pid_r * GR
+            hi_r = tl.minimum(lo_r + GR, R)
+    else:
+        lo_r = pid_r * TR
+        hi_r = tl.minimum(lo_r + TR, R)
+    if REDUCE_COLS:
+        lo_c = pid_c * GC
+        hi_c = tl.minimum(lo_c + GC, C)
+    else:
+        lo_c = pid_c * TC
+        hi_c = tl.minimum(lo_c + TC, C)
+    t_ptr += b * s_tb
+    q_ptr += b * R * C
+    ar = tl.arange(0, TR)
+    ac = tl.arange(0, TC)
+
+    # pass 1: |t| maxima and NaN flags, elementwise over the tiles, then over the reduced dimensions
+    m = tl.zeros((TR, TC), dtype=tl.float32)
+    for r0 in range(lo_r, hi_r, TR):
+        rows = r0 + ar
+        for c0 in range(lo_c, hi_c, TC):
+            cols = c0 + ac
+            mask = (rows < hi_r)[:, None] & (cols < hi_c)[None, :]
+            v = load_fp32(t_ptr + rows[:, None] * s_tr + cols[None, :] * s_tc, mask, BF16_BITS)
+            m = tl.maximum(m, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
+    nan = (m != m).to(tl.int32)  # tl.max drops NaN: the flags are reduced beside the maxima
+    if REDUCE_ROWS:
+        m = tl.max(m, axis=0, keep_dims=True)
+        nan = tl.max(nan, axis=0, keep_dims=True)
+    if REDUCE_COLS:
+        m = tl.max(m, axis=1, keep_dims=True)
+        nan = tl.max(nan, axis=1, keep_dims=True)
+    amax = tl.where(nan > 0, float("nan"), m)
+
+    scale, divisor = scale_and_divisor(amax, E8M0)
+    if REDUCE_ROWS:
+        s_rows = pid_r + tl.zeros((1, 1), dtype=tl.int32)
+        s_rmask = s_rows < nR
+    else:
+        s_rows = (lo_r + ar)[:, None]
+        s_rmask = s_rows < hi_r
+    if REDUCE_COLS:
+        s_cols = pid_c + tl.zeros((1, 1), dtype=tl.int32)
+        s_cmask = s_cols < nC
+    else:
+        s_cols = (lo_c + ac)[None, :]
+        s_cmask = s_cols < hi_c
+    tl.store(s_ptr + b * nR * nC + s_rows * nC + s_cols, scale, mask=s_rmask & s_cmask)
+
+    # pass 2: q = e4m3(clamp(t / divisor, -448, 448)), NaN kept
+    for r0 in range(lo_r, hi_r, TR):
+        rows = r0 + ar
+        for c0 in range(lo_c, hi_c, TC):
+            cols = c0 + ac
+            mask = (rows < hi_r)[:, None] & (cols < hi_c)[None, :]
+            v = load_fp32(t_ptr + rows[:, None] * s_tr + cols[None, :] * s_tc, mask, BF16_BITS)
+            tl.store(q_ptr + rows[:, None] * C + cols[None, :], quantized_bits(v, divisor), mask=mask)
+
+
+@triton.jit
+def quantize_dual_kernel(
+    t_ptr,  # [R, C] expert-sorted rows (fp32 / fp16, or bf16 as int16 bits: BF16_BITS), strides (s_tr, s_tc)
+    qr_ptr,  # [R, C] E4M3 bits, groups of G along the columns (a GEMM reducing over C), contiguous
+    sr_ptr,  # [R, nC] their scales
+    qc_ptr,  # [R, C] E4M3 bits, groups of one expert's rows per column (a weight gradient reducing over R)
+    sc_ptr,  # [nR, C] their scales
+    bounds_ptr,  # [nR + 1] int64 row bounds of the row groups (at most G rows each)
+    R,
+    C,
+    nC,
+    G,
+    s_tr,
+    s_tc,
+    E8M0: tl.constexpr,
+    BF16_BITS: tl.constexpr,
+    TR: tl.constexpr,  # rows per step
+    TG: tl.constexpr,  # next power of two >= G: the columns of the program
+):
+    """Both layouts of a weight-gradient operand in one read of each element per pass: program (row group, G
+    columns). Pass 1 walks the group's rows in steps of TR: each row's G columns are one row-layout group (scale and
+    values written at once), and the column maxima accumulate; pass 2 writes the column layout."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    lo_r = tl.load(bounds_ptr + pid_r).to(tl.int32)
+    hi_r = tl.load(bounds_ptr + pid_r + 1).to(tl.int32)
+    cols = pid_c * G + tl.arange(0, TG)
+    cmask = (cols < C) & (tl.arange(0, TG) < G)
+    ar = tl.arange(0, TR)
+    m = tl.zeros((TR, TG), dtype=tl.float32)
+    for r0 in range(lo_r, hi_r, TR):
+        rows = r0 + ar
+        mask = (rows < hi_r)[:, None] & cmask[None, :]
+        v = load_fp32(t_ptr + rows[:, None] * s_tr + cols[None, :] * s_tc, mask, BF16_BITS)
+        a = tl.abs(v)
+        m = tl.maximum(m, a, propagate_nan=tl.PropagateNan.ALL)
+        row_nan = tl.max((a != a).to(tl.int32), axis=1, keep_dims=True)
+        row_amax = tl.where(row_nan > 0, float("nan"), tl.max(a, axis=1, keep_dims=True))
+        scale, divisor = scale_and_divisor(row_amax, E8M0)
+        tl.store(sr_ptr + rows[:, None] * nC + pid_c, scale, mask=(rows < hi_r)[:, None])
+        tl.store(qr_ptr + rows[:, None] * C + cols[None, :], quantized_bits(v, divisor), mask=mask)
+    col_nan = tl.max((m != m).to(tl.int32), axis=0, keep_dims=True)
+    col_amax = tl.where(col_nan > 0, float("nan"), tl.max(m, axis=0, keep_dims=True))
+    scale, divisor = scale_and_divisor(col_amax, E8M0)
+    tl.store(sc_ptr + pid_r * C + cols[None, :], scale, mask=cmask[None, :])
+    for r0 in range(lo_r, hi_r, TR):
+        rows = r0 + ar
+        mask = (rows < hi_r)[:, None] & cmask[None, :]
+        v = load_fp32(t_ptr + rows[:, None] * s_tr + cols[None, :] * s_tc, mask, BF16_BITS)
+        tl.store(qc_ptr + rows[:, None] * C + cols[None, :], quantized_bits(v, divisor), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+
+def new(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every tensor the launchers return is allocated here, uninitialised (the tests poison it instead)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _launch(t: torch.Tensor, group: tuple[int, int], scale_dtype: torch.dtype, bounds: torch.Tensor | None):
+    """``t [R, C]`` or ``[B, R, C]`` → ``(q, scale)``; ``bounds``: the row groups' row ranges (``GR`` unused)."""
+    batched = t.dim() == 3
+    t3 = t if batched else t.unsqueeze(0)
+    B, R, C = t3.shape
+    GR, GC = group
+    nR = bounds.shape[0] - 1 if bounds is not None else -(-R // GR)
+    nC = -(-C // GC)
+    q = new((B, R, C), fp8_reference.E4M3, t.device)
+    scale = new((B, nR, nC), scale_dtype, t.device)
+    reduce_rows, reduce_cols = bounds is not None or GR > 1, GC > 1
+    if not (reduce_rows or reduce_cols):
+        raise ValueError(f"a quantization group must span more than one element, got {group}")
+    TR, TC, num_warps = quantize_config((R if bounds is not None else GR, GC))
+    bf16 = t.dtype == torch.bfloat16
+    if B and R and C:
+        grid = (nR if reduce_rows else triton.cdiv(R, TR), nC if reduce_cols else triton.cdiv(C, TC), B)
+        check_grid_y(grid, "the number of column groups", C, GC if reduce_cols else TC)
+        quantize_kernel[grid](
+            t3.view(torch.int16) if bf16 else t3, q.view(torch.uint8), scale, t3 if bounds is None else bounds, R, C,
+            nR, nC, GR, GC, *t3.stride(), REDUCE_ROWS=reduce_rows, REDUCE_COLS=reduce_cols,
+            ROW_BOUNDS=bounds is not None, E8M0=scale_dtype == torch.uint8, BF16_BITS=bf16, TR=TR, TC=TC,
+            num_warps=num_warps,
+        )  # fmt: skip
+    elif scale.numel():
+        scale.zero_()  # groups with no element (R = 0 with row bounds): amax 0
+    if not batched:
+        return q[0], scale[0]
+    return q, scale
+
+
+def _whole(block: tuple[int | None, int | None], R: int, C: int) -> tuple[int, int]:
+    return (max(R, 1) if block[0] is None else block[0]), (max(C, 1) if block[1] is None else block[1])
+
+
+def quantize(
+    t: torch.Tensor, block: tuple[int | None, int | None], scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fp8.quantize`` on the kernel: ``t [R, C]`` or ``[B, R, C]`` → ``(q E4M3, scale [.., ceil(R / br),
+    ceil(C / bc)])``."""
+    return _launch(t, _whole(block, *t.shape[-2:]), scale_dtype, None)
+
+
+def quantize_rows(
+    t: torch.Tensor, offsets: torch.Tensor, group: int | None, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fp8.quantize_rows`` on the kernel: expert-sorted rows ``t [R, C]`` → ``(q, scale [n + 1, C], ids [R])``,
+    one scale per column and group of one expert's rows. The group bounds come from ``ids`` by a search on the
+    device (no host sync)."""
+    ids, n = fp8_reference.row_groups(offsets, t.shape[0], group)
+    bounds = torch.searchsorted(ids, torch.arange(n + 2, device=t.device))
+    q, scale = _launch(t, (1, 1), scale_dtype, bounds)
+    return q, scale, ids
+
+
+def quantize_dual(
+    t: torch.Tensor, offsets: torch.Tensor, group: int | None, scale_dtype: torch.dtype = torch.float32
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Expert-sorted rows ``t [R, C]`` in both layouts a weight-gradient operand needs: ``quantize(t, (1, group))``
+    (for the GEMM reducing over C) and ``quantize_rows(t, offsets, group)`` (for the weight gradient), from one
+    kernel that reads each element once per pass (``quantize_dual_kernel``). A ``group`` of None (``"rowwise"``:
+    whole dimensions, which one program cannot hold) runs the two launchers instead."""
+    if group is None:
+        return quantize(t, (1, None), scale_dtype), quantize_rows(t, offsets, None, scale_dtype)
+    R, C = t.shape
+    ids, n = fp8_reference.row_groups(offsets, R, group)
+    bounds = torch.searchsorted(ids, torch.arange(n + 2, device=t.device))
+    nC = -(-C // group)
+    q_rows, s_rows = new((R, C), fp8_reference.E4M3, t.device), new((R, nC), scale_dtype, t.device)
+    q_cols, s_cols = new((R, C), fp8_reference.E4M3, t.device), new((n + 1, C), scale_dtype, t.device)
+    TG = triton.next_power_of_2(group)
+    TR = max(1, (256 if interpreting() else 2048) // TG)
+    bf16 = t.dtype == torch.bfloat16
+    if R and C:
+        grid = check_grid_y((n + 1, nC), "the number of column groups", C, group)
+        quantize_dual_kernel[grid](
+            t.view(torch.int16) if bf16 else t, q_rows.view(torch.uint8), s_rows, q_cols.view(torch.uint8), s_cols,
+            bounds, R, C, nC, group, *t.stride(), E8M0=scale_dtype == torch.uint8, BF16_BITS=bf16, TR=TR, TG=TG,
+            num_warps=4,
+        )  # fmt: skip
+    elif s_cols.numel():
+        s_cols.zero_()  # groups with no row: amax 0
+    return (q_rows, s_rows), (q_cols, s_cols, ids)
+
+
+def fake_quantize(
+    t: torch.Tensor, block: tuple[int | None, int | None], scale_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``fp8.fake_quantize`` with the kernel's quantization."""
+    return fp8_reference.dequantize(*quantize(t, block, scale_dtype), block)
+
+
+def fake_quantize_rows(
+    t: torch.Tensor, offsets: torch.Tensor, group: int | None, scale_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``fp8.fake_quantize_rows`` with the kernel's quantization."""
+    q, scale, ids = quantize_rows(t, offsets, group, scale_dtype)
+    return q.float() * fp8_reference.scale_value(scale)[ids]
+
+
+def fake_quantize_dual(
+    t: torch.Tensor, offsets: torch.Tensor, group: int | None, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fp8.fake_quantize_dual`` with the kernel's quantization (``quantize_dual``)."""
+    (q_rows, s_rows), (q_cols, s_cols, ids) = quantize_dual(t, offsets, group, scale_dtype)
+    along_columns = fp8_reference.dequantize(q_rows, s_rows, (1, group))
+    return along_columns, q_cols.float() * fp8_reference.scale_value(s_cols)[ids]
+
+
+QUANTIZER = fp8_reference.Quantizer(fake_quantize, fake_quantize_rows, fake_quantize_dual)
