@@ -157,6 +157,14 @@ def test_gemm_cost_counts_tiles_like_the_kernel():
     glu = launch_cost(_gemm(R=256, N=128, K=96, m_tiles=6, n_tiles=2, GLU=True, EPILOGUE=1), GPUS["h200"],
                       [100, 28], [100, 28])  # fmt: skip
     assert glu.executed_flops == 2 * c.executed_flops
+    # L2 operand bytes per K step: A and W tiles of 64x32 (4 KB each, bf16); the GLU's two weight tiles share one A
+    # tile; the dgrad pair runs two K loops of an A and a W tile each (regression: its second weight tile, w3ᵀ, was
+    # not counted, so a 128x128 pair tile came out at 85 FLOP per L2 byte where it reads 64)
+    step = 64 * 32 * 2
+    assert c.l2_bytes == 3 * 2 * 3 * 2 * step
+    assert glu.l2_bytes == 3 * 2 * 3 * 3 * step
+    pair = launch_cost(_gemm(R=256, N=128, K=96, m_tiles=6, n_tiles=2, PAIR=True), GPUS["h200"], [100, 28], [100, 28])
+    assert pair.executed_flops == 2 * c.executed_flops and pair.l2_bytes == 2 * c.l2_bytes
     # an expert with no rows takes no tile; a grid too small for the routing is an error (not silently costed)
     assert launch_cost(launch, GPUS["h200"], [0, 128], [0, 128]).work_ctas == 2 * 2
     with pytest.raises(ValueError, match="M tiles"):

@@ -225,7 +225,8 @@ def _gemm_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int]
         + written_rows * N_store * itemsize * (outputs + epilogue_reads)
         + (n_tiles * R * 4 if a["EPILOGUE"] == 2 else 0)  # the fp32 per-tile dots
     )
-    l2 = used * n_tiles * k_steps * (BM * BK * (1 + pair) + BK * BN * (1 + dual)) * itemsize
+    # every K step an A tile and a weight tile per product; the GLU's two products share their A tile
+    l2 = used * n_tiles * k_steps * (BM * BK * (1 + pair) + BK * BN * products) * itemsize
     threads = a["num_warps"] * 32
     acc = (BM * BN * (1 + dual) + (BM * a["EPI_N"] * _BWD_LIVE if a["EPILOGUE"] == 2 else 0)) / threads
     smem = a["num_stages"] * (BM * BK + BK * BN * (1 + dual)) * itemsize
