@@ -197,6 +197,26 @@ def test_register_estimate_follows_the_epilogue_slices():
     assert launch_cost(whole, h200, [1024], [1024]).ctas_per_sm == 1
 
 
+def _wgrad(gather: bool, stages: int) -> Launch:
+    E, M, N = 2, 256, 256
+    args = dict(
+        BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, M=M, N=N, DUAL=False, A_GATHER=gather, B_GATHER=False, num_warps=4,
+        num_stages=stages, a_ptr=TensorInfo((512, M), (M, 1), torch.bfloat16),
+        out_ptr=TensorInfo((E, M, N), (M * N, N, 1), torch.bfloat16),
+    )  # fmt: skip
+    return Launch("wgrad_kernel", (E * 4,), args, "backward", "bsm::expert_mlp_backward")
+
+
+def test_wgrad_shared_memory_counts_the_buffers_triton_allocates():
+    # regression: the estimate took all 5 stages of the gathered weight gradient as data buffers (160 KB: one CTA per
+    # SM) where the compiled sm_90 build allocates 3 (bench.audit: 99,840 B, two CTAs per SM); the index load of the
+    # gathered operand takes the other stages
+    h200 = GPUS["h200"]
+    assert launch_cost(_wgrad(gather=True, stages=5), h200, [256, 256], [256, 256]).ctas_per_sm == 2
+    assert launch_cost(_wgrad(gather=False, stages=3), h200, [256, 256], [256, 256]).ctas_per_sm == 2
+    assert launch_cost(_wgrad(gather=False, stages=5), h200, [256, 256], [256, 256]).ctas_per_sm == 1
+
+
 def _grouped_mm(a_shape: tuple[int, ...], b_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> Launch:
     def info(shape):
         return TensorInfo(shape, (1,) * len(shape), torch.bfloat16)

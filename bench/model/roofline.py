@@ -257,7 +257,10 @@ def _wgrad_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int
     hbm = (a_rows * M + b_rows * N * products + E * M * N * products) * itemsize
     l2 = sum(tiles * s * BK * (BM + BN) for s in steps) * itemsize
     threads = a["num_warps"] * 32
-    smem = a["num_stages"] * BK * (BM + BN) * itemsize
+    # a gathered operand's index load takes pipeline stages of its own: Triton allocates num_stages - 2 data buffers
+    # (bench.audit, sm_90: 5 stages -> 3 buffers, 99,840 B; a dense wgrad's 3 stages -> 3)
+    buffers = a["num_stages"] - 2 if a["A_GATHER"] or a["B_GATHER"] else a["num_stages"]
+    smem = buffers * BK * (BM + BN) * itemsize
     per_sm = _ctas_per_sm(gpu, a["num_warps"], BM * BN / threads, smem)
     eff = _efficiency(gpu, BN, per_sm, itemsize)
     work = tiles * sum(1 for r in rows if r)
