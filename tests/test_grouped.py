@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 from helpers import TOL, assert_close, assert_close_to_reference, poison_, routing
 
 from blocksparse_moe import backends
+from blocksparse_moe.kernels import expert_gemm
+from blocksparse_moe.kernels.layouts import Schedule
 from blocksparse_moe.ops import _checks
 from blocksparse_moe.ops.grouped import grouped_mm, row_sources
 from blocksparse_moe.ops.permute import gather_rows, scatter_rows
@@ -145,6 +148,69 @@ def test_many_experts_tile_search():
     kernels.grouped_mm(x, w, plan.offsets, plan.row_assignment, plan.assignment_row, backend="triton", out=out)
     same = kernels.grouped_mm(x, w, plan.offsets, plan.row_assignment, plan.assignment_row, backend="torch")
     assert_close_to_reference(out, ref_grouped_mm(x, w, plan, True), same)
+
+
+def _tile_expert_reference(offsets: list[int], rows: int, block_m: int, padded: bool) -> list[int]:
+    """The expert of every M tile of the bound, one expert at a time; E for the tiles past the experts' tiles."""
+    E = len(offsets) - 1
+    experts = [e for e in range(E) for _ in range((offsets[e + 1] - offsets[e] + block_m - 1) // block_m)]
+    bound = Schedule.max_tiles(rows, E, block_m, padded)
+    return (experts + [E] * bound)[:bound]
+
+
+@pytest.mark.parametrize(
+    "counts, block_m, padded",
+    [
+        ([5, 0, 0, 17, 1], 4, False),  # empty experts between full ones, odd counts, a one-row expert
+        ([0, 9, 0], 4, False),  # empty first and last experts
+        ([7], 16, False),  # E = 1, fewer rows than one tile
+        ([0, 0, 0], 4, False),  # no rows at all: every tile zeroes
+        ([8, 0, 16, 4], 4, True),  # block-padded offsets: tiles = offsets / block_m
+    ],
+)
+def test_schedule_tile_expert_map(counts, block_m, padded):
+    extra = 3  # rows past offsets[E] (invalid assignments, padding): zeroing tiles map to E
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+    rows = int(offsets[-1]) + (0 if padded else extra)
+    schedule = Schedule.build(offsets, rows, block_m, padded=padded)
+    assert schedule.tile_expert.dtype == torch.int32 and schedule.tile_expert.shape == (schedule.max_m_tiles,)
+    assert schedule.tile_expert.tolist() == _tile_expert_reference(offsets.tolist(), rows, block_m, padded)
+
+
+@pytest.mark.parametrize("programs", [1, 2, 5])
+@pytest.mark.parametrize(
+    "T, k, E, K, N, kind",
+    [
+        (37, 2, 5, 19, 23, "skip"),  # empty experts, odd K and N; 7+ M tiles x 2 N tiles for 1, 2, 5 programs
+        (29, 1, 1, 9, 40, "uniform"),  # E = 1: one expert's tiles, 3 N tiles
+        (20, 2, 4, 18, 33, "one-hot"),  # all rows to one expert, the others empty
+        (11, 2, 4, 9, 13, "invalid"),  # rows past offsets[E]: zeroing tiles in the loop
+    ],
+)
+def test_persistent_tile_loop(T, k, E, K, N, kind, programs, monkeypatch):
+    # the persistent gemm_kernel with fewer programs than tiles: every program loops over several tiles, each
+    # tile reading its expert from the tile map; the result does not depend on the program count
+    monkeypatch.setattr(expert_gemm, "INTERPRETER_PROGRAMS", programs)
+    plan = plan_routing(routing(T, k, E, kind), E, block_size=1, check=False)
+    x, w, maps = _operands(plan, K, N, True, torch.float32)
+    schedule_tiles = Schedule.build(plan.offsets, plan.num_assignments, 16).max_m_tiles * triton.cdiv(N, 16)
+    assert expert_gemm.persistent_programs(x.device, schedule_tiles) == programs < schedule_tiles
+    out = poison_(torch.empty(plan.num_assignments, N))
+    kernels.grouped_mm(x, w, plan.offsets, *maps, backend="triton", out=out)
+    same = kernels.grouped_mm(x, w, plan.offsets, *maps, backend="torch")
+    assert_close_to_reference(out, ref_grouped_mm(x, w, plan, True), same)
+
+
+def test_persistent_programs(monkeypatch):
+    # interpreting: a few programs (never more than the tiles); meta tensors (bench.model): one per tile; on a GPU
+    # PROGRAMS_PER_SM per SM, from a host query of the device (no sync)
+    assert expert_gemm.persistent_programs(torch.device("cpu"), 100) == expert_gemm.INTERPRETER_PROGRAMS
+    assert expert_gemm.persistent_programs(torch.device("cpu"), 2) == 2
+    monkeypatch.setattr(expert_gemm, "interpreting", lambda: False)
+    assert expert_gemm.persistent_programs(torch.device("meta"), 100) == 100
+    monkeypatch.setattr(expert_gemm, "_sm_count", lambda index: 132 if index == 1 else 0)
+    assert expert_gemm.persistent_programs(torch.device("cuda", 1), 10**6) == 132 * expert_gemm.PROGRAMS_PER_SM
+    assert expert_gemm.persistent_programs(torch.device("cuda", 1), 7) == 7
 
 
 # ----------------------------------------------------------------------------------------------- autograd

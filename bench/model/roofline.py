@@ -104,8 +104,9 @@ efficiency model (assumptions, not measurements):
   GEMM launch time = max(MMA, L2, HBM) + 3 us (launch, prologue, ramp)
     MMA  = ceil(CTAs with work / SMs) x (executed FLOPs per CTA) / (SM dense rate x main-loop efficiency)
            main-loop efficiency: by the MMA tile's N: >=128: 0.90, 64: 0.75, 32: 0.50, 16: 0.30; x0.85 with one CTA
-           per SM (prologue and epilogue not overlapped by a second CTA); x the GPU's factor (B200: 0.55);
-           fp32 operands at half the bf16 rate (tf32)
+           per SM (prologue and epilogue not overlapped by a second CTA), except in a persistent kernel
+           (gemm_kernel: its programs loop over the tiles, the next tile's loads issued while the last one's
+           epilogue runs); x the GPU's factor (B200: 0.55); fp32 operands at half the bf16 rate (tf32)
     L2   = operand tiles read by the CTAs (A and W tiles every K step) / L2 bandwidth
     HBM  = unique bytes (each operand row and weight once, every output and epilogue operand once) / (0.85 x HBM)
   CTAs per SM = min(registers, shared memory, 2048 threads); registers per thread estimated as 64 + the fp32
@@ -114,6 +115,8 @@ efficiency model (assumptions, not measurements):
   permute kernels and eager ops: bytes / (0.85 x HBM) + 3 us each
   routing: balanced (T*k/E assignments per expert); the routing itself runs its PyTorch implementation on meta
     tensors here (on CUDA the compiled extension runs instead): its ops are listed, not modelled as the extension
+  gemm_kernel is persistent: its "CTAs" here are its tiles (on a GPU min(tiles, 2 x SMs) programs loop over them;
+    the list, on meta tensors, shows one program per tile)
   W_TMA is 0 in the list (meta tensors are not CUDA tensors); the bytes and FLOPs are the same with TMA weights"""
 
 _N_EFFICIENCY = ((128, 0.90), (64, 0.75), (32, 0.50), (16, 0.30))
@@ -175,8 +178,8 @@ def _mma_seconds(gpu: Gpu, executed: int, work_ctas: int, efficiency: float) -> 
     return math.ceil(work_ctas / gpu.sms) * per_cta / (gpu.sm_flops * efficiency)
 
 
-def _efficiency(gpu: Gpu, block_n: int, ctas_per_sm: int, itemsize: int) -> float:
-    eff = _n_efficiency(block_n) * gpu.main_loop_factor * (0.85 if ctas_per_sm == 1 else 1.0)
+def _efficiency(gpu: Gpu, block_n: int, ctas_per_sm: int, itemsize: int, persistent: bool = False) -> float:
+    eff = _n_efficiency(block_n) * gpu.main_loop_factor * (0.85 if ctas_per_sm == 1 and not persistent else 1.0)
     return eff / 2 if itemsize == 4 else eff
 
 
@@ -189,7 +192,7 @@ def _gemm_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int]
     BM, BN, BK = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
     R, N, N_store, K = a["R"], a["N"], a["N_STORE"], a["K"]
     m_tiles = a["num_m_tiles"]
-    n_tiles = launch.ctas // m_tiles
+    n_tiles = math.ceil(N_store / BN)  # the grid is persistent: its programs loop over m_tiles x n_tiles tiles
     itemsize = a["a_ptr"].itemsize
     dual = bool(a["GLU"]) and a["EPILOGUE"] == 1
     pair = bool(a["PAIR"])
@@ -217,7 +220,7 @@ def _gemm_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int]
     acc = BM * BN * (1 + dual) / threads * (_BWD_LIVE if a["EPILOGUE"] == 2 else 1)
     smem = a["num_stages"] * (BM * BK + BK * BN * (1 + dual)) * itemsize
     per_sm = _ctas_per_sm(gpu, a["num_warps"], acc, smem)
-    eff = _efficiency(gpu, BN, per_sm, itemsize)
+    eff = _efficiency(gpu, BN, per_sm, itemsize, persistent=True)
     work = used * n_tiles
     return Cost(
         executed, useful, hbm, l2, work, zero_m * n_tiles, (m_tiles - used - zero_m) * n_tiles, per_sm, eff,

@@ -16,11 +16,11 @@ up-projection with SwiGLU in the epilogue and dSwiGLU in the dgrad epilogue foll
 the grouped ordering of Triton's matmul tutorial.
 
 **Row layouts and the tile schedule**: ``layouts`` (gathered, dense and blocked rows, one address formula; the M
-tiles of each expert, found by a binary search in ``tile_offsets``). The row part of an address is computed once per
-tile (from ``row_src`` when gathering); in the main loop the column part of a K step ``k0 .. k0 + BLOCK_K``
-(``BLOCK_K | B``) is the scalar ``(k0 >> LB)·s_cb + (k0 & (B-1))·s_c`` plus a constant vector: **the main loops hold
-no index load and no integer division**, only address increments, loads and MMA (the gathered reduction of
-``wgrad_kernel`` loads ``row_src`` in its loop; the pipeliner gives that index load its own stage, so the data
+tiles of each expert and the tile -> expert map ``tile_expert``, built on the device). The row part of an address is
+computed once per tile (from ``row_src`` when gathering); in the main loop the column part of a K step ``k0 .. k0 +
+BLOCK_K`` (``BLOCK_K | B``) is the scalar ``(k0 >> LB)·s_cb + (k0 & (B-1))·s_c`` plus a constant vector: **the main
+loops hold no index load and no integer division**, only address increments, loads and MMA (the gathered reduction
+of ``wgrad_kernel`` loads ``row_src`` in its loop; the pipeliner gives that index load its own stage, so the data
 loads stay in flight).
 
 **Weight loads** (``W_TMA``: ``WeightLoad``). Where operands allow (Hopper or newer, 16-byte aligned weights with
@@ -32,11 +32,14 @@ pair's second weight may be stored differently from the first (both then load by
 same TMA mode). Rows stay pointer loads (gathered: TMA has no row gather on Hopper), pipelined as asynchronous
 copies.
 
-**Program order (L2).** ``gemm_kernel``: one program per ``BLOCK_M × BLOCK_N`` output tile, grid
-``(max_m_tiles · cdiv(N, BLOCK_N),)``, in Triton's *grouped* order: ``GROUP_M`` consecutive M tiles (the same
-expert, except at expert boundaries) sweep the N tiles together, so the resident programs share their weight
-columns and their A rows in L2 instead of re-reading the weights once per M tile. ``wgrad_kernel``: grid
-``(E · tiles_m · tiles_n,)``, expert-major (the programs of one expert share its rows), grouped order inside.
+**Program order (L2).** ``gemm_kernel`` is persistent: ``P = min(tiles, SMs · PROGRAMS_PER_SM)`` programs
+(``persistent_programs``; a few when interpreting) loop over the ``max_m_tiles · cdiv(N, BLOCK_N)`` output tiles of
+``BLOCK_M × BLOCK_N``, program p taking tiles p, p + P, ..., each reading its expert from ``tile_expert`` (one index
+load per tile, outside the K loop). The tiles are numbered in Triton's *grouped* order: ``GROUP_M`` consecutive M
+tiles (the same expert, except at expert boundaries) sweep the N tiles together, so the programs resident at one time
+(P consecutive tiles) share their weight columns and their A rows in L2 instead of re-reading the weights once per M
+tile. ``wgrad_kernel``: grid ``(E · tiles_m · tiles_n,)``, expert-major (the programs of one expert share its rows),
+grouped order inside.
 
 **Epilogues** of ``gemm_kernel`` (``EPILOGUE``: ``Epilogue``), one ``@triton.jit`` helper each:
 
@@ -61,6 +64,7 @@ address arithmetic.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -70,7 +74,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..activations import activate, activate_and_grad, kernel_code
 from ._common import aligned16, interpreting, upcast_dots
-from .layouts import BLOCK_SIZES, Rows, Schedule, expert_of_tile, row_offsets, row_start, tile_start
+from .layouts import BLOCK_SIZES, Rows, Schedule, row_offsets, row_start, tile_start
 
 __all__ = [
     "BLOCK_SIZES",
@@ -81,6 +85,7 @@ __all__ = [
     "wgrad_config",
     "BackwardEpilogue",
     "TMA_WEIGHTS",
+    "persistent_programs",
     "gemm",
     "wgrad",
     "gemm_kernel",
@@ -299,12 +304,12 @@ def gemm_kernel(
     dots_ptr,  # [cdiv(N_STORE, BLOCK_N), R] fp32 (BACKWARD): Σ over the tile's columns of G·a
     offsets_ptr,  # [E+1] int32 expert row offsets
     tile_offsets_ptr,  # [E+1] int32 prefix sum of the experts' M tiles
+    tile_expert_ptr,  # [num_m_tiles] int32 expert of each M tile, E for a tile zeroing rows past offsets[E]
     R,
     N,
     N_STORE,  # columns written: N, or for a blocked out the whole last column block (zeros past N)
     K,
     E,
-    search_steps,  # E.bit_length(): enough halvings of [0, E)
     num_m_tiles,  # M tiles in the grid (an upper bound of tile_offsets[E] + the zeroing tiles)
     s_arb,
     s_ar,
@@ -335,61 +340,58 @@ def gemm_kernel(
     W_TMA: tl.constexpr,  # WeightLoad: POINTERS, TMA over [E, K, N], TMA_T over the transposed storage [E, N, K]
     UPCAST: tl.constexpr,
 ):
-    """One ``BLOCK_M × BLOCK_N`` tile of expert e's rows times ``W[e]``; see the module docstring."""
-    num_n = tl.cdiv(N_STORE, BLOCK_N)
-    pid_m, pid_n = _grouped_order(tl.program_id(0), num_m_tiles, num_n, GROUP_M)
-    used_tiles = tl.load(tile_offsets_ptr + E)
-    e = expert_of_tile(pid_m, tile_offsets_ptr, E, search_steps)
-    used = pid_m < used_tiles
-    start = tl.where(
-        used,
-        tl.load(offsets_ptr + e) + (pid_m - tl.load(tile_offsets_ptr + e)) * BLOCK_M,
-        tl.load(offsets_ptr + E) + (pid_m - used_tiles) * BLOCK_M,
-    )
-    end = tl.where(used, tl.load(offsets_ptr + e + 1), R)
-    k_steps = tl.where(used, tl.cdiv(K, BLOCK_K), 0)  # zeroing tiles skip the main loop
-    rows = start + tl.arange(0, BLOCK_M)
-    row_ok = rows < end
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-
-    if GATHER:
-        src = tl.load(row_src_ptr + rows, mask=row_ok, other=-1)
-        a_ok = row_ok & (src >= 0)
-        a_rows = tl.maximum(src, 0).to(tl.int64) * s_ar
-    else:
-        a_ok = row_ok
-        a_rows = row_offsets(rows, s_arb, s_ar, LB_A)
-    w_base = e.to(tl.int64) * s_we
-    w2_base = e.to(tl.int64) * s_w2e
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GLU only; unused (and removed) otherwise
-    n0 = pid_n * BLOCK_N
+    """``BLOCK_M × BLOCK_N`` tiles of expert e's rows times ``W[e]``, persistent: program p runs the tiles p, p +
+    P, p + 2P, ... (P programs) of the grouped order; see the module docstring."""
     DUAL: tl.constexpr = GLU and EPILOGUE == _FORWARD  # the gate's accumulator (the backward reads the saved g)
-    acc, acc2 = _mainloop(
-        acc, acc2, a_ptr, a_rows, s_acb, s_ac, w_ptr + w_base, w2_ptr + w2_base, w_desc, w2_desc, e, n0, s_wk, s_wn,
-        s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, BLOCK_K, BLOCK_N, LB_A, DUAL, W_TMA, UPCAST,
-    )  # fmt: skip
-    if PAIR:
-        acc, acc2 = _mainloop(
-            acc, acc2, a2_ptr, a_rows, s_acb, s_ac, w2_ptr + w2_base, w2_ptr, w2_desc, w2_desc, e, n0, s_w2k, s_w2n,
-            s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, BLOCK_K, BLOCK_N, LB_A, False, W_TMA, UPCAST,
-        )  # fmt: skip
+    num_n = tl.cdiv(N_STORE, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_m_tiles * num_n, tl.num_programs(0)):
+        pid_m, pid_n = _grouped_order(tile, num_m_tiles, num_n, GROUP_M)
+        e = tl.load(tile_expert_ptr + pid_m)  # E: a tile zeroing rows past offsets[E], the same start formula
+        used = e < E
+        start = tl.load(offsets_ptr + e) + (pid_m - tl.load(tile_offsets_ptr + e)) * BLOCK_M
+        end = tl.load(offsets_ptr + e + 1, mask=used, other=R)
+        k_steps = tl.where(used, tl.cdiv(K, BLOCK_K), 0)  # zeroing tiles skip the main loop
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < end
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
 
-    o_rows = row_offsets(rows, s_orb, s_or, LB_O)
-    o_col0 = tile_start(pid_n, s_ocb, s_oc, BLOCK_N, LB_O)
-    if EPILOGUE == _BACKWARD:
-        _backward_epilogue(
-            acc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr, row_asg_ptr, weights_ptr, dots_ptr, o_rows, o_col0, s_oc,
-            rows, row_ok, n0, pid_n, R, N, N_STORE, BLOCK_M, BLOCK_N, EPI_N, GLU, ACT,
-        )  # fmt: skip
-    else:
-        o_off = o_rows[:, None] + (o_col0 + tl.arange(0, BLOCK_N).to(tl.int64) * s_oc)[None, :]
-        store = row_ok[:, None] & (offs_n < N_STORE)[None, :]
-        if EPILOGUE == _PLAIN:
-            _store_plain(acc, out_ptr, o_off, store)
+        if GATHER:
+            src = tl.load(row_src_ptr + rows, mask=row_ok, other=-1)
+            a_ok = row_ok & (src >= 0)
+            a_rows = tl.maximum(src, 0).to(tl.int64) * s_ar
         else:
-            _forward_epilogue(acc, acc2, out_ptr, out2_ptr, out3_ptr, o_off, store, GLU, ACT)
+            a_ok = row_ok
+            a_rows = row_offsets(rows, s_arb, s_ar, LB_A)
+        w_base = e.to(tl.int64) * s_we
+        w2_base = e.to(tl.int64) * s_w2e
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GLU only; unused (and removed) otherwise
+        n0 = pid_n * BLOCK_N
+        acc, acc2 = _mainloop(
+            acc, acc2, a_ptr, a_rows, s_acb, s_ac, w_ptr + w_base, w2_ptr + w2_base, w_desc, w2_desc, e, n0, s_wk, s_wn,
+            s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, BLOCK_K, BLOCK_N, LB_A, DUAL, W_TMA, UPCAST,
+        )  # fmt: skip
+        if PAIR:
+            acc, acc2 = _mainloop(
+                acc, acc2, a2_ptr, a_rows, s_acb, s_ac, w2_ptr + w2_base, w2_ptr, w2_desc, w2_desc, e, n0, s_w2k, s_w2n,
+                s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, BLOCK_K, BLOCK_N, LB_A, False, W_TMA, UPCAST,
+            )  # fmt: skip
+
+        o_rows = row_offsets(rows, s_orb, s_or, LB_O)
+        o_col0 = tile_start(pid_n, s_ocb, s_oc, BLOCK_N, LB_O)
+        if EPILOGUE == _BACKWARD:
+            _backward_epilogue(
+                acc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr, row_asg_ptr, weights_ptr, dots_ptr, o_rows, o_col0,
+                s_oc, rows, row_ok, n0, pid_n, R, N, N_STORE, BLOCK_M, BLOCK_N, EPI_N, GLU, ACT,
+            )  # fmt: skip
+        else:
+            o_off = o_rows[:, None] + (o_col0 + tl.arange(0, BLOCK_N).to(tl.int64) * s_oc)[None, :]
+            store = row_ok[:, None] & (offs_n < N_STORE)[None, :]
+            if EPILOGUE == _PLAIN:
+                _store_plain(acc, out_ptr, o_off, store)
+            else:
+                _forward_epilogue(acc, acc2, out_ptr, out2_ptr, out3_ptr, o_off, store, GLU, ACT)
 
 
 @triton.jit
@@ -602,6 +604,29 @@ class BackwardEpilogue:
 TMA_WEIGHTS = True  # load the weights through TMA where operands allow (tests switch it off to cover the pointers)
 
 
+INTERPRETER_PROGRAMS = 3  # persistent programs when interpreting: fewer than most tests' tiles, so the loop runs
+PROGRAMS_PER_SM = 2  # persistent programs per SM on a GPU: the CTAs per SM the configs are built for
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def persistent_programs(device: torch.device, tiles: int) -> int:
+    """The programs of a persistent grid over ``tiles`` tiles: ``PROGRAMS_PER_SM`` per SM on a CUDA device (a host
+    query of the device's properties, cached; no sync), ``INTERPRETER_PROGRAMS`` when interpreting; one per tile
+    elsewhere (the meta tensors of ``bench.model``); never more than the tiles."""
+    if interpreting():
+        programs = INTERPRETER_PROGRAMS
+    elif device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        programs = PROGRAMS_PER_SM * _sm_count(index)
+    else:
+        programs = tiles
+    return min(programs, tiles)
+
+
 def _tma_mode(w: torch.Tensor) -> WeightLoad:
     """How ``gemm_kernel`` can read weights ``w [E, K, N]``: ``TMA`` (N contiguous) or ``TMA_T`` (K contiguous, a
     transposed view) for 16-bit weights (tf32 wgmma reads only K-major tiles: an fp32 tile from TMA is waited to
@@ -655,7 +680,8 @@ def gemm(
       fp32 ``dots [N tiles, R]`` (Σ over each tile's columns of ``G·a``; their sum over N tiles is the top-k weight
       gradient of each row).
 
-    Outputs in ``out``'s layout share its strides. Grid: ``(max_m_tiles · cdiv(padded cols, block_n),)``.
+    Outputs in ``out``'s layout share its strides. Grid: ``(persistent_programs(device, tiles),)`` over the ``tiles =
+    max_m_tiles · cdiv(padded cols, block_n)`` tiles.
     """
     N, K, E = w.shape[2], a.cols, w.shape[0]
     epilogue = Epilogue.PLAIN
@@ -690,12 +716,12 @@ def gemm(
         w2_desc = _descriptor(w2, tma, cfg.block_k, cfg.block_n) if (gate is not None or pair is not None) else None
     bwd = backward or BackwardEpilogue(out.tensor, None, schedule.offsets, out.tensor)
     off = schedule.offsets
-    gemm_kernel[(schedule.max_m_tiles * num_n,)](
+    gemm_kernel[(persistent_programs(out.tensor.device, schedule.max_m_tiles * num_n),)](
         a.tensor, w, a2.tensor, w2, w_desc, w2_desc, out.tensor, out.tensor if gate_out is None else gate_out,
         out.tensor if act_out is None else act_out, bwd.h, bwd.h if bwd.g is None else bwd.g,
         off if row_src is None else row_src, bwd.row_asg, bwd.weights, out.tensor if dots is None else dots, off,
-        schedule.tile_offsets,
-        out.rows, N, n_store, K, E, E.bit_length(), schedule.max_m_tiles,
+        schedule.tile_offsets, schedule.tile_expert,
+        out.rows, N, n_store, K, E, schedule.max_m_tiles,
         *a.strides, *w.stride(), *w2.stride(), *out.strides,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EPI_N=cfg.epi_n, GROUP_M=cfg.group_m,
         LB_A=a.log_block, LB_O=out.log_block, GATHER=a.gathered, GLU=glu, PAIR=pair is not None, EPILOGUE=int(epilogue),

@@ -86,6 +86,7 @@ class CompileSpec:
     tcgen05_ok: bool = True  # with is_matmul: sm_100 builds must use tcgen05 MMA (Triton 3.9: every M tile >= 64)
     expect_pipelined: bool = True  # the MMA loop must not wait its async loads / wgmma to zero each iteration
     archs: tuple[int, ...] | None = None  # the compute capabilities the launcher picks this config for (None: all)
+    persistent: bool = False  # a persistent kernel: a grid of SMs x CTAs per SM programs looping over the tiles
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in ("unaligned", "aligned")]
@@ -97,7 +98,15 @@ class CompileSpec:
 
 
 _INDEX = dict.fromkeys(
-    ("offsets_ptr", "tile_offsets_ptr", "row_src_ptr", "row_asg_ptr", "row_assignment_ptr", "assignment_row_ptr"),
+    (
+        "offsets_ptr",
+        "tile_offsets_ptr",
+        "tile_expert_ptr",
+        "row_src_ptr",
+        "row_asg_ptr",
+        "row_assignment_ptr",
+        "assignment_row_ptr",
+    ),
     torch.int32,
 )
 _FP32 = dict.fromkeys(("weights_ptr", "dots_ptr"), torch.float32)
@@ -120,7 +129,7 @@ def _spec(name, kernel, dtype, cfg, constexprs, unit, aligned, variants, pointer
     matmul = constexprs["BLOCK_M"] >= 64
     return CompileSpec(
         name, kernel, signature, constexprs, cfg.num_warps, cfg.num_stages, matmul, aligned=aligned,
-        variants=variants, archs=archs,
+        variants=variants, archs=archs, persistent=kernel is gemm_kernel,
     )  # fmt: skip
 
 
