@@ -11,7 +11,7 @@ from helpers import TOL, assert_close, assert_close_to_reference, poison_, routi
 
 from blocksparse_moe import backends
 from blocksparse_moe.kernels import expert_gemm
-from blocksparse_moe.kernels.layouts import Schedule
+from blocksparse_moe.kernels.layouts import Rows, Schedule
 from blocksparse_moe.ops import _checks
 from blocksparse_moe.ops.grouped import grouped_mm, row_sources
 from blocksparse_moe.ops.permute import gather_rows, scatter_rows
@@ -211,6 +211,70 @@ def test_persistent_programs(monkeypatch):
     monkeypatch.setattr(expert_gemm, "_sm_count", lambda index: 132 if index == 1 else 0)
     assert expert_gemm.persistent_programs(torch.device("cuda", 1), 10**6) == 132 * expert_gemm.PROGRAMS_PER_SM
     assert expert_gemm.persistent_programs(torch.device("cuda", 1), 7) == 7
+
+
+class _Recorded:
+    """A kernel whose launches record their keyword arguments, then run."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "counts",
+    [
+        [5, 0, 37, 1],  # K steps straddling expert ends (16-row steps), an empty expert, a one-row expert
+        [23],  # E = 1
+        [0, 48, 0],  # all rows to one expert, empty first and last experts
+    ],
+)
+@pytest.mark.parametrize("use", ["a", "b,dual", "a,b"])  # the dense operand(s): aw (dW2), dh and dg (dW1, dW3), both
+def test_wgrad_tma_dense_rows(use, counts, dtype, monkeypatch):
+    # wgrad_kernel reading its dense row operands through descriptors built on the device over the expert's rows:
+    # rows past an expert's end come back as zeros (the next expert's rows and, here NaN, the rows past offsets[E]
+    # never reach a sum); the gathered operand stays on pointer loads; the same result as the pointer loads
+    E, M, N, T, extra = len(counts), 32, 48, 19, 3
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+    R = int(offsets[-1]) + extra
+    row_src = torch.randint(0, T, (R,), dtype=torch.int32)
+    row_src[R - extra :] = -1
+    dense_a, dense_b = "a" in use.split(","), "b" in use.split(",")
+
+    def operand(dense: bool, cols: int) -> tuple[Rows, torch.Tensor]:
+        if not dense:  # token rows, gathered through row_src
+            t = torch.randn(T, cols).to(dtype)
+            return Rows.dense(t, gathered=True), t[row_src.clamp(min=0).long()] * (row_src >= 0)[:, None]
+        t = torch.randn(R, cols).to(dtype)
+        t[R - extra :] = float("nan")  # rows no expert owns
+        return Rows.dense(t), torch.where((torch.arange(R) < R - extra)[:, None], t, 0)
+
+    a, a_rows = operand(dense_a, M)
+    b, b_rows = operand(dense_b, N)
+    b2, b2_rows = operand(dense_b, N) if "dual" in use else (None, None)
+    gather = None if dense_a and dense_b else row_src
+    recorded = _Recorded(expert_gemm.wgrad_kernel)
+    monkeypatch.setattr(expert_gemm, "wgrad_kernel", recorded)
+    results = {}
+    for tma in (True, False):
+        monkeypatch.setattr(expert_gemm, "TMA_ROWS", tma)
+        out, out2 = poison_(torch.empty(E, M, N, dtype=dtype)), poison_(torch.empty(E, M, N, dtype=dtype))
+        expert_gemm.wgrad(a, b, out, offsets, row_src=gather, b2=b2, out2=out2 if b2 is not None else None)
+        results[tma] = (out, out2)
+        assert (recorded.calls[-1]["A_TMA"], recorded.calls[-1]["B_TMA"]) == (tma and dense_a, tma and dense_b)
+    for i, rows_b in enumerate((b_rows, b2_rows) if b2 is not None else (b_rows,)):
+        ref = torch.stack(
+            [a_rows[o0:o1].double().T @ rows_b[o0:o1].double() for o0, o1 in zip(offsets[:-1], offsets[1:])]
+        )
+        assert torch.equal(results[True][i], results[False][i])  # the TMA loads give the masked loads' tiles
+        torch.testing.assert_close(results[True][i].double(), ref, atol=TOL[dtype]["atol"] * 4, rtol=TOL[dtype]["rtol"])
 
 
 # ----------------------------------------------------------------------------------------------- autograd

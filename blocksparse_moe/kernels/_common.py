@@ -4,6 +4,8 @@ a config (the compile-audit specs: ``specs``)."""
 from __future__ import annotations
 
 import torch
+import triton
+from triton.runtime import _allocation
 
 from ..config import interpreting
 
@@ -12,6 +14,7 @@ __all__ = [
     "upcast_dots",
     "check_grid_y",
     "aligned16",
+    "scratch_allocator",
     "MAX_GRID_Y",
 ]
 
@@ -42,3 +45,17 @@ def aligned16(tensors: tuple[torch.Tensor, ...], sizes: tuple[int, ...], strides
         and all(v % 16 == 0 for v in sizes)
         and all(v == 1 or v % 16 == 0 for v in strides)
     )
+
+
+def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Triton's launch-time scratch memory from torch's caching allocator, on the current CUDA device (where Triton
+    launches; its blocks are 512-byte aligned)."""
+    return torch.empty(size, dtype=torch.uint8, device="cuda")
+
+
+def scratch_allocator() -> None:
+    """Kernels that build tensor descriptors on the device need global scratch memory at launch, from Triton's
+    allocator (``triton.set_allocator``; none by default: the launch would fail). Installs one on torch's caching
+    allocator, unless the program has set its own (kept)."""
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_torch_scratch)

@@ -29,8 +29,11 @@ descriptors: over ``[E, K, N]`` as stored (``TMA``), or over the transposed stor
 backward (``TMA_T``), the tile transposed in shared memory; K and N past the end come back as zeros. Otherwise
 pointer loads (``POINTERS``). Each weight is read with its own strides (or its own descriptor): a GLU gate or a
 pair's second weight may be stored differently from the first (both then load by pointers unless both can use the
-same TMA mode). Rows stay pointer loads (gathered: TMA has no row gather on Hopper), pipelined as asynchronous
-copies.
+same TMA mode). ``gemm_kernel``'s rows stay pointer loads (gathered: TMA has no row gather on Hopper), pipelined
+as asynchronous copies. ``wgrad_kernel`` reads a dense row operand (not gathered, not blocked; 16-bit, 16-byte
+aligned: ``_row_tma``, ``A_TMA`` / ``B_TMA``) through a tensor descriptor it builds on the device over the expert's
+rows ``[0, end)``, so that TMA's zero fill masks the rows past the expert (launch-time scratch memory:
+``_common.scratch_allocator``); its gathered operand stays on asynchronous copies.
 
 **Program order (L2).** ``gemm_kernel`` is persistent: ``P = min(tiles, SMs · PROGRAMS_PER_SM)`` programs
 (``persistent_programs``; a few when interpreting) loop over the ``max_m_tiles · cdiv(N, BLOCK_N)`` output tiles of
@@ -73,7 +76,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..activations import activate, activate_and_grad, kernel_code
-from ._common import aligned16, interpreting, upcast_dots
+from ._common import aligned16, interpreting, scratch_allocator, upcast_dots
 from .layouts import BLOCK_SIZES, Rows, Schedule, row_offsets, row_start, tile_start
 
 __all__ = [
@@ -425,13 +428,17 @@ def wgrad_kernel(
     A_GATHER: tl.constexpr,
     B_GATHER: tl.constexpr,
     DUAL: tl.constexpr,
+    A_TMA: tl.constexpr,  # A dense (not gathered, not blocked, unit column stride, 16-byte aligned): TMA loads
+    B_TMA: tl.constexpr,  # B (and B2) likewise
     UPCAST: tl.constexpr,
 ):
     """``out[e] = A[rows of e]ᵀ @ B[rows of e]`` (``DUAL``: or ``out2[e]`` with B2), one ``BLOCK_M × BLOCK_N`` tile,
     reduced over expert e's rows ``BLOCK_K`` at a time; experts without rows get zeros. ``DUAL`` doubles the N tiles:
     the second half computes ``out2`` (one full-width accumulator per program, next to the program of the same A
     tile in the grouped order, which shares it in L2). Blocked layouts need expert row offsets that are multiples of
-    ``BLOCK_K`` (the block-padded ones are)."""
+    ``BLOCK_K`` (the block-padded ones are). ``A_TMA`` / ``B_TMA``: the dense operand's tiles come through a
+    tensor descriptor built on the device over its rows ``[0, end)`` (TMA fills the rows past the expert's end
+    with zeros, as the masks of the pointer loads do); the gathered operand stays on asynchronous copies."""
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     tiles_b = tiles_n * 2 if DUAL else tiles_n  # N tiles of out, then (DUAL) those of out2
@@ -453,6 +460,10 @@ def wgrad_kernel(
     k64 = offs_k.to(tl.int64)
     start = tl.load(offsets_ptr + e)
     end = tl.load(offsets_ptr + e + 1)
+    if A_TMA:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[end, M], strides=[s_ar, 1], block_shape=[BLOCK_K, BLOCK_M])
+    if B_TMA:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[end, N], strides=[s_br, 1], block_shape=[BLOCK_K, BLOCK_N])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_K):
         rows = r0 + offs_k
@@ -473,8 +484,14 @@ def wgrad_kernel(
         else:
             b_rows = row_start(r0, s_brb, s_br, LB_B) + k64 * s_br
             b_ok = r_ok
-        a = tl.load(a_ptr + a_rows[None, :] + a_cols[:, None], mask=m_ok[:, None] & a_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + b_rows[:, None] + b_cols[None, :], mask=b_ok[:, None] & n_ok[None, :], other=0.0)
+        if A_TMA:
+            a = a_desc.load([r0, pid_m * BLOCK_M]).trans()
+        else:
+            a = tl.load(a_ptr + a_rows[None, :] + a_cols[:, None], mask=m_ok[:, None] & a_ok[None, :], other=0.0)
+        if B_TMA:
+            b = b_desc.load([r0, pid_n * BLOCK_N])
+        else:
+            b = tl.load(b_ptr + b_rows[:, None] + b_cols[None, :], mask=b_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -602,6 +619,7 @@ class BackwardEpilogue:
 # ----------------------------------------------------------------------------------------------- launchers
 
 TMA_WEIGHTS = True  # load the weights through TMA where operands allow (tests switch it off to cover the pointers)
+TMA_ROWS = True  # wgrad_kernel: load dense row operands through TMA where they allow (likewise)
 
 
 INTERPRETER_PROGRAMS = 3  # persistent programs when interpreting: fewer than most tests' tiles, so the loop runs
@@ -627,14 +645,17 @@ def persistent_programs(device: torch.device, tiles: int) -> int:
     return min(programs, tiles)
 
 
+def _tma_device(device: torch.device) -> bool:
+    """TMA is there: Hopper or newer, or the interpreter."""
+    return interpreting() or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
 def _tma_mode(w: torch.Tensor) -> WeightLoad:
     """How ``gemm_kernel`` can read weights ``w [E, K, N]``: ``TMA`` (N contiguous) or ``TMA_T`` (K contiguous, a
     transposed view) for 16-bit weights (tf32 wgmma reads only K-major tiles: an fp32 tile from TMA is waited to
     zero) on Hopper or newer (or the interpreter) with a 16-byte aligned base and 16-byte multiples for the other
     strides (TMA's rules); else ``POINTERS``."""
-    if not TMA_WEIGHTS or w.dtype not in _HALF:
-        return WeightLoad.POINTERS
-    if not interpreting() and (w.device.type != "cuda" or torch.cuda.get_device_capability(w.device)[0] < 9):
+    if not TMA_WEIGHTS or w.dtype not in _HALF or not _tma_device(w.device):
         return WeightLoad.POINTERS
     size = w.element_size()
     if w.stride(2) == 1:
@@ -646,6 +667,16 @@ def _tma_mode(w: torch.Tensor) -> WeightLoad:
     if w.data_ptr() % 16 or any(v * size % 16 for v in other):
         return WeightLoad.POINTERS
     return mode
+
+
+def _row_tma(r: Rows) -> bool:
+    """Whether ``wgrad_kernel`` reads the row operand ``r`` through TMA (``A_TMA`` / ``B_TMA``): a dense, not
+    gathered, 16-bit operand with unit column stride, a 16-byte aligned base and a 16-byte multiple row stride, on
+    Hopper or newer (``TMA_ROWS``)."""
+    t = r.tensor
+    if not TMA_ROWS or r.block is not None or r.gathered or t.dtype not in _HALF or not _tma_device(t.device):
+        return False
+    return t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
 
 
 def _descriptor(w: torch.Tensor, mode: WeightLoad, block_k: int, block_n: int) -> TensorDescriptor:
@@ -754,11 +785,15 @@ def wgrad(
     grid = E * triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n) * (1 if b2 is None else 2)
     if grid == 0:
         return
+    a_tma = aligned and _row_tma(a)
+    b_tma = aligned and _row_tma(b) and (b2 is None or _row_tma(b2))
+    if (a_tma or b_tma) and not interpreting():
+        scratch_allocator()  # the descriptors built on the device need Triton's launch-time scratch memory
     wgrad_kernel[(grid,)](
         a.tensor, b.tensor, b.tensor if b2 is None else b2.tensor, out, out if out2 is None else out2,
         offsets, offsets if row_src is None else row_src,
         M, N, *a.strides, *b.strides, *out.stride(),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, LB_A=a.log_block,
-        LB_B=b.log_block, A_GATHER=a.gathered, B_GATHER=b.gathered, DUAL=b2 is not None,
+        LB_B=b.log_block, A_GATHER=a.gathered, B_GATHER=b.gathered, DUAL=b2 is not None, A_TMA=a_tma, B_TMA=b_tma,
         UPCAST=upcast_dots(a.tensor.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

@@ -119,7 +119,7 @@ _WGRAD_ALIGNED = ("M", "N", "s_arb", "s_ar", "s_acb", "s_ac", "s_brb", "s_br", "
 _HALF = (torch.float16, torch.bfloat16)
 
 
-_TMA_ARCHS = (90, 100, 120)  # where the launcher loads weights through TMA (``expert_gemm._tma_mode``)
+_TMA_ARCHS = (90, 100, 120)  # where the launchers load through TMA (``expert_gemm._tma_mode``, ``_row_tma``)
 
 
 def _spec(name, kernel, dtype, cfg, constexprs, unit, aligned, variants, pointer_dtypes, archs=None) -> CompileSpec:
@@ -308,10 +308,27 @@ def _wgrad_specs() -> list[CompileSpec]:
                     )  # fmt: skip
                     size = f"B={B}," if use.blocked else ""
                     tiles = f"M={cfg.block_m},N={cfg.block_n},K={cfg.block_k}"
-                    name = f"wgrad[{use.tag},{triton_type(dtype)},{size}{tiles}]"
-                    specs.append(
-                        _spec(name, wgrad_kernel, dtype, cfg, constexprs, use.unit, _WGRAD_ALIGNED, variants, _INDEX)
-                    )
+                    name = f"wgrad[{use.tag},{triton_type(dtype)},{size}{tiles}"
+                    # the fast 16-bit config reads its dense row operands through TMA on sm_90 and newer
+                    a_tma, b_tma = not (use.a_gather or use.a_blocked), not (use.b_gather or use.b_blocked)
+                    fast = variants == ("aligned",) and dtype != torch.float32 and (a_tma or b_tma)
+                    builds = [((a_tma, b_tma), _TMA_ARCHS), ((False, False), (80,))] if fast else [((False,) * 2, None)]
+                    for (a_t, b_t), archs in builds:
+                        tma = ",tma" if a_t or b_t else ""
+                        specs.append(
+                            _spec(
+                                f"{name}{tma}]",
+                                wgrad_kernel,
+                                dtype,
+                                cfg,
+                                {**constexprs, "A_TMA": a_t, "B_TMA": b_t},
+                                use.unit,
+                                _WGRAD_ALIGNED,
+                                variants,
+                                _INDEX,
+                                archs,
+                            )  # fmt: skip
+                        )
     return specs
 
 
