@@ -111,3 +111,16 @@ def test_row_tma_takes_dense_aligned_16bit_rows():
     assert not expert_gemm._row_tma(Rows.dense(torch.randn(40, 36, dtype=torch.bfloat16)[:, :33]))  # 72-byte rows
     assert not expert_gemm._row_tma(Rows.dense(x.view(-1)[1 : 1 + 39 * 32].view(39, 32)))  # base off by 2 bytes
     assert not expert_gemm._row_tma(Rows.blocked(torch.randn(4, 16, 16, dtype=torch.bfloat16), 2, 32))  # blocked
+
+
+def test_warp_specialization_only_on_sm100(monkeypatch):
+    # gemm_kernel warp-specializes its K loop on sm_100 only (the audit builds WARP_SPEC there); never when
+    # interpreting, never on meta tensors (bench.model)
+    assert not expert_gemm._blackwell(torch.device("cpu"))
+    monkeypatch.setattr(expert_gemm, "interpreting", lambda: False)
+    capability = {"cc": (10, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["cc"])
+    assert expert_gemm._blackwell(torch.device("cuda", 0)) and not expert_gemm._blackwell(torch.device("meta"))
+    for cc in ((9, 0), (12, 0), (8, 0)):
+        capability["cc"] = cc
+        assert not expert_gemm._blackwell(torch.device("cuda", 0))

@@ -105,8 +105,9 @@ efficiency model (assumptions, not measurements):
     MMA  = ceil(CTAs with work / SMs) x (executed FLOPs per CTA) / (SM dense rate x main-loop efficiency)
            main-loop efficiency: by the MMA tile's N: >=128: 0.90, 64: 0.75, 32: 0.50, 16: 0.30; x0.85 with one CTA
            per SM (prologue and epilogue not overlapped by a second CTA), except in a persistent kernel
-           (gemm_kernel: its programs loop over the tiles, the next tile's loads issued while the last one's
-           epilogue runs); x the GPU's factor (B200: 0.55); fp32 operands at half the bf16 rate (tf32)
+           (gemm_kernel with 16-bit operands on sm_100: its programs loop over the tiles, a second one per SM
+           overlapping the first's prologue and epilogue); x the GPU's factor (B200: 0.55); fp32 operands at half
+           the bf16 rate (tf32)
     L2   = operand tiles read by the CTAs (A and W tiles every K step) / L2 bandwidth
     HBM  = unique bytes (each operand row and weight once, every output and epilogue operand once) / (0.85 x HBM)
   CTAs per SM = min(registers, shared memory, 2048 threads); registers per thread estimated as 64 + the fp32
@@ -115,8 +116,8 @@ efficiency model (assumptions, not measurements):
   permute kernels and eager ops: bytes / (0.85 x HBM) + 3 us each
   routing: balanced (T*k/E assignments per expert); the routing itself runs its PyTorch implementation on meta
     tensors here (on CUDA the compiled extension runs instead): its ops are listed, not modelled as the extension
-  gemm_kernel is persistent: its "CTAs" here are its tiles (on a GPU min(tiles, 2 x SMs) programs loop over them;
-    the list, on meta tensors, shows one program per tile)
+  gemm_kernel's "CTAs" here are its tiles (persistent on sm_100's fast config: min(tiles, 2 x SMs) programs loop
+    over them; the list, on meta tensors, shows one program per tile)
   W_TMA is 0 in the list (meta tensors are not CUDA tensors); the bytes and FLOPs are the same with TMA weights"""
 
 _N_EFFICIENCY = ((128, 0.90), (64, 0.75), (32, 0.50), (16, 0.30))
@@ -192,7 +193,7 @@ def _gemm_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int]
     BM, BN, BK = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
     R, N, N_store, K = a["R"], a["N"], a["N_STORE"], a["K"]
     m_tiles = a["num_m_tiles"]
-    n_tiles = math.ceil(N_store / BN)  # the grid is persistent: its programs loop over m_tiles x n_tiles tiles
+    n_tiles = math.ceil(N_store / BN)  # from the arguments: a persistent grid has fewer programs than tiles
     itemsize = a["a_ptr"].itemsize
     dual = bool(a["GLU"]) and a["EPILOGUE"] == 1
     pair = bool(a["PAIR"])
@@ -220,7 +221,9 @@ def _gemm_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int]
     acc = BM * BN * (1 + dual) / threads * (_BWD_LIVE if a["EPILOGUE"] == 2 else 1)
     smem = a["num_stages"] * (BM * BK + BK * BN * (1 + dual)) * itemsize
     per_sm = _ctas_per_sm(gpu, a["num_warps"], acc, smem)
-    eff = _efficiency(gpu, BN, per_sm, itemsize, persistent=True)
+    # persistent on sm_100 with TMA weights: 16-bit operands (meta tensors take neither: W_TMA 0)
+    persistent = bool(a.get("PERSISTENT")) or (gpu.capability[0] == 10 and itemsize == 2)
+    eff = _efficiency(gpu, BN, per_sm, itemsize, persistent)
     work = used * n_tiles
     return Cost(
         executed, useful, hbm, l2, work, zero_m * n_tiles, (m_tiles - used - zero_m) * n_tiles, per_sm, eff,

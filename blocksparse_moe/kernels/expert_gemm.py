@@ -35,14 +35,18 @@ aligned: ``_row_tma``, ``A_TMA`` / ``B_TMA``) through a tensor descriptor it bui
 rows ``[0, end)``, so that TMA's zero fill masks the rows past the expert (launch-time scratch memory:
 ``_common.scratch_allocator``); its gathered operand stays on asynchronous copies.
 
-**Program order (L2).** ``gemm_kernel`` is persistent: ``P = min(tiles, SMs · PROGRAMS_PER_SM)`` programs
-(``persistent_programs``; a few when interpreting) loop over the ``max_m_tiles · cdiv(N, BLOCK_N)`` output tiles of
-``BLOCK_M × BLOCK_N``, program p taking tiles p, p + P, ..., each reading its expert from ``tile_expert`` (one index
-load per tile, outside the K loop). The tiles are numbered in Triton's *grouped* order: ``GROUP_M`` consecutive M
-tiles (the same expert, except at expert boundaries) sweep the N tiles together, so the programs resident at one time
-(P consecutive tiles) share their weight columns and their A rows in L2 instead of re-reading the weights once per M
-tile. ``wgrad_kernel``: grid ``(E · tiles_m · tiles_n,)``, expert-major (the programs of one expert share its rows),
-grouped order inside.
+**Program order (L2).** ``gemm_kernel`` runs the ``max_m_tiles · cdiv(N, BLOCK_N)`` output tiles of ``BLOCK_M ×
+BLOCK_N`` (``_gemm_tile``), each reading its expert from ``tile_expert`` (one index load per tile, outside the K
+loop). On sm_100 with TMA weights (the fast config) the kernel is persistent (``PERSISTENT``) and its K loop
+warp-specialized (``WARP_SPEC``: the TMA weight loads in a producer partition; 96 registers and 2 CTAs per SM, one
+CTA barrier fewer per K step): ``P = min(tiles, SMs · PROGRAMS_PER_SM)`` programs (``persistent_programs``) loop
+over the tiles, program p taking tiles p, p + P, ...; so it is when interpreting (a few programs, for the tests).
+Elsewhere one program runs one tile: the tile loop alone costs registers (sm_90: 102 -> 162 for the dense
+``grouped_mm``, one CTA per SM; spills in sm_80 / sm_100 / sm_120 fallback builds). The tiles are numbered in
+Triton's *grouped* order: ``GROUP_M`` consecutive M tiles (the same expert, except at expert boundaries) sweep the N
+tiles together, so the programs resident at one time (consecutive tiles) share their weight columns and their A rows
+in L2 instead of re-reading the weights once per M tile. ``wgrad_kernel``: grid ``(E · tiles_m · tiles_n,)``,
+expert-major (the programs of one expert share its rows), grouped order inside.
 
 **Epilogues** of ``gemm_kernel`` (``EPILOGUE``: ``Epilogue``), one ``@triton.jit`` helper each:
 
@@ -174,17 +178,19 @@ def _mainloop(
     LB_A: tl.constexpr,
     DUAL: tl.constexpr,
     W_TMA: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """``acc += A[rows, :K] @ W[:K, cols]`` (and ``acc2 += A @ W2`` when ``DUAL``), ``BLOCK_K`` at a time over
     ``k_steps`` steps. ``a_rows``: the tile's row offsets into A; ``w_ptr`` / ``w2_ptr``: the expert's weights, each
     read with its own strides (``s_wk, s_wn`` / ``s_w2k, s_w2n``), or their descriptors ``w_desc`` / ``w2_desc``
-    with ``W_TMA``, at expert ``e``, columns from ``n0``."""
+    with ``W_TMA``, at expert ``e``, columns from ``n0``. ``WARP_SPEC``: the loop's TMA weight loads in a producer
+    partition of warps, the MMA and the row copies in the consumer (``tl.range(..., warp_specialize=True)``)."""
     offs_k = tl.arange(0, BLOCK_K)
     a_tile = a_ptr + a_rows[:, None] + (offs_k.to(tl.int64) * s_ac)[None, :]
     w_tile = offs_k.to(tl.int64)[:, None] * s_wk + offs_n.to(tl.int64)[None, :] * s_wn
     w2_tile = offs_k.to(tl.int64)[:, None] * s_w2k + offs_n.to(tl.int64)[None, :] * s_w2n
-    for t in range(0, k_steps):
+    for t in tl.range(0, k_steps, warp_specialize=WARP_SPEC):
         k_ok = (t * BLOCK_K + offs_k) < K
         a = tl.load(a_tile + tile_start(t, s_acb, s_ac, BLOCK_K, LB_A), mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w_off = tl.cast(t, tl.int64) * (BLOCK_K * s_wk) + w_tile
@@ -289,6 +295,68 @@ def _backward_epilogue(
 
 
 @triton.jit
+def _gemm_tile(
+    tile, a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr, row_src_ptr,
+    row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr, R, N, N_STORE, K, E,
+    num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI_N: tl.constexpr, GROUP_M: tl.constexpr,
+    LB_A: tl.constexpr, LB_O: tl.constexpr, GATHER: tl.constexpr, GLU: tl.constexpr, PAIR: tl.constexpr,
+    EPILOGUE: tl.constexpr, ACT: tl.constexpr, W_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Output tile ``tile`` (in the grouped order) of ``gemm_kernel``: ``BLOCK_M × BLOCK_N`` of expert e's rows times
+    ``W[e]``, the expert read from ``tile_expert``."""
+    DUAL: tl.constexpr = GLU and EPILOGUE == _FORWARD  # the gate's accumulator (the backward reads the saved g)
+    num_n = tl.cdiv(N_STORE, BLOCK_N)
+    pid_m, pid_n = _grouped_order(tile, num_m_tiles, num_n, GROUP_M)
+    e = tl.load(tile_expert_ptr + pid_m)  # E: a tile zeroing rows past offsets[E], the same start formula
+    used = e < E
+    start = tl.load(offsets_ptr + e) + (pid_m - tl.load(tile_offsets_ptr + e)) * BLOCK_M
+    end = tl.load(offsets_ptr + e + 1, mask=used, other=R)
+    k_steps = tl.where(used, tl.cdiv(K, BLOCK_K), 0)  # zeroing tiles skip the main loop
+    rows = start + tl.arange(0, BLOCK_M)
+    row_ok = rows < end
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+
+    if GATHER:
+        src = tl.load(row_src_ptr + rows, mask=row_ok, other=-1)
+        a_ok = row_ok & (src >= 0)
+        a_rows = tl.maximum(src, 0).to(tl.int64) * s_ar
+    else:
+        a_ok = row_ok
+        a_rows = row_offsets(rows, s_arb, s_ar, LB_A)
+    w_base = e.to(tl.int64) * s_we
+    w2_base = e.to(tl.int64) * s_w2e
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GLU only; unused (and removed) otherwise
+    n0 = pid_n * BLOCK_N
+    acc, acc2 = _mainloop(
+        acc, acc2, a_ptr, a_rows, s_acb, s_ac, w_ptr + w_base, w2_ptr + w2_base, w_desc, w2_desc, e, n0, s_wk, s_wn,
+        s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, BLOCK_K, BLOCK_N, LB_A, DUAL, W_TMA, WARP_SPEC, UPCAST,
+    )  # fmt: skip
+    if PAIR:
+        acc, acc2 = _mainloop(
+            acc, acc2, a2_ptr, a_rows, s_acb, s_ac, w2_ptr + w2_base, w2_ptr, w2_desc, w2_desc, e, n0, s_w2k, s_w2n,
+            s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, BLOCK_K, BLOCK_N, LB_A, False, W_TMA, WARP_SPEC, UPCAST,
+        )  # fmt: skip
+
+    o_rows = row_offsets(rows, s_orb, s_or, LB_O)
+    o_col0 = tile_start(pid_n, s_ocb, s_oc, BLOCK_N, LB_O)
+    if EPILOGUE == _BACKWARD:
+        _backward_epilogue(
+            acc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr, row_asg_ptr, weights_ptr, dots_ptr, o_rows, o_col0,
+            s_oc, rows, row_ok, n0, pid_n, R, N, N_STORE, BLOCK_M, BLOCK_N, EPI_N, GLU, ACT,
+        )  # fmt: skip
+    else:
+        o_off = o_rows[:, None] + (o_col0 + tl.arange(0, BLOCK_N).to(tl.int64) * s_oc)[None, :]
+        store = row_ok[:, None] & (offs_n < N_STORE)[None, :]
+        if EPILOGUE == _PLAIN:
+            _store_plain(acc, out_ptr, o_off, store)
+        else:
+            _forward_epilogue(acc, acc2, out_ptr, out2_ptr, out3_ptr, o_off, store, GLU, ACT)
+
+
+@triton.jit
 def gemm_kernel(
     a_ptr,  # A [T, K] gathered through row_src (GATHER), or [R, K] in a row layout
     w_ptr,  # [E, K, N] any strides
@@ -341,60 +409,30 @@ def gemm_kernel(
     EPILOGUE: tl.constexpr,  # Epilogue: PLAIN, FORWARD, BACKWARD
     ACT: tl.constexpr,  # activations.kernel_code (EPILOGUE FORWARD, BACKWARD)
     W_TMA: tl.constexpr,  # WeightLoad: POINTERS, TMA over [E, K, N], TMA_T over the transposed storage [E, N, K]
+    WARP_SPEC: tl.constexpr,  # sm_100 with TMA weights: the K loop warp-specialized (producer / consumer warps)
     UPCAST: tl.constexpr,
+    PERSISTENT: tl.constexpr,  # loop over the tiles (a grid of fewer programs); else one tile per program
 ):
-    """``BLOCK_M × BLOCK_N`` tiles of expert e's rows times ``W[e]``, persistent: program p runs the tiles p, p +
-    P, p + 2P, ... (P programs) of the grouped order; see the module docstring."""
-    DUAL: tl.constexpr = GLU and EPILOGUE == _FORWARD  # the gate's accumulator (the backward reads the saved g)
-    num_n = tl.cdiv(N_STORE, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), num_m_tiles * num_n, tl.num_programs(0)):
-        pid_m, pid_n = _grouped_order(tile, num_m_tiles, num_n, GROUP_M)
-        e = tl.load(tile_expert_ptr + pid_m)  # E: a tile zeroing rows past offsets[E], the same start formula
-        used = e < E
-        start = tl.load(offsets_ptr + e) + (pid_m - tl.load(tile_offsets_ptr + e)) * BLOCK_M
-        end = tl.load(offsets_ptr + e + 1, mask=used, other=R)
-        k_steps = tl.where(used, tl.cdiv(K, BLOCK_K), 0)  # zeroing tiles skip the main loop
-        rows = start + tl.arange(0, BLOCK_M)
-        row_ok = rows < end
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-
-        if GATHER:
-            src = tl.load(row_src_ptr + rows, mask=row_ok, other=-1)
-            a_ok = row_ok & (src >= 0)
-            a_rows = tl.maximum(src, 0).to(tl.int64) * s_ar
-        else:
-            a_ok = row_ok
-            a_rows = row_offsets(rows, s_arb, s_ar, LB_A)
-        w_base = e.to(tl.int64) * s_we
-        w2_base = e.to(tl.int64) * s_w2e
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GLU only; unused (and removed) otherwise
-        n0 = pid_n * BLOCK_N
-        acc, acc2 = _mainloop(
-            acc, acc2, a_ptr, a_rows, s_acb, s_ac, w_ptr + w_base, w2_ptr + w2_base, w_desc, w2_desc, e, n0, s_wk, s_wn,
-            s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, BLOCK_K, BLOCK_N, LB_A, DUAL, W_TMA, UPCAST,
+    """``BLOCK_M × BLOCK_N`` tiles of expert e's rows times ``W[e]`` (``_gemm_tile``), in the grouped order.
+    ``PERSISTENT``: program p runs the tiles p, p + P, p + 2P, ... (P programs); else the tile ``program_id``. See
+    the module docstring."""
+    if PERSISTENT:
+        for tile in tl.range(tl.program_id(0), num_m_tiles * tl.cdiv(N_STORE, BLOCK_N), tl.num_programs(0)):
+            _gemm_tile(
+                tile, a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr,
+                row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr, R, N,
+                N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb,
+                s_or, s_ocb, s_oc, BLOCK_M, BLOCK_N, BLOCK_K, EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE,
+                ACT, W_TMA, WARP_SPEC, UPCAST,
+            )  # fmt: skip
+    else:
+        _gemm_tile(
+            tl.program_id(0), a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr,
+            row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr, R, N,
+            N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or,
+            s_ocb, s_oc, BLOCK_M, BLOCK_N, BLOCK_K, EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE, ACT, W_TMA,
+            WARP_SPEC, UPCAST,
         )  # fmt: skip
-        if PAIR:
-            acc, acc2 = _mainloop(
-                acc, acc2, a2_ptr, a_rows, s_acb, s_ac, w2_ptr + w2_base, w2_ptr, w2_desc, w2_desc, e, n0, s_w2k, s_w2n,
-                s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, BLOCK_K, BLOCK_N, LB_A, False, W_TMA, UPCAST,
-            )  # fmt: skip
-
-        o_rows = row_offsets(rows, s_orb, s_or, LB_O)
-        o_col0 = tile_start(pid_n, s_ocb, s_oc, BLOCK_N, LB_O)
-        if EPILOGUE == _BACKWARD:
-            _backward_epilogue(
-                acc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr, row_asg_ptr, weights_ptr, dots_ptr, o_rows, o_col0,
-                s_oc, rows, row_ok, n0, pid_n, R, N, N_STORE, BLOCK_M, BLOCK_N, EPI_N, GLU, ACT,
-            )  # fmt: skip
-        else:
-            o_off = o_rows[:, None] + (o_col0 + tl.arange(0, BLOCK_N).to(tl.int64) * s_oc)[None, :]
-            store = row_ok[:, None] & (offs_n < N_STORE)[None, :]
-            if EPILOGUE == _PLAIN:
-                _store_plain(acc, out_ptr, o_off, store)
-            else:
-                _forward_epilogue(acc, acc2, out_ptr, out2_ptr, out3_ptr, o_off, store, GLU, ACT)
 
 
 @triton.jit
@@ -650,6 +688,11 @@ def _tma_device(device: torch.device) -> bool:
     return interpreting() or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
+def _blackwell(device: torch.device) -> bool:
+    """sm_100 (datacenter Blackwell, tcgen05): ``gemm_kernel`` warp-specializes its K loop there."""
+    return not interpreting() and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 10
+
+
 def _tma_mode(w: torch.Tensor) -> WeightLoad:
     """How ``gemm_kernel`` can read weights ``w [E, K, N]``: ``TMA`` (N contiguous) or ``TMA_T`` (K contiguous, a
     transposed view) for 16-bit weights (tf32 wgmma reads only K-major tiles: an fp32 tile from TMA is waited to
@@ -711,8 +754,8 @@ def gemm(
       fp32 ``dots [N tiles, R]`` (Σ over each tile's columns of ``G·a``; their sum over N tiles is the top-k weight
       gradient of each row).
 
-    Outputs in ``out``'s layout share its strides. Grid: ``(persistent_programs(device, tiles),)`` over the ``tiles =
-    max_m_tiles · cdiv(padded cols, block_n)`` tiles.
+    Outputs in ``out``'s layout share its strides. Grid: ``(persistent_programs(device, tiles),)`` (persistent: sm_100
+    with TMA weights, or interpreting) or ``(tiles,)``, ``tiles = max_m_tiles · cdiv(padded cols, block_n)``.
     """
     N, K, E = w.shape[2], a.cols, w.shape[0]
     epilogue = Epilogue.PLAIN
@@ -747,7 +790,10 @@ def gemm(
         w2_desc = _descriptor(w2, tma, cfg.block_k, cfg.block_n) if (gate is not None or pair is not None) else None
     bwd = backward or BackwardEpilogue(out.tensor, None, schedule.offsets, out.tensor)
     off = schedule.offsets
-    gemm_kernel[(persistent_programs(out.tensor.device, schedule.max_m_tiles * num_n),)](
+    tiles = schedule.max_m_tiles * num_n
+    warp_spec = tma != WeightLoad.POINTERS and _blackwell(w.device)
+    persistent = interpreting() or warp_spec  # elsewhere the tile loop costs registers: sm_90 1 CTA/SM, spills
+    gemm_kernel[(persistent_programs(out.tensor.device, tiles) if persistent else tiles,)](
         a.tensor, w, a2.tensor, w2, w_desc, w2_desc, out.tensor, out.tensor if gate_out is None else gate_out,
         out.tensor if act_out is None else act_out, bwd.h, bwd.h if bwd.g is None else bwd.g,
         off if row_src is None else row_src, bwd.row_asg, bwd.weights, out.tensor if dots is None else dots, off,
@@ -756,7 +802,8 @@ def gemm(
         *a.strides, *w.stride(), *w2.stride(), *out.strides,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EPI_N=cfg.epi_n, GROUP_M=cfg.group_m,
         LB_A=a.log_block, LB_O=out.log_block, GATHER=a.gathered, GLU=glu, PAIR=pair is not None, EPILOGUE=int(epilogue),
-        ACT=kernel_code(activation), W_TMA=int(tma), UPCAST=upcast_dots(dtype), num_warps=cfg.num_warps,
+        ACT=kernel_code(activation), W_TMA=int(tma), WARP_SPEC=warp_spec,
+        UPCAST=upcast_dots(dtype), PERSISTENT=persistent, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
     return dots

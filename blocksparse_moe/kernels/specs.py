@@ -120,6 +120,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 _TMA_ARCHS = (90, 100, 120)  # where the launchers load through TMA (``expert_gemm._tma_mode``, ``_row_tma``)
+_NO_WS_TMA_ARCHS = (90, 120)  # gemm_kernel's TMA builds without warp specialization (sm_100's: ``_blackwell``)
 
 
 def _spec(name, kernel, dtype, cfg, constexprs, unit, aligned, variants, pointer_dtypes, archs=None) -> CompileSpec:
@@ -129,7 +130,7 @@ def _spec(name, kernel, dtype, cfg, constexprs, unit, aligned, variants, pointer
     matmul = constexprs["BLOCK_M"] >= 64
     return CompileSpec(
         name, kernel, signature, constexprs, cfg.num_warps, cfg.num_stages, matmul, aligned=aligned,
-        variants=variants, archs=archs, persistent=kernel is gemm_kernel,
+        variants=variants, archs=archs, persistent=bool(constexprs.get("PERSISTENT")),
     )  # fmt: skip
 
 
@@ -232,15 +233,19 @@ def _gemm_specs() -> list[CompileSpec]:
                         act_tag = f",{act}" if use.epilogue else ""
                         size = f"B={B}" if use.blocked else f"M={cfg.block_m}"
                         name = f"gemm[{use.tag}{act_tag},{triton_type(dtype)},{size},N={cfg.block_n},K={cfg.block_k}"
-                        # the fast 16-bit config loads the weights through TMA on sm_90 and newer, pointers on sm_80
+                        # the fast 16-bit config loads the weights through TMA on sm_90 and newer (on sm_100 in a
+                        # warp-specialized K loop, persistent), pointers on sm_80
                         tma = WeightLoad.TMA_T if use.w_t else WeightLoad.TMA
                         fast = variants == ("aligned",) and dtype != torch.float32  # fp32 weights: pointer loads
                         pointers = WeightLoad.POINTERS
-                        for mode, archs in ((tma, _TMA_ARCHS), (pointers, (80,))) if fast else ((pointers, None),):
+                        tma_builds = ((tma, False, _NO_WS_TMA_ARCHS), (tma, True, (100,)), (pointers, False, (80,)))
+                        for mode, ws, archs in tma_builds if fast else ((pointers, False, None),):
                             two = (use.glu and use.epilogue == 1) or use.pair
                             constexprs, descs = _weight_loads(dtype, cfg, mode, two=two)
-                            constexprs = {**base, **constexprs}
-                            spec = _spec(f"{name}{',tma' if mode else ''}]", gemm_kernel, dtype, cfg, constexprs,
+                            # sm_100's TMA builds loop over their tiles (``PERSISTENT``), the others run one tile each
+                            constexprs = {**base, **constexprs, "WARP_SPEC": ws, "PERSISTENT": ws}
+                            tag = ",tma,ws" if ws else ",tma" if mode else ""
+                            spec = _spec(f"{name}{tag}]", gemm_kernel, dtype, cfg, constexprs,
                                          use.unit,
                                          _GEMM_ALIGNED, variants, {**_INDEX, **_FP32}, archs)  # fmt: skip
                             spec.signature.update(descs)
