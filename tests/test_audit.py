@@ -229,6 +229,25 @@ TMA_LOOP = """
         /*0150*/                   BRA 0x150;
 """
 
+# sm_100 persistent kernel: the tile loop (0x10-0xc0) holds the pipelined K loop (0x30-0x70), the pipeline's peeled
+# MMAs (more than the K loop holds) and its drain, a wait to zero once per tile
+PERSISTENT_LOOP = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDGSTS.E.BYPASS.128 [R21], desc[UR32][R6.64], P2 ;
+        /*0020*/                   UTCHMMA gdesc[UR4], gdesc[UR14], tmem[UR9], tmem[UR34], idesc[UR35], !UPT ;
+        /*0030*/                   LDGSTS.E.BYPASS.128 [R21+0x4000], desc[UR32][R6.64], P2 ;
+        /*0040*/                   DEPBAR.LE SB0, 0x1 ;
+        /*0050*/                   UTCHMMA gdesc[UR4], gdesc[UR14], tmem[UR9], tmem[UR34], idesc[UR35], UPT ;
+        /*0060*/                   NOP ;
+        /*0070*/               @P2 BRA 0x30 ;
+        /*0080*/                   UTCHMMA gdesc[UR4], gdesc[UR14], tmem[UR9], tmem[UR34], idesc[UR35], UPT ;
+        /*0090*/                   UTCHMMA gdesc[UR24], gdesc[UR26], tmem[UR9], tmem[UR34], idesc[UR35], UPT ;
+        /*00a0*/                   DEPBAR.LE SB0, 0x0 ;
+        /*00b0*/                   STG.E desc[UR4][R2.64], R0 ;
+        /*00c0*/               @P3 BRA 0x10 ;
+        /*00d0*/                   EXIT ;
+"""
+
 # sm_100: tcgen05 MMAs, no loop (one K step); the tensor-memory allocation retry loop has no MMA
 NO_LOOP = """
         /*0000*/                   UTCATOMSWS.FIND_AND_SET.ALIGN UP0, UR4, UR7 ;
@@ -315,6 +334,16 @@ def test_tma_loop_passes():
     assert lp.tma_loads == 1 and lp.mbarrier_waits == 1 and lp.asynchronous
     assert lp.cp_async_waits == () and lp.wgmma_waits == (1,)  # the SB0 wait after UTMACMDFLUSH is the TMA store's
     assert audit_report.findings(_synthetic(90, s)) == []
+
+
+def test_persistent_tile_loop_is_not_the_main_loop():
+    # the K loop inside a persistent kernel's tile loop is the main loop; the tile loop's drain (a wait to zero once
+    # per tile) is no pipeline failure (both were taken for the K loop's before)
+    s = audit_sass.analyze_sass(PERSISTENT_LOOP)
+    assert [(lp.start, lp.end, lp.mma) for lp in s.loops] == [(0x10, 0xC0, 4), (0x30, 0x70, 1)]
+    assert [(lp.start, lp.end) for lp in s.inner_loops] == [(0x30, 0x70)]
+    assert (s.main_loop.start, s.main_loop.cp_async_waits) == (0x30, (1,))
+    assert audit_report.findings(_synthetic(100, s)) == []
 
 
 def test_no_loop_passes():

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 from helpers import TOL, assert_close, assert_close_to_reference, poison_, routing
 
 from blocksparse_moe import backends
+from blocksparse_moe.kernels import expert_gemm
+from blocksparse_moe.kernels.layouts import Rows, Schedule
 from blocksparse_moe.ops import _checks
 from blocksparse_moe.ops.grouped import grouped_mm, row_sources
 from blocksparse_moe.ops.permute import gather_rows, scatter_rows
@@ -145,6 +148,133 @@ def test_many_experts_tile_search():
     kernels.grouped_mm(x, w, plan.offsets, plan.row_assignment, plan.assignment_row, backend="triton", out=out)
     same = kernels.grouped_mm(x, w, plan.offsets, plan.row_assignment, plan.assignment_row, backend="torch")
     assert_close_to_reference(out, ref_grouped_mm(x, w, plan, True), same)
+
+
+def _tile_expert_reference(offsets: list[int], rows: int, block_m: int, padded: bool) -> list[int]:
+    """The expert of every M tile of the bound, one expert at a time; E for the tiles past the experts' tiles."""
+    E = len(offsets) - 1
+    experts = [e for e in range(E) for _ in range((offsets[e + 1] - offsets[e] + block_m - 1) // block_m)]
+    bound = Schedule.max_tiles(rows, E, block_m, padded)
+    return (experts + [E] * bound)[:bound]
+
+
+@pytest.mark.parametrize(
+    "counts, block_m, padded",
+    [
+        ([5, 0, 0, 17, 1], 4, False),  # empty experts between full ones, odd counts, a one-row expert
+        ([0, 9, 0], 4, False),  # empty first and last experts
+        ([7], 16, False),  # E = 1, fewer rows than one tile
+        ([0, 0, 0], 4, False),  # no rows at all: every tile zeroes
+        ([8, 0, 16, 4], 4, True),  # block-padded offsets: tiles = offsets / block_m
+    ],
+)
+def test_schedule_tile_expert_map(counts, block_m, padded):
+    extra = 3  # rows past offsets[E] (invalid assignments, padding): zeroing tiles map to E
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+    rows = int(offsets[-1]) + (0 if padded else extra)
+    schedule = Schedule.build(offsets, rows, block_m, padded=padded)
+    assert schedule.tile_expert.dtype == torch.int32 and schedule.tile_expert.shape == (schedule.max_m_tiles,)
+    assert schedule.tile_expert.tolist() == _tile_expert_reference(offsets.tolist(), rows, block_m, padded)
+
+
+@pytest.mark.parametrize("programs", [1, 2, 5])
+@pytest.mark.parametrize(
+    "T, k, E, K, N, kind",
+    [
+        (37, 2, 5, 19, 23, "skip"),  # empty experts, odd K and N; 7+ M tiles x 2 N tiles for 1, 2, 5 programs
+        (29, 1, 1, 9, 40, "uniform"),  # E = 1: one expert's tiles, 3 N tiles
+        (20, 2, 4, 18, 33, "one-hot"),  # all rows to one expert, the others empty
+        (11, 2, 4, 9, 13, "invalid"),  # rows past offsets[E]: zeroing tiles in the loop
+    ],
+)
+def test_persistent_tile_loop(T, k, E, K, N, kind, programs, monkeypatch):
+    # the persistent gemm_kernel with fewer programs than tiles: every program loops over several tiles, each
+    # tile reading its expert from the tile map; the result does not depend on the program count
+    monkeypatch.setattr(expert_gemm, "INTERPRETER_PROGRAMS", programs)
+    plan = plan_routing(routing(T, k, E, kind), E, block_size=1, check=False)
+    x, w, maps = _operands(plan, K, N, True, torch.float32)
+    schedule_tiles = Schedule.build(plan.offsets, plan.num_assignments, 16).max_m_tiles * triton.cdiv(N, 16)
+    assert expert_gemm.persistent_programs(x.device, schedule_tiles) == programs < schedule_tiles
+    out = poison_(torch.empty(plan.num_assignments, N))
+    kernels.grouped_mm(x, w, plan.offsets, *maps, backend="triton", out=out)
+    same = kernels.grouped_mm(x, w, plan.offsets, *maps, backend="torch")
+    assert_close_to_reference(out, ref_grouped_mm(x, w, plan, True), same)
+
+
+def test_persistent_programs(monkeypatch):
+    # interpreting: a few programs (never more than the tiles); meta tensors (bench.model): one per tile; on a GPU
+    # PROGRAMS_PER_SM per SM, from a host query of the device (no sync)
+    assert expert_gemm.persistent_programs(torch.device("cpu"), 100) == expert_gemm.INTERPRETER_PROGRAMS
+    assert expert_gemm.persistent_programs(torch.device("cpu"), 2) == 2
+    monkeypatch.setattr(expert_gemm, "interpreting", lambda: False)
+    assert expert_gemm.persistent_programs(torch.device("meta"), 100) == 100
+    monkeypatch.setattr(expert_gemm, "_sm_count", lambda index: 132 if index == 1 else 0)
+    assert expert_gemm.persistent_programs(torch.device("cuda", 1), 10**6) == 132 * expert_gemm.PROGRAMS_PER_SM
+    assert expert_gemm.persistent_programs(torch.device("cuda", 1), 7) == 7
+
+
+class _Recorded:
+    """A kernel whose launches record their keyword arguments, then run."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "counts",
+    [
+        [5, 0, 37, 1],  # K steps straddling expert ends (16-row steps), an empty expert, a one-row expert
+        [23],  # E = 1
+        [0, 48, 0],  # all rows to one expert, empty first and last experts
+    ],
+)
+@pytest.mark.parametrize("use", ["a", "b,dual", "a,b"])  # the dense operand(s): aw (dW2), dh and dg (dW1, dW3), both
+def test_wgrad_tma_dense_rows(use, counts, dtype, monkeypatch):
+    # wgrad_kernel reading its dense row operands through descriptors built on the device over the expert's rows:
+    # rows past an expert's end come back as zeros (the next expert's rows and, here NaN, the rows past offsets[E]
+    # never reach a sum); the gathered operand stays on pointer loads; the same result as the pointer loads
+    E, M, N, T, extra = len(counts), 32, 48, 19, 3
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+    R = int(offsets[-1]) + extra
+    row_src = torch.randint(0, T, (R,), dtype=torch.int32)
+    row_src[R - extra :] = -1
+    dense_a, dense_b = "a" in use.split(","), "b" in use.split(",")
+
+    def operand(dense: bool, cols: int) -> tuple[Rows, torch.Tensor]:
+        if not dense:  # token rows, gathered through row_src
+            t = torch.randn(T, cols).to(dtype)
+            return Rows.dense(t, gathered=True), t[row_src.clamp(min=0).long()] * (row_src >= 0)[:, None]
+        t = torch.randn(R, cols).to(dtype)
+        t[R - extra :] = float("nan")  # rows no expert owns
+        return Rows.dense(t), torch.where((torch.arange(R) < R - extra)[:, None], t, 0)
+
+    a, a_rows = operand(dense_a, M)
+    b, b_rows = operand(dense_b, N)
+    b2, b2_rows = operand(dense_b, N) if "dual" in use else (None, None)
+    gather = None if dense_a and dense_b else row_src
+    recorded = _Recorded(expert_gemm.wgrad_kernel)
+    monkeypatch.setattr(expert_gemm, "wgrad_kernel", recorded)
+    results = {}
+    for tma in (True, False):
+        monkeypatch.setattr(expert_gemm, "TMA_ROWS", tma)
+        out, out2 = poison_(torch.empty(E, M, N, dtype=dtype)), poison_(torch.empty(E, M, N, dtype=dtype))
+        expert_gemm.wgrad(a, b, out, offsets, row_src=gather, b2=b2, out2=out2 if b2 is not None else None)
+        results[tma] = (out, out2)
+        assert (recorded.calls[-1]["A_TMA"], recorded.calls[-1]["B_TMA"]) == (tma and dense_a, tma and dense_b)
+    for i, rows_b in enumerate((b_rows, b2_rows) if b2 is not None else (b_rows,)):
+        ref = torch.stack(
+            [a_rows[o0:o1].double().T @ rows_b[o0:o1].double() for o0, o1 in zip(offsets[:-1], offsets[1:])]
+        )
+        assert torch.equal(results[True][i], results[False][i])  # the TMA loads give the masked loads' tiles
+        torch.testing.assert_close(results[True][i].double(), ref, atol=TOL[dtype]["atol"] * 4, rtol=TOL[dtype]["rtol"])
 
 
 # ----------------------------------------------------------------------------------------------- autograd

@@ -1,5 +1,6 @@
 """Host-side helpers of the kernels (kernels/_common.py), the launchers' config choice, and the shared checks."""
 
+import contextvars
 from dataclasses import replace
 
 import pytest
@@ -102,3 +103,53 @@ def test_interpreter_rounds_bf16_toward_zero():
     truncated = (x.view(torch.int32) >> 16).to(torch.int16)
     assert torch.equal(y.view(torch.int16), truncated)
     assert not torch.equal(y, x.to(torch.bfloat16))  # torch rounds to nearest even: some values differ
+
+
+def test_scratch_allocator_installs_one_unless_set():
+    # device-side tensor descriptors need Triton's launch-time allocator: installed when none is set, a program's
+    # own allocator kept (each case in a fresh context: the allocator is a context variable)
+    from triton.runtime import _allocation
+
+    from blocksparse_moe.kernels import _common
+
+    def fresh():
+        _allocation._allocator.set(_allocation.NullAllocator())
+        _common.scratch_allocator()
+        return _allocation._allocator.get()
+
+    def own():
+        mine = lambda size, alignment, stream: torch.empty(size, dtype=torch.uint8)  # noqa: E731
+        triton.set_allocator(mine)
+        _common.scratch_allocator()
+        return _allocation._allocator.get() is mine
+
+    assert contextvars.copy_context().run(fresh) is _common._torch_scratch
+    assert contextvars.copy_context().run(own)
+
+
+def test_row_tma_takes_dense_aligned_16bit_rows():
+    # wgrad_kernel's TMA rows: dense, not gathered, not blocked, 16-bit, 16-byte aligned base and row stride
+    from blocksparse_moe.kernels.layouts import Rows
+
+    x = torch.randn(40, 32, dtype=torch.bfloat16)
+    assert expert_gemm._row_tma(Rows.dense(x))
+    assert not expert_gemm._row_tma(Rows.dense(x, gathered=True))  # gathered rows: cp.async
+    assert not expert_gemm._row_tma(Rows.dense(x.float()))  # fp32: tf32 MMAs read K-major tiles only
+    assert not expert_gemm._row_tma(Rows.dense(torch.randn(40, 36, dtype=torch.bfloat16)[:, :33]))  # 72-byte rows
+    assert not expert_gemm._row_tma(Rows.dense(x.view(-1)[1 : 1 + 39 * 32].view(39, 32)))  # base off by 2 bytes
+    assert not expert_gemm._row_tma(Rows.blocked(torch.randn(4, 16, 16, dtype=torch.bfloat16), 2, 32))  # blocked
+
+
+def test_warp_specialization_only_on_sm100(monkeypatch):
+    # gemm_kernel warp-specializes its K loop on sm_100 only (the audit builds WARP_SPEC there); never when
+    # interpreting, never on meta tensors (bench.model)
+    assert not expert_gemm._warp_specialize(torch.device("cpu"))
+    monkeypatch.setattr(expert_gemm, "interpreting", lambda: False)
+    capability = {"cc": (10, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["cc"])
+    assert expert_gemm._warp_specialize(torch.device("cuda", 0)) and not expert_gemm._warp_specialize(
+        torch.device("meta")
+    )
+    for cc in ((9, 0), (12, 0), (8, 0)):
+        capability["cc"] = cc
+        assert not expert_gemm._warp_specialize(torch.device("cuda", 0))

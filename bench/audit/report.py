@@ -89,7 +89,7 @@ def findings(result: BuildResult) -> list[tuple[str, str]]:
         if code in PTXAS_CODES:
             out.append((PTXAS_CODES[code], f"ptxas {code}: wgmma serialised"))
     if result.expect_pipelined and sass is not None:
-        for lp in sass.loops:
+        for lp in sass.inner_loops:
             where = f"MMA loop {lp.start:#x}-{lp.end:#x}"
             if lp.cp_async_wait_zero:
                 out.append(("pipeline", f"{where} waits cp.async to zero (DEPBAR.LE SB0, 0x0) every iteration"))

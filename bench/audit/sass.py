@@ -136,9 +136,16 @@ class SassSummary:
         return sum(n for op, n in self.mma.items() if mma_family(op) == family)
 
     @property
+    def inner_loops(self) -> tuple[LoopStats, ...]:
+        """The loops holding no other of these loops: K loops. The tile loop of a persistent kernel holds its K loop
+        and the pipeline's peeled MMAs, and drains the pipeline once per tile (a wait to zero that is no stall)."""
+        ls = self.loops
+        return tuple(lp for lp in ls if not any(o is not lp and lp.start <= o.start <= o.end <= lp.end for o in ls))
+
+    @property
     def main_loop(self) -> LoopStats | None:
-        """The loop with the most MMA instructions (the K loop)."""
-        return max(self.loops, key=lambda lp: (lp.mma, lp.instructions), default=None)
+        """The inner loop with the most MMA instructions (the K loop)."""
+        return max(self.inner_loops, key=lambda lp: (lp.mma, lp.instructions), default=None)
 
 
 def _tool(name: str) -> str:

@@ -104,9 +104,11 @@ efficiency model (assumptions, not measurements):
   GEMM launch time = max(MMA, L2, HBM) + 3 us (launch, prologue, ramp)
     MMA  = ceil(CTAs with work / SMs) x (executed FLOPs per CTA) / (SM dense rate x main-loop efficiency)
            main-loop efficiency: by the MMA tile's N: >=128: 0.90, 64: 0.75, 32: 0.50, 16: 0.30; x0.85 with one CTA
-           per SM (prologue and epilogue not overlapped by a second CTA); x the GPU's factor (B200: 0.55);
-           fp32 operands at half the bf16 rate (tf32); M tiles under 64 rows (decode: mma.sync, not wgmma) at the
-           same efficiency: they serve shapes whose weight reads bound them (HBM), where it does not decide
+           per SM (prologue and epilogue not overlapped by a second CTA), except in a persistent kernel
+           (gemm_kernel with 16-bit operands on sm_100: its programs loop over the tiles, a second one per SM
+           overlapping the first's prologue and epilogue); x the GPU's factor (B200: 0.55); fp32 operands at half
+           the bf16 rate (tf32); M tiles under 64 rows (decode: mma.sync, not wgmma) at the same efficiency: they
+           serve shapes whose weight reads bound them (HBM), where it does not decide
     L2   = operand tiles read by the CTAs (A and W tiles every K step) / L2 bandwidth
     HBM  = unique bytes (each operand row and weight once, every output and epilogue operand once) / (0.85 x HBM)
   CTAs per SM = min(registers, shared memory, 2048 threads); registers per thread estimated as 48 + the fp32
@@ -122,6 +124,8 @@ efficiency model (assumptions, not measurements):
   routing: balanced (T*k/E assignments per expert); the plan is built by the compiled extension on CUDA: its 6
     step kernels (routing::*) move the ids and the plan's buffers once in all, at HBM speed, + 3 us each; the
     PyTorch implementation that builds it on meta tensors here is listed, not costed
+  gemm_kernel's "CTAs" here are its tiles (persistent on sm_100's fast config: min(tiles, 2 x SMs) programs loop
+    over them; the list, on meta tensors, shows one program per tile)
   W_TMA is 0 in the list (meta tensors are not CUDA tensors); the bytes and FLOPs are the same with TMA weights"""
 
 _N_EFFICIENCY = ((128, 0.90), (64, 0.75), (32, 0.50), (16, 0.30))
@@ -188,8 +192,8 @@ def _mma_seconds(gpu: Gpu, executed: int, work_ctas: int, efficiency: float) -> 
     return math.ceil(work_ctas / gpu.sms) * per_cta / (gpu.sm_flops * efficiency)
 
 
-def _efficiency(gpu: Gpu, block_n: int, ctas_per_sm: int, itemsize: int) -> float:
-    eff = _n_efficiency(block_n) * gpu.main_loop_factor * (0.85 if ctas_per_sm == 1 else 1.0)
+def _efficiency(gpu: Gpu, block_n: int, ctas_per_sm: int, itemsize: int, persistent: bool = False) -> float:
+    eff = _n_efficiency(block_n) * gpu.main_loop_factor * (0.85 if ctas_per_sm == 1 and not persistent else 1.0)
     return eff / 2 if itemsize == 4 else eff
 
 
@@ -202,7 +206,7 @@ def _gemm_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int]
     BM, BN, BK = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
     R, N, N_store, K = a["R"], a["N"], a["N_STORE"], a["K"]
     m_tiles = a["num_m_tiles"]
-    n_tiles = launch.ctas // m_tiles
+    n_tiles = math.ceil(N_store / BN)  # from the arguments: a persistent grid has fewer programs than tiles
     itemsize = a["a_ptr"].itemsize
     dual = bool(a["GLU"]) and a["EPILOGUE"] == 1
     pair = bool(a["PAIR"])
@@ -231,7 +235,9 @@ def _gemm_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int]
     acc = (BM * BN * (1 + dual) + (BM * a["EPI_N"] * _BWD_LIVE if a["EPILOGUE"] == 2 else 0)) / threads
     smem = a["num_stages"] * (BM * BK + BK * BN * (1 + dual)) * itemsize
     per_sm = _ctas_per_sm(gpu, a["num_warps"], acc, smem)
-    eff = _efficiency(gpu, BN, per_sm, itemsize)
+    # persistent on sm_100 with TMA weights: 16-bit operands (meta tensors take neither: W_TMA 0)
+    persistent = bool(a.get("PERSISTENT")) or (gpu.capability[0] == 10 and itemsize == 2)
+    eff = _efficiency(gpu, BN, per_sm, itemsize, persistent)
     work = used * n_tiles
     return Cost(
         executed, useful, hbm, l2, work, zero_m * n_tiles, (m_tiles - used - zero_m) * n_tiles, per_sm, eff,

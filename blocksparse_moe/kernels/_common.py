@@ -4,6 +4,8 @@ a config (the compile-audit specs: ``specs``)."""
 from __future__ import annotations
 
 import torch
+import triton
+from triton.runtime import _allocation
 
 from ..config import interpreting
 
@@ -13,6 +15,7 @@ __all__ = [
     "check_grid_y",
     "aligned16",
     "capability",
+    "scratch_allocator",
     "MAX_GRID_Y",
 ]
 
@@ -52,3 +55,17 @@ def capability(t: torch.Tensor) -> int | None:
         return None
     major, minor = torch.cuda.get_device_capability(t.device)
     return major * 10 + minor
+
+
+def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Triton's launch-time scratch memory from torch's caching allocator, on the current CUDA device (where Triton
+    launches; its blocks are 512-byte aligned)."""
+    return torch.empty(size, dtype=torch.uint8, device="cuda")
+
+
+def scratch_allocator() -> None:
+    """Kernels that build tensor descriptors on the device need global scratch memory at launch, from Triton's
+    allocator (``triton.set_allocator``; none by default: the launch would fail). Installs one on torch's caching
+    allocator, unless the program has set its own (kept)."""
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_torch_scratch)

@@ -16,11 +16,11 @@ up-projection with SwiGLU in the epilogue and dSwiGLU in the dgrad epilogue foll
 the grouped ordering of Triton's matmul tutorial.
 
 **Row layouts and the tile schedule**: ``layouts`` (gathered, dense and blocked rows, one address formula; the M
-tiles of each expert, found by a binary search in ``tile_offsets``). The row part of an address is computed once per
-tile (from ``row_src`` when gathering); in the main loop the column part of a K step ``k0 .. k0 + BLOCK_K``
-(``BLOCK_K | B``) is the scalar ``(k0 >> LB)·s_cb + (k0 & (B-1))·s_c`` plus a constant vector: **the main loops hold
-no index load and no integer division**, only address increments, loads and MMA (the gathered reduction of
-``wgrad_kernel`` loads ``row_src`` in its loop; the pipeliner gives that index load its own stage, so the data
+tiles of each expert and the tile -> expert map ``tile_expert``, built on the device). The row part of an address is
+computed once per tile (from ``row_src`` when gathering); in the main loop the column part of a K step ``k0 .. k0 +
+BLOCK_K`` (``BLOCK_K | B``) is the scalar ``(k0 >> LB)·s_cb + (k0 & (B-1))·s_c`` plus a constant vector: **the main
+loops hold no index load and no integer division**, only address increments, loads and MMA (the gathered reduction
+of ``wgrad_kernel`` loads ``row_src`` in its loop; the pipeliner gives that index load its own stage, so the data
 loads stay in flight).
 
 **Weight loads** (``W_TMA``: ``WeightLoad``). Where operands allow (Hopper or newer, 16-byte aligned weights with
@@ -29,14 +29,24 @@ descriptors: over ``[E, K, N]`` as stored (``TMA``), or over the transposed stor
 backward (``TMA_T``), the tile transposed in shared memory; K and N past the end come back as zeros. Otherwise
 pointer loads (``POINTERS``). Each weight is read with its own strides (or its own descriptor): a GLU gate or a
 pair's second weight may be stored differently from the first (both then load by pointers unless both can use the
-same TMA mode). Rows stay pointer loads (gathered: TMA has no row gather on Hopper), pipelined as asynchronous
-copies.
+same TMA mode). ``gemm_kernel``'s rows stay pointer loads (gathered: TMA has no row gather on Hopper), pipelined
+as asynchronous copies. ``wgrad_kernel`` reads a dense row operand (not gathered, not blocked; 16-bit, 16-byte
+aligned: ``_row_tma``, ``A_TMA`` / ``B_TMA``) through a tensor descriptor it builds on the device over the expert's
+rows ``[0, end)``, so that TMA's zero fill masks the rows past the expert (launch-time scratch memory:
+``_common.scratch_allocator``); its gathered operand stays on asynchronous copies.
 
-**Program order (L2).** ``gemm_kernel``: one program per ``BLOCK_M × BLOCK_N`` output tile, grid
-``(max_m_tiles · cdiv(N, BLOCK_N),)``, in Triton's *grouped* order: ``GROUP_M`` consecutive M tiles (the same
-expert, except at expert boundaries) sweep the N tiles together, so the resident programs share their weight
-columns and their A rows in L2 instead of re-reading the weights once per M tile. ``wgrad_kernel``: grid
-``(E · tiles_m · tiles_n,)``, expert-major (the programs of one expert share its rows), grouped order inside.
+**Program order (L2).** ``gemm_kernel`` runs the ``max_m_tiles · cdiv(N, BLOCK_N)`` output tiles of ``BLOCK_M ×
+BLOCK_N`` (``_gemm_tile``), each reading its expert from ``tile_expert`` (one index load per tile, outside the K
+loop). On sm_100 with TMA weights (the fast config) the kernel is persistent (``PERSISTENT``) and its K loop
+warp-specialized (``WARP_SPEC``: the TMA weight loads in a producer partition; 96 registers and 2 CTAs per SM, one
+CTA barrier fewer per K step): ``P = min(tiles, SMs · PROGRAMS_PER_SM)`` programs (``persistent_programs``) loop
+over the tiles, program p taking tiles p, p + P, ...; so it is when interpreting (a few programs, for the tests).
+Elsewhere one program runs one tile: the tile loop alone costs registers (sm_90: 102 -> 162 for the dense
+``grouped_mm``, one CTA per SM; spills in sm_80 / sm_100 / sm_120 fallback builds). The tiles are numbered in
+Triton's *grouped* order: ``GROUP_M`` consecutive M tiles (the same expert, except at expert boundaries) sweep the N
+tiles together, so the programs resident at one time (consecutive tiles) share their weight columns and their A rows
+in L2 instead of re-reading the weights once per M tile. ``wgrad_kernel``: grid ``(E · tiles_m · tiles_n,)``,
+expert-major (the programs of one expert share its rows), grouped order inside.
 
 **Epilogues** of ``gemm_kernel`` (``EPILOGUE``: ``Epilogue``), one ``@triton.jit`` helper each:
 
@@ -61,6 +71,7 @@ address arithmetic.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -69,8 +80,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..activations import activate, activate_and_grad, kernel_code
-from ._common import aligned16, capability, interpreting, upcast_dots
-from .layouts import BLOCK_SIZES, Rows, Schedule, expert_of_tile, row_offsets, row_start, tile_start
+from ._common import aligned16, capability, interpreting, scratch_allocator, upcast_dots
+from .layouts import BLOCK_SIZES, Rows, Schedule, row_offsets, row_start, tile_start
 
 __all__ = [
     "BLOCK_SIZES",
@@ -81,6 +92,7 @@ __all__ = [
     "wgrad_config",
     "BackwardEpilogue",
     "TMA_WEIGHTS",
+    "persistent_programs",
     "gemm",
     "wgrad",
     "gemm_kernel",
@@ -166,17 +178,19 @@ def _mainloop(
     LB_A: tl.constexpr,
     DUAL: tl.constexpr,
     W_TMA: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """``acc += A[rows, :K] @ W[:K, cols]`` (and ``acc2 += A @ W2`` when ``DUAL``), ``BLOCK_K`` at a time over
     ``k_steps`` steps. ``a_rows``: the tile's row offsets into A; ``w_ptr`` / ``w2_ptr``: the expert's weights, each
     read with its own strides (``s_wk, s_wn`` / ``s_w2k, s_w2n``), or their descriptors ``w_desc`` / ``w2_desc``
-    with ``W_TMA``, at expert ``e``, columns from ``n0``."""
+    with ``W_TMA``, at expert ``e``, columns from ``n0``. ``WARP_SPEC``: the loop's TMA weight loads in a producer
+    partition of warps, the MMA and the row copies in the consumer (``tl.range(..., warp_specialize=True)``)."""
     offs_k = tl.arange(0, BLOCK_K)
     a_tile = a_ptr + a_rows[:, None] + (offs_k.to(tl.int64) * s_ac)[None, :]
     w_tile = offs_k.to(tl.int64)[:, None] * s_wk + offs_n.to(tl.int64)[None, :] * s_wn
     w2_tile = offs_k.to(tl.int64)[:, None] * s_w2k + offs_n.to(tl.int64)[None, :] * s_w2n
-    for t in range(0, k_steps):
+    for t in tl.range(0, k_steps, warp_specialize=WARP_SPEC):
         k_ok = (t * BLOCK_K + offs_k) < K
         a = tl.load(a_tile + tile_start(t, s_acb, s_ac, BLOCK_K, LB_A), mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w_off = tl.cast(t, tl.int64) * (BLOCK_K * s_wk) + w_tile
@@ -281,6 +295,68 @@ def _backward_epilogue(
 
 
 @triton.jit
+def _gemm_tile(
+    tile, a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr, row_src_ptr,
+    row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr, R, N, N_STORE, K, E,
+    num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI_N: tl.constexpr, GROUP_M: tl.constexpr,
+    LB_A: tl.constexpr, LB_O: tl.constexpr, GATHER: tl.constexpr, GLU: tl.constexpr, PAIR: tl.constexpr,
+    EPILOGUE: tl.constexpr, ACT: tl.constexpr, W_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Output tile ``tile`` (in the grouped order) of ``gemm_kernel``: ``BLOCK_M × BLOCK_N`` of expert e's rows times
+    ``W[e]``, the expert read from ``tile_expert``."""
+    DUAL: tl.constexpr = GLU and EPILOGUE == _FORWARD  # the gate's accumulator (the backward reads the saved g)
+    num_n = tl.cdiv(N_STORE, BLOCK_N)
+    pid_m, pid_n = _grouped_order(tile, num_m_tiles, num_n, GROUP_M)
+    e = tl.load(tile_expert_ptr + pid_m)  # E: a tile zeroing rows past offsets[E], the same start formula
+    used = e < E
+    start = tl.load(offsets_ptr + e) + (pid_m - tl.load(tile_offsets_ptr + e)) * BLOCK_M
+    end = tl.load(offsets_ptr + e + 1, mask=used, other=R)
+    k_steps = tl.where(used, tl.cdiv(K, BLOCK_K), 0)  # zeroing tiles skip the main loop
+    rows = start + tl.arange(0, BLOCK_M)
+    row_ok = rows < end
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+
+    if GATHER:
+        src = tl.load(row_src_ptr + rows, mask=row_ok, other=-1)
+        a_ok = row_ok & (src >= 0)
+        a_rows = tl.maximum(src, 0).to(tl.int64) * s_ar
+    else:
+        a_ok = row_ok
+        a_rows = row_offsets(rows, s_arb, s_ar, LB_A)
+    w_base = e.to(tl.int64) * s_we
+    w2_base = e.to(tl.int64) * s_w2e
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GLU only; unused (and removed) otherwise
+    n0 = pid_n * BLOCK_N
+    acc, acc2 = _mainloop(
+        acc, acc2, a_ptr, a_rows, s_acb, s_ac, w_ptr + w_base, w2_ptr + w2_base, w_desc, w2_desc, e, n0, s_wk, s_wn,
+        s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, BLOCK_K, BLOCK_N, LB_A, DUAL, W_TMA, WARP_SPEC, UPCAST,
+    )  # fmt: skip
+    if PAIR:
+        acc, acc2 = _mainloop(
+            acc, acc2, a2_ptr, a_rows, s_acb, s_ac, w2_ptr + w2_base, w2_ptr, w2_desc, w2_desc, e, n0, s_w2k, s_w2n,
+            s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, BLOCK_K, BLOCK_N, LB_A, False, W_TMA, WARP_SPEC, UPCAST,
+        )  # fmt: skip
+
+    o_rows = row_offsets(rows, s_orb, s_or, LB_O)
+    o_col0 = tile_start(pid_n, s_ocb, s_oc, BLOCK_N, LB_O)
+    if EPILOGUE == _BACKWARD:
+        _backward_epilogue(
+            acc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr, row_asg_ptr, weights_ptr, dots_ptr, o_rows, o_col0,
+            s_oc, rows, row_ok, n0, pid_n, R, N, N_STORE, BLOCK_M, BLOCK_N, EPI_N, GLU, ACT,
+        )  # fmt: skip
+    else:
+        o_off = o_rows[:, None] + (o_col0 + tl.arange(0, BLOCK_N).to(tl.int64) * s_oc)[None, :]
+        store = row_ok[:, None] & (offs_n < N_STORE)[None, :]
+        if EPILOGUE == _PLAIN:
+            _store_plain(acc, out_ptr, o_off, store)
+        else:
+            _forward_epilogue(acc, acc2, out_ptr, out2_ptr, out3_ptr, o_off, store, GLU, ACT)
+
+
+@triton.jit
 def gemm_kernel(
     a_ptr,  # A [T, K] gathered through row_src (GATHER), or [R, K] in a row layout
     w_ptr,  # [E, K, N] any strides
@@ -299,12 +375,12 @@ def gemm_kernel(
     dots_ptr,  # [cdiv(N_STORE, BLOCK_N), R] fp32 (BACKWARD): Σ over the tile's columns of G·a
     offsets_ptr,  # [E+1] int32 expert row offsets
     tile_offsets_ptr,  # [E+1] int32 prefix sum of the experts' M tiles
+    tile_expert_ptr,  # [num_m_tiles] int32 expert of each M tile, E for a tile zeroing rows past offsets[E]
     R,
     N,
     N_STORE,  # columns written: N, or for a blocked out the whole last column block (zeros past N)
     K,
     E,
-    search_steps,  # E.bit_length(): enough halvings of [0, E)
     num_m_tiles,  # M tiles in the grid (an upper bound of tile_offsets[E] + the zeroing tiles)
     s_arb,
     s_ar,
@@ -333,63 +409,30 @@ def gemm_kernel(
     EPILOGUE: tl.constexpr,  # Epilogue: PLAIN, FORWARD, BACKWARD
     ACT: tl.constexpr,  # activations.kernel_code (EPILOGUE FORWARD, BACKWARD)
     W_TMA: tl.constexpr,  # WeightLoad: POINTERS, TMA over [E, K, N], TMA_T over the transposed storage [E, N, K]
+    WARP_SPEC: tl.constexpr,  # sm_100 with TMA weights: the K loop warp-specialized (producer / consumer warps)
     UPCAST: tl.constexpr,
+    PERSISTENT: tl.constexpr,  # loop over the tiles (a grid of fewer programs); else one tile per program
 ):
-    """One ``BLOCK_M × BLOCK_N`` tile of expert e's rows times ``W[e]``; see the module docstring."""
-    num_n = tl.cdiv(N_STORE, BLOCK_N)
-    pid_m, pid_n = _grouped_order(tl.program_id(0), num_m_tiles, num_n, GROUP_M)
-    used_tiles = tl.load(tile_offsets_ptr + E)
-    e = expert_of_tile(pid_m, tile_offsets_ptr, E, search_steps)
-    used = pid_m < used_tiles
-    start = tl.where(
-        used,
-        tl.load(offsets_ptr + e) + (pid_m - tl.load(tile_offsets_ptr + e)) * BLOCK_M,
-        tl.load(offsets_ptr + E) + (pid_m - used_tiles) * BLOCK_M,
-    )
-    end = tl.where(used, tl.load(offsets_ptr + e + 1), R)
-    k_steps = tl.where(used, tl.cdiv(K, BLOCK_K), 0)  # zeroing tiles skip the main loop
-    rows = start + tl.arange(0, BLOCK_M)
-    row_ok = rows < end
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-
-    if GATHER:
-        src = tl.load(row_src_ptr + rows, mask=row_ok, other=-1)
-        a_ok = row_ok & (src >= 0)
-        a_rows = tl.maximum(src, 0).to(tl.int64) * s_ar
+    """``BLOCK_M × BLOCK_N`` tiles of expert e's rows times ``W[e]`` (``_gemm_tile``), in the grouped order.
+    ``PERSISTENT``: program p runs the tiles p, p + P, p + 2P, ... (P programs); else the tile ``program_id``. See
+    the module docstring."""
+    if PERSISTENT:
+        for tile in tl.range(tl.program_id(0), num_m_tiles * tl.cdiv(N_STORE, BLOCK_N), tl.num_programs(0)):
+            _gemm_tile(
+                tile, a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr,
+                row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr, R, N,
+                N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb,
+                s_or, s_ocb, s_oc, BLOCK_M, BLOCK_N, BLOCK_K, EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE,
+                ACT, W_TMA, WARP_SPEC, UPCAST,
+            )  # fmt: skip
     else:
-        a_ok = row_ok
-        a_rows = row_offsets(rows, s_arb, s_ar, LB_A)
-    w_base = e.to(tl.int64) * s_we
-    w2_base = e.to(tl.int64) * s_w2e
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GLU only; unused (and removed) otherwise
-    n0 = pid_n * BLOCK_N
-    DUAL: tl.constexpr = GLU and EPILOGUE == _FORWARD  # the gate's accumulator (the backward reads the saved g)
-    acc, acc2 = _mainloop(
-        acc, acc2, a_ptr, a_rows, s_acb, s_ac, w_ptr + w_base, w2_ptr + w2_base, w_desc, w2_desc, e, n0, s_wk, s_wn,
-        s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, BLOCK_K, BLOCK_N, LB_A, DUAL, W_TMA, UPCAST,
-    )  # fmt: skip
-    if PAIR:
-        acc, acc2 = _mainloop(
-            acc, acc2, a2_ptr, a_rows, s_acb, s_ac, w2_ptr + w2_base, w2_ptr, w2_desc, w2_desc, e, n0, s_w2k, s_w2n,
-            s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, BLOCK_K, BLOCK_N, LB_A, False, W_TMA, UPCAST,
+        _gemm_tile(
+            tl.program_id(0), a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr,
+            row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr, R, N,
+            N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or,
+            s_ocb, s_oc, BLOCK_M, BLOCK_N, BLOCK_K, EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE, ACT, W_TMA,
+            WARP_SPEC, UPCAST,
         )  # fmt: skip
-
-    o_rows = row_offsets(rows, s_orb, s_or, LB_O)
-    o_col0 = tile_start(pid_n, s_ocb, s_oc, BLOCK_N, LB_O)
-    if EPILOGUE == _BACKWARD:
-        _backward_epilogue(
-            acc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr, row_asg_ptr, weights_ptr, dots_ptr, o_rows, o_col0, s_oc,
-            rows, row_ok, n0, pid_n, R, N, N_STORE, BLOCK_M, BLOCK_N, EPI_N, GLU, ACT,
-        )  # fmt: skip
-    else:
-        o_off = o_rows[:, None] + (o_col0 + tl.arange(0, BLOCK_N).to(tl.int64) * s_oc)[None, :]
-        store = row_ok[:, None] & (offs_n < N_STORE)[None, :]
-        if EPILOGUE == _PLAIN:
-            _store_plain(acc, out_ptr, o_off, store)
-        else:
-            _forward_epilogue(acc, acc2, out_ptr, out2_ptr, out3_ptr, o_off, store, GLU, ACT)
 
 
 @triton.jit
@@ -423,13 +466,17 @@ def wgrad_kernel(
     A_GATHER: tl.constexpr,
     B_GATHER: tl.constexpr,
     DUAL: tl.constexpr,
+    A_TMA: tl.constexpr,  # A dense (not gathered, not blocked, unit column stride, 16-byte aligned): TMA loads
+    B_TMA: tl.constexpr,  # B (and B2) likewise
     UPCAST: tl.constexpr,
 ):
     """``out[e] = A[rows of e]ᵀ @ B[rows of e]`` (``DUAL``: or ``out2[e]`` with B2), one ``BLOCK_M × BLOCK_N`` tile,
     reduced over expert e's rows ``BLOCK_K`` at a time; experts without rows get zeros. ``DUAL`` doubles the N tiles:
     the second half computes ``out2`` (one full-width accumulator per program, next to the program of the same A
     tile in the grouped order, which shares it in L2). Blocked layouts need expert row offsets that are multiples of
-    ``BLOCK_K`` (the block-padded ones are)."""
+    ``BLOCK_K`` (the block-padded ones are). ``A_TMA`` / ``B_TMA``: the dense operand's tiles come through a
+    tensor descriptor built on the device over its rows ``[0, end)`` (TMA fills the rows past the expert's end
+    with zeros, as the masks of the pointer loads do); the gathered operand stays on asynchronous copies."""
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     tiles_b = tiles_n * 2 if DUAL else tiles_n  # N tiles of out, then (DUAL) those of out2
@@ -451,6 +498,10 @@ def wgrad_kernel(
     k64 = offs_k.to(tl.int64)
     start = tl.load(offsets_ptr + e)
     end = tl.load(offsets_ptr + e + 1)
+    if A_TMA:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[end, M], strides=[s_ar, 1], block_shape=[BLOCK_K, BLOCK_M])
+    if B_TMA:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[end, N], strides=[s_br, 1], block_shape=[BLOCK_K, BLOCK_N])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_K):
         rows = r0 + offs_k
@@ -471,8 +522,14 @@ def wgrad_kernel(
         else:
             b_rows = row_start(r0, s_brb, s_br, LB_B) + k64 * s_br
             b_ok = r_ok
-        a = tl.load(a_ptr + a_rows[None, :] + a_cols[:, None], mask=m_ok[:, None] & a_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + b_rows[:, None] + b_cols[None, :], mask=b_ok[:, None] & n_ok[None, :], other=0.0)
+        if A_TMA:
+            a = a_desc.load([r0, pid_m * BLOCK_M]).trans()
+        else:
+            a = tl.load(a_ptr + a_rows[None, :] + a_cols[:, None], mask=m_ok[:, None] & a_ok[None, :], other=0.0)
+        if B_TMA:
+            b = b_desc.load([r0, pid_n * BLOCK_N])
+        else:
+            b = tl.load(b_ptr + b_rows[:, None] + b_cols[None, :], mask=b_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -619,6 +676,40 @@ class BackwardEpilogue:
 # ----------------------------------------------------------------------------------------------- launchers
 
 TMA_WEIGHTS = True  # load the weights through TMA where operands allow (tests switch it off to cover the pointers)
+TMA_ROWS = True  # wgrad_kernel: load dense row operands through TMA where they allow (likewise)
+
+
+INTERPRETER_PROGRAMS = 3  # persistent programs when interpreting: fewer than most tests' tiles, so the loop runs
+PROGRAMS_PER_SM = 2  # persistent programs per SM on a GPU: the CTAs per SM the configs are built for
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def persistent_programs(device: torch.device, tiles: int) -> int:
+    """The programs of a persistent grid over ``tiles`` tiles: ``PROGRAMS_PER_SM`` per SM on a CUDA device (a host
+    query of the device's properties, cached; no sync), ``INTERPRETER_PROGRAMS`` when interpreting; one per tile
+    elsewhere (the meta tensors of ``bench.model``); never more than the tiles."""
+    if interpreting():
+        programs = INTERPRETER_PROGRAMS
+    elif device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        programs = PROGRAMS_PER_SM * _sm_count(index)
+    else:
+        programs = tiles
+    return min(programs, tiles)
+
+
+def _tma_device(device: torch.device) -> bool:
+    """TMA is there: Hopper or newer, or the interpreter."""
+    return interpreting() or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def _warp_specialize(device: torch.device) -> bool:
+    """sm_100 (datacenter Blackwell, tcgen05): ``gemm_kernel`` warp-specializes its K loop there."""
+    return not interpreting() and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 10
 
 
 def _tma_mode(w: torch.Tensor) -> WeightLoad:
@@ -626,9 +717,7 @@ def _tma_mode(w: torch.Tensor) -> WeightLoad:
     transposed view) for 16-bit weights (tf32 wgmma reads only K-major tiles: an fp32 tile from TMA is waited to
     zero) on Hopper or newer (or the interpreter) with a 16-byte aligned base and 16-byte multiples for the other
     strides (TMA's rules); else ``POINTERS``."""
-    if not TMA_WEIGHTS or w.dtype not in _HALF:
-        return WeightLoad.POINTERS
-    if not interpreting() and (w.device.type != "cuda" or torch.cuda.get_device_capability(w.device)[0] < 9):
+    if not TMA_WEIGHTS or w.dtype not in _HALF or not _tma_device(w.device):
         return WeightLoad.POINTERS
     size = w.element_size()
     if w.stride(2) == 1:
@@ -640,6 +729,16 @@ def _tma_mode(w: torch.Tensor) -> WeightLoad:
     if w.data_ptr() % 16 or any(v * size % 16 for v in other):
         return WeightLoad.POINTERS
     return mode
+
+
+def _row_tma(r: Rows) -> bool:
+    """Whether ``wgrad_kernel`` reads the row operand ``r`` through TMA (``A_TMA`` / ``B_TMA``): a dense, not
+    gathered, 16-bit operand with unit column stride, a 16-byte aligned base and a 16-byte multiple row stride, on
+    Hopper or newer (``TMA_ROWS``)."""
+    t = r.tensor
+    if not TMA_ROWS or r.block is not None or r.gathered or t.dtype not in _HALF or not _tma_device(t.device):
+        return False
+    return t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
 
 
 def _descriptor(w: torch.Tensor, mode: WeightLoad, block_k: int, block_n: int) -> TensorDescriptor:
@@ -674,7 +773,8 @@ def gemm(
       fp32 ``dots [N tiles, R]`` (Σ over each tile's columns of ``G·a``; their sum over N tiles is the top-k weight
       gradient of each row).
 
-    Outputs in ``out``'s layout share its strides. Grid: ``(max_m_tiles · cdiv(padded cols, block_n),)``.
+    Outputs in ``out``'s layout share its strides. Grid: ``(persistent_programs(device, tiles),)`` (persistent: sm_100
+    with TMA weights, or interpreting) or ``(tiles,)``, ``tiles = max_m_tiles · cdiv(padded cols, block_n)``.
     """
     N, K, E = w.shape[2], a.cols, w.shape[0]
     epilogue = Epilogue.PLAIN
@@ -709,16 +809,20 @@ def gemm(
         w2_desc = _descriptor(w2, tma, cfg.block_k, cfg.block_n) if (gate is not None or pair is not None) else None
     bwd = backward or BackwardEpilogue(out.tensor, None, schedule.offsets, out.tensor)
     off = schedule.offsets
-    gemm_kernel[(schedule.max_m_tiles * num_n,)](
+    tiles = schedule.max_m_tiles * num_n
+    warp_spec = tma != WeightLoad.POINTERS and _warp_specialize(w.device)
+    persistent = interpreting() or warp_spec  # elsewhere the tile loop costs registers: sm_90 1 CTA/SM, spills
+    gemm_kernel[(persistent_programs(out.tensor.device, tiles) if persistent else tiles,)](
         a.tensor, w, a2.tensor, w2, w_desc, w2_desc, out.tensor, out.tensor if gate_out is None else gate_out,
         out.tensor if act_out is None else act_out, bwd.h, bwd.h if bwd.g is None else bwd.g,
         off if row_src is None else row_src, bwd.row_asg, bwd.weights, out.tensor if dots is None else dots, off,
-        schedule.tile_offsets,
-        out.rows, N, n_store, K, E, E.bit_length(), schedule.max_m_tiles,
+        schedule.tile_offsets, schedule.tile_expert,
+        out.rows, N, n_store, K, E, schedule.max_m_tiles,
         *a.strides, *w.stride(), *w2.stride(), *out.strides,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EPI_N=cfg.epi_n, GROUP_M=cfg.group_m,
         LB_A=a.log_block, LB_O=out.log_block, GATHER=a.gathered, GLU=glu, PAIR=pair is not None, EPILOGUE=int(epilogue),
-        ACT=kernel_code(activation), W_TMA=int(tma), UPCAST=upcast_dots(dtype), num_warps=cfg.num_warps,
+        ACT=kernel_code(activation), W_TMA=int(tma), WARP_SPEC=warp_spec,
+        UPCAST=upcast_dots(dtype), PERSISTENT=persistent, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
     return dots
@@ -748,11 +852,15 @@ def wgrad(
     grid = E * triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n) * (1 if b2 is None else 2)
     if grid == 0:
         return
+    a_tma = aligned and _row_tma(a)
+    b_tma = aligned and _row_tma(b) and (b2 is None or _row_tma(b2))
+    if (a_tma or b_tma) and not interpreting():
+        scratch_allocator()  # the descriptors built on the device need Triton's launch-time scratch memory
     wgrad_kernel[(grid,)](
         a.tensor, b.tensor, b.tensor if b2 is None else b2.tensor, out, out if out2 is None else out2,
         offsets, offsets if row_src is None else row_src,
         M, N, *a.strides, *b.strides, *out.stride(),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, LB_A=a.log_block,
-        LB_B=b.log_block, A_GATHER=a.gathered, B_GATHER=b.gathered, DUAL=b2 is not None,
+        LB_B=b.log_block, A_GATHER=a.gathered, B_GATHER=b.gathered, DUAL=b2 is not None, A_TMA=a_tma, B_TMA=b_tma,
         UPCAST=upcast_dots(a.tensor.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

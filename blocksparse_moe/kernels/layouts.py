@@ -17,9 +17,10 @@ constexpr ``LB``: ``(p >> LB)·s_rb + (p & (B-1))·s_r + (k >> LB)·s_cb + (k & 
 matrix has ``s_rb = B·s_r`` and ``s_cb = B·s_c``.
 
 **Tile schedule** (no host sync): ``tile_offsets [E+1]`` = prefix sum of ``ceil(n_e / BLOCK_M)`` (for blocked
-layouts, ``BLOCK_M = B`` and ``tile_offsets = padded_offsets / B``), computed on the device. M tile m belongs to the
-expert found by binary search in ``tile_offsets`` (``expert_of_tile``); tiles past ``tile_offsets[E]`` write zeros
-over the rows ``≥ offsets[E]`` (padding rows, invalid assignments).
+layouts, ``BLOCK_M = B`` and ``tile_offsets = padded_offsets / B``) and the tile -> expert map ``tile_expert
+[max_m_tiles]`` (``searchsorted``), both computed on the device and sized from shape bounds. M tile m belongs to
+expert ``tile_expert[m]``, the largest e with ``tile_offsets[e] <= m`` (an empty expert owns no tile); tiles past
+``tile_offsets[E]`` map to E and write zeros over the rows ``≥ offsets[E]`` (padding rows, invalid assignments).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ __all__ = [
     "BLOCK_SIZES",
     "Rows",
     "Schedule",
-    "expert_of_tile",
     "row_offsets",
     "row_start",
     "tile_start",
@@ -87,10 +87,13 @@ class Rows:
 @dataclass(frozen=True)
 class Schedule:
     """The M tiles of ``gemm_kernel`` over expert-sorted rows: expert e's rows ``offsets[e] .. offsets[e+1]`` in
-    tiles of ``block_m``; ``tile_offsets`` their prefix sum (on the device); ``max_m_tiles`` the grid's bound."""
+    tiles of ``block_m``; ``tile_offsets`` their prefix sum, ``tile_expert`` the expert of each tile (E: a tile
+    zeroing rows past ``offsets[E]``), both on the device; ``max_m_tiles`` the bound the grid and the map are sized
+    from."""
 
     offsets: torch.Tensor  # [E+1] int32
     tile_offsets: torch.Tensor  # [E+1] int32
+    tile_expert: torch.Tensor  # [max_m_tiles] int32 in [0, E]
     block_m: int
     max_m_tiles: int
 
@@ -103,7 +106,11 @@ class Schedule:
         else:
             tiles = (offsets[1:] - offsets[:-1] + block_m - 1) // block_m
             tile_offsets = torch.cat([offsets.new_zeros(1), tiles.cumsum(0).to(offsets.dtype)])
-        return cls(offsets, tile_offsets, block_m, cls.max_tiles(rows, offsets.shape[0] - 1, block_m, padded))
+        max_m_tiles = cls.max_tiles(rows, offsets.shape[0] - 1, block_m, padded)
+        tiles = torch.arange(max_m_tiles, dtype=offsets.dtype, device=offsets.device)
+        # the number of e in 1..E with tile_offsets[e] <= m: the largest such e, as tile_offsets[0] = 0 <= m
+        tile_expert = torch.searchsorted(tile_offsets[1:], tiles, right=True, out_int32=True)
+        return cls(offsets, tile_offsets, tile_expert, block_m, max_m_tiles)
 
     @staticmethod
     def max_tiles(rows: int, num_experts: int, block_m: int, padded: bool) -> int:
@@ -115,20 +122,6 @@ class Schedule:
 
 
 # ----------------------------------------------------------------------------------------------- device helpers
-
-
-@triton.jit
-def expert_of_tile(pid_m, tile_offsets_ptr, E, search_steps):
-    """Largest e in [0, E) with ``tile_offsets[e] <= pid_m``: the expert whose tiles contain M tile ``pid_m``
-    (an empty expert has ``tile_offsets[e] == tile_offsets[e + 1]`` and loses to the next one)."""
-    lo = 0
-    hi = E
-    for _ in range(search_steps):
-        mid = (lo + hi) // 2
-        go = tl.load(tile_offsets_ptr + mid) <= pid_m
-        lo = tl.where(go, mid, lo)
-        hi = tl.where(go, hi, mid)
-    return lo
 
 
 @triton.jit

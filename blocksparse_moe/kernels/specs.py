@@ -119,7 +119,15 @@ class CompileSpec:
 
 
 _INDEX = dict.fromkeys(
-    ("offsets_ptr", "tile_offsets_ptr", "row_src_ptr", "row_asg_ptr", "row_assignment_ptr", "assignment_row_ptr"),
+    (
+        "offsets_ptr",
+        "tile_offsets_ptr",
+        "tile_expert_ptr",
+        "row_src_ptr",
+        "row_asg_ptr",
+        "row_assignment_ptr",
+        "assignment_row_ptr",
+    ),
     torch.int32,
 )
 _FP32 = dict.fromkeys(("weights_ptr", "dots_ptr"), torch.float32)
@@ -133,7 +141,8 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 _ARCHS = (80, 90, 100, 120)  # the compute capabilities the configs are listed for (``bench.audit``'s targets)
-_TMA_ARCHS = (90, 100, 120)  # where the launcher loads weights through TMA (``expert_gemm._tma_mode``)
+_TMA_ARCHS = (90, 100, 120)  # where the launchers load through TMA (``expert_gemm._tma_mode``, ``_row_tma``)
+_NO_WS_TMA_ARCHS = (90, 120)  # gemm_kernel's TMA builds without warp specialization (sm_100's: ``_warp_specialize``)
 
 
 def _spec(
@@ -145,7 +154,7 @@ def _spec(
     matmul = constexprs["BLOCK_M"] >= 64
     return CompileSpec(
         name, kernel, signature, constexprs, cfg.num_warps, cfg.num_stages, matmul, aligned=aligned,
-        variants=variants, archs=archs, **audit,
+        variants=variants, archs=archs, persistent=bool(constexprs.get("PERSISTENT")), **audit,
     )  # fmt: skip
 
 
@@ -340,21 +349,23 @@ def _gemm_specs() -> list[CompileSpec]:
                         size = f"B={B}" if use.blocked else f"M={cfg.block_m}"
                         name = f"gemm[{use.tag}{act_tag},{triton_type(dtype)},{size},N={cfg.block_n},K={cfg.block_k}"
                         name += warps_tag
-                        # the fast 16-bit config loads the weights through TMA on sm_90 and newer, pointers on sm_80
+                        # the fast 16-bit config loads the weights through TMA on sm_90 and newer (on sm_100 in a
+                        # warp-specialized K loop, persistent), pointers on sm_80
                         tma = WeightLoad.TMA_T if use.w_t else WeightLoad.TMA
                         fast = variants == ("aligned",) and dtype != torch.float32  # fp32 weights: pointer loads
                         pointers = WeightLoad.POINTERS
-                        for mode, mode_archs in (
-                            ((tma, _TMA_ARCHS), (pointers, (80,))) if fast else ((pointers, _ARCHS),)
-                        ):
+                        tma_builds = ((tma, False, _NO_WS_TMA_ARCHS), (tma, True, (100,)), (pointers, False, (80,)))
+                        for mode, ws, mode_archs in tma_builds if fast else ((pointers, False, _ARCHS),):
                             archs = tuple(cc for cc in mode_archs if cc in (cfg_archs or _ARCHS))
                             if not archs:
                                 continue
                             archs = None if archs == _ARCHS else archs
                             two = (use.glu and use.epilogue == 1) or use.pair
                             constexprs, descs = _weight_loads(dtype, cfg, mode, two=two)
-                            constexprs = {**base, **constexprs}
-                            spec = _spec(f"{name}{',tma' if mode else ''}]", gemm_kernel, dtype, cfg, constexprs,
+                            # sm_100's TMA builds loop over their tiles (``PERSISTENT``), the others run one tile each
+                            constexprs = {**base, **constexprs, "WARP_SPEC": ws, "PERSISTENT": ws}
+                            tag = ",tma,ws" if ws else ",tma" if mode else ""
+                            spec = _spec(f"{name}{tag}]", gemm_kernel, dtype, cfg, constexprs,
                                          use.unit,
                                          _GEMM_ALIGNED, variants, {**_INDEX, **_FP32}, archs, **audit)  # fmt: skip
                             spec.signature.update(descs)
@@ -426,22 +437,33 @@ def _wgrad_specs() -> list[CompileSpec]:
                     )  # fmt: skip
                     size = f"B={B}," if use.blocked else ""
                     tiles = f"M={cfg.block_m},N={cfg.block_n},K={cfg.block_k}"
-                    name = f"wgrad[{use.tag},{triton_type(dtype)},{size}{tiles}{warps_tag}]"
-                    specs.append(
-                        _spec(
-                            name,
-                            wgrad_kernel,
-                            dtype,
-                            cfg,
-                            constexprs,
-                            use.unit,
-                            _WGRAD_ALIGNED,
-                            variants,
-                            _INDEX,
-                            archs,
-                            **audit,
-                        )
+                    name = f"wgrad[{use.tag},{triton_type(dtype)},{size}{tiles}{warps_tag}"
+                    # the fast 16-bit config reads its dense row operands through TMA on sm_90 and newer
+                    a_tma, b_tma = not (use.a_gather or use.a_blocked), not (use.b_gather or use.b_blocked)
+                    fast = variants == ("aligned",) and dtype != torch.float32 and (a_tma or b_tma)
+                    builds = (
+                        [((a_tma, b_tma), _TMA_ARCHS), ((False, False), (80,))] if fast else [((False,) * 2, _ARCHS)]
                     )
+                    for (a_t, b_t), mode_archs in builds:
+                        build_archs = tuple(cc for cc in mode_archs if cc in (archs or _ARCHS))
+                        if not build_archs:
+                            continue
+                        tma = ",tma" if a_t or b_t else ""
+                        specs.append(
+                            _spec(
+                                f"{name}{tma}]",
+                                wgrad_kernel,
+                                dtype,
+                                cfg,
+                                {**constexprs, "A_TMA": a_t, "B_TMA": b_t},
+                                use.unit,
+                                _WGRAD_ALIGNED,
+                                variants,
+                                _INDEX,
+                                None if build_archs == _ARCHS else build_archs,
+                                **audit,
+                            )  # fmt: skip
+                        )
     return specs
 
 
