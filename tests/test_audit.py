@@ -560,15 +560,17 @@ def test_launcher_specs_say_what_they_serve():
     large = gemm["gemm[grouped_mm,bf16,M=128,N=128,K=64,w=8,tma]"]
     assert large.serves == "grouped, large T, aligned" and large.min_intensity == 64 and large.waivers == ()
     assert large.operand_bytes == (128 * 64 + 64 * 128) * 2 and (large.archs, large.num_warps) == ((90, 120), 8)
-    # the config functions pick per architecture: sm_100 runs the same tile on 4 warps (tcgen05)
-    blackwell = gemm["gemm[grouped_mm,bf16,M=128,N=128,K=64,w=4,tma]"]
-    assert (blackwell.archs, blackwell.num_warps) == ((100,), 4)
-    glu = gemm["gemm[up,glu,silu,bf16,M=128,N=64,K=64,w=4,tma]"]  # one A tile, two weight tiles
+    # the config functions pick per architecture: sm_100 runs the same tile on 4 warps (tcgen05), warp-specialized
+    # and persistent
+    blackwell = gemm["gemm[grouped_mm,bf16,M=128,N=128,K=64,w=4,tma,ws]"]
+    assert (blackwell.archs, blackwell.num_warps, blackwell.persistent) == ((100,), 4, True)
+    assert not large.persistent
+    glu = gemm["gemm[up,glu,silu,bf16,M=128,N=64,K=64,w=4,tma,ws]"]  # one A tile, two weight tiles
     assert glu.operand_bytes == (128 * 64 + 2 * 64 * 64) * 2 and [w for w, _ in glu.waivers] == ["issue@100"]
     assert gemm["gemm[down_bwd,glu,silu,bf16,M=128,N=128,K=64,w=8,tma]"].min_intensity == 48
     pair = gemm["gemm[dgrad_pair,bf16,M=128,N=128,K=64,w=8,tma]"]  # two K loops, one A and one weight tile each
     assert pair.operand_bytes == (128 * 64 + 64 * 128) * 2
-    dw = {s.name: s for s in wgrad}["wgrad[w13,bf16,M=128,N=128,K=64,w=4]"]
+    dw = {s.name: s for s in wgrad}["wgrad[w13,bf16,M=128,N=128,K=64,w=4,tma]"]  # dh, dg dense: TMA
     assert (dw.archs, dw.num_warps, dw.operand_bytes) == ((90, 100), 4, (64 * 128 + 64 * 128) * 2)
     small = gemm["gemm[grouped_mm,bf16,M=64,N=128,K=64,tma]"]
     assert small.serves == "grouped, small T / decode, aligned" and small.min_intensity is None

@@ -541,6 +541,7 @@ def _quantize_specs() -> list[CompileSpec]:
                         is_matmul=False,
                         aligned=("C", "s_tb", "s_tr"),
                         expect_pipelined=False,
+                        serves="FP8 quantization, every shape",
                     )  # fmt: skip
                 )
         if r.group is not None:  # rowwise: quantize_dual runs the two launchers
@@ -570,6 +571,7 @@ def _quantize_dual_specs(recipe: str) -> list[CompileSpec]:
                 is_matmul=False,
                 aligned=("C", "s_tr"),
                 expect_pipelined=False,
+                serves="FP8 quantization of dh / dg (both layouts), every shape",
             )  # fmt: skip
         )
     return specs
