@@ -33,6 +33,15 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from a clean torch.compile cache: the layers' ``forward`` code objects are shared by every
+    test, and the suite's compile tests together would otherwise pass dynamo's recompile limit (8 per code object)
+    and fail a ``fullgraph=True`` case depending on test order."""
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture
 def device() -> torch.device:
     """The device kernels are tested on: CUDA when present, else CPU under the interpreter."""

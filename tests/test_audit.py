@@ -565,7 +565,7 @@ def test_launcher_specs_say_what_they_serve():
     blackwell = gemm["gemm[grouped_mm,bf16,M=128,N=128,K=64,w=4,tma,ws]"]
     assert (blackwell.archs, blackwell.num_warps, blackwell.persistent) == ((100,), 4, True)
     assert not large.persistent
-    glu = gemm["gemm[up,glu,silu,bf16,M=128,N=64,K=64,w=4,tma,ws]"]  # one A tile, two weight tiles
+    glu = gemm["gemm[up,glu,silu,bf16,M=128,N=64,K=64,w=4,tma]"]  # one A tile, two weight tiles (not persistent)
     assert glu.operand_bytes == (128 * 64 + 2 * 64 * 64) * 2 and [w for w, _ in glu.waivers] == ["issue@100"]
     assert gemm["gemm[down_bwd,glu,silu,bf16,M=128,N=128,K=64,w=8,tma]"].min_intensity == 48
     pair = gemm["gemm[dgrad_pair,bf16,M=128,N=128,K=64,w=8,tma]"]  # two K loops, one A and one weight tile each

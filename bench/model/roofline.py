@@ -105,10 +105,11 @@ efficiency model (assumptions, not measurements):
     MMA  = ceil(CTAs with work / SMs) x (executed FLOPs per CTA) / (SM dense rate x main-loop efficiency)
            main-loop efficiency: by the MMA tile's N: >=128: 0.90, 64: 0.75, 32: 0.50, 16: 0.30; x0.85 with one CTA
            per SM (prologue and epilogue not overlapped by a second CTA), except in a persistent kernel
-           (gemm_kernel with 16-bit operands on sm_100: its programs loop over the tiles, a second one per SM
-           overlapping the first's prologue and epilogue); x the GPU's factor (B200: 0.55); fp32 operands at half
-           the bf16 rate (tf32); M tiles under 64 rows (decode: mma.sync, not wgmma) at the same efficiency: they
-           serve shapes whose weight reads bound them (HBM), where it does not decide
+           (gemm_kernel with 16-bit operands on sm_100, but for the backward and GLU forward epilogues: its
+           programs loop over the tiles, a second one per SM overlapping the first's prologue and epilogue); x the
+           GPU's factor (B200: 0.55); fp32 operands at half the bf16 rate (tf32); M tiles under 64 rows (decode:
+           mma.sync, not wgmma) at the same efficiency: they serve shapes whose weight reads bound them (HBM), where
+           it does not decide
     L2   = operand tiles read by the CTAs (A and W tiles every K step) / L2 bandwidth
     HBM  = unique bytes (each operand row and weight once, every output and epilogue operand once) / (0.85 x HBM)
   CTAs per SM = min(registers, shared memory, 2048 threads); registers per thread estimated as 48 + the fp32
@@ -235,8 +236,10 @@ def _gemm_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int]
     acc = (BM * BN * (1 + dual) + (BM * a["EPI_N"] * _BWD_LIVE if a["EPILOGUE"] == 2 else 0)) / threads
     smem = a["num_stages"] * (BM * BK + BK * BN * (1 + dual)) * itemsize
     per_sm = _ctas_per_sm(gpu, a["num_warps"], acc, smem)
-    # persistent on sm_100 with TMA weights: 16-bit operands (meta tensors take neither: W_TMA 0)
-    persistent = bool(a.get("PERSISTENT")) or (gpu.capability[0] == 10 and itemsize == 2)
+    # persistent on sm_100 with TMA weights: 16-bit operands, not the two-accumulator epilogues (meta: W_TMA 0)
+    persistent = bool(a.get("PERSISTENT")) or (
+        gpu.capability[0] == 10 and itemsize == 2 and not dual and a["EPILOGUE"] != 2
+    )
     eff = _efficiency(gpu, BN, per_sm, itemsize, persistent)
     work = used * n_tiles
     return Cost(

@@ -810,7 +810,10 @@ def gemm(
     bwd = backward or BackwardEpilogue(out.tensor, None, schedule.offsets, out.tensor)
     off = schedule.offsets
     tiles = schedule.max_m_tiles * num_n
-    warp_spec = tma != WeightLoad.POINTERS and _warp_specialize(w.device)
+    # the backward epilogue and the GLU forward (two accumulators) stay one tile per program: warp-specialized on
+    # sm_100's 4 warps they spill (48-116 B, bench.audit)
+    two_acc = epilogue == Epilogue.BACKWARD or (glu and epilogue == Epilogue.FORWARD)
+    warp_spec = tma != WeightLoad.POINTERS and not two_acc and _warp_specialize(w.device)
     persistent = interpreting() or warp_spec  # elsewhere the tile loop costs registers: sm_90 1 CTA/SM, spills
     gemm_kernel[(persistent_programs(out.tensor.device, tiles) if persistent else tiles,)](
         a.tensor, w, a2.tensor, w2, w_desc, w2_desc, out.tensor, out.tensor if gate_out is None else gate_out,

@@ -355,6 +355,8 @@ def _gemm_specs() -> list[CompileSpec]:
                         fast = variants == ("aligned",) and dtype != torch.float32  # fp32 weights: pointer loads
                         pointers = WeightLoad.POINTERS
                         tma_builds = ((tma, False, _NO_WS_TMA_ARCHS), (tma, True, (100,)), (pointers, False, (80,)))
+                        if use.epilogue == Epilogue.BACKWARD or two_w:  # one tile per program (the launcher's rule)
+                            tma_builds = ((tma, False, _TMA_ARCHS), (pointers, False, (80,)))
                         for mode, ws, mode_archs in tma_builds if fast else ((pointers, False, _ARCHS),):
                             archs = tuple(cc for cc in mode_archs if cc in (cfg_archs or _ARCHS))
                             if not archs:
