@@ -58,6 +58,7 @@ __all__ = [
     "fake_quantize_rows",
     "fake_quantize_dual",
     "row_groups",
+    "group_offsets",
     "scale_value",
     "Quantizer",
     "REFERENCE",
@@ -191,19 +192,30 @@ def fake_quantize(
     return dequantize(*quantize(t, block, scale_dtype), block)
 
 
+def group_offsets(offsets: torch.Tensor, group: int | None) -> torch.Tensor:
+    """The first row group of each expert (and the total, last) for a reduction over expert-sorted rows in groups
+    of ``group`` rows of one expert (None: one group per expert): ``[E + 1]`` int64, on the device."""
+    E = offsets.shape[0] - 1
+    if group is None:
+        return torch.arange(E + 1, device=offsets.device)
+    off = offsets.long()
+    counts = off[1:] - off[:-1]
+    return torch.cat([off.new_zeros(1), ((counts + group - 1) // group).cumsum(0)])
+
+
 def row_groups(offsets: torch.Tensor, rows: int, group: int | None) -> tuple[torch.Tensor, int]:
     """Group id of each of ``rows`` expert-sorted rows for a reduction over the rows: groups of ``group`` rows
-    (None: all of an expert's rows) starting at each expert's first row ``offsets[e]``; rows at or past
-    ``offsets[E]`` get the group ``n`` (none). Returns ``(ids [rows] int64, n)``, ``n`` a bound from shapes."""
+    (None: all of an expert's rows) starting at each expert's first row ``offsets[e]`` (``group_offsets``); rows at
+    or past ``offsets[E]`` get the group ``n`` (none). Returns ``(ids [rows] int64, n)``, ``n`` a bound from
+    shapes."""
     E = offsets.shape[0] - 1
     off = offsets.long()
     r = torch.arange(rows, device=offsets.device)
     e = (torch.searchsorted(off[1:], r, right=True)).clamp(max=E - 1)
+    first = group_offsets(offsets, group)
     if group is None:
-        first, n, within = torch.arange(E + 1, device=offsets.device), E, r.new_zeros(rows)
+        n, within = E, r.new_zeros(rows)
     else:
-        counts = off[1:] - off[:-1]
-        first = torch.cat([off.new_zeros(1), ((counts + group - 1) // group).cumsum(0)])
         n, within = rows // group + E, (r - off[e]) // group
     ids = torch.where(r < off[E], first[e] + within, n)
     return ids, n

@@ -87,6 +87,9 @@ __all__ = [
     "BLOCK_SIZES",
     "Epilogue",
     "WeightLoad",
+    "Fp8Mode",
+    "GemmScales",
+    "WgradScales",
     "GemmConfig",
     "gemm_config",
     "wgrad_config",
@@ -114,6 +117,43 @@ class WeightLoad(enum.IntEnum):
     POINTERS = 0  # pointer loads, any strides
     TMA = 1  # a tensor descriptor over [E, K, N] (N contiguous)
     TMA_T = 2  # a tensor descriptor over the transposed storage [E, N, K] (a wᵀ view)
+
+
+class Fp8Mode(enum.IntEnum):
+    """``gemm_kernel``'s and ``wgrad_kernel``'s ``FP8``: the operands are E4M3 with the scales of a recipe
+    (``blocksparse_moe.fp8``), fp32 accumulation."""
+
+    NONE = 0  # 16- or 32-bit operands, no scales
+    BLOCKWISE = 1  # fp32 scales: A per row and 128 of K, W per 128 × 128 block; applied per K group in the loop
+    MX = 2  # E8M0 (uint8) scales: A per row and 32 of K, W per column and 32 of K; ``tl.dot_scaled``
+    ROWWISE = 3  # fp32 scales: A per row, W per column; applied to the accumulator before the epilogue
+
+
+@dataclass(frozen=True)
+class GemmScales:
+    """The scales of ``gemm``'s E4M3 operands (``fp8.quantize``'s layouts, any strides): ``a [rows of a.tensor
+    (tokens when gathered), nK]`` and the weights' ``w [E, nK, nN]`` for ``w [E, K, N]`` (blockwise ``[E, cdiv(K,
+    128), cdiv(N, 128)]``, mx ``[E, cdiv(K, 32), N]``, rowwise ``[E, 1, N]``; a transposed weight view's scales are
+    the same transposed view); ``w2`` the GLU gate's or the pair's second weight's, ``a2`` the pair's second A's."""
+
+    mode: Fp8Mode
+    a: torch.Tensor
+    w: torch.Tensor
+    w2: torch.Tensor | None = None
+    a2: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class WgradScales:
+    """The scales of ``wgrad``'s E4M3 operands, both quantized along the rows (``fp8.quantize_rows``: per column,
+    per group of one expert's rows): ``a [groups + 1, M]``, ``b [groups + 1, N]`` (``b2`` likewise) and
+    ``group_offsets [E + 1]`` int32, the first group of each expert (``fp8.group_offsets``)."""
+
+    mode: Fp8Mode
+    a: torch.Tensor
+    b: torch.Tensor
+    group_offsets: torch.Tensor
+    b2: torch.Tensor | None = None
 
 
 # the modes as the kernels read them (a @triton.jit function reads only constexpr globals)
