@@ -63,6 +63,7 @@ __all__ = [
     "Quantizer",
     "REFERENCE",
     "weight",
+    "quantized_weight",
     "weight_cache_clear",
 ]
 
@@ -254,22 +255,25 @@ def fake_quantize_dual(
 
 @dataclass(frozen=True)
 class Quantizer:
-    """The fake quantizations the FP8 emulation calls (``backends.torch_fp8``, ``strategies.fp8``): ``blocks(t,
-    block, scale_dtype)`` as ``fake_quantize``, ``rows(t, offsets, group, scale_dtype)`` as ``fake_quantize_rows``
-    and ``dual(t, offsets, group, scale_dtype)`` as ``fake_quantize_dual``; ``REFERENCE`` is this module's,
-    ``kernels.quantize.QUANTIZER`` the Triton kernels' (``dual``: one kernel writing both layouts)."""
+    """The quantizations an FP8 path calls: ``quantize(t, block, scale_dtype)`` as ``quantize`` (E4M3 and
+    scales, for the kernels and the weight cache), and the fake ones of the emulation (``backends.torch_fp8``,
+    ``strategies.fp8``): ``blocks(t, block, scale_dtype)`` as ``fake_quantize``, ``rows(t, offsets, group,
+    scale_dtype)`` as ``fake_quantize_rows`` and ``dual(t, offsets, group, scale_dtype)`` as ``fake_quantize_dual``.
+    ``REFERENCE`` is this module's, ``kernels.quantize.QUANTIZER`` the Triton kernels' (``dual``: one kernel writing
+    both layouts)."""
 
+    quantize: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     blocks: Callable[..., torch.Tensor]
     rows: Callable[..., torch.Tensor]
     dual: Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
-REFERENCE = Quantizer(fake_quantize, fake_quantize_rows, fake_quantize_dual)
+REFERENCE = Quantizer(quantize, fake_quantize, fake_quantize_rows, fake_quantize_dual)
 
 
 # ----------------------------------------------------------------------------------------------- weight cache
 
-# parameter identity -> (weakref, _version, {(view, recipe, reduced dimension): dequantized fp32 weight})
+# parameter identity -> (weakref, _version, {(view, recipe, reduced dimension): (E4M3 weight, scales)})
 _CACHE: dict[int, tuple[weakref.ref, int, dict]] = {}
 
 
@@ -283,15 +287,17 @@ def _cacheable(w: torch.Tensor) -> bool:
     return not (torch.compiler.is_compiling() or w.is_inference() or w.device.type == "meta" or graph)
 
 
-def weight(w: torch.Tensor, rcp: Recipe, reduced: int, quantizer=fake_quantize) -> torch.Tensor:
+def quantized_weight(
+    w: torch.Tensor, rcp: Recipe, reduced: int, quantizer: Callable = quantize
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert weights ``w [E, K, N]`` quantized for a reduction along dimension ``reduced`` (0: K, 1: N) with
-    recipe ``rcp``, dequantized (fp32): the values an FP8 GEMM multiplies. ``quantizer(t, block, scale_dtype)`` is
-    ``fake_quantize`` or its Triton twin (``kernels.quantize``).
+    recipe ``rcp`` (groups ``rcp.weight_block(reduced)``): ``(q E4M3 [E, K, N], scale)``, what the FP8 kernels
+    read. ``quantizer(t, block, scale_dtype)`` is ``quantize`` or its Triton twin (``kernels.quantize``).
 
     Cached per parameter (the tensor owning the storage, by identity) and its version counter (``_version``, which
     every in-place update bumps): a weight is quantized once per optimizer step for all the GEMMs that read it in
-    that layout (forward and backward; ``"blockwise"``'s square blocks serve both layouts). The cache holds the
-    dequantized fp32 copy (4 bytes per element per layout: an emulation's choice). Not cached while
+    that layout (forward and backward; ``"blockwise"``'s square blocks serve both layouts). The cache holds the E4M3
+    values and their scales: 1 byte per element per layout (up to two layouts), plus the scales. Not cached while
     ``torch.compile`` traces (the quantization is then part of the graph), for inference tensors (no version
     counter), on meta, or where autograd would record the quantization."""
     block = rcp.weight_block(reduced)
@@ -308,3 +314,9 @@ def weight(w: torch.Tensor, rcp: Recipe, reduced: int, quantizer=fake_quantize) 
     if cached is None:
         cached = entry[2][view] = quantizer(w, block, rcp.scale_dtype)
     return cached
+
+
+def weight(w: torch.Tensor, rcp: Recipe, reduced: int, quantizer: Callable = quantize) -> torch.Tensor:
+    """``quantized_weight`` dequantized (fp32): the values an FP8 GEMM multiplies, for the emulation (the
+    dequantization runs at each call; the cache keeps the E4M3 copy)."""
+    return dequantize(*quantized_weight(w, rcp, reduced, quantizer), rcp.weight_block(reduced))

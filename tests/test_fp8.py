@@ -103,12 +103,14 @@ def test_weight_cache_once_per_version():
 
     def counting(t, block, scale_dtype):
         calls.append(block)
-        return fp8.fake_quantize(t, block, scale_dtype)
+        return fp8.quantize(t, block, scale_dtype)
 
     r = fp8.recipe("mxfp8")
     w = torch.randn(2, 64, 32)
-    a = fp8.weight(w, r, 0, counting)
-    assert fp8.weight(w, r, 0, counting) is a and len(calls) == 1
+    a = fp8.quantized_weight(w, r, 0, counting)
+    assert fp8.quantized_weight(w, r, 0, counting)[0] is a[0] and len(calls) == 1
+    assert a[0].dtype == torch.float8_e4m3fn  # the cache holds E4M3 and scales, not a dequantized copy
+    assert torch.equal(fp8.weight(w, r, 0, counting), fp8.dequantize(*a, r.weight_block(0))) and len(calls) == 1
     fp8.weight(w, r, 1, counting)  # the other layout: once more
     assert len(calls) == 2
     fp8.weight(w, fp8.recipe("blockwise"), 0, counting)
@@ -118,7 +120,7 @@ def test_weight_cache_once_per_version():
     assert len(calls) == 3
     w.add_(1.0)  # an optimizer step
     b = fp8.weight(w, r, 0, counting)
-    assert len(calls) == 4 and not torch.equal(a, b)
+    assert len(calls) == 4 and not torch.equal(fp8.dequantize(*a, r.weight_block(0)), b)
     p = torch.nn.Parameter(torch.randn(2, 64, 32))
     fp8.weight(p, r, 0, counting)
     fp8.weight(p, r, 0, counting)

@@ -60,14 +60,14 @@ def mlp_forward(
     dtype, acc, act = x.dtype, _acc_dtype(x.dtype), get_activation(activation)
     act_block = rcp.act_block()
     xs = pt._gathered(quantizer.blocks(x, act_block, rcp.scale_dtype).to(acc), routing.row_src)
-    h = pt._expert_mm(xs, fp8_recipes.weight(w1, rcp, 0, quantizer.blocks), routing.offsets).to(dtype)
-    g = None if w3 is None else pt._expert_mm(xs, fp8_recipes.weight(w3, rcp, 0, quantizer.blocks), routing.offsets)
+    h = pt._expert_mm(xs, fp8_recipes.weight(w1, rcp, 0, quantizer.quantize), routing.offsets).to(dtype)
+    g = None if w3 is None else pt._expert_mm(xs, fp8_recipes.weight(w3, rcp, 0, quantizer.quantize), routing.offsets)
     g = None if g is None else g.to(dtype)
     a = act(h.to(acc))
     if g is not None:
         a = a * g.to(acc)
     aq = quantizer.blocks(a.to(dtype), act_block, rcp.scale_dtype).to(acc)
-    y = pt._expert_mm(aq, fp8_recipes.weight(w2, rcp, 0, quantizer.blocks), routing.offsets).to(dtype)
+    y = pt._expert_mm(aq, fp8_recipes.weight(w2, rcp, 0, quantizer.quantize), routing.offsets).to(dtype)
     out = pt.scatter_rows(y, routing.row_asg, routing.assignment_row, weights)
     return out, pt._layout(h, routing), None if g is None else pt._layout(g, routing)
 
@@ -97,7 +97,7 @@ def mlp_backward(
         return quantizer.rows(t, offsets, rcp.group, sd).to(acc)
 
     def transposed(w: torch.Tensor) -> torch.Tensor:  # wᵀ [E, N, K], quantized along N
-        return fp8_recipes.weight(w, rcp, 1, quantizer.blocks).transpose(1, 2)
+        return fp8_recipes.weight(w, rcp, 1, quantizer.quantize).transpose(1, 2)
 
     dq = pt._gathered(quantizer.blocks(dout, act_block, sd).to(acc), routing.row_src)
     G = pt._expert_mm(dq, transposed(w2), offsets)  # dout[token] @ w2ᵀ, unweighted

@@ -376,4 +376,4 @@ def fake_quantize_dual(
     return along_columns, q_cols.float() * fp8_reference.scale_value(s_cols)[ids]
 
 
-QUANTIZER = fp8_reference.Quantizer(fake_quantize, fake_quantize_rows, fake_quantize_dual)
+QUANTIZER = fp8_reference.Quantizer(quantize, fake_quantize, fake_quantize_rows, fake_quantize_dual)

@@ -94,7 +94,7 @@ class _GroupedMm(torch.autograd.Function):
         ctx.backend, ctx.fp8 = backend, fp8
         rcp, quantizer, acc = fp8_recipes.recipe(fp8), quantizer_for(backend), _acc_dtype(x.dtype)
         xq = quantizer.blocks(x, rcp.act_block(), rcp.scale_dtype).to(acc)
-        wq = fp8_recipes.weight(w, rcp, 0, quantizer.blocks).to(acc)
+        wq = fp8_recipes.weight(w, rcp, 0, quantizer.quantize).to(acc)
         return ops_grouped.grouped_mm(xq, wq, offsets, row_assignment, assignment_row, "torch").to(x.dtype)
 
     @staticmethod
@@ -105,7 +105,7 @@ class _GroupedMm(torch.autograd.Function):
         dx = dw = None
         if ctx.needs_input_grad[0]:
             dq = quantizer.blocks(dy, rcp.act_block(), sd).to(acc)
-            wt = fp8_recipes.weight(w, rcp, 1, quantizer.blocks).to(acc).transpose(1, 2)
+            wt = fp8_recipes.weight(w, rcp, 1, quantizer.quantize).to(acc).transpose(1, 2)
             dx = ops_grouped.grouped_mm(dq, wt, offsets, backend="torch")
             if row_assignment is not None:
                 dx = ops_permute.scatter_rows(dx, row_assignment, assignment_row, backend="torch")
