@@ -304,6 +304,16 @@ def test_baseline_is_bf16_only():
         estimate("decode", BASELINE, "h200", dtype=torch.float32)
 
 
+def test_estimate_rejects_bad_fp8():
+    # checked before anything is recorded: an unknown recipe, a non-string, and the bf16-only baseline
+    with pytest.raises(ValueError, match="fp8 must be one of"):
+        estimate("decode", "grouped", "h200", fp8="fp4")
+    with pytest.raises(TypeError, match="fp8 must be None or one of"):
+        estimate("decode", "grouped", "h200", fp8=8)
+    with pytest.raises(ValueError, match="fp8 applies to impl"):
+        estimate("decode", BASELINE, "h200", fp8="blockwise")
+
+
 def test_cli_rejects_unknown_names():
     proc = _run("bench.model", "--shape", "mixtral,huge")
     assert proc.returncode == 2 and "--shape must be among" in proc.stderr

@@ -30,6 +30,8 @@ from functools import cache
 
 import torch
 
+from blocksparse_moe.fp8 import check_recipe
+
 from .record import ROUTING, EagerOp, Launch, Recording, record
 from .roofline import GPUS, QUANTIZE_KERNELS, SHAPES, Cost, Gpu, LayerShape, balanced_rows, eager_time, launch_cost
 
@@ -203,8 +205,6 @@ def estimate(
         raise ValueError(f"impl={BASELINE!r} is modelled in bfloat16 only (torch._grouped_mm's CUDA kernel), got "
                          f"{dtype}")  # fmt: skip
     if fp8 is not None:
-        from blocksparse_moe.fp8 import check_recipe
-
         check_recipe("fp8", fp8)
         if impl not in OURS:
             raise ValueError(f"fp8 applies to impl {OURS}, got impl={impl!r} with fp8={fp8!r}")
