@@ -298,6 +298,31 @@ def test_compare_puts_the_estimate_beside_measured_rows(tmp_path):
     assert float(speedups[0][4].rstrip("x |")) == pytest.approx(base_model / float(model), rel=0.02)
 
 
+def test_compare_lists_fp8_rows(tmp_path):
+    # python -m bench --fp8's rows are estimated with their recipe: n/a while the Triton backend launches no FP8
+    # kernels (bench.model: "no FP8 kernels launched"), a number once it does; never another strategy's estimate
+    row = {"tokens": 256, "hidden": 128, "ffn": 64, "experts": 4, "top_k": 2, "glu": True, "dtype": "bfloat16"}
+    rows = [
+        {**row, "strategy": "grouped", "fp8": None, "fwd_bwd_ms": 0.5},
+        {**row, "strategy": "grouped+fp8:blockwise", "fp8": "blockwise", "fwd_bwd_ms": 0.4},
+        {**row, "strategy": "padded+fp8:blockwise", "fp8": "blockwise", "fwd_bwd_ms": 0.4},  # not a bench row name
+        {**row, "strategy": "torch_grouped_mm", "fp8": None, "fwd_bwd_ms": 0.8},
+    ]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text(json.dumps({"rows": rows}))
+    proc = _run("bench.model.compare", "--gpu", "h200", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr
+    estimates, vs = proc.stdout.strip().split("\n\n")
+    lines = [line.rstrip(" |").split(" | ") for line in estimates.splitlines() if line.startswith("| 256 ")]
+    assert [line[2] for line in lines] == ["grouped", "grouped+fp8:blockwise", "torch_grouped_mm"]
+    measured, model, ratio = lines[1][3:6]
+    assert float(measured) == 0.4 and model != lines[0][4]  # not the bf16 estimate
+    assert (model, ratio) == ("n/a", "n/a") or float(ratio) == pytest.approx(0.4 / float(model), rel=0.02)
+    speedups = [line.rstrip(" |").split(" | ") for line in vs.splitlines() if line.startswith("| 256 ")]
+    assert [(s[2], s[3]) for s in speedups] == [("grouped", "1.60x"), ("grouped+fp8:blockwise", "2.00x")]
+    assert speedups[1][4] == "n/a" if model == "n/a" else speedups[1][4].endswith("x")
+
+
 def test_baseline_is_bf16_only():
     # torch._grouped_mm's CUDA kernel (and its meta function) takes bf16 only: an fp32 estimate is a clear error
     with pytest.raises(ValueError, match="bfloat16 only"):
