@@ -21,7 +21,7 @@ import torch
 from .harness import Progress, run
 from .library import BLOCK_SIZES
 from .problems import DTYPES, Shape, parse_routing
-from .strategies import STRATEGIES
+from .strategies import FP8_STRATEGIES, STRATEGIES
 
 __all__ = ["PRESETS", "Preset", "main", "parse_args", "prepare_out_dir"]
 
@@ -74,6 +74,15 @@ def _names(text: str) -> list[str]:
     return names
 
 
+def _recipes(text: str) -> list[str]:
+    from blocksparse_moe.fp8 import RECIPES
+
+    names = [v for v in text.split(",") if v]
+    if not names or any(n not in RECIPES for n in names):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(RECIPES)}, got {text!r}")
+    return list(dict.fromkeys(names))  # each recipe once
+
+
 def _routings(text: str) -> list[str]:
     specs = [v for v in text.split(",") if v]
     for s in specs:
@@ -116,6 +125,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ffn", type=int, default=None, help="f, the expert width")
     p.add_argument("--glu", action=argparse.BooleanOptionalAction, default=None, help="GLU experts (w3)")
     p.add_argument("--activation", choices=("gelu", "relu", "silu"), default=None)
+    p.add_argument("--fp8", type=_recipes, default=[], metavar="RECIPE[,RECIPE]",
+                   help=f"also run {' and '.join(FP8_STRATEGIES)} with moe_mlp(fp8=RECIPE) (blockwise, mxfp8, "
+                        "rowwise; the PyTorch emulation on CPU): rows '<strategy>+fp8:<recipe>' + SQNR")  # fmt: skip
     p.add_argument("--routing", type=_routings, default=["uniform"], help="uniform | zipf:S | one-hot (comma list)")
     p.add_argument("--capacity-factors", type=_floats, default=[1.0, 1.25, 2.0], help="padded baselines")
     p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=None,
@@ -159,6 +171,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             "--reference-max-waste must be >= 1 (the waste E/k is at least 1; inf never skips 'reference'), "
             f"got {args.reference_max_waste}"
         )
+    if args.fp8 and not set(FP8_STRATEGIES) & set(args.impls):
+        ours = " or ".join(FP8_STRATEGIES)
+        p.error(f"--fp8 adds rows to {ours}: --impls must include one of them, got {','.join(args.impls)}")
     preset = PRESETS[args.preset]
     for k in args.top_k or [preset.top_k]:
         for e in args.experts or [preset.experts]:
@@ -227,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     pre = PRESETS[args.preset]
     print(
         f"bench: preset {args.preset} ({pre.description}), {len(shapes)} shape(s) x {','.join(args.impls)} on "
-        f"{args.device} {args.dtype}, capacity factors {args.capacity_factors}; writing to {out_dir}",
+        f"{args.device} {args.dtype}, capacity factors {args.capacity_factors}"
+        f"{', fp8 ' + ','.join(args.fp8) if args.fp8 else ''}; writing to {out_dir}",
         file=sys.stderr,
     )
     start = time.perf_counter()
@@ -246,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=progress,
             time_budget=args.time_budget,
             interleave=args.interleave,
+            fp8=tuple(args.fp8),
         )
     finally:
         progress.close()
@@ -258,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             "block_size": args.block_size,
             "dtype": args.dtype,
             "interleave": args.interleave,
+            "fp8": args.fp8,
             "elapsed_s": round(elapsed, 1),
         },
     )
@@ -269,6 +287,13 @@ def main(argv: list[str] | None = None) -> int:
         f"backend {meta['backend']}. Timer: {meta['timer']}. {meta['flops']}. {meta['saved']}.\n"
         f"Command: `{meta['command']}`\n"
     )
+    if args.fp8:
+        header += (
+            f"FP8 rows (`<strategy>+fp8:<recipe>`): `moe_mlp(..., fp8=RECIPE)` for {', '.join(args.fp8)}"
+            f"{' (the PyTorch emulation: cast, scale, fp32 matmul)' if meta['backend'] == 'torch' else ''}; their "
+            "error is expected: SQNR dB = 10·log10(Σ ref² / Σ (out - ref)²) against the float64 reference, for the "
+            "output and the worst input gradient.\n"
+        )
     skipped = "".join(f"- skipped {n}\n" for n in notes)
     text = header + "\n" + table + ("\n" + skipped if skipped else "")
     print(text)

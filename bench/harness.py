@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -70,6 +71,17 @@ def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.detach().to(expected.dtype) - expected).abs().max() / scale)
 
 
+def sqnr_db(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``actual`` against the reference ``expected``, in dB:
+    ``10·log10(Σ expected² / Σ (actual - expected)²)`` (inf when they are equal, NaN for an empty or all-zero
+    reference)."""
+    noise = float((actual.detach().to(expected.dtype) - expected).pow(2).sum())
+    signal = float(expected.pow(2).sum())
+    if signal == 0.0:
+        return math.nan
+    return math.inf if noise == 0.0 else 10.0 * math.log10(signal / noise)
+
+
 def _time_case(
     case: Case,
     device: torch.device,
@@ -89,6 +101,7 @@ def _time_case(
         grad = torch.randn_like(out)
     if case.comparable:
         row["max_rel_err"] = _rel_err(out, ref_out)
+        row["sqnr_db"] = sqnr_db(out, ref_out)
     bwd_error = None
     try:
         grads = torch.autograd.grad(out, inputs, grad, allow_unused=True)
@@ -100,9 +113,10 @@ def _time_case(
         if case.comparable:
             if case.grads_as_reference is not None:
                 grads = case.grads_as_reference(grads)
-            row["max_rel_err_grad"] = max(
-                _rel_err(torch.zeros_like(r) if g is None else g, r) for g, r in zip(grads, ref_grads, strict=True)
-            )
+            pairs = [(torch.zeros_like(r) if g is None else g, r) for g, r in zip(grads, ref_grads, strict=True)]
+            row["max_rel_err_grad"] = max(_rel_err(g, r) for g, r in pairs)
+            # the worst of the input gradients (one whose reference is all zeros has none)
+            row["sqnr_db_grad"] = min((v for g, r in pairs if not math.isnan(v := sqnr_db(g, r))), default=math.nan)
         del grads
     del out
     out, saved = saved_for_backward(case.forward, case.parameters)
@@ -173,9 +187,13 @@ def run(
     progress: Progress | None = None,
     time_budget: float | None = None,
     interleave: int = 0,
+    fp8: tuple[str, ...] = (),
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Time every strategy on every shape. Returns (rows, notes on skipped strategies).
 
+    ``fp8`` (recipes of ``blocksparse_moe.fp8.RECIPES``): the dropless strategies among ``strategies`` once more per
+    recipe (``strategies.build_cases``); every comparable row also gets its SQNR against the float64 reference
+    (``sqnr_db``, ``sqnr_db_grad``: the worst input gradient), the measure of FP8's expected error.
     ``time_budget`` (seconds): no case starts after it is spent; the cases left are named in the notes.
     ``interleave`` (rounds, 0: none): after a shape's cases, time one fwd+bwd step of each of them in alternation
     (``timing.interleaved``) into ``fwd_bwd_interleaved_ms``, comparable across the shape's rows on a shared machine.
@@ -190,7 +208,7 @@ def run(
         p = make_problem(shape, dtype, device, seed)
         grad = torch.randn(p.x.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
         ref = _reference(p, grad)
-        cases, skipped = build_cases(p, strategies, capacity_factors, block_size, reference_max_waste)
+        cases, skipped = build_cases(p, strategies, capacity_factors, block_size, reference_max_waste, fp8)
         tag = f"T={shape.tokens} E={shape.experts} k={shape.top_k} d={shape.hidden} f={shape.ffn} {shape.routing}"
         notes.extend(s for s in skipped if s not in notes)
         shape_rows = []
@@ -213,6 +231,7 @@ def run(
                 dtype=str(dtype).removeprefix("torch."),
                 device=device.type,
                 strategy=case.name,
+                fp8=case.fp8,
                 capacity_factor=case.capacity_factor,
                 capacity=case.capacity,
                 dropped_fraction=case.dropped_fraction,

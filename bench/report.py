@@ -95,7 +95,7 @@ def _time(row: dict[str, Any], key: str) -> str:
 
 def markdown(rows: list[dict[str, Any]], capacity_factors: list[float]) -> str:
     """One table per shape: times (median ± spread, ms), rates, padding waste, memory (saved for backward per
-    token, activation MiB on CUDA), drops, speedups."""
+    token, activation MiB on CUDA), drops, speedups, errors (and their SQNR when FP8 rows are present)."""
     out: list[str] = []
     shapes: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
@@ -121,6 +121,9 @@ def markdown(rows: list[dict[str, Any]], capacity_factors: list[float]) -> str:
                                            ("speedup_vs_hf_grouped_mm", "x vs hf:grouped_mm"))
              if any(r.get(key) is not None for r in rows)]  # fmt: skip
     header += [name for _, name in extra]
+    # FP8 rows (--fp8): their expected error as the SQNR against the float64 reference, beside every row's
+    sqnr = any(r.get("fp8") for r in rows)
+    header += ["SQNR dB (out / grads)"] if sqnr else []
     for (T, d, f, E, k, glu, routing, dtype), group in shapes.items():
         out.append(
             f"\n### T={T} d={d} f={f} E={E} k={k} {'GLU' if glu else 'MLP'} routing={routing} {dtype} "
@@ -143,6 +146,7 @@ def markdown(rows: list[dict[str, Any]], capacity_factors: list[float]) -> str:
                 *[_fmt(r.get(c), ".2f") for c in speed_cols],
                 f"{_fmt(r.get('max_rel_err'), '.1e')} / {_fmt(r.get('max_rel_err_grad'), '.1e')}",
                 *[_time(r, key) if key.endswith("_ms") else _fmt(r.get(key), ".2f") for key, _ in extra],
+                *([f"{_fmt(r.get('sqnr_db'), '.1f')} / {_fmt(r.get('sqnr_db_grad'), '.1f')}"] if sqnr else []),
             ]
             out.append("| " + " | ".join(cells) + " |")
         notes = [f"- {r['strategy']}: {r['note']}" for r in group if r.get("note")]

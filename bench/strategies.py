@@ -7,6 +7,10 @@ style: per-expert ``torch.where``, host-syncs), ``torch_grouped_mm`` (torchtitan
 installed, CUDA only), ``hf_experts`` (transformers' own experts implementations and ours through its
 ``ExpertsInterface``, when transformers is installed: ``bench.hf_experts``), and ``dense``: plain GEMMs of the same
 useful FLOPs, the machine's ceiling.
+
+FP8 rows (``fp8``: recipes of ``blocksparse_moe.fp8.RECIPES``): each dropless strategy asked for (``blocksparse``,
+``grouped``) once more per recipe, ``moe_mlp(..., fp8=recipe)``, named ``fp8_case_name(strategy, recipe)``
+(``"grouped+fp8:blockwise"``). On CPU the PyTorch backend's emulation runs (``backends.torch_fp8``).
 """
 
 from __future__ import annotations
@@ -18,11 +22,21 @@ from dataclasses import dataclass, field
 import torch
 
 from blocksparse_moe.activations import check_name, get_activation
+from blocksparse_moe.fp8 import check_recipe
 
 from . import flops
 from .problems import Problem
 
-__all__ = ["STRATEGIES", "Case", "build_cases", "loop_moe_mlp", "grouped_mm_mlp", "grouped_mm_moe_mlp"]
+__all__ = [
+    "STRATEGIES",
+    "FP8_STRATEGIES",
+    "Case",
+    "build_cases",
+    "fp8_case_name",
+    "loop_moe_mlp",
+    "grouped_mm_mlp",
+    "grouped_mm_moe_mlp",
+]
 
 STRATEGIES = (
     "blocksparse",
@@ -36,6 +50,7 @@ STRATEGIES = (
     "hf_experts",
     "dense",
 )
+FP8_STRATEGIES = ("blocksparse", "grouped")  # the strategies the bench also runs with fp8=RECIPE
 
 
 @dataclass
@@ -48,6 +63,7 @@ class Case:
     useful_flops: int  # forward FLOPs of the work actually delivered
     executed_flops: int | None  # forward FLOPs executed, padding included (None: unknown)
     comparable: bool = True  # output should match the reference
+    fp8: str | None = None  # the FP8 recipe of moe_mlp (None: the GEMMs in the inputs' dtype)
     capacity_factor: float | None = None
     capacity: int | None = None
     dropped_fraction: float | None = 0.0  # None: not applicable (dense)
@@ -111,6 +127,11 @@ def grouped_mm_moe_mlp(p: Problem, w1, w2, w3) -> torch.Tensor:
     return grouped_mm_mlp(p.x, p.top_k_index, p.top_k_weights, w1, w2, w3, p.shape.activation)
 
 
+def fp8_case_name(strategy: str, recipe: str) -> str:
+    """The row name of ``strategy`` run with ``fp8=recipe``."""
+    return f"{strategy}+fp8:{recipe}"
+
+
 def _column_major(w: torch.Tensor) -> torch.Tensor:
     """Same values, last two dims stored transposed (the layout ``torch._grouped_mm`` wants for ``mat_b`` on GPU)."""
     return w.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
@@ -122,11 +143,15 @@ def build_cases(
     capacity_factors: list[float],
     block_size: int,
     reference_max_waste: float,
+    fp8: tuple[str, ...] = (),
 ) -> tuple[list[Case], list[str]]:
-    """The cases to time for ``names`` (a subset of ``STRATEGIES``); returns (cases, notes on skipped ones)."""
+    """The cases to time for ``names`` (a subset of ``STRATEGIES``), and those of ``FP8_STRATEGIES`` among them once
+    more per recipe of ``fp8`` (right after the strategy's own row); returns (cases, notes on skipped ones)."""
     unknown = sorted(set(names) - set(STRATEGIES))
     if unknown:
         raise ValueError(f"unknown strategies {unknown}; expected a subset of {list(STRATEGIES)}")
+    for recipe in fp8:
+        check_recipe("fp8", recipe)
     s = p.shape
     useful = flops.useful_flops(s.assignments, s.hidden, s.ffn, s.glu)
     w = (p.w1, p.w2, p.w3)
@@ -148,12 +173,16 @@ def build_cases(
         return lambda: moe_mlp(p.x, p.top_k_index, p.top_k_weights, *w, activation=s.activation, impl=impl, **kw)
 
     for name in names:
-        if name == "blocksparse":
-            executed = flops.blocksparse_executed_flops(p.tokens_per_expert, block_size, s.hidden, s.ffn, s.glu)
-            case = Case(name, ours_case(name, block_size=block_size), p.inputs, useful, executed, parameters=weights)
-            cases.append(case)
-        elif name == "grouped":
-            cases.append(Case(name, ours_case(name), p.inputs, useful, useful, parameters=weights))
+        if name in FP8_STRATEGIES:
+            kw, executed = {}, useful
+            if name == "blocksparse":
+                kw = {"block_size": block_size}
+                executed = flops.blocksparse_executed_flops(p.tokens_per_expert, block_size, s.hidden, s.ffn, s.glu)
+            cases.append(Case(name, ours_case(name, **kw), p.inputs, useful, executed, parameters=weights))
+            for recipe in fp8:
+                forward = ours_case(name, fp8=recipe, **kw)
+                cases.append(Case(fp8_case_name(name, recipe), forward, p.inputs, useful, executed, fp8=recipe,
+                                  parameters=weights))  # fmt: skip
         elif name == "padded":
             for cf in capacity_factors:
                 cap = flops.capacity(s.tokens, s.top_k, s.experts, cf)

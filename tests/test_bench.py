@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from bench import cli, flops, report, timing
-from bench.harness import _derive, run
+from bench.harness import _derive, run, sqnr_db
 from bench.memory import saved_for_backward
 from bench.problems import Shape, make_problem, make_routing, parse_routing
-from bench.strategies import build_cases, grouped_mm_moe_mlp, loop_moe_mlp
+from bench.strategies import build_cases, fp8_case_name, grouped_mm_moe_mlp, loop_moe_mlp
+from blocksparse_moe import moe_mlp
 from blocksparse_moe.reference import per_token_moe_mlp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -244,6 +245,60 @@ def test_harness_rows():
     assert rows == [] and "time budget" in notes[0]
 
 
+def test_fp8_cases_follow_their_strategy():
+    # each recipe once more per dropless strategy, right after the strategy's row; padded and dense get none
+    p = _problem()
+    cases, _ = build_cases(p, ["padded", "blocksparse", "grouped", "dense"], [1.0], 8, 8.0, ("blockwise", "rowwise"))
+    assert [c.name for c in cases] == [
+        "padded@1", "blocksparse", "blocksparse+fp8:blockwise", "blocksparse+fp8:rowwise", "grouped",
+        "grouped+fp8:blockwise", "grouped+fp8:rowwise", "dense",
+    ]  # fmt: skip
+    by_name = {c.name: c for c in cases}
+    assert by_name["grouped+fp8:rowwise"].fp8 == "rowwise" and by_name["grouped"].fp8 is None
+    # the same FLOP accounting as the strategy's own row (block padding included)
+    assert by_name["blocksparse+fp8:blockwise"].executed_flops == by_name["blocksparse"].executed_flops
+    with pytest.raises(ValueError, match="fp8 must be one of"):
+        build_cases(p, ["grouped"], [1.0], 8, 8.0, ("fp4",))
+
+
+def test_sqnr_db():
+    expected = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    # signal 3² + 4² = 25, noise 0.05² = 0.0025: 10·log10(1e4) = 40 dB
+    assert sqnr_db(torch.tensor([3.0, 4.05]), expected) == pytest.approx(40.0, abs=1e-4)
+    assert sqnr_db(expected.clone(), expected) == math.inf  # no noise
+    assert math.isnan(sqnr_db(torch.ones(2), torch.zeros(2, dtype=torch.float64)))  # no signal: undefined
+    assert math.isnan(sqnr_db(torch.ones(0), torch.ones(0, dtype=torch.float64)))  # empty input
+
+
+@pytest.mark.parametrize("recipe", ["blockwise", "mxfp8", "rowwise"])
+def test_harness_fp8_rows(recipe):
+    # T=8 odd-sized layer (d=16, f=24: K not a multiple of the 32 / 128 groups), k=2 of E=4, GLU
+    shape = Shape(8, 16, 24, 4, 2, True, "silu", "uniform")
+    rows, notes = run([shape], dtype=torch.float32, device=torch.device("cpu"), strategies=["grouped"],
+                      capacity_factors=[1.0], block_size=8, min_run_time=0.001, fp8=(recipe,))  # fmt: skip
+    assert notes == []
+    plain, fp8 = rows
+    assert (plain["strategy"], plain["fp8"]) == ("grouped", None)
+    assert (fp8["strategy"], fp8["fp8"]) == (fp8_case_name("grouped", recipe), recipe)
+    for r in rows:  # the columns of every row: times, bytes saved for backward, errors
+        assert r["fwd_ms"] > 0 and r["bwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["saved_bytes_per_token"] > 0
+    # the SQNR is that of moe_mlp(fp8=recipe) against the float64 per-token reference of the same inputs
+    p = make_problem(shape, torch.float32, torch.device("cpu"))
+    ref = per_token_moe_mlp(*(t.detach().double() for t in (p.x, p.top_k_index, p.top_k_weights)),
+                            *(t.detach().double() for t in (p.w1, p.w2, p.w3)), "silu")  # fmt: skip
+    with torch.no_grad():
+        out = moe_mlp(p.x, p.top_k_index, p.top_k_weights, p.w1, p.w2, p.w3, activation="silu", impl="grouped",
+                      fp8=recipe)  # fmt: skip
+    assert fp8["sqnr_db"] == pytest.approx(sqnr_db(out, ref))
+    # FP8's expected error: E4M3 keeps 3 mantissa bits (~20-30 dB); fp32 is exact to ~7 digits (> 100 dB)
+    assert 15 < fp8["sqnr_db"] < 40 and 15 < fp8["sqnr_db_grad"] < 40
+    assert plain["sqnr_db"] > 100 and plain["sqnr_db_grad"] > 100
+    assert fp8["max_rel_err"] > 1e-3 > plain["max_rel_err"]
+    table = report.markdown(rows, [1.0])
+    assert "| SQNR dB (out / grads) |" in table and f"| grouped+fp8:{recipe} |" in table
+    assert "SQNR" not in report.markdown(rows[:1], [1.0])  # no FP8 row: the table as before
+
+
 def test_derive_rates_and_speedups_from_other_rows():
     # hand-made rows: rates, % of dense and speedups come from the right rows and the right time basis
     def row(name, useful, fwd_bwd_ms, fwd_ms, cf=None, act=None):
@@ -394,6 +449,10 @@ def test_saved_for_backward_puts_autocast_copies_of_parameters_apart():
         (["--block-size", "48"], "--block-size: invalid choice: 48 (choose from 16, 32, 64, 128)"),
         (["--block-size", "3"], "--block-size: invalid choice: 3"),
         (["--block-size", "256"], "--block-size: invalid choice: 256"),
+        # FP8 recipes: an unknown name, none, and no dropless strategy to add rows to
+        (["--fp8", "blockwise,fp4"], "--fp8: expected a comma-separated subset of blockwise,mxfp8,rowwise, got"),
+        (["--fp8", ","], "--fp8: expected a comma-separated subset of blockwise,mxfp8,rowwise, got ','"),
+        (["--fp8", "rowwise", "--impls", "padded,dense"], "--fp8 adds rows to blocksparse or grouped: --impls must"),
     ],
 )
 def test_cli_rejects_bad_arguments(argv, message, capsys):
@@ -409,7 +468,8 @@ def test_cli_presets_and_overrides():
         (32, 48, 768, 128, 8, True),
         (64, 48, 768, 128, 8, True),
     ]
-    assert args.dtype == "float32" and args.block_size == 64
+    assert args.dtype == "float32" and args.block_size == 64 and args.fp8 == []
+    assert cli.parse_args(["--fp8", "mxfp8,blockwise,mxfp8"]).fp8 == ["mxfp8", "blockwise"]  # each recipe once
     assert {"quick", "mixtral", "fine", "switch"} <= set(cli.PRESETS)
     m = cli.PRESETS["mixtral"]
     assert (m.hidden, m.ffn, m.experts, m.top_k, m.glu) == (4096, 14336, 8, 2, True)
@@ -496,13 +556,17 @@ def test_cli_smoke(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "bench", "--tokens", "16", "--experts", "4", "--top-k", "2", "--hidden", "32",
            "--ffn", "32", "--min-run-time", "0.01", "--impls", "blocksparse,grouped,padded,torch_grouped_mm,dense",
-           "--capacity-factors", "1.0,2.0", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
+           "--capacity-factors", "1.0,2.0", "--fp8", "rowwise", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "| strategy | fwd ms |" in proc.stdout and "| padded@1 |" in proc.stdout and "| dense |" in proc.stdout
     with open(tmp_path / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert {"padded@1", "padded@2", "torch_grouped_mm", "dense"} <= {r["strategy"] for r in rows}
+    fp8 = {r["strategy"]: r for r in rows if r["fp8"]}
+    assert sorted(fp8) == ["blocksparse+fp8:rowwise", "grouped+fp8:rowwise"]
+    assert all(15 < float(r["sqnr_db"]) < 40 and float(r["fwd_bwd_ms"]) > 0 for r in fp8.values())
+    assert "| SQNR dB (out / grads) |" in proc.stdout and "FP8 rows" in proc.stdout
     columns = {"fwd_ms", "bwd_ms", "fwd_bwd_ms", "useful_flops", "executed_flops", "pct_dense"}
     assert columns | {"saved_bytes_per_token", "saved_param_bytes"} <= set(rows[0])
     assert all(float(r["saved_bytes_per_token"]) > 0 for r in rows)

@@ -9,6 +9,7 @@ has ``TRITON_INTERPRET=1``, under which ``record`` refuses to run)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -23,16 +24,19 @@ from bench.model import BASELINE, IMPLS, OURS, estimate
 from bench.model.compare import gpu_of
 from bench.model.record import ROUTING_STEPS, Launch, TensorInfo, record
 from bench.model.roofline import GPUS, SHAPES, balanced_rows, launch_cost
+from blocksparse_moe.kernels.expert_gemm import Fp8Mode
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+def _python(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run(
-        [sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _run(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    return _python("-m", *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +143,8 @@ def _gemm(R: int, N: int, K: int, m_tiles: int, n_tiles: int, block_m: int = 64,
     args = dict(
         BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32, R=R, N=N, N_STORE=N, K=K, num_m_tiles=m_tiles, GLU=False,
         EPILOGUE=0, PAIR=False, GATHER=False, num_warps=4, num_stages=3,
-        a_ptr=TensorInfo((R, K), (K, 1), torch.bfloat16),
+        a_ptr=TensorInfo((R, K), (K, 1), torch.bfloat16), w_ptr=TensorInfo((2, K, N), (K * N, N, 1), torch.bfloat16),
+        out_ptr=TensorInfo((R, N), (N, 1), torch.bfloat16),
     )  # fmt: skip
     args.update(flags)
     return Launch("gemm_kernel", (m_tiles * n_tiles,), args, "forward", "bsm::expert_mlp")
@@ -202,6 +207,7 @@ def _wgrad(gather: bool, stages: int) -> Launch:
     args = dict(
         BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, M=M, N=N, DUAL=False, A_GATHER=gather, B_GATHER=False, num_warps=4,
         num_stages=stages, a_ptr=TensorInfo((512, M), (M, 1), torch.bfloat16),
+        b_ptr=TensorInfo((512, N), (N, 1), torch.bfloat16),
         out_ptr=TensorInfo((E, M, N), (M * N, N, 1), torch.bfloat16),
     )  # fmt: skip
     return Launch("wgrad_kernel", (E * 4,), args, "backward", "bsm::expert_mlp_backward")
@@ -292,12 +298,186 @@ def test_compare_puts_the_estimate_beside_measured_rows(tmp_path):
     assert float(speedups[0][4].rstrip("x |")) == pytest.approx(base_model / float(model), rel=0.02)
 
 
+def test_compare_lists_fp8_rows(tmp_path):
+    # python -m bench --fp8's rows are estimated with their recipe: n/a while the Triton backend launches no FP8
+    # kernels (bench.model: "no FP8 kernels launched"), a number once it does; never another strategy's estimate
+    row = {"tokens": 256, "hidden": 128, "ffn": 64, "experts": 4, "top_k": 2, "glu": True, "dtype": "bfloat16"}
+    rows = [
+        {**row, "strategy": "grouped", "fp8": None, "fwd_bwd_ms": 0.5},
+        {**row, "strategy": "grouped+fp8:blockwise", "fp8": "blockwise", "fwd_bwd_ms": 0.4},
+        {**row, "strategy": "padded+fp8:blockwise", "fp8": "blockwise", "fwd_bwd_ms": 0.4},  # not a bench row name
+        {**row, "strategy": "torch_grouped_mm", "fp8": None, "fwd_bwd_ms": 0.8},
+    ]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text(json.dumps({"rows": rows}))
+    proc = _run("bench.model.compare", "--gpu", "h200", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr
+    estimates, vs = proc.stdout.strip().split("\n\n")
+    lines = [line.rstrip(" |").split(" | ") for line in estimates.splitlines() if line.startswith("| 256 ")]
+    assert [line[2] for line in lines] == ["grouped", "grouped+fp8:blockwise", "torch_grouped_mm"]
+    measured, model, ratio = lines[1][3:6]
+    assert float(measured) == 0.4 and model != lines[0][4]  # not the bf16 estimate
+    assert (model, ratio) == ("n/a", "n/a") or float(ratio) == pytest.approx(0.4 / float(model), rel=0.02)
+    speedups = [line.rstrip(" |").split(" | ") for line in vs.splitlines() if line.startswith("| 256 ")]
+    assert [(s[2], s[3]) for s in speedups] == [("grouped", "1.60x"), ("grouped+fp8:blockwise", "2.00x")]
+    assert speedups[1][4] == "n/a" if model == "n/a" else speedups[1][4].endswith("x")
+
+
 def test_baseline_is_bf16_only():
     # torch._grouped_mm's CUDA kernel (and its meta function) takes bf16 only: an fp32 estimate is a clear error
     with pytest.raises(ValueError, match="bfloat16 only"):
         estimate("decode", BASELINE, "h200", dtype=torch.float32)
 
 
+def test_estimate_rejects_bad_fp8():
+    # checked before anything is recorded: an unknown recipe, a non-string, and the bf16-only baseline
+    with pytest.raises(ValueError, match="fp8 must be one of"):
+        estimate("decode", "grouped", "h200", fp8="fp4")
+    with pytest.raises(TypeError, match="fp8 must be None or one of"):
+        estimate("decode", "grouped", "h200", fp8=8)
+    with pytest.raises(ValueError, match="fp8 applies to impl"):
+        estimate("decode", BASELINE, "h200", fp8="blockwise")
+
+
 def test_cli_rejects_unknown_names():
     proc = _run("bench.model", "--shape", "mixtral,huge")
     assert proc.returncode == 2 and "--shape must be among" in proc.stderr
+
+
+# ---- FP8 launches (synthetic records: the Triton backend's FP8 path launches them once backends/triton_fp8.py lands)
+
+E4M3 = torch.float8_e4m3fn
+
+
+def _fp8_gemm(mode: Fp8Mode, **flags) -> Launch:
+    """``_gemm`` with E4M3 operands (bf16 output) and ``FP8 = mode``: two experts, K = 320 (a partial 128-group),
+    N = 192 (a partial 128-column weight block)."""
+    w = TensorInfo((2, 320, 192), (320 * 192, 192, 1), E4M3)
+    a = TensorInfo((128, 320), (320, 1), E4M3)
+    return _gemm(R=128, N=192, K=320, m_tiles=3, n_tiles=3, FP8=int(mode), a_ptr=a, w_ptr=w, **flags)
+
+
+def test_fp8_gemm_cost_bytes_rate_and_promotion():
+    h200, b200 = GPUS["h200"], GPUS["b200"]
+    rows = [100, 28]  # odd expert sizes: a partial 64-row tile each, 2 + 1 M tiles x 3 N tiles
+    bf16 = launch_cost(_gemm(R=128, N=192, K=320, m_tiles=3, n_tiles=3), h200, rows, rows)
+    row = launch_cost(_fp8_gemm(Fp8Mode.ROWWISE), h200, rows, rows)
+    # the same tiles and FLOPs; the operands at 1 byte (A rows 128 x 320, two experts' weights 320 x 192), the bf16
+    # output unchanged; fp32 scales: one per A row, one per weight column
+    assert (row.executed_flops, row.useful_flops, row.work_ctas) == (bf16.executed_flops, bf16.useful_flops, 9)
+    assert row.hbm_bytes == bf16.hbm_bytes - (128 * 320 + 2 * 320 * 192) + (128 + 2 * 192) * 4
+    # L2: the operand tiles halve; the rowwise scales are read once per tile (64 A rows + 64 weight columns)
+    assert row.l2_bytes == bf16.l2_bytes // 2 + 9 * (64 + 64) * 4
+    # E4M3 at twice the bf16 tensor rate (the same CTAs per SM, so the same main-loop efficiency)
+    assert row.ctas_per_sm == bf16.ctas_per_sm and row.mma_s == pytest.approx(bf16.mma_s / 2)
+    # blockwise: scales per 128 of K (3 groups) for each A row and 128 x 128 weight block (3 x 2 per expert); every
+    # group's promotion on the CUDA cores, 2 instructions per accumulator element, added to the MMA time: 9 tiles on
+    # 132 SMs (one round) x 64 x 64 elements x 3 groups at 128 FP32 FMAs per clock (the bf16 clock: 790e12 / 132 SMs
+    # / 4096 FLOP per clock)
+    block = launch_cost(_fp8_gemm(Fp8Mode.BLOCKWISE), h200, rows, rows)
+    assert block.hbm_bytes == bf16.hbm_bytes - (128 * 320 + 2 * 320 * 192) + (128 * 3 + 2 * 3 * 2) * 4
+    assert block.l2_bytes == bf16.l2_bytes // 2 + 9 * 10 * (64 + 1) * 4  # each K step: its group's A and W scales
+    promotion = 64 * 64 * 3 * 2 / (128 * 790e12 / 132 / 4096)
+    assert block.mma_s == pytest.approx(row.mma_s + promotion)
+    # the GLU forward promotes both accumulators: twice the promotion
+    modes = (Fp8Mode.ROWWISE, Fp8Mode.BLOCKWISE)
+    glu = {m: launch_cost(_fp8_gemm(m, GLU=True, EPILOGUE=1), h200, rows, rows) for m in modes}
+    assert glu[Fp8Mode.BLOCKWISE].mma_s - glu[Fp8Mode.ROWWISE].mma_s == pytest.approx(2 * promotion)
+    # mx: E8M0 (1 byte) scales per 32 of K (10 groups) per A row and per weight column; each K step of 32 reads one
+    # per tile row and column. Hopper has no block-scaled MMA (Triton upcasts tl.dot_scaled): the bf16 rate; sm_100
+    # runs it natively: the E4M3 rate
+    mx = launch_cost(_fp8_gemm(Fp8Mode.MX), h200, rows, rows)
+    assert mx.hbm_bytes == bf16.hbm_bytes - (128 * 320 + 2 * 320 * 192) + (128 * 10 + 2 * 10 * 192)
+    assert mx.l2_bytes == bf16.l2_bytes // 2 + 9 * 10 * (64 + 64)
+    assert mx.mma_s == pytest.approx(bf16.mma_s)
+    b_bf16 = launch_cost(_gemm(R=128, N=192, K=320, m_tiles=3, n_tiles=3), b200, rows, rows)
+    assert launch_cost(_fp8_gemm(Fp8Mode.MX), b200, rows, rows).mma_s == pytest.approx(b_bf16.mma_s / 2)
+
+
+def test_fp8_blockwise_holds_a_second_accumulator():
+    # the step's MMA result beside the accumulator: a 128 x 128 tile on 8 warps goes from 112 registers (two CTAs per
+    # SM) to 176 (one)
+    h200 = GPUS["h200"]
+    args = dict(R=1024, N=512, K=256, m_tiles=8, n_tiles=4, block_m=128, BLOCK_N=128, BLOCK_K=128, num_warps=8)
+    e4m3 = dict(
+        a_ptr=TensorInfo((1024, 256), (256, 1), E4M3), w_ptr=TensorInfo((1, 256, 512), (256 * 512, 512, 1), E4M3)
+    )
+    assert launch_cost(_gemm(**args, FP8=int(Fp8Mode.ROWWISE), **e4m3), h200, [1024], [1024]).ctas_per_sm == 2
+    assert launch_cost(_gemm(**args, FP8=int(Fp8Mode.BLOCKWISE), **e4m3), h200, [1024], [1024]).ctas_per_sm == 1
+
+
+def test_fp8_wgrad_cost_counts_the_row_groups():
+    h200 = GPUS["h200"]
+    rows = [300, 0, 37]  # an expert with no rows; 37 rows: one partial group of 128
+    launch = _wgrad(gather=False, stages=3)
+    args = dict(launch.args, out_ptr=TensorInfo((3, 256, 256), (65536, 256, 1), torch.bfloat16))
+    bf16 = launch_cost(Launch("wgrad_kernel", (3 * 4,), args, "backward", None), h200, rows, rows)
+    fp8_args = dict(args, FP8=int(Fp8Mode.BLOCKWISE), a_ptr=TensorInfo((337, 256), (256, 1), E4M3),
+                    b_ptr=TensorInfo((337, 256), (256, 1), E4M3))  # fmt: skip
+    block = launch_cost(Launch("wgrad_kernel", (3 * 4,), fp8_args, "backward", None), h200, rows, rows)
+    # groups of 128 rows of one expert: 3 + 0 + 1; one fp32 scale per group and column of A (M) and B (N)
+    assert block.hbm_bytes == bf16.hbm_bytes - 337 * (256 + 256) + 4 * (256 + 256) * 4
+    steps = math.ceil(300 / 64) + math.ceil(37 / 64)  # 64-row K steps, each reading its group's scales
+    assert block.l2_bytes == bf16.l2_bytes // 2 + 4 * steps * (128 + 128) * 4
+    # 4 tiles per expert with rows (8 CTAs, one round), each promoting its 128 x 128 accumulator once per group
+    promotion = 4 * 4 * 128 * 128 / 8 * 2 / (128 * 790e12 / 132 / 4096)
+    assert block.ctas_per_sm == bf16.ctas_per_sm and block.mma_s == pytest.approx(bf16.mma_s / 2 + promotion)
+    row = launch_cost(Launch("wgrad_kernel", (3 * 4,), dict(fp8_args, FP8=int(Fp8Mode.ROWWISE)), "backward", None),
+                      h200, rows, rows)  # fmt: skip
+    # rowwise: one group per expert with rows (2), no promotion
+    assert row.hbm_bytes == bf16.hbm_bytes - 337 * (256 + 256) + 2 * (256 + 256) * 4
+    assert row.mma_s == pytest.approx(bf16.mma_s / 2)
+
+
+def _quantize(R: int, C: int, GR: int, GC: int, TR: int, TC: int, grid: tuple[int, ...]) -> Launch:
+    nR, nC = -(-R // GR), -(-C // GC)
+    args = dict(
+        t_ptr=TensorInfo((1, R, C), (R * C, C, 1), torch.int16),
+        q_ptr=TensorInfo((1, R, C), (R * C, C, 1), torch.uint8),
+        s_ptr=TensorInfo((1, nR, nC), (nR * nC, nC, 1), torch.float32), R=R, C=C, nR=nR, nC=nC, GR=GR, GC=GC,
+        REDUCE_ROWS=GR > 1, REDUCE_COLS=GC > 1, ROW_BOUNDS=False, TR=TR, TC=TC, num_warps=4,
+    )  # fmt: skip
+    return Launch("quantize_kernel", grid, args, "forward", "bsm::expert_mlp")
+
+
+def test_quantize_passes_are_memory_bound():
+    h200 = GPUS["h200"]
+    # x [4096, 2048] bf16 (as its int16 bits) in 1 x 128 groups: 16 rows x 128 columns a program, 2112 resident
+    # programs x 4 KB fit in the 50 MB L2: the second pass hits it; E4M3 values and fp32 scales written once
+    x = launch_cost(_quantize(4096, 2048, 1, 128, 16, 128, (256, 16, 1)), h200, [1], [1])
+    moved = 4096 * 2048 * 2 + 4096 * 2048 + 4096 * 16 * 4
+    assert (x.hbm_bytes, x.l2_bytes, x.executed_flops) == (moved, 2 * 4096 * 2048 * 2, 0)
+    assert x.seconds == pytest.approx(moved / (4.3e12 * 0.85) + 3e-6) and x.bound == "HBM"
+    # a weight's columns over its whole K (rowwise, K = 65536): 128 x 16 tiles walk 65536 x 16 elements a program,
+    # 2 MB: the resident programs' groups overflow the L2, so the second pass reads HBM again
+    w = launch_cost(_quantize(65536, 2048, 65536, 1, 128, 16, (1, 128, 1)), h200, [1], [1])
+    assert w.hbm_bytes == 2 * 65536 * 2048 * 2 + 65536 * 2048 + 2048 * 4
+
+
+def test_fp8_cli(tmp_path):
+    # until the Triton backend's FP8 path lands, fp8 runs the PyTorch emulation: quantize launches and eager matmuls,
+    # no FP8 GEMM; the model says so instead of printing a wrong estimate
+    proc = _run("bench.model", "--shape", "decode", "--impl", "grouped", "--fp8", "blockwise")
+    assert proc.returncode == 1 and "no FP8 kernels launched" in proc.stderr and "Traceback" not in proc.stderr
+    for argv, message in [
+        (["--fp8", "fp4"], "--fp8 must be among ('blockwise', 'mxfp8', 'rowwise') or 'all', got ['fp4']"),
+        (["--impl", "all", "--fp8", "rowwise"], "--fp8 applies to --impl blocksparse,grouped"),
+    ]:
+        proc = _run("bench.model", *argv)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    # the recorded quantize launches (real arguments) are costed, and an FP8 report renders: the check for FP8 GEMM
+    # launches patched out (the emulation's matmuls then stay uncosted eager ops)
+    script = (
+        "import sys, bench.model as m; m.fp8_launches = lambda launches: launches; "
+        "from bench.model.__main__ import main; "
+        "sys.exit(main(['--shape', 'decode', '--impl', 'grouped', '--fp8', 'mxfp8', '--json', "
+        f"{str(tmp_path / 'q.json')!r}]))"
+    )
+    proc = _python("-c", script)
+    assert proc.returncode == 0, proc.stderr
+    assert "FP8 model (fp8=RECIPE" in proc.stdout and " quantize " in proc.stdout
+    assert re.search(r"^decode grouped h200 fp8=mxfp8: [\d.]+ ms, \d+ TFLOP/s, [\d.]+% of FP8 dense \(estimate\)$",
+                     proc.stdout, re.M)  # fmt: skip
+    (est,) = json.loads((tmp_path / "q.json").read_text())
+    quantize = [la for la in est["launches"] if la["kernel"] in ("quantize_kernel", "quantize_dual_kernel")]
+    assert est["fp8"] == "mxfp8" and quantize and all(la["hbm_bytes"] > 0 and la["seconds"] > 3e-6 for la in quantize)

@@ -12,8 +12,14 @@ sort + one ``torch._grouped_mm`` per matmul + eager elementwise ops): its ``_gro
 library GEMMs (the efficiency model states their tiles), everything else as eager ops. The summary of each of our
 strategies gives its speedup over that baseline.
 
-The last line reads ``<shape> <impl> <gpu>: <ms> ms, <TFLOP/s> TFLOP/s, <pct>% of dense (estimate)``; ``--json``
-writes the launch list and the totals. It is an estimate: ``bench/gpu_check.sh`` prints it beside the measured
+``--fp8 RECIPE`` (``blocksparse_moe.fp8.RECIPES``) records the layer with ``moe_mlp(fp8=RECIPE)``: the Triton
+backend's FP8 path, whose FP8 launches (``gemm_kernel`` / ``wgrad_kernel`` with ``FP8`` = ``Fp8Mode``, E4M3
+operands, the quantize passes) the roofline costs by the FP8 model printed in the header (``roofline.FP8_MODEL``).
+A recording without FP8 GEMM launches (the backend running the PyTorch emulation) is an error, not an estimate.
+
+The last line reads ``<shape> <impl> <gpu>: <ms> ms, <TFLOP/s> TFLOP/s, <pct>% of dense (estimate)`` (with FP8:
+``<shape> <impl> <gpu> fp8=<recipe>: ... <pct>% of FP8 dense (estimate)``); ``--json`` writes the launch list and
+the totals. It is an estimate: ``bench/gpu_check.sh`` prints it beside the measured
 numbers, so that a GPU corrects the model.
 """
 
@@ -24,8 +30,10 @@ from functools import cache
 
 import torch
 
+from blocksparse_moe.fp8 import check_recipe
+
 from .record import ROUTING, EagerOp, Launch, Recording, record
-from .roofline import GPUS, SHAPES, Cost, Gpu, LayerShape, balanced_rows, eager_time, launch_cost
+from .roofline import GPUS, QUANTIZE_KERNELS, SHAPES, Cost, Gpu, LayerShape, balanced_rows, eager_time, launch_cost
 
 __all__ = [
     "IMPLS",
@@ -38,6 +46,7 @@ __all__ = [
     "layer_inputs",
     "auto_impl",
     "padding_ratio",
+    "fp8_launches",
 ]
 
 OURS = ("blocksparse", "grouped")  # the library's dropless strategies (moe_mlp's impl)
@@ -56,6 +65,7 @@ class Estimate:
     launches: list[tuple[Launch, Cost]]
     eager: list[EagerOp]
     dtype: torch.dtype = torch.bfloat16
+    fp8: str | None = None  # the FP8 recipe of moe_mlp (None: the GEMMs in dtype)
 
     @property
     def eager_kernels(self) -> list[EagerOp]:
@@ -91,13 +101,21 @@ class Estimate:
         return self.shape.useful_flops() / self.seconds / 1e12
 
     @property
+    def dense_tflops(self) -> float:
+        """The dense rate "% of dense" refers to: the GPU's bf16 figure, times its E4M3 rate with FP8."""
+        return self.gpu.dense_tflops * (self.gpu.fp8_rate if self.fp8 else 1.0)
+
+    @property
     def dense_pct(self) -> float:
-        return 100 * self.tflops / self.gpu.dense_tflops
+        return 100 * self.tflops / self.dense_tflops
 
     def closing_line(self) -> str:
+        name, dense = f"{self.shape.name} {self.impl} {self.gpu.name}", "dense"
+        if self.fp8:
+            name, dense = f"{name} fp8={self.fp8}", "FP8 dense"
         return (
-            f"{self.shape.name} {self.impl} {self.gpu.name}: {self.seconds * 1e3:.3f} ms, {self.tflops:.0f} TFLOP/s, "
-            f"{self.dense_pct:.1f}% of dense (estimate)"
+            f"{name}: {self.seconds * 1e3:.3f} ms, {self.tflops:.0f} TFLOP/s, {self.dense_pct:.1f}% of {dense} "
+            "(estimate)"
         )
 
 
@@ -141,7 +159,12 @@ def layer_inputs(
     }
 
 
-def _layer(impl: str):
+def fp8_launches(launches: list[Launch]) -> list[Launch]:
+    """The FP8 GEMM launches among ``launches``: ``gemm_kernel`` / ``wgrad_kernel`` with a nonzero ``FP8``."""
+    return [la for la in launches if la.kernel in ("gemm_kernel", "wgrad_kernel") and la.args.get("FP8", 0)]
+
+
+def _layer(impl: str, fp8: str | None = None):
     if impl == BASELINE:
         from bench.strategies import grouped_mm_mlp
 
@@ -153,6 +176,7 @@ def _layer(impl: str):
     from blocksparse_moe import moe_mlp
 
     options = {"block_size": BLOCK_SIZE} if impl == "blocksparse" else {}
+    options["fp8"] = fp8
 
     def layer(**inputs: torch.Tensor) -> torch.Tensor:
         # backend="torch" lets meta tensors through the front door; the recorder runs the custom ops on "triton"
@@ -167,9 +191,12 @@ def estimate(
     gpu: Gpu | str,
     tokens: int | None = None,
     dtype: torch.dtype = torch.bfloat16,
+    fp8: str | None = None,
 ) -> Estimate:
     """Record one forward + backward of ``shape`` (``tokens`` overrides its T) in ``dtype`` with strategy ``impl``
-    as the launchers run it on ``gpu``, and cost every launch (balanced routing)."""
+    (and ``moe_mlp``'s ``fp8`` recipe) as the launchers run it on ``gpu``, and cost every launch (balanced routing).
+    With ``fp8``, a recording without FP8 GEMM launches (``fp8_launches``: the backend ran the PyTorch emulation,
+    whose matmuls are eager ops) is a RuntimeError rather than a wrong estimate."""
     shape = SHAPES[shape] if isinstance(shape, str) else shape
     gpu = GPUS[gpu] if isinstance(gpu, str) else gpu
     if impl not in IMPLS:
@@ -177,18 +204,31 @@ def estimate(
     if impl == BASELINE and dtype != torch.bfloat16:
         raise ValueError(f"impl={BASELINE!r} is modelled in bfloat16 only (torch._grouped_mm's CUDA kernel), got "
                          f"{dtype}")  # fmt: skip
+    if fp8 is not None:
+        check_recipe("fp8", fp8)
+        if impl not in OURS:
+            raise ValueError(f"fp8 applies to impl {OURS}, got impl={impl!r} with fp8={fp8!r}")
     if tokens is not None:
         shape = replace(shape, tokens=tokens)
-    return _estimate(shape, impl, gpu, dtype)
+    return _estimate(shape, impl, gpu, dtype, fp8)
 
 
 @cache
-def _estimate(shape: LayerShape, impl: str, gpu: Gpu, dtype: torch.dtype) -> Estimate:
-    rec: Recording = record(_layer(impl), layer_inputs(shape, dtype, column_major=impl == BASELINE), gpu.capability)
+def _estimate(shape: LayerShape, impl: str, gpu: Gpu, dtype: torch.dtype, fp8: str | None) -> Estimate:
+    inputs = layer_inputs(shape, dtype, column_major=impl == BASELINE)
+    rec: Recording = record(_layer(impl, fp8), inputs, gpu.capability)
+    if fp8 is not None and not fp8_launches(rec.launches):
+        quantize = sum(1 for la in rec.launches if la.kernel in QUANTIZE_KERNELS)
+        raise RuntimeError(
+            f"bench.model fp8={fp8!r}: no FP8 kernels launched (no gemm_kernel / wgrad_kernel with FP8 != 0; "
+            f"{quantize} quantize launches): the Triton backend ran the PyTorch emulation of FP8, whose matmuls are "
+            "eager ops, so there is no FP8 estimate to give until its FP8 path (backends/triton_fp8.py) launches "
+            "the FP8 kernels"
+        )
     useful_rows = balanced_rows(shape.assignments, shape.experts)
     rows = [-(-n // BLOCK_SIZE) * BLOCK_SIZE for n in useful_rows] if impl == "blocksparse" else useful_rows
     costs = [(launch, launch_cost(launch, gpu, rows, useful_rows)) for launch in rec.launches]
-    return Estimate(shape, impl, gpu, costs, rec.eager, dtype)
+    return Estimate(shape, impl, gpu, costs, rec.eager, dtype, fp8)
 
 
 def speedup_vs_baseline(est: Estimate) -> float:

@@ -8,10 +8,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from blocksparse_moe.fp8 import RECIPES
 from blocksparse_moe.options import AUTO_MAX_PADDING
 
-from . import BASELINE, IMPLS, OURS, Estimate, auto_impl, estimate, padding_ratio, speedup_vs_baseline
-from .roofline import EFFICIENCY_MODEL, GPUS, SHAPES, eager_time
+from . import BASELINE, IMPLS, OURS, Estimate, auto_impl, estimate, fp8_launches, padding_ratio, speedup_vs_baseline
+from .roofline import EFFICIENCY_MODEL, FP8_MODEL, GPUS, QUANTIZE_KERNELS, SHAPES, eager_time
 
 
 def _mb(n: float) -> str:
@@ -21,12 +22,14 @@ def _mb(n: float) -> str:
 def report(est: Estimate) -> str:
     """The launch table, the eager ops, the summary and the closing line."""
     s, gpu = est.shape, est.gpu
+    fp8 = f", FP8 {est.fp8} GEMMs" if est.fp8 else ""
     lines = [
-        f"bench.model: {s.name} (T={s.tokens}, d={s.hidden}, f={s.ffn}, E={s.experts}, k={s.top_k}; bf16 SwiGLU, "
-        f"forward + backward), impl={est.impl}, {gpu.label} (sm_{gpu.capability[0]}{gpu.capability[1]}, "
+        f"bench.model: {s.name} (T={s.tokens}, d={s.hidden}, f={s.ffn}, E={s.experts}, k={s.top_k}; bf16 SwiGLU"
+        f"{fp8}, forward + backward), impl={est.impl}, {gpu.label} (sm_{gpu.capability[0]}{gpu.capability[1]}, "
         f"{gpu.sms} SMs)",
         f"GPU numbers: {gpu.source}",
         EFFICIENCY_MODEL,
+        *([FP8_MODEL] if est.fp8 else []),
         "",
         f"{'#':>2} {'phase':8} {'kernel':19} {'tile':>10} {'w/st':>5} {'grid':>8} {'CTA/SM':>6} "
         f"{'work/zero/idle CTAs':>21} {'exec GF':>9} {'useful GF':>9} {'HBM MB':>9} {'L2 MB':>9} {'F/L2B':>6} "
@@ -63,14 +66,17 @@ def report(est: Estimate) -> str:
             and op.out_dtype.itemsize == 4 and op.out_bytes]  # fmt: skip
     gemm_s = sum(c.seconds for _, c in gemms)
     routing = [c for la, c in est.launches if la.kernel.startswith("routing::")]
-    permutes = [c for la, c in est.launches if not c.executed_flops and not la.kernel.startswith("routing::")]
+    quantize = [c for la, c in est.launches if la.kernel in QUANTIZE_KERNELS]
+    permutes = [c for la, c in est.launches if not c.executed_flops and not la.kernel.startswith("routing::")
+                and la.kernel not in QUANTIZE_KERNELS]  # fmt: skip
     eager_s = sum(eager_time(op, gpu) for op in kernels)
     phases = Counter(la.phase for la, _ in gemms)
+    quantized = f"{len(quantize)} quantize {sum(c.seconds for c in quantize) * 1e3:.3f} ms; " if quantize else ""
     lines += [
         "",
         "summary:",
         f"  launches: {len(gemms)} GEMM ({phases['forward']} forward, {phases['backward']} backward) "
-        f"{gemm_s * 1e3:.3f} ms; {len(permutes)} permute {sum(c.seconds for c in permutes) * 1e3:.3f} ms; "
+        f"{gemm_s * 1e3:.3f} ms; {quantized}{len(permutes)} permute {sum(c.seconds for c in permutes) * 1e3:.3f} ms; "
         f"{len(routing)} routing {sum(c.seconds for c in routing) * 1e3:.3f} ms; {len(kernels)} eager ops "
         f"{eager_s * 1e3:.3f} ms; forward {est.phase_seconds('forward') * 1e3:.3f} ms, backward "
         f"{est.phase_seconds('backward') * 1e3:.3f} ms",
@@ -84,6 +90,11 @@ def report(est: Estimate) -> str:
         f"  impl='auto' on CUDA picks {auto_impl(s)} here (block-sparse rows bound / assignments = "
         f"{padding_ratio(s):.2f}; grouped above {AUTO_MAX_PADDING})",
     ]
+    if est.fp8:
+        bf16 = estimate(s, est.impl, gpu, dtype=est.dtype)
+        lines.append(f"  FP8 {est.fp8}: {len(fp8_launches([la for la, _ in est.launches]))} of {len(gemms)} GEMMs on "
+                     f"E4M3 operands; the same layer unquantized ({bf16.seconds * 1e3:.3f} ms, "
+                     f"{bf16.dense_pct:.1f}% of dense): speedup {bf16.seconds / est.seconds:.2f}x")  # fmt: skip
     if est.impl in OURS:
         base = estimate(s, BASELINE, gpu, dtype=est.dtype)
         lines.append(f"  vs the torch._grouped_mm baseline ({BASELINE}: {base.seconds * 1e3:.3f} ms): "
@@ -97,6 +108,7 @@ def to_json(est: Estimate) -> dict:
         "shape": est.shape.name,
         "tokens": est.shape.tokens,
         "impl": est.impl,
+        "fp8": est.fp8,
         "gpu": est.gpu.name,
         "seconds": est.seconds,
         "forward_seconds": est.phase_seconds("forward"),
@@ -145,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impl", default="blocksparse", help=f"{IMPLS}, comma-separated, or all")
     parser.add_argument("--gpu", default="h200", help=f"{tuple(GPUS)}, comma-separated, or all")
     parser.add_argument("--tokens", type=int, default=None, help="override the shape's T (a sweep point)")
+    parser.add_argument("--fp8", default=None, help=f"the FP8 recipe of moe_mlp: {RECIPES}, comma-separated, or all "
+                        "(our strategies only; the header states the FP8 model)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="write every estimate's launches and totals here")
     parser.add_argument("--quiet", action="store_true", help="print the closing lines only")
     args = parser.parse_args(argv)
@@ -152,17 +166,25 @@ def main(argv: list[str] | None = None) -> int:
         shapes = _choices(args.shape, SHAPES, "--shape")
         impls = _choices(args.impl, IMPLS, "--impl")
         gpus = _choices(args.gpu, GPUS, "--gpu")
+        recipes = [None] if args.fp8 is None else _choices(args.fp8, RECIPES, "--fp8")
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
     if args.tokens is not None and args.tokens < 1:
         parser.error(f"--tokens must be a positive int, got {args.tokens}")
+    if args.fp8 is not None and BASELINE in impls:
+        parser.error(f"--fp8 applies to --impl {','.join(OURS)} (the {BASELINE} baseline is bf16), got {args.impl}")
     results = []
     for shape in shapes:
         for impl in impls:
             for gpu in gpus:
-                est = estimate(shape, impl, gpu, tokens=args.tokens)
-                print(est.closing_line() if args.quiet else report(est) + "\n")
-                results.append(to_json(est))
+                for fp8 in recipes:
+                    try:
+                        est = estimate(shape, impl, gpu, tokens=args.tokens, fp8=fp8)
+                    except RuntimeError as exc:  # no FP8 kernels launched: no estimate to give
+                        print(f"python -m bench.model: error: {exc}", file=sys.stderr)
+                        return 1
+                    print(est.closing_line() if args.quiet else report(est) + "\n")
+                    results.append(to_json(est))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

@@ -1,8 +1,10 @@
 """``python -m bench.model.compare``: the model's estimate beside each measured number of a benchmark run.
 
-For every row of the dropless strategies (``blocksparse``, ``grouped``) and of the ``torch_grouped_mm`` baseline
-(GLU rows) in the bench output folders given, the same layer (tokens, widths, experts, k, dtype) is estimated by
-``bench.model`` on ``--gpu`` and printed beside the measured forward + backward time, with their ratio; a second
+For every row of the dropless strategies (``blocksparse``, ``grouped``, and their FP8 rows ``<strategy>+fp8:<recipe>``
+of ``python -m bench --fp8``) and of the ``torch_grouped_mm`` baseline (GLU rows) in the bench output folders given,
+the same layer (tokens, widths, experts, k, dtype, FP8 recipe) is estimated by ``bench.model`` on ``--gpu`` and
+printed beside the measured forward + backward time, with their ratio (an FP8 row's estimate is ``n/a`` while the
+Triton backend launches no FP8 kernels: ``bench.model``'s "no FP8 kernels launched"); a second
 table gives each of our strategies' speedup over the baseline, measured and estimated (the target: >= 1.3x). The
 day a GPU is lent, these tables say where the model is wrong. Usage (``bench/gpu_check.sh`` runs it)::
 
@@ -17,6 +19,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from bench.strategies import fp8_case_name
 
 from . import BASELINE, IMPLS, OURS, estimate
 from .roofline import GPUS, LayerShape
@@ -34,13 +38,20 @@ def gpu_of(device_name: str) -> str | None:
     return None
 
 
+def _impl(r: dict) -> str | None:
+    """The strategy of ``bench.model`` that a row measured (an FP8 row's: the strategy it runs with ``fp8``)."""
+    if r.get("fp8"):
+        return next((i for i in OURS if fp8_case_name(i, r["fp8"]) == r.get("strategy")), None)
+    return r.get("strategy")
+
+
 def _modelled(rows: list[dict]) -> list[dict]:
-    """The rows the model estimates: our dropless strategies and the baseline (bf16 only, as its CUDA kernel), GLU,
-    a dtype it knows."""
+    """The rows the model estimates: our dropless strategies (with or without FP8) and the baseline (bf16 only, as
+    its CUDA kernel), GLU, a dtype it knows."""
     return [
         r
         for r in rows
-        if r.get("strategy") in IMPLS and r.get("glu") and r.get("dtype") in _DTYPES
+        if _impl(r) in IMPLS and r.get("glu") and r.get("dtype") in _DTYPES
         and (r["strategy"] != BASELINE or r["dtype"] == "bfloat16")
     ]  # fmt: skip
 
@@ -50,8 +61,12 @@ def _layer(r: dict) -> tuple[LayerShape, str]:
     return shape, f"d={r['hidden']} f={r['ffn']} E={r['experts']} k={r['top_k']}"
 
 
-def _model_ms(r: dict, gpu: str) -> float:
-    return estimate(_layer(r)[0], r["strategy"], gpu, dtype=_DTYPES[r["dtype"]]).seconds * 1e3
+def _model_ms(r: dict, gpu: str) -> float | None:
+    """The estimate of the row's layer, None for an FP8 row while no FP8 kernels are launched."""
+    try:
+        return estimate(_layer(r)[0], _impl(r), gpu, dtype=_DTYPES[r["dtype"]], fp8=r.get("fp8")).seconds * 1e3
+    except RuntimeError:  # bench.model: no FP8 kernels launched
+        return None
 
 
 def compare(rows: list[dict], gpu: str) -> list[list[str]]:
@@ -62,7 +77,8 @@ def compare(rows: list[dict], gpu: str) -> list[list[str]]:
         model = _model_ms(r, gpu)
         table.append([
             str(r["tokens"]), _layer(r)[1], r["strategy"], "n/a" if measured is None else f"{measured:.3f}",
-            f"{model:.3f}", "n/a" if measured is None else f"{measured / model:.2f}",
+            "n/a" if model is None else f"{model:.3f}",
+            "n/a" if measured is None or model is None else f"{measured / model:.2f}",
         ])  # fmt: skip
     return table
 
@@ -75,12 +91,13 @@ def speedups(rows: list[dict], gpu: str) -> list[list[str]]:
     table = []
     for r in rows:
         b = base.get((r["tokens"], _layer(r)[1], r["dtype"]))
-        if r["strategy"] not in OURS or b is None:
+        if _impl(r) not in OURS or b is None:
             continue
         ours, theirs = r.get("fwd_bwd_ms"), b.get("fwd_bwd_ms")
         measured = f"{theirs / ours:.2f}x" if ours and theirs else "n/a"
+        model = _model_ms(r, gpu)
         table.append([str(r["tokens"]), _layer(r)[1], r["strategy"], measured,
-                      f"{_model_ms(b, gpu) / _model_ms(r, gpu):.2f}x"])  # fmt: skip
+                      "n/a" if model is None else f"{_model_ms(b, gpu) / model:.2f}x"])  # fmt: skip
     return table
 
 

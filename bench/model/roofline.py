@@ -11,6 +11,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
+from blocksparse_moe import fp8 as fp8_recipes
+from blocksparse_moe.kernels.expert_gemm import Fp8Mode
+
 from .record import EagerOp, Launch, TensorInfo
 
 __all__ = [
@@ -20,6 +25,8 @@ __all__ = [
     "SHAPES",
     "Cost",
     "EFFICIENCY_MODEL",
+    "FP8_MODEL",
+    "QUANTIZE_KERNELS",
     "balanced_rows",
     "launch_cost",
     "eager_time",
@@ -40,27 +47,38 @@ class Gpu:
     smem_per_sm: int  # bytes of shared memory a CTA set may use per SM
     main_loop_factor: float  # the architecture's factor on the main-loop efficiency of these kernels
     source: str
+    bf16_fma_per_clock: int  # dense bf16 tensor-core FMAs per SM per clock (bench.audit's FMA_PER_CLOCK)
+    fp8_rate: float  # the E4M3 tensor-core rate over the bf16 one
+    l2_mb: float  # L2 capacity
 
     @property
     def sm_flops(self) -> float:
         """Dense FLOP/s of one SM."""
         return self.dense_tflops * 1e12 / self.sms
 
+    @property
+    def sm_fp32_fmas(self) -> float:
+        """FP32 FMAs per second of one SM's CUDA cores: ``FP32_FMA_PER_CLOCK`` at the clock of ``dense_tflops``."""
+        return FP32_FMA_PER_CLOCK * self.sm_flops / (2 * self.bf16_fma_per_clock)
+
 
 GPUS: dict[str, Gpu] = {
     "h100": Gpu(
         "h100", "H100 SXM", (9, 0), 132, 989.0, 3.35, 10.0, 227 * 1024, 1.0,
         "989 TFLOP/s bf16 dense and 3.35 TB/s: NVIDIA specification; L2 10 TB/s: assumption",
+        bf16_fma_per_clock=2048, fp8_rate=2.0, l2_mb=50.0,
     ),
     "h200": Gpu(
         "h200", "H200", (9, 0), 132, 790.0, 4.3, 10.0, 227 * 1024, 1.0,
         "790 TFLOP/s bf16 dense GEMM and 4.3 TB/s device copy: measured on the project's H200 (PLATFORM.md; "
         "specification 989 TFLOP/s, 4.8 TB/s); L2 10 TB/s: assumption",
+        bf16_fma_per_clock=2048, fp8_rate=2.0, l2_mb=50.0,
     ),
     "b200": Gpu(
         "b200", "B200", (10, 0), 148, 2250.0, 8.0, 20.0, 227 * 1024, 0.55,
         "2250 TFLOP/s bf16 dense and 8 TB/s: NVIDIA specification; L2 20 TB/s: assumption; main loops at 0.55 of "
         "the sm_90 efficiency (Hopper-structured kernels compiled for tcgen05, issue 16: ~45% of tensor peak)",
+        bf16_fma_per_clock=4096, fp8_rate=2.0, l2_mb=126.0,
     ),
 }  # fmt: skip
 
@@ -129,6 +147,29 @@ efficiency model (assumptions, not measurements):
     over them; the list, on meta tensors, shows one program per tile)
   W_TMA is 0 in the list (meta tensors are not CUDA tensors); the bytes and FLOPs are the same with TMA weights"""
 
+FP8_MODEL = """\
+FP8 model (fp8=RECIPE: gemm_kernel / wgrad_kernel with FP8 = 1 blockwise, 2 mx, 3 rowwise on E4M3 operands;
+  assumptions, not measurements):
+  tensor rate: E4M3 MMAs at 2x the bf16 rate on sm_90 and sm_100 (the GPU's bf16 figure above x 2); mx on sm_90 at
+    the bf16 rate (no block-scaled MMA on Hopper: Triton emulates tl.dot_scaled by upcasting to bf16), native
+    (block-scaled tcgen05) on sm_100; the main-loop efficiencies above unchanged
+  blockwise promotion: every 128 of K the step's MMA result is scaled into the fp32 accumulator (acc += p * sa * sw:
+    2 FP32 instructions per accumulator element) on the CUDA cores, 128 FP32 FMAs per SM per clock at the clock of
+    the GPU's bf16 figure (1/16 of the bf16 FMA rate on sm_90, 1/32 on sm_100), added to the MMA time (it waits
+    for the step's MMA; a second CTA per SM hiding it is not modelled: an upper bound); the step's result is a second
+    fp32 accumulator in the register estimate
+  bytes: operands, outputs and epilogue operands at their own element sizes (E4M3 1 B); the scales (fp32, or E8M0
+    1 B) in the recipe's groups (blocksparse_moe.fp8), read once from HBM and every K step (rowwise: every tile)
+    from L2; scale tiles in shared memory not counted
+  quantize_kernel / quantize_dual_kernel (memory-bound passes): bytes / (0.85 x HBM) + 3 us; the input read twice
+    (amax, then quantize), the second time from L2 when the resident programs' groups fit in it (50 MB H100 / H200:
+    NVIDIA specification; 126 MB B200: assumption), else from HBM; E4M3 values and scales written once
+  % of dense: of the FP8 dense rate (2x the bf16 figure)"""
+
+FP32_FMA_PER_CLOCK = 128  # FP32 FMAs per SM per clock of sm_90's and sm_100's CUDA cores (NVIDIA architecture docs)
+QUANTIZE_KERNELS = ("quantize_kernel", "quantize_dual_kernel")
+_MODE_RECIPES = {Fp8Mode.BLOCKWISE: "blockwise", Fp8Mode.MX: "mxfp8", Fp8Mode.ROWWISE: "rowwise"}
+_PROMOTION_INSTRUCTIONS = 2  # FP32 instructions per accumulator element of one blockwise promotion (FMUL + FFMA)
 _N_EFFICIENCY = ((128, 0.90), (64, 0.75), (32, 0.50), (16, 0.30))
 _OVERHEAD_S = 3e-6
 _HBM_EFFICIENCY = 0.85
@@ -186,11 +227,42 @@ def _ctas_per_sm(gpu: Gpu, warps: int, acc_per_thread: float, smem: int) -> int:
     return max(1, min(65536 // (regs * threads), gpu.smem_per_sm // max(smem, 1), 2048 // threads))
 
 
-def _mma_seconds(gpu: Gpu, executed: int, work_ctas: int, efficiency: float) -> float:
+def _mma_seconds(gpu: Gpu, executed: int, work_ctas: int, efficiency: float, rate: float = 1.0) -> float:
+    """``rate``: the operands' tensor-core rate over bf16's (``_fp8_rate``)."""
     if not work_ctas:
         return 0.0
     per_cta = executed / work_ctas
-    return math.ceil(work_ctas / gpu.sms) * per_cta / (gpu.sm_flops * efficiency)
+    return math.ceil(work_ctas / gpu.sms) * per_cta / (gpu.sm_flops * rate * efficiency)
+
+
+def _fp8_recipe(args: dict) -> fp8_recipes.Recipe | None:
+    """The recipe of a GEMM launch's ``FP8`` mode (None: not FP8)."""
+    mode = Fp8Mode(args.get("FP8", Fp8Mode.NONE))
+    return None if mode == Fp8Mode.NONE else fp8_recipes.recipe(_MODE_RECIPES[mode])
+
+
+def _fp8_rate(gpu: Gpu, recipe: fp8_recipes.Recipe | None) -> float:
+    """E4M3 MMAs at ``gpu.fp8_rate``, but mx on sm_90 (``tl.dot_scaled`` upcast to bf16 by Triton) at bf16's."""
+    if recipe is None or (recipe.scale_dtype == torch.uint8 and gpu.capability[0] < 10):
+        return 1.0
+    return gpu.fp8_rate
+
+
+def _promotion_seconds(gpu: Gpu, recipe: fp8_recipes.Recipe | None, work_ctas: int, elements: int) -> float:
+    """The blockwise promotions on the CUDA cores: ``elements`` accumulator elements promoted (each 128 of K) over
+    all ``work_ctas``, in rounds of one CTA per SM as the MMAs; 0 for other recipes (FP8 model)."""
+    if recipe is None or recipe.name != "blockwise" or not work_ctas:
+        return 0.0
+    return math.ceil(work_ctas / gpu.sms) * elements / work_ctas * _PROMOTION_INSTRUCTIONS / gpu.sm_fp32_fmas
+
+
+def _groups(n: int, group: int | None) -> int:
+    """Scales along ``n`` elements in groups of ``group`` (None: one)."""
+    return 1 if group is None else math.ceil(n / group)
+
+
+def _scale_itemsize(recipe: fp8_recipes.Recipe | None) -> int:
+    return 0 if recipe is None else torch.empty((), dtype=recipe.scale_dtype).element_size()
 
 
 def _efficiency(gpu: Gpu, block_n: int, ctas_per_sm: int, itemsize: int, persistent: bool = False) -> float:
@@ -208,7 +280,8 @@ def _gemm_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int]
     R, N, N_store, K = a["R"], a["N"], a["N_STORE"], a["K"]
     m_tiles = a["num_m_tiles"]
     n_tiles = math.ceil(N_store / BN)  # from the arguments: a persistent grid has fewer programs than tiles
-    itemsize = a["a_ptr"].itemsize
+    a_item, w_item, out_item = a["a_ptr"].itemsize, a["w_ptr"].itemsize, a["out_ptr"].itemsize
+    recipe = _fp8_recipe(a)
     dual = bool(a["GLU"]) and a["EPILOGUE"] == 1
     pair = bool(a["PAIR"])
     products = 1 + dual + pair
@@ -225,26 +298,41 @@ def _gemm_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int]
     epilogue_reads = 1 + bool(a["GLU"]) if a["EPILOGUE"] == 2 else 0  # the saved h [, g]
     written_rows = min(sum(rows) + zero_m * BM, R)
     hbm = (
-        a_rows * K * itemsize * (1 + pair)
-        + experts_used * K * N * itemsize * products
-        + written_rows * N_store * itemsize * (outputs + epilogue_reads)
+        a_rows * K * a_item * (1 + pair)
+        + experts_used * K * N * w_item * products
+        + written_rows * N_store * out_item * (outputs + epilogue_reads)
         + (n_tiles * R * 4 if a["EPILOGUE"] == 2 else 0)  # the fp32 per-tile dots
     )
     # every K step an A tile and a weight tile per product; the GLU's two products share their A tile
-    l2 = used * n_tiles * k_steps * (BM * BK * (1 + pair) + BK * BN * products) * itemsize
+    l2 = used * n_tiles * k_steps * (BM * BK * (1 + pair) * a_item + BK * BN * products * w_item)
+    promoted = 0  # accumulator elements promoted (blockwise)
+    if recipe is not None:  # the scales: A per row and group of K, the weights per group of K and of N
+        s_item, group, across = _scale_itemsize(recipe), recipe.group, recipe.weight_across
+        hbm += (a_rows * _groups(K, group) * (1 + pair) + experts_used * _groups(K, group) * _groups(N, across)
+                * products) * s_item  # fmt: skip
+        if group is None:  # rowwise: once per tile
+            l2 += used * n_tiles * (BM * (1 + pair) + BN * products) * s_item
+        else:
+            per_step = BM * (1 + pair) * _groups(BK, group) + _groups(BK, group) * _groups(BN, across) * products
+            l2 += used * n_tiles * k_steps * per_step * s_item
+        promoted = used * n_tiles * BM * BN * products * _groups(K, group)
     threads = a["num_warps"] * 32
-    acc = (BM * BN * (1 + dual) + (BM * a["EPI_N"] * _BWD_LIVE if a["EPILOGUE"] == 2 else 0)) / threads
-    smem = a["num_stages"] * (BM * BK + BK * BN * (1 + dual)) * itemsize
+    accumulators = (1 + dual) * (2 if recipe is not None and recipe.name == "blockwise" else 1)  # + the step's
+    acc = (BM * BN * accumulators + (BM * a["EPI_N"] * _BWD_LIVE if a["EPILOGUE"] == 2 else 0)) / threads
+    smem = a["num_stages"] * (BM * BK * a_item + BK * BN * (1 + dual) * w_item)
     per_sm = _ctas_per_sm(gpu, a["num_warps"], acc, smem)
     # persistent on sm_100 with TMA weights: 16-bit operands, not the two-accumulator epilogues (meta: W_TMA 0)
     persistent = bool(a.get("PERSISTENT")) or (
-        gpu.capability[0] == 10 and itemsize == 2 and not dual and a["EPILOGUE"] != 2
+        gpu.capability[0] == 10 and a_item == 2 and not dual and a["EPILOGUE"] != 2
     )
-    eff = _efficiency(gpu, BN, per_sm, itemsize, persistent)
+    eff = _efficiency(gpu, BN, per_sm, a_item, persistent)
     work = used * n_tiles
+    mma = _mma_seconds(gpu, executed, work, eff, _fp8_rate(gpu, recipe)) + _promotion_seconds(
+        gpu, recipe, work, promoted
+    )
     return Cost(
         executed, useful, hbm, l2, work, zero_m * n_tiles, (m_tiles - used - zero_m) * n_tiles, per_sm, eff,
-        f"{BM}x{BN}x{BK}", _mma_seconds(gpu, executed, work, eff), l2 / (gpu.l2_tbps * 1e12), _hbm_seconds(gpu, hbm),
+        f"{BM}x{BN}x{BK}", mma, l2 / (gpu.l2_tbps * 1e12), _hbm_seconds(gpu, hbm),
     )  # fmt: skip
 
 
@@ -257,25 +345,40 @@ def _wgrad_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int
         raise ValueError(f"{launch.kernel}: {E} experts in the output, {len(rows)} in the routing")
     products = 1 + bool(a["DUAL"])  # DUAL: a second B, its own N tiles (one product per CTA)
     tiles = math.ceil(M / BM) * math.ceil(N / BN) * products
-    itemsize = a["a_ptr"].itemsize
+    a_item, b_item, out_item = a["a_ptr"].itemsize, a["b_ptr"].itemsize, a["out_ptr"].itemsize
+    recipe = _fp8_recipe(a)
     steps = [math.ceil(r / BK) for r in rows]
     executed = sum(tiles * 2 * BM * BN * s * BK for s in steps)
     useful = sum(2 * M * N * r * products for r in useful_rows)
     a_rows = sum(useful_rows) if a["A_GATHER"] else sum(rows)
     b_rows = sum(useful_rows) if a["B_GATHER"] else sum(rows)
-    hbm = (a_rows * M + b_rows * N * products + E * M * N * products) * itemsize
-    l2 = sum(tiles * s * BK * (BM + BN) for s in steps) * itemsize
+    hbm = a_rows * M * a_item + b_rows * N * products * b_item + E * M * N * products * out_item
+    l2 = sum(tiles * s * BK * (BM * a_item + BN * b_item) for s in steps)
+    promoted = 0  # accumulator elements promoted (blockwise)
+    if recipe is not None:  # both operands' scales per column and group of one expert's rows (fp8.quantize_rows)
+        s_item, group = _scale_itemsize(recipe), recipe.group
+        groups = [_groups(r, group) if r else 0 for r in rows]
+        hbm += sum(groups) * (M + N * products) * s_item
+        if group is None:  # rowwise: once per tile
+            l2 += tiles * sum(groups) * (BM + BN) * s_item
+        else:
+            l2 += sum(tiles * s for s in steps) * (BM + BN) * _groups(BK, group) * s_item
+        promoted = tiles * sum(groups) * BM * BN
     threads = a["num_warps"] * 32
     # a gathered operand's index load takes pipeline stages of its own: Triton allocates num_stages - 2 data buffers
     # (bench.audit, sm_90: 5 stages -> 3 buffers, 99,840 B; a dense wgrad's 3 stages -> 3)
     buffers = a["num_stages"] - 2 if a["A_GATHER"] or a["B_GATHER"] else a["num_stages"]
-    smem = buffers * BK * (BM + BN) * itemsize
-    per_sm = _ctas_per_sm(gpu, a["num_warps"], BM * BN / threads, smem)
-    eff = _efficiency(gpu, BN, per_sm, itemsize)
+    smem = buffers * BK * (BM * a_item + BN * b_item)
+    accumulators = 2 if recipe is not None and recipe.name == "blockwise" else 1  # + the step's
+    per_sm = _ctas_per_sm(gpu, a["num_warps"], BM * BN * accumulators / threads, smem)
+    eff = _efficiency(gpu, BN, per_sm, a_item)
     work = tiles * sum(1 for r in rows if r)
+    mma = _mma_seconds(gpu, executed, work, eff, _fp8_rate(gpu, recipe)) + _promotion_seconds(
+        gpu, recipe, work, promoted
+    )
     return Cost(
-        executed, useful, hbm, l2, work, tiles * E - work, 0, per_sm, eff, f"{BM}x{BN}x{BK}",
-        _mma_seconds(gpu, executed, work, eff), l2 / (gpu.l2_tbps * 1e12), _hbm_seconds(gpu, hbm),
+        executed, useful, hbm, l2, work, tiles * E - work, 0, per_sm, eff, f"{BM}x{BN}x{BK}", mma,
+        l2 / (gpu.l2_tbps * 1e12), _hbm_seconds(gpu, hbm),
     )  # fmt: skip
 
 
@@ -354,6 +457,30 @@ def _weights_grad_bytes(a: dict) -> int:
     return out.numel * d * (a["a_ptr"].itemsize + a["b_ptr"].itemsize) + out.nbytes + a["assignment_row_ptr"].nbytes
 
 
+_QUANTIZE_OUTPUTS = {"quantize_kernel": ("q_ptr", "s_ptr"), "quantize_dual_kernel": ("qr_ptr", "sr_ptr", "qc_ptr",
+                                                                                   "sc_ptr")}  # fmt: skip
+
+
+def _quantize_cost(launch: Launch, gpu: Gpu) -> Cost:
+    """A quantize pass (``kernels.quantize``): its input read twice (the maxima, then the values; the second time from
+    L2 when the groups of the resident programs fit in it), the E4M3 values and scales written once (FP8 model)."""
+    a = launch.args
+    t: TensorInfo = a["t_ptr"]
+    R, C = t.shape[-2:]
+    if launch.kernel == "quantize_dual_kernel":  # a program: one row group x G columns
+        rows, cols, tile = math.ceil(R / max(launch.grid[0], 1)), a["TG"], f"{a['TR']}x{a['TG']}"
+    else:
+        rows = (math.ceil(R / max(a["nR"], 1)) if a["ROW_BOUNDS"] else min(a["GR"], R)) if a["REDUCE_ROWS"] else a["TR"]
+        cols = min(a["GC"], C) if a["REDUCE_COLS"] else a["TC"]
+        tile = f"{a['TR']}x{a['TC']}"
+    resident = min(launch.ctas, gpu.sms * (2048 // (a["num_warps"] * 32)))
+    second_from_l2 = resident * rows * cols * t.itemsize <= gpu.l2_mb * 2**20
+    written = sum(a[name].nbytes for name in _QUANTIZE_OUTPUTS[launch.kernel])
+    hbm = t.nbytes * (1 if second_from_l2 else 2) + written
+    l2 = 2 * t.nbytes
+    return Cost(0, 0, hbm, l2, launch.ctas, 0, 0, 0, 0.0, tile, 0.0, l2 / (gpu.l2_tbps * 1e12), _hbm_seconds(gpu, hbm))
+
+
 def launch_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int]) -> Cost:
     """The cost of ``launch`` on ``gpu`` when expert e owns ``rows[e]`` sorted rows (block-padded for the
     block-sparse strategy) of which ``useful_rows[e]`` are assignments. A kernel without a cost function is an
@@ -368,6 +495,8 @@ def launch_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int
         return _permute_cost(launch, gpu, _gather_bytes(launch.args))
     if launch.kernel == "weights_grad_kernel":
         return _permute_cost(launch, gpu, _weights_grad_bytes(launch.args))
+    if launch.kernel in QUANTIZE_KERNELS:
+        return _quantize_cost(launch, gpu)
     if launch.kernel == "aten::_grouped_mm":
         return _grouped_mm_cost(launch, gpu, rows, useful_rows)
     if launch.kernel.startswith("routing::"):  # a step of the routing extension: its share of the plan's bytes
