@@ -9,6 +9,8 @@
 #                                 and --preset fine at T=32768, then the decode shape T=64 within the same time
 #                                 budget (bf16 fwd+bwd; dense GEMMs and torch._grouped_mm
 #                                 in the same run)
+#      fp8                        python -m bench --fp8 blockwise,mxfp8,rowwise at the fine-grained shape (grouped):
+#                                 the FP8 tensor-core MLP beside bf16, time and SQNR per recipe
 #   5. targets                    python -m bench.targets: % of dense and speedup vs torch._grouped_mm, pass/FAIL
 #      model                      python -m bench.model.compare: the whole-layer roofline's estimate beside each
 #                                 measured fwd+bwd time (blocksparse, grouped, torch_grouped_mm) and the speedups
@@ -41,6 +43,7 @@ if [ "$DRY" = 1 ]; then
   DEVICE=(--device cpu --min-run-time 0.01)
   MIXTRAL=(--tokens 32,64 --hidden 64 --ffn 128)
   FINE=(--tokens 64,128 --hidden 64 --ffn 32)
+  FP8=(--tokens 64 --hidden 64 --ffn 32)
 else
   GPU=$(python -c "import torch; print(torch.cuda.get_device_name(0))" 2>/dev/null | tr -cs 'A-Za-z0-9' '-' | sed 's/-*$//')
   if [ -z "$GPU" ]; then echo "gpu_check: torch sees no CUDA GPU (use --dry-run on CPU)" >&2; exit 1; fi
@@ -49,6 +52,7 @@ else
   DEVICE=(--device cuda --time-budget 60)
   MIXTRAL=(--tokens 16384)  # the issue-10 reference shapes
   FINE=(--tokens 32768,64)  # then decode (T=64) if the time budget allows: the targets judge the largest T
+  FP8=(--tokens 32768 --time-budget 30)
 fi
 OUT="$ROOT/$NAME"
 mkdir -p "$OUT"
@@ -74,16 +78,18 @@ step() {
 if [ "$DRY" = 1 ]; then
   printf 'build\tskipped (dry run)\t0\n' >> "$STEPS"
 else
-  step build 110 python -m pip install -e . --no-build-isolation --no-deps
+  step build 100 python -m pip install -e . --no-build-isolation --no-deps
 fi
-step pytest_gpu 90 python -m pytest -q -m gpu tests
+step pytest_gpu 80 python -m pytest -q -m gpu tests
 if [ "$DRY" = 1 ]; then
   printf 'memcheck\tskipped (dry run)\t0\n' >> "$STEPS"
 else
-  step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 3 python -m bench.sanitize
+  step memcheck 80 compute-sanitizer --tool memcheck --error-exitcode 3 python -m bench.sanitize
 fi
-step bench_mixtral 80 python -m bench --preset mixtral "${DEVICE[@]}" "${MIXTRAL[@]}" --out "$OUT/mixtral" --no-progress
-step bench_fine 80 python -m bench --preset fine "${DEVICE[@]}" "${FINE[@]}" --out "$OUT/fine" --no-progress
+step bench_mixtral 70 python -m bench --preset mixtral "${DEVICE[@]}" "${MIXTRAL[@]}" --out "$OUT/mixtral" --no-progress
+step bench_fine 70 python -m bench --preset fine "${DEVICE[@]}" "${FINE[@]}" --out "$OUT/fine" --no-progress
+step bench_fp8 50 python -m bench --preset fine "${DEVICE[@]}" "${FP8[@]}" --impls grouped --fp8 blockwise,mxfp8,rowwise \
+  --out "$OUT/fp8" --no-progress
 step targets 10 python -m bench.targets --mixtral "$OUT/mixtral" --fine "$OUT/fine" --out "$OUT/targets.md"
 step model 20 python -m bench.model.compare --gpu "${GPU:-h200}" "$OUT/mixtral" "$OUT/fine" --out "$OUT/model.md"
 
