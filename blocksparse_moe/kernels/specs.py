@@ -29,7 +29,7 @@ import torch
 from ..activations import NAMES, kernel_code
 from ..fp8 import RECIPES
 from ..fp8 import recipe as recipe_of
-from .expert_gemm import Epilogue, WeightLoad, gemm_config, gemm_kernel, wgrad_config, wgrad_kernel
+from .expert_gemm import Epilogue, Fp8Mode, WeightLoad, gemm_config, gemm_kernel, wgrad_config, wgrad_kernel
 from .layouts import BLOCK_SIZES, DENSE_LOG_BLOCK
 from .permute import gather_kernel, permute_config, scatter_kernel, weights_grad_kernel
 from .quantize import quantize_config, quantize_dual_kernel, quantize_kernel
@@ -436,6 +436,7 @@ def _wgrad_specs() -> list[CompileSpec]:
                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                         LB_A=lb if use.a_blocked else DENSE_LOG_BLOCK, LB_B=lb if use.b_blocked else DENSE_LOG_BLOCK,
                         A_GATHER=use.a_gather, B_GATHER=use.b_gather, DUAL=use.dual, UPCAST=False,
+                        FP8=int(Fp8Mode.NONE),
                     )  # fmt: skip
                     size = f"B={B}," if use.blocked else ""
                     tiles = f"M={cfg.block_m},N={cfg.block_n},K={cfg.block_k}"
