@@ -207,3 +207,11 @@ def test_wgrad_fp8_bad_scales(change, error, match):
         expert_gemm.wgrad(
             args["a"], args["b"], args["out"], args["offsets"], b2=args["b2"], out2=args["out2"], scales=args["scales"]
         )
+
+
+def test_wgrad_fp8_needs_e4m3_mmas(monkeypatch):
+    # an sm_80 device (no E4M3 MMA: the kernel does not compile there): a clear error before the launch
+    monkeypatch.setattr(expert_gemm, "capability", lambda t: 80)
+    args = _bad()
+    with pytest.raises(ValueError, match=r"8\.9 or newer\), got a device of compute capability 8\.0"):
+        expert_gemm.wgrad(args["a"], args["b"], args["out"], args["offsets"], scales=args["scales"])

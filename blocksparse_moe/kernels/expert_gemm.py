@@ -68,7 +68,8 @@ expert, groups from each expert's first row; ``group_offsets[e]`` expert e's fir
 ``r0`` reads the scales of the groups ``group_offsets[e] + (r0 - start) // G``: ``BLOCKWISE`` (G = 128, ``BLOCK_K |
 128``) promotes each step's MMA (a fresh accumulator) with the step's group scales, ``acc += p · sa[:, None] ·
 sb[None, :]`` (DeepSeek-V3); ``MX`` (G = 32) runs ``tl.dot_scaled`` with the step's ``BLOCK_K / 32`` E8M0 scale
-columns (groups past the expert's end, whose rows are zeros, take 2^0: never another group's scale, never 255);
+columns (groups past the expert's end, whose rows are zeros, read its last group's scales: never another
+expert's);
 ``ROWWISE`` (one group per expert) a plain E4M3 ``tl.dot``, the scales applied once after the loop.
 
 The launchers choose the config and the grid and launch; the ops validate the operands (``ops._checks``) and the
@@ -577,12 +578,18 @@ def wgrad_kernel(
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[end, N], strides=[s_br, 1], block_shape=[BLOCK_K, BLOCK_N])
     if FP8 != 0:  # expert e's first row group; step r0 covers the rows r0 - start ... of its groups
         g0 = tl.load(group_offsets_ptr + e)
-        sa_cols = offs_m.to(tl.int64) * s_sac
-        sb_cols = offs_n.to(tl.int64) * s_sbc
     if FP8 == _MX:
         SUB: tl.constexpr = BLOCK_K // _MX_GROUP
         tl.static_assert(SUB * _MX_GROUP == BLOCK_K, "FP8 MX: BLOCK_K a multiple of 32")
         offs_g = tl.arange(0, SUB)
+        g_last = g0 + (end - start - 1) // _MX_GROUP  # the expert's last group
+        # the scales of the columns past M / N read the last column's (results there are not stored): the loop's
+        # scale loads take no mask (sm_100: 355 -> 189 instructions per K step)
+        sa_cols = tl.minimum(offs_m, M - 1).to(tl.int64) * s_sac
+        sb_cols = tl.minimum(offs_n, N - 1).to(tl.int64) * s_sbc
+    elif FP8 != 0:  # (masked loads here: unmasked blockwise scale loads cost sm_100 spills)
+        sa_cols = offs_m.to(tl.int64) * s_sac
+        sb_cols = offs_n.to(tl.int64) * s_sbc
     if FP8 == _BLOCKWISE:
         tl.static_assert(_BLOCKWISE_GROUP % BLOCK_K == 0, "FP8 BLOCKWISE: BLOCK_K divides 128")
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -621,11 +628,10 @@ def wgrad_kernel(
             sa = tl.load(sa_ptr + g * s_sag + sa_cols, mask=m_ok, other=0.0)
             sb = tl.load(sb_ptr + g * s_sbg + sb_cols, mask=n_ok, other=0.0)
             acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
-        elif FP8 == _MX:  # the step's SUB groups; those past the expert's end (zero rows) take the scale 2^0
-            g = (g0 + (r0 - start) // _MX_GROUP + offs_g).to(tl.int64)
-            g_ok = r0 + offs_g * _MX_GROUP < end
-            sa = tl.load(sa_ptr + g[None, :] * s_sag + sa_cols[:, None], mask=m_ok[:, None] & g_ok[None, :], other=127)
-            sb = tl.load(sb_ptr + g[None, :] * s_sbg + sb_cols[:, None], mask=n_ok[:, None] & g_ok[None, :], other=127)
+        elif FP8 == _MX:  # the step's SUB groups; those past the expert's end (zero rows) read its last group's
+            g = tl.minimum(g0 + (r0 - start) // _MX_GROUP + offs_g, g_last).to(tl.int64)
+            sa = tl.load(sa_ptr + g[None, :] * s_sag + sa_cols[:, None])
+            sb = tl.load(sb_ptr + g[None, :] * s_sbg + sb_cols[:, None])
             acc = tl.dot_scaled(a, sa, "e4m3", b, sb, "e4m3", acc)
         else:
             acc = tl.dot(a, b, acc)
@@ -752,12 +758,15 @@ def wgrad_config(
 
     ``fp8`` (E4M3 operands, dense): K steps of 128 rows (the blockwise group; four MX groups; 128 bytes per row as
     the 16-bit types' 64), 32 unaligned; 3 stages of 128×128 E4M3 tiles (96 KB of shared memory, 2 CTAs/SM) on 4
-    warps where the MMA is asynchronous. ``BLOCKWISE`` promotes each step's product into the accumulator (two fp32
-    tiles live): 128×64 tiles. When interpreting, K steps of 32 (one MX group, a quarter blockwise group)."""
+    warps where the MMA is asynchronous. 128×64 tiles for ``BLOCKWISE`` (each step's product is promoted into the
+    accumulator: two fp32 tiles live; 128×128 spills on 4 warps) and for ``MX`` on sm_90 (no block-scaled MMA:
+    Triton converts the tiles to bf16 in registers; 128×128 spills). ``bench.audit`` (docs/audit.md, "FP8 weight
+    gradients"). When interpreting, K steps of 64 (two MX groups, half a blockwise group)."""
     if interpreting():
         cfg = GemmConfig(16, 16, 16 if fp8 == Fp8Mode.NONE else 64, 2, 4, 1)
     elif fp8 != Fp8Mode.NONE:
-        block_n = 64 if fp8 == Fp8Mode.BLOCKWISE or not aligned else 128
+        hopper = capability is None or capability // 10 == 9
+        block_n = 64 if fp8 == Fp8Mode.BLOCKWISE or (fp8 == Fp8Mode.MX and hopper) or not aligned else 128
         cfg = GemmConfig(128, block_n, 128 if aligned else 32, 8, 8, 3)
     else:
         block_k = 32 if dtype == torch.float32 or not aligned else 64
@@ -944,8 +953,9 @@ def gemm(
 
 def _check_wgrad_scales(a: Rows, b: Rows, b2: Rows | None, E: int, scales: WgradScales | None) -> Fp8Mode:
     """The FP8 mode of a ``wgrad`` launch once its operands and ``scales`` fit ``wgrad_kernel``: E4M3 operands come
-    with scales and dense rows; each scale is ``fp8.quantize_rows``' ``[rows // group + E + 1, C]`` (``[E + 1, C]``
-    rowwise) in the recipe's dtype. TypeError for types and dtypes, ValueError for values and shapes."""
+    with scales and dense rows, on a device with E4M3 MMAs (sm_89 or newer); each scale is ``fp8.quantize_rows``'
+    ``[rows // group + E + 1, C]`` (``[E + 1, C]`` rowwise) in the recipe's dtype. TypeError for types and dtypes,
+    ValueError for values and shapes."""
     operands = {"a": a, "b": b, "b2": b2}
     if scales is None:
         for name, r in operands.items():
@@ -956,6 +966,10 @@ def _check_wgrad_scales(a: Rows, b: Rows, b2: Rows | None, E: int, scales: Wgrad
         raise TypeError(f"wgrad: scales must be a WgradScales or None, got {type(scales).__name__}")
     modes = (Fp8Mode.BLOCKWISE, Fp8Mode.MX, Fp8Mode.ROWWISE)
     mode = Fp8Mode(choice("wgrad: scales.mode", scales.mode, modes))
+    cc = capability(a.tensor)
+    if cc is not None and cc < 89:
+        raise ValueError(f"wgrad: FP8 operands need E4M3 MMAs (compute capability 8.9 or newer), got a device of "
+                         f"compute capability {cc // 10}.{cc % 10}")  # fmt: skip
     if (scales.b2 is None) != (b2 is None):
         given = {True: "None", False: "a tensor"}
         raise ValueError(f"wgrad: scales.b2 must be given exactly when b2 is, got b2 {given[b2 is None]} and "
