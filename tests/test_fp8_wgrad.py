@@ -139,6 +139,24 @@ def test_wgrad_fp8_dual(mode):
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
+def test_wgrad_fp8_strided_operands_and_scales(mode):
+    # any strides: the E4M3 operands are column slices of wider tensors (the columns beside them NaN: never read),
+    # the scales transposed views (column-major storage), b2's with b's strides; DUAL, a partial group, padding rows
+    offsets = _offsets([5, 0, 37, 1])
+    R = int(offsets[-1]) + 3
+    a, b, b2 = (Operand(_rows(R, C, offsets, 3), offsets, mode) for C in (24, 40, 40))
+    for op in (a, b, b2):
+        wide = torch.full((R, op.q.shape[1] + 7), float("nan")).to(E4M3)
+        wide[:, 3 : 3 + op.q.shape[1]] = op.q
+        op.q = wide[:, 3 : 3 + op.q.shape[1]]
+        op.scale = op.scale.T.contiguous().T
+    assert a.q.stride() == (31, 1) and a.scale.stride() == (1, a.scale.shape[0])
+    out, out2 = _launch(a, b, offsets, mode, torch.float32, b2=b2)
+    _check(out, *_reference(a, b, offsets))
+    _check(out2, *_reference(a, b2, offsets))
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
 def test_wgrad_fp8_tma_rows(mode, monkeypatch):
     # aligned E4M3 operands (M, N, row strides multiples of 16 bytes) come through tensor descriptors built over
     # the expert's rows [0, end) (TMA's zero fill masks the next expert's rows and the NaN padding rows): the same
