@@ -91,7 +91,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..activations import activate, activate_and_grad, kernel_code
 from ..config import INDEX_DTYPES
-from ..fp8 import recipe
+from ..fp8 import Recipe, recipe
 from ..validation import check_dtype, check_same_device, check_tensor, choice
 from ._common import aligned16, capability, interpreting, scratch_allocator, upcast_dots
 from .layouts import BLOCK_SIZES, Rows, Schedule, row_offsets, row_start, tile_start
@@ -103,6 +103,7 @@ __all__ = [
     "Fp8Mode",
     "GemmScales",
     "WgradScales",
+    "FP8_RECIPES",
     "GemmConfig",
     "gemm_config",
     "wgrad_config",
@@ -178,14 +179,14 @@ _TMA_T = tl.constexpr(WeightLoad.TMA_T)
 _BLOCKWISE = tl.constexpr(Fp8Mode.BLOCKWISE)
 _MX = tl.constexpr(Fp8Mode.MX)
 _ROWWISE = tl.constexpr(Fp8Mode.ROWWISE)
-# rows per scale group of wgrad_kernel's FP8 operands (fp8.quantize_rows' groups)
-FP8_ROW_GROUP = {
-    Fp8Mode.BLOCKWISE: recipe("blockwise").group,
-    Fp8Mode.MX: recipe("mxfp8").group,
-    Fp8Mode.ROWWISE: recipe("rowwise").group,
+# the recipe of each FP8 mode (``fp8``: its groups and scale dtype)
+FP8_RECIPES: dict[Fp8Mode, Recipe] = {
+    Fp8Mode.BLOCKWISE: recipe("blockwise"),
+    Fp8Mode.MX: recipe("mxfp8"),
+    Fp8Mode.ROWWISE: recipe("rowwise"),
 }
-_BLOCKWISE_GROUP = tl.constexpr(FP8_ROW_GROUP[Fp8Mode.BLOCKWISE])
-_MX_GROUP = tl.constexpr(FP8_ROW_GROUP[Fp8Mode.MX])
+_BLOCKWISE_GROUP = tl.constexpr(FP8_RECIPES[Fp8Mode.BLOCKWISE].group)  # wgrad_kernel's rows per scale group
+_MX_GROUP = tl.constexpr(FP8_RECIPES[Fp8Mode.MX].group)
 
 
 @triton.jit
@@ -974,8 +975,7 @@ def _check_wgrad_scales(a: Rows, b: Rows, b2: Rows | None, E: int, scales: Wgrad
         given = {True: "None", False: "a tensor"}
         raise ValueError(f"wgrad: scales.b2 must be given exactly when b2 is, got b2 {given[b2 is None]} and "
                          f"scales.b2 {given[scales.b2 is None]}")  # fmt: skip
-    group = FP8_ROW_GROUP[mode]
-    scale_dtype = torch.uint8 if mode == Fp8Mode.MX else torch.float32
+    group, scale_dtype = FP8_RECIPES[mode].group, FP8_RECIPES[mode].scale_dtype
     for name, r in operands.items():
         if r is None:
             continue

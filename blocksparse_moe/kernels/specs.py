@@ -29,7 +29,16 @@ import torch
 from ..activations import NAMES, kernel_code
 from ..fp8 import RECIPES
 from ..fp8 import recipe as recipe_of
-from .expert_gemm import Epilogue, Fp8Mode, WeightLoad, gemm_config, gemm_kernel, wgrad_config, wgrad_kernel
+from .expert_gemm import (
+    FP8_RECIPES,
+    Epilogue,
+    Fp8Mode,
+    WeightLoad,
+    gemm_config,
+    gemm_kernel,
+    wgrad_config,
+    wgrad_kernel,
+)
 from .layouts import BLOCK_SIZES, DENSE_LOG_BLOCK
 from .permute import gather_kernel, permute_config, scatter_kernel, weights_grad_kernel
 from .quantize import quantize_config, quantize_dual_kernel, quantize_kernel
@@ -480,7 +489,6 @@ def _wgrad_specs() -> list[CompileSpec]:
 # wgrad_kernel's FP8 uses (issue 17): both operands E4M3, quantized along the rows and materialized dense in expert
 # order by the backend (``WgradScales``): dW2 = awᵀ @ dout, and dW1, dW3 = xᵀ @ (dh, dg) in one DUAL launch.
 _FP8_WGRAD_USES = (_WgradUse("fp8,w2"), _WgradUse("fp8,w13", dual=True))
-_FP8_MODES = {Fp8Mode.BLOCKWISE: "blockwise", Fp8Mode.MX: "mxfp8", Fp8Mode.ROWWISE: "rowwise"}
 _FP8_WGRAD_ALIGNED = (*_WGRAD_ALIGNED, "s_sag", "s_sbg")
 _FP8_ARCHS = (90, 100, 120)  # E4M3 MMAs (sm_89 and newer): sm_80 has none (its FP8 builds fail to compile)
 _WAIVE_FP8_MN_90 = (
@@ -517,9 +525,9 @@ def _fp8_wgrad_specs() -> list[CompileSpec]:
     newer), scales ``[groups + 1, C]`` with unit column stride, bf16 out."""
     specs = []
     e4m3 = torch.float8_e4m3fn
-    for mode, name in _FP8_MODES.items():
-        scale_dtype = recipe_of(name).scale_dtype
-        scales = dict.fromkeys(("sa_ptr", "sb_ptr", "sb2_ptr"), scale_dtype)
+    for mode, rcp in FP8_RECIPES.items():
+        name = rcp.name
+        scales = dict.fromkeys(("sa_ptr", "sb_ptr", "sb2_ptr"), rcp.scale_dtype)
         pointers = {**_INDEX, **dict.fromkeys(("out_ptr", "out2_ptr"), torch.bfloat16), **scales,
                     "group_offsets_ptr": torch.int64}  # fmt: skip
         for use in _FP8_WGRAD_USES:
