@@ -16,7 +16,9 @@ come in either orientation (``wT``: ``dy @ wᵀ``) and stay views. Coverage, and
   other activation (bf16, 128-row tiles, the fast config), where the epilogue's registers differ;
 - block sizes 64 and 128 (the GPU sizes; 16 and 32 are for interpreter tests and have no wgmma-sized tile); the
   grouped (unpadded) M tiles 16, 32, 64 and 128 (``backends.triton._grouped_block_m``: 16 and 32 rows for experts
-  with a few rows each, as in decode, on mma.sync: not ``is_matmul``, which asks for wgmma / tcgen05).
+  with a few rows each, as in decode, on mma.sync: not ``is_matmul``, which asks for wgmma / tcgen05);
+- FP8 (issue 17): ``wgrad_kernel``'s E4M3 builds, each recipe for dW2 and the dual dW1 / dW3, on the architectures
+  with E4M3 MMAs (sm_90, sm_100, sm_120), with the waivers measured from their SASS (docs/audit.md).
 """
 
 from __future__ import annotations
