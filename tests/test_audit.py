@@ -611,6 +611,12 @@ def test_launcher_specs_say_what_they_serve():
     mx90 = fp8["wgrad[fp8,w13,mxfp8,M=128,N=64,K=128,w=4,tma]"]
     assert mx90.archs == (90,) and [w for w, _ in mx90.waivers] == ["fp8mma@90", "pipeline@90", "issue@90"]
     assert [w for w, _ in fp8["wgrad[fp8,w2,mxfp8,M=128,N=64,K=32]"].waivers] == ["fp8mma@90"]  # unaligned
+    # K-major operands (TMA over the transposed storage): rowwise passes every gate, no waiver; rows as stored do not
+    k_major = fp8["wgrad[fp8,w2,rowwise,M=128,N=128,K=128,w=4,kmajor,tma]"]
+    assert k_major.constexprs["A_TMA"] == expert_gemm.WeightLoad.TMA_T and k_major.waivers == ()
+    assert k_major.constexprs["s_ar"] == 1 and "s_ac" in k_major.aligned
+    rows = fp8["wgrad[fp8,w2,rowwise,M=128,N=128,K=128,w=4,tma]"]
+    assert [w for w, _ in rows.waivers] == ["pipeline@90", "issue@90"]
     small = gemm["gemm[grouped_mm,bf16,M=64,N=128,K=64,tma]"]
     assert small.serves == "grouped, small T / decode, aligned" and small.min_intensity is None
     fallback = next(s for s in gemm.values() if s.variants == ("unaligned",))

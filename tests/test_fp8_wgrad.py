@@ -13,7 +13,7 @@ from helpers import Recorded, poison_
 
 from blocksparse_moe import fp8
 from blocksparse_moe.kernels import expert_gemm
-from blocksparse_moe.kernels.expert_gemm import Fp8Mode, WgradScales
+from blocksparse_moe.kernels.expert_gemm import Fp8Mode, WeightLoad, WgradScales
 from blocksparse_moe.kernels.layouts import Rows
 
 E4M3 = torch.float8_e4m3fn
@@ -67,7 +67,13 @@ def _check(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor) -> None:
 
 
 def _launch(
-    a: Operand, b: Operand, offsets: torch.Tensor, mode: Fp8Mode, dtype: torch.dtype, b2: Operand | None = None
+    a: Operand,
+    b: Operand,
+    offsets: torch.Tensor,
+    mode: Fp8Mode,
+    dtype: torch.dtype,
+    b2: Operand | None = None,
+    row_align: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     E, M, N = offsets.shape[0] - 1, a.q.shape[1], b.q.shape[1]
     out = poison_(torch.empty(E, M, N, dtype=dtype))
@@ -76,7 +82,7 @@ def _launch(
     scales = WgradScales(mode, a.scale, b.scale, group_offsets, b2.scale if b2 is not None else None)
     expert_gemm.wgrad(
         Rows.dense(a.q), Rows.dense(b.q), out, offsets, b2=Rows.dense(b2.q) if b2 is not None else None, out2=out2,
-        scales=scales,
+        scales=scales, row_align=row_align,
     )  # fmt: skip
     return out, out2
 
@@ -156,25 +162,43 @@ def test_wgrad_fp8_strided_operands_and_scales(mode):
     _check(out2, *_reference(a, b2, offsets))
 
 
+@pytest.mark.parametrize(
+    "layout, counts, extra",
+    [
+        # [R, C] as stored: TMA over the rows (an empty expert, a one-row expert, a partial group, padding rows)
+        ("rows", [5, 0, 37, 1], 5),
+        # K-major (a [C, R] tensor's transposed view) with 16-aligned expert offsets (row_align=16): TMA over the
+        # storage; an empty expert, 48 rows (one and a half MX groups), 16 padding rows
+        ("k-major", [16, 0, 48, 32], 16),
+    ],
+)
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
-def test_wgrad_fp8_tma_rows(mode, monkeypatch):
-    # aligned E4M3 operands (M, N, row strides multiples of 16 bytes) come through tensor descriptors built over
-    # the expert's rows [0, end) (TMA's zero fill masks the next expert's rows and the NaN padding rows): the same
-    # result as the pointer loads, bit for bit; DUAL with B2 through its own descriptor
-    offsets = _offsets([5, 0, 37, 1])
-    R = int(offsets[-1]) + 3
-    a, b, b2 = (Operand(_rows(R, C, offsets, 3), offsets, mode) for C in (32, 48, 48))
+def test_wgrad_fp8_tma_rows(mode, layout, counts, extra, monkeypatch):
+    # aligned E4M3 operands (M, N, the strides multiples of 16 bytes) come through tensor descriptors built over the
+    # expert's rows [0, end) (TMA's zero fill masks the next expert's rows and the NaN padding rows): the same result
+    # as the pointer loads, bit for bit; DUAL with B2 through its own descriptor
+    offsets = _offsets(counts)
+    R = int(offsets[-1]) + extra  # 48 / 112 rows: a K-major operand's column stride a multiple of 16 bytes
+    a, b, b2 = (Operand(_rows(R, C, offsets, extra), offsets, mode) for C in (32, 48, 48))
+    if layout == "k-major":
+        for op in (a, b, b2):
+            op.q = op.q.T.contiguous().T
     recorded = Recorded(expert_gemm.wgrad_kernel)
     monkeypatch.setattr(expert_gemm, "wgrad_kernel", recorded)
+    expected = WeightLoad.TMA if layout == "rows" else WeightLoad.TMA_T
     results = {}
     for tma in (True, False):
         monkeypatch.setattr(expert_gemm, "TMA_ROWS", tma)
-        results[tma] = _launch(a, b, offsets, mode, torch.float32, b2=b2)
-        assert (recorded.calls[-1]["A_TMA"], recorded.calls[-1]["B_TMA"]) == (tma, tma)
-        assert recorded.calls[-1]["FP8"] == mode
+        results[tma] = _launch(a, b, offsets, mode, torch.float32, b2=b2, row_align=16)
+        call = recorded.calls[-1]
+        loads = expected if tma else WeightLoad.POINTERS
+        assert (call["A_TMA"], call["B_TMA"], call["FP8"]) == (loads, loads, mode)
     for on, off, other in zip(results[True], results[False], (b, b2)):
         assert torch.equal(on, off)
         _check(on, *_reference(a, other, offsets))
+    if layout == "k-major":  # without the promise of aligned offsets: pointer loads, the same result
+        assert torch.equal(_launch(a, b, offsets, mode, torch.float32, b2=b2)[0], results[True][0])
+        assert recorded.calls[-1]["A_TMA"] == WeightLoad.POINTERS
 
 
 def test_wgrad_fp8_empty():

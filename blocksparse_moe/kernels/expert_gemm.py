@@ -30,10 +30,14 @@ backward (``TMA_T``), the tile transposed in shared memory; K and N past the end
 pointer loads (``POINTERS``). Each weight is read with its own strides (or its own descriptor): a GLU gate or a
 pair's second weight may be stored differently from the first (both then load by pointers unless both can use the
 same TMA mode). ``gemm_kernel``'s rows stay pointer loads (gathered: TMA has no row gather on Hopper), pipelined
-as asynchronous copies. ``wgrad_kernel`` reads a dense row operand (not gathered, not blocked; 16-bit, 16-byte
-aligned: ``_row_tma``, ``A_TMA`` / ``B_TMA``) through a tensor descriptor it builds on the device over the expert's
-rows ``[0, end)``, so that TMA's zero fill masks the rows past the expert (launch-time scratch memory:
-``_common.scratch_allocator``); its gathered operand stays on asynchronous copies.
+as asynchronous copies. ``wgrad_kernel`` reads a dense row operand (not gathered, not blocked; 16-bit or E4M3,
+16-byte aligned: ``_row_tma``, ``A_TMA`` / ``B_TMA``) through a tensor descriptor it builds on the device over the
+expert's rows ``[0, end)``, so that TMA's zero fill masks the rows past the expert (launch-time scratch memory:
+``_common.scratch_allocator``): over ``[rows, cols]`` (``TMA``), or for an E4M3 operand stored K-major (unit row
+stride: a ``[cols, rows]`` tensor's transposed view) with 16-aligned expert offsets (``row_align``) over that
+storage (``TMA_T``: sm_90's E4M3 wgmma reads K-major shared tiles only, and copies the others through registers
+into K-major buffers every K step: 547 -> 87 instructions per 128-row step, rowwise); its gathered operand stays
+on asynchronous copies.
 
 **Program order (L2).** ``gemm_kernel`` runs the ``max_m_tiles · cdiv(N, BLOCK_N)`` output tiles of ``BLOCK_M ×
 BLOCK_N`` (``_gemm_tile``), each reading its expert from ``tile_expert`` (one index load per tile, outside the K
@@ -92,7 +96,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ..activations import activate, activate_and_grad, kernel_code
 from ..config import INDEX_DTYPES
 from ..fp8 import Recipe, recipe
-from ..validation import check_dtype, check_same_device, check_tensor, choice
+from ..validation import check_dtype, check_same_device, check_tensor, choice, positive_int
 from ._common import aligned16, capability, interpreting, scratch_allocator, upcast_dots
 from .layouts import BLOCK_SIZES, Rows, Schedule, row_offsets, row_start, tile_start
 
@@ -126,7 +130,8 @@ class Epilogue(enum.IntEnum):
 
 
 class WeightLoad(enum.IntEnum):
-    """``gemm_kernel``'s ``W_TMA``: how the weight tiles come in."""
+    """``gemm_kernel``'s ``W_TMA``: how the weight tiles come in; ``wgrad_kernel``'s ``A_TMA`` / ``B_TMA``: how a
+    dense row operand ``[rows, cols]`` does (``TMA_T``: over its transposed storage ``[cols, rows]``, K-major)."""
 
     POINTERS = 0  # pointer loads, any strides
     TMA = 1  # a tensor descriptor over [E, K, N] (N contiguous)
@@ -539,7 +544,7 @@ def wgrad_kernel(
     A_GATHER: tl.constexpr,
     B_GATHER: tl.constexpr,
     DUAL: tl.constexpr,
-    A_TMA: tl.constexpr,  # A dense (not gathered, not blocked, unit column stride, 16-byte aligned): TMA loads
+    A_TMA: tl.constexpr,  # WeightLoad: A dense, 16-byte aligned: TMA over [rows, M] (TMA) or its storage [M, rows]
     B_TMA: tl.constexpr,  # B (and B2) likewise
     UPCAST: tl.constexpr,
     FP8: tl.constexpr,  # Fp8Mode: E4M3 A and B (dense) with the scales of their row groups
@@ -573,10 +578,14 @@ def wgrad_kernel(
     k64 = offs_k.to(tl.int64)
     start = tl.load(offsets_ptr + e)
     end = tl.load(offsets_ptr + e + 1)
-    if A_TMA:
+    if A_TMA == _TMA:
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[end, M], strides=[s_ar, 1], block_shape=[BLOCK_K, BLOCK_M])
-    if B_TMA:
+    elif A_TMA == _TMA_T:  # K-major: the rows contiguous
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, end], strides=[s_ac, 1], block_shape=[BLOCK_M, BLOCK_K])
+    if B_TMA == _TMA:
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[end, N], strides=[s_br, 1], block_shape=[BLOCK_K, BLOCK_N])
+    elif B_TMA == _TMA_T:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, end], strides=[s_bc, 1], block_shape=[BLOCK_N, BLOCK_K])
     if FP8 != 0:  # expert e's first row group; step r0 covers the rows r0 - start ... of its groups
         g0 = tl.load(group_offsets_ptr + e)
     if FP8 == _MX:
@@ -613,12 +622,16 @@ def wgrad_kernel(
         else:
             b_rows = row_start(r0, s_brb, s_br, LB_B) + k64 * s_br
             b_ok = r_ok
-        if A_TMA:
+        if A_TMA == _TMA:
             a = a_desc.load([r0, pid_m * BLOCK_M]).trans()
+        elif A_TMA == _TMA_T:
+            a = a_desc.load([pid_m * BLOCK_M, r0])
         else:
             a = tl.load(a_ptr + a_rows[None, :] + a_cols[:, None], mask=m_ok[:, None] & a_ok[None, :], other=0.0)
-        if B_TMA:
+        if B_TMA == _TMA:
             b = b_desc.load([r0, pid_n * BLOCK_N])
+        elif B_TMA == _TMA_T:
+            b = b_desc.load([pid_n * BLOCK_N, r0]).trans()
         else:
             b = tl.load(b_ptr + b_rows[:, None] + b_cols[None, :], mask=b_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST:
@@ -852,14 +865,24 @@ def _tma_mode(w: torch.Tensor) -> WeightLoad:
     return mode
 
 
-def _row_tma(r: Rows) -> bool:
-    """Whether ``wgrad_kernel`` reads the row operand ``r`` through TMA (``A_TMA`` / ``B_TMA``): a dense, not
-    gathered, 16-bit or E4M3 operand with unit column stride, a 16-byte aligned base and a 16-byte multiple row
-    stride, on Hopper or newer (``TMA_ROWS``)."""
+def _row_tma(r: Rows, row_align: int = 1) -> WeightLoad:
+    """How ``wgrad_kernel`` reads the row operand ``r`` (``A_TMA`` / ``B_TMA``), on Hopper or newer (``TMA_ROWS``),
+    for a dense, not gathered, 16-bit or E4M3 operand with a 16-byte aligned base: ``TMA`` over ``[rows, cols]``
+    with unit column stride and a 16-byte multiple row stride; ``TMA_T`` over the transposed storage ``[cols, rows]``
+    of an E4M3 operand stored K-major (unit row stride, a 16-byte multiple column stride) whose expert row offsets are
+    multiples of ``row_align`` = 16 or more (each K step starts 16-byte aligned along the storage's rows: sm_90's
+    E4M3 wgmma reads K-major shared tiles only and transposes MN-major ones through registers every step); else
+    ``POINTERS``."""
     t = r.tensor
     if not TMA_ROWS or r.block is not None or r.gathered or t.dtype not in _ROW_TMA or not _tma_device(t.device):
-        return False
-    return t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
+        return WeightLoad.POINTERS
+    if t.data_ptr() % 16:
+        return WeightLoad.POINTERS
+    if t.stride(1) == 1 and t.stride(0) * t.element_size() % 16 == 0:
+        return WeightLoad.TMA
+    if t.dtype == torch.float8_e4m3fn and t.stride(0) == 1 and t.stride(1) % 16 == 0 and row_align % 16 == 0:
+        return WeightLoad.TMA_T
+    return WeightLoad.POINTERS
 
 
 def _descriptor(w: torch.Tensor, mode: WeightLoad, block_k: int, block_n: int) -> TensorDescriptor:
@@ -1007,13 +1030,16 @@ def wgrad(
     b2: Rows | None = None,
     out2: torch.Tensor | None = None,
     scales: WgradScales | None = None,
+    row_align: int = 1,
 ) -> None:
     """Launch ``wgrad_kernel``: ``out[e] = a[rows of e]ᵀ @ b[rows of e]`` (out ``[E, M, N]``, any strides; ``b2`` /
     ``out2``: a second product over the same A tiles); ``row_src`` for a gathered ``a`` or ``b``. Blocked layouts
     need block-padded ``offsets``. Operands are validated by the caller, the FP8 ``scales`` here: E4M3 dense ``a``,
-    ``b`` (``b2``) quantized along the rows (``fp8.quantize_rows``, ``WgradScales``), out in its own dtype. Grid:
-    ``(E · tiles_m · tiles_n,)``."""
+    ``b`` (``b2``) quantized along the rows (``fp8.quantize_rows``, ``WgradScales``), out in its own dtype.
+    ``row_align``: the caller's promise that every expert row offset is a multiple of it (block-padded offsets): 16
+    or more lets K-major E4M3 operands load through TMA (``_row_tma``). Grid: ``(E · tiles_m · tiles_n,)``."""
     E, M, N = out.shape
+    positive_int("wgrad: row_align", row_align)
     fp8_mode = _check_wgrad_scales(a, b, b2, E, scales)
     gather = a.gathered or b.gathered
     aligned = aligned16((a.tensor, b.tensor, out), (M, N), (*a.strides, *b.strides, *out.stride()))
@@ -1025,8 +1051,10 @@ def wgrad(
     grid = E * triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n) * (1 if b2 is None else 2)
     if grid == 0:
         return
-    a_tma = aligned and _row_tma(a)
-    b_tma = aligned and _row_tma(b) and (b2 is None or _row_tma(b2))
+    a_tma = _row_tma(a, row_align) if aligned else WeightLoad.POINTERS
+    b_tma = _row_tma(b, row_align) if aligned else WeightLoad.POINTERS
+    if b2 is not None and _row_tma(b2, row_align) != b_tma:  # B2 loads as B does
+        b_tma = WeightLoad.POINTERS
     if (a_tma or b_tma) and not interpreting():
         scratch_allocator()  # the descriptors built on the device need Triton's launch-time scratch memory
     if scales is None:  # FP8 NONE: the scale arguments are unused
@@ -1040,6 +1068,7 @@ def wgrad(
         offsets, offsets if row_src is None else row_src, sa, sb, sb2, group_offsets,
         M, N, *a.strides, *b.strides, *out.stride(), *scale_strides,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, LB_A=a.log_block,
-        LB_B=b.log_block, A_GATHER=a.gathered, B_GATHER=b.gathered, DUAL=b2 is not None, A_TMA=a_tma, B_TMA=b_tma,
+        LB_B=b.log_block, A_GATHER=a.gathered, B_GATHER=b.gathered, DUAL=b2 is not None, A_TMA=int(a_tma),
+        B_TMA=int(b_tma),
         UPCAST=upcast_dots(a.tensor.dtype), FP8=int(fp8_mode), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

@@ -497,34 +497,49 @@ _WAIVE_FP8_MN_90 = (
     "FP8 weight gradient on sm_90: E4M3 wgmma (QGMMA) reads K-major shared tiles only, and a weight gradient's row "
     "operands [rows, C] are MN-major (the reduction runs over the rows): Triton copies each K step's tiles through "
     "registers into K-major buffers (LDS, PRMT, STS in the loop: 547 instructions per 128-row step, rowwise) and "
-    "waits the QGMMA to zero before reusing them; needs K-major operands (rows contiguous, TMA over the transposed "
-    "storage, expert row offsets 16-byte aligned)"
+    "waits the QGMMA to zero before reusing them; the K-major layout (the ',kmajor' specs: rows contiguous, TMA over "
+    "the transposed storage, expert row offsets multiples of 16) passes"
 )
 _WAIVE_FP8_BLOCKWISE = (
     "FP8 blockwise promotion (DeepSeek-V3): each 128-row step's product is scaled into the fp32 accumulator, which "
-    "needs the MMA's result every step (sm_90: QGMMA waited to zero, on top of the MN-major copies) and an FMUL + "
-    "FFMA per accumulator element per step (sm_100: the product leaves tensor memory; 2 CUDA-core ops per element "
-    "take as long as its 128 E4M3 FMAs at 8192 / clock / SM: issue >= 1 by arithmetic, 1.8 measured)"
+    "needs the MMA's result every step (sm_90: QGMMA waited to zero; 1.07 issue clocks per MMA clock with K-major "
+    "operands) and an FMUL + FFMA per accumulator element per step (sm_100: the product leaves tensor memory; 2 "
+    "CUDA-core ops per element take as long as its 128 E4M3 FMAs at 8192 / clock / SM: issue >= 1 by arithmetic, "
+    "1.8 measured)"
 )
 _WAIVE_FP8_MX_90 = (
     "MX on sm_90: Hopper has no block-scaled MMA; Triton emulates tl.dot_scaled by converting the E4M3 tiles to bf16 "
     "and applying the E8M0 scales in registers every step, then HGMMA.64x64x16.F32.BF16 from registers, waited to zero "
     "(1092 instructions per 128-row step); native on sm_100 (UTCQMMA with tensor-memory scale factors)"
 )
+# (mode, K-major operands) -> waivers; the MN-major row operands' sm_90 waivers go with the layout
 _FP8_WGRAD_WAIVERS = {
-    Fp8Mode.ROWWISE: (("pipeline@90", _WAIVE_FP8_MN_90), ("issue@90", _WAIVE_FP8_MN_90)),
-    Fp8Mode.BLOCKWISE: (
+    (Fp8Mode.ROWWISE, False): (("pipeline@90", _WAIVE_FP8_MN_90), ("issue@90", _WAIVE_FP8_MN_90)),
+    (Fp8Mode.ROWWISE, True): (),
+    (Fp8Mode.BLOCKWISE, False): (
         ("pipeline@90", _WAIVE_FP8_BLOCKWISE),
         ("issue@90", _WAIVE_FP8_MN_90),
         ("issue@100", _WAIVE_FP8_BLOCKWISE),
     ),
-    Fp8Mode.MX: (("fp8mma@90", _WAIVE_FP8_MX_90), ("pipeline@90", _WAIVE_FP8_MX_90), ("issue@90", _WAIVE_FP8_MX_90)),
+    (Fp8Mode.BLOCKWISE, True): (
+        ("pipeline@90", _WAIVE_FP8_BLOCKWISE),
+        ("issue@90", _WAIVE_FP8_BLOCKWISE),
+        ("issue@100", _WAIVE_FP8_BLOCKWISE),
+    ),
+    **{
+        (Fp8Mode.MX, k_major): (
+            ("fp8mma@90", _WAIVE_FP8_MX_90),
+            ("pipeline@90", _WAIVE_FP8_MX_90),
+            ("issue@90", _WAIVE_FP8_MX_90),
+        )
+        for k_major in (False, True)
+    },
 }
 
 
 def _fp8_wgrad_specs() -> list[CompileSpec]:
-    """``wgrad_kernel`` with ``FP8`` for each recipe and use: dense E4M3 rows (through TMA where aligned, on sm_90 and
-    newer), scales ``[groups + 1, C]`` with unit column stride, bf16 out."""
+    """``wgrad_kernel`` with ``FP8`` for each recipe and use: dense E4M3 rows (aligned: through TMA, as stored or,
+    K-major, over the transposed storage), scales ``[groups + 1, C]`` with unit column stride, bf16 out."""
     specs = []
     e4m3 = torch.float8_e4m3fn
     for mode, rcp in FP8_RECIPES.items():
@@ -538,28 +553,36 @@ def _fp8_wgrad_specs() -> list[CompileSpec]:
                 return wgrad_config(e4m3, aligned=aligned, capability=capability, fp8=mode)
 
             for cfg, variants, archs, warps_tag in _variants(configs):
+                build_archs = tuple(cc for cc in _FP8_ARCHS if cc in (archs or _ARCHS))
+                if not build_archs:
+                    continue
                 tiles = cfg.block_k * (cfg.block_m + cfg.block_n)  # E4M3: one byte per element
-                audit = _audit_fields(e4m3, cfg, variants, f"FP8 {name}, grouped, every T", tiles)
-                # the E4M3 MMA's waiver holds for every variant, the others for the per-FLOP (aligned) builds
-                waivers = [w for w in _FP8_WGRAD_WAIVERS[mode] if "aligned" in variants or w[0].startswith("fp8mma")]
-                audit["waivers"] += tuple(waivers)
                 constexprs = dict(
                     BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                     LB_A=DENSE_LOG_BLOCK, LB_B=DENSE_LOG_BLOCK, A_GATHER=False, B_GATHER=False, DUAL=use.dual,
                     UPCAST=False, FP8=int(mode),
                 )  # fmt: skip
                 label = f"wgrad[{use.tag},{name},M={cfg.block_m},N={cfg.block_n},K={cfg.block_k}{warps_tag}"
-                tma = variants == ("aligned",)  # the fast config: TMA rows (on every FP8 architecture)
-                build_archs = tuple(cc for cc in _FP8_ARCHS if cc in (archs or _ARCHS))
-                if build_archs:
+                fast = variants == ("aligned",)  # the fast config: TMA rows (on every FP8 architecture)
+                # the rows as stored ([R, C], unit column stride), and (fast config) K-major ([C, R] storage, unit
+                # row stride, 16-aligned expert offsets: TMA_T)
+                for k_major in (False, True) if fast else (False,):
+                    loads = WeightLoad.TMA_T if k_major else WeightLoad.TMA if fast else WeightLoad.POINTERS
+                    unit = ("s_ar", "s_br") if k_major else ("s_ac", "s_bc")
+                    audit = _audit_fields(e4m3, cfg, variants, f"FP8 {name}, grouped, every T", tiles)
+                    # the E4M3 MMA's waiver holds for every variant, the others for the per-FLOP (aligned) builds
+                    audit["waivers"] += tuple(
+                        w for w in _FP8_WGRAD_WAIVERS[mode, k_major] if fast or w[0].startswith("fp8mma")
+                    )
+                    tag = {WeightLoad.TMA_T: ",kmajor,tma", WeightLoad.TMA: ",tma", WeightLoad.POINTERS: ""}[loads]
                     specs.append(
                         _spec(
-                            f"{label}{',tma' if tma else ''}]",
+                            f"{label}{tag}]",
                             wgrad_kernel,
                             e4m3,
                             cfg,
-                            {**constexprs, "A_TMA": tma, "B_TMA": tma},
-                            (*use.unit, "s_sac", "s_sbc"),
+                            {**constexprs, "A_TMA": int(loads), "B_TMA": int(loads)},
+                            (*unit, "s_om" if use.out_t else "s_on", "s_sac", "s_sbc"),
                             _FP8_WGRAD_ALIGNED,
                             variants,
                             pointers,
