@@ -13,12 +13,11 @@ from helpers import Recorded, poison_
 
 from blocksparse_moe import fp8
 from blocksparse_moe.kernels import expert_gemm
-from blocksparse_moe.kernels.expert_gemm import Fp8Mode, WeightLoad, WgradScales
+from blocksparse_moe.kernels.expert_gemm import FP8_RECIPES, Fp8Mode, WeightLoad, WgradScales
 from blocksparse_moe.kernels.layouts import Rows
 
 E4M3 = torch.float8_e4m3fn
-RECIPE = {Fp8Mode.BLOCKWISE: "blockwise", Fp8Mode.MX: "mxfp8", Fp8Mode.ROWWISE: "rowwise"}
-MODES = list(RECIPE)
+MODES = list(FP8_RECIPES)
 RTOL = 1e-5  # fp32 accumulation, relative to Σ |a||b| of each element
 
 
@@ -33,7 +32,7 @@ class Operand:
     the kernel must never read them."""
 
     def __init__(self, t: torch.Tensor, offsets: torch.Tensor, mode: Fp8Mode):
-        rcp = fp8.recipe(RECIPE[mode])
+        rcp = FP8_RECIPES[mode]
         self.q, self.scale, ids = fp8.quantize_rows(t, offsets, rcp.group, rcp.scale_dtype)
         unused = torch.ones(self.scale.shape[0], dtype=torch.bool)
         unused[ids] = False
@@ -78,7 +77,7 @@ def _launch(
     E, M, N = offsets.shape[0] - 1, a.q.shape[1], b.q.shape[1]
     out = poison_(torch.empty(E, M, N, dtype=dtype))
     out2 = poison_(torch.empty(E, M, N, dtype=dtype)) if b2 is not None else None
-    group_offsets = fp8.group_offsets(offsets, fp8.recipe(RECIPE[mode]).group)
+    group_offsets = fp8.group_offsets(offsets, FP8_RECIPES[mode].group)
     scales = WgradScales(mode, a.scale, b.scale, group_offsets, b2.scale if b2 is not None else None)
     expert_gemm.wgrad(
         Rows.dense(a.q), Rows.dense(b.q), out, offsets, b2=Rows.dense(b2.q) if b2 is not None else None, out2=out2,
@@ -241,14 +240,16 @@ def _q(t: torch.Tensor) -> torch.Tensor:
         (dict(a=Rows.dense(_q(torch.randn(7, 16)), gathered=True)), ValueError, "a must be dense rows.*gathered"),
         (dict(b=Rows.blocked(_q(torch.randn(6, 16, 16)), 2, 32)), ValueError, "b must be dense rows.*blocked"),
         (dict(b2=Rows.dense(_q(torch.randn(42, 32))), out2=torch.empty(3, 16, 32)), ValueError, "scales.b2 must be"),
+        (dict(row_align=0), ValueError, "row_align must be a positive int, got 0"),
     ],
 )
 def test_wgrad_fp8_bad_scales(change, error, match):
     args = _bad(**change)
     with pytest.raises(error, match=match):
         expert_gemm.wgrad(
-            args["a"], args["b"], args["out"], args["offsets"], b2=args["b2"], out2=args["out2"], scales=args["scales"]
-        )
+            args["a"], args["b"], args["out"], args["offsets"], b2=args["b2"], out2=args["out2"], scales=args["scales"],
+            row_align=args.get("row_align", 1),
+        )  # fmt: skip
 
 
 def test_wgrad_fp8_needs_e4m3_mmas(monkeypatch):
