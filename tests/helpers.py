@@ -23,6 +23,20 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(-(2**30))
 
 
+class Recorded:
+    """A kernel whose launches record their keyword arguments, then run (``monkeypatch`` it over the kernel)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None) -> None:
     dtype = dtype or actual.dtype
     torch.testing.assert_close(actual.double(), expected.double(), **TOL.get(dtype, TOL[torch.float32]))

@@ -367,6 +367,35 @@ def test_mma_check_per_architecture():
     assert audit_report.findings(_synthetic(80, none, is_matmul=False)) == []
 
 
+def test_fp8_main_loop_needs_the_e4m3_mma():
+    # an FP8 spec (E4M3 operands) whose main loop runs QGMMA on sm_90 passes
+    qgmma = ["QGMMA.64x128x32.F32.E4M3.E4M3 R88, gdesc[UR16], R88"] * 4
+    ok = _synthetic(90, audit_sass.analyze_sass(_mma_loop(qgmma, 40)), fp8=True)
+    assert ok.sass.main_loop.mma_ops == ("QGMMA",) and audit_report.findings(ok) == []
+    # MX emulated on Hopper: bf16 HGMMA (the E4M3 tiles converted in registers) is flagged, and waivable per arch
+    emulated = _synthetic(90, audit_sass.analyze_sass(_mma_loop(HGMMA_128, 40)), fp8=True)
+    assert audit_report.findings(emulated) == [("fp8mma", "sm_90 FP8 main loop without QGMMA: HGMMA")]
+    emulated.waivers = (("fp8mma@90", "Hopper has no block-scaled MMA"),)
+    assert audit_report.problems(emulated) == []
+    # the same loop in a 16-bit spec: not an FP8 build
+    assert audit_report.findings(_synthetic(90, emulated.sass)) == []
+    # sm_100: UTCQMMA, plain (E4M3 tl.dot) or block-scaled (tl.dot_scaled: tensor-memory scale factors), passes;
+    # UTCHMMA (the operands converted to 16 bits) does not
+    plain = "UTCQMMA gdesc[UR6], gdesc[UR12], tmem[UR22], tmem[UR40], idesc[UR41], UPT"
+    scaled = "UTCQMMA gdesc[UR18], gdesc[UR20], tmem[UR12], tmem[UR8], idesc[UR9], tmem[UR16], UPT"
+    for mma in (plain, scaled):
+        assert audit_report.findings(_synthetic(100, audit_sass.analyze_sass(_mma_loop([mma] * 4, 40)), fp8=True)) == []
+    utch = "UTCHMMA gdesc[UR8], gdesc[UR24], tmem[UR14], tmem[UR36], idesc[UR37], UPT"
+    assert audit_report.findings(_synthetic(100, audit_sass.analyze_sass(_mma_loop([utch] * 4, 40)), fp8=True)) == [
+        ("fp8mma", "sm_100 FP8 main loop without UTCQMMA: UTCHMMA")
+    ]
+    # no MMA loop (one K step): the function's MMAs; sm_80 / sm_120 have no such requirement (their mma.sync QMMA)
+    assert audit_report.findings(_synthetic(100, audit_sass.analyze_sass(NO_LOOP), fp8=True)) == [
+        ("fp8mma", "sm_100 FP8 matmul (no MMA loop) without UTCQMMA: UTCHMMA")
+    ]
+    assert audit_report.findings(_synthetic(120, audit_sass.SassSummary(mma={"QMMA": 8}), fp8=True)) == []
+
+
 def test_smem_limit_and_report_only():
     s = audit_sass.SassSummary(mma={"HMMA": 8})
     # 131 KB fits sm_80 / sm_90 / sm_100, not sm_120 (99 KB per block)
@@ -572,6 +601,22 @@ def test_launcher_specs_say_what_they_serve():
     assert pair.operand_bytes == (128 * 64 + 64 * 128) * 2
     dw = {s.name: s for s in wgrad}["wgrad[w13,bf16,M=128,N=128,K=64,w=4,tma]"]  # dh, dg dense: TMA
     assert (dw.archs, dw.num_warps, dw.operand_bytes) == ((90, 100), 4, (64 * 128 + 64 * 128) * 2)
+    # the FP8 weight gradients: E4M3 operands (the fp8mma check), one byte per operand element, on the E4M3-MMA
+    # architectures only; their waivers name measured reasons (MX on sm_90: emulated)
+    fp8 = {s.name: s for s in wgrad if s.constexprs["FP8"]}
+    assert fp8 and all(s.fp8 and s.archs and 80 not in s.archs for s in fp8.values())
+    assert not any(s.fp8 for s in all_specs if s.kernel is not expert_gemm.wgrad_kernel or not s.constexprs["FP8"])
+    mx = fp8["wgrad[fp8,w13,mxfp8,M=128,N=128,K=128,w=4,tma]"]
+    assert mx.archs == (100,) and mx.operand_bytes == 128 * (128 + 128) and mx.waivers[0][0] == "fp8mma@90"
+    mx90 = fp8["wgrad[fp8,w13,mxfp8,M=128,N=64,K=128,w=4,tma]"]
+    assert mx90.archs == (90,) and [w for w, _ in mx90.waivers] == ["fp8mma@90", "pipeline@90", "issue@90"]
+    assert [w for w, _ in fp8["wgrad[fp8,w2,mxfp8,M=128,N=64,K=32]"].waivers] == ["fp8mma@90"]  # unaligned
+    # K-major operands (TMA over the transposed storage): rowwise passes every gate, no waiver; rows as stored do not
+    k_major = fp8["wgrad[fp8,w2,rowwise,M=128,N=128,K=128,w=4,kmajor,tma]"]
+    assert k_major.constexprs["A_TMA"] == expert_gemm.WeightLoad.TMA_T and k_major.waivers == ()
+    assert k_major.constexprs["s_ar"] == 1 and "s_ac" in k_major.aligned
+    rows = fp8["wgrad[fp8,w2,rowwise,M=128,N=128,K=128,w=4,tma]"]
+    assert [w for w, _ in rows.waivers] == ["pipeline@90", "issue@90"]
     small = gemm["gemm[grouped_mm,bf16,M=64,N=128,K=64,tma]"]
     assert small.serves == "grouped, small T / decode, aligned" and small.min_intensity is None
     fallback = next(s for s in gemm.values() if s.variants == ("unaligned",))
@@ -824,7 +869,7 @@ def test_main_exit_status_and_report_only(capsys, tmp_path):
         audit_main.main([*base, "--report-only", "pipeline,nope,spill@89"])
     err = capsys.readouterr().err
     assert (
-        "checks must be among build, spill, mma, c7515, pipeline, smem, issue, intensity, occupancy, each optionally "
-        "@ one of 80, 90, 100, " in err
+        "checks must be among build, spill, mma, fp8mma, c7515, pipeline, smem, issue, intensity, occupancy, each "
+        "optionally @ one of 80, 90, 100, " in err
     )
     assert "got nope, spill@89" in err

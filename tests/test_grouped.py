@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
-from helpers import TOL, assert_close, assert_close_to_reference, poison_, routing
+from helpers import TOL, Recorded, assert_close, assert_close_to_reference, poison_, routing
 
 from blocksparse_moe import backends
 from blocksparse_moe.kernels import expert_gemm
@@ -213,20 +213,6 @@ def test_persistent_programs(monkeypatch):
     assert expert_gemm.persistent_programs(torch.device("cuda", 1), 7) == 7
 
 
-class _Recorded:
-    """A kernel whose launches record their keyword arguments, then run."""
-
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.calls.append(kwargs)
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "counts",
@@ -260,7 +246,7 @@ def test_wgrad_tma_dense_rows(use, counts, dtype, monkeypatch):
     b, b_rows = operand(dense_b, N)
     b2, b2_rows = operand(dense_b, N) if "dual" in use else (None, None)
     gather = None if dense_a and dense_b else row_src
-    recorded = _Recorded(expert_gemm.wgrad_kernel)
+    recorded = Recorded(expert_gemm.wgrad_kernel)
     monkeypatch.setattr(expert_gemm, "wgrad_kernel", recorded)
     results = {}
     for tma in (True, False):

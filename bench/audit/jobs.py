@@ -63,6 +63,7 @@ class Job:
 class BuildResult:
     job: Job
     is_matmul: bool = True
+    fp8: bool = False  # E4M3 operands (CompileSpec.fp8): the fp8mma check applies
     tcgen05_ok: bool = True
     expect_pipelined: bool = True
     num_stages: int | None = None
@@ -195,6 +196,7 @@ def compile_job(job: Job, out_dir: str, keep_ir: bool = False) -> BuildResult:
 
         spec = importlib.import_module(job.module).compile_specs()[job.index]
         result.is_matmul = spec.is_matmul
+        result.fp8 = getattr(spec, "fp8", False)
         result.tcgen05_ok = getattr(spec, "tcgen05_ok", True)
         result.expect_pipelined = getattr(spec, "expect_pipelined", True)
         result.num_stages = spec.num_stages

@@ -11,6 +11,7 @@ __all__ = [
     "PTXAS_CODES",
     "SM_LIMITS",
     "FMA_PER_CLOCK",
+    "FP8_MMA",
     "ISSUE_LIMIT",
     "PER_FLOP",
     "PER_FLOP_ARCHS",
@@ -32,6 +33,9 @@ CHECKS = {
     "spill": "ptxas spill stores / loads (or local memory) > 0",
     "mma": "a matmul spec (is_matmul) without the architecture's MMA: HGMMA on sm_90, UTC*MMA on sm_100 "
     "(unless tcgen05_ok=False: any MMA), HMMA on sm_80 / sm_120",
+    "fp8mma": "an FP8 matmul spec (E4M3 operands: CompileSpec.fp8) whose main loop (without one: the function) "
+    "lacks the architecture's E4M3 MMA (FP8_MMA): QGMMA on sm_90, UTCQMMA on sm_100 (plain, or block-scaled with "
+    "tensor-memory scale operands: tl.dot_scaled's tcgen05.mma kind::mxf8f6f4.block_scale)",
     "c7515": "ptxas info C7515: wgmma.mma_async instructions are serialized",
     "pipeline": "an MMA loop waits to zero every iteration: DEPBAR.LE SB0, 0x0 with LDGSTS in the loop (cp.async), "
     "or WARPGROUP.DEPBAR.LE gsb0, 0x0 with async loads in it (wgmma); or, aligned and num_stages > 1, it has no async "
@@ -64,6 +68,12 @@ FMA_PER_CLOCK = {
     120: {"16": 512, "tf32": 128, "8": 1024},  # RTX 5090: 419 / 105 / 838 (fp8), 170 SMs, 2.41 GHz (fp16 accumulate)
 }
 
+# The E4M3 MMA an FP8 main loop must issue (the fp8mma check), by architecture: the SASS mnemonic of wgmma's
+# ``.kind::f8f6f4`` E4M3 form on sm_90 (``QGMMA.64xNx32.F32.E4M3.E4M3``) and of tcgen05's ``kind::f8f6f4`` and
+# ``kind::mxf8f6f4.block_scale`` forms on sm_100 (both ``UTCQMMA``; the block-scaled one takes two more tensor-memory
+# operands, the scale factors: ``UTCQMMA gdesc[..], gdesc[..], tmem[D], tmem[SFA], idesc[..], tmem[SFB]``).
+FP8_MMA = {90: "QGMMA", 100: "UTCQMMA"}
+
 # ptxas notes ("(Cxxxx) Potential Performance Loss: ...") that fail a check
 PTXAS_CODES = {"C7515": "c7515"}
 
@@ -85,6 +95,13 @@ def findings(result: BuildResult) -> list[tuple[str, str]]:
             out.append(("mma", f"sm_{arch.cc} matmul without {name[want]}"))
         elif want is None and not sass.mma:
             out.append(("mma", f"sm_{arch.cc} matmul without MMA"))
+    fp8_mma = FP8_MMA.get(arch.cc)
+    if result.fp8 and result.is_matmul and sass is not None and fp8_mma is not None:
+        lp = sass.main_loop  # no MMA loop (one K step, unrolled): the function's MMAs
+        found = lp.mma_ops if lp is not None else tuple(sass.mma)
+        if fp8_mma not in found:
+            where = "main loop" if lp is not None else "matmul (no MMA loop)"
+            out.append(("fp8mma", f"sm_{arch.cc} FP8 {where} without {fp8_mma}: {', '.join(found) or 'no MMA'}"))
     for code in result.ptxas_codes:
         if code in PTXAS_CODES:
             out.append((PTXAS_CODES[code], f"ptxas {code}: wgmma serialised"))

@@ -99,6 +99,7 @@ class LoopStats:
     real_instructions: int = 0  # less NOP and never-executed ``@!PT`` fillers
     mma_work: dict[str, int] | None = None  # MMA family -> sum of M·N·K per issuing unit; None: a shape unknown
     mma_kind: str | None = None  # operand kind of the MMAs (``MMA_KINDS``); None: unknown or mixed
+    mma_ops: tuple[str, ...] = ()  # the MMA mnemonics in the loop (``QGMMA``, ``UTCQMMA``, ...), in order of appearance
 
     @property
     def per_mma(self) -> float:
@@ -348,6 +349,7 @@ def _loop_stats(instrs: list[Instr], start: int, end: int) -> LoopStats:
         real_instructions=sum(1 for i in body if _real(i)),
         mma_work=work,
         mma_kind=next(iter(kinds)) if len(kinds) == 1 else None,
+        mma_ops=tuple(dict.fromkeys(i.base for i in body if mma_family(i.op))),
     )
 
 

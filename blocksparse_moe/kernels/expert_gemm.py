@@ -30,10 +30,14 @@ backward (``TMA_T``), the tile transposed in shared memory; K and N past the end
 pointer loads (``POINTERS``). Each weight is read with its own strides (or its own descriptor): a GLU gate or a
 pair's second weight may be stored differently from the first (both then load by pointers unless both can use the
 same TMA mode). ``gemm_kernel``'s rows stay pointer loads (gathered: TMA has no row gather on Hopper), pipelined
-as asynchronous copies. ``wgrad_kernel`` reads a dense row operand (not gathered, not blocked; 16-bit, 16-byte
-aligned: ``_row_tma``, ``A_TMA`` / ``B_TMA``) through a tensor descriptor it builds on the device over the expert's
-rows ``[0, end)``, so that TMA's zero fill masks the rows past the expert (launch-time scratch memory:
-``_common.scratch_allocator``); its gathered operand stays on asynchronous copies.
+as asynchronous copies. ``wgrad_kernel`` reads a dense row operand (not gathered, not blocked; 16-bit or E4M3,
+16-byte aligned: ``_row_tma``, ``A_TMA`` / ``B_TMA``) through a tensor descriptor it builds on the device over the
+expert's rows ``[0, end)``, so that TMA's zero fill masks the rows past the expert (launch-time scratch memory:
+``_common.scratch_allocator``): over ``[rows, cols]`` (``TMA``), or for an E4M3 operand stored K-major (unit row
+stride: a ``[cols, rows]`` tensor's transposed view) with 16-aligned expert offsets (``row_align``) over that
+storage (``TMA_T``: sm_90's E4M3 wgmma reads K-major shared tiles only, and copies the others through registers
+into K-major buffers every K step: 547 -> 87 instructions per 128-row step, rowwise); its gathered operand stays
+on asynchronous copies.
 
 **Program order (L2).** ``gemm_kernel`` runs the ``max_m_tiles · cdiv(N, BLOCK_N)`` output tiles of ``BLOCK_M ×
 BLOCK_N`` (``_gemm_tile``), each reading its expert from ``tile_expert`` (one index load per tile, outside the K
@@ -62,10 +66,20 @@ expert-major (the programs of one expert share its rows), grouped order inside.
   slices of ``EPI_N`` (``tl.split`` halvings) and the epilogue runs slice by slice, loading h and g per slice, so
   that only one slice's temporaries are live beside the accumulator.
 
+**FP8 weight gradients** (``wgrad_kernel``'s ``FP8``: ``Fp8Mode``, ``wgrad(..., scales=WgradScales)``): dense E4M3
+A and B quantized along the rows (``fp8.quantize_rows``: one scale per column and group of ``G`` rows of one
+expert, groups from each expert's first row; ``group_offsets[e]`` expert e's first group), so the K step from row
+``r0`` reads the scales of the groups ``group_offsets[e] + (r0 - start) // G``: ``BLOCKWISE`` (G = 128, ``BLOCK_K |
+128``) promotes each step's MMA (a fresh accumulator) with the step's group scales, ``acc += p · sa[:, None] ·
+sb[None, :]`` (DeepSeek-V3); ``MX`` (G = 32) runs ``tl.dot_scaled`` with the step's ``BLOCK_K / 32`` E8M0 scale
+columns (groups past the expert's end, whose rows are zeros, read its last group's scales: never another
+expert's);
+``ROWWISE`` (one group per expert) a plain E4M3 ``tl.dot``, the scales applied once after the loop.
+
 The launchers choose the config and the grid and launch; the ops validate the operands (``ops._checks``) and the
 backend allocates (``backends.triton``). Limits: fp32 / fp16 / bf16 operands of one dtype, fp32 accumulation,
 output in the input dtype; blocked layouts need ``B`` a power of two ``≥ BLOCK_K``; int32 indices with 64-bit
-address arithmetic.
+address arithmetic; FP8: E4M3 operands with fp32 accumulation, output in out's dtype.
 """
 
 from __future__ import annotations
@@ -80,6 +94,9 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..activations import activate, activate_and_grad, kernel_code
+from ..config import INDEX_DTYPES
+from ..fp8 import Recipe, recipe
+from ..validation import check_dtype, check_same_device, check_tensor, choice, positive_int
 from ._common import aligned16, capability, interpreting, scratch_allocator, upcast_dots
 from .layouts import BLOCK_SIZES, Rows, Schedule, row_offsets, row_start, tile_start
 
@@ -90,6 +107,7 @@ __all__ = [
     "Fp8Mode",
     "GemmScales",
     "WgradScales",
+    "FP8_RECIPES",
     "GemmConfig",
     "gemm_config",
     "wgrad_config",
@@ -112,7 +130,8 @@ class Epilogue(enum.IntEnum):
 
 
 class WeightLoad(enum.IntEnum):
-    """``gemm_kernel``'s ``W_TMA``: how the weight tiles come in."""
+    """``gemm_kernel``'s ``W_TMA``: how the weight tiles come in; ``wgrad_kernel``'s ``A_TMA`` / ``B_TMA``: how a
+    dense row operand ``[rows, cols]`` does (``TMA_T``: over its transposed storage ``[cols, rows]``, K-major)."""
 
     POINTERS = 0  # pointer loads, any strides
     TMA = 1  # a tensor descriptor over [E, K, N] (N contiguous)
@@ -162,6 +181,17 @@ _FORWARD = tl.constexpr(Epilogue.FORWARD)
 _BACKWARD = tl.constexpr(Epilogue.BACKWARD)
 _TMA = tl.constexpr(WeightLoad.TMA)
 _TMA_T = tl.constexpr(WeightLoad.TMA_T)
+_BLOCKWISE = tl.constexpr(Fp8Mode.BLOCKWISE)
+_MX = tl.constexpr(Fp8Mode.MX)
+_ROWWISE = tl.constexpr(Fp8Mode.ROWWISE)
+# the recipe of each FP8 mode (``fp8``: its groups and scale dtype)
+FP8_RECIPES: dict[Fp8Mode, Recipe] = {
+    Fp8Mode.BLOCKWISE: recipe("blockwise"),
+    Fp8Mode.MX: recipe("mxfp8"),
+    Fp8Mode.ROWWISE: recipe("rowwise"),
+}
+_BLOCKWISE_GROUP = tl.constexpr(FP8_RECIPES[Fp8Mode.BLOCKWISE].group)  # wgrad_kernel's rows per scale group
+_MX_GROUP = tl.constexpr(FP8_RECIPES[Fp8Mode.MX].group)
 
 
 @triton.jit
@@ -484,6 +514,10 @@ def wgrad_kernel(
     out2_ptr,  # DUAL: [E, M, N] with out's strides
     offsets_ptr,  # [E+1] int32 expert row offsets
     row_src_ptr,  # [R] int32 token of each row, -1 for none (A_GATHER or B_GATHER)
+    sa_ptr,  # FP8: [groups + 1, M] A's scales, one row per group of one expert's rows (unused otherwise)
+    sb_ptr,  # FP8: [groups + 1, N] B's scales
+    sb2_ptr,  # FP8 and DUAL: B2's scales, with sb's strides
+    group_offsets_ptr,  # FP8: [E+1] int32 / int64 the first group of each expert
     M,
     N,
     s_arb,
@@ -497,6 +531,10 @@ def wgrad_kernel(
     s_oe,
     s_om,
     s_on,
+    s_sag,  # FP8: the scale strides: A's per group, per column; B's (and B2's)
+    s_sac,
+    s_sbg,
+    s_sbc,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -506,9 +544,10 @@ def wgrad_kernel(
     A_GATHER: tl.constexpr,
     B_GATHER: tl.constexpr,
     DUAL: tl.constexpr,
-    A_TMA: tl.constexpr,  # A dense (not gathered, not blocked, unit column stride, 16-byte aligned): TMA loads
+    A_TMA: tl.constexpr,  # WeightLoad: A dense, 16-byte aligned: TMA over [rows, M] (TMA) or its storage [M, rows]
     B_TMA: tl.constexpr,  # B (and B2) likewise
     UPCAST: tl.constexpr,
+    FP8: tl.constexpr,  # Fp8Mode: E4M3 A and B (dense) with the scales of their row groups
 ):
     """``out[e] = A[rows of e]ᵀ @ B[rows of e]`` (``DUAL``: or ``out2[e]`` with B2), one ``BLOCK_M × BLOCK_N`` tile,
     reduced over expert e's rows ``BLOCK_K`` at a time; experts without rows get zeros. ``DUAL`` doubles the N tiles:
@@ -527,6 +566,7 @@ def wgrad_kernel(
         if pid_n >= tiles_n:
             pid_n -= tiles_n
             b_ptr = b2_ptr
+            sb_ptr = sb2_ptr
             out_ptr = out2_ptr
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -538,10 +578,30 @@ def wgrad_kernel(
     k64 = offs_k.to(tl.int64)
     start = tl.load(offsets_ptr + e)
     end = tl.load(offsets_ptr + e + 1)
-    if A_TMA:
+    if A_TMA == _TMA:
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[end, M], strides=[s_ar, 1], block_shape=[BLOCK_K, BLOCK_M])
-    if B_TMA:
+    elif A_TMA == _TMA_T:  # K-major: the rows contiguous
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, end], strides=[s_ac, 1], block_shape=[BLOCK_M, BLOCK_K])
+    if B_TMA == _TMA:
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[end, N], strides=[s_br, 1], block_shape=[BLOCK_K, BLOCK_N])
+    elif B_TMA == _TMA_T:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, end], strides=[s_bc, 1], block_shape=[BLOCK_N, BLOCK_K])
+    if FP8 != 0:  # expert e's first row group; step r0 covers the rows r0 - start ... of its groups
+        g0 = tl.load(group_offsets_ptr + e)
+    if FP8 == _MX:
+        SUB: tl.constexpr = BLOCK_K // _MX_GROUP
+        tl.static_assert(SUB * _MX_GROUP == BLOCK_K, "FP8 MX: BLOCK_K a multiple of 32")
+        offs_g = tl.arange(0, SUB)
+        g_last = g0 + (end - start - 1) // _MX_GROUP  # the expert's last group
+        # the scales of the columns past M / N read the last column's (results there are not stored): the loop's
+        # scale loads take no mask (sm_100: 355 -> 189 instructions per K step)
+        sa_cols = tl.minimum(offs_m, M - 1).to(tl.int64) * s_sac
+        sb_cols = tl.minimum(offs_n, N - 1).to(tl.int64) * s_sbc
+    elif FP8 != 0:  # (masked loads here: unmasked blockwise scale loads cost sm_100 spills)
+        sa_cols = offs_m.to(tl.int64) * s_sac
+        sb_cols = offs_n.to(tl.int64) * s_sbc
+    if FP8 == _BLOCKWISE:
+        tl.static_assert(_BLOCKWISE_GROUP % BLOCK_K == 0, "FP8 BLOCKWISE: BLOCK_K divides 128")
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_K):
         rows = r0 + offs_k
@@ -562,18 +622,38 @@ def wgrad_kernel(
         else:
             b_rows = row_start(r0, s_brb, s_br, LB_B) + k64 * s_br
             b_ok = r_ok
-        if A_TMA:
+        if A_TMA == _TMA:
             a = a_desc.load([r0, pid_m * BLOCK_M]).trans()
+        elif A_TMA == _TMA_T:
+            a = a_desc.load([pid_m * BLOCK_M, r0])
         else:
             a = tl.load(a_ptr + a_rows[None, :] + a_cols[:, None], mask=m_ok[:, None] & a_ok[None, :], other=0.0)
-        if B_TMA:
+        if B_TMA == _TMA:
             b = b_desc.load([r0, pid_n * BLOCK_N])
+        elif B_TMA == _TMA_T:
+            b = b_desc.load([pid_n * BLOCK_N, r0]).trans()
         else:
             b = tl.load(b_ptr + b_rows[:, None] + b_cols[None, :], mask=b_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
+        if FP8 == _BLOCKWISE:  # the step's group: its product promoted with the group's scales (DeepSeek-V3)
+            g = (g0 + (r0 - start) // _BLOCKWISE_GROUP).to(tl.int64)
+            sa = tl.load(sa_ptr + g * s_sag + sa_cols, mask=m_ok, other=0.0)
+            sb = tl.load(sb_ptr + g * s_sbg + sb_cols, mask=n_ok, other=0.0)
+            acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+        elif FP8 == _MX:  # the step's SUB groups; those past the expert's end (zero rows) read its last group's
+            g = tl.minimum(g0 + (r0 - start) // _MX_GROUP + offs_g, g_last).to(tl.int64)
+            sa = tl.load(sa_ptr + g[None, :] * s_sag + sa_cols[:, None])
+            sb = tl.load(sb_ptr + g[None, :] * s_sbg + sb_cols[:, None])
+            acc = tl.dot_scaled(a, sa, "e4m3", b, sb, "e4m3", acc)
+        else:
+            acc = tl.dot(a, b, acc)
+    if FP8 == _ROWWISE:  # one group per expert (none read for an expert without rows): its scales applied once
+        has_rows = tl.full((), 1, tl.int1) & (start < end)  # (the interpreter rejects a mask `m_ok & (start < end)`)
+        sa = tl.load(sa_ptr + g0.to(tl.int64) * s_sag + sa_cols, mask=m_ok & has_rows, other=0.0)
+        sb = tl.load(sb_ptr + g0.to(tl.int64) * s_sbg + sb_cols, mask=n_ok & has_rows, other=0.0)
+        acc = acc * sa[:, None] * sb[None, :]
     o_off = e.to(tl.int64) * s_oe + offs_m.to(tl.int64)[:, None] * s_om + offs_n.to(tl.int64)[None, :] * s_on
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -601,6 +681,7 @@ class GemmConfig:
 
 
 _HALF = (torch.float16, torch.bfloat16)
+_ROW_TMA = (*_HALF, torch.float8_e4m3fn)  # wgrad_kernel's dense row operands through TMA (_row_tma)
 
 
 def _clamp(cfg: GemmConfig, m: int | None = None, n: int | None = None, k: int | None = None) -> GemmConfig:
@@ -676,6 +757,7 @@ def wgrad_config(
     a_block: int | None = None,
     b_block: int | None = None,
     capability: int | None = None,
+    fp8: Fp8Mode = Fp8Mode.NONE,
 ) -> GemmConfig:
     """The ``wgrad_kernel`` config: 128×128 tiles of ``dw[e]`` on 8 warps (a dual launch too: one product per
     program, ``HGMMA.64x128`` where two 128×64 accumulators ran ``64x64`` MMAs at the same operand intensity), 64
@@ -686,9 +768,20 @@ def wgrad_config(
     tile's M, B's its N; the rows step stays inside a block). ``capability``: the device's (``major * 10 + minor``;
     None, off CUDA: sm_90). On sm_90 and sm_100 (asynchronous MMA: wgmma, tcgen05) the aligned 16-bit 128×128 tiles
     run on 4 warps: on 8 every warp issues its share of the row loads and barriers, 0.77 (sm_90) and 1.6 (sm_100)
-    issue clocks per MMA clock (``bench.audit``'s issue ratio), 0.58 and 1.3 on 4 (200-240 registers, 2 CTAs/SM)."""
+    issue clocks per MMA clock (``bench.audit``'s issue ratio), 0.58 and 1.3 on 4 (200-240 registers, 2 CTAs/SM).
+
+    ``fp8`` (E4M3 operands, dense): K steps of 128 rows (the blockwise group; four MX groups; 128 bytes per row as
+    the 16-bit types' 64), 32 unaligned; 3 stages of 128×128 E4M3 tiles (96 KB of shared memory, 2 CTAs/SM) on 4
+    warps where the MMA is asynchronous. 128×64 tiles for ``BLOCKWISE`` (each step's product is promoted into the
+    accumulator: two fp32 tiles live; 128×128 spills on 4 warps) and for ``MX`` on sm_90 (no block-scaled MMA:
+    Triton converts the tiles to bf16 in registers; 128×128 spills). ``bench.audit`` (docs/audit.md, "FP8 weight
+    gradients"). When interpreting, K steps of 64 (two MX groups, half a blockwise group)."""
     if interpreting():
-        cfg = GemmConfig(16, 16, 16, 2, 4, 1)
+        cfg = GemmConfig(16, 16, 16 if fp8 == Fp8Mode.NONE else 64, 2, 4, 1)
+    elif fp8 != Fp8Mode.NONE:
+        hopper = capability is None or capability // 10 == 9
+        block_n = 64 if fp8 == Fp8Mode.BLOCKWISE or (fp8 == Fp8Mode.MX and hopper) or not aligned else 128
+        cfg = GemmConfig(128, block_n, 128 if aligned else 32, 8, 8, 3)
     else:
         block_k = 32 if dtype == torch.float32 or not aligned else 64
         block_n = 128 if aligned else 64
@@ -698,7 +791,8 @@ def wgrad_config(
     if not interpreting() and cfg.block_m * cfg.block_n <= 64 * 64:
         cfg = replace(cfg, num_warps=4)
     async_mma = capability is None or capability // 10 in (9, 10)
-    if not interpreting() and async_mma and aligned and dtype in _HALF and cfg.block_m * cfg.block_n >= 128 * 128:
+    four_warps = cfg.block_m * cfg.block_n >= (128 * 64 if fp8 != Fp8Mode.NONE else 128 * 128)
+    if not interpreting() and async_mma and aligned and (dtype in _HALF or fp8 != Fp8Mode.NONE) and four_warps:
         cfg = replace(cfg, num_warps=4)
     return cfg
 
@@ -771,14 +865,24 @@ def _tma_mode(w: torch.Tensor) -> WeightLoad:
     return mode
 
 
-def _row_tma(r: Rows) -> bool:
-    """Whether ``wgrad_kernel`` reads the row operand ``r`` through TMA (``A_TMA`` / ``B_TMA``): a dense, not
-    gathered, 16-bit operand with unit column stride, a 16-byte aligned base and a 16-byte multiple row stride, on
-    Hopper or newer (``TMA_ROWS``)."""
+def _row_tma(r: Rows, row_align: int = 1) -> WeightLoad:
+    """How ``wgrad_kernel`` reads the row operand ``r`` (``A_TMA`` / ``B_TMA``), on Hopper or newer (``TMA_ROWS``),
+    for a dense, not gathered, 16-bit or E4M3 operand with a 16-byte aligned base: ``TMA`` over ``[rows, cols]``
+    with unit column stride and a 16-byte multiple row stride; ``TMA_T`` over the transposed storage ``[cols, rows]``
+    of an E4M3 operand stored K-major (unit row stride, a 16-byte multiple column stride) whose expert row offsets are
+    multiples of ``row_align`` = 16 or more (each K step starts 16-byte aligned along the storage's rows: sm_90's
+    E4M3 wgmma reads K-major shared tiles only and transposes MN-major ones through registers every step); else
+    ``POINTERS``."""
     t = r.tensor
-    if not TMA_ROWS or r.block is not None or r.gathered or t.dtype not in _HALF or not _tma_device(t.device):
-        return False
-    return t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
+    if not TMA_ROWS or r.block is not None or r.gathered or t.dtype not in _ROW_TMA or not _tma_device(t.device):
+        return WeightLoad.POINTERS
+    if t.data_ptr() % 16:
+        return WeightLoad.POINTERS
+    if t.stride(1) == 1 and t.stride(0) * t.element_size() % 16 == 0:
+        return WeightLoad.TMA
+    if t.dtype == torch.float8_e4m3fn and t.stride(0) == 1 and t.stride(1) % 16 == 0 and row_align % 16 == 0:
+        return WeightLoad.TMA_T
+    return WeightLoad.POINTERS
 
 
 def _descriptor(w: torch.Tensor, mode: WeightLoad, block_k: int, block_n: int) -> TensorDescriptor:
@@ -871,6 +975,51 @@ def gemm(
     return dots
 
 
+def _check_wgrad_scales(a: Rows, b: Rows, b2: Rows | None, E: int, scales: WgradScales | None) -> Fp8Mode:
+    """The FP8 mode of a ``wgrad`` launch once its operands and ``scales`` fit ``wgrad_kernel``: E4M3 operands come
+    with scales and dense rows, on a device with E4M3 MMAs (sm_89 or newer); each scale is ``fp8.quantize_rows``'
+    ``[rows // group + E + 1, C]`` (``[E + 1, C]`` rowwise) in the recipe's dtype. TypeError for types and dtypes,
+    ValueError for values and shapes."""
+    operands = {"a": a, "b": b, "b2": b2}
+    if scales is None:
+        for name, r in operands.items():
+            if r is not None and r.tensor.dtype == torch.float8_e4m3fn:
+                raise TypeError(f"wgrad: the E4M3 operand {name} needs scales (a WgradScales), got scales=None")
+        return Fp8Mode.NONE
+    if not isinstance(scales, WgradScales):
+        raise TypeError(f"wgrad: scales must be a WgradScales or None, got {type(scales).__name__}")
+    modes = (Fp8Mode.BLOCKWISE, Fp8Mode.MX, Fp8Mode.ROWWISE)
+    mode = Fp8Mode(choice("wgrad: scales.mode", scales.mode, modes))
+    cc = capability(a.tensor)
+    if cc is not None and cc < 89:
+        raise ValueError(f"wgrad: FP8 operands need E4M3 MMAs (compute capability 8.9 or newer), got a device of "
+                         f"compute capability {cc // 10}.{cc % 10}")  # fmt: skip
+    if (scales.b2 is None) != (b2 is None):
+        given = {True: "None", False: "a tensor"}
+        raise ValueError(f"wgrad: scales.b2 must be given exactly when b2 is, got b2 {given[b2 is None]} and "
+                         f"scales.b2 {given[scales.b2 is None]}")  # fmt: skip
+    group, scale_dtype = FP8_RECIPES[mode].group, FP8_RECIPES[mode].scale_dtype
+    for name, r in operands.items():
+        if r is None:
+            continue
+        check_dtype(f"wgrad: {name} (FP8)", r.tensor, (torch.float8_e4m3fn,))
+        if r.gathered or r.block is not None:
+            layout = "gathered" if r.gathered else f"blocked (block {r.block})"
+            raise ValueError(f"wgrad: the FP8 operand {name} must be dense rows (the backend materializes it in "
+                             f"expert order), got {layout} rows")  # fmt: skip
+        groups = E if group is None else r.rows // group + E
+        scale = check_tensor(f"wgrad: scales.{name}", getattr(scales, name), "[groups + 1, cols]", (groups + 1, r.cols))
+        check_dtype(f"wgrad: scales.{name} ({mode.name})", scale, (scale_dtype,))
+    if b2 is not None and scales.b2.stride() != scales.b.stride():
+        raise ValueError(f"wgrad: scales.b2 must share scales.b's strides, got {scales.b2.stride()} and "
+                         f"{scales.b.stride()}")  # fmt: skip
+    check_tensor("wgrad: scales.group_offsets", scales.group_offsets, "[E + 1]", (E + 1,))
+    check_dtype("wgrad: scales.group_offsets", scales.group_offsets, INDEX_DTYPES)
+    check_same_device(a=a.tensor, scales_a=scales.a, scales_b=scales.b, scales_b2=scales.b2,
+                      group_offsets=scales.group_offsets)  # fmt: skip
+    return mode
+
+
 def wgrad(
     a: Rows,
     b: Rows,
@@ -880,30 +1029,46 @@ def wgrad(
     row_src: torch.Tensor | None = None,
     b2: Rows | None = None,
     out2: torch.Tensor | None = None,
+    scales: WgradScales | None = None,
+    row_align: int = 1,
 ) -> None:
     """Launch ``wgrad_kernel``: ``out[e] = a[rows of e]ᵀ @ b[rows of e]`` (out ``[E, M, N]``, any strides; ``b2`` /
     ``out2``: a second product over the same A tiles); ``row_src`` for a gathered ``a`` or ``b``. Blocked layouts
-    need block-padded ``offsets``. Operands are validated by the caller. Grid: ``(E · tiles_m · tiles_n,)``."""
+    need block-padded ``offsets``. Operands are validated by the caller, the FP8 ``scales`` here: E4M3 dense ``a``,
+    ``b`` (``b2``) quantized along the rows (``fp8.quantize_rows``, ``WgradScales``), out in its own dtype.
+    ``row_align``: the caller's promise that every expert row offset is a multiple of it (block-padded offsets): 16
+    or more lets K-major E4M3 operands load through TMA (``_row_tma``). Grid: ``(E · tiles_m · tiles_n,)``."""
     E, M, N = out.shape
+    positive_int("wgrad: row_align", row_align)
+    fp8_mode = _check_wgrad_scales(a, b, b2, E, scales)
     gather = a.gathered or b.gathered
     aligned = aligned16((a.tensor, b.tensor, out), (M, N), (*a.strides, *b.strides, *out.stride()))
     cfg = wgrad_config(a.tensor.dtype, gather=gather, aligned=aligned, a_block=a.block, b_block=b.block,
-                       capability=capability(a.tensor))  # fmt: skip
+                       capability=capability(a.tensor), fp8=fp8_mode)  # fmt: skip
     if b2 is not None and (b2.strides != b.strides or b2.log_block != b.log_block or out2.stride() != out.stride()):
         raise ValueError(f"wgrad: b2 and out2 must share b's and out's layouts, got strides {b2.strides} and "
                          f"{b.strides}, {out2.stride()} and {out.stride()}")  # fmt: skip
     grid = E * triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n) * (1 if b2 is None else 2)
     if grid == 0:
         return
-    a_tma = aligned and _row_tma(a)
-    b_tma = aligned and _row_tma(b) and (b2 is None or _row_tma(b2))
+    a_tma = _row_tma(a, row_align) if aligned else WeightLoad.POINTERS
+    b_tma = _row_tma(b, row_align) if aligned else WeightLoad.POINTERS
+    if b2 is not None and _row_tma(b2, row_align) != b_tma:  # B2 loads as B does
+        b_tma = WeightLoad.POINTERS
     if (a_tma or b_tma) and not interpreting():
         scratch_allocator()  # the descriptors built on the device need Triton's launch-time scratch memory
+    if scales is None:  # FP8 NONE: the scale arguments are unused
+        sa = sb = sb2 = out
+        group_offsets, scale_strides = offsets, (0, 0, 0, 0)
+    else:
+        sa, sb, sb2 = scales.a, scales.b, scales.b if scales.b2 is None else scales.b2
+        group_offsets, scale_strides = scales.group_offsets, (*sa.stride(), *sb.stride())
     wgrad_kernel[(grid,)](
         a.tensor, b.tensor, b.tensor if b2 is None else b2.tensor, out, out if out2 is None else out2,
-        offsets, offsets if row_src is None else row_src,
-        M, N, *a.strides, *b.strides, *out.stride(),
+        offsets, offsets if row_src is None else row_src, sa, sb, sb2, group_offsets,
+        M, N, *a.strides, *b.strides, *out.stride(), *scale_strides,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, LB_A=a.log_block,
-        LB_B=b.log_block, A_GATHER=a.gathered, B_GATHER=b.gathered, DUAL=b2 is not None, A_TMA=a_tma, B_TMA=b_tma,
-        UPCAST=upcast_dots(a.tensor.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        LB_B=b.log_block, A_GATHER=a.gathered, B_GATHER=b.gathered, DUAL=b2 is not None, A_TMA=int(a_tma),
+        B_TMA=int(b_tma),
+        UPCAST=upcast_dots(a.tensor.dtype), FP8=int(fp8_mode), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

@@ -16,7 +16,9 @@ come in either orientation (``wT``: ``dy @ wᵀ``) and stay views. Coverage, and
   other activation (bf16, 128-row tiles, the fast config), where the epilogue's registers differ;
 - block sizes 64 and 128 (the GPU sizes; 16 and 32 are for interpreter tests and have no wgmma-sized tile); the
   grouped (unpadded) M tiles 16, 32, 64 and 128 (``backends.triton._grouped_block_m``: 16 and 32 rows for experts
-  with a few rows each, as in decode, on mma.sync: not ``is_matmul``, which asks for wgmma / tcgen05).
+  with a few rows each, as in decode, on mma.sync: not ``is_matmul``, which asks for wgmma / tcgen05);
+- FP8 (issue 17): ``wgrad_kernel``'s E4M3 builds, each recipe for dW2 and the dual dW1 / dW3, on the architectures
+  with E4M3 MMAs (sm_90, sm_100, sm_120), with the waivers measured from their SASS (docs/audit.md).
 """
 
 from __future__ import annotations
@@ -29,7 +31,16 @@ import torch
 from ..activations import NAMES, kernel_code
 from ..fp8 import RECIPES
 from ..fp8 import recipe as recipe_of
-from .expert_gemm import Epilogue, WeightLoad, gemm_config, gemm_kernel, wgrad_config, wgrad_kernel
+from .expert_gemm import (
+    FP8_RECIPES,
+    Epilogue,
+    Fp8Mode,
+    WeightLoad,
+    gemm_config,
+    gemm_kernel,
+    wgrad_config,
+    wgrad_kernel,
+)
 from .layouts import BLOCK_SIZES, DENSE_LOG_BLOCK
 from .permute import gather_kernel, permute_config, scatter_kernel, weights_grad_kernel
 from .quantize import quantize_config, quantize_dual_kernel, quantize_kernel
@@ -37,7 +48,7 @@ from .quantize import quantize_config, quantize_dual_kernel, quantize_kernel
 __all__ = ["CompileSpec", "compile_specs", "kernel_signature", "triton_type"]
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
-                 torch.int16: "i16", torch.int64: "i64", torch.uint8: "u8"}  # fmt: skip
+                 torch.int16: "i16", torch.int64: "i64", torch.uint8: "u8", torch.float8_e4m3fn: "fp8e4nv"}  # fmt: skip
 
 
 def triton_type(dtype: torch.dtype) -> str:
@@ -105,6 +116,11 @@ class CompileSpec:
     operand_bytes: int | None = None  # bytes of the distinct operand tiles one main-loop iteration reads
     min_intensity: float | None = 64.0  # FLOP per operand byte at least; None: exempt (small-M tiles)
     waivers: tuple[tuple[str, str], ...] = ()  # (check or "check@cc", reason): reported, not failed, here
+
+    @property
+    def fp8(self) -> bool:
+        """An E4M3 operand in the signature (``*fp8e4nv``): the audit's ``fp8mma`` check applies to a matmul."""
+        return any(t == "*fp8e4nv" for t in self.signature.values())
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in ("unaligned", "aligned")]
@@ -436,6 +452,7 @@ def _wgrad_specs() -> list[CompileSpec]:
                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                         LB_A=lb if use.a_blocked else DENSE_LOG_BLOCK, LB_B=lb if use.b_blocked else DENSE_LOG_BLOCK,
                         A_GATHER=use.a_gather, B_GATHER=use.b_gather, DUAL=use.dual, UPCAST=False,
+                        FP8=int(Fp8Mode.NONE),
                     )  # fmt: skip
                     size = f"B={B}," if use.blocked else ""
                     tiles = f"M={cfg.block_m},N={cfg.block_n},K={cfg.block_k}"
@@ -466,6 +483,113 @@ def _wgrad_specs() -> list[CompileSpec]:
                                 **audit,
                             )  # fmt: skip
                         )
+    return specs
+
+
+# ----------------------------------------------------------------------------------------------- wgrad, FP8
+
+# wgrad_kernel's FP8 uses (issue 17): both operands E4M3, quantized along the rows and materialized dense in expert
+# order by the backend (``WgradScales``): dW2 = awᵀ @ dout, and dW1, dW3 = xᵀ @ (dh, dg) in one DUAL launch.
+_FP8_WGRAD_USES = (_WgradUse("fp8,w2"), _WgradUse("fp8,w13", dual=True))
+_FP8_WGRAD_ALIGNED = (*_WGRAD_ALIGNED, "s_sag", "s_sbg")
+_FP8_ARCHS = (90, 100, 120)  # E4M3 MMAs (sm_89 and newer): sm_80 has none (its FP8 builds fail to compile)
+_WAIVE_FP8_MN_90 = (
+    "FP8 weight gradient on sm_90: E4M3 wgmma (QGMMA) reads K-major shared tiles only, and a weight gradient's row "
+    "operands [rows, C] are MN-major (the reduction runs over the rows): Triton copies each K step's tiles through "
+    "registers into K-major buffers (LDS, PRMT, STS in the loop: 547 instructions per 128-row step, rowwise) and "
+    "waits the QGMMA to zero before reusing them; the K-major layout (the ',kmajor' specs: rows contiguous, TMA over "
+    "the transposed storage, expert row offsets multiples of 16) passes"
+)
+_WAIVE_FP8_BLOCKWISE = (
+    "FP8 blockwise promotion (DeepSeek-V3): each 128-row step's product is scaled into the fp32 accumulator, which "
+    "needs the MMA's result every step (sm_90: QGMMA waited to zero; 1.07 issue clocks per MMA clock with K-major "
+    "operands) and an FMUL + FFMA per accumulator element per step (sm_100: the product leaves tensor memory; 2 "
+    "CUDA-core ops per element take as long as its 128 E4M3 FMAs at 8192 / clock / SM: issue >= 1 by arithmetic, "
+    "1.8 measured)"
+)
+_WAIVE_FP8_MX_90 = (
+    "MX on sm_90: Hopper has no block-scaled MMA; Triton emulates tl.dot_scaled by converting the E4M3 tiles to bf16 "
+    "and applying the E8M0 scales in registers every step, then HGMMA.64x64x16.F32.BF16 from registers, waited to zero "
+    "(1092 instructions per 128-row step); native on sm_100 (UTCQMMA with tensor-memory scale factors)"
+)
+# (mode, K-major operands) -> waivers; the MN-major row operands' sm_90 waivers go with the layout
+_FP8_WGRAD_WAIVERS = {
+    (Fp8Mode.ROWWISE, False): (("pipeline@90", _WAIVE_FP8_MN_90), ("issue@90", _WAIVE_FP8_MN_90)),
+    (Fp8Mode.ROWWISE, True): (),
+    (Fp8Mode.BLOCKWISE, False): (
+        ("pipeline@90", _WAIVE_FP8_BLOCKWISE),
+        ("issue@90", _WAIVE_FP8_MN_90),
+        ("issue@100", _WAIVE_FP8_BLOCKWISE),
+    ),
+    (Fp8Mode.BLOCKWISE, True): (
+        ("pipeline@90", _WAIVE_FP8_BLOCKWISE),
+        ("issue@90", _WAIVE_FP8_BLOCKWISE),
+        ("issue@100", _WAIVE_FP8_BLOCKWISE),
+    ),
+    **{
+        (Fp8Mode.MX, k_major): (
+            ("fp8mma@90", _WAIVE_FP8_MX_90),
+            ("pipeline@90", _WAIVE_FP8_MX_90),
+            ("issue@90", _WAIVE_FP8_MX_90),
+        )
+        for k_major in (False, True)
+    },
+}
+
+
+def _fp8_wgrad_specs() -> list[CompileSpec]:
+    """``wgrad_kernel`` with ``FP8`` for each recipe and use: dense E4M3 rows (aligned: through TMA, as stored or,
+    K-major, over the transposed storage), scales ``[groups + 1, C]`` with unit column stride, bf16 out."""
+    specs = []
+    e4m3 = torch.float8_e4m3fn
+    for mode, rcp in FP8_RECIPES.items():
+        name = rcp.name
+        scales = dict.fromkeys(("sa_ptr", "sb_ptr", "sb2_ptr"), rcp.scale_dtype)
+        pointers = {**_INDEX, **dict.fromkeys(("out_ptr", "out2_ptr"), torch.bfloat16), **scales,
+                    "group_offsets_ptr": torch.int64}  # fmt: skip
+        for use in _FP8_WGRAD_USES:
+
+            def configs(aligned, capability, mode=mode):
+                return wgrad_config(e4m3, aligned=aligned, capability=capability, fp8=mode)
+
+            for cfg, variants, archs, warps_tag in _variants(configs):
+                build_archs = tuple(cc for cc in _FP8_ARCHS if cc in (archs or _ARCHS))
+                if not build_archs:
+                    continue
+                tiles = cfg.block_k * (cfg.block_m + cfg.block_n)  # E4M3: one byte per element
+                constexprs = dict(
+                    BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                    LB_A=DENSE_LOG_BLOCK, LB_B=DENSE_LOG_BLOCK, A_GATHER=False, B_GATHER=False, DUAL=use.dual,
+                    UPCAST=False, FP8=int(mode),
+                )  # fmt: skip
+                label = f"wgrad[{use.tag},{name},M={cfg.block_m},N={cfg.block_n},K={cfg.block_k}{warps_tag}"
+                fast = variants == ("aligned",)  # the fast config: TMA rows (on every FP8 architecture)
+                # the rows as stored ([R, C], unit column stride), and (fast config) K-major ([C, R] storage, unit
+                # row stride, 16-aligned expert offsets: TMA_T)
+                for k_major in (False, True) if fast else (False,):
+                    loads = WeightLoad.TMA_T if k_major else WeightLoad.TMA if fast else WeightLoad.POINTERS
+                    unit = ("s_ar", "s_br") if k_major else ("s_ac", "s_bc")
+                    audit = _audit_fields(e4m3, cfg, variants, f"FP8 {name}, grouped, every T", tiles)
+                    # the E4M3 MMA's waiver holds for every variant, the others for the per-FLOP (aligned) builds
+                    audit["waivers"] += tuple(
+                        w for w in _FP8_WGRAD_WAIVERS[mode, k_major] if fast or w[0].startswith("fp8mma")
+                    )
+                    tag = {WeightLoad.TMA_T: ",kmajor,tma", WeightLoad.TMA: ",tma", WeightLoad.POINTERS: ""}[loads]
+                    specs.append(
+                        _spec(
+                            f"{label}{tag}]",
+                            wgrad_kernel,
+                            e4m3,
+                            cfg,
+                            {**constexprs, "A_TMA": int(loads), "B_TMA": int(loads)},
+                            (*unit, "s_om" if use.out_t else "s_on", "s_sac", "s_sbc"),
+                            _FP8_WGRAD_ALIGNED,
+                            variants,
+                            pointers,
+                            build_archs,
+                            **audit,
+                        )  # fmt: skip
+                    )
     return specs
 
 
@@ -582,4 +706,4 @@ def _quantize_dual_specs(recipe: str) -> list[CompileSpec]:
 def compile_specs() -> list[CompileSpec]:
     """The GEMM, weight-gradient, permute and FP8 quantize configurations the GPU path can pick (module
     docstring)."""
-    return _gemm_specs() + _wgrad_specs() + _permute_specs() + _quantize_specs()
+    return _gemm_specs() + _wgrad_specs() + _fp8_wgrad_specs() + _permute_specs() + _quantize_specs()
