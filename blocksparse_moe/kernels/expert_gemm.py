@@ -80,6 +80,10 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..activations import activate, activate_and_grad, kernel_code
+from ..config import FLOAT_DTYPES
+from ..fp8 import E4M3, Recipe
+from ..fp8 import recipe as fp8_recipe
+from ..validation import check_dtype, check_same_device, check_tensor
 from ._common import aligned16, capability, interpreting, scratch_allocator, upcast_dots
 from .layouts import BLOCK_SIZES, Rows, Schedule, row_offsets, row_start, tile_start
 
@@ -128,6 +132,12 @@ class Fp8Mode(enum.IntEnum):
     MX = 2  # E8M0 (uint8) scales: A per row and 32 of K, W per column and 32 of K; ``tl.dot_scaled``
     ROWWISE = 3  # fp32 scales: A per row, W per column; applied to the accumulator before the epilogue
 
+    def recipe(self) -> Recipe:
+        """The ``fp8`` recipe whose scales the mode reads (``NONE``: none, a ``ValueError``)."""
+        if self == Fp8Mode.NONE:
+            raise ValueError("Fp8Mode.NONE has no FP8 recipe")
+        return fp8_recipe({Fp8Mode.BLOCKWISE: "blockwise", Fp8Mode.MX: "mxfp8", Fp8Mode.ROWWISE: "rowwise"}[self])
+
 
 @dataclass(frozen=True)
 class GemmScales:
@@ -162,6 +172,12 @@ _FORWARD = tl.constexpr(Epilogue.FORWARD)
 _BACKWARD = tl.constexpr(Epilogue.BACKWARD)
 _TMA = tl.constexpr(WeightLoad.TMA)
 _TMA_T = tl.constexpr(WeightLoad.TMA_T)
+_NO_FP8 = tl.constexpr(Fp8Mode.NONE)
+_BLOCKWISE = tl.constexpr(Fp8Mode.BLOCKWISE)
+_MX = tl.constexpr(Fp8Mode.MX)
+_ROWWISE = tl.constexpr(Fp8Mode.ROWWISE)
+_BLOCKWISE_K = tl.constexpr(fp8_recipe("blockwise").group)  # K elements per scale (128)
+_MX_K = tl.constexpr(fp8_recipe("mxfp8").group)  # K elements per E8M0 scale (32)
 
 
 @triton.jit
@@ -191,6 +207,47 @@ def _load_w(w_ptr, w_desc, w_off, w_mask, e, k0, n0, BLOCK_K: tl.constexpr, BLOC
 
 
 @triton.jit
+def _fp8_dot(acc, a, w, sa_ptr, sa_rows, s_sak, sw_ptr, sw_cols, s_swk, row_ok, n_ok, t, k_groups,
+             BLOCK_K: tl.constexpr, FP8: tl.constexpr):  # fmt: skip
+    """One K step ``acc += A_t @ W_t`` of E4M3 tiles with their scales (``FP8``, an ``Fp8Mode``) at step ``t``:
+
+    - ``BLOCKWISE``: the step lies in K group ``t·BLOCK_K // 128`` (``BLOCK_K | 128``); its MMA into a fresh
+      accumulator, promoted as ``acc += p · sa[:, None] · sw[None, :]`` (``sa``: the rows' scales of the group,
+      ``sw``: the group's 128-column block scales, ``sw_cols`` their offsets; masked: 0);
+    - ``MX``: ``tl.dot_scaled`` with the E8M0 scale tiles ``[BLOCK_M, BLOCK_K // 32]`` of A and ``[BLOCK_N,
+      BLOCK_K // 32]`` of W (``sw_cols``: W's column offsets of the scales); masked scales read 127 (2^0: finite, as
+      the masked operands are 0; ``k_groups``: the K groups of 32);
+    - ``ROWWISE`` (and ``NONE``): a plain ``tl.dot`` (the scales are applied once after the loop,
+      ``_rowwise_scale``)."""
+    if FP8 == _BLOCKWISE:
+        group = t // (_BLOCKWISE_K // BLOCK_K)  # BLOCK_K | 128: t itself at the GPU's BLOCK_K = 128
+        sa = tl.load(sa_ptr + sa_rows + tl.cast(group, tl.int64) * s_sak, mask=row_ok, other=0.0)
+        sw = tl.load(sw_ptr + tl.cast(group, tl.int64) * s_swk + sw_cols, mask=n_ok, other=0.0)
+        acc += tl.dot(a, w) * sa[:, None] * sw[None, :]
+    elif FP8 == _MX:
+        SG: tl.constexpr = BLOCK_K // _MX_K  # scale groups per step
+        g = t * SG + tl.arange(0, SG)
+        g_ok = g < k_groups
+        g64 = g.to(tl.int64)
+        sa = tl.load(sa_ptr + sa_rows[:, None] + (g64 * s_sak)[None, :], mask=row_ok[:, None] & g_ok[None, :],
+                     other=127)  # fmt: skip
+        sw = tl.load(sw_ptr + sw_cols[:, None] + (g64 * s_swk)[None, :], mask=n_ok[:, None] & g_ok[None, :],
+                     other=127)  # fmt: skip
+        acc = tl.dot_scaled(a, sa, "e4m3", w, sw, "e4m3", acc)
+    else:
+        acc = tl.dot(a, w, acc)
+    return acc
+
+
+@triton.jit
+def _rowwise_scale(acc, sa_ptr, sa_rows, sw_ptr, sw_cols, row_ok, n_ok):
+    """``FP8`` ``ROWWISE``: ``acc · sa[:, None] · sw[None, :]`` (the rows' and the columns' scales; masked: 0)."""
+    sa = tl.load(sa_ptr + sa_rows, mask=row_ok, other=0.0)
+    sw = tl.load(sw_ptr + sw_cols, mask=n_ok, other=0.0)
+    return acc * sa[:, None] * sw[None, :]
+
+
+@triton.jit
 def _mainloop(
     acc,
     acc2,
@@ -213,6 +270,15 @@ def _mainloop(
     row_ok,
     k_steps,
     K,
+    sa_ptr,
+    sa_rows,
+    s_sak,
+    sw_ptr,
+    sw_cols,
+    s_swk,
+    sw2_ptr,
+    sw2_cols,
+    s_sw2k,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     LB_A: tl.constexpr,
@@ -220,16 +286,21 @@ def _mainloop(
     W_TMA: tl.constexpr,
     WARP_SPEC: tl.constexpr,
     UPCAST: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     """``acc += A[rows, :K] @ W[:K, cols]`` (and ``acc2 += A @ W2`` when ``DUAL``), ``BLOCK_K`` at a time over
     ``k_steps`` steps. ``a_rows``: the tile's row offsets into A; ``w_ptr`` / ``w2_ptr``: the expert's weights, each
     read with its own strides (``s_wk, s_wn`` / ``s_w2k, s_w2n``), or their descriptors ``w_desc`` / ``w2_desc``
     with ``W_TMA``, at expert ``e``, columns from ``n0``. ``WARP_SPEC``: the loop's TMA weight loads in a producer
-    partition of warps, the MMA and the row copies in the consumer (``tl.range(..., warp_specialize=True)``)."""
+    partition of warps, the MMA and the row copies in the consumer (``tl.range(..., warp_specialize=True)``).
+    ``FP8`` (``Fp8Mode``, E4M3 operands): the scales of A (``sa_ptr + sa_rows``, K groups ``s_sak`` apart) and of W /
+    W2 (the expert's, ``sw_cols`` / ``sw2_cols`` the tile's column offsets, K groups ``s_swk`` / ``s_sw2k`` apart)
+    are applied in each step (``_fp8_dot``); unused otherwise."""
     offs_k = tl.arange(0, BLOCK_K)
     a_tile = a_ptr + a_rows[:, None] + (offs_k.to(tl.int64) * s_ac)[None, :]
     w_tile = offs_k.to(tl.int64)[:, None] * s_wk + offs_n.to(tl.int64)[None, :] * s_wn
     w2_tile = offs_k.to(tl.int64)[:, None] * s_w2k + offs_n.to(tl.int64)[None, :] * s_w2n
+    k_groups = tl.cdiv(K, _MX_K)  # FP8 MX: the K groups of the scales (masks)
     for t in tl.range(0, k_steps, warp_specialize=WARP_SPEC):
         k_ok = (t * BLOCK_K + offs_k) < K
         a = tl.load(a_tile + tile_start(t, s_acb, s_ac, BLOCK_K, LB_A), mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -239,13 +310,24 @@ def _mainloop(
         if UPCAST:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(a, w, acc)
+        if FP8 == _NO_FP8:
+            acc = tl.dot(a, w, acc)
+        else:
+            acc = _fp8_dot(
+                acc, a, w, sa_ptr, sa_rows, s_sak, sw_ptr, sw_cols, s_swk, row_ok, n_ok, t, k_groups, BLOCK_K, FP8
+            )
         if DUAL:
             w2_off = tl.cast(t, tl.int64) * (BLOCK_K * s_w2k) + w2_tile
             w2 = _load_w(w2_ptr, w2_desc, w2_off, w_mask, e, t * BLOCK_K, n0, BLOCK_K, BLOCK_N, W_TMA)
             if UPCAST:
                 w2 = w2.to(tl.float32)
-            acc2 = tl.dot(a, w2, acc2)
+            if FP8 == _NO_FP8:
+                acc2 = tl.dot(a, w2, acc2)
+            else:
+                acc2 = _fp8_dot(
+                    acc2, a, w2, sa_ptr, sa_rows, s_sak, sw2_ptr, sw2_cols, s_sw2k, row_ok, n_ok, t, k_groups, BLOCK_K,
+                    FP8,
+                )  # fmt: skip
     return acc, acc2
 
 
@@ -337,14 +419,17 @@ def _backward_epilogue(
 @triton.jit
 def _gemm_tile(
     tile, a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr, row_src_ptr,
-    row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr, R, N, N_STORE, K, E,
-    num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc,
+    row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr, sa_ptr, sa2_ptr, sw_ptr,
+    sw2_ptr, R, N, N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb,
+    s_or, s_ocb, s_oc, s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e, s_sw2k, s_sw2n,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI_N: tl.constexpr, GROUP_M: tl.constexpr,
     LB_A: tl.constexpr, LB_O: tl.constexpr, GATHER: tl.constexpr, GLU: tl.constexpr, PAIR: tl.constexpr,
     EPILOGUE: tl.constexpr, ACT: tl.constexpr, W_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, UPCAST: tl.constexpr,
+    FP8: tl.constexpr,
 ):  # fmt: skip
     """Output tile ``tile`` (in the grouped order) of ``gemm_kernel``: ``BLOCK_M × BLOCK_N`` of expert e's rows times
-    ``W[e]``, the expert read from ``tile_expert``."""
+    ``W[e]``, the expert read from ``tile_expert``. ``FP8``: the scales' offsets of the tile (A's rows: the tokens
+    when gathered; W's columns: their 128-column blocks for ``BLOCKWISE``), outside the K loop."""
     DUAL: tl.constexpr = GLU and EPILOGUE == _FORWARD  # the gate's accumulator (the backward reads the saved g)
     num_n = tl.cdiv(N_STORE, BLOCK_N)
     pid_m, pid_n = _grouped_order(tile, num_m_tiles, num_n, GROUP_M)
@@ -362,23 +447,47 @@ def _gemm_tile(
         src = tl.load(row_src_ptr + rows, mask=row_ok, other=-1)
         a_ok = row_ok & (src >= 0)
         a_rows = tl.maximum(src, 0).to(tl.int64) * s_ar
+        sa_rows = tl.maximum(src, 0).to(tl.int64) * s_sar  # FP8: the token's scales
     else:
         a_ok = row_ok
         a_rows = row_offsets(rows, s_arb, s_ar, LB_A)
+        sa_rows = rows.to(tl.int64) * s_sar  # FP8: A dense (never blocked)
     w_base = e.to(tl.int64) * s_we
     w2_base = e.to(tl.int64) * s_w2e
+    if FP8 == _BLOCKWISE:  # the W scale of a column: its block of 128 columns
+        n_groups = offs_n // _BLOCKWISE_K
+    else:
+        n_groups = offs_n
+    sw_cols = n_groups.to(tl.int64) * s_swn
+    sw2_cols = n_groups.to(tl.int64) * s_sw2n
+    sw_e = sw_ptr + e.to(tl.int64) * s_swe
+    sw2_e = sw2_ptr + e.to(tl.int64) * s_sw2e
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GLU only; unused (and removed) otherwise
     n0 = pid_n * BLOCK_N
     acc, acc2 = _mainloop(
         acc, acc2, a_ptr, a_rows, s_acb, s_ac, w_ptr + w_base, w2_ptr + w2_base, w_desc, w2_desc, e, n0, s_wk, s_wn,
-        s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, BLOCK_K, BLOCK_N, LB_A, DUAL, W_TMA, WARP_SPEC, UPCAST,
+        s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, sa_ptr, sa_rows, s_sak, sw_e, sw_cols, s_swk, sw2_e, sw2_cols,
+        s_sw2k, BLOCK_K, BLOCK_N, LB_A, DUAL, W_TMA, WARP_SPEC, UPCAST, FP8,
     )  # fmt: skip
+    if FP8 == _ROWWISE:  # the zeroing tiles (e = E) read no scale (tl.where: the interpreter rejects `mask & used`)
+        scaled_rows, scaled_cols = tl.where(used, a_ok, False), tl.where(used, n_ok, False)
+        acc = _rowwise_scale(acc, sa_ptr, sa_rows, sw_e, sw_cols, scaled_rows, scaled_cols)
+        if DUAL:
+            acc2 = _rowwise_scale(acc2, sa_ptr, sa_rows, sw2_e, sw2_cols, scaled_rows, scaled_cols)
     if PAIR:
-        acc, acc2 = _mainloop(
-            acc, acc2, a2_ptr, a_rows, s_acb, s_ac, w2_ptr + w2_base, w2_ptr, w2_desc, w2_desc, e, n0, s_w2k, s_w2n,
-            s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, BLOCK_K, BLOCK_N, LB_A, False, W_TMA, WARP_SPEC, UPCAST,
+        acc_b = acc
+        if FP8 == _ROWWISE:  # the second product's scales differ: its own accumulator
+            acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_b, acc2 = _mainloop(
+            acc_b, acc2, a2_ptr, a_rows, s_acb, s_ac, w2_ptr + w2_base, w2_ptr, w2_desc, w2_desc, e, n0, s_w2k, s_w2n,
+            s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, sa2_ptr, sa_rows, s_sak, sw2_e, sw2_cols, s_sw2k, sw2_e,
+            sw2_cols, s_sw2k, BLOCK_K, BLOCK_N, LB_A, False, W_TMA, WARP_SPEC, UPCAST, FP8,
         )  # fmt: skip
+        if FP8 == _ROWWISE:
+            acc += _rowwise_scale(acc_b, sa2_ptr, sa_rows, sw2_e, sw2_cols, scaled_rows, scaled_cols)
+        else:
+            acc = acc_b
 
     o_rows = row_offsets(rows, s_orb, s_or, LB_O)
     o_col0 = tile_start(pid_n, s_ocb, s_oc, BLOCK_N, LB_O)
@@ -416,6 +525,10 @@ def gemm_kernel(
     offsets_ptr,  # [E+1] int32 expert row offsets
     tile_offsets_ptr,  # [E+1] int32 prefix sum of the experts' M tiles
     tile_expert_ptr,  # [num_m_tiles] int32 expert of each M tile, E for a tile zeroing rows past offsets[E]
+    sa_ptr,  # FP8: A's scales [rows of A (tokens when GATHER), K groups] (GemmScales.a; unused otherwise)
+    sa2_ptr,  # FP8 and PAIR: the second A's scales, with sa's strides
+    sw_ptr,  # FP8: W's scales [E, K groups, N groups]
+    sw2_ptr,  # FP8 and GLU / PAIR: W2's scales [E, K groups, N groups]
     R,
     N,
     N_STORE,  # columns written: N, or for a blocked out the whole last column block (zeros past N)
@@ -436,6 +549,14 @@ def gemm_kernel(
     s_or,
     s_ocb,
     s_oc,
+    s_sar,  # FP8: strides of sa (and sa2): row, K group
+    s_sak,
+    s_swe,  # FP8: strides of sw: expert, K group, N group
+    s_swk,
+    s_swn,
+    s_sw2e,  # FP8: strides of sw2
+    s_sw2k,
+    s_sw2n,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -452,6 +573,7 @@ def gemm_kernel(
     WARP_SPEC: tl.constexpr,  # sm_100 with TMA weights: the K loop warp-specialized (producer / consumer warps)
     UPCAST: tl.constexpr,
     PERSISTENT: tl.constexpr,  # loop over the tiles (a grid of fewer programs); else one tile per program
+    FP8: tl.constexpr,  # Fp8Mode: NONE, or E4M3 A and W with the scales of BLOCKWISE, MX, ROWWISE
 ):
     """``BLOCK_M × BLOCK_N`` tiles of expert e's rows times ``W[e]`` (``_gemm_tile``), in the grouped order.
     ``PERSISTENT``: program p runs the tiles p, p + P, p + 2P, ... (P programs); else the tile ``program_id``. See
@@ -460,18 +582,20 @@ def gemm_kernel(
         for tile in tl.range(tl.program_id(0), num_m_tiles * tl.cdiv(N_STORE, BLOCK_N), tl.num_programs(0)):
             _gemm_tile(
                 tile, a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr,
-                row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr, R, N,
-                N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb,
-                s_or, s_ocb, s_oc, BLOCK_M, BLOCK_N, BLOCK_K, EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE,
-                ACT, W_TMA, WARP_SPEC, UPCAST,
+                row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr,
+                sa_ptr, sa2_ptr, sw_ptr, sw2_ptr, R, N, N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we,
+                s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc, s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e,
+                s_sw2k, s_sw2n, BLOCK_M, BLOCK_N, BLOCK_K, EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE,
+                ACT, W_TMA, WARP_SPEC, UPCAST, FP8,
             )  # fmt: skip
     else:
         _gemm_tile(
             tl.program_id(0), a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr,
-            row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr, R, N,
-            N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or,
-            s_ocb, s_oc, BLOCK_M, BLOCK_N, BLOCK_K, EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE, ACT, W_TMA,
-            WARP_SPEC, UPCAST,
+            row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr, sa_ptr,
+            sa2_ptr, sw_ptr, sw2_ptr, R, N, N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn,
+            s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc, s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e, s_sw2k, s_sw2n,
+            BLOCK_M, BLOCK_N, BLOCK_K, EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE, ACT, W_TMA, WARP_SPEC,
+            UPCAST, FP8,
         )  # fmt: skip
 
 
@@ -624,6 +748,7 @@ def gemm_config(
     out_block: int | None = None,
     a_block: int | None = None,
     capability: int | None = None,
+    fp8: Fp8Mode = Fp8Mode.NONE,
 ) -> GemmConfig:
     """The ``gemm_kernel`` config for M tiles of ``block_m`` rows (the caller's tile schedule) on a device of compute
     ``capability`` (``major * 10 + minor``; None, off CUDA: the sm_90 config).
@@ -649,6 +774,10 @@ def gemm_config(
     backward = epilogue == Epilogue.BACKWARD
     if interpreting():
         cfg = GemmConfig(block_m, 64, 16, 2, 4, 1, 8) if backward else GemmConfig(block_m, 16, 16, 2, 4, 1)
+        if fp8 != Fp8Mode.NONE:  # MX: a K step of whole groups of 32
+            cfg = replace(cfg, block_k=32)
+    elif fp8 != Fp8Mode.NONE:
+        cfg = _fp8_config(block_m, fp8, backward=backward, glu=glu, pair=pair, aligned=aligned, capability=capability)
     else:
         block_k = 32 if dtype == torch.float32 or not aligned else 64
         block_n = 64 if glu and not backward else 128
@@ -661,6 +790,21 @@ def gemm_config(
             block_n, warps = min(block_n, (32 if aligned else 16) if pair else 64), 8
         cfg = GemmConfig(block_m, block_n, block_k, 8, warps, 3, (16 if tcgen05_4 else 8) if backward else None)
     return _clamp(cfg, n=out_block, k=a_block)
+
+
+def _fp8_config(
+    block_m: int, fp8: Fp8Mode, *, backward: bool, glu: bool, pair: bool, aligned: bool, capability: int | None
+) -> GemmConfig:
+    """``gemm_config`` for E4M3 operands on a GPU: a K step of 128 (one blockwise group, four MX groups; 64 for
+    unaligned operands, staged in registers), 1-byte tiles of 128×128 (16 KB each: a 3-stage pipeline in 96 KB, two
+    CTAs per SM), the GLU forward's two accumulators and the blockwise promotion's extra one on narrower tiles."""
+    tcgen05_4 = block_m >= 128 and _blackwell(capability) and aligned
+    warps = 8 if block_m >= 128 and not tcgen05_4 else 4
+    block_n = 64 if (glu and not backward) or (fp8 == Fp8Mode.BLOCKWISE and (glu or pair)) else 128
+    if not aligned:
+        block_n = min(block_n, 64)
+    epi = (16 if tcgen05_4 else 8) if backward else None
+    return GemmConfig(block_m, block_n, 128 if aligned else 64, 8, warps, 3, epi)
 
 
 def _blackwell(capability: int | None) -> bool:
@@ -754,10 +898,10 @@ def _warp_specialize(device: torch.device) -> bool:
 
 def _tma_mode(w: torch.Tensor) -> WeightLoad:
     """How ``gemm_kernel`` can read weights ``w [E, K, N]``: ``TMA`` (N contiguous) or ``TMA_T`` (K contiguous, a
-    transposed view) for 16-bit weights (tf32 wgmma reads only K-major tiles: an fp32 tile from TMA is waited to
-    zero) on Hopper or newer (or the interpreter) with a 16-byte aligned base and 16-byte multiples for the other
-    strides (TMA's rules); else ``POINTERS``."""
-    if not TMA_WEIGHTS or w.dtype not in _HALF or not _tma_device(w.device):
+    transposed view) for 16-bit and E4M3 weights (tf32 wgmma reads only K-major tiles: an fp32 tile from TMA is
+    waited to zero) on Hopper or newer (or the interpreter) with a 16-byte aligned base and 16-byte multiples for the
+    other strides (TMA's rules); else ``POINTERS``."""
+    if not TMA_WEIGHTS or w.dtype not in (*_HALF, E4M3) or not _tma_device(w.device):
         return WeightLoad.POINTERS
     size = w.element_size()
     if w.stride(2) == 1:
@@ -788,6 +932,69 @@ def _descriptor(w: torch.Tensor, mode: WeightLoad, block_k: int, block_n: int) -
     return TensorDescriptor.from_tensor(w.transpose(1, 2), [1, block_n, block_k])
 
 
+def _fp8_mode(
+    a: Rows,
+    w: torch.Tensor,
+    out: Rows,
+    gate: torch.Tensor | None,
+    pair: tuple[Rows, torch.Tensor] | None,
+    scales: GemmScales | None,
+) -> Fp8Mode:
+    """``gemm``'s FP8 mode, once what the kernel relies on is checked: E4M3 operands exactly when ``scales`` is
+    given (``TypeError`` otherwise), a dense or gathered A (``ValueError`` for a blocked one), a float output, and
+    each scale in its mode's dtype (``TypeError``) and ``fp8.quantize``'s shape (``ValueError``): ``a [rows of
+    a.tensor, cdiv(K, group)]`` (one column for ``ROWWISE``), ``w [E, cdiv(K, group), cdiv(N, across)]``
+    (``Recipe.weight_block(0)``), ``w2`` for the gate or the pair's weight, ``a2`` for the pair's A (with ``a``'s
+    strides), neither otherwise; all on A's device."""
+    operands = {"a": a.tensor, "w": w}
+    if gate is not None:
+        operands["gate"] = gate
+    if pair is not None:
+        operands["pair's a2"], operands["pair's w2"] = pair[0].tensor, pair[1]
+    if scales is None:
+        fp8 = [name for name, t in operands.items() if t.dtype == E4M3]
+        if fp8:
+            raise TypeError(f"gemm: E4M3 operands ({', '.join(fp8)}) need their scales, got scales=None")
+        return Fp8Mode.NONE
+    if not isinstance(scales, GemmScales):
+        raise TypeError(f"gemm: scales must be a GemmScales or None, got {type(scales).__name__}")
+    mode = scales.mode
+    if not isinstance(mode, Fp8Mode) or mode == Fp8Mode.NONE:
+        raise ValueError(f"gemm: scales.mode must be Fp8Mode.BLOCKWISE, MX or ROWWISE, got {mode!r}")
+    for name, t in operands.items():
+        check_dtype(f"gemm: {name} (FP8)", t, (E4M3,))
+    check_dtype("gemm: out (FP8)", out.tensor, FLOAT_DTYPES)
+    if a.block is not None:
+        raise ValueError(f"gemm: an FP8 a must be dense or gathered, got a blocked layout (block {a.block})")
+    rcp = mode.recipe()
+    E, K, N = w.shape
+    k_groups = -(-K // (rcp.group or max(K, 1)))
+    w_shape = (E, k_groups, -(-N // rcp.weight_across))
+    second = gate is not None or pair is not None
+    expected = {
+        "a": (scales.a, "[rows, K groups]", (a.tensor.shape[0], k_groups)),
+        "w": (scales.w, "[E, K groups, N groups]", w_shape),
+        "w2": (scales.w2, "[E, K groups, N groups]", w_shape if second else None),
+        "a2": (scales.a2, "[rows, K groups]", (a.tensor.shape[0], k_groups) if pair is not None else None),
+    }
+    for name, (t, dims, shape) in expected.items():
+        if shape is None:
+            if t is not None:
+                needs = "a pair" if name == "a2" else "a gate or a pair"
+                raise ValueError(f"gemm: scales.{name} must be None without {needs}, got a tensor of shape "
+                                 f"{tuple(t.shape)}")  # fmt: skip
+            continue
+        if t is None:
+            raise ValueError(f"gemm: scales.{name} is needed ({rcp.name} scales {dims} = {shape}), got None")
+        check_tensor(f"gemm: scales.{name} ({rcp.name})", t, dims, shape)
+        check_dtype(f"gemm: scales.{name} ({rcp.name})", t, (rcp.scale_dtype,))
+    check_same_device(a=a.tensor, **{f"scales.{name}": t for name, (t, _, _) in expected.items()})
+    if pair is not None and scales.a2.stride() != scales.a.stride():
+        raise ValueError(f"gemm: scales.a2 must share scales.a's strides, got {scales.a2.stride()} and "
+                         f"{scales.a.stride()}")  # fmt: skip
+    return mode
+
+
 def gemm(
     a: Rows,
     w: torch.Tensor,
@@ -801,9 +1008,10 @@ def gemm(
     act_out: torch.Tensor | None = None,
     activation: str = "identity",
     backward: BackwardEpilogue | None = None,
+    scales: GemmScales | None = None,
 ) -> torch.Tensor | None:
     """Launch ``gemm_kernel``: ``out[rows of e] = a[rows of e] @ w[e]`` (w ``[E, K, N]``, any strides) over
-    ``schedule``; rows past ``offsets[E]`` are zeroed. Operands are validated by the caller.
+    ``schedule``; rows past ``offsets[E]`` are zeroed. Operands are validated by the caller, except FP8's (below).
 
     - ``row_src`` with a gathered ``a``: the token of each row (-1: a zero row);
     - ``pair = (a2, w2)``: ``out = a @ w + a2 @ w2`` (``a2`` in ``a``'s layout; ``w2`` any strides);
@@ -811,7 +1019,9 @@ def gemm(
       ``act_out = act(h) [· g]``;
     - ``backward``: the backward epilogue; ``out = dh``, ``gate_out = dg`` (GLU), ``act_out = aw``; returns the
       fp32 ``dots [N tiles, R]`` (Σ over each tile's columns of ``G·a``; their sum over N tiles is the top-k weight
-      gradient of each row).
+      gradient of each row);
+    - ``scales``: E4M3 ``a`` (dense or gathered), ``w`` (``gate``, the pair's) with the scales of ``scales.mode``
+      (``GemmScales``, checked here: ``_fp8_mode``); the output in ``out``'s dtype (bf16 / fp16 / fp32).
 
     Outputs in ``out``'s layout share its strides. Grid: ``(persistent_programs(device, tiles),)`` (persistent: sm_100
     with TMA weights, or interpreting) or ``(tiles,)``, ``tiles = max_m_tiles · cdiv(padded cols, block_n)``.
@@ -825,10 +1035,11 @@ def gemm(
     glu = gate is not None or (backward is not None and backward.g is not None)
     dtype = a.tensor.dtype
     a2, w2 = pair if pair is not None else (a, gate if gate is not None else w)
+    fp8 = _fp8_mode(a, w, out, gate, pair, scales)
     aligned = aligned16((a.tensor, w, w2, out.tensor), (K, N), (*a.strides, *w.stride(), *w2.stride(), *out.strides))
     cfg = gemm_config(
         dtype, schedule.block_m, epilogue=epilogue, glu=glu, pair=pair is not None, aligned=aligned,
-        out_block=out.block, a_block=a.block, capability=capability(a.tensor),
+        out_block=out.block, a_block=a.block, capability=capability(a.tensor), fp8=fp8,
     )  # fmt: skip
     n_store = out.padded_cols
     num_n = triton.cdiv(n_store, cfg.block_n)
@@ -855,17 +1066,20 @@ def gemm(
     two_acc = epilogue == Epilogue.BACKWARD or (glu and epilogue == Epilogue.FORWARD)
     warp_spec = tma != WeightLoad.POINTERS and not two_acc and _warp_specialize(w.device)
     persistent = interpreting() or warp_spec  # elsewhere the tile loop costs registers: sm_90 1 CTA/SM, spills
+    sa, sw = (scales.a, scales.w) if scales is not None else (off[None], off[None, None])  # unused without FP8
+    sa2 = scales.a2 if scales is not None and scales.a2 is not None else sa
+    sw2 = scales.w2 if scales is not None and scales.w2 is not None else sw
     gemm_kernel[(persistent_programs(out.tensor.device, tiles) if persistent else tiles,)](
         a.tensor, w, a2.tensor, w2, w_desc, w2_desc, out.tensor, out.tensor if gate_out is None else gate_out,
         out.tensor if act_out is None else act_out, bwd.h, bwd.h if bwd.g is None else bwd.g,
         off if row_src is None else row_src, bwd.row_asg, bwd.weights, out.tensor if dots is None else dots, off,
-        schedule.tile_offsets, schedule.tile_expert,
+        schedule.tile_offsets, schedule.tile_expert, sa, sa2, sw, sw2,
         out.rows, N, n_store, K, E, schedule.max_m_tiles,
-        *a.strides, *w.stride(), *w2.stride(), *out.strides,
+        *a.strides, *w.stride(), *w2.stride(), *out.strides, *sa.stride(), *sw.stride(), *sw2.stride(),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EPI_N=cfg.epi_n, GROUP_M=cfg.group_m,
         LB_A=a.log_block, LB_O=out.log_block, GATHER=a.gathered, GLU=glu, PAIR=pair is not None, EPILOGUE=int(epilogue),
         ACT=kernel_code(activation), W_TMA=int(tma), WARP_SPEC=warp_spec,
-        UPCAST=upcast_dots(dtype), PERSISTENT=persistent, num_warps=cfg.num_warps,
+        UPCAST=upcast_dots(dtype), PERSISTENT=persistent, FP8=int(fp8), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
     return dots

@@ -29,7 +29,7 @@ import torch
 from ..activations import NAMES, kernel_code
 from ..fp8 import RECIPES
 from ..fp8 import recipe as recipe_of
-from .expert_gemm import Epilogue, WeightLoad, gemm_config, gemm_kernel, wgrad_config, wgrad_kernel
+from .expert_gemm import Epilogue, Fp8Mode, WeightLoad, gemm_config, gemm_kernel, wgrad_config, wgrad_kernel
 from .layouts import BLOCK_SIZES, DENSE_LOG_BLOCK
 from .permute import gather_kernel, permute_config, scatter_kernel, weights_grad_kernel
 from .quantize import quantize_config, quantize_dual_kernel, quantize_kernel
@@ -344,6 +344,7 @@ def _gemm_specs() -> list[CompileSpec]:
                             GROUP_M=cfg.group_m, LB_A=lb_block if use.a_blocked else DENSE_LOG_BLOCK,
                             LB_O=lb_block if use.out_blocked else DENSE_LOG_BLOCK, GATHER=use.gather, GLU=use.glu,
                             PAIR=use.pair, EPILOGUE=int(use.epilogue), ACT=kernel_code(act), UPCAST=False,
+                            FP8=int(Fp8Mode.NONE),
                         )  # fmt: skip
                         act_tag = f",{act}" if use.epilogue else ""
                         size = f"B={B}" if use.blocked else f"M={cfg.block_m}"
