@@ -62,10 +62,22 @@ expert-major (the programs of one expert share its rows), grouped order inside.
   slices of ``EPI_N`` (``tl.split`` halvings) and the epilogue runs slice by slice, loading h and g per slice, so
   that only one slice's temporaries are live beside the accumulator.
 
+**FP8** (``FP8``: ``Fp8Mode``; issue 17, the recipes of ``blocksparse_moe.fp8``): ``gemm_kernel`` reads E4M3 A
+(dense or gathered) and weights with their scales (``GemmScales``, ``fp8.quantize``'s layouts, read through their
+strides; a gathered A's scales are its tokens'), accumulates in fp32 and runs every epilogue unchanged on the fp32
+accumulator; the output in out's dtype. ``BLOCKWISE``: each K step's MMA into a fresh accumulator, promoted as
+``acc += p · (sa · sw)[:, None]`` (A's scales of the step's 128-wide K group per row; ``sw`` the scale of the tile's
+128 × 128 weight block, ``BLOCK_N | 128``), as DeepSeek-V3 / DeepGEMM promote; ``MX``: ``tl.dot_scaled`` with the
+E8M0 scale tiles of A ``[BLOCK_M, BLOCK_K / 32]`` and W ``[BLOCK_N, BLOCK_K / 32]`` (block-scaled tcgen05 on sm_100,
+emulated by Triton elsewhere; masked scales read 127, never the NaN 255); ``ROWWISE``: a plain E4M3 MMA, the
+accumulator scaled once by ``sa[:, None] · sw[None, :]`` before the epilogue (the pair's second product in its own
+accumulator). On sm_90 E4M3 wgmma reads K-major tiles only: weights K-contiguous (a ``wᵀ`` view of ``[E, N, K]``
+storage) run pipelined, N-contiguous ones wait wgmma to zero each step (``bench.audit``). sm_80 has no E4M3 MMA.
+
 The launchers choose the config and the grid and launch; the ops validate the operands (``ops._checks``) and the
-backend allocates (``backends.triton``). Limits: fp32 / fp16 / bf16 operands of one dtype, fp32 accumulation,
-output in the input dtype; blocked layouts need ``B`` a power of two ``≥ BLOCK_K``; int32 indices with 64-bit
-address arithmetic.
+backend allocates (``backends.triton``). Limits: fp32 / fp16 / bf16 operands of one dtype, or E4M3 with scales,
+fp32 accumulation, output in the input dtype (FP8: out's); blocked layouts need ``B`` a power of two ``≥ BLOCK_K``;
+int32 indices with 64-bit address arithmetic.
 """
 
 from __future__ import annotations
@@ -212,8 +224,9 @@ def _fp8_dot(acc, a, w, sa_ptr, sa_rows, s_sak, sw_ptr, sw_cols, s_swk, row_ok, 
     """One K step ``acc += A_t @ W_t`` of E4M3 tiles with their scales (``FP8``, an ``Fp8Mode``) at step ``t``:
 
     - ``BLOCKWISE``: the step lies in K group ``t·BLOCK_K // 128`` (``BLOCK_K | 128``); its MMA into a fresh
-      accumulator, promoted as ``acc += p · sa[:, None] · sw[None, :]`` (``sa``: the rows' scales of the group,
-      ``sw``: the group's 128-column block scales, ``sw_cols`` their offsets; masked: 0);
+      accumulator, promoted as ``acc += p · (sa · sw)[:, None]`` (``sa``: the rows' scales of the group, masked: 0;
+      ``sw``: the scale of the tile's 128 × 128 weight block, one scalar as ``BLOCK_N | 128``, at ``sw_cols``): one
+      FFMA per element and step;
     - ``MX``: ``tl.dot_scaled`` with the E8M0 scale tiles ``[BLOCK_M, BLOCK_K // 32]`` of A and ``[BLOCK_N,
       BLOCK_K // 32]`` of W (``sw_cols``: W's column offsets of the scales); masked scales read 127 (2^0: finite, as
       the masked operands are 0; ``k_groups``: the K groups of 32);
@@ -222,8 +235,8 @@ def _fp8_dot(acc, a, w, sa_ptr, sa_rows, s_sak, sw_ptr, sw_cols, s_swk, row_ok, 
     if FP8 == _BLOCKWISE:
         group = t // (_BLOCKWISE_K // BLOCK_K)  # BLOCK_K | 128: t itself at the GPU's BLOCK_K = 128
         sa = tl.load(sa_ptr + sa_rows + tl.cast(group, tl.int64) * s_sak, mask=row_ok, other=0.0)
-        sw = tl.load(sw_ptr + tl.cast(group, tl.int64) * s_swk + sw_cols, mask=n_ok, other=0.0)
-        acc += tl.dot(a, w) * sa[:, None] * sw[None, :]
+        sw = tl.load(sw_ptr + tl.cast(group, tl.int64) * s_swk + sw_cols)
+        acc += tl.dot(a, w) * (sa * sw)[:, None]
     elif FP8 == _MX:
         SG: tl.constexpr = BLOCK_K // _MX_K  # scale groups per step
         g = t * SG + tl.arange(0, SG)
@@ -429,7 +442,7 @@ def _gemm_tile(
 ):  # fmt: skip
     """Output tile ``tile`` (in the grouped order) of ``gemm_kernel``: ``BLOCK_M × BLOCK_N`` of expert e's rows times
     ``W[e]``, the expert read from ``tile_expert``. ``FP8``: the scales' offsets of the tile (A's rows: the tokens
-    when gathered; W's columns: their 128-column blocks for ``BLOCKWISE``), outside the K loop."""
+    when gathered; W's columns: their 128-column block for ``BLOCKWISE``), outside the K loop."""
     DUAL: tl.constexpr = GLU and EPILOGUE == _FORWARD  # the gate's accumulator (the backward reads the saved g)
     num_n = tl.cdiv(N_STORE, BLOCK_N)
     pid_m, pid_n = _grouped_order(tile, num_m_tiles, num_n, GROUP_M)
@@ -454,17 +467,18 @@ def _gemm_tile(
         sa_rows = rows.to(tl.int64) * s_sar  # FP8: A dense (never blocked)
     w_base = e.to(tl.int64) * s_we
     w2_base = e.to(tl.int64) * s_w2e
-    if FP8 == _BLOCKWISE:  # the W scale of a column: its block of 128 columns
-        n_groups = offs_n // _BLOCKWISE_K
+    n0 = pid_n * BLOCK_N
+    if FP8 == _BLOCKWISE:  # the tile's columns lie in one 128-column block of W's scales: a scalar offset
+        tl.static_assert(_BLOCKWISE_K % BLOCK_N == 0, "FP8 BLOCKWISE: BLOCK_N must divide 128")
+        sw_cols = tl.cast(n0 // _BLOCKWISE_K, tl.int64) * s_swn
+        sw2_cols = tl.cast(n0 // _BLOCKWISE_K, tl.int64) * s_sw2n
     else:
-        n_groups = offs_n
-    sw_cols = n_groups.to(tl.int64) * s_swn
-    sw2_cols = n_groups.to(tl.int64) * s_sw2n
+        sw_cols = offs_n.to(tl.int64) * s_swn
+        sw2_cols = offs_n.to(tl.int64) * s_sw2n
     sw_e = sw_ptr + e.to(tl.int64) * s_swe
     sw2_e = sw2_ptr + e.to(tl.int64) * s_sw2e
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GLU only; unused (and removed) otherwise
-    n0 = pid_n * BLOCK_N
     acc, acc2 = _mainloop(
         acc, acc2, a_ptr, a_rows, s_acb, s_ac, w_ptr + w_base, w2_ptr + w2_base, w_desc, w2_desc, e, n0, s_wk, s_wn,
         s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, sa_ptr, sa_rows, s_sak, sw_e, sw_cols, s_swk, sw2_e, sw2_cols,
@@ -795,16 +809,20 @@ def gemm_config(
 def _fp8_config(
     block_m: int, fp8: Fp8Mode, *, backward: bool, glu: bool, pair: bool, aligned: bool, capability: int | None
 ) -> GemmConfig:
-    """``gemm_config`` for E4M3 operands on a GPU: a K step of 128 (one blockwise group, four MX groups; 64 for
-    unaligned operands, staged in registers), 1-byte tiles of 128×128 (16 KB each: a 3-stage pipeline in 96 KB, two
-    CTAs per SM), the GLU forward's two accumulators and the blockwise promotion's extra one on narrower tiles."""
+    """``gemm_config`` for E4M3 operands on a GPU (``bench.audit`` measures each): 1-byte tiles of 128 × 128 (16 KB
+    each: a 3-stage pipeline in 96 KB) with a K step of 128 (one blockwise group, four MX groups), the GLU forward's
+    two accumulators on 64 columns, the backward epilogue in column slices as for 16-bit types. A K step of 64 for
+    unaligned operands (staged in registers) and for MX off sm_100 (no block-scaled MMA there: Triton upcasts both
+    tiles to bf16 in registers, and at a K step of 128 ptxas spills 4-84 B on sm_90). The blockwise tiles stay 128
+    wide: at 64 columns the promotion's per-step overhead gives 1.3 issue clocks per MMA clock on sm_90, 0.8 at 128."""
     tcgen05_4 = block_m >= 128 and _blackwell(capability) and aligned
     warps = 8 if block_m >= 128 and not tcgen05_4 else 4
-    block_n = 64 if (glu and not backward) or (fp8 == Fp8Mode.BLOCKWISE and (glu or pair)) else 128
+    block_n = 64 if glu and not backward else 128
     if not aligned:
         block_n = min(block_n, 64)
     epi = (16 if tcgen05_4 else 8) if backward else None
-    return GemmConfig(block_m, block_n, 128 if aligned else 64, 8, warps, 3, epi)
+    emulated = fp8 == Fp8Mode.MX and not _blackwell(capability)
+    return GemmConfig(block_m, block_n, 128 if aligned and not emulated else 64, 8, warps, 3, epi)
 
 
 def _blackwell(capability: int | None) -> bool:
