@@ -809,20 +809,36 @@ def gemm_config(
 def _fp8_config(
     block_m: int, fp8: Fp8Mode, *, backward: bool, glu: bool, pair: bool, aligned: bool, capability: int | None
 ) -> GemmConfig:
-    """``gemm_config`` for E4M3 operands on a GPU (``bench.audit`` measures each): 1-byte tiles of 128 × 128 (16 KB
+    """``gemm_config`` for E4M3 operands on a GPU (``bench.audit`` builds each): 1-byte tiles of 128 × 128 (16 KB
     each: a 3-stage pipeline in 96 KB) with a K step of 128 (one blockwise group, four MX groups), the GLU forward's
-    two accumulators on 64 columns, the backward epilogue in column slices as for 16-bit types. A K step of 64 for
-    unaligned operands (staged in registers) and for MX off sm_100 (no block-scaled MMA there: Triton upcasts both
-    tiles to bf16 in registers, and at a K step of 128 ptxas spills 4-84 B on sm_90). The blockwise tiles stay 128
-    wide: at 64 columns the promotion's per-step overhead gives 1.3 issue clocks per MMA clock on sm_90, 0.8 at 128."""
-    tcgen05_4 = block_m >= 128 and _blackwell(capability) and aligned
+    two accumulators on 64 columns, the backward epilogue in column slices as for 16-bit types.
+
+    - MX off sm_100 (no block-scaled MMA there: Triton upcasts both tiles to bf16 in registers) takes a K step of 64
+      (at 128 ptxas spilled 4-84 B on sm_90), 32 for sm_120's backward epilogue (8 B at 64);
+    - sm_100 runs 128-row tiles on 4 warps (the accumulator in tensor memory) except where the accumulators come to
+      registers every step or twice: the blockwise promotion with the GLU forward, the backward epilogue or the pair,
+      and the rowwise backward and pair (on 4 warps those spilled 64-736 B); on 8 warps the blockwise down GEMM
+      issues 1.10 clocks per MMA clock against 0.66 on 4, the MX backward 1.78 against 1.12;
+    - sm_120 (mma.sync: accumulators and operand fragments in registers) runs 64 columns: at 128 it spilled 8-104 B;
+      so does sm_100's rowwise pair (both accumulators in registers: 216 B at 128 columns on 8 warps);
+    - unaligned operands (1-byte scalar loads staged in registers) take 32 × 32 steps: at a K step of 64 and 64
+      columns every recipe spilled (4-1408 B) on sm_90 / sm_100 / sm_120.
+
+    The blockwise and rowwise-pair tiles stay 128 wide on sm_90: at 64 columns their per-step overhead gives 0.9-1.3
+    issue clocks per MMA clock, 0.47-0.8 at 128."""
+    two_products = backward or pair or (glu and fp8 == Fp8Mode.BLOCKWISE)
+    registers = two_products and fp8 != Fp8Mode.MX
+    tcgen05_4 = block_m >= 128 and _blackwell(capability) and aligned and not registers
     warps = 8 if block_m >= 128 and not tcgen05_4 else 4
-    block_n = 64 if glu and not backward else 128
+    rowwise_pair_100 = pair and fp8 == Fp8Mode.ROWWISE and _blackwell(capability)
+    block_n = 64 if (glu and not backward) or capability == 120 or rowwise_pair_100 else 128
+    block_k = 128
+    if fp8 == Fp8Mode.MX and not _blackwell(capability):
+        block_k = 32 if capability == 120 and backward else 64
     if not aligned:
-        block_n = min(block_n, 64)
+        block_n, block_k = 32, 32
     epi = (16 if tcgen05_4 else 8) if backward else None
-    emulated = fp8 == Fp8Mode.MX and not _blackwell(capability)
-    return GemmConfig(block_m, block_n, 128 if aligned and not emulated else 64, 8, warps, 3, epi)
+    return GemmConfig(block_m, block_n, block_k, 8, warps, 3, epi)
 
 
 def _blackwell(capability: int | None) -> bool:
@@ -1082,6 +1098,7 @@ def gemm(
     # the backward epilogue and the GLU forward (two accumulators) stay one tile per program: warp-specialized on
     # sm_100's 4 warps they spill (48-116 B, bench.audit)
     two_acc = epilogue == Epilogue.BACKWARD or (glu and epilogue == Epilogue.FORWARD)
+    two_acc = two_acc or (pair is not None and fp8 in (Fp8Mode.BLOCKWISE, Fp8Mode.ROWWISE))  # FP8: 4-warp ws spilled
     warp_spec = tma != WeightLoad.POINTERS and not two_acc and _warp_specialize(w.device)
     persistent = interpreting() or warp_spec  # elsewhere the tile loop costs registers: sm_90 1 CTA/SM, spills
     sa, sw = (scales.a, scales.w) if scales is not None else (off[None], off[None, None])  # unused without FP8
