@@ -66,6 +66,18 @@ expert-major (the programs of one expert share its rows), grouped order inside.
   slices of ``EPI_N`` (``tl.split`` halvings) and the epilogue runs slice by slice, loading h and g per slice, so
   that only one slice's temporaries are live beside the accumulator.
 
+**FP8** (``FP8``: ``Fp8Mode``; issue 17, the recipes of ``blocksparse_moe.fp8``): ``gemm_kernel`` reads E4M3 A
+(dense or gathered) and weights with their scales (``GemmScales``, ``fp8.quantize``'s layouts, read through their
+strides; a gathered A's scales are its tokens'), accumulates in fp32 and runs every epilogue unchanged on the fp32
+accumulator; the output in out's dtype. ``BLOCKWISE``: each K step's MMA into a fresh accumulator, promoted as
+``acc += p · (sa · sw)[:, None]`` (A's scales of the step's 128-wide K group per row; ``sw`` the scale of the tile's
+128 × 128 weight block, ``BLOCK_N | 128``), as DeepSeek-V3 / DeepGEMM promote; ``MX``: ``tl.dot_scaled`` with the
+E8M0 scale tiles of A ``[BLOCK_M, BLOCK_K / 32]`` and W ``[BLOCK_N, BLOCK_K / 32]`` (block-scaled tcgen05 on sm_100,
+emulated by Triton elsewhere; masked scales read 127, never the NaN 255); ``ROWWISE``: a plain E4M3 MMA, the
+accumulator scaled once by ``sa[:, None] · sw[None, :]`` before the epilogue (the pair's second product in its own
+accumulator). On sm_90 E4M3 wgmma reads K-major tiles only: weights K-contiguous (a ``wᵀ`` view of ``[E, N, K]``
+storage) run pipelined, N-contiguous ones wait wgmma to zero each step (``bench.audit``). sm_80 has no E4M3 MMA.
+
 **FP8 weight gradients** (``wgrad_kernel``'s ``FP8``: ``Fp8Mode``, ``wgrad(..., scales=WgradScales)``): dense E4M3
 A and B quantized along the rows (``fp8.quantize_rows``: one scale per column and group of ``G`` rows of one
 expert, groups from each expert's first row; ``group_offsets[e]`` expert e's first group), so the K step from row
@@ -77,9 +89,9 @@ expert's);
 ``ROWWISE`` (one group per expert) a plain E4M3 ``tl.dot``, the scales applied once after the loop.
 
 The launchers choose the config and the grid and launch; the ops validate the operands (``ops._checks``) and the
-backend allocates (``backends.triton``). Limits: fp32 / fp16 / bf16 operands of one dtype, fp32 accumulation,
-output in the input dtype; blocked layouts need ``B`` a power of two ``≥ BLOCK_K``; int32 indices with 64-bit
-address arithmetic; FP8: E4M3 operands with fp32 accumulation, output in out's dtype.
+backend allocates (``backends.triton``). Limits: fp32 / fp16 / bf16 operands of one dtype, or E4M3 with scales,
+fp32 accumulation, output in the input dtype (FP8: out's); blocked layouts need ``B`` a power of two ``≥ BLOCK_K``;
+int32 indices with 64-bit address arithmetic.
 """
 
 from __future__ import annotations
@@ -94,8 +106,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..activations import activate, activate_and_grad, kernel_code
-from ..config import INDEX_DTYPES
-from ..fp8 import Recipe, recipe
+from ..config import FLOAT_DTYPES, INDEX_DTYPES
+from ..fp8 import E4M3, Recipe, recipe
 from ..validation import check_dtype, check_same_device, check_tensor, choice, positive_int
 from ._common import aligned16, capability, interpreting, scratch_allocator, upcast_dots
 from .layouts import BLOCK_SIZES, Rows, Schedule, row_offsets, row_start, tile_start
@@ -147,6 +159,12 @@ class Fp8Mode(enum.IntEnum):
     MX = 2  # E8M0 (uint8) scales: A per row and 32 of K, W per column and 32 of K; ``tl.dot_scaled``
     ROWWISE = 3  # fp32 scales: A per row, W per column; applied to the accumulator before the epilogue
 
+    def recipe(self) -> Recipe:
+        """The ``fp8`` recipe whose scales the mode reads (``NONE``: none, a ``ValueError``)."""
+        if self == Fp8Mode.NONE:
+            raise ValueError("Fp8Mode.NONE has no FP8 recipe")
+        return FP8_RECIPES[self]
+
 
 @dataclass(frozen=True)
 class GemmScales:
@@ -181,6 +199,7 @@ _FORWARD = tl.constexpr(Epilogue.FORWARD)
 _BACKWARD = tl.constexpr(Epilogue.BACKWARD)
 _TMA = tl.constexpr(WeightLoad.TMA)
 _TMA_T = tl.constexpr(WeightLoad.TMA_T)
+_NO_FP8 = tl.constexpr(Fp8Mode.NONE)
 _BLOCKWISE = tl.constexpr(Fp8Mode.BLOCKWISE)
 _MX = tl.constexpr(Fp8Mode.MX)
 _ROWWISE = tl.constexpr(Fp8Mode.ROWWISE)
@@ -190,7 +209,8 @@ FP8_RECIPES: dict[Fp8Mode, Recipe] = {
     Fp8Mode.MX: recipe("mxfp8"),
     Fp8Mode.ROWWISE: recipe("rowwise"),
 }
-_BLOCKWISE_GROUP = tl.constexpr(FP8_RECIPES[Fp8Mode.BLOCKWISE].group)  # wgrad_kernel's rows per scale group
+# elements of the reduced dimension per scale: gemm_kernel's K, wgrad_kernel's rows (128 blockwise, 32 mx)
+_BLOCKWISE_GROUP = tl.constexpr(FP8_RECIPES[Fp8Mode.BLOCKWISE].group)
 _MX_GROUP = tl.constexpr(FP8_RECIPES[Fp8Mode.MX].group)
 
 
@@ -221,6 +241,48 @@ def _load_w(w_ptr, w_desc, w_off, w_mask, e, k0, n0, BLOCK_K: tl.constexpr, BLOC
 
 
 @triton.jit
+def _fp8_dot(acc, a, w, sa_ptr, sa_rows, s_sak, sw_ptr, sw_cols, s_swk, row_ok, n_ok, t, k_groups,
+             BLOCK_K: tl.constexpr, FP8: tl.constexpr):  # fmt: skip
+    """One K step ``acc += A_t @ W_t`` of E4M3 tiles with their scales (``FP8``, an ``Fp8Mode``) at step ``t``:
+
+    - ``BLOCKWISE``: the step lies in K group ``t·BLOCK_K // 128`` (``BLOCK_K | 128``); its MMA into a fresh
+      accumulator, promoted as ``acc += p · (sa · sw)[:, None]`` (``sa``: the rows' scales of the group, masked: 0;
+      ``sw``: the scale of the tile's 128 × 128 weight block, one scalar as ``BLOCK_N | 128``, at ``sw_cols``): one
+      FFMA per element and step;
+    - ``MX``: ``tl.dot_scaled`` with the E8M0 scale tiles ``[BLOCK_M, BLOCK_K // 32]`` of A and ``[BLOCK_N,
+      BLOCK_K // 32]`` of W (``sw_cols``: W's column offsets of the scales); masked scales read 127 (2^0: finite, as
+      the masked operands are 0; ``k_groups``: the K groups of 32);
+    - ``ROWWISE`` (and ``NONE``): a plain ``tl.dot`` (the scales are applied once after the loop,
+      ``_rowwise_scale``)."""
+    if FP8 == _BLOCKWISE:
+        group = t // (_BLOCKWISE_GROUP // BLOCK_K)  # BLOCK_K | 128: t itself at the GPU's BLOCK_K = 128
+        sa = tl.load(sa_ptr + sa_rows + tl.cast(group, tl.int64) * s_sak, mask=row_ok, other=0.0)
+        sw = tl.load(sw_ptr + tl.cast(group, tl.int64) * s_swk + sw_cols)
+        acc += tl.dot(a, w) * (sa * sw)[:, None]
+    elif FP8 == _MX:
+        SG: tl.constexpr = BLOCK_K // _MX_GROUP  # scale groups per step
+        g = t * SG + tl.arange(0, SG)
+        g_ok = g < k_groups
+        g64 = g.to(tl.int64)
+        sa = tl.load(sa_ptr + sa_rows[:, None] + (g64 * s_sak)[None, :], mask=row_ok[:, None] & g_ok[None, :],
+                     other=127)  # fmt: skip
+        sw = tl.load(sw_ptr + sw_cols[:, None] + (g64 * s_swk)[None, :], mask=n_ok[:, None] & g_ok[None, :],
+                     other=127)  # fmt: skip
+        acc = tl.dot_scaled(a, sa, "e4m3", w, sw, "e4m3", acc)
+    else:
+        acc = tl.dot(a, w, acc)
+    return acc
+
+
+@triton.jit
+def _rowwise_scale(acc, sa_ptr, sa_rows, sw_ptr, sw_cols, row_ok, n_ok):
+    """``FP8`` ``ROWWISE``: ``acc · sa[:, None] · sw[None, :]`` (the rows' and the columns' scales; masked: 0)."""
+    sa = tl.load(sa_ptr + sa_rows, mask=row_ok, other=0.0)
+    sw = tl.load(sw_ptr + sw_cols, mask=n_ok, other=0.0)
+    return acc * sa[:, None] * sw[None, :]
+
+
+@triton.jit
 def _mainloop(
     acc,
     acc2,
@@ -243,6 +305,15 @@ def _mainloop(
     row_ok,
     k_steps,
     K,
+    sa_ptr,
+    sa_rows,
+    s_sak,
+    sw_ptr,
+    sw_cols,
+    s_swk,
+    sw2_ptr,
+    sw2_cols,
+    s_sw2k,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     LB_A: tl.constexpr,
@@ -250,16 +321,21 @@ def _mainloop(
     W_TMA: tl.constexpr,
     WARP_SPEC: tl.constexpr,
     UPCAST: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     """``acc += A[rows, :K] @ W[:K, cols]`` (and ``acc2 += A @ W2`` when ``DUAL``), ``BLOCK_K`` at a time over
     ``k_steps`` steps. ``a_rows``: the tile's row offsets into A; ``w_ptr`` / ``w2_ptr``: the expert's weights, each
     read with its own strides (``s_wk, s_wn`` / ``s_w2k, s_w2n``), or their descriptors ``w_desc`` / ``w2_desc``
     with ``W_TMA``, at expert ``e``, columns from ``n0``. ``WARP_SPEC``: the loop's TMA weight loads in a producer
-    partition of warps, the MMA and the row copies in the consumer (``tl.range(..., warp_specialize=True)``)."""
+    partition of warps, the MMA and the row copies in the consumer (``tl.range(..., warp_specialize=True)``).
+    ``FP8`` (``Fp8Mode``, E4M3 operands): the scales of A (``sa_ptr + sa_rows``, K groups ``s_sak`` apart) and of W /
+    W2 (the expert's, ``sw_cols`` / ``sw2_cols`` the tile's column offsets, K groups ``s_swk`` / ``s_sw2k`` apart)
+    are applied in each step (``_fp8_dot``); unused otherwise."""
     offs_k = tl.arange(0, BLOCK_K)
     a_tile = a_ptr + a_rows[:, None] + (offs_k.to(tl.int64) * s_ac)[None, :]
     w_tile = offs_k.to(tl.int64)[:, None] * s_wk + offs_n.to(tl.int64)[None, :] * s_wn
     w2_tile = offs_k.to(tl.int64)[:, None] * s_w2k + offs_n.to(tl.int64)[None, :] * s_w2n
+    k_groups = tl.cdiv(K, _MX_GROUP)  # FP8 MX: the K groups of the scales (masks)
     for t in tl.range(0, k_steps, warp_specialize=WARP_SPEC):
         k_ok = (t * BLOCK_K + offs_k) < K
         a = tl.load(a_tile + tile_start(t, s_acb, s_ac, BLOCK_K, LB_A), mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -269,13 +345,24 @@ def _mainloop(
         if UPCAST:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(a, w, acc)
+        if FP8 == _NO_FP8:
+            acc = tl.dot(a, w, acc)
+        else:
+            acc = _fp8_dot(
+                acc, a, w, sa_ptr, sa_rows, s_sak, sw_ptr, sw_cols, s_swk, row_ok, n_ok, t, k_groups, BLOCK_K, FP8
+            )
         if DUAL:
             w2_off = tl.cast(t, tl.int64) * (BLOCK_K * s_w2k) + w2_tile
             w2 = _load_w(w2_ptr, w2_desc, w2_off, w_mask, e, t * BLOCK_K, n0, BLOCK_K, BLOCK_N, W_TMA)
             if UPCAST:
                 w2 = w2.to(tl.float32)
-            acc2 = tl.dot(a, w2, acc2)
+            if FP8 == _NO_FP8:
+                acc2 = tl.dot(a, w2, acc2)
+            else:
+                acc2 = _fp8_dot(
+                    acc2, a, w2, sa_ptr, sa_rows, s_sak, sw2_ptr, sw2_cols, s_sw2k, row_ok, n_ok, t, k_groups, BLOCK_K,
+                    FP8,
+                )  # fmt: skip
     return acc, acc2
 
 
@@ -367,14 +454,17 @@ def _backward_epilogue(
 @triton.jit
 def _gemm_tile(
     tile, a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr, row_src_ptr,
-    row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr, R, N, N_STORE, K, E,
-    num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc,
+    row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr, sa_ptr, sa2_ptr, sw_ptr,
+    sw2_ptr, R, N, N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb,
+    s_or, s_ocb, s_oc, s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e, s_sw2k, s_sw2n,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI_N: tl.constexpr, GROUP_M: tl.constexpr,
     LB_A: tl.constexpr, LB_O: tl.constexpr, GATHER: tl.constexpr, GLU: tl.constexpr, PAIR: tl.constexpr,
     EPILOGUE: tl.constexpr, ACT: tl.constexpr, W_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, UPCAST: tl.constexpr,
+    FP8: tl.constexpr,
 ):  # fmt: skip
     """Output tile ``tile`` (in the grouped order) of ``gemm_kernel``: ``BLOCK_M × BLOCK_N`` of expert e's rows times
-    ``W[e]``, the expert read from ``tile_expert``."""
+    ``W[e]``, the expert read from ``tile_expert``. ``FP8``: the scales' offsets of the tile (A's rows: the tokens
+    when gathered; W's columns: their 128-column block for ``BLOCKWISE``), outside the K loop."""
     DUAL: tl.constexpr = GLU and EPILOGUE == _FORWARD  # the gate's accumulator (the backward reads the saved g)
     num_n = tl.cdiv(N_STORE, BLOCK_N)
     pid_m, pid_n = _grouped_order(tile, num_m_tiles, num_n, GROUP_M)
@@ -392,23 +482,48 @@ def _gemm_tile(
         src = tl.load(row_src_ptr + rows, mask=row_ok, other=-1)
         a_ok = row_ok & (src >= 0)
         a_rows = tl.maximum(src, 0).to(tl.int64) * s_ar
+        sa_rows = tl.maximum(src, 0).to(tl.int64) * s_sar  # FP8: the token's scales
     else:
         a_ok = row_ok
         a_rows = row_offsets(rows, s_arb, s_ar, LB_A)
+        sa_rows = rows.to(tl.int64) * s_sar  # FP8: A dense (never blocked)
     w_base = e.to(tl.int64) * s_we
     w2_base = e.to(tl.int64) * s_w2e
+    n0 = pid_n * BLOCK_N
+    if FP8 == _BLOCKWISE:  # the tile's columns lie in one 128-column block of W's scales: a scalar offset
+        tl.static_assert(_BLOCKWISE_GROUP % BLOCK_N == 0, "FP8 BLOCKWISE: BLOCK_N must divide 128")
+        sw_cols = tl.cast(n0 // _BLOCKWISE_GROUP, tl.int64) * s_swn
+        sw2_cols = tl.cast(n0 // _BLOCKWISE_GROUP, tl.int64) * s_sw2n
+    else:
+        sw_cols = offs_n.to(tl.int64) * s_swn
+        sw2_cols = offs_n.to(tl.int64) * s_sw2n
+    sw_e = sw_ptr + e.to(tl.int64) * s_swe
+    sw2_e = sw2_ptr + e.to(tl.int64) * s_sw2e
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GLU only; unused (and removed) otherwise
-    n0 = pid_n * BLOCK_N
     acc, acc2 = _mainloop(
         acc, acc2, a_ptr, a_rows, s_acb, s_ac, w_ptr + w_base, w2_ptr + w2_base, w_desc, w2_desc, e, n0, s_wk, s_wn,
-        s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, BLOCK_K, BLOCK_N, LB_A, DUAL, W_TMA, WARP_SPEC, UPCAST,
+        s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, sa_ptr, sa_rows, s_sak, sw_e, sw_cols, s_swk, sw2_e, sw2_cols,
+        s_sw2k, BLOCK_K, BLOCK_N, LB_A, DUAL, W_TMA, WARP_SPEC, UPCAST, FP8,
     )  # fmt: skip
+    if FP8 == _ROWWISE:  # the zeroing tiles (e = E) read no scale (tl.where: the interpreter rejects `mask & used`)
+        scaled_rows, scaled_cols = tl.where(used, a_ok, False), tl.where(used, n_ok, False)
+        acc = _rowwise_scale(acc, sa_ptr, sa_rows, sw_e, sw_cols, scaled_rows, scaled_cols)
+        if DUAL:
+            acc2 = _rowwise_scale(acc2, sa_ptr, sa_rows, sw2_e, sw2_cols, scaled_rows, scaled_cols)
     if PAIR:
-        acc, acc2 = _mainloop(
-            acc, acc2, a2_ptr, a_rows, s_acb, s_ac, w2_ptr + w2_base, w2_ptr, w2_desc, w2_desc, e, n0, s_w2k, s_w2n,
-            s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, BLOCK_K, BLOCK_N, LB_A, False, W_TMA, WARP_SPEC, UPCAST,
+        acc_b = acc
+        if FP8 == _ROWWISE:  # the second product's scales differ: its own accumulator
+            acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_b, acc2 = _mainloop(
+            acc_b, acc2, a2_ptr, a_rows, s_acb, s_ac, w2_ptr + w2_base, w2_ptr, w2_desc, w2_desc, e, n0, s_w2k, s_w2n,
+            s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, sa2_ptr, sa_rows, s_sak, sw2_e, sw2_cols, s_sw2k, sw2_e,
+            sw2_cols, s_sw2k, BLOCK_K, BLOCK_N, LB_A, False, W_TMA, WARP_SPEC, UPCAST, FP8,
         )  # fmt: skip
+        if FP8 == _ROWWISE:
+            acc += _rowwise_scale(acc_b, sa2_ptr, sa_rows, sw2_e, sw2_cols, scaled_rows, scaled_cols)
+        else:
+            acc = acc_b
 
     o_rows = row_offsets(rows, s_orb, s_or, LB_O)
     o_col0 = tile_start(pid_n, s_ocb, s_oc, BLOCK_N, LB_O)
@@ -446,6 +561,10 @@ def gemm_kernel(
     offsets_ptr,  # [E+1] int32 expert row offsets
     tile_offsets_ptr,  # [E+1] int32 prefix sum of the experts' M tiles
     tile_expert_ptr,  # [num_m_tiles] int32 expert of each M tile, E for a tile zeroing rows past offsets[E]
+    sa_ptr,  # FP8: A's scales [rows of A (tokens when GATHER), K groups] (GemmScales.a; unused otherwise)
+    sa2_ptr,  # FP8 and PAIR: the second A's scales, with sa's strides
+    sw_ptr,  # FP8: W's scales [E, K groups, N groups]
+    sw2_ptr,  # FP8 and GLU / PAIR: W2's scales [E, K groups, N groups]
     R,
     N,
     N_STORE,  # columns written: N, or for a blocked out the whole last column block (zeros past N)
@@ -466,6 +585,14 @@ def gemm_kernel(
     s_or,
     s_ocb,
     s_oc,
+    s_sar,  # FP8: strides of sa (and sa2): row, K group
+    s_sak,
+    s_swe,  # FP8: strides of sw: expert, K group, N group
+    s_swk,
+    s_swn,
+    s_sw2e,  # FP8: strides of sw2
+    s_sw2k,
+    s_sw2n,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -482,6 +609,7 @@ def gemm_kernel(
     WARP_SPEC: tl.constexpr,  # sm_100 with TMA weights: the K loop warp-specialized (producer / consumer warps)
     UPCAST: tl.constexpr,
     PERSISTENT: tl.constexpr,  # loop over the tiles (a grid of fewer programs); else one tile per program
+    FP8: tl.constexpr,  # Fp8Mode: NONE, or E4M3 A and W with the scales of BLOCKWISE, MX, ROWWISE
 ):
     """``BLOCK_M × BLOCK_N`` tiles of expert e's rows times ``W[e]`` (``_gemm_tile``), in the grouped order.
     ``PERSISTENT``: program p runs the tiles p, p + P, p + 2P, ... (P programs); else the tile ``program_id``. See
@@ -490,18 +618,20 @@ def gemm_kernel(
         for tile in tl.range(tl.program_id(0), num_m_tiles * tl.cdiv(N_STORE, BLOCK_N), tl.num_programs(0)):
             _gemm_tile(
                 tile, a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr,
-                row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr, R, N,
-                N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb,
-                s_or, s_ocb, s_oc, BLOCK_M, BLOCK_N, BLOCK_K, EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE,
-                ACT, W_TMA, WARP_SPEC, UPCAST,
+                row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr,
+                sa_ptr, sa2_ptr, sw_ptr, sw2_ptr, R, N, N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we,
+                s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc, s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e,
+                s_sw2k, s_sw2n, BLOCK_M, BLOCK_N, BLOCK_K, EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE,
+                ACT, W_TMA, WARP_SPEC, UPCAST, FP8,
             )  # fmt: skip
     else:
         _gemm_tile(
             tl.program_id(0), a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr,
-            row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr, R, N,
-            N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or,
-            s_ocb, s_oc, BLOCK_M, BLOCK_N, BLOCK_K, EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE, ACT, W_TMA,
-            WARP_SPEC, UPCAST,
+            row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr, sa_ptr,
+            sa2_ptr, sw_ptr, sw2_ptr, R, N, N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn,
+            s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc, s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e, s_sw2k, s_sw2n,
+            BLOCK_M, BLOCK_N, BLOCK_K, EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE, ACT, W_TMA, WARP_SPEC,
+            UPCAST, FP8,
         )  # fmt: skip
 
 
@@ -705,6 +835,7 @@ def gemm_config(
     out_block: int | None = None,
     a_block: int | None = None,
     capability: int | None = None,
+    fp8: Fp8Mode = Fp8Mode.NONE,
 ) -> GemmConfig:
     """The ``gemm_kernel`` config for M tiles of ``block_m`` rows (the caller's tile schedule) on a device of compute
     ``capability`` (``major * 10 + minor``; None, off CUDA: the sm_90 config).
@@ -730,6 +861,10 @@ def gemm_config(
     backward = epilogue == Epilogue.BACKWARD
     if interpreting():
         cfg = GemmConfig(block_m, 64, 16, 2, 4, 1, 8) if backward else GemmConfig(block_m, 16, 16, 2, 4, 1)
+        if fp8 != Fp8Mode.NONE:  # MX: a K step of whole groups of 32
+            cfg = replace(cfg, block_k=32)
+    elif fp8 != Fp8Mode.NONE:
+        cfg = _fp8_config(block_m, fp8, backward=backward, glu=glu, pair=pair, aligned=aligned, capability=capability)
     else:
         block_k = 32 if dtype == torch.float32 or not aligned else 64
         block_n = 64 if glu and not backward else 128
@@ -742,6 +877,41 @@ def gemm_config(
             block_n, warps = min(block_n, (32 if aligned else 16) if pair else 64), 8
         cfg = GemmConfig(block_m, block_n, block_k, 8, warps, 3, (16 if tcgen05_4 else 8) if backward else None)
     return _clamp(cfg, n=out_block, k=a_block)
+
+
+def _fp8_config(
+    block_m: int, fp8: Fp8Mode, *, backward: bool, glu: bool, pair: bool, aligned: bool, capability: int | None
+) -> GemmConfig:
+    """``gemm_config`` for E4M3 operands on a GPU (``bench.audit`` builds each): 1-byte tiles of 128 × 128 (16 KB
+    each: a 3-stage pipeline in 96 KB) with a K step of 128 (one blockwise group, four MX groups), the GLU forward's
+    two accumulators on 64 columns, the backward epilogue in column slices as for 16-bit types.
+
+    - MX off sm_100 (no block-scaled MMA there: Triton upcasts both tiles to bf16 in registers) takes a K step of 64
+      (at 128 ptxas spilled 4-84 B on sm_90), 32 for sm_120's backward epilogue (8 B at 64);
+    - sm_100 runs 128-row tiles on 4 warps (the accumulator in tensor memory) except where the accumulators come to
+      registers every step or twice: the blockwise promotion with the GLU forward, the backward epilogue or the pair,
+      and the rowwise backward and pair (on 4 warps those spilled 64-736 B); on 8 warps the blockwise down GEMM
+      issues 1.10 clocks per MMA clock against 0.66 on 4, the MX backward 1.78 against 1.12;
+    - sm_120 (mma.sync: accumulators and operand fragments in registers) runs 64 columns: at 128 it spilled 8-104 B;
+      so does sm_100's rowwise pair (both accumulators in registers: 216 B at 128 columns on 8 warps);
+    - unaligned operands (1-byte scalar loads staged in registers) take 32 × 32 steps: at a K step of 64 and 64
+      columns every recipe spilled (4-1408 B) on sm_90 / sm_100 / sm_120.
+
+    The blockwise and rowwise-pair tiles stay 128 wide on sm_90: at 64 columns their per-step overhead gives 0.9-1.3
+    issue clocks per MMA clock, 0.47-0.8 at 128."""
+    two_products = backward or pair or (glu and fp8 == Fp8Mode.BLOCKWISE)
+    registers = two_products and fp8 != Fp8Mode.MX
+    tcgen05_4 = block_m >= 128 and _blackwell(capability) and aligned and not registers
+    warps = 8 if block_m >= 128 and not tcgen05_4 else 4
+    rowwise_pair_100 = pair and fp8 == Fp8Mode.ROWWISE and _blackwell(capability)
+    block_n = 64 if (glu and not backward) or capability == 120 or rowwise_pair_100 else 128
+    block_k = 128
+    if fp8 == Fp8Mode.MX and not _blackwell(capability):
+        block_k = 32 if capability == 120 and backward else 64
+    if not aligned:
+        block_n, block_k = 32, 32
+    epi = (16 if tcgen05_4 else 8) if backward else None
+    return GemmConfig(block_m, block_n, block_k, 8, warps, 3, epi)
 
 
 def _blackwell(capability: int | None) -> bool:
@@ -848,10 +1018,10 @@ def _warp_specialize(device: torch.device) -> bool:
 
 def _tma_mode(w: torch.Tensor) -> WeightLoad:
     """How ``gemm_kernel`` can read weights ``w [E, K, N]``: ``TMA`` (N contiguous) or ``TMA_T`` (K contiguous, a
-    transposed view) for 16-bit weights (tf32 wgmma reads only K-major tiles: an fp32 tile from TMA is waited to
-    zero) on Hopper or newer (or the interpreter) with a 16-byte aligned base and 16-byte multiples for the other
-    strides (TMA's rules); else ``POINTERS``."""
-    if not TMA_WEIGHTS or w.dtype not in _HALF or not _tma_device(w.device):
+    transposed view) for 16-bit and E4M3 weights (tf32 wgmma reads only K-major tiles: an fp32 tile from TMA is
+    waited to zero) on Hopper or newer (or the interpreter) with a 16-byte aligned base and 16-byte multiples for the
+    other strides (TMA's rules); else ``POINTERS``."""
+    if not TMA_WEIGHTS or w.dtype not in (*_HALF, E4M3) or not _tma_device(w.device):
         return WeightLoad.POINTERS
     size = w.element_size()
     if w.stride(2) == 1:
@@ -892,6 +1062,69 @@ def _descriptor(w: torch.Tensor, mode: WeightLoad, block_k: int, block_n: int) -
     return TensorDescriptor.from_tensor(w.transpose(1, 2), [1, block_n, block_k])
 
 
+def _fp8_mode(
+    a: Rows,
+    w: torch.Tensor,
+    out: Rows,
+    gate: torch.Tensor | None,
+    pair: tuple[Rows, torch.Tensor] | None,
+    scales: GemmScales | None,
+) -> Fp8Mode:
+    """``gemm``'s FP8 mode, once what the kernel relies on is checked: E4M3 operands exactly when ``scales`` is
+    given (``TypeError`` otherwise), a dense or gathered A (``ValueError`` for a blocked one), a float output, and
+    each scale in its mode's dtype (``TypeError``) and ``fp8.quantize``'s shape (``ValueError``): ``a [rows of
+    a.tensor, cdiv(K, group)]`` (one column for ``ROWWISE``), ``w [E, cdiv(K, group), cdiv(N, across)]``
+    (``Recipe.weight_block(0)``), ``w2`` for the gate or the pair's weight, ``a2`` for the pair's A (with ``a``'s
+    strides), neither otherwise; all on A's device."""
+    operands = {"a": a.tensor, "w": w}
+    if gate is not None:
+        operands["gate"] = gate
+    if pair is not None:
+        operands["pair's a2"], operands["pair's w2"] = pair[0].tensor, pair[1]
+    if scales is None:
+        fp8 = [name for name, t in operands.items() if t.dtype == E4M3]
+        if fp8:
+            raise TypeError(f"gemm: E4M3 operands ({', '.join(fp8)}) need their scales, got scales=None")
+        return Fp8Mode.NONE
+    if not isinstance(scales, GemmScales):
+        raise TypeError(f"gemm: scales must be a GemmScales or None, got {type(scales).__name__}")
+    mode = scales.mode
+    if not isinstance(mode, Fp8Mode) or mode == Fp8Mode.NONE:
+        raise ValueError(f"gemm: scales.mode must be Fp8Mode.BLOCKWISE, MX or ROWWISE, got {mode!r}")
+    for name, t in operands.items():
+        check_dtype(f"gemm: {name} (FP8)", t, (E4M3,))
+    check_dtype("gemm: out (FP8)", out.tensor, FLOAT_DTYPES)
+    if a.block is not None:
+        raise ValueError(f"gemm: an FP8 a must be dense or gathered, got a blocked layout (block {a.block})")
+    rcp = mode.recipe()
+    E, K, N = w.shape
+    k_groups = -(-K // (rcp.group or max(K, 1)))
+    w_shape = (E, k_groups, -(-N // rcp.weight_across))
+    second = gate is not None or pair is not None
+    expected = {
+        "a": (scales.a, "[rows, K groups]", (a.tensor.shape[0], k_groups)),
+        "w": (scales.w, "[E, K groups, N groups]", w_shape),
+        "w2": (scales.w2, "[E, K groups, N groups]", w_shape if second else None),
+        "a2": (scales.a2, "[rows, K groups]", (a.tensor.shape[0], k_groups) if pair is not None else None),
+    }
+    for name, (t, dims, shape) in expected.items():
+        if shape is None:
+            if t is not None:
+                needs = "a pair" if name == "a2" else "a gate or a pair"
+                raise ValueError(f"gemm: scales.{name} must be None without {needs}, got a tensor of shape "
+                                 f"{tuple(t.shape)}")  # fmt: skip
+            continue
+        if t is None:
+            raise ValueError(f"gemm: scales.{name} is needed ({rcp.name} scales {dims} = {shape}), got None")
+        check_tensor(f"gemm: scales.{name} ({rcp.name})", t, dims, shape)
+        check_dtype(f"gemm: scales.{name} ({rcp.name})", t, (rcp.scale_dtype,))
+    check_same_device(a=a.tensor, **{f"scales.{name}": t for name, (t, _, _) in expected.items()})
+    if pair is not None and scales.a2.stride() != scales.a.stride():
+        raise ValueError(f"gemm: scales.a2 must share scales.a's strides, got {scales.a2.stride()} and "
+                         f"{scales.a.stride()}")  # fmt: skip
+    return mode
+
+
 def gemm(
     a: Rows,
     w: torch.Tensor,
@@ -905,9 +1138,10 @@ def gemm(
     act_out: torch.Tensor | None = None,
     activation: str = "identity",
     backward: BackwardEpilogue | None = None,
+    scales: GemmScales | None = None,
 ) -> torch.Tensor | None:
     """Launch ``gemm_kernel``: ``out[rows of e] = a[rows of e] @ w[e]`` (w ``[E, K, N]``, any strides) over
-    ``schedule``; rows past ``offsets[E]`` are zeroed. Operands are validated by the caller.
+    ``schedule``; rows past ``offsets[E]`` are zeroed. Operands are validated by the caller, except FP8's (below).
 
     - ``row_src`` with a gathered ``a``: the token of each row (-1: a zero row);
     - ``pair = (a2, w2)``: ``out = a @ w + a2 @ w2`` (``a2`` in ``a``'s layout; ``w2`` any strides);
@@ -915,7 +1149,9 @@ def gemm(
       ``act_out = act(h) [· g]``;
     - ``backward``: the backward epilogue; ``out = dh``, ``gate_out = dg`` (GLU), ``act_out = aw``; returns the
       fp32 ``dots [N tiles, R]`` (Σ over each tile's columns of ``G·a``; their sum over N tiles is the top-k weight
-      gradient of each row).
+      gradient of each row);
+    - ``scales``: E4M3 ``a`` (dense or gathered), ``w`` (``gate``, the pair's) with the scales of ``scales.mode``
+      (``GemmScales``, checked here: ``_fp8_mode``); the output in ``out``'s dtype (bf16 / fp16 / fp32).
 
     Outputs in ``out``'s layout share its strides. Grid: ``(persistent_programs(device, tiles),)`` (persistent: sm_100
     with TMA weights, or interpreting) or ``(tiles,)``, ``tiles = max_m_tiles · cdiv(padded cols, block_n)``.
@@ -929,10 +1165,11 @@ def gemm(
     glu = gate is not None or (backward is not None and backward.g is not None)
     dtype = a.tensor.dtype
     a2, w2 = pair if pair is not None else (a, gate if gate is not None else w)
+    fp8 = _fp8_mode(a, w, out, gate, pair, scales)
     aligned = aligned16((a.tensor, w, w2, out.tensor), (K, N), (*a.strides, *w.stride(), *w2.stride(), *out.strides))
     cfg = gemm_config(
         dtype, schedule.block_m, epilogue=epilogue, glu=glu, pair=pair is not None, aligned=aligned,
-        out_block=out.block, a_block=a.block, capability=capability(a.tensor),
+        out_block=out.block, a_block=a.block, capability=capability(a.tensor), fp8=fp8,
     )  # fmt: skip
     n_store = out.padded_cols
     num_n = triton.cdiv(n_store, cfg.block_n)
@@ -957,19 +1194,23 @@ def gemm(
     # the backward epilogue and the GLU forward (two accumulators) stay one tile per program: warp-specialized on
     # sm_100's 4 warps they spill (48-116 B, bench.audit)
     two_acc = epilogue == Epilogue.BACKWARD or (glu and epilogue == Epilogue.FORWARD)
+    two_acc = two_acc or (pair is not None and fp8 in (Fp8Mode.BLOCKWISE, Fp8Mode.ROWWISE))  # FP8: 4-warp ws spilled
     warp_spec = tma != WeightLoad.POINTERS and not two_acc and _warp_specialize(w.device)
     persistent = interpreting() or warp_spec  # elsewhere the tile loop costs registers: sm_90 1 CTA/SM, spills
+    sa, sw = (scales.a, scales.w) if scales is not None else (off[None], off[None, None])  # unused without FP8
+    sa2 = scales.a2 if scales is not None and scales.a2 is not None else sa
+    sw2 = scales.w2 if scales is not None and scales.w2 is not None else sw
     gemm_kernel[(persistent_programs(out.tensor.device, tiles) if persistent else tiles,)](
         a.tensor, w, a2.tensor, w2, w_desc, w2_desc, out.tensor, out.tensor if gate_out is None else gate_out,
         out.tensor if act_out is None else act_out, bwd.h, bwd.h if bwd.g is None else bwd.g,
         off if row_src is None else row_src, bwd.row_asg, bwd.weights, out.tensor if dots is None else dots, off,
-        schedule.tile_offsets, schedule.tile_expert,
+        schedule.tile_offsets, schedule.tile_expert, sa, sa2, sw, sw2,
         out.rows, N, n_store, K, E, schedule.max_m_tiles,
-        *a.strides, *w.stride(), *w2.stride(), *out.strides,
+        *a.strides, *w.stride(), *w2.stride(), *out.strides, *sa.stride(), *sw.stride(), *sw2.stride(),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EPI_N=cfg.epi_n, GROUP_M=cfg.group_m,
         LB_A=a.log_block, LB_O=out.log_block, GATHER=a.gathered, GLU=glu, PAIR=pair is not None, EPILOGUE=int(epilogue),
         ACT=kernel_code(activation), W_TMA=int(tma), WARP_SPEC=warp_spec,
-        UPCAST=upcast_dots(dtype), PERSISTENT=persistent, num_warps=cfg.num_warps,
+        UPCAST=upcast_dots(dtype), PERSISTENT=persistent, FP8=int(fp8), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
     return dots

@@ -250,13 +250,14 @@ def _weight_loads(dtype, cfg, mode: WeightLoad, two: bool) -> tuple[dict, dict[s
     return constexprs, {"w_desc": desc, **({"w2_desc": desc} if two else {})}
 
 
-def _variants(configs) -> list[tuple[Any, tuple[str, ...], tuple[int, ...] | None, str]]:
+def _variants(configs, arch_list=_ARCHS) -> list[tuple[Any, tuple[str, ...], tuple[int, ...] | None, str]]:
     """``(config, variants, archs, tag)`` for a config function of ``aligned`` and ``capability``: per architecture
     one config for both variants, or the fast one aligned and the fallback unaligned; architectures that get the same
     config share one entry (``archs`` None: every one). ``tag``: ``",w=<warps>"`` where one variant has several
-    configs across the architectures (their names would clash otherwise), else empty."""
+    configs across the architectures (their names would clash otherwise), else empty. ``arch_list``: the
+    architectures to list."""
     out: dict[tuple[Any, tuple[str, ...]], list[int]] = {}
-    for cc in _ARCHS:
+    for cc in arch_list:
         fast, fallback = configs(aligned=True, capability=cc), configs(aligned=False, capability=cc)
         pairs = (
             [(fast, ("unaligned", "aligned"))]
@@ -360,6 +361,7 @@ def _gemm_specs() -> list[CompileSpec]:
                             GROUP_M=cfg.group_m, LB_A=lb_block if use.a_blocked else DENSE_LOG_BLOCK,
                             LB_O=lb_block if use.out_blocked else DENSE_LOG_BLOCK, GATHER=use.gather, GLU=use.glu,
                             PAIR=use.pair, EPILOGUE=int(use.epilogue), ACT=kernel_code(act), UPCAST=False,
+                            FP8=int(Fp8Mode.NONE),
                         )  # fmt: skip
                         act_tag = f",{act}" if use.epilogue else ""
                         size = f"B={B}" if use.blocked else f"M={cfg.block_m}"
@@ -388,6 +390,127 @@ def _gemm_specs() -> list[CompileSpec]:
                                          _GEMM_ALIGNED, variants, {**_INDEX, **_FP32}, archs, **audit)  # fmt: skip
                             spec.signature.update(descs)
                             specs.append(spec)
+    return specs
+
+
+# The GEMMs of the FP8 expert MLP (issue 17, ``backends.triton_fp8``): E4M3 operands, bf16 results, the weights
+# K-contiguous (``w_t``: quantized into [E, N, K] storage, read through its transposed view): E4M3 wgmma reads only
+# K-major tiles, and an N-major weight (TMA over [E, K, N]) waits wgmma to zero every K step on sm_90 (measured:
+# ``gsb0 0`` in the rowwise down GEMM's loop, issue ratio 0.93 against 0.47 K-major)
+_FP8_USES = {
+    "up,glu": _GemmUse("up,glu", epilogue=Epilogue.FORWARD, glu=True, gather=True, w_t=True),  # x[token] @ (w1, w3)
+    "down": _GemmUse("down", w_t=True),  # a @ w2 (a dense: an FP8 A is never blocked)
+    "down_bwd,glu": _GemmUse("down_bwd,glu", epilogue=Epilogue.BACKWARD, glu=True, gather=True, w_t=True),
+    "dgrad_pair": _GemmUse("dgrad_pair", pair=True, w_t=True),  # dh @ w1ᵀ + dg @ w3ᵀ
+}
+# sm_80 has no E4M3 MMA: Triton 3.9 rejects fp8e4nv there ("type fp8e4nv not supported in this architecture")
+_FP8_ARCHS = (90, 100, 120)
+# What the FP8 recipes cost that their arithmetic imposes, measured from the SASS of the builds below (bench.audit,
+# Triton 3.9; issue ratios at the E4M3 FMA rate, MX on sm_90 at bf16's)
+_WAIVE_FP8_BLOCKWISE = (
+    "blockwise FP8 (DeepSeek-V3's promotion): each K step's MMA result is scaled by its group's scales and added to "
+    "the fp32 accumulator in registers, so the loop waits for its MMA every step (sm_90: WARPGROUP.DEPBAR.LE gsb0, "
+    "0x0 after 1 of 4 QGMMA; sm_100: the tcgen05 result loaded to registers), holds a second accumulator (174-223 "
+    "registers at 128 rows on 8 warps: 1 CTA/SM) and issues an FFMA per element and step (sm_90 0.80-0.98, sm_100 "
+    "1.35-1.38 issue clocks per MMA clock); DeepGEMM hides the promotion behind a second consumer warpgroup (warp "
+    "specialization: left to do)"
+)
+_WAIVE_FP8_MX_90 = (
+    "MX on sm_90: Hopper has no block-scaled MMA; Triton emulates tl.dot_scaled by upcasting both E4M3 tiles to bf16 "
+    "with their E8M0 scales in registers and runs HGMMA (no QGMMA), waiting wgmma to zero every step (1.64-2.50 "
+    "issue clocks per MMA clock at the bf16 rate; 176-252 registers, 1 CTA/SM at 128 rows): MX is native on sm_100, "
+    "Hopper takes blockwise or rowwise"
+)
+_WAIVE_FP8_MX_100 = (
+    "MX on sm_100 (block-scaled tcgen05: UTCQMMA with two scale-factor tensor-memory operands, 4 per 128-deep K step): "
+    "the E8M0 scale tiles of A and W ([128, 4] bytes each) come by pointer loads every K step and are copied to "
+    "tensor memory: 257 loop instructions on 4 warps against 168 for the rowwise build of the same tiles (1.00-1.12 "
+    "issue clocks per MMA clock); TMA loads of the scales in tcgen05's layout would remove them (left to do)"
+)
+_WAIVE_FP8_MX_100_SMALL_M = (
+    "MX with 64-row tiles on sm_100: the block-scaled tcgen05 MMA needs M = 128; Triton emulates tl.dot_scaled in "
+    "bf16 there (UTCHMMA)"
+)
+_WAIVE_FP8_ROWWISE = (
+    "rowwise FP8 at 128 rows: the accumulator is scaled by its rows' and columns' scales after the loop, the column "
+    "scales (one fp32 per accumulator column of the thread) live beside it (sm_90: 134-148 registers, 1 CTA/SM on 8 "
+    "warps); the dgrad pair's second product has other scales and its own accumulator (sm_90 246 registers; sm_100 "
+    "8 warps and 64 columns, 200 registers, 2.12 issue clocks per MMA clock); sm_100's backward epilogue on 8 warps "
+    "(4 spilled 64 B): 174 registers, 1.05"
+)
+
+
+def _fp8_waivers(mode: Fp8Mode, use: _GemmUse, block_m: int) -> tuple[tuple[str, str], ...]:
+    """The waivers of an FP8 build of ``gemm_kernel`` (the reasons above, each where its builds were measured)."""
+    if mode == Fp8Mode.BLOCKWISE:
+        return tuple((check, _WAIVE_FP8_BLOCKWISE) for check in
+                     ("pipeline@90", "issue@90", "occupancy@90", "issue@100", "occupancy@100"))  # fmt: skip
+    if mode == Fp8Mode.MX:
+        waivers = tuple((check, _WAIVE_FP8_MX_90) for check in ("mma@90", "pipeline@90", "issue@90", "occupancy@90"))
+        small = (("mma@100", _WAIVE_FP8_MX_100_SMALL_M),) if block_m < _LARGE_M else ()
+        return (*waivers, ("issue@100", _WAIVE_FP8_MX_100), *small)
+    if block_m < _LARGE_M or (use.glu and use.epilogue == Epilogue.FORWARD):
+        return ()
+    two = use.pair or use.epilogue == Epilogue.BACKWARD
+    return (
+        ("occupancy@90", _WAIVE_FP8_ROWWISE),
+        *((c, _WAIVE_FP8_ROWWISE) for c in ("issue@100", "occupancy@100") if two),
+    )
+
+
+def _gemm_fp8_specs() -> list[CompileSpec]:
+    """``gemm_kernel``'s FP8 builds: each recipe (``Fp8Mode``) with each GEMM of the FP8 MLP, the configs
+    ``gemm_config(fp8=...)`` picks (128- and 64-row tiles), the weights through TMA where the launcher takes it."""
+    specs = []
+    dtype, out = torch.float8_e4m3fn, torch.bfloat16
+    for mode in (Fp8Mode.BLOCKWISE, Fp8Mode.MX, Fp8Mode.ROWWISE):
+        scale = mode.recipe().scale_dtype
+        pointers = {**_INDEX, **_FP32, **dict.fromkeys(("out_ptr", "out2_ptr", "out3_ptr", "h_ptr", "g_ptr"), out),
+                    **dict.fromkeys(("sa_ptr", "sa2_ptr", "sw_ptr", "sw2_ptr"), scale)}  # fmt: skip
+        for use in _FP8_USES.values():
+            for block_m in (64, 128):
+
+                def configs(aligned, capability, block_m=block_m, use=use, mode=mode):
+                    return gemm_config(dtype, block_m, epilogue=use.epilogue, glu=use.glu, pair=use.pair,
+                                       aligned=aligned, capability=capability, fp8=mode)  # fmt: skip
+
+                shapes = "FP8 grouped, large T" if block_m >= _LARGE_M else "FP8 grouped, small T"
+                act = "silu" if use.epilogue else "identity"
+                two_w = use.glu and use.epilogue == Epilogue.FORWARD
+                # scales unit-strided: A's along K, W's along N (K for the transposed views)
+                unit = (*use.unit, "s_sak", "s_swk" if use.w_t else "s_swn", "s_sw2k" if use.w_t else "s_sw2n")
+                for cfg, variants, cfg_archs, warps_tag in _variants(configs, _FP8_ARCHS):
+                    tiles = cfg.block_m * cfg.block_k + (1 + two_w) * cfg.block_k * cfg.block_n
+                    audit = _audit_fields(dtype, cfg, variants, shapes, tiles * dtype.itemsize,
+                                          backward=use.epilogue == Epilogue.BACKWARD, glu=two_w)  # fmt: skip
+                    if "aligned" in variants:
+                        audit["waivers"] += _fp8_waivers(mode, use, cfg.block_m)
+                    base = dict(
+                        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EPI_N=cfg.epi_n,
+                        GROUP_M=cfg.group_m, LB_A=DENSE_LOG_BLOCK, LB_O=DENSE_LOG_BLOCK, GATHER=use.gather,
+                        GLU=use.glu, PAIR=use.pair, EPILOGUE=int(use.epilogue), ACT=kernel_code(act), UPCAST=False,
+                        FP8=int(mode),
+                    )  # fmt: skip
+                    name = f"gemm_fp8[{mode.recipe().name},{use.tag},M={cfg.block_m},N={cfg.block_n},K={cfg.block_k}"
+                    name += warps_tag
+                    tma = WeightLoad.TMA_T if use.w_t else WeightLoad.TMA
+                    builds = ((tma, False, (90, 120)), (tma, True, (100,)))  # the launcher's rule (see _gemm_specs)
+                    if use.epilogue == Epilogue.BACKWARD or two_w or (use.pair and mode != Fp8Mode.MX):
+                        builds = ((tma, False, _FP8_ARCHS),)
+                    if variants != ("aligned",):
+                        builds = ((WeightLoad.POINTERS, False, _FP8_ARCHS),)
+                    for load, ws, load_archs in builds:
+                        archs = tuple(cc for cc in load_archs if cc in (cfg_archs or _FP8_ARCHS))
+                        if not archs:
+                            continue
+                        two = two_w or use.pair
+                        constexprs, descs = _weight_loads(dtype, cfg, load, two=two)
+                        constexprs = {**base, **constexprs, "WARP_SPEC": ws, "PERSISTENT": ws}
+                        tag = ",tma,ws" if ws else ",tma" if load else ""
+                        spec = _spec(f"{name}{tag}]", gemm_kernel, dtype, cfg, constexprs, unit, _GEMM_ALIGNED,
+                                     variants, pointers, archs, **audit)  # fmt: skip
+                        spec.signature.update(descs)
+                        specs.append(spec)
     return specs
 
 
@@ -706,4 +829,6 @@ def _quantize_dual_specs(recipe: str) -> list[CompileSpec]:
 def compile_specs() -> list[CompileSpec]:
     """The GEMM, weight-gradient, permute and FP8 quantize configurations the GPU path can pick (module
     docstring)."""
-    return _gemm_specs() + _wgrad_specs() + _fp8_wgrad_specs() + _permute_specs() + _quantize_specs()
+    return (
+        _gemm_specs() + _gemm_fp8_specs() + _wgrad_specs() + _fp8_wgrad_specs() + _permute_specs() + _quantize_specs()
+    )

@@ -1,0 +1,316 @@
+"""The FP8 main loops of ``gemm_kernel`` (``expert_gemm.gemm(..., scales=GemmScales)``, interpreter): every recipe
+(``Fp8Mode`` BLOCKWISE, MX, ROWWISE) with every epilogue the fused MLP runs, against a float64 reference *of the
+quantized math*: the operands of ``fp8.quantize`` dequantized in float64 (``q.double() · scale``), multiplied in
+float64. Under the interpreter E4M3 ``tl.dot`` and ``tl.dot_scaled`` are exact products with fp32 accumulation, so
+the kernel matches that reference to fp32 accumulation accuracy (checked against ``|A| @ |W|``, the bound of the
+rounding of a sum); never against unquantized math (``test_fp8.py`` judges the recipes by SQNR). Outputs are
+poisoned; the edges and the errors are named where they are tested."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from helpers import poison_, routing
+
+from blocksparse_moe import fp8
+from blocksparse_moe.activations import act_backward, get_activation
+from blocksparse_moe.kernels import expert_gemm
+from blocksparse_moe.kernels.expert_gemm import BackwardEpilogue, Fp8Mode, GemmScales, WeightLoad
+from blocksparse_moe.kernels.layouts import Rows, Schedule
+from blocksparse_moe.routing import RoutingPlan, plan_routing
+
+MODES = [Fp8Mode.BLOCKWISE, Fp8Mode.MX, Fp8Mode.ROWWISE]
+BLOCK_M = 16
+ACC_RTOL = 1e-5  # fp32 accumulation, relative to |A| @ |W|
+
+
+def _plan(T: int, k: int, E: int, kind: str) -> RoutingPlan:
+    return plan_routing(routing(T, k, E, kind), E, block_size=1, check=False)
+
+
+def _expand(scale: torch.Tensor, block: tuple[int | None, int | None], shape: tuple[int, int]) -> torch.Tensor:
+    """Per-group float64 scale values ``[..., R/br, C/bc]`` over their elements ``[..., R, C]``."""
+    R, C = shape
+    br, bc = block[0] or max(R, 1), block[1] or max(C, 1)
+    value = fp8.scale_value(scale).double()
+    return value.repeat_interleave(br, -2).repeat_interleave(bc, -1)[..., :R, :C]
+
+
+def quantized(t: torch.Tensor, block: tuple[int | None, int | None], mode: Fp8Mode):
+    """``(q, scale, q.double() · scale)``: ``t`` quantized by ``fp8.quantize`` for ``mode``'s recipe, and the
+    float64 values the FP8 GEMM multiplies."""
+    q, s = fp8.quantize(t, block, mode.recipe().scale_dtype)
+    return q, s, q.double() * _expand(s, block, tuple(t.shape[-2:]))
+
+
+def weight(E: int, K: int, N: int, mode: Fp8Mode, transposed: bool):
+    """E4M3 weights ``[E, K, N]`` with their scales: as stored (quantized with ``weight_block(0)``) or the view
+    ``w.transpose(1, 2)`` of a ``[E, N, K]`` weight quantized with ``weight_block(1)`` (the dgrad's ``wᵀ``), with
+    its scales' transposed view. Returns ``(q, scale, float64 values)``, all ``[E, K, N]`` views."""
+    rcp = mode.recipe()
+    if transposed:
+        q, s, v = quantized(torch.randn(E, N, K) / K**0.5, rcp.weight_block(1), mode)
+        return q.transpose(1, 2), s.transpose(1, 2), v.transpose(1, 2)
+    return quantized(torch.randn(E, K, N) / K**0.5, rcp.weight_block(0), mode)
+
+
+def expert_rows(plan: RoutingPlan, a64: torch.Tensor, gathered: bool) -> list[tuple[int, int, torch.Tensor]]:
+    """``(first row, expert, A's rows of that expert)`` per expert, in float64."""
+    off = plan.offsets.tolist()
+    src = plan.row_token.long()
+    return [
+        (off[e], e, a64[src[off[e] : off[e + 1]]] if gathered else a64[off[e] : off[e + 1]])
+        for e in range(plan.num_experts)
+    ]
+
+
+def reference(plan: RoutingPlan, a64: torch.Tensor, w64: torch.Tensor, gathered: bool):
+    """``(A @ W[e] per row, |A| @ |W[e]|)`` ``[R, N]`` in float64 (rows no expert owns: zero)."""
+    R, N = plan.num_assignments, w64.shape[2]
+    ref, bound = torch.zeros(R, N, dtype=torch.float64), torch.zeros(R, N, dtype=torch.float64)
+    for first, e, rows in expert_rows(plan, a64, gathered):
+        ref[first : first + rows.shape[0]] = rows @ w64[e]
+        bound[first : first + rows.shape[0]] = rows.abs() @ w64[e].abs()
+    return ref, bound
+
+
+def assert_accumulated(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, what: str) -> None:
+    """``out`` is ``ref`` to fp32 accumulation accuracy (``ACC_RTOL · bound``), then rounded to out's dtype."""
+    assert not out.isnan().any(), f"{what}: NaN (an element left unwritten)"
+    rounding = 0.0 if out.dtype == torch.float32 else torch.finfo(out.dtype).eps
+    err = (out.double() - ref).abs()
+    tol = ACC_RTOL * bound + rounding * ref.abs() + 1e-30
+    assert (err <= tol).all(), f"{what}: max error {err.max():.3e}, worst ratio {(err / tol).max():.2f}"
+
+
+def assert_derived(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    """Epilogue results computed from the accumulator (activations, products): fp32 math, or one more rounding to
+    bf16 of values derived from a rounded h."""
+    assert not out.isnan().any(), f"{what}: NaN (an element left unwritten)"
+    rtol = 1e-5 if out.dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=rtol * ref.abs().max().item(), msg=what)
+
+
+def _poisoned(R: int, N: int, dtype: torch.dtype) -> torch.Tensor:
+    return poison_(torch.empty(R, N, dtype=dtype))
+
+
+USES = ["plain", "plain-gathered", "forward", "forward-glu", "backward-glu", "pair"]
+# (out dtype, weights as a transposed view, TMA weights): each use and recipe runs both
+VARIANTS = [(torch.float32, False, True), (torch.bfloat16, True, False)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=["fp32-stored-tma", "bf16-transposed-pointers"])
+@pytest.mark.parametrize("use", USES)
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name.lower())
+def test_fp8_gemm(mode, use, variant, monkeypatch):
+    # experts 1 and 3 get no rows (an expert with no rows); K = 144 and N = 48 are multiples of no scale group
+    # (K: a second, partial blockwise group, a partial last MX step) but 16-byte aligned, so TMA runs when on
+    out_dtype, transposed, tma = variant
+    monkeypatch.setattr(expert_gemm, "TMA_WEIGHTS", tma)
+    T, k, E, K, N = 13, 2, 4, 144, 48
+    plan = _plan(T, k, E, "skip")
+    R, rcp = plan.num_assignments, mode.recipe()
+    schedule = Schedule.build(plan.offsets, R, BLOCK_M)
+    gathered = use not in ("plain", "pair")
+    a_q, a_s, a64 = quantized(torch.randn(T if gathered else R, K), rcp.act_block(), mode)
+    w_q, w_s, w64 = weight(E, K, N, mode, transposed)
+    assert (expert_gemm._tma_mode(w_q) != WeightLoad.POINTERS) == tma
+    inputs = [t.clone() for t in (a_q.view(torch.uint8), a_s, w_q.view(torch.uint8), w_s)]
+    a = Rows.dense(a_q, gathered=gathered)
+    row_src = plan.row_token if gathered else None
+    out = _poisoned(R, N, out_dtype)
+    ref, bound = reference(plan, a64, w64, gathered)
+
+    if use in ("plain", "plain-gathered"):
+        expert_gemm.gemm(a, w_q, Rows.dense(out), schedule, row_src=row_src, scales=GemmScales(mode, a_s, w_s))
+        assert_accumulated(out, ref, bound, "out")
+    elif use.startswith("forward"):
+        glu = use == "forward-glu"
+        g_q, g_s, g64 = weight(E, K, N, mode, transposed)
+        gate_out, act_out = _poisoned(R, N, out_dtype), _poisoned(R, N, out_dtype)
+        expert_gemm.gemm(
+            a, w_q, Rows.dense(out), schedule, row_src=row_src, gate=g_q if glu else None, gate_out=gate_out,
+            act_out=act_out, activation="silu", scales=GemmScales(mode, a_s, w_s, g_s if glu else None),
+        )  # fmt: skip
+        assert_accumulated(out, ref, bound, "h")
+        act = get_activation("silu")(ref.to(out_dtype).double())
+        if glu:
+            ref_g, bound_g = reference(plan, a64, g64, gathered)
+            assert_accumulated(gate_out, ref_g, bound_g, "g")
+            act = act * ref_g.to(out_dtype).double()
+        assert_derived(act_out, act, "a")
+    elif use == "backward-glu":
+        # acc = G = dout[token] @ w2ᵀ; the epilogue: dh = w·G·g·act'(h), dg = w·G·act(h), aw = w·a, Σ G·a
+        h, g = torch.randn(R, N).to(out_dtype), torch.randn(R, N).to(out_dtype)
+        weights = torch.rand(T * k)
+        dg, aw = _poisoned(R, N, out_dtype), _poisoned(R, N, out_dtype)
+        dots = expert_gemm.gemm(
+            a, w_q, Rows.dense(out), schedule, row_src=row_src, gate_out=dg, act_out=aw, activation="silu",
+            backward=BackwardEpilogue(h, g, plan.row_assignment, weights), scales=GemmScales(mode, a_s, w_s),
+        )  # fmt: skip
+        h64, g64 = h.double(), g.double()
+        wr = weights.double()[plan.row_assignment.long()][:, None]
+        act = get_activation("silu")(h64)
+        assert_derived(out, act_backward(ref * wr * g64, h64, "silu"), "dh")
+        assert_derived(dg, ref * wr * act, "dg")
+        assert_derived(aw, act * g64 * wr, "aw")
+        assert_derived(dots.sum(0), (ref * act * g64).sum(1), "dots")
+    else:  # pair: out = a @ w + a2 @ w2, each with its own scales
+        a2_q, a2_s, a2_64 = quantized(torch.randn(R, K), rcp.act_block(), mode)
+        w2_q, w2_s, w2_64 = weight(E, K, N, mode, transposed)
+        scales = GemmScales(mode, a_s, w_s, w2_s, a2_s)
+        expert_gemm.gemm(a, w_q, Rows.dense(out), schedule, pair=(Rows.dense(a2_q), w2_q), scales=scales)
+        ref2, bound2 = reference(plan, a2_64, w2_64, False)
+        assert_accumulated(out, ref + ref2, bound + bound2, "out")
+    # inputs are never modified
+    for before, after in zip(inputs, (a_q.view(torch.uint8), a_s, w_q.view(torch.uint8), w_s)):
+        assert torch.equal(before, after)
+
+
+EDGES = {
+    # name: (T, k, E, K, N, routing)
+    "one-row": (1, 1, 1, 80, 40, "uniform"),  # one row, E = 1; K = 80, N = 40 (unaligned: pointer loads)
+    "one-expert": (20, 2, 3, 80, 40, "one-hot"),  # all rows on one expert: several M tiles, the others empty
+    "k=E": (5, 3, 3, 32, 24, "uniform"),  # k = E: every token on every expert
+    "two-column-blocks": (6, 1, 2, 64, 136, "uniform"),  # N = 136: a second, partial 128-column weight block
+    "empty": (0, 2, 3, 80, 40, "uniform"),  # no rows: nothing to launch
+}
+
+
+@pytest.mark.parametrize("case", list(EDGES))
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name.lower())
+def test_fp8_gemm_edges(mode, case):
+    T, k, E, K, N, kind = EDGES[case]
+    plan = _plan(T, k, E, kind)
+    R, rcp = plan.num_assignments, mode.recipe()
+    a_q, a_s, a64 = quantized(torch.randn(T, K), rcp.act_block(), mode)
+    w_q, w_s, w64 = weight(E, K, N, mode, False)
+    out = _poisoned(R, N, torch.float32)
+    expert_gemm.gemm(
+        Rows.dense(a_q, gathered=True), w_q, Rows.dense(out), Schedule.build(plan.offsets, R, BLOCK_M),
+        row_src=plan.row_token, scales=GemmScales(mode, a_s, w_s),
+    )  # fmt: skip
+    assert_accumulated(out, *reference(plan, a64, w64, True), "out")
+
+
+@pytest.mark.parametrize("block_k", [64, 128])
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name.lower())
+def test_fp8_gemm_gpu_k_steps(mode, block_k, monkeypatch):
+    # the GPU configs' K steps (128: one blockwise group, four MX groups per step) on K = 80: the last step holds
+    # a partial group and (MX) masked scale groups, which must read a finite scale (a masked E8M0 255 is NaN)
+    config = expert_gemm.gemm_config
+
+    def gpu_k_step(*args, **kwargs):
+        return replace(config(*args, **kwargs), block_k=block_k)
+
+    monkeypatch.setattr(expert_gemm, "gemm_config", gpu_k_step)
+    T, k, E, K, N = 9, 2, 3, 80, 40
+    plan = _plan(T, k, E, "uniform")
+    R, rcp = plan.num_assignments, mode.recipe()
+    a_q, a_s, a64 = quantized(torch.randn(T, K), rcp.act_block(), mode)
+    w_q, w_s, w64 = weight(E, K, N, mode, False)
+    out = _poisoned(R, N, torch.float32)
+    expert_gemm.gemm(
+        Rows.dense(a_q, gathered=True), w_q, Rows.dense(out), Schedule.build(plan.offsets, R, BLOCK_M),
+        row_src=plan.row_token, scales=GemmScales(mode, a_s, w_s),
+    )  # fmt: skip
+    assert_accumulated(out, *reference(plan, a64, w64, True), "out")
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name.lower())
+def test_fp8_gemm_zero_and_nan_groups(mode):
+    # an all-zero group (fp32 scale 0, E8M0 2^-127: q = 0) gives zeros, no NaN; a NaN in a group makes its scale
+    # NaN (E8M0: 255) and every product reading the group NaN (fp8.py's documented propagation): the token's whole
+    # output row, as in the reference
+    T, k, E, K, N = 6, 1, 2, 80, 40
+    plan = _plan(T, k, E, "uniform")
+    R, rcp = plan.num_assignments, mode.recipe()
+    x = torch.randn(T, K)
+    x[1, :32] = 0  # token 1: an all-zero group (every recipe's first group covers its first 32 elements)
+    x[2] = 0  # token 2: all zero (rowwise: the row's one scale is 0)
+    x[4, 40] = float("nan")  # token 4: a NaN
+    w = torch.randn(E, K, N) / K**0.5
+    w[1] = 0  # expert 1's weight all zero: zero scales
+    a_q, a_s, a64 = quantized(x, rcp.act_block(), mode)
+    w_q, w_s, w64 = quantized(w, rcp.weight_block(0), mode)
+    out = _poisoned(R, N, torch.float32)
+    expert_gemm.gemm(
+        Rows.dense(a_q, gathered=True), w_q, Rows.dense(out), Schedule.build(plan.offsets, R, BLOCK_M),
+        row_src=plan.row_token, scales=GemmScales(mode, a_s, w_s),
+    )  # fmt: skip
+    ref, bound = reference(plan, a64, w64, True)
+    nan = plan.row_token.long() == 4
+    assert ref[nan].isnan().all() and not ref[~nan].isnan().any()
+    assert out[nan].isnan().all()
+    assert_accumulated(out[~nan], ref[~nan], bound[~nan], "out")
+    off = plan.offsets.tolist()
+    assert (out[off[1] : off[2]] == 0).all()  # expert 1's rows: zero weights
+    assert (out[plan.row_token.long() == 2] == 0).all()
+
+
+def _small(mode: Fp8Mode):
+    """A valid gathered FP8 launch's arguments: ``(a, w, out, schedule, row_src, scales)``."""
+    plan = _plan(4, 1, 2, "uniform")
+    rcp = mode.recipe()
+    a_q, a_s, _ = quantized(torch.randn(4, 64), rcp.act_block(), mode)
+    w_q, w_s, _ = weight(2, 64, 32, mode, False)
+    out = Rows.dense(torch.empty(4, 32))
+    return Rows.dense(a_q, gathered=True), w_q, out, Schedule.build(plan.offsets, 4, BLOCK_M), plan.row_token, a_s, w_s
+
+
+def test_fp8_gemm_errors():
+    a, w, out, schedule, row_src, a_s, w_s = _small(Fp8Mode.BLOCKWISE)
+
+    def launch(**kwargs):
+        args = dict(
+            a=a, w=w, out=out, schedule=schedule, row_src=row_src, scales=GemmScales(Fp8Mode.BLOCKWISE, a_s, w_s)
+        )
+        args.update(kwargs)
+        expert_gemm.gemm(args.pop("a"), args.pop("w"), args.pop("out"), args.pop("schedule"), **args)
+
+    with pytest.raises(TypeError, match=r"E4M3 operands \(a, w\) need their scales"):
+        launch(scales=None)
+    with pytest.raises(TypeError, match="scales must be a GemmScales"):
+        launch(scales=(a_s, w_s))
+    with pytest.raises(ValueError, match="scales.mode must be"):
+        launch(scales=GemmScales(Fp8Mode.NONE, a_s, w_s))
+    with pytest.raises(TypeError, match=r"gemm: w \(FP8\) must have a dtype among \(torch.float8_e4m3fn,\)"):
+        launch(w=w.float())
+    with pytest.raises(TypeError, match=r"gemm: out \(FP8\)"):
+        launch(out=Rows.dense(torch.empty(4, 32, dtype=torch.float8_e4m3fn)))
+    with pytest.raises(TypeError, match=r"scales.a \(blockwise\) must have a dtype among \(torch.float32,\)"):
+        launch(scales=GemmScales(Fp8Mode.BLOCKWISE, a_s.to(torch.uint8), w_s))
+    with pytest.raises(TypeError, match=r"scales.w \(mxfp8\) must have a dtype among \(torch.uint8,\)"):  # mx
+        launch(scales=GemmScales(Fp8Mode.MX, torch.zeros(4, 2, dtype=torch.uint8), torch.zeros(2, 2, 32)))
+    with pytest.raises(ValueError, match=r"scales.w \(blockwise\) must have shape \[E, K groups, N groups\] = "
+                                         r"\(2, 1, 1\), got \(2, 1, 32\)"):  # fmt: skip
+        launch(scales=GemmScales(Fp8Mode.BLOCKWISE, a_s, torch.ones(2, 1, 32)))
+    with pytest.raises(ValueError, match=r"scales.a \(rowwise\) must have shape .* = \(4, 1\), got \(4, 1, 1\)"):
+        launch(scales=GemmScales(Fp8Mode.ROWWISE, a_s[..., None], w_s))
+    with pytest.raises(ValueError, match="scales.w2 is needed"):  # a GLU gate without its scales
+        launch(gate=w, gate_out=torch.empty(4, 32), act_out=torch.empty(4, 32))
+    with pytest.raises(ValueError, match="scales.w2 must be None without a gate or a pair"):
+        launch(scales=GemmScales(Fp8Mode.BLOCKWISE, a_s, w_s, w_s))
+    blocked = Rows.blocked(torch.zeros(2, 16, 16, dtype=torch.float8_e4m3fn), 1, 16)
+    with pytest.raises(ValueError, match="an FP8 a must be dense or gathered, got a blocked layout"):
+        launch(a=blocked, row_src=None, scales=GemmScales(Fp8Mode.BLOCKWISE, torch.ones(32, 1), torch.ones(2, 1, 1)))
+
+
+def test_fp8_gemm_configs(monkeypatch):
+    # the GPU configs (bench.audit builds them): a K step of 128 (one blockwise group per step, four MX groups),
+    # 64 for MX off sm_100 (emulated), 32 for unaligned operands; blockwise tiles within one 128-column weight block
+    monkeypatch.setattr(expert_gemm, "interpreting", lambda: False)
+    e4m3 = torch.float8_e4m3fn
+    for mode in MODES:
+        for cc in (90, 100, 120):
+            for epilogue, glu, pair in ((0, False, False), (1, True, False), (2, True, False), (0, False, True)):
+                cfg = expert_gemm.gemm_config(e4m3, 128, epilogue=epilogue, glu=glu, pair=pair, capability=cc, fp8=mode)
+                assert cfg.block_k == 128 or (mode == Fp8Mode.MX and cc != 100)
+                assert 128 % cfg.block_n == 0 and cfg.block_k % 32 == 0
+                slow = expert_gemm.gemm_config(e4m3, 128, aligned=False, capability=cc, fp8=mode)
+                assert slow.block_k == slow.block_n == 32
+    monkeypatch.setattr(expert_gemm, "interpreting", lambda: True)
+    assert expert_gemm.gemm_config(e4m3, 16, fp8=Fp8Mode.MX).block_k == 32  # whole MX groups when interpreting
