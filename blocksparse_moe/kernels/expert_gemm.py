@@ -255,7 +255,7 @@ def _fp8_dot(acc, a, w, sa_ptr, sa_rows, s_sak, sw_ptr, sw_cols, s_swk, row_ok, 
     - ``ROWWISE`` (and ``NONE``): a plain ``tl.dot`` (the scales are applied once after the loop,
       ``_rowwise_scale``)."""
     if FP8 == _BLOCKWISE:
-        group = t // (_BLOCKWISE_GROUP // BLOCK_K)  # BLOCK_K | 128: t itself at the GPU's BLOCK_K = 128
+        group = t // (_BLOCKWISE_GROUP // BLOCK_K)  # BLOCK_K | 128: t itself at the aligned configs' BLOCK_K = 128
         sa = tl.load(sa_ptr + sa_rows + tl.cast(group, tl.int64) * s_sak, mask=row_ok, other=0.0)
         sw = tl.load(sw_ptr + tl.cast(group, tl.int64) * s_swk + sw_cols)
         acc += tl.dot(a, w) * (sa * sw)[:, None]
