@@ -288,11 +288,13 @@ def _cacheable(w: torch.Tensor) -> bool:
 
 
 def quantized_weight(
-    w: torch.Tensor, rcp: Recipe, reduced: int, quantizer: Callable = quantize
+    w: torch.Tensor, rcp: Recipe, reduced: int, quantizer: Callable = quantize, *, k_major: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert weights ``w [E, K, N]`` quantized for a reduction along dimension ``reduced`` (0: K, 1: N) with
     recipe ``rcp`` (groups ``rcp.weight_block(reduced)``): ``(q E4M3 [E, K, N], scale)``, what the FP8 kernels
     read. ``quantizer(t, block, scale_dtype)`` is ``quantize`` or its Triton twin (``kernels.quantize``).
+    ``k_major``: q stored with the reduced dimension contiguous (sm_90's E4M3 wgmma reads K-major tiles only; the
+    copy is made once, in the cache).
 
     Cached per parameter (the tensor owning the storage, by identity) and its version counter (``_version``, which
     every in-place update bumps): a weight is quantized once per optimizer step for all the GEMMs that read it in
@@ -301,18 +303,26 @@ def quantized_weight(
     ``torch.compile`` traces (the quantization is then part of the graph), for inference tensors (no version
     counter), on meta, or where autograd would record the quantization."""
     block = rcp.weight_block(reduced)
+
+    def make() -> tuple[torch.Tensor, torch.Tensor]:
+        q, scale = quantizer(w, block, rcp.scale_dtype)
+        if k_major and q.stride(1 + reduced) != 1:
+            q = q.contiguous() if reduced else q.transpose(1, 2).contiguous().transpose(1, 2)
+        return q, scale
+
     if not _cacheable(w):
-        return quantizer(w, block, rcp.scale_dtype)
+        return make()
     base = w if w._base is None else w._base
     key = id(base)
     entry = _CACHE.get(key)
     if entry is None or entry[0]() is not base or entry[1] != base._version:
         entry = (weakref.ref(base, lambda _: _CACHE.pop(key, None)), base._version, {})
         _CACHE[key] = entry
-    view = (w.storage_offset(), tuple(w.shape), w.stride(), w.dtype, block, rcp.scale_dtype, quantizer)
+    layout = 1 + reduced if k_major else None  # the contiguous dimension asked for (square blocks: one scale layout)
+    view = (w.storage_offset(), tuple(w.shape), w.stride(), w.dtype, block, rcp.scale_dtype, quantizer, layout)
     cached = entry[2].get(view)
     if cached is None:
-        cached = entry[2][view] = quantizer(w, block, rcp.scale_dtype)
+        cached = entry[2][view] = make()
     return cached
 
 

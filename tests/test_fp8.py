@@ -128,6 +128,20 @@ def test_weight_cache_once_per_version():
     fp8.weight_cache_clear()
 
 
+def test_weight_cache_k_major():
+    """``k_major``: the cached E4M3 weight has its reduced dimension contiguous (the layout sm_90's E4M3 wgmma reads),
+    with the same values and scales as the row-major one; each layout is its own cache entry."""
+    r = fp8.recipe("blockwise")
+    w = torch.randn(2, 40, 24)
+    for reduced in (0, 1):
+        q, s = fp8.quantized_weight(w, r, reduced)
+        qk, sk = fp8.quantized_weight(w, r, reduced, k_major=True)
+        assert qk.stride(1 + reduced) == 1 and qk is not q
+        assert torch.equal(qk.view(torch.uint8), q.view(torch.uint8)) and torch.equal(sk, s)
+        assert fp8.quantized_weight(w, r, reduced, k_major=True)[0] is qk
+    fp8.weight_cache_clear()
+
+
 # ----------------------------------------------------------------------------------------------- Triton kernel
 
 
@@ -174,13 +188,16 @@ def test_quantize_kernel_exact(poisoned, device, recipe, role, dtype):
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_quantize_rows_kernel_exact(poisoned, device, recipe):
-    """The weight-gradient layout (groups of one expert's rows, per column) == reference bit for bit; experts with
-    no rows (0, 4), one row (2), 129 rows (a partial second 128-group), rows past offsets[E]."""
+@pytest.mark.parametrize("transposed", [False, True])
+def test_quantize_rows_kernel_exact(poisoned, device, recipe, transposed):
+    """The weight-gradient layout (groups of one expert's rows, per column) == reference bit for bit, stored
+    row-major or (``transposed``) column-major; experts with no rows (0, 4), one row (2), 129 rows (a partial second
+    128-group), rows past offsets[E]."""
     r = fp8.recipe(recipe)
     offsets = torch.tensor([0, 0, 50, 51, 180, 180], dtype=torch.int32, device=device)
     t = _edgy((190, 40), torch.float32).to(device)
-    q, s, ids = kq.quantize_rows(t, offsets, r.group, r.scale_dtype)
+    q, s, ids = kq.quantize_rows(t, offsets, r.group, r.scale_dtype, transposed=transposed)
+    assert q.stride() == ((1, 190) if transposed else (40, 1))
     q_ref, s_ref, ids_ref = fp8.quantize_rows(t, offsets, r.group, r.scale_dtype)
     assert torch.equal(ids, ids_ref)
     assert_same(s, s_ref, f"scales {recipe}")
@@ -192,11 +209,14 @@ def test_quantize_rows_kernel_exact(poisoned, device, recipe):
 def test_quantize_dual_kernel_exact(poisoned, device, recipe, dtype):
     """The one-pass quantization of a weight-gradient operand in both layouts == the two references bit for bit
     (rowwise: the two launchers); experts with no rows, one row, 129 rows, rows past offsets[E], 300 columns (a
-    partial column group), the edge values of ``_edgy``."""
+    partial column group), the edge values of ``_edgy``; the bf16 cases write the weight-gradient layout column-major
+    (``transposed``, a K-major MMA operand), the fp32 ones row-major."""
     r = fp8.recipe(recipe)
     offsets = torch.tensor([0, 0, 50, 51, 180, 180], dtype=torch.int32, device=device)
     t = _edgy((190, 300), dtype).to(device)
-    (q_rows, s_rows), (q_cols, s_cols, ids) = kq.quantize_dual(t, offsets, r.group, r.scale_dtype)
+    transposed = dtype == torch.bfloat16
+    (q_rows, s_rows), (q_cols, s_cols, ids) = kq.quantize_dual(t, offsets, r.group, r.scale_dtype, transposed)
+    assert q_cols.stride() == ((1, 190) if transposed else (300, 1))
     q1, s1 = fp8.quantize(t, (1, r.group), r.scale_dtype)
     q2, s2, ids2 = fp8.quantize_rows(t, offsets, r.group, r.scale_dtype)
     assert torch.equal(ids, ids2)
@@ -328,20 +348,57 @@ def test_fp8_none_is_unchanged():
             assert torch.equal(u, v), f"{impl} {name}"
 
 
+@pytest.mark.parametrize("impl", ["grouped", "blocksparse"])
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_triton_backend_runs_the_emulation(recipe):
-    """Under the Triton backend (interpreter), fp8 runs the same emulation with the quantize kernels: equal to the
-    torch backend's bit for bit (the kernels equal the reference), after a one-time warning."""
+def test_triton_fp8_kernels_exact_quantized_math(recipe, impl):
+    """The Triton backend's FP8 MLP (``backends.triton_fp8``: the E4M3 main loops of ``gemm_kernel`` and
+    ``wgrad_kernel`` with the quantize kernels, interpreted) == the float64 reference of the same quantized math up to
+    fp32 accumulation order (> 60 dB apart; an FP8 rounding step is ~24 dB), forward and every gradient, with no
+    emulation warning. Sizes cross groups: d = 136 (128 + 8, a partial K group), f = 40 (a partial 32 group);
+    an expert with no tokens ("skip"); blocksparse (16-row blocks: 16-aligned expert offsets, the weight gradients'
+    K-major operands through TMA) covers the saved h, g converted to and from the blocked layout."""
+    problem = _problem(T=12, d=136, f=40, E=3, k=2, kind="skip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fused MLP runs the kernels, not the emulation
+        got = _run(
+            *problem, impl=impl, fp8=recipe, backend="triton", **({"block_size": 16} if impl == "blocksparse" else {})
+        )
+    ref = _reference(*problem, recipe)
+    for name, a, b in zip(NAMES, got, ref):
+        assert sqnr(a, b) > 60, f"{name}: {sqnr(a, b):.1f} dB from the quantized reference"
+
+
+def test_triton_fp8_row_groups():
+    """The Triton FP8 weight gradients group an expert's rows from its first row: an expert with 130 rows (two
+    blockwise row groups, the second partial) and one with 2, against the quantized reference; bf16 inputs run too
+    (within FP8 noise of the fp32 result)."""
+    x, idx, weights, w1, w2, w3, dout = _problem(T=130, d=32, f=24, E=2, k=1)
+    idx[:, 0] = 0  # expert 0: 130 rows (groups of 128 and 2)
+    idx[:2, 0] = 1  # expert 1: two rows
+    got = _run(x, idx, weights, w1, w2, w3, dout, impl="grouped", fp8="blockwise", backend="triton")
+    ref = _reference(x, idx, weights, w1, w2, w3, dout, "blockwise")
+    for name, a, b in zip(NAMES, got, ref):
+        assert sqnr(a, b) > 60, f"{name}: {sqnr(a, b):.1f} dB"
+    half = [t.bfloat16() if t.is_floating_point() else t for t in (x, idx, weights, w1, w2, w3, dout)]
+    for name, a, b in zip(NAMES, _run(*half, impl="grouped", fp8="blockwise", backend="triton"), ref):
+        assert a.dtype == torch.bfloat16 and sqnr(a, b) > 20, f"{name} bf16: {sqnr(a, b):.1f} dB"
+
+
+def test_triton_emulated_paths_warn_once():
+    """Outside the fused MLP (a callable activation: the op-by-op path) the Triton backend emulates the FP8 GEMMs
+    with its quantize kernels, equal to the torch backend's emulation (up to the fp32 summation order of the Triton
+    gather / scatter), after a one-time warning."""
     triton_backend.fp8_quantizer.cache_clear()
-    problem = _problem(T=24, d=40, f=24, E=3, k=2)
-    with pytest.warns(UserWarning, match="FP8 tensor-core kernels are not built yet"):
-        got = _run(*problem, impl="grouped", fp8=recipe, backend="triton")
+    problem = _problem(T=12, d=40, f=24, E=3, k=2)
+    silu = torch.nn.functional.silu
+    with pytest.warns(UserWarning, match="runs the PyTorch emulation"):
+        got = _run(*problem, impl="grouped", fp8="mxfp8", backend="triton", activation=silu)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
-        _run(*problem, impl="grouped", fp8=recipe, backend="triton")
-    want = _run(*problem, impl="grouped", fp8=recipe, backend="torch")
+        _run(*problem, impl="grouped", fp8="mxfp8", backend="triton", activation=silu)
+    want = _run(*problem, impl="grouped", fp8="mxfp8", backend="torch", activation=silu)
     for name, a, b in zip(NAMES, got, want):
-        assert torch.equal(a, b), name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize(

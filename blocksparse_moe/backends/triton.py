@@ -24,7 +24,7 @@ from ..kernels._common import interpreting
 from ..kernels.expert_gemm import BackwardEpilogue
 from ..kernels.layouts import Rows, Schedule
 from ..routing import Topology
-from . import torch_fp8
+from . import triton_fp8
 from .common import OPS, MlpRouting, combine_dots
 
 __all__ = ["new", "fp8_quantizer", *OPS]
@@ -199,12 +199,13 @@ def _schedule(routing: MlpRouting) -> Schedule:
 
 @cache
 def fp8_quantizer() -> Quantizer:
-    """The quantizer of the FP8 MLP on this backend: until the FP8 paths of ``gemm_kernel`` / ``wgrad_kernel``
-    exist, the fused MLP runs the PyTorch emulation (``backends.torch_fp8``) with the Triton quantize kernels
-    (``kernels.quantize``), and says so once."""
+    """The quantizer of the FP8 paths that compose ops rather than run the fused MLP (``custom_moe_mlp``, the
+    padded strategy, a callable activation: ``strategies.fp8``): they emulate the FP8 GEMMs in fp32 with the Triton
+    quantize kernels (``kernels.quantize``), and say so once. The fused MLP runs FP8 tensor-core GEMMs
+    (``triton_fp8``)."""
     warnings.warn(
-        "blocksparse_moe: the FP8 tensor-core kernels are not built yet; fp8 runs the PyTorch emulation (Triton "
-        "quantize kernels, fp32 matmuls of the dequantized operands)",
+        "blocksparse_moe: fp8 outside the fused expert MLP (custom_moe_mlp, the padded strategy, a callable "
+        "activation) runs the PyTorch emulation of the FP8 GEMMs (Triton quantize kernels, fp32 matmuls)",
         stacklevel=3,
     )
     return quantize_kernels.QUANTIZER
@@ -222,9 +223,9 @@ def mlp_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``out [T, d]``, and the ``h``, ``g`` backward needs (``MlpRouting.intermediate_shape``): the gated
     up-projection (gather fused, activation in the epilogue), the down-projection, the weighted scatter. With an
-    ``fp8`` recipe: its emulation (``fp8_quantizer``)."""
+    ``fp8`` recipe: its FP8 GEMMs (``triton_fp8``)."""
     if fp8:
-        return torch_fp8.mlp_forward(x, weights, w1, w2, w3, routing, activation, fp8, fp8_quantizer())
+        return triton_fp8.mlp_forward(x, weights, w1, w2, w3, routing, activation, fp8, _schedule(routing))
     F = w1.shape[2]
     shape = routing.intermediate_shape(F)
     h = new(shape, x)
@@ -257,7 +258,7 @@ def mlp_backward(
     fp8: str | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients of ``mlp_forward`` for ``(x, weights, w1, w2, w3)`` where ``needs`` says so, else None (with an
-    ``fp8`` recipe: its emulation, ``fp8_quantizer``).
+    ``fp8`` recipe: its FP8 GEMMs, ``triton_fp8``).
 
     1. ``G = dout[token] @ w2ᵀ`` at each row, the epilogue giving ``dh``, ``dg``, ``aw = weight·a`` and the
        per-row ``<G, a>`` (the top-k weight gradient);
@@ -266,8 +267,8 @@ def mlp_backward(
     4. ``dw1[e], dw3[e] = x[token]ᵀ @ dh, dg`` (gather fused, one pass over the x tiles).
     """
     if fp8:
-        return torch_fp8.mlp_backward(
-            dout, x, weights, w1, w2, w3, h, g, routing, activation, needs, fp8, fp8_quantizer()
+        return triton_fp8.mlp_backward(
+            dout, x, weights, w1, w2, w3, h, g, routing, activation, needs, fp8, _schedule(routing)
         )
     need_x, need_weights, need_w1, need_w2, need_w3 = needs
     F = w1.shape[2]

@@ -119,7 +119,7 @@ def quantized_bits(v, divisor):
 @triton.jit
 def quantize_kernel(
     t_ptr,  # [B, R, C] input (fp32 / fp16, or bf16 as int16 bits: BF16_BITS), strides (s_tb, s_tr, s_tc)
-    q_ptr,  # [B, R, C] E4M3 output (its uint8 bits), contiguous
+    q_ptr,  # [B, R, C] E4M3 output (its uint8 bits), matrices R·C apart, strides (s_qr, s_qc) inside
     s_ptr,  # [B, nR, nC] scales (fp32, or uint8 E8M0), contiguous
     bounds_ptr,  # [nR + 1] int64 row bounds of the row groups (ROW_BOUNDS), else unused
     R,
@@ -131,6 +131,8 @@ def quantize_kernel(
     s_tb,
     s_tr,
     s_tc,
+    s_qr,
+    s_qc,
     REDUCE_ROWS: tl.constexpr,  # GR > 1 (or ROW_BOUNDS): a scale covers several rows
     REDUCE_COLS: tl.constexpr,  # GC > 1: a scale covers several columns
     ROW_BOUNDS: tl.constexpr,
@@ -204,7 +206,7 @@ def quantize_kernel(
             cols = c0 + ac
             mask = (rows < hi_r)[:, None] & (cols < hi_c)[None, :]
             v = load_fp32(t_ptr + rows[:, None] * s_tr + cols[None, :] * s_tc, mask, BF16_BITS)
-            tl.store(q_ptr + rows[:, None] * C + cols[None, :], quantized_bits(v, divisor), mask=mask)
+            tl.store(q_ptr + rows[:, None] * s_qr + cols[None, :] * s_qc, quantized_bits(v, divisor), mask=mask)
 
 
 @triton.jit
@@ -212,7 +214,8 @@ def quantize_dual_kernel(
     t_ptr,  # [R, C] expert-sorted rows (fp32 / fp16, or bf16 as int16 bits: BF16_BITS), strides (s_tr, s_tc)
     qr_ptr,  # [R, C] E4M3 bits, groups of G along the columns (a GEMM reducing over C), contiguous
     sr_ptr,  # [R, nC] their scales
-    qc_ptr,  # [R, C] E4M3 bits, groups of one expert's rows per column (a weight gradient reducing over R)
+    qc_ptr,  # [R, C] E4M3 bits, groups of one expert's rows per column (a weight gradient reducing over R), strides
+    # (s_qcr, s_qcc): row-major, or transposed (s_qcr = 1: the column-major storage a K-major MMA operand wants)
     sc_ptr,  # [nR, C] their scales
     bounds_ptr,  # [nR + 1] int64 row bounds of the row groups (at most G rows each)
     R,
@@ -221,6 +224,8 @@ def quantize_dual_kernel(
     G,
     s_tr,
     s_tc,
+    s_qcr,
+    s_qcc,
     E8M0: tl.constexpr,
     BF16_BITS: tl.constexpr,
     TR: tl.constexpr,  # rows per step
@@ -256,7 +261,7 @@ def quantize_dual_kernel(
         rows = r0 + ar
         mask = (rows < hi_r)[:, None] & cmask[None, :]
         v = load_fp32(t_ptr + rows[:, None] * s_tr + cols[None, :] * s_tc, mask, BF16_BITS)
-        tl.store(qc_ptr + rows[:, None] * C + cols[None, :], quantized_bits(v, divisor), mask=mask)
+        tl.store(qc_ptr + rows[:, None] * s_qcr + cols[None, :] * s_qcc, quantized_bits(v, divisor), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -267,15 +272,22 @@ def new(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> tor
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _launch(t: torch.Tensor, group: tuple[int, int], scale_dtype: torch.dtype, bounds: torch.Tensor | None):
-    """``t [R, C]`` or ``[B, R, C]`` → ``(q, scale)``; ``bounds``: the row groups' row ranges (``GR`` unused)."""
+def _launch(
+    t: torch.Tensor,
+    group: tuple[int, int],
+    scale_dtype: torch.dtype,
+    bounds: torch.Tensor | None,
+    transposed: bool = False,
+):
+    """``t [R, C]`` or ``[B, R, C]`` → ``(q, scale)``; ``bounds``: the row groups' row ranges (``GR`` unused);
+    ``transposed``: q stored column-major (``_q_out``)."""
     batched = t.dim() == 3
     t3 = t if batched else t.unsqueeze(0)
     B, R, C = t3.shape
     GR, GC = group
     nR = bounds.shape[0] - 1 if bounds is not None else -(-R // GR)
     nC = -(-C // GC)
-    q = new((B, R, C), fp8_reference.E4M3, t.device)
+    q = _q_out((B, R, C), t.device, transposed)
     scale = new((B, nR, nC), scale_dtype, t.device)
     reduce_rows, reduce_cols = bounds is not None or GR > 1, GC > 1
     if not (reduce_rows or reduce_cols):
@@ -287,7 +299,7 @@ def _launch(t: torch.Tensor, group: tuple[int, int], scale_dtype: torch.dtype, b
         check_grid_y(grid, "the number of column groups", C, GC if reduce_cols else TC)
         quantize_kernel[grid](
             t3.view(torch.int16) if bf16 else t3, q.view(torch.uint8), scale, t3 if bounds is None else bounds, R, C,
-            nR, nC, GR, GC, *t3.stride(), REDUCE_ROWS=reduce_rows, REDUCE_COLS=reduce_cols,
+            nR, nC, GR, GC, *t3.stride(), *q.stride()[1:], REDUCE_ROWS=reduce_rows, REDUCE_COLS=reduce_cols,
             ROW_BOUNDS=bounds is not None, E8M0=scale_dtype == torch.uint8, BF16_BITS=bf16, TR=TR, TC=TC,
             num_warps=num_warps,
         )  # fmt: skip
@@ -296,6 +308,15 @@ def _launch(t: torch.Tensor, group: tuple[int, int], scale_dtype: torch.dtype, b
     if not batched:
         return q[0], scale[0]
     return q, scale
+
+
+def _q_out(shape: tuple[int, ...], device: torch.device, transposed: bool) -> torch.Tensor:
+    """The E4M3 output ``[..., R, C]``: row-major, or (``transposed``) the transposed view of a contiguous ``[...,
+    C, R]``, column-major: the storage an FP8 MMA reading it as a K-major operand wants when the GEMM reduces over R
+    (a weight gradient's operands; sm_90's E4M3 wgmma reads K-major tiles only)."""
+    if not transposed:
+        return new(shape, fp8_reference.E4M3, device)
+    return new((*shape[:-2], shape[-1], shape[-2]), fp8_reference.E4M3, device).transpose(-1, -2)
 
 
 def _whole(block: tuple[int | None, int | None], R: int, C: int) -> tuple[int, int]:
@@ -311,32 +332,41 @@ def quantize(
 
 
 def quantize_rows(
-    t: torch.Tensor, offsets: torch.Tensor, group: int | None, scale_dtype: torch.dtype = torch.float32
+    t: torch.Tensor,
+    offsets: torch.Tensor,
+    group: int | None,
+    scale_dtype: torch.dtype = torch.float32,
+    transposed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``fp8.quantize_rows`` on the kernel: expert-sorted rows ``t [R, C]`` → ``(q, scale [n + 1, C], ids [R])``,
     one scale per column and group of one expert's rows. The group bounds come from ``ids`` by a search on the
-    device (no host sync)."""
+    device (no host sync). ``transposed``: q column-major (``_q_out``), for a weight gradient's K-major reads."""
     ids, n = fp8_reference.row_groups(offsets, t.shape[0], group)
     bounds = torch.searchsorted(ids, torch.arange(n + 2, device=t.device))
-    q, scale = _launch(t, (1, 1), scale_dtype, bounds)
+    q, scale = _launch(t, (1, 1), scale_dtype, bounds, transposed)
     return q, scale, ids
 
 
 def quantize_dual(
-    t: torch.Tensor, offsets: torch.Tensor, group: int | None, scale_dtype: torch.dtype = torch.float32
+    t: torch.Tensor,
+    offsets: torch.Tensor,
+    group: int | None,
+    scale_dtype: torch.dtype = torch.float32,
+    transposed: bool = False,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Expert-sorted rows ``t [R, C]`` in both layouts a weight-gradient operand needs: ``quantize(t, (1, group))``
-    (for the GEMM reducing over C) and ``quantize_rows(t, offsets, group)`` (for the weight gradient), from one
-    kernel that reads each element once per pass (``quantize_dual_kernel``). A ``group`` of None (``"rowwise"``:
-    whole dimensions, which one program cannot hold) runs the two launchers instead."""
+    (for the GEMM reducing over C) and ``quantize_rows(t, offsets, group)`` (for the weight gradient; ``transposed``:
+    column-major, ``_q_out``), from one kernel that reads each element once per pass (``quantize_dual_kernel``). A
+    ``group`` of None (``"rowwise"``: whole dimensions, which one program cannot hold) runs the two launchers
+    instead."""
     if group is None:
-        return quantize(t, (1, None), scale_dtype), quantize_rows(t, offsets, None, scale_dtype)
+        return quantize(t, (1, None), scale_dtype), quantize_rows(t, offsets, None, scale_dtype, transposed)
     R, C = t.shape
     ids, n = fp8_reference.row_groups(offsets, R, group)
     bounds = torch.searchsorted(ids, torch.arange(n + 2, device=t.device))
     nC = -(-C // group)
     q_rows, s_rows = new((R, C), fp8_reference.E4M3, t.device), new((R, nC), scale_dtype, t.device)
-    q_cols, s_cols = new((R, C), fp8_reference.E4M3, t.device), new((n + 1, C), scale_dtype, t.device)
+    q_cols, s_cols = _q_out((R, C), t.device, transposed), new((n + 1, C), scale_dtype, t.device)
     TG = triton.next_power_of_2(group)
     TR = max(1, (256 if interpreting() else 2048) // TG)
     bf16 = t.dtype == torch.bfloat16
@@ -344,8 +374,8 @@ def quantize_dual(
         grid = check_grid_y((n + 1, nC), "the number of column groups", C, group)
         quantize_dual_kernel[grid](
             t.view(torch.int16) if bf16 else t, q_rows.view(torch.uint8), s_rows, q_cols.view(torch.uint8), s_cols,
-            bounds, R, C, nC, group, *t.stride(), E8M0=scale_dtype == torch.uint8, BF16_BITS=bf16, TR=TR, TG=TG,
-            num_warps=4,
+            bounds, R, C, nC, group, *t.stride(), *q_cols.stride(), E8M0=scale_dtype == torch.uint8, BF16_BITS=bf16,
+            TR=TR, TG=TG, num_warps=4,
         )  # fmt: skip
     elif s_cols.numel():
         s_cols.zero_()  # groups with no row: amax 0

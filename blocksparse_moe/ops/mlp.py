@@ -158,7 +158,8 @@ def expert_mlp(
     """The fused expert MLP (module docstring): x ``[T, d]``, weights ``[T, k]``, w1 / w3 ``[E, d, f]`` (w3 None:
     no GLU), w2 ``[E, f, d]`` (any strides each) → ``[T, d]``, over the rows of ``routing`` (``mlp_routing``).
     ``activation`` is a name of ``activations.NAMES``; ``backend`` as for every op (``config.resolve_backend``);
-    ``fp8`` None or a recipe of ``fp8.RECIPES``: every GEMM in FP8 (emulated today: ``backends.torch_fp8``).
+    ``fp8`` None or a recipe of ``fp8.RECIPES``: every GEMM in FP8 (``backends.triton_fp8``'s E4M3 kernels;
+    the PyTorch backend emulates them, ``backends.torch_fp8``).
     Differentiable in x, weights, w1, w2, w3 (once: no double backward)."""
     _checks.expert_mlp_shape(x, weights, w1, w2, w3, routing, activation)
     check_recipe("fp8", fp8)

@@ -71,7 +71,7 @@ def grouped(
 ) -> tuple[torch.Tensor, RoutingPlan]:
     """Unpadded sorted rows: the fused expert MLP for a named activation; otherwise fused-gather ``grouped_mm``
     with w1 (and w3), the activation, ``grouped_mm`` with w2, combine. With an ``fp8`` recipe every GEMM is FP8
-    (``backends.torch_fp8``, ``strategies.fp8``)."""
+    (the fused MLP: ``backends.triton_fp8`` / ``backends.torch_fp8``; op by op: ``strategies.fp8``, emulated)."""
     plan = plan_routing(top_k_index, w1.shape[0], block_size=1, check=False)
     if isinstance(activation, str):
         routing = mlp_routing(plan)

@@ -1,0 +1,191 @@
+"""The fused expert MLP with FP8 tensor-core GEMMs on the Triton backend (``fp8`` recipes): every GEMM of the
+forward and the backward reads E4M3 operands with their recipe's scales (``kernels.expert_gemm``'s ``FP8`` main
+loops, ``Fp8Mode``) and accumulates in fp32; the quantization runs on the device (``kernels.quantize``).
+
+The math is ``backends.torch_fp8``'s (its docstring's table says which operand is quantized along which dimension),
+up to the fp32 accumulation order. Where each operand is quantized:
+
+| operand | quantized | layout the GEMM reads |
+|---|---|---|
+| x | once per call, per token along d (``quantize``) | gathered through ``row_src`` (scales too) |
+| w1, w3, w2 | once per optimizer step per layout (``fp8.quantized_weight``: E4M3, scales) | ``[E, K, N]`` or ``wᵀ`` |
+| a = act(h)·g | after the up-projection, per row along f | dense rows |
+| dout | once per backward, per token along d | gathered (the dgrad); expert rows (dW2) |
+| dh, dg | one pass for both (``quantize_dual``): along f (dx), along each expert's rows (dW1, dW3) | dense rows |
+| x, aw (weight gradients) | along the rows of each expert (``quantize_rows``) | dense expert rows |
+
+The weight gradients' operands are materialized in expert order (x and dout gathered by ``permute.gather``) and
+quantized along the tokens; over block-padded rows (16-aligned expert offsets, the block-sparse strategy) they are
+stored column-major (``transposed``: the reduced dimension, the rows, contiguous) and ``wgrad_kernel`` reads their
+K-major tiles through TMA (``row_align``); over unpadded rows they stay row-major. The weights are cached K-major
+(``k_major``): sm_90's E4M3 wgmma reads K-major tiles only. The intermediates are dense ``[R, F]`` rows here:
+for the block-sparse strategy (blocked intermediates) the saved h and g are converted to and from its blocks
+(``backends.torch._to_blocks`` / ``_to_rows``: one copy each way, the FP8 path's cost on that strategy). Any sizes
+run in FP8: partial K groups take the elements present (as if zero-padded), the tiles mask the rest.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import fp8 as fp8_recipes
+from ..kernels import expert_gemm as gemm_kernels
+from ..kernels import permute as permute_kernels
+from ..kernels import quantize as quantize_kernels
+from ..kernels.expert_gemm import BackwardEpilogue, Fp8Mode, GemmScales, WgradScales
+from ..kernels.layouts import Rows, Schedule
+from .common import MlpRouting, combine_dots
+from .torch import _to_blocks, _to_rows
+
+__all__ = ["MODES", "mlp_forward", "mlp_backward"]
+
+MODES = {"blockwise": Fp8Mode.BLOCKWISE, "mxfp8": Fp8Mode.MX, "rowwise": Fp8Mode.ROWWISE}
+
+
+def _new(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+
+def _to_saved(t: torch.Tensor | None, routing: MlpRouting) -> torch.Tensor | None:
+    """Dense rows ``[R, F]`` in the strategy's intermediate layout (the block-sparse strategy's blocks)."""
+    if t is None or not routing.blocked:
+        return t
+    return _to_blocks(t, routing.block_size)
+
+
+def _from_saved(t: torch.Tensor | None, routing: MlpRouting, cols: int) -> torch.Tensor | None:
+    """The saved h or g as dense rows ``[R, F]`` in its dtype."""
+    if t is None or not routing.blocked:
+        return t
+    return _to_rows(t, routing.block_size, cols).to(t.dtype).contiguous()
+
+
+def _expert_rows(t: torch.Tensor, routing: MlpRouting) -> torch.Tensor:
+    """Token rows ``t [T, C]`` in expert order ``[R, C]`` (zero rows where no token): a weight gradient's operand."""
+    out = _new((routing.rows, t.shape[1]), t)
+    permute_kernels.gather(t, routing.row_asg, routing.assignment_row.shape[1], None, out)
+    return out
+
+
+def mlp_forward(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w3: torch.Tensor | None,
+    routing: MlpRouting,
+    activation: str,
+    fp8: str,
+    schedule: Schedule,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``backends.triton.mlp_forward`` with the FP8 GEMMs of recipe ``fp8`` over the Triton backend's tile
+    ``schedule`` (module docstring)."""
+    rcp, mode, Q = fp8_recipes.recipe(fp8), MODES[fp8], quantize_kernels
+    sd, act_block, F = rcp.scale_dtype, rcp.act_block(), w1.shape[2]
+    xq, xs = Q.quantize(x, act_block, sd)
+    w1q, w1s = fp8_recipes.quantized_weight(w1, rcp, 0, Q.quantize, k_major=True)
+    w3q, w3s = (None, None) if w3 is None else fp8_recipes.quantized_weight(w3, rcp, 0, Q.quantize, k_major=True)
+    R = routing.rows
+    h = _new((R, F), x)
+    g = None if w3 is None else _new((R, F), x)
+    a = _new((R, F), x)
+    gemm_kernels.gemm(
+        Rows.dense(xq, gathered=True), w1q, Rows.dense(h), schedule, row_src=routing.row_src, gate=w3q, gate_out=g,
+        act_out=a, activation=activation, scales=GemmScales(mode, xs, w1s, w3s),
+    )  # fmt: skip
+    aq, a_s = Q.quantize(a, act_block, sd)
+    w2q, w2s = fp8_recipes.quantized_weight(w2, rcp, 0, Q.quantize, k_major=True)
+    y = _new((R, w2.shape[2]), x)
+    gemm_kernels.gemm(Rows.dense(aq), w2q, Rows.dense(y), schedule, scales=GemmScales(mode, a_s, w2s))
+    out = _new(tuple(x.shape), x)
+    permute_kernels.scatter(y, routing.assignment_row, weights, out)
+    return out, _to_saved(h, routing), _to_saved(g, routing)
+
+
+def mlp_backward(
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w3: torch.Tensor | None,
+    h: torch.Tensor,
+    g: torch.Tensor | None,
+    routing: MlpRouting,
+    activation: str,
+    needs: tuple[bool, bool, bool, bool, bool],
+    fp8: str,
+    schedule: Schedule,
+) -> tuple[torch.Tensor | None, ...]:
+    """``backends.triton.mlp_backward`` with the FP8 GEMMs of recipe ``fp8`` (module docstring): the dgrad with its
+    fused epilogue, dW2, the dx pair and dW1 / dW3, each reading E4M3 operands."""
+    need_x, need_weights, need_w1, need_w2, need_w3 = needs
+    rcp, mode, Q = fp8_recipes.recipe(fp8), MODES[fp8], quantize_kernels
+    sd, act_block, F, offsets = rcp.scale_dtype, rcp.act_block(), w1.shape[2], routing.offsets
+    groups = fp8_recipes.group_offsets(offsets, rcp.group).to(torch.int32)
+    # the weight gradients' operands K-major where the expert offsets are 16-aligned (block-padded rows): read
+    # through TMA over their column-major storage; unpadded rows keep them row-major (a K-major operand at unaligned
+    # offsets would fall back to plain loads)
+    kmajor = routing.blocked and routing.block_size % 16 == 0
+    align = routing.block_size
+
+    def transposed(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # wᵀ [E, N, K] quantized along N
+        q, s = fp8_recipes.quantized_weight(w, rcp, 1, Q.quantize, k_major=True)
+        return q.transpose(1, 2), s.transpose(1, 2)
+
+    hr, gr = _from_saved(h, routing, F), _from_saved(g, routing, F)
+    dq, ds = Q.quantize(dout, act_block, sd)
+    w2tq, w2ts = transposed(w2)
+    R = routing.rows
+    dh = _new((R, F), hr)
+    dg = None if gr is None else _new((R, F), hr)
+    aw = _new((R, F), hr)
+    dots = gemm_kernels.gemm(
+        Rows.dense(dq, gathered=True), w2tq, Rows.dense(dh), schedule, row_src=routing.row_src, gate_out=dg,
+        act_out=aw, activation=activation, backward=BackwardEpilogue(hr, gr, routing.row_asg, weights.reshape(-1)),
+        scales=GemmScales(mode, ds, w2ts),
+    )  # fmt: skip
+    dweights = combine_dots(dots, routing.assignment_row, weights.dtype) if need_weights else None
+    dw2 = None
+    if need_w2:
+        awq, aws, _ = Q.quantize_rows(aw, offsets, rcp.group, sd, transposed=kmajor)
+        doq, dos, _ = Q.quantize_rows(_expert_rows(dout, routing), offsets, rcp.group, sd, transposed=kmajor)
+        dw2 = _new(tuple(w2.shape), w2)
+        gemm_kernels.wgrad(
+            Rows.dense(awq), Rows.dense(doq), dw2, offsets, scales=WgradScales(mode, aws, dos, groups), row_align=align
+        )
+    need_wgrad = need_w1 or need_w3
+
+    def layouts(t: torch.Tensor | None) -> tuple[tuple | None, tuple | None]:
+        """dh or dg quantized for the dx GEMM (along f) and for the weight gradient (along the rows): one pass."""
+        if t is None:
+            return None, None
+        if need_x and need_wgrad:
+            return Q.quantize_dual(t, offsets, rcp.group, sd, transposed=kmajor)
+        along_f = Q.quantize(t, act_block, sd) if need_x else None
+        return along_f, (Q.quantize_rows(t, offsets, rcp.group, sd, transposed=kmajor) if need_wgrad else None)
+
+    (dh_f, dh_t), (dg_f, dg_t) = layouts(dh), layouts(dg)
+    dx = None
+    if need_x:
+        w1tq, w1ts = transposed(w1)
+        pair, w3ts = None, None
+        if dg is not None:
+            w3tq, w3ts = transposed(w3)
+            pair = (Rows.dense(dg_f[0]), w3tq)
+        dxs = _new((R, x.shape[1]), x)
+        scales = GemmScales(mode, dh_f[1], w1ts, w3ts, None if dg_f is None else dg_f[1])
+        gemm_kernels.gemm(Rows.dense(dh_f[0]), w1tq, Rows.dense(dxs), schedule, pair=pair, scales=scales)
+        dx = _new(tuple(x.shape), x)
+        permute_kernels.scatter(dxs, routing.assignment_row, None, dx)
+    dw1 = dw3 = None
+    if need_wgrad:
+        xq, xs, _ = Q.quantize_rows(_expert_rows(x, routing), offsets, rcp.group, sd, transposed=kmajor)
+        dw1 = _new(tuple(w1.shape), w1)
+        dw3 = None if dg is None else _new(tuple(w3.shape), w3)
+        scales = WgradScales(mode, xs, dh_t[1], groups, None if dg_t is None else dg_t[1])
+        gemm_kernels.wgrad(
+            Rows.dense(xq), Rows.dense(dh_t[0]), dw1, offsets,
+            b2=None if dg_t is None else Rows.dense(dg_t[0]), out2=dw3, scales=scales, row_align=align,
+        )  # fmt: skip
+    return dx, dweights, dw1, dw2, dw3
