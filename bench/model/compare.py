@@ -3,8 +3,8 @@
 For every row of the dropless strategies (``blocksparse``, ``grouped``, and their FP8 rows ``<strategy>+fp8:<recipe>``
 of ``python -m bench --fp8``) and of the ``torch_grouped_mm`` baseline (GLU rows) in the bench output folders given,
 the same layer (tokens, widths, experts, k, dtype, FP8 recipe) is estimated by ``bench.model`` on ``--gpu`` and
-printed beside the measured forward + backward time, with their ratio (an FP8 row's estimate is ``n/a`` while the
-Triton backend launches no FP8 kernels: ``bench.model``'s "no FP8 kernels launched"); a second
+printed beside the measured forward + backward time, with their ratio (an FP8 row's estimate is ``n/a`` where the
+recording launches no FP8 kernels: ``bench.model``'s "no FP8 kernels launched"); a second
 table gives each of our strategies' speedup over the baseline, measured and estimated (the target: >= 1.3x). The
 day a GPU is lent, these tables say where the model is wrong. Usage (``bench/gpu_check.sh`` runs it)::
 

@@ -446,8 +446,10 @@ def _fp8_waivers(mode: Fp8Mode, use: _GemmUse, block_m: int) -> tuple[tuple[str,
         return tuple((check, _WAIVE_FP8_BLOCKWISE) for check in
                      ("pipeline@90", "issue@90", "occupancy@90", "issue@100", "occupancy@100"))  # fmt: skip
     if mode == Fp8Mode.MX:
-        waivers = tuple((check, _WAIVE_FP8_MX_90) for check in ("mma@90", "pipeline@90", "issue@90", "occupancy@90"))
-        small = (("mma@100", _WAIVE_FP8_MX_100_SMALL_M),) if block_m < _LARGE_M else ()
+        waivers = tuple(
+            (check, _WAIVE_FP8_MX_90) for check in ("mma@90", "fp8mma@90", "pipeline@90", "issue@90", "occupancy@90")
+        )
+        small = tuple((c, _WAIVE_FP8_MX_100_SMALL_M) for c in ("mma@100", "fp8mma@100")) if block_m < _LARGE_M else ()
         return (*waivers, ("issue@100", _WAIVE_FP8_MX_100), *small)
     if block_m < _LARGE_M or (use.glu and use.epilogue == Epilogue.FORWARD):
         return ()
