@@ -487,6 +487,10 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                                           backward=use.epilogue == Epilogue.BACKWARD, glu=two_w)  # fmt: skip
                     if "aligned" in variants:
                         audit["waivers"] += _fp8_waivers(mode, use, cfg.block_m)
+                    elif mode == Fp8Mode.MX:  # the fallback tiles: Triton's dot_scaled emulation where it emulates
+                        audit["waivers"] += (("fp8mma@90", _WAIVE_FP8_MX_90),) + (
+                            (("fp8mma@100", _WAIVE_FP8_MX_100_SMALL_M),) if cfg.block_m < _LARGE_M else ()
+                        )
                     base = dict(
                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EPI_N=cfg.epi_n,
                         GROUP_M=cfg.group_m, LB_A=DENSE_LOG_BLOCK, LB_O=DENSE_LOG_BLOCK, GATHER=use.gather,
