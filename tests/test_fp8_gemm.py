@@ -183,7 +183,11 @@ EDGES = {
 @pytest.mark.parametrize("case", list(EDGES))
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name.lower())
 def test_fp8_gemm_edges(mode, case):
-    T, k, E, K, N, kind = EDGES[case]
+    _check_gathered_gemm(mode, *EDGES[case])
+
+
+def _check_gathered_gemm(mode: Fp8Mode, T: int, k: int, E: int, K: int, N: int, kind: str) -> None:
+    """The plain gathered GEMM ``x[token] @ w[e]`` of mode ``mode`` on a poisoned fp32 out, against the reference."""
     plan = _plan(T, k, E, kind)
     R, rcp = plan.num_assignments, mode.recipe()
     a_q, a_s, a64 = quantized(torch.randn(T, K), rcp.act_block(), mode)
@@ -207,17 +211,7 @@ def test_fp8_gemm_gpu_k_steps(mode, block_k, monkeypatch):
         return replace(config(*args, **kwargs), block_k=block_k)
 
     monkeypatch.setattr(expert_gemm, "gemm_config", gpu_k_step)
-    T, k, E, K, N = 9, 2, 3, 80, 40
-    plan = _plan(T, k, E, "uniform")
-    R, rcp = plan.num_assignments, mode.recipe()
-    a_q, a_s, a64 = quantized(torch.randn(T, K), rcp.act_block(), mode)
-    w_q, w_s, w64 = weight(E, K, N, mode, False)
-    out = _poisoned(R, N, torch.float32)
-    expert_gemm.gemm(
-        Rows.dense(a_q, gathered=True), w_q, Rows.dense(out), Schedule.build(plan.offsets, R, BLOCK_M),
-        row_src=plan.row_token, scales=GemmScales(mode, a_s, w_s),
-    )  # fmt: skip
-    assert_accumulated(out, *reference(plan, a64, w64, True), "out")
+    _check_gathered_gemm(mode, T=9, k=2, E=3, K=80, N=40, kind="uniform")
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name.lower())
