@@ -293,6 +293,15 @@ def test_fp8_gemm_errors():
         launch(a=blocked, row_src=None, scales=GemmScales(Fp8Mode.BLOCKWISE, torch.ones(32, 1), torch.ones(2, 1, 1)))
 
 
+def test_fp8_gemm_needs_e4m3_mmas(monkeypatch):
+    # an sm_80 device (no E4M3 MMA: Triton does not compile the kernel there): a clear error before the launch
+    monkeypatch.setattr(expert_gemm, "capability", lambda t: 80)
+    a, w, out, schedule, row_src, a_s, w_s = _small(Fp8Mode.ROWWISE)
+    with pytest.raises(ValueError, match=r"gemm: FP8 operands need E4M3 MMAs \(compute capability 8\.9 or newer\), "
+                                         r"got a device of compute capability 8\.0"):  # fmt: skip
+        expert_gemm.gemm(a, w, out, schedule, row_src=row_src, scales=GemmScales(Fp8Mode.ROWWISE, a_s, w_s))
+
+
 def test_fp8_gemm_configs(monkeypatch):
     # the GPU configs (bench.audit builds them): a K step of 128 (one blockwise group per step, four MX groups),
     # 64 for MX off sm_100 (emulated), 32 for unaligned operands; blockwise tiles within one 128-column weight block

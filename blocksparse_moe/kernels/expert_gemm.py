@@ -1125,6 +1125,15 @@ def _fp8_mode(
     return mode
 
 
+def _check_e4m3_device(op: str, t: torch.Tensor) -> None:
+    """E4M3 MMAs are there: compute capability 8.9 or newer (or not CUDA: the interpreter), else a ``ValueError``
+    naming ``op`` (Triton does not compile E4M3 ``tl.dot`` for sm_80)."""
+    cc = capability(t)
+    if cc is not None and cc < 89:
+        raise ValueError(f"{op}: FP8 operands need E4M3 MMAs (compute capability 8.9 or newer), got a device of "
+                         f"compute capability {cc // 10}.{cc % 10}")  # fmt: skip
+
+
 def gemm(
     a: Rows,
     w: torch.Tensor,
@@ -1166,6 +1175,8 @@ def gemm(
     dtype = a.tensor.dtype
     a2, w2 = pair if pair is not None else (a, gate if gate is not None else w)
     fp8 = _fp8_mode(a, w, out, gate, pair, scales)
+    if fp8 != Fp8Mode.NONE:
+        _check_e4m3_device("gemm", a.tensor)
     aligned = aligned16((a.tensor, w, w2, out.tensor), (K, N), (*a.strides, *w.stride(), *w2.stride(), *out.strides))
     cfg = gemm_config(
         dtype, schedule.block_m, epilogue=epilogue, glu=glu, pair=pair is not None, aligned=aligned,
@@ -1231,10 +1242,7 @@ def _check_wgrad_scales(a: Rows, b: Rows, b2: Rows | None, E: int, scales: Wgrad
         raise TypeError(f"wgrad: scales must be a WgradScales or None, got {type(scales).__name__}")
     modes = (Fp8Mode.BLOCKWISE, Fp8Mode.MX, Fp8Mode.ROWWISE)
     mode = Fp8Mode(choice("wgrad: scales.mode", scales.mode, modes))
-    cc = capability(a.tensor)
-    if cc is not None and cc < 89:
-        raise ValueError(f"wgrad: FP8 operands need E4M3 MMAs (compute capability 8.9 or newer), got a device of "
-                         f"compute capability {cc // 10}.{cc % 10}")  # fmt: skip
+    _check_e4m3_device("wgrad", a.tensor)
     if (scales.b2 is None) != (b2 is None):
         given = {True: "None", False: "a tensor"}
         raise ValueError(f"wgrad: scales.b2 must be given exactly when b2 is, got b2 {given[b2 is None]} and "
