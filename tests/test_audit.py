@@ -605,7 +605,9 @@ def test_launcher_specs_say_what_they_serve():
     # architectures only; their waivers name measured reasons (MX on sm_90: emulated)
     fp8 = {s.name: s for s in wgrad if s.constexprs["FP8"]}
     assert fp8 and all(s.fp8 and s.archs and 80 not in s.archs for s in fp8.values())
-    assert not any(s.fp8 for s in all_specs if s.kernel is not expert_gemm.wgrad_kernel or not s.constexprs["FP8"])
+    # E4M3 operands exactly in the FP8 builds of the two GEMM kernels (gemm_fp8[...] and the FP8 wgrad specs)
+    assert all(s.fp8 == bool(s.constexprs.get("FP8", 0)) for s in all_specs)
+    assert any(s.fp8 and s.kernel is expert_gemm.gemm_kernel for s in all_specs)
     mx = fp8["wgrad[fp8,w13,mxfp8,M=128,N=128,K=128,w=4,tma]"]
     assert mx.archs == (100,) and mx.operand_bytes == 128 * (128 + 128) and mx.waivers[0][0] == "fp8mma@90"
     mx90 = fp8["wgrad[fp8,w13,mxfp8,M=128,N=64,K=128,w=4,tma]"]
