@@ -168,7 +168,6 @@ FP8 model (fp8=RECIPE: gemm_kernel / wgrad_kernel with FP8 = 1 blockwise, 2 mx, 
 
 FP32_FMA_PER_CLOCK = 128  # FP32 FMAs per SM per clock of sm_90's and sm_100's CUDA cores (NVIDIA architecture docs)
 QUANTIZE_KERNELS = ("quantize_kernel", "quantize_dual_kernel")
-_MODE_RECIPES = {Fp8Mode.BLOCKWISE: "blockwise", Fp8Mode.MX: "mxfp8", Fp8Mode.ROWWISE: "rowwise"}
 _PROMOTION_INSTRUCTIONS = 2  # FP32 instructions per accumulator element of one blockwise promotion (FMUL + FFMA)
 _N_EFFICIENCY = ((128, 0.90), (64, 0.75), (32, 0.50), (16, 0.30))
 _OVERHEAD_S = 3e-6
@@ -238,7 +237,7 @@ def _mma_seconds(gpu: Gpu, executed: int, work_ctas: int, efficiency: float, rat
 def _fp8_recipe(args: dict) -> fp8_recipes.Recipe | None:
     """The recipe of a GEMM launch's ``FP8`` mode (None: not FP8)."""
     mode = Fp8Mode(args.get("FP8", Fp8Mode.NONE))
-    return None if mode == Fp8Mode.NONE else fp8_recipes.recipe(_MODE_RECIPES[mode])
+    return None if mode == Fp8Mode.NONE else mode.recipe()
 
 
 def _fp8_rate(gpu: Gpu, recipe: fp8_recipes.Recipe | None) -> float:

@@ -32,14 +32,14 @@ from .. import fp8 as fp8_recipes
 from ..kernels import expert_gemm as gemm_kernels
 from ..kernels import permute as permute_kernels
 from ..kernels import quantize as quantize_kernels
-from ..kernels.expert_gemm import BackwardEpilogue, Fp8Mode, GemmScales, WgradScales
+from ..kernels.expert_gemm import FP8_RECIPES, BackwardEpilogue, GemmScales, WgradScales
 from ..kernels.layouts import Rows, Schedule
 from .common import MlpRouting, combine_dots
 from .torch import _to_blocks, _to_rows
 
 __all__ = ["MODES", "mlp_forward", "mlp_backward"]
 
-MODES = {"blockwise": Fp8Mode.BLOCKWISE, "mxfp8": Fp8Mode.MX, "rowwise": Fp8Mode.ROWWISE}
+MODES = {r.name: mode for mode, r in FP8_RECIPES.items()}  # recipe name -> the kernels' Fp8Mode
 
 
 def _new(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
