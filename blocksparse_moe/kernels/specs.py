@@ -403,7 +403,8 @@ _FP8_USES = {
     "down_bwd,glu": _GemmUse("down_bwd,glu", epilogue=Epilogue.BACKWARD, glu=True, gather=True, w_t=True),
     "dgrad_pair": _GemmUse("dgrad_pair", pair=True, w_t=True),  # dh @ w1ᵀ + dg @ w3ᵀ
 }
-# sm_80 has no E4M3 MMA: Triton 3.9 rejects fp8e4nv there ("type fp8e4nv not supported in this architecture")
+# E4M3 MMAs (sm_89 and newer): sm_80 has none, Triton 3.9 rejects fp8e4nv there ("type fp8e4nv not supported in
+# this architecture"), and the launchers refuse FP8 operands there; the FP8 quantize kernels serve only these too
 _FP8_ARCHS = (90, 100, 120)
 # What the FP8 recipes cost that their arithmetic imposes, measured from the SASS of the builds below (bench.audit,
 # Triton 3.9; issue ratios at the E4M3 FMA rate, MX on sm_90 at bf16's)
@@ -621,7 +622,6 @@ def _wgrad_specs() -> list[CompileSpec]:
 # order by the backend (``WgradScales``): dW2 = awᵀ @ dout, and dW1, dW3 = xᵀ @ (dh, dg) in one DUAL launch.
 _FP8_WGRAD_USES = (_WgradUse("fp8,w2"), _WgradUse("fp8,w13", dual=True))
 _FP8_WGRAD_ALIGNED = (*_WGRAD_ALIGNED, "s_sag", "s_sbg")
-_FP8_ARCHS = (90, 100, 120)  # E4M3 MMAs (sm_89 and newer): sm_80 has none (its FP8 builds fail to compile)
 _WAIVE_FP8_MN_90 = (
     "FP8 weight gradient on sm_90: E4M3 wgmma (QGMMA) reads K-major shared tiles only, and a weight gradient's row "
     "operands [rows, C] are MN-major (the reduction runs over the rows): Triton copies each K step's tiles through "
@@ -782,6 +782,8 @@ def _quantize_specs() -> list[CompileSpec]:
                 constexprs = {"REDUCE_ROWS": bounds or GR > 1, "REDUCE_COLS": GC > 1, "ROW_BOUNDS": bounds,
                               "E8M0": r.scale_dtype == torch.uint8, "BF16_BITS": dtype == torch.bfloat16,
                               "TR": TR, "TC": TC, "s_tc": 1}  # fmt: skip
+                if not bounds:  # q row-major (the weight gradients' operands may be column-major: transposed=)
+                    constexprs["s_qc"] = 1
                 pointers = {"t_ptr": torch.int16 if dtype == torch.bfloat16 else dtype, "q_ptr": torch.uint8,
                             "s_ptr": r.scale_dtype, "bounds_ptr": torch.int64}  # fmt: skip
                 signature = kernel_signature(quantize_kernel, constexprs, dtype, pointers)
@@ -797,6 +799,7 @@ def _quantize_specs() -> list[CompileSpec]:
                         aligned=("C", "s_tb", "s_tr"),
                         expect_pipelined=False,
                         serves="FP8 quantization, every shape",
+                        archs=_FP8_ARCHS,
                     )  # fmt: skip
                 )
         if r.group is not None:  # rowwise: quantize_dual runs the two launchers
@@ -827,6 +830,7 @@ def _quantize_dual_specs(recipe: str) -> list[CompileSpec]:
                 aligned=("C", "s_tr"),
                 expect_pipelined=False,
                 serves="FP8 quantization of dh / dg (both layouts), every shape",
+                archs=_FP8_ARCHS,
             )  # fmt: skip
         )
     return specs
