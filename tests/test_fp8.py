@@ -213,10 +213,11 @@ def test_quantize_dual_kernel_exact(poisoned, device, recipe, dtype):
     (``transposed``, a K-major MMA operand), the fp32 ones row-major."""
     r = fp8.recipe(recipe)
     offsets = torch.tensor([0, 0, 50, 51, 180, 180], dtype=torch.int32, device=device)
-    t = _edgy((190, 300), dtype).to(device)
+    C = 300 if r.group else 72  # rowwise (whole rows, the two launchers): fewer columns, the same code paths
+    t = _edgy((190, C), dtype).to(device)
     transposed = dtype == torch.bfloat16
     (q_rows, s_rows), (q_cols, s_cols, ids) = kq.quantize_dual(t, offsets, r.group, r.scale_dtype, transposed)
-    assert q_cols.stride() == ((1, 190) if transposed else (300, 1))
+    assert q_cols.stride() == ((1, 190) if transposed else (C, 1))
     q1, s1 = fp8.quantize(t, (1, r.group), r.scale_dtype)
     q2, s2, ids2 = fp8.quantize_rows(t, offsets, r.group, r.scale_dtype)
     assert torch.equal(ids, ids2)
@@ -348,8 +349,10 @@ def test_fp8_none_is_unchanged():
             assert torch.equal(u, v), f"{impl} {name}"
 
 
-@pytest.mark.parametrize("impl", ["grouped", "blocksparse"])
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize(
+    "recipe, impl",
+    [*((r, "grouped") for r in RECIPES), ("blockwise", "blocksparse"), ("mxfp8", "blocksparse")],
+)  # the weight gradients' K-major TMA path of every recipe: tests/test_fp8_wgrad.py
 def test_triton_fp8_kernels_exact_quantized_math(recipe, impl):
     """The Triton backend's FP8 MLP (``backends.triton_fp8``: the E4M3 main loops of ``gemm_kernel`` and
     ``wgrad_kernel`` with the quantize kernels, interpreted) == the float64 reference of the same quantized math up to
