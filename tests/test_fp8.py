@@ -353,7 +353,7 @@ def test_fp8_none_is_unchanged():
     "recipe, impl",
     [*((r, "grouped") for r in RECIPES), ("blockwise", "blocksparse"), ("mxfp8", "blocksparse")],
 )  # the weight gradients' K-major TMA path of every recipe: tests/test_fp8_wgrad.py
-def test_triton_fp8_kernels_exact_quantized_math(recipe, impl):
+def test_triton_fp8_kernels_exact_quantized_math(recipe, impl, monkeypatch):
     """The Triton backend's FP8 MLP (``backends.triton_fp8``: the E4M3 main loops of ``gemm_kernel`` and
     ``wgrad_kernel`` with the quantize kernels, interpreted) == the float64 reference of the same quantized math up to
     fp32 accumulation order (> 60 dB apart; an FP8 rounding step is ~24 dB), forward and every gradient, with no
@@ -361,6 +361,15 @@ def test_triton_fp8_kernels_exact_quantized_math(recipe, impl):
     an expert with no tokens ("skip"); blocksparse (16-row blocks: 16-aligned expert offsets, the weight gradients'
     K-major operands through TMA) covers the saved h, g converted to and from the blocked layout."""
     problem = _problem(T=12, d=136, f=40, E=3, k=2, kind="skip")
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):  # every buffer the backend and the kernels allocate: unwritten elements show up
+        t = empty(*args, **kwargs)
+        if t.dtype == torch.uint8:
+            return t.fill_(255)  # an E8M0 scale of NaN
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-(2**30))
+
+    monkeypatch.setattr(torch, "empty", poisoned)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the fused MLP runs the kernels, not the emulation
         got = _run(
