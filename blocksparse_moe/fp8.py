@@ -298,7 +298,8 @@ def quantized_weight(
 
     Cached per parameter (the tensor owning the storage, by identity) and its version counter (``_version``, which
     every in-place update bumps): a weight is quantized once per optimizer step for all the GEMMs that read it in
-    that layout (forward and backward; ``"blockwise"``'s square blocks serve both layouts). The cache holds the E4M3
+    that layout (forward and backward; without ``k_major``, ``"blockwise"``'s square blocks serve both layouts; with
+    it, each reduced dimension has its own contiguous copy). The cache holds the E4M3
     values and their scales: 1 byte per element per layout (up to two layouts), plus the scales. Not cached while
     ``torch.compile`` traces (the quantization is then part of the graph), for inference tensors (no version
     counter), on meta, or where autograd would record the quantization."""
