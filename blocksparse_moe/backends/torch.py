@@ -165,12 +165,18 @@ def _gathered(x: torch.Tensor, row_src: torch.Tensor | None) -> torch.Tensor:
     return padded[torch.where(src >= 0, src, x.shape[0])]
 
 
-def _to_rows(data: torch.Tensor, block_size: int, cols: int) -> torch.Tensor:
-    """Block data ``[R_b·nb, B, B]`` of the block-diagonal topology as its dense rows ``[R_b·B, cols]``."""
+def _block_rows(data: torch.Tensor, block_size: int, cols: int) -> torch.Tensor:
+    """Block data ``[R_b·nb, B, B]`` of the block-diagonal topology as its dense rows ``[R_b·B, cols]``, in its
+    dtype (a strided view of one copy)."""
     B = block_size
     nb = -(-cols // B)
     R_b = data.shape[0] // nb if nb else 0
-    return _acc(data).view(R_b, nb, B, B).permute(0, 2, 1, 3).reshape(R_b * B, nb * B)[:, :cols]
+    return data.view(R_b, nb, B, B).permute(0, 2, 1, 3).reshape(R_b * B, nb * B)[:, :cols]
+
+
+def _to_rows(data: torch.Tensor, block_size: int, cols: int) -> torch.Tensor:
+    """``_block_rows`` in the accumulation dtype."""
+    return _acc(_block_rows(data, block_size, cols))
 
 
 def _to_blocks(rows: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ stored column-major (``transposed``: the reduced dimension, the rows, contiguous
 K-major tiles through TMA (``row_align``); over unpadded rows they stay row-major. The weights are cached K-major
 (``k_major``): sm_90's E4M3 wgmma reads K-major tiles only. The intermediates are dense ``[R, F]`` rows here:
 for the block-sparse strategy (blocked intermediates) the saved h and g are converted to and from its blocks
-(``backends.torch._to_blocks`` / ``_to_rows``: one copy each way, the FP8 path's cost on that strategy). Any sizes
+(``backends.torch._to_blocks`` / ``_block_rows``: a copy each way, the FP8 path's cost on that strategy). Any sizes
 run in FP8: partial K groups take the elements present (as if zero-padded), the tiles mask the rest.
 """
 
@@ -35,7 +35,7 @@ from ..kernels import quantize as quantize_kernels
 from ..kernels.expert_gemm import FP8_RECIPES, BackwardEpilogue, GemmScales, WgradScales
 from ..kernels.layouts import Rows, Schedule
 from .common import MlpRouting, combine_dots
-from .torch import _to_blocks, _to_rows
+from .torch import _block_rows, _to_blocks
 
 __all__ = ["MODES", "mlp_forward", "mlp_backward"]
 
@@ -57,7 +57,7 @@ def _from_saved(t: torch.Tensor | None, routing: MlpRouting, cols: int) -> torch
     """The saved h or g as dense rows ``[R, F]`` in its dtype."""
     if t is None or not routing.blocked:
         return t
-    return _to_rows(t, routing.block_size, cols).to(t.dtype).contiguous()
+    return _block_rows(t, routing.block_size, cols).contiguous()
 
 
 def _expert_rows(t: torch.Tensor, routing: MlpRouting) -> torch.Tensor:

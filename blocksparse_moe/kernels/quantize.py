@@ -331,6 +331,13 @@ def quantize(
     return _launch(t, _whole(block, *t.shape[-2:]), scale_dtype, None)
 
 
+def _row_bounds(offsets: torch.Tensor, rows: int, group: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row groups of ``rows`` expert-sorted rows (``fp8.row_groups``): each row's group id and the groups' row
+    bounds ``[n + 2]`` (the last group: the rows past ``offsets[E]``), found on the device (no host sync)."""
+    ids, n = fp8_reference.row_groups(offsets, rows, group)
+    return ids, torch.searchsorted(ids, torch.arange(n + 2, device=offsets.device))
+
+
 def quantize_rows(
     t: torch.Tensor,
     offsets: torch.Tensor,
@@ -341,8 +348,7 @@ def quantize_rows(
     """``fp8.quantize_rows`` on the kernel: expert-sorted rows ``t [R, C]`` → ``(q, scale [n + 1, C], ids [R])``,
     one scale per column and group of one expert's rows. The group bounds come from ``ids`` by a search on the
     device (no host sync). ``transposed``: q column-major (``_q_out``), for a weight gradient's K-major reads."""
-    ids, n = fp8_reference.row_groups(offsets, t.shape[0], group)
-    bounds = torch.searchsorted(ids, torch.arange(n + 2, device=t.device))
+    ids, bounds = _row_bounds(offsets, t.shape[0], group)
     q, scale = _launch(t, (1, 1), scale_dtype, bounds, transposed)
     return q, scale, ids
 
@@ -362,8 +368,8 @@ def quantize_dual(
     if group is None:
         return quantize(t, (1, None), scale_dtype), quantize_rows(t, offsets, None, scale_dtype, transposed)
     R, C = t.shape
-    ids, n = fp8_reference.row_groups(offsets, R, group)
-    bounds = torch.searchsorted(ids, torch.arange(n + 2, device=t.device))
+    ids, bounds = _row_bounds(offsets, R, group)
+    n = bounds.shape[0] - 2
     nC = -(-C // group)
     q_rows, s_rows = new((R, C), fp8_reference.E4M3, t.device), new((R, nC), scale_dtype, t.device)
     q_cols, s_cols = _q_out((R, C), t.device, transposed), new((n + 1, C), scale_dtype, t.device)
