@@ -19,6 +19,7 @@ from bench.audit import __main__ as audit_main
 from bench.audit import jobs as audit_jobs
 from bench.audit import report as audit_report
 from bench.audit import sass as audit_sass
+from blocksparse_moe.kernels._common import DOTS_IEEE
 from blocksparse_moe.kernels.specs import CompileSpec
 
 ARCHS = tuple(audit_sass.ARCHS)  # 80, 90, 100, 120
@@ -585,7 +586,9 @@ def test_launcher_specs_say_what_they_serve():
     assert all(s.serves for s in all_specs)
     # the per-FLOP checks reach every config with an aligned build, each with its operand tiles
     for s in [*gemm.values(), *wgrad]:
-        assert s.per_flop == ("aligned" in s.variants) and s.operand_bytes, s.name
+        ieee = s.name.endswith(",ieee]")  # fp32 at IEEE precision: FFMA loops, no MMA and no per-FLOP checks
+        assert s.per_flop == ("aligned" in s.variants and not ieee) and s.operand_bytes, s.name
+        assert ieee == (s.constexprs["DOTS"] == DOTS_IEEE) and not (ieee and s.is_matmul), s.name
     large = gemm["gemm[grouped_mm,bf16,M=128,N=128,K=64,w=8,tma]"]
     assert large.serves == "grouped, large T, aligned" and large.min_intensity == 64 and large.waivers == ()
     assert large.operand_bytes == (128 * 64 + 64 * 128) * 2 and (large.archs, large.num_warps) == ((90, 120), 8)

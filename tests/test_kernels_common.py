@@ -10,7 +10,7 @@ import triton.language as tl
 
 from blocksparse_moe.config import interpreting
 from blocksparse_moe.kernels import expert_gemm
-from blocksparse_moe.kernels._common import aligned16, capability, upcast_dots
+from blocksparse_moe.kernels._common import DOTS_IEEE, DOTS_NATIVE, DOTS_UPCAST, aligned16, capability, dot_mode
 from blocksparse_moe.ops._checks import check_same_device
 
 
@@ -76,9 +76,29 @@ def test_gpu_configs_per_compute_capability(monkeypatch, cc):
 
 def test_upcast_only_for_interpreted_bf16(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert upcast_dots(torch.bfloat16) and not upcast_dots(torch.float16)
+    assert dot_mode(torch.bfloat16) == DOTS_UPCAST and dot_mode(torch.float16) == DOTS_NATIVE
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not upcast_dots(torch.bfloat16)
+    assert dot_mode(torch.bfloat16) == DOTS_NATIVE
+
+
+def test_fp32_dots_follow_pytorchs_tf32_setting():
+    """fp32 dots run IEEE by default (PyTorch's default for fp32 matmuls; on an H100, Triton's TF32 default made the
+    fused MLP's fp32 output 2000x less accurate than PyTorch's), TF32 where PyTorch allows it; 16- and 8-bit dots
+    are native either way. The setting is read, never changed. (Only the new API is set here: PyTorch refuses to
+    read a precision once the legacy and new APIs were mixed, and ``set_float32_matmul_precision`` also switches
+    the CPU's oneDNN matmuls.)"""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    assert dot_mode(torch.float32) == (DOTS_NATIVE if before == "tf32" else DOTS_IEEE)
+    try:
+        matmul.fp32_precision = "tf32"
+        assert dot_mode(torch.float32) == DOTS_NATIVE
+        assert dot_mode(torch.float16) == DOTS_NATIVE and dot_mode(torch.float8_e4m3fn) == DOTS_NATIVE
+        matmul.fp32_precision = "ieee"
+        assert dot_mode(torch.float32) == DOTS_IEEE
+    finally:
+        matmul.fp32_precision = before
+    assert matmul.fp32_precision == before
 
 
 def test_check_same_device_names_each_tensor():

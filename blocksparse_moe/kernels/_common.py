@@ -11,7 +11,11 @@ from ..config import interpreting
 
 __all__ = [
     "interpreting",
-    "upcast_dots",
+    "dot_mode",
+    "tf32_allowed",
+    "DOTS_NATIVE",
+    "DOTS_UPCAST",
+    "DOTS_IEEE",
     "check_grid_y",
     "aligned16",
     "capability",
@@ -22,13 +26,36 @@ __all__ = [
 MAX_GRID_Y = 65535  # programs along grid axis 1
 
 
-def upcast_dots(dtype: torch.dtype) -> bool:
-    """Triton's interpreter multiplies bf16 bit patterns in ``tl.dot`` (triton issue 11584).
+DOTS_NATIVE, DOTS_UPCAST, DOTS_IEEE = 0, 1, 2  # the kernels' ``DOTS`` constexpr (``dot_mode``)
 
-    Kernels take an ``UPCAST: tl.constexpr`` that converts dot operands to fp32; it is True only when
-    interpreting bf16, never on the GPU path.
+
+def dot_mode(dtype: torch.dtype) -> int:
+    """How the kernels' ``tl.dot`` treat operands of ``dtype``: their ``DOTS: tl.constexpr``.
+
+    - ``DOTS_IEEE``: fp32 at full precision (FMA, no tensor core), PyTorch's default for fp32 CUDA matmuls;
+    - ``DOTS_NATIVE``: the tensor cores' native input type, fp32 as TF32 where PyTorch allows it
+      (``torch.backends.cuda.matmul.fp32_precision = "tf32"`` or ``torch.set_float32_matmul_precision("high")``:
+      ``tf32_allowed``), and every 16- and 8-bit type;
+    - ``DOTS_UPCAST``: bf16 under Triton's interpreter, which multiplies bf16 bit patterns in ``tl.dot`` (triton
+      issue 11584): the operands converted to fp32 first. Never on the GPU path.
     """
-    return interpreting() and dtype == torch.bfloat16
+    if dtype == torch.bfloat16 and interpreting():
+        return DOTS_UPCAST
+    if dtype == torch.float32 and not tf32_allowed():
+        return DOTS_IEEE
+    return DOTS_NATIVE
+
+
+def tf32_allowed() -> bool:
+    """PyTorch's setting for fp32 CUDA matmuls: True where they may round operands to TF32 (the setting read, not
+    changed; the kernels follow it as cuBLAS does)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # PyTorch < 2.9: the legacy flag only
+        return bool(matmul.allow_tf32)
+    if precision == "none":  # inherits the generic setting ("none" there too: PyTorch's default, IEEE)
+        precision = torch.backends.fp32_precision
+    return precision == "tf32"
 
 
 def check_grid_y(grid: tuple[int, ...], name: str, size: int, block: int = 1) -> tuple[int, ...]:

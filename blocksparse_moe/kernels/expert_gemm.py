@@ -109,7 +109,7 @@ from ..activations import activate, activate_and_grad, kernel_code
 from ..config import FLOAT_DTYPES, INDEX_DTYPES
 from ..fp8 import E4M3, Recipe, recipe
 from ..validation import check_dtype, check_same_device, check_tensor, choice, positive_int
-from ._common import aligned16, capability, interpreting, scratch_allocator, upcast_dots
+from ._common import DOTS_IEEE, DOTS_UPCAST, aligned16, capability, dot_mode, interpreting, scratch_allocator
 from .layouts import BLOCK_SIZES, Rows, Schedule, row_offsets, row_start, tile_start
 
 __all__ = [
@@ -203,6 +203,8 @@ _NO_FP8 = tl.constexpr(Fp8Mode.NONE)
 _BLOCKWISE = tl.constexpr(Fp8Mode.BLOCKWISE)
 _MX = tl.constexpr(Fp8Mode.MX)
 _ROWWISE = tl.constexpr(Fp8Mode.ROWWISE)
+_DOTS_UPCAST = tl.constexpr(DOTS_UPCAST)
+_DOTS_IEEE = tl.constexpr(DOTS_IEEE)
 # the recipe of each FP8 mode (``fp8``: its groups and scale dtype)
 FP8_RECIPES: dict[Fp8Mode, Recipe] = {
     Fp8Mode.BLOCKWISE: recipe("blockwise"),
@@ -238,6 +240,16 @@ def _load_w(w_ptr, w_desc, w_off, w_mask, e, k0, n0, BLOCK_K: tl.constexpr, BLOC
     else:
         w = tl.load(w_ptr + w_off, mask=w_mask, other=0.0)
     return w
+
+
+@triton.jit
+def _dot(a, b, acc, DOTS: tl.constexpr):
+    """``acc + a @ b`` as ``DOTS`` says (``kernels._common.dot_mode``): fp32 operands at IEEE precision where
+    PyTorch's fp32 matmul setting asks for it, else the tensor cores' native input type (fp32 as TF32)."""
+    if DOTS == _DOTS_IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -320,7 +332,7 @@ def _mainloop(
     DUAL: tl.constexpr,
     W_TMA: tl.constexpr,
     WARP_SPEC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    DOTS: tl.constexpr,
     FP8: tl.constexpr,
 ):
     """``acc += A[rows, :K] @ W[:K, cols]`` (and ``acc2 += A @ W2`` when ``DUAL``), ``BLOCK_K`` at a time over
@@ -342,11 +354,11 @@ def _mainloop(
         w_off = tl.cast(t, tl.int64) * (BLOCK_K * s_wk) + w_tile
         w_mask = k_ok[:, None] & n_ok[None, :]
         w = _load_w(w_ptr, w_desc, w_off, w_mask, e, t * BLOCK_K, n0, BLOCK_K, BLOCK_N, W_TMA)
-        if UPCAST:
+        if DOTS == _DOTS_UPCAST:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         if FP8 == _NO_FP8:
-            acc = tl.dot(a, w, acc)
+            acc = _dot(a, w, acc, DOTS)
         else:
             acc = _fp8_dot(
                 acc, a, w, sa_ptr, sa_rows, s_sak, sw_ptr, sw_cols, s_swk, row_ok, n_ok, t, k_groups, BLOCK_K, FP8
@@ -354,10 +366,10 @@ def _mainloop(
         if DUAL:
             w2_off = tl.cast(t, tl.int64) * (BLOCK_K * s_w2k) + w2_tile
             w2 = _load_w(w2_ptr, w2_desc, w2_off, w_mask, e, t * BLOCK_K, n0, BLOCK_K, BLOCK_N, W_TMA)
-            if UPCAST:
+            if DOTS == _DOTS_UPCAST:
                 w2 = w2.to(tl.float32)
             if FP8 == _NO_FP8:
-                acc2 = tl.dot(a, w2, acc2)
+                acc2 = _dot(a, w2, acc2, DOTS)
             else:
                 acc2 = _fp8_dot(
                     acc2, a, w2, sa_ptr, sa_rows, s_sak, sw2_ptr, sw2_cols, s_sw2k, row_ok, n_ok, t, k_groups, BLOCK_K,
@@ -459,7 +471,7 @@ def _gemm_tile(
     s_or, s_ocb, s_oc, s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e, s_sw2k, s_sw2n,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI_N: tl.constexpr, GROUP_M: tl.constexpr,
     LB_A: tl.constexpr, LB_O: tl.constexpr, GATHER: tl.constexpr, GLU: tl.constexpr, PAIR: tl.constexpr,
-    EPILOGUE: tl.constexpr, ACT: tl.constexpr, W_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, UPCAST: tl.constexpr,
+    EPILOGUE: tl.constexpr, ACT: tl.constexpr, W_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, DOTS: tl.constexpr,
     FP8: tl.constexpr,
 ):  # fmt: skip
     """Output tile ``tile`` (in the grouped order) of ``gemm_kernel``: ``BLOCK_M × BLOCK_N`` of expert e's rows times
@@ -504,7 +516,7 @@ def _gemm_tile(
     acc, acc2 = _mainloop(
         acc, acc2, a_ptr, a_rows, s_acb, s_ac, w_ptr + w_base, w2_ptr + w2_base, w_desc, w2_desc, e, n0, s_wk, s_wn,
         s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, sa_ptr, sa_rows, s_sak, sw_e, sw_cols, s_swk, sw2_e, sw2_cols,
-        s_sw2k, BLOCK_K, BLOCK_N, LB_A, DUAL, W_TMA, WARP_SPEC, UPCAST, FP8,
+        s_sw2k, BLOCK_K, BLOCK_N, LB_A, DUAL, W_TMA, WARP_SPEC, DOTS, FP8,
     )  # fmt: skip
     if FP8 == _ROWWISE:  # the zeroing tiles (e = E) read no scale (tl.where: the interpreter rejects `mask & used`)
         scaled_rows, scaled_cols = tl.where(used, a_ok, False), tl.where(used, n_ok, False)
@@ -518,7 +530,7 @@ def _gemm_tile(
         acc_b, acc2 = _mainloop(
             acc_b, acc2, a2_ptr, a_rows, s_acb, s_ac, w2_ptr + w2_base, w2_ptr, w2_desc, w2_desc, e, n0, s_w2k, s_w2n,
             s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, sa2_ptr, sa_rows, s_sak, sw2_e, sw2_cols, s_sw2k, sw2_e,
-            sw2_cols, s_sw2k, BLOCK_K, BLOCK_N, LB_A, False, W_TMA, WARP_SPEC, UPCAST, FP8,
+            sw2_cols, s_sw2k, BLOCK_K, BLOCK_N, LB_A, False, W_TMA, WARP_SPEC, DOTS, FP8,
         )  # fmt: skip
         if FP8 == _ROWWISE:
             acc += _rowwise_scale(acc_b, sa2_ptr, sa_rows, sw2_e, sw2_cols, scaled_rows, scaled_cols)
@@ -607,7 +619,7 @@ def gemm_kernel(
     ACT: tl.constexpr,  # activations.kernel_code (EPILOGUE FORWARD, BACKWARD)
     W_TMA: tl.constexpr,  # WeightLoad: POINTERS, TMA over [E, K, N], TMA_T over the transposed storage [E, N, K]
     WARP_SPEC: tl.constexpr,  # sm_100 with TMA weights: the K loop warp-specialized (producer / consumer warps)
-    UPCAST: tl.constexpr,
+    DOTS: tl.constexpr,
     PERSISTENT: tl.constexpr,  # loop over the tiles (a grid of fewer programs); else one tile per program
     FP8: tl.constexpr,  # Fp8Mode: NONE, or E4M3 A and W with the scales of BLOCKWISE, MX, ROWWISE
 ):
@@ -622,7 +634,7 @@ def gemm_kernel(
                 sa_ptr, sa2_ptr, sw_ptr, sw2_ptr, R, N, N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we,
                 s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc, s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e,
                 s_sw2k, s_sw2n, BLOCK_M, BLOCK_N, BLOCK_K, EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE,
-                ACT, W_TMA, WARP_SPEC, UPCAST, FP8,
+                ACT, W_TMA, WARP_SPEC, DOTS, FP8,
             )  # fmt: skip
     else:
         _gemm_tile(
@@ -631,7 +643,7 @@ def gemm_kernel(
             sa2_ptr, sw_ptr, sw2_ptr, R, N, N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn,
             s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc, s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e, s_sw2k, s_sw2n,
             BLOCK_M, BLOCK_N, BLOCK_K, EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE, ACT, W_TMA, WARP_SPEC,
-            UPCAST, FP8,
+            DOTS, FP8,
         )  # fmt: skip
 
 
@@ -676,7 +688,7 @@ def wgrad_kernel(
     DUAL: tl.constexpr,
     A_TMA: tl.constexpr,  # WeightLoad: A dense, 16-byte aligned: TMA over [rows, M] (TMA) or its storage [M, rows]
     B_TMA: tl.constexpr,  # B (and B2) likewise
-    UPCAST: tl.constexpr,
+    DOTS: tl.constexpr,
     FP8: tl.constexpr,  # Fp8Mode: E4M3 A and B (dense) with the scales of their row groups
 ):
     """``out[e] = A[rows of e]ᵀ @ B[rows of e]`` (``DUAL``: or ``out2[e]`` with B2), one ``BLOCK_M × BLOCK_N`` tile,
@@ -764,7 +776,7 @@ def wgrad_kernel(
             b = b_desc.load([pid_n * BLOCK_N, r0]).trans()
         else:
             b = tl.load(b_ptr + b_rows[:, None] + b_cols[None, :], mask=b_ok[:, None] & n_ok[None, :], other=0.0)
-        if UPCAST:
+        if DOTS == _DOTS_UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         if FP8 == _BLOCKWISE:  # the step's group: its product promoted with the group's scales (DeepSeek-V3)
@@ -778,7 +790,7 @@ def wgrad_kernel(
             sb = tl.load(sb_ptr + g[None, :] * s_sbg + sb_cols[:, None])
             acc = tl.dot_scaled(a, sa, "e4m3", b, sb, "e4m3", acc)
         else:
-            acc = tl.dot(a, b, acc)
+            acc = _dot(a, b, acc, DOTS)
     if FP8 == _ROWWISE:  # one group per expert (none read for an expert without rows): its scales applied once
         has_rows = tl.full((), 1, tl.int1) & (start < end)  # (the interpreter rejects a mask `m_ok & (start < end)`)
         sa = tl.load(sa_ptr + g0.to(tl.int64) * s_sag + sa_cols, mask=m_ok & has_rows, other=0.0)
@@ -1221,7 +1233,7 @@ def gemm(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EPI_N=cfg.epi_n, GROUP_M=cfg.group_m,
         LB_A=a.log_block, LB_O=out.log_block, GATHER=a.gathered, GLU=glu, PAIR=pair is not None, EPILOGUE=int(epilogue),
         ACT=kernel_code(activation), W_TMA=int(tma), WARP_SPEC=warp_spec,
-        UPCAST=upcast_dots(dtype), PERSISTENT=persistent, FP8=int(fp8), num_warps=cfg.num_warps,
+        DOTS=dot_mode(dtype), PERSISTENT=persistent, FP8=int(fp8), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
     return dots
@@ -1319,5 +1331,5 @@ def wgrad(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, LB_A=a.log_block,
         LB_B=b.log_block, A_GATHER=a.gathered, B_GATHER=b.gathered, DUAL=b2 is not None, A_TMA=int(a_tma),
         B_TMA=int(b_tma),
-        UPCAST=upcast_dots(a.tensor.dtype), FP8=int(fp8_mode), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOTS=dot_mode(a.tensor.dtype), FP8=int(fp8_mode), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

@@ -23,7 +23,7 @@ come in either orientation (``wT``: ``dy @ wᵀ``) and stay views. Coverage, and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -31,6 +31,7 @@ import torch
 from ..activations import NAMES, kernel_code
 from ..fp8 import RECIPES
 from ..fp8 import recipe as recipe_of
+from ._common import DOTS_IEEE, DOTS_NATIVE
 from .expert_gemm import (
     FP8_RECIPES,
     Epilogue,
@@ -368,7 +369,7 @@ def _gemm_specs() -> list[CompileSpec]:
                             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EPI_N=cfg.epi_n,
                             GROUP_M=cfg.group_m, LB_A=lb_block if use.a_blocked else DENSE_LOG_BLOCK,
                             LB_O=lb_block if use.out_blocked else DENSE_LOG_BLOCK, GATHER=use.gather, GLU=use.glu,
-                            PAIR=use.pair, EPILOGUE=int(use.epilogue), ACT=kernel_code(act), UPCAST=False,
+                            PAIR=use.pair, EPILOGUE=int(use.epilogue), ACT=kernel_code(act), DOTS=DOTS_NATIVE,
                             FP8=int(Fp8Mode.NONE),
                         )  # fmt: skip
                         act_tag = f",{act}" if use.epilogue else ""
@@ -503,7 +504,7 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                     base = dict(
                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EPI_N=cfg.epi_n,
                         GROUP_M=cfg.group_m, LB_A=DENSE_LOG_BLOCK, LB_O=DENSE_LOG_BLOCK, GATHER=use.gather,
-                        GLU=use.glu, PAIR=use.pair, EPILOGUE=int(use.epilogue), ACT=kernel_code(act), UPCAST=False,
+                        GLU=use.glu, PAIR=use.pair, EPILOGUE=int(use.epilogue), ACT=kernel_code(act), DOTS=DOTS_NATIVE,
                         FP8=int(mode),
                     )  # fmt: skip
                     name = f"gemm_fp8[{mode.recipe().name},{use.tag},M={cfg.block_m},N={cfg.block_n},K={cfg.block_k}"
@@ -591,7 +592,7 @@ def _wgrad_specs() -> list[CompileSpec]:
                     constexprs = dict(
                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                         LB_A=lb if use.a_blocked else DENSE_LOG_BLOCK, LB_B=lb if use.b_blocked else DENSE_LOG_BLOCK,
-                        A_GATHER=use.a_gather, B_GATHER=use.b_gather, DUAL=use.dual, UPCAST=False,
+                        A_GATHER=use.a_gather, B_GATHER=use.b_gather, DUAL=use.dual, DOTS=DOTS_NATIVE,
                         FP8=int(Fp8Mode.NONE),
                     )  # fmt: skip
                     size = f"B={B}," if use.blocked else ""
@@ -699,7 +700,7 @@ def _fp8_wgrad_specs() -> list[CompileSpec]:
                 constexprs = dict(
                     BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                     LB_A=DENSE_LOG_BLOCK, LB_B=DENSE_LOG_BLOCK, A_GATHER=False, B_GATHER=False, DUAL=use.dual,
-                    UPCAST=False, FP8=int(mode),
+                    DOTS=DOTS_NATIVE, FP8=int(mode),
                 )  # fmt: skip
                 label = f"wgrad[{use.tag},{name},M={cfg.block_m},N={cfg.block_n},K={cfg.block_k}{warps_tag}"
                 fast = variants == ("aligned",)  # the fast config: TMA rows (on every FP8 architecture)
@@ -846,9 +847,33 @@ def _quantize_dual_specs(recipe: str) -> list[CompileSpec]:
     return specs
 
 
+# fp32 dots at IEEE precision (``DOTS_IEEE``, PyTorch's default for fp32 matmuls; ``kernels._common.dot_mode``): no
+# tensor core takes IEEE fp32, so these loops run FFMA. The fp32 specs above are the TF32 builds (PyTorch's
+# ``fp32_precision = "tf32"``); the IEEE twin of each large-T fp32 config is built here to prove it compiles without
+# spills on sm_90 and sm_100 (the fused MLP's GEMMs), with the MMA and per-FLOP checks off.
+_IEEE_USES = ("gemm[up,glu,", "gemm[down_bwd,glu,", "gemm[dgrad_pair,", "wgrad[w13,fp32", "wgrad[w2,fp32")
+
+
+# measured (Triton 3.9): the backward epilogue's 128x64 IEEE build spills 28 B on sm_100 (128 registers); its loop is
+# FFMA-bound, so the spill costs nothing measurable next to it
+_IEEE_WAIVERS = (("spill@100", "IEEE fp32: an FFMA-bound loop (no tensor core takes IEEE fp32); 28 B of spill"),)
+
+
+def _ieee_specs(specs: list[CompileSpec]) -> list[CompileSpec]:
+    twins = []
+    for spec in specs:
+        if ",fp32," in spec.name and spec.name.startswith(_IEEE_USES) and "M=128" in spec.name:
+            twins.append(
+                replace(
+                    spec, name=spec.name[:-1] + ",ieee]", constexprs={**spec.constexprs, "DOTS": DOTS_IEEE},
+                    is_matmul=False, per_flop=False, expect_pipelined=False, waivers=_IEEE_WAIVERS, archs=(90, 100),
+                )
+            )  # fmt: skip
+    return twins
+
+
 def compile_specs() -> list[CompileSpec]:
     """The GEMM, weight-gradient, permute and FP8 quantize configurations the GPU path can pick (module
     docstring)."""
-    return (
-        _gemm_specs() + _gemm_fp8_specs() + _wgrad_specs() + _fp8_wgrad_specs() + _permute_specs() + _quantize_specs()
-    )
+    plain = _gemm_specs() + _wgrad_specs()
+    return plain + _ieee_specs(plain) + _gemm_fp8_specs() + _fp8_wgrad_specs() + _permute_specs() + _quantize_specs()
