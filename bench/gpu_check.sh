@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot check on a machine with one CUDA GPU and no internet, in under 8 minutes (step limits sum to 455 s):
+# One-shot check on a machine with one CUDA GPU and no internet, in under 8 minutes (step limits sum to 480 s):
 #   1. build the extension        pip install -e . --no-build-isolation --no-deps
 #   2. GPU tests                  pytest -m gpu (routing backends, CUDA graphs: the decode step captured fwd+bwd,
 #                                 no host sync in the fused MLP, the compiled kernels against float64 in
@@ -7,11 +7,12 @@
 #   3. memcheck                   compute-sanitizer --tool memcheck python -m bench.sanitize: one small fwd+bwd per
 #                                 strategy, unchecked invalid expert ids included; 0 errors expected
 #   4. benchmarks                 python -m bench at the issue-10 reference shapes: --preset mixtral at T=16384
-#                                 and --preset fine at T=32768, then the decode shape T=64 within the same time
-#                                 budget (bf16 fwd+bwd; dense GEMMs and torch._grouped_mm
-#                                 in the same run)
+#                                 and --preset fine at the decode shape T=64, then T=32768, within a time
+#                                 budget (bf16 fwd+bwd; dense GEMMs and torch._grouped_mm in the same run)
 #      fp8                        python -m bench --fp8 blockwise,rowwise,mxfp8 at the fine-grained shape (grouped):
 #                                 the FP8 tensor-core MLP beside bf16, time and SQNR per recipe
+#      profile                    python -m bench.profile at both shapes: each kernel's share of one fwd+bwd
+#                                 (torch.profiler), blocksparse, grouped (and FP8), torch._grouped_mm
 #   5. targets                    python -m bench.targets: % of dense and speedup vs torch._grouped_mm, pass/FAIL
 #      model                      python -m bench.model.compare: the whole-layer roofline's estimate beside each
 #                                 measured fwd+bwd time (blocksparse, grouped, torch_grouped_mm) and the speedups
@@ -45,15 +46,19 @@ if [ "$DRY" = 1 ]; then
   MIXTRAL=(--tokens 32,64 --hidden 64 --ffn 128)
   FINE=(--tokens 64,128 --hidden 64 --ffn 32)
   FP8=(--tokens 64 --hidden 64 --ffn 32)
+  PROFILE_MIXTRAL=(--device cpu --tokens 64 --hidden 64 --ffn 128 --steps 1)
+  PROFILE_FINE=(--device cpu --tokens 64 --hidden 64 --ffn 32 --steps 1)
 else
   GPU=$(python -c "import torch; print(torch.cuda.get_device_name(0))" 2>/dev/null | tr -cs 'A-Za-z0-9' '-' | sed 's/-*$//')
   if [ -z "$GPU" ]; then echo "gpu_check: torch sees no CUDA GPU (use --dry-run on CPU)" >&2; exit 1; fi
   NAME="$DATE-$GPU"
   ROOT="bench/results"
-  DEVICE=(--device cuda --time-budget 55)
+  DEVICE=(--device cuda --time-budget 50)
   MIXTRAL=(--tokens 16384)  # the issue-10 reference shapes
   FINE=(--tokens 64,32768)  # decode (T=64) first: its rows take milliseconds; the targets judge the largest T
   FP8=(--tokens 32768 --time-budget 35)
+  PROFILE_MIXTRAL=(--device cuda --tokens 16384)
+  PROFILE_FINE=(--device cuda --tokens 32768 --fp8 blockwise,rowwise)
 fi
 # the GPU tests compile dozens of kernel variants (CPU-bound): one worker per 2 cores where pytest-xdist is there
 XDIST=()
@@ -88,12 +93,16 @@ step pytest_gpu 150 python -m pytest -q -m gpu "${XDIST[@]}" tests
 if [ "$DRY" = 1 ]; then
   printf 'memcheck\tskipped (dry run)\t0\n' >> "$STEPS"
 else
-  step memcheck 40 compute-sanitizer --tool memcheck --error-exitcode 3 python -m bench.sanitize
+  step memcheck 35 compute-sanitizer --tool memcheck --error-exitcode 3 python -m bench.sanitize
 fi
-step bench_mixtral 65 python -m bench --preset mixtral "${DEVICE[@]}" "${MIXTRAL[@]}" --out "$OUT/mixtral" --no-progress
-step bench_fine 65 python -m bench --preset fine "${DEVICE[@]}" "${FINE[@]}" --out "$OUT/fine" --no-progress
+step bench_mixtral 60 python -m bench --preset mixtral "${DEVICE[@]}" "${MIXTRAL[@]}" --out "$OUT/mixtral" --no-progress
+step bench_fine 60 python -m bench --preset fine "${DEVICE[@]}" "${FINE[@]}" --out "$OUT/fine" --no-progress
 step bench_fp8 45 python -m bench --preset fine "${DEVICE[@]}" "${FP8[@]}" --impls grouped --fp8 blockwise,rowwise,mxfp8 \
   --out "$OUT/fp8" --no-progress
+step profile_mixtral 20 python -m bench.profile --preset mixtral "${PROFILE_MIXTRAL[@]}" \
+  --impls blocksparse,grouped,torch_grouped_mm --out "$OUT/profile_mixtral"
+step profile_fine 25 python -m bench.profile --preset fine "${PROFILE_FINE[@]}" \
+  --impls blocksparse,grouped,torch_grouped_mm --out "$OUT/profile_fine"
 step targets 10 python -m bench.targets --mixtral "$OUT/mixtral" --fine "$OUT/fine" --out "$OUT/targets.md"
 step model 20 python -m bench.model.compare --gpu "${GPU:-h200}" "$OUT/mixtral" "$OUT/fine" --out "$OUT/model.md"
 

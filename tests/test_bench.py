@@ -578,3 +578,28 @@ def test_cli_smoke(tmp_path):
     assert meta["backend"] == "torch"  # the CLI does not set TRITON_INTERPRET
     for png in ("time_vs_tokens.png", "pct_dense.png", "drops_vs_capacity_factor.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_profile_lists_each_case_kernels(tmp_path, capsys):
+    """``python -m bench.profile`` (CPU: top-level operators): one table per case, the fused MLP's op and the
+    baseline's ``_grouped_mm`` named, shares summing to 100%; bad options are clear errors."""
+    from bench import profile
+
+    out = tmp_path / "prof"
+    argv = ["--preset", "quick", "--device", "cpu", "--tokens", "24", "--hidden", "16", "--ffn", "24", "--steps", "1",
+            "--impls", "grouped,torch_grouped_mm", "--top", "50", "--out", str(out)]  # fmt: skip
+    assert profile.main(argv) == 0
+    text = (out / "profile.md").read_text()
+    assert "### grouped:" in text and "### torch_grouped_mm:" in text and "`bsm::expert_mlp`" in text
+    cases = json.loads((out / "profile.json").read_text())["cases"]
+    assert set(cases) == {"grouped", "torch_grouped_mm"}
+    assert any(r["kernel"] == "aten::_grouped_mm" for r in cases["torch_grouped_mm"])
+    rows = cases["grouped"]
+    shares = [float(line.split("|")[4].strip().rstrip("%")) for line in text.split("### torch")[0].splitlines()
+              if line.startswith("| `")]  # fmt: skip
+    assert len(shares) == len(rows) and abs(sum(shares) - 100) < 0.5
+    for bad, message in ((["--impls", "nope"], "unknown strategies"), (["--fp8", "fp4"], "unknown recipes"),
+                         (["--steps", "0"], "--steps must be >= 1")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            profile.parse_args(bad)
+        assert message in capsys.readouterr().err
