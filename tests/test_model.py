@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.model import BASELINE, IMPLS, OURS, estimate
+from bench.model import BASELINE, IMPLS, OURS, estimate, layer_inputs
 from bench.model.compare import gpu_of
 from bench.model.record import ROUTING_STEPS, Launch, TensorInfo, record
-from bench.model.roofline import GPUS, SHAPES, balanced_rows, launch_cost
+from bench.model.roofline import GPUS, SHAPES, LayerShape, balanced_rows, launch_cost
+from bench.strategies import grouped_mm_mlp
 from blocksparse_moe.kernels.expert_gemm import Fp8Mode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -321,6 +322,22 @@ def test_compare_lists_fp8_rows(tmp_path):
     speedups = [line.rstrip(" |").split(" | ") for line in vs.splitlines() if line.startswith("| 256 ")]
     assert [(s[2], s[3]) for s in speedups] == [("grouped", "1.60x"), ("grouped+fp8:blockwise", "2.00x")]
     assert speedups[1][4].endswith("x")
+
+
+def test_layer_inputs_run_the_baseline_on_a_real_device():
+    # regression: the router weights were fp32 beside bf16 activations, so the recorded baseline multiplied its
+    # [T*k, d] output into an fp32 copy and index_add-ed it into bf16, which torch refuses on a real device (the bench
+    # times the weights in the layer's dtype); the model's operands, materialised on the CPU, must run the layer
+    shape = LayerShape("tiny", tokens=7, hidden=16, ffn=24, experts=3, top_k=2)  # odd T: uneven groups
+    g = torch.Generator().manual_seed(0)
+    real = {}
+    for name, t in layer_inputs(shape, column_major=True).items():
+        ids = name == "top_k_index"
+        values = torch.randint(0, 3, t.shape, generator=g) if ids else torch.randn(t.shape, generator=g)
+        real[name] = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(values)
+    assert real["top_k_weights"].dtype == real["x"].dtype == torch.bfloat16
+    out = grouped_mm_mlp(**real, activation="silu")
+    assert out.shape == (7, 16) and out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
 def test_baseline_is_bf16_only():

@@ -138,9 +138,10 @@ def auto_impl(shape: LayerShape) -> str:
 def layer_inputs(
     shape: LayerShape, dtype: torch.dtype = torch.bfloat16, column_major: bool = False
 ) -> dict[str, torch.Tensor]:
-    """The layer's operands on the meta device: x ``[T, d]``, the router's ``[T, k]`` choices and weights (fp32),
-    SwiGLU experts ``w1``, ``w3`` ``[E, d, f]`` and ``w2`` ``[E, f, d]`` (``column_major``: each ``[E, K, N]``
-    weight stored with K contiguous, as ``bench.strategies`` hands ``torch._grouped_mm`` its weights on CUDA)."""
+    """The layer's operands on the meta device: x ``[T, d]``, the router's ``[T, k]`` choices and weights (in
+    ``dtype``, as ``bench.problems`` times them and as the baseline's ``index_add`` requires), SwiGLU experts ``w1``,
+    ``w3`` ``[E, d, f]`` and ``w2`` ``[E, f, d]`` (``column_major``: each ``[E, K, N]`` weight stored with K
+    contiguous, as ``bench.strategies`` hands ``torch._grouped_mm`` its weights on CUDA)."""
     T, d, f, E, k = shape.tokens, shape.hidden, shape.ffn, shape.experts, shape.top_k
     meta = torch.device("meta")
 
@@ -152,7 +153,7 @@ def layer_inputs(
     return {
         "x": torch.empty(T, d, dtype=dtype, device=meta),
         "top_k_index": torch.empty(T, k, dtype=torch.int64, device=meta),
-        "top_k_weights": torch.empty(T, k, dtype=torch.float32, device=meta),
+        "top_k_weights": torch.empty(T, k, dtype=dtype, device=meta),
         "w1": weight(d, f),
         "w2": weight(f, d),
         "w3": weight(d, f),
