@@ -191,7 +191,7 @@ calibration: fitted to one H100 80GB HBM3 on 2026-12-06 (torch 2.11, Triton 3.6;
     factor, the backward and library efficiencies and the atomic rate as on the H100
   not calibrated: FP8 (the run's FP8 backward has a known wgrad operand-layout defect; mx on sm_90 measured 3x
     the model), decode and the L2 bandwidth (no measurement binds them), the block-sparse layout's backward
-    (2-5% slower than grouped's, measured; the same launches in the model)"""
+    (5-6% slower than grouped's, measured; the same launches in the model)"""
 
 FP8_MODEL = """\
 FP8 model (fp8=RECIPE: gemm_kernel / wgrad_kernel with FP8 = 1 blockwise, 2 mx, 3 rowwise on E4M3 operands;
