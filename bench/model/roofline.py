@@ -74,7 +74,7 @@ DENSE_OF_SPEC = H100_DENSE_TFLOPS / 989.0  # 0.72: the measured dense rate over 
 SM90_MAIN_LOOP = 0.87  # our Triton kernels' main loops on sm_90 over the N-tile table (forward of ours, both shapes)
 BACKWARD_EFFICIENCY = 0.72  # our backward GEMM launches over the forward's efficiency (backward of ours, both shapes)
 LIBRARY_EFFICIENCY = 0.99  # torch._grouped_mm's CUTLASS kernel, of the dense rate (the baseline, both shapes)
-H100_ATOMICS_PER_S = 9e10  # eager index_add elements per second (the baseline's combine / dx, fine - Mixtral)
+H100_ATOMICS_PER_S = 9e10  # eager index_add elements per second (with LIBRARY_EFFICIENCY: the baseline, both shapes)
 B200_MAIN_LOOP = 0.55  # assumption (issue 16): Hopper-structured kernels compiled for tcgen05, over the sm_90 factor
 
 GPUS: dict[str, Gpu] = {
@@ -138,7 +138,7 @@ def balanced_rows(assignments: int, experts: int) -> list[int]:
 
 
 EFFICIENCY_MODEL = f"""\
-efficiency model (its form assumed from the kernels' structure; the numbers marked [cal] fitted, see calibration):
+efficiency model (its form assumed from the kernels' structure; the numbers marked [cal]: see calibration):
   GEMM launch time = max(MMA, L2, HBM) + 3 us (launch, prologue, ramp)
     MMA  = ceil(CTAs with work / SMs) x (executed FLOPs per CTA) / (SM dense rate x main-loop efficiency); the
            dense rate: the GPU's cuBLAS bf16 GEMM rate (measured on the H100 [cal])
