@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from bench.model import BASELINE, IMPLS, OURS, estimate, layer_inputs
+from bench.model.calibrate import fit, fitted_rows
 from bench.model.compare import gpu_of
 from bench.model.record import ROUTING_STEPS, EagerOp, Launch, TensorInfo, record
 from bench.model.roofline import GPUS, SHAPES, LayerShape, balanced_rows, eager_time, launch_cost
@@ -327,6 +328,34 @@ def test_calibration_holds_the_committed_h100_run():
     for r in bf16:
         for ratio in r[5:8]:  # measured / model: forward + backward, forward, backward
             assert 1 / CALIBRATION_BAND <= float(ratio) <= CALIBRATION_BAND, r
+
+
+def test_calibrate_reproduces_the_constants_from_the_run():
+    # python -m bench.model.calibrate refits the constants from the run's forward and backward times: the GPU table
+    # holds them rounded (2 digits), and the dense rate is the run's measured Mixtral dense row
+    runs = [str(H100_RUN / preset) for preset in ("mixtral", "fine")]
+    proc = _run("bench.model.calibrate", "--gpu", "h100", *runs)
+    assert proc.returncode == 0, proc.stderr
+    table = {r[0]: (float(r[1]), float(r[2])) for r in
+             (line.strip("| ").split(" | ") for line in proc.stdout.splitlines()[2:])}  # fmt: skip
+    for name in ("main_loop_factor", "backward_efficiency", "library_efficiency"):
+        ours, fitted = table[name]
+        assert ours == getattr(GPUS["h100"], name) and abs(fitted - ours) <= 0.005, (name, fitted)
+    ours, fitted = table["atomics_per_s"]
+    assert ours == GPUS["h100"].atomics_per_s and abs(math.log(fitted / ours)) < 0.05, fitted
+    assert table["dense_tflops (measured: dense row, T=16384 d=4096 f=14336 E=8 k=2)"] == (709, 709)
+
+
+def test_fit_needs_both_kinds_of_rows():
+    # a run without the baseline (or without our strategies) cannot fit its constants: a clear error before any
+    # recording; FP8 rows and rows missing a direction do not count
+    row = {"tokens": 256, "hidden": 128, "ffn": 64, "experts": 4, "top_k": 2, "glu": True, "dtype": "bfloat16",
+           "fwd_ms": 0.2, "bwd_ms": 0.4}  # fmt: skip
+    rows = [{**row, "strategy": "grouped"}, {**row, "strategy": "grouped+fp8:rowwise", "fp8": "rowwise"},
+            {**row, "strategy": BASELINE, "bwd_ms": None}]  # fmt: skip
+    assert fitted_rows(rows) == rows[:1]
+    with pytest.raises(ValueError, match="got 1 and 0"):
+        fit(rows, GPUS["h100"])
 
 
 def test_gpu_table_carries_the_h100_calibration():

@@ -20,7 +20,8 @@ A recording without FP8 GEMM launches (the backend running the PyTorch emulation
 The last line reads ``<shape> <impl> <gpu>: <ms> ms, <TFLOP/s> TFLOP/s, <pct>% of dense (estimate)`` (with FP8:
 ``<shape> <impl> <gpu> fp8=<recipe>: ... <pct>% of FP8 dense (estimate)``); ``--json`` writes the launch list and
 the totals. It is an estimate: ``bench/gpu_check.sh`` prints it beside the measured
-numbers, so that a GPU corrects the model.
+numbers (``bench.model.compare``), so that a GPU corrects the model: ``bench.model.calibrate`` fits the constants of
+the header's calibration to such a run (the H100's of 2026-12-06 are the ones in ``roofline.GPUS``).
 """
 
 from __future__ import annotations
@@ -215,9 +216,11 @@ def estimate(
 
 
 @cache
-def _estimate(shape: LayerShape, impl: str, gpu: Gpu, dtype: torch.dtype, fp8: str | None) -> Estimate:
+def _recording(shape: LayerShape, impl: str, capability: tuple[int, int], dtype: torch.dtype, fp8: str | None
+               ) -> Recording:  # fmt: skip
+    """The launch list of one layer as the launchers pick it for ``capability`` (what the GPU's costs do not change)."""
     inputs = layer_inputs(shape, dtype, column_major=impl == BASELINE)
-    rec: Recording = record(_layer(impl, fp8), inputs, gpu.capability)
+    rec = record(_layer(impl, fp8), inputs, capability)
     if fp8 is not None and not fp8_launches(rec.launches):
         quantize = sum(1 for la in rec.launches if la.kernel in QUANTIZE_KERNELS)
         raise RuntimeError(
@@ -226,6 +229,12 @@ def _estimate(shape: LayerShape, impl: str, gpu: Gpu, dtype: torch.dtype, fp8: s
             "eager ops, so there is no FP8 estimate to give until its FP8 path (backends/triton_fp8.py) launches "
             "the FP8 kernels"
         )
+    return rec
+
+
+@cache
+def _estimate(shape: LayerShape, impl: str, gpu: Gpu, dtype: torch.dtype, fp8: str | None) -> Estimate:
+    rec = _recording(shape, impl, gpu.capability, dtype, fp8)
     useful_rows = balanced_rows(shape.assignments, shape.experts)
     rows = [-(-n // BLOCK_SIZE) * BLOCK_SIZE for n in useful_rows] if impl == "blocksparse" else useful_rows
     costs = [(launch, launch_cost(launch, gpu, rows, useful_rows)) for launch in rec.launches]

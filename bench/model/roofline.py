@@ -54,6 +54,8 @@ class Gpu:
     fp8_rate: float  # the E4M3 tensor-core rate over the bf16 one
     l2_mb: float  # L2 capacity
     atomics_per_s: float  # elements an eager index_add / scatter_add adds atomically per second (the L2's atomic units)
+    backward_efficiency: float  # our backward GEMM launches' main-loop efficiency over the forward's
+    library_efficiency: float  # torch._grouped_mm's main loops, of dense_tflops
 
     @property
     def sm_flops(self) -> float:
@@ -68,7 +70,8 @@ class Gpu:
 
 # ---- The calibration: fitted to the first GPU run (one H100 80GB HBM3, 2026-12-06, torch 2.11, Triton 3.6,
 # bench/gpu_check.sh: bench/results/2026-12-06-NVIDIA-H100-80GB-HBM3, the mixtral and fine presets' results.json,
-# forward and backward times apart). How each is fitted and how it carries to the H200 / B200: CALIBRATION below.
+# forward and backward times apart; bench.model.calibrate refits them). How each is fitted and how it carries to the
+# H200 / B200: CALIBRATION below.
 H100_DENSE_TFLOPS = 709.0  # the bench's `dense` row at Mixtral: cuBLAS GEMMs of the same FLOPs, 48.9 ms fwd+bwd
 DENSE_OF_SPEC = H100_DENSE_TFLOPS / 989.0  # 0.72: the measured dense rate over NVIDIA's bf16 specification
 SM90_MAIN_LOOP = 0.87  # our Triton kernels' main loops on sm_90 over the N-tile table (forward of ours, both shapes)
@@ -83,6 +86,7 @@ GPUS: dict[str, Gpu] = {
         f"{H100_DENSE_TFLOPS:.0f} TFLOP/s bf16 dense: measured (the bench's dense row, Mixtral, 2026-12-06; "
         "specification 989); 3.35 TB/s: NVIDIA specification; L2 10 TB/s: assumption",
         bf16_fma_per_clock=2048, fp8_rate=2.0, l2_mb=50.0, atomics_per_s=H100_ATOMICS_PER_S,
+        backward_efficiency=BACKWARD_EFFICIENCY, library_efficiency=LIBRARY_EFFICIENCY,
     ),
     "h200": Gpu(
         "h200", "H200", (9, 0), 132, H100_DENSE_TFLOPS, 4.3, 10.0, 227 * 1024, SM90_MAIN_LOOP,
@@ -90,6 +94,7 @@ GPUS: dict[str, Gpu] = {
         "790 TFLOP/s on the project's H200 is a GEMM of unrecorded shape, not the bench's dense row); 4.3 TB/s "
         "device copy: measured on the project's H200 (PLATFORM.md; specification 4.8 TB/s); L2 10 TB/s: assumption",
         bf16_fma_per_clock=2048, fp8_rate=2.0, l2_mb=50.0, atomics_per_s=H100_ATOMICS_PER_S,
+        backward_efficiency=BACKWARD_EFFICIENCY, library_efficiency=LIBRARY_EFFICIENCY,
     ),
     "b200": Gpu(
         "b200", "B200", (10, 0), 148, round(2250.0 * DENSE_OF_SPEC), 8.0, 20.0, 227 * 1024,
@@ -99,6 +104,7 @@ GPUS: dict[str, Gpu] = {
         f"{B200_MAIN_LOOP} of the sm_90 efficiency (Hopper-structured kernels compiled for tcgen05, issue 16); "
         "atomics at the H100's rate (assumption)",
         bf16_fma_per_clock=4096, fp8_rate=2.0, l2_mb=126.0, atomics_per_s=H100_ATOMICS_PER_S,
+        backward_efficiency=BACKWARD_EFFICIENCY, library_efficiency=LIBRARY_EFFICIENCY,
     ),
 }  # fmt: skip
 
@@ -173,7 +179,8 @@ efficiency model (its form assumed from the kernels' structure; the numbers mark
 CALIBRATION = f"""\
 calibration: fitted to one H100 80GB HBM3 on 2026-12-06 (torch 2.11, Triton 3.6; bench/gpu_check.sh's mixtral
   T=16384 d=4096 f=14336 E=8 k=2 and fine T=32768 d=2048 f=768 E=128 k=8 runs, forward and backward timed apart:
-  bench/results/2026-12-06-NVIDIA-H100-80GB-HBM3); each fitted time within 5% of the model per direction
+  bench/results/2026-12-06-NVIDIA-H100-80GB-HBM3); each fitted time within 5% of the model per direction; the fit:
+  python -m bench.model.calibrate --gpu h100 <that folder>/mixtral <that folder>/fine (rounded to 2 digits here)
   dense rate {H100_DENSE_TFLOPS:.0f} TFLOP/s: measured, not fitted: the bench's dense row at Mixtral (cuBLAS GEMMs
     of the layer's FLOPs, 48.9 ms fwd+bwd; 679 TFLOP/s at fine); the MMA peak above and the unit of "% of dense"
     (it was NVIDIA's 989 TFLOP/s: every GEMM of the model came out ~1.3x too fast)
@@ -315,7 +322,7 @@ def _efficiency(
 ) -> float:
     """The main-loop efficiency of one of our Triton GEMM launches (``EFFICIENCY_MODEL``, ``CALIBRATION``)."""
     eff = _n_efficiency(block_n) * gpu.main_loop_factor * (0.85 if ctas_per_sm == 1 and not persistent else 1.0)
-    eff *= BACKWARD_EFFICIENCY if launch.phase == "backward" else 1.0
+    eff *= gpu.backward_efficiency if launch.phase == "backward" else 1.0
     return eff / 2 if itemsize == 4 else eff
 
 
@@ -469,7 +476,7 @@ def _grouped_mm_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: lis
     executed = sum(t * s * 2 * BM * BN * BK for t, s in zip(tiles, steps))
     l2 = sum(t * s for t, s in zip(tiles, steps)) * (BM * BK + BK * BN // multicast) * itemsize
     work = sum(tiles)
-    eff = LIBRARY_EFFICIENCY / (2 if itemsize == 4 else 1)  # persistent, warp-specialized: no one-CTA or GPU factor
+    eff = gpu.library_efficiency / (2 if itemsize == 4 else 1)  # persistent, warp-specialized: no one-CTA or GPU factor
     return Cost(
         executed, useful, hbm, l2, work, 0, 0, 1, eff, f"{BM}x{BN}x{BK}", _mma_seconds(gpu, executed, work, eff),
         l2 / (gpu.l2_tbps * 1e12), _hbm_seconds(gpu, hbm),
