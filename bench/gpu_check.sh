@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot check on a machine with one CUDA GPU and no internet, in under 8 minutes (step limits sum to 470 s):
+# One-shot check on a machine with one CUDA GPU and no internet, in under 8.5 minutes (step limits sum to 485 s):
 #   1. build the extension        pip install -e . --no-build-isolation --no-deps
 #   2. GPU tests                  pytest -m gpu (routing backends, CUDA graphs: the decode step captured fwd+bwd,
 #                                 no host sync in the fused MLP, the compiled kernels against float64 in
@@ -14,8 +14,12 @@
 #                                 the FP8 tensor-core MLP beside bf16, time and SQNR per recipe
 #   5. targets                    python -m bench.targets: % of dense and speedup vs torch._grouped_mm, pass/FAIL
 #      model                      python -m bench.model.compare: the whole-layer roofline's estimate beside each
-#                                 measured fwd+bwd time (blocksparse, grouped, torch_grouped_mm) and the speedups
-#                                 over torch._grouped_mm, measured and estimated (the dry run: the H200 model)
+#                                 measured fwd+bwd time (blocksparse, grouped, torch_grouped_mm, the FP8 rows;
+#                                 forward and backward ratios too) and the speedups over torch._grouped_mm,
+#                                 measured and estimated (the dry run: the H200 model)
+#      calibrate                  python -m bench.model.calibrate: the model's calibrated constants refitted to this
+#                                 run beside the ones it holds (the H100's of 2026-12-06), and the measured dense
+#                                 rate (not in the dry run: it has no bf16 GPU times)
 #   6. report                     bench/results/<date>-<gpu>.md + bench/results/<date>-<gpu>/ (CSV, JSON, PNGs)
 # and print a short summary table last. Every step has a timeout; a failed step is recorded and the rest run.
 # The compile audit is a CPU job (python -m bench.audit, in CI), not repeated here.
@@ -92,10 +96,17 @@ step bench_fine 65 python -m bench --preset fine "${DEVICE[@]}" "${FINE[@]}" --o
 step bench_fp8 40 python -m bench --preset fine "${DEVICE[@]}" "${FP8[@]}" --impls grouped --fp8 blockwise,mxfp8,rowwise \
   --out "$OUT/fp8" --no-progress
 step targets 10 python -m bench.targets --mixtral "$OUT/mixtral" --fine "$OUT/fine" --out "$OUT/targets.md"
-step model 20 python -m bench.model.compare --gpu "${GPU:-h200}" "$OUT/mixtral" "$OUT/fine" --out "$OUT/model.md"
+step model 20 python -m bench.model.compare --gpu "${GPU:-h200}" "$OUT/mixtral" "$OUT/fine" "$OUT/fp8" \
+  --out "$OUT/model.md"
+if [ "$DRY" = 1 ]; then
+  printf 'calibrate\tskipped (dry run)\t0\n' >> "$STEPS"
+else
+  step calibrate 15 python -m bench.model.calibrate --gpu "$GPU" "$OUT/mixtral" "$OUT/fine"
+fi
 
 printf 'total\t\t%s\n' "$((SECONDS - START))" >> "$STEPS"
 echo >&2
 python -m bench.summary --title "GPU check $NAME" --steps "$STEPS" --out "$ROOT/$NAME.md" "$OUT/mixtral" "$OUT/fine"
 cat "$OUT/targets.md" >&2
 [ -f "$OUT/model.md" ] && cat "$OUT/model.md" >&2
+[ -f "$OUT/calibrate.log" ] && cat "$OUT/calibrate.log" >&2

@@ -103,9 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu", required=True, help=f"one of {tuple(GPUS)}, or a CUDA device name containing one")
     args = p.parse_args(argv)
     name = gpu_of(args.gpu)
-    if name is None:
-        p.error(f"bench.model has no GPU for {args.gpu!r} (it knows {tuple(GPUS)})")
-    rows = [row for folder in args.runs for row in json.loads((folder / "results.json").read_text())["rows"]]
+    if name is None:  # as bench.model.compare: nothing to fit, not a failure of the run
+        print(f"bench.model has no GPU for {args.gpu!r} (it knows {tuple(GPUS)}): nothing to fit", file=sys.stderr)
+        return 0
+    paths = [folder / "results.json" for folder in args.runs]  # a folder without one: its bench step failed
+    rows = [row for path in paths if path.exists() for row in json.loads(path.read_text())["rows"]]
     gpu = GPUS[name]
     try:
         fitted = fit(rows, gpu)
