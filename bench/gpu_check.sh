@@ -15,8 +15,12 @@
 #                                 (torch.profiler), blocksparse, grouped (and FP8), torch._grouped_mm
 #   5. targets                    python -m bench.targets: % of dense and speedup vs torch._grouped_mm, pass/FAIL
 #      model                      python -m bench.model.compare: the whole-layer roofline's estimate beside each
-#                                 measured fwd+bwd time (blocksparse, grouped, torch_grouped_mm) and the speedups
-#                                 over torch._grouped_mm, measured and estimated (the dry run: the H200 model)
+#                                 measured fwd+bwd time (blocksparse, grouped, torch_grouped_mm, the FP8 rows;
+#                                 forward and backward ratios too) and the speedups over torch._grouped_mm,
+#                                 measured and estimated (the dry run: the H200 model)
+#      calibrate                  python -m bench.model.calibrate: the model's calibrated constants refitted to this
+#                                 run beside the ones it holds (the H100's of 2026-12-06), and the measured dense
+#                                 rate (not in the dry run: it has no bf16 GPU times)
 #   6. report                     bench/results/<date>-<gpu>.md + bench/results/<date>-<gpu>/ (CSV, JSON, PNGs)
 # and print a short summary table last. Every step has a timeout; a failed step is recorded and the rest run.
 # The compile audit is a CPU job (python -m bench.audit, in CI), not repeated here.
@@ -87,13 +91,13 @@ step() {
 if [ "$DRY" = 1 ]; then
   printf 'build\tskipped (dry run)\t0\n' >> "$STEPS"
 else
-  step build 60 python -m pip install -e . --no-build-isolation --no-deps
+  step build 55 python -m pip install -e . --no-build-isolation --no-deps
 fi
-step pytest_gpu 150 python -m pytest -q -m gpu "${XDIST[@]}" tests
+step pytest_gpu 140 python -m pytest -q -m gpu "${XDIST[@]}" tests
 if [ "$DRY" = 1 ]; then
   printf 'memcheck\tskipped (dry run)\t0\n' >> "$STEPS"
 else
-  step memcheck 35 compute-sanitizer --tool memcheck --error-exitcode 3 python -m bench.sanitize
+  step memcheck 30 compute-sanitizer --tool memcheck --error-exitcode 3 python -m bench.sanitize
 fi
 step bench_mixtral 60 python -m bench --preset mixtral "${DEVICE[@]}" "${MIXTRAL[@]}" --out "$OUT/mixtral" --no-progress
 step bench_fine 60 python -m bench --preset fine "${DEVICE[@]}" "${FINE[@]}" --out "$OUT/fine" --no-progress
@@ -104,10 +108,17 @@ step profile_mixtral 20 python -m bench.profile --preset mixtral "${PROFILE_MIXT
 step profile_fine 25 python -m bench.profile --preset fine "${PROFILE_FINE[@]}" \
   --impls blocksparse,grouped,torch_grouped_mm --out "$OUT/profile_fine"
 step targets 10 python -m bench.targets --mixtral "$OUT/mixtral" --fine "$OUT/fine" --out "$OUT/targets.md"
-step model 20 python -m bench.model.compare --gpu "${GPU:-h200}" "$OUT/mixtral" "$OUT/fine" --out "$OUT/model.md"
+step model 20 python -m bench.model.compare --gpu "${GPU:-h200}" "$OUT/mixtral" "$OUT/fine" "$OUT/fp8" \
+  --out "$OUT/model.md"
+if [ "$DRY" = 1 ]; then
+  printf 'calibrate\tskipped (dry run)\t0\n' >> "$STEPS"
+else
+  step calibrate 15 python -m bench.model.calibrate --gpu "$GPU" "$OUT/mixtral" "$OUT/fine"
+fi
 
 printf 'total\t\t%s\n' "$((SECONDS - START))" >> "$STEPS"
 echo >&2
 python -m bench.summary --title "GPU check $NAME" --steps "$STEPS" --out "$ROOT/$NAME.md" "$OUT/mixtral" "$OUT/fine"
 cat "$OUT/targets.md" >&2
 [ -f "$OUT/model.md" ] && cat "$OUT/model.md" >&2
+[ -f "$OUT/calibrate.log" ] && cat "$OUT/calibrate.log" >&2

@@ -132,10 +132,10 @@ def options_from(options: MoEOptions | None = None, **keywords: object) -> MoEOp
 
 # "auto" takes the grouped strategy on CUDA when the block-sparse one's rows (the sync-free bound of block-padded
 # rows, which it allocates and computes over) would exceed the assignments by more than this factor. bench.model
-# puts the crossover there (H200, bf16 SwiGLU fwd+bwd): fine-grained experts (E=128, k=8, B=128) tie at T=4096
-# (bound/assignments 1.50; grouped 1% faster), grouped is 4% faster at T=2048 (1.99) and 8% at T=64 (decode,
-# 32.8: 16-row grouped tiles); Mixtral's experts (E=8, k=2) tie at T=1024 (1.44), grouped is 2% faster at T=256
-# (2.75).
+# puts the crossover there (H200, bf16 SwiGLU fwd+bwd, calibrated on the H100 run of 2026-12-06): fine-grained
+# experts (E=128, k=8, B=128) tie at T=4096 (bound/assignments 1.50; block-sparse 1% faster), grouped is 3% faster
+# at T=2048 (1.99) and 12% at T=64 (decode, 32.8: 16-row grouped tiles); Mixtral's experts (E=8, k=2) tie at
+# T=1024 (1.44), grouped is 9% faster at T=256 (2.75).
 AUTO_MAX_PADDING = 1.5
 
 

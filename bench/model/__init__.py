@@ -20,7 +20,8 @@ A recording without FP8 GEMM launches (the backend running the PyTorch emulation
 The last line reads ``<shape> <impl> <gpu>: <ms> ms, <TFLOP/s> TFLOP/s, <pct>% of dense (estimate)`` (with FP8:
 ``<shape> <impl> <gpu> fp8=<recipe>: ... <pct>% of FP8 dense (estimate)``); ``--json`` writes the launch list and
 the totals. It is an estimate: ``bench/gpu_check.sh`` prints it beside the measured
-numbers, so that a GPU corrects the model.
+numbers (``bench.model.compare``), so that a GPU corrects the model: ``bench.model.calibrate`` fits the constants of
+the header's calibration to such a run (the H100's of 2026-12-06 are the ones in ``roofline.GPUS``).
 """
 
 from __future__ import annotations
@@ -138,9 +139,10 @@ def auto_impl(shape: LayerShape) -> str:
 def layer_inputs(
     shape: LayerShape, dtype: torch.dtype = torch.bfloat16, column_major: bool = False
 ) -> dict[str, torch.Tensor]:
-    """The layer's operands on the meta device: x ``[T, d]``, the router's ``[T, k]`` choices and weights (fp32),
-    SwiGLU experts ``w1``, ``w3`` ``[E, d, f]`` and ``w2`` ``[E, f, d]`` (``column_major``: each ``[E, K, N]``
-    weight stored with K contiguous, as ``bench.strategies`` hands ``torch._grouped_mm`` its weights on CUDA)."""
+    """The layer's operands on the meta device: x ``[T, d]``, the router's ``[T, k]`` choices and weights (in
+    ``dtype``, as ``bench.problems`` times them and as the baseline's ``index_add`` requires), SwiGLU experts ``w1``,
+    ``w3`` ``[E, d, f]`` and ``w2`` ``[E, f, d]`` (``column_major``: each ``[E, K, N]`` weight stored with K
+    contiguous, as ``bench.strategies`` hands ``torch._grouped_mm`` its weights on CUDA)."""
     T, d, f, E, k = shape.tokens, shape.hidden, shape.ffn, shape.experts, shape.top_k
     meta = torch.device("meta")
 
@@ -152,7 +154,7 @@ def layer_inputs(
     return {
         "x": torch.empty(T, d, dtype=dtype, device=meta),
         "top_k_index": torch.empty(T, k, dtype=torch.int64, device=meta),
-        "top_k_weights": torch.empty(T, k, dtype=torch.float32, device=meta),
+        "top_k_weights": torch.empty(T, k, dtype=dtype, device=meta),
         "w1": weight(d, f),
         "w2": weight(f, d),
         "w3": weight(d, f),
@@ -214,9 +216,11 @@ def estimate(
 
 
 @cache
-def _estimate(shape: LayerShape, impl: str, gpu: Gpu, dtype: torch.dtype, fp8: str | None) -> Estimate:
+def _recording(shape: LayerShape, impl: str, capability: tuple[int, int], dtype: torch.dtype, fp8: str | None
+               ) -> Recording:  # fmt: skip
+    """The launch list of one layer as the launchers pick it for ``capability`` (what the GPU's costs do not change)."""
     inputs = layer_inputs(shape, dtype, column_major=impl == BASELINE)
-    rec: Recording = record(_layer(impl, fp8), inputs, gpu.capability)
+    rec = record(_layer(impl, fp8), inputs, capability)
     if fp8 is not None and not fp8_launches(rec.launches):
         quantize = sum(1 for la in rec.launches if la.kernel in QUANTIZE_KERNELS)
         raise RuntimeError(
@@ -225,6 +229,12 @@ def _estimate(shape: LayerShape, impl: str, gpu: Gpu, dtype: torch.dtype, fp8: s
             "eager ops, so there is no FP8 estimate to give until its FP8 path (backends/triton_fp8.py) launches "
             "the FP8 kernels"
         )
+    return rec
+
+
+@cache
+def _estimate(shape: LayerShape, impl: str, gpu: Gpu, dtype: torch.dtype, fp8: str | None) -> Estimate:
+    rec = _recording(shape, impl, gpu.capability, dtype, fp8)
     useful_rows = balanced_rows(shape.assignments, shape.experts)
     rows = [-(-n // BLOCK_SIZE) * BLOCK_SIZE for n in useful_rows] if impl == "blocksparse" else useful_rows
     costs = [(launch, launch_cost(launch, gpu, rows, useful_rows)) for launch in rec.launches]

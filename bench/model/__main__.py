@@ -12,7 +12,7 @@ from blocksparse_moe.fp8 import RECIPES
 from blocksparse_moe.options import AUTO_MAX_PADDING
 
 from . import BASELINE, IMPLS, OURS, Estimate, auto_impl, estimate, fp8_launches, padding_ratio, speedup_vs_baseline
-from .roofline import EFFICIENCY_MODEL, FP8_MODEL, GPUS, QUANTIZE_KERNELS, SHAPES, eager_time
+from .roofline import CALIBRATION, EFFICIENCY_MODEL, FP8_MODEL, GPUS, QUANTIZE_KERNELS, SHAPES, eager_time
 
 
 def _mb(n: float) -> str:
@@ -29,6 +29,7 @@ def report(est: Estimate) -> str:
         f"{gpu.sms} SMs)",
         f"GPU numbers: {gpu.source}",
         EFFICIENCY_MODEL,
+        CALIBRATION,
         *([FP8_MODEL] if est.fp8 else []),
         "",
         f"{'#':>2} {'phase':8} {'kernel':19} {'tile':>10} {'w/st':>5} {'grid':>8} {'CTA/SM':>6} "

@@ -3,7 +3,8 @@
 For every row of the dropless strategies (``blocksparse``, ``grouped``, and their FP8 rows ``<strategy>+fp8:<recipe>``
 of ``python -m bench --fp8``) and of the ``torch_grouped_mm`` baseline (GLU rows) in the bench output folders given,
 the same layer (tokens, widths, experts, k, dtype, FP8 recipe) is estimated by ``bench.model`` on ``--gpu`` and
-printed beside the measured forward + backward time, with their ratio (an FP8 row's estimate is ``n/a`` where the
+printed beside the measured forward + backward time, with their ratio, and the ratios of the forward and of the
+backward alone (an FP8 row's estimate is ``n/a`` where the
 recording launches no FP8 kernels: ``bench.model``'s "no FP8 kernels launched"); a second
 table gives each of our strategies' speedup over the baseline, measured and estimated (the target: >= 1.3x). The
 day a GPU is lent, these tables say where the model is wrong. Usage (``bench/gpu_check.sh`` runs it)::
@@ -22,7 +23,7 @@ import torch
 
 from bench.strategies import fp8_case_name
 
-from . import BASELINE, IMPLS, OURS, estimate
+from . import BASELINE, IMPLS, OURS, Estimate, estimate
 from .roofline import GPUS, LayerShape
 
 __all__ = ["gpu_of", "compare", "speedups", "main"]
@@ -61,24 +62,36 @@ def _layer(r: dict) -> tuple[LayerShape, str]:
     return shape, f"d={r['hidden']} f={r['ffn']} E={r['experts']} k={r['top_k']}"
 
 
-def _model_ms(r: dict, gpu: str) -> float | None:
+def _estimate(r: dict, gpu: str) -> Estimate | None:
     """The estimate of the row's layer, None for an FP8 row while no FP8 kernels are launched."""
     try:
-        return estimate(_layer(r)[0], _impl(r), gpu, dtype=_DTYPES[r["dtype"]], fp8=r.get("fp8")).seconds * 1e3
+        return estimate(_layer(r)[0], _impl(r), gpu, dtype=_DTYPES[r["dtype"]], fp8=r.get("fp8"))
     except RuntimeError:  # bench.model: no FP8 kernels launched
         return None
 
 
+def _model_ms(r: dict, gpu: str) -> float | None:
+    est = _estimate(r, gpu)
+    return None if est is None else est.seconds * 1e3
+
+
+def _ratio(measured: float | None, model_s: float | None) -> str:
+    return "n/a" if measured is None or model_s is None else f"{measured / (model_s * 1e3):.2f}"
+
+
 def compare(rows: list[dict], gpu: str) -> list[list[str]]:
-    """``[tokens, shape, strategy, measured ms, model ms, measured / model]`` per modelled row."""
+    """``[tokens, shape, strategy, measured ms, model ms, measured / model, forward measured / model, backward
+    measured / model]`` per modelled row (the bench times the forward, the backward and both apart)."""
     table = []
     for r in _modelled(rows):
         measured = r.get("fwd_bwd_ms")
-        model = _model_ms(r, gpu)
+        est = _estimate(r, gpu)
+        total, fwd, bwd = (None,) * 3 if est is None else (
+            est.seconds, est.phase_seconds("forward"), est.phase_seconds("backward"))  # fmt: skip
         table.append([
             str(r["tokens"]), _layer(r)[1], r["strategy"], "n/a" if measured is None else f"{measured:.3f}",
-            "n/a" if model is None else f"{model:.3f}",
-            "n/a" if measured is None or model is None else f"{measured / model:.2f}",
+            "n/a" if total is None else f"{total * 1e3:.3f}", _ratio(measured, total), _ratio(r.get("fwd_ms"), fwd),
+            _ratio(r.get("bwd_ms"), bwd),
         ])  # fmt: skip
     return table
 
@@ -120,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         path = folder / "results.json"
         if path.exists():
             rows += json.loads(path.read_text())["rows"]
-    head = ["tokens", "shape", "strategy", "measured fwd+bwd ms", f"model ms ({gpu})", "measured / model"]
+    head = ["tokens", "shape", "strategy", "measured fwd+bwd ms", f"model ms ({gpu})", "measured / model",
+            "fwd measured / model", "bwd measured / model"]  # fmt: skip
     vs = ["tokens", "shape", "strategy", "x torch._grouped_mm measured", f"x torch._grouped_mm model ({gpu})"]
     text = "\n".join(_markdown(head, compare(rows, gpu)) + [""] + _markdown(vs, speedups(rows, gpu)))
     print(text)

@@ -38,7 +38,17 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from blocksparse_moe.config import interpreting
 from blocksparse_moe.routing import pytorch as routing_torch
 
-__all__ = ["TensorInfo", "Launch", "EagerOp", "Recording", "ATEN_GEMMS", "ROUTING", "ROUTING_STEPS", "record"]
+__all__ = [
+    "TensorInfo",
+    "Launch",
+    "EagerOp",
+    "Recording",
+    "ATOMIC_OPS",
+    "ATEN_GEMMS",
+    "ROUTING",
+    "ROUTING_STEPS",
+    "record",
+]
 
 
 @dataclass(frozen=True)
@@ -93,7 +103,8 @@ class Launch:
 @dataclass(frozen=True)
 class EagerOp:
     """One eager aten op: a kernel of its own on the GPU (``kernel``: bytes read and written), or an allocation
-    (``bytes`` 0); the dtype and size of what it creates."""
+    (``bytes`` 0); the dtype and size of what it creates; ``atomics``: the elements it adds atomically (``ATOMIC_OPS``:
+    one per source element)."""
 
     name: str
     kernel: bool
@@ -102,6 +113,7 @@ class EagerOp:
     bytes: int
     out_dtype: torch.dtype | None
     out_bytes: int
+    atomics: int = 0
 
 
 @dataclass
@@ -141,6 +153,10 @@ _NO_KERNEL = _ALLOCATIONS | {
 }
 
 
+# Eager ops whose CUDA kernel adds each element of a source into its destination with an atomic (index_add's and
+# scatter_add's indexed accumulation), by the name of that source argument.
+ATOMIC_OPS = {"aten::index_add": "source", "aten::index_add_": "source", "aten::scatter_add": "src",
+              "aten::scatter_add_": "src"}  # fmt: skip
 # Library GEMMs recorded as launches (costed by bench.model.roofline), not as eager ops.
 ATEN_GEMMS = ("aten::_grouped_mm",)
 # The routing: the pseudo-op its PyTorch implementation's eager ops run under here, and the kernels the compiled
@@ -213,7 +229,12 @@ class _Mode(TorchDispatchMode):
             moved = sum(inputs.values()) + sum(_nbytes(t) for t in outputs if id(t) not in inputs) if kernel else 0
             dtype = outputs[0].dtype if outputs else None
             created = sum(_nbytes(t) for t in outputs)
-            self.rec.eager.append(EagerOp(name, kernel, self.rec.phase, self.rec.op, moved, dtype, created))
+            atomics = 0
+            if name in ATOMIC_OPS:
+                names = [a.name for a in func._schema.arguments]
+                i = names.index(ATOMIC_OPS[name])
+                atomics = (args[i] if i < len(args) else kwargs[ATOMIC_OPS[name]]).numel()
+            self.rec.eager.append(EagerOp(name, kernel, self.rec.phase, self.rec.op, moved, dtype, created, atomics))
         return out
 
 

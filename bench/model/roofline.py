@@ -3,7 +3,9 @@ kernel, all stated here (``EFFICIENCY_MODEL`` is printed in the model's header).
 
 Every number below that is not a count is an assumption until a GPU measures it (``bench/gpu_check.sh`` prints the
 estimate beside each measured number): the GPU table says which of its numbers are vendor specifications and which
-were measured; the efficiencies are this model's, chosen from the kernels' structure, not fitted to a measurement.
+were measured. The efficiencies' shape (by tile, CTAs per SM, persistence) is this model's, from the kernels'
+structure; five constants (``CALIBRATION``, printed in the header) are fitted to the first GPU run: one H100,
+2026-12-06, ``bench/results/2026-12-06-NVIDIA-H100-80GB-HBM3``; ``tests/test_model.py`` holds the model to that run.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = [
     "SHAPES",
     "Cost",
     "EFFICIENCY_MODEL",
+    "CALIBRATION",
     "FP8_MODEL",
     "QUANTIZE_KERNELS",
     "balanced_rows",
@@ -45,11 +48,14 @@ class Gpu:
     hbm_tbps: float
     l2_tbps: float
     smem_per_sm: int  # bytes of shared memory a CTA set may use per SM
-    main_loop_factor: float  # the architecture's factor on the main-loop efficiency of these kernels
+    main_loop_factor: float  # the architecture's factor on the main-loop efficiency of our Triton kernels
     source: str
     bf16_fma_per_clock: int  # dense bf16 tensor-core FMAs per SM per clock (bench.audit's FMA_PER_CLOCK)
     fp8_rate: float  # the E4M3 tensor-core rate over the bf16 one
     l2_mb: float  # L2 capacity
+    atomics_per_s: float  # elements an eager index_add / scatter_add adds atomically per second (the L2's atomic units)
+    backward_efficiency: float  # our backward GEMM launches' main-loop efficiency over the forward's
+    library_efficiency: float  # torch._grouped_mm's main loops, of dense_tflops
 
     @property
     def sm_flops(self) -> float:
@@ -62,23 +68,43 @@ class Gpu:
         return FP32_FMA_PER_CLOCK * self.sm_flops / (2 * self.bf16_fma_per_clock)
 
 
+# ---- The calibration: fitted to the first GPU run (one H100 80GB HBM3, 2026-12-06, torch 2.11, Triton 3.6,
+# bench/gpu_check.sh: bench/results/2026-12-06-NVIDIA-H100-80GB-HBM3, the mixtral and fine presets' results.json,
+# forward and backward times apart; bench.model.calibrate refits them). How each is fitted and how it carries to the
+# H200 / B200: CALIBRATION below.
+H100_DENSE_TFLOPS = 709.0  # the bench's `dense` row at Mixtral: cuBLAS GEMMs of the same FLOPs, 48.9 ms fwd+bwd
+DENSE_OF_SPEC = H100_DENSE_TFLOPS / 989.0  # 0.72: the measured dense rate over NVIDIA's bf16 specification
+SM90_MAIN_LOOP = 0.87  # our Triton kernels' main loops on sm_90 over the N-tile table (forward of ours, both shapes)
+BACKWARD_EFFICIENCY = 0.72  # our backward GEMM launches over the forward's efficiency (backward of ours, both shapes)
+LIBRARY_EFFICIENCY = 0.99  # torch._grouped_mm's CUTLASS kernel, of the dense rate (the baseline, both shapes)
+H100_ATOMICS_PER_S = 9e10  # eager index_add elements per second (with LIBRARY_EFFICIENCY: the baseline, both shapes)
+B200_MAIN_LOOP = 0.55  # assumption (issue 16): Hopper-structured kernels compiled for tcgen05, over the sm_90 factor
+
 GPUS: dict[str, Gpu] = {
     "h100": Gpu(
-        "h100", "H100 SXM", (9, 0), 132, 989.0, 3.35, 10.0, 227 * 1024, 1.0,
-        "989 TFLOP/s bf16 dense and 3.35 TB/s: NVIDIA specification; L2 10 TB/s: assumption",
-        bf16_fma_per_clock=2048, fp8_rate=2.0, l2_mb=50.0,
+        "h100", "H100 SXM", (9, 0), 132, H100_DENSE_TFLOPS, 3.35, 10.0, 227 * 1024, SM90_MAIN_LOOP,
+        f"{H100_DENSE_TFLOPS:.0f} TFLOP/s bf16 dense: measured (the bench's dense row, Mixtral, 2026-12-06; "
+        "specification 989); 3.35 TB/s: NVIDIA specification; L2 10 TB/s: assumption",
+        bf16_fma_per_clock=2048, fp8_rate=2.0, l2_mb=50.0, atomics_per_s=H100_ATOMICS_PER_S,
+        backward_efficiency=BACKWARD_EFFICIENCY, library_efficiency=LIBRARY_EFFICIENCY,
     ),
     "h200": Gpu(
-        "h200", "H200", (9, 0), 132, 790.0, 4.3, 10.0, 227 * 1024, 1.0,
-        "790 TFLOP/s bf16 dense GEMM and 4.3 TB/s device copy: measured on the project's H200 (PLATFORM.md; "
-        "specification 989 TFLOP/s, 4.8 TB/s); L2 10 TB/s: assumption",
-        bf16_fma_per_clock=2048, fp8_rate=2.0, l2_mb=50.0,
+        "h200", "H200", (9, 0), 132, H100_DENSE_TFLOPS, 4.3, 10.0, 227 * 1024, SM90_MAIN_LOOP,
+        f"{H100_DENSE_TFLOPS:.0f} TFLOP/s bf16 dense: the H100's measured rate (the same SMs and clocks; PLATFORM.md's "
+        "790 TFLOP/s on the project's H200 is a GEMM of unrecorded shape, not the bench's dense row); 4.3 TB/s "
+        "device copy: measured on the project's H200 (PLATFORM.md; specification 4.8 TB/s); L2 10 TB/s: assumption",
+        bf16_fma_per_clock=2048, fp8_rate=2.0, l2_mb=50.0, atomics_per_s=H100_ATOMICS_PER_S,
+        backward_efficiency=BACKWARD_EFFICIENCY, library_efficiency=LIBRARY_EFFICIENCY,
     ),
     "b200": Gpu(
-        "b200", "B200", (10, 0), 148, 2250.0, 8.0, 20.0, 227 * 1024, 0.55,
-        "2250 TFLOP/s bf16 dense and 8 TB/s: NVIDIA specification; L2 20 TB/s: assumption; main loops at 0.55 of "
-        "the sm_90 efficiency (Hopper-structured kernels compiled for tcgen05, issue 16: ~45% of tensor peak)",
-        bf16_fma_per_clock=4096, fp8_rate=2.0, l2_mb=126.0,
+        "b200", "B200", (10, 0), 148, round(2250.0 * DENSE_OF_SPEC), 8.0, 20.0, 227 * 1024,
+        SM90_MAIN_LOOP * B200_MAIN_LOOP,
+        f"{round(2250.0 * DENSE_OF_SPEC)} TFLOP/s bf16 dense: NVIDIA's 2250 x the H100's measured / specified "
+        f"{DENSE_OF_SPEC:.2f} (assumption); 8 TB/s: NVIDIA specification; L2 20 TB/s: assumption; main loops at "
+        f"{B200_MAIN_LOOP} of the sm_90 efficiency (Hopper-structured kernels compiled for tcgen05, issue 16); "
+        "atomics at the H100's rate (assumption)",
+        bf16_fma_per_clock=4096, fp8_rate=2.0, l2_mb=126.0, atomics_per_s=H100_ATOMICS_PER_S,
+        backward_efficiency=BACKWARD_EFFICIENCY, library_efficiency=LIBRARY_EFFICIENCY,
     ),
 }  # fmt: skip
 
@@ -117,17 +143,19 @@ def balanced_rows(assignments: int, experts: int) -> list[int]:
     return [base + (e < extra) for e in range(experts)]
 
 
-EFFICIENCY_MODEL = """\
-efficiency model (assumptions, not measurements):
+EFFICIENCY_MODEL = f"""\
+efficiency model (its form assumed from the kernels' structure; the numbers marked [cal]: see calibration):
   GEMM launch time = max(MMA, L2, HBM) + 3 us (launch, prologue, ramp)
-    MMA  = ceil(CTAs with work / SMs) x (executed FLOPs per CTA) / (SM dense rate x main-loop efficiency)
+    MMA  = ceil(CTAs with work / SMs) x (executed FLOPs per CTA) / (SM dense rate x main-loop efficiency); the
+           dense rate: the GPU's cuBLAS bf16 GEMM rate (measured on the H100 [cal])
            main-loop efficiency: by the MMA tile's N: >=128: 0.90, 64: 0.75, 32: 0.50, 16: 0.30; x0.85 with one CTA
            per SM (prologue and epilogue not overlapped by a second CTA), except in a persistent kernel
            (gemm_kernel with 16-bit operands on sm_100, but for the backward and GLU forward epilogues: its
            programs loop over the tiles, a second one per SM overlapping the first's prologue and epilogue); x the
-           GPU's factor (B200: 0.55); fp32 operands at half the bf16 rate (tf32); M tiles under 64 rows (decode:
-           mma.sync, not wgmma) at the same efficiency: they serve shapes whose weight reads bound them (HBM), where
-           it does not decide
+           GPU's main-loop factor (sm_90 {SM90_MAIN_LOOP} [cal], B200 {SM90_MAIN_LOOP} x {B200_MAIN_LOOP}); x
+           {BACKWARD_EFFICIENCY} [cal] in the backward launches; fp32 operands at half the bf16 rate (tf32); M tiles
+           under 64 rows (decode: mma.sync, not wgmma) at the same efficiency: they serve shapes whose weight reads
+           bound them (HBM), where it does not decide
     L2   = operand tiles read by the CTAs (A and W tiles every K step) / L2 bandwidth
     HBM  = unique bytes (each operand row and weight once, every output and epilogue operand once) / (0.85 x HBM)
   CTAs per SM = min(registers, shared memory, 2048 threads); registers per thread estimated as 48 + the fp32
@@ -137,15 +165,40 @@ efficiency model (assumptions, not measurements):
   torch._grouped_mm (the torch_grouped_mm baseline): PyTorch's CUTLASS kernel, costed by the same MMA / L2 / HBM
     formulas on its own tiles (GroupMM.cu): sm_90 128x256x64 (64x128x128 when a group's M or N <= 128; sm_100
     64x128x128), clusters of 2 CTAs along M with the B tile multicast (half its L2 reads), one persistent
-    warp-specialized CTA per SM at the main-loop efficiency of our N >= 128 tiles (0.90), with no one-CTA penalty
-    (its epilogue overlaps the next tile's loads) and no GPU factor (native on sm_100)
-  permute kernels and eager ops: bytes / (0.85 x HBM) + 3 us each
+    warp-specialized CTA per SM at {LIBRARY_EFFICIENCY} [cal] of the dense rate, with no one-CTA penalty (its
+    epilogue overlaps the next tile's loads) and no GPU factor (native on sm_100)
+  permute kernels and eager ops: bytes / (0.85 x HBM) + 3 us each; an eager index_add / scatter_add at least its
+    source elements / the GPU's atomic rate ({H100_ATOMICS_PER_S:.0e}/s on the H100 [cal]: one L2 atomic each)
   routing: balanced (T*k/E assignments per expert); the plan is built by the compiled extension on CUDA: its 6
     step kernels (routing::*) move the ids and the plan's buffers once in all, at HBM speed, + 3 us each; the
     PyTorch implementation that builds it on meta tensors here is listed, not costed
   gemm_kernel's "CTAs" here are its tiles (persistent on sm_100's fast config: min(tiles, 2 x SMs) programs loop
     over them; the list, on meta tensors, shows one program per tile)
   W_TMA is 0 in the list (meta tensors are not CUDA tensors); the bytes and FLOPs are the same with TMA weights"""
+
+CALIBRATION = f"""\
+calibration: fitted to one H100 80GB HBM3 on 2026-12-06 (torch 2.11, Triton 3.6; bench/gpu_check.sh's mixtral
+  T=16384 d=4096 f=14336 E=8 k=2 and fine T=32768 d=2048 f=768 E=128 k=8 runs, forward and backward timed apart:
+  bench/results/2026-12-06-NVIDIA-H100-80GB-HBM3); each fitted time within 5% of the model per direction; the fit:
+  python -m bench.model.calibrate --gpu h100 <that folder>/mixtral <that folder>/fine (rounded to 2 digits here)
+  dense rate {H100_DENSE_TFLOPS:.0f} TFLOP/s: measured, not fitted: the bench's dense row at Mixtral (cuBLAS GEMMs
+    of the layer's FLOPs, 48.9 ms fwd+bwd; 679 TFLOP/s at fine); the MMA peak above and the unit of "% of dense"
+    (it was NVIDIA's 989 TFLOP/s: every GEMM of the model came out ~1.3x too fast)
+  main-loop factor {SM90_MAIN_LOOP}: our forward GEMMs (gemm_kernel, GLU and plain epilogues), least squares over the
+    forward times of blocksparse and grouped at both shapes (23.5-23.7 ms Mixtral, 5.6 ms fine)
+  backward efficiency {BACKWARD_EFFICIENCY}: our backward GEMMs (the SwiGLU-backward epilogue, the dx pair, both
+    weight gradients) over the forward's, from the backward times (56.1-59.5 ms Mixtral, 12.9-13.6 ms fine);
+    which of the four launches loses it, phase totals do not say
+  torch._grouped_mm at {LIBRARY_EFFICIENCY} of the dense rate and the atomic rate {H100_ATOMICS_PER_S:.0e}/s:
+    least squares over the baseline's times (Mixtral 20.0 / 38.3 ms, fine 11.5 / 18.2 ms); the fine layer's
+    combine and dx index_add (537M bf16 atomic additions each) take 6.0 ms of each direction (bytes: 0.5 ms)
+  carried to the H200 (the same SMs, clocks and L2): every number above; its 4.3 TB/s shortens the HBM terms
+    only. To the B200 (assumptions, no sm_100 measurement): dense 2250 TFLOP/s (NVIDIA) x the H100's measured /
+    specified {DENSE_OF_SPEC:.2f} = {round(2250.0 * DENSE_OF_SPEC)} TFLOP/s, main loops at {B200_MAIN_LOOP} of the sm_90
+    factor, the backward and library efficiencies and the atomic rate as on the H100
+  not calibrated: FP8 (the run's FP8 backward has a known wgrad operand-layout defect; mx on sm_90 measured 3x
+    the model), decode and the L2 bandwidth (no measurement binds them), the block-sparse layout's backward
+    (5-6% slower than grouped's, measured; the same launches in the model)"""
 
 FP8_MODEL = """\
 FP8 model (fp8=RECIPE: gemm_kernel / wgrad_kernel with FP8 = 1 blockwise, 2 mx, 3 rowwise on E4M3 operands;
@@ -264,8 +317,12 @@ def _scale_itemsize(recipe: fp8_recipes.Recipe | None) -> int:
     return 0 if recipe is None else torch.empty((), dtype=recipe.scale_dtype).element_size()
 
 
-def _efficiency(gpu: Gpu, block_n: int, ctas_per_sm: int, itemsize: int, persistent: bool = False) -> float:
+def _efficiency(
+    gpu: Gpu, launch: Launch, block_n: int, ctas_per_sm: int, itemsize: int, persistent: bool = False
+) -> float:
+    """The main-loop efficiency of one of our Triton GEMM launches (``EFFICIENCY_MODEL``, ``CALIBRATION``)."""
     eff = _n_efficiency(block_n) * gpu.main_loop_factor * (0.85 if ctas_per_sm == 1 and not persistent else 1.0)
+    eff *= gpu.backward_efficiency if launch.phase == "backward" else 1.0
     return eff / 2 if itemsize == 4 else eff
 
 
@@ -324,7 +381,7 @@ def _gemm_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int]
     persistent = bool(a.get("PERSISTENT")) or (
         gpu.capability[0] == 10 and a_item == 2 and not dual and a["EPILOGUE"] != 2
     )
-    eff = _efficiency(gpu, BN, per_sm, a_item, persistent)
+    eff = _efficiency(gpu, launch, BN, per_sm, a_item, persistent)
     work = used * n_tiles
     mma = _mma_seconds(gpu, executed, work, eff, _fp8_rate(gpu, recipe)) + _promotion_seconds(
         gpu, recipe, work, promoted
@@ -370,7 +427,7 @@ def _wgrad_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int
     smem = buffers * BK * (BM * a_item + BN * b_item)
     accumulators = 2 if recipe is not None and recipe.name == "blockwise" else 1  # + the step's
     per_sm = _ctas_per_sm(gpu, a["num_warps"], BM * BN * accumulators / threads, smem)
-    eff = _efficiency(gpu, BN, per_sm, a_item)
+    eff = _efficiency(gpu, launch, BN, per_sm, a_item)
     work = tiles * sum(1 for r in rows if r)
     mma = _mma_seconds(gpu, executed, work, eff, _fp8_rate(gpu, recipe)) + _promotion_seconds(
         gpu, recipe, work, promoted
@@ -419,7 +476,7 @@ def _grouped_mm_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: lis
     executed = sum(t * s * 2 * BM * BN * BK for t, s in zip(tiles, steps))
     l2 = sum(t * s for t, s in zip(tiles, steps)) * (BM * BK + BK * BN // multicast) * itemsize
     work = sum(tiles)
-    eff = _n_efficiency(BN) / (2 if itemsize == 4 else 1)  # persistent, warp-specialized: no one-CTA or GPU factor
+    eff = gpu.library_efficiency / (2 if itemsize == 4 else 1)  # persistent, warp-specialized: no one-CTA or GPU factor
     return Cost(
         executed, useful, hbm, l2, work, 0, 0, 1, eff, f"{BM}x{BN}x{BK}", _mma_seconds(gpu, executed, work, eff),
         l2 / (gpu.l2_tbps * 1e12), _hbm_seconds(gpu, hbm),
@@ -505,5 +562,6 @@ def launch_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int
 
 
 def eager_time(op: EagerOp, gpu: Gpu) -> float:
-    """Seconds of one eager op: its bytes at HBM speed plus the launch."""
-    return _hbm_seconds(gpu, op.bytes) + _OVERHEAD_S
+    """Seconds of one eager op: its bytes at HBM speed, or its atomic additions at the GPU's atomic rate where those
+    take longer, plus the launch."""
+    return max(_hbm_seconds(gpu, op.bytes), op.atomics / gpu.atomics_per_s) + _OVERHEAD_S
