@@ -273,6 +273,22 @@ def test_quantize_rows_padded_kernel_exact(poisoned, device, recipe, counts, dua
     assert_same(s[:used], s_unpadded[:used], f"{recipe} the groups' scales, padded or not")
 
 
+def test_row_groups_bad_arguments():
+    """``row_groups`` and the launchers that take its ``RowGroups`` refuse what they cannot serve, naming it."""
+    offsets = torch.tensor([0, 3, 10], dtype=torch.int32)
+    with pytest.raises(ValueError, match="align must divide the group, got align 48 and group 32"):
+        kq.row_groups(offsets, 10, 32, align=48)
+    with pytest.raises(ValueError, match="row_groups: align"):
+        kq.row_groups(offsets, 10, 32, align=0)
+    rows = kq.row_groups(offsets, 10, 32, align=16)
+    with pytest.raises(ValueError, match=r"R = rows.input_rows = 10 .* got \(12, 4\)"):
+        kq.quantize_rows(torch.randn(12, 4), rows)
+    with pytest.raises(ValueError, match="quantize_dual: t must have shape"):
+        kq.quantize_dual(torch.randn(10), rows)
+    with pytest.raises(TypeError, match="rows must be a RowGroups"):
+        kq.quantize_rows(torch.randn(10, 4), offsets)
+
+
 def test_pad_rows_reference():
     """``fp8.pad_rows`` / ``padded_offsets`` / ``padded_rows`` on a case worked out by hand: counts 0, 1, 17, 16."""
     offsets = torch.tensor([0, 0, 1, 18, 34], dtype=torch.int32)

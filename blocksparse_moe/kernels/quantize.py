@@ -390,6 +390,7 @@ class RowGroups:
 
     group: int | None  # rows per group (None: one group per expert)
     align: int  # q's expert segments padded to multiples of it (1: q's rows are the input's)
+    input_rows: int  # R, the rows of the inputs these groups quantize
     offsets: torch.Tensor  # [E + 1] expert offsets of q's rows (``fp8.padded_offsets`` for align > 1), offsets' dtype
     rows: int  # q's rows: the input's R, or the bound ``fp8.padded_rows(R, E, align)``
     ids: torch.Tensor  # [rows] int64 group of each of q's rows (``fp8.row_groups`` over q's rows)
@@ -416,7 +417,15 @@ def row_groups(offsets: torch.Tensor, rows: int, group: int | None, align: int =
         e = torch.searchsorted(q_off, bounds[:-1], right=True) - 1  # the expert of each group's first q row (E: none)
         source = torch.cat([bounds[:-1] - (q_off[e] - off[e]), bounds.new_full((1,), rows)])
     first = fp8_reference.group_offsets(q_offsets, group).to(torch.int32)
-    return RowGroups(group, align, q_offsets, q_rows, ids, bounds, source, first)
+    return RowGroups(group, align, rows, q_offsets, q_rows, ids, bounds, source, first)
+
+
+def _check_rows(op: str, t: torch.Tensor, rows: RowGroups) -> None:
+    if not isinstance(rows, RowGroups):
+        raise TypeError(f"{op}: rows must be a RowGroups (row_groups), got {type(rows).__name__}")
+    if t.dim() != 2 or t.shape[0] != rows.input_rows:
+        raise ValueError(f"{op}: t must have shape [R, C] with R = rows.input_rows = {rows.input_rows} (the rows the "
+                         f"groups were built for), got {tuple(t.shape)}")  # fmt: skip
 
 
 def quantize_rows(
@@ -426,6 +435,7 @@ def quantize_rows(
     C])``, one scale per column and row group (``rows``, a ``RowGroups`` of these R rows; ``rows.ids`` maps q's rows
     to their scale rows); padded (``rows.align > 1``): ``fp8.quantize_rows`` of ``fp8.pad_rows(t)``, its padding
     rows zero. ``transposed``: q column-major (``_q_out``), for a weight gradient's K-major reads."""
+    _check_rows("quantize_rows", t, rows)
     return _launch(t, (1, 1), scale_dtype, rows, transposed)
 
 
@@ -437,6 +447,7 @@ def quantize_dual(
     and ``transposed`` as there), from one kernel that reads each element once per pass (``quantize_dual_kernel``).
     A group of None (``"rowwise"``: whole dimensions, which one program cannot hold) runs the two launchers
     instead."""
+    _check_rows("quantize_dual", t, rows)
     group = rows.group
     if group is None:
         return quantize(t, (1, None), scale_dtype), quantize_rows(t, rows, scale_dtype, transposed)
