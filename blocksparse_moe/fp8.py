@@ -59,6 +59,9 @@ __all__ = [
     "fake_quantize_dual",
     "row_groups",
     "group_offsets",
+    "padded_offsets",
+    "padded_rows",
+    "pad_rows",
     "scale_value",
     "Quantizer",
     "REFERENCE",
@@ -202,6 +205,34 @@ def group_offsets(offsets: torch.Tensor, group: int | None) -> torch.Tensor:
     off = offsets.long()
     counts = off[1:] - off[:-1]
     return torch.cat([off.new_zeros(1), ((counts + group - 1) // group).cumsum(0)])
+
+
+def padded_offsets(offsets: torch.Tensor, align: int) -> torch.Tensor:
+    """Expert offsets ``[E + 1]`` with each expert's rows padded to a multiple of ``align``: the exclusive cumsum of
+    ``ceil(count_e / align) · align``, on the device (no host sync), in ``offsets``' dtype. With ``align`` a divisor
+    of the row group (16 | 32 | 128), the padded rows keep every group of ``row_groups`` / ``group_offsets``: an
+    expert's groups cover the same rows, the last one followed by zero rows."""
+    counts = offsets[1:] - offsets[:-1]
+    return torch.cat([offsets.new_zeros(1), ((counts + align - 1) // align * align).cumsum(0).to(offsets.dtype)])
+
+
+def padded_rows(rows: int, experts: int, align: int) -> int:
+    """Rows of a buffer holding ``rows`` expert-sorted rows in ``padded_offsets``' layout, from shapes alone: the
+    bound ``rows + (align - 1) · experts``, rounded up to a multiple of ``align``."""
+    return -(-(rows + (align - 1) * experts) // align) * align
+
+
+def pad_rows(t: torch.Tensor, offsets: torch.Tensor, align: int) -> torch.Tensor:
+    """Expert-sorted rows ``t [R, C]`` in the padded layout ``[padded_rows(R, E, align), C]``: expert e's rows from
+    ``padded_offsets(offsets, align)[e]`` on, the rows past ``offsets[E]`` (no expert) from its last entry on, zeros
+    elsewhere. The reference of the layout ``kernels.quantize`` writes for ``align > 1`` (on the device, no host
+    sync)."""
+    R, E = t.shape[0], offsets.shape[0] - 1
+    off, padded = offsets.long(), padded_offsets(offsets, align).long()
+    r = torch.arange(R, device=t.device)
+    e = torch.searchsorted(off[1:], r, right=True)  # E: past the experts
+    out = t.new_zeros(padded_rows(R, E, align), t.shape[1])
+    return out.index_copy_(0, r - off[e] + padded[e], t)
 
 
 def row_groups(offsets: torch.Tensor, rows: int, group: int | None) -> tuple[torch.Tensor, int]:

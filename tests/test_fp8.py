@@ -196,10 +196,11 @@ def test_quantize_rows_kernel_exact(poisoned, device, recipe, transposed):
     r = fp8.recipe(recipe)
     offsets = torch.tensor([0, 0, 50, 51, 180, 180], dtype=torch.int32, device=device)
     t = _edgy((190, 40), torch.float32).to(device)
-    q, s, ids = kq.quantize_rows(t, offsets, r.group, r.scale_dtype, transposed=transposed)
+    rows = kq.row_groups(offsets, 190, r.group)
+    q, s = kq.quantize_rows(t, rows, r.scale_dtype, transposed=transposed)
     assert q.stride() == ((1, 190) if transposed else (40, 1))
     q_ref, s_ref, ids_ref = fp8.quantize_rows(t, offsets, r.group, r.scale_dtype)
-    assert torch.equal(ids, ids_ref)
+    assert torch.equal(rows.ids, ids_ref)
     assert_same(s, s_ref, f"scales {recipe}")
     assert_same(q, q_ref, f"values {recipe}")
 
@@ -216,14 +217,89 @@ def test_quantize_dual_kernel_exact(poisoned, device, recipe, dtype):
     C = 300 if r.group else 72  # rowwise (whole rows, the two launchers): fewer columns, the same code paths
     t = _edgy((190, C), dtype).to(device)
     transposed = dtype == torch.bfloat16
-    (q_rows, s_rows), (q_cols, s_cols, ids) = kq.quantize_dual(t, offsets, r.group, r.scale_dtype, transposed)
+    rows = kq.row_groups(offsets, 190, r.group)
+    (q_rows, s_rows), (q_cols, s_cols) = kq.quantize_dual(t, rows, r.scale_dtype, transposed)
     assert q_cols.stride() == ((1, 190) if transposed else (C, 1))
     q1, s1 = fp8.quantize(t, (1, r.group), r.scale_dtype)
     q2, s2, ids2 = fp8.quantize_rows(t, offsets, r.group, r.scale_dtype)
-    assert torch.equal(ids, ids2)
+    assert torch.equal(rows.ids, ids2)
     for got, want, what in ((s_rows, s1, "row scales"), (q_rows, q1, "row values"), (s_cols, s2, "column scales"),
                             (q_cols, q2, "column values")):  # fmt: skip
         assert_same(got, want, f"{recipe} {what}")
+
+
+@pytest.mark.parametrize("dual", [False, True])
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize(
+    "counts",
+    [
+        [0, 1, 16, 7, 0, 150],  # no rows (first, inner), one row, a multiple of 16, a partial 16 and 128 (150)
+        [37],  # E = 1, not a multiple of 16
+        [32, 16],  # multiples of 16 only: the padded layout is the input's (and the spare rows past it)
+    ],
+)
+def test_quantize_rows_padded_kernel_exact(poisoned, device, recipe, counts, dual):
+    """The grouped strategy's weight-gradient layout (``align=16``): the kernels write each expert's rows from
+    ``fp8.padded_offsets`` on, column-major, in one pass; bit for bit the reference quantization of the padded rows
+    (``fp8.pad_rows``), its padding rows zero (whatever their group's scale: NaN and inf groups too) and every row
+    up to the buffer's bound written (the outputs are poisoned); 3 rows past offsets[E] (no expert) follow the padded
+    experts as their own group, as unpadded. The
+    groups, their scales and ``group_offsets`` are those of the unpadded rows; ``dual``: ``quantize_dual``'s column
+    layout (its row layout stays unpadded)."""
+    r = fp8.recipe(recipe)
+    offsets = torch.tensor([0, *counts], device=device).cumsum(0).to(torch.int32)
+    R, C = int(offsets[-1]) + 3, 48 if r.group else 40
+    t = _edgy((R, C), torch.bfloat16 if dual else torch.float32).to(device)
+    rows = kq.row_groups(offsets, R, r.group, align=16)
+    if dual:
+        (q_rows, s_rows), (q, s) = kq.quantize_dual(t, rows, r.scale_dtype, transposed=True)
+        q1, s1 = fp8.quantize(t, (1, r.group), r.scale_dtype)
+        assert_same(s_rows, s1, f"{recipe} row scales")
+        assert_same(q_rows, q1, f"{recipe} row values")
+    else:
+        q, s = kq.quantize_rows(t, rows, r.scale_dtype, transposed=True)
+    padded = fp8.padded_offsets(offsets, 16)
+    assert rows.rows == fp8.padded_rows(R, len(counts), 16) and rows.rows % 16 == 0
+    assert torch.equal(rows.offsets, padded) and q.shape == (rows.rows, C) and q.stride() == (1, rows.rows)
+    assert torch.equal(rows.group_offsets, fp8.group_offsets(offsets, r.group).int())
+    q_ref, s_ref, ids_ref = fp8.quantize_rows(fp8.pad_rows(t, offsets, 16), padded, r.group, r.scale_dtype)
+    real = fp8.pad_rows(torch.ones(R, 1, device=device), offsets, 16)[:, 0] == 1
+    q_ref = torch.where(real[:, None], q_ref.view(torch.uint8), 0).view(torch.float8_e4m3fn)  # zero padding rows
+    assert torch.equal(rows.ids, ids_ref)
+    assert_same(s, s_ref, f"{recipe} scales")
+    assert_same(q, q_ref, f"{recipe} values")
+    _, s_unpadded, _ = fp8.quantize_rows(t, offsets, r.group, r.scale_dtype)
+    used = int(fp8.group_offsets(offsets, r.group)[-1])
+    assert_same(s[:used], s_unpadded[:used], f"{recipe} the groups' scales, padded or not")
+
+
+def test_row_groups_bad_arguments():
+    """``row_groups`` and the launchers that take its ``RowGroups`` refuse what they cannot serve, naming it."""
+    offsets = torch.tensor([0, 3, 10], dtype=torch.int32)
+    with pytest.raises(ValueError, match="align must divide the group, got align 48 and group 32"):
+        kq.row_groups(offsets, 10, 32, align=48)
+    with pytest.raises(ValueError, match="row_groups: align"):
+        kq.row_groups(offsets, 10, 32, align=0)
+    rows = kq.row_groups(offsets, 10, 32, align=16)
+    with pytest.raises(ValueError, match=r"R = rows.input_rows = 10 .* got \(12, 4\)"):
+        kq.quantize_rows(torch.randn(12, 4), rows)
+    with pytest.raises(ValueError, match="quantize_dual: t must have shape"):
+        kq.quantize_dual(torch.randn(10), rows)
+    with pytest.raises(TypeError, match="rows must be a RowGroups"):
+        kq.quantize_rows(torch.randn(10, 4), offsets)
+
+
+def test_pad_rows_reference():
+    """``fp8.pad_rows`` / ``padded_offsets`` / ``padded_rows`` on a case worked out by hand: counts 0, 1, 17, 16."""
+    offsets = torch.tensor([0, 0, 1, 18, 34], dtype=torch.int32)
+    padded = fp8.padded_offsets(offsets, 16)
+    assert padded.tolist() == [0, 0, 16, 48, 64] and padded.dtype == torch.int32
+    assert fp8.padded_rows(35, 4, 16) == 96  # 35 + 4 x 15 = 95, rounded up
+    t = torch.arange(1, 36, dtype=torch.float32)[:, None]  # row i holds i + 1; row 34 is past offsets[E]
+    out = fp8.pad_rows(t, offsets, 16)[:, 0]
+    assert out.shape == (96,) and out[0] == 1 and (out[1:16] == 0).all()
+    assert torch.equal(out[16:33], t[1:18, 0]) and (out[33:48] == 0).all()
+    assert torch.equal(out[48:64], t[18:34, 0]) and out[64] == 35 and (out[65:] == 0).all()
 
 
 def test_e4m3_rounding_sweep(device):
@@ -349,11 +425,26 @@ def test_fp8_none_is_unchanged():
             assert torch.equal(u, v), f"{impl} {name}"
 
 
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every buffer the backend and the kernels allocate (``torch.empty``) starts poisoned: NaN (E4M3 0x7F), E8M0
+    255 (NaN), -2^30 for integers, so that an element no kernel writes shows up."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        if t.dtype == torch.uint8:
+            return t.fill_(255)  # an E8M0 scale of NaN
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-(2**30))
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
 @pytest.mark.parametrize(
     "recipe, impl",
     [*((r, "grouped") for r in RECIPES), ("blockwise", "blocksparse"), ("mxfp8", "blocksparse")],
 )  # the weight gradients' K-major TMA path of every recipe: tests/test_fp8_wgrad.py
-def test_triton_fp8_kernels_exact_quantized_math(recipe, impl, monkeypatch):
+def test_triton_fp8_kernels_exact_quantized_math(recipe, impl, poisoned_empty):
     """The Triton backend's FP8 MLP (``backends.triton_fp8``: the E4M3 main loops of ``gemm_kernel`` and
     ``wgrad_kernel`` with the quantize kernels, interpreted) == the float64 reference of the same quantized math up to
     fp32 accumulation order (> 60 dB apart; an FP8 rounding step is ~24 dB), forward and every gradient, with no
@@ -361,20 +452,34 @@ def test_triton_fp8_kernels_exact_quantized_math(recipe, impl, monkeypatch):
     an expert with no tokens ("skip"); blocksparse (16-row blocks: 16-aligned expert offsets, the weight gradients'
     K-major operands through TMA) covers the saved h, g converted to and from the blocked layout."""
     problem = _problem(T=12, d=136, f=40, E=3, k=2, kind="skip")
-    empty = torch.empty
-
-    def poisoned(*args, **kwargs):  # every buffer the backend and the kernels allocate: unwritten elements show up
-        t = empty(*args, **kwargs)
-        if t.dtype == torch.uint8:
-            return t.fill_(255)  # an E8M0 scale of NaN
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-(2**30))
-
-    monkeypatch.setattr(torch, "empty", poisoned)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the fused MLP runs the kernels, not the emulation
         got = _run(
             *problem, impl=impl, fp8=recipe, backend="triton", **({"block_size": 16} if impl == "blocksparse" else {})
         )
+    ref = _reference(*problem, recipe)
+    for name, a, b in zip(NAMES, got, ref):
+        assert sqnr(a, b) > 60, f"{name}: {sqnr(a, b):.1f} dB from the quantized reference"
+
+
+@pytest.mark.parametrize(
+    "recipe, counts",
+    [
+        *((r, [0, 1, 16, 19]) for r in RECIPES),  # an expert with no tokens, one token, 16 tokens, 19 (16 + 3)
+        ("blockwise", [21]),  # E = 1, 21 tokens (not a multiple of 16)
+    ],
+)
+def test_triton_fp8_grouped_padded_wgrad(recipe, counts, poisoned_empty):
+    """The grouped strategy's FP8 weight gradients read their E4M3 operands over 16-row-padded expert segments
+    (``kernels.quantize.row_groups(..., align=16)``): the whole MLP backward still equals the float64 reference of
+    the quantized math (> 60 dB), with every buffer poisoned (a padding row left unwritten would be NaN), for
+    expert token counts that are and are not multiples of 16."""
+    E, T = len(counts), sum(counts)
+    x, idx, weights, w1, w2, w3, dout = _problem(T=T, d=40, f=24, E=E, k=1)
+    experts = torch.repeat_interleave(torch.arange(E), torch.tensor(counts))
+    idx[:, 0] = experts[torch.randperm(T, generator=torch.Generator().manual_seed(1))]  # the tokens shuffled
+    problem = (x, idx, weights, w1, w2, w3, dout)
+    got = _run(*problem, impl="grouped", fp8=recipe, backend="triton")
     ref = _reference(*problem, recipe)
     for name, a, b in zip(NAMES, got, ref):
         assert sqnr(a, b) > 60, f"{name}: {sqnr(a, b):.1f} dB from the quantized reference"

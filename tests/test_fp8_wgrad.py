@@ -258,3 +258,40 @@ def test_wgrad_fp8_needs_e4m3_mmas(monkeypatch):
     args = _bad()
     with pytest.raises(ValueError, match=r"8\.9 or newer\), got a device of compute capability 8\.0"):
         expert_gemm.wgrad(args["a"], args["b"], args["out"], args["offsets"], scales=args["scales"])
+
+
+def test_grouped_fp8_mlp_wgrad_reads_k_major(monkeypatch):
+    # the grouped strategy's FP8 MLP backward (backends.triton_fp8) launches its weight gradients (dW2; dW1 and dW3
+    # in one dual launch) over 16-row-padded expert segments: row_align=16, the offsets fp8.padded_offsets of the
+    # routing's, column-major E4M3 operands (unit row stride, a column stride multiple of 16) that wgrad_kernel reads
+    # through TMA over their storage (TMA_T: the K-major tiles sm_90's E4M3 wgmma reads without a register copy);
+    # counts 5, 0 (no tokens), 17, 1 (one token)
+    import blocksparse_moe as bsm
+
+    counts = [5, 0, 17, 1]
+    T, d, f, E = sum(counts), 32, 16, len(counts)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.repeat_interleave(torch.arange(E), torch.tensor(counts))[torch.randperm(T, generator=g)][:, None]
+    x, weights = torch.randn(T, d, generator=g, requires_grad=True), torch.rand(T, 1, generator=g)
+    w1, w3 = (torch.randn(E, d, f, generator=g, requires_grad=True) for _ in range(2))
+    w2 = torch.randn(E, f, d, generator=g, requires_grad=True)
+    launches = []
+    wgrad = expert_gemm.wgrad
+
+    def record(a, b, out, offsets, **kw):
+        launches.append((a, b, kw.get("b2"), offsets, kw["row_align"]))
+        return wgrad(a, b, out, offsets, **kw)
+
+    monkeypatch.setattr(expert_gemm, "wgrad", record)
+    kernel = Recorded(expert_gemm.wgrad_kernel)
+    monkeypatch.setattr(expert_gemm, "wgrad_kernel", kernel)
+    out = bsm.moe_mlp(x, idx, weights, w1, w2, w3, activation="silu", impl="grouped", fp8="blockwise", backend="triton")
+    out.backward(torch.randn(T, d, generator=g))
+    padded = fp8.padded_offsets(_offsets(counts), 16)
+    assert padded.tolist() == [0, 16, 16, 48, 64] and len(launches) == 2 and launches[1][2] is not None  # dW2, dW1|3
+    for a, b, b2, offsets, row_align in launches:
+        assert row_align == 16 and offsets.tolist() == padded.tolist()
+        for r in (a, b) if b2 is None else (a, b, b2):
+            t = r.tensor
+            assert t.dtype == E4M3 and t.stride(0) == 1 and t.stride(1) % 16 == 0 and t.shape[0] >= padded[-1]
+    assert [(c["A_TMA"], c["B_TMA"]) for c in kernel.calls] == [(WeightLoad.TMA_T, WeightLoad.TMA_T)] * 2

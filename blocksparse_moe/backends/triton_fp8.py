@@ -10,21 +10,29 @@ up to the fp32 accumulation order. Where each operand is quantized:
 | x | once per call, per token along d (``quantize``) | gathered through ``row_src`` (scales too) |
 | w1, w3, w2 | once per optimizer step per layout (``fp8.quantized_weight``: E4M3, scales) | ``[E, K, N]`` or ``wᵀ`` |
 | a = act(h)·g | after the up-projection, per row along f | dense rows |
-| dout | once per backward, per token along d | gathered (the dgrad); expert rows (dW2) |
-| dh, dg | one pass for both (``quantize_dual``): along f (dx), along each expert's rows (dW1, dW3) | dense rows |
-| x, aw (weight gradients) | along the rows of each expert (``quantize_rows``) | dense expert rows |
+| dout | once per backward, per token along d (dgrad), along each expert's rows (dW2) | gathered; K-major rows |
+| dh, dg | one pass for both (``quantize_dual``): along f (dx), along each expert's rows (dW1, dW3) | dense; K-major |
+| x, aw (weight gradients) | along the rows of each expert (``quantize_rows``) | K-major expert rows |
 
-The weight gradients' operands are materialized in expert order (x and dout gathered by ``permute.gather``) and
-quantized along the tokens; over block-padded rows (16-aligned expert offsets, the block-sparse strategy) they are
-stored column-major (``transposed``: the reduced dimension, the rows, contiguous) and ``wgrad_kernel`` reads their
-K-major tiles through TMA (``row_align``); over unpadded rows they stay row-major. The weights are cached K-major
-(``k_major``): sm_90's E4M3 wgmma reads K-major tiles only. The intermediates are dense ``[R, F]`` rows here:
+The weight gradients' operands (x, aw = w·a, dout rows, dh, dg) are materialized in expert order (x and dout
+gathered by ``permute.gather``), quantized along the tokens and stored column-major (``transposed``: the reduced
+dimension, the rows, contiguous) over 16-aligned expert offsets, so that ``wgrad_kernel`` reads their K-major tiles
+through TMA (``row_align``; sm_90's E4M3 wgmma reads K-major tiles only and copies MN-major ones through registers
+every K step). The block-sparse strategy's block-padded rows are aligned as they are; for the grouped strategy's
+unpadded rows the quantize kernels write each expert's rows from ``fp8.padded_offsets(offsets, 16)`` on (16-row
+segments, zero rows after each expert's own, in a buffer of ``R + 15·E`` rows rounded up to 16: a bound from
+shapes), in the same pass (``kernels.quantize.row_groups(..., align=16)``); the row groups, and so the scales, are
+the unpadded rows' (16 divides every recipe's group). The row groups are computed once per backward
+(``RowGroups``) for every quantization of the weight gradients' operands and their ``WgradScales``. The weights are
+cached K-major (``k_major``). The intermediates are dense ``[R, F]`` rows here:
 for the block-sparse strategy (blocked intermediates) the saved h and g are converted to and from its blocks
 (``backends.torch._to_blocks`` / ``_block_rows``: a copy each way, the FP8 path's cost on that strategy). Any sizes
 run in FP8: partial K groups take the elements present (as if zero-padded), the tiles mask the rest.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -40,6 +48,9 @@ from .torch import _block_rows, _to_blocks
 __all__ = ["MODES", "mlp_forward", "mlp_backward"]
 
 MODES = {r.name: mode for mode, r in FP8_RECIPES.items()}  # recipe name -> the kernels' Fp8Mode
+# the row alignment of the weight gradients' E4M3 operands: expert offsets multiples of 16 rows let wgrad_kernel read
+# their K-major tiles through TMA (each K step 16-byte aligned along the column-major storage: expert_gemm._row_tma)
+WGRAD_ROW_ALIGN = 16
 
 
 def _new(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -121,13 +132,17 @@ def mlp_backward(
     fused epilogue, dW2, the dx pair and dW1 / dW3, each reading E4M3 operands."""
     need_x, need_weights, need_w1, need_w2, need_w3 = needs
     rcp, mode, Q = fp8_recipes.recipe(fp8), MODES[fp8], quantize_kernels
-    sd, act_block, F, offsets = rcp.scale_dtype, rcp.act_block(), w1.shape[2], routing.offsets
-    groups = fp8_recipes.group_offsets(offsets, rcp.group).to(torch.int32)
-    # the weight gradients' operands K-major where the expert offsets are 16-aligned (block-padded rows): read
-    # through TMA over their column-major storage; unpadded rows keep them row-major (a K-major operand at unaligned
-    # offsets would fall back to plain loads)
-    kmajor = routing.blocked and routing.block_size % 16 == 0
-    align = routing.block_size
+    sd, act_block, F = rcp.scale_dtype, rcp.act_block(), w1.shape[2]
+    # the weight gradients' operands: K-major (column-major storage) over 16-aligned expert offsets, read through TMA
+    # (sm_90's E4M3 wgmma reads K-major tiles only); the block-padded rows of the block-sparse strategy are aligned
+    # as they are, the grouped strategy's are quantized into 16-row-padded expert segments (module docstring)
+    blocked = routing.blocked  # expert offsets multiples of B (16 to 128: layouts.BLOCK_SIZES)
+    rows = Q.row_groups(routing.offsets, routing.rows, rcp.group, 1 if blocked else WGRAD_ROW_ALIGN)
+    align = routing.block_size if blocked else WGRAD_ROW_ALIGN
+    scales_of = functools.partial(WgradScales, mode, group_offsets=rows.group_offsets)
+
+    def wgrad(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, **kw) -> None:
+        gemm_kernels.wgrad(Rows.dense(a), Rows.dense(b), out, rows.offsets, row_align=align, **kw)
 
     def transposed(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # wᵀ [E, N, K] quantized along N
         q, s = fp8_recipes.quantized_weight(w, rcp, 1, Q.quantize, k_major=True)
@@ -148,12 +163,10 @@ def mlp_backward(
     dweights = combine_dots(dots, routing.assignment_row, weights.dtype) if need_weights else None
     dw2 = None
     if need_w2:
-        awq, aws, _ = Q.quantize_rows(aw, offsets, rcp.group, sd, transposed=kmajor)
-        doq, dos, _ = Q.quantize_rows(_expert_rows(dout, routing), offsets, rcp.group, sd, transposed=kmajor)
+        awq, aws = Q.quantize_rows(aw, rows, sd, transposed=True)
+        doq, dos = Q.quantize_rows(_expert_rows(dout, routing), rows, sd, transposed=True)
         dw2 = _new(tuple(w2.shape), w2)
-        gemm_kernels.wgrad(
-            Rows.dense(awq), Rows.dense(doq), dw2, offsets, scales=WgradScales(mode, aws, dos, groups), row_align=align
-        )
+        wgrad(awq, doq, dw2, scales=scales_of(a=aws, b=dos))
     need_wgrad = need_w1 or need_w3
 
     def layouts(t: torch.Tensor | None) -> tuple[tuple | None, tuple | None]:
@@ -161,9 +174,9 @@ def mlp_backward(
         if t is None:
             return None, None
         if need_x and need_wgrad:
-            return Q.quantize_dual(t, offsets, rcp.group, sd, transposed=kmajor)
+            return Q.quantize_dual(t, rows, sd, transposed=True)
         along_f = Q.quantize(t, act_block, sd) if need_x else None
-        return along_f, (Q.quantize_rows(t, offsets, rcp.group, sd, transposed=kmajor) if need_wgrad else None)
+        return along_f, (Q.quantize_rows(t, rows, sd, transposed=True) if need_wgrad else None)
 
     (dh_f, dh_t), (dg_f, dg_t) = layouts(dh), layouts(dg)
     dx = None
@@ -180,12 +193,9 @@ def mlp_backward(
         permute_kernels.scatter(dxs, routing.assignment_row, None, dx)
     dw1 = dw3 = None
     if need_wgrad:
-        xq, xs, _ = Q.quantize_rows(_expert_rows(x, routing), offsets, rcp.group, sd, transposed=kmajor)
+        xq, xs = Q.quantize_rows(_expert_rows(x, routing), rows, sd, transposed=True)
         dw1 = _new(tuple(w1.shape), w1)
         dw3 = None if dg is None else _new(tuple(w3.shape), w3)
-        scales = WgradScales(mode, xs, dh_t[1], groups, None if dg_t is None else dg_t[1])
-        gemm_kernels.wgrad(
-            Rows.dense(xq), Rows.dense(dh_t[0]), dw1, offsets,
-            b2=None if dg_t is None else Rows.dense(dg_t[0]), out2=dw3, scales=scales, row_align=align,
-        )  # fmt: skip
+        scales = scales_of(a=xs, b=dh_t[1], b2=None if dg_t is None else dg_t[1])
+        wgrad(xq, dh_t[0], dw1, b2=None if dg_t is None else Rows.dense(dg_t[0]), out2=dw3, scales=scales)
     return dx, dweights, dw1, dw2, dw3

@@ -8,7 +8,11 @@ Glossary (a batch of B matrices ``[R, C]``: B = E for expert weights, 1 for rows
   dimension K), ``(G, 1)`` along the rows (a weight gradient's operands, reduced over the tokens), ``(G, G)``
   blocks (``"blockwise"`` weights); G may be the whole dimension (``"rowwise"``).
 - ``bounds [nR + 1]`` int64 (optional): the row range of each row group (``fp8.row_groups``: groups of one
-  expert's rows), instead of ``GR`` rows each.
+  expert's rows), instead of ``GR`` rows each (``RowGroups``, built once per backward by ``row_groups``).
+- ``q_bounds [nR + 1]`` int64 (optional, ``Q_BOUNDS``): the row range of each row group in q when q's expert
+  segments are padded to 16 rows (``fp8.pad_rows``: the grouped strategy's weight-gradient operands, K-major
+  through TMA): group g's rows go to q's rows ``q_bounds[g]`` on, zeros after them up to ``q_bounds[g + 1]``,
+  written by the same program in the same pass.
 - ``scale [B, nR, nC]``: fp32 ``amax / 448``, or uint8 E8M0 biased exponents.
 
 Kernels and grids (sized from shapes):
@@ -23,16 +27,21 @@ Kernels and grids (sized from shapes):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from .. import fp8 as fp8_reference
+from ..validation import positive_int
 from ._common import check_grid_y, interpreting
 
 __all__ = [
     "quantize_config",
     "quantize",
+    "RowGroups",
+    "row_groups",
     "quantize_rows",
     "quantize_dual",
     "fake_quantize",
@@ -122,6 +131,7 @@ def quantize_kernel(
     q_ptr,  # [B, R, C] E4M3 output (its uint8 bits), matrices R·C apart, strides (s_qr, s_qc) inside
     s_ptr,  # [B, nR, nC] scales (fp32, or uint8 E8M0), contiguous
     bounds_ptr,  # [nR + 1] int64 row bounds of the row groups (ROW_BOUNDS), else unused
+    q_bounds_ptr,  # [nR + 1] int64 q's row bounds of the row groups (Q_BOUNDS: padded rows), else unused
     R,
     C,
     nR,
@@ -136,12 +146,15 @@ def quantize_kernel(
     REDUCE_ROWS: tl.constexpr,  # GR > 1 (or ROW_BOUNDS): a scale covers several rows
     REDUCE_COLS: tl.constexpr,  # GC > 1: a scale covers several columns
     ROW_BOUNDS: tl.constexpr,
+    Q_BOUNDS: tl.constexpr,  # (ROW_BOUNDS, B = 1) q's rows of group g: q_bounds[g] ..., its rows then zeros
     E8M0: tl.constexpr,
     BF16_BITS: tl.constexpr,
     TR: tl.constexpr,
     TC: tl.constexpr,
 ):
-    """Quantize the groups of one program (module docstring); a scale group must reduce rows or columns or both."""
+    """Quantize the groups of one program (module docstring); a scale group must reduce rows or columns or both.
+    ``Q_BOUNDS``: group g's rows are written to q's rows ``q_bounds[g]`` on, the rows after them up to
+    ``q_bounds[g + 1]`` zero (the padded layout: expert segments of a multiple of 16 rows)."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -155,6 +168,12 @@ def quantize_kernel(
     else:
         lo_r = pid_r * TR
         hi_r = tl.minimum(lo_r + TR, R)
+    if Q_BOUNDS:
+        lo_q = tl.load(q_bounds_ptr + pid_r).to(tl.int32)
+        hi_q = tl.load(q_bounds_ptr + pid_r + 1).to(tl.int32)
+    else:
+        lo_q = lo_r
+        hi_q = hi_r
     if REDUCE_COLS:
         lo_c = pid_c * GC
         hi_c = tl.minimum(lo_c + GC, C)
@@ -199,14 +218,19 @@ def quantize_kernel(
         s_cmask = s_cols < hi_c
     tl.store(s_ptr + b * nR * nC + s_rows * nC + s_cols, scale, mask=s_rmask & s_cmask)
 
-    # pass 2: q = e4m3(clamp(t / divisor, -448, 448)), NaN kept
-    for r0 in range(lo_r, hi_r, TR):
-        rows = r0 + ar
+    # pass 2: q = e4m3(clamp(t / divisor, -448, 448)), NaN kept (Q_BOUNDS: over q's rows, zeros past the group's)
+    for q0 in range(lo_q, hi_q, TR):
+        q_rows = q0 + ar
+        rows = q_rows + (lo_r - lo_q) if Q_BOUNDS else q_rows
         for c0 in range(lo_c, hi_c, TC):
             cols = c0 + ac
             mask = (rows < hi_r)[:, None] & (cols < hi_c)[None, :]
             v = load_fp32(t_ptr + rows[:, None] * s_tr + cols[None, :] * s_tc, mask, BF16_BITS)
-            tl.store(q_ptr + rows[:, None] * s_qr + cols[None, :] * s_qc, quantized_bits(v, divisor), mask=mask)
+            bits = quantized_bits(v, divisor)
+            if Q_BOUNDS:  # padding rows: zeros, whatever the scale (never 0 / NaN)
+                bits = tl.where(mask, bits, 0)
+                mask = (q_rows < hi_q)[:, None] & (cols < hi_c)[None, :]
+            tl.store(q_ptr + q_rows[:, None] * s_qr + cols[None, :] * s_qc, bits, mask=mask)
 
 
 @triton.jit
@@ -218,6 +242,7 @@ def quantize_dual_kernel(
     # (s_qcr, s_qcc): row-major, or transposed (s_qcr = 1: the column-major storage a K-major MMA operand wants)
     sc_ptr,  # [nR, C] their scales
     bounds_ptr,  # [nR + 1] int64 row bounds of the row groups (at most G rows each)
+    q_bounds_ptr,  # [nR + 1] int64 qc's row bounds of the row groups (Q_BOUNDS: padded rows), else unused
     R,
     C,
     nC,
@@ -226,6 +251,7 @@ def quantize_dual_kernel(
     s_tc,
     s_qcr,
     s_qcc,
+    Q_BOUNDS: tl.constexpr,  # qc's rows of group g: q_bounds[g] ..., its rows then zeros (as quantize_kernel's)
     E8M0: tl.constexpr,
     BF16_BITS: tl.constexpr,
     TR: tl.constexpr,  # rows per step
@@ -257,11 +283,22 @@ def quantize_dual_kernel(
     col_amax = tl.where(col_nan > 0, float("nan"), tl.max(m, axis=0, keep_dims=True))
     scale, divisor = scale_and_divisor(col_amax, E8M0)
     tl.store(sc_ptr + pid_r * C + cols[None, :], scale, mask=cmask[None, :])
-    for r0 in range(lo_r, hi_r, TR):
-        rows = r0 + ar
+    if Q_BOUNDS:
+        lo_q = tl.load(q_bounds_ptr + pid_r).to(tl.int32)
+        hi_q = tl.load(q_bounds_ptr + pid_r + 1).to(tl.int32)
+    else:
+        lo_q = lo_r
+        hi_q = hi_r
+    for q0 in range(lo_q, hi_q, TR):
+        q_rows = q0 + ar
+        rows = q_rows + (lo_r - lo_q) if Q_BOUNDS else q_rows
         mask = (rows < hi_r)[:, None] & cmask[None, :]
         v = load_fp32(t_ptr + rows[:, None] * s_tr + cols[None, :] * s_tc, mask, BF16_BITS)
-        tl.store(qc_ptr + rows[:, None] * s_qcr + cols[None, :] * s_qcc, quantized_bits(v, divisor), mask=mask)
+        bits = quantized_bits(v, divisor)
+        if Q_BOUNDS:  # padding rows: zeros, whatever the scale
+            bits = tl.where(mask, bits, 0)
+            mask = (q_rows < hi_q)[:, None] & cmask[None, :]
+        tl.store(qc_ptr + q_rows[:, None] * s_qcr + cols[None, :] * s_qcc, bits, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -276,38 +313,48 @@ def _launch(
     t: torch.Tensor,
     group: tuple[int, int],
     scale_dtype: torch.dtype,
-    bounds: torch.Tensor | None,
+    rows: RowGroups | None,
     transposed: bool = False,
 ):
-    """``t [R, C]`` or ``[B, R, C]`` → ``(q, scale)``; ``bounds``: the row groups' row ranges (``GR`` unused);
-    ``transposed``: q stored column-major (``_q_out``)."""
+    """``t [R, C]`` or ``[B, R, C]`` → ``(q, scale)``; ``rows``: the row groups (``GR`` unused; B = 1), q over its
+    ``rows.rows`` rows (padded when ``rows.align > 1``); ``transposed``: q stored column-major (``_q_out``)."""
     batched = t.dim() == 3
     t3 = t if batched else t.unsqueeze(0)
     B, R, C = t3.shape
     GR, GC = group
-    nR = bounds.shape[0] - 1 if bounds is not None else -(-R // GR)
+    nR = rows.bounds.shape[0] - 1 if rows is not None else -(-R // GR)
     nC = -(-C // GC)
-    q = _q_out((B, R, C), t.device, transposed)
+    padded = rows is not None and rows.align > 1
+    q = _q_out((B, rows.rows if padded else R, C), t.device, transposed)
     scale = new((B, nR, nC), scale_dtype, t.device)
-    reduce_rows, reduce_cols = bounds is not None or GR > 1, GC > 1
+    reduce_rows, reduce_cols = rows is not None or GR > 1, GC > 1
     if not (reduce_rows or reduce_cols):
         raise ValueError(f"a quantization group must span more than one element, got {group}")
-    TR, TC, num_warps = quantize_config((R if bounds is not None else GR, GC))
+    TR, TC, num_warps = quantize_config((R if rows is not None else GR, GC))
     bf16 = t.dtype == torch.bfloat16
     if B and R and C:
         grid = (nR if reduce_rows else triton.cdiv(R, TR), nC if reduce_cols else triton.cdiv(C, TC), B)
         check_grid_y(grid, "the number of column groups", C, GC if reduce_cols else TC)
+        bounds = t3 if rows is None else rows.source_bounds
         quantize_kernel[grid](
-            t3.view(torch.int16) if bf16 else t3, q.view(torch.uint8), scale, t3 if bounds is None else bounds, R, C,
-            nR, nC, GR, GC, *t3.stride(), *q.stride()[1:], REDUCE_ROWS=reduce_rows, REDUCE_COLS=reduce_cols,
-            ROW_BOUNDS=bounds is not None, E8M0=scale_dtype == torch.uint8, BF16_BITS=bf16, TR=TR, TC=TC,
-            num_warps=num_warps,
+            t3.view(torch.int16) if bf16 else t3, q.view(torch.uint8), scale, bounds,
+            rows.bounds if padded else bounds, R, C, nR, nC, GR, GC, *t3.stride(), *q.stride()[1:],
+            REDUCE_ROWS=reduce_rows, REDUCE_COLS=reduce_cols, ROW_BOUNDS=rows is not None, Q_BOUNDS=padded,
+            E8M0=scale_dtype == torch.uint8, BF16_BITS=bf16, TR=TR, TC=TC, num_warps=num_warps,
         )  # fmt: skip
-    elif scale.numel():
-        scale.zero_()  # groups with no element (R = 0 with row bounds): amax 0
+    else:
+        _empty(q, scale, padded)
     if not batched:
         return q[0], scale[0]
     return q, scale
+
+
+def _empty(q: torch.Tensor, scale: torch.Tensor, padded: bool) -> None:
+    """The outputs of an input with no element: scales of amax 0; q's rows, all padding when ``padded``, zero."""
+    if scale.numel():
+        scale.zero_()
+    if padded and q.numel():
+        q.view(torch.uint8).zero_()
 
 
 def _q_out(shape: tuple[int, ...], device: torch.device, transposed: bool) -> torch.Tensor:
@@ -331,48 +378,85 @@ def quantize(
     return _launch(t, _whole(block, *t.shape[-2:]), scale_dtype, None)
 
 
-def _row_bounds(offsets: torch.Tensor, rows: int, group: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The row groups of ``rows`` expert-sorted rows (``fp8.row_groups``): each row's group id and the groups' row
-    bounds ``[n + 2]`` (the last group: the rows past ``offsets[E]``), found on the device (no host sync)."""
-    ids, n = fp8_reference.row_groups(offsets, rows, group)
-    return ids, torch.searchsorted(ids, torch.arange(n + 2, device=offsets.device))
+@dataclass(frozen=True)
+class RowGroups:
+    """The row groups of a weight gradient's operands (``fp8.row_groups``: groups of ``group`` rows of one expert,
+    None: all its rows), found on the device (no host sync) once per backward and shared by its ``quantize_rows`` /
+    ``quantize_dual`` calls and ``wgrad``'s scales (``row_groups`` builds it). The quantized rows (q) are the input's
+    ``[R, C]`` expert-sorted rows (``align`` 1), or the same rows with each expert's segment padded to a multiple of
+    ``align`` rows (zero rows after its own: ``fp8.pad_rows``), so that a K-major E4M3 operand's expert offsets are
+    16-aligned (``wgrad(..., row_align=16)``: its TMA path). The groups are the same either way (``align`` divides
+    the group): the scales too."""
+
+    group: int | None  # rows per group (None: one group per expert)
+    align: int  # q's expert segments padded to multiples of it (1: q's rows are the input's)
+    input_rows: int  # R, the rows of the inputs these groups quantize
+    offsets: torch.Tensor  # [E + 1] expert offsets of q's rows (``fp8.padded_offsets`` for align > 1), offsets' dtype
+    rows: int  # q's rows: the input's R, or the bound ``fp8.padded_rows(R, E, align)``
+    ids: torch.Tensor  # [rows] int64 group of each of q's rows (``fp8.row_groups`` over q's rows)
+    bounds: torch.Tensor  # [n + 2] int64 q's row bounds of the groups (the last group: the rows past offsets[E])
+    source_bounds: torch.Tensor  # [n + 2] int64 the input's row bounds of the groups (align 1: bounds)
+    group_offsets: torch.Tensor  # [E + 1] int32 first group of each expert (``fp8.group_offsets``: WgradScales')
+
+
+def row_groups(offsets: torch.Tensor, rows: int, group: int | None, align: int = 1) -> RowGroups:
+    """The ``RowGroups`` of ``rows`` expert-sorted rows with expert ``offsets`` ``[E + 1]`` in groups of ``group``
+    rows, q's rows padded to multiples of ``align`` (a divisor of ``group``; 1: not padded). Padded, each group's
+    input rows start where its q rows start less the padding before it; the last group (the rows past
+    ``offsets[E]``) follows the padded experts, zeros after it up to the bound."""
+    positive_int("row_groups: align", align)
+    if group is not None and group % align:
+        raise ValueError(f"row_groups: align must divide the group, got align {align} and group {group}")
+    q_offsets = offsets if align == 1 else fp8_reference.padded_offsets(offsets, align)
+    q_rows = rows if align == 1 else fp8_reference.padded_rows(rows, offsets.shape[0] - 1, align)
+    ids, n = fp8_reference.row_groups(q_offsets, q_rows, group)
+    bounds = torch.searchsorted(ids, torch.arange(n + 2, device=offsets.device))
+    source = bounds
+    if align > 1:
+        off, q_off = offsets.long(), q_offsets.long()
+        e = torch.searchsorted(q_off, bounds[:-1], right=True) - 1  # the expert of each group's first q row (E: none)
+        source = torch.cat([bounds[:-1] - (q_off[e] - off[e]), bounds.new_full((1,), rows)])
+    first = fp8_reference.group_offsets(q_offsets, group).to(torch.int32)
+    return RowGroups(group, align, rows, q_offsets, q_rows, ids, bounds, source, first)
+
+
+def _check_rows(op: str, t: torch.Tensor, rows: RowGroups) -> None:
+    if not isinstance(rows, RowGroups):
+        raise TypeError(f"{op}: rows must be a RowGroups (row_groups), got {type(rows).__name__}")
+    if t.dim() != 2 or t.shape[0] != rows.input_rows:
+        raise ValueError(f"{op}: t must have shape [R, C] with R = rows.input_rows = {rows.input_rows} (the rows the "
+                         f"groups were built for), got {tuple(t.shape)}")  # fmt: skip
 
 
 def quantize_rows(
-    t: torch.Tensor,
-    offsets: torch.Tensor,
-    group: int | None,
-    scale_dtype: torch.dtype = torch.float32,
-    transposed: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``fp8.quantize_rows`` on the kernel: expert-sorted rows ``t [R, C]`` → ``(q, scale [n + 1, C], ids [R])``,
-    one scale per column and group of one expert's rows. The group bounds come from ``ids`` by a search on the
-    device (no host sync). ``transposed``: q column-major (``_q_out``), for a weight gradient's K-major reads."""
-    ids, bounds = _row_bounds(offsets, t.shape[0], group)
-    q, scale = _launch(t, (1, 1), scale_dtype, bounds, transposed)
-    return q, scale, ids
+    t: torch.Tensor, rows: RowGroups, scale_dtype: torch.dtype = torch.float32, transposed: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fp8.quantize_rows`` on the kernel: expert-sorted rows ``t [R, C]`` → ``(q [rows.rows, C], scale [n + 1,
+    C])``, one scale per column and row group (``rows``, a ``RowGroups`` of these R rows; ``rows.ids`` maps q's rows
+    to their scale rows); padded (``rows.align > 1``): ``fp8.quantize_rows`` of ``fp8.pad_rows(t)``, its padding
+    rows zero. ``transposed``: q column-major (``_q_out``), for a weight gradient's K-major reads."""
+    _check_rows("quantize_rows", t, rows)
+    return _launch(t, (1, 1), scale_dtype, rows, transposed)
 
 
 def quantize_dual(
-    t: torch.Tensor,
-    offsets: torch.Tensor,
-    group: int | None,
-    scale_dtype: torch.dtype = torch.float32,
-    transposed: bool = False,
-) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Expert-sorted rows ``t [R, C]`` in both layouts a weight-gradient operand needs: ``quantize(t, (1, group))``
-    (for the GEMM reducing over C) and ``quantize_rows(t, offsets, group)`` (for the weight gradient; ``transposed``:
-    column-major, ``_q_out``), from one kernel that reads each element once per pass (``quantize_dual_kernel``). A
-    ``group`` of None (``"rowwise"``: whole dimensions, which one program cannot hold) runs the two launchers
+    t: torch.Tensor, rows: RowGroups, scale_dtype: torch.dtype = torch.float32, transposed: bool = False
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Expert-sorted rows ``t [R, C]`` in both layouts a weight-gradient operand needs: ``quantize(t, (1, G))`` (for
+    the GEMM reducing over C; G = ``rows.group``) and ``quantize_rows(t, rows)`` (for the weight gradient; padded
+    and ``transposed`` as there), from one kernel that reads each element once per pass (``quantize_dual_kernel``).
+    A group of None (``"rowwise"``: whole dimensions, which one program cannot hold) runs the two launchers
     instead."""
+    _check_rows("quantize_dual", t, rows)
+    group = rows.group
     if group is None:
-        return quantize(t, (1, None), scale_dtype), quantize_rows(t, offsets, None, scale_dtype, transposed)
+        return quantize(t, (1, None), scale_dtype), quantize_rows(t, rows, scale_dtype, transposed)
     R, C = t.shape
-    ids, bounds = _row_bounds(offsets, R, group)
-    n = bounds.shape[0] - 2
+    n = rows.bounds.shape[0] - 2
     nC = -(-C // group)
+    padded = rows.align > 1
     q_rows, s_rows = new((R, C), fp8_reference.E4M3, t.device), new((R, nC), scale_dtype, t.device)
-    q_cols, s_cols = _q_out((R, C), t.device, transposed), new((n + 1, C), scale_dtype, t.device)
+    q_cols, s_cols = _q_out((rows.rows, C), t.device, transposed), new((n + 1, C), scale_dtype, t.device)
     TG = triton.next_power_of_2(group)
     TR = max(1, (256 if interpreting() else 2048) // TG)
     bf16 = t.dtype == torch.bfloat16
@@ -380,12 +464,12 @@ def quantize_dual(
         grid = check_grid_y((n + 1, nC), "the number of column groups", C, group)
         quantize_dual_kernel[grid](
             t.view(torch.int16) if bf16 else t, q_rows.view(torch.uint8), s_rows, q_cols.view(torch.uint8), s_cols,
-            bounds, R, C, nC, group, *t.stride(), *q_cols.stride(), E8M0=scale_dtype == torch.uint8, BF16_BITS=bf16,
-            TR=TR, TG=TG, num_warps=4,
+            rows.source_bounds, rows.bounds, R, C, nC, group, *t.stride(), *q_cols.stride(), Q_BOUNDS=padded,
+            E8M0=scale_dtype == torch.uint8, BF16_BITS=bf16, TR=TR, TG=TG, num_warps=4,
         )  # fmt: skip
-    elif s_cols.numel():
-        s_cols.zero_()  # groups with no row: amax 0
-    return (q_rows, s_rows), (q_cols, s_cols, ids)
+    else:
+        _empty(q_cols, s_cols, padded)
+    return (q_rows, s_rows), (q_cols, s_cols)
 
 
 def fake_quantize(
@@ -399,17 +483,19 @@ def fake_quantize_rows(
     t: torch.Tensor, offsets: torch.Tensor, group: int | None, scale_dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """``fp8.fake_quantize_rows`` with the kernel's quantization."""
-    q, scale, ids = quantize_rows(t, offsets, group, scale_dtype)
-    return q.float() * fp8_reference.scale_value(scale)[ids]
+    rows = row_groups(offsets, t.shape[0], group)
+    q, scale = quantize_rows(t, rows, scale_dtype)
+    return q.float() * fp8_reference.scale_value(scale)[rows.ids]
 
 
 def fake_quantize_dual(
     t: torch.Tensor, offsets: torch.Tensor, group: int | None, scale_dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``fp8.fake_quantize_dual`` with the kernel's quantization (``quantize_dual``)."""
-    (q_rows, s_rows), (q_cols, s_cols, ids) = quantize_dual(t, offsets, group, scale_dtype)
+    rows = row_groups(offsets, t.shape[0], group)
+    (q_rows, s_rows), (q_cols, s_cols) = quantize_dual(t, rows, scale_dtype)
     along_columns = fp8_reference.dequantize(q_rows, s_rows, (1, group))
-    return along_columns, q_cols.float() * fp8_reference.scale_value(s_cols)[ids]
+    return along_columns, q_cols.float() * fp8_reference.scale_value(s_cols)[rows.ids]
 
 
 QUANTIZER = fp8_reference.Quantizer(quantize, fake_quantize, fake_quantize_rows, fake_quantize_dual)

@@ -23,6 +23,7 @@ come in either orientation (``wT``: ``dy @ wᵀ``) and stay views. Coverage, and
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -778,25 +779,27 @@ def _permute_specs() -> list[CompileSpec]:
 
 def _quantize_specs() -> list[CompileSpec]:
     """Each FP8 recipe's quantizations (``kernels.quantize``): activations along K, weights reduced along K and
-    along N, and the weight-gradient operands (row groups of one expert, ``bounds``); bf16 (read as int16 bits)
-    and fp32 inputs with unit column stride. A group of the whole dimension (``"rowwise"``) is built at the tiles
-    realistic sizes (>= 128) pick."""
+    along N, and the weight-gradient operands (row groups of one expert, ``bounds``; ``rows_padded``: written into
+    16-row-padded expert segments, the grouped strategy's, ``Q_BOUNDS``); bf16 (read as int16 bits) and fp32 inputs
+    with unit column stride. A group of the whole dimension (``"rowwise"``) is built at the tiles realistic sizes (>=
+    128) pick."""
     specs = []
     for recipe in RECIPES:
         r = recipe_of(recipe)
-        uses = {"act": r.act_block(), "w_k": r.weight_block(0), "w_n": r.weight_block(1), "rows": None}
+        uses = {"act": r.act_block(), "w_k": r.weight_block(0), "w_n": r.weight_block(1), "rows": None,
+                "rows_padded": None}  # fmt: skip
         for use, block in uses.items():
             bounds = block is None
             GR, GC = (4096, 1) if bounds else tuple(4096 if g is None else g for g in block)
             TR, TC, num_warps = quantize_config((GR, GC))
             for dtype in (torch.bfloat16, torch.float32):
                 constexprs = {"REDUCE_ROWS": bounds or GR > 1, "REDUCE_COLS": GC > 1, "ROW_BOUNDS": bounds,
-                              "E8M0": r.scale_dtype == torch.uint8, "BF16_BITS": dtype == torch.bfloat16,
-                              "TR": TR, "TC": TC, "s_tc": 1}  # fmt: skip
+                              "Q_BOUNDS": use == "rows_padded", "E8M0": r.scale_dtype == torch.uint8,
+                              "BF16_BITS": dtype == torch.bfloat16, "TR": TR, "TC": TC, "s_tc": 1}  # fmt: skip
                 if not bounds:  # q row-major (the weight gradients' operands may be column-major: transposed=)
                     constexprs["s_qc"] = 1
                 pointers = {"t_ptr": torch.int16 if dtype == torch.bfloat16 else dtype, "q_ptr": torch.uint8,
-                            "s_ptr": r.scale_dtype, "bounds_ptr": torch.int64}  # fmt: skip
+                            "s_ptr": r.scale_dtype, "bounds_ptr": torch.int64, "q_bounds_ptr": torch.int64}  # fmt: skip
                 signature = kernel_signature(quantize_kernel, constexprs, dtype, pointers)
                 specs.append(
                     CompileSpec(
@@ -819,16 +822,17 @@ def _quantize_specs() -> list[CompileSpec]:
 
 
 def _quantize_dual_specs(recipe: str) -> list[CompileSpec]:
-    """The one-pass quantization of dh / dg in both layouts (``quantize_dual``'s tiles), bf16 and fp32."""
+    """The one-pass quantization of dh / dg in both layouts (``quantize_dual``'s tiles), bf16 and fp32, the column
+    layout over the rows as they are (block-sparse) or padded (grouped, ``Q_BOUNDS``)."""
     r, specs = recipe_of(recipe), []
-    for dtype in (torch.bfloat16, torch.float32):
-        constexprs = {"E8M0": r.scale_dtype == torch.uint8, "BF16_BITS": dtype == torch.bfloat16,
+    for dtype, padded in itertools.product((torch.bfloat16, torch.float32), (False, True)):
+        constexprs = {"Q_BOUNDS": padded, "E8M0": r.scale_dtype == torch.uint8, "BF16_BITS": dtype == torch.bfloat16,
                       "TR": 2048 // r.group, "TG": r.group, "s_tc": 1}  # fmt: skip
         pointers = {"t_ptr": torch.int16 if dtype == torch.bfloat16 else dtype, "qr_ptr": torch.uint8,
                     "qc_ptr": torch.uint8, "sr_ptr": r.scale_dtype, "sc_ptr": r.scale_dtype,
-                    "bounds_ptr": torch.int64}  # fmt: skip
+                    "bounds_ptr": torch.int64, "q_bounds_ptr": torch.int64}  # fmt: skip
         signature = kernel_signature(quantize_dual_kernel, constexprs, dtype, pointers)
-        name = f"quantize_dual[{recipe},{triton_type(dtype)}]"
+        name = f"quantize_dual[{recipe},{triton_type(dtype)}{',padded' if padded else ''}]"
         specs.append(
             CompileSpec(
                 name,
