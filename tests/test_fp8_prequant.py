@@ -14,6 +14,7 @@ import blocksparse_moe as bsm
 from blocksparse_moe import fp8
 from blocksparse_moe.layers.moe import PaddedMoE, dMoE
 from blocksparse_moe.ops.mlp import expert_mlp, mlp_routing
+from blocksparse_moe.parallel import expert_parallel
 from blocksparse_moe.routing import plan_routing
 
 RECIPES = fp8.RECIPES
@@ -198,6 +199,24 @@ def test_prequantized_errors():
         run(q1, q2, q3, weight_scales=(s1.to("meta"), s2, s3))
 
 
+def test_compile_fullgraph():
+    """The prequantized path traces under ``torch.compile(fullgraph=True)`` (the custom op's fake impl with the scale
+    arguments) and gives the eager bits."""
+    x, idx, weights, w1, w2, w3 = _problem(10, 40, 24, 3, 2)
+    (q1, s1), (q2, s2), (q3, s3) = (fp8.prequantize(w, "blockwise") for w in (w1, w2, w3))
+
+    def run(x, q1, q2, q3, s1, s2, s3):
+        return bsm.moe_mlp(
+            x, idx, weights, q1, q2, q3, activation="silu", fp8="blockwise", impl="grouped", backend="torch",
+            check=False, weight_scales=(s1, s2, s3),
+        )  # fmt: skip
+
+    with torch.no_grad():
+        want = run(x, q1, q2, q3, s1, s2, s3)
+        got = torch.compile(run, fullgraph=True)(x, q1, q2, q3, s1, s2, s3)
+    assert torch.equal(got, want)
+
+
 def test_expert_mlp_op_checks():
     """``ops.mlp.expert_mlp`` (a public entry point) validates the scales and refuses a gradient; the custom op
     called directly with an input requiring grad refuses to record a graph (it has no backward)."""
@@ -273,7 +292,7 @@ def test_module_state_dict_round_trip(recipe, impl, backend, monkeypatch):
 def test_module_errors():
     """The module's misuses: a recipe other than the layer's fp8 option, none at all, a capacity strategy, twice,
     a forward with another fp8, re-initialising, a gradient, checkpoints of another recipe or of prequantized
-    weights into an unquantized layer."""
+    weights into an unquantized layer, expert parallelism (not supported)."""
     layer = _layer("blockwise", 0, impl="grouped")
     with pytest.raises(ValueError, match="fp8 must be the experts' fp8 option 'blockwise', got 'mxfp8'"):
         layer.experts.quantize_fp8_("mxfp8")
@@ -305,3 +324,5 @@ def test_module_errors():
     unquantized = _layer("blockwise", 1, impl="grouped").state_dict()
     with pytest.raises(RuntimeError, match="experts.w1: the experts hold FP8 weights.*has torch.float32"):
         layer.load_state_dict(unquantized, strict=False)
+    with pytest.raises(ValueError, match="expert_parallel shards expert parameters; these experts hold prequantized"):
+        expert_parallel(layer, None)  # checked before any process group is looked up
