@@ -1,5 +1,6 @@
 """FP8 (E4M3) recipes of the expert MLP: the recipe table, the reference quantization (PyTorch, on the device, no
-host sync) and the per-step cache of quantized weights.
+host sync), the per-step cache of quantized weights, and prequantized weights for inference (``prequantize``: the
+E4M3 weights and scales a checkpoint stores, which ``moe_mlp(..., weight_scales=)`` reads; ``check_weight_scales``).
 
 A recipe says how a GEMM operand becomes E4M3 values ``q`` and scales ``s`` (``operand ≈ q · s``, one scale per
 group of elements):
