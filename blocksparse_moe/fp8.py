@@ -1,5 +1,6 @@
 """FP8 (E4M3) recipes of the expert MLP: the recipe table, the reference quantization (PyTorch, on the device, no
-host sync) and the per-step cache of quantized weights.
+host sync), the per-step cache of quantized weights, and prequantized weights for inference (``prequantize``: the
+E4M3 weights and scales a checkpoint stores, which ``moe_mlp(..., weight_scales=)`` reads; ``check_weight_scales``).
 
 A recipe says how a GEMM operand becomes E4M3 values ``q`` and scales ``s`` (``operand ≈ q · s``, one scale per
 group of elements):
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .validation import choice
+from .validation import check_float, check_tensor, choice
 
 __all__ = [
     "RECIPES",
@@ -68,6 +69,8 @@ __all__ = [
     "weight",
     "quantized_weight",
     "weight_cache_clear",
+    "prequantize",
+    "check_weight_scales",
 ]
 
 E4M3 = torch.float8_e4m3fn
@@ -91,6 +94,13 @@ class Recipe:
         """Group shape ``(rows, cols)`` of a weight ``[K, N]`` reduced along dimension ``reduced`` (0: K, as in
         ``x @ w``; 1: N, as in ``dy @ wᵀ``)."""
         return (self.group, self.weight_across) if reduced == 0 else (self.weight_across, self.group)
+
+    def weight_scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The scales' shape of a weight ``[E, K, N]`` quantized along K (``weight_block(0)``, as ``quantize``
+        gives them): one per group, a partial group counting as one."""
+        E, K, N = shape
+        br, bc = self.weight_block(0)
+        return E, (1 if br is None else -(-K // br)), (1 if bc is None else -(-N // bc))
 
 
 _RECIPES = {
@@ -318,8 +328,21 @@ def _cacheable(w: torch.Tensor) -> bool:
     return not (torch.compiler.is_compiling() or w.is_inference() or w.device.type == "meta" or graph)
 
 
+def _k_major(q: torch.Tensor, reduced: int) -> torch.Tensor:
+    """``q [E, K, N]`` with dimension ``1 + reduced`` contiguous: itself when stored so, else a copy."""
+    if q.stride(1 + reduced) == 1:
+        return q
+    return q.contiguous() if reduced else q.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def quantized_weight(
-    w: torch.Tensor, rcp: Recipe, reduced: int, quantizer: Callable = quantize, *, k_major: bool = False
+    w: torch.Tensor,
+    rcp: Recipe,
+    reduced: int,
+    quantizer: Callable = quantize,
+    *,
+    k_major: bool = False,
+    scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert weights ``w [E, K, N]`` quantized for a reduction along dimension ``reduced`` (0: K, 1: N) with
     recipe ``rcp`` (groups ``rcp.weight_block(reduced)``): ``(q E4M3 [E, K, N], scale)``, what the FP8 kernels
@@ -333,14 +356,20 @@ def quantized_weight(
     it, each reduced dimension has its own contiguous copy). The cache holds the E4M3
     values and their scales: 1 byte per element per layout (up to two layouts), plus the scales. Not cached while
     ``torch.compile`` traces (the quantization is then part of the graph), for inference tensors (no version
-    counter), on meta, or where autograd would record the quantization."""
+    counter), on meta, or where autograd would record the quantization.
+
+    ``scale`` given: ``w`` is prequantized (E4M3, ``prequantize``) and ``(w, scale)`` is returned as it is (for
+    ``reduced = 0`` only; with ``k_major``, a K-major copy of ``w`` at each call unless ``w`` is stored K-major, as
+    ``prequantize`` stores it)."""
+    if scale is not None:
+        if reduced != 0:
+            raise ValueError(f"prequantized weights serve the forward GEMMs (reduced=0) only, got reduced={reduced}")
+        return (_k_major(w, 0) if k_major else w), scale
     block = rcp.weight_block(reduced)
 
     def make() -> tuple[torch.Tensor, torch.Tensor]:
-        q, scale = quantizer(w, block, rcp.scale_dtype)
-        if k_major and q.stride(1 + reduced) != 1:
-            q = q.contiguous() if reduced else q.transpose(1, 2).contiguous().transpose(1, 2)
-        return q, scale
+        q, s = quantizer(w, block, rcp.scale_dtype)
+        return (_k_major(q, reduced) if k_major else q), s
 
     if not _cacheable(w):
         return make()
@@ -358,7 +387,81 @@ def quantized_weight(
     return cached
 
 
-def weight(w: torch.Tensor, rcp: Recipe, reduced: int, quantizer: Callable = quantize) -> torch.Tensor:
+def weight(
+    w: torch.Tensor, rcp: Recipe, reduced: int, quantizer: Callable = quantize, *, scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """``quantized_weight`` dequantized (fp32): the values an FP8 GEMM multiplies, for the emulation (the
-    dequantization runs at each call; the cache keeps the E4M3 copy)."""
-    return dequantize(*quantized_weight(w, rcp, reduced, quantizer), rcp.weight_block(reduced))
+    dequantization runs at each call; the cache keeps the E4M3 copy). ``scale``: ``w`` is prequantized, as in
+    ``quantized_weight``, and read row-major (a copy of a K-major ``w``), as the in-op quantization of row-major
+    weights gives it (the emulation's matmuls then sum in the same order)."""
+    if scale is not None:
+        w = w.contiguous()
+    return dequantize(*quantized_weight(w, rcp, reduced, quantizer, scale=scale), rcp.weight_block(reduced))
+
+
+# ----------------------------------------------------------------------------------------------- prequantized
+
+
+def prequantize(w: torch.Tensor, fp8: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert weights ``w [E, K, N]`` (float) as an inference checkpoint stores them for recipe ``fp8``: ``(q,
+    scale)``, q E4M3 ``[E, K, N]`` stored K-major (``q.stride(1) == 1``, the layout the FP8 kernels read) and the
+    scales ``[E, ...]`` (``Recipe.weight_scale_shape``, fp32 or uint8 E8M0). The same quantization as the in-op
+    path (``quantized_weight(w, recipe, 0, k_major=True)``: the same values and scales), not cached, no autograd.
+    ``moe_mlp(..., q1, q2, q3, fp8=fp8, weight_scales=(s1, s2, s3))`` reads them."""
+    rcp = recipe(fp8)
+    check_tensor("w", w, "[E, K, N]", (None, None, None))
+    check_float("w", w)
+    q, s = quantize(w.detach(), rcp.weight_block(0), rcp.scale_dtype)
+    return _k_major(q, 0), s
+
+
+def check_weight_scales(
+    fp8: str | None,
+    weight_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w3: torch.Tensor | None,
+) -> bool:
+    """Whether the expert weights are prequantized (E4M3 with ``weight_scales = (s1, s2, s3)``, ``s3`` None when
+    ``w3`` is, as ``prequantize`` gives them for recipe ``fp8``); a ``TypeError`` / ``ValueError`` naming the
+    argument otherwise: scales without E4M3 weights or without ``fp8``, E4M3 weights without scales, scales of
+    another recipe (dtype or shape), on another device. Shapes of the weights themselves are the caller's."""
+    named = {"w1": w1, "w2": w2, "w3": w3}
+    e4m3 = [name for name, w in named.items() if isinstance(w, torch.Tensor) and w.dtype == E4M3]
+    if weight_scales is None:
+        if e4m3:
+            raise TypeError(
+                f"{', '.join(e4m3)} {'is' if len(e4m3) == 1 else 'are'} float8_e4m3fn: prequantized expert weights "
+                f"need their scales, weight_scales=(s1, s2, s3) from fp8.prequantize, and fp8=their recipe"
+            )
+        return False
+    if not isinstance(weight_scales, (tuple, list)) or len(weight_scales) != 3:
+        raise TypeError(f"weight_scales must be a tuple (s1, s2, s3) (s3 None without w3), got {weight_scales!r}")
+    if fp8 is None:
+        raise ValueError(f"weight_scales need fp8=the weights' recipe (one of {RECIPES}), got fp8=None")
+    rcp = recipe(fp8)
+    for i, ((name, w), s) in enumerate(zip(named.items(), weight_scales)):
+        sname = f"weight_scales[{i}] ({name}'s scales)"
+        if w is None:
+            if s is not None:
+                raise ValueError(f"{sname} must be None without {name}, got a tensor")
+            continue
+        if not isinstance(w, torch.Tensor) or w.dtype != E4M3:
+            got = w.dtype if isinstance(w, torch.Tensor) else type(w).__name__
+            raise TypeError(f"{name} must be float8_e4m3fn with weight_scales (fp8.prequantize), got {got}")
+        if not isinstance(s, torch.Tensor):
+            raise TypeError(f"{sname} must be a torch.Tensor, got {type(s).__name__}")
+        if s.dtype != rcp.scale_dtype:
+            raise TypeError(
+                f"{sname} must be {rcp.scale_dtype} for recipe {fp8!r} (fp8.prequantize({name}, {fp8!r})), got "
+                f"{s.dtype}"
+            )
+        want = rcp.weight_scale_shape(tuple(w.shape)) if w.dim() == 3 else None
+        if want is not None and tuple(s.shape) != want:
+            raise ValueError(
+                f"{sname} must have shape {want} for recipe {fp8!r} and {name} {tuple(w.shape)} "
+                f"(fp8.prequantize({name}, {fp8!r})), got {tuple(s.shape)}"
+            )
+        if s.device != w.device:
+            raise ValueError(f"{sname} must be on {name}'s device {w.device}, got {s.device}")
+    return True

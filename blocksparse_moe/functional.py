@@ -33,6 +33,7 @@ import torch
 
 from .activations import Activation, get_activation
 from .config import FLOAT_DTYPES, INDEX_DTYPES, check_enabled, resolve_backend
+from .fp8 import check_weight_scales
 from .options import MoEOptions, options_from, resolve_impl
 from .reference import expert_loop_moe_mlp
 from .strategies import (
@@ -45,7 +46,15 @@ from .strategies import (
     padded,
     padded_capacity,
 )
-from .validation import boolean, check_dtype, check_expert_ids, check_float, check_same_device, check_tensor
+from .validation import (
+    boolean,
+    check_dtype,
+    check_expert_ids,
+    check_float,
+    check_no_grad,
+    check_same_device,
+    check_tensor,
+)
 
 __all__ = ["moe_mlp", "custom_moe_mlp", "MoEStats"]
 
@@ -83,6 +92,7 @@ def moe_mlp(
     backend: str | None = None,
     check: bool | None = None,
     fp8: str | None = None,
+    weight_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, MoEStats]:
     """Mixture-of-Experts MLP: ``out[t] = Σ_j top_k_weights[t, j] · expert_{top_k_index[t, j]}(x[t])``.
@@ -96,7 +106,8 @@ def moe_mlp(
         top_k_index: ``[T, k]`` int32/int64 expert ids in ``[0, E)``.
         top_k_weights: ``[T, k]`` float combine weights, used in ``combine_dtype(x.dtype)`` (fp32 for 16- and
             32-bit tokens) on every strategy.
-        w1, w3: ``[E, d, f]``; w2: ``[E, f, d]``; same dtype and device as ``x``.
+        w1, w3: ``[E, d, f]``; w2: ``[E, f, d]``; same dtype and device as ``x`` (float8_e4m3fn with
+            ``weight_scales``).
         activation: ``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"silu"`` or a callable (elementwise).
         options: how the experts run (``MoEOptions``: strategy ``impl``, ``block_size``, the ``"padded"`` capacity
             options ``capacity_factor`` / ``capacity`` / ``num_groups``, ``recompute_activation``, ``backend``,
@@ -108,6 +119,12 @@ def moe_mlp(
             they must keep their defaults). ``recompute_activation`` changes nothing for the fused expert MLP (a
             named activation on ``"blocksparse"`` / ``"grouped"``): it applies the activation in the
             up-projection's epilogue and never stores its output.
+        weight_scales: ``(s1, s2, s3)`` (``s3`` None without ``w3``): w1, w2, w3 are prequantized FP8 weights,
+            float8_e4m3fn with these scales, as ``fp8.prequantize(w, recipe)`` gives them for the recipe ``fp8``
+            (required). Inference only: the fused expert MLP (``"grouped"`` / ``"blocksparse"``, a named
+            activation) reads them as they are; nothing may require grad while grad mode is on (a ``ValueError``;
+            run under ``torch.inference_mode()``). Equal bit for bit to the ``fp8`` forward of the weights they
+            were quantized from.
         return_stats: also return a ``MoEStats``.
 
     Under ``torch.autocast`` the expert GEMMs run in the autocast dtype, as ``nn.Linear`` does: x and the expert
@@ -131,10 +148,22 @@ def moe_mlp(
     )
     boolean("return_stats", return_stats)
     x, w1, w2, w3 = autocast_operands(x, w1, w2, w3)
-    T, d, k, E, f = _validate(x, top_k_index, top_k_weights, w1, w2, w3)
+    prequantized = check_weight_scales(options.fp8, weight_scales, w1, w2, w3)
+    T, d, k, E, f = _validate(x, top_k_index, top_k_weights, w1, w2, w3, prequantized)
     act = get_activation(activation)  # validates the name
     B = default_block_size(x.device) if options.block_size is None else options.block_size
     impl = resolve_impl(options.impl, x.device, assignments=T * k, experts=E, block_size=B)
+    if prequantized:
+        if impl not in ("grouped", "blocksparse") or not isinstance(activation, str):
+            raise ValueError(
+                f"prequantized FP8 weights (weight_scales) run on the fused expert MLP: impl 'grouped' or "
+                f"'blocksparse' with a named activation, got impl={impl!r} and activation={activation!r}"
+            )
+        s1, s2, s3 = weight_scales
+        check_no_grad(
+            "moe_mlp with prequantized FP8 weights (weight_scales)", x=x, top_k_weights=top_k_weights, w1=w1, w2=w2,
+            w3=w3, s1=s1, s2=s2, s3=s3,
+        )  # fmt: skip
     if options.fp8 is not None and impl == "blocksparse" and not isinstance(activation, str):
         raise ValueError(
             f"fp8 with a callable activation runs on impl 'grouped' or 'padded' (the block-sparse op-by-op path has "
@@ -160,7 +189,10 @@ def moe_mlp(
     useful = 2 * T * k * d * f * nmm
     dropped = torch.zeros((), dtype=torch.int64, device=x.device)
     executed: int | torch.Tensor = useful
-    if impl == "reference" or (T == 0 and impl in ("blocksparse", "grouped")):
+    if T == 0 and prequantized:
+        out = x.new_empty(x.shape)
+        executed = 0
+    elif impl == "reference" or (T == 0 and impl in ("blocksparse", "grouped")):
         out = expert_loop_moe_mlp(x, top_k_index, weights, w1, w2, w3, activation)
         executed = E * T * 2 * d * f * nmm if impl == "reference" else 0
     elif impl == "padded":
@@ -182,7 +214,7 @@ def moe_mlp(
     elif impl == "grouped":
         out, _ = grouped(
             x, top_k_index, weights, w1, w2, w3, activation=activation, recompute=recompute, backend=backend,
-            fp8=options.fp8,
+            fp8=options.fp8, weight_scales=weight_scales,
         )  # fmt: skip
     else:
         out, plan = blocksparse(
@@ -197,6 +229,7 @@ def moe_mlp(
             recompute=recompute,
             backend=backend,
             fp8=options.fp8,
+            weight_scales=weight_scales,
         )
         padded_width = plan.topology(f).blocks_per_expert * B  # the last column block of an expert is computed whole
         executed = plan.padded_offsets[-1].to(torch.int64) * (2 * d * padded_width * nmm)
@@ -277,9 +310,15 @@ def custom_moe_mlp(
 
 
 def _validate_routing(
-    x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, **weights: torch.Tensor | None
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    *,
+    prequantized: bool = False,
+    **weights: torch.Tensor | None,
 ) -> tuple[int, int, int]:
-    """Types, devices (of the routing tensors and ``weights``) and shapes of x and the routing; returns T, d, k."""
+    """Types, devices (of the routing tensors and ``weights``) and shapes of x and the routing, the weights in x's
+    dtype (unless ``prequantized``: E4M3, ``fp8.check_weight_scales``); returns T, d, k."""
     named = dict(x=x, top_k_index=top_k_index, top_k_weights=top_k_weights, **weights)
     named = {name: t for name, t in named.items() if t is not None}
     for name, t in named.items():
@@ -299,7 +338,7 @@ def _validate_routing(
             f"top_k_weights must have top_k_index's shape {tuple(top_k_index.shape)}, got {tuple(top_k_weights.shape)}"
         )
     for name, t in weights.items():
-        if t is not None and t.dtype != x.dtype:
+        if t is not None and not prequantized and t.dtype != x.dtype:
             raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
     return T, d, top_k_index.shape[1]
 
@@ -311,8 +350,9 @@ def _validate(
     w1: torch.Tensor,
     w2: torch.Tensor,
     w3: torch.Tensor | None,
+    prequantized: bool = False,
 ) -> tuple[int, int, int, int, int]:
-    T, d, k = _validate_routing(x, top_k_index, top_k_weights, w1=w1, w2=w2, w3=w3)
+    T, d, k = _validate_routing(x, top_k_index, top_k_weights, prequantized=prequantized, w1=w1, w2=w2, w3=w3)
     if w1.dim() != 3 or w1.shape[1] != d or w1.shape[0] < 1 or w1.shape[2] < 1:
         raise ValueError(f"w1 must be [E, d={d}, f] with E, f >= 1, got shape {tuple(w1.shape)}")
     E, _, f = w1.shape

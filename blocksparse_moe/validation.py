@@ -28,6 +28,7 @@ __all__ = [
     "check_sizes",
     "check_same_device",
     "check_expert_ids",
+    "check_no_grad",
 ]
 
 MAX_INDEX = 2**31 - 1  # sizes that int32 indices can address
@@ -117,4 +118,17 @@ def check_expert_ids(top_k_index: torch.Tensor, num_experts: int, name: str = "t
         raise ValueError(
             f"{name} must hold expert ids in [0, {num_experts}), got {int(bad.sum())} outside that range, "
             f"e.g. {top_k_index[bad][:5].tolist()}"
+        )
+
+
+def check_no_grad(reason: str, **tensors: torch.Tensor | None) -> None:
+    """A ``ValueError`` if autograd would record a graph through these tensors (grad mode on and one of them
+    requiring grad), for a computation with no backward; ``reason`` says which."""
+    if not torch.is_grad_enabled():
+        return
+    needing = [name for name, t in tensors.items() if t is not None and t.requires_grad]
+    if needing:
+        raise ValueError(
+            f"{reason} has no backward: {', '.join(needing)} must not require grad (run under torch.no_grad() or "
+            f"torch.inference_mode(), or detach them), got requires_grad=True"
         )

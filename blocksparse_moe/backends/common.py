@@ -55,7 +55,8 @@ class Backend(Protocol):
     """The op contract every backend module implements (``backends.triton``, ``backends.torch``), one function per
     op of ``ops/`` (the fused MLP as its forward and backward). Operands arrive validated (``ops._checks``);
     ``out``, where taken, receives the result. ``fp8`` (the fused MLP): None, or a recipe of ``fp8.RECIPES`` whose
-    FP8 GEMMs run instead (``backends.torch_fp8``)."""
+    FP8 GEMMs run instead (``backends.torch_fp8``); ``scales`` (``mlp_forward``): w1, w2, w3 are prequantized E4M3
+    weights with these scales (``fp8.prequantize``), read instead of quantizing them."""
 
     def sdd(self, a: Tensor, w: Tensor, topo: Topology, out: Tensor | None = None) -> Tensor: ...
 
@@ -114,6 +115,7 @@ class Backend(Protocol):
         routing: MlpRouting,
         activation: str,
         fp8: str | None = None,
+        scales: tuple[Tensor, Tensor, Tensor | None] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None]: ...
 
     def mlp_backward(

@@ -302,11 +302,21 @@ def _row_weights(weights: torch.Tensor, routing: MlpRouting, dtype: torch.dtype)
     return flat[torch.where(asg >= 0, asg, flat.shape[0] - 1)][:, None]
 
 
-def mlp_forward(x, weights, w1, w2, w3, routing: MlpRouting, activation: str, fp8: str | None = None):
+def mlp_forward(
+    x,
+    weights,
+    w1,
+    w2,
+    w3,
+    routing: MlpRouting,
+    activation: str,
+    fp8: str | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+):
     """``out [T, d]`` and the ``h``, ``g`` backward needs (``MlpRouting.intermediate_shape``); with an ``fp8``
-    recipe, its emulation (``torch_fp8``)."""
+    recipe, its emulation (``torch_fp8``; ``scales``: w1, w2, w3 are prequantized E4M3 with these scales)."""
     if fp8:
-        return torch_fp8.mlp_forward(x, weights, w1, w2, w3, routing, activation, fp8)
+        return torch_fp8.mlp_forward(x, weights, w1, w2, w3, routing, activation, fp8, scales=scales)
     dtype = x.dtype
     xs = _gathered(x, routing.row_src)
     h = _expert_mm(xs, w1, routing.offsets).to(dtype)

@@ -54,20 +54,28 @@ def mlp_forward(
     activation: str,
     fp8: str,
     quantizer: Quantizer = REFERENCE,
+    *,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``backends.torch.mlp_forward`` with the GEMMs of recipe ``fp8`` (module docstring)."""
+    """``backends.torch.mlp_forward`` with the GEMMs of recipe ``fp8`` (module docstring); ``scales = (s1, s2,
+    s3)``: w1, w2, w3 are prequantized E4M3 weights (``fp8.prequantize``), dequantized at each call."""
     rcp, pt = fp8_recipes.recipe(fp8), _torch()
     dtype, acc, act = x.dtype, _acc_dtype(x.dtype), get_activation(activation)
     act_block = rcp.act_block()
+    s1, s2, s3 = (None, None, None) if scales is None else scales
+
+    def weight(w: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+        return fp8_recipes.weight(w, rcp, 0, quantizer.quantize, scale=s)
+
     xs = pt._gathered(quantizer.blocks(x, act_block, rcp.scale_dtype).to(acc), routing.row_src)
-    h = pt._expert_mm(xs, fp8_recipes.weight(w1, rcp, 0, quantizer.quantize), routing.offsets).to(dtype)
-    g = None if w3 is None else pt._expert_mm(xs, fp8_recipes.weight(w3, rcp, 0, quantizer.quantize), routing.offsets)
+    h = pt._expert_mm(xs, weight(w1, s1), routing.offsets).to(dtype)
+    g = None if w3 is None else pt._expert_mm(xs, weight(w3, s3), routing.offsets)
     g = None if g is None else g.to(dtype)
     a = act(h.to(acc))
     if g is not None:
         a = a * g.to(acc)
     aq = quantizer.blocks(a.to(dtype), act_block, rcp.scale_dtype).to(acc)
-    y = pt._expert_mm(aq, fp8_recipes.weight(w2, rcp, 0, quantizer.quantize), routing.offsets).to(dtype)
+    y = pt._expert_mm(aq, weight(w2, s2), routing.offsets).to(dtype)
     out = pt.scatter_rows(y, routing.row_asg, routing.assignment_row, weights)
     return out, pt._layout(h, routing), None if g is None else pt._layout(g, routing)
 

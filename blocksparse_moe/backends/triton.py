@@ -220,12 +220,14 @@ def mlp_forward(
     routing: MlpRouting,
     activation: str,
     fp8: str | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``out [T, d]``, and the ``h``, ``g`` backward needs (``MlpRouting.intermediate_shape``): the gated
     up-projection (gather fused, activation in the epilogue), the down-projection, the weighted scatter. With an
-    ``fp8`` recipe: its FP8 GEMMs (``triton_fp8``)."""
+    ``fp8`` recipe: its FP8 GEMMs (``triton_fp8``; ``scales``: w1, w2, w3 are prequantized E4M3 with these
+    scales)."""
     if fp8:
-        return triton_fp8.mlp_forward(x, weights, w1, w2, w3, routing, activation, fp8, _schedule(routing))
+        return triton_fp8.mlp_forward(x, weights, w1, w2, w3, routing, activation, fp8, _schedule(routing), scales)
     F = w1.shape[2]
     shape = routing.intermediate_shape(F)
     h = new(shape, x)

@@ -88,14 +88,22 @@ def mlp_forward(
     activation: str,
     fp8: str,
     schedule: Schedule,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``backends.triton.mlp_forward`` with the FP8 GEMMs of recipe ``fp8`` over the Triton backend's tile
-    ``schedule`` (module docstring)."""
+    ``schedule`` (module docstring). ``scales = (s1, s2, s3)``: w1, w2, w3 are prequantized E4M3 weights
+    (``fp8.prequantize``: stored K-major, read as they are; one not stored K-major is copied so at each call, E·K·N
+    bytes)."""
     rcp, mode, Q = fp8_recipes.recipe(fp8), MODES[fp8], quantize_kernels
     sd, act_block, F = rcp.scale_dtype, rcp.act_block(), w1.shape[2]
+    s1, s2, s3 = (None, None, None) if scales is None else scales
+
+    def operand(w: torch.Tensor, s: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return fp8_recipes.quantized_weight(w, rcp, 0, Q.quantize, k_major=True, scale=s)
+
     xq, xs = Q.quantize(x, act_block, sd)
-    w1q, w1s = fp8_recipes.quantized_weight(w1, rcp, 0, Q.quantize, k_major=True)
-    w3q, w3s = (None, None) if w3 is None else fp8_recipes.quantized_weight(w3, rcp, 0, Q.quantize, k_major=True)
+    w1q, w1s = operand(w1, s1)
+    w3q, w3s = (None, None) if w3 is None else operand(w3, s3)
     R = routing.rows
     h = _new((R, F), x)
     g = None if w3 is None else _new((R, F), x)
@@ -105,7 +113,7 @@ def mlp_forward(
         act_out=a, activation=activation, scales=GemmScales(mode, xs, w1s, w3s),
     )  # fmt: skip
     aq, a_s = Q.quantize(a, act_block, sd)
-    w2q, w2s = fp8_recipes.quantized_weight(w2, rcp, 0, Q.quantize, k_major=True)
+    w2q, w2s = operand(w2, s2)
     y = _new((R, w2.shape[2]), x)
     gemm_kernels.gemm(Rows.dense(aq), w2q, Rows.dense(y), schedule, scales=GemmScales(mode, a_s, w2s))
     out = _new(tuple(x.shape), x)

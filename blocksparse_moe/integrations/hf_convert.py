@@ -236,7 +236,13 @@ def from_hf(block: nn.Module, **layer_options) -> nn.Module:
 
 def to_hf(layer: nn.Module, block: nn.Module) -> nn.Module:
     """Write ``layer``'s weights (router, expert bias, experts, shared expert) into ``block`` in place, the inverse
-    of ``from_hf`` for the same families (Switch: the router and experts); returns ``block``."""
+    of ``from_hf`` for the same families (Switch: the router and experts); returns ``block``. Not for prequantized
+    FP8 experts (``MoEExperts.quantize_fp8_``: no master weights to write; a ``ValueError``)."""
+    prequantized = getattr(getattr(layer, "experts", None), "prequantized", None)
+    if prequantized is not None:
+        raise ValueError(
+            f"to_hf writes master weights; layer's experts hold prequantized FP8 weights (recipe {prequantized!r})"
+        )
     if getattr(getattr(block, "router", None), "expert_capacity", None) is not None:
         pairs = _switch_pairs(layer, block)
     elif type(block).__name__ in _ROUTED_BLOCKS and moe_mlp_weights(block.experts) is not None:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..activations import Activation, get_activation
+from ..fp8 import RECIPES, check_recipe, prequantize
 from ..functional import moe_mlp
 from ..options import MoEOptions, options_from
 from ..validation import boolean, non_negative_number, positive_int
@@ -47,7 +48,8 @@ class MoEExperts(nn.Module):
             ``block_size``, ...) build one when it is None.
 
     Expert ids index this module's experts ``[0, num_experts)``. Initialisation per expert as a dense MLP:
-    ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.
+    ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``. For inference, ``quantize_fp8_`` replaces the weights by prequantized
+    FP8 buffers (1 byte per weight; ``prequantized`` names their recipe, None before).
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class MoEExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(num_experts, d, f))
         self.w2 = nn.Parameter(torch.empty(num_experts, f, d))
         self.w3 = nn.Parameter(torch.empty(num_experts, d, f)) if glu else None
+        self.prequantized: str | None = None  # the FP8 recipe of prequantized weights (quantize_fp8_)
         self.reset_parameters()
 
     @property
@@ -83,6 +86,11 @@ class MoEExperts(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Expert weights ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``: fan_in d for ``w1``/``w3``, f for ``w2``."""
+        if self.prequantized is not None:
+            raise ValueError(
+                f"the experts hold prequantized FP8 weights (recipe {self.prequantized!r}), not parameters to "
+                f"initialise; got reset_parameters() after quantize_fp8_"
+            )
         for w in (self.w1, self.w2, self.w3):
             if w is not None:
                 bound = 1 / math.sqrt(w.shape[1])
@@ -99,6 +107,14 @@ class MoEExperts(nn.Module):
         **overrides: Any,
     ) -> torch.Tensor:
         options = replace(self.options, **overrides) if overrides else self.options
+        scales = None
+        if self.prequantized is not None:
+            if options.fp8 != self.prequantized:
+                raise ValueError(
+                    f"the experts hold prequantized FP8 weights of recipe {self.prequantized!r}: the fp8 option must "
+                    f"be {self.prequantized!r}, got fp8={options.fp8!r}"
+                )
+            scales = (self.w1_scale, self.w2_scale, self.w3_scale)
         return moe_mlp(
             x,
             top_k_index,
@@ -108,8 +124,79 @@ class MoEExperts(nn.Module):
             self.w3,
             activation=self.activation if activation is None else activation,
             options=options,
+            weight_scales=scales,
             return_stats=return_stats,
         )
+
+    @torch.no_grad()
+    def quantize_fp8_(self, fp8: str | None = None) -> MoEExperts:
+        """Replace the expert weights by prequantized FP8 buffers, for inference: ``w1``, ``w2``, ``w3`` become E4M3
+        buffers of the same names and shapes (stored K-major) and ``w1_scale``, ``w2_scale``, ``w3_scale`` hold
+        their scales (``fp8.prequantize``: the quantization the in-op FP8 path applies), so the ``state_dict``
+        holds about 1 byte per weight, and ``load_state_dict`` of such a checkpoint into a module on which this was
+        called restores them (a checkpoint of another recipe or of unquantized weights is an error naming the key).
+        ``forward`` then reads them as they are (bit for bit the ``fp8`` forward of the weights they came from;
+        inference only: nothing may require grad, run under ``torch.inference_mode()``).
+
+        ``fp8``: the recipe (``fp8.RECIPES``), default the ``fp8`` option; the option is set to it when None and
+        must equal it otherwise; the strategy must be ``"auto"``, ``"grouped"`` or ``"blocksparse"`` (the fused
+        expert MLP). Returns ``self``."""
+        rcp = check_recipe("fp8", self.options.fp8 if fp8 is None else fp8)
+        if rcp is None:
+            raise ValueError(f"quantize_fp8_ needs a recipe (one of {RECIPES}): fp8=, or the experts' fp8 option")
+        if self.options.fp8 not in (None, rcp):
+            raise ValueError(f"fp8 must be the experts' fp8 option {self.options.fp8!r}, got {rcp!r}")
+        if self.options.impl not in ("auto", "grouped", "blocksparse"):
+            raise ValueError(
+                f"prequantized FP8 weights run on the fused expert MLP: impl 'auto', 'grouped' or 'blocksparse', "
+                f"got impl={self.options.impl!r}"
+            )
+        if self.prequantized is not None:
+            raise ValueError(f"the experts' weights are already prequantized (recipe {self.prequantized!r})")
+        options = replace(self.options, fp8=rcp)
+        for name in ("w1", "w2", "w3"):
+            w = getattr(self, name)
+            q, s = (None, None) if w is None else prequantize(w, rcp)
+            if w is not None:
+                delattr(self, name)
+            self.register_buffer(name, q)
+            self.register_buffer(f"{name}_scale", s)
+        self.options, self.prequantized = options, rcp
+        return self
+
+    def _apply(self, fn, recurse: bool = True):
+        """``nn.Module``'s (``.to``, ``.cuda``, ``.half``, ...), moving prequantized buffers without casting them:
+        a dtype cast of the model (``model.to(torch.bfloat16)``) leaves the E4M3 weights and their scales as they
+        are (their dtypes are the recipe's)."""
+        if self.prequantized is None:
+            return super()._apply(fn, recurse)
+        mine = {id(t) for t in self._buffers.values() if t is not None}  # the FP8 weights and scales, nothing else
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in mine:
+                return fn(t)
+            return t.to(fn(t.new_empty(0, dtype=torch.uint8)).device)  # fn's device; an integer probe: no cast
+
+        return super()._apply(move, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        """``nn.Module``'s, refusing a checkpoint whose expert weights are not stored as this module's are
+        (prequantized of one recipe, or parameters), which ``load_state_dict`` would otherwise cast silently."""
+        if self.prequantized is None:
+            if prefix + "w1_scale" in state_dict:
+                errors.append(
+                    f"{prefix}w1_scale: the checkpoint holds prequantized FP8 experts; call "
+                    f"quantize_fp8_(recipe) on the module before load_state_dict"
+                )
+        else:
+            for name in ("w1", "w2", "w3", "w1_scale", "w2_scale", "w3_scale"):
+                mine, theirs = getattr(self, name), state_dict.get(prefix + name)
+                if mine is not None and isinstance(theirs, torch.Tensor) and theirs.dtype != mine.dtype:
+                    errors.append(
+                        f"{prefix}{name}: the experts hold FP8 weights of recipe {self.prequantized!r} ({mine.dtype}), "
+                        f"the checkpoint has {theirs.dtype} (another recipe, or unquantized weights)"
+                    )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
     def extra_repr(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in asdict(self.options).items() if v is not None)

@@ -349,9 +349,10 @@ def expert_mlp_shape(
     w3: torch.Tensor | None,
     routing: MlpRouting,
     activation: str,
+    prequantized: bool = False,
 ) -> tuple[int, int]:
     """``expert_mlp``'s operands (x ``[T, d]``, weights ``[T, k]``, w1 / w3 ``[E, d, f]``, w2 ``[E, f, d]``, T, k
-    and E those of ``routing``); returns ``(T, d)``."""
+    and E those of ``routing``; the weights in x's dtype, or E4M3 when ``prequantized``); returns ``(T, d)``."""
     check_mlp_routing(routing)
     check_name(activation)
     T, k = routing.assignment_row.shape
@@ -367,7 +368,7 @@ def expert_mlp_shape(
         check_tensor("w3", w3, "[E, d, f] (w1's shape)", (E, d, f))
     check_tensor("w2", w2, "[E, f, d]", (E, f, d))
     for name, w in (("w1", w1), ("w2", w2), ("w3", w3)):
-        if w is not None and w.dtype != x.dtype:
+        if w is not None and not prequantized and w.dtype != x.dtype:
             raise TypeError(f"{name} must have x's dtype {x.dtype}, got {w.dtype}")
     check_sizes(T=T, d=d, f=f)
     check_same_device(

@@ -21,8 +21,9 @@ from torch import Tensor
 from .. import backends
 from ..backends.common import MlpRouting
 from ..config import resolve_backend
-from ..fp8 import check_recipe
+from ..fp8 import check_recipe, check_weight_scales
 from ..routing import RoutingPlan
+from ..validation import check_no_grad
 from . import _checks
 
 __all__ = ["mlp_routing", "expert_mlp"]
@@ -44,7 +45,8 @@ def mlp_routing(plan: RoutingPlan) -> MlpRouting:
 
 # ----------------------------------------------------------------------------------------------- custom ops
 # The routing crosses the custom-op boundary as its four tensors and its block size (custom ops take no dataclass);
-# each op builds one MlpRouting from them. The FP8 recipe crosses as a str, "" for None.
+# each op builds one MlpRouting from them. The FP8 recipe crosses as a str, "" for None; prequantized weights'
+# scales as three optional tensors (None: the weights are quantized in the op, or there is no FP8).
 
 
 @torch.library.custom_op("bsm::expert_mlp", mutates_args=())
@@ -62,14 +64,18 @@ def _expert_mlp(
     activation: str,
     backend: str,
     fp8: str,
+    w1_scale: Tensor | None = None,
+    w2_scale: Tensor | None = None,
+    w3_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     routing = MlpRouting(offsets, row_src, row_asg, assignment_row, block_size)
-    out, h, g = backends.get(backend).mlp_forward(x, weights, w1, w2, w3, routing, activation, fp8 or None)
+    scales = None if w1_scale is None else (w1_scale, w2_scale, w3_scale)
+    out, h, g = backends.get(backend).mlp_forward(x, weights, w1, w2, w3, routing, activation, fp8 or None, scales)
     return out, h, h.new_empty(0) if g is None else g
 
 
 @_expert_mlp.register_fake
-def _(x, weights, w1, w2, w3, offsets, row_src, row_asg, assignment_row, block_size, activation, backend, fp8):
+def _(x, weights, w1, w2, w3, offsets, row_src, row_asg, assignment_row, block_size, activation, backend, fp8, *_):
     routing = MlpRouting(offsets, row_src, row_asg, assignment_row, block_size)
     h = x.new_empty(routing.intermediate_shape(w1.shape[2]))
     return x.new_empty(x.shape), h, x.new_empty(0) if w3 is None else torch.empty_like(h)
@@ -116,7 +122,10 @@ def _(dout, x, weights, w1, w2, w3, h, g, *args):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weights, w1, w2, w3, offsets, row_src, row_asg, assignment_row, *flags = inputs
+    x, weights, w1, w2, w3, offsets, row_src, row_asg, assignment_row, *flags, w1_scale, _, _ = inputs
+    if w1_scale is not None:
+        raise ValueError("bsm::expert_mlp with prequantized FP8 weights (scales given) has no backward: no input may "
+                         "require grad (run under torch.no_grad() or torch.inference_mode())")  # fmt: skip
     ctx.block_size, ctx.activation, ctx.backend, ctx.fp8 = flags
     _, h, g = output
     ctx.glu = w3 is not None
@@ -129,13 +138,13 @@ def _backward(ctx, dout, _dh, _dg):
     x, weights, w1, w2, w3, h, g, *routing = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     if dout is None or not any(needs):
-        return (None,) * 13
+        return (None,) * 16
     grads = _expert_mlp_backward(
         dout, x, weights, w1, w2, w3, h, g, *routing, ctx.block_size, ctx.activation, ctx.backend, ctx.fp8, needs
     )
     dx, dweights, dw1, dw2, dw3 = (t if n else None for t, n in zip(grads, needs))
-    # None for the four routing tensors, block_size, activation, backend and fp8
-    return dx, dweights, dw1, dw2, dw3, *(None,) * 8
+    # None for the four routing tensors, block_size, activation, backend, fp8 and the three weight scales
+    return dx, dweights, dw1, dw2, dw3, *(None,) * 11
 
 
 _expert_mlp.register_autograd(_backward, setup_context=_setup_context)
@@ -154,19 +163,25 @@ def expert_mlp(
     activation: str,
     backend: str | None = None,
     fp8: str | None = None,
+    weight_scales: tuple[Tensor, Tensor, Tensor | None] | None = None,
 ) -> Tensor:
     """The fused expert MLP (module docstring): x ``[T, d]``, weights ``[T, k]``, w1 / w3 ``[E, d, f]`` (w3 None:
     no GLU), w2 ``[E, f, d]`` (any strides each) → ``[T, d]``, over the rows of ``routing`` (``mlp_routing``).
     ``activation`` is a name of ``activations.NAMES``; ``backend`` as for every op (``config.resolve_backend``);
     ``fp8`` None or a recipe of ``fp8.RECIPES``: every GEMM in FP8 (``backends.triton_fp8``'s E4M3 kernels;
     the PyTorch backend emulates them, ``backends.torch_fp8``).
-    Differentiable in x, weights, w1, w2, w3 (once: no double backward)."""
-    _checks.expert_mlp_shape(x, weights, w1, w2, w3, routing, activation)
+    ``weight_scales = (s1, s2, s3)``: w1, w2, w3 are prequantized E4M3 weights with these scales (``fp8.prequantize``
+    for recipe ``fp8``), read as they are (inference only: nothing may require grad). Without them, differentiable in
+    x, weights, w1, w2, w3 (once: no double backward)."""
     check_recipe("fp8", fp8)
+    prequantized = check_weight_scales(fp8, weight_scales, w1, w2, w3)
+    _checks.expert_mlp_shape(x, weights, w1, w2, w3, routing, activation, prequantized)
+    if prequantized:
+        check_no_grad("expert_mlp with prequantized FP8 weights", x=x, weights=weights, w1=w1, w2=w2, w3=w3)
     backend = resolve_backend(x.device, backend, x.dtype)
     r = routing
     out, _, _ = _expert_mlp(
         x, weights, w1, w2, w3, r.offsets, r.row_src, r.row_asg, r.assignment_row, r.block_size, activation, backend,
-        fp8 or "",
+        fp8 or "", *(weight_scales or (None, None, None)),
     )  # fmt: skip
     return out

@@ -157,6 +157,11 @@ def expert_parallel(
         raise TypeError(f"expert_parallel needs a dMoE, a PaddedMoE or their MoEExperts, got {type(module).__name__}")
     if getattr(experts, "_expert_parallel", None) is not None:
         raise ValueError("expert_parallel was already applied to this module")
+    if experts.prequantized is not None:
+        raise ValueError(
+            f"expert_parallel shards expert parameters; these experts hold prequantized FP8 weights (recipe "
+            f"{experts.prequantized!r}, quantize_fp8_), which it does not shard"
+        )
     group, mesh = _group_of(mesh)
     if capacity_per_rank is not None:
         non_negative_int("capacity_per_rank", capacity_per_rank)
