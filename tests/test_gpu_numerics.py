@@ -18,6 +18,7 @@ import torch
 from helpers import assert_close_to_reference, routing
 
 import blocksparse_moe as bsm
+from blocksparse_moe import fp8
 from blocksparse_moe.reference import per_token_moe_mlp
 
 pytestmark = pytest.mark.gpu
@@ -127,3 +128,19 @@ def test_fp32_follows_pytorchs_tf32_setting_on_gpu(impl):
         matmul.fp32_precision = before
     for name, g, s, r in zip(NAMES, got, same, _reference(problem)):
         assert_close_to_reference(g, r, s, msg=f"{impl} tf32 {name}: ")
+
+
+@pytest.mark.parametrize("recipe", ["blockwise", "mxfp8", "rowwise"])
+@pytest.mark.parametrize("impl", ["blocksparse", "grouped"])
+def test_prequantized_fp8_on_gpu(impl, recipe):
+    """Prequantized E4M3 weights (``fp8.prequantize``, as a checkpoint holds them) give the in-op FP8 forward of the
+    weights they came from bit for bit: the same K-major E4M3 operands and scales reach the same kernels."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("E4M3 tensor cores need sm_89 or newer")
+    x, idx, weights, w1, w2, w3, _ = _problem("decode", torch.bfloat16)
+    options = dict(activation="silu", impl=impl, backend="triton", fp8=recipe, check=False)
+    with torch.inference_mode():
+        expected = bsm.moe_mlp(x, idx, weights, w1, w2, w3, **options)
+        (q1, s1), (q2, s2), (q3, s3) = (fp8.prequantize(w, recipe) for w in (w1, w2, w3))
+        got = bsm.moe_mlp(x, idx, weights, q1, q2, q3, weight_scales=(s1, s2, s3), **options)
+    assert torch.isfinite(got).all() and torch.equal(got, expected)
