@@ -126,6 +126,20 @@ def quantized_bits(v, divisor):
 
 
 @triton.jit
+def _output_rows(q_bounds_ptr, pid_r, lo_r, hi_r, Q_BOUNDS: tl.constexpr):
+    """The rows program ``pid_r`` writes its quantized rows ``[lo_r, hi_r)`` to: ``q_bounds[pid_r : pid_r + 2]``
+    with ``Q_BOUNDS`` (a padded output layout: the group's rows first, zero rows up to its end), the same rows
+    otherwise."""
+    if Q_BOUNDS:
+        lo_q = tl.load(q_bounds_ptr + pid_r).to(tl.int32)
+        hi_q = tl.load(q_bounds_ptr + pid_r + 1).to(tl.int32)
+    else:
+        lo_q = lo_r
+        hi_q = hi_r
+    return lo_q, hi_q
+
+
+@triton.jit
 def quantize_kernel(
     t_ptr,  # [B, R, C] input (fp32 / fp16, or bf16 as int16 bits: BF16_BITS), strides (s_tb, s_tr, s_tc)
     q_ptr,  # [B, R, C] E4M3 output (its uint8 bits), matrices R·C apart, strides (s_qr, s_qc) inside
@@ -168,12 +182,7 @@ def quantize_kernel(
     else:
         lo_r = pid_r * TR
         hi_r = tl.minimum(lo_r + TR, R)
-    if Q_BOUNDS:
-        lo_q = tl.load(q_bounds_ptr + pid_r).to(tl.int32)
-        hi_q = tl.load(q_bounds_ptr + pid_r + 1).to(tl.int32)
-    else:
-        lo_q = lo_r
-        hi_q = hi_r
+    lo_q, hi_q = _output_rows(q_bounds_ptr, pid_r, lo_r, hi_r, Q_BOUNDS)
     if REDUCE_COLS:
         lo_c = pid_c * GC
         hi_c = tl.minimum(lo_c + GC, C)
@@ -283,12 +292,7 @@ def quantize_dual_kernel(
     col_amax = tl.where(col_nan > 0, float("nan"), tl.max(m, axis=0, keep_dims=True))
     scale, divisor = scale_and_divisor(col_amax, E8M0)
     tl.store(sc_ptr + pid_r * C + cols[None, :], scale, mask=cmask[None, :])
-    if Q_BOUNDS:
-        lo_q = tl.load(q_bounds_ptr + pid_r).to(tl.int32)
-        hi_q = tl.load(q_bounds_ptr + pid_r + 1).to(tl.int32)
-    else:
-        lo_q = lo_r
-        hi_q = hi_r
+    lo_q, hi_q = _output_rows(q_bounds_ptr, pid_r, lo_r, hi_r, Q_BOUNDS)
     for q0 in range(lo_q, hi_q, TR):
         q_rows = q0 + ar
         rows = q_rows + (lo_r - lo_q) if Q_BOUNDS else q_rows
