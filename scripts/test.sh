@@ -7,4 +7,5 @@ python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test]"
 ruff check .
 ruff format --check .
-python -m pytest -q "$@"
+# one pytest worker per core (pytest-xdist; interpreter tests are CPU-bound), the slow tests stolen by idle workers
+python -m pytest -q -n auto --dist worksteal "$@"
