@@ -111,9 +111,8 @@ def moe_mlp(
         activation: ``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"silu"`` or a callable (elementwise).
         options: how the experts run (``MoEOptions``: strategy ``impl``, ``block_size``, the ``"padded"`` capacity
             options ``capacity_factor`` / ``capacity`` / ``num_groups``, ``recompute_activation``, ``backend``,
-            ``check``, the FP8 recipe ``fp8``; see its docstring). Default ``MoEOptions()``: ``"blocksparse"`` on
-            CUDA (``"grouped"`` where its block padding would dominate, ``options.resolve_impl``), ``"grouped"``
-            elsewhere, ids checked on CPU, no FP8.
+            ``check``, the FP8 recipe ``fp8``; see its docstring). Default ``MoEOptions()``: ``"grouped"``
+            (``"blocksparse"`` with a ``block_size``; ``options.resolve_impl``), ids checked on CPU, no FP8.
         impl, capacity_factor, capacity, num_groups, block_size, recompute_activation, backend, check, fp8: a
             convenience: the fields of a ``MoEOptions`` built from them when ``options`` is None (with ``options``
             they must keep their defaults). ``recompute_activation`` changes nothing for the fused expert MLP (a
@@ -152,7 +151,7 @@ def moe_mlp(
     T, d, k, E, f = _validate(x, top_k_index, top_k_weights, w1, w2, w3, prequantized)
     act = get_activation(activation)  # validates the name
     B = default_block_size(x.device) if options.block_size is None else options.block_size
-    impl = resolve_impl(options.impl, x.device, assignments=T * k, experts=E, block_size=B)
+    impl = resolve_impl(options.impl, options.block_size)
     if prequantized:
         if impl not in ("grouped", "blocksparse") or not isinstance(activation, str):
             raise ValueError(

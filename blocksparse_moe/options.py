@@ -12,15 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-import torch
-
 from .config import BACKENDS
 from .fp8 import check_recipe
 from .kernels.expert_gemm import BLOCK_SIZES
-from .routing.spec import max_block_rows
 from .validation import boolean, choice, non_negative_int, non_negative_number, positive_int
 
-__all__ = ["IMPLS", "DROP_POLICIES", "BLOCK_SIZES", "AUTO_MAX_PADDING", "MoEOptions", "options_from", "resolve_impl"]
+__all__ = ["IMPLS", "DROP_POLICIES", "BLOCK_SIZES", "MoEOptions", "options_from", "resolve_impl"]
 
 IMPLS = ("auto", "blocksparse", "grouped", "padded", "reference")
 DROP_POLICIES = ("position", "probs")
@@ -32,11 +29,10 @@ class MoEOptions:
 
     Attributes:
         impl: the strategy: ``"blocksparse"``, ``"grouped"``, ``"padded"``, ``"reference"`` or ``"auto"``
-            (``"blocksparse"`` on CUDA unless its block padding would dominate — few assignments per expert, as
-            in decode — else ``"grouped"``; ``resolve_impl``).
+            (``"grouped"``, or ``"blocksparse"`` when a ``block_size`` is given; ``resolve_impl``).
         block_size: ``"blocksparse"`` block size, one of ``BLOCK_SIZES`` (the Triton kernels' tiles; the torch
             backend takes the same set); None: 128 on CUDA, 64 elsewhere. Only with ``impl`` ``"blocksparse"`` or
-            ``"auto"`` (unused when that resolves to ``"grouped"``).
+            ``"auto"`` (which it makes ``"blocksparse"``).
         capacity_factor, capacity, num_groups: ``"padded"`` only. Tokens form ``num_groups`` equal contiguous
             groups; each expert has ``capacity`` slots per group, default ``ceil(capacity_factor · (T / G) · k /
             E)`` with ``capacity_factor`` (finite, >= 0) 1.0. At most one of ``capacity`` and ``capacity_factor``.
@@ -51,8 +47,10 @@ class MoEOptions:
             never while ``torch.compile`` traces or on the meta device (``config.check_enabled``).
         fp8: None (the GEMMs in the operands' dtype) or an FP8 recipe of ``fp8.RECIPES``: ``"blockwise"``,
             ``"mxfp8"``, ``"rowwise"``: every expert GEMM, forward and backward, multiplies E4M3 operands with the
-            recipe's scales (``blocksparse_moe.fp8``); inputs and parameters keep their dtype. Emulated in this
-            release (``backends.torch_fp8``). With a callable activation: ``"grouped"`` or ``"padded"`` only.
+            recipe's scales (``blocksparse_moe.fp8``); inputs and parameters keep their dtype. The Triton
+            backend's fused MLP runs FP8 tensor-core kernels (``backends.triton_fp8``); the PyTorch backend and the
+            op-composing paths (padded, custom, a callable activation) emulate them (``backends.torch_fp8``). With
+            a callable activation: ``"grouped"`` or ``"padded"`` only.
 
     Symbolic sizes (``torch.compile(dynamic=True)``) pass the checks.
     """
@@ -130,38 +128,15 @@ def options_from(options: MoEOptions | None = None, **keywords: object) -> MoEOp
     return options
 
 
-# "auto" takes the grouped strategy on CUDA when the block-sparse one's rows (the sync-free bound of block-padded
-# rows, which it allocates and computes over) would exceed the assignments by more than this factor. bench.model
-# puts the crossover there (H200, bf16 SwiGLU fwd+bwd, calibrated on the H100 run of 2026-12-06): fine-grained
-# experts (E=128, k=8, B=128) tie at T=4096 (bound/assignments 1.50; block-sparse 1% faster), grouped is 3% faster
-# at T=2048 (1.99) and 12% at T=64 (decode, 32.8: 16-row grouped tiles); Mixtral's experts (E=8, k=2) tie at
-# T=1024 (1.44), grouped is 9% faster at T=256 (2.75).
-AUTO_MAX_PADDING = 1.5
+def resolve_impl(impl: str, block_size: int | None = None) -> str:
+    """The strategy ``impl`` stands for: ``"auto"`` is ``"grouped"`` (the fused expert MLP over unpadded rows), or
+    ``"blocksparse"`` when a ``block_size`` is given (a block size asks for the block-sparse layout).
 
-
-def resolve_impl(
-    impl: str,
-    device: torch.device,
-    *,
-    assignments: int | None = None,
-    experts: int | None = None,
-    block_size: int = 128,
-) -> str:
-    """The strategy ``impl`` stands for on ``device``, decided on the host from shapes only (no sync).
-
-    ``"auto"`` is ``"grouped"`` off CUDA (no block padding to compute); on CUDA it is ``"blocksparse"``, unless the
-    ``assignments`` (``T·k``) onto ``experts`` are so few that the block-sparse rows (``max_block_rows · B``, the
-    sync-free bound for blocks of ``block_size`` B) exceed ``AUTO_MAX_PADDING`` times the assignments: then the
-    block padding dominates (decode: 64 tokens, k = 8 of 128 experts, B = 128 give 16,768 rows for 512
-    assignments) and ``"grouped"`` is the faster. Without the shapes, the large-shape answer (``"blocksparse"`` on
-    CUDA)."""
+    Grouped is measured faster than block-sparse at both reference shapes (one H100, bf16 SwiGLU fwd+bwd, 2026-12-06,
+    ``bench/results/``: Mixtral 76.1 vs 81.0 ms, fine-grained experts 18.2 vs 19.0 ms), and ``bench.model`` has it
+    faster wherever block padding matters (decode: 64 tokens, k = 8 of 128 experts give block-sparse 16,768 rows
+    for 512 assignments) and tied elsewhere; so the choice needs no shapes, and no device data (no sync)."""
     choice("impl", impl, IMPLS)
     if impl != "auto":
         return impl
-    if device.type != "cuda":
-        return "grouped"
-    if assignments is not None and experts is not None:
-        rows = max_block_rows(assignments, experts, block_size) * block_size
-        if rows > AUTO_MAX_PADDING * assignments:
-            return "grouped"
-    return "blocksparse"
+    return "grouped" if block_size is None else "blocksparse"

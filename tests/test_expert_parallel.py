@@ -28,7 +28,7 @@ from blocksparse_moe.parallel.expert_parallel import (
 from blocksparse_moe.reference import per_token_moe_mlp
 
 FP32 = dict(atol=1e-4, rtol=1e-4)
-IMPL = "auto"  # "grouped" on CPU, "blocksparse" on CUDA
+IMPL = "auto"  # "grouped"
 
 
 @dataclass(frozen=True)

@@ -129,18 +129,17 @@ def test_speedup_over_the_baseline(estimates):
 
 
 def test_auto_rule_agrees_with_the_model(estimates):
-    # impl="auto" (options.resolve_impl) picks what the model says: grouped at decode (the block padding dominates),
-    # blocksparse at the reference shapes, where the two tie within 2% (the MegaBlocks layout stays the default)
+    # impl="auto" (options.resolve_impl) runs grouped: the model has it faster at decode (the block padding
+    # dominates) and tied within 2% at the reference shapes, where the H100 measured it faster (tests/test_auto_impl.py)
     results, stdout, _ = estimates
     by = {(r["shape"], r["impl"]): r for r in results}
     for shape in SHAPES:
         sparse, grouped = by[shape, "blocksparse"]["seconds"], by[shape, "grouped"]["seconds"]
-        auto = by[shape, "blocksparse"]["auto_impl"]
         if shape == "decode":
-            assert auto == "grouped" and grouped < 0.95 * sparse
+            assert grouped < 0.95 * sparse
         else:
-            assert auto == "blocksparse" and abs(sparse - grouped) < 0.02 * grouped
-    assert "impl='auto' on CUDA picks grouped here" in stdout
+            assert grouped < 1.02 * sparse
+    assert stdout.count("impl='auto' runs grouped") == len(SHAPES) * len(IMPLS)
 
 
 def _gemm(R: int, N: int, K: int, m_tiles: int, n_tiles: int, block_m: int = 64, **flags) -> Launch:

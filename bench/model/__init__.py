@@ -45,7 +45,6 @@ __all__ = [
     "estimate",
     "speedup_vs_baseline",
     "layer_inputs",
-    "auto_impl",
     "padding_ratio",
     "fp8_launches",
 ]
@@ -126,14 +125,6 @@ def padding_ratio(shape: LayerShape) -> float:
 
     A = shape.assignments
     return max_block_rows(A, shape.experts, BLOCK_SIZE) * BLOCK_SIZE / A
-
-
-def auto_impl(shape: LayerShape) -> str:
-    """What ``impl="auto"`` runs for ``shape`` on CUDA (``options.resolve_impl``)."""
-    from blocksparse_moe.options import resolve_impl
-
-    A, E = shape.assignments, shape.experts
-    return resolve_impl("auto", torch.device("cuda"), assignments=A, experts=E, block_size=BLOCK_SIZE)
 
 
 def layer_inputs(

@@ -9,9 +9,8 @@ from collections import Counter
 from pathlib import Path
 
 from blocksparse_moe.fp8 import RECIPES
-from blocksparse_moe.options import AUTO_MAX_PADDING
 
-from . import BASELINE, IMPLS, OURS, Estimate, auto_impl, estimate, fp8_launches, padding_ratio, speedup_vs_baseline
+from . import BASELINE, IMPLS, OURS, Estimate, estimate, fp8_launches, padding_ratio, speedup_vs_baseline
 from .roofline import CALIBRATION, EFFICIENCY_MODEL, FP8_MODEL, GPUS, QUANTIZE_KERNELS, SHAPES, eager_time
 
 
@@ -88,8 +87,7 @@ def report(est: Estimate) -> str:
         f"{idle} exiting at once",
         f"  fp32 temporaries: {len(fp32)}, {sum(op.out_bytes for op in fp32) / 1e6:.1f} MB "
         + ", ".join(sorted({f"{op.name} ({op.op or 'front door'})" for op in fp32})),
-        f"  impl='auto' on CUDA picks {auto_impl(s)} here (block-sparse rows bound / assignments = "
-        f"{padding_ratio(s):.2f}; grouped above {AUTO_MAX_PADDING})",
+        f"  block-sparse rows (the sync-free bound) / assignments = {padding_ratio(s):.2f}; impl='auto' runs grouped",
     ]
     if est.fp8:
         bf16 = estimate(s, est.impl, gpu, dtype=est.dtype)
@@ -118,7 +116,6 @@ def to_json(est: Estimate) -> dict:
         "useful_flops": est.useful_flops,
         "executed_flops": est.executed_flops,
         "analytic_flops": est.shape.useful_flops(),
-        "auto_impl": auto_impl(est.shape),
         "speedup_vs_baseline": speedup_vs_baseline(est) if est.impl in OURS else None,
         "launches": [
             {

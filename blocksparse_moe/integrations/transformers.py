@@ -7,9 +7,9 @@ experts_implementation="blocksparse_moe")``) runs every MoE model whose experts 
 
 - a **standard** experts module (the default gate ``act(gate) * up`` over concatenated gate/up columns, or no gate;
   no biases, no post-expert norm; ``act_fn`` one of ``moe_mlp``'s named activations) is ``moe_mlp`` over views of
-  its weights (``moe_mlp_weights``) with the registered ``MoEOptions``: ``impl="auto"`` is the block-sparse
-  strategy on CUDA (the activation applied in the up-projection's epilogue; the grouped one where its block padding
-  would dominate, ``options.resolve_impl``) and the grouped one elsewhere;
+  its weights (``moe_mlp_weights``) with the registered ``MoEOptions``: ``impl="auto"`` is the grouped
+  strategy (the block-sparse one with a ``block_size``, ``options.resolve_impl``), the activation applied in the
+  up-projection's epilogue;
 - any other (a custom ``_apply_gate`` such as gpt-oss's clamped SwiGLU over interleaved columns, biases, a
   post-expert norm, an unknown activation) is ``custom_moe_mlp``: the grouped strategy with the module's own gate
   applied to whole rows (the registered options' ``backend`` and ``check``).

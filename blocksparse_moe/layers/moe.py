@@ -364,8 +364,8 @@ class MoELayer(nn.Module):
 
 
 class dMoE(MoELayer):  # noqa: N801 (MegaBlocks' name)
-    """Dropless MoE layer: ``MoELayer`` with ``options`` (default ``impl="auto"``: ``"blocksparse"`` on CUDA,
-    ``"grouped"`` where its block padding would dominate and elsewhere; ``options.resolve_impl``).
+    """Dropless MoE layer: ``MoELayer`` with ``options`` (default ``impl="auto"``: ``"grouped"``, or
+    ``"blocksparse"`` with a ``block_size``; ``options.resolve_impl``).
 
     Args:
         hidden_size, ffn_hidden_size, num_experts, top_k: d, f, E, k.
