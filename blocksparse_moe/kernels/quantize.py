@@ -35,7 +35,7 @@ import triton.language as tl
 
 from .. import fp8 as fp8_reference
 from ..validation import positive_int
-from ._common import check_grid_y, interpreting
+from ._common import check_grid_y
 
 __all__ = [
     "quantize_config",
@@ -57,20 +57,21 @@ __all__ = [
 ]
 
 _MAX_TILE = 128
+_TILE = 2048  # elements per step (GPU and interpreter alike: the interpreter's cost is per step)
 
 
 def quantize_config(group: tuple[int, int]) -> tuple[int, int, int]:
-    """``(TR, TC, num_warps)`` for groups ``(GR, GC)``: ``TR × TC`` elements per step (2048 on the GPU: 16 fp32 per
-    thread of 4 warps, no spills; 256 when interpreting, so that small tests cross tiles), the tile spanning a group
-    along its reduced dimension up to 128 (columns first), the rest across."""
-    budget = 256 if interpreting() else 2048
+    """``(TR, TC, num_warps)`` for groups ``(GR, GC)``: ``TR × TC`` elements per step (2048: 16 fp32 per thread of 4
+    warps, no spills; the interpreter runs the GPU's tiles: the tests' odd sizes cross them, and its cost is per
+    step, not per element), the tile spanning a group along its reduced dimension up to 128 (columns first), the
+    rest across."""
     GR, GC = group
     if GC > 1:
         TC = min(_MAX_TILE, triton.next_power_of_2(GC))
-        across = budget // TC
+        across = _TILE // TC
         return (across if GR == 1 else min(triton.next_power_of_2(GR), across)), TC, 4
     TR = min(_MAX_TILE, triton.next_power_of_2(GR))
-    return TR, budget // TR, 4
+    return TR, _TILE // TR, 4
 
 
 @triton.jit
@@ -462,7 +463,7 @@ def quantize_dual(
     q_rows, s_rows = new((R, C), fp8_reference.E4M3, t.device), new((R, nC), scale_dtype, t.device)
     q_cols, s_cols = _q_out((rows.rows, C), t.device, transposed), new((n + 1, C), scale_dtype, t.device)
     TG = triton.next_power_of_2(group)
-    TR = max(1, (256 if interpreting() else 2048) // TG)
+    TR = max(1, _TILE // TG)
     bf16 = t.dtype == torch.bfloat16
     if R and C:
         grid = check_grid_y((n + 1, nC), "the number of column groups", C, group)
