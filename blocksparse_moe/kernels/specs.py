@@ -252,20 +252,26 @@ def _weight_loads(dtype, cfg, mode: WeightLoad, two: bool) -> tuple[dict, dict[s
     return constexprs, {"w_desc": desc, **({"w2_desc": desc} if two else {})}
 
 
-def _variants(configs, arch_list=_ARCHS) -> list[tuple[Any, tuple[str, ...], tuple[int, ...] | None, str]]:
+# fp32 (TF32 / IEEE): a config that serves both alignments is built unaligned only. fp32 operands always load
+# through pointers (no TMA), so the two builds are the same code but for vectorised loads, and the unaligned one
+# holds the more registers (139 of the 161 fp32 pairs of the audit at 7d5619f, none spilling): the spill and
+# pipeline checks judge the worse of the two. CI time: ~280 builds fewer.
+_BOTH = ("unaligned", "aligned")
+
+
+def _variants(
+    configs, arch_list=_ARCHS, dtype: torch.dtype | None = None
+) -> list[tuple[Any, tuple[str, ...], tuple[int, ...] | None, str]]:
     """``(config, variants, archs, tag)`` for a config function of ``aligned`` and ``capability``: per architecture
-    one config for both variants, or the fast one aligned and the fallback unaligned; architectures that get the same
-    config share one entry (``archs`` None: every one). ``tag``: ``",w=<warps>"`` where one variant has several
-    configs across the architectures (their names would clash otherwise), else empty. ``arch_list``: the
-    architectures to list."""
+    one config for both variants (fp32: built unaligned only, ``_BOTH``'s comment), or the fast one aligned and the
+    fallback unaligned; architectures that get the same config share one entry (``archs`` None: every one). ``tag``:
+    ``",w=<warps>"`` where one variant has several configs across the architectures (their names would clash
+    otherwise), else empty. ``arch_list``: the architectures to list."""
+    shared = ("unaligned",) if dtype == torch.float32 else _BOTH
     out: dict[tuple[Any, tuple[str, ...]], list[int]] = {}
     for cc in arch_list:
         fast, fallback = configs(aligned=True, capability=cc), configs(aligned=False, capability=cc)
-        pairs = (
-            [(fast, ("unaligned", "aligned"))]
-            if fast == fallback
-            else [(fast, ("aligned",)), (fallback, ("unaligned",))]
-        )
+        pairs = [(fast, shared)] if fast == fallback else [(fast, ("aligned",)), (fallback, ("unaligned",))]
         for key in pairs:
             out.setdefault(key, []).append(cc)
     many = {v for (_, v) in out if sum(1 for (_, w) in out if w == v) > 1}
@@ -357,7 +363,7 @@ def _gemm_specs() -> list[CompileSpec]:
                 if use.glu and use.epilogue and dtype == torch.bfloat16 and block_m == 128:
                     activations = NAMES  # the other activations: bf16, GLU, 128-row tiles, fast config
                 for cfg, variants, cfg_archs, warps_tag in _variants(
-                    configs, _FP16_ARCHS if dtype == torch.float16 else _ARCHS
+                    configs, _FP16_ARCHS if dtype == torch.float16 else _ARCHS, dtype
                 ):
                     # one K step: an A tile and a weight tile (two with the GLU's gate; the pair runs two K loops)
                     two_w = use.glu and use.epilogue == Epilogue.FORWARD
@@ -585,7 +591,7 @@ def _wgrad_specs() -> list[CompileSpec]:
                 lb = (B or 0).bit_length() - 1 if use.blocked else DENSE_LOG_BLOCK
                 shapes = f"blocksparse B={B}" if use.blocked else "grouped, every T"
                 for cfg, variants, archs, warps_tag in _variants(
-                    configs, _FP16_ARCHS if dtype == torch.float16 else _ARCHS
+                    configs, _FP16_ARCHS if dtype == torch.float16 else _ARCHS, dtype
                 ):
                     tiles = cfg.block_k * (cfg.block_m + cfg.block_n)
                     audit = _audit_fields(dtype, cfg, variants, shapes, tiles * dtype.itemsize, wgrad=True,
