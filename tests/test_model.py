@@ -148,7 +148,7 @@ def _gemm(R: int, N: int, K: int, m_tiles: int, n_tiles: int, block_m: int = 64,
         BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32, R=R, N=N, N_STORE=N, K=K, num_m_tiles=m_tiles, GLU=False,
         EPILOGUE=0, PAIR=False, GATHER=False, num_warps=4, num_stages=3,
         a_ptr=TensorInfo((R, K), (K, 1), torch.bfloat16), w_ptr=TensorInfo((2, K, N), (K * N, N, 1), torch.bfloat16),
-        out_ptr=TensorInfo((R, N), (N, 1), torch.bfloat16),
+        out_ptr=TensorInfo((R, N), (N, 1), torch.bfloat16), out3_ptr=TensorInfo((R, N), (N, 1), torch.bfloat16),
     )  # fmt: skip
     args.update(flags)
     return Launch("gemm_kernel", (m_tiles * n_tiles,), args, "forward", "bsm::expert_mlp")
