@@ -59,9 +59,10 @@ expert-major (the programs of one expert share its rows), grouped order inside.
 - ``FORWARD`` (``_forward_epilogue``): ``h = acc`` (and ``GLU``: ``g = acc2``, the gate weight's accumulator over
   the same A tiles); stores ``h`` [, ``g``] and ``a = act(h) [· g]`` (computed from the rounded h, g, as the
   backward recomputes it), or with ``QUANT_A`` (an FP8 mode of ``EPILOGUE_QUANT``: MX) a as E4M3 bits plus one scale
-  per row and group of the mode's columns (``_store_quantized``: a rounded to h's dtype, then ``kernels.quantize``'s
-  helpers on each group, one column slice of the tile per group: bit for bit ``quantize(a, (1, group))`` of the a
-  written otherwise; ``gemm(..., act_scales=)``, the FP8 MLP's up-projection: ``backends.triton_fp8``);
+  per row and group of the mode's columns (``_quantized_forward_epilogue``: group by group, a column slice of the
+  accumulators each as in the backward epilogue, a rounded to h's dtype, then ``kernels.quantize``'s helpers: bit
+  for bit ``quantize(a, (1, group))`` of the a written otherwise; ``gemm(..., act_scales=)``, the FP8 MLP's
+  up-projection: ``backends.triton_fp8``);
 - ``BACKWARD`` (``_backward_epilogue``): ``acc = G = dout[token] @ w2ᵀ`` at the tile; with ``w`` the row's top-k
   weight and ``a`` recomputed from the saved ``h``, ``g``: stores ``dh = w·G·g·act'(h)``, ``dg = w·G·act(h)``,
   ``aw = w·a`` (for ``dW2``) and ``dots[n_tile, p] = Σ_tile G·a`` (the top-k weight gradient ``<dout @ w2ᵀ, a>``,
@@ -426,27 +427,30 @@ def _column_slices(x, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, SLICE: tl.cons
 
 
 @triton.jit
-def _store_quantized(
-    a, q_ptr, sq_ptr, o_rows, o_col0, s_oc, rows, row_ok, n0, N, s_sqr, s_sqc,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
+def _quantized_forward_epilogue(
+    acc, acc2, h_ptr, g_ptr, q_ptr, sq_ptr, o_rows, o_col0, s_oc, rows, row_ok, n0, N, s_sqr, s_sqc,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr,
 ):  # fmt: skip
-    """``EPILOGUE`` ``FORWARD`` with ``QUANT_A`` (``MODE``: MX, ``EPILOGUE_QUANT``): the tile's ``a [BLOCK_M,
-    BLOCK_N]`` (in h's dtype) stored as E4M3 bits with one E8M0 scale per row and group of 32 columns, bit for bit
-    ``kernels.quantize.quantize(a, (1, 32))`` of the ``a`` the epilogue writes otherwise: a widened to fp32 exactly
-    (bf16 by its bits), the columns past N absent (0), then ``quantize_row_groups``, one column slice of the tile
-    (``_column_slices``: ``32 | BLOCK_N``) per group; scales at ``sq [row, column group]``."""
+    """``EPILOGUE`` ``FORWARD`` with ``QUANT_A`` (``MODE``: MX, ``EPILOGUE_QUANT``), one group of 32 columns at a
+    time (``_column_slices`` of the accumulators: ``32 | BLOCK_N``): ``_forward_epilogue`` stores the group's h [, g]
+    and gives its ``a`` in h's dtype, stored as E4M3 bits with one E8M0 scale per row (``sq [row, column group]``),
+    bit for bit ``kernels.quantize.quantize(a, (1, 32))`` of the ``a`` the epilogue writes otherwise: a widened to
+    fp32 exactly (bf16 by its bits), the columns past N absent (0), then ``quantize_row_groups``."""
     tl.static_assert(MODE == _MX, "QUANT_A: MX only (EPILOGUE_QUANT)")
     GROUP: tl.constexpr = _MX_GROUP
-    if a.dtype == tl.bfloat16:
-        v = bf16_to_fp32(a.to(tl.int16, bitcast=True))
-    else:
-        v = a.to(tl.float32)
-    parts = _column_slices(v, BLOCK_M, BLOCK_N, GROUP)
+    hs = _column_slices(acc, BLOCK_M, BLOCK_N, GROUP)
+    gs = _column_slices(acc2, BLOCK_M, BLOCK_N, GROUP)
     for j in tl.static_range(BLOCK_N // GROUP):
         cols = j * GROUP + tl.arange(0, GROUP)
         valid = row_ok[:, None] & (n0 + cols < N)[None, :]
-        bits, scale = quantize_row_groups(tl.where(valid, parts[j], 0.0), True)
-        tl.store(q_ptr + o_rows[:, None] + (o_col0 + cols.to(tl.int64) * s_oc)[None, :], bits, mask=valid)
+        o_off = o_rows[:, None] + (o_col0 + cols.to(tl.int64) * s_oc)[None, :]
+        a = _forward_epilogue(hs[j], gs[j], h_ptr, g_ptr, o_off, valid, GLU, ACT)
+        if a.dtype == tl.bfloat16:
+            v = bf16_to_fp32(a.to(tl.int16, bitcast=True))
+        else:
+            v = a.to(tl.float32)
+        bits, scale = quantize_row_groups(tl.where(valid, v, 0.0), True)
+        tl.store(q_ptr + o_off, bits, mask=valid)
         s_off = rows.to(tl.int64)[:, None] * s_sqr + tl.cast(n0 // GROUP + j, tl.int64) * s_sqc
         group_ok = tl.where(n0 + j * GROUP < N, row_ok, False)  # (the interpreter rejects `row_ok & scalar`)
         tl.store(sq_ptr + s_off, scale, mask=group_ok[:, None])
@@ -594,13 +598,14 @@ def _gemm_tile(
         store = row_ok[:, None] & (offs_n < N_STORE)[None, :]
         if EPILOGUE == _PLAIN:
             _store_plain(acc, out_ptr, o_off, store)
-        else:
+        elif QUANT_A == _NO_FP8:
             a = _forward_epilogue(acc, acc2, out_ptr, out2_ptr, o_off, store, GLU, ACT)
-            if QUANT_A == _NO_FP8:
-                tl.store(out3_ptr + o_off, a, mask=store)
-            else:
-                _store_quantized(a, out3_ptr, sq_ptr, o_rows, o_col0, s_oc, rows, row_ok, n0, N, s_sqr, s_sqc,
-                                 BLOCK_M, BLOCK_N, QUANT_A)  # fmt: skip
+            tl.store(out3_ptr + o_off, a, mask=store)
+        else:
+            _quantized_forward_epilogue(
+                acc, acc2, out_ptr, out2_ptr, out3_ptr, sq_ptr, o_rows, o_col0, s_oc, rows, row_ok, n0, N, s_sqr,
+                s_sqc, BLOCK_M, BLOCK_N, GLU, ACT, QUANT_A,
+            )  # fmt: skip
 
 
 @triton.jit
