@@ -147,7 +147,7 @@ def _gemm(R: int, N: int, K: int, m_tiles: int, n_tiles: int, block_m: int = 64,
         BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32, R=R, N=N, N_STORE=N, K=K, num_m_tiles=m_tiles, GLU=False,
         EPILOGUE=0, PAIR=False, GATHER=False, num_warps=4, num_stages=3,
         a_ptr=TensorInfo((R, K), (K, 1), torch.bfloat16), w_ptr=TensorInfo((2, K, N), (K * N, N, 1), torch.bfloat16),
-        out_ptr=TensorInfo((R, N), (N, 1), torch.bfloat16),
+        out_ptr=TensorInfo((R, N), (N, 1), torch.bfloat16), out3_ptr=TensorInfo((R, N), (N, 1), torch.bfloat16),
     )  # fmt: skip
     args.update(flags)
     return Launch("gemm_kernel", (m_tiles * n_tiles,), args, "forward", "bsm::expert_mlp")
@@ -510,6 +510,20 @@ def test_fp8_gemm_cost_bytes_rate_and_promotion():
     assert mx.mma_s == pytest.approx(bf16.mma_s)
     b_bf16 = launch_cost(_gemm(R=128, N=192, K=320, m_tiles=3, n_tiles=3), b200, rows, rows)
     assert launch_cost(_fp8_gemm(Fp8Mode.MX), b200, rows, rows).mma_s == pytest.approx(b_bf16.mma_s / 2)
+
+
+def test_fp8_quantized_a_bytes():
+    # the mx up-projection writing a in E4M3 (QUANT_A, its epilogue): a's bf16 write (2 B per element) becomes 1 B
+    # plus one E8M0 scale per row and 32 columns (N = 192: 6 per row, 128 rows written); h and g stay bf16; the
+    # tiles, FLOPs and L2 reads do not change
+    h200, rows = GPUS["h200"], [100, 28]
+    glu = dict(GLU=True, EPILOGUE=1)
+    unfused = launch_cost(_fp8_gemm(Fp8Mode.MX, **glu), h200, rows, rows)
+    aq = TensorInfo((128, 192), (192, 1), torch.uint8)  # the launcher hands the E4M3 a over as its bits
+    fused = launch_cost(_fp8_gemm(Fp8Mode.MX, **glu, QUANT_A=int(Fp8Mode.MX), out3_ptr=aq), h200, rows, rows)
+    assert fused.hbm_bytes == unfused.hbm_bytes - 128 * 192 + 128 * 6
+    assert (fused.executed_flops, fused.l2_bytes, fused.mma_s) == (unfused.executed_flops, unfused.l2_bytes,
+                                                                   unfused.mma_s)  # fmt: skip
 
 
 def test_fp8_blockwise_holds_a_second_accumulator():

@@ -213,7 +213,8 @@ FP8 model (fp8=RECIPE: gemm_kernel / wgrad_kernel with FP8 = 1 blockwise, 2 mx, 
     fp32 accumulator in the register estimate
   bytes: operands, outputs and epilogue operands at their own element sizes (E4M3 1 B); the scales (fp32, or E8M0
     1 B) in the recipe's groups (blocksparse_moe.fp8), read once from HBM and every K step (rowwise: every tile)
-    from L2; scale tiles in shared memory not counted
+    from L2; scale tiles in shared memory not counted; mx's up-projection writes a in E4M3 with its scales
+    (QUANT_A: quantized in its epilogue, no quantize pass of a)
   quantize_kernel / quantize_dual_kernel (memory-bound passes): bytes / (0.85 x HBM) + 3 us; the input read twice
     (amax, then quantize), the second time from L2 when the resident programs' groups fit in it (50 MB H100 / H200:
     NVIDIA specification; 126 MB B200: assumption), else from HBM; E4M3 values and scales written once
@@ -350,13 +351,18 @@ def _gemm_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int]
     useful = sum(useful_rows) * 2 * N * K * products
     a_rows = sum(useful_rows) if a["GATHER"] else sum(rows)
     experts_used = sum(1 for r in rows if r)
-    outputs = 1 if a["EPILOGUE"] == 0 else 2 + bool(a["GLU"])  # h, a [, g] / dh, aw [, dg]
+    # h [, g] / dh [, dg] in out's dtype; a / aw in out3's (the up-projection's a in E4M3 with QUANT_A, + its scales)
+    outputs = 1 if a["EPILOGUE"] == 0 else 1 + bool(a["GLU"])
+    act_item = 0 if a["EPILOGUE"] == 0 else a["out3_ptr"].itemsize
     epilogue_reads = 1 + bool(a["GLU"]) if a["EPILOGUE"] == 2 else 0  # the saved h [, g]
     written_rows = min(sum(rows) + zero_m * BM, R)
+    quant_a = Fp8Mode(a.get("QUANT_A", Fp8Mode.NONE))
+    a_scales = 0 if quant_a == Fp8Mode.NONE else _groups(N, quant_a.recipe().group) * _scale_itemsize(quant_a.recipe())
     hbm = (
         a_rows * K * a_item * (1 + pair)
         + experts_used * K * N * w_item * products
-        + written_rows * N_store * out_item * (outputs + epilogue_reads)
+        + written_rows * N_store * (out_item * (outputs + epilogue_reads) + act_item)
+        + written_rows * a_scales
         + (n_tiles * R * 4 if a["EPILOGUE"] == 2 else 0)  # the fp32 per-tile dots
     )
     # every K step an A tile and a weight tile per product; the GLU's two products share their A tile

@@ -9,10 +9,28 @@ up to the fp32 accumulation order. Where each operand is quantized:
 |---|---|---|
 | x | once per call, per token along d (``quantize``) | gathered through ``row_src`` (scales too) |
 | w1, w3, w2 | once per optimizer step per layout (``fp8.quantized_weight``: E4M3, scales) | ``[E, K, N]`` or ``wᵀ`` |
-| a = act(h)·g | after the up-projection, per row along f | dense rows |
+| a = act(h)·g | per row along f: in the up-projection's epilogue (mxfp8), else after it (below) | dense rows |
 | dout | once per backward, per token along d (dgrad), along each expert's rows (dW2) | gathered; K-major rows |
 | dh, dg | one pass for both (``quantize_dual``): along f (dx), along each expert's rows (dW1, dW3) | dense; K-major |
 | x, aw (weight gradients) | along the rows of each expert (``quantize_rows``) | K-major expert rows |
+
+**a in the up-projection's epilogue** (``EPILOGUE_QUANT``: ``gemm(..., act_scales=)``). With ``mxfp8`` the GLU
+up-projection writes a as E4M3 plus its E8M0 scales directly (``QUANT_A``: a rounded to x's dtype, then
+``kernels.quantize``'s arithmetic on each 1×32 group of the tile, bit for bit ``Q.quantize`` of the a it would write
+otherwise); a is never written in x's dtype and no pass reads it back. Every FP8 GLU tile holds whole groups (64
+columns, 32 unaligned, 32 interpreted; the launcher asserts it), so every mxfp8 shape takes it: partial last groups
+(f not a multiple of 32) are masked like the separate pass's. The other recipes keep the separate pass
+(``Q.quantize(a, act_block)``, a in x's dtype first):
+
+- ``blockwise`` (1×128 groups along f): a tile holds whole groups only at 128 a-columns, and the 128-wide blockwise
+  GLU tile spills with or without the quantized epilogue (triton 3.9.0, 2026-12-06, ``bench.audit`` of
+  ``gemm_fp8[blockwise,up,glu,M=128,N=128,K=128,tma]``, aligned: ``_fp8_config`` with 128 columns, the epilogue
+  generalised to 128-column fp32-scale groups for the check: sm_90 255 registers, 284 B spill stores, 176 B stack;
+  sm_100 255, 276 B; sm_120 255, 828 B; the same tile without the quantized epilogue spills 268 / 212 / 788 B; M=64
+  on 4 warps 288 / 296 / 720 B): two 128×128 fp32 accumulators plus the promotion's step result; today's 64-column
+  tile (180 registers on sm_90, no spill) holds half a group;
+- ``rowwise`` (one scale per row, the amax over all of f): a tile sees 64 of the row's f columns, so its epilogue
+  cannot know the scale.
 
 The weight gradients' operands (x, aw = w·a, dout rows, dh, dg) are materialized in expert order (x and dout
 gathered by ``permute.gather``), quantized along the tokens and stored column-major (``transposed``: the reduced
@@ -40,7 +58,7 @@ from .. import fp8 as fp8_recipes
 from ..kernels import expert_gemm as gemm_kernels
 from ..kernels import permute as permute_kernels
 from ..kernels import quantize as quantize_kernels
-from ..kernels.expert_gemm import FP8_RECIPES, BackwardEpilogue, GemmScales, WgradScales
+from ..kernels.expert_gemm import EPILOGUE_QUANT, FP8_RECIPES, BackwardEpilogue, GemmScales, WgradScales
 from ..kernels.layouts import Rows, Schedule
 from .common import MlpRouting, combine_dots
 from .torch import _block_rows, _to_blocks
@@ -107,12 +125,16 @@ def mlp_forward(
     R = routing.rows
     h = _new((R, F), x)
     g = None if w3 is None else _new((R, F), x)
-    a = _new((R, F), x)
+    fused = mode in EPILOGUE_QUANT  # a quantized in the up-projection's epilogue (module docstring)
+    if fused:
+        a, a_s = _new((R, F), x, fp8_recipes.E4M3), _new((R, -(-F // rcp.group)), x, sd)
+    else:
+        a, a_s = _new((R, F), x), None
     gemm_kernels.gemm(
         Rows.dense(xq, gathered=True), w1q, Rows.dense(h), schedule, row_src=routing.row_src, gate=w3q, gate_out=g,
-        act_out=a, activation=activation, scales=GemmScales(mode, xs, w1s, w3s),
+        act_out=a, act_scales=a_s, activation=activation, scales=GemmScales(mode, xs, w1s, w3s),
     )  # fmt: skip
-    aq, a_s = Q.quantize(a, act_block, sd)
+    aq, a_s = (a, a_s) if fused else Q.quantize(a, act_block, sd)
     w2q, w2s = operand(w2, s2)
     y = _new((R, w2.shape[2]), x)
     gemm_kernels.gemm(Rows.dense(aq), w2q, Rows.dense(y), schedule, scales=GemmScales(mode, a_s, w2s))

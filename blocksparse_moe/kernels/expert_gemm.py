@@ -58,7 +58,11 @@ expert-major (the programs of one expert share its rows), grouped order inside.
   ``[dh | dg] @ [w1 | w3]ᵀ``);
 - ``FORWARD`` (``_forward_epilogue``): ``h = acc`` (and ``GLU``: ``g = acc2``, the gate weight's accumulator over
   the same A tiles); stores ``h`` [, ``g``] and ``a = act(h) [· g]`` (computed from the rounded h, g, as the
-  backward recomputes it);
+  backward recomputes it), or with ``QUANT_A`` (an FP8 mode of ``EPILOGUE_QUANT``: MX) a as E4M3 bits plus one scale
+  per row and group of the mode's columns (``_quantized_forward_epilogue``: group by group, a column slice of the
+  accumulators each as in the backward epilogue, a rounded to h's dtype, then ``kernels.quantize``'s helpers: bit
+  for bit ``quantize(a, (1, group))`` of the a written otherwise; ``gemm(..., act_scales=)``, the FP8 MLP's
+  up-projection: ``backends.triton_fp8``);
 - ``BACKWARD`` (``_backward_epilogue``): ``acc = G = dout[token] @ w2ᵀ`` at the tile; with ``w`` the row's top-k
   weight and ``a`` recomputed from the saved ``h``, ``g``: stores ``dh = w·G·g·act'(h)``, ``dg = w·G·act(h)``,
   ``aw = w·a`` (for ``dW2``) and ``dots[n_tile, p] = Σ_tile G·a`` (the top-k weight gradient ``<dout @ w2ᵀ, a>``,
@@ -111,6 +115,7 @@ from ..fp8 import E4M3, Recipe, recipe
 from ..validation import check_dtype, check_same_device, check_tensor, choice, positive_int
 from ._common import DOTS_IEEE, DOTS_UPCAST, aligned16, capability, dot_mode, interpreting, scratch_allocator
 from .layouts import BLOCK_SIZES, Rows, Schedule, row_offsets, row_start, tile_start
+from .quantize import bf16_to_fp32, quantize_row_groups
 
 __all__ = [
     "BLOCK_SIZES",
@@ -120,6 +125,7 @@ __all__ = [
     "GemmScales",
     "WgradScales",
     "FP8_RECIPES",
+    "EPILOGUE_QUANT",
     "GemmConfig",
     "gemm_config",
     "wgrad_config",
@@ -214,6 +220,11 @@ FP8_RECIPES: dict[Fp8Mode, Recipe] = {
 # elements of the reduced dimension per scale: gemm_kernel's K, wgrad_kernel's rows (128 blockwise, 32 mx)
 _BLOCKWISE_GROUP = tl.constexpr(FP8_RECIPES[Fp8Mode.BLOCKWISE].group)
 _MX_GROUP = tl.constexpr(FP8_RECIPES[Fp8Mode.MX].group)
+# the FP8 modes whose forward epilogue can write ``a`` quantized (``gemm(..., act_scales=)``, ``QUANT_A``): groups of
+# columns that whole tiles hold (MX: 32; the FP8 GLU tiles are 32 or 64 wide). Not BLOCKWISE: its 128-column groups
+# need 128-wide GLU tiles (two 128 x 128 accumulators and the promotion's step result spill: backends.triton_fp8);
+# not ROWWISE: a row's one scale spans every N tile
+EPILOGUE_QUANT: tuple[Fp8Mode, ...] = (Fp8Mode.MX,)
 
 
 @triton.jit
@@ -385,9 +396,9 @@ def _store_plain(acc, out_ptr, o_off, store):
 
 
 @triton.jit
-def _forward_epilogue(acc, acc2, h_ptr, g_ptr, a_ptr, o_off, store, GLU: tl.constexpr, ACT: tl.constexpr):
-    """``EPILOGUE`` ``FORWARD``: stores ``h = acc``, with ``GLU`` ``g = acc2``, and ``a = act(h) [· g]`` from the
-    rounded h and g (as the backward recomputes it)."""
+def _forward_epilogue(acc, acc2, h_ptr, g_ptr, o_off, store, GLU: tl.constexpr, ACT: tl.constexpr):
+    """``EPILOGUE`` ``FORWARD``: stores ``h = acc``, with ``GLU`` ``g = acc2``, and returns ``a = act(h) [· g]``
+    computed from the rounded h and g (as the backward recomputes it), rounded to h's dtype."""
     dtype = h_ptr.dtype.element_ty
     h = acc.to(dtype)
     tl.store(h_ptr + o_off, h, mask=store)
@@ -396,7 +407,53 @@ def _forward_epilogue(acc, acc2, h_ptr, g_ptr, a_ptr, o_off, store, GLU: tl.cons
         g = acc2.to(dtype)
         tl.store(g_ptr + o_off, g, mask=store)
         act = act * g.to(tl.float32)
-    tl.store(a_ptr + o_off, act.to(dtype), mask=store)
+    return act.to(dtype)
+
+
+@triton.jit
+def _column_slices(x, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, SLICE: tl.constexpr):
+    """``x [BLOCK_M, WIDTH]`` as its ``WIDTH / SLICE`` (a power of two, at most 16) column slices of ``SLICE``
+    columns, in order (``_halves`` applied level by level: no data movement on an MMA accumulator)."""
+    tl.static_assert(SLICE <= WIDTH and (WIDTH // SLICE) * SLICE == WIDTH and WIDTH // SLICE <= 16,
+                     "WIDTH: at most 16 slices of SLICE columns")  # fmt: skip
+    parts = (x,)
+    for level in tl.static_range(4):  # halve every slice while it is wider than SLICE
+        if (WIDTH >> level) > SLICE:
+            halves = ()
+            for i in tl.static_range(1 << level):
+                halves = halves + _halves(parts[i], BLOCK_M, WIDTH >> level)
+            parts = halves
+    return parts
+
+
+@triton.jit
+def _quantized_forward_epilogue(
+    acc, acc2, h_ptr, g_ptr, q_ptr, sq_ptr, o_rows, o_col0, s_oc, rows, row_ok, n0, N, s_sqr, s_sqc,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr,
+):  # fmt: skip
+    """``EPILOGUE`` ``FORWARD`` with ``QUANT_A`` (``MODE``: MX, ``EPILOGUE_QUANT``), one group of 32 columns at a
+    time (``_column_slices`` of the accumulators: ``32 | BLOCK_N``): ``_forward_epilogue`` stores the group's h [, g]
+    and gives its ``a`` in h's dtype, stored as E4M3 bits with one E8M0 scale per row (``sq [row, column group]``),
+    bit for bit ``kernels.quantize.quantize(a, (1, 32))`` of the ``a`` the epilogue writes otherwise: a widened to
+    fp32 exactly (bf16 by its bits), the columns past N absent (0), then ``quantize_row_groups``."""
+    tl.static_assert(MODE == _MX, "QUANT_A: MX only (EPILOGUE_QUANT)")
+    GROUP: tl.constexpr = _MX_GROUP
+    hs = _column_slices(acc, BLOCK_M, BLOCK_N, GROUP)
+    gs = _column_slices(acc2, BLOCK_M, BLOCK_N, GROUP)
+    for j in tl.static_range(BLOCK_N // GROUP):
+        cols = j * GROUP + tl.arange(0, GROUP)
+        valid = row_ok[:, None] & (n0 + cols < N)[None, :]
+        o_off = o_rows[:, None] + (o_col0 + cols.to(tl.int64) * s_oc)[None, :]
+        a = _forward_epilogue(hs[j], gs[j], h_ptr, g_ptr, o_off, valid, GLU, ACT)
+        if a.dtype == tl.bfloat16:
+            v = bf16_to_fp32(a.to(tl.int16, bitcast=True))
+        else:
+            v = a.to(tl.float32)
+        bits, scale = quantize_row_groups(tl.where(valid, v, 0.0), True)
+        tl.store(q_ptr + o_off, bits, mask=valid)
+        s_off = rows.to(tl.int64)[:, None] * s_sqr + tl.cast(n0 // GROUP + j, tl.int64) * s_sqc
+        group_ok = tl.where(n0 + j * GROUP < N, row_ok, False)  # (the interpreter rejects `row_ok & scalar`)
+        tl.store(sq_ptr + s_off, scale, mask=group_ok[:, None])
 
 
 @triton.jit
@@ -445,17 +502,9 @@ def _backward_epilogue(
     results is live beside the accumulator."""
     asg = tl.load(row_asg_ptr + rows, mask=row_ok, other=-1)
     wr = tl.load(weights_ptr + tl.maximum(asg, 0).to(tl.int64), mask=asg >= 0, other=0.0).to(tl.float32)
-    SLICES: tl.constexpr = BLOCK_N // EPI_N
-    tl.static_assert(SLICES * EPI_N == BLOCK_N and SLICES <= 16, "BLOCK_N: at most 16 slices of EPI_N columns")
-    parts = (acc,)
-    for level in tl.static_range(4):  # halve every slice while it is wider than EPI_N
-        if (BLOCK_N >> level) > EPI_N:
-            halves = ()
-            for i in tl.static_range(1 << level):
-                halves = halves + _halves(parts[i], BLOCK_M, BLOCK_N >> level)
-            parts = halves
+    parts = _column_slices(acc, BLOCK_M, BLOCK_N, EPI_N)
     dots = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for j in tl.static_range(SLICES):
+    for j in tl.static_range(BLOCK_N // EPI_N):
         dots += _backward_slice(
             parts[j], j, dh_ptr, dg_ptr, aw_ptr, h_ptr, g_ptr, wr, o_rows, o_col0, s_oc, row_ok, n0, N, N_STORE, GLU,
             ACT, EPI_N,
@@ -467,12 +516,12 @@ def _backward_epilogue(
 def _gemm_tile(
     tile, a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr, row_src_ptr,
     row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr, sa_ptr, sa2_ptr, sw_ptr,
-    sw2_ptr, R, N, N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb,
-    s_or, s_ocb, s_oc, s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e, s_sw2k, s_sw2n,
+    sw2_ptr, sq_ptr, R, N, N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n,
+    s_orb, s_or, s_ocb, s_oc, s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e, s_sw2k, s_sw2n, s_sqr, s_sqc,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI_N: tl.constexpr, GROUP_M: tl.constexpr,
     LB_A: tl.constexpr, LB_O: tl.constexpr, GATHER: tl.constexpr, GLU: tl.constexpr, PAIR: tl.constexpr,
     EPILOGUE: tl.constexpr, ACT: tl.constexpr, W_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, DOTS: tl.constexpr,
-    FP8: tl.constexpr,
+    FP8: tl.constexpr, QUANT_A: tl.constexpr,
 ):  # fmt: skip
     """Output tile ``tile`` (in the grouped order) of ``gemm_kernel``: ``BLOCK_M × BLOCK_N`` of expert e's rows times
     ``W[e]``, the expert read from ``tile_expert``. ``FP8``: the scales' offsets of the tile (A's rows: the tokens
@@ -549,8 +598,14 @@ def _gemm_tile(
         store = row_ok[:, None] & (offs_n < N_STORE)[None, :]
         if EPILOGUE == _PLAIN:
             _store_plain(acc, out_ptr, o_off, store)
+        elif QUANT_A == _NO_FP8:
+            a = _forward_epilogue(acc, acc2, out_ptr, out2_ptr, o_off, store, GLU, ACT)
+            tl.store(out3_ptr + o_off, a, mask=store)
         else:
-            _forward_epilogue(acc, acc2, out_ptr, out2_ptr, out3_ptr, o_off, store, GLU, ACT)
+            _quantized_forward_epilogue(
+                acc, acc2, out_ptr, out2_ptr, out3_ptr, sq_ptr, o_rows, o_col0, s_oc, rows, row_ok, n0, N, s_sqr,
+                s_sqc, BLOCK_M, BLOCK_N, GLU, ACT, QUANT_A,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -563,7 +618,7 @@ def gemm_kernel(
     w2_desc,  # W_TMA and GLU / PAIR: descriptor of w2; None otherwise
     out_ptr,  # [R, N] row layout: the result (PLAIN), h (FORWARD), dh (BACKWARD)
     out2_ptr,  # GLU: g (FORWARD), dg (BACKWARD)
-    out3_ptr,  # a = act(h) [· g] (FORWARD), aw = w·a (BACKWARD)
+    out3_ptr,  # a = act(h) [· g] (FORWARD; QUANT_A: its E4M3 bits, uint8), aw = w·a (BACKWARD)
     h_ptr,  # BACKWARD: the saved h, in out's row layout
     g_ptr,  # BACKWARD, GLU: the saved g
     row_src_ptr,  # [R] int32 token of each row, -1 for none (GATHER)
@@ -577,6 +632,7 @@ def gemm_kernel(
     sa2_ptr,  # FP8 and PAIR: the second A's scales, with sa's strides
     sw_ptr,  # FP8: W's scales [E, K groups, N groups]
     sw2_ptr,  # FP8 and GLU / PAIR: W2's scales [E, K groups, N groups]
+    sq_ptr,  # QUANT_A: a's scales [R, cdiv(N, group)] (unused otherwise)
     R,
     N,
     N_STORE,  # columns written: N, or for a blocked out the whole last column block (zeros past N)
@@ -605,6 +661,8 @@ def gemm_kernel(
     s_sw2e,  # FP8: strides of sw2
     s_sw2k,
     s_sw2n,
+    s_sqr,  # QUANT_A: strides of sq: row, column group
+    s_sqc,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -622,6 +680,7 @@ def gemm_kernel(
     DOTS: tl.constexpr,
     PERSISTENT: tl.constexpr,  # loop over the tiles (a grid of fewer programs); else one tile per program
     FP8: tl.constexpr,  # Fp8Mode: NONE, or E4M3 A and W with the scales of BLOCKWISE, MX, ROWWISE
+    QUANT_A: tl.constexpr,  # Fp8Mode (EPILOGUE_QUANT): FORWARD's a as E4M3 with this mode's scales; NONE: out's dtype
 ):
     """``BLOCK_M × BLOCK_N`` tiles of expert e's rows times ``W[e]`` (``_gemm_tile``), in the grouped order.
     ``PERSISTENT``: program p runs the tiles p, p + P, p + 2P, ... (P programs); else the tile ``program_id``. See
@@ -631,19 +690,19 @@ def gemm_kernel(
             _gemm_tile(
                 tile, a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr,
                 row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr,
-                sa_ptr, sa2_ptr, sw_ptr, sw2_ptr, R, N, N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we,
-                s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc, s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e,
-                s_sw2k, s_sw2n, BLOCK_M, BLOCK_N, BLOCK_K, EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE,
-                ACT, W_TMA, WARP_SPEC, DOTS, FP8,
+                sa_ptr, sa2_ptr, sw_ptr, sw2_ptr, sq_ptr, R, N, N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac,
+                s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc, s_sar, s_sak, s_swe, s_swk, s_swn,
+                s_sw2e, s_sw2k, s_sw2n, s_sqr, s_sqc, BLOCK_M, BLOCK_N, BLOCK_K, EPI_N, GROUP_M, LB_A, LB_O, GATHER,
+                GLU, PAIR, EPILOGUE, ACT, W_TMA, WARP_SPEC, DOTS, FP8, QUANT_A,
             )  # fmt: skip
     else:
         _gemm_tile(
             tl.program_id(0), a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr,
             row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr, sa_ptr,
-            sa2_ptr, sw_ptr, sw2_ptr, R, N, N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn,
-            s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc, s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e, s_sw2k, s_sw2n,
-            BLOCK_M, BLOCK_N, BLOCK_K, EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE, ACT, W_TMA, WARP_SPEC,
-            DOTS, FP8,
+            sa2_ptr, sw_ptr, sw2_ptr, sq_ptr, R, N, N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk,
+            s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc, s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e, s_sw2k,
+            s_sw2n, s_sqr, s_sqc, BLOCK_M, BLOCK_N, BLOCK_K, EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE,
+            ACT, W_TMA, WARP_SPEC, DOTS, FP8, QUANT_A,
         )  # fmt: skip
 
 
@@ -873,8 +932,8 @@ def gemm_config(
     backward = epilogue == Epilogue.BACKWARD
     if interpreting():
         cfg = GemmConfig(block_m, 64, 16, 2, 4, 1, 8) if backward else GemmConfig(block_m, 16, 16, 2, 4, 1)
-        if fp8 != Fp8Mode.NONE:  # MX: a K step of whole groups of 32
-            cfg = replace(cfg, block_k=32)
+        if fp8 != Fp8Mode.NONE:  # MX: a K step of whole groups of 32; the forward epilogue's a in whole groups
+            cfg = replace(cfg, block_k=32, block_n=32 if epilogue == Epilogue.FORWARD else cfg.block_n)
     elif fp8 != Fp8Mode.NONE:
         cfg = _fp8_config(block_m, fp8, backward=backward, glu=glu, pair=pair, aligned=aligned, capability=capability)
     else:
@@ -1137,6 +1196,46 @@ def _fp8_mode(
     return mode
 
 
+def _quant_a_mode(
+    out: Rows,
+    act_out: torch.Tensor | None,
+    act_scales: torch.Tensor | None,
+    backward: BackwardEpilogue | None,
+    fp8: Fp8Mode,
+) -> Fp8Mode:
+    """``gemm``'s ``QUANT_A``: ``NONE`` without ``act_scales``; with them, the GEMM's FP8 mode once what the kernel
+    relies on is checked: the forward epilogue (``act_out`` given, no ``backward``) of an FP8 GEMM whose mode is in
+    ``EPILOGUE_QUANT`` over a dense out, ``act_out`` E4M3 in out's shape and strides, ``act_scales`` the
+    ``kernels.quantize.quantize(a, (1, group))`` scales ``[R, cdiv(N, group)]`` in the recipe's dtype; TypeError for
+    types and dtypes, ValueError for values and shapes."""
+    if act_scales is None:
+        if act_out is not None and act_out.dtype == E4M3:
+            raise TypeError("gemm: an E4M3 act_out (a quantized in the forward epilogue) needs act_scales, got None")
+        return Fp8Mode.NONE
+    if act_out is None or backward is not None:
+        raise ValueError(f"gemm: act_scales applies to the forward epilogue (act_out given, backward None), got "
+                         f"act_out {'None' if act_out is None else 'given'} and backward "
+                         f"{'None' if backward is None else 'given'}")  # fmt: skip
+    if fp8 not in EPILOGUE_QUANT:
+        names = ", ".join(m.recipe().name for m in EPILOGUE_QUANT)
+        raise ValueError(f"gemm: a quantized in the forward epilogue (act_scales) needs an FP8 GEMM of recipe "
+                         f"{names}, got {'no FP8' if fp8 == Fp8Mode.NONE else fp8.recipe().name}")  # fmt: skip
+    if out.block is not None:
+        raise ValueError(f"gemm: a quantized in the forward epilogue needs a dense out, got a blocked layout (block "
+                         f"{out.block})")  # fmt: skip
+    check_tensor("gemm: act_out (quantized a)", act_out, "[R, N]", tuple(out.tensor.shape))
+    check_dtype("gemm: act_out (quantized a)", act_out, (E4M3,))
+    if act_out.stride() != out.tensor.stride():
+        raise ValueError(f"gemm: act_out (quantized a) must share out's strides {out.tensor.stride()}, got "
+                         f"{act_out.stride()}")  # fmt: skip
+    rcp = fp8.recipe()
+    shape = (out.rows, -(-out.cols // rcp.group))
+    check_tensor(f"gemm: act_scales ({rcp.name})", act_scales, "[R, cdiv(N, group)]", shape)
+    check_dtype(f"gemm: act_scales ({rcp.name})", act_scales, (rcp.scale_dtype,))
+    check_same_device(out=out.tensor, act_out=act_out, act_scales=act_scales)
+    return fp8
+
+
 def _check_e4m3_device(op: str, t: torch.Tensor) -> None:
     """E4M3 MMAs are there: compute capability 8.9 or newer (or not CUDA: the interpreter), else a ``ValueError``
     naming ``op`` (Triton does not compile E4M3 ``tl.dot`` for sm_80)."""
@@ -1157,6 +1256,7 @@ def gemm(
     gate: torch.Tensor | None = None,
     gate_out: torch.Tensor | None = None,
     act_out: torch.Tensor | None = None,
+    act_scales: torch.Tensor | None = None,
     activation: str = "identity",
     backward: BackwardEpilogue | None = None,
     scales: GemmScales | None = None,
@@ -1167,7 +1267,10 @@ def gemm(
     - ``row_src`` with a gathered ``a``: the token of each row (-1: a zero row);
     - ``pair = (a2, w2)``: ``out = a @ w + a2 @ w2`` (``a2`` in ``a``'s layout; ``w2`` any strides);
     - forward epilogue (``act_out`` given): ``out = h``, ``gate_out = g`` (GLU: ``gate`` is the gate weight),
-      ``act_out = act(h) [· g]``;
+      ``act_out = act(h) [· g]``; with ``act_scales`` (an FP8 GEMM whose mode is in ``EPILOGUE_QUANT``, a dense
+      out), ``act_out`` E4M3 (out's shape and strides) and ``act_scales [R, cdiv(N, group)]``: that ``a`` (rounded to
+      out's dtype) quantized as ``kernels.quantize.quantize(a, (1, group))`` would, bit for bit (checked here:
+      ``_quant_a_mode``);
     - ``backward``: the backward epilogue; ``out = dh``, ``gate_out = dg`` (GLU), ``act_out = aw``; returns the
       fp32 ``dots [N tiles, R]`` (Σ over each tile's columns of ``G·a``; their sum over N tiles is the top-k weight
       gradient of each row);
@@ -1187,6 +1290,7 @@ def gemm(
     dtype = a.tensor.dtype
     a2, w2 = pair if pair is not None else (a, gate if gate is not None else w)
     fp8 = _fp8_mode(a, w, out, gate, pair, scales)
+    quant_a = _quant_a_mode(out, act_out, act_scales, backward, fp8)
     if fp8 != Fp8Mode.NONE:
         _check_e4m3_device("gemm", a.tensor)
     aligned = aligned16((a.tensor, w, w2, out.tensor), (K, N), (*a.strides, *w.stride(), *w2.stride(), *out.strides))
@@ -1194,6 +1298,9 @@ def gemm(
         dtype, schedule.block_m, epilogue=epilogue, glu=glu, pair=pair is not None, aligned=aligned,
         out_block=out.block, a_block=a.block, capability=capability(a.tensor), fp8=fp8,
     )  # fmt: skip
+    if quant_a != Fp8Mode.NONE and cfg.block_n % quant_a.recipe().group:  # the configs' invariant (gemm_config)
+        raise AssertionError(f"gemm: a quantized in the epilogue needs tiles of whole {quant_a.recipe().group}-column "
+                             f"groups, got a config of {cfg.block_n} columns")  # fmt: skip
     n_store = out.padded_cols
     num_n = triton.cdiv(n_store, cfg.block_n)
     dots = None
@@ -1223,17 +1330,21 @@ def gemm(
     sa, sw = (scales.a, scales.w) if scales is not None else (off[None], off[None, None])  # unused without FP8
     sa2 = scales.a2 if scales is not None and scales.a2 is not None else sa
     sw2 = scales.w2 if scales is not None and scales.w2 is not None else sw
+    sq = act_scales if act_scales is not None else sa  # unused without QUANT_A
+    if act_out is not None and quant_a != Fp8Mode.NONE:
+        act_out = act_out.view(torch.uint8)  # the epilogue stores E4M3 bits
     gemm_kernel[(persistent_programs(out.tensor.device, tiles) if persistent else tiles,)](
         a.tensor, w, a2.tensor, w2, w_desc, w2_desc, out.tensor, out.tensor if gate_out is None else gate_out,
         out.tensor if act_out is None else act_out, bwd.h, bwd.h if bwd.g is None else bwd.g,
         off if row_src is None else row_src, bwd.row_asg, bwd.weights, out.tensor if dots is None else dots, off,
-        schedule.tile_offsets, schedule.tile_expert, sa, sa2, sw, sw2,
+        schedule.tile_offsets, schedule.tile_expert, sa, sa2, sw, sw2, sq,
         out.rows, N, n_store, K, E, schedule.max_m_tiles,
         *a.strides, *w.stride(), *w2.stride(), *out.strides, *sa.stride(), *sw.stride(), *sw2.stride(),
+        *sq.stride(),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EPI_N=cfg.epi_n, GROUP_M=cfg.group_m,
         LB_A=a.log_block, LB_O=out.log_block, GATHER=a.gathered, GLU=glu, PAIR=pair is not None, EPILOGUE=int(epilogue),
         ACT=kernel_code(activation), W_TMA=int(tma), WARP_SPEC=warp_spec,
-        DOTS=dot_mode(dtype), PERSISTENT=persistent, FP8=int(fp8), num_warps=cfg.num_warps,
+        DOTS=dot_mode(dtype), PERSISTENT=persistent, FP8=int(fp8), QUANT_A=int(quant_a), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
     return dots

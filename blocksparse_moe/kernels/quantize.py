@@ -51,9 +51,11 @@ __all__ = [
     "quantize_kernel",
     "quantize_dual_kernel",
     "e4m3_bits",
+    "bf16_to_fp32",
     "load_fp32",
     "scale_and_divisor",
     "quantized_bits",
+    "quantize_row_groups",
 ]
 
 _MAX_TILE = 128
@@ -93,11 +95,18 @@ def e4m3_bits(x):
 
 
 @triton.jit
+def bf16_to_fp32(bits):
+    """fp32 values of bf16 elements given as their int16 ``bits``, widened by a shift: exact for every bf16,
+    denormals included (Triton 3.9's interpreter converts bf16 denormals wrongly)."""
+    return (bits.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def load_fp32(ptrs, mask, BF16_BITS: tl.constexpr):
-    """fp32 values of the input elements at ``ptrs``: bf16 read as its 16 bits and widened by a shift (exact for
-    every bf16, denormals included: Triton 3.9's interpreter converts bf16 denormals wrongly), other dtypes cast."""
+    """fp32 values of the input elements at ``ptrs``: bf16 read as its 16 bits (``bf16_to_fp32``), other dtypes
+    cast."""
     if BF16_BITS:
-        return (tl.load(ptrs, mask=mask, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        return bf16_to_fp32(tl.load(ptrs, mask=mask, other=0))
     return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 
 
@@ -124,6 +133,18 @@ def quantized_bits(v, divisor):
     """E4M3 bits of ``e4m3(clamp(v / divisor, -448, 448))`` (IEEE division, NaN kept)."""
     q = tl.div_rn(v, divisor + tl.zeros_like(v))
     return e4m3_bits(tl.where(q > 448.0, 448.0, tl.where(q < -448.0, -448.0, q)))
+
+
+@triton.jit
+def quantize_row_groups(v, E8M0: tl.constexpr):
+    """Each row of fp32 ``v [M, G]`` one group (absent elements given as 0): ``(E4M3 bits [M, G], scale [M, 1])``,
+    the amax NaN where the row holds a NaN (``tl.max`` drops NaN: the flags are reduced beside the maxima). Used by
+    ``quantize_dual_kernel`` and by ``expert_gemm``'s forward epilogue (``a`` quantized in the up-projection)."""
+    a = tl.abs(v)
+    nan = tl.max((a != a).to(tl.int32), axis=1, keep_dims=True)
+    amax = tl.where(nan > 0, float("nan"), tl.max(a, axis=1, keep_dims=True))
+    scale, divisor = scale_and_divisor(amax, E8M0)
+    return quantized_bits(v, divisor), scale
 
 
 @triton.jit
@@ -282,13 +303,10 @@ def quantize_dual_kernel(
         rows = r0 + ar
         mask = (rows < hi_r)[:, None] & cmask[None, :]
         v = load_fp32(t_ptr + rows[:, None] * s_tr + cols[None, :] * s_tc, mask, BF16_BITS)
-        a = tl.abs(v)
-        m = tl.maximum(m, a, propagate_nan=tl.PropagateNan.ALL)
-        row_nan = tl.max((a != a).to(tl.int32), axis=1, keep_dims=True)
-        row_amax = tl.where(row_nan > 0, float("nan"), tl.max(a, axis=1, keep_dims=True))
-        scale, divisor = scale_and_divisor(row_amax, E8M0)
+        m = tl.maximum(m, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
+        bits, scale = quantize_row_groups(v, E8M0)
         tl.store(sr_ptr + rows[:, None] * nC + pid_c, scale, mask=(rows < hi_r)[:, None])
-        tl.store(qr_ptr + rows[:, None] * C + cols[None, :], quantized_bits(v, divisor), mask=mask)
+        tl.store(qr_ptr + rows[:, None] * C + cols[None, :], bits, mask=mask)
     col_nan = tl.max((m != m).to(tl.int32), axis=0, keep_dims=True)
     col_amax = tl.where(col_nan > 0, float("nan"), tl.max(m, axis=0, keep_dims=True))
     scale, divisor = scale_and_divisor(col_amax, E8M0)

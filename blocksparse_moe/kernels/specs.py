@@ -34,6 +34,7 @@ from ..fp8 import RECIPES
 from ..fp8 import recipe as recipe_of
 from ._common import DOTS_IEEE, DOTS_NATIVE
 from .expert_gemm import (
+    EPILOGUE_QUANT,
     FP8_RECIPES,
     Epilogue,
     Fp8Mode,
@@ -377,7 +378,7 @@ def _gemm_specs() -> list[CompileSpec]:
                             GROUP_M=cfg.group_m, LB_A=lb_block if use.a_blocked else DENSE_LOG_BLOCK,
                             LB_O=lb_block if use.out_blocked else DENSE_LOG_BLOCK, GATHER=use.gather, GLU=use.glu,
                             PAIR=use.pair, EPILOGUE=int(use.epilogue), ACT=kernel_code(act), DOTS=DOTS_NATIVE,
-                            FP8=int(Fp8Mode.NONE),
+                            FP8=int(Fp8Mode.NONE), QUANT_A=int(Fp8Mode.NONE),
                         )  # fmt: skip
                         act_tag = f",{act}" if use.epilogue else ""
                         size = f"B={B}" if use.blocked else f"M={cfg.block_m}"
@@ -414,7 +415,8 @@ def _gemm_specs() -> list[CompileSpec]:
 # K-major tiles, and an N-major weight (TMA over [E, K, N]) waits wgmma to zero every K step on sm_90 (measured:
 # ``gsb0 0`` in the rowwise down GEMM's loop, issue ratio 0.93 against 0.47 K-major)
 _FP8_USES = {
-    "up,glu": _GemmUse("up,glu", epilogue=Epilogue.FORWARD, glu=True, gather=True, w_t=True),  # x[token] @ (w1, w3)
+    # x[token] @ (w1, w3); the modes of EPILOGUE_QUANT (mxfp8) write a in E4M3 with its scales: "up,glu,aq" (QUANT_A)
+    "up,glu": _GemmUse("up,glu", epilogue=Epilogue.FORWARD, glu=True, gather=True, w_t=True),
     "down": _GemmUse("down", w_t=True),  # a @ w2 (a dense: an FP8 A is never blocked)
     "down_bwd,glu": _GemmUse("down_bwd,glu", epilogue=Epilogue.BACKWARD, glu=True, gather=True, w_t=True),
     "dgrad_pair": _GemmUse("dgrad_pair", pair=True, w_t=True),  # dh @ w1ᵀ + dg @ w3ᵀ
@@ -485,8 +487,11 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
     for mode in (Fp8Mode.BLOCKWISE, Fp8Mode.MX, Fp8Mode.ROWWISE):
         scale = mode.recipe().scale_dtype
         pointers = {**_INDEX, **_FP32, **dict.fromkeys(("out_ptr", "out2_ptr", "out3_ptr", "h_ptr", "g_ptr"), out),
-                    **dict.fromkeys(("sa_ptr", "sa2_ptr", "sw_ptr", "sw2_ptr"), scale)}  # fmt: skip
+                    **dict.fromkeys(("sa_ptr", "sa2_ptr", "sw_ptr", "sw2_ptr", "sq_ptr"), scale)}  # fmt: skip
         for use in _FP8_USES.values():
+            # the up-projection writes a as E4M3 (its bits) and scales where the mode allows (backends.triton_fp8)
+            quant_a = mode if use.epilogue == Epilogue.FORWARD and mode in EPILOGUE_QUANT else Fp8Mode.NONE
+            use_pointers = {**pointers, "out3_ptr": torch.uint8} if quant_a else pointers
             for block_m in (64, 128):
 
                 def configs(aligned, capability, block_m=block_m, use=use, mode=mode):
@@ -498,6 +503,7 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                 two_w = use.glu and use.epilogue == Epilogue.FORWARD
                 # scales unit-strided: A's along K, W's along N (K for the transposed views)
                 unit = (*use.unit, "s_sak", "s_swk" if use.w_t else "s_swn", "s_sw2k" if use.w_t else "s_sw2n")
+                unit += ("s_sqc",) if quant_a else ()  # a's scales: contiguous rows
                 for cfg, variants, cfg_archs, warps_tag in _variants(configs, _FP8_ARCHS):
                     tiles = cfg.block_m * cfg.block_k + (1 + two_w) * cfg.block_k * cfg.block_n
                     audit = _audit_fields(dtype, cfg, variants, shapes, tiles * dtype.itemsize,
@@ -512,9 +518,10 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EPI_N=cfg.epi_n,
                         GROUP_M=cfg.group_m, LB_A=DENSE_LOG_BLOCK, LB_O=DENSE_LOG_BLOCK, GATHER=use.gather,
                         GLU=use.glu, PAIR=use.pair, EPILOGUE=int(use.epilogue), ACT=kernel_code(act), DOTS=DOTS_NATIVE,
-                        FP8=int(mode),
+                        FP8=int(mode), QUANT_A=int(quant_a),
                     )  # fmt: skip
-                    name = f"gemm_fp8[{mode.recipe().name},{use.tag},M={cfg.block_m},N={cfg.block_n},K={cfg.block_k}"
+                    use_tag = f"{use.tag},aq" if quant_a else use.tag  # aq: a quantized in the epilogue
+                    name = f"gemm_fp8[{mode.recipe().name},{use_tag},M={cfg.block_m},N={cfg.block_n},K={cfg.block_k}"
                     name += warps_tag
                     tma = WeightLoad.TMA_T if use.w_t else WeightLoad.TMA
                     builds = ((tma, False, (90, 120)), (tma, True, (100,)))  # the launcher's rule (see _gemm_specs)
@@ -531,7 +538,7 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                         constexprs = {**base, **constexprs, "WARP_SPEC": ws, "PERSISTENT": ws}
                         tag = ",tma,ws" if ws else ",tma" if load else ""
                         spec = _spec(f"{name}{tag}]", gemm_kernel, dtype, cfg, constexprs, unit, _GEMM_ALIGNED,
-                                     variants, pointers, archs, **audit)  # fmt: skip
+                                     variants, use_pointers, archs, **audit)  # fmt: skip
                         spec.signature.update(descs)
                         specs.append(spec)
     return specs
