@@ -648,14 +648,14 @@ _WAIVE_FP8_MN_90 = (
     "waits the QGMMA to zero before reusing them; the K-major layout (the ',kmajor' specs: rows contiguous, TMA over "
     "the transposed storage, expert row offsets multiples of 16) passes"
 )
-_WAIVE_FP8_BLOCKWISE = (
+_WAIVE_FP8_WGRAD_BLOCKWISE = (
     "FP8 blockwise promotion (DeepSeek-V3): each 128-row step's product is scaled into the fp32 accumulator, which "
     "needs the MMA's result every step (sm_90: QGMMA waited to zero; 1.07 issue clocks per MMA clock with K-major "
     "operands) and an FMUL + FFMA per accumulator element per step (sm_100: the product leaves tensor memory; 2 "
     "CUDA-core ops per element take as long as its 128 E4M3 FMAs at 8192 / clock / SM: issue >= 1 by arithmetic, "
     "1.8 measured)"
 )
-_WAIVE_FP8_MX_90 = (
+_WAIVE_FP8_WGRAD_MX_90 = (
     "MX on sm_90: Hopper has no block-scaled MMA; Triton emulates tl.dot_scaled by converting the E4M3 tiles to bf16 "
     "and applying the E8M0 scales in registers every step, then HGMMA.64x64x16.F32.BF16 from registers, waited to zero "
     "(1092 instructions per 128-row step); native on sm_100 (UTCQMMA with tensor-memory scale factors)"
@@ -665,20 +665,20 @@ _FP8_WGRAD_WAIVERS = {
     (Fp8Mode.ROWWISE, False): (("pipeline@90", _WAIVE_FP8_MN_90), ("issue@90", _WAIVE_FP8_MN_90)),
     (Fp8Mode.ROWWISE, True): (),
     (Fp8Mode.BLOCKWISE, False): (
-        ("pipeline@90", _WAIVE_FP8_BLOCKWISE),
+        ("pipeline@90", _WAIVE_FP8_WGRAD_BLOCKWISE),
         ("issue@90", _WAIVE_FP8_MN_90),
-        ("issue@100", _WAIVE_FP8_BLOCKWISE),
+        ("issue@100", _WAIVE_FP8_WGRAD_BLOCKWISE),
     ),
     (Fp8Mode.BLOCKWISE, True): (
-        ("pipeline@90", _WAIVE_FP8_BLOCKWISE),
-        ("issue@90", _WAIVE_FP8_BLOCKWISE),
-        ("issue@100", _WAIVE_FP8_BLOCKWISE),
+        ("pipeline@90", _WAIVE_FP8_WGRAD_BLOCKWISE),
+        ("issue@90", _WAIVE_FP8_WGRAD_BLOCKWISE),
+        ("issue@100", _WAIVE_FP8_WGRAD_BLOCKWISE),
     ),
     **{
         (Fp8Mode.MX, k_major): (
-            ("fp8mma@90", _WAIVE_FP8_MX_90),
-            ("pipeline@90", _WAIVE_FP8_MX_90),
-            ("issue@90", _WAIVE_FP8_MX_90),
+            ("fp8mma@90", _WAIVE_FP8_WGRAD_MX_90),
+            ("pipeline@90", _WAIVE_FP8_WGRAD_MX_90),
+            ("issue@90", _WAIVE_FP8_WGRAD_MX_90),
         )
         for k_major in (False, True)
     },
