@@ -628,6 +628,22 @@ def test_launcher_specs_say_what_they_serve():
     assert fallback.serves.endswith("unaligned fallback") and not fallback.per_flop
 
 
+def test_fp8_waivers_carry_their_own_kernels_reasons():
+    """Each FP8 build waives with the reason measured on its own kernel's SASS: for the same recipe and check,
+    ``gemm_kernel``'s builds and ``wgrad_kernel``'s give different reasons (two module-level names for both once
+    made every gemm_fp8 build report the weight gradient's)."""
+    from blocksparse_moe.kernels import specs
+
+    all_specs = audit_jobs._gpu_specs(specs)
+
+    def reasons(prefix: str, check: str) -> set[str]:
+        return {reason for s in all_specs if s.name.startswith(prefix) for c, reason in s.waivers if c == check}
+
+    for recipe, check in (("blockwise", "pipeline@90"), ("mxfp8", "fp8mma@90")):
+        gemm, wgrad = reasons(f"gemm_fp8[{recipe},", check), reasons(f"wgrad[fp8,w2,{recipe},", check)
+        assert gemm and wgrad and gemm.isdisjoint(wgrad), (recipe, check)
+
+
 def test_parsers_read_ptxas_log_resources_and_buffers():
     # spills: a register-heavy build as ptxas reports it
     log = (

@@ -431,8 +431,11 @@ _WAIVE_FP8_BLOCKWISE = (
     "the fp32 accumulator in registers, so the loop waits for its MMA every step (sm_90: WARPGROUP.DEPBAR.LE gsb0, "
     "0x0 after 1 of 4 QGMMA; sm_100: the tcgen05 result loaded to registers), holds a second accumulator (174-223 "
     "registers at 128 rows on 8 warps: 1 CTA/SM) and issues an FFMA per element and step (sm_90 0.80-0.98, sm_100 "
-    "1.35-1.38 issue clocks per MMA clock); DeepGEMM hides the promotion behind a second consumer warpgroup (warp "
-    "specialization: left to do)"
+    "1.35-1.38 issue clocks per MMA clock); deferred promotion (step t-1's product promoted after step t's MMA is "
+    "issued, tried 2026-12-06) does not help: Triton 3.9 still waits each wgmma to zero right after it (its pipeliner "
+    "keeps a wgmma in flight only where the next MMA takes the result as its accumulator) and the third accumulator "
+    "costs registers (sm_90 128x128 down: 178 -> 240, issue 0.81 -> 1.06; sm_100's warp-specialized down spills "
+    "72 B); DeepGEMM hides the promotion behind a second consumer warpgroup (warp specialization: left to do)"
 )
 _WAIVE_FP8_MX_90 = (
     "MX on sm_90: Hopper has no block-scaled MMA; Triton emulates tl.dot_scaled by upcasting both E4M3 tiles to bf16 "
@@ -654,14 +657,16 @@ _WAIVE_FP8_MN_90 = (
     "waits the QGMMA to zero before reusing them; the K-major layout (the ',kmajor' specs: rows contiguous, TMA over "
     "the transposed storage, expert row offsets multiples of 16) passes"
 )
-_WAIVE_FP8_BLOCKWISE = (
+_WAIVE_FP8_WGRAD_BLOCKWISE = (
     "FP8 blockwise promotion (DeepSeek-V3): each 128-row step's product is scaled into the fp32 accumulator, which "
     "needs the MMA's result every step (sm_90: QGMMA waited to zero; 1.07 issue clocks per MMA clock with K-major "
     "operands) and an FMUL + FFMA per accumulator element per step (sm_100: the product leaves tensor memory; 2 "
     "CUDA-core ops per element take as long as its 128 E4M3 FMAs at 8192 / clock / SM: issue >= 1 by arithmetic, "
-    "1.8 measured)"
+    "1.8 measured); deferred promotion (the previous step's product promoted after this step's MMA is issued, tried "
+    "2026-12-06) leaves the QGMMA waited to zero (Triton 3.9: ttng.warp_group_dot_wait {pendings = 0} right after the "
+    "dot) and spills (sm_90 K-major: 172 -> 255 registers, 16-28 B spilled, issue 1.07 -> 1.37)"
 )
-_WAIVE_FP8_MX_90 = (
+_WAIVE_FP8_WGRAD_MX_90 = (
     "MX on sm_90: Hopper has no block-scaled MMA; Triton emulates tl.dot_scaled by converting the E4M3 tiles to bf16 "
     "and applying the E8M0 scales in registers every step, then HGMMA.64x64x16.F32.BF16 from registers, waited to zero "
     "(1092 instructions per 128-row step); native on sm_100 (UTCQMMA with tensor-memory scale factors)"
@@ -671,20 +676,20 @@ _FP8_WGRAD_WAIVERS = {
     (Fp8Mode.ROWWISE, False): (("pipeline@90", _WAIVE_FP8_MN_90), ("issue@90", _WAIVE_FP8_MN_90)),
     (Fp8Mode.ROWWISE, True): (),
     (Fp8Mode.BLOCKWISE, False): (
-        ("pipeline@90", _WAIVE_FP8_BLOCKWISE),
+        ("pipeline@90", _WAIVE_FP8_WGRAD_BLOCKWISE),
         ("issue@90", _WAIVE_FP8_MN_90),
-        ("issue@100", _WAIVE_FP8_BLOCKWISE),
+        ("issue@100", _WAIVE_FP8_WGRAD_BLOCKWISE),
     ),
     (Fp8Mode.BLOCKWISE, True): (
-        ("pipeline@90", _WAIVE_FP8_BLOCKWISE),
-        ("issue@90", _WAIVE_FP8_BLOCKWISE),
-        ("issue@100", _WAIVE_FP8_BLOCKWISE),
+        ("pipeline@90", _WAIVE_FP8_WGRAD_BLOCKWISE),
+        ("issue@90", _WAIVE_FP8_WGRAD_BLOCKWISE),
+        ("issue@100", _WAIVE_FP8_WGRAD_BLOCKWISE),
     ),
     **{
         (Fp8Mode.MX, k_major): (
-            ("fp8mma@90", _WAIVE_FP8_MX_90),
-            ("pipeline@90", _WAIVE_FP8_MX_90),
-            ("issue@90", _WAIVE_FP8_MX_90),
+            ("fp8mma@90", _WAIVE_FP8_WGRAD_MX_90),
+            ("pipeline@90", _WAIVE_FP8_WGRAD_MX_90),
+            ("issue@90", _WAIVE_FP8_WGRAD_MX_90),
         )
         for k_major in (False, True)
     },
