@@ -161,6 +161,7 @@ _HALF = (torch.float16, torch.bfloat16)
 _ARCHS = (80, 90, 100, 120)  # the compute capabilities the configs are listed for (``bench.audit``'s targets)
 _TMA_ARCHS = (90, 100, 120)  # where the launchers load through TMA (``expert_gemm._tma_mode``, ``_row_tma``)
 _NO_WS_TMA_ARCHS = (90, 120)  # gemm_kernel's TMA builds without warp specialization (sm_100's: ``_warp_specialize``)
+_GATHER4_ARCHS = (100,)  # where gemm gathers 16-bit token rows through TMA (``expert_gemm._gather_load``)
 
 
 def _spec(
@@ -250,6 +251,21 @@ def _weight_loads(dtype, cfg, mode: WeightLoad, two: bool) -> tuple[dict, dict[s
     desc = f"tensordesc<{triton_type(dtype)}[{','.join(map(str, block))}]>"
     constexprs = {"W_TMA": int(mode)} if two else {"W_TMA": int(mode), "w2_desc": None}
     return constexprs, {"w_desc": desc, **({"w2_desc": desc} if two else {})}
+
+
+def _gather_loads(dtype, variants, archs, gathered: bool) -> list[tuple[bool, tuple[int, ...]]]:
+    """``(gather4, archs)``: the architectures of a ``gemm_kernel`` build whose gathered A comes through TMA's row
+    gather (aligned 16-bit builds of a gathered use without warp specialization, on ``_GATHER4_ARCHS``) and the
+    others."""
+    g4 = tuple(cc for cc in archs if cc in _GATHER4_ARCHS) if (
+        gathered and variants == ("aligned",) and dtype in _HALF) else ()  # fmt: skip
+    rest = tuple(cc for cc in archs if cc not in g4)
+    return [(load, a) for load, a in ((True, g4), (False, rest)) if a]
+
+
+def _rows_desc(dtype, cols: int) -> str:
+    """The signature type of gathered rows' host descriptor (``a_desc``): one row of ``cols`` columns per box."""
+    return f"tensordesc<{triton_type(dtype)}[1,{cols}]>"
 
 
 def _variants(configs, arch_list=_ARCHS) -> list[tuple[Any, tuple[str, ...], tuple[int, ...] | None, str]]:
@@ -386,20 +402,25 @@ def _gemm_specs() -> list[CompileSpec]:
                         if use.epilogue == Epilogue.BACKWARD or two_w:  # one tile per program (the launcher's rule)
                             tma_builds = ((tma, False, _TMA_ARCHS), (pointers, False, (80,)))
                         for mode, ws, mode_archs in tma_builds if fast else ((pointers, False, _ARCHS),):
-                            archs = tuple(cc for cc in mode_archs if cc in (cfg_archs or _ARCHS))
-                            if not archs:
-                                continue
-                            archs = None if archs == _ARCHS else archs
-                            two = (use.glu and use.epilogue == 1) or use.pair
-                            constexprs, descs = _weight_loads(dtype, cfg, mode, two=two)
-                            # sm_100's TMA builds loop over their tiles (``PERSISTENT``), the others run one tile each
-                            constexprs = {**base, **constexprs, "WARP_SPEC": ws, "PERSISTENT": ws}
-                            tag = ",tma,ws" if ws else ",tma" if mode else ""
-                            spec = _spec(f"{name}{tag}]", gemm_kernel, dtype, cfg, constexprs,
-                                         use.unit,
-                                         _GEMM_ALIGNED, variants, {**_INDEX, **_FP32}, archs, **audit)  # fmt: skip
-                            spec.signature.update(descs)
-                            specs.append(spec)
+                            mode_archs = tuple(cc for cc in mode_archs if cc in (cfg_archs or _ARCHS))
+                            # gathered rows through TMA's row gather on sm_100, except in the warp-specialized loop
+                            for gather4, archs in _gather_loads(dtype, variants, mode_archs, use.gather and not ws):
+                                archs = None if archs == _ARCHS else archs
+                                two = (use.glu and use.epilogue == 1) or use.pair
+                                constexprs, descs = _weight_loads(dtype, cfg, mode, two=two)
+                                # sm_100's TMA builds loop over their tiles (``PERSISTENT``), the others one tile each
+                                constexprs = {**base, **constexprs, "WARP_SPEC": ws, "PERSISTENT": ws,
+                                              "A_TMA": int(WeightLoad.GATHER4 if gather4 else pointers)}  # fmt: skip
+                                if gather4:
+                                    descs["a_desc"] = _rows_desc(dtype, cfg.block_k)
+                                else:
+                                    constexprs["a_desc"] = None
+                                tag = (",tma,ws" if ws else ",tma" if mode else "") + (",gather4" if gather4 else "")
+                                spec = _spec(f"{name}{tag}]", gemm_kernel, dtype, cfg, constexprs,
+                                             use.unit,
+                                             _GEMM_ALIGNED, variants, {**_INDEX, **_FP32}, archs, **audit)  # fmt: skip
+                                spec.signature.update(descs)
+                                specs.append(spec)
     return specs
 
 
@@ -522,7 +543,14 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                             continue
                         two = two_w or use.pair
                         constexprs, descs = _weight_loads(dtype, cfg, load, two=two)
-                        constexprs = {**base, **constexprs, "WARP_SPEC": ws, "PERSISTENT": ws}
+                        constexprs = {
+                            **base,
+                            **constexprs,
+                            "WARP_SPEC": ws,
+                            "PERSISTENT": ws,
+                            "A_TMA": int(WeightLoad.POINTERS),
+                            "a_desc": None,
+                        }  # FP8 rows: cp.async
                         tag = ",tma,ws" if ws else ",tma" if load else ""
                         spec = _spec(f"{name}{tag}]", gemm_kernel, dtype, cfg, constexprs, unit, _GEMM_ALIGNED,
                                      variants, pointers, archs, **audit)  # fmt: skip
