@@ -196,8 +196,8 @@ _WAIVE_B64 = (
 )
 _WAIVE_SMALL_M_100 = (
     "64-row tiles (small T / decode) on sm_100: a tcgen05 M = 64 MMA does half an M = 128 one's work under the same "
-    "cp.async row loads of 4 warps (1.0-1.4 issue clocks per MMA clock; 128x256 tiles leave 1 CTA/SM); needs TMA row "
-    "gathers or swapped operands (issue 16 items 5-6)"
+    "row loads of 4 warps (1.0-1.4 issue clocks per MMA clock by cp.async; 0.92-1.14 where the rows come by TMA's row "
+    "gather, issue 16 item 5; 128x256 tiles leave 1 CTA/SM); needs swapped operands (issue 16 item 6)"
 )
 _WAIVE_DECODE = (
     "tiles under 64 rows (decode: experts of at most 32 rows): Triton runs them on mma.sync (no wgmma / tcgen05 "
@@ -210,8 +210,9 @@ _WAIVE_GLU_100 = (
     "clocks per MMA clock on 4 warps); a 128-wide GLU tile needs its epilogue in column slices (a kernel change)"
 )
 _WAIVE_WGRAD_100 = (
-    "weight gradient on sm_100: both operands by cp.async from every thread, 64-bit row addresses recomputed each K "
-    "step (issue 16 item 2: 1.2-1.3 issue clocks per MMA clock on 4 warps); needs TMA / gather4 operand loads"
+    "weight gradient on sm_100: the gathered operand by cp.async from every thread, its row indices and 64-bit row "
+    "addresses each K step (issue 16 item 2: 1.0-1.3 issue clocks per MMA clock on 4 warps); TMA's row gather "
+    "measured worse (issue 16 item 5: 250 -> 312 loop instructions, the indices moved to uniform registers per 4 rows)"
 )
 
 
