@@ -597,8 +597,17 @@ def test_launcher_specs_say_what_they_serve():
     blackwell = gemm["gemm[grouped_mm,bf16,M=128,N=128,K=64,w=4,tma,ws]"]
     assert (blackwell.archs, blackwell.num_warps, blackwell.persistent) == ((100,), 4, True)
     assert not large.persistent
-    glu = gemm["gemm[up,glu,silu,bf16,M=128,N=64,K=64,w=4,tma]"]  # one A tile, two weight tiles (not persistent)
+    glu = gemm["gemm[up,glu,silu,bf16,M=128,N=64,K=64,w=4,tma,gather4]"]  # one A tile, two weight tiles, one tile each
     assert glu.operand_bytes == (128 * 64 + 2 * 64 * 64) * 2 and [w for w, _ in glu.waivers] == ["issue@100"]
+    # sm_100's builds that do not warp-specialize gather their x rows through TMA (gather4), the others by cp.async
+    assert (glu.archs, glu.constexprs["A_TMA"], glu.signature["a_desc"]) == (
+        (100,), expert_gemm.WeightLoad.GATHER4, "tensordesc<bf16[1,64]>")  # fmt: skip
+    for s in gemm.values():
+        sixteen_bit = s.signature["a_ptr"] in ("*bf16", "*fp16")
+        aligned = s.variants == ("aligned",)
+        gather4 = s.constexprs["GATHER"] and sixteen_bit and aligned and not s.constexprs["WARP_SPEC"]
+        assert (s.constexprs["A_TMA"] == expert_gemm.WeightLoad.GATHER4) == (gather4 and s.archs == (100,)), s.name
+        assert not gather4 or s.archs == (100,) or 100 not in (s.archs or (100,)), s.name  # sm_100 always gathers4
     assert gemm["gemm[down_bwd,glu,silu,bf16,M=128,N=128,K=64,w=8,tma]"].min_intensity == 48
     pair = gemm["gemm[dgrad_pair,bf16,M=128,N=128,K=64,w=8,tma]"]  # two K loops, one A and one weight tile each
     assert pair.operand_bytes == (128 * 64 + 64 * 128) * 2

@@ -263,6 +263,60 @@ def test_wgrad_tma_dense_rows(use, counts, dtype, monkeypatch):
         torch.testing.assert_close(results[True][i].double(), ref, atol=TOL[dtype]["atol"] * 4, rtol=TOL[dtype]["rtol"])
 
 
+@pytest.mark.parametrize("glu", [False, True], ids=["plain", "glu-forward"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "counts",
+    [
+        [5, 0, 37, 1],  # an empty expert, a one-row expert, odd row counts (partial 16-row M tiles)
+        [23],  # E = 1
+        [0, 48, 0],  # all rows to one expert, empty first and last experts
+    ],
+)
+def test_gemm_gather4_rows(counts, dtype, glu, monkeypatch):
+    # gemm_kernel's gathered A through TMA's row gather (A_TMA GATHER4, sm_100's load, forced here): rows with
+    # row_src = -1 (spare rows inside the experts, and the rows past offsets[E]) and rows past an expert's end read
+    # zeros; the same tiles as the pointer loads, and the float64 reference (plain, and the GLU forward epilogue)
+    E, K, N, T, extra = len(counts), 32, 48, 19, 3
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+    R = int(offsets[-1]) + extra
+    row_src = torch.randint(0, T, (R,), dtype=torch.int32)
+    row_src[R - extra :] = -1  # rows no expert owns
+    row_src[::7] = -1  # spare rows inside the experts
+    x = torch.randn(T, K).to(dtype)
+    w, gate = torch.randn(E, K, N).to(dtype), torch.randn(E, K, N).to(dtype)
+    xs = torch.where((row_src >= 0)[:, None], x.double()[row_src.clamp(min=0).long()], 0)
+    ref_h = torch.zeros(R, N, dtype=torch.float64)
+    ref_g = torch.zeros(R, N, dtype=torch.float64)
+    for e, (o0, o1) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        ref_h[o0:o1], ref_g[o0:o1] = xs[o0:o1] @ w[e].double(), xs[o0:o1] @ gate[e].double()
+    schedule = Schedule.build(offsets, R, 16)
+    recorded = Recorded(expert_gemm.gemm_kernel)
+    monkeypatch.setattr(expert_gemm, "gemm_kernel", recorded)
+    monkeypatch.setattr(expert_gemm, "_gather4_device", lambda device: True)
+    results = {}
+    for tma in (True, False):
+        monkeypatch.setattr(expert_gemm, "TMA_ROWS", tma)
+        outs = [poison_(torch.empty(R, N, dtype=dtype)) for _ in range(3)]  # h (or out), g, a
+        x_in = x.clone()
+        if glu:
+            expert_gemm.gemm(Rows.dense(x_in, gathered=True), w, Rows.dense(outs[0]), schedule, row_src=row_src,
+                             gate=gate, gate_out=outs[1], act_out=outs[2], activation="silu")  # fmt: skip
+        else:
+            expert_gemm.gemm(Rows.dense(x_in, gathered=True), w, Rows.dense(outs[0]), schedule, row_src=row_src)
+        assert torch.equal(x_in, x)  # the input is not modified
+        assert recorded.calls[-1]["A_TMA"] == (expert_gemm.WeightLoad.GATHER4 if tma else 0)
+        results[tma] = outs if glu else outs[:1]
+    for gathered, pointers in zip(results[True], results[False]):
+        assert torch.equal(gathered, pointers)  # TMA's row gather gives the masked loads' tiles
+    tol = dict(atol=TOL[dtype]["atol"] * 2, rtol=TOL[dtype]["rtol"])
+    torch.testing.assert_close(results[True][0].double(), ref_h, **tol)
+    if glu:
+        torch.testing.assert_close(results[True][1].double(), ref_g, **tol)
+        h, g = results[True][0].double(), results[True][1].double()
+        torch.testing.assert_close(results[True][2].double(), torch.nn.functional.silu(h) * g, **tol)
+
+
 # ----------------------------------------------------------------------------------------------- autograd
 
 

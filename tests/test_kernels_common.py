@@ -160,6 +160,38 @@ def test_row_tma_takes_dense_aligned_16bit_rows():
     assert not expert_gemm._row_tma(Rows.blocked(torch.randn(4, 16, 16, dtype=torch.bfloat16), 2, 32))  # blocked
 
 
+def test_gather4_takes_gathered_aligned_16bit_rows_on_sm100(monkeypatch):
+    # gemm_kernel's TMA row gather: gathered, 16-bit, non-empty, 16-byte aligned base and row stride, unit column
+    # stride; only on sm_100 (not sm_90: no gather4; not sm_120), never when interpreting or on meta tensors
+    from blocksparse_moe.kernels.layouts import Rows
+
+    gather4, pointers = expert_gemm.WeightLoad.GATHER4, expert_gemm.WeightLoad.POINTERS
+    x = torch.randn(40, 32, dtype=torch.bfloat16)
+    assert expert_gemm._gather_load(Rows.dense(x, gathered=True)) == pointers  # interpreting: not sm_100
+    monkeypatch.setattr(expert_gemm, "_gather4_device", lambda device: True)
+    assert expert_gemm._gather_load(Rows.dense(x, gathered=True)) == gather4
+    assert expert_gemm._gather_load(Rows.dense(x.half(), gathered=True)) == gather4
+    assert expert_gemm._gather_load(Rows.dense(x)) == pointers  # dense rows: not gathered
+    assert expert_gemm._gather_load(Rows.dense(x.float(), gathered=True)) == pointers  # fp32
+    assert expert_gemm._gather_load(Rows.dense(x[:0], gathered=True)) == pointers  # no token rows
+    odd = torch.randn(40, 36, dtype=torch.bfloat16)[:, :33]
+    assert expert_gemm._gather_load(Rows.dense(odd, gathered=True)) == pointers  # 72-byte rows
+    shifted = x.view(-1)[1 : 1 + 39 * 32].view(39, 32)
+    assert expert_gemm._gather_load(Rows.dense(shifted, gathered=True)) == pointers  # base off by 2 bytes
+    monkeypatch.setattr(expert_gemm, "TMA_ROWS", False)
+    assert expert_gemm._gather_load(Rows.dense(x, gathered=True)) == pointers
+    monkeypatch.undo()
+    monkeypatch.setattr(expert_gemm, "interpreting", lambda: False)
+    capability = {"cc": (10, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["cc"])
+    assert expert_gemm._gather4_device(torch.device("cuda", 0)) and not expert_gemm._gather4_device(
+        torch.device("meta")
+    )
+    for cc in ((9, 0), (12, 0), (8, 0)):
+        capability["cc"] = cc
+        assert not expert_gemm._gather4_device(torch.device("cuda", 0))
+
+
 def test_warp_specialization_only_on_sm100(monkeypatch):
     # gemm_kernel warp-specializes its K loop on sm_100 only (the audit builds WARP_SPEC there); never when
     # interpreting, never on meta tensors (bench.model)

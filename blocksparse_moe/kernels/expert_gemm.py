@@ -30,14 +30,17 @@ backward (``TMA_T``), the tile transposed in shared memory; K and N past the end
 pointer loads (``POINTERS``). Each weight is read with its own strides (or its own descriptor): a GLU gate or a
 pair's second weight may be stored differently from the first (both then load by pointers unless both can use the
 same TMA mode). ``gemm_kernel``'s rows stay pointer loads (gathered: TMA has no row gather on Hopper), pipelined
-as asynchronous copies. ``wgrad_kernel`` reads a dense row operand (not gathered, not blocked; 16-bit or E4M3,
-16-byte aligned: ``_row_tma``, ``A_TMA`` / ``B_TMA``) through a tensor descriptor it builds on the device over the
-expert's rows ``[0, end)``, so that TMA's zero fill masks the rows past the expert (launch-time scratch memory:
-``_common.scratch_allocator``): over ``[rows, cols]`` (``TMA``), or for an E4M3 operand stored K-major (unit row
-stride: a ``[cols, rows]`` tensor's transposed view) with 16-aligned expert offsets (``row_align``) over that
-storage (``TMA_T``: sm_90's E4M3 wgmma reads K-major shared tiles only, and copies the others through registers
-into K-major buffers every K step: 547 -> 87 instructions per 128-row step, rowwise); its gathered operand stays
-on asynchronous copies.
+as asynchronous copies, but for gathered 16-bit rows on sm_100 outside the warp-specialized loop (``A_TMA``
+``GATHER4``: Blackwell's TMA row gather, ``tl.tensor_descriptor.gather`` over a host descriptor of the token rows;
+``_gather_load``): the GLU forward and the backward epilogue there. ``wgrad_kernel`` reads a dense row operand (not
+gathered, not blocked; 16-bit or E4M3, 16-byte aligned: ``_row_tma``, ``A_TMA`` / ``B_TMA``) through a tensor
+descriptor it builds on the device over the expert's rows ``[0, end)``, so that TMA's zero fill masks the rows past
+the expert (launch-time scratch memory: ``_common.scratch_allocator``): over ``[rows, cols]`` (``TMA``), or for an
+E4M3 operand stored K-major (unit row stride: a ``[cols, rows]`` tensor's transposed view) with 16-aligned expert
+offsets (``row_align``) over that storage (``TMA_T``: sm_90's E4M3 wgmma reads K-major shared tiles only, and copies
+the others through registers into K-major buffers every K step: 547 -> 87 instructions per 128-row step,
+rowwise); its gathered operand stays on asynchronous copies (on sm_100 TMA's row gather costs more loop
+instructions there: docs/audit.md).
 
 **Program order (L2).** ``gemm_kernel`` runs the ``max_m_tiles · cdiv(N, BLOCK_N)`` output tiles of ``BLOCK_M ×
 BLOCK_N`` (``_gemm_tile``), each reading its expert from ``tile_expert`` (one index load per tile, outside the K
@@ -148,12 +151,16 @@ class Epilogue(enum.IntEnum):
 
 
 class WeightLoad(enum.IntEnum):
-    """``gemm_kernel``'s ``W_TMA``: how the weight tiles come in; ``wgrad_kernel``'s ``A_TMA`` / ``B_TMA``: how a
-    dense row operand ``[rows, cols]`` does (``TMA_T``: over its transposed storage ``[cols, rows]``, K-major)."""
+    """``gemm_kernel``'s ``W_TMA``: how the weight tiles come in, its ``A_TMA``: how gathered A rows do
+    (``POINTERS`` or ``GATHER4``); ``wgrad_kernel``'s ``A_TMA`` / ``B_TMA``: how a dense row operand ``[rows, cols]``
+    does (``TMA_T``: over its transposed storage ``[cols, rows]``, K-major). ``GATHER4`` is Blackwell's TMA row
+    gather (sm_100: ``tl.tensor_descriptor.gather``, one ``[1, BLOCK_K]`` box per row); a row index of -1 (a spare
+    row, or a row past the expert's end) reads zeros, as the masked loads do."""
 
     POINTERS = 0  # pointer loads, any strides
     TMA = 1  # a tensor descriptor over [E, K, N] (N contiguous)
     TMA_T = 2  # a tensor descriptor over the transposed storage [E, N, K] (a wᵀ view)
+    GATHER4 = 3  # gathered rows: a host descriptor over the token rows [T, K], block [1, BLOCK_K], TMA gather4
 
 
 class Fp8Mode(enum.IntEnum):
@@ -205,6 +212,7 @@ _FORWARD = tl.constexpr(Epilogue.FORWARD)
 _BACKWARD = tl.constexpr(Epilogue.BACKWARD)
 _TMA = tl.constexpr(WeightLoad.TMA)
 _TMA_T = tl.constexpr(WeightLoad.TMA_T)
+_GATHER4 = tl.constexpr(WeightLoad.GATHER4)
 _NO_FP8 = tl.constexpr(Fp8Mode.NONE)
 _BLOCKWISE = tl.constexpr(Fp8Mode.BLOCKWISE)
 _MX = tl.constexpr(Fp8Mode.MX)
@@ -311,6 +319,8 @@ def _mainloop(
     acc2,
     a_ptr,
     a_rows,
+    a_desc,
+    a_idx,
     s_acb,
     s_ac,
     w_ptr,
@@ -345,9 +355,11 @@ def _mainloop(
     WARP_SPEC: tl.constexpr,
     DOTS: tl.constexpr,
     FP8: tl.constexpr,
+    A_TMA: tl.constexpr,
 ):
     """``acc += A[rows, :K] @ W[:K, cols]`` (and ``acc2 += A @ W2`` when ``DUAL``), ``BLOCK_K`` at a time over
-    ``k_steps`` steps. ``a_rows``: the tile's row offsets into A; ``w_ptr`` / ``w2_ptr``: the expert's weights, each
+    ``k_steps`` steps. ``a_rows``: the tile's row offsets into A (``A_TMA`` ``GATHER4``: its rows ``a_idx`` of the
+    descriptor ``a_desc``, -1 for none, gathered by TMA); ``w_ptr`` / ``w2_ptr``: the expert's weights, each
     read with its own strides (``s_wk, s_wn`` / ``s_w2k, s_w2n``), or their descriptors ``w_desc`` / ``w2_desc``
     with ``W_TMA``, at expert ``e``, columns from ``n0``. ``WARP_SPEC``: the loop's TMA weight loads in a producer
     partition of warps, the MMA and the row copies in the consumer (``tl.range(..., warp_specialize=True)``).
@@ -361,7 +373,11 @@ def _mainloop(
     k_groups = tl.cdiv(K, _MX_GROUP)  # FP8 MX: the K groups of the scales (masks)
     for t in tl.range(0, k_steps, warp_specialize=WARP_SPEC):
         k_ok = (t * BLOCK_K + offs_k) < K
-        a = tl.load(a_tile + tile_start(t, s_acb, s_ac, BLOCK_K, LB_A), mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if A_TMA == _GATHER4:
+            a = a_desc.gather(a_idx, t * BLOCK_K)
+        else:
+            a_off = tile_start(t, s_acb, s_ac, BLOCK_K, LB_A)
+            a = tl.load(a_tile + a_off, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w_off = tl.cast(t, tl.int64) * (BLOCK_K * s_wk) + w_tile
         w_mask = k_ok[:, None] & n_ok[None, :]
         w = _load_w(w_ptr, w_desc, w_off, w_mask, e, t * BLOCK_K, n0, BLOCK_K, BLOCK_N, W_TMA)
@@ -514,14 +530,14 @@ def _backward_epilogue(
 
 @triton.jit
 def _gemm_tile(
-    tile, a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr, row_src_ptr,
+    tile, a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, a_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr, row_src_ptr,
     row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr, sa_ptr, sa2_ptr, sw_ptr,
     sw2_ptr, sq_ptr, R, N, N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n,
     s_orb, s_or, s_ocb, s_oc, s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e, s_sw2k, s_sw2n, s_sqr, s_sqc,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI_N: tl.constexpr, GROUP_M: tl.constexpr,
     LB_A: tl.constexpr, LB_O: tl.constexpr, GATHER: tl.constexpr, GLU: tl.constexpr, PAIR: tl.constexpr,
     EPILOGUE: tl.constexpr, ACT: tl.constexpr, W_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, DOTS: tl.constexpr,
-    FP8: tl.constexpr, QUANT_A: tl.constexpr,
+    FP8: tl.constexpr, QUANT_A: tl.constexpr, A_TMA: tl.constexpr,
 ):  # fmt: skip
     """Output tile ``tile`` (in the grouped order) of ``gemm_kernel``: ``BLOCK_M × BLOCK_N`` of expert e's rows times
     ``W[e]``, the expert read from ``tile_expert``. ``FP8``: the scales' offsets of the tile (A's rows: the tokens
@@ -541,10 +557,12 @@ def _gemm_tile(
 
     if GATHER:
         src = tl.load(row_src_ptr + rows, mask=row_ok, other=-1)
+        a_idx = src  # A_TMA GATHER4: the rows TMA gathers (-1: zeros)
         a_ok = row_ok & (src >= 0)
         a_rows = tl.maximum(src, 0).to(tl.int64) * s_ar
         sa_rows = tl.maximum(src, 0).to(tl.int64) * s_sar  # FP8: the token's scales
     else:
+        a_idx = rows  # unused
         a_ok = row_ok
         a_rows = row_offsets(rows, s_arb, s_ar, LB_A)
         sa_rows = rows.to(tl.int64) * s_sar  # FP8: A dense (never blocked)
@@ -563,9 +581,9 @@ def _gemm_tile(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GLU only; unused (and removed) otherwise
     acc, acc2 = _mainloop(
-        acc, acc2, a_ptr, a_rows, s_acb, s_ac, w_ptr + w_base, w2_ptr + w2_base, w_desc, w2_desc, e, n0, s_wk, s_wn,
-        s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, sa_ptr, sa_rows, s_sak, sw_e, sw_cols, s_swk, sw2_e, sw2_cols,
-        s_sw2k, BLOCK_K, BLOCK_N, LB_A, DUAL, W_TMA, WARP_SPEC, DOTS, FP8,
+        acc, acc2, a_ptr, a_rows, a_desc, a_idx, s_acb, s_ac, w_ptr + w_base, w2_ptr + w2_base, w_desc, w2_desc, e, n0,
+        s_wk, s_wn, s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, sa_ptr, sa_rows, s_sak, sw_e, sw_cols, s_swk, sw2_e,
+        sw2_cols, s_sw2k, BLOCK_K, BLOCK_N, LB_A, DUAL, W_TMA, WARP_SPEC, DOTS, FP8, A_TMA,
     )  # fmt: skip
     if FP8 == _ROWWISE:  # the zeroing tiles (e = E) read no scale (tl.where: the interpreter rejects `mask & used`)
         scaled_rows, scaled_cols = tl.where(used, a_ok, False), tl.where(used, n_ok, False)
@@ -576,10 +594,11 @@ def _gemm_tile(
         acc_b = acc
         if FP8 == _ROWWISE:  # the second product's scales differ: its own accumulator
             acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        tl.static_assert(A_TMA != _GATHER4, "A_TMA GATHER4: gathered rows, never a pair's")
         acc_b, acc2 = _mainloop(
-            acc_b, acc2, a2_ptr, a_rows, s_acb, s_ac, w2_ptr + w2_base, w2_ptr, w2_desc, w2_desc, e, n0, s_w2k, s_w2n,
-            s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, sa2_ptr, sa_rows, s_sak, sw2_e, sw2_cols, s_sw2k, sw2_e,
-            sw2_cols, s_sw2k, BLOCK_K, BLOCK_N, LB_A, False, W_TMA, WARP_SPEC, DOTS, FP8,
+            acc_b, acc2, a2_ptr, a_rows, a_desc, a_idx, s_acb, s_ac, w2_ptr + w2_base, w2_ptr, w2_desc, w2_desc, e, n0,
+            s_w2k, s_w2n, s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, sa2_ptr, sa_rows, s_sak, sw2_e, sw2_cols,
+            s_sw2k, sw2_e, sw2_cols, s_sw2k, BLOCK_K, BLOCK_N, LB_A, False, W_TMA, WARP_SPEC, DOTS, FP8, A_TMA,
         )  # fmt: skip
         if FP8 == _ROWWISE:
             acc += _rowwise_scale(acc_b, sa2_ptr, sa_rows, sw2_e, sw2_cols, scaled_rows, scaled_cols)
@@ -616,6 +635,7 @@ def gemm_kernel(
     w2_ptr,  # GLU: the gate weight; PAIR: the second weight; [E, K, N] any strides (unused otherwise)
     w_desc,  # W_TMA: host tensor descriptor of w ([E, K, N], or [E, N, K] for W_TMA 2); None otherwise
     w2_desc,  # W_TMA and GLU / PAIR: descriptor of w2; None otherwise
+    a_desc,  # A_TMA GATHER4: host tensor descriptor of A [T, K], block [1, BLOCK_K]; None otherwise
     out_ptr,  # [R, N] row layout: the result (PLAIN), h (FORWARD), dh (BACKWARD)
     out2_ptr,  # GLU: g (FORWARD), dg (BACKWARD)
     out3_ptr,  # a = act(h) [· g] (FORWARD; QUANT_A: its E4M3 bits, uint8), aw = w·a (BACKWARD)
@@ -681,6 +701,7 @@ def gemm_kernel(
     PERSISTENT: tl.constexpr,  # loop over the tiles (a grid of fewer programs); else one tile per program
     FP8: tl.constexpr,  # Fp8Mode: NONE, or E4M3 A and W with the scales of BLOCKWISE, MX, ROWWISE
     QUANT_A: tl.constexpr,  # Fp8Mode (EPILOGUE_QUANT): FORWARD's a as E4M3 with this mode's scales; NONE: out's dtype
+    A_TMA: tl.constexpr,  # WeightLoad: POINTERS, or (GATHER, sm_100) GATHER4: A's rows gathered by TMA from a_desc
 ):
     """``BLOCK_M × BLOCK_N`` tiles of expert e's rows times ``W[e]`` (``_gemm_tile``), in the grouped order.
     ``PERSISTENT``: program p runs the tiles p, p + P, p + 2P, ... (P programs); else the tile ``program_id``. See
@@ -688,21 +709,21 @@ def gemm_kernel(
     if PERSISTENT:
         for tile in tl.range(tl.program_id(0), num_m_tiles * tl.cdiv(N_STORE, BLOCK_N), tl.num_programs(0)):
             _gemm_tile(
-                tile, a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr,
+                tile, a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, a_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr,
                 row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr,
                 sa_ptr, sa2_ptr, sw_ptr, sw2_ptr, sq_ptr, R, N, N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac,
                 s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc, s_sar, s_sak, s_swe, s_swk, s_swn,
                 s_sw2e, s_sw2k, s_sw2n, s_sqr, s_sqc, BLOCK_M, BLOCK_N, BLOCK_K, EPI_N, GROUP_M, LB_A, LB_O, GATHER,
-                GLU, PAIR, EPILOGUE, ACT, W_TMA, WARP_SPEC, DOTS, FP8, QUANT_A,
+                GLU, PAIR, EPILOGUE, ACT, W_TMA, WARP_SPEC, DOTS, FP8, QUANT_A, A_TMA,
             )  # fmt: skip
     else:
         _gemm_tile(
-            tl.program_id(0), a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr,
-            row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr, sa_ptr,
-            sa2_ptr, sw_ptr, sw2_ptr, sq_ptr, R, N, N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk,
-            s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc, s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e, s_sw2k,
-            s_sw2n, s_sqr, s_sqc, BLOCK_M, BLOCK_N, BLOCK_K, EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE,
-            ACT, W_TMA, WARP_SPEC, DOTS, FP8, QUANT_A,
+            tl.program_id(0), a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, a_desc, out_ptr, out2_ptr, out3_ptr, h_ptr,
+            g_ptr, row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr,
+            sa_ptr, sa2_ptr, sw_ptr, sw2_ptr, sq_ptr, R, N, N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we,
+            s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc, s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e,
+            s_sw2k, s_sw2n, s_sqr, s_sqc, BLOCK_M, BLOCK_N, BLOCK_K, EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR,
+            EPILOGUE, ACT, W_TMA, WARP_SPEC, DOTS, FP8, QUANT_A, A_TMA,
         )  # fmt: skip
 
 
@@ -756,7 +777,8 @@ def wgrad_kernel(
     tile in the grouped order, which shares it in L2). Blocked layouts need expert row offsets that are multiples of
     ``BLOCK_K`` (the block-padded ones are). ``A_TMA`` / ``B_TMA``: the dense operand's tiles come through a
     tensor descriptor built on the device over its rows ``[0, end)`` (TMA fills the rows past the expert's end
-    with zeros, as the masks of the pointer loads do); the gathered operand stays on asynchronous copies."""
+    with zeros, as the masks of the pointer loads do); the gathered operand stays on asynchronous copies (TMA's
+    row gather costs sm_100 more loop instructions here: docs/audit.md)."""
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     tiles_b = tiles_n * 2 if DUAL else tiles_n  # N tiles of out, then (DUAL) those of out2
@@ -1051,7 +1073,7 @@ class BackwardEpilogue:
 # ----------------------------------------------------------------------------------------------- launchers
 
 TMA_WEIGHTS = True  # load the weights through TMA where operands allow (tests switch it off to cover the pointers)
-TMA_ROWS = True  # wgrad_kernel: load dense row operands through TMA where they allow (likewise)
+TMA_ROWS = True  # load row operands through TMA where they allow: wgrad_kernel's dense ones, gemm's gathered A (sm_100)
 
 
 INTERPRETER_PROGRAMS = 3  # persistent programs when interpreting: fewer than most tests' tiles, so the loop runs
@@ -1085,6 +1107,27 @@ def _tma_device(device: torch.device) -> bool:
 def _warp_specialize(device: torch.device) -> bool:
     """sm_100 (datacenter Blackwell, tcgen05): ``gemm_kernel`` warp-specializes its K loop there."""
     return not interpreting() and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 10
+
+
+def _gather4_device(device: torch.device) -> bool:
+    """Blackwell's TMA row gather (``gather4``) is there: sm_100 / sm_103 (not sm_90, which has none, nor sm_120);
+    never when interpreting (the tests force it) nor on meta tensors (``bench.model``)."""
+    return not interpreting() and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 10
+
+
+def _gather_load(r: Rows) -> WeightLoad:
+    """How ``gemm_kernel`` reads a gathered A ``r`` (``A_TMA``): ``GATHER4``, TMA's row gather from a host descriptor
+    over the token rows ``[T, K]``, on sm_100 (``_gather4_device``, ``TMA_ROWS``) for non-empty 16-bit rows with a
+    16-byte aligned base, unit column stride and a 16-byte multiple row stride (TMA's rules); else ``POINTERS``
+    (asynchronous copies). The caller asks only for aligned configs (K steps 16-byte aligned) without warp
+    specialization (there the gather moves into the producer partition and ptxas drops Triton's register split:
+    255 registers; docs/audit.md)."""
+    t = r.tensor
+    if not TMA_ROWS or not r.gathered or t.dtype not in _HALF or t.numel() == 0 or not _gather4_device(t.device):
+        return WeightLoad.POINTERS
+    if t.data_ptr() % 16 or t.stride(1) != 1 or t.stride(0) * t.element_size() % 16:
+        return WeightLoad.POINTERS
+    return WeightLoad.GATHER4
 
 
 def _tma_mode(w: torch.Tensor) -> WeightLoad:
@@ -1327,6 +1370,9 @@ def gemm(
     two_acc = two_acc or (pair is not None and fp8 in (Fp8Mode.BLOCKWISE, Fp8Mode.ROWWISE))  # FP8: 4-warp ws spilled
     warp_spec = tma != WeightLoad.POINTERS and not two_acc and _warp_specialize(w.device)
     persistent = interpreting() or warp_spec  # elsewhere the tile loop costs registers: sm_90 1 CTA/SM, spills
+    gather4 = aligned and pair is None and fp8 == Fp8Mode.NONE and not warp_spec
+    a_tma = _gather_load(a) if gather4 else WeightLoad.POINTERS
+    a_desc = TensorDescriptor.from_tensor(a.tensor, [1, cfg.block_k]) if a_tma == WeightLoad.GATHER4 else None
     sa, sw = (scales.a, scales.w) if scales is not None else (off[None], off[None, None])  # unused without FP8
     sa2 = scales.a2 if scales is not None and scales.a2 is not None else sa
     sw2 = scales.w2 if scales is not None and scales.w2 is not None else sw
@@ -1334,7 +1380,7 @@ def gemm(
     if act_out is not None and quant_a != Fp8Mode.NONE:
         act_out = act_out.view(torch.uint8)  # the epilogue stores E4M3 bits
     gemm_kernel[(persistent_programs(out.tensor.device, tiles) if persistent else tiles,)](
-        a.tensor, w, a2.tensor, w2, w_desc, w2_desc, out.tensor, out.tensor if gate_out is None else gate_out,
+        a.tensor, w, a2.tensor, w2, w_desc, w2_desc, a_desc, out.tensor, out.tensor if gate_out is None else gate_out,
         out.tensor if act_out is None else act_out, bwd.h, bwd.h if bwd.g is None else bwd.g,
         off if row_src is None else row_src, bwd.row_asg, bwd.weights, out.tensor if dots is None else dots, off,
         schedule.tile_offsets, schedule.tile_expert, sa, sa2, sw, sw2, sq,
@@ -1344,8 +1390,8 @@ def gemm(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EPI_N=cfg.epi_n, GROUP_M=cfg.group_m,
         LB_A=a.log_block, LB_O=out.log_block, GATHER=a.gathered, GLU=glu, PAIR=pair is not None, EPILOGUE=int(epilogue),
         ACT=kernel_code(activation), W_TMA=int(tma), WARP_SPEC=warp_spec,
-        DOTS=dot_mode(dtype), PERSISTENT=persistent, FP8=int(fp8), QUANT_A=int(quant_a), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        DOTS=dot_mode(dtype), PERSISTENT=persistent, FP8=int(fp8), QUANT_A=int(quant_a), A_TMA=int(a_tma),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return dots
 

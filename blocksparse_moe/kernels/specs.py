@@ -162,6 +162,7 @@ _HALF = (torch.float16, torch.bfloat16)
 _ARCHS = (80, 90, 100, 120)  # the compute capabilities the configs are listed for (``bench.audit``'s targets)
 _TMA_ARCHS = (90, 100, 120)  # where the launchers load through TMA (``expert_gemm._tma_mode``, ``_row_tma``)
 _NO_WS_TMA_ARCHS = (90, 120)  # gemm_kernel's TMA builds without warp specialization (sm_100's: ``_warp_specialize``)
+_GATHER4_ARCHS = (100,)  # where gemm gathers 16-bit token rows through TMA (``expert_gemm._gather_load``)
 
 
 def _spec(
@@ -196,8 +197,8 @@ _WAIVE_B64 = (
 )
 _WAIVE_SMALL_M_100 = (
     "64-row tiles (small T / decode) on sm_100: a tcgen05 M = 64 MMA does half an M = 128 one's work under the same "
-    "cp.async row loads of 4 warps (1.0-1.4 issue clocks per MMA clock; 128x256 tiles leave 1 CTA/SM); needs TMA row "
-    "gathers or swapped operands (issue 16 items 5-6)"
+    "row loads of 4 warps (1.0-1.4 issue clocks per MMA clock by cp.async; 0.92-1.14 where the rows come by TMA's row "
+    "gather, issue 16 item 5; 128x256 tiles leave 1 CTA/SM); needs swapped operands (issue 16 item 6)"
 )
 _WAIVE_DECODE = (
     "tiles under 64 rows (decode: experts of at most 32 rows): Triton runs them on mma.sync (no wgmma / tcgen05 "
@@ -210,8 +211,9 @@ _WAIVE_GLU_100 = (
     "clocks per MMA clock on 4 warps); a 128-wide GLU tile needs its epilogue in column slices (a kernel change)"
 )
 _WAIVE_WGRAD_100 = (
-    "weight gradient on sm_100: both operands by cp.async from every thread, 64-bit row addresses recomputed each K "
-    "step (issue 16 item 2: 1.2-1.3 issue clocks per MMA clock on 4 warps); needs TMA / gather4 operand loads"
+    "weight gradient on sm_100: the gathered operand by cp.async from every thread, its row indices and 64-bit row "
+    "addresses each K step (issue 16 item 2: 1.0-1.3 issue clocks per MMA clock on 4 warps); TMA's row gather "
+    "measured worse (issue 16 item 5: 250 -> 312 loop instructions, the indices moved to uniform registers per 4 rows)"
 )
 
 
@@ -253,10 +255,25 @@ def _weight_loads(dtype, cfg, mode: WeightLoad, two: bool) -> tuple[dict, dict[s
     return constexprs, {"w_desc": desc, **({"w2_desc": desc} if two else {})}
 
 
+def _gather_loads(dtype, variants, archs, gathered: bool) -> list[tuple[bool, tuple[int, ...]]]:
+    """``(gather4, archs)``: the architectures of a ``gemm_kernel`` build whose gathered A comes through TMA's row
+    gather (aligned 16-bit builds of a gathered use without warp specialization, on ``_GATHER4_ARCHS``) and the
+    others."""
+    g4 = tuple(cc for cc in archs if cc in _GATHER4_ARCHS) if (
+        gathered and variants == ("aligned",) and dtype in _HALF) else ()  # fmt: skip
+    rest = tuple(cc for cc in archs if cc not in g4)
+    return [(load, a) for load, a in ((True, g4), (False, rest)) if a]
+
+
+def _rows_desc(dtype, cols: int) -> str:
+    """The signature type of gathered rows' host descriptor (``a_desc``): one row of ``cols`` columns per box."""
+    return f"tensordesc<{triton_type(dtype)}[1,{cols}]>"
+
+
 # fp32 (TF32 / IEEE): a config that serves both alignments is built unaligned only. fp32 operands always load
 # through pointers (no TMA), so the two builds are the same code but for vectorised loads, and the unaligned one
 # holds the more registers (139 of the 161 fp32 pairs of the audit at 7d5619f, none spilling): the spill and
-# pipeline checks judge the worse of the two. CI time: ~280 builds fewer.
+# pipeline checks judge the worse of the two. CI time: 104 builds fewer.
 _BOTH = ("unaligned", "aligned")
 
 
@@ -393,20 +410,25 @@ def _gemm_specs() -> list[CompileSpec]:
                         if use.epilogue == Epilogue.BACKWARD or two_w:  # one tile per program (the launcher's rule)
                             tma_builds = ((tma, False, _TMA_ARCHS), (pointers, False, (80,)))
                         for mode, ws, mode_archs in tma_builds if fast else ((pointers, False, _ARCHS),):
-                            archs = tuple(cc for cc in mode_archs if cc in (cfg_archs or _ARCHS))
-                            if not archs:
-                                continue
-                            archs = None if archs == _ARCHS else archs
-                            two = (use.glu and use.epilogue == 1) or use.pair
-                            constexprs, descs = _weight_loads(dtype, cfg, mode, two=two)
-                            # sm_100's TMA builds loop over their tiles (``PERSISTENT``), the others run one tile each
-                            constexprs = {**base, **constexprs, "WARP_SPEC": ws, "PERSISTENT": ws}
-                            tag = ",tma,ws" if ws else ",tma" if mode else ""
-                            spec = _spec(f"{name}{tag}]", gemm_kernel, dtype, cfg, constexprs,
-                                         use.unit,
-                                         _GEMM_ALIGNED, variants, {**_INDEX, **_FP32}, archs, **audit)  # fmt: skip
-                            spec.signature.update(descs)
-                            specs.append(spec)
+                            mode_archs = tuple(cc for cc in mode_archs if cc in (cfg_archs or _ARCHS))
+                            # gathered rows through TMA's row gather on sm_100, except in the warp-specialized loop
+                            for gather4, archs in _gather_loads(dtype, variants, mode_archs, use.gather and not ws):
+                                archs = None if archs == _ARCHS else archs
+                                two = (use.glu and use.epilogue == 1) or use.pair
+                                constexprs, descs = _weight_loads(dtype, cfg, mode, two=two)
+                                # sm_100's TMA builds loop over their tiles (``PERSISTENT``), the others one tile each
+                                constexprs = {**base, **constexprs, "WARP_SPEC": ws, "PERSISTENT": ws,
+                                              "A_TMA": int(WeightLoad.GATHER4 if gather4 else pointers)}  # fmt: skip
+                                if gather4:
+                                    descs["a_desc"] = _rows_desc(dtype, cfg.block_k)
+                                else:
+                                    constexprs["a_desc"] = None
+                                tag = (",tma,ws" if ws else ",tma" if mode else "") + (",gather4" if gather4 else "")
+                                spec = _spec(f"{name}{tag}]", gemm_kernel, dtype, cfg, constexprs,
+                                             use.unit,
+                                             _GEMM_ALIGNED, variants, {**_INDEX, **_FP32}, archs, **audit)  # fmt: skip
+                                spec.signature.update(descs)
+                                specs.append(spec)
     return specs
 
 
@@ -538,7 +560,14 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                             continue
                         two = two_w or use.pair
                         constexprs, descs = _weight_loads(dtype, cfg, load, two=two)
-                        constexprs = {**base, **constexprs, "WARP_SPEC": ws, "PERSISTENT": ws}
+                        constexprs = {
+                            **base,
+                            **constexprs,
+                            "WARP_SPEC": ws,
+                            "PERSISTENT": ws,
+                            "A_TMA": int(WeightLoad.POINTERS),
+                            "a_desc": None,
+                        }  # FP8 rows: cp.async
                         tag = ",tma,ws" if ws else ",tma" if load else ""
                         spec = _spec(f"{name}{tag}]", gemm_kernel, dtype, cfg, constexprs, unit, _GEMM_ALIGNED,
                                      variants, use_pointers, archs, **audit)  # fmt: skip
