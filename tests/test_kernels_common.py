@@ -181,27 +181,22 @@ def test_gather4_takes_gathered_aligned_16bit_rows_on_sm100(monkeypatch):
     monkeypatch.setattr(expert_gemm, "TMA_ROWS", False)
     assert expert_gemm._gather_load(Rows.dense(x, gathered=True)) == pointers
     monkeypatch.undo()
+    _assert_sm100_only(monkeypatch, expert_gemm._gather4_device)
+
+
+def _assert_sm100_only(monkeypatch, predicate) -> None:
+    """``predicate(device)`` holds on a CUDA device of compute capability 10.0 only: not on sm_90 / sm_120 / sm_80,
+    not on meta tensors (bench.model), not when interpreting."""
+    assert not predicate(torch.device("cpu"))
     monkeypatch.setattr(expert_gemm, "interpreting", lambda: False)
     capability = {"cc": (10, 0)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["cc"])
-    assert expert_gemm._gather4_device(torch.device("cuda", 0)) and not expert_gemm._gather4_device(
-        torch.device("meta")
-    )
+    assert predicate(torch.device("cuda", 0)) and not predicate(torch.device("meta"))
     for cc in ((9, 0), (12, 0), (8, 0)):
         capability["cc"] = cc
-        assert not expert_gemm._gather4_device(torch.device("cuda", 0))
+        assert not predicate(torch.device("cuda", 0))
 
 
 def test_warp_specialization_only_on_sm100(monkeypatch):
-    # gemm_kernel warp-specializes its K loop on sm_100 only (the audit builds WARP_SPEC there); never when
-    # interpreting, never on meta tensors (bench.model)
-    assert not expert_gemm._warp_specialize(torch.device("cpu"))
-    monkeypatch.setattr(expert_gemm, "interpreting", lambda: False)
-    capability = {"cc": (10, 0)}
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["cc"])
-    assert expert_gemm._warp_specialize(torch.device("cuda", 0)) and not expert_gemm._warp_specialize(
-        torch.device("meta")
-    )
-    for cc in ((9, 0), (12, 0), (8, 0)):
-        capability["cc"] = cc
-        assert not expert_gemm._warp_specialize(torch.device("cuda", 0))
+    # gemm_kernel warp-specializes its K loop on sm_100 only (the audit builds WARP_SPEC there)
+    _assert_sm100_only(monkeypatch, expert_gemm._warp_specialize)
