@@ -8,12 +8,13 @@ transposed view first: wgmma takes a transposed A only through registers, which 
 come in either orientation (``wT``: ``dy @ wᵀ``) and stay views. Coverage, and what is left out on purpose:
 
 - dtypes: bf16 and fp32 for every use; fp16 for the main GEMM shapes only (its builds are the bf16 builds with
-  another MMA type: the same tiles, registers and pipeline);
+  another MMA type: the same tiles, registers and pipeline); the architectures per dtype: ``_dtype_archs``;
 - the fast config of 16-bit operands is built ``aligned`` (the launcher picks it only for 16-byte aligned operands
   whose sizes and strides are multiples of 16, ``aligned16``), its fallback ``unaligned`` (odd shapes; partly
   aligned operands lie between the two);
-- the fused epilogues with silu; the GLU epilogues (forward and backward, dense and blocked) once more with each
-  other activation (bf16, 128-row tiles, the fast config), where the epilogue's registers differ;
+- the fused epilogues with silu; the GLU epilogues (forward and backward, dense and blocked) once more with gelu
+  (bf16, 128-row tiles, the fast config): its erf is the heaviest epilogue (the other activations stay within a few
+  registers of silu: ``_GLU_ACTIVATIONS``);
 - block sizes 64 and 128 (the GPU sizes; 16 and 32 are for interpreter tests and have no wgmma-sized tile); the
   grouped (unpadded) M tiles 16, 32, 64 and 128 (``backends.triton._grouped_block_m``: 16 and 32 rows for experts
   with a few rows each, as in decode, on mma.sync: not ``is_matmul``, which asks for wgmma / tcgen05);
@@ -29,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..activations import NAMES, kernel_code
+from ..activations import kernel_code
 from ..fp8 import RECIPES
 from ..fp8 import recipe as recipe_of
 from ._common import DOTS_IEEE, DOTS_NATIVE
@@ -355,9 +356,20 @@ _MAIN_USES = ("grouped_mm", "up,glu", "down_bwd,glu", "up,glu,B", "dsd")  # also
 # fp16 builds take bf16's configs (gemm_config / wgrad_config treat the 16-bit types alike) and compile to the same
 # code but for the MMA's type and the epilogue's conversions: of the 188 fp16 builds of the full audit at eb8aabe
 # (sm_80 / 90 / 100 / 120), 170 matched their bf16 twin in registers, spills, shared memory, buffers, loop instructions
-# and operand intensity, 18 differed by at most 6 registers, none spilled. They are built for the datacenter targets,
-# sm_90 and sm_100, where fp16 models run; bf16 covers sm_80 and sm_120 (CI time: 200 builds, ~260 s of compiles).
-_FP16_ARCHS = (90, 100)
+# and operand intensity, 18 differed by at most 6 registers, none spilled. They are built for sm_90 (H100 / H200,
+# where fp16 models run); bf16 covers the other three. fp32 (TF32 / IEEE) builds for sm_80, sm_90 and sm_100: sm_120's
+# fp32 code has sm_80's structure (mma.sync fed by cp.async, pointer loads), audited there. The GLU epilogues are
+# built with silu (every config) and gelu (the heaviest, erf: 159-220 registers on sm_100 where silu holds 112-154,
+# at 8bd41ea); identity, relu and gelu_tanh held at most 9 registers more than silu there, none spilling, and are not
+# built. CI time: these three rules took the audit from 1658 to 1466 builds.
+_FP16_ARCHS = (90,)
+_FP32_ARCHS = (80, 90, 100)
+_GLU_ACTIVATIONS = ("silu", "gelu")
+
+
+def _dtype_archs(dtype: torch.dtype) -> tuple[int, ...]:
+    """The architectures the gemm / wgrad specs of ``dtype`` are built for (the comment above)."""
+    return {torch.float16: _FP16_ARCHS, torch.float32: _FP32_ARCHS}.get(dtype, _ARCHS)
 
 
 def _gemm_specs() -> list[CompileSpec]:
@@ -379,10 +391,8 @@ def _gemm_specs() -> list[CompileSpec]:
                     "grouped, large T" if block_m >= _LARGE_M else "grouped, small T / decode")  # fmt: skip
                 activations = ("silu",) if use.epilogue else ("identity",)
                 if use.glu and use.epilogue and dtype == torch.bfloat16 and block_m == 128:
-                    activations = NAMES  # the other activations: bf16, GLU, 128-row tiles, fast config
-                for cfg, variants, cfg_archs, warps_tag in _variants(
-                    configs, _FP16_ARCHS if dtype == torch.float16 else _ARCHS, dtype
-                ):
+                    activations = _GLU_ACTIVATIONS  # gelu too: bf16, GLU, 128-row tiles, fast config
+                for cfg, variants, cfg_archs, warps_tag in _variants(configs, _dtype_archs(dtype), dtype):
                     # one K step: an A tile and a weight tile (two with the GLU's gate; the pair runs two K loops)
                     two_w = use.glu and use.epilogue == Epilogue.FORWARD
                     tiles = cfg.block_m * cfg.block_k + (1 + two_w) * cfg.block_k * cfg.block_n
@@ -629,9 +639,7 @@ def _wgrad_specs() -> list[CompileSpec]:
 
                 lb = (B or 0).bit_length() - 1 if use.blocked else DENSE_LOG_BLOCK
                 shapes = f"blocksparse B={B}" if use.blocked else "grouped, every T"
-                for cfg, variants, archs, warps_tag in _variants(
-                    configs, _FP16_ARCHS if dtype == torch.float16 else _ARCHS, dtype
-                ):
+                for cfg, variants, archs, warps_tag in _variants(configs, _dtype_archs(dtype), dtype):
                     tiles = cfg.block_k * (cfg.block_m + cfg.block_n)
                     audit = _audit_fields(dtype, cfg, variants, shapes, tiles * dtype.itemsize, wgrad=True,
                                           blocked_64=use.blocked and B < _LARGE_M)  # fmt: skip
