@@ -1104,15 +1104,21 @@ def _tma_device(device: torch.device) -> bool:
     return interpreting() or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
-def _warp_specialize(device: torch.device) -> bool:
-    """sm_100 (datacenter Blackwell, tcgen05): ``gemm_kernel`` warp-specializes its K loop there."""
+def _sm100(device: torch.device) -> bool:
+    """A datacenter Blackwell device (compute capability 10.x: sm_100 / sm_103); never when interpreting, nor on
+    meta tensors (``bench.model``)."""
     return not interpreting() and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 10
+
+
+def _warp_specialize(device: torch.device) -> bool:
+    """``gemm_kernel`` warp-specializes its K loop on sm_100 (tcgen05) only."""
+    return _sm100(device)
 
 
 def _gather4_device(device: torch.device) -> bool:
-    """Blackwell's TMA row gather (``gather4``) is there: sm_100 / sm_103 (not sm_90, which has none, nor sm_120);
-    never when interpreting (the tests force it) nor on meta tensors (``bench.model``)."""
-    return not interpreting() and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 10
+    """Blackwell's TMA row gather (``gather4``) is there: sm_100 (not sm_90, which has none, nor sm_120; the tests
+    force it under the interpreter)."""
+    return _sm100(device)
 
 
 def _gather_load(r: Rows) -> WeightLoad:

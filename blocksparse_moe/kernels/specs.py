@@ -271,22 +271,20 @@ def _rows_desc(dtype, cols: int) -> str:
     return f"tensordesc<{triton_type(dtype)}[1,{cols}]>"
 
 
-# fp32 (TF32 / IEEE): a config that serves both alignments is built unaligned only. fp32 operands always load
-# through pointers (no TMA), so the two builds are the same code but for vectorised loads, and the unaligned one
-# holds the more registers (139 of the 161 fp32 pairs of the audit at 7d5619f, none spilling): the spill and
-# pipeline checks judge the worse of the two. CI time: 104 builds fewer.
-_BOTH = ("unaligned", "aligned")
-
-
 def _variants(
     configs, arch_list=_ARCHS, dtype: torch.dtype | None = None
 ) -> list[tuple[Any, tuple[str, ...], tuple[int, ...] | None, str]]:
     """``(config, variants, archs, tag)`` for a config function of ``aligned`` and ``capability``: per architecture
-    one config for both variants (fp32: built unaligned only, ``_BOTH``'s comment), or the fast one aligned and the
-    fallback unaligned; architectures that get the same config share one entry (``archs`` None: every one). ``tag``:
-    ``",w=<warps>"`` where one variant has several configs across the architectures (their names would clash
-    otherwise), else empty. ``arch_list``: the architectures to list."""
-    shared = ("unaligned",) if dtype == torch.float32 else _BOTH
+    one config for both variants, or the fast one aligned and the fallback unaligned; architectures that get the same
+    config share one entry (``archs`` None: every one). ``tag``: ``",w=<warps>"`` where one variant has several
+    configs across the architectures (their names would clash otherwise), else empty. ``arch_list``: the
+    architectures to list.
+
+    An fp32 (TF32 / IEEE) config that serves both alignments is built unaligned only: fp32 operands always load
+    through pointers (no TMA), so the two builds are the same code but for vectorised loads, and the unaligned one
+    holds the more registers (139 of the 161 fp32 pairs of the audit at 7d5619f, none spilling): the spill and
+    pipeline checks judge the worse of the two (CI time: 104 builds fewer)."""
+    shared = ("unaligned",) if dtype == torch.float32 else ("unaligned", "aligned")
     out: dict[tuple[Any, tuple[str, ...]], list[int]] = {}
     for cc in arch_list:
         fast, fallback = configs(aligned=True, capability=cc), configs(aligned=False, capability=cc)
