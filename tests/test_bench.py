@@ -341,7 +341,8 @@ def test_interleaved_alternates_the_closures_and_takes_medians(monkeypatch):
         timing.interleaved({"a": fn("a")}, torch.device("cpu"), 0)
 
 
-def test_harness_interleaves_the_cases_of_a_shape():
+def test_harness_interleaves_the_cases_of_a_shape(monkeypatch):
+    monkeypatch.setenv("BSM_BACKEND", "torch")  # the harness under test, not the kernels (interpreted: ~60 s more)
     shape = Shape(8, 16, 24, 4, 2, True, "silu", "uniform")
     common = dict(dtype=torch.float32, device=torch.device("cpu"), capacity_factors=[1.0], block_size=8,
                   min_run_time=0.001)  # fmt: skip

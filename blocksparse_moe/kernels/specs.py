@@ -16,8 +16,9 @@ come in either orientation (``wT``: ``dy @ wᵀ``) and stay views. Coverage, and
   (bf16, 128-row tiles, the fast config): its erf is the heaviest epilogue (the other activations stay within a few
   registers of silu: ``_GLU_ACTIVATIONS``);
 - block sizes 64 and 128 (the GPU sizes; 16 and 32 are for interpreter tests and have no wgmma-sized tile); the
-  grouped (unpadded) M tiles 16, 32, 64 and 128 (``backends.triton._grouped_block_m``: 16 and 32 rows for experts
-  with a few rows each, as in decode, on mma.sync: not ``is_matmul``, which asks for wgmma / tcgen05);
+  grouped (unpadded) M tiles 32, 64 and 128 (``backends.triton._grouped_block_m``: 16 and 32 rows for experts
+  with a few rows each, as in decode, on mma.sync: not ``is_matmul``, which asks for wgmma / tcgen05; the 16-row
+  tiles are their 32-row twins' loops over fewer rows: ``_AUDITED_M``);
 - FP8 (issue 17): ``wgrad_kernel``'s E4M3 builds, each recipe for dW2 and the dual dW1 / dW3, on the architectures
   with E4M3 MMAs (sm_90, sm_100, sm_120), with the waivers measured from their SASS (docs/audit.md).
 """
@@ -360,6 +361,11 @@ _MAIN_USES = ("grouped_mm", "up,glu", "down_bwd,glu", "up,glu,B", "dsd")  # also
 # built with silu (every config) and gelu (the heaviest, erf: 159-220 registers on sm_100 where silu holds 112-154,
 # at 8bd41ea); identity, relu and gelu_tanh held at most 9 registers more than silu there, none spilling, and are not
 # built. CI time: these three rules took the audit from 1658 to 1466 builds.
+# Grouped M tiles of 16 rows (experts of at most 16 rows: decode) are not built: their M = 32 twins run the same
+# loop (mma.sync, the same N, K, warps and stages) over twice the rows per warp, and at b6c8035 each of the 109
+# M = 16 builds held at most its twin's registers but for two fp32 pairs (48 against 46), the same MMA and loop
+# waits, none spilling (bench/results/2026-12-06-audit). CI time: 109 builds (~7% of the audit's compile time).
+_AUDITED_M = tuple(m for m in BLOCK_SIZES if m != 16)
 _FP16_ARCHS = (90,)
 _FP32_ARCHS = (80, 90, 100)
 _GLU_ACTIVATIONS = ("silu", "gelu")
@@ -376,7 +382,7 @@ def _gemm_specs() -> list[CompileSpec]:
         for dtype in (torch.bfloat16, torch.float32, torch.float16):
             if dtype == torch.float16 and use.tag not in _MAIN_USES:
                 continue
-            for block_m in (64, 128) if use.blocked else BLOCK_SIZES:  # blocked: B; grouped: from the rows per expert
+            for block_m in (64, 128) if use.blocked else _AUDITED_M:  # blocked: B; grouped: from the rows per expert
                 B = block_m if use.blocked else None
 
                 def configs(aligned, capability, dtype=dtype, block_m=block_m, B=B, use=use):
