@@ -42,6 +42,7 @@ from .expert_gemm import (
     WeightLoad,
     gemm_config,
     gemm_kernel,
+    mx_chunk_tiles,
     wgrad_config,
     wgrad_kernel,
 )
@@ -164,6 +165,8 @@ _ARCHS = (80, 90, 100, 120)  # the compute capabilities the configs are listed f
 _TMA_ARCHS = (90, 100, 120)  # where the launchers load through TMA (``expert_gemm._tma_mode``, ``_row_tma``)
 _NO_WS_TMA_ARCHS = (90, 120)  # gemm_kernel's TMA builds without warp specialization (sm_100's: ``_warp_specialize``)
 _GATHER4_ARCHS = (100,)  # where gemm gathers 16-bit token rows through TMA (``expert_gemm._gather_load``)
+_SCALE_TMA_ARCHS = (100,)  # where gemm reads MX weight scales through TMA in tcgen05's chunks (``_mx_scales_tma``)
+_NO_SCALE_TMA = {"SW_TMA": False, "sw_desc": None, "sw2_desc": None}  # gemm_kernel's weight scales by pointers
 
 
 def _spec(
@@ -403,7 +406,7 @@ def _gemm_specs() -> list[CompileSpec]:
                             GROUP_M=cfg.group_m, LB_A=lb_block if use.a_blocked else DENSE_LOG_BLOCK,
                             LB_O=lb_block if use.out_blocked else DENSE_LOG_BLOCK, GATHER=use.gather, GLU=use.glu,
                             PAIR=use.pair, EPILOGUE=int(use.epilogue), ACT=kernel_code(act), DOTS=DOTS_NATIVE,
-                            FP8=int(Fp8Mode.NONE), QUANT_A=int(Fp8Mode.NONE),
+                            FP8=int(Fp8Mode.NONE), QUANT_A=int(Fp8Mode.NONE), **_NO_SCALE_TMA,
                         )  # fmt: skip
                         act_tag = f",{act}" if use.epilogue else ""
                         size = f"B={B}" if use.blocked else f"M={cfg.block_m}"
@@ -475,9 +478,12 @@ _WAIVE_FP8_MX_90 = (
 )
 _WAIVE_FP8_MX_100 = (
     "MX on sm_100 (block-scaled tcgen05: UTCQMMA with two scale-factor tensor-memory operands, 4 per 128-deep K step): "
-    "the E8M0 scale tiles of A and W ([128, 4] bytes each) come by pointer loads every K step and are copied to "
-    "tensor memory: 257 loop instructions on 4 warps against 168 for the rowwise build of the same tiles (1.00-1.12 "
-    "issue clocks per MMA clock); TMA loads of the scales in tcgen05's layout would remove them (left to do)"
+    "the weights' E8M0 scales come by TMA in tcgen05's chunk layout (SW_TMA: copied from shared to tensor memory by "
+    "UTCCP), but A's [128, 4] bytes per step by pointer loads, copied to tensor memory through registers: 218 loop "
+    "instructions on 4 warps (264 with the backward epilogue) against 168 for the rowwise build of the same tiles "
+    "(0.85-1.03 issue clocks per MMA clock; 257-287 and 1.00-1.12 with both scales by pointers); A's scales in chunks "
+    "need its tiles on 128-row chunks (expert offsets are not: e.g. written per M tile by the up-projection's "
+    "quantized epilogue; left to do)"
 )
 _WAIVE_FP8_MX_100_SMALL_M = (
     "MX with 64-row tiles on sm_100: the block-scaled tcgen05 MMA needs M = 128; Triton emulates tl.dot_scaled in "
@@ -510,6 +516,21 @@ def _fp8_waivers(mode: Fp8Mode, use: _GemmUse, block_m: int) -> tuple[tuple[str,
         ("occupancy@90", _WAIVE_FP8_ROWWISE),
         *((c, _WAIVE_FP8_ROWWISE) for c in ("issue@100", "occupancy@100") if two),
     )
+
+
+def _scale_loads(mode: Fp8Mode, cfg, variants, archs) -> list[tuple[bool, tuple[int, ...]]]:
+    """``(SW_TMA, archs)``: the architectures of an FP8 ``gemm_kernel`` build whose MX weight scales come through TMA
+    in tcgen05's chunks (the aligned builds of whole-chunk tiles, ``expert_gemm.mx_chunk_tiles``, on
+    ``_SCALE_TMA_ARCHS``) and the others."""
+    tma = mode == Fp8Mode.MX and variants == ("aligned",) and mx_chunk_tiles(cfg)
+    chunks = tuple(cc for cc in archs if cc in _SCALE_TMA_ARCHS) if tma else ()
+    rest = tuple(cc for cc in archs if cc not in chunks)
+    return [(load, a) for load, a in ((True, chunks), (False, rest)) if a]
+
+
+def _scales_desc(cfg) -> str:
+    """The signature type of the MX weight scales' host descriptor (``sw_desc``): the tile's tcgen05 chunks."""
+    return f"tensordesc<u8[1,{cfg.block_n // 128},{cfg.block_k // 128},2,256]>"
 
 
 def _gemm_fp8_specs() -> list[CompileSpec]:
@@ -551,7 +572,7 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EPI_N=cfg.epi_n,
                         GROUP_M=cfg.group_m, LB_A=DENSE_LOG_BLOCK, LB_O=DENSE_LOG_BLOCK, GATHER=use.gather,
                         GLU=use.glu, PAIR=use.pair, EPILOGUE=int(use.epilogue), ACT=kernel_code(act), DOTS=DOTS_NATIVE,
-                        FP8=int(mode), QUANT_A=int(quant_a),
+                        FP8=int(mode), QUANT_A=int(quant_a), **_NO_SCALE_TMA,
                     )  # fmt: skip
                     use_tag = f"{use.tag},aq" if quant_a else use.tag  # aq: a quantized in the epilogue
                     name = f"gemm_fp8[{mode.recipe().name},{use_tag},M={cfg.block_m},N={cfg.block_n},K={cfg.block_k}"
@@ -564,23 +585,30 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                         builds = ((WeightLoad.POINTERS, False, _FP8_ARCHS),)
                     for load, ws, load_archs in builds:
                         archs = tuple(cc for cc in load_archs if cc in (cfg_archs or _FP8_ARCHS))
-                        if not archs:
-                            continue
                         two = two_w or use.pair
-                        constexprs, descs = _weight_loads(dtype, cfg, load, two=two)
-                        constexprs = {
-                            **base,
-                            **constexprs,
-                            "WARP_SPEC": ws,
-                            "PERSISTENT": ws,
-                            "A_TMA": int(WeightLoad.POINTERS),
-                            "a_desc": None,
-                        }  # FP8 rows: cp.async
-                        tag = ",tma,ws" if ws else ",tma" if load else ""
-                        spec = _spec(f"{name}{tag}]", gemm_kernel, dtype, cfg, constexprs, unit, _GEMM_ALIGNED,
-                                     variants, use_pointers, archs, **audit)  # fmt: skip
-                        spec.signature.update(descs)
-                        specs.append(spec)
+                        for sw_tma, sw_archs in _scale_loads(mode, cfg, variants, archs):
+                            constexprs, descs = _weight_loads(dtype, cfg, load, two=two)
+                            constexprs = {
+                                **base,
+                                **constexprs,
+                                "WARP_SPEC": ws,
+                                "PERSISTENT": ws,
+                                "A_TMA": int(WeightLoad.POINTERS),
+                                "a_desc": None,
+                            }  # FP8 rows: cp.async
+                            if sw_tma:  # MX weight scales through TMA (tcgen05's chunks), one box per tile
+                                constexprs = {k: v for k, v in constexprs.items() if k not in _NO_SCALE_TMA}
+                                constexprs["SW_TMA"] = True
+                                descs["sw_desc"] = _scales_desc(cfg)
+                                if two:
+                                    descs["sw2_desc"] = descs["sw_desc"]
+                                else:
+                                    constexprs["sw2_desc"] = None
+                            tag = (",tma,ws" if ws else ",tma" if load else "") + (",sw_tma" if sw_tma else "")
+                            spec = _spec(f"{name}{tag}]", gemm_kernel, dtype, cfg, constexprs, unit, _GEMM_ALIGNED,
+                                         variants, use_pointers, sw_archs, **audit)  # fmt: skip
+                            spec.signature.update(descs)
+                            specs.append(spec)
     return specs
 
 
