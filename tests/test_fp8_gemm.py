@@ -357,6 +357,26 @@ def test_mx_scales_tma_rule(monkeypatch):
     assert not expert_gemm._mx_scales_tma(Fp8Mode.MX, cfg, 256, cpu)
 
 
+def test_mx_tile_scales_layout():
+    # A's scales per M tile (SA_TMA): tile m holds its rows start .. start + 128 of _gemm_tile's formula, 127 past
+    # its expert's end and in the tiles zeroing the rows past offsets[E]; G = 3 groups (a padded chunk); an expert
+    # without rows (1) and one of two tiles (2); the scales a transposed view
+    offsets = torch.tensor([0, 5, 5, 200], dtype=torch.int32)
+    schedule = Schedule.build(offsets, 200, 128)
+    s = torch.randint(0, 256, (3, 200), dtype=torch.uint8).t()
+    chunks = expert_gemm._mx_tile_scales(s, schedule)
+    assert chunks.shape == (schedule.max_m_tiles, 1, 1, 2, 256)
+    flat = chunks.reshape(schedule.max_m_tiles, 512)
+    starts = {0: (0, 5), 1: (5, 200), 2: (133, 200)}  # tile: (first row, the expert's end)
+    for m in range(schedule.max_m_tiles):
+        first, end = starts.get(m, (0, 0))  # the rest: zeroing tiles
+        for r in range(128):
+            for g in range(4):
+                i, j = r // 32, r % 32
+                want = s[first + r, g].item() if first + r < end and g < 3 else 127
+                assert flat[m, 16 * j + 4 * i + g].item() == want, (m, r, g)
+
+
 def _mx_launch(use: str, T: int, k: int, E: int, K: int, N: int, kind: str) -> tuple[torch.Tensor, ...]:
     """One MX ``gemm`` of ``use`` on fresh random operands (seeded by the caller) with 128-row tiles, poisoned
     outputs checked against the float64 reference of the quantized math; returns the outputs (bf16)."""
@@ -406,10 +426,12 @@ def _mx_launch(use: str, T: int, k: int, E: int, K: int, N: int, kind: str) -> t
 
 
 MX_TMA_CASES = {
-    # name: (use, T, k, E, K, N, routing)
+    # name: (use, T, k, E, K, N, routing); "plain" and "pair" read a dense A: its scales through TMA too (SA_TMA)
     # experts 1 and 3 without rows; K = 208: 7 groups (the last partial, the second chunk of groups padded), two K
     # steps; N = 136: a second, partial chunk of 128 columns
     "plain-empty-experts": ("plain", 13, 2, 4, 208, 136, "skip"),
+    "dense-one-expert": ("plain", 70, 2, 3, 80, 40, "one-hot"),  # dense rows all on one expert: two M tiles
+    "dense-one-row": ("plain", 1, 1, 1, 80, 40, "uniform"),  # one dense row, E = 1
     "glu-forward": ("forward-glu", 13, 2, 4, 208, 136, "skip"),  # the gate's scales (sw2) too
     "glu-backward": ("backward-glu", 13, 2, 4, 208, 136, "skip"),  # the backward epilogue
     "pair": ("pair", 13, 2, 4, 208, 136, "skip"),  # the pair's second weight reads sw2 in its own K loop
@@ -421,9 +443,10 @@ MX_TMA_CASES = {
 
 
 @pytest.mark.parametrize("case", list(MX_TMA_CASES))
-def test_mx_weight_scales_tma(case, monkeypatch):
-    # SW_TMA (sm_100's path, forced here with its 128 x 128 x 128 tiles): the weights' scales through the 5-D
-    # descriptor over tcgen05's chunks give the pointer loads' results bit for bit, and the reference's
+def test_mx_scales_tma(case, monkeypatch):
+    # SW_TMA / SA_TMA (sm_100's path, forced here with its 128 x 128 x 128 tiles): the weights' (and a dense A's)
+    # scales through 5-D descriptors over tcgen05's chunks give the pointer loads' results bit for bit, and the
+    # reference's
     use, *shape = MX_TMA_CASES[case]
     config = expert_gemm.gemm_config
     monkeypatch.setattr(expert_gemm, "gemm_config", lambda *a, **kw: replace(config(*a, **kw), block_n=128,
@@ -436,7 +459,8 @@ def test_mx_weight_scales_tma(case, monkeypatch):
         monkeypatch.setattr(expert_gemm, "gemm_kernel", kernel)
         torch.manual_seed(17)
         results[tma] = _mx_launch(use, *shape)
-        assert [c["SW_TMA"] for c in kernel.calls] == ([] if case == "empty" else [tma])
+        dense = use in ("plain", "pair")
+        assert [(c["SW_TMA"], c["SA_TMA"]) for c in kernel.calls] == ([] if case == "empty" else [(tma, tma and dense)])
     for pointers, tma in zip(results[False], results[True]):
         assert torch.equal(pointers.view(torch.uint8 if pointers.dtype != torch.float32 else torch.int32),
                            tma.view(torch.uint8 if tma.dtype != torch.float32 else torch.int32))  # fmt: skip

@@ -166,7 +166,8 @@ _TMA_ARCHS = (90, 100, 120)  # where the launchers load through TMA (``expert_ge
 _NO_WS_TMA_ARCHS = (90, 120)  # gemm_kernel's TMA builds without warp specialization (sm_100's: ``_warp_specialize``)
 _GATHER4_ARCHS = (100,)  # where gemm gathers 16-bit token rows through TMA (``expert_gemm._gather_load``)
 _SCALE_TMA_ARCHS = (100,)  # where gemm reads MX weight scales through TMA in tcgen05's chunks (``_mx_scales_tma``)
-_NO_SCALE_TMA = {"SW_TMA": False, "sw_desc": None, "sw2_desc": None}  # gemm_kernel's weight scales by pointers
+# gemm_kernel's MX scales by pointers (SW_TMA: the weights', SA_TMA: a dense A's)
+_NO_SCALE_TMA = {"SW_TMA": False, "sw_desc": None, "sw2_desc": None, "SA_TMA": False, "sa_desc": None, "sa2_desc": None}
 
 
 def _spec(
@@ -477,13 +478,12 @@ _WAIVE_FP8_MX_90 = (
     "Hopper takes blockwise or rowwise"
 )
 _WAIVE_FP8_MX_100 = (
-    "MX on sm_100 (block-scaled tcgen05: UTCQMMA with two scale-factor tensor-memory operands, 4 per 128-deep K step): "
-    "the weights' E8M0 scales come by TMA in tcgen05's chunk layout (SW_TMA: copied from shared to tensor memory by "
-    "UTCCP), but A's [128, 4] bytes per step by pointer loads, copied to tensor memory through registers: 218 loop "
-    "instructions on 4 warps (264 with the backward epilogue) against 168 for the rowwise build of the same tiles "
-    "(0.85-1.03 issue clocks per MMA clock; 257-287 and 1.00-1.12 with both scales by pointers); A's scales in chunks "
-    "need its tiles on 128-row chunks (expert offsets are not: e.g. written per M tile by the up-projection's "
-    "quantized epilogue; left to do)"
+    "MX on sm_100 with gathered A rows (block-scaled tcgen05: UTCQMMA with two scale-factor tensor-memory operands, "
+    "4 per 128-deep K step): the weights' E8M0 scales come by TMA in tcgen05's chunk layout (SW_TMA), A's (its "
+    "tokens') by pointer loads every K step, copied to tensor memory through registers: the backward epilogue's "
+    "264 loop instructions on 4 warps, 1.03 issue clocks per MMA clock (287 and 1.12 with the weights' by pointers "
+    "too; a dense A's scales by TMA as well, SA_TMA: the down GEMM 180 and 0.70); A's through TMA after a gather "
+    "pass per M tile measured 0.90 there but 102 KB of shared memory instead of 68 (3 -> 2 CTAs/SM): not taken"
 )
 _WAIVE_FP8_MX_100_SMALL_M = (
     "MX with 64-row tiles on sm_100: the block-scaled tcgen05 MMA needs M = 128; Triton emulates tl.dot_scaled in "
@@ -508,7 +508,8 @@ def _fp8_waivers(mode: Fp8Mode, use: _GemmUse, block_m: int) -> tuple[tuple[str,
             (check, _WAIVE_FP8_MX_90) for check in ("mma@90", "fp8mma@90", "pipeline@90", "issue@90", "occupancy@90")
         )
         small = tuple((c, _WAIVE_FP8_MX_100_SMALL_M) for c in ("mma@100", "fp8mma@100")) if block_m < _LARGE_M else ()
-        return (*waivers, ("issue@100", _WAIVE_FP8_MX_100), *small)
+        gathered = (("issue@100", _WAIVE_FP8_MX_100),) if use.gather else ()  # a dense A's scales come by TMA too
+        return (*waivers, *gathered, *small)
     if block_m < _LARGE_M or (use.glu and use.epilogue == Epilogue.FORWARD):
         return ()
     two = use.pair or use.epilogue == Epilogue.BACKWARD
@@ -528,9 +529,10 @@ def _scale_loads(mode: Fp8Mode, cfg, variants, archs) -> list[tuple[bool, tuple[
     return [(load, a) for load, a in ((True, chunks), (False, rest)) if a]
 
 
-def _scales_desc(cfg) -> str:
-    """The signature type of the MX weight scales' host descriptor (``sw_desc``): the tile's tcgen05 chunks."""
-    return f"tensordesc<u8[1,{cfg.block_n // 128},{cfg.block_k // 128},2,256]>"
+def _scales_desc(block_rows: int, block_k: int) -> str:
+    """The signature type of an MX scales' host descriptor (``sw_desc``, ``sa_desc``): a tile's tcgen05 chunks of 128
+    rows (W's columns, A's rows) x 4 groups of 32."""
+    return f"tensordesc<u8[1,{block_rows // 128},{block_k // 128},2,256]>"
 
 
 def _gemm_fp8_specs() -> list[CompileSpec]:
@@ -596,15 +598,24 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                                 "A_TMA": int(WeightLoad.POINTERS),
                                 "a_desc": None,
                             }  # FP8 rows: cp.async
-                            if sw_tma:  # MX weight scales through TMA (tcgen05's chunks), one box per tile
+                            if sw_tma:  # MX scales by TMA (tcgen05's chunks): W's, a dense A's (the launcher's rule)
                                 constexprs = {k: v for k, v in constexprs.items() if k not in _NO_SCALE_TMA}
-                                constexprs["SW_TMA"] = True
-                                descs["sw_desc"] = _scales_desc(cfg)
+                                constexprs.update(SW_TMA=True, SA_TMA=not use.gather)
+                                descs["sw_desc"] = _scales_desc(cfg.block_n, cfg.block_k)
                                 if two:
                                     descs["sw2_desc"] = descs["sw_desc"]
                                 else:
                                     constexprs["sw2_desc"] = None
-                            tag = (",tma,ws" if ws else ",tma" if load else "") + (",sw_tma" if sw_tma else "")
+                                if use.gather:
+                                    constexprs.update(sa_desc=None, sa2_desc=None)
+                                else:
+                                    descs["sa_desc"] = _scales_desc(cfg.block_m, cfg.block_k)
+                                    if use.pair:
+                                        descs["sa2_desc"] = descs["sa_desc"]
+                                    else:
+                                        constexprs["sa2_desc"] = None
+                            scale_tag = (",sw_tma" if use.gather else ",s_tma") if sw_tma else ""  # s: both
+                            tag = (",tma,ws" if ws else ",tma" if load else "") + scale_tag
                             spec = _spec(f"{name}{tag}]", gemm_kernel, dtype, cfg, constexprs, unit, _GEMM_ALIGNED,
                                          variants, use_pointers, sw_archs, **audit)  # fmt: skip
                             spec.signature.update(descs)
