@@ -165,7 +165,7 @@ _ARCHS = (80, 90, 100, 120)  # the compute capabilities the configs are listed f
 _TMA_ARCHS = (90, 100, 120)  # where the launchers load through TMA (``expert_gemm._tma_mode``, ``_row_tma``)
 _NO_WS_TMA_ARCHS = (90, 120)  # gemm_kernel's TMA builds without warp specialization (sm_100's: ``_warp_specialize``)
 _GATHER4_ARCHS = (100,)  # where gemm gathers 16-bit token rows through TMA (``expert_gemm._gather_load``)
-_SCALE_TMA_ARCHS = (100,)  # where gemm reads MX weight scales through TMA in tcgen05's chunks (``_mx_scales_tma``)
+_SCALE_TMA_ARCHS = (100,)  # where gemm reads MX scales through TMA in tcgen05's chunks (``_mx_scales_tma``)
 # gemm_kernel's MX scales by pointers (SW_TMA: the weights', SA_TMA: a dense A's)
 _NO_SCALE_TMA = {"SW_TMA": False, "sw_desc": None, "sw2_desc": None, "SA_TMA": False, "sa_desc": None, "sa2_desc": None}
 
@@ -520,9 +520,9 @@ def _fp8_waivers(mode: Fp8Mode, use: _GemmUse, block_m: int) -> tuple[tuple[str,
 
 
 def _scale_loads(mode: Fp8Mode, cfg, variants, archs) -> list[tuple[bool, tuple[int, ...]]]:
-    """``(SW_TMA, archs)``: the architectures of an FP8 ``gemm_kernel`` build whose MX weight scales come through TMA
-    in tcgen05's chunks (the aligned builds of whole-chunk tiles, ``expert_gemm.mx_chunk_tiles``, on
-    ``_SCALE_TMA_ARCHS``) and the others."""
+    """``(SW_TMA, archs)``: the architectures of an FP8 ``gemm_kernel`` build whose MX scales come through TMA in
+    tcgen05's chunks (the aligned builds of whole-chunk tiles, ``expert_gemm.mx_chunk_tiles``, on
+    ``_SCALE_TMA_ARCHS``: ``_scale_tma_loads``) and the others."""
     tma = mode == Fp8Mode.MX and variants == ("aligned",) and mx_chunk_tiles(cfg)
     chunks = tuple(cc for cc in archs if cc in _SCALE_TMA_ARCHS) if tma else ()
     rest = tuple(cc for cc in archs if cc not in chunks)
@@ -533,6 +533,19 @@ def _scales_desc(block_rows: int, block_k: int) -> str:
     """The signature type of an MX scales' host descriptor (``sw_desc``, ``sa_desc``): a tile's tcgen05 chunks of 128
     rows (W's columns, A's rows) x 4 groups of 32."""
     return f"tensordesc<u8[1,{block_rows // 128},{block_k // 128},2,256]>"
+
+
+def _scale_tma_loads(cfg, use: _GemmUse, two: bool) -> tuple[dict, dict[str, str]]:
+    """The constexprs and the descriptor arguments' signature types of an MX build whose scales come through TMA in
+    tcgen05's chunks (``expert_gemm.gemm``'s rule): the weight's (``SW_TMA``; ``two``: the GLU gate's or the pair's
+    second weight's too) and a dense A's (``SA_TMA``; the pair's second A's too); a gathered A's stay pointer
+    loads."""
+    w_desc, a_desc = _scales_desc(cfg.block_n, cfg.block_k), _scales_desc(cfg.block_m, cfg.block_k)
+    dense = not use.gather
+    descs = {"sw_desc": w_desc, "sw2_desc": w_desc if two else None, "sa_desc": a_desc if dense else None,
+             "sa2_desc": a_desc if dense and use.pair else None}  # fmt: skip
+    constexprs = {"SW_TMA": True, "SA_TMA": dense, **{name: None for name, d in descs.items() if d is None}}
+    return constexprs, {name: d for name, d in descs.items() if d is not None}
 
 
 def _gemm_fp8_specs() -> list[CompileSpec]:
@@ -598,22 +611,11 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                                 "A_TMA": int(WeightLoad.POINTERS),
                                 "a_desc": None,
                             }  # FP8 rows: cp.async
-                            if sw_tma:  # MX scales by TMA (tcgen05's chunks): W's, a dense A's (the launcher's rule)
-                                constexprs = {k: v for k, v in constexprs.items() if k not in _NO_SCALE_TMA}
-                                constexprs.update(SW_TMA=True, SA_TMA=not use.gather)
-                                descs["sw_desc"] = _scales_desc(cfg.block_n, cfg.block_k)
-                                if two:
-                                    descs["sw2_desc"] = descs["sw_desc"]
-                                else:
-                                    constexprs["sw2_desc"] = None
-                                if use.gather:
-                                    constexprs.update(sa_desc=None, sa2_desc=None)
-                                else:
-                                    descs["sa_desc"] = _scales_desc(cfg.block_m, cfg.block_k)
-                                    if use.pair:
-                                        descs["sa2_desc"] = descs["sa_desc"]
-                                    else:
-                                        constexprs["sa2_desc"] = None
+                            if sw_tma:
+                                scale_constexprs, scale_descs = _scale_tma_loads(cfg, use, two)
+                                constexprs = {k: v for k, v in constexprs.items() if k not in scale_descs}
+                                constexprs.update(scale_constexprs)
+                                descs.update(scale_descs)
                             scale_tag = (",sw_tma" if use.gather else ",s_tma") if sw_tma else ""  # s: both
                             tag = (",tma,ws" if ws else ",tma" if load else "") + scale_tag
                             spec = _spec(f"{name}{tag}]", gemm_kernel, dtype, cfg, constexprs, unit, _GEMM_ALIGNED,
