@@ -464,3 +464,39 @@ def test_mx_scales_tma(case, monkeypatch):
     for pointers, tma in zip(results[False], results[True]):
         assert torch.equal(pointers.view(torch.uint8 if pointers.dtype != torch.float32 else torch.int32),
                            tma.view(torch.uint8 if tma.dtype != torch.float32 else torch.int32))  # fmt: skip
+
+
+def test_mx_scales_tma_in_the_fp8_mlp(monkeypatch):
+    # the FP8 MLP (backends.triton_fp8, mxfp8) forward and backward with sm_100's scale loads forced (128-row tiles
+    # of 128 x 128 x 128): the scales its GEMMs pass (the weights' transposed views in the backward, the epilogue-
+    # quantized a, the dgrad pair's dh / dg) give the pointer path's output and gradients bit for bit; expert 1
+    # without rows, d = 48 and f = 40 (partial K groups and chunks)
+    from blocksparse_moe import functional
+    from blocksparse_moe.backends import triton as triton_backend
+
+    config = expert_gemm.gemm_config
+    monkeypatch.setattr(expert_gemm, "gemm_config", lambda *a, **kw: replace(config(*a, **kw), block_n=128,
+                                                                             block_k=128))  # fmt: skip
+    monkeypatch.setattr(triton_backend, "_grouped_block_m", lambda rows, num_experts: 128)
+    monkeypatch.setattr(expert_gemm, "_scale_tma_device", lambda device: True)
+    T, d, f, E, k = 10, 48, 40, 3, 2
+    torch.manual_seed(5)
+    x = torch.randn(T, d)
+    idx, weights = routing(T, k, E, "skip"), torch.rand(T, k)
+    w1, w3, w2 = torch.randn(E, d, f) / d**0.5, torch.randn(E, d, f) / d**0.5, torch.randn(E, f, d) / f**0.5
+    dout = torch.randn(T, d)
+    results = {}
+    for tma in (False, True):
+        monkeypatch.setattr(expert_gemm, "TMA_SCALES", tma)
+        kernel = Recorded(expert_gemm.gemm_kernel)
+        monkeypatch.setattr(expert_gemm, "gemm_kernel", kernel)
+        leaves = [t.clone().requires_grad_() for t in (x, weights, w1, w2, w3)]
+        out = functional.moe_mlp(leaves[0], idx, leaves[1], leaves[2], leaves[3], leaves[4], activation="silu",
+                                 impl="grouped", backend="triton", fp8="mxfp8")  # fmt: skip
+        out.backward(dout)
+        results[tma] = [out.detach(), *(t.grad for t in leaves)]
+        # up (gathered x: W's scales only), down (dense a: both), down_bwd (gathered dout), the dgrad pair (both)
+        assert [(c["SW_TMA"], c["SA_TMA"]) for c in kernel.calls] == [(tma, False), (tma, tma), (tma, False),
+                                                                       (tma, tma)]  # fmt: skip
+    for pointers, tma in zip(results[False], results[True]):
+        assert not pointers.isnan().any() and torch.equal(pointers, tma)
