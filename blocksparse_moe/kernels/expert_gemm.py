@@ -235,8 +235,8 @@ FP8_RECIPES: dict[Fp8Mode, Recipe] = {
 # elements of the reduced dimension per scale: gemm_kernel's K, wgrad_kernel's rows (128 blockwise, 32 mx)
 _BLOCKWISE_GROUP = tl.constexpr(FP8_RECIPES[Fp8Mode.BLOCKWISE].group)
 _MX_GROUP = tl.constexpr(FP8_RECIPES[Fp8Mode.MX].group)
-# the scale-factor chunk of block-scaled tcgen05 MMAs: 128 rows (W's columns) x 4 MX groups, 512 bytes laid out as
-# [32, 4, 4] (row 32·i + j, group q at byte 16·j + 4·i + q): _mx_scale_chunks, SW_TMA
+# the scale-factor chunk of block-scaled tcgen05 MMAs: 128 rows (W's columns, A's rows) x 4 MX groups, 512 bytes laid
+# out as [32, 4, 4] (row 32·i + j, group q at byte 16·j + 4·i + q): _mx_scale_chunks, SW_TMA / SA_TMA
 _MX_CHUNK_ROWS = tl.constexpr(128)
 _MX_CHUNK_GROUPS = tl.constexpr(4)
 # the FP8 modes whose forward epilogue can write ``a`` quantized (``gemm(..., act_scales=)``, ``QUANT_A``): groups of
