@@ -1,7 +1,8 @@
 """The two matmul kernels behind every expert GEMM, and their launchers: ``gemm_kernel`` (rows of one expert times
 that expert's weight, with a fused gather and fused epilogues; launched by ``gemm``) and ``wgrad_kernel`` (an
-expert's weight gradient, a reduction over its rows; launched by ``wgrad``). They serve both dropless strategies
-and every public op:
+expert's weight gradient, a reduction over its rows; launched by ``wgrad``), and ``scale_chunks_kernel``, the copy
+of MX scales into tcgen05's layout that ``gemm`` runs on sm_100 (``SW_TMA`` / ``SA_TMA``, under FP8 below). They
+serve both dropless strategies and every public op:
 
 =============================  =============================================================================
 ``sdd`` / ``dsd`` / ``dds_t``  ``gemm_kernel``, block-sparse operand or result in the blocked row layout
@@ -83,13 +84,13 @@ scale tiles of A ``[BLOCK_M, BLOCK_K / 32]`` and W ``[BLOCK_N, BLOCK_K / 32]`` (
 by Triton elsewhere; masked scales read 127, never the NaN 255); on sm_100 with tiles of whole 128 × 4 scale chunks
 (``SW_TMA``: ``_mx_scales_tma``) W's scale tiles come by TMA from a host descriptor over a copy of ``GemmScales.w`` /
 ``w2`` in tcgen05's scale-factor layout (``_mx_scale_chunks``), and a dense A's (``SA_TMA``) from one over a copy of
-``GemmScales.a`` / ``a2`` per M tile of the schedule (``_mx_tile_scales``: an M tile starts at any expert offset), both
-made at each launch; the block-scaled MMA copies them from shared to tensor memory without registers (``bench.audit``,
-the 128 × 128 down GEMM: 257 -> 180 loop instructions); a gathered A's (its tokens') stay pointer loads; ``ROWWISE``: a
-plain E4M3 MMA, the accumulator scaled once by ``sa[:, None] · sw[None, :]`` before the epilogue (the pair's second
-product in its own accumulator). On sm_90 E4M3 wgmma reads K-major tiles only: weights K-contiguous (a ``wᵀ`` view of
-``[E, N, K]`` storage) run pipelined, N-contiguous ones wait wgmma to zero each step (``bench.audit``). sm_80 has no
-E4M3 MMA.
+``GemmScales.a`` / ``a2`` per M tile of the schedule (``_mx_tile_scales``: an M tile starts at any expert offset), each
+by one launch of ``scale_chunks_kernel`` per GEMM; the block-scaled MMA copies them from shared to tensor memory without
+registers (``bench.audit``, the 128 × 128 down GEMM: 257 -> 180 loop instructions); a gathered A's (its tokens') stay
+pointer loads; ``ROWWISE``: a plain E4M3 MMA, the accumulator scaled once by ``sa[:, None] · sw[None, :]`` before the
+epilogue (the pair's second product in its own accumulator). On sm_90 E4M3 wgmma reads K-major tiles only: weights
+K-contiguous (a ``wᵀ`` view of ``[E, N, K]`` storage) run pipelined, N-contiguous ones wait wgmma to zero each step
+(``bench.audit``). sm_80 has no E4M3 MMA.
 
 **FP8 weight gradients** (``wgrad_kernel``'s ``FP8``: ``Fp8Mode``, ``wgrad(..., scales=WgradScales)``): dense E4M3
 A and B quantized along the rows (``fp8.quantize_rows``: one scale per column and group of ``G`` rows of one
@@ -146,6 +147,7 @@ __all__ = [
     "wgrad",
     "gemm_kernel",
     "wgrad_kernel",
+    "scale_chunks_kernel",
 ]
 
 
@@ -933,6 +935,53 @@ def wgrad_kernel(
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def scale_chunks_kernel(
+    s_ptr,  # E8M0 scales (uint8): W's [E, G, N] (rows: N), or (TILES) a dense A's [R, G]; any strides
+    out_ptr,  # [outer, chunks, cdiv(G, 4), 512] uint8, contiguous: tcgen05's scale-factor chunks
+    offsets_ptr,  # TILES: [E+1] int32 expert row offsets (unused otherwise)
+    tile_offsets_ptr,  # TILES: [E+1] int32 prefix sum of the experts' M tiles
+    tile_expert_ptr,  # TILES: [outer] int32 expert of each M tile, E for a zeroing tile
+    rows,  # W: N (TILES: unused)
+    G,  # scale groups along K
+    E,
+    chunks,  # chunks of 128 rows per outer index: cdiv(N, 128), or BLOCK_M / 128
+    g_chunks,  # cdiv(G, 4)
+    s_so,  # W: expert stride (TILES: unused)
+    s_sr,  # row stride (W: along N)
+    s_sg,  # group stride
+    BLOCK_M: tl.constexpr,  # TILES: the schedule's M tile
+    TILES: tl.constexpr,  # A per M tile of the schedule (outer: the tile); else W per expert (outer: the expert)
+):
+    """One 512-byte chunk per program, ``(outer, chunk, group chunk)`` in ``out``'s order: the scales of its 128 rows
+    × 4 groups, row ``32·i + j`` and group ``q`` at byte ``16·j + 4·i + q`` (``_MX_CHUNK_ROWS``), 127 (2^0) past the
+    rows and groups. Rows of W: ``128·chunk + r`` of expert ``outer``, up to ``rows``; of a dense A (``TILES``): M
+    tile ``outer``'s rows from its start (``_gemm_tile``'s formula) up to its expert's end, none for a zeroing
+    tile."""
+    pid = tl.program_id(0)
+    outer = pid // (chunks * g_chunks)
+    chunk = (pid // g_chunks) % chunks
+    b = pid % g_chunks
+    r = tl.arange(0, _MX_CHUNK_ROWS)
+    q = tl.arange(0, _MX_CHUNK_GROUPS)
+    if TILES:
+        e = tl.load(tile_expert_ptr + outer)
+        start = tl.load(offsets_ptr + e) + (outer - tl.load(tile_offsets_ptr + e)) * BLOCK_M
+        end = tl.load(offsets_ptr + e + 1, mask=e < E, other=0)  # a zeroing tile (e = E): no rows
+        row = start + chunk * _MX_CHUNK_ROWS + r
+        row_ok = row < end
+        base = s_ptr
+    else:
+        row = chunk * _MX_CHUNK_ROWS + r
+        row_ok = row < rows
+        base = s_ptr + outer.to(tl.int64) * s_so
+    g = b * _MX_CHUNK_GROUPS + q
+    src = base + row.to(tl.int64)[:, None] * s_sr + g.to(tl.int64)[None, :] * s_sg
+    v = tl.load(src, mask=row_ok[:, None] & (g < G)[None, :], other=127)
+    byte = ((r % 32) * 16 + (r // 32) * _MX_CHUNK_GROUPS)[:, None] + q[None, :]
+    tl.store(out_ptr + pid.to(tl.int64) * (_MX_CHUNK_ROWS * _MX_CHUNK_GROUPS) + byte, v)
+
+
 # ----------------------------------------------------------------------------------------------- configs
 
 
@@ -1200,32 +1249,47 @@ def _mx_scale_chunks(s: torch.Tensor) -> torch.Tensor:
     """MX weight scales ``s [E, G, N]`` (uint8 E8M0, any strides: ``GemmScales.w``) in the scale-factor layout of
     block-scaled tcgen05 MMAs, ``[E, cdiv(N, 128), cdiv(G, 4), 2, 256]`` contiguous: per expert, the chunks of 128
     columns × 4 groups, each 512 bytes holding column ``128·c + 32·i + j``, group ``4·b + q`` at byte ``16·j +
-    4·i + q`` (``_MX_CHUNK_ROWS``); padded with 127 (2^0) past N and G. A device copy (no synchronization), E·N·G
-    bytes."""
+    4·i + q`` (``_MX_CHUNK_ROWS``); padded with 127 (2^0) past N and G. One launch of ``scale_chunks_kernel``, no
+    synchronization."""
     E, G, N = s.shape
-    rows, groups = int(_MX_CHUNK_ROWS), int(_MX_CHUNK_GROUPS)
-    nc, gc = -(-N // rows), -(-G // groups)
-    padded = s.new_full((E, nc * rows, gc * groups), 127)
-    padded[:, :N, :G] = s.transpose(1, 2)
-    chunks = padded.view(E, nc, groups, rows // groups, gc, groups).permute(0, 1, 4, 3, 2, 5)
-    return chunks.reshape(E, nc, gc, 2, rows * groups // 2)
+    return _launch_scale_chunks(s, E, -(-N // int(_MX_CHUNK_ROWS)), G, (s.stride(0), s.stride(2), s.stride(1)), rows=N)
 
 
 def _mx_tile_scales(s: torch.Tensor, schedule: Schedule) -> torch.Tensor:
     """A dense A's MX scales ``s [R, G]`` (one row per A row, any strides: ``GemmScales.a``) per M tile of
     ``schedule``, in tcgen05's chunks (``_mx_scale_chunks``): ``[max_m_tiles, block_m / 128, cdiv(G, 4), 2, 256]``,
     tile m holding the scales of its rows ``start .. start + block_m`` (``_gemm_tile``'s formula; 127 for rows past
-    the expert's end and in the tiles zeroing the rows past ``offsets[E]``). Device ops, no synchronization; R·G
-    bytes read, ``max_m_tiles · block_m · G`` written."""
-    off, tile_off = schedule.offsets.long(), schedule.tile_offsets.long()
-    e, E = schedule.tile_expert.long(), off.numel() - 1
-    m = torch.arange(schedule.max_m_tiles, device=s.device)
-    start = off[e] + (m - tile_off[e]) * schedule.block_m
-    end = torch.where(e < E, off[(e + 1).clamp(max=E)], start)  # a zeroing tile: no rows
-    rows = start[:, None] + torch.arange(schedule.block_m, device=s.device)
-    ok = rows < end[:, None]
-    tiles = torch.where(ok[..., None], s[rows.clamp(0, s.shape[0] - 1)], 127)
-    return _mx_scale_chunks(tiles.transpose(1, 2))
+    the expert's end and in the tiles zeroing the rows past ``offsets[E]``). One launch of ``scale_chunks_kernel``,
+    no synchronization."""
+    chunks = schedule.block_m // int(_MX_CHUNK_ROWS)
+    return _launch_scale_chunks(s, schedule.max_m_tiles, chunks, s.shape[1], (0, *s.stride()), schedule=schedule)
+
+
+def _launch_scale_chunks(
+    s: torch.Tensor,
+    outer: int,
+    chunks: int,
+    G: int,
+    strides: tuple[int, int, int],
+    *,
+    rows: int = 0,
+    schedule: Schedule | None = None,
+) -> torch.Tensor:
+    """Launch ``scale_chunks_kernel``: ``outer`` experts (W's ``rows`` rows) or, with ``schedule``, M tiles (a dense
+    A's), ``chunks`` chunks of 128 rows each, ``G`` groups; ``strides``: the scales' (outer, row, group) strides.
+    Grid: one program per chunk, ``outer · chunks · cdiv(G, 4)``."""
+    g_chunks = -(-G // int(_MX_CHUNK_GROUPS))
+    size = int(_MX_CHUNK_ROWS) * int(_MX_CHUNK_GROUPS)
+    out = torch.empty(outer, chunks, g_chunks, 2, size // 2, dtype=torch.uint8, device=s.device)
+    if out.numel() == 0:
+        return out
+    tiles = schedule is not None
+    maps = (schedule.offsets, schedule.tile_offsets, schedule.tile_expert) if tiles else (out,) * 3  # unused: W's
+    scale_chunks_kernel[(outer * chunks * g_chunks,)](
+        s, out, *maps, rows, G, maps[0].shape[0] - 1 if tiles else 0, chunks, g_chunks, *strides,
+        BLOCK_M=schedule.block_m if tiles else int(_MX_CHUNK_ROWS), TILES=tiles,
+    )  # fmt: skip
+    return out
 
 
 def _mx_scales_descriptor(chunks: torch.Tensor, block_rows: int, block_k: int) -> TensorDescriptor:

@@ -43,6 +43,7 @@ from .expert_gemm import (
     gemm_config,
     gemm_kernel,
     mx_chunk_tiles,
+    scale_chunks_kernel,
     wgrad_config,
     wgrad_kernel,
 )
@@ -548,6 +549,20 @@ def _scale_tma_loads(cfg, use: _GemmUse, two: bool) -> tuple[dict, dict[str, str
     return constexprs, {name: d for name, d in descs.items() if d is not None}
 
 
+def _scale_chunks_specs() -> list[CompileSpec]:
+    """``scale_chunks_kernel`` (``gemm``'s MX scales in tcgen05's chunks, on ``_SCALE_TMA_ARCHS``): W's per expert
+    and a dense A's per M tile of 128 rows."""
+    specs = []
+    for tiles, what in ((False, "w"), (True, "a")):
+        constexprs = {"BLOCK_M": 128, "TILES": tiles}
+        pointers = {**_INDEX, "s_ptr": torch.uint8, "out_ptr": torch.uint8}
+        signature = kernel_signature(scale_chunks_kernel, constexprs, torch.uint8, pointers)
+        specs.append(CompileSpec(f"scale_chunks[{what}]", scale_chunks_kernel, signature, constexprs, 4, num_stages=1,
+                                 is_matmul=False, expect_pipelined=False, archs=_SCALE_TMA_ARCHS,
+                                 serves="MX scales by TMA (SW_TMA / SA_TMA), every shape"))  # fmt: skip
+    return specs
+
+
 def _gemm_fp8_specs() -> list[CompileSpec]:
     """``gemm_kernel``'s FP8 builds: each recipe (``Fp8Mode``) with each GEMM of the FP8 MLP, the configs
     ``gemm_config(fp8=...)`` picks (128- and 64-row tiles), the weights through TMA where the launcher takes it."""
@@ -971,7 +986,8 @@ def _ieee_specs(specs: list[CompileSpec]) -> list[CompileSpec]:
 
 
 def compile_specs() -> list[CompileSpec]:
-    """The GEMM, weight-gradient, permute and FP8 quantize configurations the GPU path can pick (module
-    docstring)."""
+    """The GEMM, weight-gradient, permute, FP8 quantize and MX scale-chunk configurations the GPU path can pick
+    (module docstring)."""
     plain = _gemm_specs() + _wgrad_specs()
-    return plain + _ieee_specs(plain) + _gemm_fp8_specs() + _fp8_wgrad_specs() + _permute_specs() + _quantize_specs()
+    fp8 = _gemm_fp8_specs() + _fp8_wgrad_specs() + _quantize_specs() + _scale_chunks_specs()
+    return plain + _ieee_specs(plain) + fp8 + _permute_specs()
