@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import poison_, routing
+from helpers import Recorded, poison_, routing
 
 from blocksparse_moe import fp8
 from blocksparse_moe.activations import act_backward, get_activation
@@ -317,3 +317,186 @@ def test_fp8_gemm_configs(monkeypatch):
                 assert slow.block_k == slow.block_n == 32
     monkeypatch.setattr(expert_gemm, "interpreting", lambda: True)
     assert expert_gemm.gemm_config(e4m3, 16, fp8=Fp8Mode.MX).block_k == 32  # whole MX groups when interpreting
+
+
+# ----------------------------------------------------------------------------------------------- MX scales by TMA
+
+
+def test_mx_scale_chunks_layout():
+    # tcgen05's scale-factor chunks (SW_TMA): column 128·c + 32·i + j, group 4·b + q at byte 16·j + 4·i + q of chunk
+    # (c, b); N = 136 and G = 7 are multiples of neither 128 nor 4 (padding 127 = 2^0); a transposed view as input
+    E, G, N = 2, 7, 136
+    s = torch.randint(0, 256, (E, N, G), dtype=torch.uint8).transpose(1, 2)  # [E, G, N], N-strided like wᵀ's
+    before = s.clone()
+    chunks = expert_gemm._mx_scale_chunks(s)
+    assert chunks.shape == (E, 2, 2, 2, 256) and chunks.is_contiguous() and torch.equal(s, before)
+    flat = chunks.reshape(E, 2, 2, 512)
+    for e in range(E):
+        for n in range(256):
+            for g in range(8):
+                c, i, j, b, q = n // 128, (n % 128) // 32, n % 32, g // 4, g % 4
+                want = s[e, g, n].item() if n < N and g < G else 127
+                assert flat[e, c, b, 16 * j + 4 * i + q].item() == want, (e, n, g)
+
+
+def test_mx_scales_tma_rule(monkeypatch):
+    # SW_TMA: MX only, tiles of whole chunks (128 rows, 128 columns, K steps of 4 groups), K > 0, sm_100 only
+    # (_scale_tma_device: never when interpreting), TMA_SCALES on
+    cfg = expert_gemm.GemmConfig(128, 128, 128, 8, 4, 3)
+    cpu = torch.device("cpu")
+    assert not expert_gemm._mx_scales_tma(Fp8Mode.MX, cfg, 256, cpu)  # interpreting: not sm_100
+    monkeypatch.setattr(expert_gemm, "_scale_tma_device", lambda device: True)
+    assert expert_gemm._mx_scales_tma(Fp8Mode.MX, cfg, 256, cpu)
+    assert expert_gemm._mx_scales_tma(Fp8Mode.MX, replace(cfg, block_n=256, block_k=256), 256, cpu)
+    for mode in (Fp8Mode.NONE, Fp8Mode.BLOCKWISE, Fp8Mode.ROWWISE):
+        assert not expert_gemm._mx_scales_tma(mode, cfg, 256, cpu)
+    for partial in (dict(block_m=64), dict(block_n=64), dict(block_k=64)):  # a tile of part of a chunk
+        assert not expert_gemm._mx_scales_tma(Fp8Mode.MX, replace(cfg, **partial), 256, cpu)
+    assert not expert_gemm._mx_scales_tma(Fp8Mode.MX, cfg, 0, cpu)  # K = 0: no scale groups
+    monkeypatch.setattr(expert_gemm, "TMA_SCALES", False)
+    assert not expert_gemm._mx_scales_tma(Fp8Mode.MX, cfg, 256, cpu)
+
+
+def test_mx_tile_scales_layout():
+    # A's scales per M tile (SA_TMA): tile m holds its rows start .. start + 128 of _gemm_tile's formula, 127 past
+    # its expert's end and in the tiles zeroing the rows past offsets[E]; G = 3 groups (a padded chunk); an expert
+    # without rows (1) and one of two tiles (2); the scales a transposed view
+    offsets = torch.tensor([0, 5, 5, 200], dtype=torch.int32)
+    schedule = Schedule.build(offsets, 200, 128)
+    s = torch.randint(0, 256, (3, 200), dtype=torch.uint8).t()
+    chunks = expert_gemm._mx_tile_scales(s, schedule)
+    assert chunks.shape == (schedule.max_m_tiles, 1, 1, 2, 256)
+    flat = chunks.reshape(schedule.max_m_tiles, 512)
+    starts = {0: (0, 5), 1: (5, 200), 2: (133, 200)}  # tile: (first row, the expert's end)
+    for m in range(schedule.max_m_tiles):
+        first, end = starts.get(m, (0, 0))  # the rest: zeroing tiles
+        for r in range(128):
+            for g in range(4):
+                i, j = r // 32, r % 32
+                want = s[first + r, g].item() if first + r < end and g < 3 else 127
+                assert flat[m, 16 * j + 4 * i + g].item() == want, (m, r, g)
+
+
+def _mx_launch(use: str, T: int, k: int, E: int, K: int, N: int, kind: str) -> tuple[torch.Tensor, ...]:
+    """One MX ``gemm`` of ``use`` on fresh random operands (seeded by the caller) with 128-row tiles, poisoned
+    outputs checked against the float64 reference of the quantized math; returns the outputs (bf16)."""
+    mode, rcp = Fp8Mode.MX, Fp8Mode.MX.recipe()
+    plan = _plan(T, k, E, kind)
+    R = plan.num_assignments
+    schedule = Schedule.build(plan.offsets, R, 128)
+    gathered = use in ("plain-gathered", "forward-glu", "backward-glu")
+    a_q, a_s, a64 = quantized(torch.randn(T if gathered else R, K), rcp.act_block(), mode)
+    w_q, w_s, w64 = weight(E, K, N, mode, True)  # the FP8 MLP's K-major weights (wᵀ views of [E, N, K] storage)
+    inputs = [t.clone() for t in (a_q.view(torch.uint8), a_s, w_q.view(torch.uint8), w_s)]
+    a, row_src = Rows.dense(a_q, gathered=gathered), plan.row_token if gathered else None
+    out = _poisoned(R, N, torch.bfloat16)
+    ref, bound = reference(plan, a64, w64, gathered)
+    outs: tuple[torch.Tensor, ...] = (out,)
+    if use in ("plain", "plain-gathered"):
+        expert_gemm.gemm(a, w_q, Rows.dense(out), schedule, row_src=row_src, scales=GemmScales(mode, a_s, w_s))
+    elif use == "forward-glu":  # the gate's scales: sw2
+        g_q, g_s, g64 = weight(E, K, N, mode, True)
+        gate_out, act_out = _poisoned(R, N, torch.bfloat16), _poisoned(R, N, torch.bfloat16)
+        expert_gemm.gemm(
+            a, w_q, Rows.dense(out), schedule, row_src=row_src, gate=g_q, gate_out=gate_out, act_out=act_out,
+            activation="silu", scales=GemmScales(mode, a_s, w_s, g_s),
+        )  # fmt: skip
+        assert_accumulated(gate_out, *reference(plan, a64, g64, gathered), "g")
+        outs += (gate_out, act_out)
+    elif use == "backward-glu":
+        h, g = torch.randn(R, N).bfloat16(), torch.randn(R, N).bfloat16()
+        dg, aw = _poisoned(R, N, torch.bfloat16), _poisoned(R, N, torch.bfloat16)
+        dots = expert_gemm.gemm(
+            a, w_q, Rows.dense(out), schedule, row_src=row_src, gate_out=dg, act_out=aw, activation="silu",
+            backward=BackwardEpilogue(h, g, plan.row_assignment, torch.rand(T * k)), scales=GemmScales(mode, a_s, w_s),
+        )  # fmt: skip
+        outs += (dg, aw, dots)
+    else:  # pair: the second weight's scales: sw2 (the second mainloop's W)
+        a2_q, a2_s, a2_64 = quantized(torch.randn(R, K), rcp.act_block(), mode)
+        w2_q, w2_s, w2_64 = weight(E, K, N, mode, True)
+        scales = GemmScales(mode, a_s, w_s, w2_s, a2_s)
+        expert_gemm.gemm(a, w_q, Rows.dense(out), schedule, pair=(Rows.dense(a2_q), w2_q), scales=scales)
+        ref2, bound2 = reference(plan, a2_64, w2_64, False)
+        ref, bound = ref + ref2, bound + bound2
+    if use != "backward-glu":  # (the backward epilogue's out is dh: test_fp8_gemm checks its math)
+        assert_accumulated(out, ref, bound, "out")
+    for before, after in zip(inputs, (a_q.view(torch.uint8), a_s, w_q.view(torch.uint8), w_s)):
+        assert torch.equal(before, after)  # inputs are never modified
+    return outs
+
+
+MX_TMA_CASES = {
+    # name: (use, T, k, E, K, N, routing); "plain" and "pair" read a dense A: its scales through TMA too (SA_TMA)
+    # experts 1 and 3 without rows; K = 208: 7 groups (the last partial, the second chunk of groups padded), two K
+    # steps; N = 136: a second, partial chunk of 128 columns
+    "plain-empty-experts": ("plain", 13, 2, 4, 208, 136, "skip"),
+    "dense-one-expert": ("plain", 70, 2, 3, 80, 40, "one-hot"),  # dense rows all on one expert: two M tiles
+    "dense-one-row": ("plain", 1, 1, 1, 80, 40, "uniform"),  # one dense row, E = 1
+    "glu-forward": ("forward-glu", 13, 2, 4, 208, 136, "skip"),  # the gate's scales (sw2) too
+    "glu-backward": ("backward-glu", 13, 2, 4, 208, 136, "skip"),  # the backward epilogue
+    "pair": ("pair", 13, 2, 4, 208, 136, "skip"),  # the pair's second weight reads sw2 in its own K loop
+    "one-row": ("plain-gathered", 1, 1, 1, 80, 40, "uniform"),  # one row, E = 1; K = 80: one partial K step
+    "one-expert": ("plain-gathered", 70, 2, 3, 80, 40, "one-hot"),  # all rows on one expert: two M tiles
+    "k=E": ("plain-gathered", 5, 3, 3, 32, 24, "uniform"),  # k = E: every token on every expert
+    "empty": ("plain-gathered", 0, 2, 3, 80, 40, "uniform"),  # no rows: nothing to launch
+}
+
+
+@pytest.mark.parametrize("case", list(MX_TMA_CASES))
+def test_mx_scales_tma(case, monkeypatch):
+    # SW_TMA / SA_TMA (sm_100's path, forced here with its 128 x 128 x 128 tiles): the weights' (and a dense A's)
+    # scales through 5-D descriptors over tcgen05's chunks give the pointer loads' results bit for bit, and the
+    # reference's
+    use, *shape = MX_TMA_CASES[case]
+    config = expert_gemm.gemm_config
+    monkeypatch.setattr(expert_gemm, "gemm_config", lambda *a, **kw: replace(config(*a, **kw), block_n=128,
+                                                                             block_k=128))  # fmt: skip
+    monkeypatch.setattr(expert_gemm, "_scale_tma_device", lambda device: True)
+    results = {}
+    for tma in (False, True):
+        monkeypatch.setattr(expert_gemm, "TMA_SCALES", tma)
+        kernel = Recorded(expert_gemm.gemm_kernel)
+        monkeypatch.setattr(expert_gemm, "gemm_kernel", kernel)
+        torch.manual_seed(17)
+        results[tma] = _mx_launch(use, *shape)
+        dense = use in ("plain", "pair")
+        assert [(c["SW_TMA"], c["SA_TMA"]) for c in kernel.calls] == ([] if case == "empty" else [(tma, tma and dense)])
+    for pointers, tma in zip(results[False], results[True]):
+        assert torch.equal(pointers.view(torch.uint8 if pointers.dtype != torch.float32 else torch.int32),
+                           tma.view(torch.uint8 if tma.dtype != torch.float32 else torch.int32))  # fmt: skip
+
+
+def test_mx_scales_tma_in_the_fp8_mlp(monkeypatch):
+    # the FP8 MLP (backends.triton_fp8, mxfp8) forward and backward with sm_100's scale loads forced (128-row tiles
+    # of 128 x 128 x 128): the scales its GEMMs pass (the weights' transposed views in the backward, the epilogue-
+    # quantized a, the dgrad pair's dh / dg) give the pointer path's output and gradients bit for bit; expert 1
+    # without rows, d = 48 and f = 40 (partial K groups and chunks)
+    from blocksparse_moe import functional
+    from blocksparse_moe.backends import triton as triton_backend
+
+    config = expert_gemm.gemm_config
+    monkeypatch.setattr(expert_gemm, "gemm_config", lambda *a, **kw: replace(config(*a, **kw), block_n=128,
+                                                                             block_k=128))  # fmt: skip
+    monkeypatch.setattr(triton_backend, "_grouped_block_m", lambda rows, num_experts: 128)
+    monkeypatch.setattr(expert_gemm, "_scale_tma_device", lambda device: True)
+    T, d, f, E, k = 10, 48, 40, 3, 2
+    torch.manual_seed(5)
+    x = torch.randn(T, d)
+    idx, weights = routing(T, k, E, "skip"), torch.rand(T, k)
+    w1, w3, w2 = torch.randn(E, d, f) / d**0.5, torch.randn(E, d, f) / d**0.5, torch.randn(E, f, d) / f**0.5
+    dout = torch.randn(T, d)
+    results = {}
+    for tma in (False, True):
+        monkeypatch.setattr(expert_gemm, "TMA_SCALES", tma)
+        kernel = Recorded(expert_gemm.gemm_kernel)
+        monkeypatch.setattr(expert_gemm, "gemm_kernel", kernel)
+        leaves = [t.clone().requires_grad_() for t in (x, weights, w1, w2, w3)]
+        out = functional.moe_mlp(leaves[0], idx, leaves[1], leaves[2], leaves[3], leaves[4], activation="silu",
+                                 impl="grouped", backend="triton", fp8="mxfp8")  # fmt: skip
+        out.backward(dout)
+        results[tma] = [out.detach(), *(t.grad for t in leaves)]
+        # up (gathered x: W's scales only), down (dense a: both), down_bwd (gathered dout), the dgrad pair (both)
+        assert [(c["SW_TMA"], c["SA_TMA"]) for c in kernel.calls] == [(tma, False), (tma, tma), (tma, False),
+                                                                       (tma, tma)]  # fmt: skip
+    for pointers, tma in zip(results[False], results[True]):
+        assert not pointers.isnan().any() and torch.equal(pointers, tma)

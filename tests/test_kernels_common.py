@@ -200,3 +200,9 @@ def _assert_sm100_only(monkeypatch, predicate) -> None:
 def test_warp_specialization_only_on_sm100(monkeypatch):
     # gemm_kernel warp-specializes its K loop on sm_100 only (the audit builds WARP_SPEC there)
     _assert_sm100_only(monkeypatch, expert_gemm._warp_specialize)
+
+
+def test_scale_tma_only_on_sm100(monkeypatch):
+    # gemm_kernel's MX weight scales through TMA in tcgen05's chunks (SW_TMA) on sm_100 only (the audit builds it
+    # there)
+    _assert_sm100_only(monkeypatch, expert_gemm._scale_tma_device)

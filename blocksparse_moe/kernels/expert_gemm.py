@@ -1,7 +1,8 @@
 """The two matmul kernels behind every expert GEMM, and their launchers: ``gemm_kernel`` (rows of one expert times
 that expert's weight, with a fused gather and fused epilogues; launched by ``gemm``) and ``wgrad_kernel`` (an
-expert's weight gradient, a reduction over its rows; launched by ``wgrad``). They serve both dropless strategies
-and every public op:
+expert's weight gradient, a reduction over its rows; launched by ``wgrad``), and ``scale_chunks_kernel``, the copy
+of MX scales into tcgen05's layout that ``gemm`` runs on sm_100 (``SW_TMA`` / ``SA_TMA``, under FP8 below). They
+serve both dropless strategies and every public op:
 
 =============================  =============================================================================
 ``sdd`` / ``dsd`` / ``dds_t``  ``gemm_kernel``, block-sparse operand or result in the blocked row layout
@@ -78,12 +79,18 @@ expert-major (the programs of one expert share its rows), grouped order inside.
 strides; a gathered A's scales are its tokens'), accumulates in fp32 and runs every epilogue unchanged on the fp32
 accumulator; the output in out's dtype. ``BLOCKWISE``: each K step's MMA into a fresh accumulator, promoted as
 ``acc += p · (sa · sw)[:, None]`` (A's scales of the step's 128-wide K group per row; ``sw`` the scale of the tile's
-128 × 128 weight block, ``BLOCK_N | 128``), as DeepSeek-V3 / DeepGEMM promote; ``MX``: ``tl.dot_scaled`` with the
-E8M0 scale tiles of A ``[BLOCK_M, BLOCK_K / 32]`` and W ``[BLOCK_N, BLOCK_K / 32]`` (block-scaled tcgen05 on sm_100,
-emulated by Triton elsewhere; masked scales read 127, never the NaN 255); ``ROWWISE``: a plain E4M3 MMA, the
-accumulator scaled once by ``sa[:, None] · sw[None, :]`` before the epilogue (the pair's second product in its own
-accumulator). On sm_90 E4M3 wgmma reads K-major tiles only: weights K-contiguous (a ``wᵀ`` view of ``[E, N, K]``
-storage) run pipelined, N-contiguous ones wait wgmma to zero each step (``bench.audit``). sm_80 has no E4M3 MMA.
+128 × 128 weight block, ``BLOCK_N | 128``), as DeepSeek-V3 / DeepGEMM promote; ``MX``: ``tl.dot_scaled`` with the E8M0
+scale tiles of A ``[BLOCK_M, BLOCK_K / 32]`` and W ``[BLOCK_N, BLOCK_K / 32]`` (block-scaled tcgen05 on sm_100, emulated
+by Triton elsewhere; masked scales read 127, never the NaN 255); on sm_100 with tiles of whole 128 × 4 scale chunks
+(``SW_TMA``: ``_mx_scales_tma``) W's scale tiles come by TMA from a host descriptor over a copy of ``GemmScales.w`` /
+``w2`` in tcgen05's scale-factor layout (``_mx_scale_chunks``), and a dense A's (``SA_TMA``) from one over a copy of
+``GemmScales.a`` / ``a2`` per M tile of the schedule (``_mx_tile_scales``: an M tile starts at any expert offset), each
+by one launch of ``scale_chunks_kernel`` per GEMM; the block-scaled MMA copies them from shared to tensor memory without
+registers (``bench.audit``, the 128 × 128 down GEMM: 257 -> 180 loop instructions); a gathered A's (its tokens') stay
+pointer loads; ``ROWWISE``: a plain E4M3 MMA, the accumulator scaled once by ``sa[:, None] · sw[None, :]`` before the
+epilogue (the pair's second product in its own accumulator). On sm_90 E4M3 wgmma reads K-major tiles only: weights
+K-contiguous (a ``wᵀ`` view of ``[E, N, K]`` storage) run pipelined, N-contiguous ones wait wgmma to zero each step
+(``bench.audit``). sm_80 has no E4M3 MMA.
 
 **FP8 weight gradients** (``wgrad_kernel``'s ``FP8``: ``Fp8Mode``, ``wgrad(..., scales=WgradScales)``): dense E4M3
 A and B quantized along the rows (``fp8.quantize_rows``: one scale per column and group of ``G`` rows of one
@@ -135,10 +142,12 @@ __all__ = [
     "BackwardEpilogue",
     "TMA_WEIGHTS",
     "persistent_programs",
+    "mx_chunk_tiles",
     "gemm",
     "wgrad",
     "gemm_kernel",
     "wgrad_kernel",
+    "scale_chunks_kernel",
 ]
 
 
@@ -228,6 +237,10 @@ FP8_RECIPES: dict[Fp8Mode, Recipe] = {
 # elements of the reduced dimension per scale: gemm_kernel's K, wgrad_kernel's rows (128 blockwise, 32 mx)
 _BLOCKWISE_GROUP = tl.constexpr(FP8_RECIPES[Fp8Mode.BLOCKWISE].group)
 _MX_GROUP = tl.constexpr(FP8_RECIPES[Fp8Mode.MX].group)
+# the scale-factor chunk of block-scaled tcgen05 MMAs: 128 rows (W's columns, A's rows) x 4 MX groups, 512 bytes laid
+# out as [32, 4, 4] (row 32·i + j, group q at byte 16·j + 4·i + q): _mx_scale_chunks, SW_TMA / SA_TMA
+_MX_CHUNK_ROWS = tl.constexpr(128)
+_MX_CHUNK_GROUPS = tl.constexpr(4)
 # the FP8 modes whose forward epilogue can write ``a`` quantized (``gemm(..., act_scales=)``, ``QUANT_A``): groups of
 # columns that whole tiles hold (MX: 32; the FP8 GLU tiles are 32 or 64 wide). Not BLOCKWISE: its 128-column groups
 # need 128-wide GLU tiles (two 128 x 128 accumulators and the promotion's step result spill: backends.triton_fp8);
@@ -272,8 +285,21 @@ def _dot(a, b, acc, DOTS: tl.constexpr):
 
 
 @triton.jit
-def _fp8_dot(acc, a, w, sa_ptr, sa_rows, s_sak, sw_ptr, sw_cols, s_swk, row_ok, n_ok, t, k_groups,
-             BLOCK_K: tl.constexpr, FP8: tl.constexpr):  # fmt: skip
+def _scale_chunks(desc, outer, chunk, t, ROWS: tl.constexpr, SG: tl.constexpr):
+    """The E8M0 scale tile ``[ROWS, SG]`` of K step ``t`` (``SG`` groups of 32 per step) through ``desc``, a host
+    descriptor over tcgen05's scale-factor chunks ``[outer, rows / 128, groups / 4, 2, 256]``
+    (``_mx_scale_chunks``): the ``ROWS / 128 × SG / 4`` chunks at ``[outer, chunk, t · SG / 4]``, reshaped to rows ×
+    groups (sm_100's block-scaled MMA copies them from shared to tensor memory without registers)."""
+    CR: tl.constexpr = ROWS // _MX_CHUNK_ROWS
+    CK: tl.constexpr = SG // _MX_CHUNK_GROUPS
+    s = desc.load([outer, chunk, t * CK, 0, 0])
+    return s.reshape(CR, CK, 32, 4, _MX_CHUNK_GROUPS).trans(0, 3, 2, 1, 4).reshape(ROWS, SG)
+
+
+@triton.jit
+def _fp8_dot(acc, a, w, sa_ptr, sa_rows, s_sak, sa_desc, m_tile, sw_ptr, sw_cols, s_swk, sw_desc, e, n0, row_ok, n_ok,
+             t, k_groups, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, SA_TMA: tl.constexpr,
+             SW_TMA: tl.constexpr):  # fmt: skip
     """One K step ``acc += A_t @ W_t`` of E4M3 tiles with their scales (``FP8``, an ``Fp8Mode``) at step ``t``:
 
     - ``BLOCKWISE``: the step lies in K group ``t·BLOCK_K // 128`` (``BLOCK_K | 128``); its MMA into a fresh
@@ -282,7 +308,10 @@ def _fp8_dot(acc, a, w, sa_ptr, sa_rows, s_sak, sw_ptr, sw_cols, s_swk, row_ok, 
       FFMA per element and step;
     - ``MX``: ``tl.dot_scaled`` with the E8M0 scale tiles ``[BLOCK_M, BLOCK_K // 32]`` of A and ``[BLOCK_N,
       BLOCK_K // 32]`` of W (``sw_cols``: W's column offsets of the scales); masked scales read 127 (2^0: finite, as
-      the masked operands are 0; ``k_groups``: the K groups of 32);
+      the masked operands are 0; ``k_groups``: the K groups of 32); with ``SW_TMA`` W's scale tile comes through
+      the host descriptor ``sw_desc`` over the tcgen05 chunks of expert ``e`` from column ``n0``, with ``SA_TMA``
+      A's through ``sa_desc`` over those of M tile ``m_tile`` (``_scale_chunks``: the padding reads 127, past the
+      chunks 0, 2^-127 on the zero columns / K steps TMA fills: finite);
     - ``ROWWISE`` (and ``NONE``): a plain ``tl.dot`` (the scales are applied once after the loop,
       ``_rowwise_scale``)."""
     if FP8 == _BLOCKWISE:
@@ -295,10 +324,16 @@ def _fp8_dot(acc, a, w, sa_ptr, sa_rows, s_sak, sw_ptr, sw_cols, s_swk, row_ok, 
         g = t * SG + tl.arange(0, SG)
         g_ok = g < k_groups
         g64 = g.to(tl.int64)
-        sa = tl.load(sa_ptr + sa_rows[:, None] + (g64 * s_sak)[None, :], mask=row_ok[:, None] & g_ok[None, :],
-                     other=127)  # fmt: skip
-        sw = tl.load(sw_ptr + sw_cols[:, None] + (g64 * s_swk)[None, :], mask=n_ok[:, None] & g_ok[None, :],
-                     other=127)  # fmt: skip
+        if SA_TMA:
+            sa = _scale_chunks(sa_desc, m_tile, 0, t, a.shape[0], SG)
+        else:
+            sa = tl.load(sa_ptr + sa_rows[:, None] + (g64 * s_sak)[None, :], mask=row_ok[:, None] & g_ok[None, :],
+                         other=127)  # fmt: skip
+        if SW_TMA:
+            sw = _scale_chunks(sw_desc, e, n0 // _MX_CHUNK_ROWS, t, BLOCK_N, SG)
+        else:
+            sw = tl.load(sw_ptr + sw_cols[:, None] + (g64 * s_swk)[None, :], mask=n_ok[:, None] & g_ok[None, :],
+                         other=127)  # fmt: skip
         acc = tl.dot_scaled(a, sa, "e4m3", w, sw, "e4m3", acc)
     else:
         acc = tl.dot(a, w, acc)
@@ -347,6 +382,10 @@ def _mainloop(
     sw2_ptr,
     sw2_cols,
     s_sw2k,
+    sw_desc,
+    sw2_desc,
+    sa_desc,
+    m_tile,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     LB_A: tl.constexpr,
@@ -356,6 +395,8 @@ def _mainloop(
     DOTS: tl.constexpr,
     FP8: tl.constexpr,
     A_TMA: tl.constexpr,
+    SA_TMA: tl.constexpr,
+    SW_TMA: tl.constexpr,
 ):
     """``acc += A[rows, :K] @ W[:K, cols]`` (and ``acc2 += A @ W2`` when ``DUAL``), ``BLOCK_K`` at a time over
     ``k_steps`` steps. ``a_rows``: the tile's row offsets into A (``A_TMA`` ``GATHER4``: its rows ``a_idx`` of the
@@ -365,7 +406,8 @@ def _mainloop(
     partition of warps, the MMA and the row copies in the consumer (``tl.range(..., warp_specialize=True)``).
     ``FP8`` (``Fp8Mode``, E4M3 operands): the scales of A (``sa_ptr + sa_rows``, K groups ``s_sak`` apart) and of W /
     W2 (the expert's, ``sw_cols`` / ``sw2_cols`` the tile's column offsets, K groups ``s_swk`` / ``s_sw2k`` apart)
-    are applied in each step (``_fp8_dot``); unused otherwise."""
+    are applied in each step (``_fp8_dot``; ``SW_TMA``: W's / W2's MX scales through ``sw_desc`` / ``sw2_desc``,
+    ``SA_TMA``: A's through ``sa_desc`` at M tile ``m_tile``); unused otherwise."""
     offs_k = tl.arange(0, BLOCK_K)
     a_tile = a_ptr + a_rows[:, None] + (offs_k.to(tl.int64) * s_ac)[None, :]
     w_tile = offs_k.to(tl.int64)[:, None] * s_wk + offs_n.to(tl.int64)[None, :] * s_wn
@@ -388,8 +430,9 @@ def _mainloop(
             acc = _dot(a, w, acc, DOTS)
         else:
             acc = _fp8_dot(
-                acc, a, w, sa_ptr, sa_rows, s_sak, sw_ptr, sw_cols, s_swk, row_ok, n_ok, t, k_groups, BLOCK_K, FP8
-            )
+                acc, a, w, sa_ptr, sa_rows, s_sak, sa_desc, m_tile, sw_ptr, sw_cols, s_swk, sw_desc, e, n0, row_ok,
+                n_ok, t, k_groups, BLOCK_K, BLOCK_N, FP8, SA_TMA, SW_TMA,
+            )  # fmt: skip
         if DUAL:
             w2_off = tl.cast(t, tl.int64) * (BLOCK_K * s_w2k) + w2_tile
             w2 = _load_w(w2_ptr, w2_desc, w2_off, w_mask, e, t * BLOCK_K, n0, BLOCK_K, BLOCK_N, W_TMA)
@@ -399,8 +442,8 @@ def _mainloop(
                 acc2 = _dot(a, w2, acc2, DOTS)
             else:
                 acc2 = _fp8_dot(
-                    acc2, a, w2, sa_ptr, sa_rows, s_sak, sw2_ptr, sw2_cols, s_sw2k, row_ok, n_ok, t, k_groups, BLOCK_K,
-                    FP8,
+                    acc2, a, w2, sa_ptr, sa_rows, s_sak, sa_desc, m_tile, sw2_ptr, sw2_cols, s_sw2k, sw2_desc, e, n0,
+                    row_ok, n_ok, t, k_groups, BLOCK_K, BLOCK_N, FP8, SA_TMA, SW_TMA,
                 )  # fmt: skip
     return acc, acc2
 
@@ -530,14 +573,15 @@ def _backward_epilogue(
 
 @triton.jit
 def _gemm_tile(
-    tile, a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, a_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr, row_src_ptr,
-    row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr, sa_ptr, sa2_ptr, sw_ptr,
-    sw2_ptr, sq_ptr, R, N, N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n,
-    s_orb, s_or, s_ocb, s_oc, s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e, s_sw2k, s_sw2n, s_sqr, s_sqc,
+    tile, a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, a_desc, sw_desc, sw2_desc, sa_desc, sa2_desc, out_ptr,
+    out2_ptr, out3_ptr, h_ptr, g_ptr, row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr,
+    tile_expert_ptr, sa_ptr, sa2_ptr, sw_ptr, sw2_ptr, sq_ptr, R, N, N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb,
+    s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc, s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e,
+    s_sw2k, s_sw2n, s_sqr, s_sqc,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI_N: tl.constexpr, GROUP_M: tl.constexpr,
     LB_A: tl.constexpr, LB_O: tl.constexpr, GATHER: tl.constexpr, GLU: tl.constexpr, PAIR: tl.constexpr,
     EPILOGUE: tl.constexpr, ACT: tl.constexpr, W_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, DOTS: tl.constexpr,
-    FP8: tl.constexpr, QUANT_A: tl.constexpr, A_TMA: tl.constexpr,
+    FP8: tl.constexpr, QUANT_A: tl.constexpr, A_TMA: tl.constexpr, SW_TMA: tl.constexpr, SA_TMA: tl.constexpr,
 ):  # fmt: skip
     """Output tile ``tile`` (in the grouped order) of ``gemm_kernel``: ``BLOCK_M × BLOCK_N`` of expert e's rows times
     ``W[e]``, the expert read from ``tile_expert``. ``FP8``: the scales' offsets of the tile (A's rows: the tokens
@@ -583,7 +627,8 @@ def _gemm_tile(
     acc, acc2 = _mainloop(
         acc, acc2, a_ptr, a_rows, a_desc, a_idx, s_acb, s_ac, w_ptr + w_base, w2_ptr + w2_base, w_desc, w2_desc, e, n0,
         s_wk, s_wn, s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, sa_ptr, sa_rows, s_sak, sw_e, sw_cols, s_swk, sw2_e,
-        sw2_cols, s_sw2k, BLOCK_K, BLOCK_N, LB_A, DUAL, W_TMA, WARP_SPEC, DOTS, FP8, A_TMA,
+        sw2_cols, s_sw2k, sw_desc, sw2_desc, sa_desc, pid_m, BLOCK_K, BLOCK_N, LB_A, DUAL, W_TMA, WARP_SPEC, DOTS, FP8,
+        A_TMA, SA_TMA, SW_TMA,
     )  # fmt: skip
     if FP8 == _ROWWISE:  # the zeroing tiles (e = E) read no scale (tl.where: the interpreter rejects `mask & used`)
         scaled_rows, scaled_cols = tl.where(used, a_ok, False), tl.where(used, n_ok, False)
@@ -598,7 +643,8 @@ def _gemm_tile(
         acc_b, acc2 = _mainloop(
             acc_b, acc2, a2_ptr, a_rows, a_desc, a_idx, s_acb, s_ac, w2_ptr + w2_base, w2_ptr, w2_desc, w2_desc, e, n0,
             s_w2k, s_w2n, s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, sa2_ptr, sa_rows, s_sak, sw2_e, sw2_cols,
-            s_sw2k, sw2_e, sw2_cols, s_sw2k, BLOCK_K, BLOCK_N, LB_A, False, W_TMA, WARP_SPEC, DOTS, FP8, A_TMA,
+            s_sw2k, sw2_e, sw2_cols, s_sw2k, sw2_desc, sw2_desc, sa2_desc, pid_m, BLOCK_K, BLOCK_N, LB_A, False, W_TMA,
+            WARP_SPEC, DOTS, FP8, A_TMA, SA_TMA, SW_TMA,
         )  # fmt: skip
         if FP8 == _ROWWISE:
             acc += _rowwise_scale(acc_b, sa2_ptr, sa_rows, sw2_e, sw2_cols, scaled_rows, scaled_cols)
@@ -636,6 +682,10 @@ def gemm_kernel(
     w_desc,  # W_TMA: host tensor descriptor of w ([E, K, N], or [E, N, K] for W_TMA 2); None otherwise
     w2_desc,  # W_TMA and GLU / PAIR: descriptor of w2; None otherwise
     a_desc,  # A_TMA GATHER4: host tensor descriptor of A [T, K], block [1, BLOCK_K]; None otherwise
+    sw_desc,  # SW_TMA: host descriptor of W's MX scales in tcgen05 chunks (_mx_scale_chunks); None otherwise
+    sw2_desc,  # SW_TMA and GLU / PAIR: that of W2's scales; None otherwise
+    sa_desc,  # SA_TMA: host descriptor of A's MX scales per M tile in tcgen05 chunks (_mx_tile_scales); None otherwise
+    sa2_desc,  # SA_TMA and PAIR: that of the second A's scales; None otherwise
     out_ptr,  # [R, N] row layout: the result (PLAIN), h (FORWARD), dh (BACKWARD)
     out2_ptr,  # GLU: g (FORWARD), dg (BACKWARD)
     out3_ptr,  # a = act(h) [· g] (FORWARD; QUANT_A: its E4M3 bits, uint8), aw = w·a (BACKWARD)
@@ -702,6 +752,8 @@ def gemm_kernel(
     FP8: tl.constexpr,  # Fp8Mode: NONE, or E4M3 A and W with the scales of BLOCKWISE, MX, ROWWISE
     QUANT_A: tl.constexpr,  # Fp8Mode (EPILOGUE_QUANT): FORWARD's a as E4M3 with this mode's scales; NONE: out's dtype
     A_TMA: tl.constexpr,  # WeightLoad: POINTERS, or (GATHER, sm_100) GATHER4: A's rows gathered by TMA from a_desc
+    SW_TMA: tl.constexpr,  # FP8 MX (sm_100): W's (and W2's) scales by TMA from sw_desc / sw2_desc; else pointer loads
+    SA_TMA: tl.constexpr,  # FP8 MX (sm_100), A dense: A's (and A2's) scales by TMA from sa_desc / sa2_desc
 ):
     """``BLOCK_M × BLOCK_N`` tiles of expert e's rows times ``W[e]`` (``_gemm_tile``), in the grouped order.
     ``PERSISTENT``: program p runs the tiles p, p + P, p + 2P, ... (P programs); else the tile ``program_id``. See
@@ -709,21 +761,23 @@ def gemm_kernel(
     if PERSISTENT:
         for tile in tl.range(tl.program_id(0), num_m_tiles * tl.cdiv(N_STORE, BLOCK_N), tl.num_programs(0)):
             _gemm_tile(
-                tile, a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, a_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr,
-                row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr,
-                sa_ptr, sa2_ptr, sw_ptr, sw2_ptr, sq_ptr, R, N, N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac,
-                s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc, s_sar, s_sak, s_swe, s_swk, s_swn,
-                s_sw2e, s_sw2k, s_sw2n, s_sqr, s_sqc, BLOCK_M, BLOCK_N, BLOCK_K, EPI_N, GROUP_M, LB_A, LB_O, GATHER,
-                GLU, PAIR, EPILOGUE, ACT, W_TMA, WARP_SPEC, DOTS, FP8, QUANT_A, A_TMA,
+                tile, a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, a_desc, sw_desc, sw2_desc, sa_desc, sa2_desc,
+                out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr, row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr,
+                tile_offsets_ptr, tile_expert_ptr, sa_ptr, sa2_ptr, sw_ptr, sw2_ptr, sq_ptr, R, N, N_STORE, K, E,
+                num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc,
+                s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e, s_sw2k, s_sw2n, s_sqr, s_sqc, BLOCK_M, BLOCK_N, BLOCK_K,
+                EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE, ACT, W_TMA, WARP_SPEC, DOTS, FP8, QUANT_A,
+                A_TMA, SW_TMA, SA_TMA,
             )  # fmt: skip
     else:
         _gemm_tile(
-            tl.program_id(0), a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, a_desc, out_ptr, out2_ptr, out3_ptr, h_ptr,
-            g_ptr, row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr,
-            sa_ptr, sa2_ptr, sw_ptr, sw2_ptr, sq_ptr, R, N, N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we,
-            s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc, s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e,
-            s_sw2k, s_sw2n, s_sqr, s_sqc, BLOCK_M, BLOCK_N, BLOCK_K, EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR,
-            EPILOGUE, ACT, W_TMA, WARP_SPEC, DOTS, FP8, QUANT_A, A_TMA,
+            tl.program_id(0), a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, a_desc, sw_desc, sw2_desc, sa_desc,
+            sa2_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr, row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr,
+            offsets_ptr, tile_offsets_ptr, tile_expert_ptr, sa_ptr, sa2_ptr, sw_ptr, sw2_ptr, sq_ptr, R, N, N_STORE, K,
+            E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc,
+            s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e, s_sw2k, s_sw2n, s_sqr, s_sqc, BLOCK_M, BLOCK_N, BLOCK_K, EPI_N,
+            GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE, ACT, W_TMA, WARP_SPEC, DOTS, FP8, QUANT_A, A_TMA, SW_TMA,
+            SA_TMA,
         )  # fmt: skip
 
 
@@ -879,6 +933,53 @@ def wgrad_kernel(
         acc = acc * sa[:, None] * sb[None, :]
     o_off = e.to(tl.int64) * s_oe + offs_m.to(tl.int64)[:, None] * s_om + offs_n.to(tl.int64)[None, :] * s_on
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def scale_chunks_kernel(
+    s_ptr,  # E8M0 scales (uint8): W's [E, G, N] (rows: N), or (TILES) a dense A's [R, G]; any strides
+    out_ptr,  # [outer, chunks, cdiv(G, 4), 512] uint8, contiguous: tcgen05's scale-factor chunks
+    offsets_ptr,  # TILES: [E+1] int32 expert row offsets (unused otherwise)
+    tile_offsets_ptr,  # TILES: [E+1] int32 prefix sum of the experts' M tiles
+    tile_expert_ptr,  # TILES: [outer] int32 expert of each M tile, E for a zeroing tile
+    rows,  # W: N (TILES: unused)
+    G,  # scale groups along K
+    E,
+    chunks,  # chunks of 128 rows per outer index: cdiv(N, 128), or BLOCK_M / 128
+    g_chunks,  # cdiv(G, 4)
+    s_so,  # W: expert stride (TILES: unused)
+    s_sr,  # row stride (W: along N)
+    s_sg,  # group stride
+    BLOCK_M: tl.constexpr,  # TILES: the schedule's M tile
+    TILES: tl.constexpr,  # A per M tile of the schedule (outer: the tile); else W per expert (outer: the expert)
+):
+    """One 512-byte chunk per program, ``(outer, chunk, group chunk)`` in ``out``'s order: the scales of its 128 rows
+    × 4 groups, row ``32·i + j`` and group ``q`` at byte ``16·j + 4·i + q`` (``_MX_CHUNK_ROWS``), 127 (2^0) past the
+    rows and groups. Rows of W: ``128·chunk + r`` of expert ``outer``, up to ``rows``; of a dense A (``TILES``): M
+    tile ``outer``'s rows from its start (``_gemm_tile``'s formula) up to its expert's end, none for a zeroing
+    tile."""
+    pid = tl.program_id(0)
+    outer = pid // (chunks * g_chunks)
+    chunk = (pid // g_chunks) % chunks
+    b = pid % g_chunks
+    r = tl.arange(0, _MX_CHUNK_ROWS)
+    q = tl.arange(0, _MX_CHUNK_GROUPS)
+    if TILES:
+        e = tl.load(tile_expert_ptr + outer)
+        start = tl.load(offsets_ptr + e) + (outer - tl.load(tile_offsets_ptr + e)) * BLOCK_M
+        end = tl.load(offsets_ptr + e + 1, mask=e < E, other=0)  # a zeroing tile (e = E): no rows
+        row = start + chunk * _MX_CHUNK_ROWS + r
+        row_ok = row < end
+        base = s_ptr
+    else:
+        row = chunk * _MX_CHUNK_ROWS + r
+        row_ok = row < rows
+        base = s_ptr + outer.to(tl.int64) * s_so
+    g = b * _MX_CHUNK_GROUPS + q
+    src = base + row.to(tl.int64)[:, None] * s_sr + g.to(tl.int64)[None, :] * s_sg
+    v = tl.load(src, mask=row_ok[:, None] & (g < G)[None, :], other=127)
+    byte = ((r % 32) * 16 + (r // 32) * _MX_CHUNK_GROUPS)[:, None] + q[None, :]
+    tl.store(out_ptr + pid.to(tl.int64) * (_MX_CHUNK_ROWS * _MX_CHUNK_GROUPS) + byte, v)
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -1074,6 +1175,7 @@ class BackwardEpilogue:
 
 TMA_WEIGHTS = True  # load the weights through TMA where operands allow (tests switch it off to cover the pointers)
 TMA_ROWS = True  # load row operands through TMA where they allow: wgrad_kernel's dense ones, gemm's gathered A (sm_100)
+TMA_SCALES = True  # gemm's MX weight scales through TMA in tcgen05's chunks where tiles allow (sm_100: _mx_scales_tma)
 
 
 INTERPRETER_PROGRAMS = 3  # persistent programs when interpreting: fewer than most tests' tiles, so the loop runs
@@ -1119,6 +1221,82 @@ def _gather4_device(device: torch.device) -> bool:
     """Blackwell's TMA row gather (``gather4``) is there: sm_100 (not sm_90, which has none, nor sm_120; the tests
     force it under the interpreter)."""
     return _sm100(device)
+
+
+def _scale_tma_device(device: torch.device) -> bool:
+    """Block-scaled tcgen05 MMAs read their scale factors from tensor memory, copied there from shared memory as
+    TMA brought them in the chunk layout (``SW_TMA``): sm_100 (the tests force it under the interpreter)."""
+    return _sm100(device)
+
+
+def mx_chunk_tiles(cfg: GemmConfig) -> bool:
+    """The config's tiles hold whole scale chunks of tcgen05 (``_mx_scale_chunks``): 128-row tiles (the
+    block-scaled MMA's M; Triton emulates 64-row ones in bf16), ``BLOCK_N`` and ``BLOCK_K / 32`` multiples of 128
+    and 4 (``SW_TMA``'s tiles; ``specs`` builds them)."""
+    chunk_k = int(_MX_CHUNK_GROUPS) * FP8_RECIPES[Fp8Mode.MX].group
+    rows = int(_MX_CHUNK_ROWS)
+    return cfg.block_m % rows == 0 and cfg.block_n % rows == 0 and cfg.block_k % chunk_k == 0
+
+
+def _mx_scales_tma(fp8: Fp8Mode, cfg: GemmConfig, K: int, device: torch.device) -> bool:
+    """``gemm_kernel``'s ``SW_TMA``: the MX weight scales through TMA in tcgen05's chunks (``_mx_scale_chunks``) on
+    sm_100 (``_scale_tma_device``, ``TMA_SCALES``) for tiles of whole chunks (``mx_chunk_tiles``) and K > 0; with a
+    dense A its scales too (``SA_TMA``, ``_mx_tile_scales``; ``gemm`` decides)."""
+    return TMA_SCALES and fp8 == Fp8Mode.MX and mx_chunk_tiles(cfg) and K > 0 and _scale_tma_device(device)
+
+
+def _mx_scale_chunks(s: torch.Tensor) -> torch.Tensor:
+    """MX weight scales ``s [E, G, N]`` (uint8 E8M0, any strides: ``GemmScales.w``) in the scale-factor layout of
+    block-scaled tcgen05 MMAs, ``[E, cdiv(N, 128), cdiv(G, 4), 2, 256]`` contiguous: per expert, the chunks of 128
+    columns × 4 groups, each 512 bytes holding column ``128·c + 32·i + j``, group ``4·b + q`` at byte ``16·j +
+    4·i + q`` (``_MX_CHUNK_ROWS``); padded with 127 (2^0) past N and G. One launch of ``scale_chunks_kernel``, no
+    synchronization."""
+    E, G, N = s.shape
+    return _launch_scale_chunks(s, E, -(-N // int(_MX_CHUNK_ROWS)), G, (s.stride(0), s.stride(2), s.stride(1)), rows=N)
+
+
+def _mx_tile_scales(s: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """A dense A's MX scales ``s [R, G]`` (one row per A row, any strides: ``GemmScales.a``) per M tile of
+    ``schedule``, in tcgen05's chunks (``_mx_scale_chunks``): ``[max_m_tiles, block_m / 128, cdiv(G, 4), 2, 256]``,
+    tile m holding the scales of its rows ``start .. start + block_m`` (``_gemm_tile``'s formula; 127 for rows past
+    the expert's end and in the tiles zeroing the rows past ``offsets[E]``). One launch of ``scale_chunks_kernel``,
+    no synchronization."""
+    chunks = schedule.block_m // int(_MX_CHUNK_ROWS)
+    return _launch_scale_chunks(s, schedule.max_m_tiles, chunks, s.shape[1], (0, *s.stride()), schedule=schedule)
+
+
+def _launch_scale_chunks(
+    s: torch.Tensor,
+    outer: int,
+    chunks: int,
+    G: int,
+    strides: tuple[int, int, int],
+    *,
+    rows: int = 0,
+    schedule: Schedule | None = None,
+) -> torch.Tensor:
+    """Launch ``scale_chunks_kernel``: ``outer`` experts (W's ``rows`` rows) or, with ``schedule``, M tiles (a dense
+    A's), ``chunks`` chunks of 128 rows each, ``G`` groups; ``strides``: the scales' (outer, row, group) strides.
+    Grid: one program per chunk, ``outer · chunks · cdiv(G, 4)``."""
+    g_chunks = -(-G // int(_MX_CHUNK_GROUPS))
+    size = int(_MX_CHUNK_ROWS) * int(_MX_CHUNK_GROUPS)
+    out = torch.empty(outer, chunks, g_chunks, 2, size // 2, dtype=torch.uint8, device=s.device)
+    if out.numel() == 0:
+        return out
+    tiles = schedule is not None
+    maps = (schedule.offsets, schedule.tile_offsets, schedule.tile_expert) if tiles else (out,) * 3  # unused: W's
+    scale_chunks_kernel[(outer * chunks * g_chunks,)](
+        s, out, *maps, rows, G, maps[0].shape[0] - 1 if tiles else 0, chunks, g_chunks, *strides,
+        BLOCK_M=schedule.block_m if tiles else int(_MX_CHUNK_ROWS), TILES=tiles,
+    )  # fmt: skip
+    return out
+
+
+def _mx_scales_descriptor(chunks: torch.Tensor, block_rows: int, block_k: int) -> TensorDescriptor:
+    """Host descriptor over scale chunks ``[outer, rows / 128, groups / 4, 2, 256]`` (``_mx_scale_chunks``), one
+    tile's chunks per box: ``[1, block_rows / 128, block_k / 128, 2, 256]``."""
+    box_k = block_k // (int(_MX_CHUNK_GROUPS) * FP8_RECIPES[Fp8Mode.MX].group)
+    return TensorDescriptor.from_tensor(chunks, [1, block_rows // int(_MX_CHUNK_ROWS), box_k, *chunks.shape[3:]])
 
 
 def _gather_load(r: Rows) -> WeightLoad:
@@ -1379,6 +1557,17 @@ def gemm(
     gather4 = aligned and pair is None and fp8 == Fp8Mode.NONE and not warp_spec
     a_tma = _gather_load(a) if gather4 else WeightLoad.POINTERS
     a_desc = TensorDescriptor.from_tensor(a.tensor, [1, cfg.block_k]) if a_tma == WeightLoad.GATHER4 else None
+    sw_tma = _mx_scales_tma(fp8, cfg, K, w.device)
+    sa_tma = sw_tma and not a.gathered and a.rows > 0  # dense A: its scales per M tile (gathered: the tokens')
+    sw_desc = sw2_desc = sa_desc = sa2_desc = None
+    if sw_tma:
+        sw_desc = _mx_scales_descriptor(_mx_scale_chunks(scales.w), cfg.block_n, cfg.block_k)
+        if scales.w2 is not None:
+            sw2_desc = _mx_scales_descriptor(_mx_scale_chunks(scales.w2), cfg.block_n, cfg.block_k)
+    if sa_tma:
+        sa_desc = _mx_scales_descriptor(_mx_tile_scales(scales.a, schedule), cfg.block_m, cfg.block_k)
+        if scales.a2 is not None:
+            sa2_desc = _mx_scales_descriptor(_mx_tile_scales(scales.a2, schedule), cfg.block_m, cfg.block_k)
     sa, sw = (scales.a, scales.w) if scales is not None else (off[None], off[None, None])  # unused without FP8
     sa2 = scales.a2 if scales is not None and scales.a2 is not None else sa
     sw2 = scales.w2 if scales is not None and scales.w2 is not None else sw
@@ -1386,8 +1575,9 @@ def gemm(
     if act_out is not None and quant_a != Fp8Mode.NONE:
         act_out = act_out.view(torch.uint8)  # the epilogue stores E4M3 bits
     gemm_kernel[(persistent_programs(out.tensor.device, tiles) if persistent else tiles,)](
-        a.tensor, w, a2.tensor, w2, w_desc, w2_desc, a_desc, out.tensor, out.tensor if gate_out is None else gate_out,
-        out.tensor if act_out is None else act_out, bwd.h, bwd.h if bwd.g is None else bwd.g,
+        a.tensor, w, a2.tensor, w2, w_desc, w2_desc, a_desc, sw_desc, sw2_desc, sa_desc, sa2_desc, out.tensor,
+        out.tensor if gate_out is None else gate_out, out.tensor if act_out is None else act_out, bwd.h,
+        bwd.h if bwd.g is None else bwd.g,
         off if row_src is None else row_src, bwd.row_asg, bwd.weights, out.tensor if dots is None else dots, off,
         schedule.tile_offsets, schedule.tile_expert, sa, sa2, sw, sw2, sq,
         out.rows, N, n_store, K, E, schedule.max_m_tiles,
@@ -1397,7 +1587,7 @@ def gemm(
         LB_A=a.log_block, LB_O=out.log_block, GATHER=a.gathered, GLU=glu, PAIR=pair is not None, EPILOGUE=int(epilogue),
         ACT=kernel_code(activation), W_TMA=int(tma), WARP_SPEC=warp_spec,
         DOTS=dot_mode(dtype), PERSISTENT=persistent, FP8=int(fp8), QUANT_A=int(quant_a), A_TMA=int(a_tma),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SW_TMA=sw_tma, SA_TMA=sa_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return dots
 

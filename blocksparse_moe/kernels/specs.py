@@ -43,6 +43,8 @@ from .expert_gemm import (
     WeightLoad,
     gemm_config,
     gemm_kernel,
+    mx_chunk_tiles,
+    scale_chunks_kernel,
     wgrad_config,
     wgrad_kernel,
 )
@@ -165,6 +167,9 @@ _ARCHS = (80, 90, 100, 120)  # the compute capabilities the configs are listed f
 _TMA_ARCHS = (90, 100, 120)  # where the launchers load through TMA (``expert_gemm._tma_mode``, ``_row_tma``)
 _NO_WS_TMA_ARCHS = (90, 120)  # gemm_kernel's TMA builds without warp specialization (sm_100's: ``_warp_specialize``)
 _GATHER4_ARCHS = (100,)  # where gemm gathers 16-bit token rows through TMA (``expert_gemm._gather_load``)
+_SCALE_TMA_ARCHS = (100,)  # where gemm reads MX scales through TMA in tcgen05's chunks (``_mx_scales_tma``)
+# gemm_kernel's MX scales by pointers (SW_TMA: the weights', SA_TMA: a dense A's)
+_NO_SCALE_TMA = {"SW_TMA": False, "sw_desc": None, "sw2_desc": None, "SA_TMA": False, "sa_desc": None, "sa2_desc": None}
 
 
 def _spec(
@@ -409,7 +414,7 @@ def _gemm_specs() -> list[CompileSpec]:
                             GROUP_M=cfg.group_m, LB_A=lb_block if use.a_blocked else DENSE_LOG_BLOCK,
                             LB_O=lb_block if use.out_blocked else DENSE_LOG_BLOCK, GATHER=use.gather, GLU=use.glu,
                             PAIR=use.pair, EPILOGUE=int(use.epilogue), ACT=kernel_code(act), DOTS=DOTS_NATIVE,
-                            FP8=int(Fp8Mode.NONE), QUANT_A=int(Fp8Mode.NONE),
+                            FP8=int(Fp8Mode.NONE), QUANT_A=int(Fp8Mode.NONE), **_NO_SCALE_TMA,
                         )  # fmt: skip
                         act_tag = f",{act}" if use.epilogue else ""
                         size = f"B={B}" if use.blocked else f"M={cfg.block_m}"
@@ -480,10 +485,12 @@ _WAIVE_FP8_MX_90 = (
     "Hopper takes blockwise or rowwise"
 )
 _WAIVE_FP8_MX_100 = (
-    "MX on sm_100 (block-scaled tcgen05: UTCQMMA with two scale-factor tensor-memory operands, 4 per 128-deep K step): "
-    "the E8M0 scale tiles of A and W ([128, 4] bytes each) come by pointer loads every K step and are copied to "
-    "tensor memory: 257 loop instructions on 4 warps against 168 for the rowwise build of the same tiles (1.00-1.12 "
-    "issue clocks per MMA clock); TMA loads of the scales in tcgen05's layout would remove them (left to do)"
+    "MX on sm_100 with gathered A rows (block-scaled tcgen05: UTCQMMA with two scale-factor tensor-memory operands, "
+    "4 per 128-deep K step): the weights' E8M0 scales come by TMA in tcgen05's chunk layout (SW_TMA), A's (its "
+    "tokens') by pointer loads every K step, copied to tensor memory through registers: the backward epilogue's "
+    "264 loop instructions on 4 warps, 1.03 issue clocks per MMA clock (287 and 1.12 with the weights' by pointers "
+    "too; a dense A's scales by TMA as well, SA_TMA: the down GEMM 180 and 0.70); A's through TMA after a gather "
+    "pass per M tile measured 0.90 there but 102 KB of shared memory instead of 68 (3 -> 2 CTAs/SM): not taken"
 )
 _WAIVE_FP8_MX_100_SMALL_M = (
     "MX with 64-row tiles on sm_100: the block-scaled tcgen05 MMA needs M = 128; Triton emulates tl.dot_scaled in "
@@ -508,7 +515,8 @@ def _fp8_waivers(mode: Fp8Mode, use: _GemmUse, block_m: int) -> tuple[tuple[str,
             (check, _WAIVE_FP8_MX_90) for check in ("mma@90", "fp8mma@90", "pipeline@90", "issue@90", "occupancy@90")
         )
         small = tuple((c, _WAIVE_FP8_MX_100_SMALL_M) for c in ("mma@100", "fp8mma@100")) if block_m < _LARGE_M else ()
-        return (*waivers, ("issue@100", _WAIVE_FP8_MX_100), *small)
+        gathered = (("issue@100", _WAIVE_FP8_MX_100),) if use.gather else ()  # a dense A's scales come by TMA too
+        return (*waivers, *gathered, *small)
     if block_m < _LARGE_M or (use.glu and use.epilogue == Epilogue.FORWARD):
         return ()
     two = use.pair or use.epilogue == Epilogue.BACKWARD
@@ -516,6 +524,49 @@ def _fp8_waivers(mode: Fp8Mode, use: _GemmUse, block_m: int) -> tuple[tuple[str,
         ("occupancy@90", _WAIVE_FP8_ROWWISE),
         *((c, _WAIVE_FP8_ROWWISE) for c in ("issue@100", "occupancy@100") if two),
     )
+
+
+def _scale_loads(mode: Fp8Mode, cfg, variants, archs) -> list[tuple[bool, tuple[int, ...]]]:
+    """``(SW_TMA, archs)``: the architectures of an FP8 ``gemm_kernel`` build whose MX scales come through TMA in
+    tcgen05's chunks (the aligned builds of whole-chunk tiles, ``expert_gemm.mx_chunk_tiles``, on
+    ``_SCALE_TMA_ARCHS``: ``_scale_tma_loads``) and the others."""
+    tma = mode == Fp8Mode.MX and variants == ("aligned",) and mx_chunk_tiles(cfg)
+    chunks = tuple(cc for cc in archs if cc in _SCALE_TMA_ARCHS) if tma else ()
+    rest = tuple(cc for cc in archs if cc not in chunks)
+    return [(load, a) for load, a in ((True, chunks), (False, rest)) if a]
+
+
+def _scales_desc(block_rows: int, block_k: int) -> str:
+    """The signature type of an MX scales' host descriptor (``sw_desc``, ``sa_desc``): a tile's tcgen05 chunks of 128
+    rows (W's columns, A's rows) x 4 groups of 32."""
+    return f"tensordesc<u8[1,{block_rows // 128},{block_k // 128},2,256]>"
+
+
+def _scale_tma_loads(cfg, use: _GemmUse, two: bool) -> tuple[dict, dict[str, str]]:
+    """The constexprs and the descriptor arguments' signature types of an MX build whose scales come through TMA in
+    tcgen05's chunks (``expert_gemm.gemm``'s rule): the weight's (``SW_TMA``; ``two``: the GLU gate's or the pair's
+    second weight's too) and a dense A's (``SA_TMA``; the pair's second A's too); a gathered A's stay pointer
+    loads."""
+    w_desc, a_desc = _scales_desc(cfg.block_n, cfg.block_k), _scales_desc(cfg.block_m, cfg.block_k)
+    dense = not use.gather
+    descs = {"sw_desc": w_desc, "sw2_desc": w_desc if two else None, "sa_desc": a_desc if dense else None,
+             "sa2_desc": a_desc if dense and use.pair else None}  # fmt: skip
+    constexprs = {"SW_TMA": True, "SA_TMA": dense, **{name: None for name, d in descs.items() if d is None}}
+    return constexprs, {name: d for name, d in descs.items() if d is not None}
+
+
+def _scale_chunks_specs() -> list[CompileSpec]:
+    """``scale_chunks_kernel`` (``gemm``'s MX scales in tcgen05's chunks, on ``_SCALE_TMA_ARCHS``): W's per expert
+    and a dense A's per M tile of 128 rows."""
+    specs = []
+    for tiles, what in ((False, "w"), (True, "a")):
+        constexprs = {"BLOCK_M": 128, "TILES": tiles}
+        pointers = {**_INDEX, "s_ptr": torch.uint8, "out_ptr": torch.uint8}
+        signature = kernel_signature(scale_chunks_kernel, constexprs, torch.uint8, pointers)
+        specs.append(CompileSpec(f"scale_chunks[{what}]", scale_chunks_kernel, signature, constexprs, 4, num_stages=1,
+                                 is_matmul=False, expect_pipelined=False, archs=_SCALE_TMA_ARCHS,
+                                 serves="MX scales by TMA (SW_TMA / SA_TMA), every shape"))  # fmt: skip
+    return specs
 
 
 def _gemm_fp8_specs() -> list[CompileSpec]:
@@ -557,7 +608,7 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EPI_N=cfg.epi_n,
                         GROUP_M=cfg.group_m, LB_A=DENSE_LOG_BLOCK, LB_O=DENSE_LOG_BLOCK, GATHER=use.gather,
                         GLU=use.glu, PAIR=use.pair, EPILOGUE=int(use.epilogue), ACT=kernel_code(act), DOTS=DOTS_NATIVE,
-                        FP8=int(mode), QUANT_A=int(quant_a),
+                        FP8=int(mode), QUANT_A=int(quant_a), **_NO_SCALE_TMA,
                     )  # fmt: skip
                     use_tag = f"{use.tag},aq" if quant_a else use.tag  # aq: a quantized in the epilogue
                     name = f"gemm_fp8[{mode.recipe().name},{use_tag},M={cfg.block_m},N={cfg.block_n},K={cfg.block_k}"
@@ -570,23 +621,28 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                         builds = ((WeightLoad.POINTERS, False, _FP8_ARCHS),)
                     for load, ws, load_archs in builds:
                         archs = tuple(cc for cc in load_archs if cc in (cfg_archs or _FP8_ARCHS))
-                        if not archs:
-                            continue
                         two = two_w or use.pair
-                        constexprs, descs = _weight_loads(dtype, cfg, load, two=two)
-                        constexprs = {
-                            **base,
-                            **constexprs,
-                            "WARP_SPEC": ws,
-                            "PERSISTENT": ws,
-                            "A_TMA": int(WeightLoad.POINTERS),
-                            "a_desc": None,
-                        }  # FP8 rows: cp.async
-                        tag = ",tma,ws" if ws else ",tma" if load else ""
-                        spec = _spec(f"{name}{tag}]", gemm_kernel, dtype, cfg, constexprs, unit, _GEMM_ALIGNED,
-                                     variants, use_pointers, archs, **audit)  # fmt: skip
-                        spec.signature.update(descs)
-                        specs.append(spec)
+                        for sw_tma, sw_archs in _scale_loads(mode, cfg, variants, archs):
+                            constexprs, descs = _weight_loads(dtype, cfg, load, two=two)
+                            constexprs = {
+                                **base,
+                                **constexprs,
+                                "WARP_SPEC": ws,
+                                "PERSISTENT": ws,
+                                "A_TMA": int(WeightLoad.POINTERS),
+                                "a_desc": None,
+                            }  # FP8 rows: cp.async
+                            if sw_tma:
+                                scale_constexprs, scale_descs = _scale_tma_loads(cfg, use, two)
+                                constexprs = {k: v for k, v in constexprs.items() if k not in scale_descs}
+                                constexprs.update(scale_constexprs)
+                                descs.update(scale_descs)
+                            scale_tag = (",sw_tma" if use.gather else ",s_tma") if sw_tma else ""  # s: both
+                            tag = (",tma,ws" if ws else ",tma" if load else "") + scale_tag
+                            spec = _spec(f"{name}{tag}]", gemm_kernel, dtype, cfg, constexprs, unit, _GEMM_ALIGNED,
+                                         variants, use_pointers, sw_archs, **audit)  # fmt: skip
+                            spec.signature.update(descs)
+                            specs.append(spec)
     return specs
 
 
@@ -936,7 +992,8 @@ def _ieee_specs(specs: list[CompileSpec]) -> list[CompileSpec]:
 
 
 def compile_specs() -> list[CompileSpec]:
-    """The GEMM, weight-gradient, permute and FP8 quantize configurations the GPU path can pick (module
-    docstring)."""
+    """The GEMM, weight-gradient, permute, FP8 quantize and MX scale-chunk configurations the GPU path can pick
+    (module docstring)."""
     plain = _gemm_specs() + _wgrad_specs()
-    return plain + _ieee_specs(plain) + _gemm_fp8_specs() + _fp8_wgrad_specs() + _permute_specs() + _quantize_specs()
+    fp8 = _gemm_fp8_specs() + _fp8_wgrad_specs() + _quantize_specs() + _scale_chunks_specs()
+    return plain + _ieee_specs(plain) + fp8 + _permute_specs()
