@@ -128,7 +128,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8", type=_recipes, default=[], metavar="RECIPE[,RECIPE]",
                    help=f"also run {' and '.join(FP8_STRATEGIES)} with moe_mlp(fp8=RECIPE) (blockwise, mxfp8, "
                         "rowwise; the PyTorch emulation on CPU): rows '<strategy>+fp8:<recipe>' + SQNR, and "
-                        "'<strategy>+fp8:<recipe>:prequant' (weights prequantized, forward only)")  # fmt: skip
+                        "'<strategy>+fp8:<recipe>:prequant' (weights prequantized, forward only; with hf_experts "
+                        "also 'hf:blocksparse_moe+fp8:<recipe>:prequant')")  # fmt: skip
     p.add_argument("--routing", type=_routings, default=["uniform"], help="uniform | zipf:S | one-hot (comma list)")
     p.add_argument("--capacity-factors", type=_floats, default=[1.0, 1.25, 2.0], help="padded baselines")
     p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=None,

@@ -12,8 +12,9 @@ FP8 rows (``fp8``: recipes of ``blocksparse_moe.fp8.RECIPES``): each dropless st
 ``grouped``) once more per recipe, ``moe_mlp(..., fp8=recipe)``, named ``fp8_case_name(strategy, recipe)``
 (``"grouped+fp8:blockwise"``), and once more with the weights prequantized (``fp8.prequantize``, before timing:
 serving with FP8 weights from a checkpoint), forward only (inference, no graph), named
-``prequant_case_name(strategy, recipe)`` (``"grouped+fp8:blockwise:prequant"``). On CPU the PyTorch backend's
-emulation runs (``backends.torch_fp8``).
+``prequant_case_name(strategy, recipe)`` (``"grouped+fp8:blockwise:prequant"``; ``hf_experts`` gets the same row
+for transformers' experts module, ``bench.hf_experts``). On CPU the PyTorch backend's emulation runs
+(``backends.torch_fp8``).
 """
 
 from __future__ import annotations
@@ -261,7 +262,7 @@ def build_cases(
         elif name == "hf_experts":
             from .hf_experts import hf_cases
 
-            cases += hf_cases(p, useful, skipped)
+            cases += hf_cases(p, useful, skipped, fp8)
         elif name == "dense":
             cases.append(_dense_case(p, useful))
     return cases, skipped

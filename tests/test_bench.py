@@ -270,6 +270,15 @@ def test_fp8_cases_follow_their_strategy(monkeypatch):
         assert {t.dtype for t in prequant.parameters} == {torch.float8_e4m3fn, torch.float32}
     with pytest.raises(ValueError, match="fp8 must be one of"):
         build_cases(p, ["grouped"], [1.0], 8, 8.0, ("fp4",))
+    # hf_experts: transformers' experts module prequantized (quantize_experts_fp8_), served by ours: the same output
+    # as the strategy's prequantized row, bit for bit
+    pytest.importorskip("transformers")
+    cases, _ = build_cases(p, ["grouped", "hf_experts"], [1.0], 16, 8.0, ("mxfp8",))
+    by_name = {c.name: c for c in cases}
+    hf = by_name[prequant_case_name("hf:blocksparse_moe", "mxfp8")]
+    out = hf.forward()
+    assert hf.fp8 == "mxfp8" and not out.requires_grad and "forward only" in hf.notes[0]
+    assert torch.equal(out, by_name[prequant_case_name("grouped", "mxfp8")].forward())
 
 
 def test_sqnr_db():
