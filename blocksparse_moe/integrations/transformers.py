@@ -76,7 +76,7 @@ def experts_forward(
     weights = moe_mlp_weights(self)
     if weights is not None:
         w1, w2, w3, activation = weights
-        scales, x = None, hidden_states.to(w1.dtype)
+        scales = None
         if isinstance(self, _PrequantizedExperts):
             if options.fp8 not in (None, self.prequantized):
                 raise ValueError(
@@ -84,7 +84,8 @@ def experts_forward(
                     f"(quantize_experts_fp8_): the registered fp8 option must be None or {self.prequantized!r}, got "
                     f"fp8={options.fp8!r}"
                 )
-            options, scales, x = replace(options, fp8=self.prequantized), self.weight_scales(), hidden_states
+            options, scales = replace(options, fp8=self.prequantized), self.weight_scales()
+        x = hidden_states if scales is not None else hidden_states.to(w1.dtype)  # E4M3 weights take any float x
         out = moe_mlp(
             x, top_k_index, top_k_weights, w1, w2, w3, activation=activation, options=options, weight_scales=scales
         )
