@@ -127,7 +127,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", choices=("gelu", "relu", "silu"), default=None)
     p.add_argument("--fp8", type=_recipes, default=[], metavar="RECIPE[,RECIPE]",
                    help=f"also run {' and '.join(FP8_STRATEGIES)} with moe_mlp(fp8=RECIPE) (blockwise, mxfp8, "
-                        "rowwise; the PyTorch emulation on CPU): rows '<strategy>+fp8:<recipe>' + SQNR")  # fmt: skip
+                        "rowwise; the PyTorch emulation on CPU): rows '<strategy>+fp8:<recipe>' + SQNR, and "
+                        "'<strategy>+fp8:<recipe>:prequant' (weights prequantized, forward only; with hf_experts "
+                        "also 'hf:blocksparse_moe+fp8:<recipe>:prequant')")  # fmt: skip
     p.add_argument("--routing", type=_routings, default=["uniform"], help="uniform | zipf:S | one-hot (comma list)")
     p.add_argument("--capacity-factors", type=_floats, default=[1.0, 1.25, 2.0], help="padded baselines")
     p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=None,
@@ -290,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.fp8:
         header += (
             f"FP8 rows (`<strategy>+fp8:<recipe>`): `moe_mlp(..., fp8=RECIPE)` for {', '.join(args.fp8)}"
-            f"{' (the PyTorch emulation: cast, scale, fp32 matmul)' if meta['backend'] == 'torch' else ''}; their "
+            f"{' (the PyTorch emulation: cast, scale, fp32 matmul)' if meta['backend'] == 'torch' else ''}; "
+            "`<strategy>+fp8:<recipe>:prequant`: the same forward on weights prequantized before timing "
+            "(`fp8.prequantize`: serving FP8 weights from a checkpoint; inference, forward only); their "
             "error is expected: SQNR dB = 10·log10(Σ ref² / Σ (out - ref)²) against the float64 reference, for the "
             "output and the worst input gradient.\n"
         )

@@ -7,16 +7,21 @@ exceed ``BATCHED_MM_MAX_BYTES``), and ``blocksparse_moe`` (this package, registe
 ``integrations.transformers.register``) — so every row computes the same layer from the same parameters, forward
 and backward (x, the top-k weights and both weight tensors require grad). Gated (GLU) problems only; skipped with a
 note when transformers is not installed.
+
+With FP8 recipes (``python -m bench --fp8 RECIPE``), one more row per recipe serves a copy of the module with
+prequantized FP8 experts (``integrations.transformers.quantize_experts_fp8_``, before timing) through ours, forward
+only: ``hf:blocksparse_moe+fp8:<recipe>:prequant`` (``strategies.prequant_case_name``).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
 
 from .problems import Problem
-from .strategies import Case
+from .strategies import Case, prequant_case_name
 
 __all__ = ["IMPLEMENTATIONS", "BASELINE", "hf_cases"]
 
@@ -35,8 +40,9 @@ def _as_reference(f: int) -> Callable[[tuple], tuple]:
     return convert
 
 
-def hf_cases(p: Problem, useful: int, skipped: list[str]) -> list[Case]:
-    """One case per experts implementation (``hf:<name>``), or none (with the reason in ``skipped``)."""
+def hf_cases(p: Problem, useful: int, skipped: list[str], fp8: tuple[str, ...] = ()) -> list[Case]:
+    """One case per experts implementation (``hf:<name>``) and one per FP8 recipe of ``fp8`` on prequantized
+    weights, or none (with the reason in ``skipped``)."""
     s = p.shape
     if p.w3 is None:
         skipped.append("hf_experts: transformers' Mixtral experts are gated; this problem has no GLU")
@@ -79,5 +85,19 @@ def hf_cases(p: Problem, useful: int, skipped: list[str]) -> list[Case]:
         inputs = [p.x, p.top_k_weights, *parameters]
         case = Case(f"hf:{name}", forward, inputs, useful, useful, parameters=parameters)
         case.grads_as_reference = _as_reference(s.ffn)
+        cases.append(case)
+    for recipe in fp8:
+        quantized = copy.deepcopy(module).eval()
+        bsm_hf.quantize_experts_fp8_(quantized, recipe)
+        quantized.config._experts_implementation = bsm_hf.NAME
+
+        def forward(quantized: torch.nn.Module = quantized) -> torch.Tensor:
+            with torch.no_grad():
+                return quantized(p.x, index, p.top_k_weights)
+
+        buffers = list(quantized.buffers())
+        case = Case(prequant_case_name(f"hf:{bsm_hf.NAME}", recipe), forward, [p.x, p.top_k_weights], useful, useful,
+                    fp8=recipe, parameters=buffers)  # fmt: skip
+        case.notes.append("inference: experts prequantized (quantize_experts_fp8_), forward only")
         cases.append(case)
     return cases

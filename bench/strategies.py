@@ -10,7 +10,11 @@ useful FLOPs, the machine's ceiling.
 
 FP8 rows (``fp8``: recipes of ``blocksparse_moe.fp8.RECIPES``): each dropless strategy asked for (``blocksparse``,
 ``grouped``) once more per recipe, ``moe_mlp(..., fp8=recipe)``, named ``fp8_case_name(strategy, recipe)``
-(``"grouped+fp8:blockwise"``). On CPU the PyTorch backend's emulation runs (``backends.torch_fp8``).
+(``"grouped+fp8:blockwise"``), and once more with the weights prequantized (``fp8.prequantize``, before timing:
+serving with FP8 weights from a checkpoint), forward only (inference, no graph), named
+``prequant_case_name(strategy, recipe)`` (``"grouped+fp8:blockwise:prequant"``; ``hf_experts`` gets the same row
+for transformers' experts module, ``bench.hf_experts``). On CPU the PyTorch backend's emulation runs
+(``backends.torch_fp8``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from blocksparse_moe.activations import check_name, get_activation
-from blocksparse_moe.fp8 import check_recipe
+from blocksparse_moe.fp8 import check_recipe, prequantize
 
 from . import flops
 from .problems import Problem
@@ -33,6 +37,7 @@ __all__ = [
     "Case",
     "build_cases",
     "fp8_case_name",
+    "prequant_case_name",
     "loop_moe_mlp",
     "grouped_mm_mlp",
     "grouped_mm_moe_mlp",
@@ -132,6 +137,11 @@ def fp8_case_name(strategy: str, recipe: str) -> str:
     return f"{strategy}+fp8:{recipe}"
 
 
+def prequant_case_name(strategy: str, recipe: str) -> str:
+    """The row name of ``strategy`` run with ``fp8=recipe`` on prequantized weights (forward only)."""
+    return f"{fp8_case_name(strategy, recipe)}:prequant"
+
+
 def _column_major(w: torch.Tensor) -> torch.Tensor:
     """Same values, last two dims stored transposed (the layout ``torch._grouped_mm`` wants for ``mat_b`` on GPU)."""
     return w.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
@@ -172,6 +182,23 @@ def build_cases(
     def ours_case(impl: str, **kw) -> Callable[[], torch.Tensor]:
         return lambda: moe_mlp(p.x, p.top_k_index, p.top_k_weights, *w, activation=s.activation, impl=impl, **kw)
 
+    def prequant_case(impl: str, recipe: str, executed: int, **kw) -> Case:
+        """``impl`` with ``fp8=recipe`` on the weights prequantized here (not timed), under ``torch.no_grad()``."""
+        quantized = [None if t is None else prequantize(t, recipe) for t in w]
+        q = [None if qs is None else qs[0] for qs in quantized]
+        scales = tuple(None if qs is None else qs[1] for qs in quantized)
+
+        def forward() -> torch.Tensor:
+            with torch.no_grad():
+                return moe_mlp(p.x, p.top_k_index, p.top_k_weights, *q, activation=s.activation, impl=impl, fp8=recipe,
+                               weight_scales=scales, **kw)  # fmt: skip
+
+        parameters = [t for t in (*q, *scales) if t is not None]
+        case = Case(prequant_case_name(impl, recipe), forward, p.inputs, useful, executed, fp8=recipe,
+                    parameters=parameters)  # fmt: skip
+        case.notes.append("inference: E4M3 weights prequantized (fp8.prequantize), forward only")
+        return case
+
     for name in names:
         if name in FP8_STRATEGIES:
             kw, executed = {}, useful
@@ -183,6 +210,7 @@ def build_cases(
                 forward = ours_case(name, fp8=recipe, **kw)
                 cases.append(Case(fp8_case_name(name, recipe), forward, p.inputs, useful, executed, fp8=recipe,
                                   parameters=weights))  # fmt: skip
+                cases.append(prequant_case(name, recipe, executed, **kw))
         elif name == "padded":
             for cf in capacity_factors:
                 cap = flops.capacity(s.tokens, s.top_k, s.experts, cf)
@@ -234,7 +262,7 @@ def build_cases(
         elif name == "hf_experts":
             from .hf_experts import hf_cases
 
-            cases += hf_cases(p, useful, skipped)
+            cases += hf_cases(p, useful, skipped, fp8)
         elif name == "dense":
             cases.append(_dense_case(p, useful))
     return cases, skipped

@@ -38,7 +38,7 @@ The arithmetic, exactly (the Triton kernels of ``kernels.quantize`` reproduce it
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +71,8 @@ __all__ = [
     "weight_cache_clear",
     "prequantize",
     "check_weight_scales",
+    "uncast",
+    "check_loaded_dtypes",
 ]
 
 E4M3 = torch.float8_e4m3fn
@@ -392,11 +394,12 @@ def weight(
 ) -> torch.Tensor:
     """``quantized_weight`` dequantized (fp32): the values an FP8 GEMM multiplies, for the emulation (the
     dequantization runs at each call; the cache keeps the E4M3 copy). ``scale``: ``w`` is prequantized, as in
-    ``quantized_weight``, and read row-major (a copy of a K-major ``w``), as the in-op quantization of row-major
-    weights gives it (the emulation's matmuls then sum in the same order)."""
-    if scale is not None:
-        w = w.contiguous()
-    return dequantize(*quantized_weight(w, rcp, reduced, quantizer, scale=scale), rcp.weight_block(reduced))
+    ``quantized_weight``. Returned contiguous (row-major) whatever ``w``'s layout: the emulation's matmuls then sum
+    in one order for the same values, so prequantized weights (stored K-major) give bit for bit what the in-op
+    quantization of their master weights gives, however those were stored (row-major, or K-major as Hugging Face's
+    ``[E, out, in]`` weights are)."""
+    q, s = quantized_weight(w, rcp, reduced, quantizer, scale=scale)
+    return dequantize(q, s, rcp.weight_block(reduced)).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------- prequantized
@@ -465,3 +468,34 @@ def check_weight_scales(
         if s.device != w.device:
             raise ValueError(f"{sname} must be on {name}'s device {w.device}, got {s.device}")
     return True
+
+
+def uncast(fn: Callable[[torch.Tensor], torch.Tensor], keep: Iterable[torch.Tensor | None]) -> Callable:
+    """``fn`` of ``nn.Module._apply`` (``.to``, ``.cuda``, ``.half``, ...) for a module holding prequantized weights:
+    the tensors of ``keep`` (by identity: the E4M3 weights and their scales) move to ``fn``'s device without a cast,
+    so a dtype cast of the model (``model.to(torch.bfloat16)``) leaves them as they are (their dtypes are the
+    recipe's); every other tensor goes through ``fn``."""
+    mine = {id(t) for t in keep if t is not None}
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in mine:
+            return fn(t)
+        return t.to(fn(t.new_empty(0, dtype=torch.uint8)).device)  # fn's device; an integer probe: no cast
+
+    return move
+
+
+def check_loaded_dtypes(
+    fp8: str, tensors: dict[str, torch.Tensor | None], state_dict: dict, prefix: str, errors: list[str]
+) -> None:
+    """For ``_load_from_state_dict`` of a module holding prequantized weights of recipe ``fp8``: an entry of
+    ``errors`` for each of its ``tensors`` (by name) whose checkpoint entry ``state_dict[prefix + name]`` has another
+    dtype (a checkpoint of another recipe, or of unquantized weights), which ``load_state_dict`` would otherwise cast
+    silently."""
+    for name, mine in tensors.items():
+        theirs = state_dict.get(prefix + name)
+        if mine is not None and isinstance(theirs, torch.Tensor) and theirs.dtype != mine.dtype:
+            errors.append(
+                f"{prefix}{name}: the experts hold FP8 weights of recipe {fp8!r} ({mine.dtype}), the checkpoint has "
+                f"{theirs.dtype} (another recipe, or unquantized weights)"
+            )

@@ -23,6 +23,22 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(-(2**30))
 
 
+def poison_empty(monkeypatch) -> None:
+    """From now on (``monkeypatch``'s scope), every ``torch.empty`` starts as NaN (E8M0 / uint8 255, E4M3 NaN,
+    -2^30 for integers): an element that no one writes shows up in the output."""
+    empty = torch.empty
+
+    def poison(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        if t.dtype == torch.uint8:
+            return t.fill_(255)
+        if t.dtype == torch.float8_e4m3fn:
+            return t.view(torch.uint8).fill_(0x7F).view(torch.float8_e4m3fn)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-(2**30))
+
+    monkeypatch.setattr(torch, "empty", poison)
+
+
 class Recorded:
     """A kernel whose launches record their keyword arguments, then run (``monkeypatch`` it over the kernel)."""
 

@@ -17,7 +17,7 @@ from bench import cli, flops, report, timing
 from bench.harness import _derive, run, sqnr_db
 from bench.memory import saved_for_backward
 from bench.problems import Shape, make_problem, make_routing, parse_routing
-from bench.strategies import build_cases, fp8_case_name, grouped_mm_moe_mlp, loop_moe_mlp
+from bench.strategies import build_cases, fp8_case_name, grouped_mm_moe_mlp, loop_moe_mlp, prequant_case_name
 from blocksparse_moe import moe_mlp
 from blocksparse_moe.reference import per_token_moe_mlp
 
@@ -245,20 +245,40 @@ def test_harness_rows():
     assert rows == [] and "time budget" in notes[0]
 
 
-def test_fp8_cases_follow_their_strategy():
-    # each recipe once more per dropless strategy, right after the strategy's row; padded and dense get none
+def test_fp8_cases_follow_their_strategy(monkeypatch):
+    # each recipe once more per dropless strategy, right after the strategy's row, each followed by its row on
+    # prequantized weights; padded and dense get none
+    monkeypatch.setenv("BSM_BACKEND", "torch")
     p = _problem()
-    cases, _ = build_cases(p, ["padded", "blocksparse", "grouped", "dense"], [1.0], 8, 8.0, ("blockwise", "rowwise"))
+    cases, _ = build_cases(p, ["padded", "blocksparse", "grouped", "dense"], [1.0], 16, 8.0, ("blockwise", "rowwise"))
     assert [c.name for c in cases] == [
-        "padded@1", "blocksparse", "blocksparse+fp8:blockwise", "blocksparse+fp8:rowwise", "grouped",
-        "grouped+fp8:blockwise", "grouped+fp8:rowwise", "dense",
+        "padded@1", "blocksparse", "blocksparse+fp8:blockwise", "blocksparse+fp8:blockwise:prequant",
+        "blocksparse+fp8:rowwise", "blocksparse+fp8:rowwise:prequant", "grouped", "grouped+fp8:blockwise",
+        "grouped+fp8:blockwise:prequant", "grouped+fp8:rowwise", "grouped+fp8:rowwise:prequant", "dense",
     ]  # fmt: skip
     by_name = {c.name: c for c in cases}
     assert by_name["grouped+fp8:rowwise"].fp8 == "rowwise" and by_name["grouped"].fp8 is None
+    assert by_name[prequant_case_name("grouped", "rowwise")].fp8 == "rowwise"
     # the same FLOP accounting as the strategy's own row (block padding included)
     assert by_name["blocksparse+fp8:blockwise"].executed_flops == by_name["blocksparse"].executed_flops
+    assert by_name["blocksparse+fp8:blockwise:prequant"].executed_flops == by_name["blocksparse"].executed_flops
+    # the prequantized forward is the in-op FP8 forward bit for bit, recording no graph; its weights are E4M3
+    for name in ("blocksparse", "grouped"):
+        prequant, in_op = by_name[prequant_case_name(name, "blockwise")], by_name[fp8_case_name(name, "blockwise")]
+        out = prequant.forward()
+        assert not out.requires_grad and torch.equal(out, in_op.forward().detach()), name
+        assert {t.dtype for t in prequant.parameters} == {torch.float8_e4m3fn, torch.float32}
     with pytest.raises(ValueError, match="fp8 must be one of"):
         build_cases(p, ["grouped"], [1.0], 8, 8.0, ("fp4",))
+    # hf_experts: transformers' experts module prequantized (quantize_experts_fp8_), served by ours: the same output
+    # as the strategy's prequantized row, bit for bit
+    pytest.importorskip("transformers")
+    cases, _ = build_cases(p, ["grouped", "hf_experts"], [1.0], 16, 8.0, ("mxfp8",))
+    by_name = {c.name: c for c in cases}
+    hf = by_name[prequant_case_name("hf:blocksparse_moe", "mxfp8")]
+    out = hf.forward()
+    assert hf.fp8 == "mxfp8" and not out.requires_grad and "forward only" in hf.notes[0]
+    assert torch.equal(out, by_name[prequant_case_name("grouped", "mxfp8")].forward())
 
 
 def test_sqnr_db():
@@ -279,11 +299,16 @@ def test_harness_fp8_rows(recipe, monkeypatch):
     rows, notes = run([shape], dtype=torch.float32, device=torch.device("cpu"), strategies=["grouped"],
                       capacity_factors=[1.0], block_size=8, min_run_time=0.001, fp8=(recipe,))  # fmt: skip
     assert notes == []
-    plain, fp8 = rows
+    plain, fp8, prequant = rows
     assert (plain["strategy"], plain["fp8"]) == ("grouped", None)
     assert (fp8["strategy"], fp8["fp8"]) == (fp8_case_name("grouped", recipe), recipe)
-    for r in rows:  # the columns of every row: times, bytes saved for backward, errors
+    assert (prequant["strategy"], prequant["fp8"]) == (prequant_case_name("grouped", recipe), recipe)
+    for r in (plain, fp8):  # the columns of every training row: times, bytes saved for backward, errors
         assert r["fwd_ms"] > 0 and r["bwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["saved_bytes_per_token"] > 0
+    # the prequantized row: forward only (inference: nothing saved for a backward), the in-op forward's output
+    assert prequant["fwd_ms"] > 0 and prequant["bwd_ms"] is None and prequant["fwd_bwd_ms"] is None
+    assert prequant["saved_bytes_per_token"] == 0 and prequant["basis"] == "fwd" and "forward only" in prequant["note"]
+    assert prequant["sqnr_db"] == fp8["sqnr_db"] and prequant["max_rel_err"] == fp8["max_rel_err"]
     # the SQNR is that of moe_mlp(fp8=recipe) against the float64 per-token reference of the same inputs
     p = make_problem(shape, torch.float32, torch.device("cpu"))
     ref = per_token_moe_mlp(*(t.detach().double() for t in (p.x, p.top_k_index, p.top_k_weights)),
@@ -298,6 +323,7 @@ def test_harness_fp8_rows(recipe, monkeypatch):
     assert fp8["max_rel_err"] > 1e-3 > plain["max_rel_err"]
     table = report.markdown(rows, [1.0])
     assert "| SQNR dB (out / grads) |" in table and f"| grouped+fp8:{recipe} |" in table
+    assert f"| grouped+fp8:{recipe}:prequant |" in table
     assert "SQNR" not in report.markdown(rows[:1], [1.0])  # no FP8 row: the table as before
 
 
@@ -566,13 +592,17 @@ def test_cli_smoke(tmp_path):
     with open(tmp_path / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert {"padded@1", "padded@2", "torch_grouped_mm", "dense"} <= {r["strategy"] for r in rows}
-    fp8 = {r["strategy"]: r for r in rows if r["fp8"]}
+    fp8 = {r["strategy"]: r for r in rows if r["fp8"] and not r["strategy"].endswith(":prequant")}
     assert sorted(fp8) == ["blocksparse+fp8:rowwise", "grouped+fp8:rowwise"]
     assert all(15 < float(r["sqnr_db"]) < 40 and float(r["fwd_bwd_ms"]) > 0 for r in fp8.values())
+    prequant = {r["strategy"]: r for r in rows if r["strategy"].endswith(":prequant")}  # forward only
+    assert sorted(prequant) == ["blocksparse+fp8:rowwise:prequant", "grouped+fp8:rowwise:prequant"]
+    assert all(15 < float(r["sqnr_db"]) < 40 and float(r["fwd_ms"]) > 0 for r in prequant.values())
     assert "| SQNR dB (out / grads) |" in proc.stdout and "FP8 rows" in proc.stdout
     columns = {"fwd_ms", "bwd_ms", "fwd_bwd_ms", "useful_flops", "executed_flops", "pct_dense"}
     assert columns | {"saved_bytes_per_token", "saved_param_bytes"} <= set(rows[0])
-    assert all(float(r["saved_bytes_per_token"]) > 0 for r in rows)
+    assert all(float(r["saved_bytes_per_token"]) > 0 for r in rows if r["strategy"] not in prequant)
+    assert all(float(r["saved_bytes_per_token"]) == 0 for r in prequant.values())
     assert "| saved B/token |" in proc.stdout and "saved_tensors_hooks" in proc.stdout
     data = json.loads((tmp_path / "results.json").read_text())
     meta = data["metadata"]

@@ -8,7 +8,7 @@ import io
 
 import pytest
 import torch
-from helpers import routing
+from helpers import poison_empty, routing
 
 import blocksparse_moe as bsm
 from blocksparse_moe import fp8
@@ -41,19 +41,8 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """Every buffer the backends and the kernels allocate starts as NaN (E8M0 255, -2^30 for integers): an element
-    no one writes shows up in the output."""
-    empty = torch.empty
-
-    def poison(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        if t.dtype == torch.uint8:
-            return t.fill_(255)
-        if t.dtype == E4M3:
-            return t.view(torch.uint8).fill_(0x7F).view(E4M3)
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-(2**30))
-
-    monkeypatch.setattr(torch, "empty", poison)
+    """Every buffer the backends and the kernels allocate starts as NaN (``helpers.poison_empty``)."""
+    poison_empty(monkeypatch)
 
 
 # ----------------------------------------------------------------------------------------------- prequantize

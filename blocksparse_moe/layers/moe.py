@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..activations import Activation, get_activation
-from ..fp8 import RECIPES, check_recipe, prequantize
+from ..fp8 import RECIPES, check_loaded_dtypes, check_recipe, prequantize, uncast
 from ..functional import moe_mlp
 from ..options import MoEOptions, options_from
 from ..validation import boolean, non_negative_number, positive_int
@@ -165,19 +165,11 @@ class MoEExperts(nn.Module):
         return self
 
     def _apply(self, fn, recurse: bool = True):
-        """``nn.Module``'s (``.to``, ``.cuda``, ``.half``, ...), moving prequantized buffers without casting them:
-        a dtype cast of the model (``model.to(torch.bfloat16)``) leaves the E4M3 weights and their scales as they
-        are (their dtypes are the recipe's)."""
+        """``nn.Module``'s (``.to``, ``.cuda``, ``.half``, ...), moving prequantized buffers without casting them
+        (``fp8.uncast``): a dtype cast of the model leaves the E4M3 weights and their scales as they are."""
         if self.prequantized is None:
             return super()._apply(fn, recurse)
-        mine = {id(t) for t in self._buffers.values() if t is not None}  # the FP8 weights and scales, nothing else
-
-        def move(t: torch.Tensor) -> torch.Tensor:
-            if id(t) not in mine:
-                return fn(t)
-            return t.to(fn(t.new_empty(0, dtype=torch.uint8)).device)  # fn's device; an integer probe: no cast
-
-        return super()._apply(move, recurse)
+        return super()._apply(uncast(fn, self._buffers.values()), recurse)  # the FP8 weights and scales only
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
         """``nn.Module``'s, refusing a checkpoint whose expert weights are not stored as this module's are
@@ -189,13 +181,8 @@ class MoEExperts(nn.Module):
                     f"quantize_fp8_(recipe) on the module before load_state_dict"
                 )
         else:
-            for name in ("w1", "w2", "w3", "w1_scale", "w2_scale", "w3_scale"):
-                mine, theirs = getattr(self, name), state_dict.get(prefix + name)
-                if mine is not None and isinstance(theirs, torch.Tensor) and theirs.dtype != mine.dtype:
-                    errors.append(
-                        f"{prefix}{name}: the experts hold FP8 weights of recipe {self.prequantized!r} ({mine.dtype}), "
-                        f"the checkpoint has {theirs.dtype} (another recipe, or unquantized weights)"
-                    )
+            names = ("w1", "w2", "w3", "w1_scale", "w2_scale", "w3_scale")
+            check_loaded_dtypes(self.prequantized, {n: getattr(self, n) for n in names}, state_dict, prefix, errors)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
     def extra_repr(self) -> str:
