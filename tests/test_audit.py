@@ -597,8 +597,12 @@ def test_launcher_specs_say_what_they_serve():
     blackwell = gemm["gemm[grouped_mm,bf16,M=128,N=128,K=64,w=4,tma,ws]"]
     assert (blackwell.archs, blackwell.num_warps, blackwell.persistent) == ((100,), 4, True)
     assert not large.persistent
-    glu = gemm["gemm[up,glu,silu,bf16,M=128,N=64,K=64,w=4,tma,gather4]"]  # one A tile, two weight tiles, one tile each
-    assert glu.operand_bytes == (128 * 64 + 2 * 64 * 64) * 2 and [w for w, _ in glu.waivers] == ["issue@100"]
+    # sm_100's GLU forward: 128x128 tiles of two accumulators, the epilogue in 32-column slices, 2 stages, one tile
+    # per program and no waiver (its issue ratio passes); one A tile and two weight tiles per K step
+    glu = gemm["gemm[up,glu,silu,bf16,M=128,N=128,K=64,w=4,tma,gather4]"]
+    assert glu.operand_bytes == (128 * 64 + 2 * 64 * 128) * 2 and glu.waivers == () and not glu.persistent
+    assert (glu.constexprs["EPI_N"], glu.num_stages, glu.num_warps) == (32, 2, 4)
+    assert gemm["gemm[up,glu,silu,bf16,M=128,N=64,K=64,w=8,tma]"].archs == (90, 120)  # the others' 128x64 tiles
     # sm_100's builds that do not warp-specialize gather their x rows through TMA (gather4), the others by cp.async
     assert (glu.archs, glu.constexprs["A_TMA"], glu.signature["a_desc"]) == (
         (100,), expert_gemm.WeightLoad.GATHER4, "tensordesc<bf16[1,64]>")  # fmt: skip

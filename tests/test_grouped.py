@@ -10,6 +10,7 @@ import triton
 from helpers import TOL, Recorded, assert_close, assert_close_to_reference, poison_, routing
 
 from blocksparse_moe import backends
+from blocksparse_moe.activations import ACTIVATIONS
 from blocksparse_moe.kernels import expert_gemm
 from blocksparse_moe.kernels.layouts import Rows, Schedule
 from blocksparse_moe.ops import _checks
@@ -315,6 +316,65 @@ def test_gemm_gather4_rows(counts, dtype, glu, monkeypatch):
         torch.testing.assert_close(results[True][1].double(), ref_g, **tol)
         h, g = results[True][0].double(), results[True][1].double()
         torch.testing.assert_close(results[True][2].double(), torch.nn.functional.silu(h) * g, **tol)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "counts, N",
+    [
+        ([5, 0, 131, 1], 208),  # an empty expert, a one-row expert, odd counts (partial 128-row M tiles); N = 208:
+        # a full and a partial 128-column tile (80 columns: a slice cut by N, slices wholly past N)
+        ([7], 48),  # E = 1, one partial M tile; one partial N tile
+        ([0, 129, 0], 144),  # all rows to one expert (its second M tile one row), empty first and last experts
+    ],
+)
+def test_glu_forward_sm100_tiles(counts, N, dtype, activation, monkeypatch):
+    # the GLU forward with sm_100's config forced under the interpreter (gemm_config's choice for capability 100:
+    # 128x128 tiles of two accumulators, the epilogue in column slices of EPI_N < 128; TMA weights, the rows through
+    # TMA's row gather as there): h, g and a = act(h)·g vs float64 (as accurate as PyTorch in the dtype), every
+    # output poisoned, the rows no expert owns (spare rows inside the experts, rows past offsets[E]) zero
+    E, K, T, extra = len(counts), 80, 23, 3  # K = 80: a full and a partial 64-wide K step (16-aligned: sm_100's
+    # config serves aligned operands)
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+    R = int(offsets[-1]) + extra
+    row_src = torch.randint(0, T, (R,), dtype=torch.int32)
+    row_src[R - extra :] = -1  # rows no expert owns
+    row_src[::11] = -1  # spare rows inside the experts
+    x = torch.randn(T, K).to(dtype)
+    w, gate = (torch.randn(E, K, N) / K**0.5).to(dtype), (torch.randn(E, K, N) / K**0.5).to(dtype)
+    xs = torch.where((row_src >= 0)[:, None], x[row_src.clamp(min=0).long()], 0)
+    act = ACTIVATIONS[activation]
+    ref = [torch.zeros(R, N, dtype=torch.float64) for _ in range(2)]  # h, g
+    same = [torch.zeros(R, N, dtype=dtype) for _ in range(2)]  # the same products in the dtype (PyTorch's error)
+    for e, (o0, o1) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        for i, weight in enumerate((w, gate)):
+            ref[i][o0:o1], same[i][o0:o1] = xs[o0:o1].double() @ weight[e].double(), xs[o0:o1] @ weight[e]
+    ref.append(act(ref[0]) * ref[1])
+    same.append((act(same[0].float()) * same[1].float()).to(dtype))
+
+    config = expert_gemm.gemm_config
+
+    def sm100_config(*args, **kwargs):
+        with pytest.MonkeyPatch.context() as gpu:
+            gpu.setattr(expert_gemm, "interpreting", lambda: False)
+            return config(*args, **{**kwargs, "capability": 100})
+
+    monkeypatch.setattr(expert_gemm, "gemm_config", sm100_config)
+    monkeypatch.setattr(expert_gemm, "_gather4_device", lambda device: True)
+    recorded = Recorded(expert_gemm.gemm_kernel)
+    monkeypatch.setattr(expert_gemm, "gemm_kernel", recorded)
+    outs = [poison_(torch.empty(R, N, dtype=dtype)) for _ in range(3)]  # h, g, a
+    x_in, w_in, gate_in = x.clone(), w.clone(), gate.clone()
+    schedule = Schedule.build(offsets, R, 128)
+    expert_gemm.gemm(Rows.dense(x_in, gathered=True), w_in, Rows.dense(outs[0]), schedule, row_src=row_src,
+                     gate=gate_in, gate_out=outs[1], act_out=outs[2], activation=activation)  # fmt: skip
+    assert torch.equal(x_in, x) and torch.equal(w_in, w) and torch.equal(gate_in, gate)  # inputs not modified
+    call = recorded.calls[-1]
+    assert (call["BLOCK_M"], call["BLOCK_N"], call["num_warps"]) == (128, 128, 4)
+    assert call["EPI_N"] < call["BLOCK_N"] and call["A_TMA"] == expert_gemm.WeightLoad.GATHER4 and call["W_TMA"]
+    for name, out, r64, r in zip(("h", "g", "a"), outs, ref, same):
+        assert_close_to_reference(out, r64, r, msg=f"{name}: ")
 
 
 # ----------------------------------------------------------------------------------------------- autograd

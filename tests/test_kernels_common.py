@@ -60,7 +60,15 @@ def test_gpu_configs_per_compute_capability(monkeypatch, cc):
         cfg = expert_gemm.gemm_config(torch.bfloat16, 128, capability=cc, **kw)
         assert cfg.num_warps == (4 if blackwell else 8), kw
         sm80 = expert_gemm.gemm_config(torch.bfloat16, 128, capability=80, **kw)
+        if blackwell and kw.get("glu"):  # the GLU forward: 128 columns per weight, its epilogue in 32-column slices
+            sm80 = replace(sm80, block_n=128, epilogue_n=32, num_stages=2)
         assert replace(cfg, num_warps=8, epilogue_n=sm80.epilogue_n) == sm80
+    # sm_100's GLU forward tile only for aligned 16-bit 128-row tiles; 64-row, unaligned and fp32 ones keep theirs
+    for kw in (dict(dtype=torch.bfloat16, block_m=64), dict(dtype=torch.bfloat16, block_m=128, aligned=False),
+               dict(dtype=torch.float32, block_m=128)):  # fmt: skip
+        assert expert_gemm.gemm_config(**kw, glu=True, epilogue=1, capability=cc) == expert_gemm.gemm_config(
+            **kw, glu=True, epilogue=1, capability=80
+        ), kw
     # the backward epilogue's column slices: 16 on 4 tcgen05 warps (slices of 8 spilled the gelu epilogue there)
     assert expert_gemm.gemm_config(torch.bfloat16, 128, epilogue=2, capability=cc).epi_n == (16 if blackwell else 8)
     assert expert_gemm.gemm_config(torch.bfloat16, 128, aligned=False, capability=cc).num_warps == 8
@@ -72,6 +80,15 @@ def test_gpu_configs_per_compute_capability(monkeypatch, cc):
     assert expert_gemm.wgrad_config(torch.float32, capability=cc).num_warps == 8
     assert expert_gemm.wgrad_config(torch.bfloat16, b_block=64, capability=cc).num_warps == 8  # 128x64 tiles
     assert capability(torch.empty(1)) is None  # off CUDA the launchers pass None
+
+
+def test_interpreter_configs_slice_the_epilogues():
+    # under the interpreter both epilogues run in column slices (EPI_N < BLOCK_N), so that every interpreter test of
+    # the forward and backward epilogues runs the sliced code sm_100's GLU forward and the backward take on a GPU
+    for epilogue in (1, 2):
+        for glu in (False, True):
+            cfg = expert_gemm.gemm_config(torch.bfloat16, 16, epilogue=epilogue, glu=glu)
+            assert cfg.epi_n < cfg.block_n, (epilogue, glu, cfg)
 
 
 def test_upcast_only_for_interpreted_bf16(monkeypatch):

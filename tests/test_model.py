@@ -98,6 +98,22 @@ def test_launch_list_is_the_launchers(estimates):
         assert r["forward_seconds"] < r["seconds"]
 
 
+def test_launchers_pick_the_estimated_gpus_configs(estimates, tmp_path):
+    # the recording answers the launchers' capability query with the estimated GPU's (on meta tensors it answered
+    # None: sm_90's configs on every GPU): the gated up-projection runs sm_100's 128x128 GLU tiles on B200, 128x64 on
+    # H200
+    out = tmp_path / "b200.json"
+    proc = _run("bench.model", "--shape", "mixtral", "--impl", "grouped", "--gpu", "b200", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+
+    def up_tile(result: dict) -> str:
+        return next(la["tile"] for la in result["launches"] if la["kernel"] == "gemm_kernel")
+
+    (b200,) = json.loads(out.read_text())
+    h200 = next(r for r in estimates[0] if (r["shape"], r["impl"]) == ("mixtral", "grouped"))
+    assert (up_tile(b200), up_tile(h200)) == ("128x128x64", "128x64x64")
+
+
 def test_flop_totals_equal_the_analytic_count(estimates):
     results, _, _ = estimates
     for r in results:

@@ -13,7 +13,8 @@ things stand in for the GPU:
   baseline strategy's) are recorded as launches instead, their operands as ``mat_a`` / ``mat_b`` / ``out``.
 
 What stays as on the CPU: ``TRITON_INTERPRET`` must be off (the launchers pick their GPU configs); the launchers'
-``torch.cuda`` queries (compute capability) see ``capability`` (patched); meta tensors are never ``cuda`` tensors,
+compute-capability queries see ``capability`` (patched: ``torch.cuda.get_device_capability``, and
+``expert_gemm.capability``, which answers None for a tensor off CUDA); meta tensors are never ``cuda`` tensors,
 so a launcher that asks ``tensor.device.type == "cuda"`` (the TMA weight loads) takes its non-CUDA branch; the
 routing runs its PyTorch implementation (meta tensors): its eager ops are recorded under the pseudo-op ``ROUTING``
 (listed, not costed), and the launches of the compiled extension that builds the plan on CUDA instead
@@ -36,6 +37,7 @@ from triton.runtime.jit import JITFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from blocksparse_moe.config import interpreting
+from blocksparse_moe.kernels import expert_gemm
 from blocksparse_moe.routing import pytorch as routing_torch
 
 __all__ = [
@@ -240,8 +242,10 @@ class _Mode(TorchDispatchMode):
 
 @contextlib.contextmanager
 def _patched(rec: Recording, capability: tuple[int, int]) -> Iterator[None]:
-    """Triton launches recorded instead of run; ``torch.cuda.get_device_capability`` answering ``capability``; the
-    routing's PyTorch implementation run under ``ROUTING``, followed by the extension's launches."""
+    """Triton launches recorded instead of run; ``torch.cuda.get_device_capability`` and the GEMM launchers' config
+    query (``expert_gemm.capability``: None for meta tensors otherwise, i.e. sm_90's configs on every GPU) answering
+    ``capability``; the routing's PyTorch implementation run under ``ROUTING``, followed by the extension's
+    launches."""
 
     def run(self, *args, grid, warmup, **kwargs):
         names = self.arg_names
@@ -264,13 +268,16 @@ def _patched(rec: Recording, capability: tuple[int, int]) -> Iterator[None]:
         return buffers
 
     saved_run, saved_cc, saved_plan = JITFunction.run, torch.cuda.get_device_capability, routing_torch.plan_buffers
+    saved_gemm_cc = expert_gemm.capability
     JITFunction.run = run
     torch.cuda.get_device_capability = lambda *a, **k: capability
+    expert_gemm.capability = lambda t: capability[0] * 10 + capability[1]
     routing_torch.plan_buffers = plan_buffers
     try:
         yield
     finally:
         JITFunction.run, torch.cuda.get_device_capability = saved_run, saved_cc
+        expert_gemm.capability = saved_gemm_cc
         routing_torch.plan_buffers = saved_plan
 
 

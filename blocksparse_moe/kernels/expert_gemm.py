@@ -62,11 +62,13 @@ expert-major (the programs of one expert share its rows), grouped order inside.
   ``[dh | dg] @ [w1 | w3]ᵀ``);
 - ``FORWARD`` (``_forward_epilogue``): ``h = acc`` (and ``GLU``: ``g = acc2``, the gate weight's accumulator over
   the same A tiles); stores ``h`` [, ``g``] and ``a = act(h) [· g]`` (computed from the rounded h, g, as the
-  backward recomputes it), or with ``QUANT_A`` (an FP8 mode of ``EPILOGUE_QUANT``: MX) a as E4M3 bits plus one scale
-  per row and group of the mode's columns (``_quantized_forward_epilogue``: group by group, a column slice of the
-  accumulators each as in the backward epilogue, a rounded to h's dtype, then ``kernels.quantize``'s helpers: bit
-  for bit ``quantize(a, (1, group))`` of the a written otherwise; ``gemm(..., act_scales=)``, the FP8 MLP's
-  up-projection: ``backends.triton_fp8``);
+  backward recomputes it), in column slices of ``EPI_N`` as the backward epilogue (``_sliced_forward_epilogue``:
+  sm_100's 128-wide GLU tile in slices of 32; one slice, the whole tile, in the other GPU configs), or with
+  ``QUANT_A`` (an FP8 mode of ``EPILOGUE_QUANT``: MX) a as E4M3 bits plus one scale per row and group of the mode's
+  columns (``_quantized_forward_epilogue``: group by group, a column slice of the accumulators each as in the
+  backward epilogue, a rounded to h's dtype, then ``kernels.quantize``'s helpers: bit for bit ``quantize(a, (1,
+  group))`` of the a written otherwise; ``gemm(..., act_scales=)``, the FP8 MLP's up-projection:
+  ``backends.triton_fp8``);
 - ``BACKWARD`` (``_backward_epilogue``): ``acc = G = dout[token] @ w2ᵀ`` at the tile; with ``w`` the row's top-k
   weight and ``a`` recomputed from the saved ``h``, ``g``: stores ``dh = w·G·g·act'(h)``, ``dg = w·G·act(h)``,
   ``aw = w·a`` (for ``dW2``) and ``dots[n_tile, p] = Σ_tile G·a`` (the top-k weight gradient ``<dout @ w2ᵀ, a>``,
@@ -486,6 +488,25 @@ def _column_slices(x, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, SLICE: tl.cons
 
 
 @triton.jit
+def _sliced_forward_epilogue(
+    acc, acc2, h_ptr, g_ptr, a_ptr, o_rows, o_col0, s_oc, row_ok, n0, N_STORE, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, EPI_N: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr,
+):  # fmt: skip
+    """``EPILOGUE`` ``FORWARD`` (``QUANT_A`` none) in ``BLOCK_N / EPI_N`` (a power of two, at most 16) column slices
+    of ``EPI_N`` (``_column_slices`` of both accumulators, as the backward epilogue): ``_forward_epilogue`` stores the
+    slice's h [, g] and its ``a`` is stored, so that only one slice's h, g and a are live beside the accumulators
+    (``EPI_N = BLOCK_N``: the whole tile at once)."""
+    hs = _column_slices(acc, BLOCK_M, BLOCK_N, EPI_N)
+    gs = _column_slices(acc2, BLOCK_M, BLOCK_N, EPI_N)  # GLU only; unused (and removed) otherwise
+    for j in tl.static_range(BLOCK_N // EPI_N):
+        cols = j * EPI_N + tl.arange(0, EPI_N)
+        o_off = o_rows[:, None] + (o_col0 + cols.to(tl.int64) * s_oc)[None, :]
+        store = row_ok[:, None] & (n0 + cols < N_STORE)[None, :]
+        a = _forward_epilogue(hs[j], gs[j], h_ptr, g_ptr, o_off, store, GLU, ACT)
+        tl.store(a_ptr + o_off, a, mask=store)
+
+
+@triton.jit
 def _quantized_forward_epilogue(
     acc, acc2, h_ptr, g_ptr, q_ptr, sq_ptr, o_rows, o_col0, s_oc, rows, row_ok, n0, N, s_sqr, s_sqc,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr,
@@ -658,19 +679,19 @@ def _gemm_tile(
             acc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr, row_asg_ptr, weights_ptr, dots_ptr, o_rows, o_col0,
             s_oc, rows, row_ok, n0, pid_n, R, N, N_STORE, BLOCK_M, BLOCK_N, EPI_N, GLU, ACT,
         )  # fmt: skip
-    else:
+    elif EPILOGUE == _PLAIN:
         o_off = o_rows[:, None] + (o_col0 + tl.arange(0, BLOCK_N).to(tl.int64) * s_oc)[None, :]
-        store = row_ok[:, None] & (offs_n < N_STORE)[None, :]
-        if EPILOGUE == _PLAIN:
-            _store_plain(acc, out_ptr, o_off, store)
-        elif QUANT_A == _NO_FP8:
-            a = _forward_epilogue(acc, acc2, out_ptr, out2_ptr, o_off, store, GLU, ACT)
-            tl.store(out3_ptr + o_off, a, mask=store)
-        else:
-            _quantized_forward_epilogue(
-                acc, acc2, out_ptr, out2_ptr, out3_ptr, sq_ptr, o_rows, o_col0, s_oc, rows, row_ok, n0, N, s_sqr,
-                s_sqc, BLOCK_M, BLOCK_N, GLU, ACT, QUANT_A,
-            )  # fmt: skip
+        _store_plain(acc, out_ptr, o_off, row_ok[:, None] & (offs_n < N_STORE)[None, :])
+    elif QUANT_A == _NO_FP8:
+        _sliced_forward_epilogue(
+            acc, acc2, out_ptr, out2_ptr, out3_ptr, o_rows, o_col0, s_oc, row_ok, n0, N_STORE, BLOCK_M, BLOCK_N, EPI_N,
+            GLU, ACT,
+        )  # fmt: skip
+    else:
+        _quantized_forward_epilogue(
+            acc, acc2, out_ptr, out2_ptr, out3_ptr, sq_ptr, o_rows, o_col0, s_oc, rows, row_ok, n0, N, s_sqr, s_sqc,
+            BLOCK_M, BLOCK_N, GLU, ACT, QUANT_A,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -736,7 +757,7 @@ def gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    EPI_N: tl.constexpr,  # BACKWARD: the epilogue's column slice (BLOCK_N / EPI_N slices: 1, 2 or 4)
+    EPI_N: tl.constexpr,  # FORWARD (QUANT_A none), BACKWARD: the epilogue's column slice (BLOCK_N / EPI_N <= 16)
     GROUP_M: tl.constexpr,
     LB_A: tl.constexpr,  # log2 of A's layout block (any value for dense / gathered A)
     LB_O: tl.constexpr,  # log2 of out's layout block
@@ -988,7 +1009,8 @@ def scale_chunks_kernel(
 @dataclass(frozen=True)
 class GemmConfig:
     """Output tile ``block_m × block_n``, reduction step ``block_k``, M tiles per group of the grouped order,
-    launch options, and the backward epilogue's column slice ``epilogue_n`` (``block_n`` / 1, 2 or 4)."""
+    launch options, and the forward (``QUANT_A`` none) and backward epilogues' column slice ``epilogue_n``
+    (``block_n`` / 1 to 16)."""
 
     block_m: int
     block_n: int
@@ -1036,25 +1058,32 @@ def gemm_config(
 
     sm_90: ``block_m`` rows on ``block_m / 16`` warps (a warpgroup per 64 rows: wgmma), K step 64 for 16-bit types
     (32 for fp32), 3 stages of 128×64 + 64×128 16-bit tiles (96 KB of shared memory) and at most ~128 registers, so
-    two programs fit one SM. The GLU forward keeps two accumulators (``block_n`` 64: one A tile feeds ``w1`` and
-    ``w3``); the backward epilogue holds h, g and four results per element, so it runs full-width tiles (``block_n``
-    128) and processes the accumulator in column slices of 8 (``epilogue_n``: ≤ 128 registers on sm_90 with every
-    activation; slices of 16 or 32 take 135-148, a whole 128-column tile ~250 and spills). Unaligned operands
-    (scalar loads staged in registers) take a K step of 32 and at most 64 columns, 32 where a tile keeps two
-    accumulators or two pipelines (GLU, the dgrad pair) or the backward epilogue: wider ones spill on sm_80, sm_100
-    or sm_120; fp32 tiles take at most 64 columns, the pair 32 (16 unaligned), on 8 warps (sm_120's ptxas spills
-    the transposed-weight and pair fp32 builds otherwise). ``out_block`` / ``a_block``: the block size of a blocked out
-    / A (a tile never straddles a block). sm_100 (tcgen05: the accumulator lives in tensor memory) runs the aligned
-    16-bit 128-row tiles on 4 warps: on 8 the warps issue the loop's loads and barriers twice over, 1.1-1.4 issue
-    clocks per MMA clock (``bench.audit``'s issue ratio), 0.62-0.66 on 4 (0.82 with the GLU's two accumulators);
-    there the backward epilogue takes slices of 16 columns (88-159 registers; in slices of 8 ptxas spills the gelu
-    epilogue, 255 registers and 80 B).
-    One small config when interpreting (the backward epilogue's 64 columns wide in eight slices, fewer in narrower
-    blocks). Checked by ``python -m bench.audit``.
+    two programs fit one SM. The GLU forward keeps two accumulators (``block_n`` 64, sm_100's 128 below: one A tile
+    feeds ``w1`` and ``w3``); the backward epilogue holds h, g and four results per element, so it runs full-width
+    tiles (``block_n`` 128) and processes the accumulator in column slices of 8 (``epilogue_n``: ≤ 128 registers on
+    sm_90 with every activation; slices of 16 or 32 take 135-148, a whole 128-column tile ~250 and spills).
+    Unaligned operands (scalar loads staged in registers) take a K step of 32 and at most 64 columns, 32 where a
+    tile keeps two accumulators or two pipelines (GLU, the dgrad pair) or the backward epilogue: wider ones spill on
+    sm_80, sm_100 or sm_120; fp32 tiles take at most 64 columns, the pair 32 (16 unaligned), on 8 warps (sm_120's
+    ptxas spills the transposed-weight and pair fp32 builds otherwise). ``out_block`` / ``a_block``: the block size
+    of a blocked out / A (a tile never straddles a block). sm_100 (tcgen05: the accumulator lives in tensor memory)
+    runs the aligned 16-bit 128-row tiles on 4 warps: on 8 the warps issue the loop's loads and barriers twice over,
+    1.1-1.4 issue clocks per MMA clock (``bench.audit``'s issue ratio), 0.62-0.66 on 4; there the backward epilogue
+    takes slices of 16 columns (88-159 registers; in slices of 8 ptxas spills the gelu epilogue, 255 registers and
+    80 B), and the GLU forward 128 columns per weight (two 128×128 accumulators, 256 of tensor memory's 512 columns:
+    issue ratio 0.39 where two 128×64 ones took 0.75-0.81, 85 FLOP per byte of operand tiles where they read 64),
+    its epilogue in slices of 32 columns (98 registers with silu, 127 with gelu; slices of 16: 66-74 registers and
+    0.41; of 64: 211-238; the whole tile at once spills 40-808 B) over 2 stages (99 KB of shared memory: 2 CTAs per
+    SM; 3 stages take 148 KB, 1 CTA per SM; persistent it took 151-168 registers, 0.42, and spilled 16 B with gelu).
+    Its rows come by TMA's row gather there (``_gather_load``): by asynchronous copies (``TMA_ROWS`` off, a
+    column-strided A) 2 stages wait to zero every K step.
+    One small config when interpreting (16 columns, the forward epilogue in two slices of 8, so that every
+    interpreter test of the forward runs the sliced epilogue; the backward epilogue's 64 columns wide in eight
+    slices, fewer in narrower blocks). Checked by ``python -m bench.audit``.
     """
     backward = epilogue == Epilogue.BACKWARD
     if interpreting():
-        cfg = GemmConfig(block_m, 64, 16, 2, 4, 1, 8) if backward else GemmConfig(block_m, 16, 16, 2, 4, 1)
+        cfg = GemmConfig(block_m, 64 if backward else 16, 16, 2, 4, 1, 8)  # the epilogues in slices of 8
         if fp8 != Fp8Mode.NONE:  # MX: a K step of whole groups of 32; the forward epilogue's a in whole groups
             cfg = replace(cfg, block_k=32, block_n=32 if epilogue == Epilogue.FORWARD else cfg.block_n)
     elif fp8 != Fp8Mode.NONE:
@@ -1069,7 +1098,11 @@ def gemm_config(
         if dtype == torch.float32:  # 4-byte tiles: at most 64 columns, 8 warps (sm_120 / sm_80 spill otherwise)
             # the pair reads each weight with its own strides: at 64 columns sm_120's ptxas spills it
             block_n, warps = min(block_n, (32 if aligned else 16) if pair else 64), 8
-        cfg = GemmConfig(block_m, block_n, block_k, 8, warps, 3, (16 if tcgen05_4 else 8) if backward else None)
+        epilogue_n = (16 if tcgen05_4 else 8) if backward else None
+        stages = 3
+        if tcgen05_4 and glu and epilogue == Epilogue.FORWARD:  # two 128x128 accumulators: 256 tensor-memory columns
+            block_n, epilogue_n, stages = 128, 32, 2
+        cfg = GemmConfig(block_m, block_n, block_k, 8, warps, stages, epilogue_n)
     return _clamp(cfg, n=out_block, k=a_block)
 
 
@@ -1549,7 +1582,8 @@ def gemm(
     off = schedule.offsets
     tiles = schedule.max_m_tiles * num_n
     # the backward epilogue and the GLU forward (two accumulators) stay one tile per program: warp-specialized on
-    # sm_100's 4 warps they spill (48-116 B, bench.audit)
+    # sm_100's 4 warps they spill (48-116 B, bench.audit); persistent, sm_100's 128-wide GLU forward measured worse
+    # (gemm_config)
     two_acc = epilogue == Epilogue.BACKWARD or (glu and epilogue == Epilogue.FORWARD)
     two_acc = two_acc or (pair is not None and fp8 in (Fp8Mode.BLOCKWISE, Fp8Mode.ROWWISE))  # FP8: 4-warp ws spilled
     warp_spec = tma != WeightLoad.POINTERS and not two_acc and _warp_specialize(w.device)
