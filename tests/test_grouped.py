@@ -264,6 +264,18 @@ def test_wgrad_tma_dense_rows(use, counts, dtype, monkeypatch):
         torch.testing.assert_close(results[True][i].double(), ref, atol=TOL[dtype]["atol"] * 4, rtol=TOL[dtype]["rtol"])
 
 
+def _gathered_rows(counts, T: int, extra: int, spare_every: int):
+    """Expert offsets of ``counts`` rows each, ``R`` = their sum + ``extra`` rows, and the rows' random tokens of
+    ``T`` (``row_src``), with -1 for the ``extra`` rows past offsets[E] (rows no expert owns) and for every
+    ``spare_every``-th row (spare rows inside the experts)."""
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+    R = int(offsets[-1]) + extra
+    row_src = torch.randint(0, T, (R,), dtype=torch.int32)
+    row_src[R - extra :] = -1
+    row_src[::spare_every] = -1
+    return offsets, R, row_src
+
+
 @pytest.mark.parametrize("glu", [False, True], ids=["plain", "glu-forward"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
@@ -279,11 +291,7 @@ def test_gemm_gather4_rows(counts, dtype, glu, monkeypatch):
     # row_src = -1 (spare rows inside the experts, and the rows past offsets[E]) and rows past an expert's end read
     # zeros; the same tiles as the pointer loads, and the float64 reference (plain, and the GLU forward epilogue)
     E, K, N, T, extra = len(counts), 32, 48, 19, 3
-    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
-    R = int(offsets[-1]) + extra
-    row_src = torch.randint(0, T, (R,), dtype=torch.int32)
-    row_src[R - extra :] = -1  # rows no expert owns
-    row_src[::7] = -1  # spare rows inside the experts
+    offsets, R, row_src = _gathered_rows(counts, T, extra, spare_every=7)
     x = torch.randn(T, K).to(dtype)
     w, gate = torch.randn(E, K, N).to(dtype), torch.randn(E, K, N).to(dtype)
     xs = torch.where((row_src >= 0)[:, None], x.double()[row_src.clamp(min=0).long()], 0)
@@ -336,11 +344,7 @@ def test_glu_forward_sm100_tiles(counts, N, dtype, activation, monkeypatch):
     # output poisoned, the rows no expert owns (spare rows inside the experts, rows past offsets[E]) zero
     E, K, T, extra = len(counts), 80, 23, 3  # K = 80: a full and a partial 64-wide K step (16-aligned: sm_100's
     # config serves aligned operands)
-    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
-    R = int(offsets[-1]) + extra
-    row_src = torch.randint(0, T, (R,), dtype=torch.int32)
-    row_src[R - extra :] = -1  # rows no expert owns
-    row_src[::11] = -1  # spare rows inside the experts
+    offsets, R, row_src = _gathered_rows(counts, T, extra, spare_every=11)
     x = torch.randn(T, K).to(dtype)
     w, gate = (torch.randn(E, K, N) / K**0.5).to(dtype), (torch.randn(E, K, N) / K**0.5).to(dtype)
     xs = torch.where((row_src >= 0)[:, None], x[row_src.clamp(min=0).long()], 0)

@@ -11,6 +11,7 @@ import io
 import pytest
 import torch
 from helpers import poison_empty
+from hf_models import CONFIGS
 
 tf = pytest.importorskip("transformers")
 from transformers.integrations.moe import use_experts_implementation  # noqa: E402
@@ -20,42 +21,6 @@ from blocksparse_moe import fp8  # noqa: E402
 from blocksparse_moe.integrations import transformers as bsm_hf  # noqa: E402
 
 E4M3 = torch.float8_e4m3fn
-TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64)
-
-CONFIGS = {
-    # [E, 2F, d] weights, k = 2 of 4, softmax top-k
-    "mixtral": lambda: tf.MixtralConfig(
-        **TINY, intermediate_size=24, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2
-    ),
-    # odd expert count (E = 5), moe width 20 (a partial 32 group)
-    "qwen3_moe": lambda: tf.Qwen3MoeConfig(
-        **TINY,
-        intermediate_size=24,
-        moe_intermediate_size=20,
-        num_key_value_heads=1,
-        num_experts=5,
-        num_experts_per_tok=2,
-        head_dim=16,
-    ),
-    # sigmoid router with groups, a shared expert beside the routed ones, k = 3 of 6, moe width 10
-    "deepseek_v3": lambda: tf.DeepseekV3Config(
-        **TINY,
-        intermediate_size=24,
-        moe_intermediate_size=10,
-        n_routed_experts=6,
-        n_shared_experts=1,
-        num_experts_per_tok=3,
-        n_group=2,
-        topk_group=1,
-        first_k_dense_replace=0,
-        kv_lora_rank=16,
-        q_lora_rank=None,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=8,
-        num_key_value_heads=2,
-    ),
-}
 MODEL_OF = {"blockwise": "mixtral", "mxfp8": "qwen3_moe", "rowwise": "deepseek_v3"}  # each model once
 SQNR_FLOOR_DB = 20.0  # E4M3 keeps 3 mantissa bits: ~25-30 dB for one expert MLP of fresh random data
 
@@ -266,17 +231,7 @@ def test_errors():
         bsm_hf.quantize_experts_fp8_(model, None)
     with pytest.raises(TypeError, match="fp8 must be None or one of"):
         bsm_hf.quantize_experts_fp8_(model, 8)
-    gpt = tf.AutoModelForCausalLM.from_config(
-        tf.GptOssConfig(
-            **TINY,
-            intermediate_size=24,
-            num_key_value_heads=1,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            head_dim=16,
-            layer_types=["full_attention"],
-        )  # fmt: skip
-    )
+    gpt = tf.AutoModelForCausalLM.from_config(CONFIGS["gpt_oss"]())
     with pytest.raises(ValueError, match=r"'model.layers.0.mlp.experts' \(GptOssExperts\) is not moe_mlp's standard"):
         bsm_hf.quantize_experts_fp8_(gpt.eval(), "blockwise")
     assert _experts(gpt).gate_up_proj.dtype == torch.float32  # unchanged

@@ -5,6 +5,8 @@ import copy
 
 import pytest
 import torch
+from hf_models import CONFIGS as HF_CONFIGS
+from hf_models import TINY
 from torch.utils._python_dispatch import TorchDispatchMode
 
 tf = pytest.importorskip("transformers")
@@ -13,38 +15,7 @@ from transformers.integrations.moe import use_experts_implementation  # noqa: E4
 from blocksparse_moe.integrations import transformers as bsm_hf  # noqa: E402
 from blocksparse_moe.options import MoEOptions  # noqa: E402
 
-TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64)
-
-CONFIGS = {
-    # gated, concatenated gate/up, [E, 2F, d] weights, softmax top-2 renormalised
-    "mixtral": lambda: tf.MixtralConfig(
-        **TINY, intermediate_size=24, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2
-    ),
-    # odd expert count (E = 5) and a moe width (20) that is not a multiple of anything useful
-    "qwen3_moe": lambda: tf.Qwen3MoeConfig(
-        **TINY,
-        intermediate_size=24,
-        moe_intermediate_size=20,
-        num_key_value_heads=1,
-        num_experts=5,
-        num_experts_per_tok=2,
-        head_dim=16,
-    ),
-    # k = 3 of 6 experts, un-normalised top-k weights
-    "olmoe": lambda: tf.OlmoeConfig(
-        **TINY, intermediate_size=24, num_key_value_heads=2, num_experts=6, num_experts_per_tok=3
-    ),
-    # transposed [E, d, 2F] weights, interleaved gate/up, biases, custom clamped _apply_gate
-    "gpt_oss": lambda: tf.GptOssConfig(
-        **TINY,
-        intermediate_size=24,
-        num_key_value_heads=1,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        head_dim=16,
-        layer_types=["full_attention"],
-    ),
-}
+CONFIGS = {name: HF_CONFIGS[name] for name in ("mixtral", "qwen3_moe", "olmoe", "gpt_oss")}
 
 
 @pytest.fixture(scope="module", autouse=True)
