@@ -340,7 +340,8 @@ def _run(x, idx, weights, w1, w2, w3, dout, **kw):
 def _reference(x, idx, weights, w1, w2, w3, dout, recipe):
     """Float64 forward and backward of the quantized math, per expert, from ``fp8.fake_quantize`` alone: every GEMM
     operand quantized as ``backends.torch_fp8`` documents (wgrad operands: groups of rows from each expert's first
-    row), intermediates h, g, a, dh, dg rounded to fp32 where the emulation stores them."""
+    row; x's from the up-projection's quantized x, the saved FP8 x, quantized again), intermediates h, g, a, dh, dg
+    rounded to fp32 where the emulation stores them."""
     r = fp8.recipe(recipe)
     sd, act_block = r.scale_dtype, r.act_block()
 
@@ -375,7 +376,7 @@ def _reference(x, idx, weights, w1, w2, w3, dout, recipe):
         rows = (r.group, 1)
         aw = (a * wr).float()
         dws[1][e] = q(aw, rows).T @ q(dout[tok], rows)
-        xr = q(x[tok], rows)
+        xr = q(xq[tok], rows)  # the FP8 x autograd saves (quantized along d), requantized along the tokens
         dws[0][e], dws[2][e] = xr.T @ q(dh, rows), xr.T @ q(dg, rows)
     return out, dx, dweights, dws[0], dws[1], dws[2]
 
@@ -398,8 +399,9 @@ def test_mlp_exact_quantized_math(recipe, impl):
 
 
 # Measured 2026-12-06 on this problem (torch backend, fp32; README "FP8"), out / dx / dweights / dw1 / dw2 / dw3 in dB:
-# blockwise 23.8 23.8 24.1 23.8 24.0 24.2, mxfp8 23.6 23.5 23.7 23.2 23.6 23.6, rowwise 23.8 23.7 23.9 23.7 24.0 24.2
-# (one quantized tensor, x or w1: 31.5-31.8 dB); the floors sit ~1 dB under the lowest.
+# blockwise 23.8 23.8 24.1 23.1 24.0 23.5, mxfp8 23.6 23.5 23.7 23.2 23.6 23.6, rowwise 23.8 23.7 23.9 23.0 24.0 23.5
+# (dw1 / dw3 from the saved FP8 x, requantized: 0.7 dB under the 23.8 / 24.2 of x quantized from its own dtype; one
+# quantized tensor, x or w1: 31.5-31.8 dB); the floors sit 0.5-1.2 dB under the lowest.
 SQNR_FLOOR = {"blockwise": 22.5, "mxfp8": 22.0, "rowwise": 22.5}
 
 
@@ -554,25 +556,6 @@ def test_mlp_value_edges():
     assert out[2].isnan().all() and out[3:].isfinite().all()
 
 
-def test_saved_tensors_unchanged():
-    """Autograd saves the same tensors with fp8 as without: x, the top-k weights, h, g, the weights, the routing."""
-
-    def saved_bytes(**kw):
-        saved = {}
-
-        def pack(t):
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        x, idx, weights, w1, w2, w3, _ = _problem(T=20, d=32, f=24, E=3, k=2)
-        x.requires_grad_()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            bsm.moe_mlp(x, idx, weights, w1, w2, w3, activation="silu", impl="grouped", backend="torch", **kw)
-        return sum(saved.values())
-
-    assert saved_bytes(fp8="blockwise") == saved_bytes()
-
-
 @pytest.mark.parametrize("impl", ["grouped", "padded"])
 def test_compile_fullgraph(impl):
     """moe_mlp with fp8 under torch.compile(fullgraph=True) equals eager, forward and backward."""
@@ -603,8 +586,12 @@ def test_padded_emulates():
         assert sqnr(a, b) > 20, name
         # the same quantized math (capacity 2 x T·k/E: nothing drops), but for where the top-k weight enters: padded
         # differentiates the combine (dweights = <y, dout>; dw2 from a and the weighted dout, quantized per token
-        # group), the fused MLP takes dweights = <dout @ w2ᵀ, a> and dw2 from the weighted a
-        if name not in ("dweights", "dw2"):
+        # group), the fused MLP takes dweights = <dout @ w2ᵀ, a> and dw2 from the weighted a; and for x in dw1 / dw3:
+        # padded quantizes x along the tokens from its own dtype, the fused MLP from its saved FP8 x (one rounding more:
+        # the two within FP8 noise of each other, 28 dB here)
+        if name in ("dw1", "dw3"):
+            assert sqnr(a, c) > 25, name
+        elif name not in ("dweights", "dw2"):
             assert sqnr(a, c) > 60, name
 
 

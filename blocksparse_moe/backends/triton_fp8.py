@@ -7,12 +7,13 @@ up to the fp32 accumulation order. Where each operand is quantized:
 
 | operand | quantized | layout the GEMM reads |
 |---|---|---|
-| x | once per call, per token along d (``quantize``) | gathered through ``row_src`` (scales too) |
+| x | once per call, per token along d (``quantize``; saved for backward instead of x) | gathered via ``row_src`` |
 | w1, w3, w2 | once per optimizer step per layout (``fp8.quantized_weight``: E4M3, scales) | ``[E, K, N]`` or ``wᵀ`` |
 | a = act(h)·g | per row along f: in the up-projection's epilogue (mxfp8), else after it (below) | dense rows |
 | dout | once per backward, per token along d (dgrad), along each expert's rows (dW2) | gathered; K-major rows |
 | dh, dg | one pass for both (``quantize_dual``): along f (dx), along each expert's rows (dW1, dW3) | dense; K-major |
-| x, aw (weight gradients) | along the rows of each expert (``quantize_rows``) | K-major expert rows |
+| x (weight gradients) | the saved E4M3 x (above) dequantized, requantized along expert rows | K-major expert rows |
+| aw (weight gradients) | along the rows of each expert (``quantize_rows``) | K-major expert rows |
 
 **a in the up-projection's epilogue** (``EPILOGUE_QUANT``: ``gemm(..., act_scales=)``). With ``mxfp8`` the GLU
 up-projection writes a as E4M3 plus its E8M0 scales directly (``QUANT_A``: a rounded to x's dtype, then
@@ -107,9 +108,10 @@ def mlp_forward(
     fp8: str,
     schedule: Schedule,
     scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
     """``backends.triton.mlp_forward`` with the FP8 GEMMs of recipe ``fp8`` over the Triton backend's tile
-    ``schedule`` (module docstring). ``scales = (s1, s2, s3)``: w1, w2, w3 are prequantized E4M3 weights
+    ``schedule`` (module docstring), and the E4M3 x and its scales (per token along d), which backward reads instead
+    of x. ``scales = (s1, s2, s3)``: w1, w2, w3 are prequantized E4M3 weights
     (``fp8.prequantize``: stored K-major, read as they are; one not stored K-major is copied so at each call, E·K·N
     bytes)."""
     rcp, mode, Q = fp8_recipes.recipe(fp8), MODES[fp8], quantize_kernels
@@ -140,12 +142,13 @@ def mlp_forward(
     gemm_kernels.gemm(Rows.dense(aq), w2q, Rows.dense(y), schedule, scales=GemmScales(mode, a_s, w2s))
     out = _new(tuple(x.shape), x)
     permute_kernels.scatter(y, routing.assignment_row, weights, out)
-    return out, _to_saved(h, routing), _to_saved(g, routing)
+    return out, _to_saved(h, routing), _to_saved(g, routing), (xq, xs)
 
 
 def mlp_backward(
     dout: torch.Tensor,
-    x: torch.Tensor,
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
     weights: torch.Tensor,
     w1: torch.Tensor,
     w2: torch.Tensor,
@@ -159,7 +162,8 @@ def mlp_backward(
     schedule: Schedule,
 ) -> tuple[torch.Tensor | None, ...]:
     """``backends.triton.mlp_backward`` with the FP8 GEMMs of recipe ``fp8`` (module docstring): the dgrad with its
-    fused epilogue, dW2, the dx pair and dW1 / dW3, each reading E4M3 operands."""
+    fused epilogue, dW2, the dx pair and dW1 / dW3, each reading E4M3 operands. ``x_q``, ``x_scale``: the forward's
+    E4M3 x and its scales (``mlp_forward``'s last result); the gradients in dout's dtype."""
     need_x, need_weights, need_w1, need_w2, need_w3 = needs
     rcp, mode, Q = fp8_recipes.recipe(fp8), MODES[fp8], quantize_kernels
     sd, act_block, F = rcp.scale_dtype, rcp.act_block(), w1.shape[2]
@@ -216,14 +220,16 @@ def mlp_backward(
         if dg is not None:
             w3tq, w3ts = transposed(w3)
             pair = (Rows.dense(dg_f[0]), w3tq)
-        dxs = _new((R, x.shape[1]), x)
+        dxs = _new((R, x_q.shape[1]), dout)
         scales = GemmScales(mode, dh_f[1], w1ts, w3ts, None if dg_f is None else dg_f[1])
         gemm_kernels.gemm(Rows.dense(dh_f[0]), w1tq, Rows.dense(dxs), schedule, pair=pair, scales=scales)
-        dx = _new(tuple(x.shape), x)
+        dx = _new(tuple(x_q.shape), dout)
         permute_kernels.scatter(dxs, routing.assignment_row, None, dx)
     dw1 = dw3 = None
     if need_wgrad:
-        xq, xs = Q.quantize_rows(_expert_rows(x, routing), rows, sd, transposed=True)
+        # x along the rows from the forward's E4M3 x: q · s in fp32 (fp8.dequantize), gathered, requantized
+        x_rows = _expert_rows(fp8_recipes.dequantize(x_q, x_scale, act_block), routing)
+        xq, xs = Q.quantize_rows(x_rows, rows, sd, transposed=True)
         dw1 = _new(tuple(w1.shape), w1)
         dw3 = None if dg is None else _new(tuple(w3.shape), w3)
         scales = scales_of(a=xs, b=dh_t[1], b2=None if dg_t is None else dg_t[1])
