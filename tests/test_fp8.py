@@ -205,6 +205,43 @@ def test_quantize_rows_kernel_exact(poisoned, device, recipe, transposed):
     assert_same(q, q_ref, f"values {recipe}")
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("align", [1, 16])
+def test_quantize_rows_dequantize_kernel_exact(poisoned, device, recipe, align):
+    """The weight-gradient layout of an E4M3 input with its scales along the columns (the saved FP8 x:
+    ``quantize_rows(..., dequantize=)``) == ``fp8.quantize_rows`` of ``fp8.dequantize`` bit for bit: every E4M3 bit
+    pattern (-0, subnormals, NaN) among ``_edgy``'s values quantized along the columns (partial column groups),
+    experts with no rows, one row, 129 rows, rows past offsets[E]; ``align`` 16: the padded layout of
+    the grouped strategy, column-major."""
+    r = fp8.recipe(recipe)
+    offsets = torch.tensor([0, 0, 50, 51, 180, 180], dtype=torch.int32, device=device)
+    C = 300 if recipe == "blockwise" else 72  # partial column groups: 2·128 + 44, 2·32 + 8
+    q, s = fp8.quantize(_edgy((190, C), torch.float32).to(device), r.act_block(), r.scale_dtype)
+    q.view(torch.uint8)[8:136, :2] = torch.arange(256, dtype=torch.uint8).view(128, 2)  # every E4M3 bit pattern
+    rows = kq.row_groups(offsets, 190, r.group, align=align)
+    got_q, got_s = kq.quantize_rows(q, rows, r.scale_dtype, transposed=align > 1, dequantize=(s, r.group))
+    x = fp8.dequantize(q, s, r.act_block())
+    padded = fp8.padded_offsets(offsets, align) if align > 1 else offsets
+    want_q, want_s, _ = fp8.quantize_rows(fp8.pad_rows(x, offsets, align) if align > 1 else x, padded, r.group,
+                                          r.scale_dtype)  # fmt: skip
+    if align > 1:  # padding rows: zero whatever their group's scale
+        real = fp8.pad_rows(torch.ones(190, 1, device=device), offsets, align)[:, 0] == 1
+        want_q = torch.where(real[:, None], want_q.view(torch.uint8), 0).view(torch.float8_e4m3fn)
+    assert_same(got_s, want_s, f"{recipe} scales")
+    assert_same(got_q, want_q, f"{recipe} values")
+
+
+def test_quantize_rows_dequantize_bad_arguments():
+    """``dequantize=`` names what it expected: an E4M3 t (TypeError), scales of the recipe's shape (ValueError)."""
+    offsets = torch.tensor([0, 5], dtype=torch.int32)
+    rows = kq.row_groups(offsets, 5, 32)
+    q, s = fp8.quantize(torch.randn(5, 40), (1, 32))
+    with pytest.raises(TypeError, match=r"quantize_rows: t \(with dequantize\) must have a dtype among"):
+        kq.quantize_rows(q.float(), rows, dequantize=(s, 32))
+    with pytest.raises(ValueError, match=r"dequantize's scale must have shape \(5, 2\).*got \(5, 1\)"):
+        kq.quantize_rows(q, rows, dequantize=(s[:, :1], 32))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_quantize_dual_kernel_exact(poisoned, device, recipe, dtype):

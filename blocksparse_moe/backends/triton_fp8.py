@@ -12,7 +12,7 @@ up to the fp32 accumulation order. Where each operand is quantized:
 | a = act(h)·g | per row along f: in the up-projection's epilogue (mxfp8), else after it (below) | dense rows |
 | dout | once per backward, per token along d (dgrad), along each expert's rows (dW2) | gathered; K-major rows |
 | dh, dg | one pass for both (``quantize_dual``): along f (dx), along each expert's rows (dW1, dW3) | dense; K-major |
-| x (weight gradients) | the saved E4M3 x (above) dequantized, requantized along expert rows | K-major expert rows |
+| x (weight gradients) | the saved E4M3 x (above), gathered, requantized along expert rows | K-major expert rows |
 | aw (weight gradients) | along the rows of each expert (``quantize_rows``) | K-major expert rows |
 
 **a in the up-projection's epilogue** (``EPILOGUE_QUANT``: ``gemm(..., act_scales=)``). With ``mxfp8`` the GLU
@@ -34,17 +34,18 @@ columns, 32 unaligned, 32 interpreted; the launcher asserts it), so every mxfp8 
   cannot know the scale.
 
 The weight gradients' operands (x, aw = w·a, dout rows, dh, dg) are materialized in expert order (x and dout
-gathered by ``permute.gather``), quantized along the tokens and stored column-major (``transposed``: the reduced
-dimension, the rows, contiguous) over 16-aligned expert offsets, so that ``wgrad_kernel`` reads their K-major tiles
-through TMA (``row_align``; sm_90's E4M3 wgmma reads K-major tiles only and copies MN-major ones through registers
-every K step). The block-sparse strategy's block-padded rows are aligned as they are; for the grouped strategy's
-unpadded rows the quantize kernels write each expert's rows from ``fp8.padded_offsets(offsets, 16)`` on (16-row
-segments, zero rows after each expert's own, in a buffer of ``R + 15·E`` rows rounded up to 16: a bound from
-shapes), in the same pass (``kernels.quantize.row_groups(..., align=16)``); the row groups, and so the scales, are
-the unpadded rows' (16 divides every recipe's group). The row groups are computed once per backward
-(``RowGroups``) for every quantization of the weight gradients' operands and their ``WgradScales``. The weights are
-cached K-major (``k_major``). The intermediates are dense ``[R, F]`` rows here:
-for the block-sparse strategy (blocked intermediates) the saved h and g are converted to and from its blocks
+gathered by ``permute.gather``: x as its saved E4M3 bytes and scales, which ``quantize_rows(..., dequantize=)``
+reads as ``q · s`` in fp32 in its pass, no fp32 copy), quantized along the tokens and stored column-major
+(``transposed``: the reduced dimension, the rows, contiguous) over 16-aligned expert offsets, so that
+``wgrad_kernel`` reads their K-major tiles through TMA (``row_align``; sm_90's E4M3 wgmma reads K-major tiles only
+and copies MN-major ones through registers every K step). The block-sparse strategy's block-padded rows are aligned
+as they are; for the grouped strategy's unpadded rows the quantize kernels write each expert's rows from
+``fp8.padded_offsets(offsets, 16)`` on (16-row segments, zero rows after each expert's own, in a buffer of ``R +
+15·E`` rows rounded up to 16: a bound from shapes), in the same pass (``kernels.quantize.row_groups(...,
+align=16)``); the row groups, and so the scales, are the unpadded rows' (16 divides every recipe's group). The row
+groups are computed once per backward (``RowGroups``) for every quantization of the weight gradients' operands and
+their ``WgradScales``. The weights are cached K-major (``k_major``). The intermediates are dense ``[R, F]`` rows
+here: for the block-sparse strategy (blocked intermediates) the saved h and g are converted to and from its blocks
 (``backends.torch._to_blocks`` / ``_block_rows``: a copy each way, the FP8 path's cost on that strategy). Any sizes
 run in FP8: partial K groups take the elements present (as if zero-padded), the tiles mask the rest.
 """
@@ -227,9 +228,12 @@ def mlp_backward(
         permute_kernels.scatter(dxs, routing.assignment_row, None, dx)
     dw1 = dw3 = None
     if need_wgrad:
-        # x along the rows from the forward's E4M3 x: q · s in fp32 (fp8.dequantize), gathered, requantized
-        x_rows = _expert_rows(fp8_recipes.dequantize(x_q, x_scale, act_block), routing)
-        xq, xs = Q.quantize_rows(x_rows, rows, sd, transposed=True)
+        # x along the rows from the forward's E4M3 x: gathered (E4M3 and scales), read as q · s in fp32 and
+        # requantized by one kernel (quantize_rows' dequantize)
+        x_rows = _expert_rows(x_q.view(torch.uint8), routing).view(fp8_recipes.E4M3)
+        xq, xs = Q.quantize_rows(
+            x_rows, rows, sd, transposed=True, dequantize=(_expert_rows(x_scale, routing), rcp.group)
+        )
         dw1 = _new(tuple(w1.shape), w1)
         dw3 = None if dg is None else _new(tuple(w3.shape), w3)
         scales = scales_of(a=xs, b=dh_t[1], b2=None if dg_t is None else dg_t[1])
