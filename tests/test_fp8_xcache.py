@@ -71,3 +71,22 @@ def test_triton_fp8_xcache_edges(case, impl, recipe):
     ref = _reference(*problem, recipe)
     for name, a, b in zip(NAMES, got, ref):
         assert sqnr(a, b) > 60, f"{name}: {sqnr(a, b):.1f} dB from the quantized reference"
+
+
+def test_bench_fp8_xcache_gradients():
+    """The measurement behind the choice (``python -m bench.fp8_xcache``): its hand-written float64 backward,
+    unquantized, equals the MLP's (moe_mlp, float64); quantized with x from its FP8 copy it is this module's
+    reference (``test_fp8._reference``) up to where the latter rounds to fp32 (> 60 dB); an expert with no tokens
+    ("skip")."""
+    from bench.fp8_xcache import gradients
+
+    x, idx, weights, w1, w2, w3, dout = (t.double() if t.is_floating_point() else t
+                                         for t in _problem(T=10, d=40, f=24, E=3, k=2, kind="skip"))  # fmt: skip
+    exact = _run(x, idx, weights, w1, w2, w3, dout, impl="grouped", backend="torch")
+    got = gradients(x, idx, weights, w1, w2, w3, dout, None, False)
+    for name, a in zip(NAMES[1:], exact[1:]):
+        torch.testing.assert_close(got[name], a, rtol=1e-10, atol=1e-12, msg=name)
+    quantized = gradients(x, idx, weights, w1, w2, w3, dout, "blockwise", True)
+    ref = _reference(x, idx, weights, w1, w2, w3, dout, "blockwise")
+    for name, b in zip(NAMES[1:], ref[1:]):
+        assert sqnr(quantized[name], b) > 60, f"{name}: {sqnr(quantized[name], b):.1f} dB"  # ~140 (x from bf16: ~30)
