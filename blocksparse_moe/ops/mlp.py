@@ -121,8 +121,8 @@ def _expert_mlp_backward(
 
 
 @_expert_mlp_backward.register_fake
-def _(dout, x, weights, w1, w2, w3, h, g, *args):
-    needs = args[-2]
+def _(dout, x, weights, w1, w2, w3, h, g, offsets, row_src, row_asg, assignment_row, block_size, activation, backend,
+      fp8, needs, x_scale=None):  # fmt: skip
     like = (dout.new_empty(x.shape), weights, w1, w2, w3)  # dx in dout's dtype (x may be the forward's E4M3 x)
     glu = w3 is not None
     wanted = (needs[0], needs[1], needs[2] or needs[4], needs[3], glu and (needs[2] or needs[4]))
