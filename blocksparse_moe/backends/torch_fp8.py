@@ -11,8 +11,7 @@ which is the FP8 GEMM's math up to the fp32 accumulation order:
 | down: ``y = a @ w2`` | ``a = act(h)·g`` per row along f (rounded to x's dtype first, as the kernels store it) |
 | dgrad: ``G = dout @ w2ᵀ`` | dout per token along d, w2 along d (its columns) |
 | dx: ``dh @ w1ᵀ + dg @ w3ᵀ`` | dh, dg per row along f, w1 / w3 along f (their columns) |
-| wgrads ``awᵀ @ dout``, ``xᵀ @ dh``, ``xᵀ @ dg`` | both operands along the tokens, in groups of one expert's rows |
-|  | (x: the up-projection's quantized x, dequantized, requantized along the tokens: the saved FP8 x) |
+| wgrads ``awᵀ @ dout``, ``xᵀ @ dh``, ``xᵀ @ dg`` | both along the tokens, in groups of one expert's rows (x: FP8 x's) |
 
 The weight gradients are FP8 too, with scales along the token dimension (the reduced one: groups of 128 / 32 rows
 of one expert, or all its rows for ``"rowwise"``; ``fp8.quantize_rows``). What stays unquantized: the activation

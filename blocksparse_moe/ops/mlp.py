@@ -126,7 +126,7 @@ def _(dout, x, weights, w1, w2, w3, h, g, offsets, row_src, row_asg, assignment_
     like = (dout.new_empty(x.shape), weights, w1, w2, w3)  # dx in dout's dtype (x may be the forward's E4M3 x)
     glu = w3 is not None
     wanted = (needs[0], needs[1], needs[2] or needs[4], needs[3], glu and (needs[2] or needs[4]))
-    return [torch.empty_like(t, memory_format=torch.contiguous_format) if n else x.new_empty(0)
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) if n else dout.new_empty(0)
             for t, n in zip(like, wanted)]  # fmt: skip
 
 
