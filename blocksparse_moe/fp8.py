@@ -92,6 +92,11 @@ class Recipe:
         """Group shape ``(rows, cols)`` of an operand reduced along its columns (one scale per row slice)."""
         return 1, self.group
 
+    def act_scale_shape(self, rows: int, cols: int) -> tuple[int, int]:
+        """The scales' shape of an operand ``[rows, cols]`` quantized along its columns (``act_block``, as
+        ``quantize`` gives them): one per row and group, a partial group counting as one."""
+        return rows, (1 if self.group is None else -(-cols // self.group))
+
     def weight_block(self, reduced: int) -> tuple[int | None, int | None]:
         """Group shape ``(rows, cols)`` of a weight ``[K, N]`` reduced along dimension ``reduced`` (0: K, as in
         ``x @ w``; 1: N, as in ``dy @ wᵀ``)."""

@@ -116,7 +116,7 @@ class Backend(Protocol):
         activation: str,
         fp8: str | None = None,
         scales: tuple[Tensor, Tensor, Tensor | None] | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor | None]: ...
+    ) -> tuple[Tensor, Tensor, Tensor | None, tuple[Tensor, Tensor] | None]: ...
 
     def mlp_backward(
         self,
@@ -132,6 +132,7 @@ class Backend(Protocol):
         activation: str,
         needs: tuple[bool, bool, bool, bool, bool],
         fp8: str | None = None,
+        x_scale: Tensor | None = None,
     ) -> tuple[Tensor | None, ...]: ...
 
 

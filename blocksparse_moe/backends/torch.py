@@ -313,8 +313,9 @@ def mlp_forward(
     fp8: str | None = None,
     scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ):
-    """``out [T, d]`` and the ``h``, ``g`` backward needs (``MlpRouting.intermediate_shape``); with an ``fp8``
-    recipe, its emulation (``torch_fp8``; ``scales``: w1, w2, w3 are prequantized E4M3 with these scales)."""
+    """``out [T, d]``, the ``h``, ``g`` backward needs (``MlpRouting.intermediate_shape``) and None; with an ``fp8``
+    recipe, its emulation (``torch_fp8``; ``scales``: w1, w2, w3 are prequantized E4M3 with these scales), whose
+    last result is the E4M3 x and its scales, which backward reads instead of x."""
     if fp8:
         return torch_fp8.mlp_forward(x, weights, w1, w2, w3, routing, activation, fp8, scales=scales)
     dtype = x.dtype
@@ -326,12 +327,14 @@ def mlp_forward(
         a = a * _acc(g) if a is h else a.mul_(_acc(g))  # identity: a is h itself, which is returned
     y = _expert_mm(_acc(a.to(dtype)), w2, routing.offsets).to(dtype)
     out = scatter_rows(y, routing.row_asg, routing.assignment_row, weights)
-    return out, _layout(h, routing), None if g is None else _layout(g, routing)
+    return out, _layout(h, routing), None if g is None else _layout(g, routing), None
 
 
-def mlp_backward(dout, x, weights, w1, w2, w3, h, g, routing: MlpRouting, activation: str, needs, fp8=None):
+def mlp_backward(
+    dout, x, weights, w1, w2, w3, h, g, routing: MlpRouting, activation: str, needs, fp8=None, x_scale=None
+):
     """Gradients of ``mlp_forward`` for ``(x, weights, w1, w2, w3)`` where ``needs`` says so, else None; with an
-    ``fp8`` recipe, its emulation (``torch_fp8``).
+    ``fp8`` recipe, its emulation (``torch_fp8``: x is then the forward's E4M3 x, ``x_scale`` its scales).
 
     Over the ``[R, f]`` rows, in the accumulation dtype: ``G = dout[token] @ w2ᵀ``; ``dW2 = aᵀ @ (w·dout[token])``
     (the gathered dout weighted in place); the top-k weight gradient ``<G, a>`` (``a`` multiplied in place); then
@@ -339,7 +342,7 @@ def mlp_backward(dout, x, weights, w1, w2, w3, h, g, routing: MlpRouting, activa
     (``act_backward``: one fused pass). No buffer beyond ``G``, ``act(h)`` and ``a``: a large one would cost page
     faults on every call on CPU."""
     if fp8:
-        return torch_fp8.mlp_backward(dout, x, weights, w1, w2, w3, h, g, routing, activation, needs, fp8)
+        return torch_fp8.mlp_backward(dout, x, x_scale, weights, w1, w2, w3, h, g, routing, activation, needs, fp8)
     need_x, need_weights, need_w1, need_w2, need_w3 = needs
     dtype, F = x.dtype, w1.shape[2]
     douts = _gathered(dout, routing.row_src)

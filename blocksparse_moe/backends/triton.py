@@ -221,11 +221,11 @@ def mlp_forward(
     activation: str,
     fp8: str | None = None,
     scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``out [T, d]``, and the ``h``, ``g`` backward needs (``MlpRouting.intermediate_shape``): the gated
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """``out [T, d]``, the ``h``, ``g`` backward needs (``MlpRouting.intermediate_shape``) and None: the gated
     up-projection (gather fused, activation in the epilogue), the down-projection, the weighted scatter. With an
     ``fp8`` recipe: its FP8 GEMMs (``triton_fp8``; ``scales``: w1, w2, w3 are prequantized E4M3 with these
-    scales)."""
+    scales), the last result the E4M3 x and its scales, which backward reads instead of x."""
     if fp8:
         return triton_fp8.mlp_forward(x, weights, w1, w2, w3, routing, activation, fp8, _schedule(routing), scales)
     F = w1.shape[2]
@@ -242,7 +242,7 @@ def mlp_forward(
     gemm_kernels.gemm(_layout(routing, a, F), w2, Rows.dense(y), schedule)
     out = new(tuple(x.shape), x)
     permute_kernels.scatter(y, routing.assignment_row, weights, out)
-    return out, h, g
+    return out, h, g, None
 
 
 def mlp_backward(
@@ -258,9 +258,10 @@ def mlp_backward(
     activation: str,
     needs: tuple[bool, bool, bool, bool, bool],
     fp8: str | None = None,
+    x_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients of ``mlp_forward`` for ``(x, weights, w1, w2, w3)`` where ``needs`` says so, else None (with an
-    ``fp8`` recipe: its FP8 GEMMs, ``triton_fp8``).
+    ``fp8`` recipe: its FP8 GEMMs, ``triton_fp8``; x is then the forward's E4M3 x, ``x_scale`` its scales).
 
     1. ``G = dout[token] @ w2ᵀ`` at each row, the epilogue giving ``dh``, ``dg``, ``aw = weight·a`` and the
        per-row ``<G, a>`` (the top-k weight gradient);
@@ -270,7 +271,7 @@ def mlp_backward(
     """
     if fp8:
         return triton_fp8.mlp_backward(
-            dout, x, weights, w1, w2, w3, h, g, routing, activation, needs, fp8, _schedule(routing)
+            dout, x, x_scale, weights, w1, w2, w3, h, g, routing, activation, needs, fp8, _schedule(routing)
         )
     need_x, need_weights, need_w1, need_w2, need_w3 = needs
     F = w1.shape[2]

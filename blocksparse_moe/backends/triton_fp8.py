@@ -7,12 +7,13 @@ up to the fp32 accumulation order. Where each operand is quantized:
 
 | operand | quantized | layout the GEMM reads |
 |---|---|---|
-| x | once per call, per token along d (``quantize``) | gathered through ``row_src`` (scales too) |
+| x | once per call, per token along d (``quantize``; saved for backward instead of x) | gathered via ``row_src`` |
 | w1, w3, w2 | once per optimizer step per layout (``fp8.quantized_weight``: E4M3, scales) | ``[E, K, N]`` or ``wᵀ`` |
 | a = act(h)·g | per row along f: in the up-projection's epilogue (mxfp8), else after it (below) | dense rows |
 | dout | once per backward, per token along d (dgrad), along each expert's rows (dW2) | gathered; K-major rows |
 | dh, dg | one pass for both (``quantize_dual``): along f (dx), along each expert's rows (dW1, dW3) | dense; K-major |
-| x, aw (weight gradients) | along the rows of each expert (``quantize_rows``) | K-major expert rows |
+| x (weight gradients) | the saved E4M3 x (above), gathered, requantized along expert rows | K-major expert rows |
+| aw (weight gradients) | along the rows of each expert (``quantize_rows``) | K-major expert rows |
 
 **a in the up-projection's epilogue** (``EPILOGUE_QUANT``: ``gemm(..., act_scales=)``). With ``mxfp8`` the GLU
 up-projection writes a as E4M3 plus its E8M0 scales directly (``QUANT_A``: a rounded to x's dtype, then
@@ -33,17 +34,18 @@ columns, 32 unaligned, 32 interpreted; the launcher asserts it), so every mxfp8 
   cannot know the scale.
 
 The weight gradients' operands (x, aw = w·a, dout rows, dh, dg) are materialized in expert order (x and dout
-gathered by ``permute.gather``), quantized along the tokens and stored column-major (``transposed``: the reduced
-dimension, the rows, contiguous) over 16-aligned expert offsets, so that ``wgrad_kernel`` reads their K-major tiles
-through TMA (``row_align``; sm_90's E4M3 wgmma reads K-major tiles only and copies MN-major ones through registers
-every K step). The block-sparse strategy's block-padded rows are aligned as they are; for the grouped strategy's
-unpadded rows the quantize kernels write each expert's rows from ``fp8.padded_offsets(offsets, 16)`` on (16-row
-segments, zero rows after each expert's own, in a buffer of ``R + 15·E`` rows rounded up to 16: a bound from
-shapes), in the same pass (``kernels.quantize.row_groups(..., align=16)``); the row groups, and so the scales, are
-the unpadded rows' (16 divides every recipe's group). The row groups are computed once per backward
-(``RowGroups``) for every quantization of the weight gradients' operands and their ``WgradScales``. The weights are
-cached K-major (``k_major``). The intermediates are dense ``[R, F]`` rows here:
-for the block-sparse strategy (blocked intermediates) the saved h and g are converted to and from its blocks
+gathered by ``permute.gather``: x as its saved E4M3 bytes and scales, which ``quantize_rows(..., dequantize=)``
+reads as ``q · s`` in fp32 in its pass, no fp32 copy), quantized along the tokens and stored column-major
+(``transposed``: the reduced dimension, the rows, contiguous) over 16-aligned expert offsets, so that
+``wgrad_kernel`` reads their K-major tiles through TMA (``row_align``; sm_90's E4M3 wgmma reads K-major tiles only
+and copies MN-major ones through registers every K step). The block-sparse strategy's block-padded rows are aligned
+as they are; for the grouped strategy's unpadded rows the quantize kernels write each expert's rows from
+``fp8.padded_offsets(offsets, 16)`` on (16-row segments, zero rows after each expert's own, in a buffer of ``R +
+15·E`` rows rounded up to 16: a bound from shapes), in the same pass (``kernels.quantize.row_groups(...,
+align=16)``); the row groups, and so the scales, are the unpadded rows' (16 divides every recipe's group). The row
+groups are computed once per backward (``RowGroups``) for every quantization of the weight gradients' operands and
+their ``WgradScales``. The weights are cached K-major (``k_major``). The intermediates are dense ``[R, F]`` rows
+here: for the block-sparse strategy (blocked intermediates) the saved h and g are converted to and from its blocks
 (``backends.torch._to_blocks`` / ``_block_rows``: a copy each way, the FP8 path's cost on that strategy). Any sizes
 run in FP8: partial K groups take the elements present (as if zero-padded), the tiles mask the rest.
 """
@@ -107,9 +109,10 @@ def mlp_forward(
     fp8: str,
     schedule: Schedule,
     scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
     """``backends.triton.mlp_forward`` with the FP8 GEMMs of recipe ``fp8`` over the Triton backend's tile
-    ``schedule`` (module docstring). ``scales = (s1, s2, s3)``: w1, w2, w3 are prequantized E4M3 weights
+    ``schedule`` (module docstring), and the E4M3 x and its scales (per token along d), which backward reads instead
+    of x. ``scales = (s1, s2, s3)``: w1, w2, w3 are prequantized E4M3 weights
     (``fp8.prequantize``: stored K-major, read as they are; one not stored K-major is copied so at each call, E·K·N
     bytes)."""
     rcp, mode, Q = fp8_recipes.recipe(fp8), MODES[fp8], quantize_kernels
@@ -140,12 +143,13 @@ def mlp_forward(
     gemm_kernels.gemm(Rows.dense(aq), w2q, Rows.dense(y), schedule, scales=GemmScales(mode, a_s, w2s))
     out = _new(tuple(x.shape), x)
     permute_kernels.scatter(y, routing.assignment_row, weights, out)
-    return out, _to_saved(h, routing), _to_saved(g, routing)
+    return out, _to_saved(h, routing), _to_saved(g, routing), (xq, xs)
 
 
 def mlp_backward(
     dout: torch.Tensor,
-    x: torch.Tensor,
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
     weights: torch.Tensor,
     w1: torch.Tensor,
     w2: torch.Tensor,
@@ -159,7 +163,8 @@ def mlp_backward(
     schedule: Schedule,
 ) -> tuple[torch.Tensor | None, ...]:
     """``backends.triton.mlp_backward`` with the FP8 GEMMs of recipe ``fp8`` (module docstring): the dgrad with its
-    fused epilogue, dW2, the dx pair and dW1 / dW3, each reading E4M3 operands."""
+    fused epilogue, dW2, the dx pair and dW1 / dW3, each reading E4M3 operands. ``x_q``, ``x_scale``: the forward's
+    E4M3 x and its scales (``mlp_forward``'s last result); the gradients in dout's dtype."""
     need_x, need_weights, need_w1, need_w2, need_w3 = needs
     rcp, mode, Q = fp8_recipes.recipe(fp8), MODES[fp8], quantize_kernels
     sd, act_block, F = rcp.scale_dtype, rcp.act_block(), w1.shape[2]
@@ -216,14 +221,19 @@ def mlp_backward(
         if dg is not None:
             w3tq, w3ts = transposed(w3)
             pair = (Rows.dense(dg_f[0]), w3tq)
-        dxs = _new((R, x.shape[1]), x)
+        dxs = _new((R, x_q.shape[1]), dout)
         scales = GemmScales(mode, dh_f[1], w1ts, w3ts, None if dg_f is None else dg_f[1])
         gemm_kernels.gemm(Rows.dense(dh_f[0]), w1tq, Rows.dense(dxs), schedule, pair=pair, scales=scales)
-        dx = _new(tuple(x.shape), x)
+        dx = _new(tuple(x_q.shape), dout)
         permute_kernels.scatter(dxs, routing.assignment_row, None, dx)
     dw1 = dw3 = None
     if need_wgrad:
-        xq, xs = Q.quantize_rows(_expert_rows(x, routing), rows, sd, transposed=True)
+        # x along the rows from the forward's E4M3 x: gathered (E4M3 and scales), read as q · s in fp32 and
+        # requantized by one kernel (quantize_rows' dequantize)
+        x_rows = _expert_rows(x_q.view(torch.uint8), routing).view(fp8_recipes.E4M3)
+        xq, xs = Q.quantize_rows(
+            x_rows, rows, sd, transposed=True, dequantize=(_expert_rows(x_scale, routing), rcp.group)
+        )
         dw1 = _new(tuple(w1.shape), w1)
         dw3 = None if dg is None else _new(tuple(w3.shape), w3)
         scales = scales_of(a=xs, b=dh_t[1], b2=None if dg_t is None else dg_t[1])

@@ -14,6 +14,9 @@ Glossary (a batch of B matrices ``[R, C]``: B = E for expert weights, 1 for rows
   through TMA): group g's rows go to q's rows ``q_bounds[g]`` on, zeros after them up to ``q_bounds[g + 1]``,
   written by the same program in the same pass.
 - ``scale [B, nR, nC]``: fp32 ``amax / 448``, or uint8 E8M0 biased exponents.
+- ``src_scale [R, nSC]`` (optional, ``SRC_SCALE``): the input is itself E4M3 with these scales along its columns
+  (groups of ``SG`` columns: the forward's x, saved for backward), read as ``q · s`` in fp32 (``fp8.dequantize``)
+  and quantized again (``quantize_rows(..., dequantize=)``: x's weight-gradient layout).
 
 Kernels and grids (sized from shapes):
 
@@ -34,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .. import fp8 as fp8_reference
-from ..validation import positive_int
+from ..validation import check_dtype, positive_int
 from ._common import check_grid_y
 
 __all__ = [
@@ -51,6 +54,8 @@ __all__ = [
     "quantize_kernel",
     "quantize_dual_kernel",
     "e4m3_bits",
+    "e4m3_to_fp32",
+    "e8m0_value",
     "bf16_to_fp32",
     "load_fp32",
     "scale_and_divisor",
@@ -62,18 +67,20 @@ _MAX_TILE = 128
 _TILE = 2048  # elements per step (GPU and interpreter alike: the interpreter's cost is per step)
 
 
-def quantize_config(group: tuple[int, int]) -> tuple[int, int, int]:
+def quantize_config(group: tuple[int, int], dequantize: bool = False) -> tuple[int, int, int]:
     """``(TR, TC, num_warps)`` for groups ``(GR, GC)``: ``TR × TC`` elements per step (2048: 16 fp32 per thread of 4
     warps, no spills; the interpreter runs the GPU's tiles: the tests' odd sizes cross them, and its cost is per
     step, not per element), the tile spanning a group along its reduced dimension up to 128 (columns first), the
-    rest across."""
+    rest across. ``dequantize`` (an E4M3 input read with its scales, ``SRC_SCALE``): 8 warps, 8 elements per thread
+    (4 warps spill 4-8 B on sm_90 / sm_100 with E8M0 scales: the per-element scale pointers)."""
     GR, GC = group
+    warps = 8 if dequantize else 4
     if GC > 1:
         TC = min(_MAX_TILE, triton.next_power_of_2(GC))
         across = _TILE // TC
-        return (across if GR == 1 else min(triton.next_power_of_2(GR), across)), TC, 4
+        return (across if GR == 1 else min(triton.next_power_of_2(GR), across)), TC, warps
     TR = min(_MAX_TILE, triton.next_power_of_2(GR))
-    return TR, _TILE // TR, 4
+    return TR, _TILE // TR, warps
 
 
 @triton.jit
@@ -102,6 +109,28 @@ def bf16_to_fp32(bits):
 
 
 @triton.jit
+def e4m3_to_fp32(bits):
+    """fp32 values of E4M3 (fn) elements given as their uint8 ``bits``: exact (normals rebiased, subnormals ``m ·
+    2^-9``, -0 kept), NaN for 0x7F / 0xFF; integer math, as ``e4m3_bits``."""
+    b = bits.to(tl.int32)
+    sign = (b & 0x80) << 24
+    e = (b >> 3) & 0xF
+    m = b & 0x7
+    normal = (sign | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    sub = m.to(tl.float32) * 0.001953125  # m · 2^-9
+    sub = tl.where(sign != 0, -sub, sub)  # -0 kept
+    v = tl.where(e == 0, sub, normal)
+    return tl.where((b & 0x7F) == 0x7F, float("nan"), v)
+
+
+@triton.jit
+def e8m0_value(biased):
+    """The fp32 value of E8M0 biased exponents (int32): ``2^(b - 127)``, ``2^-127`` for 0, NaN for 255."""
+    bits = tl.where(biased == 0, 1 << 22, tl.where(biased == 255, 0x7FC00000, biased << 23))
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def load_fp32(ptrs, mask, BF16_BITS: tl.constexpr):
     """fp32 values of the input elements at ``ptrs``: bf16 read as its 16 bits (``bf16_to_fp32``), other dtypes
     cast."""
@@ -119,9 +148,8 @@ def scale_and_divisor(amax, E8M0: tl.constexpr):
         bits = r.to(tl.int32, bitcast=True)
         exponent = (bits >> 23) & 0xFF
         biased = tl.where(exponent == 255, 255, tl.minimum(exponent + ((bits & 0x7FFFFF) != 0).to(tl.int32), 254))
-        value_bits = tl.where(biased == 0, 1 << 22, tl.where(biased == 255, 0x7FC00000, biased << 23))
         scale = biased.to(tl.uint8)
-        divisor = value_bits.to(tl.float32, bitcast=True)
+        divisor = e8m0_value(biased)
     else:
         scale = r
         divisor = tl.where(r == 0, 1.0, r)
@@ -162,29 +190,52 @@ def _output_rows(q_bounds_ptr, pid_r, lo_r, hi_r, Q_BOUNDS: tl.constexpr):
 
 
 @triton.jit
+def _load_input(
+    t_ptr, src_s_ptr, rows, cols, s_tr, s_tc, s_sr, SG, mask, BF16_BITS: tl.constexpr, SRC_SCALE: tl.constexpr
+):
+    """fp32 values of the input at ``(rows, cols)``: ``load_fp32``, or (``SRC_SCALE`` 1: fp32 scales, 2: E8M0) E4M3
+    bits times their scales of ``SG`` columns each, ``q · s`` in fp32 (``fp8.dequantize``); absent elements 0."""
+    ptrs = t_ptr + rows[:, None] * s_tr + cols[None, :] * s_tc
+    if SRC_SCALE:  # one return at the end (scale_and_divisor)
+        s_ptrs = src_s_ptr + rows[:, None] * s_sr + (cols // SG)[None, :]
+        if SRC_SCALE == 2:
+            s = e8m0_value(tl.load(s_ptrs, mask=mask, other=0).to(tl.int32))
+        else:
+            s = tl.load(s_ptrs, mask=mask, other=0.0)
+        v = e4m3_to_fp32(tl.load(ptrs, mask=mask, other=0)) * s
+    else:
+        v = load_fp32(ptrs, mask, BF16_BITS)
+    return v
+
+
+@triton.jit
 def quantize_kernel(
     t_ptr,  # [B, R, C] input (fp32 / fp16, or bf16 as int16 bits: BF16_BITS), strides (s_tb, s_tr, s_tc)
     q_ptr,  # [B, R, C] E4M3 output (its uint8 bits), matrices R·C apart, strides (s_qr, s_qc) inside
     s_ptr,  # [B, nR, nC] scales (fp32, or uint8 E8M0), contiguous
     bounds_ptr,  # [nR + 1] int64 row bounds of the row groups (ROW_BOUNDS), else unused
     q_bounds_ptr,  # [nR + 1] int64 q's row bounds of the row groups (Q_BOUNDS: padded rows), else unused
+    src_s_ptr,  # [R, nSC] scales of an E4M3 input along its columns, row stride s_sr (SRC_SCALE), else unused
     R,
     C,
     nR,
     nC,
     GR,
     GC,
+    SG,  # (SRC_SCALE) columns per input scale
     s_tb,
     s_tr,
     s_tc,
     s_qr,
     s_qc,
+    s_sr,
     REDUCE_ROWS: tl.constexpr,  # GR > 1 (or ROW_BOUNDS): a scale covers several rows
     REDUCE_COLS: tl.constexpr,  # GC > 1: a scale covers several columns
     ROW_BOUNDS: tl.constexpr,
     Q_BOUNDS: tl.constexpr,  # (ROW_BOUNDS, B = 1) q's rows of group g: q_bounds[g] ..., its rows then zeros
     E8M0: tl.constexpr,
     BF16_BITS: tl.constexpr,
+    SRC_SCALE: tl.constexpr,  # 0; 1 / 2: t is E4M3 (uint8 bits, B = 1) with fp32 / E8M0 scales src_s: t · s quantized
     TR: tl.constexpr,
     TC: tl.constexpr,
 ):
@@ -223,7 +274,7 @@ def quantize_kernel(
         for c0 in range(lo_c, hi_c, TC):
             cols = c0 + ac
             mask = (rows < hi_r)[:, None] & (cols < hi_c)[None, :]
-            v = load_fp32(t_ptr + rows[:, None] * s_tr + cols[None, :] * s_tc, mask, BF16_BITS)
+            v = _load_input(t_ptr, src_s_ptr, rows, cols, s_tr, s_tc, s_sr, SG, mask, BF16_BITS, SRC_SCALE)
             m = tl.maximum(m, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
     nan = (m != m).to(tl.int32)  # tl.max drops NaN: the flags are reduced beside the maxima
     if REDUCE_ROWS:
@@ -256,7 +307,7 @@ def quantize_kernel(
         for c0 in range(lo_c, hi_c, TC):
             cols = c0 + ac
             mask = (rows < hi_r)[:, None] & (cols < hi_c)[None, :]
-            v = load_fp32(t_ptr + rows[:, None] * s_tr + cols[None, :] * s_tc, mask, BF16_BITS)
+            v = _load_input(t_ptr, src_s_ptr, rows, cols, s_tr, s_tc, s_sr, SG, mask, BF16_BITS, SRC_SCALE)
             bits = quantized_bits(v, divisor)
             if Q_BOUNDS:  # padding rows: zeros, whatever the scale (never 0 / NaN)
                 bits = tl.where(mask, bits, 0)
@@ -338,9 +389,11 @@ def _launch(
     scale_dtype: torch.dtype,
     rows: RowGroups | None,
     transposed: bool = False,
+    source: tuple[torch.Tensor, int] | None = None,
 ):
     """``t [R, C]`` or ``[B, R, C]`` → ``(q, scale)``; ``rows``: the row groups (``GR`` unused; B = 1), q over its
-    ``rows.rows`` rows (padded when ``rows.align > 1``); ``transposed``: q stored column-major (``_q_out``)."""
+    ``rows.rows`` rows (padded when ``rows.align > 1``); ``transposed``: q stored column-major (``_q_out``);
+    ``source = (src_scale, SG)``: t ``[R, C]`` is E4M3 with these scales of ``SG`` columns each (``SRC_SCALE``)."""
     batched = t.dim() == 3
     t3 = t if batched else t.unsqueeze(0)
     B, R, C = t3.shape
@@ -353,17 +406,20 @@ def _launch(
     reduce_rows, reduce_cols = rows is not None or GR > 1, GC > 1
     if not (reduce_rows or reduce_cols):
         raise ValueError(f"a quantization group must span more than one element, got {group}")
-    TR, TC, num_warps = quantize_config((R if rows is not None else GR, GC))
+    TR, TC, num_warps = quantize_config((R if rows is not None else GR, GC), source is not None)
     bf16 = t.dtype == torch.bfloat16
     if B and R and C:
         grid = (nR if reduce_rows else triton.cdiv(R, TR), nC if reduce_cols else triton.cdiv(C, TC), B)
         check_grid_y(grid, "the number of column groups", C, GC if reduce_cols else TC)
         bounds = t3 if rows is None else rows.source_bounds
+        src_scale, SG = (scale, 1) if source is None else source  # a placeholder pointer without a source scale
+        src = 0 if source is None else 1 if src_scale.dtype == torch.float32 else 2
+        data = t3.view(torch.uint8) if src else t3.view(torch.int16) if bf16 else t3
         quantize_kernel[grid](
-            t3.view(torch.int16) if bf16 else t3, q.view(torch.uint8), scale, bounds,
-            rows.bounds if padded else bounds, R, C, nR, nC, GR, GC, *t3.stride(), *q.stride()[1:],
+            data, q.view(torch.uint8), scale, bounds, rows.bounds if padded else bounds, src_scale, R, C, nR, nC,
+            GR, GC, SG, *t3.stride(), *q.stride()[1:], src_scale.stride(-2),
             REDUCE_ROWS=reduce_rows, REDUCE_COLS=reduce_cols, ROW_BOUNDS=rows is not None, Q_BOUNDS=padded,
-            E8M0=scale_dtype == torch.uint8, BF16_BITS=bf16, TR=TR, TC=TC, num_warps=num_warps,
+            E8M0=scale_dtype == torch.uint8, BF16_BITS=bf16, SRC_SCALE=src, TR=TR, TC=TC, num_warps=num_warps,
         )  # fmt: skip
     else:
         _empty(q, scale, padded)
@@ -452,14 +508,31 @@ def _check_rows(op: str, t: torch.Tensor, rows: RowGroups) -> None:
 
 
 def quantize_rows(
-    t: torch.Tensor, rows: RowGroups, scale_dtype: torch.dtype = torch.float32, transposed: bool = False
+    t: torch.Tensor,
+    rows: RowGroups,
+    scale_dtype: torch.dtype = torch.float32,
+    transposed: bool = False,
+    dequantize: tuple[torch.Tensor, int | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``fp8.quantize_rows`` on the kernel: expert-sorted rows ``t [R, C]`` → ``(q [rows.rows, C], scale [n + 1,
     C])``, one scale per column and row group (``rows``, a ``RowGroups`` of these R rows; ``rows.ids`` maps q's rows
     to their scale rows); padded (``rows.align > 1``): ``fp8.quantize_rows`` of ``fp8.pad_rows(t)``, its padding
-    rows zero. ``transposed``: q column-major (``_q_out``), for a weight gradient's K-major reads."""
+    rows zero. ``transposed``: q column-major (``_q_out``), for a weight gradient's K-major reads.
+    ``dequantize = (t_scale, group)``: t is E4M3 with scales ``t_scale [R, ceil(C / group)]`` (fp32 or E8M0, group
+    None: one per row) along its columns, and the rows quantized are ``fp8.dequantize(t, t_scale, (1, group))``,
+    read in the same pass (no fp32 copy)."""
     _check_rows("quantize_rows", t, rows)
-    return _launch(t, (1, 1), scale_dtype, rows, transposed)
+    if dequantize is None:
+        return _launch(t, (1, 1), scale_dtype, rows, transposed)
+    t_scale, group = dequantize
+    check_dtype("quantize_rows: t (with dequantize)", t, (fp8_reference.E4M3,))
+    check_dtype("quantize_rows: dequantize's scale", t_scale, (torch.float32, torch.uint8))
+    C = t.shape[1]
+    want = (t.shape[0], 1 if group is None else -(-C // positive_int("quantize_rows: dequantize's group", group)))
+    if tuple(t_scale.shape) != want:
+        raise ValueError(f"quantize_rows: dequantize's scale must have shape {want} (one per row and group of "
+                         f"{group} columns of t {tuple(t.shape)}), got {tuple(t_scale.shape)}")  # fmt: skip
+    return _launch(t, (1, 1), scale_dtype, rows, transposed, (t_scale, max(C, 1) if group is None else group))
 
 
 def quantize_dual(

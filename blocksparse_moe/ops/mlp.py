@@ -8,7 +8,9 @@ unpadded rows). Forward: the gated up-projection reads each x row tile once for 
 ``g`` and ``a = act(h)·g``; the down-projection is a plain GEMM; the scatter applies the top-k weights.
 
 Autograd saves ``x``, ``h``, ``g`` (bf16 SwiGLU: ``2·(d + 2·k·f)`` bytes per token plus the block padding), the
-weights and the int32 routing, nothing else: no gathered copy of x, no activated ``a``, no expert outputs. The
+weights and the int32 routing, nothing else: no gathered copy of x, no activated ``a``, no expert outputs. With an
+``fp8`` recipe it saves the forward's E4M3 x and its scales (along d: ``d`` bytes plus the scales per token) instead
+of x: the weight gradients dW1 / dW3 requantize it along the tokens (``backends.torch_fp8``). The
 backward recomputes ``a`` in the epilogue of the GEMM producing ``dout @ w2ᵀ``, which also gives the top-k weight
 gradient ``<dout @ w2ᵀ, a>`` (``backends.triton.mlp_backward``).
 """
@@ -21,7 +23,7 @@ from torch import Tensor
 from .. import backends
 from ..backends.common import MlpRouting
 from ..config import resolve_backend
-from ..fp8 import check_recipe, check_weight_scales
+from ..fp8 import E4M3, check_recipe, check_weight_scales, recipe
 from ..routing import RoutingPlan
 from ..validation import check_no_grad
 from . import _checks
@@ -46,7 +48,8 @@ def mlp_routing(plan: RoutingPlan) -> MlpRouting:
 # ----------------------------------------------------------------------------------------------- custom ops
 # The routing crosses the custom-op boundary as its four tensors and its block size (custom ops take no dataclass);
 # each op builds one MlpRouting from them. The FP8 recipe crosses as a str, "" for None; prequantized weights'
-# scales as three optional tensors (None: the weights are quantized in the op, or there is no FP8).
+# scales as three optional tensors (None: the weights are quantized in the op, or there is no FP8). With FP8 the
+# forward also returns the E4M3 x and its scales (empty tensors without), which autograd saves instead of x.
 
 
 @torch.library.custom_op("bsm::expert_mlp", mutates_args=())
@@ -67,18 +70,26 @@ def _expert_mlp(
     w1_scale: Tensor | None = None,
     w2_scale: Tensor | None = None,
     w3_scale: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     routing = MlpRouting(offsets, row_src, row_asg, assignment_row, block_size)
     scales = None if w1_scale is None else (w1_scale, w2_scale, w3_scale)
-    out, h, g = backends.get(backend).mlp_forward(x, weights, w1, w2, w3, routing, activation, fp8 or None, scales)
-    return out, h, h.new_empty(0) if g is None else g
+    out, h, g, x_fp8 = backends.get(backend).mlp_forward(
+        x, weights, w1, w2, w3, routing, activation, fp8 or None, scales
+    )
+    x_q, x_scale = (x.new_empty(0), x.new_empty(0)) if x_fp8 is None else x_fp8
+    return out, h, h.new_empty(0) if g is None else g, x_q, x_scale
 
 
 @_expert_mlp.register_fake
 def _(x, weights, w1, w2, w3, offsets, row_src, row_asg, assignment_row, block_size, activation, backend, fp8, *_):
     routing = MlpRouting(offsets, row_src, row_asg, assignment_row, block_size)
     h = x.new_empty(routing.intermediate_shape(w1.shape[2]))
-    return x.new_empty(x.shape), h, x.new_empty(0) if w3 is None else torch.empty_like(h)
+    x_q = x_scale = x.new_empty(0)
+    if fp8:
+        rcp = recipe(fp8)
+        x_q = x.new_empty(x.shape, dtype=E4M3)
+        x_scale = x.new_empty(rcp.act_scale_shape(*x.shape), dtype=rcp.scale_dtype)
+    return x.new_empty(x.shape), h, x.new_empty(0) if w3 is None else torch.empty_like(h), x_q, x_scale
 
 
 @torch.library.custom_op("bsm::expert_mlp_backward", mutates_args=())
@@ -100,21 +111,22 @@ def _expert_mlp_backward(
     backend: str,
     fp8: str,
     needs: list[bool],
+    x_scale: Tensor | None = None,
 ) -> list[Tensor]:
     routing = MlpRouting(offsets, row_src, row_asg, assignment_row, block_size)
     grads = backends.get(backend).mlp_backward(
-        dout, x, weights, w1, w2, w3, h, g, routing, activation, tuple(needs), fp8 or None
+        dout, x, weights, w1, w2, w3, h, g, routing, activation, tuple(needs), fp8 or None, x_scale
     )
-    return [x.new_empty(0) if t is None else t for t in grads]
+    return [dout.new_empty(0) if t is None else t for t in grads]
 
 
 @_expert_mlp_backward.register_fake
-def _(dout, x, weights, w1, w2, w3, h, g, *args):
-    needs = args[-1]
-    like = (x, weights, w1, w2, w3)
+def _(dout, x, weights, w1, w2, w3, h, g, offsets, row_src, row_asg, assignment_row, block_size, activation, backend,
+      fp8, needs, x_scale=None):  # fmt: skip
+    like = (dout.new_empty(x.shape), weights, w1, w2, w3)  # dx in dout's dtype (x may be the forward's E4M3 x)
     glu = w3 is not None
     wanted = (needs[0], needs[1], needs[2] or needs[4], needs[3], glu and (needs[2] or needs[4]))
-    return [torch.empty_like(t, memory_format=torch.contiguous_format) if n else x.new_empty(0)
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) if n else dout.new_empty(0)
             for t, n in zip(like, wanted)]  # fmt: skip
 
 
@@ -127,21 +139,25 @@ def _setup_context(ctx, inputs, output) -> None:
         raise ValueError("bsm::expert_mlp with prequantized FP8 weights (scales given) has no backward: no input may "
                          "require grad (run under torch.no_grad() or torch.inference_mode())")  # fmt: skip
     ctx.block_size, ctx.activation, ctx.backend, ctx.fp8 = flags
-    _, h, g = output
+    _, h, g, x_q, x_scale = output
     ctx.glu = w3 is not None
-    ctx.mark_non_differentiable(h, g)
+    ctx.mark_non_differentiable(h, g, x_q, x_scale)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, weights, w1, w2, w3, h, g if ctx.glu else None, offsets, row_src, row_asg, assignment_row)
+    # with FP8, the forward's E4M3 x and its scales instead of x (module docstring)
+    x, x_scale = (x_q, x_scale) if ctx.fp8 else (x, None)
+    saved = (x, x_scale, weights, w1, w2, w3, h, g if ctx.glu else None, offsets, row_src, row_asg, assignment_row)
+    ctx.save_for_backward(*saved)
 
 
-def _backward(ctx, dout, _dh, _dg):
-    x, weights, w1, w2, w3, h, g, *routing = ctx.saved_tensors
+def _backward(ctx, dout, _dh, _dg, _dx_q, _dx_scale):
+    x, x_scale, weights, w1, w2, w3, h, g, *routing = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     if dout is None or not any(needs):
         return (None,) * 16
     grads = _expert_mlp_backward(
-        dout, x, weights, w1, w2, w3, h, g, *routing, ctx.block_size, ctx.activation, ctx.backend, ctx.fp8, needs
-    )
+        dout, x, weights, w1, w2, w3, h, g, *routing, ctx.block_size, ctx.activation, ctx.backend, ctx.fp8, needs,
+        x_scale,
+    )  # fmt: skip
     dx, dweights, dw1, dw2, dw3 = (t if n else None for t, n in zip(grads, needs))
     # None for the four routing tensors, block_size, activation, backend, fp8 and the three weight scales
     return dx, dweights, dw1, dw2, dw3, *(None,) * 11
@@ -180,7 +196,7 @@ def expert_mlp(
         check_no_grad("expert_mlp with prequantized FP8 weights", x=x, weights=weights, w1=w1, w2=w2, w3=w3)
     backend = resolve_backend(x.device, backend, x.dtype)
     r = routing
-    out, _, _ = _expert_mlp(
+    out, *_ = _expert_mlp(
         x, weights, w1, w2, w3, r.offsets, r.row_src, r.row_asg, r.assignment_row, r.block_size, activation, backend,
         fp8 or "", *(weight_scales or (None, None, None)),
     )  # fmt: skip
