@@ -315,6 +315,15 @@ def test_fp8_gemm_configs(monkeypatch):
                 assert 128 % cfg.block_n == 0 and cfg.block_k % 32 == 0
                 slow = expert_gemm.gemm_config(e4m3, 128, aligned=False, capability=cc, fp8=mode)
                 assert slow.block_k == slow.block_n == 32
+    # sm_100's aligned 128-row MX GLU forward: 128 columns per weight (whole scale chunks: its weights' scales by
+    # TMA), the epilogue in 32-column slices, 4 warps; 64-row, unaligned and the other architectures' keep 64 columns
+    wide = expert_gemm.gemm_config(e4m3, 128, epilogue=1, glu=True, capability=100, fp8=Fp8Mode.MX)
+    assert (wide.block_n, wide.block_k, wide.epi_n, wide.num_warps, wide.num_stages) == (128, 128, 32, 4, 3)
+    assert expert_gemm.mx_chunk_tiles(wide)
+    for block_m, cc in ((64, 100), (128, 90), (128, 120)):
+        assert expert_gemm.gemm_config(e4m3, block_m, epilogue=1, glu=True, capability=cc, fp8=Fp8Mode.MX).block_n == 64
+    assert expert_gemm.gemm_config(e4m3, 128, epilogue=1, glu=True, aligned=False, capability=100,
+                                   fp8=Fp8Mode.MX).block_n == 32  # fmt: skip
     monkeypatch.setattr(expert_gemm, "interpreting", lambda: True)
     assert expert_gemm.gemm_config(e4m3, 16, fp8=Fp8Mode.MX).block_k == 32  # whole MX groups when interpreting
 
@@ -384,7 +393,7 @@ def _mx_launch(use: str, T: int, k: int, E: int, K: int, N: int, kind: str) -> t
     plan = _plan(T, k, E, kind)
     R = plan.num_assignments
     schedule = Schedule.build(plan.offsets, R, 128)
-    gathered = use in ("plain-gathered", "forward-glu", "backward-glu")
+    gathered = use in ("plain-gathered", "forward-glu", "forward-glu-aq", "backward-glu")
     a_q, a_s, a64 = quantized(torch.randn(T if gathered else R, K), rcp.act_block(), mode)
     w_q, w_s, w64 = weight(E, K, N, mode, True)  # the FP8 MLP's K-major weights (wᵀ views of [E, N, K] storage)
     inputs = [t.clone() for t in (a_q.view(torch.uint8), a_s, w_q.view(torch.uint8), w_s)]
@@ -394,15 +403,23 @@ def _mx_launch(use: str, T: int, k: int, E: int, K: int, N: int, kind: str) -> t
     outs: tuple[torch.Tensor, ...] = (out,)
     if use in ("plain", "plain-gathered"):
         expert_gemm.gemm(a, w_q, Rows.dense(out), schedule, row_src=row_src, scales=GemmScales(mode, a_s, w_s))
-    elif use == "forward-glu":  # the gate's scales: sw2
+    elif use in ("forward-glu", "forward-glu-aq"):  # the gate's scales: sw2; -aq: a quantized in the epilogue
         g_q, g_s, g64 = weight(E, K, N, mode, True)
-        gate_out, act_out = _poisoned(R, N, torch.bfloat16), _poisoned(R, N, torch.bfloat16)
+        gate_out, act_out, act_scales = _poisoned(R, N, torch.bfloat16), _poisoned(R, N, torch.bfloat16), None
+        if use == "forward-glu-aq":  # poisoned: E4M3 NaN bits 0x7F, E8M0 NaN 255
+            act_out = torch.full((R, N), 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn)
+            act_scales = torch.full((R, -(-N // rcp.group)), 255, dtype=torch.uint8)
         expert_gemm.gemm(
             a, w_q, Rows.dense(out), schedule, row_src=row_src, gate=g_q, gate_out=gate_out, act_out=act_out,
-            activation="silu", scales=GemmScales(mode, a_s, w_s, g_s),
+            act_scales=act_scales, activation="silu", scales=GemmScales(mode, a_s, w_s, g_s),
         )  # fmt: skip
-        assert_accumulated(gate_out, *reference(plan, a64, g64, gathered), "g")
-        outs += (gate_out, act_out)
+        g_ref = reference(plan, a64, g64, gathered)
+        assert_accumulated(gate_out, *g_ref, "g")
+        if act_scales is None:
+            assert_derived(act_out, torch.nn.functional.silu(ref) * g_ref[0], "a")
+        else:
+            assert not (act_scales == 255).any(), "a scale left unwritten (poison) or NaN"
+        outs += (gate_out, act_out) if act_scales is None else (gate_out, act_out.view(torch.uint8), act_scales)
     elif use == "backward-glu":
         h, g = torch.randn(R, N).bfloat16(), torch.randn(R, N).bfloat16()
         dg, aw = _poisoned(R, N, torch.bfloat16), _poisoned(R, N, torch.bfloat16)
@@ -464,6 +481,52 @@ def test_mx_scales_tma(case, monkeypatch):
     for pointers, tma in zip(results[False], results[True]):
         assert torch.equal(pointers.view(torch.uint8 if pointers.dtype != torch.float32 else torch.int32),
                            tma.view(torch.uint8 if tma.dtype != torch.float32 else torch.int32))  # fmt: skip
+
+
+MX_GLU_CASES = {
+    # name: (T, k, E, K, N, routing), gathered rows; 128-row M tiles; K, N 16-byte aligned (sm_100's config serves
+    # aligned operands)
+    # experts 1 and 3 without rows; K = 208: 7 groups (the last partial), two K steps; N = 144: a full and a partial
+    # 128-column tile (its first 32-column slice cut by N, a partial MX group of a; the other three wholly past N)
+    "empty-experts,partial-n": (13, 2, 4, 208, 144, "skip"),
+    "one-row,E=1": (1, 1, 1, 80, 48, "uniform"),  # one row, E = 1; one partial K step, one partial N tile
+    "one-expert,odd": (67, 2, 3, 80, 176, "one-hot"),  # all rows on one expert: 134 rows, a second M tile of 6
+}
+
+
+@pytest.mark.parametrize("quant_a", [False, True], ids=["a", "aq"])
+@pytest.mark.parametrize("case", list(MX_GLU_CASES))
+def test_mx_glu_forward_sm100_tiles(case, quant_a, monkeypatch):
+    # sm_100's MX GLU forward forced under the interpreter (gemm_config's choice for capability 100: 128 x 128 tiles
+    # of two accumulators, the epilogue in 32-column slices, the weights' scales by TMA): h, g vs the float64
+    # reference of the quantized math, a (or its E4M3 bits and scales, quantized in the epilogue) and h, g bit for
+    # bit those of the interpreter's 32-wide tiles with the scales by pointers; every output poisoned
+    T, k, E, K, N, kind = MX_GLU_CASES[case]
+    use = "forward-glu-aq" if quant_a else "forward-glu"
+    config = expert_gemm.gemm_config
+
+    def sm100_config(*args, **kwargs):
+        with pytest.MonkeyPatch.context() as gpu:
+            gpu.setattr(expert_gemm, "interpreting", lambda: False)
+            return config(*args, **{**kwargs, "capability": 100})
+
+    results = {}
+    for sm100 in (False, True):
+        with monkeypatch.context() as m:
+            if sm100:
+                m.setattr(expert_gemm, "gemm_config", sm100_config)
+                m.setattr(expert_gemm, "_scale_tma_device", lambda device: True)
+            kernel = Recorded(expert_gemm.gemm_kernel)
+            m.setattr(expert_gemm, "gemm_kernel", kernel)
+            torch.manual_seed(23)
+            results[sm100] = _mx_launch(use, T, k, E, K, N, kind)
+        call = kernel.calls[-1]
+        tiles = (call["BLOCK_N"], call["BLOCK_K"], call["EPI_N"], call["SW_TMA"], call["num_warps"])
+        assert tiles == ((128, 128, 32, True, 4) if sm100 else (32, 32, 8, False, 4)), tiles
+    for name, pointers, wide in zip(("h", "g", "a"), results[False], results[True]):
+        assert torch.equal(pointers.view(torch.uint8), wide.view(torch.uint8)), name
+    if quant_a:
+        assert torch.equal(results[False][3], results[True][3]), "a's scales"
 
 
 def test_mx_scales_tma_in_the_fp8_mlp(monkeypatch):

@@ -1111,7 +1111,8 @@ def _fp8_config(
 ) -> GemmConfig:
     """``gemm_config`` for E4M3 operands on a GPU (``bench.audit`` builds each): 1-byte tiles of 128 × 128 (16 KB
     each: a 3-stage pipeline in 96 KB) with a K step of 128 (one blockwise group, four MX groups), the GLU forward's
-    two accumulators on 64 columns, the backward epilogue in column slices as for 16-bit types.
+    two accumulators on 64 columns (sm_100's MX 128 below), the backward epilogue in column slices as for 16-bit
+    types.
 
     - MX off sm_100 (no block-scaled MMA there: Triton upcasts both tiles to bf16 in registers) takes a K step of 64
       (at 128 ptxas spilled 4-84 B on sm_90), 32 for sm_120's backward epilogue (8 B at 64);
@@ -1119,6 +1120,13 @@ def _fp8_config(
       registers every step or twice: the blockwise promotion with the GLU forward, the backward epilogue or the pair,
       and the rowwise backward and pair (on 4 warps those spilled 64-736 B); on 8 warps the blockwise down GEMM
       issues 1.10 clocks per MMA clock against 0.66 on 4, the MX backward 1.78 against 1.12;
+    - sm_100's aligned 128-row MX GLU forward runs 128 columns per weight (two 128×128 accumulators in tensor
+      memory, 256 of its 512 columns; the weights' scales by TMA, ``mx_chunk_tiles``), its epilogue in slices of 32
+      columns (``epilogue_n``; ``QUANT_A`` quantizes group by group anyway): 150 registers, 2 of the 3 stages'
+      48 KB buffers (102 KB: 2 CTAs per SM; with 2 stages the gathered rows' copies wait to zero every K step),
+      issue ratio 0.69 where 128×64 tiles took 1.50 (171 FLOP per operand byte, 128 at 64 columns). Not rowwise
+      (its scales applied to whole accumulators after the loop: 255 registers, spills of 140-732 B) nor blockwise
+      (both products promoted in registers: on 8 warps 244 B of spills, 1 CTA per SM, 1.56);
     - sm_120 (mma.sync: accumulators and operand fragments in registers) runs 64 columns: at 128 it spilled 8-104 B;
       so does sm_100's rowwise pair (both accumulators in registers: 216 B at 128 columns on 8 warps);
     - unaligned operands (1-byte scalar loads staged in registers) take 32 × 32 steps: at a K step of 64 and 64
@@ -1131,13 +1139,16 @@ def _fp8_config(
     tcgen05_4 = block_m >= 128 and _blackwell(capability) and aligned and not registers
     warps = 8 if block_m >= 128 and not tcgen05_4 else 4
     rowwise_pair_100 = pair and fp8 == Fp8Mode.ROWWISE and _blackwell(capability)
-    block_n = 64 if (glu and not backward) or capability == 120 or rowwise_pair_100 else 128
+    glu_forward = glu and not backward
+    # sm_100's MX GLU forward: two 128x128 accumulators in tensor memory, the epilogue in 32-column slices
+    wide_glu = glu_forward and tcgen05_4 and fp8 == Fp8Mode.MX
+    block_n = 64 if (glu_forward and not wide_glu) or capability == 120 or rowwise_pair_100 else 128
     block_k = 128
     if fp8 == Fp8Mode.MX and not _blackwell(capability):
         block_k = 32 if capability == 120 and backward else 64
     if not aligned:
         block_n, block_k = 32, 32
-    epi = (16 if tcgen05_4 else 8) if backward else None
+    epi = (16 if tcgen05_4 else 8) if backward else (32 if wide_glu else None)
     return GemmConfig(block_m, block_n, block_k, 8, warps, 3, epi)
 
 
