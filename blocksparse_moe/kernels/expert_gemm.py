@@ -489,20 +489,31 @@ def _column_slices(x, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, SLICE: tl.cons
 
 @triton.jit
 def _sliced_forward_epilogue(
-    acc, acc2, h_ptr, g_ptr, a_ptr, o_rows, o_col0, s_oc, row_ok, n0, N_STORE, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, EPI_N: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr,
+    acc, acc2, h_ptr, g_ptr, a_ptr, o_rows, o_col0, s_oc, row_ok, n0, N, N_STORE, sa_ptr, sa_rows, scaled_rows,
+    sw_ptr, s_swn, sw2_ptr, s_sw2n, used, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPI_N: tl.constexpr,
+    GLU: tl.constexpr, ACT: tl.constexpr, ROWWISE: tl.constexpr,
 ):  # fmt: skip
     """``EPILOGUE`` ``FORWARD`` (``QUANT_A`` none) in ``BLOCK_N / EPI_N`` (a power of two, at most 16) column slices
     of ``EPI_N`` (``_column_slices`` of both accumulators, as the backward epilogue): ``_forward_epilogue`` stores the
     slice's h [, g] and its ``a`` is stored, so that only one slice's h, g and a are live beside the accumulators
-    (``EPI_N = BLOCK_N``: the whole tile at once)."""
+    (``EPI_N = BLOCK_N``: the whole tile at once). ``ROWWISE`` (``FP8``): each slice scaled first by its rows' and
+    columns' scales (``_rowwise_scale``: A's at ``sa_ptr + sa_rows``, ``scaled_rows``; W's / W2's, the expert's, at
+    ``sw_ptr`` / ``sw2_ptr``, columns ``s_swn`` / ``s_sw2n`` apart; none where not ``used``), the same products as
+    scaling the whole accumulators after the loop, without bringing them to registers at once."""
     hs = _column_slices(acc, BLOCK_M, BLOCK_N, EPI_N)
     gs = _column_slices(acc2, BLOCK_M, BLOCK_N, EPI_N)  # GLU only; unused (and removed) otherwise
     for j in tl.static_range(BLOCK_N // EPI_N):
         cols = j * EPI_N + tl.arange(0, EPI_N)
         o_off = o_rows[:, None] + (o_col0 + cols.to(tl.int64) * s_oc)[None, :]
         store = row_ok[:, None] & (n0 + cols < N_STORE)[None, :]
-        a = _forward_epilogue(hs[j], gs[j], h_ptr, g_ptr, o_off, store, GLU, ACT)
+        h, g = hs[j], gs[j]
+        if ROWWISE:  # the zeroing tiles (not used) read no scale (tl.where: the interpreter rejects `mask & used`)
+            scaled_cols = tl.where(used, n0 + cols < N, False)
+            h = _rowwise_scale(h, sa_ptr, sa_rows, sw_ptr, (n0 + cols).to(tl.int64) * s_swn, scaled_rows, scaled_cols)
+            if GLU:
+                g = _rowwise_scale(g, sa_ptr, sa_rows, sw2_ptr, (n0 + cols).to(tl.int64) * s_sw2n, scaled_rows,
+                                   scaled_cols)  # fmt: skip
+        a = _forward_epilogue(h, g, h_ptr, g_ptr, o_off, store, GLU, ACT)
         tl.store(a_ptr + o_off, a, mask=store)
 
 
@@ -651,11 +662,12 @@ def _gemm_tile(
         sw2_cols, s_sw2k, sw_desc, sw2_desc, sa_desc, pid_m, BLOCK_K, BLOCK_N, LB_A, DUAL, W_TMA, WARP_SPEC, DOTS, FP8,
         A_TMA, SA_TMA, SW_TMA,
     )  # fmt: skip
-    if FP8 == _ROWWISE:  # the zeroing tiles (e = E) read no scale (tl.where: the interpreter rejects `mask & used`)
-        scaled_rows, scaled_cols = tl.where(used, a_ok, False), tl.where(used, n_ok, False)
+    # FP8 ROWWISE: the zeroing tiles (e = E) read no scale (tl.where: the interpreter rejects `mask & used`)
+    scaled_rows, scaled_cols = tl.where(used, a_ok, False), tl.where(used, n_ok, False)
+    # the forward epilogue scales its column slices (_sliced_forward_epilogue), the others the whole accumulator here
+    ROWWISE_SLICES: tl.constexpr = FP8 == _ROWWISE and EPILOGUE == _FORWARD and QUANT_A == _NO_FP8
+    if FP8 == _ROWWISE and not ROWWISE_SLICES:
         acc = _rowwise_scale(acc, sa_ptr, sa_rows, sw_e, sw_cols, scaled_rows, scaled_cols)
-        if DUAL:
-            acc2 = _rowwise_scale(acc2, sa_ptr, sa_rows, sw2_e, sw2_cols, scaled_rows, scaled_cols)
     if PAIR:
         acc_b = acc
         if FP8 == _ROWWISE:  # the second product's scales differ: its own accumulator
@@ -684,8 +696,8 @@ def _gemm_tile(
         _store_plain(acc, out_ptr, o_off, row_ok[:, None] & (offs_n < N_STORE)[None, :])
     elif QUANT_A == _NO_FP8:
         _sliced_forward_epilogue(
-            acc, acc2, out_ptr, out2_ptr, out3_ptr, o_rows, o_col0, s_oc, row_ok, n0, N_STORE, BLOCK_M, BLOCK_N, EPI_N,
-            GLU, ACT,
+            acc, acc2, out_ptr, out2_ptr, out3_ptr, o_rows, o_col0, s_oc, row_ok, n0, N, N_STORE, sa_ptr, sa_rows,
+            scaled_rows, sw_e, s_swn, sw2_e, s_sw2n, used, BLOCK_M, BLOCK_N, EPI_N, GLU, ACT, ROWWISE_SLICES,
         )  # fmt: skip
     else:
         _quantized_forward_epilogue(
@@ -1140,10 +1152,12 @@ def _fp8_config(
     warps = 8 if block_m >= 128 and not tcgen05_4 else 4
     rowwise_pair_100 = pair and fp8 == Fp8Mode.ROWWISE and _blackwell(capability)
     glu_forward = glu and not backward
-    # sm_100's MX GLU forward: two 128x128 accumulators in tensor memory, the epilogue in 32-column slices
-    wide_glu = glu_forward and tcgen05_4 and fp8 == Fp8Mode.MX
+    # sm_100's MX / rowwise GLU forward: two 128x128 accumulators in tensor memory, the epilogue in 32-column slices
+    wide_glu = glu_forward and tcgen05_4 and fp8 in (Fp8Mode.MX, Fp8Mode.ROWWISE)
     block_n = 64 if (glu_forward and not wide_glu) or capability == 120 or rowwise_pair_100 else 128
     block_k = 128
+    if wide_glu and fp8 == Fp8Mode.ROWWISE:  # 3 buffers of 128-deep steps there: 148 KB, 1 CTA/SM
+        block_k = 64
     if fp8 == Fp8Mode.MX and not _blackwell(capability):
         block_k = 32 if capability == 120 and backward else 64
     if not aligned:
