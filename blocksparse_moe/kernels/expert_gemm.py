@@ -102,7 +102,8 @@ expert, groups from each expert's first row; ``group_offsets[e]`` expert e's fir
 sb[None, :]`` (DeepSeek-V3); ``MX`` (G = 32) runs ``tl.dot_scaled`` with the step's ``BLOCK_K / 32`` E8M0 scale
 columns (groups past the expert's end, whose rows are zeros, read its last group's scales: never another
 expert's);
-``ROWWISE`` (one group per expert) a plain E4M3 ``tl.dot``, the scales applied once after the loop.
+``ROWWISE`` (one group per expert) a plain E4M3 ``tl.dot``, the scales applied once after the loop (by the forward
+epilogue, slice by slice: ``_sliced_forward_epilogue``).
 
 The launchers choose the config and the grid and launch; the ops validate the operands (``ops._checks``) and the
 backend allocates (``backends.triton``). Limits: fp32 / fp16 / bf16 operands of one dtype, or E4M3 with scales,
@@ -181,7 +182,7 @@ class Fp8Mode(enum.IntEnum):
     NONE = 0  # 16- or 32-bit operands, no scales
     BLOCKWISE = 1  # fp32 scales: A per row and 128 of K, W per 128 × 128 block; applied per K group in the loop
     MX = 2  # E8M0 (uint8) scales: A per row and 32 of K, W per column and 32 of K; ``tl.dot_scaled``
-    ROWWISE = 3  # fp32 scales: A per row, W per column; applied to the accumulator before the epilogue
+    ROWWISE = 3  # fp32 scales: A per row, W per column; applied to the accumulator after the loop
 
     def recipe(self) -> Recipe:
         """The ``fp8`` recipe whose scales the mode reads (``NONE``: none, a ``ValueError``)."""
@@ -315,7 +316,7 @@ def _fp8_dot(acc, a, w, sa_ptr, sa_rows, s_sak, sa_desc, m_tile, sw_ptr, sw_cols
       A's through ``sa_desc`` over those of M tile ``m_tile`` (``_scale_chunks``: the padding reads 127, past the
       chunks 0, 2^-127 on the zero columns / K steps TMA fills: finite);
     - ``ROWWISE`` (and ``NONE``): a plain ``tl.dot`` (the scales are applied once after the loop,
-      ``_rowwise_scale``)."""
+      ``_rowwise_scale``; the forward epilogue's per column slice)."""
     if FP8 == _BLOCKWISE:
         group = t // (_BLOCKWISE_GROUP // BLOCK_K)  # BLOCK_K | 128: t itself at the aligned configs' BLOCK_K = 128
         sa = tl.load(sa_ptr + sa_rows + tl.cast(group, tl.int64) * s_sak, mask=row_ok, other=0.0)
@@ -1123,8 +1124,8 @@ def _fp8_config(
 ) -> GemmConfig:
     """``gemm_config`` for E4M3 operands on a GPU (``bench.audit`` builds each): 1-byte tiles of 128 × 128 (16 KB
     each: a 3-stage pipeline in 96 KB) with a K step of 128 (one blockwise group, four MX groups), the GLU forward's
-    two accumulators on 64 columns (sm_100's MX 128 below), the backward epilogue in column slices as for 16-bit
-    types.
+    two accumulators on 64 columns (sm_100's MX and rowwise 128 below), the backward epilogue in column slices as for
+    16-bit types.
 
     - MX off sm_100 (no block-scaled MMA there: Triton upcasts both tiles to bf16 in registers) takes a K step of 64
       (at 128 ptxas spilled 4-84 B on sm_90), 32 for sm_120's backward epilogue (8 B at 64);
@@ -1132,13 +1133,14 @@ def _fp8_config(
       registers every step or twice: the blockwise promotion with the GLU forward, the backward epilogue or the pair,
       and the rowwise backward and pair (on 4 warps those spilled 64-736 B); on 8 warps the blockwise down GEMM
       issues 1.10 clocks per MMA clock against 0.66 on 4, the MX backward 1.78 against 1.12;
-    - sm_100's aligned 128-row MX GLU forward runs 128 columns per weight (two 128×128 accumulators in tensor
-      memory, 256 of its 512 columns; the weights' scales by TMA, ``mx_chunk_tiles``), its epilogue in slices of 32
-      columns (``epilogue_n``; ``QUANT_A`` quantizes group by group anyway): 150 registers, 2 of the 3 stages'
-      48 KB buffers (102 KB: 2 CTAs per SM; with 2 stages the gathered rows' copies wait to zero every K step),
-      issue ratio 0.69 where 128×64 tiles took 1.50 (171 FLOP per operand byte, 128 at 64 columns). Not rowwise
-      (its scales applied to whole accumulators after the loop: 255 registers, spills of 140-732 B) nor blockwise
-      (both products promoted in registers: on 8 warps 244 B of spills, 1 CTA per SM, 1.56);
+    - sm_100's aligned 128-row MX and rowwise GLU forward run 128 columns per weight (two 128×128 accumulators in
+      tensor memory, 256 of its 512 columns), the epilogue in slices of 32 columns (``epilogue_n``; rowwise scales
+      each slice, ``_sliced_forward_epilogue``; MX's ``QUANT_A`` quantizes group by group anyway), 3 stages, 2
+      CTAs per SM: MX 150 registers, 2 buffers of 48 KB (102 KB; the weights' scales by TMA, ``mx_chunk_tiles``),
+      issue ratio 0.69 where 128×64 tiles took 1.50; rowwise K steps of 64 (at 128 it took 3 buffers, 148 KB: 1 CTA
+      per SM), 196 registers, 75 KB, 0.66 where 128×64 tiles took 0.86 (171 FLOP per operand byte, 128 at 64
+      columns; with 2 stages the gathered rows' copies wait to zero every K step). Not blockwise (both products
+      promoted in registers: on 8 warps 244 B of spills, 1 CTA per SM, 1.56);
     - sm_120 (mma.sync: accumulators and operand fragments in registers) runs 64 columns: at 128 it spilled 8-104 B;
       so does sm_100's rowwise pair (both accumulators in registers: 216 B at 128 columns on 8 warps);
     - unaligned operands (1-byte scalar loads staged in registers) take 32 × 32 steps: at a K step of 64 and 64
