@@ -603,6 +603,15 @@ def test_launcher_specs_say_what_they_serve():
     assert glu.operand_bytes == (128 * 64 + 2 * 64 * 128) * 2 and glu.waivers == () and not glu.persistent
     assert (glu.constexprs["EPI_N"], glu.num_stages, glu.num_warps) == (32, 2, 4)
     assert gemm["gemm[up,glu,silu,bf16,M=128,N=64,K=64,w=8,tma]"].archs == (90, 120)  # the others' 128x64 tiles
+    # sm_100's MX (a quantized in the epilogue) and rowwise GLU forward: 128x128 tiles too (MX: the weights' scales
+    # by TMA; rowwise: K steps of 64), no sm_100 waiver (those of MX on sm_90 apply to no build of these configs);
+    # blockwise keeps 128x64 tiles there, waived
+    for name, tma_scales in (("mxfp8,up,glu,aq,M=128,N=128,K=128,w=4,tma,sw_tma", True),
+                             ("rowwise,up,glu,M=128,N=128,K=64,w=4,tma", False)):  # fmt: skip
+        wide = gemm[f"gemm_fp8[{name}]"]
+        assert (wide.archs, wide.constexprs["EPI_N"], wide.constexprs["SW_TMA"]) == ((100,), 32, tma_scales), name
+        assert not [w for w, _ in wide.waivers if "@" not in w or w.endswith("@100")] and not wide.persistent, name
+    assert "issue@100" in [w for w, _ in gemm["gemm_fp8[blockwise,up,glu,M=128,N=64,K=128,tma]"].waivers]
     # sm_100's builds that do not warp-specialize gather their x rows through TMA (gather4), the others by cp.async
     assert (glu.archs, glu.constexprs["A_TMA"], glu.signature["a_desc"]) == (
         (100,), expert_gemm.WeightLoad.GATHER4, "tensordesc<bf16[1,64]>")  # fmt: skip

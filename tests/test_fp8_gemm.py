@@ -311,10 +311,23 @@ def test_fp8_gemm_configs(monkeypatch):
         for cc in (90, 100, 120):
             for epilogue, glu, pair in ((0, False, False), (1, True, False), (2, True, False), (0, False, True)):
                 cfg = expert_gemm.gemm_config(e4m3, 128, epilogue=epilogue, glu=glu, pair=pair, capability=cc, fp8=mode)
-                assert cfg.block_k == 128 or (mode == Fp8Mode.MX and cc != 100)
+                rowwise_glu_100 = mode == Fp8Mode.ROWWISE and cc == 100 and glu and epilogue == 1  # (below)
+                assert cfg.block_k == 128 or (mode == Fp8Mode.MX and cc != 100) or rowwise_glu_100
                 assert 128 % cfg.block_n == 0 and cfg.block_k % 32 == 0
                 slow = expert_gemm.gemm_config(e4m3, 128, aligned=False, capability=cc, fp8=mode)
                 assert slow.block_k == slow.block_n == 32
+    # sm_100's aligned 128-row MX / rowwise GLU forward: 128 columns per weight (MX: whole scale chunks, its weights'
+    # scales by TMA; rowwise: K steps of 64), the epilogue in 32-column slices, 4 warps; blockwise, 64-row, unaligned
+    # and the other architectures' keep 64 columns
+    for mode, block_k in ((Fp8Mode.MX, 128), (Fp8Mode.ROWWISE, 64)):
+        wide = expert_gemm.gemm_config(e4m3, 128, epilogue=1, glu=True, capability=100, fp8=mode)
+        assert (wide.block_n, wide.block_k, wide.epi_n, wide.num_warps, wide.num_stages) == (128, block_k, 32, 4, 3)
+        assert expert_gemm.mx_chunk_tiles(wide) == (mode == Fp8Mode.MX)
+        for block_m, cc in ((64, 100), (128, 90), (128, 120)):
+            assert expert_gemm.gemm_config(e4m3, block_m, epilogue=1, glu=True, capability=cc, fp8=mode).block_n == 64
+        assert expert_gemm.gemm_config(e4m3, 128, epilogue=1, glu=True, aligned=False, capability=100,
+                                       fp8=mode).block_n == 32  # fmt: skip
+    assert expert_gemm.gemm_config(e4m3, 128, epilogue=1, glu=True, capability=100, fp8=Fp8Mode.BLOCKWISE).block_n == 64
     monkeypatch.setattr(expert_gemm, "interpreting", lambda: True)
     assert expert_gemm.gemm_config(e4m3, 16, fp8=Fp8Mode.MX).block_k == 32  # whole MX groups when interpreting
 
@@ -377,14 +390,16 @@ def test_mx_tile_scales_layout():
                 assert flat[m, 16 * j + 4 * i + g].item() == want, (m, r, g)
 
 
-def _mx_launch(use: str, T: int, k: int, E: int, K: int, N: int, kind: str) -> tuple[torch.Tensor, ...]:
-    """One MX ``gemm`` of ``use`` on fresh random operands (seeded by the caller) with 128-row tiles, poisoned
-    outputs checked against the float64 reference of the quantized math; returns the outputs (bf16)."""
-    mode, rcp = Fp8Mode.MX, Fp8Mode.MX.recipe()
+def _launch_128(
+    use: str, T: int, k: int, E: int, K: int, N: int, kind: str, mode: Fp8Mode = Fp8Mode.MX
+) -> tuple[torch.Tensor, ...]:
+    """One FP8 ``gemm`` of ``use`` (``mode``'s recipe) on fresh random operands (seeded by the caller) with 128-row
+    tiles, poisoned outputs checked against the float64 reference of the quantized math; returns the outputs (bf16)."""
+    rcp = mode.recipe()
     plan = _plan(T, k, E, kind)
     R = plan.num_assignments
     schedule = Schedule.build(plan.offsets, R, 128)
-    gathered = use in ("plain-gathered", "forward-glu", "backward-glu")
+    gathered = use in ("plain-gathered", "forward-glu", "forward-glu-aq", "backward-glu")
     a_q, a_s, a64 = quantized(torch.randn(T if gathered else R, K), rcp.act_block(), mode)
     w_q, w_s, w64 = weight(E, K, N, mode, True)  # the FP8 MLP's K-major weights (wᵀ views of [E, N, K] storage)
     inputs = [t.clone() for t in (a_q.view(torch.uint8), a_s, w_q.view(torch.uint8), w_s)]
@@ -394,15 +409,23 @@ def _mx_launch(use: str, T: int, k: int, E: int, K: int, N: int, kind: str) -> t
     outs: tuple[torch.Tensor, ...] = (out,)
     if use in ("plain", "plain-gathered"):
         expert_gemm.gemm(a, w_q, Rows.dense(out), schedule, row_src=row_src, scales=GemmScales(mode, a_s, w_s))
-    elif use == "forward-glu":  # the gate's scales: sw2
+    elif use in ("forward-glu", "forward-glu-aq"):  # the gate's scales: sw2; -aq: a quantized in the epilogue
         g_q, g_s, g64 = weight(E, K, N, mode, True)
-        gate_out, act_out = _poisoned(R, N, torch.bfloat16), _poisoned(R, N, torch.bfloat16)
+        gate_out, act_out, act_scales = _poisoned(R, N, torch.bfloat16), _poisoned(R, N, torch.bfloat16), None
+        if use == "forward-glu-aq":  # poisoned: E4M3 NaN bits 0x7F, E8M0 NaN 255
+            act_out = torch.full((R, N), 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn)
+            act_scales = torch.full((R, -(-N // rcp.group)), 255, dtype=torch.uint8)
         expert_gemm.gemm(
             a, w_q, Rows.dense(out), schedule, row_src=row_src, gate=g_q, gate_out=gate_out, act_out=act_out,
-            activation="silu", scales=GemmScales(mode, a_s, w_s, g_s),
+            act_scales=act_scales, activation="silu", scales=GemmScales(mode, a_s, w_s, g_s),
         )  # fmt: skip
-        assert_accumulated(gate_out, *reference(plan, a64, g64, gathered), "g")
-        outs += (gate_out, act_out)
+        g_ref = reference(plan, a64, g64, gathered)
+        assert_accumulated(gate_out, *g_ref, "g")
+        if act_scales is None:
+            assert_derived(act_out, torch.nn.functional.silu(ref) * g_ref[0], "a")
+        else:
+            assert not (act_scales == 255).any(), "a scale left unwritten (poison) or NaN"
+        outs += (gate_out, act_out) if act_scales is None else (gate_out, act_out.view(torch.uint8), act_scales)
     elif use == "backward-glu":
         h, g = torch.randn(R, N).bfloat16(), torch.randn(R, N).bfloat16()
         dg, aw = _poisoned(R, N, torch.bfloat16), _poisoned(R, N, torch.bfloat16)
@@ -458,12 +481,63 @@ def test_mx_scales_tma(case, monkeypatch):
         kernel = Recorded(expert_gemm.gemm_kernel)
         monkeypatch.setattr(expert_gemm, "gemm_kernel", kernel)
         torch.manual_seed(17)
-        results[tma] = _mx_launch(use, *shape)
+        results[tma] = _launch_128(use, *shape)
         dense = use in ("plain", "pair")
         assert [(c["SW_TMA"], c["SA_TMA"]) for c in kernel.calls] == ([] if case == "empty" else [(tma, tma and dense)])
     for pointers, tma in zip(results[False], results[True]):
         assert torch.equal(pointers.view(torch.uint8 if pointers.dtype != torch.float32 else torch.int32),
                            tma.view(torch.uint8 if tma.dtype != torch.float32 else torch.int32))  # fmt: skip
+
+
+GLU_128_CASES = {
+    # name: (T, k, E, K, N, routing), gathered rows; 128-row M tiles; K, N 16-byte aligned (sm_100's configs serve
+    # aligned operands)
+    # experts 1 and 3 without rows; K = 208: 7 MX groups (the last partial), several K steps (a partial last one);
+    # N = 144: a full and a partial 128-column tile (its first 32-column slice cut by N, a partial MX group of a; the
+    # other three wholly past N)
+    "empty-experts,partial-n": (13, 2, 4, 208, 144, "skip"),
+    "one-row,E=1": (1, 1, 1, 80, 48, "uniform"),  # one row, E = 1; a partial K step, one partial N tile
+    "one-expert,odd": (67, 2, 3, 80, 176, "one-hot"),  # all rows on one expert: 134 rows, a second M tile of 6
+}
+
+
+@pytest.mark.parametrize(
+    "mode, quant_a", [(Fp8Mode.MX, False), (Fp8Mode.MX, True), (Fp8Mode.ROWWISE, False)], ids=["mx", "mx-aq", "rowwise"]
+)
+@pytest.mark.parametrize("case", list(GLU_128_CASES))
+def test_glu_forward_sm100_tiles(case, mode, quant_a, monkeypatch):
+    # sm_100's MX / rowwise GLU forward forced under the interpreter (gemm_config's choice for capability 100:
+    # 128 x 128 tiles of two accumulators, the epilogue in 32-column slices; MX: the weights' scales by TMA;
+    # rowwise: K steps of 64, each slice scaled by its rows' and columns' scales): h, g vs the float64 reference of
+    # the quantized math, a vs float64, and h, g, a (mx-aq: a's E4M3 bits and scales, quantized in the epilogue) bit
+    # for bit those of the interpreter's 32-wide tiles (MX scales by pointers); every output poisoned
+    T, k, E, K, N, kind = GLU_128_CASES[case]
+    use = "forward-glu-aq" if quant_a else "forward-glu"
+    config = expert_gemm.gemm_config
+
+    def sm100_config(*args, **kwargs):
+        with pytest.MonkeyPatch.context() as gpu:
+            gpu.setattr(expert_gemm, "interpreting", lambda: False)
+            return config(*args, **{**kwargs, "capability": 100})
+
+    results = {}
+    for sm100 in (False, True):
+        with monkeypatch.context() as m:
+            if sm100:
+                m.setattr(expert_gemm, "gemm_config", sm100_config)
+                m.setattr(expert_gemm, "_scale_tma_device", lambda device: True)
+            kernel = Recorded(expert_gemm.gemm_kernel)
+            m.setattr(expert_gemm, "gemm_kernel", kernel)
+            torch.manual_seed(23)
+            results[sm100] = _launch_128(use, T, k, E, K, N, kind, mode)
+        call = kernel.calls[-1]
+        tiles = (call["BLOCK_N"], call["BLOCK_K"], call["EPI_N"], call["SW_TMA"], call["num_warps"])
+        wide = (128, 128 if mode == Fp8Mode.MX else 64, 32, mode == Fp8Mode.MX, 4)
+        assert tiles == (wide if sm100 else (32, 32, 8, False, 4)), tiles
+    for name, narrow, wide in zip(("h", "g", "a"), results[False], results[True]):
+        assert torch.equal(narrow.view(torch.uint8), wide.view(torch.uint8)), name
+    if quant_a:
+        assert torch.equal(results[False][3], results[True][3]), "a's scales"
 
 
 def test_mx_scales_tma_in_the_fp8_mlp(monkeypatch):

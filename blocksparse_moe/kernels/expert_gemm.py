@@ -102,7 +102,8 @@ expert, groups from each expert's first row; ``group_offsets[e]`` expert e's fir
 sb[None, :]`` (DeepSeek-V3); ``MX`` (G = 32) runs ``tl.dot_scaled`` with the step's ``BLOCK_K / 32`` E8M0 scale
 columns (groups past the expert's end, whose rows are zeros, read its last group's scales: never another
 expert's);
-``ROWWISE`` (one group per expert) a plain E4M3 ``tl.dot``, the scales applied once after the loop.
+``ROWWISE`` (one group per expert) a plain E4M3 ``tl.dot``, the scales applied once after the loop (by the forward
+epilogue, slice by slice: ``_sliced_forward_epilogue``).
 
 The launchers choose the config and the grid and launch; the ops validate the operands (``ops._checks``) and the
 backend allocates (``backends.triton``). Limits: fp32 / fp16 / bf16 operands of one dtype, or E4M3 with scales,
@@ -181,7 +182,7 @@ class Fp8Mode(enum.IntEnum):
     NONE = 0  # 16- or 32-bit operands, no scales
     BLOCKWISE = 1  # fp32 scales: A per row and 128 of K, W per 128 × 128 block; applied per K group in the loop
     MX = 2  # E8M0 (uint8) scales: A per row and 32 of K, W per column and 32 of K; ``tl.dot_scaled``
-    ROWWISE = 3  # fp32 scales: A per row, W per column; applied to the accumulator before the epilogue
+    ROWWISE = 3  # fp32 scales: A per row, W per column; applied to the accumulator after the loop
 
     def recipe(self) -> Recipe:
         """The ``fp8`` recipe whose scales the mode reads (``NONE``: none, a ``ValueError``)."""
@@ -315,7 +316,7 @@ def _fp8_dot(acc, a, w, sa_ptr, sa_rows, s_sak, sa_desc, m_tile, sw_ptr, sw_cols
       A's through ``sa_desc`` over those of M tile ``m_tile`` (``_scale_chunks``: the padding reads 127, past the
       chunks 0, 2^-127 on the zero columns / K steps TMA fills: finite);
     - ``ROWWISE`` (and ``NONE``): a plain ``tl.dot`` (the scales are applied once after the loop,
-      ``_rowwise_scale``)."""
+      ``_rowwise_scale``; the forward epilogue's per column slice)."""
     if FP8 == _BLOCKWISE:
         group = t // (_BLOCKWISE_GROUP // BLOCK_K)  # BLOCK_K | 128: t itself at the aligned configs' BLOCK_K = 128
         sa = tl.load(sa_ptr + sa_rows + tl.cast(group, tl.int64) * s_sak, mask=row_ok, other=0.0)
@@ -489,20 +490,31 @@ def _column_slices(x, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, SLICE: tl.cons
 
 @triton.jit
 def _sliced_forward_epilogue(
-    acc, acc2, h_ptr, g_ptr, a_ptr, o_rows, o_col0, s_oc, row_ok, n0, N_STORE, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, EPI_N: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr,
+    acc, acc2, h_ptr, g_ptr, a_ptr, o_rows, o_col0, s_oc, row_ok, n0, N, N_STORE, sa_ptr, sa_rows, scaled_rows,
+    sw_ptr, s_swn, sw2_ptr, s_sw2n, used, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPI_N: tl.constexpr,
+    GLU: tl.constexpr, ACT: tl.constexpr, ROWWISE: tl.constexpr,
 ):  # fmt: skip
     """``EPILOGUE`` ``FORWARD`` (``QUANT_A`` none) in ``BLOCK_N / EPI_N`` (a power of two, at most 16) column slices
     of ``EPI_N`` (``_column_slices`` of both accumulators, as the backward epilogue): ``_forward_epilogue`` stores the
     slice's h [, g] and its ``a`` is stored, so that only one slice's h, g and a are live beside the accumulators
-    (``EPI_N = BLOCK_N``: the whole tile at once)."""
+    (``EPI_N = BLOCK_N``: the whole tile at once). ``ROWWISE`` (``FP8``): each slice scaled first by its rows' and
+    columns' scales (``_rowwise_scale``: A's at ``sa_ptr + sa_rows``, ``scaled_rows``; W's / W2's, the expert's, at
+    ``sw_ptr`` / ``sw2_ptr``, columns ``s_swn`` / ``s_sw2n`` apart; none where not ``used``), the same products as
+    scaling the whole accumulators after the loop, without bringing them to registers at once."""
     hs = _column_slices(acc, BLOCK_M, BLOCK_N, EPI_N)
     gs = _column_slices(acc2, BLOCK_M, BLOCK_N, EPI_N)  # GLU only; unused (and removed) otherwise
     for j in tl.static_range(BLOCK_N // EPI_N):
         cols = j * EPI_N + tl.arange(0, EPI_N)
         o_off = o_rows[:, None] + (o_col0 + cols.to(tl.int64) * s_oc)[None, :]
         store = row_ok[:, None] & (n0 + cols < N_STORE)[None, :]
-        a = _forward_epilogue(hs[j], gs[j], h_ptr, g_ptr, o_off, store, GLU, ACT)
+        h, g = hs[j], gs[j]
+        if ROWWISE:  # the zeroing tiles (not used) read no scale (tl.where: the interpreter rejects `mask & used`)
+            scaled_cols = tl.where(used, n0 + cols < N, False)
+            h = _rowwise_scale(h, sa_ptr, sa_rows, sw_ptr, (n0 + cols).to(tl.int64) * s_swn, scaled_rows, scaled_cols)
+            if GLU:
+                g = _rowwise_scale(g, sa_ptr, sa_rows, sw2_ptr, (n0 + cols).to(tl.int64) * s_sw2n, scaled_rows,
+                                   scaled_cols)  # fmt: skip
+        a = _forward_epilogue(h, g, h_ptr, g_ptr, o_off, store, GLU, ACT)
         tl.store(a_ptr + o_off, a, mask=store)
 
 
@@ -651,11 +663,12 @@ def _gemm_tile(
         sw2_cols, s_sw2k, sw_desc, sw2_desc, sa_desc, pid_m, BLOCK_K, BLOCK_N, LB_A, DUAL, W_TMA, WARP_SPEC, DOTS, FP8,
         A_TMA, SA_TMA, SW_TMA,
     )  # fmt: skip
-    if FP8 == _ROWWISE:  # the zeroing tiles (e = E) read no scale (tl.where: the interpreter rejects `mask & used`)
-        scaled_rows, scaled_cols = tl.where(used, a_ok, False), tl.where(used, n_ok, False)
+    # FP8 ROWWISE: the zeroing tiles (e = E) read no scale (tl.where: the interpreter rejects `mask & used`)
+    scaled_rows, scaled_cols = tl.where(used, a_ok, False), tl.where(used, n_ok, False)
+    # the forward epilogue scales its column slices (_sliced_forward_epilogue), the others the whole accumulator here
+    ROWWISE_SLICES: tl.constexpr = FP8 == _ROWWISE and EPILOGUE == _FORWARD and QUANT_A == _NO_FP8
+    if FP8 == _ROWWISE and not ROWWISE_SLICES:
         acc = _rowwise_scale(acc, sa_ptr, sa_rows, sw_e, sw_cols, scaled_rows, scaled_cols)
-        if DUAL:
-            acc2 = _rowwise_scale(acc2, sa_ptr, sa_rows, sw2_e, sw2_cols, scaled_rows, scaled_cols)
     if PAIR:
         acc_b = acc
         if FP8 == _ROWWISE:  # the second product's scales differ: its own accumulator
@@ -684,8 +697,8 @@ def _gemm_tile(
         _store_plain(acc, out_ptr, o_off, row_ok[:, None] & (offs_n < N_STORE)[None, :])
     elif QUANT_A == _NO_FP8:
         _sliced_forward_epilogue(
-            acc, acc2, out_ptr, out2_ptr, out3_ptr, o_rows, o_col0, s_oc, row_ok, n0, N_STORE, BLOCK_M, BLOCK_N, EPI_N,
-            GLU, ACT,
+            acc, acc2, out_ptr, out2_ptr, out3_ptr, o_rows, o_col0, s_oc, row_ok, n0, N, N_STORE, sa_ptr, sa_rows,
+            scaled_rows, sw_e, s_swn, sw2_e, s_sw2n, used, BLOCK_M, BLOCK_N, EPI_N, GLU, ACT, ROWWISE_SLICES,
         )  # fmt: skip
     else:
         _quantized_forward_epilogue(
@@ -1111,7 +1124,8 @@ def _fp8_config(
 ) -> GemmConfig:
     """``gemm_config`` for E4M3 operands on a GPU (``bench.audit`` builds each): 1-byte tiles of 128 × 128 (16 KB
     each: a 3-stage pipeline in 96 KB) with a K step of 128 (one blockwise group, four MX groups), the GLU forward's
-    two accumulators on 64 columns, the backward epilogue in column slices as for 16-bit types.
+    two accumulators on 64 columns (sm_100's MX and rowwise 128 below), the backward epilogue in column slices as for
+    16-bit types.
 
     - MX off sm_100 (no block-scaled MMA there: Triton upcasts both tiles to bf16 in registers) takes a K step of 64
       (at 128 ptxas spilled 4-84 B on sm_90), 32 for sm_120's backward epilogue (8 B at 64);
@@ -1119,6 +1133,14 @@ def _fp8_config(
       registers every step or twice: the blockwise promotion with the GLU forward, the backward epilogue or the pair,
       and the rowwise backward and pair (on 4 warps those spilled 64-736 B); on 8 warps the blockwise down GEMM
       issues 1.10 clocks per MMA clock against 0.66 on 4, the MX backward 1.78 against 1.12;
+    - sm_100's aligned 128-row MX and rowwise GLU forward run 128 columns per weight (two 128×128 accumulators in
+      tensor memory, 256 of its 512 columns), the epilogue in slices of 32 columns (``epilogue_n``; rowwise scales
+      each slice, ``_sliced_forward_epilogue``; MX's ``QUANT_A`` quantizes group by group anyway), 3 stages, 2
+      CTAs per SM: MX 150 registers, 2 buffers of 48 KB (102 KB; the weights' scales by TMA, ``mx_chunk_tiles``),
+      issue ratio 0.69 where 128×64 tiles took 1.50; rowwise K steps of 64 (at 128 it took 3 buffers, 148 KB: 1 CTA
+      per SM), 196 registers, 75 KB, 0.66 where 128×64 tiles took 0.86 (171 FLOP per operand byte, 128 at 64
+      columns; with 2 stages the gathered rows' copies wait to zero every K step). Not blockwise (both products
+      promoted in registers: on 8 warps 244 B of spills, 1 CTA per SM, 1.56);
     - sm_120 (mma.sync: accumulators and operand fragments in registers) runs 64 columns: at 128 it spilled 8-104 B;
       so does sm_100's rowwise pair (both accumulators in registers: 216 B at 128 columns on 8 warps);
     - unaligned operands (1-byte scalar loads staged in registers) take 32 × 32 steps: at a K step of 64 and 64
@@ -1131,13 +1153,18 @@ def _fp8_config(
     tcgen05_4 = block_m >= 128 and _blackwell(capability) and aligned and not registers
     warps = 8 if block_m >= 128 and not tcgen05_4 else 4
     rowwise_pair_100 = pair and fp8 == Fp8Mode.ROWWISE and _blackwell(capability)
-    block_n = 64 if (glu and not backward) or capability == 120 or rowwise_pair_100 else 128
+    glu_forward = glu and not backward
+    # sm_100's MX / rowwise GLU forward: two 128x128 accumulators in tensor memory, the epilogue in 32-column slices
+    wide_glu = glu_forward and tcgen05_4 and fp8 in (Fp8Mode.MX, Fp8Mode.ROWWISE)
+    block_n = 64 if (glu_forward and not wide_glu) or capability == 120 or rowwise_pair_100 else 128
     block_k = 128
+    if wide_glu and fp8 == Fp8Mode.ROWWISE:  # 3 buffers of 128-deep steps there: 148 KB, 1 CTA/SM
+        block_k = 64
     if fp8 == Fp8Mode.MX and not _blackwell(capability):
         block_k = 32 if capability == 120 and backward else 64
     if not aligned:
         block_n, block_k = 32, 32
-    epi = (16 if tcgen05_4 else 8) if backward else None
+    epi = (16 if tcgen05_4 else 8) if backward else (32 if wide_glu else None)
     return GemmConfig(block_m, block_n, block_k, 8, warps, 3, epi)
 
 
