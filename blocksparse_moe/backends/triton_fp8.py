@@ -130,7 +130,7 @@ def mlp_forward(
     g = None if w3 is None else _new((R, F), x)
     fused = mode in EPILOGUE_QUANT  # a quantized in the up-projection's epilogue (module docstring)
     if fused:
-        a, a_s = _new((R, F), x, fp8_recipes.E4M3), _new((R, -(-F // rcp.group)), x, sd)
+        a, a_s = _new((R, F), x, fp8_recipes.E4M3), _new(rcp.act_scale_shape(R, F), x, sd)
     else:
         a, a_s = _new((R, F), x), None
     gemm_kernels.gemm(

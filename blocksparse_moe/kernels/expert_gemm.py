@@ -1516,7 +1516,7 @@ def _quant_a_mode(
         raise ValueError(f"gemm: act_out (quantized a) must share out's strides {out.tensor.stride()}, got "
                          f"{act_out.stride()}")  # fmt: skip
     rcp = fp8.recipe()
-    shape = (out.rows, -(-out.cols // rcp.group))
+    shape = rcp.act_scale_shape(out.rows, out.cols)
     check_tensor(f"gemm: act_scales ({rcp.name})", act_scales, "[R, cdiv(N, group)]", shape)
     check_dtype(f"gemm: act_scales ({rcp.name})", act_scales, (rcp.scale_dtype,))
     check_same_device(out=out.tensor, act_out=act_out, act_scales=act_scales)
