@@ -220,6 +220,25 @@ def test_state_dict_round_trip_and_casts(monkeypatch):
     fp8.weight_cache_clear()
 
 
+def test_whole_model_pickles(monkeypatch):
+    """``torch.save(model)`` / ``torch.load`` of the whole quantized model (not only its state_dict) and
+    ``copy.deepcopy`` give a model of the same classes, recipe and FP8 buffers with the same logits bit for bit
+    (regression: the generated experts class had no importable name, so pickling failed)."""
+    monkeypatch.setenv("BSM_BACKEND", "torch")
+    model, ids = _model("qwen3_moe"), torch.randint(0, 64, (2, 5))
+    bsm_hf.quantize_experts_fp8_(model, "rowwise")
+    want = _logits(model, bsm_hf.NAME, ids)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for copied in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        experts = _experts(copied)
+        assert type(experts) is type(_experts(model)) and experts.prequantized == "rowwise"
+        assert experts.down_proj.dtype == E4M3 and experts.down_proj is not _experts(model).down_proj
+        assert torch.equal(_bits(_logits(copied, bsm_hf.NAME, ids)), _bits(want))
+    fp8.weight_cache_clear()
+
+
 def test_errors():
     """Misuse: an unknown recipe, a second call, a custom-gate module (gpt-oss), a training module requiring grad,
     HF's expert parallelism (each leaving the model unchanged); a forward with another registered fp8 or recording a

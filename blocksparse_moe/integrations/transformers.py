@@ -146,6 +146,7 @@ class _PrequantizedExperts(nn.Module):
     half), ``prequantized`` their recipe."""
 
     prequantized: str
+    _experts_class: type  # the experts class this one prefixes
 
     def _fp8_tensors(self) -> dict[str, torch.Tensor]:
         up = "gate_up_proj" if self.has_gate else "up_proj"
@@ -160,6 +161,11 @@ class _PrequantizedExperts(nn.Module):
         """``nn.Module``'s, the FP8 weights and scales moved but never cast (``fp8.uncast``)."""
         return super()._apply(uncast(fn, self._fp8_tensors().values()), recurse)
 
+    def __reduce_ex__(self, protocol):
+        """Pickled (``torch.save(model)``, ``copy.deepcopy``) as the experts class it prefixes and the state: the
+        generated class has no importable name, ``_prequantized_class`` makes it again on load."""
+        return _restore_prequantized, (self._experts_class, self.__getstate__())
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
         """``nn.Module``'s, refusing checkpoint entries of another dtype (another recipe, unquantized weights)."""
         check_loaded_dtypes(self.prequantized, self._fp8_tensors(), state_dict, prefix, errors)
@@ -167,6 +173,20 @@ class _PrequantizedExperts(nn.Module):
 
 
 _CLASSES: dict[type, type] = {}
+
+
+def _prequantized_class(cls: type) -> type:
+    """The class of a prequantized ``cls`` module: ``_PrequantizedExperts`` placed before it, one per class."""
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Prequantized{cls.__name__}", (_PrequantizedExperts, cls), {"_experts_class": cls})
+    return _CLASSES[cls]
+
+
+def _restore_prequantized(cls: type, state: dict) -> nn.Module:
+    """Unpickles a prequantized ``cls`` module (``_PrequantizedExperts.__reduce_ex__``)."""
+    module = object.__new__(_prequantized_class(cls))
+    module.__setstate__(state)
+    return module
 
 
 def _is_experts(module: nn.Module) -> bool:
@@ -235,8 +255,5 @@ def _quantize(module: nn.Module, fp8: str) -> None:
         delattr(module, name)
         module.register_buffer(name, q if module.is_transposed else q.transpose(1, 2))  # [E, in, out] or [E, out, in]
         module.register_buffer(f"{name}_scale", s)
-    cls = type(module)
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Prequantized{cls.__name__}", (_PrequantizedExperts, cls), {})
-    module.__class__ = _CLASSES[cls]
+    module.__class__ = _prequantized_class(type(module))
     module.prequantized = fp8
