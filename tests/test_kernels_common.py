@@ -66,9 +66,8 @@ def test_gpu_configs_per_compute_capability(monkeypatch, cc):
     # sm_100's GLU forward tile only for aligned 16-bit 128-row tiles; 64-row, unaligned and fp32 ones keep theirs
     for kw in (dict(dtype=torch.bfloat16, block_m=64), dict(dtype=torch.bfloat16, block_m=128, aligned=False),
                dict(dtype=torch.float32, block_m=128)):  # fmt: skip
-        assert expert_gemm.gemm_config(**kw, glu=True, epilogue=1, capability=cc) == expert_gemm.gemm_config(
-            **kw, glu=True, epilogue=1, capability=80
-        ), kw
+        cfg = expert_gemm.gemm_config(**kw, glu=True, epilogue=1, capability=cc)
+        assert replace(cfg, swap_ab=False) == expert_gemm.gemm_config(**kw, glu=True, epilogue=1, capability=80), kw
     # the backward epilogue's column slices: 16 on 4 tcgen05 warps (slices of 8 spilled the gelu epilogue there)
     assert expert_gemm.gemm_config(torch.bfloat16, 128, epilogue=2, capability=cc).epi_n == (16 if blackwell else 8)
     assert expert_gemm.gemm_config(torch.bfloat16, 128, aligned=False, capability=cc).num_warps == 8
@@ -80,6 +79,32 @@ def test_gpu_configs_per_compute_capability(monkeypatch, cc):
     assert expert_gemm.wgrad_config(torch.float32, capability=cc).num_warps == 8
     assert expert_gemm.wgrad_config(torch.bfloat16, b_block=64, capability=cc).num_warps == 8  # 128x64 tiles
     assert capability(torch.empty(1)) is None  # off CUDA the launchers pass None
+
+
+@pytest.mark.parametrize("cc", [80, 90, 100, 103, 120, None])
+def test_swapped_operands_per_compute_capability(monkeypatch, cc):
+    """``swap_ab`` (accᵀ = Wᵀ · Aᵀ, the weight's columns as the MMA's M) where bench.audit measured it better: the
+    aligned 16-bit tiles under 64 rows on sm_90 (None, off CUDA, is sm_90's) for every use, on sm_100 / sm_103 for
+    the backward epilogue only and the 64-row tiles for every use; never on sm_80 / sm_120 (mma.sync either way), for
+    128-row tiles, unaligned or fp32 operands, FP8, nor when interpreting. Nothing else of the config changes."""
+    monkeypatch.setattr(expert_gemm, "interpreting", lambda: False)
+    hopper, blackwell = cc in (90, None), cc in (100, 103)
+    uses = {"plain": {}, "glu": dict(glu=True, epilogue=1), "backward": dict(epilogue=2), "pair": dict(pair=True)}
+    for name, kw in uses.items():
+        for block_m in (16, 32, 64, 128):
+            cfg = expert_gemm.gemm_config(torch.bfloat16, block_m, capability=cc, **kw)
+            small = block_m < 64 and (hopper or (blackwell and name == "backward"))
+            assert cfg.swap_ab == (small or (block_m == 64 and blackwell)), (name, block_m)
+            if block_m < 128:  # (sm_100's 128-row tiles differ from sm_80's otherwise: warps, GLU tile)
+                sm80 = expert_gemm.gemm_config(torch.bfloat16, block_m, capability=80, **kw)
+                assert replace(cfg, swap_ab=False) == sm80, (name, block_m)
+            assert expert_gemm.gemm_config(torch.float16, block_m, capability=cc, **kw).swap_ab == cfg.swap_ab
+            for other in (dict(dtype=torch.bfloat16, aligned=False), dict(dtype=torch.float32)):
+                assert not expert_gemm.gemm_config(block_m=block_m, capability=cc, **other, **kw).swap_ab
+            fp8 = expert_gemm.gemm_config(torch.float8_e4m3fn, block_m, capability=cc, fp8=expert_gemm.Fp8Mode.MX, **kw)
+            assert not fp8.swap_ab
+    monkeypatch.setattr(expert_gemm, "interpreting", lambda: True)
+    assert not expert_gemm.gemm_config(torch.float16, 16, capability=cc).swap_ab
 
 
 def test_interpreter_configs_slice_the_epilogues():

@@ -288,6 +288,18 @@ def _dot(a, b, acc, DOTS: tl.constexpr):
 
 
 @triton.jit
+def _mma(a, w, acc, DOTS: tl.constexpr, SWAP_AB: tl.constexpr):
+    """One K step of ``gemm_kernel``'s main loop (``FP8`` none): ``acc + a @ w`` (``acc [BLOCK_M, BLOCK_N]``), or with
+    ``SWAP_AB`` the transposed product ``acc + wᵀ @ aᵀ`` (``acc [BLOCK_N, BLOCK_M]``): the weight's columns are the
+    MMA's M and the tile's few rows its N, so that wgmma / tcgen05 (M >= 64) take tiles of 16 or 32 rows
+    (``_gemm_tile`` transposes the accumulator back once, after the K loop)."""
+    if SWAP_AB:
+        return _dot(w.trans(), a.trans(), acc, DOTS)
+    else:
+        return _dot(a, w, acc, DOTS)
+
+
+@triton.jit
 def _scale_chunks(desc, outer, chunk, t, ROWS: tl.constexpr, SG: tl.constexpr):
     """The E8M0 scale tile ``[ROWS, SG]`` of K step ``t`` (``SG`` groups of 32 per step) through ``desc``, a host
     descriptor over tcgen05's scale-factor chunks ``[outer, rows / 128, groups / 4, 2, 256]``
@@ -400,6 +412,7 @@ def _mainloop(
     A_TMA: tl.constexpr,
     SA_TMA: tl.constexpr,
     SW_TMA: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):
     """``acc += A[rows, :K] @ W[:K, cols]`` (and ``acc2 += A @ W2`` when ``DUAL``), ``BLOCK_K`` at a time over
     ``k_steps`` steps. ``a_rows``: the tile's row offsets into A (``A_TMA`` ``GATHER4``: its rows ``a_idx`` of the
@@ -410,7 +423,8 @@ def _mainloop(
     ``FP8`` (``Fp8Mode``, E4M3 operands): the scales of A (``sa_ptr + sa_rows``, K groups ``s_sak`` apart) and of W /
     W2 (the expert's, ``sw_cols`` / ``sw2_cols`` the tile's column offsets, K groups ``s_swk`` / ``s_sw2k`` apart)
     are applied in each step (``_fp8_dot``; ``SW_TMA``: W's / W2's MX scales through ``sw_desc`` / ``sw2_desc``,
-    ``SA_TMA``: A's through ``sa_desc`` at M tile ``m_tile``); unused otherwise."""
+    ``SA_TMA``: A's through ``sa_desc`` at M tile ``m_tile``); unused otherwise. ``SWAP_AB`` (``FP8`` none): the
+    accumulators transposed, ``accᵀ += Wᵀ @ Aᵀ`` (``_mma``)."""
     offs_k = tl.arange(0, BLOCK_K)
     a_tile = a_ptr + a_rows[:, None] + (offs_k.to(tl.int64) * s_ac)[None, :]
     w_tile = offs_k.to(tl.int64)[:, None] * s_wk + offs_n.to(tl.int64)[None, :] * s_wn
@@ -430,7 +444,7 @@ def _mainloop(
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         if FP8 == _NO_FP8:
-            acc = _dot(a, w, acc, DOTS)
+            acc = _mma(a, w, acc, DOTS, SWAP_AB)
         else:
             acc = _fp8_dot(
                 acc, a, w, sa_ptr, sa_rows, s_sak, sa_desc, m_tile, sw_ptr, sw_cols, s_swk, sw_desc, e, n0, row_ok,
@@ -442,7 +456,7 @@ def _mainloop(
             if DOTS == _DOTS_UPCAST:
                 w2 = w2.to(tl.float32)
             if FP8 == _NO_FP8:
-                acc2 = _dot(a, w2, acc2, DOTS)
+                acc2 = _mma(a, w2, acc2, DOTS, SWAP_AB)
             else:
                 acc2 = _fp8_dot(
                     acc2, a, w2, sa_ptr, sa_rows, s_sak, sa_desc, m_tile, sw2_ptr, sw2_cols, s_sw2k, sw2_desc, e, n0,
@@ -615,10 +629,12 @@ def _gemm_tile(
     LB_A: tl.constexpr, LB_O: tl.constexpr, GATHER: tl.constexpr, GLU: tl.constexpr, PAIR: tl.constexpr,
     EPILOGUE: tl.constexpr, ACT: tl.constexpr, W_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, DOTS: tl.constexpr,
     FP8: tl.constexpr, QUANT_A: tl.constexpr, A_TMA: tl.constexpr, SW_TMA: tl.constexpr, SA_TMA: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):  # fmt: skip
     """Output tile ``tile`` (in the grouped order) of ``gemm_kernel``: ``BLOCK_M × BLOCK_N`` of expert e's rows times
     ``W[e]``, the expert read from ``tile_expert``. ``FP8``: the scales' offsets of the tile (A's rows: the tokens
-    when gathered; W's columns: their 128-column block for ``BLOCKWISE``), outside the K loop."""
+    when gathered; W's columns: their 128-column block for ``BLOCKWISE``), outside the K loop. ``SWAP_AB``: the
+    K loops accumulate the tile transposed (``_mma``), transposed back once before the epilogue."""
     DUAL: tl.constexpr = GLU and EPILOGUE == _FORWARD  # the gate's accumulator (the backward reads the saved g)
     num_n = tl.cdiv(N_STORE, BLOCK_N)
     pid_m, pid_n = _grouped_order(tile, num_m_tiles, num_n, GROUP_M)
@@ -655,13 +671,16 @@ def _gemm_tile(
         sw2_cols = offs_n.to(tl.int64) * s_sw2n
     sw_e = sw_ptr + e.to(tl.int64) * s_swe
     sw2_e = sw2_ptr + e.to(tl.int64) * s_sw2e
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GLU only; unused (and removed) otherwise
+    tl.static_assert(not SWAP_AB or FP8 == _NO_FP8, "SWAP_AB: 16- and 32-bit operands only")
+    ACC_M: tl.constexpr = BLOCK_N if SWAP_AB else BLOCK_M  # the MMA's M: the weight's columns when swapped
+    ACC_N: tl.constexpr = BLOCK_M if SWAP_AB else BLOCK_N
+    acc = tl.zeros((ACC_M, ACC_N), dtype=tl.float32)
+    acc2 = tl.zeros((ACC_M, ACC_N), dtype=tl.float32)  # GLU only; unused (and removed) otherwise
     acc, acc2 = _mainloop(
         acc, acc2, a_ptr, a_rows, a_desc, a_idx, s_acb, s_ac, w_ptr + w_base, w2_ptr + w2_base, w_desc, w2_desc, e, n0,
         s_wk, s_wn, s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, sa_ptr, sa_rows, s_sak, sw_e, sw_cols, s_swk, sw2_e,
         sw2_cols, s_sw2k, sw_desc, sw2_desc, sa_desc, pid_m, BLOCK_K, BLOCK_N, LB_A, DUAL, W_TMA, WARP_SPEC, DOTS, FP8,
-        A_TMA, SA_TMA, SW_TMA,
+        A_TMA, SA_TMA, SW_TMA, SWAP_AB,
     )  # fmt: skip
     # FP8 ROWWISE: the zeroing tiles (e = E) read no scale (tl.where: the interpreter rejects `mask & used`)
     scaled_rows, scaled_cols = tl.where(used, a_ok, False), tl.where(used, n_ok, False)
@@ -678,12 +697,15 @@ def _gemm_tile(
             acc_b, acc2, a2_ptr, a_rows, a_desc, a_idx, s_acb, s_ac, w2_ptr + w2_base, w2_ptr, w2_desc, w2_desc, e, n0,
             s_w2k, s_w2n, s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, sa2_ptr, sa_rows, s_sak, sw2_e, sw2_cols,
             s_sw2k, sw2_e, sw2_cols, s_sw2k, sw2_desc, sw2_desc, sa2_desc, pid_m, BLOCK_K, BLOCK_N, LB_A, False, W_TMA,
-            WARP_SPEC, DOTS, FP8, A_TMA, SA_TMA, SW_TMA,
+            WARP_SPEC, DOTS, FP8, A_TMA, SA_TMA, SW_TMA, SWAP_AB,
         )  # fmt: skip
         if FP8 == _ROWWISE:
             acc += _rowwise_scale(acc_b, sa2_ptr, sa_rows, sw2_e, sw2_cols, scaled_rows, scaled_cols)
         else:
             acc = acc_b
+    if SWAP_AB:  # the tile's orientation again: one layout conversion per tile, after the K loops
+        acc = acc.trans()
+        acc2 = acc2.trans()
 
     o_rows = row_offsets(rows, s_orb, s_or, LB_O)
     o_col0 = tile_start(pid_n, s_ocb, s_oc, BLOCK_N, LB_O)
@@ -788,6 +810,7 @@ def gemm_kernel(
     A_TMA: tl.constexpr,  # WeightLoad: POINTERS, or (GATHER, sm_100) GATHER4: A's rows gathered by TMA from a_desc
     SW_TMA: tl.constexpr,  # FP8 MX (sm_100): W's (and W2's) scales by TMA from sw_desc / sw2_desc; else pointer loads
     SA_TMA: tl.constexpr,  # FP8 MX (sm_100), A dense: A's (and A2's) scales by TMA from sa_desc / sa2_desc
+    SWAP_AB: tl.constexpr,  # FP8 none: the tile computed transposed, accᵀ = Wᵀ · Aᵀ (small M tiles: wgmma / tcgen05)
 ):
     """``BLOCK_M × BLOCK_N`` tiles of expert e's rows times ``W[e]`` (``_gemm_tile``), in the grouped order.
     ``PERSISTENT``: program p runs the tiles p, p + P, p + 2P, ... (P programs); else the tile ``program_id``. See
@@ -801,7 +824,7 @@ def gemm_kernel(
                 num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc,
                 s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e, s_sw2k, s_sw2n, s_sqr, s_sqc, BLOCK_M, BLOCK_N, BLOCK_K,
                 EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE, ACT, W_TMA, WARP_SPEC, DOTS, FP8, QUANT_A,
-                A_TMA, SW_TMA, SA_TMA,
+                A_TMA, SW_TMA, SA_TMA, SWAP_AB,
             )  # fmt: skip
     else:
         _gemm_tile(
@@ -811,7 +834,7 @@ def gemm_kernel(
             E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc,
             s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e, s_sw2k, s_sw2n, s_sqr, s_sqc, BLOCK_M, BLOCK_N, BLOCK_K, EPI_N,
             GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE, ACT, W_TMA, WARP_SPEC, DOTS, FP8, QUANT_A, A_TMA, SW_TMA,
-            SA_TMA,
+            SA_TMA, SWAP_AB,
         )  # fmt: skip
 
 
@@ -1032,6 +1055,7 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     epilogue_n: int | None = None  # None: block_n (one slice)
+    swap_ab: bool = False  # gemm_kernel's SWAP_AB: the tile computed transposed (the weight's columns as the MMA's M)
 
     @property
     def epi_n(self) -> int:
@@ -1115,7 +1139,8 @@ def gemm_config(
         stages = 3
         if tcgen05_4 and glu and epilogue == Epilogue.FORWARD:  # two 128x128 accumulators: 256 tensor-memory columns
             block_n, epilogue_n, stages = 128, 32, 2
-        cfg = GemmConfig(block_m, block_n, block_k, 8, warps, stages, epilogue_n)
+        swap = aligned and dtype in _HALF and _swap_ab(block_m, backward, capability)
+        cfg = GemmConfig(block_m, block_n, block_k, 8, warps, stages, epilogue_n, swap)
     return _clamp(cfg, n=out_block, k=a_block)
 
 
@@ -1166,6 +1191,16 @@ def _fp8_config(
         block_n, block_k = 32, 32
     epi = (16 if tcgen05_4 else 8) if backward else (32 if wide_glu else None)
     return GemmConfig(block_m, block_n, block_k, 8, warps, 3, epi)
+
+
+def _swap_ab(block_m: int, backward: bool, capability: int | None) -> bool:
+    """``GemmConfig.swap_ab`` of aligned 16-bit tiles of ``block_m`` rows (``gemm_config``), where ``bench.audit``
+    measured it better: under 64 rows on sm_90 (wgmma of M = 128 weight columns where the rows ran mma.sync), on
+    sm_100 for the backward epilogue (tcgen05 where they ran mma.sync; the warp-specialized loops and the GLU forward
+    took more instructions per K step swapped) and at 64 rows (tcgen05 M = 128 where the rows gave M = 64)."""
+    if capability is None or capability // 10 == 9:
+        return block_m < 64
+    return _blackwell(capability) and (block_m == 64 or (block_m < 64 and backward))
 
 
 def _blackwell(capability: int | None) -> bool:
@@ -1648,7 +1683,7 @@ def gemm(
         LB_A=a.log_block, LB_O=out.log_block, GATHER=a.gathered, GLU=glu, PAIR=pair is not None, EPILOGUE=int(epilogue),
         ACT=kernel_code(activation), W_TMA=int(tma), WARP_SPEC=warp_spec,
         DOTS=dot_mode(dtype), PERSISTENT=persistent, FP8=int(fp8), QUANT_A=int(quant_a), A_TMA=int(a_tma),
-        SW_TMA=sw_tma, SA_TMA=sa_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SW_TMA=sw_tma, SA_TMA=sa_tma, SWAP_AB=cfg.swap_ab, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return dots
 

@@ -299,13 +299,13 @@ def _variants(
         pairs = [(fast, shared)] if fast == fallback else [(fast, ("aligned",)), (fallback, ("unaligned",))]
         for key in pairs:
             out.setdefault(key, []).append(cc)
-    many = {v for (_, v) in out if sum(1 for (_, w) in out if w == v) > 1}
+    many = {(v, c.swap_ab) for (c, v) in out if sum(1 for (d, w) in out if (w, d.swap_ab) == (v, c.swap_ab)) > 1}
     return [
         (
             cfg,
             variants,
             None if tuple(archs) == _ARCHS else tuple(archs),
-            f",w={cfg.num_warps}" if variants in many else "",
+            (",swap" if cfg.swap_ab else "") + (f",w={cfg.num_warps}" if (variants, cfg.swap_ab) in many else ""),
         )
         for (cfg, variants), archs in out.items()
     ]
@@ -416,7 +416,7 @@ def _gemm_specs() -> list[CompileSpec]:
                             GROUP_M=cfg.group_m, LB_A=lb_block if use.a_blocked else DENSE_LOG_BLOCK,
                             LB_O=lb_block if use.out_blocked else DENSE_LOG_BLOCK, GATHER=use.gather, GLU=use.glu,
                             PAIR=use.pair, EPILOGUE=int(use.epilogue), ACT=kernel_code(act), DOTS=DOTS_NATIVE,
-                            FP8=int(Fp8Mode.NONE), QUANT_A=int(Fp8Mode.NONE), **_NO_SCALE_TMA,
+                            FP8=int(Fp8Mode.NONE), QUANT_A=int(Fp8Mode.NONE), SWAP_AB=cfg.swap_ab, **_NO_SCALE_TMA,
                         )  # fmt: skip
                         act_tag = f",{act}" if use.epilogue else ""
                         size = f"B={B}" if use.blocked else f"M={cfg.block_m}"
@@ -612,7 +612,7 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EPI_N=cfg.epi_n,
                         GROUP_M=cfg.group_m, LB_A=DENSE_LOG_BLOCK, LB_O=DENSE_LOG_BLOCK, GATHER=use.gather,
                         GLU=use.glu, PAIR=use.pair, EPILOGUE=int(use.epilogue), ACT=kernel_code(act), DOTS=DOTS_NATIVE,
-                        FP8=int(mode), QUANT_A=int(quant_a), **_NO_SCALE_TMA,
+                        FP8=int(mode), QUANT_A=int(quant_a), SWAP_AB=cfg.swap_ab, **_NO_SCALE_TMA,
                     )  # fmt: skip
                     use_tag = f"{use.tag},aq" if quant_a else use.tag  # aq: a quantized in the epilogue
                     name = f"gemm_fp8[{mode.recipe().name},{use_tag},M={cfg.block_m},N={cfg.block_n},K={cfg.block_k}"
