@@ -417,7 +417,7 @@ def _per_expert(offsets, a, w):
     "counts, N",
     [
         ([5, 0, 37, 1], 48),  # an empty expert, a one-row expert, odd counts (partial M tiles); one partial N tile
-        ([23], 144),  # E = 1; a full and a partial 128-column N tile
+        ([23], 272),  # E = 1; a full and a partial N tile (256 columns swapped, 128 for the GLU forward)
         ([0, 70, 0], 48),  # all rows to one expert (two M tiles or more, the last partial), empty first and last
     ],
 )

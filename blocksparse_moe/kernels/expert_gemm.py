@@ -1139,7 +1139,13 @@ def gemm_config(
         stages = 3
         if tcgen05_4 and glu and epilogue == Epilogue.FORWARD:  # two 128x128 accumulators: 256 tensor-memory columns
             block_n, epilogue_n, stages = 128, 32, 2
-        swap = aligned and dtype in _HALF and _swap_ab(block_m, backward, capability)
+        # swapped operands (the weight's columns as the MMA's M) for the grouped layouts' small M tiles
+        swap = aligned and dtype in _HALF and out_block is None and a_block is None and _swap_ab(block_m, capability)
+        if swap:  # twice the columns: the MMA's M (64 x 256 x 64 tiles would need 120 KB of shared memory in 3 stages)
+            block_n *= 2
+            epilogue_n = 16 if backward else epilogue_n  # 16 slices of 16 columns
+            if block_m == 64 and (backward or (glu and epilogue == Epilogue.FORWARD)):
+                stages = 2  # one tile per program (rows by TMA's row gather): 83 KB, 2 CTAs per SM
         cfg = GemmConfig(block_m, block_n, block_k, 8, warps, stages, epilogue_n, swap)
     return _clamp(cfg, n=out_block, k=a_block)
 
@@ -1193,14 +1199,10 @@ def _fp8_config(
     return GemmConfig(block_m, block_n, block_k, 8, warps, 3, epi)
 
 
-def _swap_ab(block_m: int, backward: bool, capability: int | None) -> bool:
-    """``GemmConfig.swap_ab`` of aligned 16-bit tiles of ``block_m`` rows (``gemm_config``), where ``bench.audit``
-    measured it better: under 64 rows on sm_90 (wgmma of M = 128 weight columns where the rows ran mma.sync), on
-    sm_100 for the backward epilogue (tcgen05 where they ran mma.sync; the warp-specialized loops and the GLU forward
-    took more instructions per K step swapped) and at 64 rows (tcgen05 M = 128 where the rows gave M = 64)."""
-    if capability is None or capability // 10 == 9:
-        return block_m < 64
-    return _blackwell(capability) and (block_m == 64 or (block_m < 64 and backward))
+def _swap_ab(block_m: int, capability: int | None) -> bool:
+    """``GemmConfig.swap_ab`` of aligned 16-bit tiles of ``block_m`` rows (``gemm_config``)."""
+    hopper = capability is None or capability // 10 == 9
+    return (hopper and block_m < 64) or (_blackwell(capability) and block_m <= 64)
 
 
 def _blackwell(capability: int | None) -> bool:
