@@ -56,6 +56,12 @@ tiles together, so the programs resident at one time (consecutive tiles) share t
 in L2 instead of re-reading the weights once per M tile. ``wgrad_kernel``: grid ``(E · tiles_m · tiles_n,)``,
 expert-major (the programs of one expert share its rows), grouped order inside.
 
+**Swapped operands** (``SWAP_AB``: ``GemmConfig.swap_ab``, small M tiles; TensorRT-LLM / vLLM do so for decode):
+the K loops accumulate the tile transposed, ``accᵀ [BLOCK_N, BLOCK_M] += Wᵀ · Aᵀ`` (``_mma``), so that the weight's
+columns are the MMA's M (wgmma and tcgen05 need M >= 64; Triton runs smaller M on mma.sync) and the tile's few rows
+its N (multiples of 8 / 16 from 16); the accumulators are transposed back once after the K loops (a layout
+conversion per tile) and every epilogue runs unchanged. 16- and 32-bit operands (not ``FP8``).
+
 **Epilogues** of ``gemm_kernel`` (``EPILOGUE``: ``Epilogue``), one ``@triton.jit`` helper each:
 
 - ``PLAIN`` (``_store_plain``): ``out = acc`` (``PAIR``: ``acc = A @ W + A2 @ W2``, e.g. the dgrad
@@ -1114,6 +1120,16 @@ def gemm_config(
     SM; 3 stages take 148 KB, 1 CTA per SM; persistent it took 151-168 registers, 0.42, and spilled 16 B with gelu).
     Its rows come by TMA's row gather there (``_gather_load``): by asynchronous copies (``TMA_ROWS`` off, a
     column-strided A) 2 stages wait to zero every K step.
+    Swapped operands (``swap_ab``, ``gemm_kernel``'s ``SWAP_AB``: ``accᵀ = Wᵀ · Aᵀ``, the weight's columns as the
+    MMA's M, the tile's rows its N) for the grouped layouts' aligned 16-bit tiles under 64 rows on sm_90 and sm_100
+    (Triton runs M < 64 on mma.sync: wgmma / tcgen05 now) and of 64 rows on sm_100 (a tcgen05 M = 64 does half an
+    M = 128 one's work), on twice the columns (256; the GLU forward 128 per weight; the backward epilogue in 16
+    slices of 16): issue ratio at 32 rows 1.01-1.22 -> 0.55-0.66 on sm_90 (HGMMA.64x32, 2 CTAs per SM), 1.62-1.95
+    -> 0.89-1.28 on sm_100; at 64 rows on sm_100 0.92-1.20 -> 0.46-0.69, the one-tile-per-program GLU forward and
+    backward epilogue over 2 stages (83 KB: 2 CTAs per SM; the warp-specialized loops keep 3, 124 KB, 1 CTA per SM,
+    persistent: with 2 their row copies wait to zero every K step). At 128 columns sm_90's issue ratio stayed 0.93-1.11
+    and sm_100's warp-specialized loops got worse (1.72 -> 2.36). Not for blocked layouts (the tile stays inside a
+    block), FP8 or fp32 (docs/audit.md, "Swapped operands").
     One small config when interpreting (16 columns, the forward epilogue in two slices of 8, so that every
     interpreter test of the forward runs the sliced epilogue; the backward epilogue's 64 columns wide in eight
     slices, fewer in narrower blocks). Checked by ``python -m bench.audit``.
