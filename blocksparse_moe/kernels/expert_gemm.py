@@ -60,7 +60,8 @@ expert-major (the programs of one expert share its rows), grouped order inside.
 the K loops accumulate the tile transposed, ``accᵀ [BLOCK_N, BLOCK_M] += Wᵀ · Aᵀ`` (``_mma``), so that the weight's
 columns are the MMA's M (wgmma and tcgen05 need M >= 64; Triton runs smaller M on mma.sync) and the tile's few rows
 its N (multiples of 8 / 16 from 16); the accumulators are transposed back once after the K loops (a layout
-conversion per tile) and every epilogue runs unchanged. 16- and 32-bit operands (not ``FP8``).
+conversion per tile) and every epilogue runs unchanged. 16- and 32-bit operands, and ``FP8`` ``MX`` (``_fp8_dot``:
+sm_100's 64-row tiles, native block-scaled MMAs of M = 128; blockwise and rowwise measured no better swapped).
 
 **Epilogues** of ``gemm_kernel`` (``EPILOGUE``: ``Epilogue``), one ``@triton.jit`` helper each:
 
@@ -320,7 +321,7 @@ def _scale_chunks(desc, outer, chunk, t, ROWS: tl.constexpr, SG: tl.constexpr):
 @triton.jit
 def _fp8_dot(acc, a, w, sa_ptr, sa_rows, s_sak, sa_desc, m_tile, sw_ptr, sw_cols, s_swk, sw_desc, e, n0, row_ok, n_ok,
              t, k_groups, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, SA_TMA: tl.constexpr,
-             SW_TMA: tl.constexpr):  # fmt: skip
+             SW_TMA: tl.constexpr, SWAP_AB: tl.constexpr):  # fmt: skip
     """One K step ``acc += A_t @ W_t`` of E4M3 tiles with their scales (``FP8``, an ``Fp8Mode``) at step ``t``:
 
     - ``BLOCKWISE``: the step lies in K group ``t·BLOCK_K // 128`` (``BLOCK_K | 128``); its MMA into a fresh
@@ -334,7 +335,10 @@ def _fp8_dot(acc, a, w, sa_ptr, sa_rows, s_sak, sa_desc, m_tile, sw_ptr, sw_cols
       A's through ``sa_desc`` over those of M tile ``m_tile`` (``_scale_chunks``: the padding reads 127, past the
       chunks 0, 2^-127 on the zero columns / K steps TMA fills: finite);
     - ``ROWWISE`` (and ``NONE``): a plain ``tl.dot`` (the scales are applied once after the loop,
-      ``_rowwise_scale``; the forward epilogue's per column slice)."""
+      ``_rowwise_scale``; the forward epilogue's per column slice).
+
+    ``SWAP_AB`` (``MX`` only): ``acc`` transposed, ``accᵀ += W_tᵀ @ A_tᵀ``: ``tl.dot_scaled`` with W as the left
+    operand, its scales first."""
     if FP8 == _BLOCKWISE:
         group = t // (_BLOCKWISE_GROUP // BLOCK_K)  # BLOCK_K | 128: t itself at the aligned configs' BLOCK_K = 128
         sa = tl.load(sa_ptr + sa_rows + tl.cast(group, tl.int64) * s_sak, mask=row_ok, other=0.0)
@@ -355,7 +359,10 @@ def _fp8_dot(acc, a, w, sa_ptr, sa_rows, s_sak, sa_desc, m_tile, sw_ptr, sw_cols
         else:
             sw = tl.load(sw_ptr + sw_cols[:, None] + (g64 * s_swk)[None, :], mask=n_ok[:, None] & g_ok[None, :],
                          other=127)  # fmt: skip
-        acc = tl.dot_scaled(a, sa, "e4m3", w, sw, "e4m3", acc)
+        if SWAP_AB:
+            acc = tl.dot_scaled(w.trans(), sw, "e4m3", a.trans(), sa, "e4m3", acc)
+        else:
+            acc = tl.dot_scaled(a, sa, "e4m3", w, sw, "e4m3", acc)
     else:
         acc = tl.dot(a, w, acc)
     return acc
@@ -429,8 +436,8 @@ def _mainloop(
     ``FP8`` (``Fp8Mode``, E4M3 operands): the scales of A (``sa_ptr + sa_rows``, K groups ``s_sak`` apart) and of W /
     W2 (the expert's, ``sw_cols`` / ``sw2_cols`` the tile's column offsets, K groups ``s_swk`` / ``s_sw2k`` apart)
     are applied in each step (``_fp8_dot``; ``SW_TMA``: W's / W2's MX scales through ``sw_desc`` / ``sw2_desc``,
-    ``SA_TMA``: A's through ``sa_desc`` at M tile ``m_tile``); unused otherwise. ``SWAP_AB`` (``FP8`` none): the
-    accumulators transposed, ``accᵀ += Wᵀ @ Aᵀ`` (``_mma``)."""
+    ``SA_TMA``: A's through ``sa_desc`` at M tile ``m_tile``); unused otherwise. ``SWAP_AB``: the accumulators
+    transposed, ``accᵀ += Wᵀ @ Aᵀ`` (``_mma``; ``_fp8_dot``: MX)."""
     offs_k = tl.arange(0, BLOCK_K)
     a_tile = a_ptr + a_rows[:, None] + (offs_k.to(tl.int64) * s_ac)[None, :]
     w_tile = offs_k.to(tl.int64)[:, None] * s_wk + offs_n.to(tl.int64)[None, :] * s_wn
@@ -454,7 +461,7 @@ def _mainloop(
         else:
             acc = _fp8_dot(
                 acc, a, w, sa_ptr, sa_rows, s_sak, sa_desc, m_tile, sw_ptr, sw_cols, s_swk, sw_desc, e, n0, row_ok,
-                n_ok, t, k_groups, BLOCK_K, BLOCK_N, FP8, SA_TMA, SW_TMA,
+                n_ok, t, k_groups, BLOCK_K, BLOCK_N, FP8, SA_TMA, SW_TMA, SWAP_AB,
             )  # fmt: skip
         if DUAL:
             w2_off = tl.cast(t, tl.int64) * (BLOCK_K * s_w2k) + w2_tile
@@ -466,7 +473,7 @@ def _mainloop(
             else:
                 acc2 = _fp8_dot(
                     acc2, a, w2, sa_ptr, sa_rows, s_sak, sa_desc, m_tile, sw2_ptr, sw2_cols, s_sw2k, sw2_desc, e, n0,
-                    row_ok, n_ok, t, k_groups, BLOCK_K, BLOCK_N, FP8, SA_TMA, SW_TMA,
+                    row_ok, n_ok, t, k_groups, BLOCK_K, BLOCK_N, FP8, SA_TMA, SW_TMA, SWAP_AB,
                 )  # fmt: skip
     return acc, acc2
 
@@ -677,7 +684,7 @@ def _gemm_tile(
         sw2_cols = offs_n.to(tl.int64) * s_sw2n
     sw_e = sw_ptr + e.to(tl.int64) * s_swe
     sw2_e = sw2_ptr + e.to(tl.int64) * s_sw2e
-    tl.static_assert(not SWAP_AB or FP8 == _NO_FP8, "SWAP_AB: 16- and 32-bit operands only")
+    tl.static_assert(not SWAP_AB or FP8 == _NO_FP8 or FP8 == _MX, "SWAP_AB: 16-/32-bit operands or MX")  # noqa: SIM109
     ACC_M: tl.constexpr = BLOCK_N if SWAP_AB else BLOCK_M  # the MMA's M: the weight's columns when swapped
     ACC_N: tl.constexpr = BLOCK_M if SWAP_AB else BLOCK_N
     acc = tl.zeros((ACC_M, ACC_N), dtype=tl.float32)
@@ -816,7 +823,7 @@ def gemm_kernel(
     A_TMA: tl.constexpr,  # WeightLoad: POINTERS, or (GATHER, sm_100) GATHER4: A's rows gathered by TMA from a_desc
     SW_TMA: tl.constexpr,  # FP8 MX (sm_100): W's (and W2's) scales by TMA from sw_desc / sw2_desc; else pointer loads
     SA_TMA: tl.constexpr,  # FP8 MX (sm_100), A dense: A's (and A2's) scales by TMA from sa_desc / sa2_desc
-    SWAP_AB: tl.constexpr,  # FP8 none: the tile computed transposed, accᵀ = Wᵀ · Aᵀ (small M tiles: wgmma / tcgen05)
+    SWAP_AB: tl.constexpr,  # the tile computed transposed, accᵀ = Wᵀ · Aᵀ (small M tiles: wgmma / tcgen05 M >= 64)
 ):
     """``BLOCK_M × BLOCK_N`` tiles of expert e's rows times ``W[e]`` (``_gemm_tile``), in the grouped order.
     ``PERSISTENT``: program p runs the tiles p, p + P, p + 2P, ... (P programs); else the tile ``program_id``. See
@@ -1194,7 +1201,15 @@ def _fp8_config(
       columns every recipe spilled (4-1408 B) on sm_90 / sm_100 / sm_120.
 
     The blockwise and rowwise-pair tiles stay 128 wide on sm_90: at 64 columns their per-step overhead gives 0.9-1.3
-    issue clocks per MMA clock, 0.47-0.8 at 128."""
+    issue clocks per MMA clock, 0.47-0.8 at 128.
+
+    sm_100's aligned 64-row MX tiles of 128 columns (not the GLU forward's 64) are computed transposed
+    (``swap_ab``: the weight's columns as the block-scaled MMA's M = 128): native ``UTCQMMA`` where Triton emulated
+    the M = 64 ``tl.dot_scaled`` in bf16 (``UTCHMMA`` after converting both tiles in registers), 228-496 loop
+    instructions per K step where the emulation took 288-1360, 2-4 CTAs per SM. Swapped, the GLU forward's 64 columns
+    stay emulated (128 spilled 684 B), blockwise spilled (336-1748 B: each step's transposed product promoted in
+    registers) and rowwise gained nothing (1.00-2.11 issue clocks per MMA clock as before; at twice the columns it
+    spilled or fell to 1 CTA/SM): not taken."""
     two_products = backward or pair or (glu and fp8 == Fp8Mode.BLOCKWISE)
     registers = two_products and fp8 != Fp8Mode.MX
     tcgen05_4 = block_m >= 128 and _blackwell(capability) and aligned and not registers
@@ -1212,7 +1227,10 @@ def _fp8_config(
     if not aligned:
         block_n, block_k = 32, 32
     epi = (16 if tcgen05_4 else 8) if backward else (32 if wide_glu else None)
-    return GemmConfig(block_m, block_n, block_k, 8, warps, 3, epi)
+    # sm_100's 64-row MX tiles computed transposed: the block-scaled tcgen05 MMA needs M = 128 (the weight's columns;
+    # not the GLU forward's 64: still emulated swapped, and at 128 columns it spilled 684 B)
+    swap = fp8 == Fp8Mode.MX and aligned and block_m == 64 and _blackwell(capability) and block_n == 128
+    return GemmConfig(block_m, block_n, block_k, 8, warps, 3, epi, swap)
 
 
 def _swap_ab(block_m: int, capability: int | None) -> bool:
@@ -1344,8 +1362,8 @@ def _scale_tma_device(device: torch.device) -> bool:
 
 def mx_chunk_tiles(cfg: GemmConfig) -> bool:
     """The config's tiles hold whole scale chunks of tcgen05 (``_mx_scale_chunks``): 128-row tiles (the
-    block-scaled MMA's M; Triton emulates 64-row ones in bf16), ``BLOCK_N`` and ``BLOCK_K / 32`` multiples of 128
-    and 4 (``SW_TMA``'s tiles; ``specs`` builds them)."""
+    block-scaled MMA's M; sm_100's swapped 64-row ones read theirs by pointers), ``BLOCK_N`` and ``BLOCK_K / 32``
+    multiples of 128 and 4 (``SW_TMA``'s tiles; ``specs`` builds them)."""
     chunk_k = int(_MX_CHUNK_GROUPS) * FP8_RECIPES[Fp8Mode.MX].group
     rows = int(_MX_CHUNK_ROWS)
     return cfg.block_m % rows == 0 and cfg.block_n % rows == 0 and cfg.block_k % chunk_k == 0

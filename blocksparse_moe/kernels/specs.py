@@ -203,11 +203,13 @@ _WAIVE_B64 = (
     "a tile over several blocks is a kernel change"
 )
 _WAIVE_SMALL_M_100 = (
-    "FP8 64-row tiles (small T) on sm_100: a tcgen05 M = 64 MMA does half an M = 128 one's work under the same row "
-    "loads of 4 warps (1.0-1.4 issue clocks per MMA clock; mxfp8's GLU forward and backward epilogue more); the "
-    "16-bit ones compute the tile transposed (SWAP_AB: 256 weight columns as M = 128 MMAs, 0.46-0.69); E4M3 tiles "
-    "would need their scales applied transposed (blockwise promotion, rowwise column scales, dot_scaled's operand "
-    "order): left to do (issue 16 item 6)"
+    "FP8 64-row tiles (small T) on sm_100: blockwise and rowwise run tcgen05 M = 64 MMAs, half an M = 128 one's work "
+    "under the same row loads of 4 warps (1.0-2.1 issue clocks per MMA clock); swapped (SWAP_AB, as the 16-bit tiles "
+    "and mxfp8's: the weight's columns as M) blockwise spilled 336-1748 B (each step's transposed product promoted in "
+    "registers) and rowwise gained nothing (1.00-2.11; at 256 columns spills or 1 CTA/SM). mxfp8's 128-column tiles "
+    "swapped run native block-scaled MMAs (UTCQMMA, at the 8-bit rate) where Triton emulated M = 64 in bf16: "
+    "1.72-1.86 at that rate, fewer loop instructions than the emulation (228-496 per K step against 288-1360); its "
+    "GLU forward (64 columns: still emulated swapped) stays as it was (3.55)"
 )
 _WAIVE_DECODE = (
     "tiles under 64 rows (decode: experts of at most 32 rows) on sm_100: computed transposed (SWAP_AB: 256 weight "
@@ -501,8 +503,8 @@ _WAIVE_FP8_MX_100 = (
     "pass per M tile measured 0.90 there but 102 KB of shared memory instead of 68 (3 -> 2 CTAs/SM): not taken"
 )
 _WAIVE_FP8_MX_100_SMALL_M = (
-    "MX with 64-row tiles on sm_100: the block-scaled tcgen05 MMA needs M = 128; Triton emulates tl.dot_scaled in "
-    "bf16 there (UTCHMMA)"
+    "MX with 64-row tiles on sm_100, not swapped (the unaligned fallback's 32 columns): the block-scaled tcgen05 MMA "
+    "needs M = 128; Triton emulates tl.dot_scaled in bf16 there (UTCHMMA)"
 )
 _WAIVE_FP8_ROWWISE = (
     "rowwise FP8 at 128 rows: the accumulator is scaled by its rows' and columns' scales after the loop, the column "
@@ -513,8 +515,10 @@ _WAIVE_FP8_ROWWISE = (
 )
 
 
-def _fp8_waivers(mode: Fp8Mode, use: _GemmUse, block_m: int) -> tuple[tuple[str, str], ...]:
-    """The waivers of an FP8 build of ``gemm_kernel`` (the reasons above, each where its builds were measured)."""
+def _fp8_waivers(mode: Fp8Mode, use: _GemmUse, cfg) -> tuple[tuple[str, str], ...]:
+    """The waivers of an FP8 build of ``gemm_kernel`` with config ``cfg`` (the reasons above, each where its builds
+    were measured)."""
+    block_m = cfg.block_m
     if mode == Fp8Mode.BLOCKWISE:
         return tuple((check, _WAIVE_FP8_BLOCKWISE) for check in
                      ("pipeline@90", "issue@90", "occupancy@90", "issue@100", "occupancy@100"))  # fmt: skip
@@ -522,7 +526,9 @@ def _fp8_waivers(mode: Fp8Mode, use: _GemmUse, block_m: int) -> tuple[tuple[str,
         waivers = tuple(
             (check, _WAIVE_FP8_MX_90) for check in ("mma@90", "fp8mma@90", "pipeline@90", "issue@90", "occupancy@90")
         )
-        small = tuple((c, _WAIVE_FP8_MX_100_SMALL_M) for c in ("mma@100", "fp8mma@100")) if block_m < _LARGE_M else ()
+        # (sm_100's swapped 64-row tiles: native block-scaled MMAs of M = 128)
+        emulated = block_m < _LARGE_M and not cfg.swap_ab
+        small = tuple((c, _WAIVE_FP8_MX_100_SMALL_M) for c in ("mma@100", "fp8mma@100")) if emulated else ()
         # a dense A's scales come by TMA too; the GLU forward's 128x128 tiles pass with the gathered A's by pointers
         glu_forward = use.glu and use.epilogue == Epilogue.FORWARD
         gathered = (("issue@100", _WAIVE_FP8_MX_100),) if use.gather and not glu_forward else ()
@@ -609,7 +615,7 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                     audit = _audit_fields(dtype, cfg, variants, shapes, tiles * dtype.itemsize,
                                           backward=use.epilogue == Epilogue.BACKWARD, fp8_glu=two_w)  # fmt: skip
                     if "aligned" in variants:
-                        audit["waivers"] += _fp8_waivers(mode, use, cfg.block_m)
+                        audit["waivers"] += _fp8_waivers(mode, use, cfg)
                     elif mode == Fp8Mode.MX:  # the fallback tiles: Triton's dot_scaled emulation where it emulates
                         audit["waivers"] += (("fp8mma@90", _WAIVE_FP8_MX_90),) + (
                             (("fp8mma@100", _WAIVE_FP8_MX_100_SMALL_M),) if cfg.block_m < _LARGE_M else ()
