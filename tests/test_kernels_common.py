@@ -87,7 +87,7 @@ def test_swapped_operands_per_compute_capability(monkeypatch, cc):
     aligned 16-bit tiles under 64 rows on sm_90 (None, off CUDA, is sm_90's) and sm_100 / sm_103, and the 64-row
     ones on sm_100 / sm_103, with twice the columns (the backward epilogue in 16-column slices; sm_100's 64-row tiles
     of one tile per program in 2 stages); never on sm_80 / sm_120 (mma.sync either way), for 128-row tiles, blocked
-    layouts, unaligned or fp32 operands, FP8, nor when interpreting."""
+    layouts, unaligned or fp32 operands, nor when interpreting. FP8: sm_100's 64-row MX tiles of 128 columns only."""
     monkeypatch.setattr(expert_gemm, "interpreting", lambda: False)
     hopper, blackwell = cc in (90, None), cc in (100, 103)
     uses = {"plain": {}, "glu": dict(glu=True, epilogue=1), "backward": dict(epilogue=2), "pair": dict(pair=True)}
@@ -108,8 +108,11 @@ def test_swapped_operands_per_compute_capability(monkeypatch, cc):
                       dict(dtype=bf16, a_block=64))  # fmt: skip
             for other in others:
                 assert not expert_gemm.gemm_config(block_m=block_m, capability=cc, **other, **kw).swap_ab
-            fp8 = expert_gemm.gemm_config(torch.float8_e4m3fn, block_m, capability=cc, fp8=expert_gemm.Fp8Mode.MX, **kw)
-            assert not fp8.swap_ab
+            for mode in (expert_gemm.Fp8Mode.BLOCKWISE, expert_gemm.Fp8Mode.MX, expert_gemm.Fp8Mode.ROWWISE):
+                fp8 = expert_gemm.gemm_config(torch.float8_e4m3fn, block_m, capability=cc, fp8=mode, **kw)
+                # sm_100's 64-row MX tiles of 128 columns (not the GLU forward's 64): native block-scaled MMAs
+                mx_swap = mode == expert_gemm.Fp8Mode.MX and blackwell and block_m == 64 and name != "glu"
+                assert fp8.swap_ab == mx_swap, (mode, name, block_m)
     monkeypatch.setattr(expert_gemm, "interpreting", lambda: True)
     assert not expert_gemm.gemm_config(torch.float16, 16, capability=cc).swap_ab
 
