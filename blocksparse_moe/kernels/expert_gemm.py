@@ -1136,7 +1136,7 @@ def gemm_config(
     backward epilogue over 2 stages (83 KB: 2 CTAs per SM; the warp-specialized loops keep 3, 124 KB, 1 CTA per SM,
     persistent: with 2 their row copies wait to zero every K step). At 128 columns sm_90's issue ratio stayed 0.93-1.11
     and sm_100's warp-specialized loops got worse (1.72 -> 2.36). Not for blocked layouts (the tile stays inside a
-    block), FP8 or fp32 (docs/audit.md, "Swapped operands").
+    block) nor fp32; FP8: ``_fp8_config`` (docs/audit.md, "Swapped operands").
     One small config when interpreting (16 columns, the forward epilogue in two slices of 8, so that every
     interpreter test of the forward runs the sliced epilogue; the backward epilogue's 64 columns wide in eight
     slices, fewer in narrower blocks). Checked by ``python -m bench.audit``.
@@ -1234,7 +1234,8 @@ def _fp8_config(
 
 
 def _swap_ab(block_m: int, capability: int | None) -> bool:
-    """``GemmConfig.swap_ab`` of aligned 16-bit tiles of ``block_m`` rows (``gemm_config``)."""
+    """``GemmConfig.swap_ab`` of the grouped layouts' aligned 16-bit tiles of ``block_m`` rows: under 64 rows on sm_90
+    and sm_100, 64 rows on sm_100 (``gemm_config``'s measurements)."""
     hopper = capability is None or capability // 10 == 9
     return (hopper and block_m < 64) or (_blackwell(capability) and block_m <= 64)
 

@@ -289,8 +289,9 @@ def _variants(
 ) -> list[tuple[Any, tuple[str, ...], tuple[int, ...] | None, str]]:
     """``(config, variants, archs, tag)`` for a config function of ``aligned`` and ``capability``: per architecture
     one config for both variants, or the fast one aligned and the fallback unaligned; architectures that get the same
-    config share one entry (``archs`` None: every one). ``tag``: ``",w=<warps>"`` where one variant has several
-    configs across the architectures (their names would clash otherwise), else empty. ``arch_list``: the
+    config share one entry (``archs`` None: every one). ``tag``: ``",swap"`` for a swapped config (``swap_ab``), then
+    ``",w=<warps>"`` where one variant has several such configs across the architectures (their names would clash
+    otherwise). ``arch_list``: the
     architectures to list.
 
     An fp32 (TF32 / IEEE) config that serves both alignments is built unaligned only: fp32 operands always load
@@ -503,8 +504,8 @@ _WAIVE_FP8_MX_100 = (
     "pass per M tile measured 0.90 there but 102 KB of shared memory instead of 68 (3 -> 2 CTAs/SM): not taken"
 )
 _WAIVE_FP8_MX_100_SMALL_M = (
-    "MX with 64-row tiles on sm_100, not swapped (the unaligned fallback's 32 columns): the block-scaled tcgen05 MMA "
-    "needs M = 128; Triton emulates tl.dot_scaled in bf16 there (UTCHMMA)"
+    "MX with 64-row tiles on sm_100, not swapped (the GLU forward's 64 columns, the unaligned fallback's 32): the "
+    "block-scaled tcgen05 MMA needs M = 128; Triton emulates tl.dot_scaled in bf16 there (UTCHMMA)"
 )
 _WAIVE_FP8_ROWWISE = (
     "rowwise FP8 at 128 rows: the accumulator is scaled by its rows' and columns' scales after the loop, the column "
