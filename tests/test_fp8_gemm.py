@@ -106,6 +106,31 @@ VARIANTS = [(torch.float32, False, True), (torch.bfloat16, True, False)]
 @pytest.mark.parametrize("use", USES)
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name.lower())
 def test_fp8_gemm(mode, use, variant, monkeypatch):
+    _check_fp8_gemm(mode, use, variant, BLOCK_M, monkeypatch)
+
+
+@pytest.mark.parametrize("use", [u for u in USES if u != "forward-glu"])  # (its 64-column tiles: not swapped)
+def test_fp8_gemm_swapped(use, monkeypatch):
+    # sm_100's 64-row MX tiles computed transposed (SWAP_AB: the weight's columns as the block-scaled MMA's M), the
+    # device config forced under the interpreter: the same checks as test_fp8_gemm (dot_scaled with W and its scales
+    # as the left operand), weights by TMA (transposed views: the FP8 MLP's K-contiguous weights)
+    config = expert_gemm.gemm_config
+
+    def sm100_config(*args, **kwargs):
+        with pytest.MonkeyPatch.context() as gpu:
+            gpu.setattr(expert_gemm, "interpreting", lambda: False)
+            return config(*args, **{**kwargs, "capability": 100})
+
+    monkeypatch.setattr(expert_gemm, "gemm_config", sm100_config)
+    recorded = Recorded(expert_gemm.gemm_kernel)
+    monkeypatch.setattr(expert_gemm, "gemm_kernel", recorded)
+    _check_fp8_gemm(Fp8Mode.MX, use, (torch.bfloat16, True, True), 64, monkeypatch)
+    assert recorded.calls[-1]["SWAP_AB"] and recorded.calls[-1]["BLOCK_M"] == 64
+
+
+def _check_fp8_gemm(mode: Fp8Mode, use: str, variant: tuple, block_m: int, monkeypatch) -> None:
+    """``use`` (``USES``) of an FP8 ``gemm`` in ``mode`` over M tiles of ``block_m`` rows (``VARIANTS``: out's
+    dtype, weights as a transposed view, TMA weights), against the float64 reference of the quantized math."""
     # experts 1 and 3 get no rows (an expert with no rows); K = 144 and N = 48 are multiples of no scale group
     # (K: a second, partial blockwise group, a partial last MX step) but 16-byte aligned, so TMA runs when on
     out_dtype, transposed, tma = variant
@@ -113,7 +138,7 @@ def test_fp8_gemm(mode, use, variant, monkeypatch):
     T, k, E, K, N = 13, 2, 4, 144, 48
     plan = _plan(T, k, E, "skip")
     R, rcp = plan.num_assignments, mode.recipe()
-    schedule = Schedule.build(plan.offsets, R, BLOCK_M)
+    schedule = Schedule.build(plan.offsets, R, block_m)
     gathered = use not in ("plain", "pair")
     a_q, a_s, a64 = quantized(torch.randn(T if gathered else R, K), rcp.act_block(), mode)
     w_q, w_s, w64 = weight(E, K, N, mode, transposed)

@@ -381,6 +381,115 @@ def test_glu_forward_sm100_tiles(counts, N, dtype, activation, monkeypatch):
         assert_close_to_reference(out, r64, r, msg=f"{name}: ")
 
 
+SWAP_TILES = {
+    # name: (capability, block_m) of a config gemm_config swaps (SWAP_AB) for every use: accᵀ = Wᵀ · Aᵀ
+    "sm90-m16": (90, 16),  # decode tiles on sm_90: 16 rows as the MMA's N
+    "sm90-m32": (90, 32),
+    "sm100-m64": (100, 64),  # 64-row tiles on sm_100 (and its gathered rows through TMA's row gather)
+}
+
+
+def _device_config(monkeypatch, capability: int) -> None:
+    """``gemm`` picks the GPU config of ``capability`` under the interpreter (its tiles, stages, SWAP_AB)."""
+    config = expert_gemm.gemm_config
+
+    def device_config(*args, **kwargs):
+        with pytest.MonkeyPatch.context() as gpu:
+            gpu.setattr(expert_gemm, "interpreting", lambda: False)
+            return config(*args, **{**kwargs, "capability": capability})
+
+    monkeypatch.setattr(expert_gemm, "gemm_config", device_config)
+    monkeypatch.setattr(expert_gemm, "_gather4_device", lambda device: capability == 100)
+
+
+def _per_expert(offsets, a, w):
+    """``out[rows of e] = a[rows of e] @ w[e]`` (zeros elsewhere), in ``a``'s dtype: the float64 reference when
+    given float64, PyTorch's same-precision product otherwise."""
+    out = torch.zeros(a.shape[0], w.shape[2], dtype=a.dtype)
+    for e, (o0, o1) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        out[o0:o1] = a[o0:o1] @ w[e].to(a.dtype)
+    return out
+
+
+@pytest.mark.parametrize("use", ["plain", "plain-gathered", "glu-forward", "backward-glu", "pair"])
+@pytest.mark.parametrize("tile", list(SWAP_TILES))
+@pytest.mark.parametrize(
+    "counts, N",
+    [
+        ([5, 0, 37, 1], 48),  # an empty expert, a one-row expert, odd counts (partial M tiles); one partial N tile
+        ([23], 272),  # E = 1; a full and a partial N tile (256 columns swapped, 128 for the GLU forward)
+        ([0, 70, 0], 48),  # all rows to one expert (two M tiles or more, the last partial), empty first and last
+    ],
+)
+def test_swapped_operands(counts, N, tile, use, monkeypatch):
+    # the small-M tiles computed transposed (SWAP_AB: the weight's columns as the MMA's M, the tile's rows its N),
+    # with the device config forced under the interpreter, for every epilogue, dense and gathered A: vs float64, at
+    # most 2x PyTorch's fp16 error, every output poisoned; rows no expert owns (spare rows, rows past offsets[E]) 0
+    capability, block_m = SWAP_TILES[tile]
+    _device_config(monkeypatch, capability)
+    dtype, E, K, T, extra = torch.float16, len(counts), 80, 19, 3  # K = 80: a full and a partial 64-wide K step
+    offsets, R, row_src = _gathered_rows(counts, T, extra, spare_every=7)
+    gathered = use in ("plain-gathered", "glu-forward", "backward-glu")
+    # the backward and the pair read transposed weight views (wᵀ: K contiguous), the others [E, K, N] as stored
+    transposed = use in ("backward-glu", "pair")
+    w, w2 = ((torch.randn(E, N, K) / K**0.5).to(dtype).transpose(1, 2) if transposed else
+             (torch.randn(E, K, N) / K**0.5).to(dtype) for _ in range(2))  # fmt: skip
+    inputs = {"x": torch.randn(T if gathered else R, K).to(dtype), "w": w, "w2": w2}
+    x = inputs["x"]
+    rows = torch.where((row_src >= 0)[:, None], x[row_src.clamp(min=0).long()], 0) if gathered else x
+    ref64, same = _per_expert(offsets, rows.double(), w), _per_expert(offsets, rows, w)
+    recorded = Recorded(expert_gemm.gemm_kernel)
+    monkeypatch.setattr(expert_gemm, "gemm_kernel", recorded)
+    before = {name: t.clone() for name, t in inputs.items()}
+    a, schedule = Rows.dense(x, gathered=gathered), Schedule.build(offsets, R, block_m)
+    src = row_src if gathered else None
+    outs = [poison_(torch.empty(R, N, dtype=dtype)) for _ in range(3)]
+    if use.startswith("plain"):
+        expert_gemm.gemm(a, w, Rows.dense(outs[0]), schedule, row_src=src)
+        checks = {"out": (ref64, same)}
+    elif use == "glu-forward":
+        expert_gemm.gemm(a, w, Rows.dense(outs[0]), schedule, row_src=src, gate=w2, gate_out=outs[1],
+                         act_out=outs[2], activation="silu")  # fmt: skip
+        g64, g = _per_expert(offsets, rows.double(), w2), _per_expert(offsets, rows, w2)
+        silu = torch.nn.functional.silu
+        checks = {"h": (ref64, same), "g": (g64, g), "a": (silu(ref64) * g64, (silu(same.float()) * g).to(dtype))}
+    elif use == "backward-glu":  # acc = G = dout[token] @ w2ᵀ: dh = w·G·g·act'(h), dg = w·G·act(h), aw = w·a
+        inputs["h"], inputs["g"] = torch.randn(R, N).to(dtype), torch.randn(R, N).to(dtype)
+        inputs["row_asg"] = torch.where(row_src >= 0, torch.randint(0, 2 * T, (R,), dtype=torch.int32), -1)
+        inputs["weights"] = torch.rand(2 * T)
+        before.update({name: inputs[name].clone() for name in ("h", "g", "row_asg", "weights")})
+        h, g, row_asg, weights = (inputs[name] for name in ("h", "g", "row_asg", "weights"))
+        backward = expert_gemm.BackwardEpilogue(h, g, row_asg, weights)
+        dots = expert_gemm.gemm(a, w, Rows.dense(outs[0]), schedule, row_src=src, gate_out=outs[1], act_out=outs[2],
+                                activation="silu", backward=backward)  # fmt: skip
+        outs.append(dots.sum(0))
+        wr = torch.where(row_asg >= 0, weights[row_asg.clamp(min=0).long()], 0)[:, None]
+
+        def epilogue(G, h, g):  # in h's dtype (float64, or fp32 for PyTorch's same-precision results)
+            s = torch.sigmoid(h)
+            act, dact, Gw = h * s, s * (1 + h * (1 - s)), G.to(h.dtype) * wr.to(h.dtype)
+            return Gw * g * dact, Gw * act, act * g * wr.to(h.dtype), (G.to(h.dtype) * act * g).sum(1)
+
+        exact, fp32 = epilogue(ref64, h.double(), g.double()), epilogue(same, h.float(), g.float())
+        in_dtype = [v.to(dtype) for v in fp32[:3]] + [fp32[3]]
+        checks = dict(zip(("dh", "dg", "aw", "dots"), zip(exact, in_dtype)))
+    else:  # the dgrad pair: out = a @ w + a2 @ w2 (a2 in a's layout)
+        inputs["x2"] = torch.randn(R, K).to(dtype)
+        before["x2"] = inputs["x2"].clone()
+        x2 = inputs["x2"]
+        expert_gemm.gemm(a, w, Rows.dense(outs[0]), schedule, pair=(Rows.dense(x2), w2))
+        pair64, pair = ref64 + _per_expert(offsets, x2.double(), w2), same.float() + _per_expert(offsets, x2, w2)
+        checks = {"out": (pair64, pair.to(dtype))}
+    call = recorded.calls[-1]
+    assert call["SWAP_AB"] and call["BLOCK_M"] == block_m  # the swapped config ran
+    gather4 = capability == 100 and gathered  # sm_100's gathered rows come by TMA's row gather
+    assert call["A_TMA"] == (expert_gemm.WeightLoad.GATHER4 if gather4 else expert_gemm.WeightLoad.POINTERS)
+    for out, (name, (r64, r)) in zip(outs, checks.items()):
+        assert_close_to_reference(out, r64, r, msg=f"{name}: ")
+    for name, t in inputs.items():
+        assert torch.equal(t, before[name]), name  # inputs are never modified
+
+
 # ----------------------------------------------------------------------------------------------- autograd
 
 

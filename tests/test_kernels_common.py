@@ -63,12 +63,11 @@ def test_gpu_configs_per_compute_capability(monkeypatch, cc):
         if blackwell and kw.get("glu"):  # the GLU forward: 128 columns per weight, its epilogue in 32-column slices
             sm80 = replace(sm80, block_n=128, epilogue_n=32, num_stages=2)
         assert replace(cfg, num_warps=8, epilogue_n=sm80.epilogue_n) == sm80
-    # sm_100's GLU forward tile only for aligned 16-bit 128-row tiles; 64-row, unaligned and fp32 ones keep theirs
-    for kw in (dict(dtype=torch.bfloat16, block_m=64), dict(dtype=torch.bfloat16, block_m=128, aligned=False),
-               dict(dtype=torch.float32, block_m=128)):  # fmt: skip
-        assert expert_gemm.gemm_config(**kw, glu=True, epilogue=1, capability=cc) == expert_gemm.gemm_config(
-            **kw, glu=True, epilogue=1, capability=80
-        ), kw
+    # sm_100's GLU forward tile only for aligned 16-bit 128-row tiles; unaligned and fp32 ones keep theirs (the
+    # 64-row ones take swapped operands there: test_swapped_operands_per_compute_capability)
+    for kw in (dict(dtype=torch.bfloat16, block_m=128, aligned=False), dict(dtype=torch.float32, block_m=128)):
+        cfg = expert_gemm.gemm_config(**kw, glu=True, epilogue=1, capability=cc)
+        assert cfg == expert_gemm.gemm_config(**kw, glu=True, epilogue=1, capability=80), kw
     # the backward epilogue's column slices: 16 on 4 tcgen05 warps (slices of 8 spilled the gelu epilogue there)
     assert expert_gemm.gemm_config(torch.bfloat16, 128, epilogue=2, capability=cc).epi_n == (16 if blackwell else 8)
     assert expert_gemm.gemm_config(torch.bfloat16, 128, aligned=False, capability=cc).num_warps == 8
@@ -80,6 +79,42 @@ def test_gpu_configs_per_compute_capability(monkeypatch, cc):
     assert expert_gemm.wgrad_config(torch.float32, capability=cc).num_warps == 8
     assert expert_gemm.wgrad_config(torch.bfloat16, b_block=64, capability=cc).num_warps == 8  # 128x64 tiles
     assert capability(torch.empty(1)) is None  # off CUDA the launchers pass None
+
+
+@pytest.mark.parametrize("cc", [80, 90, 100, 103, 120, None])
+def test_swapped_operands_per_compute_capability(monkeypatch, cc):
+    """``swap_ab`` (accᵀ = Wᵀ · Aᵀ, the weight's columns as the MMA's M: bench.audit) for the grouped layouts'
+    aligned 16-bit tiles under 64 rows on sm_90 (None, off CUDA, is sm_90's) and sm_100 / sm_103, and the 64-row
+    ones on sm_100 / sm_103, with twice the columns (the backward epilogue in 16-column slices; sm_100's 64-row tiles
+    of one tile per program in 2 stages); never on sm_80 / sm_120 (mma.sync either way), for 128-row tiles, blocked
+    layouts, unaligned or fp32 operands, nor when interpreting. FP8: sm_100's 64-row MX tiles of 128 columns only."""
+    monkeypatch.setattr(expert_gemm, "interpreting", lambda: False)
+    hopper, blackwell = cc in (90, None), cc in (100, 103)
+    uses = {"plain": {}, "glu": dict(glu=True, epilogue=1), "backward": dict(epilogue=2), "pair": dict(pair=True)}
+    for name, kw in uses.items():
+        for block_m in (16, 32, 64, 128):
+            cfg = expert_gemm.gemm_config(torch.bfloat16, block_m, capability=cc, **kw)
+            swap = (block_m < 64 and (hopper or blackwell)) or (block_m == 64 and blackwell)
+            assert cfg.swap_ab == swap, (name, block_m)
+            if block_m < 128:  # (sm_100's 128-row tiles differ from sm_80's otherwise: warps, GLU tile)
+                sm80 = expert_gemm.gemm_config(torch.bfloat16, block_m, capability=80, **kw)
+                one_tile = name in ("glu", "backward") and block_m == 64 and blackwell
+                expected = replace(sm80, swap_ab=True, block_n=2 * sm80.block_n, num_stages=2 if one_tile else 3,
+                                   epilogue_n=16 if name == "backward" else None)  # fmt: skip
+                assert cfg == (expected if swap else sm80), (name, block_m)
+            assert expert_gemm.gemm_config(torch.float16, block_m, capability=cc, **kw).swap_ab == cfg.swap_ab
+            bf16 = torch.bfloat16
+            others = (dict(dtype=bf16, aligned=False), dict(dtype=torch.float32), dict(dtype=bf16, out_block=64),
+                      dict(dtype=bf16, a_block=64))  # fmt: skip
+            for other in others:
+                assert not expert_gemm.gemm_config(block_m=block_m, capability=cc, **other, **kw).swap_ab
+            for mode in (expert_gemm.Fp8Mode.BLOCKWISE, expert_gemm.Fp8Mode.MX, expert_gemm.Fp8Mode.ROWWISE):
+                fp8 = expert_gemm.gemm_config(torch.float8_e4m3fn, block_m, capability=cc, fp8=mode, **kw)
+                # sm_100's 64-row MX tiles of 128 columns (not the GLU forward's 64): native block-scaled MMAs
+                mx_swap = mode == expert_gemm.Fp8Mode.MX and blackwell and block_m == 64 and name != "glu"
+                assert fp8.swap_ab == mx_swap, (mode, name, block_m)
+    monkeypatch.setattr(expert_gemm, "interpreting", lambda: True)
+    assert not expert_gemm.gemm_config(torch.float16, 16, capability=cc).swap_ab
 
 
 def test_interpreter_configs_slice_the_epilogues():

@@ -56,6 +56,13 @@ tiles together, so the programs resident at one time (consecutive tiles) share t
 in L2 instead of re-reading the weights once per M tile. ``wgrad_kernel``: grid ``(E · tiles_m · tiles_n,)``,
 expert-major (the programs of one expert share its rows), grouped order inside.
 
+**Swapped operands** (``SWAP_AB``: ``GemmConfig.swap_ab``, small M tiles; TensorRT-LLM / vLLM do so for decode):
+the K loops accumulate the tile transposed, ``accᵀ [BLOCK_N, BLOCK_M] += Wᵀ · Aᵀ`` (``_mma``), so that the weight's
+columns are the MMA's M (wgmma and tcgen05 need M >= 64; Triton runs smaller M on mma.sync) and the tile's few rows
+its N (multiples of 8 / 16 from 16); the accumulators are transposed back once after the K loops (a layout
+conversion per tile) and every epilogue runs unchanged. 16- and 32-bit operands, and ``FP8`` ``MX`` (``_fp8_dot``:
+sm_100's 64-row tiles, native block-scaled MMAs of M = 128; blockwise and rowwise measured no better swapped).
+
 **Epilogues** of ``gemm_kernel`` (``EPILOGUE``: ``Epilogue``), one ``@triton.jit`` helper each:
 
 - ``PLAIN`` (``_store_plain``): ``out = acc`` (``PAIR``: ``acc = A @ W + A2 @ W2``, e.g. the dgrad
@@ -288,6 +295,18 @@ def _dot(a, b, acc, DOTS: tl.constexpr):
 
 
 @triton.jit
+def _mma(a, w, acc, DOTS: tl.constexpr, SWAP_AB: tl.constexpr):
+    """One K step of ``gemm_kernel``'s main loop (``FP8`` none): ``acc + a @ w`` (``acc [BLOCK_M, BLOCK_N]``), or with
+    ``SWAP_AB`` the transposed product ``acc + wᵀ @ aᵀ`` (``acc [BLOCK_N, BLOCK_M]``): the weight's columns are the
+    MMA's M and the tile's few rows its N, so that wgmma / tcgen05 (M >= 64) take tiles of 16 or 32 rows
+    (``_gemm_tile`` transposes the accumulator back once, after the K loop)."""
+    if SWAP_AB:
+        return _dot(w.trans(), a.trans(), acc, DOTS)
+    else:
+        return _dot(a, w, acc, DOTS)
+
+
+@triton.jit
 def _scale_chunks(desc, outer, chunk, t, ROWS: tl.constexpr, SG: tl.constexpr):
     """The E8M0 scale tile ``[ROWS, SG]`` of K step ``t`` (``SG`` groups of 32 per step) through ``desc``, a host
     descriptor over tcgen05's scale-factor chunks ``[outer, rows / 128, groups / 4, 2, 256]``
@@ -302,7 +321,7 @@ def _scale_chunks(desc, outer, chunk, t, ROWS: tl.constexpr, SG: tl.constexpr):
 @triton.jit
 def _fp8_dot(acc, a, w, sa_ptr, sa_rows, s_sak, sa_desc, m_tile, sw_ptr, sw_cols, s_swk, sw_desc, e, n0, row_ok, n_ok,
              t, k_groups, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, SA_TMA: tl.constexpr,
-             SW_TMA: tl.constexpr):  # fmt: skip
+             SW_TMA: tl.constexpr, SWAP_AB: tl.constexpr):  # fmt: skip
     """One K step ``acc += A_t @ W_t`` of E4M3 tiles with their scales (``FP8``, an ``Fp8Mode``) at step ``t``:
 
     - ``BLOCKWISE``: the step lies in K group ``t·BLOCK_K // 128`` (``BLOCK_K | 128``); its MMA into a fresh
@@ -316,7 +335,10 @@ def _fp8_dot(acc, a, w, sa_ptr, sa_rows, s_sak, sa_desc, m_tile, sw_ptr, sw_cols
       A's through ``sa_desc`` over those of M tile ``m_tile`` (``_scale_chunks``: the padding reads 127, past the
       chunks 0, 2^-127 on the zero columns / K steps TMA fills: finite);
     - ``ROWWISE`` (and ``NONE``): a plain ``tl.dot`` (the scales are applied once after the loop,
-      ``_rowwise_scale``; the forward epilogue's per column slice)."""
+      ``_rowwise_scale``; the forward epilogue's per column slice).
+
+    ``SWAP_AB`` (``MX`` only): ``acc`` transposed, ``accᵀ += W_tᵀ @ A_tᵀ``: ``tl.dot_scaled`` with W as the left
+    operand, its scales first."""
     if FP8 == _BLOCKWISE:
         group = t // (_BLOCKWISE_GROUP // BLOCK_K)  # BLOCK_K | 128: t itself at the aligned configs' BLOCK_K = 128
         sa = tl.load(sa_ptr + sa_rows + tl.cast(group, tl.int64) * s_sak, mask=row_ok, other=0.0)
@@ -337,7 +359,10 @@ def _fp8_dot(acc, a, w, sa_ptr, sa_rows, s_sak, sa_desc, m_tile, sw_ptr, sw_cols
         else:
             sw = tl.load(sw_ptr + sw_cols[:, None] + (g64 * s_swk)[None, :], mask=n_ok[:, None] & g_ok[None, :],
                          other=127)  # fmt: skip
-        acc = tl.dot_scaled(a, sa, "e4m3", w, sw, "e4m3", acc)
+        if SWAP_AB:
+            acc = tl.dot_scaled(w.trans(), sw, "e4m3", a.trans(), sa, "e4m3", acc)
+        else:
+            acc = tl.dot_scaled(a, sa, "e4m3", w, sw, "e4m3", acc)
     else:
         acc = tl.dot(a, w, acc)
     return acc
@@ -400,6 +425,7 @@ def _mainloop(
     A_TMA: tl.constexpr,
     SA_TMA: tl.constexpr,
     SW_TMA: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):
     """``acc += A[rows, :K] @ W[:K, cols]`` (and ``acc2 += A @ W2`` when ``DUAL``), ``BLOCK_K`` at a time over
     ``k_steps`` steps. ``a_rows``: the tile's row offsets into A (``A_TMA`` ``GATHER4``: its rows ``a_idx`` of the
@@ -410,7 +436,8 @@ def _mainloop(
     ``FP8`` (``Fp8Mode``, E4M3 operands): the scales of A (``sa_ptr + sa_rows``, K groups ``s_sak`` apart) and of W /
     W2 (the expert's, ``sw_cols`` / ``sw2_cols`` the tile's column offsets, K groups ``s_swk`` / ``s_sw2k`` apart)
     are applied in each step (``_fp8_dot``; ``SW_TMA``: W's / W2's MX scales through ``sw_desc`` / ``sw2_desc``,
-    ``SA_TMA``: A's through ``sa_desc`` at M tile ``m_tile``); unused otherwise."""
+    ``SA_TMA``: A's through ``sa_desc`` at M tile ``m_tile``); unused otherwise. ``SWAP_AB``: the accumulators
+    transposed, ``accᵀ += Wᵀ @ Aᵀ`` (``_mma``; ``_fp8_dot``: MX)."""
     offs_k = tl.arange(0, BLOCK_K)
     a_tile = a_ptr + a_rows[:, None] + (offs_k.to(tl.int64) * s_ac)[None, :]
     w_tile = offs_k.to(tl.int64)[:, None] * s_wk + offs_n.to(tl.int64)[None, :] * s_wn
@@ -430,11 +457,11 @@ def _mainloop(
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         if FP8 == _NO_FP8:
-            acc = _dot(a, w, acc, DOTS)
+            acc = _mma(a, w, acc, DOTS, SWAP_AB)
         else:
             acc = _fp8_dot(
                 acc, a, w, sa_ptr, sa_rows, s_sak, sa_desc, m_tile, sw_ptr, sw_cols, s_swk, sw_desc, e, n0, row_ok,
-                n_ok, t, k_groups, BLOCK_K, BLOCK_N, FP8, SA_TMA, SW_TMA,
+                n_ok, t, k_groups, BLOCK_K, BLOCK_N, FP8, SA_TMA, SW_TMA, SWAP_AB,
             )  # fmt: skip
         if DUAL:
             w2_off = tl.cast(t, tl.int64) * (BLOCK_K * s_w2k) + w2_tile
@@ -442,11 +469,11 @@ def _mainloop(
             if DOTS == _DOTS_UPCAST:
                 w2 = w2.to(tl.float32)
             if FP8 == _NO_FP8:
-                acc2 = _dot(a, w2, acc2, DOTS)
+                acc2 = _mma(a, w2, acc2, DOTS, SWAP_AB)
             else:
                 acc2 = _fp8_dot(
                     acc2, a, w2, sa_ptr, sa_rows, s_sak, sa_desc, m_tile, sw2_ptr, sw2_cols, s_sw2k, sw2_desc, e, n0,
-                    row_ok, n_ok, t, k_groups, BLOCK_K, BLOCK_N, FP8, SA_TMA, SW_TMA,
+                    row_ok, n_ok, t, k_groups, BLOCK_K, BLOCK_N, FP8, SA_TMA, SW_TMA, SWAP_AB,
                 )  # fmt: skip
     return acc, acc2
 
@@ -615,10 +642,12 @@ def _gemm_tile(
     LB_A: tl.constexpr, LB_O: tl.constexpr, GATHER: tl.constexpr, GLU: tl.constexpr, PAIR: tl.constexpr,
     EPILOGUE: tl.constexpr, ACT: tl.constexpr, W_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, DOTS: tl.constexpr,
     FP8: tl.constexpr, QUANT_A: tl.constexpr, A_TMA: tl.constexpr, SW_TMA: tl.constexpr, SA_TMA: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):  # fmt: skip
     """Output tile ``tile`` (in the grouped order) of ``gemm_kernel``: ``BLOCK_M × BLOCK_N`` of expert e's rows times
     ``W[e]``, the expert read from ``tile_expert``. ``FP8``: the scales' offsets of the tile (A's rows: the tokens
-    when gathered; W's columns: their 128-column block for ``BLOCKWISE``), outside the K loop."""
+    when gathered; W's columns: their 128-column block for ``BLOCKWISE``), outside the K loop. ``SWAP_AB``: the
+    K loops accumulate the tile transposed (``_mma``), transposed back once before the epilogue."""
     DUAL: tl.constexpr = GLU and EPILOGUE == _FORWARD  # the gate's accumulator (the backward reads the saved g)
     num_n = tl.cdiv(N_STORE, BLOCK_N)
     pid_m, pid_n = _grouped_order(tile, num_m_tiles, num_n, GROUP_M)
@@ -655,13 +684,16 @@ def _gemm_tile(
         sw2_cols = offs_n.to(tl.int64) * s_sw2n
     sw_e = sw_ptr + e.to(tl.int64) * s_swe
     sw2_e = sw2_ptr + e.to(tl.int64) * s_sw2e
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GLU only; unused (and removed) otherwise
+    tl.static_assert(not SWAP_AB or FP8 == _NO_FP8 or FP8 == _MX, "SWAP_AB: 16-/32-bit operands or MX")  # noqa: SIM109
+    ACC_M: tl.constexpr = BLOCK_N if SWAP_AB else BLOCK_M  # the MMA's M: the weight's columns when swapped
+    ACC_N: tl.constexpr = BLOCK_M if SWAP_AB else BLOCK_N
+    acc = tl.zeros((ACC_M, ACC_N), dtype=tl.float32)
+    acc2 = tl.zeros((ACC_M, ACC_N), dtype=tl.float32)  # GLU only; unused (and removed) otherwise
     acc, acc2 = _mainloop(
         acc, acc2, a_ptr, a_rows, a_desc, a_idx, s_acb, s_ac, w_ptr + w_base, w2_ptr + w2_base, w_desc, w2_desc, e, n0,
         s_wk, s_wn, s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, sa_ptr, sa_rows, s_sak, sw_e, sw_cols, s_swk, sw2_e,
         sw2_cols, s_sw2k, sw_desc, sw2_desc, sa_desc, pid_m, BLOCK_K, BLOCK_N, LB_A, DUAL, W_TMA, WARP_SPEC, DOTS, FP8,
-        A_TMA, SA_TMA, SW_TMA,
+        A_TMA, SA_TMA, SW_TMA, SWAP_AB,
     )  # fmt: skip
     # FP8 ROWWISE: the zeroing tiles (e = E) read no scale (tl.where: the interpreter rejects `mask & used`)
     scaled_rows, scaled_cols = tl.where(used, a_ok, False), tl.where(used, n_ok, False)
@@ -678,12 +710,15 @@ def _gemm_tile(
             acc_b, acc2, a2_ptr, a_rows, a_desc, a_idx, s_acb, s_ac, w2_ptr + w2_base, w2_ptr, w2_desc, w2_desc, e, n0,
             s_w2k, s_w2n, s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, sa2_ptr, sa_rows, s_sak, sw2_e, sw2_cols,
             s_sw2k, sw2_e, sw2_cols, s_sw2k, sw2_desc, sw2_desc, sa2_desc, pid_m, BLOCK_K, BLOCK_N, LB_A, False, W_TMA,
-            WARP_SPEC, DOTS, FP8, A_TMA, SA_TMA, SW_TMA,
+            WARP_SPEC, DOTS, FP8, A_TMA, SA_TMA, SW_TMA, SWAP_AB,
         )  # fmt: skip
         if FP8 == _ROWWISE:
             acc += _rowwise_scale(acc_b, sa2_ptr, sa_rows, sw2_e, sw2_cols, scaled_rows, scaled_cols)
         else:
             acc = acc_b
+    if SWAP_AB:  # the tile's orientation again: one layout conversion per tile, after the K loops
+        acc = acc.trans()
+        acc2 = acc2.trans()
 
     o_rows = row_offsets(rows, s_orb, s_or, LB_O)
     o_col0 = tile_start(pid_n, s_ocb, s_oc, BLOCK_N, LB_O)
@@ -788,6 +823,7 @@ def gemm_kernel(
     A_TMA: tl.constexpr,  # WeightLoad: POINTERS, or (GATHER, sm_100) GATHER4: A's rows gathered by TMA from a_desc
     SW_TMA: tl.constexpr,  # FP8 MX (sm_100): W's (and W2's) scales by TMA from sw_desc / sw2_desc; else pointer loads
     SA_TMA: tl.constexpr,  # FP8 MX (sm_100), A dense: A's (and A2's) scales by TMA from sa_desc / sa2_desc
+    SWAP_AB: tl.constexpr,  # the tile computed transposed, accᵀ = Wᵀ · Aᵀ (small M tiles: wgmma / tcgen05 M >= 64)
 ):
     """``BLOCK_M × BLOCK_N`` tiles of expert e's rows times ``W[e]`` (``_gemm_tile``), in the grouped order.
     ``PERSISTENT``: program p runs the tiles p, p + P, p + 2P, ... (P programs); else the tile ``program_id``. See
@@ -801,7 +837,7 @@ def gemm_kernel(
                 num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc,
                 s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e, s_sw2k, s_sw2n, s_sqr, s_sqc, BLOCK_M, BLOCK_N, BLOCK_K,
                 EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE, ACT, W_TMA, WARP_SPEC, DOTS, FP8, QUANT_A,
-                A_TMA, SW_TMA, SA_TMA,
+                A_TMA, SW_TMA, SA_TMA, SWAP_AB,
             )  # fmt: skip
     else:
         _gemm_tile(
@@ -811,7 +847,7 @@ def gemm_kernel(
             E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc,
             s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e, s_sw2k, s_sw2n, s_sqr, s_sqc, BLOCK_M, BLOCK_N, BLOCK_K, EPI_N,
             GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE, ACT, W_TMA, WARP_SPEC, DOTS, FP8, QUANT_A, A_TMA, SW_TMA,
-            SA_TMA,
+            SA_TMA, SWAP_AB,
         )  # fmt: skip
 
 
@@ -1032,6 +1068,7 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     epilogue_n: int | None = None  # None: block_n (one slice)
+    swap_ab: bool = False  # gemm_kernel's SWAP_AB: the tile computed transposed (the weight's columns as the MMA's M)
 
     @property
     def epi_n(self) -> int:
@@ -1090,6 +1127,16 @@ def gemm_config(
     SM; 3 stages take 148 KB, 1 CTA per SM; persistent it took 151-168 registers, 0.42, and spilled 16 B with gelu).
     Its rows come by TMA's row gather there (``_gather_load``): by asynchronous copies (``TMA_ROWS`` off, a
     column-strided A) 2 stages wait to zero every K step.
+    Swapped operands (``swap_ab``, ``gemm_kernel``'s ``SWAP_AB``: ``accᵀ = Wᵀ · Aᵀ``, the weight's columns as the
+    MMA's M, the tile's rows its N) for the grouped layouts' aligned 16-bit tiles under 64 rows on sm_90 and sm_100
+    (Triton runs M < 64 on mma.sync: wgmma / tcgen05 now) and of 64 rows on sm_100 (a tcgen05 M = 64 does half an
+    M = 128 one's work), on twice the columns (256; the GLU forward 128 per weight; the backward epilogue in 16
+    slices of 16): issue ratio at 32 rows 1.01-1.22 -> 0.55-0.66 on sm_90 (HGMMA.64x32, 2 CTAs per SM), 1.62-1.95
+    -> 0.89-1.28 on sm_100; at 64 rows on sm_100 0.92-1.20 -> 0.46-0.69, the one-tile-per-program GLU forward and
+    backward epilogue over 2 stages (83 KB: 2 CTAs per SM; the warp-specialized loops keep 3, 124 KB, 1 CTA per SM,
+    persistent: with 2 their row copies wait to zero every K step). At 128 columns sm_90's issue ratio stayed 0.93-1.11
+    and sm_100's warp-specialized loops got worse (1.72 -> 2.36). Not for blocked layouts (the tile stays inside a
+    block) nor fp32; FP8: ``_fp8_config`` (docs/audit.md, "Swapped operands").
     One small config when interpreting (16 columns, the forward epilogue in two slices of 8, so that every
     interpreter test of the forward runs the sliced epilogue; the backward epilogue's 64 columns wide in eight
     slices, fewer in narrower blocks). Checked by ``python -m bench.audit``.
@@ -1115,7 +1162,14 @@ def gemm_config(
         stages = 3
         if tcgen05_4 and glu and epilogue == Epilogue.FORWARD:  # two 128x128 accumulators: 256 tensor-memory columns
             block_n, epilogue_n, stages = 128, 32, 2
-        cfg = GemmConfig(block_m, block_n, block_k, 8, warps, stages, epilogue_n)
+        # swapped operands (the weight's columns as the MMA's M) for the grouped layouts' small M tiles
+        swap = aligned and dtype in _HALF and out_block is None and a_block is None and _swap_ab(block_m, capability)
+        if swap:  # twice the columns: the MMA's M (64 x 256 x 64 tiles would need 120 KB of shared memory in 3 stages)
+            block_n *= 2
+            epilogue_n = 16 if backward else epilogue_n  # 16 slices of 16 columns
+            if block_m == 64 and (backward or (glu and epilogue == Epilogue.FORWARD)):
+                stages = 2  # one tile per program (rows by TMA's row gather): 83 KB, 2 CTAs per SM
+        cfg = GemmConfig(block_m, block_n, block_k, 8, warps, stages, epilogue_n, swap)
     return _clamp(cfg, n=out_block, k=a_block)
 
 
@@ -1147,7 +1201,15 @@ def _fp8_config(
       columns every recipe spilled (4-1408 B) on sm_90 / sm_100 / sm_120.
 
     The blockwise and rowwise-pair tiles stay 128 wide on sm_90: at 64 columns their per-step overhead gives 0.9-1.3
-    issue clocks per MMA clock, 0.47-0.8 at 128."""
+    issue clocks per MMA clock, 0.47-0.8 at 128.
+
+    sm_100's aligned 64-row MX tiles of 128 columns (not the GLU forward's 64) are computed transposed
+    (``swap_ab``: the weight's columns as the block-scaled MMA's M = 128): native ``UTCQMMA`` where Triton emulated
+    the M = 64 ``tl.dot_scaled`` in bf16 (``UTCHMMA`` after converting both tiles in registers), 228-496 loop
+    instructions per K step where the emulation took 288-1360, 2-4 CTAs per SM. Swapped, the GLU forward's 64 columns
+    stay emulated (128 spilled 684 B), blockwise spilled (336-1748 B: each step's transposed product promoted in
+    registers) and rowwise gained nothing (1.00-2.11 issue clocks per MMA clock as before; at twice the columns it
+    spilled or fell to 1 CTA/SM): not taken."""
     two_products = backward or pair or (glu and fp8 == Fp8Mode.BLOCKWISE)
     registers = two_products and fp8 != Fp8Mode.MX
     tcgen05_4 = block_m >= 128 and _blackwell(capability) and aligned and not registers
@@ -1165,7 +1227,17 @@ def _fp8_config(
     if not aligned:
         block_n, block_k = 32, 32
     epi = (16 if tcgen05_4 else 8) if backward else (32 if wide_glu else None)
-    return GemmConfig(block_m, block_n, block_k, 8, warps, 3, epi)
+    # sm_100's 64-row MX tiles computed transposed: the block-scaled tcgen05 MMA needs M = 128 (the weight's columns;
+    # not the GLU forward's 64: still emulated swapped, and at 128 columns it spilled 684 B)
+    swap = fp8 == Fp8Mode.MX and aligned and block_m == 64 and _blackwell(capability) and block_n == 128
+    return GemmConfig(block_m, block_n, block_k, 8, warps, 3, epi, swap)
+
+
+def _swap_ab(block_m: int, capability: int | None) -> bool:
+    """``GemmConfig.swap_ab`` of the grouped layouts' aligned 16-bit tiles of ``block_m`` rows: under 64 rows on sm_90
+    and sm_100, 64 rows on sm_100 (``gemm_config``'s measurements)."""
+    hopper = capability is None or capability // 10 == 9
+    return (hopper and block_m < 64) or (_blackwell(capability) and block_m <= 64)
 
 
 def _blackwell(capability: int | None) -> bool:
@@ -1291,8 +1363,8 @@ def _scale_tma_device(device: torch.device) -> bool:
 
 def mx_chunk_tiles(cfg: GemmConfig) -> bool:
     """The config's tiles hold whole scale chunks of tcgen05 (``_mx_scale_chunks``): 128-row tiles (the
-    block-scaled MMA's M; Triton emulates 64-row ones in bf16), ``BLOCK_N`` and ``BLOCK_K / 32`` multiples of 128
-    and 4 (``SW_TMA``'s tiles; ``specs`` builds them)."""
+    block-scaled MMA's M; sm_100's swapped 64-row ones read theirs by pointers), ``BLOCK_N`` and ``BLOCK_K / 32``
+    multiples of 128 and 4 (``SW_TMA``'s tiles; ``specs`` builds them)."""
     chunk_k = int(_MX_CHUNK_GROUPS) * FP8_RECIPES[Fp8Mode.MX].group
     rows = int(_MX_CHUNK_ROWS)
     return cfg.block_m % rows == 0 and cfg.block_n % rows == 0 and cfg.block_k % chunk_k == 0
@@ -1648,7 +1720,7 @@ def gemm(
         LB_A=a.log_block, LB_O=out.log_block, GATHER=a.gathered, GLU=glu, PAIR=pair is not None, EPILOGUE=int(epilogue),
         ACT=kernel_code(activation), W_TMA=int(tma), WARP_SPEC=warp_spec,
         DOTS=dot_mode(dtype), PERSISTENT=persistent, FP8=int(fp8), QUANT_A=int(quant_a), A_TMA=int(a_tma),
-        SW_TMA=sw_tma, SA_TMA=sa_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SW_TMA=sw_tma, SA_TMA=sa_tma, SWAP_AB=cfg.swap_ab, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return dots
 

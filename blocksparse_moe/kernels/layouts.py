@@ -142,9 +142,14 @@ def row_start(r, s_rb, s_r, LB: tl.constexpr):
 @triton.jit
 def tile_start(i, s_blk, s, BLOCK: tl.constexpr, LB: tl.constexpr):
     """Offset (int64) of tile ``i`` of ``BLOCK`` consecutive indices along a row-layout dimension with blocks of
-    ``2^LB`` (``BLOCK`` divides ``2^LB``, so a tile never straddles a layout block). Written with ``//`` and ``%`` by
-    the constexpr tiles per block and products of strides, so that the compiler proves the tile's alignment
-    (vector loads, asynchronous copies): shifts and masks would hide it."""
-    SUB: tl.constexpr = (1 << LB) // BLOCK
+    ``2^LB`` (``BLOCK`` divides ``2^LB``, so a tile never straddles a layout block; or, in a dense layout, whose
+    blocks follow each other (``s_blk = 2^LB · s``), a multiple of it: the swapped tiles' 256 columns). Written with
+    ``//`` and ``%`` by the constexpr tiles per block and products of strides, so that the compiler proves the tile's
+    alignment (vector loads, asynchronous copies): shifts and masks would hide it."""
     i64 = tl.cast(i, tl.int64)
-    return (i64 // SUB) * s_blk + (i64 % SUB) * (BLOCK * s)
+    if BLOCK > (1 << LB):  # whole blocks per tile (dense layouts only: blocked ones clamp their tiles to the block)
+        start = i64 * (BLOCK >> LB) * s_blk
+    else:
+        SUB: tl.constexpr = (1 << LB) // BLOCK
+        start = (i64 // SUB) * s_blk + (i64 % SUB) * (BLOCK * s)
+    return start

@@ -203,15 +203,20 @@ _WAIVE_B64 = (
     "a tile over several blocks is a kernel change"
 )
 _WAIVE_SMALL_M_100 = (
-    "64-row tiles (small T / decode) on sm_100: a tcgen05 M = 64 MMA does half an M = 128 one's work under the same "
-    "row loads of 4 warps (1.0-1.4 issue clocks per MMA clock by cp.async; 0.92-1.14 where the rows come by TMA's row "
-    "gather, issue 16 item 5; 128x256 tiles leave 1 CTA/SM); needs swapped operands (issue 16 item 6)"
+    "FP8 64-row tiles (small T) on sm_100: blockwise and rowwise run tcgen05 M = 64 MMAs, half an M = 128 one's work "
+    "under the same row loads of 4 warps (1.0-2.1 issue clocks per MMA clock); swapped (SWAP_AB, as the 16-bit tiles "
+    "and mxfp8's: the weight's columns as M) blockwise spilled 336-1748 B (each step's transposed product promoted in "
+    "registers) and rowwise gained nothing (1.00-2.11; at 256 columns spills or 1 CTA/SM). mxfp8's 128-column tiles "
+    "swapped run native block-scaled MMAs (UTCQMMA, at the 8-bit rate) where Triton emulated M = 64 in bf16: "
+    "1.72-1.86 at that rate, fewer loop instructions than the emulation (228-496 per K step against 288-1360); its "
+    "GLU forward (64 columns: still emulated swapped) stays as it was (3.55)"
 )
 _WAIVE_DECODE = (
-    "tiles under 64 rows (decode: experts of at most 32 rows): Triton runs them on mma.sync (no wgmma / tcgen05 "
-    "under 64 rows), and the GEMM is bound by streaming the expert's weights (2 FLOP per weight element and row: at "
-    "most 32 FLOP per byte), not by the issue rate; swapped operands (the weight's columns as the MMA's M) are left "
-    "to do"
+    "tiles under 64 rows (decode: experts of at most 32 rows) on sm_100: computed transposed (SWAP_AB: 256 weight "
+    "columns as tcgen05's M, the tile's rows its N) where they ran mma.sync (32 rows: 1.62-1.95 -> 0.89 with the "
+    "backward epilogue, 1.20 GLU forward, 1.23-1.28 in the warp-specialized loop, whose consumer warp issues the "
+    "row copies; sm_90 passes: 0.55-0.66); the GEMM is bound by streaming the expert's weights (2 FLOP per weight "
+    "element and row: at most 32 FLOP per byte), not by the issue rate"
 )
 _WAIVE_FP8_GLU_100 = (
     "blockwise FP8 GLU forward on sm_100: two 128x64 accumulators per A tile on 8 warps (both products promoted in "
@@ -242,8 +247,8 @@ def _audit_fields(dtype, cfg, variants, shapes: str, operand_bytes: int, *, back
     elif wgrad:
         waivers.append(("issue@100", _WAIVE_WGRAD_100))
     elif cfg.block_m < 64:
-        waivers.append(("issue", _WAIVE_DECODE))
-    elif small_m:
+        waivers.append(("issue@100", _WAIVE_DECODE))
+    elif small_m and dtype == torch.float8_e4m3fn:  # (16-bit 64-row tiles pass there: swapped operands)
         waivers.append(("issue@100", _WAIVE_SMALL_M_100))
     elif fp8_glu and cfg.block_n < 128:  # the FP8 GLU forward's 64-column tiles (sm_100's 128-wide ones pass)
         waivers.append(("issue@100", _WAIVE_FP8_GLU_100))
@@ -284,8 +289,9 @@ def _variants(
 ) -> list[tuple[Any, tuple[str, ...], tuple[int, ...] | None, str]]:
     """``(config, variants, archs, tag)`` for a config function of ``aligned`` and ``capability``: per architecture
     one config for both variants, or the fast one aligned and the fallback unaligned; architectures that get the same
-    config share one entry (``archs`` None: every one). ``tag``: ``",w=<warps>"`` where one variant has several
-    configs across the architectures (their names would clash otherwise), else empty. ``arch_list``: the
+    config share one entry (``archs`` None: every one). ``tag``: ``",swap"`` for a swapped config (``swap_ab``), then
+    ``",w=<warps>"`` where one variant has several such configs across the architectures (their names would clash
+    otherwise). ``arch_list``: the
     architectures to list.
 
     An fp32 (TF32 / IEEE) config that serves both alignments is built unaligned only: fp32 operands always load
@@ -299,13 +305,13 @@ def _variants(
         pairs = [(fast, shared)] if fast == fallback else [(fast, ("aligned",)), (fallback, ("unaligned",))]
         for key in pairs:
             out.setdefault(key, []).append(cc)
-    many = {v for (_, v) in out if sum(1 for (_, w) in out if w == v) > 1}
+    many = {(v, c.swap_ab) for (c, v) in out if sum(1 for (d, w) in out if (w, d.swap_ab) == (v, c.swap_ab)) > 1}
     return [
         (
             cfg,
             variants,
             None if tuple(archs) == _ARCHS else tuple(archs),
-            f",w={cfg.num_warps}" if variants in many else "",
+            (",swap" if cfg.swap_ab else "") + (f",w={cfg.num_warps}" if (variants, cfg.swap_ab) in many else ""),
         )
         for (cfg, variants), archs in out.items()
     ]
@@ -372,6 +378,9 @@ _MAIN_USES = ("grouped_mm", "up,glu", "down_bwd,glu", "up,glu,B", "dsd")  # also
 # loop (mma.sync, the same N, K, warps and stages) over twice the rows per warp, and at b6c8035 each of the 109
 # M = 16 builds held at most its twin's registers but for two fp32 pairs (48 against 46), the same MMA and loop
 # waits, none spilling (bench/results/2026-12-06-audit). CI time: 109 builds (~7% of the audit's compile time).
+# Swapped (sm_90, sm_100: SWAP_AB) a 16-row tile is its twin's loop with MMAs of N = 16: half the MMA work per K
+# step over about the same instructions; built once (docs/audit.md, "Swapped operands"), they held at most their
+# twin's registers, no spill, issue 1.09-1.30 on sm_90 (1.69-2.09 on mma.sync), 1.72-2.53 on sm_100 (2.59-3.69).
 _AUDITED_M = tuple(m for m in BLOCK_SIZES if m != 16)
 _FP16_ARCHS = (90,)
 _FP32_ARCHS = (80, 90, 100)
@@ -416,7 +425,7 @@ def _gemm_specs() -> list[CompileSpec]:
                             GROUP_M=cfg.group_m, LB_A=lb_block if use.a_blocked else DENSE_LOG_BLOCK,
                             LB_O=lb_block if use.out_blocked else DENSE_LOG_BLOCK, GATHER=use.gather, GLU=use.glu,
                             PAIR=use.pair, EPILOGUE=int(use.epilogue), ACT=kernel_code(act), DOTS=DOTS_NATIVE,
-                            FP8=int(Fp8Mode.NONE), QUANT_A=int(Fp8Mode.NONE), **_NO_SCALE_TMA,
+                            FP8=int(Fp8Mode.NONE), QUANT_A=int(Fp8Mode.NONE), SWAP_AB=cfg.swap_ab, **_NO_SCALE_TMA,
                         )  # fmt: skip
                         act_tag = f",{act}" if use.epilogue else ""
                         size = f"B={B}" if use.blocked else f"M={cfg.block_m}"
@@ -495,8 +504,8 @@ _WAIVE_FP8_MX_100 = (
     "pass per M tile measured 0.90 there but 102 KB of shared memory instead of 68 (3 -> 2 CTAs/SM): not taken"
 )
 _WAIVE_FP8_MX_100_SMALL_M = (
-    "MX with 64-row tiles on sm_100: the block-scaled tcgen05 MMA needs M = 128; Triton emulates tl.dot_scaled in "
-    "bf16 there (UTCHMMA)"
+    "MX with 64-row tiles on sm_100, not swapped (the GLU forward's 64 columns, the unaligned fallback's 32): the "
+    "block-scaled tcgen05 MMA needs M = 128; Triton emulates tl.dot_scaled in bf16 there (UTCHMMA)"
 )
 _WAIVE_FP8_ROWWISE = (
     "rowwise FP8 at 128 rows: the accumulator is scaled by its rows' and columns' scales after the loop, the column "
@@ -507,8 +516,10 @@ _WAIVE_FP8_ROWWISE = (
 )
 
 
-def _fp8_waivers(mode: Fp8Mode, use: _GemmUse, block_m: int) -> tuple[tuple[str, str], ...]:
-    """The waivers of an FP8 build of ``gemm_kernel`` (the reasons above, each where its builds were measured)."""
+def _fp8_waivers(mode: Fp8Mode, use: _GemmUse, cfg) -> tuple[tuple[str, str], ...]:
+    """The waivers of an FP8 build of ``gemm_kernel`` with config ``cfg`` (the reasons above, each where its builds
+    were measured)."""
+    block_m = cfg.block_m
     if mode == Fp8Mode.BLOCKWISE:
         return tuple((check, _WAIVE_FP8_BLOCKWISE) for check in
                      ("pipeline@90", "issue@90", "occupancy@90", "issue@100", "occupancy@100"))  # fmt: skip
@@ -516,7 +527,9 @@ def _fp8_waivers(mode: Fp8Mode, use: _GemmUse, block_m: int) -> tuple[tuple[str,
         waivers = tuple(
             (check, _WAIVE_FP8_MX_90) for check in ("mma@90", "fp8mma@90", "pipeline@90", "issue@90", "occupancy@90")
         )
-        small = tuple((c, _WAIVE_FP8_MX_100_SMALL_M) for c in ("mma@100", "fp8mma@100")) if block_m < _LARGE_M else ()
+        # (sm_100's swapped 64-row tiles: native block-scaled MMAs of M = 128)
+        emulated = block_m < _LARGE_M and not cfg.swap_ab
+        small = tuple((c, _WAIVE_FP8_MX_100_SMALL_M) for c in ("mma@100", "fp8mma@100")) if emulated else ()
         # a dense A's scales come by TMA too; the GLU forward's 128x128 tiles pass with the gathered A's by pointers
         glu_forward = use.glu and use.epilogue == Epilogue.FORWARD
         gathered = (("issue@100", _WAIVE_FP8_MX_100),) if use.gather and not glu_forward else ()
@@ -603,7 +616,7 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                     audit = _audit_fields(dtype, cfg, variants, shapes, tiles * dtype.itemsize,
                                           backward=use.epilogue == Epilogue.BACKWARD, fp8_glu=two_w)  # fmt: skip
                     if "aligned" in variants:
-                        audit["waivers"] += _fp8_waivers(mode, use, cfg.block_m)
+                        audit["waivers"] += _fp8_waivers(mode, use, cfg)
                     elif mode == Fp8Mode.MX:  # the fallback tiles: Triton's dot_scaled emulation where it emulates
                         audit["waivers"] += (("fp8mma@90", _WAIVE_FP8_MX_90),) + (
                             (("fp8mma@100", _WAIVE_FP8_MX_100_SMALL_M),) if cfg.block_m < _LARGE_M else ()
@@ -612,7 +625,7 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EPI_N=cfg.epi_n,
                         GROUP_M=cfg.group_m, LB_A=DENSE_LOG_BLOCK, LB_O=DENSE_LOG_BLOCK, GATHER=use.gather,
                         GLU=use.glu, PAIR=use.pair, EPILOGUE=int(use.epilogue), ACT=kernel_code(act), DOTS=DOTS_NATIVE,
-                        FP8=int(mode), QUANT_A=int(quant_a), **_NO_SCALE_TMA,
+                        FP8=int(mode), QUANT_A=int(quant_a), SWAP_AB=cfg.swap_ab, **_NO_SCALE_TMA,
                     )  # fmt: skip
                     use_tag = f"{use.tag},aq" if quant_a else use.tag  # aq: a quantized in the epilogue
                     name = f"gemm_fp8[{mode.recipe().name},{use_tag},M={cfg.block_m},N={cfg.block_n},K={cfg.block_k}"
