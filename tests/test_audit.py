@@ -549,8 +549,17 @@ def test_occupancy_check_and_persistent_kernels():
     assert audit_report.ctas_per_sm(r) == 1 and audit_report.findings(r) == [
         ("occupancy", "1 CTA/SM < 2 (registers 138, shared 98304 B, 8 warps) and not persistent")
     ]
-    r.persistent = True  # a persistent tile loop keeps one CTA busy per SM
+    r.persistent, r.programs_per_sm = True, 1  # a persistent tile loop keeps one CTA busy per SM ...
     assert _flop_checks(r) == []
+    # ... if its launcher starts no more programs per SM than the build holds: 2 of a 1-CTA/SM build run in waves
+    r.programs_per_sm = 2
+    assert audit_report.findings(r) == [
+        (
+            "occupancy",
+            "1 CTA/SM < the 2 persistent programs per SM its launcher starts (registers 138, shared 98304 "
+            "B): they run in waves",
+        )  # fmt: skip
+    ]
     # 5 stages of 128x64 + 64x128 bf16 tiles: 160 KB of shared memory, one CTA on sm_90
     assert _flop_checks(_per_flop(90, _mma_loop(HGMMA_128, 116), shared=163840)) == ["occupancy"]
 

@@ -195,7 +195,7 @@ def test_persistent_tile_loop(T, k, E, K, N, kind, programs, monkeypatch):
     plan = plan_routing(routing(T, k, E, kind), E, block_size=1, check=False)
     x, w, maps = _operands(plan, K, N, True, torch.float32)
     schedule_tiles = Schedule.build(plan.offsets, plan.num_assignments, 16).max_m_tiles * triton.cdiv(N, 16)
-    assert expert_gemm.persistent_programs(x.device, schedule_tiles) == programs < schedule_tiles
+    assert expert_gemm.persistent_programs(x.device, schedule_tiles, 2) == programs < schedule_tiles
     out = poison_(torch.empty(plan.num_assignments, N))
     kernels.grouped_mm(x, w, plan.offsets, *maps, backend="triton", out=out)
     same = kernels.grouped_mm(x, w, plan.offsets, *maps, backend="torch")
@@ -204,14 +204,15 @@ def test_persistent_tile_loop(T, k, E, K, N, kind, programs, monkeypatch):
 
 def test_persistent_programs(monkeypatch):
     # interpreting: a few programs (never more than the tiles); meta tensors (bench.model): one per tile; on a GPU
-    # PROGRAMS_PER_SM per SM, from a host query of the device (no sync)
-    assert expert_gemm.persistent_programs(torch.device("cpu"), 100) == expert_gemm.INTERPRETER_PROGRAMS
-    assert expert_gemm.persistent_programs(torch.device("cpu"), 2) == 2
+    # the config's programs per SM (the CTAs per SM its build holds), from a host query of the device (no sync)
+    assert expert_gemm.persistent_programs(torch.device("cpu"), 100, 2) == expert_gemm.INTERPRETER_PROGRAMS
+    assert expert_gemm.persistent_programs(torch.device("cpu"), 2, 2) == 2
     monkeypatch.setattr(expert_gemm, "interpreting", lambda: False)
-    assert expert_gemm.persistent_programs(torch.device("meta"), 100) == 100
+    assert expert_gemm.persistent_programs(torch.device("meta"), 100, 2) == 100
     monkeypatch.setattr(expert_gemm, "_sm_count", lambda index: 132 if index == 1 else 0)
-    assert expert_gemm.persistent_programs(torch.device("cuda", 1), 10**6) == 132 * expert_gemm.PROGRAMS_PER_SM
-    assert expert_gemm.persistent_programs(torch.device("cuda", 1), 7) == 7
+    assert expert_gemm.persistent_programs(torch.device("cuda", 1), 10**6, 2) == 132 * 2
+    assert expert_gemm.persistent_programs(torch.device("cuda", 1), 10**6, 1) == 132  # a 1-CTA/SM build
+    assert expert_gemm.persistent_programs(torch.device("cuda", 1), 7, 2) == 7
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -71,6 +71,7 @@ class BuildResult:
     serves: str = ""  # the shapes the launchers pick this config for
     per_flop: bool = False  # the per-FLOP checks apply (to the aligned build)
     persistent: bool = False
+    programs_per_sm: int = 2
     operand_bytes: int | None = None  # distinct operand tiles of one main-loop iteration
     min_intensity: float | None = None  # None: exempt
     waivers: tuple[tuple[str, str], ...] = ()  # (check or check@cc, reason): report-only for this build
@@ -201,7 +202,8 @@ def compile_job(job: Job, out_dir: str, keep_ir: bool = False) -> BuildResult:
         result.expect_pipelined = getattr(spec, "expect_pipelined", True)
         result.num_stages = spec.num_stages
         result.num_warps = spec.num_warps
-        for name in ("serves", "per_flop", "persistent", "operand_bytes", "min_intensity", "waivers"):
+        fields = ("serves", "per_flop", "persistent", "programs_per_sm", "operand_bytes", "min_intensity", "waivers")
+        for name in fields:
             setattr(result, name, getattr(spec, name, getattr(result, name)))
         if job.variant not in spec.variants:
             raise ValueError(f"variant {job.variant!r} not in the spec's {spec.variants}")

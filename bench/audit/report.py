@@ -49,7 +49,8 @@ CHECKS = {
     "distinct operand tiles (CompileSpec.operand_bytes) below CompileSpec.min_intensity (64; 48 for the backward "
     "epilogue; small-M tiles exempt)",
     "occupancy": "per-FLOP: CTAs per SM (registers rounded up to 8, shared memory + 1 KB, threads, CTA limit) below 2, "
-    "unless the kernel is persistent (CompileSpec.persistent)",
+    "unless the kernel is persistent (CompileSpec.persistent); a persistent one's below the programs per SM its "
+    "launcher starts (CompileSpec.programs_per_sm)",
 }
 
 # The per-FLOP checks: they apply to the aligned builds of the configs the launchers pick at large shapes
@@ -146,6 +147,10 @@ def _per_flop_findings(result: BuildResult) -> list[tuple[str, str]]:
     if ctas is not None and ctas < MIN_CTAS and not result.persistent:
         out.append(("occupancy", f"{ctas} CTA/SM < {MIN_CTAS} (registers {result.registers}, shared {result.shared} B, "
                                  f"{result.num_warps} warps) and not persistent"))  # fmt: skip
+    elif ctas is not None and result.persistent and ctas < result.programs_per_sm:
+        out.append(("occupancy", f"{ctas} CTA/SM < the {result.programs_per_sm} persistent programs per SM its "
+                                 f"launcher starts (registers {result.registers}, shared {result.shared} B): they "
+                                 "run in waves"))  # fmt: skip
     return out
 
 
@@ -231,7 +236,8 @@ _CTA_RESERVED_SHARED = 1024  # shared memory the runtime reserves per CTA (sm_80
 def ctas_per_sm(result: BuildResult) -> int | None:
     """CTAs of this build one SM holds at once: the fewest allowed by registers (per thread, rounded up to 8),
     shared memory (plus the 1 KB the runtime reserves per CTA), threads and the CTA limit; None when unknown.
-    The ``occupancy`` check fails a per-FLOP build below 2 unless the kernel is persistent."""
+    The ``occupancy`` check fails a per-FLOP build below 2 unless the kernel is persistent, a persistent one below
+    its ``programs_per_sm``."""
     if result.registers is None or result.shared is None or not result.num_warps:
         return None
     limits, threads = SM_LIMITS[result.job.cc], result.num_warps * 32

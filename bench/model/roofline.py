@@ -172,8 +172,9 @@ efficiency model (its form assumed from the kernels' structure; the numbers mark
   routing: balanced (T*k/E assignments per expert); the plan is built by the compiled extension on CUDA: its 6
     step kernels (routing::*) move the ids and the plan's buffers once in all, at HBM speed, + 3 us each; the
     PyTorch implementation that builds it on meta tensors here is listed, not costed
-  gemm_kernel's "CTAs" here are its tiles (persistent on sm_100's fast config: min(tiles, 2 x SMs) programs loop
-    over them; the list, on meta tensors, shows one program per tile)
+  gemm_kernel's "CTAs" here are its tiles (persistent on sm_100's fast config: min(tiles, programs_per_sm x SMs)
+    programs loop over them, programs_per_sm the CTAs per SM its build holds; the list, on meta tensors, shows one
+    program per tile)
   W_TMA is 0 in the list (meta tensors are not CUDA tensors); the bytes and FLOPs are the same with TMA weights"""
 
 CALIBRATION = f"""\

@@ -47,8 +47,9 @@ instructions there: docs/audit.md).
 BLOCK_N`` (``_gemm_tile``), each reading its expert from ``tile_expert`` (one index load per tile, outside the K
 loop). On sm_100 with TMA weights (the fast config) the kernel is persistent (``PERSISTENT``) and its K loop
 warp-specialized (``WARP_SPEC``: the TMA weight loads in a producer partition; 96 registers and 2 CTAs per SM, one
-CTA barrier fewer per K step): ``P = min(tiles, SMs · PROGRAMS_PER_SM)`` programs (``persistent_programs``) loop
-over the tiles, program p taking tiles p, p + P, ...; so it is when interpreting (a few programs, for the tests).
+CTA barrier fewer per K step): ``P = min(tiles, SMs · programs_per_sm)`` programs (``persistent_programs``; the
+config's ``programs_per_sm``, the CTAs per SM its build holds: 2, or 1) loop over the tiles, program p taking tiles
+p, p + P, ...; so it is when interpreting (a few programs, for the tests).
 Elsewhere one program runs one tile: the tile loop alone costs registers (sm_90: 102 -> 162 for the dense
 ``grouped_mm``, one CTA per SM; spills in sm_80 / sm_100 / sm_120 fallback builds). The tiles are numbered in
 Triton's *grouped* order: ``GROUP_M`` consecutive M tiles (the same expert, except at expert boundaries) sweep the N
@@ -1069,6 +1070,7 @@ class GemmConfig:
     num_stages: int
     epilogue_n: int | None = None  # None: block_n (one slice)
     swap_ab: bool = False  # gemm_kernel's SWAP_AB: the tile computed transposed (the weight's columns as the MMA's M)
+    programs_per_sm: int = 2  # a persistent grid's programs per SM: the CTAs per SM its build holds (bench.audit)
 
     @property
     def epi_n(self) -> int:
@@ -1169,7 +1171,9 @@ def gemm_config(
             epilogue_n = 16 if backward else epilogue_n  # 16 slices of 16 columns
             if block_m == 64 and (backward or (glu and epilogue == Epilogue.FORWARD)):
                 stages = 2  # one tile per program (rows by TMA's row gather): 83 KB, 2 CTAs per SM
-        cfg = GemmConfig(block_m, block_n, block_k, 8, warps, stages, epilogue_n, swap)
+        # sm_100's swapped 64-row tiles over 3 stages (the warp-specialized, persistent loops): 124 KB, 1 CTA per SM
+        per_sm = 1 if swap and block_m == 64 and stages == 3 and _blackwell(capability) else 2
+        cfg = GemmConfig(block_m, block_n, block_k, 8, warps, stages, epilogue_n, swap, per_sm)
     return _clamp(cfg, n=out_block, k=a_block)
 
 
@@ -1311,7 +1315,6 @@ TMA_SCALES = True  # gemm's MX weight scales through TMA in tcgen05's chunks whe
 
 
 INTERPRETER_PROGRAMS = 3  # persistent programs when interpreting: fewer than most tests' tiles, so the loop runs
-PROGRAMS_PER_SM = 2  # persistent programs per SM on a GPU: the CTAs per SM the configs are built for
 
 
 @functools.cache
@@ -1319,15 +1322,16 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def persistent_programs(device: torch.device, tiles: int) -> int:
-    """The programs of a persistent grid over ``tiles`` tiles: ``PROGRAMS_PER_SM`` per SM on a CUDA device (a host
-    query of the device's properties, cached; no sync), ``INTERPRETER_PROGRAMS`` when interpreting; one per tile
-    elsewhere (the meta tensors of ``bench.model``); never more than the tiles."""
+def persistent_programs(device: torch.device, tiles: int, per_sm: int) -> int:
+    """The programs of a persistent grid over ``tiles`` tiles: ``per_sm`` per SM on a CUDA device (the config's
+    ``programs_per_sm``: as many as its build keeps resident; a host query of the device's properties, cached; no
+    sync), ``INTERPRETER_PROGRAMS`` when interpreting; one per tile elsewhere (the meta tensors of ``bench.model``);
+    never more than the tiles."""
     if interpreting():
         programs = INTERPRETER_PROGRAMS
     elif device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        programs = PROGRAMS_PER_SM * _sm_count(index)
+        programs = per_sm * _sm_count(index)
     else:
         programs = tiles
     return min(programs, tiles)
@@ -1636,8 +1640,9 @@ def gemm(
     - ``scales``: E4M3 ``a`` (dense or gathered), ``w`` (``gate``, the pair's) with the scales of ``scales.mode``
       (``GemmScales``, checked here: ``_fp8_mode``); the output in ``out``'s dtype (bf16 / fp16 / fp32).
 
-    Outputs in ``out``'s layout share its strides. Grid: ``(persistent_programs(device, tiles),)`` (persistent: sm_100
-    with TMA weights, or interpreting) or ``(tiles,)``, ``tiles = max_m_tiles · cdiv(padded cols, block_n)``.
+    Outputs in ``out``'s layout share its strides. Grid: ``(persistent_programs(device, tiles,
+    cfg.programs_per_sm),)`` (persistent: sm_100 with TMA weights, or interpreting) or ``(tiles,)``, ``tiles =
+    max_m_tiles · cdiv(padded cols, block_n)``.
     """
     N, K, E = w.shape[2], a.cols, w.shape[0]
     epilogue = Epilogue.PLAIN
@@ -1707,7 +1712,7 @@ def gemm(
     sq = act_scales if act_scales is not None else sa  # unused without QUANT_A
     if act_out is not None and quant_a != Fp8Mode.NONE:
         act_out = act_out.view(torch.uint8)  # the epilogue stores E4M3 bits
-    gemm_kernel[(persistent_programs(out.tensor.device, tiles) if persistent else tiles,)](
+    gemm_kernel[(persistent_programs(out.tensor.device, tiles, cfg.programs_per_sm) if persistent else tiles,)](
         a.tensor, w, a2.tensor, w2, w_desc, w2_desc, a_desc, sw_desc, sw2_desc, sa_desc, sa2_desc, out.tensor,
         out.tensor if gate_out is None else gate_out, out.tensor if act_out is None else act_out, bwd.h,
         bwd.h if bwd.g is None else bwd.g,

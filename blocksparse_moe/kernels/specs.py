@@ -101,7 +101,8 @@ class CompileSpec:
     spec (a config the launchers pick at large, realistic shapes); ``serves`` says which shapes get it,
     ``operand_bytes`` is what one main-loop iteration reads (its distinct operand tiles), ``min_intensity`` the
     intensity floor (FLOP per operand byte; None: exempt, for small-M tiles), ``persistent`` a kernel whose programs
-    loop over tiles (one CTA per SM suffices), ``waivers`` the ``(check or "check@cc", reason)`` pairs the audit
+    loop over tiles (one CTA per SM suffices; its build must hold the ``programs_per_sm`` its launcher starts per
+    SM, else they run in waves), ``waivers`` the ``(check or "check@cc", reason)`` pairs the audit
     reports without failing on, for this config only.
     """
 
@@ -118,6 +119,7 @@ class CompileSpec:
     expect_pipelined: bool = True  # the MMA loop must not wait its async loads / wgmma to zero each iteration
     archs: tuple[int, ...] | None = None  # the compute capabilities the launcher picks this config for (None: all)
     persistent: bool = False  # programs loop over the tiles (a grid of about one wave): 1 CTA/SM is no loss
+    programs_per_sm: int = 2  # persistent: the programs per SM its launcher starts, which its build must keep resident
     serves: str = ""  # the shapes the launchers pick this config for
     per_flop: bool = False  # picked at large shapes: the per-FLOP checks apply to its aligned build
     operand_bytes: int | None = None  # bytes of the distinct operand tiles one main-loop iteration reads
@@ -181,7 +183,8 @@ def _spec(
     matmul = constexprs["BLOCK_M"] >= 64
     return CompileSpec(
         name, kernel, signature, constexprs, cfg.num_warps, cfg.num_stages, matmul, aligned=aligned,
-        variants=variants, archs=archs, persistent=bool(constexprs.get("PERSISTENT")), **audit,
+        variants=variants, archs=archs, persistent=bool(constexprs.get("PERSISTENT")),
+        programs_per_sm=getattr(cfg, "programs_per_sm", 2), **audit,
     )  # fmt: skip
 
 
