@@ -565,7 +565,7 @@ def test_glu_forward_sm100_tiles(case, mode, quant_a, monkeypatch):
         assert torch.equal(results[False][3], results[True][3]), "a's scales"
 
 
-SM90_ROWWISE_CASES = {
+ROWWISE_128_CASES = {
     # name: (use, T, k, E, K, N, routing); 128-row M tiles; K and N 16-byte aligned (the fast configs) unless named
     # experts 1 and 3 without rows; K = 208: two K steps, the last partial; N = 144: a full and a partial 128-column
     # tile (its first 16-column slice cut by N, the other seven wholly past N)
@@ -580,36 +580,43 @@ SM90_ROWWISE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(SM90_ROWWISE_CASES))
-def test_rowwise_sm90_tiles(case, monkeypatch):
-    # sm_90's rowwise configs forced under the interpreter (gemm_config's choice for capability 90: 128 x 128 x 128
-    # tiles on 8 warps, the accumulators scaled column slice by column slice in the epilogue, EPI_N 16; the backward
-    # epilogue's 8): every output poisoned and checked against the float64 reference of the quantized math
+# (BLOCK_N, EPI_N, the backward's EPI_N, warps) of gemm_config's rowwise 128-row tiles: aligned per capability,
+# and the unaligned fallback's
+ROWWISE_TILES = {90: (128, 16, 8, 8), 100: (128, 16, 16, 4), "unaligned": (32, 16, 8, 8)}
+
+
+@pytest.mark.parametrize("capability", [90, 100])
+@pytest.mark.parametrize("case", list(ROWWISE_128_CASES))
+def test_rowwise_gpu_tiles(case, capability, monkeypatch):
+    # sm_90's (and sm_100's) rowwise configs forced under the interpreter (gemm_config's choice for the capability:
+    # 128 x 128 x 128 tiles on 8 warps, sm_100's on 4, the accumulators scaled column slice by column slice in the
+    # epilogue, EPI_N 16; sm_90's backward epilogue 8): every output poisoned and checked against the float64
+    # reference of the quantized math
     # (_launch_128), and bit for bit that of the same tiles scaled whole after the loop (EPI_N = BLOCK_N: the math
     # of scaling the accumulator at once, the old path), but for the backward's fp32 dots: Σ G·a summed slice by
     # slice, in another order (to fp32 rounding)
-    use, T, k, E, K, N, kind = SM90_ROWWISE_CASES[case]
+    use, T, k, E, K, N, kind = ROWWISE_128_CASES[case]
     config = expert_gemm.gemm_config
 
-    def sm90_config(*args, whole=False, **kwargs):
+    def gpu_config(*args, whole=False, **kwargs):
         with pytest.MonkeyPatch.context() as gpu:
             gpu.setattr(expert_gemm, "interpreting", lambda: False)
-            cfg = config(*args, **{**kwargs, "capability": 90})
+            cfg = config(*args, **{**kwargs, "capability": capability})
         return replace(cfg, epilogue_n=None) if whole else cfg
 
-    aligned = "unaligned" not in case
-    slices = (128, 8 if use == "backward-glu" else 16) if aligned else (32, 8 if use == "backward-glu" else 16)
+    block_n, epi_n, backward_epi_n, warps = ROWWISE_TILES["unaligned" if "unaligned" in case else capability]
+    epi_n = backward_epi_n if use == "backward-glu" else epi_n
     results = {}
     for whole in (False, True):
         with monkeypatch.context() as m:
-            m.setattr(expert_gemm, "gemm_config", lambda *a, whole=whole, **kw: sm90_config(*a, whole=whole, **kw))
+            m.setattr(expert_gemm, "gemm_config", lambda *a, whole=whole, **kw: gpu_config(*a, whole=whole, **kw))
             kernel = Recorded(expert_gemm.gemm_kernel)
             m.setattr(expert_gemm, "gemm_kernel", kernel)
             torch.manual_seed(29)
             results[whole] = _launch_128(use, T, k, E, K, N, kind, Fp8Mode.ROWWISE)
         call = kernel.calls[-1]
         tiles = (call["BLOCK_N"], call["EPI_N"], call["num_warps"])
-        assert tiles == (slices[0], slices[0] if whole else slices[1], 8), tiles
+        assert tiles == (block_n, block_n if whole else epi_n, warps), tiles
     if use == "backward-glu":
         dots, whole_dots = results[False][-1], results[True][-1]
         torch.testing.assert_close(dots, whole_dots, rtol=1e-6, atol=1e-6 * whole_dots.abs().max().item())

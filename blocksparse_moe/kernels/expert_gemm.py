@@ -58,8 +58,8 @@ expert-major (the programs of one expert share its rows), grouped order inside.
 
 **Epilogues** of ``gemm_kernel`` (``EPILOGUE``: ``Epilogue``), one ``@triton.jit`` helper each:
 
-- ``PLAIN`` (``_plain_epilogue``): ``out = acc`` (``PAIR``: ``acc = A @ W + A2 @ W2``, e.g. the dgrad
-  ``[dh | dg] @ [w1 | w3]ᵀ``), in column slices of ``EPI_N`` (one slice, the whole tile, but for FP8 rowwise);
+- ``PLAIN`` (``_store_plain``): ``out = acc`` (``PAIR``: ``acc = A @ W + A2 @ W2``, e.g. the dgrad
+  ``[dh | dg] @ [w1 | w3]ᵀ``); FP8 rowwise in column slices of ``EPI_N`` (``_rowwise_plain_epilogue``, below);
 - ``FORWARD`` (``_forward_epilogue``): ``h = acc`` (and ``GLU``: ``g = acc2``, the gate weight's accumulator over
   the same A tiles); stores ``h`` [, ``g``] and ``a = act(h) [· g]`` (computed from the rounded h, g, as the
   backward recomputes it), in column slices of ``EPI_N`` as the backward epilogue (``_sliced_forward_epilogue``:
@@ -457,27 +457,30 @@ def _mainloop(
 
 
 @triton.jit
-def _plain_epilogue(
+def _store_plain(acc, out_ptr, o_off, store):
+    """``EPILOGUE`` ``PLAIN``: ``out = acc`` in out's dtype."""
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=store)
+
+
+@triton.jit
+def _rowwise_plain_epilogue(
     acc, acc_b, out_ptr, o_rows, o_col0, s_oc, row_ok, n0, N, N_STORE, sa, sa2, sw_ptr, s_swn, sw2_ptr, s_sw2n, used,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPI_N: tl.constexpr, PAIR: tl.constexpr, ROWWISE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPI_N: tl.constexpr, PAIR: tl.constexpr,
 ):  # fmt: skip
-    """``EPILOGUE`` ``PLAIN``: ``out = acc`` in out's dtype, in ``BLOCK_N / EPI_N`` (a power of two, at most 16)
-    column slices of ``EPI_N`` (``_column_slices``; ``EPI_N = BLOCK_N``: the whole tile at once). ``ROWWISE``
-    (``FP8``): each slice scaled first (``_rowwise_slice``: ``sa`` and W's scales at ``sw_ptr``), with ``PAIR`` plus
-    the second product's slice (``acc_b``, its own accumulator) scaled by its own (``sa2``, W2's at ``sw2_ptr``): the
-    products of scaling the whole accumulators after the loop, but only one slice's column scales live at a time."""
+    """``EPILOGUE`` ``PLAIN`` with ``FP8`` ``ROWWISE``: ``out = acc`` scaled (``_rowwise_slice``: ``sa`` and W's
+    scales at ``sw_ptr``), with ``PAIR`` plus the second product (``acc_b``, its own accumulator) scaled by its own
+    (``sa2``, W2's at ``sw2_ptr``), in ``BLOCK_N / EPI_N`` (a power of two, at most 16) column slices of ``EPI_N``
+    (``_column_slices``): the products of scaling the whole accumulators after the loop, with only one slice's
+    column scales live at a time."""
     parts = _column_slices(acc, BLOCK_M, BLOCK_N, EPI_N)
-    parts_b = _column_slices(acc_b, BLOCK_M, BLOCK_N, EPI_N)  # ROWWISE PAIR only; unused (and removed) otherwise
+    parts_b = _column_slices(acc_b, BLOCK_M, BLOCK_N, EPI_N)  # PAIR only; unused (and removed) otherwise
     for j in tl.static_range(BLOCK_N // EPI_N):
         cols = j * EPI_N + tl.arange(0, EPI_N)
-        x = parts[j]
-        if ROWWISE:
-            x = _rowwise_slice(x, sa, sw_ptr, s_swn, cols, n0, N, used)
-            if PAIR:
-                x += _rowwise_slice(parts_b[j], sa2, sw2_ptr, s_sw2n, cols, n0, N, used)
+        x = _rowwise_slice(parts[j], sa, sw_ptr, s_swn, cols, n0, N, used)
+        if PAIR:
+            x += _rowwise_slice(parts_b[j], sa2, sw2_ptr, s_sw2n, cols, n0, N, used)
         o_off = o_rows[:, None] + (o_col0 + cols.to(tl.int64) * s_oc)[None, :]
-        store = row_ok[:, None] & (n0 + cols < N_STORE)[None, :]
-        tl.store(out_ptr + o_off, x.to(out_ptr.dtype.element_ty), mask=store)
+        _store_plain(x, out_ptr, o_off, row_ok[:, None] & (n0 + cols < N_STORE)[None, :])
 
 
 @triton.jit
@@ -723,11 +726,14 @@ def _gemm_tile(
             s_oc, rows, row_ok, n0, pid_n, R, N, N_STORE, sa, sw_e, s_swn, used, BLOCK_M, BLOCK_N, EPI_N, GLU, ACT,
             ROWWISE,
         )  # fmt: skip
-    elif EPILOGUE == _PLAIN:
-        _plain_epilogue(
+    elif EPILOGUE == _PLAIN and ROWWISE:
+        _rowwise_plain_epilogue(
             acc, acc_b, out_ptr, o_rows, o_col0, s_oc, row_ok, n0, N, N_STORE, sa, sa2, sw_e, s_swn, sw2_e, s_sw2n,
-            used, BLOCK_M, BLOCK_N, EPI_N, PAIR, ROWWISE,
+            used, BLOCK_M, BLOCK_N, EPI_N, PAIR,
         )  # fmt: skip
+    elif EPILOGUE == _PLAIN:
+        o_off = o_rows[:, None] + (o_col0 + tl.arange(0, BLOCK_N).to(tl.int64) * s_oc)[None, :]
+        _store_plain(acc, out_ptr, o_off, row_ok[:, None] & (offs_n < N_STORE)[None, :])
     elif QUANT_A == _NO_FP8:
         _sliced_forward_epilogue(
             acc, acc2, out_ptr, out2_ptr, out3_ptr, o_rows, o_col0, s_oc, row_ok, n0, N, N_STORE, sa, sw_e, s_swn,
@@ -804,7 +810,8 @@ def gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    EPI_N: tl.constexpr,  # the epilogue's column slice (BLOCK_N / EPI_N <= 16; not QUANT_A's, of its groups)
+    EPI_N: tl.constexpr,  # FORWARD (QUANT_A none), BACKWARD, PLAIN with FP8 ROWWISE: the epilogue's column slice
+    # (BLOCK_N / EPI_N <= 16)
     GROUP_M: tl.constexpr,
     LB_A: tl.constexpr,  # log2 of A's layout block (any value for dense / gathered A)
     LB_O: tl.constexpr,  # log2 of out's layout block
@@ -1056,8 +1063,8 @@ def scale_chunks_kernel(
 @dataclass(frozen=True)
 class GemmConfig:
     """Output tile ``block_m × block_n``, reduction step ``block_k``, M tiles per group of the grouped order,
-    launch options, and the epilogues' column slice ``epilogue_n`` (``block_n`` / 1 to 16; ``QUANT_A``'s forward
-    epilogue slices by its groups)."""
+    launch options, and the forward (``QUANT_A`` none), backward and FP8 rowwise plain epilogues' column slice
+    ``epilogue_n`` (``block_n`` / 1 to 16)."""
 
     block_m: int
     block_n: int
@@ -1163,44 +1170,44 @@ def _fp8_config(
 
     - MX off sm_100 (no block-scaled MMA there: Triton upcasts both tiles to bf16 in registers) takes a K step of 64
       (at 128 ptxas spilled 4-84 B on sm_90), 32 for sm_120's backward epilogue (8 B at 64);
-    - sm_100 runs 128-row tiles on 4 warps (the accumulator in tensor memory) except where the accumulators come to
-      registers every step or twice: the blockwise promotion with the GLU forward, the backward epilogue or the pair,
-      and the rowwise backward and pair (on 4 warps those spilled 64-736 B); on 8 warps the blockwise down GEMM
-      issues 1.10 clocks per MMA clock against 0.66 on 4, the MX backward 1.78 against 1.12;
+    - rowwise scales the accumulators after the loop in the epilogue's column slices (``_rowwise_slice``: each
+      slice's column scales, one fp32 per column of the thread's accumulator fragment, loaded only for it): the down
+      GEMM, the up-projection without GLU and the pair in slices of 16 columns (``epilogue_n``), the backward
+      epilogue in its 8 (sm_100: 16). sm_90's 128-row builds (``bench.audit``, 2026-12-06): down 134 -> 101
+      registers, backward 148 -> 113, 1 -> 2 CTAs per SM (99 KB of shared memory), issue ratio 0.48 as before
+      (slices of 8: 101 too, of 32 106, of 64 128; the whole tile 136). The pair keeps two 128 × 128 accumulators in
+      registers (128 per thread on 8 warps): 246 -> 171, 1 CTA per SM; at 64 columns it takes 112 and 2 CTAs per
+      SM but issues 0.96 clocks per MMA clock against 0.48, so it stays 128 wide (as blockwise: 0.9-1.3 at 64
+      columns, 0.47-0.8 at 128);
+    - sm_100 runs 128-row tiles on 4 warps (the accumulator in tensor memory) except where blockwise promotes each
+      step's product in registers: the GLU forward, the backward epilogue and the pair (on 8 warps the blockwise down
+      GEMM issues 1.10 clocks per MMA clock against 0.66 on 4, the MX backward 1.78 against 1.12). Rowwise's backward
+      and pair came to registers whole after the loop and spilled 64-736 B on 4 warps; scaled slice by slice they
+      fit: the backward 156 registers (gelu 202), 2 CTAs per SM, issue ratio 0.66 (8 warps: 174 -> 56 registers,
+      1.05); the pair at 128 columns 244 registers, 2 CTAs per SM, 0.67 (8 warps and 64 columns: 200 registers, 1
+      CTA per SM, 2.12; 216 B of spills at 128);
     - sm_100's aligned 128-row MX and rowwise GLU forward run 128 columns per weight (two 128×128 accumulators in
       tensor memory, 256 of its 512 columns), the epilogue in slices of 32 columns (``epilogue_n``; rowwise scales
-      each slice, ``_sliced_forward_epilogue``; MX's ``QUANT_A`` quantizes group by group anyway), 3 stages, 2
-      CTAs per SM: MX 150 registers, 2 buffers of 48 KB (102 KB; the weights' scales by TMA, ``mx_chunk_tiles``),
-      issue ratio 0.69 where 128×64 tiles took 1.50; rowwise K steps of 64 (at 128 it took 3 buffers, 148 KB: 1 CTA
-      per SM), 196 registers, 75 KB, 0.66 where 128×64 tiles took 0.86 (171 FLOP per operand byte, 128 at 64
-      columns; with 2 stages the gathered rows' copies wait to zero every K step). Not blockwise (both products
-      promoted in registers: on 8 warps 244 B of spills, 1 CTA per SM, 1.56);
+      each slice; MX's ``QUANT_A`` quantizes group by group anyway), 3 stages, 2-3 CTAs per SM: MX 150 registers, 2
+      buffers of 48 KB (102 KB; the weights' scales by TMA, ``mx_chunk_tiles``), issue ratio 0.69 where 128×64
+      tiles took 1.50; rowwise K steps of 64 (at 128 it took 3 buffers, 148 KB: 1 CTA per SM), 168 registers (196
+      with its row scales loaded per slice), 75 KB, 0.66 where 128×64 tiles took 0.86 (171 FLOP per operand byte,
+      128 at 64 columns; with 2 stages the gathered rows' copies wait to zero every K step). Not blockwise (both
+      products promoted in registers: on 8 warps 244 B of spills, 1 CTA per SM, 1.56);
     - sm_120 (mma.sync: accumulators and operand fragments in registers) runs 64 columns: at 128 it spilled 8-104 B;
-      so does sm_100's rowwise pair (both accumulators in registers: 216 B at 128 columns on 8 warps);
     - unaligned operands (1-byte scalar loads staged in registers) take 32 × 32 steps: at a K step of 64 and 64
-      columns every recipe spilled (4-1408 B) on sm_90 / sm_100 / sm_120;
-    - rowwise scales the accumulators after the loop in the epilogue's column slices (``_rowwise_slice``: each
-      slice's column scales loaded only for it, one fp32 per column of the thread's accumulator fragment): the down
-      GEMM, the up-projection without GLU and the pair in slices of 16 columns (``epilogue_n``), the backward
-      epilogue in its 8 / 16. sm_90's 128-row builds (``bench.audit``, 2026-12-06): down 134 -> 101 registers,
-      backward 148 -> 113, 1 -> 2 CTAs per SM (99 KB of shared memory), issue ratio 0.48 as before; slices of 8
-      took 101 too, of 32 106, of 64 128, the whole tile 136. The pair keeps two 128 × 128 accumulators in
-      registers (128 per thread on 8 warps): 246 -> 171, 1 CTA per SM; at 64 columns it takes 112 and 2 CTAs per
-      SM but issues 0.96 clocks per MMA clock against 0.48. On sm_100 the rowwise backward drops 174 -> 56
-      registers (1 -> 2 CTAs per SM), the 8-warp pair 200 -> 80 (1 -> 3), the GLU forward 196 -> 168; sm_120's
-      pair 237 -> 173.
+      columns every recipe spilled (4-1408 B) on sm_90 / sm_100 / sm_120.
 
-    The blockwise and rowwise-pair tiles stay 128 wide on sm_90: at 64 columns their per-step overhead gives 0.9-1.3
-    issue clocks per MMA clock, 0.47-0.8 at 128."""
-    two_products = backward or pair or (glu and fp8 == Fp8Mode.BLOCKWISE)
-    registers = two_products and fp8 != Fp8Mode.MX
+    The blockwise tiles stay 128 wide on sm_90: at 64 columns their per-step overhead gives 0.9-1.3 issue clocks per
+    MMA clock, 0.47-0.8 at 128."""
+    # blockwise promotes each K step's product in registers (the GLU forward, the backward epilogue, the pair: 8 warps)
+    registers = fp8 == Fp8Mode.BLOCKWISE and (backward or pair or glu)
     tcgen05_4 = block_m >= 128 and _blackwell(capability) and aligned and not registers
     warps = 8 if block_m >= 128 and not tcgen05_4 else 4
-    rowwise_pair_100 = pair and fp8 == Fp8Mode.ROWWISE and _blackwell(capability)
     glu_forward = glu and not backward
     # sm_100's MX / rowwise GLU forward: two 128x128 accumulators in tensor memory, the epilogue in 32-column slices
     wide_glu = glu_forward and tcgen05_4 and fp8 in (Fp8Mode.MX, Fp8Mode.ROWWISE)
-    block_n = 64 if (glu_forward and not wide_glu) or capability == 120 or rowwise_pair_100 else 128
+    block_n = 64 if (glu_forward and not wide_glu) or capability == 120 else 128
     block_k = 128
     if wide_glu and fp8 == Fp8Mode.ROWWISE:  # 3 buffers of 128-deep steps there: 148 KB, 1 CTA/SM
         block_k = 64
