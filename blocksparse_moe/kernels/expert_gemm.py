@@ -709,14 +709,14 @@ def _gemm_tile(
     # FP8 ROWWISE: the epilogues scale the accumulators column slice by column slice (_rowwise_slice), each slice
     # loading its columns' scales; the rows' (A's, the pair's A2's) here, once; the zeroing tiles (e = E) read none
     # (tl.where: the interpreter rejects `mask & used`)
+    ROWWISE: tl.constexpr = FP8 == _ROWWISE
     sa = tl.zeros((BLOCK_M,), dtype=tl.float32)  # ROWWISE only; unused otherwise
     sa2 = sa
-    if FP8 == _ROWWISE:
+    if ROWWISE:
         scaled_rows = tl.where(used, a_ok, False)
         sa = tl.load(sa_ptr + sa_rows, mask=scaled_rows, other=0.0)
         if PAIR:
             sa2 = tl.load(sa2_ptr + sa_rows, mask=scaled_rows, other=0.0)
-    ROWWISE: tl.constexpr = FP8 == _ROWWISE
 
     o_rows = row_offsets(rows, s_orb, s_or, LB_O)
     o_col0 = tile_start(pid_n, s_ocb, s_oc, BLOCK_N, LB_O)
