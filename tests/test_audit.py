@@ -621,6 +621,17 @@ def test_launcher_specs_say_what_they_serve():
         assert (wide.archs, wide.constexprs["EPI_N"], wide.constexprs["SW_TMA"]) == ((100,), 32, tma_scales), name
         assert not [w for w, _ in wide.waivers if "@" not in w or w.endswith("@100")] and not wide.persistent, name
     assert "issue@100" in [w for w, _ in gemm["gemm_fp8[blockwise,up,glu,M=128,N=64,K=128,tma]"].waivers]
+    # rowwise's 128-row builds scale their accumulators column slice by column slice: 2 CTAs per SM on sm_90, and
+    # sm_100 runs the backward epilogue and the pair on 4 warps (128 columns); no waiver but the occupancy of sm_90's
+    # dgrad pair (its two accumulators)
+    for name in ("down,M=128,N=128,K=128,w=8,tma", "down_bwd,glu,M=128,N=128,K=128,w=8,tma",
+                 "down_bwd,glu,M=128,N=128,K=128,w=4,tma", "dgrad_pair,M=128,N=128,K=128,w=4,tma"):  # fmt: skip
+        rowwise = gemm[f"gemm_fp8[rowwise,{name}]"]
+        assert [w for w, _ in rowwise.waivers if w.endswith(("@90", "@100"))] == (
+            ["occupancy@90"] if "pair" in name else []), name  # fmt: skip
+    assert gemm["gemm_fp8[rowwise,down,M=128,N=128,K=128,w=8,tma]"].constexprs["EPI_N"] == 16
+    pair90 = gemm["gemm_fp8[rowwise,dgrad_pair,M=128,N=128,K=128,w=8,tma]"]
+    assert pair90.archs == (90,) and [w for w, _ in pair90.waivers] == ["occupancy@90"]
     # sm_100's builds that do not warp-specialize gather their x rows through TMA (gather4), the others by cp.async
     assert (glu.archs, glu.constexprs["A_TMA"], glu.signature["a_desc"]) == (
         (100,), expert_gemm.WeightLoad.GATHER4, "tensordesc<bf16[1,64]>")  # fmt: skip

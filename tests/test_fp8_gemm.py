@@ -353,8 +353,20 @@ def test_fp8_gemm_configs(monkeypatch):
         assert expert_gemm.gemm_config(e4m3, 128, epilogue=1, glu=True, aligned=False, capability=100,
                                        fp8=mode).block_n == 32  # fmt: skip
     assert expert_gemm.gemm_config(e4m3, 128, epilogue=1, glu=True, capability=100, fp8=Fp8Mode.BLOCKWISE).block_n == 64
+    # rowwise: the down GEMM, the up-projection without GLU and the pair scale their accumulators in slices of 16
+    # columns (sm_90's 128-row tiles: 2 CTAs per SM, bench.audit), every architecture and alignment
+    for cc in (90, 100, 120):
+        for epilogue, pair in ((0, False), (1, False), (0, True)):
+            for aligned in (True, False):
+                cfg = expert_gemm.gemm_config(e4m3, 128, epilogue=epilogue, pair=pair, aligned=aligned, capability=cc,
+                                              fp8=Fp8Mode.ROWWISE)  # fmt: skip
+                assert cfg.epi_n == 16, (cc, epilogue, pair, aligned)
     monkeypatch.setattr(expert_gemm, "interpreting", lambda: True)
     assert expert_gemm.gemm_config(e4m3, 16, fp8=Fp8Mode.MX).block_k == 32  # whole MX groups when interpreting
+    for epilogue, glu, pair in ((0, False, False), (1, False, False), (1, True, False), (2, True, False),
+                                (0, False, True)):  # fmt: skip
+        cfg = expert_gemm.gemm_config(e4m3, 16, epilogue=epilogue, glu=glu, pair=pair, fp8=Fp8Mode.ROWWISE)
+        assert cfg.epi_n < cfg.block_n  # the interpreter's tests run every epilogue in column slices
 
 
 # ----------------------------------------------------------------------------------------------- MX scales by TMA
@@ -424,7 +436,7 @@ def _launch_128(
     plan = _plan(T, k, E, kind)
     R = plan.num_assignments
     schedule = Schedule.build(plan.offsets, R, 128)
-    gathered = use in ("plain-gathered", "forward-glu", "forward-glu-aq", "backward-glu")
+    gathered = use in ("plain-gathered", "forward", "forward-glu", "forward-glu-aq", "backward-glu")
     a_q, a_s, a64 = quantized(torch.randn(T if gathered else R, K), rcp.act_block(), mode)
     w_q, w_s, w64 = weight(E, K, N, mode, True)  # the FP8 MLP's K-major weights (wᵀ views of [E, N, K] storage)
     inputs = [t.clone() for t in (a_q.view(torch.uint8), a_s, w_q.view(torch.uint8), w_s)]
@@ -434,6 +446,12 @@ def _launch_128(
     outs: tuple[torch.Tensor, ...] = (out,)
     if use in ("plain", "plain-gathered"):
         expert_gemm.gemm(a, w_q, Rows.dense(out), schedule, row_src=row_src, scales=GemmScales(mode, a_s, w_s))
+    elif use == "forward":  # the up-projection without GLU: h and a = act(h)
+        act_out = _poisoned(R, N, torch.bfloat16)
+        expert_gemm.gemm(a, w_q, Rows.dense(out), schedule, row_src=row_src, act_out=act_out, activation="silu",
+                         scales=GemmScales(mode, a_s, w_s))  # fmt: skip
+        assert_derived(act_out, torch.nn.functional.silu(ref.bfloat16().double()), "a")
+        outs += (act_out,)
     elif use in ("forward-glu", "forward-glu-aq"):  # the gate's scales: sw2; -aq: a quantized in the epilogue
         g_q, g_s, g64 = weight(E, K, N, mode, True)
         gate_out, act_out, act_scales = _poisoned(R, N, torch.bfloat16), _poisoned(R, N, torch.bfloat16), None
@@ -451,13 +469,20 @@ def _launch_128(
         else:
             assert not (act_scales == 255).any(), "a scale left unwritten (poison) or NaN"
         outs += (gate_out, act_out) if act_scales is None else (gate_out, act_out.view(torch.uint8), act_scales)
-    elif use == "backward-glu":
+    elif use == "backward-glu":  # G = ref: dh = w·G·g·act'(h), dg = w·G·act(h), aw = w·a, Σ G·a
         h, g = torch.randn(R, N).bfloat16(), torch.randn(R, N).bfloat16()
+        weights = torch.rand(T * k)
         dg, aw = _poisoned(R, N, torch.bfloat16), _poisoned(R, N, torch.bfloat16)
         dots = expert_gemm.gemm(
             a, w_q, Rows.dense(out), schedule, row_src=row_src, gate_out=dg, act_out=aw, activation="silu",
-            backward=BackwardEpilogue(h, g, plan.row_assignment, torch.rand(T * k)), scales=GemmScales(mode, a_s, w_s),
+            backward=BackwardEpilogue(h, g, plan.row_assignment, weights), scales=GemmScales(mode, a_s, w_s),
         )  # fmt: skip
+        h64, g64, wr = h.double(), g.double(), weights.double()[plan.row_assignment.long()][:, None]
+        act = get_activation("silu")(h64)
+        assert_derived(out, act_backward(ref * wr * g64, h64, "silu"), "dh")
+        assert_derived(dg, ref * wr * act, "dg")
+        assert_derived(aw, act * g64 * wr, "aw")
+        assert_derived(dots.sum(0), (ref * act * g64).sum(1), "dots")
         outs += (dg, aw, dots)
     else:  # pair: the second weight's scales: sw2 (the second mainloop's W)
         a2_q, a2_s, a2_64 = quantized(torch.randn(R, K), rcp.act_block(), mode)
@@ -466,7 +491,7 @@ def _launch_128(
         expert_gemm.gemm(a, w_q, Rows.dense(out), schedule, pair=(Rows.dense(a2_q), w2_q), scales=scales)
         ref2, bound2 = reference(plan, a2_64, w2_64, False)
         ref, bound = ref + ref2, bound + bound2
-    if use != "backward-glu":  # (the backward epilogue's out is dh: test_fp8_gemm checks its math)
+    if use != "backward-glu":  # (the backward epilogue's out is dh: checked above)
         assert_accumulated(out, ref, bound, "out")
     for before, after in zip(inputs, (a_q.view(torch.uint8), a_s, w_q.view(torch.uint8), w_s)):
         assert torch.equal(before, after)  # inputs are never modified
@@ -563,6 +588,67 @@ def test_glu_forward_sm100_tiles(case, mode, quant_a, monkeypatch):
         assert torch.equal(narrow.view(torch.uint8), wide.view(torch.uint8)), name
     if quant_a:
         assert torch.equal(results[False][3], results[True][3]), "a's scales"
+
+
+ROWWISE_128_CASES = {
+    # name: (use, T, k, E, K, N, routing); 128-row M tiles; K and N 16-byte aligned (the fast configs) unless named
+    # experts 1 and 3 without rows; K = 208: two K steps, the last partial; N = 144: a full and a partial 128-column
+    # tile (its first 16-column slice cut by N, the other seven wholly past N)
+    "down,empty-experts,partial-n": ("plain", 13, 2, 4, 208, 144, "skip"),
+    "down,one-row,E=1": ("plain-gathered", 1, 1, 1, 80, 48, "uniform"),  # one row, E = 1; one partial K step
+    "down,one-expert,odd": ("plain-gathered", 67, 2, 3, 80, 176, "one-hot"),  # all rows on one expert: 134 rows
+    "down,unaligned,odd": ("plain-gathered", 7, 2, 3, 72, 40, "uniform"),  # N = 40: the 32 x 32 fallback's slices
+    "up,empty-experts,partial-n": ("forward", 13, 2, 4, 208, 144, "skip"),  # the up-projection without GLU
+    "backward,empty-experts,partial-n": ("backward-glu", 13, 2, 4, 208, 144, "skip"),  # G's slices in 8 columns
+    "pair,empty-experts,partial-n": ("pair", 13, 2, 4, 208, 144, "skip"),  # two products, each with its scales
+    "pair,one-expert,odd": ("pair", 67, 2, 3, 80, 176, "one-hot"),  # all rows on one expert: a second M tile of 6
+}
+
+
+# (BLOCK_N, EPI_N, the backward's EPI_N, warps) of gemm_config's rowwise 128-row tiles: aligned per capability,
+# and the unaligned fallback's
+ROWWISE_TILES = {90: (128, 16, 8, 8), 100: (128, 16, 16, 4), "unaligned": (32, 16, 8, 8)}
+
+
+@pytest.mark.parametrize("capability", [90, 100])
+@pytest.mark.parametrize("case", list(ROWWISE_128_CASES))
+def test_rowwise_gpu_tiles(case, capability, monkeypatch):
+    # sm_90's (and sm_100's) rowwise configs forced under the interpreter (gemm_config's choice for the capability:
+    # 128 x 128 x 128 tiles on 8 warps, sm_100's on 4, the accumulators scaled column slice by column slice in the
+    # epilogue, EPI_N 16; sm_90's backward epilogue 8): every output poisoned and checked against the float64
+    # reference of the quantized math
+    # (_launch_128), and bit for bit that of the same tiles scaled whole after the loop (EPI_N = BLOCK_N: the math
+    # of scaling the accumulator at once, the old path), but for the backward's fp32 dots: Σ G·a summed slice by
+    # slice, in another order (to fp32 rounding)
+    use, T, k, E, K, N, kind = ROWWISE_128_CASES[case]
+    config = expert_gemm.gemm_config
+
+    def gpu_config(*args, whole=False, **kwargs):
+        with pytest.MonkeyPatch.context() as gpu:
+            gpu.setattr(expert_gemm, "interpreting", lambda: False)
+            cfg = config(*args, **{**kwargs, "capability": capability})
+        return replace(cfg, epilogue_n=None) if whole else cfg
+
+    block_n, epi_n, backward_epi_n, warps = ROWWISE_TILES["unaligned" if "unaligned" in case else capability]
+    epi_n = backward_epi_n if use == "backward-glu" else epi_n
+    results = {}
+    for whole in (False, True):
+        with monkeypatch.context() as m:
+            m.setattr(expert_gemm, "gemm_config", lambda *a, whole=whole, **kw: gpu_config(*a, whole=whole, **kw))
+            kernel = Recorded(expert_gemm.gemm_kernel)
+            m.setattr(expert_gemm, "gemm_kernel", kernel)
+            torch.manual_seed(29)
+            results[whole] = _launch_128(use, T, k, E, K, N, kind, Fp8Mode.ROWWISE)
+        call = kernel.calls[-1]
+        tiles = (call["BLOCK_N"], call["EPI_N"], call["num_warps"])
+        assert tiles == (block_n, block_n if whole else epi_n, warps), tiles
+    if use == "backward-glu":
+        dots, whole_dots = results[False][-1], results[True][-1]
+        torch.testing.assert_close(dots, whole_dots, rtol=1e-6, atol=1e-6 * whole_dots.abs().max().item())
+        results = {whole: outs[:-1] for whole, outs in results.items()}
+    for i, (sliced, whole) in enumerate(zip(results[False], results[True])):
+        assert torch.equal(sliced.view(torch.int16 if sliced.dtype == torch.bfloat16 else torch.int32),
+                           whole.view(torch.int16 if whole.dtype == torch.bfloat16 else torch.int32)), i  # fmt: skip
 
 
 def test_mx_scales_tma_in_the_fp8_mlp(monkeypatch):

@@ -554,6 +554,24 @@ def test_fp8_blockwise_holds_a_second_accumulator():
     assert launch_cost(_gemm(**args, FP8=int(Fp8Mode.BLOCKWISE), **e4m3), h200, [1024], [1024]).ctas_per_sm == 1
 
 
+def test_fp8_rowwise_pair_holds_a_second_accumulator():
+    # regression: the rowwise dgrad pair's second product (dg @ w3ᵀ, other scales than dh @ w1ᵀ) runs into its own
+    # accumulator, which the estimate did not count: sm_90's 128 x 128 pair tile on 8 warps came out at 112
+    # registers and two CTAs per SM where ptxas gives 171 and one (bench.audit, 2026-12-06); sm_100's on 4 warps
+    # (244 registers) keeps its two by shared memory and registers; the other recipes' pair adds into one
+    h200, b200 = GPUS["h200"], GPUS["b200"]
+    args = dict(R=1024, N=512, K=256, m_tiles=8, n_tiles=4, block_m=128, BLOCK_N=128, BLOCK_K=128, PAIR=True)
+    e4m3 = dict(
+        a_ptr=TensorInfo((1024, 256), (256, 1), E4M3), w_ptr=TensorInfo((1, 256, 512), (256 * 512, 512, 1), E4M3)
+    )
+    row90 = _gemm(**args, FP8=int(Fp8Mode.ROWWISE), num_warps=8, **e4m3)
+    row100 = _gemm(**args, FP8=int(Fp8Mode.ROWWISE), num_warps=4, **e4m3)
+    mx = _gemm(**args, FP8=int(Fp8Mode.MX), num_warps=8, **e4m3)
+    assert launch_cost(row90, h200, [1024], [1024]).ctas_per_sm == 1
+    assert launch_cost(row100, b200, [1024], [1024]).ctas_per_sm == 2
+    assert launch_cost(mx, h200, [1024], [1024]).ctas_per_sm == 2
+
+
 def test_fp8_wgrad_cost_counts_the_row_groups():
     h200 = GPUS["h200"]
     rows = [300, 0, 37]  # an expert with no rows; 37 rows: one partial group of 128

@@ -212,6 +212,8 @@ FP8 model (fp8=RECIPE: gemm_kernel / wgrad_kernel with FP8 = 1 blockwise, 2 mx, 
     the GPU's bf16 figure (1/16 of the bf16 FMA rate on sm_90, 1/32 on sm_100), added to the MMA time (it waits
     for the step's MMA; a second CTA per SM hiding it is not modelled: an upper bound); the step's result is a second
     fp32 accumulator in the register estimate
+  rowwise scales applied once after the loop (in the epilogue's column slices: no registers counted for them); the
+    dgrad pair's second product (its own scales) a second fp32 accumulator in the register estimate
   bytes: operands, outputs and epilogue operands at their own element sizes (E4M3 1 B); the scales (fp32, or E8M0
     1 B) in the recipe's groups (blocksparse_moe.fp8), read once from HBM and every K step (rowwise: every tile)
     from L2; scale tiles in shared memory not counted; mx's up-projection writes a in E4M3 with its scales
@@ -380,7 +382,9 @@ def _gemm_cost(launch: Launch, gpu: Gpu, rows: list[int], useful_rows: list[int]
             l2 += used * n_tiles * k_steps * per_step * s_item
         promoted = used * n_tiles * BM * BN * products * _groups(K, group)
     threads = a["num_warps"] * 32
-    accumulators = (1 + dual) * (2 if recipe is not None and recipe.name == "blockwise" else 1)  # + the step's
+    # rowwise's pair: the second product (other scales) in its own accumulator; blockwise: + the step's
+    rowwise_pair = pair and recipe is not None and recipe.name == "rowwise"
+    accumulators = (1 + dual + rowwise_pair) * (2 if recipe is not None and recipe.name == "blockwise" else 1)
     acc = (BM * BN * accumulators + (BM * a["EPI_N"] * _BWD_LIVE if a["EPILOGUE"] == 2 else 0)) / threads
     smem = a["num_stages"] * (BM * BK * a_item + BK * BN * (1 + dual) * w_item)
     per_sm = _ctas_per_sm(gpu, a["num_warps"], acc, smem)

@@ -67,11 +67,12 @@ sm_100's 64-row tiles, native block-scaled MMAs of M = 128; blockwise and rowwis
 **Epilogues** of ``gemm_kernel`` (``EPILOGUE``: ``Epilogue``), one ``@triton.jit`` helper each:
 
 - ``PLAIN`` (``_store_plain``): ``out = acc`` (``PAIR``: ``acc = A @ W + A2 @ W2``, e.g. the dgrad
-  ``[dh | dg] @ [w1 | w3]ᵀ``);
+  ``[dh | dg] @ [w1 | w3]ᵀ``); FP8 rowwise in column slices of ``EPI_N`` (``_rowwise_plain_epilogue``, below);
 - ``FORWARD`` (``_forward_epilogue``): ``h = acc`` (and ``GLU``: ``g = acc2``, the gate weight's accumulator over
   the same A tiles); stores ``h`` [, ``g``] and ``a = act(h) [· g]`` (computed from the rounded h, g, as the
   backward recomputes it), in column slices of ``EPI_N`` as the backward epilogue (``_sliced_forward_epilogue``:
-  sm_100's 128-wide GLU tile in slices of 32; one slice, the whole tile, in the other GPU configs), or with
+  sm_100's 128-wide GLU tile in slices of 32, FP8 rowwise without GLU in slices of 16; one slice, the whole tile,
+  in the other GPU configs), or with
   ``QUANT_A`` (an FP8 mode of ``EPILOGUE_QUANT``: MX) a as E4M3 bits plus one scale per row and group of the mode's
   columns (``_quantized_forward_epilogue``: group by group, a column slice of the accumulators each as in the
   backward epilogue, a rounded to h's dtype, then ``kernels.quantize``'s helpers: bit for bit ``quantize(a, (1,
@@ -97,8 +98,10 @@ by Triton elsewhere; masked scales read 127, never the NaN 255); on sm_100 with 
 ``GemmScales.a`` / ``a2`` per M tile of the schedule (``_mx_tile_scales``: an M tile starts at any expert offset), each
 by one launch of ``scale_chunks_kernel`` per GEMM; the block-scaled MMA copies them from shared to tensor memory without
 registers (``bench.audit``, the 128 × 128 down GEMM: 257 -> 180 loop instructions); a gathered A's (its tokens') stay
-pointer loads; ``ROWWISE``: a plain E4M3 MMA, the accumulator scaled once by ``sa[:, None] · sw[None, :]`` before the
-epilogue (the pair's second product in its own accumulator). On sm_90 E4M3 wgmma reads K-major tiles only: weights
+pointer loads; ``ROWWISE``: a plain E4M3 MMA, the accumulator scaled by ``sa[:, None] · sw[None, :]`` after the loop,
+column slice by column slice in every epilogue (``_rowwise_slice``: A's row scales loaded once per tile, each slice's
+column scales only for that slice, so that they never all sit beside the accumulator; the pair's second product in
+its own accumulator, scaled by its own slice by slice and added). On sm_90 E4M3 wgmma reads K-major tiles only: weights
 K-contiguous (a ``wᵀ`` view of ``[E, N, K]`` storage) run pipelined, N-contiguous ones wait wgmma to zero each step
 (``bench.audit``). sm_80 has no E4M3 MMA.
 
@@ -110,8 +113,7 @@ expert, groups from each expert's first row; ``group_offsets[e]`` expert e's fir
 sb[None, :]`` (DeepSeek-V3); ``MX`` (G = 32) runs ``tl.dot_scaled`` with the step's ``BLOCK_K / 32`` E8M0 scale
 columns (groups past the expert's end, whose rows are zeros, read its last group's scales: never another
 expert's);
-``ROWWISE`` (one group per expert) a plain E4M3 ``tl.dot``, the scales applied once after the loop (by the forward
-epilogue, slice by slice: ``_sliced_forward_epilogue``).
+``ROWWISE`` (one group per expert) a plain E4M3 ``tl.dot``, the scales applied once after the loop.
 
 The launchers choose the config and the grid and launch; the ops validate the operands (``ops._checks``) and the
 backend allocates (``backends.triton``). Limits: fp32 / fp16 / bf16 operands of one dtype, or E4M3 with scales,
@@ -335,8 +337,8 @@ def _fp8_dot(acc, a, w, sa_ptr, sa_rows, s_sak, sa_desc, m_tile, sw_ptr, sw_cols
       the host descriptor ``sw_desc`` over the tcgen05 chunks of expert ``e`` from column ``n0``, with ``SA_TMA``
       A's through ``sa_desc`` over those of M tile ``m_tile`` (``_scale_chunks``: the padding reads 127, past the
       chunks 0, 2^-127 on the zero columns / K steps TMA fills: finite);
-    - ``ROWWISE`` (and ``NONE``): a plain ``tl.dot`` (the scales are applied once after the loop,
-      ``_rowwise_scale``; the forward epilogue's per column slice).
+    - ``ROWWISE`` (and ``NONE``): a plain ``tl.dot`` (the scales are applied after the loop, by the epilogues
+      column slice by column slice: ``_rowwise_slice``).
 
     ``SWAP_AB`` (``MX`` only): ``acc`` transposed, ``accᵀ += W_tᵀ @ A_tᵀ``: ``tl.dot_scaled`` with W as the left
     operand, its scales first."""
@@ -370,11 +372,14 @@ def _fp8_dot(acc, a, w, sa_ptr, sa_rows, s_sak, sa_desc, m_tile, sw_ptr, sw_cols
 
 
 @triton.jit
-def _rowwise_scale(acc, sa_ptr, sa_rows, sw_ptr, sw_cols, row_ok, n_ok):
-    """``FP8`` ``ROWWISE``: ``acc · sa[:, None] · sw[None, :]`` (the rows' and the columns' scales; masked: 0)."""
-    sa = tl.load(sa_ptr + sa_rows, mask=row_ok, other=0.0)
-    sw = tl.load(sw_ptr + sw_cols, mask=n_ok, other=0.0)
-    return acc * sa[:, None] * sw[None, :]
+def _rowwise_slice(x, sa, sw_ptr, s_swn, cols, n0, N, used):
+    """``FP8`` ``ROWWISE``: the column slice ``x [BLOCK_M, len(cols)]`` of an accumulator (the tile's columns
+    ``cols``, from ``n0``) scaled as ``x · sa[:, None] · sw[None, :]``: ``sa`` its rows' scales (A's, loaded once
+    per tile), ``sw`` its columns' (W's, the expert's, at ``sw_ptr``, columns ``s_swn`` apart; loaded here, so that
+    only one slice's column scales are live; 0 past N and in the zeroing tiles, not ``used``)."""
+    cols_ok = tl.where(used, n0 + cols < N, False)  # (tl.where: the interpreter rejects `mask & used`)
+    sw = tl.load(sw_ptr + (n0 + cols).to(tl.int64) * s_swn, mask=cols_ok, other=0.0)
+    return x * sa[:, None] * sw[None, :]
 
 
 @triton.jit
@@ -486,6 +491,27 @@ def _store_plain(acc, out_ptr, o_off, store):
 
 
 @triton.jit
+def _rowwise_plain_epilogue(
+    acc, acc_b, out_ptr, o_rows, o_col0, s_oc, row_ok, n0, N, N_STORE, sa, sa2, sw_ptr, s_swn, sw2_ptr, s_sw2n, used,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPI_N: tl.constexpr, PAIR: tl.constexpr,
+):  # fmt: skip
+    """``EPILOGUE`` ``PLAIN`` with ``FP8`` ``ROWWISE``: ``out = acc`` scaled (``_rowwise_slice``: ``sa`` and W's
+    scales at ``sw_ptr``), with ``PAIR`` plus the second product (``acc_b``, its own accumulator) scaled by its own
+    (``sa2``, W2's at ``sw2_ptr``), in ``BLOCK_N / EPI_N`` (a power of two, at most 16) column slices of ``EPI_N``
+    (``_column_slices``): the products of scaling the whole accumulators after the loop, with only one slice's
+    column scales live at a time."""
+    parts = _column_slices(acc, BLOCK_M, BLOCK_N, EPI_N)
+    parts_b = _column_slices(acc_b, BLOCK_M, BLOCK_N, EPI_N)  # PAIR only; unused (and removed) otherwise
+    for j in tl.static_range(BLOCK_N // EPI_N):
+        cols = j * EPI_N + tl.arange(0, EPI_N)
+        x = _rowwise_slice(parts[j], sa, sw_ptr, s_swn, cols, n0, N, used)
+        if PAIR:
+            x += _rowwise_slice(parts_b[j], sa2, sw2_ptr, s_sw2n, cols, n0, N, used)
+        o_off = o_rows[:, None] + (o_col0 + cols.to(tl.int64) * s_oc)[None, :]
+        _store_plain(x, out_ptr, o_off, row_ok[:, None] & (n0 + cols < N_STORE)[None, :])
+
+
+@triton.jit
 def _forward_epilogue(acc, acc2, h_ptr, g_ptr, o_off, store, GLU: tl.constexpr, ACT: tl.constexpr):
     """``EPILOGUE`` ``FORWARD``: stores ``h = acc``, with ``GLU`` ``g = acc2``, and returns ``a = act(h) [· g]``
     computed from the rounded h and g (as the backward recomputes it), rounded to h's dtype."""
@@ -518,17 +544,17 @@ def _column_slices(x, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, SLICE: tl.cons
 
 @triton.jit
 def _sliced_forward_epilogue(
-    acc, acc2, h_ptr, g_ptr, a_ptr, o_rows, o_col0, s_oc, row_ok, n0, N, N_STORE, sa_ptr, sa_rows, scaled_rows,
-    sw_ptr, s_swn, sw2_ptr, s_sw2n, used, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPI_N: tl.constexpr,
-    GLU: tl.constexpr, ACT: tl.constexpr, ROWWISE: tl.constexpr,
+    acc, acc2, h_ptr, g_ptr, a_ptr, o_rows, o_col0, s_oc, row_ok, n0, N, N_STORE, sa, sw_ptr, s_swn, sw2_ptr, s_sw2n,
+    used, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPI_N: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr,
+    ROWWISE: tl.constexpr,
 ):  # fmt: skip
     """``EPILOGUE`` ``FORWARD`` (``QUANT_A`` none) in ``BLOCK_N / EPI_N`` (a power of two, at most 16) column slices
     of ``EPI_N`` (``_column_slices`` of both accumulators, as the backward epilogue): ``_forward_epilogue`` stores the
     slice's h [, g] and its ``a`` is stored, so that only one slice's h, g and a are live beside the accumulators
     (``EPI_N = BLOCK_N``: the whole tile at once). ``ROWWISE`` (``FP8``): each slice scaled first by its rows' and
-    columns' scales (``_rowwise_scale``: A's at ``sa_ptr + sa_rows``, ``scaled_rows``; W's / W2's, the expert's, at
-    ``sw_ptr`` / ``sw2_ptr``, columns ``s_swn`` / ``s_sw2n`` apart; none where not ``used``), the same products as
-    scaling the whole accumulators after the loop, without bringing them to registers at once."""
+    columns' scales (``_rowwise_slice``: A's ``sa``; W's / W2's, the expert's, at ``sw_ptr`` / ``sw2_ptr``, columns
+    ``s_swn`` / ``s_sw2n`` apart), the same products as scaling the whole accumulators after the loop, without
+    bringing them to registers at once."""
     hs = _column_slices(acc, BLOCK_M, BLOCK_N, EPI_N)
     gs = _column_slices(acc2, BLOCK_M, BLOCK_N, EPI_N)  # GLU only; unused (and removed) otherwise
     for j in tl.static_range(BLOCK_N // EPI_N):
@@ -536,12 +562,10 @@ def _sliced_forward_epilogue(
         o_off = o_rows[:, None] + (o_col0 + cols.to(tl.int64) * s_oc)[None, :]
         store = row_ok[:, None] & (n0 + cols < N_STORE)[None, :]
         h, g = hs[j], gs[j]
-        if ROWWISE:  # the zeroing tiles (not used) read no scale (tl.where: the interpreter rejects `mask & used`)
-            scaled_cols = tl.where(used, n0 + cols < N, False)
-            h = _rowwise_scale(h, sa_ptr, sa_rows, sw_ptr, (n0 + cols).to(tl.int64) * s_swn, scaled_rows, scaled_cols)
+        if ROWWISE:
+            h = _rowwise_slice(h, sa, sw_ptr, s_swn, cols, n0, N, used)
             if GLU:
-                g = _rowwise_scale(g, sa_ptr, sa_rows, sw2_ptr, (n0 + cols).to(tl.int64) * s_sw2n, scaled_rows,
-                                   scaled_cols)  # fmt: skip
+                g = _rowwise_slice(g, sa, sw2_ptr, s_sw2n, cols, n0, N, used)
         a = _forward_epilogue(h, g, h_ptr, g_ptr, o_off, store, GLU, ACT)
         tl.store(a_ptr + o_off, a, mask=store)
 
@@ -612,21 +636,25 @@ def _backward_slice(
 @triton.jit
 def _backward_epilogue(
     acc, dh_ptr, dg_ptr, aw_ptr, h_ptr, g_ptr, row_asg_ptr, weights_ptr, dots_ptr, o_rows, o_col0, s_oc, rows,
-    row_ok, n0, pid_n, R, N, N_STORE, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPI_N: tl.constexpr,
-    GLU: tl.constexpr, ACT: tl.constexpr,
+    row_ok, n0, pid_n, R, N, N_STORE, sa, sw_ptr, s_swn, used, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EPI_N: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr, ROWWISE: tl.constexpr,
 ):  # fmt: skip
     """``EPILOGUE`` ``BACKWARD``, ``acc = G = dout[token] @ w2ᵀ``: with ``w`` the row's top-k weight and ``a``
     recomputed from the saved ``h`` [, ``g``], stores ``dh = w·G·[g·]act'(h)``, (``GLU``) ``dg = w·G·act(h)``,
     ``aw = w·a`` and this N tile's ``dots[pid_n, row] = Σ G·a``. Processed in ``BLOCK_N / EPI_N`` (a power of two,
     at most 16) column slices of the accumulator (``_backward_slice``), so that only one slice of h, g and the
-    results is live beside the accumulator."""
+    results is live beside the accumulator; ``ROWWISE`` (``FP8``): each slice of G scaled first (``_rowwise_slice``:
+    A's ``sa``, W's at ``sw_ptr``)."""
     asg = tl.load(row_asg_ptr + rows, mask=row_ok, other=-1)
     wr = tl.load(weights_ptr + tl.maximum(asg, 0).to(tl.int64), mask=asg >= 0, other=0.0).to(tl.float32)
     parts = _column_slices(acc, BLOCK_M, BLOCK_N, EPI_N)
     dots = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for j in tl.static_range(BLOCK_N // EPI_N):
+        G = parts[j]
+        if ROWWISE:
+            G = _rowwise_slice(G, sa, sw_ptr, s_swn, j * EPI_N + tl.arange(0, EPI_N), n0, N, used)
         dots += _backward_slice(
-            parts[j], j, dh_ptr, dg_ptr, aw_ptr, h_ptr, g_ptr, wr, o_rows, o_col0, s_oc, row_ok, n0, N, N_STORE, GLU,
+            G, j, dh_ptr, dg_ptr, aw_ptr, h_ptr, g_ptr, wr, o_rows, o_col0, s_oc, row_ok, n0, N, N_STORE, GLU,
             ACT, EPI_N,
         )  # fmt: skip
     tl.store(dots_ptr + pid_n.to(tl.int64) * R + rows, dots, mask=row_ok)
@@ -696,12 +724,6 @@ def _gemm_tile(
         sw2_cols, s_sw2k, sw_desc, sw2_desc, sa_desc, pid_m, BLOCK_K, BLOCK_N, LB_A, DUAL, W_TMA, WARP_SPEC, DOTS, FP8,
         A_TMA, SA_TMA, SW_TMA, SWAP_AB,
     )  # fmt: skip
-    # FP8 ROWWISE: the zeroing tiles (e = E) read no scale (tl.where: the interpreter rejects `mask & used`)
-    scaled_rows, scaled_cols = tl.where(used, a_ok, False), tl.where(used, n_ok, False)
-    # the forward epilogue scales its column slices (_sliced_forward_epilogue), the others the whole accumulator here
-    ROWWISE_SLICES: tl.constexpr = FP8 == _ROWWISE and EPILOGUE == _FORWARD and QUANT_A == _NO_FP8
-    if FP8 == _ROWWISE and not ROWWISE_SLICES:
-        acc = _rowwise_scale(acc, sa_ptr, sa_rows, sw_e, sw_cols, scaled_rows, scaled_cols)
     if PAIR:
         acc_b = acc
         if FP8 == _ROWWISE:  # the second product's scales differ: its own accumulator
@@ -713,30 +735,49 @@ def _gemm_tile(
             s_sw2k, sw2_e, sw2_cols, s_sw2k, sw2_desc, sw2_desc, sa2_desc, pid_m, BLOCK_K, BLOCK_N, LB_A, False, W_TMA,
             WARP_SPEC, DOTS, FP8, A_TMA, SA_TMA, SW_TMA, SWAP_AB,
         )  # fmt: skip
-        if FP8 == _ROWWISE:
-            acc += _rowwise_scale(acc_b, sa2_ptr, sa_rows, sw2_e, sw2_cols, scaled_rows, scaled_cols)
-        else:
+        if FP8 != _ROWWISE:
             acc = acc_b
+    else:
+        acc_b = acc  # unused
     if SWAP_AB:  # the tile's orientation again: one layout conversion per tile, after the K loops
         acc = acc.trans()
         acc2 = acc2.trans()
+        acc_b = acc_b.trans()
+    # FP8 ROWWISE: the epilogues scale the accumulators column slice by column slice (_rowwise_slice), each slice
+    # loading its columns' scales; the rows' (A's, the pair's A2's) here, once; the zeroing tiles (e = E) read none
+    # (tl.where: the interpreter rejects `mask & used`)
+    ROWWISE: tl.constexpr = FP8 == _ROWWISE
+    sa = tl.zeros((BLOCK_M,), dtype=tl.float32)  # ROWWISE only; unused otherwise
+    sa2 = sa
+    if ROWWISE:
+        scaled_rows = tl.where(used, a_ok, False)
+        sa = tl.load(sa_ptr + sa_rows, mask=scaled_rows, other=0.0)
+        if PAIR:
+            sa2 = tl.load(sa2_ptr + sa_rows, mask=scaled_rows, other=0.0)
 
     o_rows = row_offsets(rows, s_orb, s_or, LB_O)
     o_col0 = tile_start(pid_n, s_ocb, s_oc, BLOCK_N, LB_O)
     if EPILOGUE == _BACKWARD:
         _backward_epilogue(
             acc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr, row_asg_ptr, weights_ptr, dots_ptr, o_rows, o_col0,
-            s_oc, rows, row_ok, n0, pid_n, R, N, N_STORE, BLOCK_M, BLOCK_N, EPI_N, GLU, ACT,
+            s_oc, rows, row_ok, n0, pid_n, R, N, N_STORE, sa, sw_e, s_swn, used, BLOCK_M, BLOCK_N, EPI_N, GLU, ACT,
+            ROWWISE,
+        )  # fmt: skip
+    elif EPILOGUE == _PLAIN and ROWWISE:
+        _rowwise_plain_epilogue(
+            acc, acc_b, out_ptr, o_rows, o_col0, s_oc, row_ok, n0, N, N_STORE, sa, sa2, sw_e, s_swn, sw2_e, s_sw2n,
+            used, BLOCK_M, BLOCK_N, EPI_N, PAIR,
         )  # fmt: skip
     elif EPILOGUE == _PLAIN:
         o_off = o_rows[:, None] + (o_col0 + tl.arange(0, BLOCK_N).to(tl.int64) * s_oc)[None, :]
         _store_plain(acc, out_ptr, o_off, row_ok[:, None] & (offs_n < N_STORE)[None, :])
     elif QUANT_A == _NO_FP8:
         _sliced_forward_epilogue(
-            acc, acc2, out_ptr, out2_ptr, out3_ptr, o_rows, o_col0, s_oc, row_ok, n0, N, N_STORE, sa_ptr, sa_rows,
-            scaled_rows, sw_e, s_swn, sw2_e, s_sw2n, used, BLOCK_M, BLOCK_N, EPI_N, GLU, ACT, ROWWISE_SLICES,
+            acc, acc2, out_ptr, out2_ptr, out3_ptr, o_rows, o_col0, s_oc, row_ok, n0, N, N_STORE, sa, sw_e, s_swn,
+            sw2_e, s_sw2n, used, BLOCK_M, BLOCK_N, EPI_N, GLU, ACT, ROWWISE,
         )  # fmt: skip
     else:
+        tl.static_assert(not ROWWISE, "QUANT_A: MX only (EPILOGUE_QUANT)")
         _quantized_forward_epilogue(
             acc, acc2, out_ptr, out2_ptr, out3_ptr, sq_ptr, o_rows, o_col0, s_oc, rows, row_ok, n0, N, s_sqr, s_sqc,
             BLOCK_M, BLOCK_N, GLU, ACT, QUANT_A,
@@ -806,7 +847,8 @@ def gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    EPI_N: tl.constexpr,  # FORWARD (QUANT_A none), BACKWARD: the epilogue's column slice (BLOCK_N / EPI_N <= 16)
+    EPI_N: tl.constexpr,  # FORWARD (QUANT_A none), BACKWARD, PLAIN with FP8 ROWWISE: the epilogue's column slice
+    # (BLOCK_N / EPI_N <= 16)
     GROUP_M: tl.constexpr,
     LB_A: tl.constexpr,  # log2 of A's layout block (any value for dense / gathered A)
     LB_O: tl.constexpr,  # log2 of out's layout block
@@ -1059,8 +1101,8 @@ def scale_chunks_kernel(
 @dataclass(frozen=True)
 class GemmConfig:
     """Output tile ``block_m × block_n``, reduction step ``block_k``, M tiles per group of the grouped order,
-    launch options, and the forward (``QUANT_A`` none) and backward epilogues' column slice ``epilogue_n``
-    (``block_n`` / 1 to 16)."""
+    launch options, and the forward (``QUANT_A`` none), backward and FP8 rowwise plain epilogues' column slice
+    ``epilogue_n`` (``block_n`` / 1 to 16)."""
 
     block_m: int
     block_n: int
@@ -1187,42 +1229,52 @@ def _fp8_config(
 
     - MX off sm_100 (no block-scaled MMA there: Triton upcasts both tiles to bf16 in registers) takes a K step of 64
       (at 128 ptxas spilled 4-84 B on sm_90), 32 for sm_120's backward epilogue (8 B at 64);
-    - sm_100 runs 128-row tiles on 4 warps (the accumulator in tensor memory) except where the accumulators come to
-      registers every step or twice: the blockwise promotion with the GLU forward, the backward epilogue or the pair,
-      and the rowwise backward and pair (on 4 warps those spilled 64-736 B); on 8 warps the blockwise down GEMM
-      issues 1.10 clocks per MMA clock against 0.66 on 4, the MX backward 1.78 against 1.12;
+    - rowwise scales the accumulators after the loop in the epilogue's column slices (``_rowwise_slice``: each
+      slice's column scales, one fp32 per column of the thread's accumulator fragment, loaded only for it): the down
+      GEMM, the up-projection without GLU and the pair in slices of 16 columns (``epilogue_n``), the backward
+      epilogue in its 8 (sm_100: 16). sm_90's 128-row builds (``bench.audit``, 2026-12-06): down 134 -> 101
+      registers, backward 148 -> 113, 1 -> 2 CTAs per SM (99 KB of shared memory), issue ratio 0.48 as before
+      (slices of 8: 101 too, of 32 106, of 64 128; the whole tile 136). The pair keeps two 128 × 128 accumulators in
+      registers (128 per thread on 8 warps): 246 -> 171, 1 CTA per SM; at 64 columns it takes 112 and 2 CTAs per
+      SM but issues 0.96 clocks per MMA clock against 0.48, so it stays 128 wide (as blockwise: 0.9-1.3 at 64
+      columns, 0.47-0.8 at 128);
+    - sm_100 runs 128-row tiles on 4 warps (the accumulator in tensor memory) except where blockwise promotes each
+      step's product in registers: the GLU forward, the backward epilogue and the pair (on 8 warps the blockwise down
+      GEMM issues 1.10 clocks per MMA clock against 0.66 on 4, the MX backward 1.78 against 1.12). Rowwise's backward
+      and pair came to registers whole after the loop and spilled 64-736 B on 4 warps; scaled slice by slice they
+      fit: the backward 156 registers (gelu 202), 2 CTAs per SM, issue ratio 0.66 (8 warps: 174 -> 56 registers,
+      1.05); the pair at 128 columns 244 registers, 2 CTAs per SM, 0.67 (8 warps and 64 columns: 200 registers, 1
+      CTA per SM, 2.12; 216 B of spills at 128);
     - sm_100's aligned 128-row MX and rowwise GLU forward run 128 columns per weight (two 128×128 accumulators in
       tensor memory, 256 of its 512 columns), the epilogue in slices of 32 columns (``epilogue_n``; rowwise scales
-      each slice, ``_sliced_forward_epilogue``; MX's ``QUANT_A`` quantizes group by group anyway), 3 stages, 2
-      CTAs per SM: MX 150 registers, 2 buffers of 48 KB (102 KB; the weights' scales by TMA, ``mx_chunk_tiles``),
-      issue ratio 0.69 where 128×64 tiles took 1.50; rowwise K steps of 64 (at 128 it took 3 buffers, 148 KB: 1 CTA
-      per SM), 196 registers, 75 KB, 0.66 where 128×64 tiles took 0.86 (171 FLOP per operand byte, 128 at 64
-      columns; with 2 stages the gathered rows' copies wait to zero every K step). Not blockwise (both products
-      promoted in registers: on 8 warps 244 B of spills, 1 CTA per SM, 1.56);
+      each slice; MX's ``QUANT_A`` quantizes group by group anyway), 3 stages, 2-3 CTAs per SM: MX 150 registers, 2
+      buffers of 48 KB (102 KB; the weights' scales by TMA, ``mx_chunk_tiles``), issue ratio 0.69 where 128×64
+      tiles took 1.50; rowwise K steps of 64 (at 128 it took 3 buffers, 148 KB: 1 CTA per SM), 168 registers (196
+      with its row scales loaded per slice), 75 KB, 0.66 where 128×64 tiles took 0.86 (171 FLOP per operand byte,
+      128 at 64 columns; with 2 stages the gathered rows' copies wait to zero every K step). Not blockwise (both
+      products promoted in registers: on 8 warps 244 B of spills, 1 CTA per SM, 1.56);
     - sm_120 (mma.sync: accumulators and operand fragments in registers) runs 64 columns: at 128 it spilled 8-104 B;
-      so does sm_100's rowwise pair (both accumulators in registers: 216 B at 128 columns on 8 warps);
     - unaligned operands (1-byte scalar loads staged in registers) take 32 × 32 steps: at a K step of 64 and 64
       columns every recipe spilled (4-1408 B) on sm_90 / sm_100 / sm_120.
 
-    The blockwise and rowwise-pair tiles stay 128 wide on sm_90: at 64 columns their per-step overhead gives 0.9-1.3
-    issue clocks per MMA clock, 0.47-0.8 at 128.
+    The blockwise tiles stay 128 wide on sm_90: at 64 columns their per-step overhead gives 0.9-1.3 issue clocks per
+    MMA clock, 0.47-0.8 at 128.
 
     sm_100's aligned 64-row MX tiles of 128 columns (not the GLU forward's 64) are computed transposed
     (``swap_ab``: the weight's columns as the block-scaled MMA's M = 128): native ``UTCQMMA`` where Triton emulated
     the M = 64 ``tl.dot_scaled`` in bf16 (``UTCHMMA`` after converting both tiles in registers), 228-496 loop
     instructions per K step where the emulation took 288-1360, 2-4 CTAs per SM. Swapped, the GLU forward's 64 columns
     stay emulated (128 spilled 684 B), blockwise spilled (336-1748 B: each step's transposed product promoted in
-    registers) and rowwise gained nothing (1.00-2.11 issue clocks per MMA clock as before; at twice the columns it
-    spilled or fell to 1 CTA/SM): not taken."""
-    two_products = backward or pair or (glu and fp8 == Fp8Mode.BLOCKWISE)
-    registers = two_products and fp8 != Fp8Mode.MX
+    registers) and rowwise gained nothing (measured before its column-sliced scaling: 1.00-2.11 issue clocks per MMA
+    clock as unswapped; at twice the columns it spilled or fell to 1 CTA/SM): not taken."""
+    # blockwise promotes each K step's product in registers (the GLU forward, the backward epilogue, the pair: 8 warps)
+    registers = fp8 == Fp8Mode.BLOCKWISE and (backward or pair or glu)
     tcgen05_4 = block_m >= 128 and _blackwell(capability) and aligned and not registers
     warps = 8 if block_m >= 128 and not tcgen05_4 else 4
-    rowwise_pair_100 = pair and fp8 == Fp8Mode.ROWWISE and _blackwell(capability)
     glu_forward = glu and not backward
     # sm_100's MX / rowwise GLU forward: two 128x128 accumulators in tensor memory, the epilogue in 32-column slices
     wide_glu = glu_forward and tcgen05_4 and fp8 in (Fp8Mode.MX, Fp8Mode.ROWWISE)
-    block_n = 64 if (glu_forward and not wide_glu) or capability == 120 or rowwise_pair_100 else 128
+    block_n = 64 if (glu_forward and not wide_glu) or capability == 120 else 128
     block_k = 128
     if wide_glu and fp8 == Fp8Mode.ROWWISE:  # 3 buffers of 128-deep steps there: 148 KB, 1 CTA/SM
         block_k = 64
@@ -1230,7 +1282,13 @@ def _fp8_config(
         block_k = 32 if capability == 120 and backward else 64
     if not aligned:
         block_n, block_k = 32, 32
-    epi = (16 if tcgen05_4 else 8) if backward else (32 if wide_glu else None)
+    epi = None  # the whole tile at once
+    if backward:
+        epi = 16 if tcgen05_4 else 8
+    elif wide_glu:
+        epi = 32
+    elif fp8 == Fp8Mode.ROWWISE and not glu_forward:  # the down GEMM, the up-projection without GLU, the pair
+        epi = 16
     # sm_100's 64-row MX tiles computed transposed: the block-scaled tcgen05 MMA needs M = 128 (the weight's columns;
     # not the GLU forward's 64: still emulated swapped, and at 128 columns it spilled 684 B)
     swap = fp8 == Fp8Mode.MX and aligned and block_m == 64 and _blackwell(capability) and block_n == 128

@@ -510,12 +510,13 @@ _WAIVE_FP8_MX_100_SMALL_M = (
     "MX with 64-row tiles on sm_100, not swapped (the GLU forward's 64 columns, the unaligned fallback's 32): the "
     "block-scaled tcgen05 MMA needs M = 128; Triton emulates tl.dot_scaled in bf16 there (UTCHMMA)"
 )
-_WAIVE_FP8_ROWWISE = (
-    "rowwise FP8 at 128 rows: the accumulator is scaled by its rows' and columns' scales after the loop, the column "
-    "scales (one fp32 per accumulator column of the thread) live beside it (sm_90: 134-148 registers, 1 CTA/SM on 8 "
-    "warps); the dgrad pair's second product has other scales and its own accumulator (sm_90 246 registers; sm_100 "
-    "8 warps and 64 columns, 200 registers, 2.12 issue clocks per MMA clock); sm_100's backward epilogue on 8 warps "
-    "(4 spilled 64 B): 174 registers, 1.05"
+_WAIVE_FP8_ROWWISE_PAIR_90 = (
+    "rowwise FP8's dgrad pair at 128 rows on sm_90: its two products have other scales each (dh's and dg's rows, "
+    "w1's and w3's columns), so two 128x128 fp32 accumulators stay in registers until the epilogue scales and adds "
+    "them slice by slice (128 registers per thread of 8 warps for the accumulators alone): 171 registers, 1 CTA/SM "
+    "(246 when it scaled them whole after the loop); at 64 columns 112 registers and 2 CTAs/SM but 0.96 issue clocks "
+    "per MMA clock against 0.48 (the other rowwise 128-row builds: 2 CTAs/SM, their column scales loaded slice by "
+    "slice)"
 )
 
 
@@ -537,13 +538,7 @@ def _fp8_waivers(mode: Fp8Mode, use: _GemmUse, cfg) -> tuple[tuple[str, str], ..
         glu_forward = use.glu and use.epilogue == Epilogue.FORWARD
         gathered = (("issue@100", _WAIVE_FP8_MX_100),) if use.gather and not glu_forward else ()
         return (*waivers, *gathered, *small)
-    if block_m < _LARGE_M or (use.glu and use.epilogue == Epilogue.FORWARD):
-        return ()
-    two = use.pair or use.epilogue == Epilogue.BACKWARD
-    return (
-        ("occupancy@90", _WAIVE_FP8_ROWWISE),
-        *((c, _WAIVE_FP8_ROWWISE) for c in ("issue@100", "occupancy@100") if two),
-    )
+    return (("occupancy@90", _WAIVE_FP8_ROWWISE_PAIR_90),) if use.pair and block_m >= _LARGE_M else ()
 
 
 def _scale_loads(mode: Fp8Mode, cfg, variants, archs) -> list[tuple[bool, tuple[int, ...]]]:
