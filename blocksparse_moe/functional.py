@@ -111,8 +111,9 @@ def moe_mlp(
         activation: ``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"silu"`` or a callable (elementwise).
         options: how the experts run (``MoEOptions``: strategy ``impl``, ``block_size``, the ``"padded"`` capacity
             options ``capacity_factor`` / ``capacity`` / ``num_groups``, ``recompute_activation``, ``backend``,
-            ``check``, the FP8 recipe ``fp8``; see its docstring). Default ``MoEOptions()``: ``"grouped"``
-            (``"blocksparse"`` with a ``block_size``; ``options.resolve_impl``), ids checked on CPU, no FP8.
+            ``check``, the FP8 recipe ``fp8`` and what its backward keeps of x, ``fp8_cache_x``; see its docstring).
+            Default ``MoEOptions()``: ``"grouped"`` (``"blocksparse"`` with a ``block_size``;
+            ``options.resolve_impl``), ids checked on CPU, no FP8.
         impl, capacity_factor, capacity, num_groups, block_size, recompute_activation, backend, check, fp8: a
             convenience: the fields of a ``MoEOptions`` built from them when ``options`` is None (with ``options``
             they must keep their defaults). ``recompute_activation`` changes nothing for the fused expert MLP (a
@@ -170,6 +171,7 @@ def moe_mlp(
         )
     backend = resolve_backend(x.device, options.backend, x.dtype)
     recompute = options.recompute_activation
+    fp8_cache_x = options.fp8_cache_x is not False  # None: True (what else keeps x is the caller's to say)
     capacity = None
     if impl == "padded":
         capacity = padded_capacity(
@@ -213,7 +215,7 @@ def moe_mlp(
     elif impl == "grouped":
         out, _ = grouped(
             x, top_k_index, weights, w1, w2, w3, activation=activation, recompute=recompute, backend=backend,
-            fp8=options.fp8, weight_scales=weight_scales,
+            fp8=options.fp8, weight_scales=weight_scales, fp8_cache_x=fp8_cache_x,
         )  # fmt: skip
     else:
         out, plan = blocksparse(
@@ -229,6 +231,7 @@ def moe_mlp(
             backend=backend,
             fp8=options.fp8,
             weight_scales=weight_scales,
+            fp8_cache_x=fp8_cache_x,
         )
         padded_width = plan.topology(f).blocks_per_expert * B  # the last column block of an expert is computed whole
         executed = plan.padded_offsets[-1].to(torch.int64) * (2 * d * padded_width * nmm)

@@ -374,11 +374,12 @@ def _run(x, idx, weights, w1, w2, w3, dout, **kw):
     return (out.detach(), *(t.grad for t in leaves))
 
 
-def _reference(x, idx, weights, w1, w2, w3, dout, recipe):
+def _reference(x, idx, weights, w1, w2, w3, dout, recipe, cached=True):
     """Float64 forward and backward of the quantized math, per expert, from ``fp8.fake_quantize`` alone: every GEMM
     operand quantized as ``backends.torch_fp8`` documents (wgrad operands: groups of rows from each expert's first
-    row; x's from the up-projection's quantized x, the saved FP8 x, quantized again), intermediates h, g, a, dh, dg
-    rounded to fp32 where the emulation stores them."""
+    row; x's from the up-projection's quantized x, the saved FP8 x, quantized again, or with ``cached`` False
+    (``fp8_cache_x=False``) from x itself), intermediates h, g, a, dh, dg rounded to fp32 where the emulation stores
+    them."""
     r = fp8.recipe(recipe)
     sd, act_block = r.scale_dtype, r.act_block()
 
@@ -413,7 +414,8 @@ def _reference(x, idx, weights, w1, w2, w3, dout, recipe):
         rows = (r.group, 1)
         aw = (a * wr).float()
         dws[1][e] = q(aw, rows).T @ q(dout[tok], rows)
-        xr = q(xq[tok], rows)  # the FP8 x autograd saves (quantized along d), requantized along the tokens
+        # the FP8 x autograd saves (quantized along d), requantized along the tokens; or x itself
+        xr = q((xq if cached else x)[tok], rows)
         dws[0][e], dws[2][e] = xr.T @ q(dh, rows), xr.T @ q(dg, rows)
     return out, dx, dweights, dws[0], dws[1], dws[2]
 

@@ -36,6 +36,7 @@ from torch import nn
 from ..fp8 import RECIPES, check_loaded_dtypes, check_recipe, prequantize, uncast
 from ..functional import custom_moe_mlp, moe_mlp
 from ..options import MoEOptions, options_from
+from ..strategies.common import autocast_cast
 from .hf_convert import _activation_name, _in_out, from_hf, moe_mlp_weights, to_hf, upcycle  # noqa: F401
 
 NAME = "blocksparse_moe"
@@ -66,9 +67,11 @@ def experts_forward(
     """``ExpertsInterface`` entry: ``self`` is the model's experts module, ``hidden_states`` ``[T, d]``.
 
     ``options`` (default ``MoEOptions()``; ``impl`` / ``block_size`` / ``fp8`` are a convenience that builds them)
-    are ``moe_mlp``'s for standard modules; the others run ``custom_moe_mlp`` with their ``backend``, ``check`` and
-    ``fp8``. A module prequantized by ``quantize_experts_fp8_`` runs on its FP8 weights (the options' ``fp8``
-    None or the module's recipe; inference only) in ``hidden_states``' dtype.
+    are ``moe_mlp``'s for standard modules (``fp8_cache_x`` None: False where the experts compute with
+    ``hidden_states`` itself, which the model's gate linear keeps for backward; give True for a gate that keeps a
+    copy of its own, such as DeepSeek-V3's fp32 one); the others run ``custom_moe_mlp`` with their ``backend``,
+    ``check`` and ``fp8``. A module prequantized by ``quantize_experts_fp8_`` runs on its FP8 weights (the options'
+    ``fp8`` None or the module's recipe; inference only) in ``hidden_states``' dtype.
     Expert-parallel sentinels (ids >= E, under HF's own expert parallelism) contribute zero."""
     options = options_from(options, impl=impl, block_size=block_size, fp8=fp8)
     if getattr(self, "_is_expert_parallel", False):
@@ -86,6 +89,11 @@ def experts_forward(
                 )
             options, scales = replace(options, fp8=self.prequantized), self.weight_scales()
         x = hidden_states if scales is not None else hidden_states.to(w1.dtype)  # E4M3 weights take any float x
+        if options.fp8 is not None and options.fp8_cache_x is None:
+            # the model's gate linear keeps hidden_states for its weight gradient: keep that x rather than an FP8 copy
+            # where the experts compute with it itself (no dtype or autocast copy; MoEOptions.fp8_cache_x)
+            keeps = torch.is_grad_enabled() and x.dtype == hidden_states.dtype and autocast_cast(x) is None
+            options = replace(options, fp8_cache_x=not keeps)
         out = moe_mlp(
             x, top_k_index, top_k_weights, w1, w2, w3, activation=activation, options=options, weight_scales=scales
         )

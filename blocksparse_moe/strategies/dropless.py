@@ -69,15 +69,17 @@ def grouped(
     backend: str,
     fp8: str | None = None,
     weight_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+    fp8_cache_x: bool = True,
 ) -> tuple[torch.Tensor, RoutingPlan]:
     """Unpadded sorted rows: the fused expert MLP for a named activation; otherwise fused-gather ``grouped_mm``
     with w1 (and w3), the activation, ``grouped_mm`` with w2, combine. With an ``fp8`` recipe every GEMM is FP8
     (the fused MLP: ``backends.triton_fp8`` / ``backends.torch_fp8``; op by op: ``strategies.fp8``, emulated).
-    ``weight_scales``: prequantized E4M3 weights (the fused MLP only)."""
+    ``weight_scales``: prequantized E4M3 weights; ``fp8_cache_x``: keep the E4M3 x for backward, or x (the fused MLP
+    only, ``MoEOptions.fp8_cache_x``)."""
     plan = plan_routing(top_k_index, w1.shape[0], block_size=1, check=False)
     if isinstance(activation, str):
         routing = mlp_routing(plan)
-        return expert_mlp(x, weights, w1, w2, w3, routing, activation, backend, fp8, weight_scales), plan
+        return expert_mlp(x, weights, w1, w2, w3, routing, activation, backend, fp8, weight_scales, fp8_cache_x), plan
     rows, inv = plan.row_assignment, plan.assignment_row
     mm = _grouped_mm(backend, fp8)
     h = mm(x, w1, plan.offsets, rows, inv)
@@ -100,15 +102,17 @@ def blocksparse(
     backend: str,
     fp8: str | None = None,
     weight_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+    fp8_cache_x: bool = True,
 ) -> tuple[torch.Tensor, RoutingPlan]:
     """Block-padded sorted rows (block size ``block_size``, the topology of ``w1``'s width): the fused expert MLP
     for a named activation (MegaBlocks' SDD with the GLU pair and the activation in its epilogue, then DSD; FP8
-    GEMMs with an ``fp8`` recipe; ``weight_scales``: prequantized E4M3 weights); otherwise gather, ``sdd`` with w1
+    GEMMs with an ``fp8`` recipe; ``weight_scales``: prequantized E4M3 weights; ``fp8_cache_x`` as in ``grouped``);
+    otherwise gather, ``sdd`` with w1
     (and w3), the activation on the blocks, ``dsd`` with w2, combine (no ``fp8``)."""
     plan = plan_routing(top_k_index, w1.shape[0], block_size=block_size, check=False)
     if isinstance(activation, str):
         routing = mlp_routing(plan)
-        return expert_mlp(x, weights, w1, w2, w3, routing, activation, backend, fp8, weight_scales), plan
+        return expert_mlp(x, weights, w1, w2, w3, routing, activation, backend, fp8, weight_scales, fp8_cache_x), plan
     topo = plan.topology(w1.shape[2])
     xs = gather_rows(x, plan.padded_row_assignment, plan.padded_assignment_row, backend=backend)
     h = sdd(xs, w1, topo, backend=backend)
