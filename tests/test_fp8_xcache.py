@@ -277,3 +277,16 @@ def test_expert_parallel_experts_keep_their_fp8_x():
     from multiprocess import spawn
 
     spawn(1, _check_expert_parallel_keeps_fp8_x)
+
+
+def test_bench_fp8_xcache_memory():
+    """``python -m bench.fp8_xcache --memory``'s measurement: a bf16 ``dMoE`` with fp8 keeps what it keeps without
+    (its experts keep the router's x), ``d`` plus the blockwise scales' bytes per token less than with the FP8 x
+    forced; its router keeps x in bf16 (``2·d`` B/token plus the scores)."""
+    from bench.fp8_xcache import saved_bytes
+
+    T, d, f, E, k = 16, 32, 24, 4, 2
+    plain, router = saved_bytes(T, d, f, E, k, torch.bfloat16, None, None)
+    assert saved_bytes(T, d, f, E, k, torch.bfloat16, "blockwise", None) == (plain, router)
+    assert saved_bytes(T, d, f, E, k, torch.bfloat16, "blockwise", True) == (plain + d + 4, router)
+    assert router == 2 * d + 4 * E + 8 * k + 4 * k + 4
