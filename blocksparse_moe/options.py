@@ -51,8 +51,9 @@ class MoEOptions:
             backend's fused MLP runs FP8 tensor-core kernels (``backends.triton_fp8``); the PyTorch backend and the
             op-composing paths (padded, custom, a callable activation) emulate them (``backends.torch_fp8``). With
             a callable activation: ``"grouped"`` or ``"padded"`` only.
-        fp8_cache_x: with an ``fp8`` recipe, what the fused expert MLP (``"grouped"`` / ``"blocksparse"``, a named
-            activation) keeps of x for its weight gradients dW1 / dW3. True: the forward's E4M3 x and its scales
+        fp8_cache_x: with an ``fp8`` recipe, what the up-projections keep of x for the weight gradients dW1 / dW3
+            (every FP8 path: the fused expert MLP, the op-by-op ones, ``"padded"``'s capacity buffers, which are a
+            copy of x nothing else keeps). True: the forward's E4M3 x and its scales
             (``d`` bytes plus the scales per token; dW1 / dW3 requantize it along the tokens), which saves memory
             where the op holds x's only reference (``2·d`` bytes per token in bf16 otherwise). False: x itself,
             quantized along the tokens in backward (as ``fp8=None`` keeps it), which saves memory where something

@@ -234,7 +234,8 @@ def test_dmoe_fp8_compile_fullgraph():
 
 
 @pytest.mark.parametrize("cache_x", [None, True])
-def test_hf_experts_keep_the_gates_x(cache_x):
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])  # moe_mlp; custom_moe_mlp (a custom gate, biases)
+def test_hf_experts_keep_the_gates_x(name, cache_x):
     """Registered with fp8, a Hugging Face model's experts keep ``hidden_states`` itself, which the model's gate
     linear keeps anyway (``fp8_cache_x`` None), no E4M3 copy; ``fp8_cache_x=True`` keeps the E4M3 copy."""
     tf = pytest.importorskip("transformers")
@@ -243,7 +244,7 @@ def test_hf_experts_keep_the_gates_x(cache_x):
     from blocksparse_moe.integrations import transformers as bsm_hf
 
     torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(CONFIGS["mixtral"]()).float()
+    model = tf.AutoModelForCausalLM.from_config(CONFIGS[name]()).float()
     bsm_hf.register("bsm_fp8_cache_x", options=bsm.MoEOptions(fp8="blockwise", fp8_cache_x=cache_x))
     model.set_experts_implementation("bsm_fp8_cache_x")
     ids = torch.randint(0, 64, (2, 7))
@@ -290,3 +291,96 @@ def test_bench_fp8_xcache_memory():
     assert saved_bytes(T, d, f, E, k, torch.bfloat16, "blockwise", None) == (plain, router)
     assert saved_bytes(T, d, f, E, k, torch.bfloat16, "blockwise", True) == (plain + d + 4, router)
     assert router == 2 * d + 4 * E + 8 * k + 4 * k + 4
+
+
+# ----------------------------------------------------------------------------------------------- op-composing paths
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "padded",  # the capacity buffers' E4M3 copy, one for both up-projections
+        "callable",  # the grouped strategy op by op (a callable activation): x's E4M3 copy, shared by w1 and w3
+        "custom",  # custom_moe_mlp (one concatenated up-projection)
+    ],
+)
+def test_op_composing_paths_follow_fp8_cache_x(path):
+    """The padded strategy and the op-by-op paths keep, with ``fp8_cache_x`` None / True, one E4M3 copy of their
+    up-projections' operand (``[rows, d]`` E4M3 plus scales) and not that operand; with False the operand and no
+    E4M3 copy. Only dW1 / dW3 (dW13) differ between the modes: the rest bit for bit. Failed before: both kept the
+    operand in its own dtype (the padded buffers, x)."""
+    T, d, f, E, k = 12, 32, 24, 3, 2
+    x, idx, weights, w1, w2, w3, dout = (
+        t.bfloat16() if t.is_floating_point() else t for t in _problem(T=T, d=d, f=f, E=E, k=k)
+    )
+    silu = torch.nn.functional.silu
+
+    def call(cache, x, weights, w1, w2, w3):
+        mode = dict(backend="torch", fp8="blockwise", fp8_cache_x=cache)
+        if path == "custom":
+            return bsm.custom_moe_mlp(
+                x, idx, weights, torch.cat([w1, w3], 2), w2,
+                activation=lambda h: silu(h[:, :f]) * h[:, f:], **mode,
+            )  # fmt: skip
+        impl = dict(impl="padded", capacity_factor=2.0) if path == "padded" else dict(impl="grouped")
+        act = silu if path == "callable" else "silu"
+        return bsm.moe_mlp(x, idx, weights, w1, w2, w3, activation=act, options=bsm.MoEOptions(**impl, **mode))
+
+    results = {}
+    for cache in (None, False):
+        leaves = [t.clone().requires_grad_() for t in (x, weights, w1, w2, w3)]
+        results[cache] = []
+
+        def forward(cache=cache, leaves=leaves):
+            results[cache].append(call(cache, *leaves))
+
+        saved = _saved_by(forward)
+        e4m3 = [tuple(t.shape) for t in saved.values() if t.dtype == torch.float8_e4m3fn]
+        operand = [t for t in saved.values() if t.dtype == torch.bfloat16 and t.shape[-1] == d and t.dim() > 1]
+        rows = E * 2 * T * k // E if path == "padded" else T
+        if cache is None:
+            assert e4m3 == [(E, rows // E, d) if path == "padded" else (rows, d)], e4m3
+            assert x.untyped_storage().data_ptr() not in saved
+        else:
+            assert e4m3 == [] and len(operand) >= 1
+        results[cache][0].backward(dout)
+        results[cache] += [t.grad for t in leaves]
+    for i, name in enumerate(("out", "dx", "dweights", "dw1", "dw2", "dw3")):
+        same = torch.equal(results[None][i], results[False][i])
+        assert same != (name in ("dw1", "dw3")), name
+
+
+@pytest.mark.parametrize("recipe", fp8.RECIPES)
+def test_fp8_gemms_weight_gradient_from_the_kept_copy(recipe):
+    """``strategies.fp8``'s GEMMs given x's E4M3 copy (``quantize_operand``): the same forward and input gradient,
+    and the weight gradient of the same GEMM run on the dequantized copy as its x, bit for bit (the weight gradient
+    requantizes ``q · s`` along the rows). Expert row counts 0 (an empty expert), 1, 130 (two row groups)."""
+    from blocksparse_moe.strategies import fp8 as gemms
+
+    counts = torch.tensor([0, 1, 130])
+    offsets = torch.cat([torch.zeros(1), counts.cumsum(0)]).int()
+    x, w, dy = torch.randn(131, 40), torch.randn(3, 40, 24), torch.randn(131, 24)
+    xd = fp8.dequantize(*gemms.quantize_operand(x, recipe, "torch"), fp8.recipe(recipe).act_block())
+    runs = []
+    for inp, kept in ((x, True), (x, False), (xd, False)):
+        xi, wi = inp.clone().requires_grad_(), w.clone().requires_grad_()
+        x_fp8 = gemms.quantize_operand(xi, recipe, "torch") if kept else None
+        y = gemms.grouped_mm(xi, wi, offsets, None, None, "torch", recipe, x_fp8)
+        y.backward(dy)
+        runs.append((y, xi.grad, wi.grad))
+    # the two sources tell apart (not with mxfp8, whose power-of-two scales requantize the copy nearly losslessly)
+    apart = recipe != "mxfp8"
+    (y, dx, dw), (y0, dx0, dw0), (_, _, dw_deq) = runs
+    assert torch.equal(y, y0) and torch.equal(dx, dx0) and torch.equal(dw, dw_deq)
+    assert not (apart and torch.equal(dw, dw0))
+    a, wb, dyb = torch.randn(3, 130, 40), torch.randn(3, 40, 24), torch.randn(3, 130, 24)  # the padded bmm
+    ad = fp8.dequantize(*gemms.quantize_operand(a, recipe), fp8.recipe(recipe).act_block())
+    runs = []
+    for inp, kept in ((a, True), (a, False), (ad, False)):
+        ai, wi = inp.clone().requires_grad_(), wb.clone().requires_grad_()
+        y = gemms.bmm(ai, wi, recipe, gemms.quantize_operand(ai, recipe) if kept else None)
+        y.backward(dyb)
+        runs.append((y, ai.grad, wi.grad))
+    (y, da, dw), (y0, da0, dw0), (_, _, dw_deq) = runs
+    assert torch.equal(y, y0) and torch.equal(da, da0) and torch.equal(dw, dw_deq)
+    assert not (apart and torch.equal(dw, dw0))

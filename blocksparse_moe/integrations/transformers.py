@@ -67,15 +67,17 @@ def experts_forward(
     """``ExpertsInterface`` entry: ``self`` is the model's experts module, ``hidden_states`` ``[T, d]``.
 
     ``options`` (default ``MoEOptions()``; ``impl`` / ``block_size`` / ``fp8`` are a convenience that builds them)
-    are ``moe_mlp``'s for standard modules (``fp8_cache_x`` None: False where the experts compute with
-    ``hidden_states`` itself, which the model's gate linear keeps for backward; give True for a gate that keeps a
-    copy of its own, such as DeepSeek-V3's fp32 one); the others run ``custom_moe_mlp`` with their ``backend``,
-    ``check`` and ``fp8``. A module prequantized by ``quantize_experts_fp8_`` runs on its FP8 weights (the options'
+    are ``moe_mlp``'s for standard modules; the others run ``custom_moe_mlp`` with their ``backend``, ``check``,
+    ``fp8`` and ``fp8_cache_x`` (None: False where the experts compute with ``hidden_states`` itself, which the
+    model's gate linear keeps for backward, ``_gate_keeps``; give True for a gate that keeps a copy of its own, such
+    as DeepSeek-V3's fp32 one). A module prequantized by ``quantize_experts_fp8_`` runs on its FP8 weights (the options'
     ``fp8`` None or the module's recipe; inference only) in ``hidden_states``' dtype.
     Expert-parallel sentinels (ids >= E, under HF's own expert parallelism) contribute zero."""
     options = options_from(options, impl=impl, block_size=block_size, fp8=fp8)
     if getattr(self, "_is_expert_parallel", False):
         options = replace(options, check=False)
+    if options.fp8 is not None and options.fp8_cache_x is None:
+        options = replace(options, fp8_cache_x=not _gate_keeps(self, hidden_states))
     weights = moe_mlp_weights(self)
     if weights is not None:
         w1, w2, w3, activation = weights
@@ -89,11 +91,6 @@ def experts_forward(
                 )
             options, scales = replace(options, fp8=self.prequantized), self.weight_scales()
         x = hidden_states if scales is not None else hidden_states.to(w1.dtype)  # E4M3 weights take any float x
-        if options.fp8 is not None and options.fp8_cache_x is None:
-            # the model's gate linear keeps hidden_states for its weight gradient: keep that x rather than an FP8 copy
-            # where the experts compute with it itself (no dtype or autocast copy; MoEOptions.fp8_cache_x)
-            keeps = torch.is_grad_enabled() and x.dtype == hidden_states.dtype and autocast_cast(x) is None
-            options = replace(options, fp8_cache_x=not keeps)
         out = moe_mlp(
             x, top_k_index, top_k_weights, w1, w2, w3, activation=activation, options=options, weight_scales=scales
         )
@@ -114,8 +111,17 @@ def experts_forward(
         backend=options.backend,
         check=options.check,
         fp8=options.fp8,
+        fp8_cache_x=options.fp8_cache_x,
     )
     return out.to(hidden_states.dtype)
+
+
+def _gate_keeps(experts: nn.Module, hidden_states: torch.Tensor) -> bool:
+    """Whether the model's gate linear keeps the very x the experts compute with for its weight gradient (then the
+    experts keep x rather than an FP8 copy: ``MoEOptions.fp8_cache_x``): grad on, and neither ``experts_forward``'s
+    cast to the expert weights' dtype nor autocast copies ``hidden_states``."""
+    up = experts.gate_up_proj if experts.has_gate else experts.up_proj
+    return torch.is_grad_enabled() and up.dtype == hidden_states.dtype and autocast_cast(hidden_states) is None
 
 
 def register(
