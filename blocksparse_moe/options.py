@@ -59,8 +59,9 @@ class MoEOptions:
             quantized along the tokens in backward (as ``fp8=None`` keeps it), which saves memory where something
             else keeps that same x for backward anyway (a router's linear over it: the FP8 copy would add ``d``
             bytes plus the scales per token). None (default): True for ``moe_mlp``; ``dMoE`` / ``PaddedMoE`` and
-            the Hugging Face integration choose per call, False where their router keeps the x the experts get
-            (``TopKRouter.saves_input``; an HF gate linear), True otherwise. Only with ``fp8``.
+            the Hugging Face integration choose per call, False where their router keeps the x the experts compute
+            with (``TopKRouter.saves_input``; an HF gate linear; ``strategies.common.up_operand_is``), True
+            otherwise. Only with ``fp8``.
 
     Symbolic sizes (``torch.compile(dynamic=True)``) pass the checks.
     """

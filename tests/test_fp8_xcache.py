@@ -384,3 +384,16 @@ def test_fp8_gemms_weight_gradient_from_the_kept_copy(recipe):
     (y, da, dw), (y0, da0, dw0), (_, _, dw_deq) = runs
     assert torch.equal(y, y0) and torch.equal(da, da0) and torch.equal(dw, dw_deq)
     assert not (apart and torch.equal(dw, dw0))
+
+
+def test_padded_layer_keeps_its_buffers_fp8_copy():
+    """A ``PaddedMoE`` with fp8 keeps the E4M3 copy of its capacity buffers although its router keeps x: the
+    buffers are a copy of x that nothing else keeps (``strategies.common.up_operand_is``). Failed before (the layer
+    chose False from its router alone, keeping the bf16 buffers)."""
+    T, d, E = 12, 32, 3
+    layer = bsm.PaddedMoE(d, 24, E, 2, capacity_factor=2.0, fp8="blockwise").to(torch.bfloat16)
+    x = torch.randn(T, d, dtype=torch.bfloat16, requires_grad=True)
+    saved = _saved_by(lambda: layer(x))
+    buffers = (E, 2 * T * 2 // E, d)  # capacity ceil(2 · T · k / E) per expert
+    assert [tuple(t.shape) for t in saved.values() if t.dtype == torch.float8_e4m3fn] == [buffers]
+    assert not any(t.dtype == torch.bfloat16 and tuple(t.shape) == buffers for t in saved.values())

@@ -12,7 +12,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from ..activations import Activation
 from ..config import AUTOCAST_DTYPES
 
-__all__ = ["autocast_cast", "autocast_operands", "combine_dtype", "activate_then"]
+__all__ = ["autocast_cast", "autocast_operands", "up_operand_is", "combine_dtype", "activate_then"]
 
 
 def autocast_cast(t: object) -> torch.dtype | None:
@@ -26,6 +26,14 @@ def autocast_cast(t: object) -> torch.dtype | None:
         return None
     dtype = torch.get_autocast_dtype(device)
     return None if dtype == t.dtype else dtype
+
+
+def up_operand_is(x: torch.Tensor, impl: str) -> bool:
+    """Whether the experts' up-projections compute with ``x`` itself under strategy ``impl`` (an ``IMPLS`` name):
+    no autocast copy (``autocast_cast``), and not ``"padded"``, whose operand is its capacity buffers, a copy. Where
+    something else keeps ``x`` for backward, the FP8 paths then keep it too rather than an E4M3 copy
+    (``MoEOptions.fp8_cache_x``)."""
+    return impl != "padded" and autocast_cast(x) is None
 
 
 def autocast_operands(x: torch.Tensor, *weights: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
