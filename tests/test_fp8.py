@@ -231,6 +231,57 @@ def test_quantize_rows_dequantize_kernel_exact(poisoned, device, recipe, align):
     assert_same(got_q, want_q, f"{recipe} values")
 
 
+@pytest.mark.parametrize(
+    "recipe, align, source",
+    [
+        ("blockwise", 16, "e4m3"),  # the saved FP8 x, fp32 scales, the grouped strategy's padded layout
+        ("mxfp8", 1, "e4m3"),  # E8M0 scales, rows as they are (block-sparse)
+        ("rowwise", 16, "e4m3"),  # one scale per row
+        ("blockwise", 1, "bf16"),  # x itself (fp8_cache_x=False), bf16 bits
+        ("mxfp8", 16, "fp32"),  # x itself, fp32
+    ],
+)
+def test_quantize_rows_row_src_kernel_exact(poisoned, device, recipe, align, source):
+    """``quantize_rows(..., row_src=)`` reads token rows through ``row_src`` in its pass: bit for bit the two-step
+    path (the rows gathered first, ``permute.gather`` as the FP8 backward did, then ``quantize_rows``), for an E4M3
+    input with its scales (``dequantize=``) and for bf16 / fp32 ones. Rows: a token used twice, tokens not used,
+    -1 rows (padding: zero), experts with no rows, one row, 129 rows (a partial second 128-group), rows past
+    offsets[E]."""
+    from blocksparse_moe.kernels import permute as kp
+
+    r = fp8.recipe(recipe)
+    T, R, C = 97, 190, 72
+    offsets = torch.tensor([0, 0, 50, 51, 180, 180], dtype=torch.int32, device=device)
+    g = torch.Generator().manual_seed(3)
+    row_src = torch.randint(0, T, (R,), generator=g, dtype=torch.int32)
+    row_src[[3, 60, 185]] = -1  # padding rows, one past offsets[E]
+    row_src[10] = row_src[11]  # a token in two rows
+    row_src = row_src.to(device)
+    x = _edgy((T, C), torch.float32).to(device)
+    t, dequantize = (x.bfloat16() if source == "bf16" else x), None
+    if source == "e4m3":
+        t, s = fp8.quantize(x, r.act_block(), r.scale_dtype)
+        t.view(torch.uint8)[8:72, :4] = torch.arange(256, dtype=torch.uint8).view(64, 4)  # every E4M3 bit pattern
+        dequantize = (s, r.group)
+    rows = kq.row_groups(offsets, R, r.group, align=align)
+
+    def gathered(u):  # [R, *] rows of u in expert order, zero rows where row_src is -1 (the two-step path's gather)
+        bits = u.view(torch.uint8) if u.dtype == torch.float8_e4m3fn else u
+        out = torch.empty((R, u.shape[1]), dtype=bits.dtype, device=device)
+        kp.gather(bits, row_src, 1, None, out)  # k = 1: a row's assignment is its token
+        return out.view(u.dtype)
+
+    got = kq.quantize_rows(t, rows, r.scale_dtype, transposed=align > 1, dequantize=dequantize, row_src=row_src)
+    two_step = None if dequantize is None else (gathered(dequantize[0]), dequantize[1])
+    want = kq.quantize_rows(gathered(t), rows, r.scale_dtype, transposed=align > 1, dequantize=two_step)
+    assert_same(got[1], want[1], f"{recipe} scales")
+    assert_same(got[0], want[0], f"{recipe} values")
+    with pytest.raises(TypeError, match="quantize_rows: row_src must have a dtype among"):
+        kq.quantize_rows(t, rows, r.scale_dtype, dequantize=dequantize, row_src=row_src.long())
+    with pytest.raises(ValueError, match=r"quantize_rows: row_src must have shape \[R\]"):
+        kq.quantize_rows(t, rows, r.scale_dtype, dequantize=dequantize, row_src=row_src[1:])
+
+
 def test_quantize_rows_dequantize_bad_arguments():
     """``dequantize=`` names what it expected: an E4M3 t (TypeError), scales of the recipe's shape (ValueError)."""
     offsets = torch.tensor([0, 5], dtype=torch.int32)
