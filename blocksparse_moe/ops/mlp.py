@@ -52,7 +52,8 @@ def mlp_routing(plan: RoutingPlan) -> MlpRouting:
 # each op builds one MlpRouting from them. The FP8 recipe crosses as a str, "" for None; prequantized weights'
 # scales as three optional tensors (None: the weights are quantized in the op, or there is no FP8). With FP8 the
 # forward also returns the E4M3 x and its scales (empty tensors without), which autograd saves instead of x where
-# fp8_cache_x says so; the backward then gets them as x and x_scale (x_scale None: x is x itself).
+# fp8_cache_x (a bool, read by setup_context only) says so; the backward then gets them as x and x_scale (x_scale
+# None: x is x itself).
 
 
 @torch.library.custom_op("bsm::expert_mlp", mutates_args=())
