@@ -52,8 +52,8 @@ def mlp_routing(plan: RoutingPlan) -> MlpRouting:
 # each op builds one MlpRouting from them. The FP8 recipe crosses as a str, "" for None; prequantized weights'
 # scales as three optional tensors (None: the weights are quantized in the op, or there is no FP8). With FP8 the
 # forward also returns the E4M3 x and its scales (empty tensors without), which autograd saves instead of x where
-# fp8_cache_x (a bool, read by setup_context only) says so; the backward then gets them as x and x_scale (x_scale
-# None: x is x itself).
+# fp8_cache_x (the last argument, a bool read by setup_context only) says so; the backward then gets them as x and
+# x_scale (x_scale None: x is x itself).
 
 
 @torch.library.custom_op("bsm::expert_mlp", mutates_args=())
@@ -71,10 +71,10 @@ def _expert_mlp(
     activation: str,
     backend: str,
     fp8: str,
-    fp8_cache_x: bool,
     w1_scale: Tensor | None = None,
     w2_scale: Tensor | None = None,
     w3_scale: Tensor | None = None,
+    fp8_cache_x: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     routing = MlpRouting(offsets, row_src, row_asg, assignment_row, block_size)
     scales = None if w1_scale is None else (w1_scale, w2_scale, w3_scale)
@@ -139,11 +139,11 @@ def _(dout, x, weights, w1, w2, w3, h, g, offsets, row_src, row_asg, assignment_
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weights, w1, w2, w3, offsets, row_src, row_asg, assignment_row, *flags, w1_scale, _, _ = inputs
+    x, weights, w1, w2, w3, offsets, row_src, row_asg, assignment_row, *flags, w1_scale, _, _, cache_x = inputs
     if w1_scale is not None:
         raise ValueError("bsm::expert_mlp with prequantized FP8 weights (scales given) has no backward: no input may "
                          "require grad (run under torch.no_grad() or torch.inference_mode())")  # fmt: skip
-    ctx.block_size, ctx.activation, ctx.backend, ctx.fp8, cache_x = flags
+    ctx.block_size, ctx.activation, ctx.backend, ctx.fp8 = flags
     _, h, g, x_q, x_scale = output
     ctx.glu = w3 is not None
     ctx.mark_non_differentiable(h, g, x_q, x_scale)
@@ -164,7 +164,7 @@ def _backward(ctx, dout, _dh, _dg, _dx_q, _dx_scale):
         x_scale,
     )  # fmt: skip
     dx, dweights, dw1, dw2, dw3 = (t if n else None for t, n in zip(grads, needs))
-    # None for the four routing tensors, block_size, activation, backend, fp8, fp8_cache_x and the three weight scales
+    # None for the four routing tensors, block_size, activation, backend, fp8, the three weight scales and fp8_cache_x
     return dx, dweights, dw1, dw2, dw3, *(None,) * 12
 
 
@@ -206,6 +206,6 @@ def expert_mlp(
     r = routing
     out, *_ = _expert_mlp(
         x, weights, w1, w2, w3, r.offsets, r.row_src, r.row_asg, r.assignment_row, r.block_size, activation, backend,
-        fp8 or "", fp8_cache_x, *(weight_scales or (None, None, None)),
+        fp8 or "", *(weight_scales or (None, None, None)), fp8_cache_x,
     )  # fmt: skip
     return out
