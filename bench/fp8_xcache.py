@@ -6,6 +6,9 @@ dW3 and of all the gradients (dx, dweights, dW1, dW2, dW3 together) against the 
 weight-gradient operand quantized from the bf16 x (as before the cache) and from the FP8 x. Everything in float64:
 the quantized math of ``fp8`` (``fake_quantize``: the same scales and roundings as the kernels), a SwiGLU MLP per
 expert, inputs rounded to bf16 first.
+
+``--memory`` measures the other side instead: the bytes autograd keeps per token (``bench.memory``) for one ``dMoE``
+layer and for its router, per dtype and per ``MoEOptions.fp8_cache_x`` (PyTorch backend, grouped).
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ import math
 
 import torch
 
+import blocksparse_moe as bsm
 from blocksparse_moe import fp8
 
-__all__ = ["gradients", "sqnr", "main"]
+from .memory import saved_for_backward
+
+__all__ = ["gradients", "sqnr", "saved_bytes", "main"]
 
 
 def sqnr(actual: torch.Tensor, reference: torch.Tensor) -> float:
@@ -57,6 +63,32 @@ def gradients(x, idx, weights, w1, w2, w3, dout, recipe: str | None, cached: boo
     return {"dx": dx, "dweights": dweights, "dw1": dw1, "dw2": dw2, "dw3": dw3}
 
 
+def saved_bytes(
+    T: int, d: int, f: int, E: int, k: int, dtype: torch.dtype, recipe: str | None, cache_x: bool | None, seed: int = 0
+) -> tuple[float, float]:
+    """Bytes per token autograd keeps for one forward of a SwiGLU ``dMoE`` (training mode, grouped, PyTorch
+    backend, ``fp8=recipe``, ``fp8_cache_x=cache_x``) and of its router alone, parameters apart
+    (``bench.memory.saved_for_backward``)."""
+    torch.manual_seed(seed)
+    options = bsm.MoEOptions(impl="grouped", backend="torch", fp8=recipe, fp8_cache_x=cache_x)
+    layer = bsm.dMoE(d, f, E, k, options=options).to(dtype)
+    x = torch.randn(T, d, dtype=dtype, requires_grad=True)
+    params = list(layer.parameters())
+    _, whole = saved_for_backward(lambda: layer(x), params)
+    _, router = saved_for_backward(lambda: layer.router(x), params)
+    return whole.activation_bytes / T, router.activation_bytes / T
+
+
+def _memory(T: int, d: int, f: int, E: int, k: int) -> None:
+    print(f"saved B/token, dMoE (SwiGLU, grouped, PyTorch backend, training), T={T} d={d} f={f} E={E} k={k}")
+    print("| dtype | fp8 | fp8_cache_x | dMoE layer | its router |\n|---|---|---|---|---|")
+    for dtype in (torch.bfloat16, torch.float32):
+        for recipe, cache_x in ((None, None), *((r, c) for r in fp8.RECIPES for c in (None, True, False))):
+            layer, router = saved_bytes(T, d, f, E, k, dtype, recipe, cache_x)
+            name = str(dtype).removeprefix("torch.")
+            print(f"| {name} | {recipe} | {cache_x if recipe else ''} | {layer:.0f} | {router:.0f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.fp8_xcache", description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=512)
@@ -65,8 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory", action="store_true", help="the saved bytes per token of a dMoE layer instead")
     a = p.parse_args(argv)
     T, d, f, E, k = a.tokens, a.hidden, a.ffn, a.experts, a.top_k
+    if a.memory:
+        return _memory(T, d, f, E, k)
     g = torch.Generator().manual_seed(a.seed)
 
     def bf16(*shape: int, scale: float = 1.0) -> torch.Tensor:

@@ -111,8 +111,9 @@ def moe_mlp(
         activation: ``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"silu"`` or a callable (elementwise).
         options: how the experts run (``MoEOptions``: strategy ``impl``, ``block_size``, the ``"padded"`` capacity
             options ``capacity_factor`` / ``capacity`` / ``num_groups``, ``recompute_activation``, ``backend``,
-            ``check``, the FP8 recipe ``fp8``; see its docstring). Default ``MoEOptions()``: ``"grouped"``
-            (``"blocksparse"`` with a ``block_size``; ``options.resolve_impl``), ids checked on CPU, no FP8.
+            ``check``, the FP8 recipe ``fp8`` and what its backward keeps of x, ``fp8_cache_x``; see its docstring).
+            Default ``MoEOptions()``: ``"grouped"`` (``"blocksparse"`` with a ``block_size``;
+            ``options.resolve_impl``), ids checked on CPU, no FP8.
         impl, capacity_factor, capacity, num_groups, block_size, recompute_activation, backend, check, fp8: a
             convenience: the fields of a ``MoEOptions`` built from them when ``options`` is None (with ``options``
             they must keep their defaults). ``recompute_activation`` changes nothing for the fused expert MLP (a
@@ -170,6 +171,7 @@ def moe_mlp(
         )
     backend = resolve_backend(x.device, options.backend, x.dtype)
     recompute = options.recompute_activation
+    fp8_cache_x = options.fp8_cache_x is not False  # None: True (what else keeps x is the caller's to say)
     capacity = None
     if impl == "padded":
         capacity = padded_capacity(
@@ -208,12 +210,13 @@ def moe_mlp(
             recompute=recompute,
             drop_policy=options.drop_policy,
             fp8=options.fp8,
+            fp8_cache_x=fp8_cache_x,
         )
         executed = E * capacity * options.num_groups * 2 * d * f * nmm
     elif impl == "grouped":
         out, _ = grouped(
             x, top_k_index, weights, w1, w2, w3, activation=activation, recompute=recompute, backend=backend,
-            fp8=options.fp8, weight_scales=weight_scales,
+            fp8=options.fp8, weight_scales=weight_scales, fp8_cache_x=fp8_cache_x,
         )  # fmt: skip
     else:
         out, plan = blocksparse(
@@ -229,6 +232,7 @@ def moe_mlp(
             backend=backend,
             fp8=options.fp8,
             weight_scales=weight_scales,
+            fp8_cache_x=fp8_cache_x,
         )
         padded_width = plan.topology(f).blocks_per_expert * B  # the last column block of an expert is computed whole
         executed = plan.padded_offsets[-1].to(torch.int64) * (2 * d * padded_width * nmm)
@@ -251,6 +255,7 @@ def custom_moe_mlp(
     backend: str | None = None,
     check: bool | None = None,
     fp8: str | None = None,
+    fp8_cache_x: bool | None = None,
 ) -> torch.Tensor:
     """MoE MLP for experts outside ``moe_mlp``'s elementwise form, by the grouped strategy of the same core:
     ``expert_e(x) = post(activation(x @ up[e] + up_bias[e]) @ down[e] + down_bias[e])``.
@@ -263,8 +268,9 @@ def custom_moe_mlp(
         x: ``[T, d]`` tokens; top_k_index, top_k_weights: ``[T, k]`` as in ``moe_mlp`` (same combine policy).
         up: ``[E, d, u]``; down: ``[E, h, d]`` (strided views welcome); same dtype and device as ``x``.
         up_bias: ``[E, u]``; down_bias: ``[E, d]`` (optional).
-        backend, check, fp8: as in ``moe_mlp`` (``fp8``: the up and down GEMMs, forward and backward, in FP8 by
-            that recipe, emulated: ``strategies.fp8.grouped_mm``; the biases, the gate and ``post`` unquantized).
+        backend, check, fp8, fp8_cache_x: as in ``moe_mlp`` (``MoEOptions``' fields; ``fp8``: the up and down GEMMs,
+            forward and backward, in FP8 by that recipe, emulated: ``strategies.fp8.grouped_mm``; the biases, the gate
+            and ``post`` unquantized; ``fp8_cache_x``: what the up-projection keeps of x, None: its E4M3 copy).
 
     Returns ``[T, d]`` in ``x.dtype`` (the autocast dtype under autocast, as in ``moe_mlp``); differentiable in
     ``x``, the weights, the biases and ``top_k_weights``.
@@ -273,7 +279,7 @@ def custom_moe_mlp(
         raise TypeError(f"activation must be a callable mapping rows [R, u] -> [R, h], got {activation!r}")
     if post is not None and not callable(post):
         raise TypeError(f"post must be None or a callable mapping rows [R, d] -> [R, d], got {post!r}")
-    options = MoEOptions(impl="grouped", backend=backend, check=check, fp8=fp8)
+    options = MoEOptions(impl="grouped", backend=backend, check=check, fp8=fp8, fp8_cache_x=fp8_cache_x)
     x, up, down, up_bias, down_bias = autocast_operands(x, up, down, up_bias, down_bias)
     T, d, k = _validate_routing(x, top_k_index, top_k_weights, up=up, down=down, up_bias=up_bias, down_bias=down_bias)
     check_tensor("up", up, "[E, d, u]", (None, d, None))
@@ -301,6 +307,7 @@ def custom_moe_mlp(
         post=post,
         backend=backend,
         fp8=options.fp8,
+        fp8_cache_x=options.fp8_cache_x is not False,
     )
     return out
 

@@ -51,6 +51,17 @@ class MoEOptions:
             backend's fused MLP runs FP8 tensor-core kernels (``backends.triton_fp8``); the PyTorch backend and the
             op-composing paths (padded, custom, a callable activation) emulate them (``backends.torch_fp8``). With
             a callable activation: ``"grouped"`` or ``"padded"`` only.
+        fp8_cache_x: with an ``fp8`` recipe, what the up-projections keep of x for the weight gradients dW1 / dW3
+            (every FP8 path: the fused expert MLP, the op-by-op ones, ``"padded"``'s capacity buffers, which are a
+            copy of x nothing else keeps). True: the forward's E4M3 x and its scales
+            (``d`` bytes plus the scales per token; dW1 / dW3 requantize it along the tokens), which saves memory
+            where the op holds x's only reference (``2·d`` bytes per token in bf16 otherwise). False: x itself,
+            quantized along the tokens in backward (as ``fp8=None`` keeps it), which saves memory where something
+            else keeps that same x for backward anyway (a router's linear over it: the FP8 copy would add ``d``
+            bytes plus the scales per token). None (default): True for ``moe_mlp``; ``dMoE`` / ``PaddedMoE`` and
+            the Hugging Face integration choose per call, False where their router keeps the x the experts compute
+            with (``TopKRouter.saves_input``; an HF gate linear; ``strategies.common.up_operand_is``), True
+            otherwise. Only with ``fp8``.
 
     Symbolic sizes (``torch.compile(dynamic=True)``) pass the checks.
     """
@@ -65,12 +76,19 @@ class MoEOptions:
     backend: str | None = None
     check: bool | None = None
     fp8: str | None = None
+    fp8_cache_x: bool | None = None
 
     def __post_init__(self) -> None:
         choice("impl", self.impl, IMPLS)
         check_recipe("fp8", self.fp8)
         if self.fp8 is not None and self.impl == "reference":
             raise ValueError("fp8 applies to impl 'auto', 'blocksparse', 'grouped' and 'padded', got impl='reference'")
+        if self.fp8_cache_x is not None:
+            boolean("fp8_cache_x", self.fp8_cache_x)
+            if self.fp8 is None:
+                raise ValueError(
+                    f"fp8_cache_x applies with an fp8 recipe, got fp8_cache_x={self.fp8_cache_x} and fp8=None"
+                )
         boolean("recompute_activation", self.recompute_activation)
         if self.backend is not None:
             choice("backend", self.backend, BACKENDS)

@@ -231,6 +231,57 @@ def test_quantize_rows_dequantize_kernel_exact(poisoned, device, recipe, align):
     assert_same(got_q, want_q, f"{recipe} values")
 
 
+@pytest.mark.parametrize(
+    "recipe, align, source",
+    [
+        ("blockwise", 16, "e4m3"),  # the saved FP8 x, fp32 scales, the grouped strategy's padded layout
+        ("mxfp8", 1, "e4m3"),  # E8M0 scales, rows as they are (block-sparse)
+        ("rowwise", 16, "e4m3"),  # one scale per row
+        ("blockwise", 1, "bf16"),  # x itself (fp8_cache_x=False), bf16 bits
+        ("mxfp8", 16, "fp32"),  # x itself, fp32
+    ],
+)
+def test_quantize_rows_row_src_kernel_exact(poisoned, device, recipe, align, source):
+    """``quantize_rows(..., row_src=)`` reads token rows through ``row_src`` in its pass: bit for bit the two-step
+    path (the rows gathered first, ``permute.gather`` as the FP8 backward did, then ``quantize_rows``), for an E4M3
+    input with its scales (``dequantize=``) and for bf16 / fp32 ones. Rows: a token used twice, tokens not used,
+    -1 rows (padding: zero), experts with no rows, one row, 129 rows (a partial second 128-group), rows past
+    offsets[E]."""
+    from blocksparse_moe.kernels import permute as kp
+
+    r = fp8.recipe(recipe)
+    T, R, C = 97, 190, 72
+    offsets = torch.tensor([0, 0, 50, 51, 180, 180], dtype=torch.int32, device=device)
+    g = torch.Generator().manual_seed(3)
+    row_src = torch.randint(0, T, (R,), generator=g, dtype=torch.int32)
+    row_src[[3, 60, 185]] = -1  # padding rows, one past offsets[E]
+    row_src[10] = row_src[11]  # a token in two rows
+    row_src = row_src.to(device)
+    x = _edgy((T, C), torch.float32).to(device)
+    t, dequantize = (x.bfloat16() if source == "bf16" else x), None
+    if source == "e4m3":
+        t, s = fp8.quantize(x, r.act_block(), r.scale_dtype)
+        t.view(torch.uint8)[8:72, :4] = torch.arange(256, dtype=torch.uint8).view(64, 4)  # every E4M3 bit pattern
+        dequantize = (s, r.group)
+    rows = kq.row_groups(offsets, R, r.group, align=align)
+
+    def gathered(u):  # [R, *] rows of u in expert order, zero rows where row_src is -1 (the two-step path's gather)
+        bits = u.view(torch.uint8) if u.dtype == torch.float8_e4m3fn else u
+        out = torch.empty((R, u.shape[1]), dtype=bits.dtype, device=device)
+        kp.gather(bits, row_src, 1, None, out)  # k = 1: a row's assignment is its token
+        return out.view(u.dtype)
+
+    got = kq.quantize_rows(t, rows, r.scale_dtype, transposed=align > 1, dequantize=dequantize, row_src=row_src)
+    two_step = None if dequantize is None else (gathered(dequantize[0]), dequantize[1])
+    want = kq.quantize_rows(gathered(t), rows, r.scale_dtype, transposed=align > 1, dequantize=two_step)
+    assert_same(got[1], want[1], f"{recipe} scales")
+    assert_same(got[0], want[0], f"{recipe} values")
+    with pytest.raises(TypeError, match="quantize_rows: row_src must have a dtype among"):
+        kq.quantize_rows(t, rows, r.scale_dtype, dequantize=dequantize, row_src=row_src.long())
+    with pytest.raises(ValueError, match=r"quantize_rows: row_src must have shape \[R\]"):
+        kq.quantize_rows(t, rows, r.scale_dtype, dequantize=dequantize, row_src=row_src[1:])
+
+
 def test_quantize_rows_dequantize_bad_arguments():
     """``dequantize=`` names what it expected: an E4M3 t (TypeError), scales of the recipe's shape (ValueError)."""
     offsets = torch.tensor([0, 5], dtype=torch.int32)
@@ -374,11 +425,12 @@ def _run(x, idx, weights, w1, w2, w3, dout, **kw):
     return (out.detach(), *(t.grad for t in leaves))
 
 
-def _reference(x, idx, weights, w1, w2, w3, dout, recipe):
+def _reference(x, idx, weights, w1, w2, w3, dout, recipe, cached=True):
     """Float64 forward and backward of the quantized math, per expert, from ``fp8.fake_quantize`` alone: every GEMM
     operand quantized as ``backends.torch_fp8`` documents (wgrad operands: groups of rows from each expert's first
-    row; x's from the up-projection's quantized x, the saved FP8 x, quantized again), intermediates h, g, a, dh, dg
-    rounded to fp32 where the emulation stores them."""
+    row; x's from the up-projection's quantized x, the saved FP8 x, quantized again, or with ``cached`` False
+    (``fp8_cache_x=False``) from x itself), intermediates h, g, a, dh, dg rounded to fp32 where the emulation stores
+    them."""
     r = fp8.recipe(recipe)
     sd, act_block = r.scale_dtype, r.act_block()
 
@@ -413,7 +465,8 @@ def _reference(x, idx, weights, w1, w2, w3, dout, recipe):
         rows = (r.group, 1)
         aw = (a * wr).float()
         dws[1][e] = q(aw, rows).T @ q(dout[tok], rows)
-        xr = q(xq[tok], rows)  # the FP8 x autograd saves (quantized along d), requantized along the tokens
+        # the FP8 x autograd saves (quantized along d), requantized along the tokens; or x itself
+        xr = q((xq if cached else x)[tok], rows)
         dws[0][e], dws[2][e] = xr.T @ q(dh, rows), xr.T @ q(dg, rows)
     return out, dx, dweights, dws[0], dws[1], dws[2]
 
@@ -612,24 +665,24 @@ def test_compile_fullgraph(impl):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_padded_emulates():
+@pytest.mark.parametrize("cache_x", [None, False])
+def test_padded_emulates(cache_x):
     """PaddedMoE / impl='padded' quantizes around its bmm: close to the unquantized padded result (SQNR like the
-    dropless recipes), and equal to the dropless FP8 result when nothing drops."""
+    dropless recipes), and equal to the dropless FP8 result when nothing drops, in either ``fp8_cache_x`` mode (the
+    same on both sides: x's weight-gradient operand from the FP8 x, None, or from x itself, False)."""
     problem = _problem(T=32, d=64, f=48, E=4, k=2)
+    mode = dict(fp8="blockwise", backend="torch", fp8_cache_x=cache_x)
     plain = _run(*problem, impl="padded", capacity_factor=2.0, backend="torch")
-    quantized = _run(*problem, impl="padded", capacity_factor=2.0, fp8="blockwise", backend="torch")
-    dropless = _run(*problem, impl="grouped", fp8="blockwise", backend="torch")
+    quantized = _run(*problem, options=bsm.MoEOptions(impl="padded", capacity_factor=2.0, **mode))
+    dropless = _run(*problem, options=bsm.MoEOptions(impl="grouped", **mode))
     for name, a, b, c in zip(NAMES, quantized, plain, dropless):
         assert sqnr(a, b) > 20, name
         # the same quantized math (capacity 2 x T·k/E: nothing drops), but for where the top-k weight enters: padded
         # differentiates the combine (dweights = <y, dout>; dw2 from a and the weighted dout, quantized per token
-        # group), the fused MLP takes dweights = <dout @ w2ᵀ, a> and dw2 from the weighted a; and for x in dw1 / dw3:
-        # padded quantizes x along the tokens from its own dtype, the fused MLP from its saved FP8 x (one rounding more:
-        # the two within FP8 noise of each other, 28 dB here)
-        if name in ("dw1", "dw3"):
-            assert sqnr(a, c) > 25, name
-        elif name not in ("dweights", "dw2"):
-            assert sqnr(a, c) > 60, name
+        # group), the fused MLP takes dweights = <dout @ w2ᵀ, a> and dw2 from the weighted a. dw1 / dw3: x from the
+        # same source on both sides (before padded followed fp8_cache_x, 28 dB apart with the FP8 x on one side only)
+        if name not in ("dweights", "dw2"):
+            assert sqnr(a, c) > 60, f"{name}: {sqnr(a, c):.1f} dB"
 
 
 def test_option_on_every_entry_point():

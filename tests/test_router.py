@@ -319,6 +319,112 @@ def test_counts_summed_over_a_process_group():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# what the router keeps for backward (issue 17)
+
+
+def _saved_storages(fn) -> dict[int, torch.Tensor]:
+    """The tensors autograd saves while ``fn()`` runs, one per storage."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_router_saves_x_itself_not_its_fp32_copy(training):
+    """An fp32 router over bf16 tokens keeps x itself for its weight gradient (2 bytes per element, and the storage
+    the experts keep too), not the fp32 copy it multiplies (4 bytes): per token ``2·d + 4·E + 8·k + 4·k + 4`` bytes
+    (x; the softmax probabilities; the top-k ids, int64; the top-k probabilities and their sum, for the
+    renormalisation), the weight apart. Failed before: an fp32 ``[T, d]`` copy of x was saved (``4·d``)."""
+    T, d, E, k = 24, 40, 6, 2
+    r = TopKRouter(d, E, k).train(training)
+    x = torch.randn(T, d, dtype=torch.bfloat16, requires_grad=True)
+    assert r.saves_input()
+    saved = _saved_storages(lambda: r(x))
+    assert x.untyped_storage().data_ptr() in saved
+    assert not any(t.dtype == torch.float32 and t.numel() == T * d for t in saved.values())
+    activations = [t for t in saved.values() if t.untyped_storage().data_ptr() != r.weight.untyped_storage().data_ptr()]
+    assert sum(t.untyped_storage().nbytes() for t in activations) == T * (2 * d + 4 * E + 8 * k + 4 * k + 4)
+
+
+def test_router_jitter_keeps_the_jittered_copy():
+    """With jitter (training, ``jitter_eps``) the linear's input is the jittered fp32 tensor, a new one: that is what
+    it keeps (x is not kept, ``saves_input()`` is False); in eval there is no jitter and x itself is kept."""
+    T, d = 10, 16
+    r = TopKRouter(d, 4, 2, jitter_eps=0.1).train()
+    x = torch.randn(T, d, dtype=torch.bfloat16, requires_grad=True)
+    saved = _saved_storages(lambda: r(x))
+    assert not r.saves_input() and x.untyped_storage().data_ptr() not in saved
+    assert sum(t.dtype == torch.float32 and t.shape == (T, d) for t in saved.values()) == 2  # h and its noise
+    assert r.eval().saves_input() and x.untyped_storage().data_ptr() in _saved_storages(lambda: r(x))
+
+
+def test_router_saves_nothing_of_x_without_a_weight_gradient():
+    """A frozen router (``freeze(router=True)``) or grad mode off: no weight gradient, so x is not kept."""
+    r = TopKRouter(16, 4, 2)
+    x = torch.randn(8, 16, dtype=torch.bfloat16, requires_grad=True)
+    with torch.no_grad():
+        assert not r.saves_input()
+    r.weight.requires_grad_(False)
+    assert not r.saves_input() and x.untyped_storage().data_ptr() not in _saved_storages(lambda: r(x))
+
+
+@pytest.mark.parametrize(
+    "T, d, E, x_dtype, w_dtype",
+    [
+        (37, 12, 5, torch.bfloat16, torch.float32),  # bf16 tokens, fp32 weight: the cast redone in backward
+        (37, 12, 5, torch.float32, torch.float32),  # fp32 tokens: x.to(fp32) is x itself
+        (9, 24, 3, torch.bfloat16, torch.bfloat16),  # a bf16 model: the weight cast too
+        (1, 8, 1, torch.float16, torch.float32),  # one token, one expert
+        (0, 8, 4, torch.bfloat16, torch.float32),  # no tokens: empty logits and gradients
+    ],
+)
+def test_router_linear_is_autograds_bit_for_bit(T, d, E, x_dtype, w_dtype):
+    """The router's linear (``_Linear``) gives the logits and the gradients of x and the weight of ``F.linear(x.to(
+    fp32), w.to(fp32))`` under autograd, bit for bit (the numbers did not change, only what is kept)."""
+    from blocksparse_moe.layers.router import _Linear
+
+    x, w, dy = torch.randn(T, d).to(x_dtype), torch.randn(E, d).to(w_dtype), torch.randn(T, E)
+    results = []
+    for linear in (
+        lambda a, b: torch.nn.functional.linear(a.float(), b.float()),
+        lambda a, b: _Linear.apply(a, b, torch.float32),
+    ):
+        a, b = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = linear(a, b)
+        y.backward(dy)
+        results.append((y, a.grad, b.grad))
+    for name, u, v in zip(("logits", "dx", "dw"), *results):
+        assert u.dtype == v.dtype and torch.equal(u, v), name
+
+
+def test_router_compile_fullgraph_backward():
+    """The router traces under ``torch.compile(fullgraph=True)`` forward and backward (its autograd Function), bf16
+    tokens, training with noisy gating (two linears over x): equal to eager."""
+    eager = TopKRouter(16, 4, 2, noisy_gating=True).train()
+    with torch.no_grad():
+        eager.noise_weight.normal_()
+    compiled_router = TopKRouter(16, 4, 2, noisy_gating=True).train()
+    compiled_router.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_router, fullgraph=True, backend="aot_eager")
+    x = torch.randn(12, 16, dtype=torch.bfloat16)
+    grads = []
+    for module, router in ((eager, eager), (compiled, compiled_router)):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(1)  # the same noise
+        logits, weights, _ = module(xi)
+        (logits.sum() + weights.sum()).backward()
+        grads.append((logits.detach(), xi.grad, router.weight.grad, router.noise_weight.grad))
+    for name, a, b in zip(("logits", "dx", "dw", "dw_noise"), *grads):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # compile, state_dict, construction
 
 

@@ -315,7 +315,7 @@ def mlp_forward(
 ):
     """``out [T, d]``, the ``h``, ``g`` backward needs (``MlpRouting.intermediate_shape``) and None; with an ``fp8``
     recipe, its emulation (``torch_fp8``; ``scales``: w1, w2, w3 are prequantized E4M3 with these scales), whose
-    last result is the E4M3 x and its scales, which backward reads instead of x."""
+    last result is the E4M3 x and its scales, which backward reads instead of x (``fp8_cache_x``)."""
     if fp8:
         return torch_fp8.mlp_forward(x, weights, w1, w2, w3, routing, activation, fp8, scales=scales)
     dtype = x.dtype
@@ -334,7 +334,8 @@ def mlp_backward(
     dout, x, weights, w1, w2, w3, h, g, routing: MlpRouting, activation: str, needs, fp8=None, x_scale=None
 ):
     """Gradients of ``mlp_forward`` for ``(x, weights, w1, w2, w3)`` where ``needs`` says so, else None; with an
-    ``fp8`` recipe, its emulation (``torch_fp8``: x is then the forward's E4M3 x, ``x_scale`` its scales).
+    ``fp8`` recipe, its emulation (``torch_fp8``: with ``x_scale``, x is the forward's E4M3 x and ``x_scale`` its
+    scales; without, x itself).
 
     Over the ``[R, f]`` rows, in the accumulation dtype: ``G = dout[token] @ w2ᵀ``; ``dW2 = aᵀ @ (w·dout[token])``
     (the gathered dout weighted in place); the top-k weight gradient ``<G, a>`` (``a`` multiplied in place); then

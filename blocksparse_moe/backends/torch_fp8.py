@@ -11,18 +11,20 @@ which is the FP8 GEMM's math up to the fp32 accumulation order:
 | down: ``y = a @ w2`` | ``a = act(h)·g`` per row along f (rounded to x's dtype first, as the kernels store it) |
 | dgrad: ``G = dout @ w2ᵀ`` | dout per token along d, w2 along d (its columns) |
 | dx: ``dh @ w1ᵀ + dg @ w3ᵀ`` | dh, dg per row along f, w1 / w3 along f (their columns) |
-| wgrads ``awᵀ @ dout``, ``xᵀ @ dh``, ``xᵀ @ dg`` | both along the tokens, in groups of one expert's rows (x: FP8 x's) |
+| wgrads ``awᵀ @ dout``, ``xᵀ @ dh``, ``xᵀ @ dg`` | both along the tokens, in groups of one expert's rows (x: below) |
 
 The weight gradients are FP8 too, with scales along the token dimension (the reduced one: groups of 128 / 32 rows
 of one expert, or all its rows for ``"rowwise"``; ``fp8.quantize_rows``). What stays unquantized: the activation
 and its derivative, the top-k weights and the weight gradient ``<G, a>`` (fp32 epilogue math), the combine. The
-weights are quantized once per step per layout (``fp8.weight``'s cache). Autograd saves the forward's E4M3 x and its
-scales (quantized per token along d, for the up-projection) instead of x, then the top-k weights, h, g (in x's
-dtype), the weights and the routing; the weight gradients dW1 / dW3 read x requantized from it (dequantized ``q · s``
-in fp32, quantized along the tokens: DeepSeek-V3's 1×128 to 128×1 conversion). Bytes saved per token for x: ``2·d``
-(bf16) → ``d`` plus the scales (``4·d/128`` blockwise, ``d/32`` mxfp8, 4 rowwise): 512 → 264 / 264 / 260 at d = 256.
-The double quantization costs dW1 / dW3 0.6-0.7 dB of SQNR with fp32 scales (blockwise, rowwise) and nothing with
-mxfp8's power-of-two scales (README "FP8": measured at d=256, f=512, T=512, E=8, k=2). The padded strategy's and
+weights are quantized once per step per layout (``fp8.weight``'s cache). Autograd saves (``fp8_cache_x``, the
+default) the forward's E4M3 x and its scales (quantized per token along d, for the up-projection) instead of x, then
+the top-k weights, h, g (in x's dtype), the weights and the routing; the weight gradients dW1 / dW3 read x
+requantized from it (dequantized ``q · s`` in fp32, quantized along the tokens: DeepSeek-V3's 1×128 to 128×1
+conversion). Bytes saved per token for x: ``2·d`` (bf16) → ``d`` plus the scales (``4·d/128`` blockwise, ``d/32``
+mxfp8, 4 rowwise): 512 → 264 / 264 / 260 at d = 256. The double quantization costs dW1 / dW3 0.6-0.7 dB of SQNR with
+fp32 scales (blockwise, rowwise) and nothing with mxfp8's power-of-two scales (README "FP8": measured at d=256,
+f=512, T=512, E=8, k=2). Without ``fp8_cache_x`` (where something else keeps x anyway) autograd saves x itself and
+dW1 / dW3 quantize it along the tokens (``x_scale`` None in ``mlp_backward``). The padded strategy's and
 ``custom_moe_mlp``'s FP8 GEMMs are ``strategies.fp8``.
 """
 
@@ -89,8 +91,8 @@ def mlp_forward(
 
 def mlp_backward(
     dout: torch.Tensor,
-    x_q: torch.Tensor,
-    x_scale: torch.Tensor,
+    x: torch.Tensor,
+    x_scale: torch.Tensor | None,
     weights: torch.Tensor,
     w1: torch.Tensor,
     w2: torch.Tensor,
@@ -103,8 +105,9 @@ def mlp_backward(
     fp8: str,
     quantizer: Quantizer = REFERENCE,
 ) -> tuple[torch.Tensor | None, ...]:
-    """``backends.torch.mlp_backward`` with the GEMMs of recipe ``fp8`` (module docstring); ``x_q``, ``x_scale``:
-    the forward's E4M3 x and its scales (``mlp_forward``'s last result); the gradients in dout's dtype."""
+    """``backends.torch.mlp_backward`` with the GEMMs of recipe ``fp8`` (module docstring); ``x``, ``x_scale``:
+    the forward's E4M3 x and its scales (``mlp_forward``'s last result), or x itself and None (``fp8_cache_x``
+    False); the gradients in dout's dtype."""
     need_x, need_weights, need_w1, need_w2, need_w3 = needs
     rcp, pt = fp8_recipes.recipe(fp8), _torch()
     dtype, acc, F, offsets = dout.dtype, _acc_dtype(dout.dtype), w1.shape[2], routing.offsets
@@ -151,7 +154,8 @@ def mlp_backward(
         dx = pt.scatter_rows(dxs.to(dtype), routing.row_asg, routing.assignment_row)
     dw1 = dw3 = None
     if need_wgrad:
-        xs = rows(pt._gathered(fp8_recipes.dequantize(x_q, x_scale, act_block), routing.row_src))
+        x_src = x if x_scale is None else fp8_recipes.dequantize(x, x_scale, act_block)  # the FP8 x: q · s in fp32
+        xs = rows(pt._gathered(x_src, routing.row_src))
         dw1 = pt._expert_wgrad(xs, dh_t, offsets).to(dtype)
         dw3 = None if dg is None else pt._expert_wgrad(xs, dg_t, offsets).to(dtype)
     return dx, dweights, dw1, dw2, dw3

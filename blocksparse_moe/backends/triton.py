@@ -225,7 +225,7 @@ def mlp_forward(
     """``out [T, d]``, the ``h``, ``g`` backward needs (``MlpRouting.intermediate_shape``) and None: the gated
     up-projection (gather fused, activation in the epilogue), the down-projection, the weighted scatter. With an
     ``fp8`` recipe: its FP8 GEMMs (``triton_fp8``; ``scales``: w1, w2, w3 are prequantized E4M3 with these
-    scales), the last result the E4M3 x and its scales, which backward reads instead of x."""
+    scales), the last result the E4M3 x and its scales, which backward reads instead of x (``fp8_cache_x``)."""
     if fp8:
         return triton_fp8.mlp_forward(x, weights, w1, w2, w3, routing, activation, fp8, _schedule(routing), scales)
     F = w1.shape[2]
@@ -261,7 +261,8 @@ def mlp_backward(
     x_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients of ``mlp_forward`` for ``(x, weights, w1, w2, w3)`` where ``needs`` says so, else None (with an
-    ``fp8`` recipe: its FP8 GEMMs, ``triton_fp8``; x is then the forward's E4M3 x, ``x_scale`` its scales).
+    ``fp8`` recipe: its FP8 GEMMs, ``triton_fp8``; with ``x_scale``, x is the forward's E4M3 x and ``x_scale`` its
+    scales, without, x itself).
 
     1. ``G = dout[token] @ w2ᵀ`` at each row, the epilogue giving ``dh``, ``dg``, ``aw = weight·a`` and the
        per-row ``<G, a>`` (the top-k weight gradient);

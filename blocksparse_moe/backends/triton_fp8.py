@@ -7,13 +7,16 @@ up to the fp32 accumulation order. Where each operand is quantized:
 
 | operand | quantized | layout the GEMM reads |
 |---|---|---|
-| x | once per call, per token along d (``quantize``; saved for backward instead of x) | gathered via ``row_src`` |
+| x | once per call, per token along d (``quantize``; saved for backward instead of x (*)) | gathered via ``row_src`` |
 | w1, w3, w2 | once per optimizer step per layout (``fp8.quantized_weight``: E4M3, scales) | ``[E, K, N]`` or ``wᵀ`` |
 | a = act(h)·g | per row along f: in the up-projection's epilogue (mxfp8), else after it (below) | dense rows |
 | dout | once per backward, per token along d (dgrad), along each expert's rows (dW2) | gathered; K-major rows |
 | dh, dg | one pass for both (``quantize_dual``): along f (dx), along each expert's rows (dW1, dW3) | dense; K-major |
-| x (weight gradients) | the saved E4M3 x (above), gathered, requantized along expert rows | K-major expert rows |
+| x (weight gradients) | the saved E4M3 x (above), requantized along expert rows (*) | K-major expert rows |
 | aw (weight gradients) | along the rows of each expert (``quantize_rows``) | K-major expert rows |
+
+(*) With ``fp8_cache_x`` (``MoEOptions``), the default. Without it (where something else keeps x anyway) autograd
+saves x itself, and the weight gradients quantize it along the expert rows (via ``row_src``).
 
 **a in the up-projection's epilogue** (``EPILOGUE_QUANT``: ``gemm(..., act_scales=)``). With ``mxfp8`` the GLU
 up-projection writes a as E4M3 plus its E8M0 scales directly (``QUANT_A``: a rounded to x's dtype, then
@@ -33,9 +36,10 @@ columns, 32 unaligned, 32 interpreted; the launcher asserts it), so every mxfp8 
 - ``rowwise`` (one scale per row, the amax over all of f): a tile sees 64 of the row's f columns, so its epilogue
   cannot know the scale.
 
-The weight gradients' operands (x, aw = w·a, dout rows, dh, dg) are materialized in expert order (x and dout
-gathered by ``permute.gather``: x as its saved E4M3 bytes and scales, which ``quantize_rows(..., dequantize=)``
-reads as ``q · s`` in fp32 in its pass, no fp32 copy), quantized along the tokens and stored column-major
+The weight gradients' operands (x, aw = w·a, dout rows, dh, dg) are quantized in expert order (x and dout read
+through ``row_src`` by the quantize pass itself, ``quantize_rows(..., row_src=)``: no gathered copy; x as its saved
+E4M3 bytes and scales, which ``quantize_rows(..., dequantize=)`` reads as ``q · s`` in fp32, no fp32 copy, or as x
+itself), along the tokens, and stored column-major
 (``transposed``: the reduced dimension, the rows, contiguous) over 16-aligned expert offsets, so that
 ``wgrad_kernel`` reads their K-major tiles through TMA (``row_align``; sm_90's E4M3 wgmma reads K-major tiles only
 and copies MN-major ones through registers every K step). The block-sparse strategy's block-padded rows are aligned
@@ -91,13 +95,6 @@ def _from_saved(t: torch.Tensor | None, routing: MlpRouting, cols: int) -> torch
     return _block_rows(t, routing.block_size, cols).contiguous()
 
 
-def _expert_rows(t: torch.Tensor, routing: MlpRouting) -> torch.Tensor:
-    """Token rows ``t [T, C]`` in expert order ``[R, C]`` (zero rows where no token): a weight gradient's operand."""
-    out = _new((routing.rows, t.shape[1]), t)
-    permute_kernels.gather(t, routing.row_asg, routing.assignment_row.shape[1], None, out)
-    return out
-
-
 def mlp_forward(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -148,8 +145,8 @@ def mlp_forward(
 
 def mlp_backward(
     dout: torch.Tensor,
-    x_q: torch.Tensor,
-    x_scale: torch.Tensor,
+    x: torch.Tensor,
+    x_scale: torch.Tensor | None,
     weights: torch.Tensor,
     w1: torch.Tensor,
     w2: torch.Tensor,
@@ -163,8 +160,9 @@ def mlp_backward(
     schedule: Schedule,
 ) -> tuple[torch.Tensor | None, ...]:
     """``backends.triton.mlp_backward`` with the FP8 GEMMs of recipe ``fp8`` (module docstring): the dgrad with its
-    fused epilogue, dW2, the dx pair and dW1 / dW3, each reading E4M3 operands. ``x_q``, ``x_scale``: the forward's
-    E4M3 x and its scales (``mlp_forward``'s last result); the gradients in dout's dtype."""
+    fused epilogue, dW2, the dx pair and dW1 / dW3, each reading E4M3 operands. ``x``, ``x_scale``: the forward's
+    E4M3 x and its scales (``mlp_forward``'s last result), or x itself and None (``fp8_cache_x`` False); the
+    gradients in dout's dtype."""
     need_x, need_weights, need_w1, need_w2, need_w3 = needs
     rcp, mode, Q = fp8_recipes.recipe(fp8), MODES[fp8], quantize_kernels
     sd, act_block, F = rcp.scale_dtype, rcp.act_block(), w1.shape[2]
@@ -199,7 +197,7 @@ def mlp_backward(
     dw2 = None
     if need_w2:
         awq, aws = Q.quantize_rows(aw, rows, sd, transposed=True)
-        doq, dos = Q.quantize_rows(_expert_rows(dout, routing), rows, sd, transposed=True)
+        doq, dos = Q.quantize_rows(dout, rows, sd, transposed=True, row_src=routing.row_src)  # read through row_src
         dw2 = _new(tuple(w2.shape), w2)
         wgrad(awq, doq, dw2, scales=scales_of(a=aws, b=dos))
     need_wgrad = need_w1 or need_w3
@@ -221,19 +219,17 @@ def mlp_backward(
         if dg is not None:
             w3tq, w3ts = transposed(w3)
             pair = (Rows.dense(dg_f[0]), w3tq)
-        dxs = _new((R, x_q.shape[1]), dout)
+        dxs = _new((R, x.shape[1]), dout)
         scales = GemmScales(mode, dh_f[1], w1ts, w3ts, None if dg_f is None else dg_f[1])
         gemm_kernels.gemm(Rows.dense(dh_f[0]), w1tq, Rows.dense(dxs), schedule, pair=pair, scales=scales)
-        dx = _new(tuple(x_q.shape), dout)
+        dx = _new(tuple(x.shape), dout)
         permute_kernels.scatter(dxs, routing.assignment_row, None, dx)
     dw1 = dw3 = None
     if need_wgrad:
-        # x along the rows from the forward's E4M3 x: gathered (E4M3 and scales), read as q · s in fp32 and
-        # requantized by one kernel (quantize_rows' dequantize)
-        x_rows = _expert_rows(x_q.view(torch.uint8), routing).view(fp8_recipes.E4M3)
-        xq, xs = Q.quantize_rows(
-            x_rows, rows, sd, transposed=True, dequantize=(_expert_rows(x_scale, routing), rcp.group)
-        )
+        # x along the expert rows, read through row_src by the quantize kernel itself (no gathered copy): x, or the
+        # forward's E4M3 x read as q · s in fp32 and requantized (quantize_rows' dequantize)
+        dequantize = None if x_scale is None else (x_scale, rcp.group)
+        xq, xs = Q.quantize_rows(x, rows, sd, transposed=True, dequantize=dequantize, row_src=routing.row_src)
         dw1 = _new(tuple(w1.shape), w1)
         dw3 = None if dg is None else _new(tuple(w3.shape), w3)
         scales = scales_of(a=xs, b=dh_t[1], b2=None if dg_t is None else dg_t[1])

@@ -36,6 +36,7 @@ from torch import nn
 from ..fp8 import RECIPES, check_loaded_dtypes, check_recipe, prequantize, uncast
 from ..functional import custom_moe_mlp, moe_mlp
 from ..options import MoEOptions, options_from
+from ..strategies.common import up_operand_is
 from .hf_convert import _activation_name, _in_out, from_hf, moe_mlp_weights, to_hf, upcycle  # noqa: F401
 
 NAME = "blocksparse_moe"
@@ -66,14 +67,19 @@ def experts_forward(
     """``ExpertsInterface`` entry: ``self`` is the model's experts module, ``hidden_states`` ``[T, d]``.
 
     ``options`` (default ``MoEOptions()``; ``impl`` / ``block_size`` / ``fp8`` are a convenience that builds them)
-    are ``moe_mlp``'s for standard modules; the others run ``custom_moe_mlp`` with their ``backend``, ``check`` and
-    ``fp8``. A module prequantized by ``quantize_experts_fp8_`` runs on its FP8 weights (the options' ``fp8``
-    None or the module's recipe; inference only) in ``hidden_states``' dtype.
+    are ``moe_mlp``'s for standard modules; the others run ``custom_moe_mlp`` with their ``backend``, ``check``,
+    ``fp8`` and ``fp8_cache_x`` (None: False where the experts compute with ``hidden_states`` itself, which the
+    model's gate linear keeps for backward, ``_gate_keeps``; give True for a gate that keeps a copy of its own, such
+    as DeepSeek-V3's fp32 one). A module prequantized by ``quantize_experts_fp8_`` runs on its FP8 weights (the options'
+    ``fp8`` None or the module's recipe; inference only) in ``hidden_states``' dtype.
     Expert-parallel sentinels (ids >= E, under HF's own expert parallelism) contribute zero."""
     options = options_from(options, impl=impl, block_size=block_size, fp8=fp8)
     if getattr(self, "_is_expert_parallel", False):
         options = replace(options, check=False)
     weights = moe_mlp_weights(self)
+    if options.fp8 is not None and options.fp8_cache_x is None:  # custom_moe_mlp: the grouped strategy
+        impl = options.impl if weights is not None else "grouped"
+        options = replace(options, fp8_cache_x=not _gate_keeps(self, hidden_states, impl))
     if weights is not None:
         w1, w2, w3, activation = weights
         scales = None
@@ -106,8 +112,17 @@ def experts_forward(
         backend=options.backend,
         check=options.check,
         fp8=options.fp8,
+        fp8_cache_x=options.fp8_cache_x,
     )
     return out.to(hidden_states.dtype)
+
+
+def _gate_keeps(experts: nn.Module, hidden_states: torch.Tensor, impl: str) -> bool:
+    """Whether the model's gate linear keeps the very x the experts compute with for its weight gradient (then the
+    experts keep x rather than an FP8 copy: ``MoEOptions.fp8_cache_x``): grad on, ``experts_forward``'s cast to the
+    expert weights' dtype a no-op, and strategy ``impl`` computing with x itself (``up_operand_is``)."""
+    up = experts.gate_up_proj if experts.has_gate else experts.up_proj
+    return torch.is_grad_enabled() and up.dtype == hidden_states.dtype and up_operand_is(hidden_states, impl)
 
 
 def register(

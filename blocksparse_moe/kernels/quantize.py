@@ -17,6 +17,9 @@ Glossary (a batch of B matrices ``[R, C]``: B = E for expert weights, 1 for rows
 - ``src_scale [R, nSC]`` (optional, ``SRC_SCALE``): the input is itself E4M3 with these scales along its columns
   (groups of ``SG`` columns: the forward's x, saved for backward), read as ``q · s`` in fp32 (``fp8.dequantize``)
   and quantized again (``quantize_rows(..., dequantize=)``: x's weight-gradient layout).
+- ``row_src [R]`` int32 (optional, ``ROW_SRC``): row r of the input is t's row ``row_src[r]`` (-1: a zero row), read
+  through it (and its scales' row too): token rows gathered into expert order in the quantize pass itself
+  (``quantize_rows(..., row_src=)``: x's weight-gradient layout, without a gathered copy).
 
 Kernels and grids (sized from shapes):
 
@@ -37,7 +40,7 @@ import triton
 import triton.language as tl
 
 from .. import fp8 as fp8_reference
-from ..validation import check_dtype, positive_int
+from ..validation import check_dtype, check_tensor, positive_int
 from ._common import check_grid_y
 
 __all__ = [
@@ -191,10 +194,15 @@ def _output_rows(q_bounds_ptr, pid_r, lo_r, hi_r, Q_BOUNDS: tl.constexpr):
 
 @triton.jit
 def _load_input(
-    t_ptr, src_s_ptr, rows, cols, s_tr, s_tc, s_sr, SG, mask, BF16_BITS: tl.constexpr, SRC_SCALE: tl.constexpr
-):
+    t_ptr, src_s_ptr, row_src_ptr, rows, row_mask, cols, s_tr, s_tc, s_sr, SG, mask, BF16_BITS: tl.constexpr,
+    SRC_SCALE: tl.constexpr, ROW_SRC: tl.constexpr,
+):  # fmt: skip
     """fp32 values of the input at ``(rows, cols)``: ``load_fp32``, or (``SRC_SCALE`` 1: fp32 scales, 2: E8M0) E4M3
-    bits times their scales of ``SG`` columns each, ``q · s`` in fp32 (``fp8.dequantize``); absent elements 0."""
+    bits times their scales of ``SG`` columns each, ``q · s`` in fp32 (``fp8.dequantize``); absent elements 0.
+    ``ROW_SRC``: row r is t's row ``row_src[r]`` (``row_mask``: the rows that exist; -1: a zero row)."""
+    if ROW_SRC:
+        rows = tl.load(row_src_ptr + rows, mask=row_mask, other=-1)
+        mask = mask & (rows >= 0)[:, None]
     ptrs = t_ptr + rows[:, None] * s_tr + cols[None, :] * s_tc
     if SRC_SCALE:  # one return at the end (scale_and_divisor)
         s_ptrs = src_s_ptr + rows[:, None] * s_sr + (cols // SG)[None, :]
@@ -216,6 +224,7 @@ def quantize_kernel(
     bounds_ptr,  # [nR + 1] int64 row bounds of the row groups (ROW_BOUNDS), else unused
     q_bounds_ptr,  # [nR + 1] int64 q's row bounds of the row groups (Q_BOUNDS: padded rows), else unused
     src_s_ptr,  # [R, nSC] scales of an E4M3 input along its columns, row stride s_sr (SRC_SCALE), else unused
+    row_src_ptr,  # [R] int32 t's row of each row, -1 for a zero row (ROW_SRC), else unused
     R,
     C,
     nR,
@@ -236,6 +245,7 @@ def quantize_kernel(
     E8M0: tl.constexpr,
     BF16_BITS: tl.constexpr,
     SRC_SCALE: tl.constexpr,  # 0; 1 / 2: t is E4M3 (uint8 bits, B = 1) with fp32 / E8M0 scales src_s: t · s quantized
+    ROW_SRC: tl.constexpr,  # (B = 1) row r of the input is t's row row_src[r] (src_s's too)
     TR: tl.constexpr,
     TC: tl.constexpr,
 ):
@@ -274,7 +284,10 @@ def quantize_kernel(
         for c0 in range(lo_c, hi_c, TC):
             cols = c0 + ac
             mask = (rows < hi_r)[:, None] & (cols < hi_c)[None, :]
-            v = _load_input(t_ptr, src_s_ptr, rows, cols, s_tr, s_tc, s_sr, SG, mask, BF16_BITS, SRC_SCALE)
+            v = _load_input(
+                t_ptr, src_s_ptr, row_src_ptr, rows, rows < hi_r, cols, s_tr, s_tc, s_sr, SG, mask, BF16_BITS,
+                SRC_SCALE, ROW_SRC,
+            )  # fmt: skip
             m = tl.maximum(m, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
     nan = (m != m).to(tl.int32)  # tl.max drops NaN: the flags are reduced beside the maxima
     if REDUCE_ROWS:
@@ -307,7 +320,10 @@ def quantize_kernel(
         for c0 in range(lo_c, hi_c, TC):
             cols = c0 + ac
             mask = (rows < hi_r)[:, None] & (cols < hi_c)[None, :]
-            v = _load_input(t_ptr, src_s_ptr, rows, cols, s_tr, s_tc, s_sr, SG, mask, BF16_BITS, SRC_SCALE)
+            v = _load_input(
+                t_ptr, src_s_ptr, row_src_ptr, rows, rows < hi_r, cols, s_tr, s_tc, s_sr, SG, mask, BF16_BITS,
+                SRC_SCALE, ROW_SRC,
+            )  # fmt: skip
             bits = quantized_bits(v, divisor)
             if Q_BOUNDS:  # padding rows: zeros, whatever the scale (never 0 / NaN)
                 bits = tl.where(mask, bits, 0)
@@ -390,13 +406,17 @@ def _launch(
     rows: RowGroups | None,
     transposed: bool = False,
     source: tuple[torch.Tensor, int] | None = None,
+    row_src: torch.Tensor | None = None,
 ):
     """``t [R, C]`` or ``[B, R, C]`` → ``(q, scale)``; ``rows``: the row groups (``GR`` unused; B = 1), q over its
     ``rows.rows`` rows (padded when ``rows.align > 1``); ``transposed``: q stored column-major (``_q_out``);
-    ``source = (src_scale, SG)``: t ``[R, C]`` is E4M3 with these scales of ``SG`` columns each (``SRC_SCALE``)."""
+    ``source = (src_scale, SG)``: t ``[R, C]`` is E4M3 with these scales of ``SG`` columns each (``SRC_SCALE``);
+    ``row_src [R]``: the input's rows are t's rows ``row_src`` (-1: zero), t ``[T, C]`` (``ROW_SRC``)."""
     batched = t.dim() == 3
     t3 = t if batched else t.unsqueeze(0)
     B, R, C = t3.shape
+    if row_src is not None:
+        R = row_src.shape[0]
     GR, GC = group
     nR = rows.bounds.shape[0] - 1 if rows is not None else -(-R // GR)
     nC = -(-C // GC)
@@ -416,10 +436,11 @@ def _launch(
         src = 0 if source is None else 1 if src_scale.dtype == torch.float32 else 2
         data = t3.view(torch.uint8) if src else t3.view(torch.int16) if bf16 else t3
         quantize_kernel[grid](
-            data, q.view(torch.uint8), scale, bounds, rows.bounds if padded else bounds, src_scale, R, C, nR, nC,
-            GR, GC, SG, *t3.stride(), *q.stride()[1:], src_scale.stride(-2),
-            REDUCE_ROWS=reduce_rows, REDUCE_COLS=reduce_cols, ROW_BOUNDS=rows is not None, Q_BOUNDS=padded,
-            E8M0=scale_dtype == torch.uint8, BF16_BITS=bf16, SRC_SCALE=src, TR=TR, TC=TC, num_warps=num_warps,
+            data, q.view(torch.uint8), scale, bounds, rows.bounds if padded else bounds, src_scale,
+            bounds if row_src is None else row_src, R, C, nR, nC, GR, GC, SG, *t3.stride(), *q.stride()[1:],
+            src_scale.stride(-2), REDUCE_ROWS=reduce_rows, REDUCE_COLS=reduce_cols, ROW_BOUNDS=rows is not None,
+            Q_BOUNDS=padded, E8M0=scale_dtype == torch.uint8, BF16_BITS=bf16, SRC_SCALE=src,
+            ROW_SRC=row_src is not None, TR=TR, TC=TC, num_warps=num_warps,
         )  # fmt: skip
     else:
         _empty(q, scale, padded)
@@ -499,9 +520,15 @@ def row_groups(offsets: torch.Tensor, rows: int, group: int | None, align: int =
     return RowGroups(group, align, rows, q_offsets, q_rows, ids, bounds, source, first)
 
 
-def _check_rows(op: str, t: torch.Tensor, rows: RowGroups) -> None:
+def _check_rows(op: str, t: torch.Tensor, rows: RowGroups, row_src: torch.Tensor | None = None) -> None:
     if not isinstance(rows, RowGroups):
         raise TypeError(f"{op}: rows must be a RowGroups (row_groups), got {type(rows).__name__}")
+    if row_src is not None:
+        check_tensor(f"{op}: row_src", row_src, "[R]", (rows.input_rows,))
+        check_dtype(f"{op}: row_src", row_src, (torch.int32,))
+        if t.dim() != 2:
+            raise ValueError(f"{op}: t must have shape [T, C] (the rows row_src reads), got {tuple(t.shape)}")
+        return
     if t.dim() != 2 or t.shape[0] != rows.input_rows:
         raise ValueError(f"{op}: t must have shape [R, C] with R = rows.input_rows = {rows.input_rows} (the rows the "
                          f"groups were built for), got {tuple(t.shape)}")  # fmt: skip
@@ -513,6 +540,7 @@ def quantize_rows(
     scale_dtype: torch.dtype = torch.float32,
     transposed: bool = False,
     dequantize: tuple[torch.Tensor, int | None] | None = None,
+    row_src: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``fp8.quantize_rows`` on the kernel: expert-sorted rows ``t [R, C]`` → ``(q [rows.rows, C], scale [n + 1,
     C])``, one scale per column and row group (``rows``, a ``RowGroups`` of these R rows; ``rows.ids`` maps q's rows
@@ -520,10 +548,12 @@ def quantize_rows(
     rows zero. ``transposed``: q column-major (``_q_out``), for a weight gradient's K-major reads.
     ``dequantize = (t_scale, group)``: t is E4M3 with scales ``t_scale [R, ceil(C / group)]`` (fp32 or E8M0, group
     None: one per row) along its columns, and the rows quantized are ``fp8.dequantize(t, t_scale, (1, group))``,
-    read in the same pass (no fp32 copy)."""
-    _check_rows("quantize_rows", t, rows)
+    read in the same pass (no fp32 copy). ``row_src [R]`` (int32): the rows quantized are t's rows ``row_src``
+    (``t [T, C]``; -1: a zero row), read through it in the same pass (and the rows of ``t_scale``): bit for bit the
+    quantization of the gathered rows, without them."""
+    _check_rows("quantize_rows", t, rows, row_src)
     if dequantize is None:
-        return _launch(t, (1, 1), scale_dtype, rows, transposed)
+        return _launch(t, (1, 1), scale_dtype, rows, transposed, row_src=row_src)
     t_scale, group = dequantize
     check_dtype("quantize_rows: t (with dequantize)", t, (fp8_reference.E4M3,))
     check_dtype("quantize_rows: dequantize's scale", t_scale, (torch.float32, torch.uint8))
@@ -532,7 +562,8 @@ def quantize_rows(
     if tuple(t_scale.shape) != want:
         raise ValueError(f"quantize_rows: dequantize's scale must have shape {want} (one per row and group of "
                          f"{group} columns of t {tuple(t.shape)}), got {tuple(t_scale.shape)}")  # fmt: skip
-    return _launch(t, (1, 1), scale_dtype, rows, transposed, (t_scale, max(C, 1) if group is None else group))
+    source = (t_scale, max(C, 1) if group is None else group)
+    return _launch(t, (1, 1), scale_dtype, rows, transposed, source, row_src)
 
 
 def quantize_dual(

@@ -912,8 +912,9 @@ def _quantize_specs() -> list[CompileSpec]:
     along N, and the weight-gradient operands (row groups of one expert, ``bounds``; ``rows_padded``: written into
     16-row-padded expert segments, the grouped strategy's, ``Q_BOUNDS``); bf16 (read as int16 bits) and fp32 inputs
     with unit column stride, and for the weight-gradient operands E4M3 inputs with their scales along the columns
-    (``SRC_SCALE``: the saved FP8 x, ``quantize_rows(..., dequantize=)``). A group of the whole dimension
-    (``"rowwise"``) is built at the tiles realistic sizes (>= 128) pick."""
+    (``SRC_SCALE``: the saved FP8 x, ``quantize_rows(..., dequantize=)``) and token rows read through ``row_src``
+    (``ROW_SRC``: x, ``quantize_rows(..., row_src=)``). A group of the whole dimension (``"rowwise"``) is built at the
+    tiles realistic sizes (>= 128) pick."""
     specs = []
     for recipe in RECIPES:
         r = recipe_of(recipe)
@@ -922,23 +923,25 @@ def _quantize_specs() -> list[CompileSpec]:
         for use, block in uses.items():
             bounds = block is None
             GR, GC = (4096, 1) if bounds else tuple(4096 if g is None else g for g in block)
-            for dtype in (torch.bfloat16, torch.float32, *((torch.float8_e4m3fn,) if bounds else ())):
+            dtypes = (torch.bfloat16, torch.float32, *((torch.float8_e4m3fn,) if bounds else ()))
+            for dtype, row_src in itertools.product(dtypes, (False, True) if bounds else (False,)):
                 e4m3 = dtype == torch.float8_e4m3fn  # with its scales (the saved FP8 x: 1 fp32, 2 E8M0)
                 src = (2 if r.scale_dtype == torch.uint8 else 1) if e4m3 else 0
                 TR, TC, num_warps = quantize_config((GR, GC), e4m3)
                 constexprs = {"REDUCE_ROWS": bounds or GR > 1, "REDUCE_COLS": GC > 1, "ROW_BOUNDS": bounds,
                               "Q_BOUNDS": use == "rows_padded", "E8M0": r.scale_dtype == torch.uint8,
-                              "BF16_BITS": dtype == torch.bfloat16, "SRC_SCALE": src, "TR": TR, "TC": TC,
-                              "s_tc": 1}  # fmt: skip
+                              "BF16_BITS": dtype == torch.bfloat16, "SRC_SCALE": src, "ROW_SRC": row_src, "TR": TR,
+                              "TC": TC, "s_tc": 1}  # fmt: skip
                 if not bounds:  # q row-major (the weight gradients' operands may be column-major: transposed=)
                     constexprs["s_qc"] = 1
                 t_dtype = torch.int16 if dtype == torch.bfloat16 else torch.uint8 if e4m3 else dtype
                 pointers = {"t_ptr": t_dtype, "q_ptr": torch.uint8, "s_ptr": r.scale_dtype, "bounds_ptr": torch.int64,
-                            "q_bounds_ptr": torch.int64, "src_s_ptr": r.scale_dtype}  # fmt: skip
+                            "q_bounds_ptr": torch.int64, "src_s_ptr": r.scale_dtype,
+                            "row_src_ptr": torch.int32 if row_src else torch.int64}  # fmt: skip
                 signature = kernel_signature(quantize_kernel, constexprs, dtype, pointers)
                 specs.append(
                     CompileSpec(
-                        f"quantize[{recipe},{use},{triton_type(dtype)}]",
+                        f"quantize[{recipe},{use},{triton_type(dtype)}{',row_src' if row_src else ''}]",
                         quantize_kernel,
                         signature,
                         constexprs,

@@ -27,6 +27,7 @@ from ..activations import Activation, get_activation
 from ..fp8 import RECIPES, check_loaded_dtypes, check_recipe, prequantize, uncast
 from ..functional import moe_mlp
 from ..options import MoEOptions, options_from
+from ..strategies.common import up_operand_is
 from ..validation import boolean, non_negative_number, positive_int
 from .losses import load_balancing_loss, router_z_loss, sequence_balance_loss
 from .router import TopKRouter
@@ -223,7 +224,10 @@ class MoELayer(nn.Module):
 
     Args:
         hidden_size, ffn_hidden_size, num_experts, top_k: d, f, E, k.
-        options: the experts' ``MoEOptions`` (default ``MoEOptions()``: ``impl="auto"``).
+        options: the experts' ``MoEOptions`` (default ``MoEOptions()``: ``impl="auto"``). With an ``fp8`` recipe
+            and ``fp8_cache_x`` None, each forward has the experts keep x itself for backward where the router keeps
+            that same x and they compute with it (``TopKRouter.saves_input``, ``strategies.common.up_operand_is``: no
+            autocast copy, not ``"padded"``'s capacity buffers), else its FP8 copy.
         activation: the experts' activation (a name or an elementwise callable), also the shared expert's.
         glu: GLU experts (``w3``), ``act(x @ w1) * (x @ w3) @ w2``.
         load_balancing_weight, z_loss_weight: coefficients of the auxiliary losses (finite, >= 0).
@@ -324,7 +328,13 @@ class MoELayer(nn.Module):
         activation = None
         if self.training and self.expert_dropout:
             activation = partial(_dropout_after, get_activation(self.experts.activation), self.expert_dropout)
-        out = self.experts(flat, top_k_index, top_k_weights, activation=activation, **self._overrides(x, flat.shape[0]))
+        overrides = self._overrides(x, flat.shape[0])
+        if self.options.fp8 is not None and self.options.fp8_cache_x is None:
+            # the experts keep x itself where the router keeps it anyway and they compute with it (no autocast copy,
+            # no capacity buffers), else its FP8 copy (MoEOptions.fp8_cache_x)
+            keeps = self.router.saves_input() and up_operand_is(flat, self.options.impl)
+            overrides["fp8_cache_x"] = not keeps
+        out = self.experts(flat, top_k_index, top_k_weights, activation=activation, **overrides)
         if self.shared_expert is not None:
             shared = self.shared_expert(flat)
             if self.shared_expert_gate is not None:

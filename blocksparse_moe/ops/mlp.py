@@ -9,8 +9,10 @@ unpadded rows). Forward: the gated up-projection reads each x row tile once for 
 
 Autograd saves ``x``, ``h``, ``g`` (bf16 SwiGLU: ``2·(d + 2·k·f)`` bytes per token plus the block padding), the
 weights and the int32 routing, nothing else: no gathered copy of x, no activated ``a``, no expert outputs. With an
-``fp8`` recipe it saves the forward's E4M3 x and its scales (along d: ``d`` bytes plus the scales per token) instead
-of x: the weight gradients dW1 / dW3 requantize it along the tokens (``backends.torch_fp8``). The
+``fp8`` recipe and ``fp8_cache_x`` (``MoEOptions.fp8_cache_x``: where the op holds x's only reference) it saves the
+forward's E4M3 x and its scales (along d: ``d`` bytes plus the scales per token) instead of x: the weight gradients
+dW1 / dW3 requantize it along the tokens (``backends.torch_fp8``); without ``fp8_cache_x`` it saves x (where
+something else keeps x anyway) and quantizes it along the tokens in backward. The
 backward recomputes ``a`` in the epilogue of the GEMM producing ``dout @ w2ᵀ``, which also gives the top-k weight
 gradient ``<dout @ w2ᵀ, a>`` (``backends.triton.mlp_backward``).
 """
@@ -25,7 +27,7 @@ from ..backends.common import MlpRouting
 from ..config import resolve_backend
 from ..fp8 import E4M3, check_recipe, check_weight_scales, recipe
 from ..routing import RoutingPlan
-from ..validation import check_no_grad
+from ..validation import boolean, check_no_grad
 from . import _checks
 
 __all__ = ["mlp_routing", "expert_mlp"]
@@ -49,7 +51,9 @@ def mlp_routing(plan: RoutingPlan) -> MlpRouting:
 # The routing crosses the custom-op boundary as its four tensors and its block size (custom ops take no dataclass);
 # each op builds one MlpRouting from them. The FP8 recipe crosses as a str, "" for None; prequantized weights'
 # scales as three optional tensors (None: the weights are quantized in the op, or there is no FP8). With FP8 the
-# forward also returns the E4M3 x and its scales (empty tensors without), which autograd saves instead of x.
+# forward also returns the E4M3 x and its scales (empty tensors without), which autograd saves instead of x where
+# fp8_cache_x (the last argument, a bool read by setup_context only) says so; the backward then gets them as x and
+# x_scale (x_scale None: x is x itself).
 
 
 @torch.library.custom_op("bsm::expert_mlp", mutates_args=())
@@ -70,6 +74,7 @@ def _expert_mlp(
     w1_scale: Tensor | None = None,
     w2_scale: Tensor | None = None,
     w3_scale: Tensor | None = None,
+    fp8_cache_x: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     routing = MlpRouting(offsets, row_src, row_asg, assignment_row, block_size)
     scales = None if w1_scale is None else (w1_scale, w2_scale, w3_scale)
@@ -134,7 +139,7 @@ def _(dout, x, weights, w1, w2, w3, h, g, offsets, row_src, row_asg, assignment_
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weights, w1, w2, w3, offsets, row_src, row_asg, assignment_row, *flags, w1_scale, _, _ = inputs
+    x, weights, w1, w2, w3, offsets, row_src, row_asg, assignment_row, *flags, w1_scale, _, _, cache_x = inputs
     if w1_scale is not None:
         raise ValueError("bsm::expert_mlp with prequantized FP8 weights (scales given) has no backward: no input may "
                          "require grad (run under torch.no_grad() or torch.inference_mode())")  # fmt: skip
@@ -143,8 +148,8 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.glu = w3 is not None
     ctx.mark_non_differentiable(h, g, x_q, x_scale)
     ctx.set_materialize_grads(False)
-    # with FP8, the forward's E4M3 x and its scales instead of x (module docstring)
-    x, x_scale = (x_q, x_scale) if ctx.fp8 else (x, None)
+    # with FP8 and fp8_cache_x, the forward's E4M3 x and its scales instead of x (module docstring)
+    x, x_scale = (x_q, x_scale) if ctx.fp8 and cache_x else (x, None)
     saved = (x, x_scale, weights, w1, w2, w3, h, g if ctx.glu else None, offsets, row_src, row_asg, assignment_row)
     ctx.save_for_backward(*saved)
 
@@ -153,14 +158,14 @@ def _backward(ctx, dout, _dh, _dg, _dx_q, _dx_scale):
     x, x_scale, weights, w1, w2, w3, h, g, *routing = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     if dout is None or not any(needs):
-        return (None,) * 16
+        return (None,) * 17
     grads = _expert_mlp_backward(
         dout, x, weights, w1, w2, w3, h, g, *routing, ctx.block_size, ctx.activation, ctx.backend, ctx.fp8, needs,
         x_scale,
     )  # fmt: skip
     dx, dweights, dw1, dw2, dw3 = (t if n else None for t, n in zip(grads, needs))
-    # None for the four routing tensors, block_size, activation, backend, fp8 and the three weight scales
-    return dx, dweights, dw1, dw2, dw3, *(None,) * 11
+    # None for the four routing tensors, block_size, activation, backend, fp8, the three weight scales and fp8_cache_x
+    return dx, dweights, dw1, dw2, dw3, *(None,) * 12
 
 
 _expert_mlp.register_autograd(_backward, setup_context=_setup_context)
@@ -180,6 +185,7 @@ def expert_mlp(
     backend: str | None = None,
     fp8: str | None = None,
     weight_scales: tuple[Tensor, Tensor, Tensor | None] | None = None,
+    fp8_cache_x: bool = True,
 ) -> Tensor:
     """The fused expert MLP (module docstring): x ``[T, d]``, weights ``[T, k]``, w1 / w3 ``[E, d, f]`` (w3 None:
     no GLU), w2 ``[E, f, d]`` (any strides each) → ``[T, d]``, over the rows of ``routing`` (``mlp_routing``).
@@ -188,8 +194,10 @@ def expert_mlp(
     the PyTorch backend emulates them, ``backends.torch_fp8``).
     ``weight_scales = (s1, s2, s3)``: w1, w2, w3 are prequantized E4M3 weights with these scales (``fp8.prequantize``
     for recipe ``fp8``), read as they are (inference only: nothing may require grad). Without them, differentiable in
-    x, weights, w1, w2, w3 (once: no double backward)."""
+    x, weights, w1, w2, w3 (once: no double backward). ``fp8_cache_x``: with ``fp8``, keep the forward's E4M3 x and
+    its scales for backward (True) or x itself (False: where something else keeps x anyway), ``MoEOptions``'."""
     check_recipe("fp8", fp8)
+    boolean("fp8_cache_x", fp8_cache_x)
     prequantized = check_weight_scales(fp8, weight_scales, w1, w2, w3)
     _checks.expert_mlp_shape(x, weights, w1, w2, w3, routing, activation, prequantized)
     if prequantized:
@@ -198,6 +206,6 @@ def expert_mlp(
     r = routing
     out, *_ = _expert_mlp(
         x, weights, w1, w2, w3, r.offsets, r.row_src, r.row_asg, r.assignment_row, r.block_size, activation, backend,
-        fp8 or "", *(weight_scales or (None, None, None)),
+        fp8 or "", *(weight_scales or (None, None, None)), fp8_cache_x,
     )  # fmt: skip
     return out

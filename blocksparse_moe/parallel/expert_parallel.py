@@ -232,6 +232,9 @@ class _ExpertParallelExperts:
         _check_weights(x, top_k_index, top_k_weights)
         if options.pop("return_stats", False):
             raise ValueError("return_stats is not supported under expert parallelism")
+        # a layer's per-call fp8_cache_x is about the x its router keeps; the local experts compute with the received
+        # rows, which nothing else keeps: their FP8 copy is the smaller (MoEOptions.fp8_cache_x)
+        options.pop("fp8_cache_x", None)
         opts = replace(self.options, **options) if options else self.options
         check = opts.check
         keep = None

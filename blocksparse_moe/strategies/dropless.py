@@ -49,11 +49,21 @@ def combine(y: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor, backend: 
     return scatter_rows(y, plan.padded_row_assignment, plan.padded_assignment_row, weights, backend=backend)
 
 
-def _grouped_mm(backend: str, fp8: str | None) -> Callable[..., torch.Tensor]:
-    """``grouped_mm(x, w, offsets, row_assignment, assignment_row)`` on ``backend``, FP8 with an ``fp8`` recipe."""
+def _grouped_mm(
+    backend: str, fp8: str | None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> Callable[..., torch.Tensor]:
+    """``grouped_mm(x, w, offsets, row_assignment, assignment_row)`` on ``backend``, FP8 with an ``fp8`` recipe
+    (``x_fp8``: x's E4M3 copy, ``strategies.fp8.quantize_operand``, kept for backward instead of x)."""
     if fp8 is None:
         return partial(grouped_mm, backend=backend)
-    return partial(fp8_gemms.grouped_mm, backend=backend, fp8=fp8)
+    return partial(fp8_gemms.grouped_mm, backend=backend, fp8=fp8, x_fp8=x_fp8)
+
+
+def _up_mm(x: torch.Tensor, backend: str, fp8: str | None, fp8_cache_x: bool) -> Callable[..., torch.Tensor]:
+    """``_grouped_mm`` for the up-projections of x: with ``fp8`` and ``fp8_cache_x`` they share one E4M3 copy of x,
+    kept for backward instead of x (``MoEOptions.fp8_cache_x``)."""
+    cached = fp8 is not None and fp8_cache_x
+    return _grouped_mm(backend, fp8, fp8_gemms.quantize_operand(x, fp8, backend) if cached else None)
 
 
 def grouped(
@@ -69,19 +79,21 @@ def grouped(
     backend: str,
     fp8: str | None = None,
     weight_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+    fp8_cache_x: bool = True,
 ) -> tuple[torch.Tensor, RoutingPlan]:
     """Unpadded sorted rows: the fused expert MLP for a named activation; otherwise fused-gather ``grouped_mm``
     with w1 (and w3), the activation, ``grouped_mm`` with w2, combine. With an ``fp8`` recipe every GEMM is FP8
     (the fused MLP: ``backends.triton_fp8`` / ``backends.torch_fp8``; op by op: ``strategies.fp8``, emulated).
-    ``weight_scales``: prequantized E4M3 weights (the fused MLP only)."""
+    ``weight_scales``: prequantized E4M3 weights (the fused MLP only); ``fp8_cache_x``: keep the E4M3 x for backward,
+    or x (``MoEOptions.fp8_cache_x``)."""
     plan = plan_routing(top_k_index, w1.shape[0], block_size=1, check=False)
     if isinstance(activation, str):
         routing = mlp_routing(plan)
-        return expert_mlp(x, weights, w1, w2, w3, routing, activation, backend, fp8, weight_scales), plan
+        return expert_mlp(x, weights, w1, w2, w3, routing, activation, backend, fp8, weight_scales, fp8_cache_x), plan
     rows, inv = plan.row_assignment, plan.assignment_row
-    mm = _grouped_mm(backend, fp8)
-    h = mm(x, w1, plan.offsets, rows, inv)
-    g = None if w3 is None else mm(x, w3, plan.offsets, rows, inv)
+    up, mm = _up_mm(x, backend, fp8, fp8_cache_x), _grouped_mm(backend, fp8)
+    h = up(x, w1, plan.offsets, rows, inv)
+    g = None if w3 is None else up(x, w3, plan.offsets, rows, inv)
     y = activate_then(lambda a: mm(a, w2, plan.offsets, None, None), activation, h, g, recompute)
     return combine(y, plan, weights, backend), plan
 
@@ -100,15 +112,17 @@ def blocksparse(
     backend: str,
     fp8: str | None = None,
     weight_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+    fp8_cache_x: bool = True,
 ) -> tuple[torch.Tensor, RoutingPlan]:
     """Block-padded sorted rows (block size ``block_size``, the topology of ``w1``'s width): the fused expert MLP
     for a named activation (MegaBlocks' SDD with the GLU pair and the activation in its epilogue, then DSD; FP8
-    GEMMs with an ``fp8`` recipe; ``weight_scales``: prequantized E4M3 weights); otherwise gather, ``sdd`` with w1
+    GEMMs with an ``fp8`` recipe; ``weight_scales``: prequantized E4M3 weights; ``fp8_cache_x`` as in ``grouped``);
+    otherwise gather, ``sdd`` with w1
     (and w3), the activation on the blocks, ``dsd`` with w2, combine (no ``fp8``)."""
     plan = plan_routing(top_k_index, w1.shape[0], block_size=block_size, check=False)
     if isinstance(activation, str):
         routing = mlp_routing(plan)
-        return expert_mlp(x, weights, w1, w2, w3, routing, activation, backend, fp8, weight_scales), plan
+        return expert_mlp(x, weights, w1, w2, w3, routing, activation, backend, fp8, weight_scales, fp8_cache_x), plan
     topo = plan.topology(w1.shape[2])
     xs = gather_rows(x, plan.padded_row_assignment, plan.padded_assignment_row, backend=backend)
     h = sdd(xs, w1, topo, backend=backend)
@@ -130,15 +144,17 @@ def grouped_custom(
     post: Callable[[torch.Tensor], torch.Tensor] | None,
     backend: str,
     fp8: str | None = None,
+    fp8_cache_x: bool = True,
 ) -> tuple[torch.Tensor, RoutingPlan]:
     """Unpadded sorted rows: ``post(activation(x @ up[e] + up_bias[e]) @ down[e] + down_bias[e])`` with a row-wise
-    ``activation``, combine; the two GEMMs in FP8 with an ``fp8`` recipe (``strategies.fp8``)."""
+    ``activation``, combine; the two GEMMs in FP8 with an ``fp8`` recipe (``strategies.fp8``; ``fp8_cache_x``: the
+    up-projection keeps x's E4M3 copy for backward, or x)."""
     plan = plan_routing(top_k_index, up.shape[0], block_size=1, check=False)
     if up_bias is not None or down_bias is not None:  # expert of each sorted row (rows past offsets[E]: clamped)
         rows = torch.arange(plan.row_assignment.numel(), device=x.device, dtype=plan.offsets.dtype)
         row_expert = torch.searchsorted(plan.offsets[1:], rows, right=True).clamp(max=up.shape[0] - 1)
     mm = _grouped_mm(backend, fp8)
-    h = mm(x, up, plan.offsets, plan.row_assignment, plan.assignment_row)
+    h = _up_mm(x, backend, fp8, fp8_cache_x)(x, up, plan.offsets, plan.row_assignment, plan.assignment_row)
     if up_bias is not None:
         h = h + up_bias[row_expert]
     a = activation(h)

@@ -91,11 +91,13 @@ def padded(
     recompute: bool,
     drop_policy: str = "position",
     fp8: str | None = None,
+    fp8_cache_x: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The experts on ``capacity`` slots per expert per group; returns ``(out [T, d] in x.dtype, dropped [] int64)``
     (valid assignments over capacity; which ones: ``drop_policy``, see ``MoEOptions``). The combine runs in
     ``weights``' dtype (fp32 at least), autocast or not. With an ``fp8`` recipe the three bmm run its FP8 GEMMs,
-    emulated (``strategies.fp8.bmm``)."""
+    emulated (``strategies.fp8.bmm``), the up-projections keeping the E4M3 copy of the capacity buffers for backward
+    (``fp8_cache_x``; a new tensor, which nothing else keeps: False keeps the buffers themselves)."""
     T, d = x.shape
     E = w1.shape[0]
     n = num_groups * E * capacity
@@ -107,8 +109,10 @@ def padded(
     buffers = torch.cat([x, x.new_zeros(1, d)]).index_select(0, source)
     buffers = buffers.view(num_groups, E, capacity, d).transpose(0, 1).reshape(E, num_groups * capacity, d)
     bmm = torch.bmm if fp8 is None else partial(fp8_gemms.bmm, fp8=fp8)
-    h = bmm(buffers, w1)
-    g = None if w3 is None else bmm(buffers, w3)
+    # with fp8_cache_x, one E4M3 copy of the buffers for both up-projections, kept for backward instead of them
+    up = bmm if fp8 is None or not fp8_cache_x else partial(bmm, a_fp8=fp8_gemms.quantize_operand(buffers, fp8))
+    h = up(buffers, w1)
+    g = None if w3 is None else up(buffers, w3)
     y = activate_then(lambda a: bmm(a, w2), activation, h, g, recompute)  # [E, G·C, d]
     y = y.view(E, num_groups, capacity, d).transpose(0, 1).reshape(n, d)
     gathered = torch.cat([y, y.new_zeros(1, d)]).index_select(0, slot.reshape(-1)).view(*slot.shape, d)
