@@ -911,10 +911,10 @@ def _quantize_specs() -> list[CompileSpec]:
     """Each FP8 recipe's quantizations (``kernels.quantize``): activations along K, weights reduced along K and
     along N, and the weight-gradient operands (row groups of one expert, ``bounds``; ``rows_padded``: written into
     16-row-padded expert segments, the grouped strategy's, ``Q_BOUNDS``); bf16 (read as int16 bits) and fp32 inputs
-    with unit column stride, and for the weight-gradient operands E4M3 inputs with their scales along the columns
-    (``SRC_SCALE``: the saved FP8 x, ``quantize_rows(..., dequantize=)``) and token rows read through ``row_src``
-    (``ROW_SRC``: x, ``quantize_rows(..., row_src=)``). A group of the whole dimension (``"rowwise"``) is built at the
-    tiles realistic sizes (>= 128) pick."""
+    with unit column stride, and for the weight-gradient operands token rows read through ``row_src`` (``ROW_SRC``:
+    x and dout, ``quantize_rows(..., row_src=)``), E4M3 inputs with their scales along the columns only so
+    (``SRC_SCALE``: the saved FP8 x, ``quantize_rows(..., dequantize=, row_src=)``). A group of the whole dimension
+    (``"rowwise"``) is built at the tiles realistic sizes (>= 128) pick."""
     specs = []
     for recipe in RECIPES:
         r = recipe_of(recipe)
@@ -926,6 +926,8 @@ def _quantize_specs() -> list[CompileSpec]:
             dtypes = (torch.bfloat16, torch.float32, *((torch.float8_e4m3fn,) if bounds else ()))
             for dtype, row_src in itertools.product(dtypes, (False, True) if bounds else (False,)):
                 e4m3 = dtype == torch.float8_e4m3fn  # with its scales (the saved FP8 x: 1 fp32, 2 E8M0)
+                if e4m3 and not row_src:  # the saved FP8 x is always read through row_src (triton_fp8.mlp_backward)
+                    continue
                 src = (2 if r.scale_dtype == torch.uint8 else 1) if e4m3 else 0
                 TR, TC, num_warps = quantize_config((GR, GC), e4m3)
                 constexprs = {"REDUCE_ROWS": bounds or GR > 1, "REDUCE_COLS": GC > 1, "ROW_BOUNDS": bounds,
