@@ -1,8 +1,12 @@
-"""Shared test utilities: poisoning, float64 references, tolerances, the routing-kind generator."""
+"""Shared test utilities: poisoning, float64 references, tolerances, the routing-kind generator, what autograd
+saves, a GPU's gemm config under the interpreter."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+
+from blocksparse_moe.kernels import expert_gemm
 
 POISON = float("nan")
 
@@ -113,3 +117,29 @@ def routing(T: int, k: int, E: int, kind: str, generator: torch.Generator | None
     if kind == "invalid":
         idx[0, 0], idx[3, 1], idx[7, 0] = -1, E, E + 5
     return idx
+
+
+def saved_storages(fn) -> dict[int, torch.Tensor]:
+    """The tensors autograd saves while ``fn()`` runs, one per storage."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
+
+
+def gpu_gemm_config(capability: int):
+    """``expert_gemm.gemm_config`` as it answers on a GPU of compute capability ``capability`` (not the interpreter's
+    small config), to patch in under the interpreter: the device's tiles run there."""
+    config = expert_gemm.gemm_config
+
+    def device_config(*args, **kwargs):
+        with pytest.MonkeyPatch.context() as gpu:
+            gpu.setattr(expert_gemm, "interpreting", lambda: False)
+            return config(*args, **{**kwargs, "capability": capability})
+
+    return device_config

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import Recorded, poison_, routing
+from helpers import Recorded, gpu_gemm_config, poison_, routing
 
 from blocksparse_moe import fp8
 from blocksparse_moe.activations import act_backward, get_activation
@@ -114,12 +114,7 @@ def test_fp8_gemm_swapped(use, monkeypatch):
     # sm_100's 64-row MX tiles computed transposed (SWAP_AB: the weight's columns as the block-scaled MMA's M), the
     # device config forced under the interpreter: the same checks as test_fp8_gemm (dot_scaled with W and its scales
     # as the left operand), weights by TMA (transposed views: the FP8 MLP's K-contiguous weights)
-    config = expert_gemm.gemm_config
-
-    def sm100_config(*args, **kwargs):
-        with pytest.MonkeyPatch.context() as gpu:
-            gpu.setattr(expert_gemm, "interpreting", lambda: False)
-            return config(*args, **{**kwargs, "capability": 100})
+    sm100_config = gpu_gemm_config(100)
 
     monkeypatch.setattr(expert_gemm, "gemm_config", sm100_config)
     recorded = Recorded(expert_gemm.gemm_kernel)
@@ -563,12 +558,7 @@ def test_glu_forward_sm100_tiles(case, mode, quant_a, monkeypatch):
     # for bit those of the interpreter's 32-wide tiles (MX scales by pointers); every output poisoned
     T, k, E, K, N, kind = GLU_128_CASES[case]
     use = "forward-glu-aq" if quant_a else "forward-glu"
-    config = expert_gemm.gemm_config
-
-    def sm100_config(*args, **kwargs):
-        with pytest.MonkeyPatch.context() as gpu:
-            gpu.setattr(expert_gemm, "interpreting", lambda: False)
-            return config(*args, **{**kwargs, "capability": 100})
+    sm100_config = gpu_gemm_config(100)
 
     results = {}
     for sm100 in (False, True):

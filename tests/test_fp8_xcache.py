@@ -9,28 +9,16 @@ from collections import Counter
 
 import pytest
 import torch
+from helpers import saved_storages
 from test_fp8 import NAMES, _problem, _reference, _run, sqnr
 
 import blocksparse_moe as bsm
 from blocksparse_moe import fp8
 
 
-def _saved_by(fn) -> dict[int, torch.Tensor]:
-    """The tensors autograd saves while ``fn()`` runs, one per storage."""
-    saved = {}
-
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return saved
-
-
 def _saved(x, idx, weights, w1, w2, w3, **kw) -> dict[int, torch.Tensor]:
     """The tensors autograd saves during one moe_mlp call, one per storage."""
-    return _saved_by(lambda: bsm.moe_mlp(x, idx, weights, w1, w2, w3, activation="silu", **kw))
+    return saved_storages(lambda: bsm.moe_mlp(x, idx, weights, w1, w2, w3, activation="silu", **kw))
 
 
 @pytest.mark.parametrize("backend, impl", [("torch", "grouped"), ("triton", "blocksparse")])
@@ -248,7 +236,7 @@ def test_hf_experts_keep_the_gates_x(name, cache_x):
     bsm_hf.register("bsm_fp8_cache_x", options=bsm.MoEOptions(fp8="blockwise", fp8_cache_x=cache_x))
     model.set_experts_implementation("bsm_fp8_cache_x")
     ids = torch.randint(0, 64, (2, 7))
-    saved = _saved_by(lambda: model(ids))
+    saved = saved_storages(lambda: model(ids))
     e4m3 = [t for t in saved.values() if t.dtype == torch.float8_e4m3fn]
     assert [tuple(t.shape) for t in e4m3] == ([] if cache_x is None else [(14, 32)])
 
@@ -334,7 +322,7 @@ def test_op_composing_paths_follow_fp8_cache_x(path):
         def forward(cache=cache, leaves=leaves):
             results[cache].append(call(cache, *leaves))
 
-        saved = _saved_by(forward)
+        saved = saved_storages(forward)
         e4m3 = [tuple(t.shape) for t in saved.values() if t.dtype == torch.float8_e4m3fn]
         operand = [t for t in saved.values() if t.dtype == torch.bfloat16 and t.shape[-1] == d and t.dim() > 1]
         rows = E * 2 * T * k // E if path == "padded" else T
@@ -393,7 +381,7 @@ def test_padded_layer_keeps_its_buffers_fp8_copy():
     T, d, E = 12, 32, 3
     layer = bsm.PaddedMoE(d, 24, E, 2, capacity_factor=2.0, fp8="blockwise").to(torch.bfloat16)
     x = torch.randn(T, d, dtype=torch.bfloat16, requires_grad=True)
-    saved = _saved_by(lambda: layer(x))
+    saved = saved_storages(lambda: layer(x))
     buffers = (E, 2 * T * 2 // E, d)  # capacity ceil(2 · T · k / E) per expert
     assert [tuple(t.shape) for t in saved.values() if t.dtype == torch.float8_e4m3fn] == [buffers]
     assert not any(t.dtype == torch.bfloat16 and tuple(t.shape) == buffers for t in saved.values())

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
-from helpers import TOL, Recorded, assert_close, assert_close_to_reference, poison_, routing
+from helpers import TOL, Recorded, assert_close, assert_close_to_reference, gpu_gemm_config, poison_, routing
 
 from blocksparse_moe import backends
 from blocksparse_moe.activations import ACTIVATIONS
@@ -358,12 +358,7 @@ def test_glu_forward_sm100_tiles(counts, N, dtype, activation, monkeypatch):
     ref.append(act(ref[0]) * ref[1])
     same.append((act(same[0].float()) * same[1].float()).to(dtype))
 
-    config = expert_gemm.gemm_config
-
-    def sm100_config(*args, **kwargs):
-        with pytest.MonkeyPatch.context() as gpu:
-            gpu.setattr(expert_gemm, "interpreting", lambda: False)
-            return config(*args, **{**kwargs, "capability": 100})
+    sm100_config = gpu_gemm_config(100)
 
     monkeypatch.setattr(expert_gemm, "gemm_config", sm100_config)
     monkeypatch.setattr(expert_gemm, "_gather4_device", lambda device: True)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import saved_storages
 
 from blocksparse_moe.layers.losses import load_balancing_loss, sequence_balance_loss
 from blocksparse_moe.layers.moe import dMoE
@@ -322,19 +323,6 @@ def test_counts_summed_over_a_process_group():
 # what the router keeps for backward (issue 17)
 
 
-def _saved_storages(fn) -> dict[int, torch.Tensor]:
-    """The tensors autograd saves while ``fn()`` runs, one per storage."""
-    saved = {}
-
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return saved
-
-
 @pytest.mark.parametrize("training", [False, True])
 def test_router_saves_x_itself_not_its_fp32_copy(training):
     """An fp32 router over bf16 tokens keeps x itself for its weight gradient (2 bytes per element, and the storage
@@ -345,7 +333,7 @@ def test_router_saves_x_itself_not_its_fp32_copy(training):
     r = TopKRouter(d, E, k).train(training)
     x = torch.randn(T, d, dtype=torch.bfloat16, requires_grad=True)
     assert r.saves_input()
-    saved = _saved_storages(lambda: r(x))
+    saved = saved_storages(lambda: r(x))
     assert x.untyped_storage().data_ptr() in saved
     assert not any(t.dtype == torch.float32 and t.numel() == T * d for t in saved.values())
     activations = [t for t in saved.values() if t.untyped_storage().data_ptr() != r.weight.untyped_storage().data_ptr()]
@@ -358,10 +346,10 @@ def test_router_jitter_keeps_the_jittered_copy():
     T, d = 10, 16
     r = TopKRouter(d, 4, 2, jitter_eps=0.1).train()
     x = torch.randn(T, d, dtype=torch.bfloat16, requires_grad=True)
-    saved = _saved_storages(lambda: r(x))
+    saved = saved_storages(lambda: r(x))
     assert not r.saves_input() and x.untyped_storage().data_ptr() not in saved
     assert sum(t.dtype == torch.float32 and t.shape == (T, d) for t in saved.values()) == 2  # h and its noise
-    assert r.eval().saves_input() and x.untyped_storage().data_ptr() in _saved_storages(lambda: r(x))
+    assert r.eval().saves_input() and x.untyped_storage().data_ptr() in saved_storages(lambda: r(x))
 
 
 def test_router_saves_nothing_of_x_without_a_weight_gradient():
@@ -371,7 +359,7 @@ def test_router_saves_nothing_of_x_without_a_weight_gradient():
     with torch.no_grad():
         assert not r.saves_input()
     r.weight.requires_grad_(False)
-    assert not r.saves_input() and x.untyped_storage().data_ptr() not in _saved_storages(lambda: r(x))
+    assert not r.saves_input() and x.untyped_storage().data_ptr() not in saved_storages(lambda: r(x))
 
 
 @pytest.mark.parametrize(
