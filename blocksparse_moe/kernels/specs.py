@@ -622,7 +622,7 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                     return gemm_config(dtype, block_m, epilogue=use.epilogue, glu=use.glu, pair=use.pair,
                                        aligned=aligned, capability=capability, fp8=mode)  # fmt: skip
 
-                shapes = "FP8 grouped, large T" if block_m >= _LARGE_M else "FP8 grouped, small T"
+                shapes = "FP8 grouped, large T" if block_m >= _LARGE_M else "FP8 grouped, small T / decode"
                 act = "silu" if use.epilogue else "identity"
                 two_w = use.glu and use.epilogue == Epilogue.FORWARD
                 # scales unit-strided: A's along K, W's along N (K for the transposed views)
