@@ -6,12 +6,14 @@ activation in the K loop) and a TMA loop."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 import triton
 import triton.language as tl
 
@@ -684,6 +686,56 @@ def test_fp8_waivers_carry_their_own_kernels_reasons():
     for recipe, check in (("blockwise", "pipeline@90"), ("mxfp8", "fp8mma@90")):
         gemm, wgrad = reasons(f"gemm_fp8[{recipe},", check), reasons(f"wgrad[fp8,w2,{recipe},", check)
         assert gemm and wgrad and gemm.isdisjoint(wgrad), (recipe, check)
+
+
+def test_fp8_specs_hold_every_tile_the_fp8_mlp_launches(monkeypatch):
+    """Every config ``gemm_config`` picks for the FP8 MLP's GEMMs (each recipe, launch, architecture with E4M3 MMAs
+    and alignment), at every M tile ``backends.triton._grouped_block_m(..., fp8=True)`` returns on a GPU, is an FP8
+    build of the audit, or its twin's (``specs._FP8_TWINS``: the same tile, loop and MMA): a tile or a launch added
+    without its builds fails here (the FP8 MLP once ran 16- and 32-row tiles no build covered, and its up-projection
+    without GLU)."""
+    from blocksparse_moe.backends import triton as triton_backend
+    from blocksparse_moe.kernels import expert_gemm, specs
+
+    Epilogue = expert_gemm.Epilogue
+    built = [s for s in audit_jobs._gpu_specs(specs) if s.kernel is expert_gemm.gemm_kernel and s.fp8]
+    monkeypatch.setattr(triton_backend, "interpreting", lambda: False)  # the GPU choices
+    monkeypatch.setattr(expert_gemm, "interpreting", lambda: False)
+    block_ms = {triton_backend._grouped_block_m(rows_per_expert * E + extra, E, fp8=True)
+                for E in (1, 7, 128) for rows_per_expert in range(300) for extra in (0, 1)}  # fmt: skip
+    assert block_ms == {64, 128}
+    # the FP8 MLP's gemm launches (backends.triton_fp8): (EPILOGUE, GLU, PAIR, GATHER); "down" is the dgrad without
+    # GLU too (dh @ w1ᵀ)
+    launches = {
+        "up,glu": (Epilogue.FORWARD, True, False, True),
+        "up": (Epilogue.FORWARD, False, False, True),  # moe_mlp(..., glu=False)
+        "down": (Epilogue.PLAIN, False, False, False),
+        "down_bwd,glu": (Epilogue.BACKWARD, True, False, True),
+        "down_bwd": (Epilogue.BACKWARD, False, False, True),  # its backward without GLU
+        "dgrad_pair": (Epilogue.PLAIN, False, True, False),
+    }
+    assert set(specs._FP8_TWINS.values()) <= set(specs._FP8_USES) <= set(launches)
+    e4m3, checked = torch.float8_e4m3fn, 0
+    for mode in (expert_gemm.Fp8Mode.BLOCKWISE, expert_gemm.Fp8Mode.MX, expert_gemm.Fp8Mode.ROWWISE):
+        for use, (epilogue, glu, pair, _) in launches.items():
+            for block_m, cc, aligned in itertools.product(sorted(block_ms), (90, 100, 120), (True, False)):
+                cfg = expert_gemm.gemm_config(e4m3, block_m, epilogue=epilogue, glu=glu, pair=pair, aligned=aligned,
+                                              capability=cc, fp8=mode)  # fmt: skip
+                variant = "aligned" if aligned else "unaligned"
+                twin = specs._FP8_TWINS.get((use, variant))
+                flags = launches[twin or use]
+                tile = (cfg.block_m, cfg.block_n, cfg.block_k, cfg.swap_ab, cfg.num_warps, cfg.num_stages)
+                tile += () if twin else (cfg.epi_n,)  # (a twin without GLU may slice its epilogue otherwise)
+                found = [
+                    s for s in built
+                    if s.constexprs["FP8"] == mode and cc in s.archs and variant in s.variants
+                    and tuple(s.constexprs[k] for k in ("EPILOGUE", "GLU", "PAIR", "GATHER")) == flags
+                    and tuple(s.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SWAP_AB"))
+                    + (s.num_warps, s.num_stages) + (() if twin else (s.constexprs["EPI_N"],)) == tile
+                ]  # fmt: skip
+                assert found, (mode.name, use, block_m, cc, variant, cfg)
+                checked += 1
+    assert checked == 3 * len(launches) * 2 * 3 * 2
 
 
 def test_parsers_read_ptxas_log_resources_and_buffers():

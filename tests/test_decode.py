@@ -1,7 +1,7 @@
 """Decode-shaped MoE layers: a few tokens over many experts (4 rows per expert at T = 64, k = 8, E = 128).
 
 - the M tile the Triton backend picks for the grouped (unpadded) rows, from shapes only: 16-64 rows when experts
-  expect few rows, 128 for large shapes;
+  expect few rows (the FP8 MLP's: 64), 128 for large shapes;
 - the fused expert MLP at each of those tiles against the float64 per-token loop (interpreter, small shapes, every
   allocation poisoned), with the edges;
 - what a captured decode step needs: no host sync and no data-dependent allocation in the forward and the
@@ -17,7 +17,7 @@ import math
 
 import pytest
 import torch
-from helpers import POISON, assert_close_to_reference, routing
+from helpers import POISON, Recorded, assert_close_to_reference, routing
 
 from blocksparse_moe import backends
 from blocksparse_moe.layers.moe import dMoE
@@ -42,6 +42,14 @@ def test_grouped_m_tile_follows_the_rows_per_expert(monkeypatch):
     assert tile(100, 3) == 64  # odd: ceil(100 / 3) = 34 rows
     assert tile(5, 1) == 16  # E = 1
     assert tile(0, 4) == 16  # no rows
+    # FP8 (the FP8 MLP's E4M3 GEMMs): at least 64 rows (E4M3 MMAs need M >= 64: QGMMA / UTCQMMA)
+    assert TRITON.FP8_MIN_BLOCK_M == 64
+    assert tile(64 * 8, 128, fp8=True) == 64  # decode: 4 rows per expert
+    assert tile(32 * 8, 8, fp8=True) == 64
+    assert tile(127 * 8, 8, fp8=True) == 64
+    assert tile(128 * 8, 8, fp8=True) == 128  # large shapes as without FP8
+    assert tile(5, 1, fp8=True) == 64  # E = 1
+    assert tile(0, 4, fp8=True) == 64  # no rows
 
 
 CASES = {
@@ -59,7 +67,7 @@ CASES = {
 def test_fused_mlp_at_each_small_tile(case, block_m, monkeypatch):
     """The grouped strategy's fused MLP with M tiles of ``block_m`` rows (what ``_grouped_block_m`` may pick on a
     GPU), forward and every gradient, against float64: at most 2x the torch backend's fp32 error."""
-    monkeypatch.setattr(TRITON, "_grouped_block_m", lambda rows, num_experts: block_m)
+    monkeypatch.setattr(TRITON, "_grouped_block_m", lambda rows, num_experts, fp8=False: block_m)
     empty = torch.empty
 
     def poisoned(*args, **kwargs):  # an element no kernel writes shows up as NaN
@@ -92,6 +100,39 @@ def test_fused_mlp_at_each_small_tile(case, block_m, monkeypatch):
         assert_close_to_reference(got, want, same, msg=f"{name}: ")
     for before, after in zip(inputs, (x, idx, weights, w1, w2, w3)):  # inputs never modified
         assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("impl", ["grouped", "blocksparse"])
+def test_fp8_mlp_decode_tiles(impl, monkeypatch):
+    """The FP8 MLP (mxfp8: a quantized in the up-projection's epilogue) at a decode shape (6 tokens, k = 2 of E = 8
+    experts: 1-2 rows per expert, empty experts) runs its GEMMs on the backend's GPU choice of M tile, 64 rows
+    (``_grouped_block_m(..., fp8=True)``; the interpreter's configs otherwise), forward and backward, also over the
+    block-sparse strategy's 16-row blocks: bit for bit the interpreter's 16-row tiles (a row's sums do not depend on
+    the tile that holds it)."""
+    from blocksparse_moe import functional
+    from blocksparse_moe.kernels import expert_gemm
+
+    T, d, f, E, k = 6, 32, 48, 8, 2
+    x, weights = torch.randn(T, d), torch.rand(T, k)
+    idx = routing(T, k, E, "uniform")
+    w1, w3, w2 = torch.randn(E, d, f) / d**0.5, torch.randn(E, d, f) / d**0.5, torch.randn(E, f, d) / f**0.5
+    dout = torch.randn(T, d)
+    block = {"block_size": 16} if impl == "blocksparse" else {}
+    results = {}
+    for gpu_tiles in (False, True):
+        with monkeypatch.context() as m:
+            if gpu_tiles:
+                m.setattr(TRITON, "interpreting", lambda: False)  # the backend's GPU tile choice
+            kernel = Recorded(expert_gemm.gemm_kernel)
+            m.setattr(expert_gemm, "gemm_kernel", kernel)
+            leaves = [t.clone().requires_grad_() for t in (x, weights, w1, w2, w3)]
+            out = functional.moe_mlp(leaves[0], idx, leaves[1], leaves[2], leaves[3], leaves[4], activation="silu",
+                                     impl=impl, backend="triton", fp8="mxfp8", **block)  # fmt: skip
+            out.backward(dout)
+        results[gpu_tiles] = [out.detach(), *(t.grad for t in leaves)]
+        assert {c["BLOCK_M"] for c in kernel.calls} == {64 if gpu_tiles else 16}
+    for name, interpreter, gpu in zip(["out", "x", "weights", "w1", "w2", "w3"], results[False], results[True]):
+        assert not gpu.isnan().any() and torch.equal(interpreter, gpu), name
 
 
 def _step(module: torch.nn.Module, x: torch.Tensor, dout: torch.Tensor) -> list[torch.Tensor]:

@@ -17,6 +17,7 @@ from helpers import Recorded, gpu_gemm_config, poison_, routing
 from blocksparse_moe import fp8
 from blocksparse_moe.activations import act_backward, get_activation
 from blocksparse_moe.kernels import expert_gemm
+from blocksparse_moe.kernels import quantize as quantize_kernels
 from blocksparse_moe.kernels.expert_gemm import BackwardEpilogue, Fp8Mode, GemmScales, WeightLoad
 from blocksparse_moe.kernels.layouts import Rows, Schedule
 from blocksparse_moe.routing import RoutingPlan, plan_routing
@@ -422,16 +423,17 @@ def test_mx_tile_scales_layout():
                 assert flat[m, 16 * j + 4 * i + g].item() == want, (m, r, g)
 
 
-def _launch_128(
-    use: str, T: int, k: int, E: int, K: int, N: int, kind: str, mode: Fp8Mode = Fp8Mode.MX
+def _launch_tiles(
+    use: str, T: int, k: int, E: int, K: int, N: int, kind: str, mode: Fp8Mode = Fp8Mode.MX, block_m: int = 128
 ) -> tuple[torch.Tensor, ...]:
-    """One FP8 ``gemm`` of ``use`` (``mode``'s recipe) on fresh random operands (seeded by the caller) with 128-row
-    tiles, poisoned outputs checked against the float64 reference of the quantized math; returns the outputs (bf16)."""
+    """One FP8 ``gemm`` of ``use`` (``mode``'s recipe) on fresh random operands (seeded by the caller) with M tiles
+    of ``block_m`` rows, poisoned outputs checked against the float64 reference of the quantized math; returns the
+    outputs (bf16)."""
     rcp = mode.recipe()
     plan = _plan(T, k, E, kind)
     R = plan.num_assignments
-    schedule = Schedule.build(plan.offsets, R, 128)
-    gathered = use in ("plain-gathered", "forward", "forward-glu", "forward-glu-aq", "backward-glu")
+    schedule = Schedule.build(plan.offsets, R, block_m)
+    gathered = use in ("plain-gathered", "forward", "forward-aq", "forward-glu", "forward-glu-aq", "backward-glu")
     a_q, a_s, a64 = quantized(torch.randn(T if gathered else R, K), rcp.act_block(), mode)
     w_q, w_s, w64 = weight(E, K, N, mode, True)  # the FP8 MLP's K-major weights (wᵀ views of [E, N, K] storage)
     inputs = [t.clone() for t in (a_q.view(torch.uint8), a_s, w_q.view(torch.uint8), w_s)]
@@ -441,12 +443,24 @@ def _launch_128(
     outs: tuple[torch.Tensor, ...] = (out,)
     if use in ("plain", "plain-gathered"):
         expert_gemm.gemm(a, w_q, Rows.dense(out), schedule, row_src=row_src, scales=GemmScales(mode, a_s, w_s))
-    elif use == "forward":  # the up-projection without GLU: h and a = act(h)
+    elif use in ("forward", "forward-aq"):  # the up-projection without GLU: h and a = act(h)
         act_out = _poisoned(R, N, torch.bfloat16)
         expert_gemm.gemm(a, w_q, Rows.dense(out), schedule, row_src=row_src, act_out=act_out, activation="silu",
                          scales=GemmScales(mode, a_s, w_s))  # fmt: skip
         assert_derived(act_out, torch.nn.functional.silu(ref.bfloat16().double()), "a")
         outs += (act_out,)
+        if use == "forward-aq":  # a quantized in the epilogue: bit for bit kernels.quantize of the a written above
+            h = out.clone()
+            out = _poisoned(R, N, torch.bfloat16)
+            aq = torch.full((R, N), 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn)  # poisoned: E4M3 NaN
+            act_scales = torch.full((R, -(-N // rcp.group)), 255, dtype=torch.uint8)  # E8M0 NaN
+            expert_gemm.gemm(a, w_q, Rows.dense(out), schedule, row_src=row_src, act_out=aq, act_scales=act_scales,
+                             activation="silu", scales=GemmScales(mode, a_s, w_s))  # fmt: skip
+            assert torch.equal(out.view(torch.int16), h.view(torch.int16)), "h"
+            separate_q, separate_s = quantize_kernels.quantize(act_out, rcp.act_block(), rcp.scale_dtype)
+            assert torch.equal(aq.view(torch.uint8), separate_q.view(torch.uint8)), "a's E4M3 bits"
+            assert torch.equal(act_scales, separate_s), "a's scales"
+            outs += (aq.view(torch.uint8), act_scales)
     elif use in ("forward-glu", "forward-glu-aq"):  # the gate's scales: sw2; -aq: a quantized in the epilogue
         g_q, g_s, g64 = weight(E, K, N, mode, True)
         gate_out, act_out, act_scales = _poisoned(R, N, torch.bfloat16), _poisoned(R, N, torch.bfloat16), None
@@ -526,7 +540,7 @@ def test_mx_scales_tma(case, monkeypatch):
         kernel = Recorded(expert_gemm.gemm_kernel)
         monkeypatch.setattr(expert_gemm, "gemm_kernel", kernel)
         torch.manual_seed(17)
-        results[tma] = _launch_128(use, *shape)
+        results[tma] = _launch_tiles(use, *shape)
         dense = use in ("plain", "pair")
         assert [(c["SW_TMA"], c["SA_TMA"]) for c in kernel.calls] == ([] if case == "empty" else [(tma, tma and dense)])
     for pointers, tma in zip(results[False], results[True]):
@@ -569,7 +583,7 @@ def test_glu_forward_sm100_tiles(case, mode, quant_a, monkeypatch):
             kernel = Recorded(expert_gemm.gemm_kernel)
             m.setattr(expert_gemm, "gemm_kernel", kernel)
             torch.manual_seed(23)
-            results[sm100] = _launch_128(use, T, k, E, K, N, kind, mode)
+            results[sm100] = _launch_tiles(use, T, k, E, K, N, kind, mode)
         call = kernel.calls[-1]
         tiles = (call["BLOCK_N"], call["BLOCK_K"], call["EPI_N"], call["SW_TMA"], call["num_warps"])
         wide = (128, 128 if mode == Fp8Mode.MX else 64, 32, mode == Fp8Mode.MX, 4)
@@ -607,7 +621,7 @@ def test_rowwise_gpu_tiles(case, capability, monkeypatch):
     # 128 x 128 x 128 tiles on 8 warps, sm_100's on 4, the accumulators scaled column slice by column slice in the
     # epilogue, EPI_N 16; sm_90's backward epilogue 8): every output poisoned and checked against the float64
     # reference of the quantized math
-    # (_launch_128), and bit for bit that of the same tiles scaled whole after the loop (EPI_N = BLOCK_N: the math
+    # (_launch_tiles), and bit for bit that of the same tiles scaled whole after the loop (EPI_N = BLOCK_N: the math
     # of scaling the accumulator at once, the old path), but for the backward's fp32 dots: Σ G·a summed slice by
     # slice, in another order (to fp32 rounding)
     use, T, k, E, K, N, kind = ROWWISE_128_CASES[case]
@@ -628,7 +642,7 @@ def test_rowwise_gpu_tiles(case, capability, monkeypatch):
             kernel = Recorded(expert_gemm.gemm_kernel)
             m.setattr(expert_gemm, "gemm_kernel", kernel)
             torch.manual_seed(29)
-            results[whole] = _launch_128(use, T, k, E, K, N, kind, Fp8Mode.ROWWISE)
+            results[whole] = _launch_tiles(use, T, k, E, K, N, kind, Fp8Mode.ROWWISE)
         call = kernel.calls[-1]
         tiles = (call["BLOCK_N"], call["EPI_N"], call["num_warps"])
         assert tiles == (block_n, block_n if whole else epi_n, warps), tiles
@@ -652,7 +666,7 @@ def test_mx_scales_tma_in_the_fp8_mlp(monkeypatch):
     config = expert_gemm.gemm_config
     monkeypatch.setattr(expert_gemm, "gemm_config", lambda *a, **kw: replace(config(*a, **kw), block_n=128,
                                                                              block_k=128))  # fmt: skip
-    monkeypatch.setattr(triton_backend, "_grouped_block_m", lambda rows, num_experts: 128)
+    monkeypatch.setattr(triton_backend, "_grouped_block_m", lambda rows, num_experts, fp8=False: 128)
     monkeypatch.setattr(expert_gemm, "_scale_tma_device", lambda device: True)
     T, d, f, E, k = 10, 48, 40, 3, 2
     torch.manual_seed(5)
@@ -675,3 +689,36 @@ def test_mx_scales_tma_in_the_fp8_mlp(monkeypatch):
                                                                        (tma, tma)]  # fmt: skip
     for pointers, tma in zip(results[False], results[True]):
         assert not pointers.isnan().any() and torch.equal(pointers, tma)
+
+
+# the FP8 M tiles of decode (backends.triton._grouped_block_m: at least FP8_MIN_BLOCK_M = 64 rows with fp8) and the
+# up-projection without GLU (bench.audit's "up" / "up,aq" builds)
+DECODE_USES = ["plain", "plain-gathered", "forward", "forward-glu", "backward-glu", "pair"]
+DECODE_CASES = {
+    # name: (T, k, E, K, N, routing); the GPU configs need 16-byte aligned K and N (else the 32 x 32 fallback)
+    # decode: 5 tokens, k = 2 over E = 4 experts, experts 1 and 3 without rows: a few rows in one 64-row M tile per
+    # expert; K = 144: two K steps (the last partial; MX off sm_100: three of 64), N = 144: a full and a partial
+    # column tile
+    "decode": (5, 2, 4, 144, 144, "skip"),
+    "one-row,E=1": (1, 1, 1, 80, 48, "uniform"),  # one row, E = 1; one partial K step, one partial N tile
+    "one-expert,odd": (67, 1, 3, 80, 48, "one-hot"),  # all rows on one expert: 67 rows, a second M tile of 3
+}
+
+
+@pytest.mark.parametrize("case", list(DECODE_CASES))
+@pytest.mark.parametrize("capability", [90, 100, 120])
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name.lower())
+def test_fp8_decode_tiles(mode, capability, case, monkeypatch):
+    # gemm_config's 64-row FP8 tiles for each capability (what the FP8 MLP runs at decode), forced under the
+    # interpreter: every use of the FP8 MLP (the up-projection without GLU; mxfp8's with a quantized in its epilogue,
+    # bit for bit the separate quantize pass), each output poisoned and checked against the float64 reference of the
+    # quantized math; sm_100's mxfp8 tiles but the GLU forward's are swapped (SWAP_AB)
+    monkeypatch.setattr(expert_gemm, "gemm_config", gpu_gemm_config(capability))
+    uses = [*DECODE_USES, "forward-aq"] if mode in expert_gemm.EPILOGUE_QUANT else DECODE_USES
+    for use in uses if case == "decode" else ["forward-aq" if "forward-aq" in uses else "forward"]:
+        kernel = Recorded(expert_gemm.gemm_kernel)
+        monkeypatch.setattr(expert_gemm, "gemm_kernel", kernel)
+        torch.manual_seed(31)
+        _launch_tiles(use, *DECODE_CASES[case], mode, block_m=64)
+        swap = mode == Fp8Mode.MX and capability == 100 and use != "forward-glu"
+        assert all(c["BLOCK_M"] == 64 and c["SWAP_AB"] == swap and c["BLOCK_N"] > 32 for c in kernel.calls), use

@@ -40,18 +40,32 @@ def _empty(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor,
     return new(shape, like, dtype) if out is None else out
 
 
-def _grouped_block_m(rows: int, num_experts: int) -> int:
+# FP8 grouped M tiles are at least 64 rows: E4M3 MMAs (sm_90's QGMMA, sm_100's UTCQMMA) need M >= 64; Triton runs
+# smaller M tiles on mma.sync, which on sm_90 / sm_100 upcasts E4M3 to fp16 (HMMA, no E4M3 MMA: bench.audit)
+FP8_MIN_BLOCK_M = 64
+
+
+def _grouped_block_m(rows: int, num_experts: int, fp8: bool = False) -> int:
     """M tile of the grouped GEMMs (and of the fused MLP's unpadded rows), chosen on the host from shapes only (no
     sync): 128 rows when experts expect that many (``rows / E``); else the smallest of the kernels' tiles
     (``BLOCK_SIZES``: 16, 32, 64) that holds the ``ceil(rows / E)`` rows an expert expects, 64 from 33 to 127. The
     16- and 32-row tiles serve shapes where an expert gets a few rows (decode: 4 at T = 64, k = 8, E = 128): the
     weights' HBM reads bound those GEMMs, where a 64-row tile would execute 16x the useful MMA work (Triton runs M
-    tiles under 64 rows on mma.sync rather than wgmma, which these shapes do not miss). 16 when interpreting."""
+    tiles under 64 rows on mma.sync rather than wgmma, which these shapes do not miss). 16 when interpreting.
+
+    ``fp8`` (the FP8 MLP's E4M3 GEMMs): at least ``FP8_MIN_BLOCK_M`` = 64 rows. Under 64 rows Triton 3.9 compiles
+    the E4M3 dot to fp16 mma.sync on sm_90 and sm_100 (the operands upcast in registers: ``bench.audit``, 32-row
+    tiles, 2026-12-06: HMMA, 1.10-1.45 issue clocks per MMA clock on sm_90, 2.03-4.54 on sm_100); 64-row tiles run
+    QGMMA / UTCQMMA (MX on sm_90: emulated either way). Decode stays bound by streaming the weights: a 64-row tile
+    does 2 · 64 FLOP per E4M3 weight byte, under the E4M3 MMA rate per byte of HBM (H200: 1979 TFLOP/s over 4.3 TB/s,
+    ~460; B200: 4500 over 8, ~560)."""
     if interpreting():
         return 16
     if rows >= 128 * num_experts:
         return 128
     expected = min(-(-rows // num_experts), 64)
+    if fp8:
+        expected = max(expected, FP8_MIN_BLOCK_M)
     return next(m for m in gemm_kernels.BLOCK_SIZES if m >= expected)
 
 
@@ -188,13 +202,15 @@ def _layout(routing: MlpRouting, t: torch.Tensor, cols: int) -> Rows:
     return Rows.dense(t)
 
 
-def _schedule(routing: MlpRouting) -> Schedule:
+def _schedule(routing: MlpRouting, fp8: bool = False) -> Schedule:
     """The tile schedule of the fused MLP's rows, this backend's choice: M tiles of ``block_size`` rows over the
-    block-padded rows (a tile per block row), of ``_grouped_block_m`` rows over the unpadded ones. Built on the
-    device (no host sync) once per forward and once per backward (an ``[E+1]`` prefix sum)."""
-    if routing.blocked:
+    block-padded rows (a tile per block row), of ``_grouped_block_m`` rows over the unpadded ones (``fp8``: the FP8
+    MLP's tiles; its GEMMs read dense rows, so blocks under ``FP8_MIN_BLOCK_M`` rows take those tiles over the
+    block-padded rows, several blocks each). Built on the device (no host sync) once per forward and once per
+    backward (an ``[E+1]`` prefix sum)."""
+    if routing.blocked and not (fp8 and routing.block_size < FP8_MIN_BLOCK_M):
         return Schedule.build(routing.offsets, routing.rows, _block_size(routing.block_size), padded=True)
-    return Schedule.build(routing.offsets, routing.rows, _grouped_block_m(routing.rows, routing.num_experts))
+    return Schedule.build(routing.offsets, routing.rows, _grouped_block_m(routing.rows, routing.num_experts, fp8=fp8))
 
 
 @cache
@@ -227,7 +243,9 @@ def mlp_forward(
     ``fp8`` recipe: its FP8 GEMMs (``triton_fp8``; ``scales``: w1, w2, w3 are prequantized E4M3 with these
     scales), the last result the E4M3 x and its scales, which backward reads instead of x (``fp8_cache_x``)."""
     if fp8:
-        return triton_fp8.mlp_forward(x, weights, w1, w2, w3, routing, activation, fp8, _schedule(routing), scales)
+        return triton_fp8.mlp_forward(
+            x, weights, w1, w2, w3, routing, activation, fp8, _schedule(routing, fp8=True), scales
+        )
     F = w1.shape[2]
     shape = routing.intermediate_shape(F)
     h = new(shape, x)
@@ -272,7 +290,7 @@ def mlp_backward(
     """
     if fp8:
         return triton_fp8.mlp_backward(
-            dout, x, x_scale, weights, w1, w2, w3, h, g, routing, activation, needs, fp8, _schedule(routing)
+            dout, x, x_scale, weights, w1, w2, w3, h, g, routing, activation, needs, fp8, _schedule(routing, fp8=True)
         )
     need_x, need_weights, need_w1, need_w2, need_w3 = needs
     F = w1.shape[2]

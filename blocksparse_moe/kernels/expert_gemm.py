@@ -1255,7 +1255,17 @@ def _fp8_config(
       products promoted in registers: on 8 warps 244 B of spills, 1 CTA per SM, 1.56);
     - sm_120 (mma.sync: accumulators and operand fragments in registers) runs 64 columns: at 128 it spilled 8-104 B;
     - unaligned operands (1-byte scalar loads staged in registers) take 32 × 32 steps: at a K step of 64 and 64
-      columns every recipe spilled (4-1408 B) on sm_90 / sm_100 / sm_120.
+      columns every recipe spilled (4-1408 B) on sm_90 / sm_100 / sm_120;
+    - the up-projection without GLU (``moe_mlp(..., glu=False)``) takes the down GEMM's tiles with the forward
+      epilogue (mxfp8: ``QUANT_A``), warp-specialized on sm_100 (one accumulator): ``bench.audit`` (2026-12-06, its
+      ``up`` / ``up,aq`` builds) 94-235 registers, no spill, 1-3 CTAs per SM; sm_90 rowwise 64 / 128 rows 94 / 107
+      registers, issue 0.47 / 0.48; sm_100 128 rows issue 0.67 (rowwise), 0.71 (blockwise), 0.89 (mxfp8, its
+      gathered A's scales: waived); mxfp8's 64-row tile on sm_100 (swapped, a quantized in the epilogue, 3 stages)
+      168 registers, no spill (the 388 / 440 B of spills an earlier ad hoc build reported do not reproduce at
+      643ed59), issue 1.70.
+
+    ``block_m``: 64 or 128 rows on a GPU (the FP8 MLP's tiles, ``backends.triton.FP8_MIN_BLOCK_M``: under 64 rows
+    Triton runs the E4M3 dot on fp16 mma.sync on sm_90 / sm_100), 16 when interpreting.
 
     The blockwise tiles stay 128 wide on sm_90: at 64 columns their per-step overhead gives 0.9-1.3 issue clocks per
     MMA clock, 0.47-0.8 at 128.

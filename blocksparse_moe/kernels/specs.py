@@ -19,8 +19,10 @@ come in either orientation (``wT``: ``dy @ wᵀ``) and stay views. Coverage, and
   grouped (unpadded) M tiles 32, 64 and 128 (``backends.triton._grouped_block_m``: 16 and 32 rows for experts
   with a few rows each, as in decode, on mma.sync: not ``is_matmul``, which asks for wgmma / tcgen05; the 16-row
   tiles are their 32-row twins' loops over fewer rows: ``_AUDITED_M``);
-- FP8 (issue 17): ``wgrad_kernel``'s E4M3 builds, each recipe for dW2 and the dual dW1 / dW3, on the architectures
-  with E4M3 MMAs (sm_90, sm_100, sm_120), with the waivers measured from their SASS (docs/audit.md).
+- FP8 (issue 17): ``gemm_kernel``'s and ``wgrad_kernel``'s E4M3 builds, each recipe with each GEMM of the FP8 MLP
+  (``_FP8_USES``, ``_FP8_TWINS``), on the architectures with E4M3 MMAs (sm_90, sm_100, sm_120), with the waivers
+  measured from their SASS (docs/audit.md); the FP8 MLP's grouped M tiles are 64 and 128 rows (never 16 or 32:
+  ``backends.triton.FP8_MIN_BLOCK_M``, where E4M3 MMAs run).
 """
 
 from __future__ import annotations
@@ -472,9 +474,24 @@ def _gemm_specs() -> list[CompileSpec]:
 _FP8_USES = {
     # x[token] @ (w1, w3); the modes of EPILOGUE_QUANT (mxfp8) write a in E4M3 with its scales: "up,glu,aq" (QUANT_A)
     "up,glu": _GemmUse("up,glu", epilogue=Epilogue.FORWARD, glu=True, gather=True, w_t=True),
+    # x[token] @ w1 without GLU (a non-gated activation: moe_mlp(..., glu=False)); mxfp8: "up,aq"
+    "up": _GemmUse("up", epilogue=Epilogue.FORWARD, gather=True, w_t=True),
     "down": _GemmUse("down", w_t=True),  # a @ w2 (a dense: an FP8 A is never blocked)
     "down_bwd,glu": _GemmUse("down_bwd,glu", epilogue=Epilogue.BACKWARD, glu=True, gather=True, w_t=True),
     "dgrad_pair": _GemmUse("dgrad_pair", pair=True, w_t=True),  # dh @ w1ᵀ + dg @ w3ᵀ
+}
+# The FP8 MLP's launches built as their twins' (not built themselves: CI time), by (use, variant): the same
+# ``gemm_config`` tile (warps, stages; rowwise's up-projection without GLU its own epilogue slices), K loop and MMA as
+# the twin's, the GLU gate's part of the epilogue left out (one accumulator fewer in the up-projection's). Built once
+# (bench.audit, Triton 3.9, 2026-12-06, sm_90 / sm_100 / sm_120, 64- and 128-row tiles, every recipe): the backward
+# epilogue without GLU (``moe_mlp(..., glu=False)``'s dout @ w2ᵀ, 36 builds) held its twin's loop instructions,
+# MMA and CTAs per SM and at most its registers (blockwise sm_90 M=128: 176 against 174), no spill; the unaligned
+# up-projection without GLU (18 builds) 110-212 registers against its twin's 168-255, no spill, the twin's MMA.
+# tests/test_audit.py checks that the specs hold every FP8 config the launchers pick, through these twins.
+_FP8_TWINS = {
+    ("down_bwd", "aligned"): "down_bwd,glu",
+    ("down_bwd", "unaligned"): "down_bwd,glu",
+    ("up", "unaligned"): "up,glu",
 }
 # E4M3 MMAs (sm_89 and newer): sm_80 has none, Triton 3.9 rejects fp8e4nv there ("type fp8e4nv not supported in
 # this architecture"), and the launchers refuse FP8 operands there; the FP8 quantize kernels serve only these too
@@ -585,8 +602,10 @@ def _scale_chunks_specs() -> list[CompileSpec]:
 
 
 def _gemm_fp8_specs() -> list[CompileSpec]:
-    """``gemm_kernel``'s FP8 builds: each recipe (``Fp8Mode``) with each GEMM of the FP8 MLP, the configs
-    ``gemm_config(fp8=...)`` picks (128- and 64-row tiles), the weights through TMA where the launcher takes it."""
+    """``gemm_kernel``'s FP8 builds: each recipe (``Fp8Mode``) with each GEMM of the FP8 MLP (``_FP8_USES``; the
+    launches of ``_FP8_TWINS`` as their twins), the configs ``gemm_config(fp8=...)`` picks for the M tiles the FP8
+    MLP runs (128 and 64 rows: ``backends.triton._grouped_block_m(..., fp8=True)``, at least ``FP8_MIN_BLOCK_M``),
+    the weights through TMA where the launcher takes it."""
     specs = []
     dtype, out = torch.float8_e4m3fn, torch.bfloat16
     for mode in (Fp8Mode.BLOCKWISE, Fp8Mode.MX, Fp8Mode.ROWWISE):
@@ -603,13 +622,15 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                     return gemm_config(dtype, block_m, epilogue=use.epilogue, glu=use.glu, pair=use.pair,
                                        aligned=aligned, capability=capability, fp8=mode)  # fmt: skip
 
-                shapes = "FP8 grouped, large T" if block_m >= _LARGE_M else "FP8 grouped, small T"
+                shapes = "FP8 grouped, large T" if block_m >= _LARGE_M else "FP8 grouped, small T / decode"
                 act = "silu" if use.epilogue else "identity"
                 two_w = use.glu and use.epilogue == Epilogue.FORWARD
                 # scales unit-strided: A's along K, W's along N (K for the transposed views)
                 unit = (*use.unit, "s_sak", "s_swk" if use.w_t else "s_swn", "s_sw2k" if use.w_t else "s_sw2n")
                 unit += ("s_sqc",) if quant_a else ()  # a's scales: contiguous rows
                 for cfg, variants, cfg_archs, warps_tag in _variants(configs, _FP8_ARCHS):
+                    if all((use.tag, variant) in _FP8_TWINS for variant in variants):
+                        continue
                     tiles = cfg.block_m * cfg.block_k + (1 + two_w) * cfg.block_k * cfg.block_n
                     audit = _audit_fields(dtype, cfg, variants, shapes, tiles * dtype.itemsize,
                                           backward=use.epilogue == Epilogue.BACKWARD, fp8_glu=two_w)  # fmt: skip
