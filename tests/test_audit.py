@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -801,6 +802,39 @@ def test_matmul_uses_tensor_cores(results, variant):
             continue
         assert (r.spill_stores, r.spill_loads, r.stack) == (0, 0, 0)
         assert audit_report.problems(r) == [], (cc, audit_report.findings(r))
+
+
+def test_equal_compile_inputs_build_once_each_judged_by_its_spec(results):
+    # copy-flagged[fp32] unaligned and copy-aligned-only[fp32] aligned hand triton.compile what copy[fp32] does in
+    # those variants (the kernel, signature, constexprs, options, attrs): one build each, every job judged under its
+    # own spec (is_matmul flags the first, not copy[fp32])
+    for cc in ARCHS:
+        for twin, variant in (("copy-flagged[fp32]", "unaligned"), ("copy-aligned-only[fp32]", "aligned")):
+            built, shared = results["copy[fp32]", variant, cc], results[twin, variant, cc]
+            assert built.shares is None and built.seconds > 0
+            assert shared.shares == built.job and shared.seconds == 0 and shared.cubin == built.cubin
+            assert (shared.registers, shared.sass) == (built.registers, built.sass)
+        copy, flagged = results["copy[fp32]", "unaligned", cc], results["copy-flagged[fp32]", "unaligned", cc]
+        assert audit_report.problems(copy) == [] and audit_report.problems(flagged)
+        # edge: other divisibility attrs (copy-flagged marks its pointers only, not n) are another build
+        assert results["copy-flagged[fp32]", "aligned", cc].shares is None
+    # the table names the build a row reuses in its compile column
+    table = audit_report.format_table([results["copy-flagged[fp32]", "unaligned", 90]])
+    assert "| = copy[fp32] | sm_90 matmul without wgmma (HGMMA) |" in table
+
+
+def test_code_key_tells_constexpr_types_and_architectures_apart():
+    spec, job = compile_specs()[1], audit_jobs.Job(__name__, 1, "copy[fp32]", 90)
+    key = audit_jobs.code_key(spec, job)
+    assert audit_jobs.code_key(replace(spec, name="other", is_matmul=True, serves="x"), job) == key
+    # edges: True and 1 are other constants to Triton; another architecture, variant or warp count is another build
+    assert audit_jobs.code_key(replace(spec, constexprs=dict(BLOCK=512.0)), job) != key
+    assert audit_jobs.code_key(replace(spec, constexprs=dict(BLOCK=True)), job) != audit_jobs.code_key(
+        replace(spec, constexprs=dict(BLOCK=1)), job
+    )
+    assert audit_jobs.code_key(spec, replace(job, cc=100)) != key
+    assert audit_jobs.code_key(spec, replace(job, variant="aligned")) != key
+    assert audit_jobs.code_key(replace(spec, num_warps=8), job) != key
 
 
 @pytest.mark.parametrize("cc", ARCHS)
