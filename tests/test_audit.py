@@ -944,7 +944,7 @@ def test_failed_build_is_reported():
 
 
 def test_main_exit_status_and_report_only(capsys, tmp_path):
-    base = ["--modules", __name__, "--arch", "90", "--jobs", "2", "--out", str(tmp_path)]
+    base = ["--modules", __name__, "--arch", "90", "--jobs", "1", "--out", str(tmp_path)]
     # the flagged spec makes the audit fail (unaligned only: the aligned-only specs drop out)
     assert audit_main.main([*base, "--variants", "unaligned"]) == 1
     out = capsys.readouterr().out
