@@ -671,6 +671,27 @@ def test_launcher_specs_say_what_they_serve():
     assert fallback.serves.endswith("unaligned fallback") and not fallback.per_flop
 
 
+def test_quantize_specs_mark_the_group_sizes_the_jit_marks():
+    """The aligned quantize builds are what the GPU's JIT compiles for realistic sizes: it marks every integer argument
+    that is a multiple of 16, the group sizes the programs start their columns / rows at included (128 or 32, or a
+    whole row of d). Without GC / G marked the column offsets had no known alignment and the aligned builds of the
+    column-group quantizations were their unaligned twins instruction for instruction (no 128-bit load)."""
+    from blocksparse_moe.kernels import quantize, specs
+
+    built = [s for s in audit_jobs._gpu_specs(specs) if s.kernel in (quantize.quantize_kernel,
+                                                                     quantize.quantize_dual_kernel)]  # fmt: skip
+    assert built
+    for s in built:
+        if s.kernel is quantize.quantize_dual_kernel:
+            assert {"C", "s_tr", "G"} <= set(s.aligned), s.name
+            continue
+        c = s.constexprs
+        want = {"C", "s_tb", "s_tr"} | ({"GC"} if c["REDUCE_COLS"] else set()) | ({"SG"} if c["SRC_SCALE"] else set())
+        if not c["ROW_BOUNDS"]:  # (bounds: the row groups come from memory, q's layout may be transposed)
+            want |= {"s_qr", "GR"} if c["REDUCE_ROWS"] else {"s_qr"}
+        assert set(s.aligned) == want, s.name
+
+
 def test_fp8_waivers_carry_their_own_kernels_reasons():
     """Each FP8 build waives with the reason measured on its own kernel's SASS: for the same recipe and check,
     ``gemm_kernel``'s builds and ``wgrad_kernel``'s give different reasons (two module-level names for both once
