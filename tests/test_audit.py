@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -672,6 +673,27 @@ def test_launcher_specs_say_what_they_serve():
     assert fallback.serves.endswith("unaligned fallback") and not fallback.per_flop
 
 
+def test_quantize_specs_mark_the_group_sizes_the_jit_marks():
+    """The aligned quantize builds are what the GPU's JIT compiles for realistic sizes: it marks every integer argument
+    that is a multiple of 16, the group sizes the programs start their columns / rows at included (128 or 32, or a
+    whole row of d). Without GC / G marked the column offsets had no known alignment and the aligned builds of the
+    column-group quantizations were their unaligned twins instruction for instruction (no 128-bit load)."""
+    from blocksparse_moe.kernels import quantize, specs
+
+    built = [s for s in audit_jobs._gpu_specs(specs) if s.kernel in (quantize.quantize_kernel,
+                                                                     quantize.quantize_dual_kernel)]  # fmt: skip
+    assert built
+    for s in built:
+        if s.kernel is quantize.quantize_dual_kernel:
+            assert {"C", "s_tr", "G"} <= set(s.aligned), s.name
+            continue
+        c = s.constexprs
+        want = {"C", "s_tb", "s_tr"} | ({"GC"} if c["REDUCE_COLS"] else set()) | ({"SG"} if c["SRC_SCALE"] else set())
+        if not c["ROW_BOUNDS"]:  # (bounds: the row groups come from memory, q's layout may be transposed)
+            want |= {"s_qr", "GR"} if c["REDUCE_ROWS"] else {"s_qr"}
+        assert set(s.aligned) == want, s.name
+
+
 def test_fp8_waivers_carry_their_own_kernels_reasons():
     """Each FP8 build waives with the reason measured on its own kernel's SASS: for the same recipe and check,
     ``gemm_kernel``'s builds and ``wgrad_kernel``'s give different reasons (two module-level names for both once
@@ -855,6 +877,39 @@ def test_matmul_uses_tensor_cores(results, variant):
         assert audit_report.problems(r) == [], (cc, audit_report.findings(r))
 
 
+def test_equal_compile_inputs_build_once_each_judged_by_its_spec(results):
+    # copy-flagged[fp32] unaligned and copy-aligned-only[fp32] aligned hand triton.compile what copy[fp32] does in
+    # those variants (the kernel, signature, constexprs, options, attrs): one build each, every job judged under its
+    # own spec (is_matmul flags the first, not copy[fp32])
+    for cc in ARCHS:
+        for twin, variant in (("copy-flagged[fp32]", "unaligned"), ("copy-aligned-only[fp32]", "aligned")):
+            built, shared = results["copy[fp32]", variant, cc], results[twin, variant, cc]
+            assert built.shares is None and built.seconds > 0
+            assert shared.shares == built.job and shared.seconds == 0 and shared.cubin == built.cubin
+            assert (shared.registers, shared.sass) == (built.registers, built.sass)
+        copy, flagged = results["copy[fp32]", "unaligned", cc], results["copy-flagged[fp32]", "unaligned", cc]
+        assert audit_report.problems(copy) == [] and audit_report.problems(flagged)
+        # edge: other divisibility attrs (copy-flagged marks its pointers only, not n) are another build
+        assert results["copy-flagged[fp32]", "aligned", cc].shares is None
+    # the table names the build a row reuses in its compile column
+    table = audit_report.format_table([results["copy-flagged[fp32]", "unaligned", 90]])
+    assert "| = copy[fp32] | sm_90 matmul without wgmma (HGMMA) |" in table
+
+
+def test_code_key_tells_constexpr_types_and_architectures_apart():
+    spec, job = compile_specs()[1], audit_jobs.Job(__name__, 1, "copy[fp32]", 90)
+    key = audit_jobs.code_key(spec, job)
+    assert audit_jobs.code_key(replace(spec, name="other", is_matmul=True, serves="x"), job) == key
+    # edges: True and 1 are other constants to Triton; another architecture, variant or warp count is another build
+    assert audit_jobs.code_key(replace(spec, constexprs=dict(BLOCK=512.0)), job) != key
+    assert audit_jobs.code_key(replace(spec, constexprs=dict(BLOCK=True)), job) != audit_jobs.code_key(
+        replace(spec, constexprs=dict(BLOCK=1)), job
+    )
+    assert audit_jobs.code_key(spec, replace(job, cc=100)) != key
+    assert audit_jobs.code_key(spec, replace(job, variant="aligned")) != key
+    assert audit_jobs.code_key(replace(spec, num_warps=8), job) != key
+
+
 @pytest.mark.parametrize("cc", ARCHS)
 def test_aligned_variant_is_the_specialised_build(results, cc):
     # the aligned build vectorises (128-bit loads / cp.async) and pipelines the K loop (more shared memory)
@@ -962,7 +1017,7 @@ def test_failed_build_is_reported():
 
 
 def test_main_exit_status_and_report_only(capsys, tmp_path):
-    base = ["--modules", __name__, "--arch", "90", "--jobs", "2", "--out", str(tmp_path)]
+    base = ["--modules", __name__, "--arch", "90", "--jobs", "1", "--out", str(tmp_path)]
     # the flagged spec makes the audit fail (unaligned only: the aligned-only specs drop out)
     assert audit_main.main([*base, "--variants", "unaligned"]) == 1
     out = capsys.readouterr().out

@@ -613,11 +613,14 @@ def test_cli_smoke(tmp_path):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_profile_lists_each_case_kernels(tmp_path, capsys):
+def test_profile_lists_each_case_kernels(tmp_path, capsys, monkeypatch):
     """``python -m bench.profile`` (CPU: top-level operators): one table per case, the fused MLP's op and the
     baseline's ``_grouped_mm`` named, shares summing to 100%; bad options are clear errors."""
     from bench import profile
 
+    # CPU profiles list top-level operators (``bsm::expert_mlp`` whichever backend runs it): the PyTorch backend, as
+    # the command runs without the interpreter (its 4 steps of the grouped MLP in the interpreter took 13 of 20 s)
+    monkeypatch.setenv("BSM_BACKEND", "torch")
     out = tmp_path / "prof"
     argv = ["--preset", "quick", "--device", "cpu", "--tokens", "24", "--hidden", "16", "--ffn", "24", "--steps", "1",
             "--impls", "grouped,torch_grouped_mm", "--top", "50", "--out", str(out)]  # fmt: skip

@@ -730,12 +730,15 @@ def test_callable_activation_and_custom_moe_mlp():
         assert 18 < sqnr(a, b) < 40, f"{name}: {sqnr(a, b):.1f} dB"
 
 
-def test_hf_register_fp8():
+def test_hf_register_fp8(monkeypatch):
     """``register(..., fp8=...)``: a Mixtral (moe_mlp) and a gpt-oss (custom_moe_mlp: biases, clamped gate) run their
-    experts in FP8; logits and gradients within FP8 noise of the eager model."""
+    experts in FP8; logits and gradients within FP8 noise of the eager model. The PyTorch backend: the integration
+    under test hands ``fp8`` to the ops whatever their backend (the Triton FP8 MLP has its tests above; interpreted,
+    it took 9 of this test's 11 s)."""
     tf = pytest.importorskip("transformers")
     from blocksparse_moe.integrations import transformers as bsm_hf
 
+    monkeypatch.setenv("BSM_BACKEND", "torch")
     tiny = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64)
     configs = [
         tf.MixtralConfig(**tiny, intermediate_size=32, num_key_value_heads=1, num_local_experts=4),

@@ -2,7 +2,9 @@
 torchrun's environment), a DCP checkpoint at ep=2 resumed at dp_shard=2 (the experts sharded by FSDP2 instead of
 placed by expert parallelism), every step's loss against the single-process trainer's (same seed, same global
 batch), load-balancing loss included: parallelize_moe counts its expert fractions over every rank's tokens, as one
-process does over the global batch. The 2 × 2 mesh and its checkpoints reloaded at other layouts:
+process does over the global batch. Both sides run the PyTorch backend (``BSM_BACKEND=torch``): they differ only in
+the parallelism (the single process on the Triton interpreter took 48 of this test's 77 s; the kernels meet the
+PyTorch backend in their own tests). The 2 × 2 mesh and its checkpoints reloaded at other layouts:
 tests/test_fsdp_ep.py (2 processes here, not 4: the command's path is the same, at half the CI time)."""
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def _torchrun(argv: list[str]) -> None:
     mp.spawn(_torchrun_worker, args=(free_port(), argv), nprocs=WORLD, join=True)
 
 
-def test_parallel_training_matches_one_process_and_resumes_at_another_layout(tmp_path):
+def test_parallel_training_matches_one_process_and_resumes_at_another_layout(tmp_path, monkeypatch):
     out = str(tmp_path)
     _torchrun([*COMMON, "--ep", "2", "--stop-after", "2", "--out", out])
     assert (tmp_path / "dcp" / "trainer.pt").is_file()
@@ -48,6 +50,7 @@ def test_parallel_training_matches_one_process_and_resumes_at_another_layout(tmp
     settings = replace(preset.settings, steps=4, warmup_steps=1)
     assert settings.load_balancing_weight > 0  # the balance loss is on
     assert cli.parse_args(COMMON).settings == settings  # the same trajectory as the parallel runs
+    monkeypatch.setenv("BSM_BACKEND", "torch")  # the workers' backend (_torchrun_worker)
     single = Trainer(preset.size, FFNSpec.parse("dmoe"), settings, load_corpus())
     for _ in range(4):
         single.train_step()

@@ -22,7 +22,8 @@ serialised the wgmma), ``pipeline`` (the main loop waits its cp.async copies or 
 tiles below the spec's floor), ``occupancy`` (under 2 CTAs per SM, not persistent). Exit status 1 when a check
 outside ``--report-only`` and the spec's ``waivers`` fails.
 Builds run in a spawn process pool (``--jobs``, default 2) with ``TRITON_INTERPRET`` unset and
-``TRITON_DEFAULT_FP_FUSION`` set explicitly (default 1).
+``TRITON_DEFAULT_FP_FUSION`` set explicitly (default 1); jobs with equal ``triton.compile`` inputs (``jobs.code_key``)
+are compiled once and each judged under its own spec.
 
 Modules: ``jobs`` (what to build, the builds), ``sass`` (reading ptxas logs, resource usage, TTGIR and SASS),
 ``report`` (checks and tables), ``__main__`` (the command line).

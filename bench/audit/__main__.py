@@ -68,10 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results, args.report_only))
     print()
     print(format_checks(results, args.report_only))
+    shared = sum(1 for r in results if r.shares is not None)
     print(
         f"\n{len(results)} builds, {len(failed)} failing, {len(reported)} with report-only findings, "
-        f"{time.perf_counter() - start:.0f} s (compile {timings['compile']:.0f} s, disassembly "
-        f"{timings['disassemble']:.0f} s; TRITON_DEFAULT_FP_FUSION={os.environ['TRITON_DEFAULT_FP_FUSION']})"
+        f"{time.perf_counter() - start:.0f} s ({len(results) - shared} compiled, {shared} the same code as another "
+        f"build; compile {timings['compile']:.0f} s, disassembly {timings['disassemble']:.0f} s; "
+        f"TRITON_DEFAULT_FP_FUSION={os.environ['TRITON_DEFAULT_FP_FUSION']})"
     )
     return 1 if failed else 0
 

@@ -1,6 +1,8 @@
 """What the audit builds and how: one ``Job`` per kernel spec, variant and architecture (``collect_jobs``),
 built ahead of time without a GPU in a spawn pool (``compile_job``, ``run_audit``), then disassembled per
-architecture in batches; the measurements land in a ``BuildResult``."""
+architecture in batches; the measurements land in a ``BuildResult``. Jobs whose ``triton.compile`` inputs are equal
+(``code_key``: several specs of one kernel with the same constexprs, e.g. a blocked layout of 128-row blocks and the
+dense one) are built once; each is still judged under its own spec's fields."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import subprocess
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .sass import (
@@ -36,6 +38,7 @@ __all__ = [
     "BuildResult",
     "Job",
     "build_variants",
+    "code_key",
     "collect_jobs",
     "compile_job",
     "divisibility_attrs",
@@ -83,9 +86,10 @@ class BuildResult:
     buffers: tuple[int, ...] | None = None  # leading dims of the TTGIR's multi-buffered shared allocations
     ptxas_codes: tuple[str, ...] = ()  # "Potential Performance Loss" notes of ptxas
     sass: SassSummary | None = None
-    seconds: float = 0.0  # compile (worker wall time)
+    seconds: float = 0.0  # compile (worker wall time); 0 for a build that shares another job's code
     cubin: str | None = None
     error: str | None = None
+    shares: Job | None = None  # the job whose build (the same triton.compile inputs: code_key) this one reuses
 
     @property
     def hgmma(self) -> int | None:
@@ -122,6 +126,22 @@ def divisibility_attrs(spec) -> dict[tuple[int], list[list]]:
     names = spec.kernel.arg_names
     marked = [a for a, t in spec.signature.items() if t.startswith("*")] + list(spec.aligned)
     return {(names.index(a),): [["tt.divisibility", 16]] for a in marked}
+
+
+def code_key(spec, job: Job) -> tuple:
+    """Everything ``compile_job`` hands ``triton.compile`` for ``job`` of ``spec``: the kernel, its signature,
+    constexprs (with their types: ``True`` and ``1`` are other constants to Triton), warps, stages, the variant's
+    divisibility attrs and the architecture. Equal keys give the same cubin (the compile is deterministic)."""
+    attrs = divisibility_attrs(spec) if job.variant == "aligned" else {}
+    return (
+        id(spec.kernel),
+        tuple(sorted(spec.signature.items())),
+        tuple(sorted((k, type(v).__name__, repr(v)) for k, v in spec.constexprs.items())),
+        spec.num_warps,
+        spec.num_stages,
+        tuple(sorted((k, repr(v)) for k, v in attrs.items())),
+        job.cc,
+    )
 
 
 def collect_jobs(
@@ -196,15 +216,7 @@ def compile_job(job: Job, out_dir: str, keep_ir: bool = False) -> BuildResult:
         from triton.compiler import ASTSource
 
         spec = importlib.import_module(job.module).compile_specs()[job.index]
-        result.is_matmul = spec.is_matmul
-        result.fp8 = getattr(spec, "fp8", False)
-        result.tcgen05_ok = getattr(spec, "tcgen05_ok", True)
-        result.expect_pipelined = getattr(spec, "expect_pipelined", True)
-        result.num_stages = spec.num_stages
-        result.num_warps = spec.num_warps
-        fields = ("serves", "per_flop", "persistent", "programs_per_sm", "operand_bytes", "min_intensity", "waivers")
-        for name in fields:
-            setattr(result, name, getattr(spec, name, getattr(result, name)))
+        _judge_as(result, spec)
         if job.variant not in spec.variants:
             raise ValueError(f"variant {job.variant!r} not in the spec's {spec.variants}")
         attrs = divisibility_attrs(spec) if job.variant == "aligned" else {}
@@ -244,6 +256,28 @@ def compile_job(job: Job, out_dir: str, keep_ir: bool = False) -> BuildResult:
     return result
 
 
+def _judge_as(result: BuildResult, spec) -> None:
+    """Copy the fields the checks read from ``spec`` (what the build is and serves, its per-FLOP fields and
+    waivers) into ``result``."""
+    result.is_matmul = spec.is_matmul
+    result.fp8 = getattr(spec, "fp8", False)
+    result.tcgen05_ok = getattr(spec, "tcgen05_ok", True)
+    result.expect_pipelined = getattr(spec, "expect_pipelined", True)
+    result.num_stages = spec.num_stages
+    result.num_warps = spec.num_warps
+    fields = ("serves", "per_flop", "persistent", "programs_per_sm", "operand_bytes", "min_intensity", "waivers")
+    for name in fields:
+        setattr(result, name, getattr(spec, name, getattr(result, name)))
+
+
+def _shared_result(built: BuildResult, job: Job, spec) -> BuildResult:
+    """The result of ``job`` whose code ``built`` compiled (equal ``code_key``): ``built``'s measurements, judged
+    under ``job``'s own spec."""
+    result = replace(built, job=job, seconds=0.0, shares=built.job)
+    _judge_as(result, spec)
+    return result
+
+
 def _error(e: Exception) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
@@ -268,12 +302,17 @@ def run_audit(
     keep_ir: bool = False,
     timings: dict | None = None,
 ) -> list[BuildResult]:
-    """Build ``jobs`` in a spawn pool of ``processes`` workers, then disassemble the cubins per architecture in
-    batches of up to ``DISASM_CHUNK`` (at least one batch per worker); results in job order. ``timings`` (if
-    given) receives the wall seconds of the two phases. The workers' Triton caches are removed afterwards."""
+    """Build ``jobs`` in a spawn pool of ``processes`` workers, each distinct ``code_key`` once (the others reuse
+    its build: ``BuildResult.shares``), then disassemble the cubins per architecture in batches of up to
+    ``DISASM_CHUNK`` (at least one batch per worker); results in job order. ``timings`` (if given) receives the
+    wall seconds of the two phases. The workers' Triton caches are removed afterwards."""
     fp_fusion = fp_fusion or os.environ.get("TRITON_DEFAULT_FP_FUSION", "1")
     ctx = multiprocessing.get_context("spawn")
     processes = max(1, processes)
+    specs = {m: _gpu_specs(importlib.import_module(m)) for m in dict.fromkeys(j.module for j in jobs)}
+    first: dict[tuple, int] = {}
+    builder = [first.setdefault(code_key(specs[j.module][j.index], j), k) for k, j in enumerate(jobs)]
+    unique = list(first.values())
     with (
         tempfile.TemporaryDirectory(prefix="bsm-audit-cache-") as cache_root,
         ProcessPoolExecutor(
@@ -281,8 +320,8 @@ def run_audit(
         ) as pool,
     ):
         t0 = time.perf_counter()
-        n = len(jobs)
-        results = list(pool.map(compile_job, jobs, [str(out_dir)] * n, [keep_ir] * n))
+        n = len(unique)
+        results = list(pool.map(compile_job, [jobs[k] for k in unique], [str(out_dir)] * n, [keep_ir] * n))
         t1 = time.perf_counter()
         batches: list[tuple[int, list[int]]] = []
         for cc in dict.fromkeys(r.job.cc for r in results):
@@ -300,4 +339,8 @@ def run_audit(
                     results[k].sass = summary[n_]
         if timings is not None:
             timings.update(compile=t1 - t0, disassemble=time.perf_counter() - t1)
-    return results
+    by_job = dict(zip(unique, results))
+    return [
+        by_job[k] if b == k else _shared_result(by_job[b], j, specs[j.module][j.index])
+        for k, (j, b) in enumerate(zip(jobs, builder))
+    ]

@@ -289,6 +289,14 @@ def _tma_cell(s: SassSummary | None) -> str | None:
     return "+".join(k for k, n in (("ld", s.tma_loads), ("st", s.tma_stores)) if n) or "-"
 
 
+def _compile_cell(r: BuildResult) -> str:
+    """The build's compile seconds, or the build it reuses (``BuildResult.shares``: the same compile inputs)."""
+    if r.shares is None:
+        return f"{r.seconds:.1f}"
+    variant = "" if r.shares.variant == r.job.variant else f" {r.shares.variant}"
+    return f"= {r.shares.name}{variant}"
+
+
 def format_table(results: list[BuildResult], report_only: frozenset[str] | set[str] = frozenset()) -> str:
     """Markdown table, one row per kernel configuration and architecture. Findings of ``report_only`` checks are
     listed with a ``(report-only)`` mark."""
@@ -325,7 +333,7 @@ def format_table(results: list[BuildResult], report_only: frozenset[str] | set[s
             _tma_cell(r.sass),
             r.ld128,
             ", ".join(r.ptxas_codes) or ("-" if r.error is None else None),
-            f"{r.seconds:.1f}",
+            _compile_cell(r),
             "; ".join(marks) or "ok",
         ]
         lines.append("| " + " | ".join("n/a" if c is None else str(c) for c in cells) + " |")

@@ -962,6 +962,11 @@ def _quantize_specs() -> list[CompileSpec]:
                             "q_bounds_ptr": torch.int64, "src_s_ptr": r.scale_dtype,
                             "row_src_ptr": torch.int32 if row_src else torch.int64}  # fmt: skip
                 signature = kernel_signature(quantize_kernel, constexprs, dtype, pointers)
+                # the group sizes the kernel reads (GR, GC: 128 or 32, or a whole row of d; SG: the input's scale
+                # groups) are multiples of 16 at realistic sizes, as C and the row strides (q's: C, row-major), and
+                # the JIT marks them too
+                groups = ("GR",) * (GR > 1 and not bounds) + ("GC",) * (GC > 1) + ("SG",) * bool(src)
+                groups += () if bounds else ("s_qr",)
                 specs.append(
                     CompileSpec(
                         f"quantize[{recipe},{use},{triton_type(dtype)}{',row_src' if row_src else ''}]",
@@ -971,7 +976,7 @@ def _quantize_specs() -> list[CompileSpec]:
                         num_warps,
                         num_stages=1,
                         is_matmul=False,
-                        aligned=("C", "s_tb", "s_tr"),
+                        aligned=("C", "s_tb", "s_tr", *groups),
                         expect_pipelined=False,
                         serves="FP8 quantization, every shape",
                         archs=_FP8_ARCHS,
@@ -1003,7 +1008,7 @@ def _quantize_dual_specs(recipe: str) -> list[CompileSpec]:
                 4,
                 num_stages=1,
                 is_matmul=False,
-                aligned=("C", "s_tr"),
+                aligned=("C", "s_tr", "G"),  # G: the group (128 or 32 columns), a multiple of 16 as C
                 expect_pipelined=False,
                 serves="FP8 quantization of dh / dg (both layouts), every shape",
                 archs=_FP8_ARCHS,
