@@ -78,9 +78,17 @@ def _grouped_block_m(rows: int, num_experts: int, fp8: bool = False) -> int:
 
 
 def _block_size(B: int) -> int:
-    """The block size of a blocked layout, one the kernels take (``expert_gemm.BLOCK_SIZES``)."""
-    if B not in gemm_kernels.BLOCK_SIZES:
-        raise ValueError(f"the triton backend needs block_size in {gemm_kernels.BLOCK_SIZES}, got {B}")
+    """The block size of a blocked layout, one the kernels take: ``GPU_BLOCK_SIZES`` (64, 128) on a GPU, the
+    configs ``bench.audit`` builds (a block bounds the tiles: 16- or 32-row blocks would run mma.sync tiles on every
+    GPU); ``BLOCK_SIZES`` (16 to 128) when interpreting, for small tests."""
+    if interpreting():
+        if B not in gemm_kernels.BLOCK_SIZES:
+            raise ValueError(f"the triton backend needs block_size in {gemm_kernels.BLOCK_SIZES}, got {B}")
+    elif B not in gemm_kernels.GPU_BLOCK_SIZES:
+        raise ValueError(
+            f"the triton backend needs block_size in {gemm_kernels.GPU_BLOCK_SIZES} on a GPU, got {B} (16 and 32 are "
+            "for Triton interpreter tests: no tensor-core tile fits them; the torch backend takes them)"
+        )
     return B
 
 
