@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .harness import Progress, run
-from .library import BLOCK_SIZES
+from .library import BLOCK_SIZES, GPU_BLOCK_SIZES
 from .problems import DTYPES, Shape, parse_routing
 from .strategies import FP8_STRATEGIES, STRATEGIES
 
@@ -158,6 +158,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"
     if args.block_size is None:
         args.block_size = 128 if args.device == "cuda" else 64
+    if args.device == "cuda" and args.block_size not in GPU_BLOCK_SIZES:
+        sizes = ", ".join(map(str, GPU_BLOCK_SIZES))
+        p.error(f"--block-size {args.block_size} is a CPU size: on cuda choose from {sizes}")
     for name in ("hidden", "ffn"):
         value = getattr(args, name)
         if value is not None and value < 1:

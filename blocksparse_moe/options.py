@@ -14,10 +14,10 @@ from dataclasses import dataclass, fields
 
 from .config import BACKENDS
 from .fp8 import check_recipe
-from .kernels.expert_gemm import BLOCK_SIZES
+from .kernels.expert_gemm import BLOCK_SIZES, GPU_BLOCK_SIZES
 from .validation import boolean, choice, non_negative_int, non_negative_number, positive_int
 
-__all__ = ["IMPLS", "DROP_POLICIES", "BLOCK_SIZES", "MoEOptions", "options_from", "resolve_impl"]
+__all__ = ["IMPLS", "DROP_POLICIES", "BLOCK_SIZES", "GPU_BLOCK_SIZES", "MoEOptions", "options_from", "resolve_impl"]
 
 IMPLS = ("auto", "blocksparse", "grouped", "padded", "reference")
 DROP_POLICIES = ("position", "probs")
@@ -30,8 +30,10 @@ class MoEOptions:
     Attributes:
         impl: the strategy: ``"blocksparse"``, ``"grouped"``, ``"padded"``, ``"reference"`` or ``"auto"``
             (``"grouped"``, or ``"blocksparse"`` when a ``block_size`` is given; ``resolve_impl``).
-        block_size: ``"blocksparse"`` block size, one of ``BLOCK_SIZES`` (the Triton kernels' tiles; the torch
-            backend takes the same set); None: 128 on CUDA, 64 elsewhere. Only with ``impl`` ``"blocksparse"`` or
+        block_size: ``"blocksparse"`` block size, one of ``BLOCK_SIZES`` (16, 32, 64, 128: the Triton kernels'
+            tiles; the torch backend takes the same set; on a GPU the Triton backend takes ``GPU_BLOCK_SIZES``, 64 and
+            128, and raises a ValueError for 16 and 32, the interpreter tests' sizes); None: 128 on CUDA, 64
+            elsewhere. Only with ``impl`` ``"blocksparse"`` or
             ``"auto"`` (which it makes ``"blocksparse"``).
         capacity_factor, capacity, num_groups: ``"padded"`` only. Tokens form ``num_groups`` equal contiguous
             groups; each expert has ``capacity`` slots per group, default ``ceil(capacity_factor · (T / G) · k /

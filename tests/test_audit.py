@@ -760,6 +760,84 @@ def test_fp8_specs_hold_every_tile_the_fp8_mlp_launches(monkeypatch):
     assert checked == 3 * len(launches) * 2 * 3 * 2
 
 
+def test_16bit_specs_hold_every_tile_and_block_the_gpu_launchers_pick(monkeypatch):
+    """Every config ``gemm_config`` / ``wgrad_config`` picks for 16-bit operands (bf16, fp16) on sm_80 / 90 / 100 /
+    120, aligned or not, at every grouped M tile ``backends.triton._grouped_block_m`` returns on a GPU and every
+    block size its ``_block_size`` accepts there, is a 16-bit build of the audit: fp16 where specs.py builds it
+    (``_dtype_archs``, the main uses), else its bf16 twin (``gemm_config`` gives both the same tile). A tile or block
+    size the GPU path picks without its builds fails here (16-row grouped tiles and blocks of 16 / 32 once ran
+    unbuilt)."""
+    from blocksparse_moe.backends import triton as triton_backend
+    from blocksparse_moe.kernels import expert_gemm, specs
+
+    monkeypatch.setattr(triton_backend, "interpreting", lambda: False)  # the GPU choices
+    monkeypatch.setattr(expert_gemm, "interpreting", lambda: False)
+    block_ms = {triton_backend._grouped_block_m(rows_per_expert * E + extra, E)
+                for E in (1, 7, 128) for rows_per_expert in range(300) for extra in (0, 1)}  # fmt: skip
+    assert block_ms == {32, 64, 128}
+
+    def accepted(B):
+        try:
+            return triton_backend._block_size(B) == B
+        except ValueError:
+            return False
+
+    blocks = {B for B in range(1, 257) if accepted(B)}
+    assert blocks == {64, 128}
+    half = (torch.bfloat16, torch.float16)
+    built = [s for s in audit_jobs._gpu_specs(specs) if s.kernel in (expert_gemm.gemm_kernel, expert_gemm.wgrad_kernel)]
+
+    def find(kernel, prefix, cc, variant, constexprs, warps_stages):
+        return [
+            s for s in built
+            if s.kernel is kernel and s.name.startswith(prefix) and (s.archs is None or cc in s.archs)
+            and variant in s.variants and (s.num_warps, s.num_stages) == warps_stages
+            and all(s.constexprs[k] == v for k, v in constexprs.items())
+        ]  # fmt: skip
+
+    checked = 0
+    for dtype, cc, aligned in itertools.product(half, audit_sass.ARCHS, (True, False)):
+        variant = "aligned" if aligned else "unaligned"
+        for use in specs._GEMM_USES:
+            fp16_built = dtype == torch.float16 and use.tag in specs._MAIN_USES and cc in specs._dtype_archs(dtype)
+            twin = dtype if fp16_built else torch.bfloat16
+            for m in sorted(blocks if use.blocked else block_ms):
+                B = m if use.blocked else None
+                kw = dict(epilogue=use.epilogue, glu=use.glu, pair=use.pair, aligned=aligned, capability=cc,
+                          out_block=B if use.out_blocked else None, a_block=B if use.a_blocked else None)  # fmt: skip
+                cfg = expert_gemm.gemm_config(dtype, m, **kw)
+                assert cfg == expert_gemm.gemm_config(twin, m, **kw)  # the twin's tile
+                lb = (B or 0).bit_length() - 1 if use.blocked else specs.DENSE_LOG_BLOCK
+                act = ",silu" if use.epilogue else ""
+                constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EPI_N=cfg.epi_n,
+                                  SWAP_AB=cfg.swap_ab, EPILOGUE=int(use.epilogue), GLU=use.glu, PAIR=use.pair,
+                                  GATHER=use.gather, LB_A=lb if use.a_blocked else specs.DENSE_LOG_BLOCK,
+                                  LB_O=lb if use.out_blocked else specs.DENSE_LOG_BLOCK)  # fmt: skip
+                prefix = f"gemm[{use.tag}{act},{specs.triton_type(twin)},"
+                found = find(expert_gemm.gemm_kernel, prefix, cc, variant, constexprs, (cfg.num_warps, cfg.num_stages))
+                assert found, (use.tag, dtype, m, cc, variant, cfg)
+                checked += 1
+        for use in specs._WGRAD_USES:
+            fp16_built = dtype == torch.float16 and use.tag in specs._MAIN_WGRAD and cc in specs._dtype_archs(dtype)
+            twin = dtype if fp16_built else torch.bfloat16
+            for B in sorted(blocks) if use.blocked else (None,):
+                kw = dict(gather=use.a_gather or use.b_gather, aligned=aligned, capability=cc,
+                          a_block=B if use.a_blocked else None, b_block=B if use.b_blocked else None)  # fmt: skip
+                cfg = expert_gemm.wgrad_config(dtype, **kw)
+                assert cfg == expert_gemm.wgrad_config(twin, **kw)
+                lb = (B or 0).bit_length() - 1 if use.blocked else specs.DENSE_LOG_BLOCK
+                constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DUAL=use.dual,
+                                  A_GATHER=use.a_gather, B_GATHER=use.b_gather,
+                                  LB_A=lb if use.a_blocked else specs.DENSE_LOG_BLOCK,
+                                  LB_B=lb if use.b_blocked else specs.DENSE_LOG_BLOCK)  # fmt: skip
+                prefix = f"wgrad[{use.tag},{specs.triton_type(twin)},"
+                found = find(expert_gemm.wgrad_kernel, prefix, cc, variant, constexprs, (cfg.num_warps, cfg.num_stages))
+                assert found, (use.tag, dtype, B, cc, variant, cfg)
+                checked += 1
+    uses = sum(2 if u.blocked else 3 for u in specs._GEMM_USES) + sum(2 if u.blocked else 1 for u in specs._WGRAD_USES)
+    assert checked == 2 * len(audit_sass.ARCHS) * 2 * uses
+
+
 def test_parsers_read_ptxas_log_resources_and_buffers():
     # spills: a register-heavy build as ptxas reports it
     log = (

@@ -490,6 +490,17 @@ def test_cli_rejects_bad_arguments(argv, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_cli_rejects_cpu_block_sizes_on_cuda(capsys, monkeypatch):
+    # 16 and 32 run on CPU (the interpreter tests' sizes); the Triton backend refuses them on a GPU, where the bench
+    # would have run every strategy but blocksparse
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(["--device", "cuda", "--block-size", "32"])
+    assert e.value.code == 2 and "--block-size 32 is a CPU size: on cuda choose from 64, 128" in capsys.readouterr().err
+    assert cli.parse_args(["--device", "cuda", "--block-size", "64"]).block_size == 64
+    assert cli.parse_args(["--device", "cpu", "--block-size", "32"]).block_size == 32
+
+
 def test_cli_presets_and_overrides():
     args = cli.parse_args(["--preset", "fine", "--tokens", "32,64", "--hidden", "48", "--device", "cpu"])
     shapes = cli.shapes_from_args(args)

@@ -348,6 +348,31 @@ def test_bad_inputs():
         bs_ops.sdd(a, w, bad, backend="torch")
 
 
+@pytest.mark.parametrize("B", [16, 32])
+def test_triton_blocks_under_64_rows_only_when_interpreting(B, monkeypatch):
+    """On a GPU the Triton backend takes block sizes 64 and 128 (``layouts.GPU_BLOCK_SIZES``: the tiles
+    ``bench.audit`` builds); 16 and 32, the interpreter tests' sizes, raise a ValueError naming the supported ones
+    before any launch, for the block-sparse ops and the fused MLP's blocked layout alike. The torch backend takes
+    them. (Before: they launched mma.sync tiles no audit build covered.)"""
+    from blocksparse_moe.ops.mlp import expert_mlp, mlp_routing
+
+    triton_backend = backends.get("triton")
+    E, d, F = 3, 8, 2 * B
+    idx = _routing(5, 2, E, "uniform")
+    topo = plan_routing(idx, E, block_size=B).topology(F)
+    a, w = torch.randn(topo.num_rows, d), torch.randn(E, d, F)
+    expected = bs_ops.sdd(a, w, topo, backend="torch")
+    torch.testing.assert_close(bs_ops.sdd(a, w, topo, backend="triton"), expected)  # interpreting: B is taken
+    monkeypatch.setattr(triton_backend, "interpreting", lambda: False)  # the GPU path
+    with pytest.raises(ValueError, match=rf"block_size in \(64, 128\) on a GPU, got {B}"):
+        bs_ops.sdd(a, w, topo, backend="triton")
+    with pytest.raises(ValueError, match=rf"block_size in \(64, 128\) on a GPU, got {B}"):  # the blocked MLP
+        x, weights = torch.randn(5, d), torch.rand(5, 2)
+        w1, w2 = torch.randn(E, d, F), torch.randn(E, F, d)
+        expert_mlp(x, weights, w1, w2, None, mlp_routing(plan_routing(idx, E, block_size=B)), "silu", "triton")
+    torch.testing.assert_close(bs_ops.sdd(a, w, topo, backend="torch"), expected)  # the torch backend takes B
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_float64_torch_backend(op):
     """float64 runs on the torch backend (``auto`` picks it: the kernels take fp32 / fp16 / bf16) and matches

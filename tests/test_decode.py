@@ -31,17 +31,18 @@ TRITON = backends.get("triton")
 def test_grouped_m_tile_follows_the_rows_per_expert(monkeypatch):
     monkeypatch.setattr(TRITON, "interpreting", lambda: False)  # the GPU choice (16 whenever interpreting)
     tile = TRITON._grouped_block_m
-    assert tile(64 * 8, 128) == 16  # decode: 4 rows per expert
-    assert tile(16 * 8, 8) == 16  # 16 rows per expert: one full 16-row tile
-    assert tile(17 * 8, 8) == 32  # one row more: the next tile
+    assert TRITON.MIN_BLOCK_M == 32  # 16-bit: never 16 rows on a GPU (sm_90 / sm_100 run them swapped, N = 16)
+    assert tile(64 * 8, 128) == 32  # decode: 4 rows per expert
+    assert tile(16 * 8, 8) == 32  # 16 rows per expert
+    assert tile(17 * 8, 8) == 32
     assert tile(32 * 8, 8) == 32
     assert tile(33 * 8, 8) == 64  # 33 to 127 rows: 64-row (wgmma) tiles, as before
     assert tile(127 * 8, 8) == 64
     assert tile(128 * 8, 8) == 128  # large shapes (Mixtral: 4096 rows per expert; fine-grained training: 2048)
     assert tile(32768 * 8, 128) == 128
     assert tile(100, 3) == 64  # odd: ceil(100 / 3) = 34 rows
-    assert tile(5, 1) == 16  # E = 1
-    assert tile(0, 4) == 16  # no rows
+    assert tile(5, 1) == 32  # E = 1
+    assert tile(0, 4) == 32  # no rows
     # FP8 (the FP8 MLP's E4M3 GEMMs): at least 64 rows (E4M3 MMAs need M >= 64: QGMMA / UTCQMMA)
     assert TRITON.FP8_MIN_BLOCK_M == 64
     assert tile(64 * 8, 128, fp8=True) == 64  # decode: 4 rows per expert
@@ -65,8 +66,9 @@ CASES = {
 @pytest.mark.parametrize("block_m", [16, 32, 64])
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_mlp_at_each_small_tile(case, block_m, monkeypatch):
-    """The grouped strategy's fused MLP with M tiles of ``block_m`` rows (what ``_grouped_block_m`` may pick on a
-    GPU), forward and every gradient, against float64: at most 2x the torch backend's fp32 error."""
+    """The grouped strategy's fused MLP with M tiles of ``block_m`` rows (what ``_grouped_block_m`` picks: 16 when
+    interpreting, 32 and 64 for small T on a GPU), forward and every gradient, against float64: at most 2x the torch
+    backend's fp32 error."""
     monkeypatch.setattr(TRITON, "_grouped_block_m", lambda rows, num_experts, fp8=False: block_m)
     empty = torch.empty
 

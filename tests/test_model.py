@@ -125,10 +125,11 @@ def test_flop_totals_equal_the_analytic_count(estimates):
     by = {(r["shape"], r["impl"]): r for r in results}
     # Mixtral, balanced: 4096 rows per expert, a multiple of every tile: nothing wasted
     assert by["mixtral", "blocksparse"]["executed_flops"] == by["mixtral", "blocksparse"]["useful_flops"]
-    # decode: 4 rows per expert padded to a 128-row block (32x the work); grouped: 16-row tiles for the GEMMs (4x;
-    # 16x with the 64-row tiles before), the weight gradients' 64-row reduction steps (16x): 8x in all
+    # decode: 4 rows per expert padded to a 128-row block (32x the work); grouped: 32-row tiles for the GEMMs (8x: a
+    # GPU's smallest grouped tile, backends.triton.MIN_BLOCK_M), the weight gradients' 64-row reduction steps (16x):
+    # (12 · 8 + 6 · 16) / 18 = 32 / 3 in all (12 of the 18 T·k·d·f FLOP terms are GEMMs, 6 weight gradients)
     assert by["decode", "blocksparse"]["executed_flops"] == 32 * by["decode", "blocksparse"]["useful_flops"]
-    assert by["decode", "grouped"]["executed_flops"] == 8 * by["decode", "grouped"]["useful_flops"]
+    assert 3 * by["decode", "grouped"]["executed_flops"] == 32 * by["decode", "grouped"]["useful_flops"]
     # what impl="auto"'s rule rests on: at decode the grouped layout is the faster (the block padding dominates)
     assert by["decode", "grouped"]["seconds"] < by["decode", "blocksparse"]["seconds"]
 

@@ -40,6 +40,14 @@ def _empty(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor,
     return new(shape, like, dtype) if out is None else out
 
 
+# 16-bit grouped M tiles on a GPU are at least 32 rows (bench.audit builds those). sm_90 and sm_100 compute tiles
+# under 64 rows swapped (the tile's rows as the MMA's N): 16 rows ran HGMMA.64x16 / tcgen05 N = 16 at 1.09-1.30
+# (sm_90) and 1.72-2.53 (sm_100) issue clocks per MMA clock, 32 rows 0.55-0.66 and 0.89-1.28. sm_80 and sm_120 run
+# both on mma.sync, where a 16-row tile is the 32-row one's loop over half the rows (on sm_90 / sm_100's mma.sync,
+# before the swap: 1.69-3.69 against 1.01-1.95). Decode GEMMs are bound by streaming the weights: 32 rows do 32 FLOP
+# per 16-bit weight byte, far under every GPU's dense MMA rate per HBM byte (A100 ~150, H200 ~200, B200 ~280,
+# RTX 5090 ~230), so the rows a 32-row tile leaves empty cost no time.
+MIN_BLOCK_M = 32
 # FP8 grouped M tiles are at least 64 rows: E4M3 MMAs (sm_90's QGMMA, sm_100's UTCQMMA) need M >= 64; Triton runs
 # smaller M tiles on mma.sync, which on sm_90 / sm_100 upcasts E4M3 to fp16 (HMMA, no E4M3 MMA: bench.audit)
 FP8_MIN_BLOCK_M = 64
@@ -47,11 +55,13 @@ FP8_MIN_BLOCK_M = 64
 
 def _grouped_block_m(rows: int, num_experts: int, fp8: bool = False) -> int:
     """M tile of the grouped GEMMs (and of the fused MLP's unpadded rows), chosen on the host from shapes only (no
-    sync): 128 rows when experts expect that many (``rows / E``); else the smallest of the kernels' tiles
-    (``BLOCK_SIZES``: 16, 32, 64) that holds the ``ceil(rows / E)`` rows an expert expects, 64 from 33 to 127. The
-    16- and 32-row tiles serve shapes where an expert gets a few rows (decode: 4 at T = 64, k = 8, E = 128): the
-    weights' HBM reads bound those GEMMs, where a 64-row tile would execute 16x the useful MMA work (Triton runs M
-    tiles under 64 rows on mma.sync rather than wgmma, which these shapes do not miss). 16 when interpreting.
+    sync): 128 rows when experts expect that many (``rows / E``); else the smallest of the kernels' tiles of at least
+    ``MIN_BLOCK_M`` = 32 rows (``BLOCK_SIZES``: 32, 64) that holds the ``ceil(rows / E)`` rows an expert expects, 64
+    from 33 to 127. The 32-row tiles serve shapes where an expert gets a few rows (decode: 4 at T = 64, k = 8,
+    E = 128): the weights' HBM reads bound those GEMMs, where a 64-row tile would execute twice the MMA work (sm_90 and
+    sm_100 run them swapped, ``expert_gemm.gemm_config``: the rows as the MMA's N; a 16-row tile there issues more
+    than it computes: ``MIN_BLOCK_M``). 16 when interpreting (the interpreter tests' small tiles). Every tile this
+    returns on a GPU is built by ``bench.audit`` (tests/test_audit.py checks it).
 
     ``fp8`` (the FP8 MLP's E4M3 GEMMs): at least ``FP8_MIN_BLOCK_M`` = 64 rows. Under 64 rows Triton 3.9 compiles
     the E4M3 dot to fp16 mma.sync on sm_90 and sm_100 (the operands upcast in registers: ``bench.audit``, 32-row
@@ -63,16 +73,22 @@ def _grouped_block_m(rows: int, num_experts: int, fp8: bool = False) -> int:
         return 16
     if rows >= 128 * num_experts:
         return 128
-    expected = min(-(-rows // num_experts), 64)
-    if fp8:
-        expected = max(expected, FP8_MIN_BLOCK_M)
+    expected = max(min(-(-rows // num_experts), 64), FP8_MIN_BLOCK_M if fp8 else MIN_BLOCK_M)
     return next(m for m in gemm_kernels.BLOCK_SIZES if m >= expected)
 
 
 def _block_size(B: int) -> int:
-    """The block size of a blocked layout, one the kernels take (``expert_gemm.BLOCK_SIZES``)."""
-    if B not in gemm_kernels.BLOCK_SIZES:
-        raise ValueError(f"the triton backend needs block_size in {gemm_kernels.BLOCK_SIZES}, got {B}")
+    """The block size of a blocked layout, one the kernels take: ``GPU_BLOCK_SIZES`` (64, 128) on a GPU, the
+    configs ``bench.audit`` builds (a block bounds the tiles: 16- or 32-row blocks would run mma.sync tiles on every
+    GPU); ``BLOCK_SIZES`` (16 to 128) when interpreting, for small tests."""
+    if interpreting():
+        if B not in gemm_kernels.BLOCK_SIZES:
+            raise ValueError(f"the triton backend needs block_size in {gemm_kernels.BLOCK_SIZES}, got {B}")
+    elif B not in gemm_kernels.GPU_BLOCK_SIZES:
+        raise ValueError(
+            f"the triton backend needs block_size in {gemm_kernels.GPU_BLOCK_SIZES} on a GPU, got {B} (16 and 32 are "
+            "for Triton interpreter tests: no tensor-core tile fits them; the torch backend takes them)"
+        )
     return B
 
 

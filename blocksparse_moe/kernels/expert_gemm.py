@@ -137,11 +137,12 @@ from ..config import FLOAT_DTYPES, INDEX_DTYPES
 from ..fp8 import E4M3, Recipe, recipe
 from ..validation import check_dtype, check_same_device, check_tensor, choice, positive_int
 from ._common import DOTS_IEEE, DOTS_UPCAST, aligned16, capability, dot_mode, interpreting, scratch_allocator
-from .layouts import BLOCK_SIZES, Rows, Schedule, row_offsets, row_start, tile_start
+from .layouts import BLOCK_SIZES, GPU_BLOCK_SIZES, Rows, Schedule, row_offsets, row_start, tile_start
 from .quantize import bf16_to_fp32, quantize_row_groups
 
 __all__ = [
     "BLOCK_SIZES",
+    "GPU_BLOCK_SIZES",
     "Epilogue",
     "WeightLoad",
     "Fp8Mode",

@@ -34,6 +34,7 @@ import triton.language as tl
 __all__ = [
     "DENSE_LOG_BLOCK",
     "BLOCK_SIZES",
+    "GPU_BLOCK_SIZES",
     "Rows",
     "Schedule",
     "row_offsets",
@@ -43,8 +44,10 @@ __all__ = [
 
 DENSE_LOG_BLOCK = 7  # dense layouts are described with blocks of 128 rows / columns: every tile size divides it
 # Block sizes of blocked layouts: powers of two from the smallest tile (16, tl.dot's minimum) to the largest (128);
-# 64 and 128 are the GPU sizes (a wgmma tile), 16 and 32 keep interpreter tests small.
+# 16 and 32 keep interpreter tests small. On a GPU the Triton backend takes GPU_BLOCK_SIZES only (a wgmma / tcgen05
+# tile, the configs bench.audit builds): a 16- or 32-row block bounds its tiles to mma.sync (backends.triton).
 BLOCK_SIZES = (16, 32, 64, 128)
+GPU_BLOCK_SIZES = tuple(b for b in BLOCK_SIZES if b >= 64)
 
 
 @dataclass(frozen=True)

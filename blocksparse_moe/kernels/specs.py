@@ -15,10 +15,12 @@ come in either orientation (``wT``: ``dy @ wᵀ``) and stay views. Coverage, and
 - the fused epilogues with silu; the GLU epilogues (forward and backward, dense and blocked) once more with gelu
   (bf16, 128-row tiles, the fast config): its erf is the heaviest epilogue (the other activations stay within a few
   registers of silu: ``_GLU_ACTIVATIONS``);
-- block sizes 64 and 128 (the GPU sizes; 16 and 32 are for interpreter tests and have no wgmma-sized tile); the
-  grouped (unpadded) M tiles 32, 64 and 128 (``backends.triton._grouped_block_m``: 16 and 32 rows for experts
-  with a few rows each, as in decode, on mma.sync: not ``is_matmul``, which asks for wgmma / tcgen05; the 16-row
-  tiles are their 32-row twins' loops over fewer rows: ``_AUDITED_M``);
+- block sizes 64 and 128 (``GPU_BLOCK_SIZES``: on a GPU the Triton backend refuses 16 and 32, the interpreter
+  tests' sizes, ``backends.triton._block_size``); the grouped (unpadded) M tiles 32, 64 and 128
+  (``backends.triton._grouped_block_m``: on a GPU at least ``MIN_BLOCK_M`` = 32 rows, 32 for experts with a few
+  rows each, as in decode: not ``is_matmul``, which asks for an M tile of 64 rows; sm_90 and sm_100 run them
+  swapped, the rows as the MMA's N: ``_AUDITED_M``); tests/test_audit.py checks that these hold every 16-bit tile
+  the launchers pick;
 - FP8 (issue 17): ``gemm_kernel``'s and ``wgrad_kernel``'s E4M3 builds, each recipe with each GEMM of the FP8 MLP
   (``_FP8_USES``, ``_FP8_TWINS``), on the architectures with E4M3 MMAs (sm_90, sm_100, sm_120), with the waivers
   measured from their SASS (docs/audit.md); the FP8 MLP's grouped M tiles are 64 and 128 rows (never 16 or 32:
@@ -50,7 +52,7 @@ from .expert_gemm import (
     wgrad_config,
     wgrad_kernel,
 )
-from .layouts import BLOCK_SIZES, DENSE_LOG_BLOCK
+from .layouts import BLOCK_SIZES, DENSE_LOG_BLOCK, GPU_BLOCK_SIZES
 from .permute import gather_kernel, permute_config, scatter_kernel, weights_grad_kernel
 from .quantize import quantize_config, quantize_dual_kernel, quantize_kernel
 
@@ -379,14 +381,11 @@ _MAIN_USES = ("grouped_mm", "up,glu", "down_bwd,glu", "up,glu,B", "dsd")  # also
 # built with silu (every config) and gelu (the heaviest, erf: 159-220 registers on sm_100 where silu holds 112-154,
 # at 8bd41ea); identity, relu and gelu_tanh held at most 9 registers more than silu there, none spilling, and are not
 # built. CI time: these three rules took the audit from 1658 to 1466 builds.
-# Grouped M tiles of 16 rows (experts of at most 16 rows: decode) are not built: their M = 32 twins run the same
-# loop (mma.sync, the same N, K, warps and stages) over twice the rows per warp, and at b6c8035 each of the 109
-# M = 16 builds held at most its twin's registers but for two fp32 pairs (48 against 46), the same MMA and loop
-# waits, none spilling (bench/results/2026-12-06-audit). CI time: 109 builds (~7% of the audit's compile time).
-# Swapped (sm_90, sm_100: SWAP_AB) a 16-row tile is its twin's loop with MMAs of N = 16: half the MMA work per K
-# step over about the same instructions; built once (docs/audit.md, "Swapped operands"), they held at most their
-# twin's registers, no spill, issue 1.09-1.30 on sm_90 (1.69-2.09 on mma.sync), 1.72-2.53 on sm_100 (2.59-3.69).
-_AUDITED_M = tuple(m for m in BLOCK_SIZES if m != 16)
+# The grouped M tiles a GPU runs (``backends.triton._grouped_block_m``: at least ``MIN_BLOCK_M`` = 32 rows; 16 only
+# when interpreting). 16-row tiles were dropped there (docs/audit.md): swapped (sm_90, sm_100: SWAP_AB) a 16-row tile
+# ran its 32-row twin's loop with MMAs of N = 16, half the work per K step, issue 1.09-1.30 on sm_90, 1.72-2.53 on
+# sm_100 (the gate 0.75; 32 rows 0.55-0.66 and 0.89-1.28), for no time gained in a GEMM bound by the weights' reads.
+_AUDITED_M = tuple(m for m in BLOCK_SIZES if m >= 32)
 _FP16_ARCHS = (90,)
 _FP32_ARCHS = (80, 90, 100)
 _GLU_ACTIVATIONS = ("silu", "gelu")
@@ -403,7 +402,7 @@ def _gemm_specs() -> list[CompileSpec]:
         for dtype in (torch.bfloat16, torch.float32, torch.float16):
             if dtype == torch.float16 and use.tag not in _MAIN_USES:
                 continue
-            for block_m in (64, 128) if use.blocked else _AUDITED_M:  # blocked: B; grouped: from the rows per expert
+            for block_m in GPU_BLOCK_SIZES if use.blocked else _AUDITED_M:  # blocked: B; grouped: rows per expert
                 B = block_m if use.blocked else None
 
                 def configs(aligned, capability, dtype=dtype, block_m=block_m, B=B, use=use):
@@ -726,7 +725,7 @@ def _wgrad_specs() -> list[CompileSpec]:
         for dtype in (torch.bfloat16, torch.float32, torch.float16):
             if dtype == torch.float16 and use.tag not in _MAIN_WGRAD:
                 continue
-            for B in (64, 128) if use.blocked else (None,):
+            for B in GPU_BLOCK_SIZES if use.blocked else (None,):
 
                 def configs(aligned, capability, dtype=dtype, B=B, use=use):
                     return wgrad_config(dtype, gather=use.a_gather or use.b_gather, aligned=aligned,
