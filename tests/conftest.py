@@ -16,6 +16,54 @@ import pytest  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 
 
+def _patch_the_language_once_per_launch() -> None:
+    """Triton's interpreter patches ``triton.language`` (every builtin of ``tl``, ``tl.core``, ``tl.math`` and the
+    tensor classes, through ``inspect.getmembers``) at each kernel launch, and again at every call of a
+    ``@triton.jit`` helper inside the running kernel (``InterpretedFunction.__call__``), where the launch's patch is
+    still in place. The kernels call helpers in every tile and K step: those redundant patches took ~28% of an
+    interpreter test's time (``tests/test_mlp.py::test_weights_of_mixed_layouts``, cProfile, Triton 3.9). Here a
+    helper's call skips the patch when the running launch already patched every language module the helper sees
+    (the same module objects: nothing changes for the helper). Launches are patched and restored as before. A
+    Triton without these internals is left as it is."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch_lang, scope_type = getattr(interpreter, "_patch_lang", None), getattr(interpreter, "_LangPatchScope", None)
+    if patch_lang is None or scope_type is None or not hasattr(scope_type, "restore"):
+        return
+    import triton.language as tl
+
+    patched: set[int] = set()  # the language modules the running launch has patched (kernels launch no kernels)
+
+    def languages(fn) -> set[int]:
+        return {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
+
+    def once_per_launch(fn):
+        if not patched:  # a launch: patched here, restored by the launch when its grid has run
+            scope = patch_lang(fn)
+            patched.update(languages(fn))
+            restore = scope.restore
+
+            def restore_and_forget() -> None:
+                patched.clear()
+                restore()
+
+            scope.restore = restore_and_forget
+            return scope
+        helper = languages(fn)
+        if helper <= patched:
+            return scope_type()  # a helper inside the launch: its languages are patched already
+        patched.update(helper)  # (e.g. tl.cdiv, which sees tl.core): patched as Triton does, never restored
+        return patch_lang(fn)
+
+    interpreter._patch_lang = once_per_launch
+
+
+if not HAS_CUDA:
+    _patch_the_language_once_per_launch()
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

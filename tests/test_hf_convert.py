@@ -140,7 +140,10 @@ def test_from_hf_matches_block(name):
     torch.testing.assert_close(weights.gather(1, order.indices), hf_weights.gather(1, hf_order.indices), **TOL)
     ours = dict(layer.named_parameters())
     for param, grad in _hf_grads(block, layer).items():
-        torch.testing.assert_close(ours[param].grad, grad, **TOL, msg=lambda m, p=param: f"{p}: {m}")
+        # a parameter's gradient sums over tokens in another order than HF's: its elements round with the absolute
+        # error of the largest (cancellation leaves small elements with it), ~1 ulp of max|grad| (up to 30 here)
+        tol = dict(atol=TOL["atol"] * max(1.0, grad.abs().max().item()), rtol=TOL["rtol"])
+        torch.testing.assert_close(ours[param].grad, grad, **tol, msg=lambda m, p=param: f"{p}: {m}")
     # copies, not views: the layer owns its weights
     with torch.no_grad():
         layer.experts.w1.add_(1.0)
