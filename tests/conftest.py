@@ -4,7 +4,13 @@ seeded RNGs, and the ``gpu`` marker."""
 import os
 import random
 
-import torch
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of pytest-xdist's processes (one per core): one intra-op thread each
+    # (before torch starts its thread pool; the processes tests spawn inherit it). Two workers of two threads beside
+    # the CI's audit spin-wait in OpenMP regions on 2 cores: tests/test_mlp.py beside 94 audit builds took 124 s
+    # (105 s user) with PyTorch's default, 109 s (89 s user) with one thread, and the audit 77 -> 67 s.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
