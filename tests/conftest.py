@@ -1,5 +1,5 @@
-"""Test setup: Triton's interpreter when there is no GPU (set before any kernel module is imported),
-seeded RNGs, and the ``gpu`` marker."""
+"""Test setup: Triton's interpreter when there is no GPU (set before any kernel module is imported; its language
+patched once per launch), one intra-op thread per pytest-xdist worker, seeded RNGs, and the ``gpu`` marker."""
 
 import os
 import random
@@ -31,7 +31,7 @@ def _patch_the_language_once_per_launch() -> None:
     interpreter test's time (``tests/test_mlp.py::test_weights_of_mixed_layouts``, cProfile, Triton 3.9). Here a
     helper's call skips the patch when the running launch already patched every language module the helper sees
     (the same module objects: nothing changes for the helper). Launches are patched and restored as before. A
-    Triton without these internals is left as it is."""
+    Triton without these internals is left as it is, with a warning."""
     try:
         from triton.runtime import interpreter
     except ImportError:
