@@ -46,10 +46,10 @@ def _patch_the_language_once_per_launch() -> None:
         return
     import triton.language as tl
 
-    patched: set[int] = set()  # the language modules the running launch has patched (kernels launch no kernels)
+    patched: set = set()  # the language modules the running launch has patched (kernels launch no kernels)
 
-    def languages(fn) -> set[int]:
-        return {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
+    def languages(fn) -> set:
+        return {v for v in fn.__globals__.values() if v is tl or v is tl.core}
 
     def once_per_launch(fn):
         if not patched:  # a launch: patched here, restored by the launch when its grid has run
