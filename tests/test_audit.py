@@ -625,16 +625,30 @@ def test_launcher_specs_say_what_they_serve():
         assert not [w for w, _ in wide.waivers if "@" not in w or w.endswith("@100")] and not wide.persistent, name
     assert "issue@100" in [w for w, _ in gemm["gemm_fp8[blockwise,up,glu,M=128,N=64,K=128,tma]"].waivers]
     # rowwise's 128-row builds scale their accumulators column slice by column slice: 2 CTAs per SM on sm_90, and
-    # sm_100 runs the backward epilogue and the pair on 4 warps (128 columns); no waiver but the occupancy of sm_90's
-    # dgrad pair (its two accumulators)
+    # sm_100 runs the backward epilogue and the pair on 4 warps (128 columns); none waived on sm_90 / sm_100
     for name in ("down,M=128,N=128,K=128,w=8,tma", "down_bwd,glu,M=128,N=128,K=128,w=8,tma",
                  "down_bwd,glu,M=128,N=128,K=128,w=4,tma", "dgrad_pair,M=128,N=128,K=128,w=4,tma"):  # fmt: skip
         rowwise = gemm[f"gemm_fp8[rowwise,{name}]"]
-        assert [w for w, _ in rowwise.waivers if w.endswith(("@90", "@100"))] == (
-            ["occupancy@90"] if "pair" in name else []), name  # fmt: skip
+        assert not [w for w, _ in rowwise.waivers if w.endswith(("@90", "@100"))], name
     assert gemm["gemm_fp8[rowwise,down,M=128,N=128,K=128,w=8,tma]"].constexprs["EPI_N"] == 16
-    pair90 = gemm["gemm_fp8[rowwise,dgrad_pair,M=128,N=128,K=128,w=8,tma]"]
-    assert pair90.archs == (90,) and [w for w, _ in pair90.waivers] == ["occupancy@90"]
+    # FP8 dense rows (the down GEMM's a, the pair's dh / dg) through TMA, an M tile per box (the pair: one descriptor
+    # per A), outside sm_100's warp-specialized loop but for blockwise's and the swapped MX tiles; sm_90's rowwise
+    # pair at 128 x 64 with 256-deep K steps in 2 stages (its two accumulators: 2 CTAs per SM), no waiver
+    pair90 = gemm["gemm_fp8[rowwise,dgrad_pair,M=128,N=64,K=256,w=8,tma]"]
+    assert pair90.archs == (90,) and pair90.waivers == () and pair90.num_stages == 2
+    assert (pair90.constexprs["A_TMA"], pair90.signature["a_desc"], pair90.signature["a2_desc"]) == (
+        expert_gemm.WeightLoad.TMA, "tensordesc<fp8e4nv[128,256]>", "tensordesc<fp8e4nv[128,256]>")  # fmt: skip
+    for name, ws in (("rowwise,down,M=128,N=128,K=128,w=4,tma", False),
+                     ("rowwise,down,M=64,N=128,K=256,w=4,tma", False),
+                     ("mxfp8,down,M=128,N=128,K=128,w=4,tma,s_tma", False),
+                     ("blockwise,down,M=128,N=128,K=128,w=4,tma,ws", True),
+                     ("mxfp8,down,M=64,N=128,K=128,swap,tma,ws", True)):  # fmt: skip
+        down = gemm[f"gemm_fp8[{name}]"]
+        assert (down.archs, down.constexprs["WARP_SPEC"]) == ((100,), ws), name
+        assert down.constexprs["A_TMA"] == (expert_gemm.WeightLoad.POINTERS if ws else expert_gemm.WeightLoad.TMA)
+        assert down.signature["a2_desc"] == "constexpr" and (down.signature["a_desc"] == "constexpr") == ws, name
+    for name in ("rowwise,up,M=128,N=128,K=128,w=8,tma", "blockwise,down_bwd,glu,M=128,N=128,K=128,w=8,tma"):
+        assert gemm[f"gemm_fp8[{name}]"].constexprs["A_TMA"] == expert_gemm.WeightLoad.POINTERS, name  # gathered
     # sm_100's builds that do not warp-specialize gather their x rows through TMA (gather4), the others by cp.async
     assert (glu.archs, glu.constexprs["A_TMA"], glu.signature["a_desc"]) == (
         (100,), expert_gemm.WeightLoad.GATHER4, "tensordesc<bf16[1,64]>")  # fmt: skip
@@ -739,10 +753,10 @@ def test_fp8_specs_hold_every_tile_the_fp8_mlp_launches(monkeypatch):
     assert set(specs._FP8_TWINS.values()) <= set(specs._FP8_USES) <= set(launches)
     e4m3, checked = torch.float8_e4m3fn, 0
     for mode in (expert_gemm.Fp8Mode.BLOCKWISE, expert_gemm.Fp8Mode.MX, expert_gemm.Fp8Mode.ROWWISE):
-        for use, (epilogue, glu, pair, _) in launches.items():
+        for use, (epilogue, glu, pair, gather) in launches.items():
             for block_m, cc, aligned in itertools.product(sorted(block_ms), (90, 100, 120), (True, False)):
                 cfg = expert_gemm.gemm_config(e4m3, block_m, epilogue=epilogue, glu=glu, pair=pair, aligned=aligned,
-                                              capability=cc, fp8=mode)  # fmt: skip
+                                              capability=cc, fp8=mode, dense_rows=not gather)  # fmt: skip
                 variant = "aligned" if aligned else "unaligned"
                 twin = specs._FP8_TWINS.get((use, variant))
                 flags = launches[twin or use]

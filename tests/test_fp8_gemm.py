@@ -357,6 +357,26 @@ def test_fp8_gemm_configs(monkeypatch):
                 cfg = expert_gemm.gemm_config(e4m3, 128, epilogue=epilogue, pair=pair, aligned=aligned, capability=cc,
                                               fp8=Fp8Mode.ROWWISE)  # fmt: skip
                 assert cfg.epi_n == 16, (cc, epilogue, pair, aligned)
+
+    # rowwise over dense rows (through TMA): 256-deep K steps in 2 stages for sm_90's 128-row pair (at 64 columns)
+    # and sm_100's 64-row down GEMM and pair; the gathered rows', the other tiles' and the other recipes' as before
+    def steps(block_m, cc, mode=Fp8Mode.ROWWISE, pair=False, dense_rows=True, epilogue=0):
+        cfg = expert_gemm.gemm_config(e4m3, block_m, epilogue=epilogue, pair=pair, capability=cc, fp8=mode,
+                                      dense_rows=dense_rows)  # fmt: skip
+        return cfg.block_n, cfg.block_k, cfg.num_stages
+
+    assert steps(128, 90, pair=True) == (64, 256, 2) and steps(128, 90, pair=True, dense_rows=False) == (128, 128, 3)
+    assert steps(64, 100, pair=True) == steps(64, 100) == (128, 256, 2)
+    assert steps(64, 100, dense_rows=False) == steps(64, 100, epilogue=2) == steps(128, 100) == (128, 128, 3)
+    assert steps(64, 90, pair=True) == steps(128, 90) == steps(128, 100, pair=True) == (128, 128, 3)
+    for mode in (Fp8Mode.BLOCKWISE, Fp8Mode.MX):
+        assert steps(128, 90, mode, pair=True) == steps(128, 90, mode, pair=True, dense_rows=False)
+        assert steps(64, 100, mode, pair=True) == steps(64, 100, mode, pair=True, dense_rows=False)
+    # sm_100 keeps its warp-specialized loop (rows by cp.async) over dense rows for blockwise and MX's swapped tiles
+    for mode, block_m, ws in ((Fp8Mode.ROWWISE, 64, False), (Fp8Mode.ROWWISE, 128, False), (Fp8Mode.MX, 128, False),
+                              (Fp8Mode.MX, 64, True), (Fp8Mode.BLOCKWISE, 128, True)):  # fmt: skip
+        cfg = expert_gemm.gemm_config(e4m3, block_m, capability=100, fp8=mode, dense_rows=True)
+        assert expert_gemm.dense_rows_warp_specialized(mode, cfg) == ws, (mode, block_m)
     monkeypatch.setattr(expert_gemm, "interpreting", lambda: True)
     assert expert_gemm.gemm_config(e4m3, 16, fp8=Fp8Mode.MX).block_k == 32  # whole MX groups when interpreting
     for epilogue, glu, pair in ((0, False, False), (1, False, False), (1, True, False), (2, True, False),
@@ -594,6 +614,36 @@ def test_glu_forward_sm100_tiles(case, mode, quant_a, monkeypatch):
         assert torch.equal(results[False][3], results[True][3]), "a's scales"
 
 
+DENSE_TMA_CASES = {
+    # name: (T, k, E, K, N, routing, block_m); K and N 16-byte aligned (A's rows through TMA)
+    # M tiles of 16 rows over experts of ~6 rows: each tile's rows run into the next experts' (loaded, never stored)
+    "tiles-past-each-expert": (13, 2, 4, 208, 48, "uniform", 16),
+    "empty-experts": (13, 2, 4, 80, 48, "skip", 16),  # experts 1 and 3 without rows
+    # all 134 rows on one expert, 128-row tiles: the second tile's 6 rows, then TMA's zeros past A's last row
+    "one-expert,past-the-last-row": (67, 2, 3, 80, 176, "one-hot", 128),
+}
+
+
+@pytest.mark.parametrize("use", ["plain", "pair"])
+@pytest.mark.parametrize("mode", [Fp8Mode.BLOCKWISE, Fp8Mode.MX, Fp8Mode.ROWWISE])
+@pytest.mark.parametrize("case", list(DENSE_TMA_CASES))
+def test_dense_rows_through_tma(case, mode, use, monkeypatch):
+    # an FP8 A of dense rows (the down GEMM's a, the pair's dh and dg) loaded by TMA from each M tile's first row
+    # (expert_gemm._dense_a_tma): poisoned outputs against the float64 reference of the quantized math
+    # (_launch_tiles), and bit for bit the pointer loads' (TMA_ROWS off), which mask the rows past the expert's end
+    T, k, E, K, N, kind, block_m = DENSE_TMA_CASES[case]
+    results = {}
+    for tma in (True, False):
+        monkeypatch.setattr(expert_gemm, "TMA_ROWS", tma)
+        kernel = Recorded(expert_gemm.gemm_kernel)
+        monkeypatch.setattr(expert_gemm, "gemm_kernel", kernel)
+        torch.manual_seed(31)
+        results[tma] = _launch_tiles(use, T, k, E, K, N, kind, mode, block_m)
+        assert kernel.calls[-1]["A_TMA"] == int(WeightLoad.TMA if tma else WeightLoad.POINTERS)
+    for i, (tma, pointers) in enumerate(zip(results[True], results[False])):
+        assert torch.equal(tma.view(torch.int16), pointers.view(torch.int16)), i
+
+
 ROWWISE_128_CASES = {
     # name: (use, T, k, E, K, N, routing); 128-row M tiles; K and N 16-byte aligned (the fast configs) unless named
     # experts 1 and 3 without rows; K = 208: two K steps, the last partial; N = 144: a full and a partial 128-column
@@ -610,8 +660,8 @@ ROWWISE_128_CASES = {
 
 
 # (BLOCK_N, EPI_N, the backward's EPI_N, warps) of gemm_config's rowwise 128-row tiles: aligned per capability,
-# and the unaligned fallback's
-ROWWISE_TILES = {90: (128, 16, 8, 8), 100: (128, 16, 16, 4), "unaligned": (32, 16, 8, 8)}
+# and the unaligned fallback's; sm_90's pair 64 columns wide (its two accumulators: 2 CTAs per SM)
+ROWWISE_TILES = {90: (128, 16, 8, 8), 100: (128, 16, 16, 4), "unaligned": (32, 16, 8, 8), "pair90": (64, 16, 8, 8)}
 
 
 @pytest.mark.parametrize("capability", [90, 100])
@@ -633,7 +683,10 @@ def test_rowwise_gpu_tiles(case, capability, monkeypatch):
             cfg = config(*args, **{**kwargs, "capability": capability})
         return replace(cfg, epilogue_n=None) if whole else cfg
 
-    block_n, epi_n, backward_epi_n, warps = ROWWISE_TILES["unaligned" if "unaligned" in case else capability]
+    pair90 = use == "pair" and capability == 90 and "unaligned" not in case
+    block_n, epi_n, backward_epi_n, warps = ROWWISE_TILES[
+        "unaligned" if "unaligned" in case else "pair90" if pair90 else capability
+    ]
     epi_n = backward_epi_n if use == "backward-glu" else epi_n
     results = {}
     for whole in (False, True):
@@ -646,6 +699,11 @@ def test_rowwise_gpu_tiles(case, capability, monkeypatch):
         call = kernel.calls[-1]
         tiles = (call["BLOCK_N"], call["EPI_N"], call["num_warps"])
         assert tiles == (block_n, block_n if whole else epi_n, warps), tiles
+        # sm_90's pair: 256-deep K steps in 2 stages, its dense rows (dh, dg) through TMA as every aligned dense A
+        steps = (256, 2) if pair90 else (128, 3) if "unaligned" not in case else (32, 3)
+        assert (call["BLOCK_K"], call["num_stages"]) == steps, (call["BLOCK_K"], call["num_stages"])
+        dense = use in ("plain", "pair") and "unaligned" not in case
+        assert call["A_TMA"] == int(WeightLoad.TMA if dense else WeightLoad.POINTERS), call["A_TMA"]
     if use == "backward-glu":
         dots, whole_dots = results[False][-1], results[True][-1]
         torch.testing.assert_close(dots, whole_dots, rtol=1e-6, atol=1e-6 * whole_dots.abs().max().item())

@@ -30,18 +30,21 @@ descriptors: over ``[E, K, N]`` as stored (``TMA``), or over the transposed stor
 backward (``TMA_T``), the tile transposed in shared memory; K and N past the end come back as zeros. Otherwise
 pointer loads (``POINTERS``). Each weight is read with its own strides (or its own descriptor): a GLU gate or a
 pair's second weight may be stored differently from the first (both then load by pointers unless both can use the
-same TMA mode). ``gemm_kernel``'s rows stay pointer loads (gathered: TMA has no row gather on Hopper), pipelined
-as asynchronous copies, but for gathered 16-bit rows on sm_100 outside the warp-specialized loop (``A_TMA``
+same TMA mode). ``gemm_kernel``'s rows stay pointer loads (gathered: TMA has no row gather on Hopper), pipelined as
+asynchronous copies, but for gathered 16-bit rows on sm_100 outside the warp-specialized loop (``A_TMA``
 ``GATHER4``: Blackwell's TMA row gather, ``tl.tensor_descriptor.gather`` over a host descriptor of the token rows;
-``_gather_load``): the GLU forward and the backward epilogue there. ``wgrad_kernel`` reads a dense row operand (not
-gathered, not blocked; 16-bit or E4M3, 16-byte aligned: ``_row_tma``, ``A_TMA`` / ``B_TMA``) through a tensor
-descriptor it builds on the device over the expert's rows ``[0, end)``, so that TMA's zero fill masks the rows past
-the expert (launch-time scratch memory: ``_common.scratch_allocator``): over ``[rows, cols]`` (``TMA``), or for an
-E4M3 operand stored K-major (unit row stride: a ``[cols, rows]`` tensor's transposed view) with 16-aligned expert
-offsets (``row_align``) over that storage (``TMA_T``: sm_90's E4M3 wgmma reads K-major shared tiles only, and copies
-the others through registers into K-major buffers every K step: 547 -> 87 instructions per 128-row step,
-rowwise); its gathered operand stays on asynchronous copies (on sm_100 TMA's row gather costs more loop
-instructions there: docs/audit.md).
+``_gather_load``): the GLU forward and the backward epilogue there, and for an FP8 A of dense rows outside the
+warp-specialized loop (``A_TMA`` ``TMA``, ``_dense_a_tma``: the down GEMM's a, the dgrad pair's dh and dg) from a
+host descriptor over ``[R, K]``, an M tile per box from the tile's first row (the rows past its expert's end load
+other experts' rows, or TMA's zeros past A's last row: their results are never stored). ``wgrad_kernel`` reads a
+dense row operand (not gathered, not blocked; 16-bit or E4M3, 16-byte aligned: ``_row_tma``, ``A_TMA`` / ``B_TMA``)
+through a tensor descriptor it builds on the device over the expert's rows ``[0, end)``, so that TMA's zero fill
+masks the rows past the expert (launch-time scratch memory: ``_common.scratch_allocator``): over ``[rows, cols]``
+(``TMA``), or for an E4M3 operand stored K-major (unit row stride: a ``[cols, rows]`` tensor's transposed view) with
+16-aligned expert offsets (``row_align``) over that storage (``TMA_T``: sm_90's E4M3 wgmma reads K-major shared
+tiles only, and copies the others through registers into K-major buffers every K step: 547 -> 87 instructions per
+128-row step, rowwise); its gathered operand stays on asynchronous copies (on sm_100 TMA's row gather costs more
+loop instructions there: docs/audit.md).
 
 **Program order (L2).** ``gemm_kernel`` runs the ``max_m_tiles · cdiv(N, BLOCK_N)`` output tiles of ``BLOCK_M ×
 BLOCK_N`` (``_gemm_tile``), each reading its expert from ``tile_expert`` (one index load per tile, outside the K
@@ -157,6 +160,7 @@ __all__ = [
     "TMA_WEIGHTS",
     "persistent_programs",
     "mx_chunk_tiles",
+    "dense_rows_warp_specialized",
     "gemm",
     "wgrad",
     "gemm_kernel",
@@ -454,6 +458,8 @@ def _mainloop(
         k_ok = (t * BLOCK_K + offs_k) < K
         if A_TMA == _GATHER4:
             a = a_desc.gather(a_idx, t * BLOCK_K)
+        elif A_TMA == _TMA:  # dense rows from the tile's first, a_idx (past the expert's end: never stored)
+            a = a_desc.load([a_idx, t * BLOCK_K])
         else:
             a_off = tile_start(t, s_acb, s_ac, BLOCK_K, LB_A)
             a = tl.load(a_tile + a_off, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -663,7 +669,7 @@ def _backward_epilogue(
 
 @triton.jit
 def _gemm_tile(
-    tile, a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, a_desc, sw_desc, sw2_desc, sa_desc, sa2_desc, out_ptr,
+    tile, a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, a_desc, a2_desc, sw_desc, sw2_desc, sa_desc, sa2_desc, out_ptr,
     out2_ptr, out3_ptr, h_ptr, g_ptr, row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr, tile_offsets_ptr,
     tile_expert_ptr, sa_ptr, sa2_ptr, sw_ptr, sw2_ptr, sq_ptr, R, N, N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb,
     s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc, s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e,
@@ -699,6 +705,8 @@ def _gemm_tile(
         sa_rows = tl.maximum(src, 0).to(tl.int64) * s_sar  # FP8: the token's scales
     else:
         a_idx = rows  # unused
+        if A_TMA == _TMA:  # dense rows by TMA from the tile's first
+            a_idx = start
         a_ok = row_ok
         a_rows = row_offsets(rows, s_arb, s_ar, LB_A)
         sa_rows = rows.to(tl.int64) * s_sar  # FP8: A dense (never blocked)
@@ -731,7 +739,7 @@ def _gemm_tile(
             acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         tl.static_assert(A_TMA != _GATHER4, "A_TMA GATHER4: gathered rows, never a pair's")
         acc_b, acc2 = _mainloop(
-            acc_b, acc2, a2_ptr, a_rows, a_desc, a_idx, s_acb, s_ac, w2_ptr + w2_base, w2_ptr, w2_desc, w2_desc, e, n0,
+            acc_b, acc2, a2_ptr, a_rows, a2_desc, a_idx, s_acb, s_ac, w2_ptr + w2_base, w2_ptr, w2_desc, w2_desc, e, n0,
             s_w2k, s_w2n, s_w2k, s_w2n, offs_n, n_ok, a_ok, k_steps, K, sa2_ptr, sa_rows, s_sak, sw2_e, sw2_cols,
             s_sw2k, sw2_e, sw2_cols, s_sw2k, sw2_desc, sw2_desc, sa2_desc, pid_m, BLOCK_K, BLOCK_N, LB_A, False, W_TMA,
             WARP_SPEC, DOTS, FP8, A_TMA, SA_TMA, SW_TMA, SWAP_AB,
@@ -793,7 +801,9 @@ def gemm_kernel(
     w2_ptr,  # GLU: the gate weight; PAIR: the second weight; [E, K, N] any strides (unused otherwise)
     w_desc,  # W_TMA: host tensor descriptor of w ([E, K, N], or [E, N, K] for W_TMA 2); None otherwise
     w2_desc,  # W_TMA and GLU / PAIR: descriptor of w2; None otherwise
-    a_desc,  # A_TMA GATHER4: host tensor descriptor of A [T, K], block [1, BLOCK_K]; None otherwise
+    a_desc,  # A_TMA GATHER4: host tensor descriptor of A [T, K], block [1, BLOCK_K]; TMA (FP8, A dense): of A
+    # [R, K], block [BLOCK_M, BLOCK_K]; None otherwise
+    a2_desc,  # A_TMA TMA and PAIR: that of the second A; None otherwise
     sw_desc,  # SW_TMA: host descriptor of W's MX scales in tcgen05 chunks (_mx_scale_chunks); None otherwise
     sw2_desc,  # SW_TMA and GLU / PAIR: that of W2's scales; None otherwise
     sa_desc,  # SA_TMA: host descriptor of A's MX scales per M tile in tcgen05 chunks (_mx_tile_scales); None otherwise
@@ -875,23 +885,23 @@ def gemm_kernel(
     if PERSISTENT:
         for tile in tl.range(tl.program_id(0), num_m_tiles * tl.cdiv(N_STORE, BLOCK_N), tl.num_programs(0)):
             _gemm_tile(
-                tile, a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, a_desc, sw_desc, sw2_desc, sa_desc, sa2_desc,
-                out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr, row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr, offsets_ptr,
-                tile_offsets_ptr, tile_expert_ptr, sa_ptr, sa2_ptr, sw_ptr, sw2_ptr, sq_ptr, R, N, N_STORE, K, E,
-                num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc,
-                s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e, s_sw2k, s_sw2n, s_sqr, s_sqc, BLOCK_M, BLOCK_N, BLOCK_K,
-                EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE, ACT, W_TMA, WARP_SPEC, DOTS, FP8, QUANT_A,
-                A_TMA, SW_TMA, SA_TMA, SWAP_AB,
+                tile, a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, a_desc, a2_desc, sw_desc, sw2_desc, sa_desc,
+                sa2_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr, row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr,
+                offsets_ptr, tile_offsets_ptr, tile_expert_ptr, sa_ptr, sa2_ptr, sw_ptr, sw2_ptr, sq_ptr, R, N, N_STORE,
+                K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb,
+                s_oc, s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e, s_sw2k, s_sw2n, s_sqr, s_sqc, BLOCK_M, BLOCK_N,
+                BLOCK_K, EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE, ACT, W_TMA, WARP_SPEC, DOTS, FP8,
+                QUANT_A, A_TMA, SW_TMA, SA_TMA, SWAP_AB,
             )  # fmt: skip
     else:
         _gemm_tile(
-            tl.program_id(0), a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, a_desc, sw_desc, sw2_desc, sa_desc,
-            sa2_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr, row_src_ptr, row_asg_ptr, weights_ptr, dots_ptr,
-            offsets_ptr, tile_offsets_ptr, tile_expert_ptr, sa_ptr, sa2_ptr, sw_ptr, sw2_ptr, sq_ptr, R, N, N_STORE, K,
-            E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or, s_ocb, s_oc,
-            s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e, s_sw2k, s_sw2n, s_sqr, s_sqc, BLOCK_M, BLOCK_N, BLOCK_K, EPI_N,
-            GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE, ACT, W_TMA, WARP_SPEC, DOTS, FP8, QUANT_A, A_TMA, SW_TMA,
-            SA_TMA, SWAP_AB,
+            tl.program_id(0), a_ptr, w_ptr, a2_ptr, w2_ptr, w_desc, w2_desc, a_desc, a2_desc, sw_desc, sw2_desc,
+            sa_desc, sa2_desc, out_ptr, out2_ptr, out3_ptr, h_ptr, g_ptr, row_src_ptr, row_asg_ptr, weights_ptr,
+            dots_ptr, offsets_ptr, tile_offsets_ptr, tile_expert_ptr, sa_ptr, sa2_ptr, sw_ptr, sw2_ptr, sq_ptr, R, N,
+            N_STORE, K, E, num_m_tiles, s_arb, s_ar, s_acb, s_ac, s_we, s_wk, s_wn, s_w2e, s_w2k, s_w2n, s_orb, s_or,
+            s_ocb, s_oc, s_sar, s_sak, s_swe, s_swk, s_swn, s_sw2e, s_sw2k, s_sw2n, s_sqr, s_sqc, BLOCK_M, BLOCK_N,
+            BLOCK_K, EPI_N, GROUP_M, LB_A, LB_O, GATHER, GLU, PAIR, EPILOGUE, ACT, W_TMA, WARP_SPEC, DOTS, FP8, QUANT_A,
+            A_TMA, SW_TMA, SA_TMA, SWAP_AB,
         )  # fmt: skip
 
 
@@ -1147,9 +1157,11 @@ def gemm_config(
     a_block: int | None = None,
     capability: int | None = None,
     fp8: Fp8Mode = Fp8Mode.NONE,
+    dense_rows: bool = False,
 ) -> GemmConfig:
     """The ``gemm_kernel`` config for M tiles of ``block_m`` rows (the caller's tile schedule) on a device of compute
-    ``capability`` (``major * 10 + minor``; None, off CUDA: the sm_90 config).
+    ``capability`` (``major * 10 + minor``; None, off CUDA: the sm_90 config). ``dense_rows``: A's rows dense, not
+    gathered (FP8: through TMA, ``_dense_a_tma``).
 
     sm_90: ``block_m`` rows on ``block_m / 16`` warps (a warpgroup per 64 rows: wgmma), K step 64 for 16-bit types
     (32 for fp32), 3 stages of 128×64 + 64×128 16-bit tiles (96 KB of shared memory) and at most ~128 registers, so
@@ -1192,7 +1204,8 @@ def gemm_config(
         if fp8 != Fp8Mode.NONE:  # MX: a K step of whole groups of 32; the forward epilogue's a in whole groups
             cfg = replace(cfg, block_k=32, block_n=32 if epilogue == Epilogue.FORWARD else cfg.block_n)
     elif fp8 != Fp8Mode.NONE:
-        cfg = _fp8_config(block_m, fp8, backward=backward, glu=glu, pair=pair, aligned=aligned, capability=capability)
+        cfg = _fp8_config(block_m, fp8, backward=backward, glu=glu, pair=pair, aligned=aligned, capability=capability,
+                          dense_rows=dense_rows)  # fmt: skip
     else:
         block_k = 32 if dtype == torch.float32 or not aligned else 64
         block_n = 64 if glu and not backward else 128
@@ -1221,7 +1234,15 @@ def gemm_config(
 
 
 def _fp8_config(
-    block_m: int, fp8: Fp8Mode, *, backward: bool, glu: bool, pair: bool, aligned: bool, capability: int | None
+    block_m: int,
+    fp8: Fp8Mode,
+    *,
+    backward: bool,
+    glu: bool,
+    pair: bool,
+    aligned: bool,
+    capability: int | None,
+    dense_rows: bool = False,
 ) -> GemmConfig:
     """``gemm_config`` for E4M3 operands on a GPU (``bench.audit`` builds each): 1-byte tiles of 128 × 128 (16 KB
     each: a 3-stage pipeline in 96 KB) with a K step of 128 (one blockwise group, four MX groups), the GLU forward's
@@ -1235,10 +1256,11 @@ def _fp8_config(
       GEMM, the up-projection without GLU and the pair in slices of 16 columns (``epilogue_n``), the backward
       epilogue in its 8 (sm_100: 16). sm_90's 128-row builds (``bench.audit``, 2026-12-06): down 134 -> 101
       registers, backward 148 -> 113, 1 -> 2 CTAs per SM (99 KB of shared memory), issue ratio 0.48 as before
-      (slices of 8: 101 too, of 32 106, of 64 128; the whole tile 136). The pair keeps two 128 × 128 accumulators in
-      registers (128 per thread on 8 warps): 246 -> 171, 1 CTA per SM; at 64 columns it takes 112 and 2 CTAs per
-      SM but issues 0.96 clocks per MMA clock against 0.48, so it stays 128 wide (as blockwise: 0.9-1.3 at 64
-      columns, 0.47-0.8 at 128);
+      (slices of 8: 101 too, of 32 106, of 64 128; the whole tile 136). The pair keeps two accumulators in
+      registers (128 per thread at 128 × 128 on 8 warps: 171 registers, 1 CTA per SM), so on sm_90 it runs 128 × 64
+      tiles with 256-deep K steps in 2 stages (``_rowwise_pair_wide_k``), its dense dh / dg rows through TMA
+      (``_dense_a_tma``): 98 registers, 2 CTAs per SM, issue ratio 0.41 (by cp.async at 128 × 64 × 128: 112
+      registers but 0.96; in 2 stages the row copies wait to zero every K step);
     - sm_100 runs 128-row tiles on 4 warps (the accumulator in tensor memory) except where blockwise promotes each
       step's product in registers: the GLU forward, the backward epilogue and the pair (on 8 warps the blockwise down
       GEMM issues 1.10 clocks per MMA clock against 0.66 on 4, the MX backward 1.78 against 1.12). Rowwise's backward
@@ -1270,6 +1292,12 @@ def _fp8_config(
 
     The blockwise tiles stay 128 wide on sm_90: at 64 columns their per-step overhead gives 0.9-1.3 issue clocks per
     MMA clock, 0.47-0.8 at 128.
+
+    Rowwise's 64-row pair on sm_100 takes 256-deep K steps in 2 stages too (its rows through TMA): 0.45 issue clocks
+    per MMA clock where 128-deep steps took 1.06 (M = 64 MMAs, half the work per step under the same loop); the
+    other 64-row rowwise tiles read gathered rows (cp.async, which waits to zero every step in 2 stages) or run
+    warp-specialized (the rows' TMA in the producer: ptxas drops Triton's register split, 255 registers) and keep
+    128-deep steps (1.00-1.38, waived).
 
     sm_100's aligned 64-row MX tiles of 128 columns (not the GLU forward's 64) are computed transposed
     (``swap_ab``: the weight's columns as the block-scaled MMA's M = 128): native ``UTCQMMA`` where Triton emulated
@@ -1303,7 +1331,21 @@ def _fp8_config(
     # sm_100's 64-row MX tiles computed transposed: the block-scaled tcgen05 MMA needs M = 128 (the weight's columns;
     # not the GLU forward's 64: still emulated swapped, and at 128 columns it spilled 684 B)
     swap = fp8 == Fp8Mode.MX and aligned and block_m == 64 and _blackwell(capability) and block_n == 128
-    return GemmConfig(block_m, block_n, block_k, 8, warps, 3, epi, swap)
+    stages = 3
+    wide_k = aligned and dense_rows and not backward and _rowwise_wide_k(block_m, capability, pair)
+    if fp8 == Fp8Mode.ROWWISE and wide_k:
+        # dense rows through TMA (_dense_a_tma): 256-deep K steps in 2 stages of 48 KB, the bytes in flight of 3 of 128
+        block_k, stages = 256, 2
+        if not _blackwell(capability):  # sm_90's pair: its two accumulators at 64 columns, 2 CTAs per SM
+            block_n = 64
+    return GemmConfig(block_m, block_n, block_k, 8, warps, stages, epi, swap)
+
+
+def _rowwise_wide_k(block_m: int, capability: int | None, pair: bool) -> bool:
+    """Whether ``_fp8_config`` gives a rowwise FP8 GEMM of dense rows 256-deep K steps: the dgrad pair's 128-row
+    tiles on sm_90, the pair's and the down GEMM's 64-row tiles on sm_100."""
+    hopper = capability is None or capability // 10 == 9
+    return (hopper and pair and block_m == 128) or (_blackwell(capability) and block_m == 64)
 
 
 def _swap_ab(block_m: int, capability: int | None) -> bool:
@@ -1519,6 +1561,24 @@ def _gather_load(r: Rows) -> WeightLoad:
     return WeightLoad.GATHER4
 
 
+def _dense_a_tma(fp8: Fp8Mode, aligned: bool, a: Rows, a2: Rows | None) -> bool:
+    """Whether ``gemm_kernel`` reads an FP8 A (and the pair's A2) through TMA (``A_TMA`` ``TMA``): aligned E4M3
+    tiles of dense rows (``_row_tma``: not gathered, 16-byte aligned rows, on Hopper or newer), each M tile's rows
+    from its first (those past its expert's end load other rows, or TMA's zeros past A's, and are never stored)."""
+    if fp8 == Fp8Mode.NONE or not aligned:
+        return False
+    return all(_row_tma(r) == WeightLoad.TMA for r in (a, a2) if r is not None)
+
+
+def dense_rows_warp_specialized(fp8: Fp8Mode, cfg: GemmConfig) -> bool:
+    """Whether an FP8 GEMM of dense rows keeps sm_100's warp-specialized loop (its rows by cp.async) rather than take
+    them through TMA without it (``bench.audit``, 2026-12-07, the down GEMM on sm_100): blockwise (128 rows: 108 B of
+    spills without; 64: issue ratio 1.02 against 1.11, not worth the rule) and MX's swapped 64-row tiles (1.49 against
+    1.31) keep it; rowwise (128 rows: 0.62 -> 0.37; 64 rows, 256-deep K steps: 1.00 -> 0.44) and MX's 128-row tiles
+    (0.70 -> 0.53) do not."""
+    return fp8 == Fp8Mode.BLOCKWISE or cfg.swap_ab
+
+
 def _tma_mode(w: torch.Tensor) -> WeightLoad:
     """How ``gemm_kernel`` can read weights ``w [E, K, N]``: ``TMA`` (N contiguous) or ``TMA_T`` (K contiguous, a
     transposed view) for 16-bit and E4M3 weights (tf32 wgmma reads only K-major tiles: an fp32 tile from TMA is
@@ -1729,7 +1789,7 @@ def gemm(
     aligned = aligned16((a.tensor, w, w2, out.tensor), (K, N), (*a.strides, *w.stride(), *w2.stride(), *out.strides))
     cfg = gemm_config(
         dtype, schedule.block_m, epilogue=epilogue, glu=glu, pair=pair is not None, aligned=aligned,
-        out_block=out.block, a_block=a.block, capability=capability(a.tensor), fp8=fp8,
+        out_block=out.block, a_block=a.block, capability=capability(a.tensor), fp8=fp8, dense_rows=not a.gathered,
     )  # fmt: skip
     if quant_a != Fp8Mode.NONE and cfg.block_n % quant_a.recipe().group:  # the configs' invariant (gemm_config)
         raise AssertionError(f"gemm: a quantized in the epilogue needs tiles of whole {quant_a.recipe().group}-column "
@@ -1759,11 +1819,24 @@ def gemm(
     # (gemm_config)
     two_acc = epilogue == Epilogue.BACKWARD or (glu and epilogue == Epilogue.FORWARD)
     two_acc = two_acc or (pair is not None and fp8 in (Fp8Mode.BLOCKWISE, Fp8Mode.ROWWISE))  # FP8: 4-warp ws spilled
+    dense_tma = _dense_a_tma(fp8, aligned, a, a2 if pair is not None else None)
     warp_spec = tma != WeightLoad.POINTERS and not two_acc and _warp_specialize(w.device)
+    # FP8 dense rows: through TMA in a loop that is not warp-specialized (warp-specialized, the rows' TMA moves into
+    # the producer partition and ptxas drops Triton's register split: 255 registers), where that measured leaner
+    # (dense_rows_warp_specialized: rowwise, MX's unswapped tiles); blockwise (its promotion in registers) keeps warp
+    # specialization and loads its rows by cp.async there
+    if warp_spec and dense_tma and not dense_rows_warp_specialized(fp8, cfg):
+        warp_spec = False
     persistent = interpreting() or warp_spec  # elsewhere the tile loop costs registers: sm_90 1 CTA/SM, spills
     gather4 = aligned and pair is None and fp8 == Fp8Mode.NONE and not warp_spec
     a_tma = _gather_load(a) if gather4 else WeightLoad.POINTERS
     a_desc = TensorDescriptor.from_tensor(a.tensor, [1, cfg.block_k]) if a_tma == WeightLoad.GATHER4 else None
+    a2_desc = None
+    if dense_tma and not warp_spec:
+        a_tma = WeightLoad.TMA
+        a_desc = TensorDescriptor.from_tensor(a.tensor, [cfg.block_m, cfg.block_k])
+        if pair is not None:
+            a2_desc = TensorDescriptor.from_tensor(a2.tensor, [cfg.block_m, cfg.block_k])
     sw_tma = _mx_scales_tma(fp8, cfg, K, w.device)
     sa_tma = sw_tma and not a.gathered and a.rows > 0  # dense A: its scales per M tile (gathered: the tokens')
     sw_desc = sw2_desc = sa_desc = sa2_desc = None
@@ -1782,7 +1855,7 @@ def gemm(
     if act_out is not None and quant_a != Fp8Mode.NONE:
         act_out = act_out.view(torch.uint8)  # the epilogue stores E4M3 bits
     gemm_kernel[(persistent_programs(out.tensor.device, tiles, cfg.programs_per_sm) if persistent else tiles,)](
-        a.tensor, w, a2.tensor, w2, w_desc, w2_desc, a_desc, sw_desc, sw2_desc, sa_desc, sa2_desc, out.tensor,
+        a.tensor, w, a2.tensor, w2, w_desc, w2_desc, a_desc, a2_desc, sw_desc, sw2_desc, sa_desc, sa2_desc, out.tensor,
         out.tensor if gate_out is None else gate_out, out.tensor if act_out is None else act_out, bwd.h,
         bwd.h if bwd.g is None else bwd.g,
         off if row_src is None else row_src, bwd.row_asg, bwd.weights, out.tensor if dots is None else dots, off,

@@ -45,6 +45,7 @@ from .expert_gemm import (
     Epilogue,
     Fp8Mode,
     WeightLoad,
+    dense_rows_warp_specialized,
     gemm_config,
     gemm_kernel,
     mx_chunk_tiles,
@@ -216,7 +217,9 @@ _WAIVE_SMALL_M_100 = (
     "registers) and rowwise gained nothing (1.00-2.11; at 256 columns spills or 1 CTA/SM). mxfp8's 128-column tiles "
     "swapped run native block-scaled MMAs (UTCQMMA, at the 8-bit rate) where Triton emulated M = 64 in bf16: "
     "1.72-1.86 at that rate, fewer loop instructions than the emulation (228-496 per K step against 288-1360); its "
-    "GLU forward (64 columns: still emulated swapped) stays as it was (3.55)"
+    "GLU forward (64 columns: still emulated swapped) stays as it was (3.55); rowwise's pair passes (256-deep K "
+    "steps, its dense rows through TMA: 0.45), its gathered or warp-specialized 64-row tiles do not in 2 stages "
+    "(gathered rows' cp.async waits to zero every step; the rows' TMA in a producer partition: 255 registers)"
 )
 _WAIVE_DECODE = (
     "tiles under 64 rows (decode: experts of at most 32 rows) on sm_100: computed transposed (SWAP_AB: 256 weight "
@@ -284,6 +287,11 @@ def _gather_loads(dtype, variants, archs, gathered: bool) -> list[tuple[bool, tu
         gathered and variants == ("aligned",) and dtype in _HALF) else ()  # fmt: skip
     rest = tuple(cc for cc in archs if cc not in g4)
     return [(load, a) for load, a in ((True, g4), (False, rest)) if a]
+
+
+def _dense_rows_desc(dtype, rows: int, cols: int) -> str:
+    """The signature type of dense rows' host descriptor (``a_desc``, ``a2_desc``: FP8 A): an M tile per box."""
+    return f"tensordesc<{triton_type(dtype)}[{rows},{cols}]>"
 
 
 def _rows_desc(dtype, cols: int) -> str:
@@ -457,6 +465,7 @@ def _gemm_specs() -> list[CompileSpec]:
                                     descs["a_desc"] = _rows_desc(dtype, cfg.block_k)
                                 else:
                                     constexprs["a_desc"] = None
+                                constexprs["a2_desc"] = None  # (FP8 dense rows only)
                                 tag = (",tma,ws" if ws else ",tma" if mode else "") + (",gather4" if gather4 else "")
                                 spec = _spec(f"{name}{tag}]", gemm_kernel, dtype, cfg, constexprs,
                                              use.unit,
@@ -526,14 +535,6 @@ _WAIVE_FP8_MX_100_SMALL_M = (
     "MX with 64-row tiles on sm_100, not swapped (the GLU forward's 64 columns, the unaligned fallback's 32): the "
     "block-scaled tcgen05 MMA needs M = 128; Triton emulates tl.dot_scaled in bf16 there (UTCHMMA)"
 )
-_WAIVE_FP8_ROWWISE_PAIR_90 = (
-    "rowwise FP8's dgrad pair at 128 rows on sm_90: its two products have other scales each (dh's and dg's rows, "
-    "w1's and w3's columns), so two 128x128 fp32 accumulators stay in registers until the epilogue scales and adds "
-    "them slice by slice (128 registers per thread of 8 warps for the accumulators alone): 171 registers, 1 CTA/SM "
-    "(246 when it scaled them whole after the loop); at 64 columns 112 registers and 2 CTAs/SM but 0.96 issue clocks "
-    "per MMA clock against 0.48 (the other rowwise 128-row builds: 2 CTAs/SM, their column scales loaded slice by "
-    "slice)"
-)
 
 
 def _fp8_waivers(mode: Fp8Mode, use: _GemmUse, cfg) -> tuple[tuple[str, str], ...]:
@@ -554,7 +555,7 @@ def _fp8_waivers(mode: Fp8Mode, use: _GemmUse, cfg) -> tuple[tuple[str, str], ..
         glu_forward = use.glu and use.epilogue == Epilogue.FORWARD
         gathered = (("issue@100", _WAIVE_FP8_MX_100),) if use.gather and not glu_forward else ()
         return (*waivers, *gathered, *small)
-    return (("occupancy@90", _WAIVE_FP8_ROWWISE_PAIR_90),) if use.pair and block_m >= _LARGE_M else ()
+    return ()  # ROWWISE
 
 
 def _scale_loads(mode: Fp8Mode, cfg, variants, archs) -> list[tuple[bool, tuple[int, ...]]]:
@@ -619,7 +620,8 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
 
                 def configs(aligned, capability, block_m=block_m, use=use, mode=mode):
                     return gemm_config(dtype, block_m, epilogue=use.epilogue, glu=use.glu, pair=use.pair,
-                                       aligned=aligned, capability=capability, fp8=mode)  # fmt: skip
+                                       aligned=aligned, capability=capability, fp8=mode,
+                                       dense_rows=not use.gather)  # fmt: skip
 
                 shapes = "FP8 grouped, large T" if block_m >= _LARGE_M else "FP8 grouped, small T / decode"
                 act = "silu" if use.epilogue else "identity"
@@ -650,7 +652,9 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                     name += warps_tag
                     tma = WeightLoad.TMA_T if use.w_t else WeightLoad.TMA
                     builds = ((tma, False, (90, 120)), (tma, True, (100,)))  # the launcher's rule (see _gemm_specs)
-                    if use.epilogue == Epilogue.BACKWARD or two_w or (use.pair and mode != Fp8Mode.MX):
+                    # (dense rows: through TMA outside sm_100's warp-specialized loop, but where it keeps it)
+                    dense_tma = not use.gather and not dense_rows_warp_specialized(mode, cfg)
+                    if use.epilogue == Epilogue.BACKWARD or two_w or (use.pair and mode != Fp8Mode.MX) or dense_tma:
                         builds = ((tma, False, _FP8_ARCHS),)
                     if variants != ("aligned",):
                         builds = ((WeightLoad.POINTERS, False, _FP8_ARCHS),)
@@ -666,7 +670,13 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                                 "PERSISTENT": ws,
                                 "A_TMA": int(WeightLoad.POINTERS),
                                 "a_desc": None,
-                            }  # FP8 rows: cp.async
+                                "a2_desc": None,
+                            }  # gathered FP8 rows (and the unaligned fallback's): cp.async
+                            if load and not use.gather and not ws:  # dense rows through TMA (expert_gemm._dense_a_tma)
+                                constexprs["A_TMA"] = int(WeightLoad.TMA)
+                                for d in ("a_desc", "a2_desc") if use.pair else ("a_desc",):
+                                    del constexprs[d]
+                                    descs[d] = _dense_rows_desc(dtype, cfg.block_m, cfg.block_k)
                             if sw_tma:
                                 scale_constexprs, scale_descs = _scale_tma_loads(cfg, use, two)
                                 constexprs = {k: v for k, v in constexprs.items() if k not in scale_descs}
