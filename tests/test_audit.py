@@ -618,7 +618,7 @@ def test_launcher_specs_say_what_they_serve():
     # sm_100's MX (a quantized in the epilogue) and rowwise GLU forward: 128x128 tiles too (MX: the weights' scales
     # by TMA; rowwise: K steps of 64), no sm_100 waiver (those of MX on sm_90 apply to no build of these configs);
     # blockwise keeps 128x64 tiles there, waived
-    for name, tma_scales in (("mxfp8,up,glu,aq,M=128,N=128,K=128,w=4,tma,sw_tma", True),
+    for name, tma_scales in (("mxfp8,up,glu,aq,M=128,N=128,K=128,w=4,tma,gather4,sw_tma", True),
                              ("rowwise,up,glu,M=128,N=128,K=64,w=4,tma", False)):  # fmt: skip
         wide = gemm[f"gemm_fp8[{name}]"]
         assert (wide.archs, wide.constexprs["EPI_N"], wide.constexprs["SW_TMA"]) == ((100,), 32, tma_scales), name
@@ -627,7 +627,7 @@ def test_launcher_specs_say_what_they_serve():
     # rowwise's 128-row builds scale their accumulators column slice by column slice: 2 CTAs per SM on sm_90, and
     # sm_100 runs the backward epilogue and the pair on 4 warps (128 columns); none waived on sm_90 / sm_100
     for name in ("down,M=128,N=128,K=128,w=8,tma", "down_bwd,glu,M=128,N=128,K=128,w=8,tma",
-                 "down_bwd,glu,M=128,N=128,K=128,w=4,tma", "dgrad_pair,M=128,N=128,K=128,w=4,tma"):  # fmt: skip
+                 "down_bwd,glu,M=128,N=128,K=128,w=4,tma,gather4", "dgrad_pair,M=128,N=128,K=128,w=4,tma"):  # fmt: skip
         rowwise = gemm[f"gemm_fp8[rowwise,{name}]"]
         assert not [w for w, _ in rowwise.waivers if w.endswith(("@90", "@100"))], name
     assert gemm["gemm_fp8[rowwise,down,M=128,N=128,K=128,w=8,tma]"].constexprs["EPI_N"] == 16
@@ -647,15 +647,27 @@ def test_launcher_specs_say_what_they_serve():
         assert (down.archs, down.constexprs["WARP_SPEC"]) == ((100,), ws), name
         assert down.constexprs["A_TMA"] == (expert_gemm.WeightLoad.POINTERS if ws else expert_gemm.WeightLoad.TMA)
         assert down.signature["a2_desc"] == "constexpr" and (down.signature["a_desc"] == "constexpr") == ws, name
-    for name in ("rowwise,up,M=128,N=128,K=128,w=8,tma", "blockwise,down_bwd,glu,M=128,N=128,K=128,w=8,tma"):
-        assert gemm[f"gemm_fp8[{name}]"].constexprs["A_TMA"] == expert_gemm.WeightLoad.POINTERS, name  # gathered
+    # gathered rows: cp.async but on sm_100 outside the warp-specialized loop at K steps of 128 or more (TMA's row
+    # gather); sm_100's rowwise up-projection leaves that loop for it, MX's keeps it
+    for name, archs, g4 in (("rowwise,up,M=128,N=128,K=128,w=8,tma", (90,), False),
+                            ("rowwise,up,M=128,N=128,K=128,w=4,tma,gather4", (100,), True),
+                            ("rowwise,up,M=64,N=128,K=256,w=4,tma,gather4", (100,), True),
+                            ("rowwise,down_bwd,glu,M=64,N=128,K=256,w=4,tma,gather4", (100,), True),
+                            ("blockwise,down_bwd,glu,M=128,N=128,K=128,w=8,tma", (90,), False),
+                            ("blockwise,down_bwd,glu,M=128,N=128,K=128,w=8,tma,gather4", (100,), True),
+                            ("mxfp8,up,aq,M=128,N=128,K=128,w=4,tma,ws,sw_tma", (100,), False),
+                            ("rowwise,up,glu,M=128,N=128,K=64,w=4,tma", (100,), False)):  # fmt: skip
+        spec = gemm[f"gemm_fp8[{name}]"]
+        rows = f"tensordesc<fp8e4nv[1,{spec.constexprs['BLOCK_K']}]>"  # one row of a K step per box
+        assert spec.archs == archs and spec.signature["a_desc"] == (rows if g4 else "constexpr"), name
+        assert spec.constexprs["A_TMA"] == (expert_gemm.WeightLoad.GATHER4 if g4 else expert_gemm.WeightLoad.POINTERS)
     # sm_100's builds that do not warp-specialize gather their x rows through TMA (gather4), the others by cp.async
     assert (glu.archs, glu.constexprs["A_TMA"], glu.signature["a_desc"]) == (
         (100,), expert_gemm.WeightLoad.GATHER4, "tensordesc<bf16[1,64]>")  # fmt: skip
-    for s in gemm.values():
-        sixteen_bit = s.signature["a_ptr"] in ("*bf16", "*fp16")
+    for s in gemm.values():  # (E4M3 rows: K steps of 128 or more)
+        rows = s.signature["a_ptr"] in ("*bf16", "*fp16") or (s.fp8 and s.constexprs["BLOCK_K"] >= 128)
         aligned = s.variants == ("aligned",)
-        gather4 = s.constexprs["GATHER"] and sixteen_bit and aligned and not s.constexprs["WARP_SPEC"]
+        gather4 = s.constexprs["GATHER"] and rows and aligned and not s.constexprs["WARP_SPEC"]
         assert (s.constexprs["A_TMA"] == expert_gemm.WeightLoad.GATHER4) == (gather4 and s.archs == (100,)), s.name
         assert not gather4 or s.archs == (100,) or 100 not in (s.archs or (100,)), s.name  # sm_100 always gathers4
     assert gemm["gemm[down_bwd,glu,silu,bf16,M=128,N=128,K=64,w=8,tma]"].min_intensity == 48

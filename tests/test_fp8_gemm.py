@@ -358,8 +358,9 @@ def test_fp8_gemm_configs(monkeypatch):
                                               fp8=Fp8Mode.ROWWISE)  # fmt: skip
                 assert cfg.epi_n == 16, (cc, epilogue, pair, aligned)
 
-    # rowwise over dense rows (through TMA): 256-deep K steps in 2 stages for sm_90's 128-row pair (at 64 columns)
-    # and sm_100's 64-row down GEMM and pair; the gathered rows', the other tiles' and the other recipes' as before
+    # rowwise with its rows through TMA: 256-deep K steps in 2 stages for sm_90's 128-row pair (dense rows, at 64
+    # columns) and sm_100's 64-row tiles (dense, or gathered by TMA's row gather) but the GLU forward's; sm_90's
+    # gathered rows (cp.async), the other tiles and the other recipes as before
     def steps(block_m, cc, mode=Fp8Mode.ROWWISE, pair=False, dense_rows=True, epilogue=0):
         cfg = expert_gemm.gemm_config(e4m3, block_m, epilogue=epilogue, pair=pair, capability=cc, fp8=mode,
                                       dense_rows=dense_rows)  # fmt: skip
@@ -367,16 +368,28 @@ def test_fp8_gemm_configs(monkeypatch):
 
     assert steps(128, 90, pair=True) == (64, 256, 2) and steps(128, 90, pair=True, dense_rows=False) == (128, 128, 3)
     assert steps(64, 100, pair=True) == steps(64, 100) == (128, 256, 2)
-    assert steps(64, 100, dense_rows=False) == steps(64, 100, epilogue=2) == steps(128, 100) == (128, 128, 3)
+    assert steps(64, 100, dense_rows=False) == steps(64, 100, dense_rows=False, epilogue=2) == (128, 256, 2)
+    assert steps(64, 100, dense_rows=False, epilogue=1) == (128, 256, 2)  # the up-projection without GLU
+    assert steps(128, 100) == steps(128, 100, dense_rows=False, epilogue=2) == (128, 128, 3)
+    glu = expert_gemm.gemm_config(e4m3, 64, epilogue=1, glu=True, capability=100, fp8=Fp8Mode.ROWWISE)
+    assert (glu.block_n, glu.block_k, glu.num_stages) == (64, 128, 3)
     assert steps(64, 90, pair=True) == steps(128, 90) == steps(128, 100, pair=True) == (128, 128, 3)
     for mode in (Fp8Mode.BLOCKWISE, Fp8Mode.MX):
         assert steps(128, 90, mode, pair=True) == steps(128, 90, mode, pair=True, dense_rows=False)
         assert steps(64, 100, mode, pair=True) == steps(64, 100, mode, pair=True, dense_rows=False)
-    # sm_100 keeps its warp-specialized loop (rows by cp.async) over dense rows for blockwise and MX's swapped tiles
-    for mode, block_m, ws in ((Fp8Mode.ROWWISE, 64, False), (Fp8Mode.ROWWISE, 128, False), (Fp8Mode.MX, 128, False),
-                              (Fp8Mode.MX, 64, True), (Fp8Mode.BLOCKWISE, 128, True)):  # fmt: skip
-        cfg = expert_gemm.gemm_config(e4m3, block_m, capability=100, fp8=mode, dense_rows=True)
-        assert expert_gemm.dense_rows_warp_specialized(mode, cfg) == ws, (mode, block_m)
+    # sm_100 keeps its warp-specialized loop (rows by cp.async) for blockwise, MX's swapped tiles and MX's gathered
+    # rows; rowwise and MX's dense 128-row tiles take their rows through TMA without it
+    cases = (
+        (Fp8Mode.ROWWISE, 64, False, False),
+        (Fp8Mode.ROWWISE, 128, True, False),
+        (Fp8Mode.MX, 128, False, False),
+        (Fp8Mode.MX, 128, True, True),
+        (Fp8Mode.MX, 64, False, True),
+        (Fp8Mode.BLOCKWISE, 128, False, True),
+    )
+    for mode, block_m, gathered, ws in cases:
+        cfg = expert_gemm.gemm_config(e4m3, block_m, capability=100, fp8=mode, dense_rows=not gathered)
+        assert expert_gemm.fp8_rows_warp_specialized(mode, cfg, gathered) == ws, (mode, block_m, gathered)
     monkeypatch.setattr(expert_gemm, "interpreting", lambda: True)
     assert expert_gemm.gemm_config(e4m3, 16, fp8=Fp8Mode.MX).block_k == 32  # whole MX groups when interpreting
     for epilogue, glu, pair in ((0, False, False), (1, False, False), (1, True, False), (2, True, False),
@@ -642,6 +655,40 @@ def test_dense_rows_through_tma(case, mode, use, monkeypatch):
         assert kernel.calls[-1]["A_TMA"] == int(WeightLoad.TMA if tma else WeightLoad.POINTERS)
     for i, (tma, pointers) in enumerate(zip(results[True], results[False])):
         assert torch.equal(tma.view(torch.int16), pointers.view(torch.int16)), i
+
+
+GATHER4_CASES = {
+    # name: (T, k, E, K, N, routing, block_m); K and N 16-byte aligned, sm_100's configs (K steps of 128 or 256)
+    "tiles-past-each-expert,partial-k": (13, 2, 4, 208, 64, "uniform", 64),  # K = 208: the last K step partial
+    "one-expert,odd": (67, 2, 3, 144, 128, "one-hot", 128),  # all 134 rows on one expert: a second M tile of 6
+}
+
+
+@pytest.mark.parametrize("use", ["forward-glu", "forward", "backward-glu"])
+@pytest.mark.parametrize("mode", [Fp8Mode.BLOCKWISE, Fp8Mode.MX, Fp8Mode.ROWWISE])
+@pytest.mark.parametrize("case", list(GATHER4_CASES))
+def test_gathered_rows_through_tma_gather(case, mode, use, monkeypatch):
+    # sm_100's gathered E4M3 rows (x, dout) by TMA's row gather (GATHER4, K steps of 128 or more) in its configs,
+    # forced under the interpreter: poisoned outputs against the float64 reference of the quantized math
+    # (_launch_tiles), and bit for bit the pointer loads' (TMA_ROWS off)
+    T, k, E, K, N, kind, block_m = GATHER4_CASES[case]
+    monkeypatch.setattr(expert_gemm, "gemm_config", gpu_gemm_config(100))
+    monkeypatch.setattr(expert_gemm, "_gather4_device", lambda device: True)
+    use = "forward-glu-aq" if mode == Fp8Mode.MX and use == "forward-glu" else use  # (mxfp8 quantizes a there)
+    results = {}
+    for tma in (True, False):
+        monkeypatch.setattr(expert_gemm, "TMA_ROWS", tma)
+        kernel = Recorded(expert_gemm.gemm_kernel)
+        monkeypatch.setattr(expert_gemm, "gemm_kernel", kernel)
+        torch.manual_seed(37)
+        results[tma] = _launch_tiles(use, T, k, E, K, N, kind, mode, block_m)
+        call = kernel.calls[-1]
+        # (sm_100's 128-row rowwise GLU forward: K steps of 64, its rows by cp.async: the row gather cost more there)
+        gather4 = call["BLOCK_K"] >= 128
+        assert gather4 or (mode == Fp8Mode.ROWWISE and use == "forward-glu" and block_m == 128), call["BLOCK_K"]
+        assert call["A_TMA"] == int(WeightLoad.GATHER4 if tma and gather4 else WeightLoad.POINTERS)
+    for i, (tma, pointers) in enumerate(zip(results[True], results[False])):
+        assert torch.equal(tma.view(torch.uint8), pointers.view(torch.uint8)), i
 
 
 ROWWISE_128_CASES = {

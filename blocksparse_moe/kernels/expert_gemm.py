@@ -31,19 +31,20 @@ backward (``TMA_T``), the tile transposed in shared memory; K and N past the end
 pointer loads (``POINTERS``). Each weight is read with its own strides (or its own descriptor): a GLU gate or a
 pair's second weight may be stored differently from the first (both then load by pointers unless both can use the
 same TMA mode). ``gemm_kernel``'s rows stay pointer loads (gathered: TMA has no row gather on Hopper), pipelined as
-asynchronous copies, but for gathered 16-bit rows on sm_100 outside the warp-specialized loop (``A_TMA``
-``GATHER4``: Blackwell's TMA row gather, ``tl.tensor_descriptor.gather`` over a host descriptor of the token rows;
-``_gather_load``): the GLU forward and the backward epilogue there, and for an FP8 A of dense rows outside the
-warp-specialized loop (``A_TMA`` ``TMA``, ``_dense_a_tma``: the down GEMM's a, the dgrad pair's dh and dg) from a
-host descriptor over ``[R, K]``, an M tile per box from the tile's first row (the rows past its expert's end load
-other experts' rows, or TMA's zeros past A's last row: their results are never stored). ``wgrad_kernel`` reads a
-dense row operand (not gathered, not blocked; 16-bit or E4M3, 16-byte aligned: ``_row_tma``, ``A_TMA`` / ``B_TMA``)
-through a tensor descriptor it builds on the device over the expert's rows ``[0, end)``, so that TMA's zero fill
-masks the rows past the expert (launch-time scratch memory: ``_common.scratch_allocator``): over ``[rows, cols]``
-(``TMA``), or for an E4M3 operand stored K-major (unit row stride: a ``[cols, rows]`` tensor's transposed view) with
-16-aligned expert offsets (``row_align``) over that storage (``TMA_T``: sm_90's E4M3 wgmma reads K-major shared
-tiles only, and copies the others through registers into K-major buffers every K step: 547 -> 87 instructions per
-128-row step, rowwise); its gathered operand stays on asynchronous copies (on sm_100 TMA's row gather costs more
+asynchronous copies, but for gathered rows on sm_100 outside the warp-specialized loop (``A_TMA`` ``GATHER4``:
+Blackwell's TMA row gather, ``tl.tensor_descriptor.gather`` over a host descriptor of the token rows;
+``_gather_load``; 16-bit rows, and E4M3 rows at K steps of 128 or more): the GLU forward and the backward epilogue
+there (and the FP8 GEMMs that leave that loop for it: ``fp8_rows_warp_specialized``), and for an FP8 A of dense rows
+outside the warp-specialized loop (``A_TMA`` ``TMA``, ``_dense_a_tma``: the down GEMM's a, the dgrad pair's dh and
+dg) from a host descriptor over ``[R, K]``, an M tile per box from the tile's first row (the rows past its expert's
+end load other experts' rows, or TMA's zeros past A's last row: their results are never stored). ``wgrad_kernel``
+reads a dense row operand (not gathered, not blocked; 16-bit or E4M3, 16-byte aligned: ``_row_tma``, ``A_TMA`` /
+``B_TMA``) through a tensor descriptor it builds on the device over the expert's rows ``[0, end)``, so that TMA's
+zero fill masks the rows past the expert (launch-time scratch memory: ``_common.scratch_allocator``): over ``[rows,
+cols]`` (``TMA``), or for an E4M3 operand stored K-major (unit row stride: a ``[cols, rows]`` tensor's transposed
+view) with 16-aligned expert offsets (``row_align``) over that storage (``TMA_T``: sm_90's E4M3 wgmma reads K-major
+shared tiles only, and copies the others through registers into K-major buffers every K step: 547 -> 87 instructions
+per 128-row step, rowwise); its gathered operand stays on asynchronous copies (on sm_100 TMA's row gather costs more
 loop instructions there: docs/audit.md).
 
 **Program order (L2).** ``gemm_kernel`` runs the ``max_m_tiles · cdiv(N, BLOCK_N)`` output tiles of ``BLOCK_M ×
@@ -160,7 +161,7 @@ __all__ = [
     "TMA_WEIGHTS",
     "persistent_programs",
     "mx_chunk_tiles",
-    "dense_rows_warp_specialized",
+    "fp8_rows_warp_specialized",
     "gemm",
     "wgrad",
     "gemm_kernel",
@@ -1293,11 +1294,12 @@ def _fp8_config(
     The blockwise tiles stay 128 wide on sm_90: at 64 columns their per-step overhead gives 0.9-1.3 issue clocks per
     MMA clock, 0.47-0.8 at 128.
 
-    Rowwise's 64-row pair on sm_100 takes 256-deep K steps in 2 stages too (its rows through TMA): 0.45 issue clocks
-    per MMA clock where 128-deep steps took 1.06 (M = 64 MMAs, half the work per step under the same loop); the
-    other 64-row rowwise tiles read gathered rows (cp.async, which waits to zero every step in 2 stages) or run
-    warp-specialized (the rows' TMA in the producer: ptxas drops Triton's register split, 255 registers) and keep
-    128-deep steps (1.00-1.38, waived).
+    Rowwise's 64-row tiles on sm_100 take 256-deep K steps in 2 stages too, their rows through TMA (dense: 2D
+    boxes; gathered: TMA's row gather) outside the warp-specialized loop: issue ratio 1.00-1.06 -> 0.44-0.66 (M = 64
+    MMAs do half the work per step under the same loop; ``bench.audit`` 2026-12-07); not the GLU forward (64 columns
+    of two accumulators: 1.14 at 128-deep steps, 0.88 at 256, waived). With 2 stages gathered rows by cp.async wait
+    to zero every step; warp-specialized, the rows' TMA moves to the producer and ptxas drops Triton's register split
+    (255 registers).
 
     sm_100's aligned 64-row MX tiles of 128 columns (not the GLU forward's 64) are computed transposed
     (``swap_ab``: the weight's columns as the block-scaled MMA's M = 128): native ``UTCQMMA`` where Triton emulated
@@ -1332,20 +1334,23 @@ def _fp8_config(
     # not the GLU forward's 64: still emulated swapped, and at 128 columns it spilled 684 B)
     swap = fp8 == Fp8Mode.MX and aligned and block_m == 64 and _blackwell(capability) and block_n == 128
     stages = 3
-    wide_k = aligned and dense_rows and not backward and _rowwise_wide_k(block_m, capability, pair)
+    wide_k = aligned and not glu_forward and _rowwise_wide_k(block_m, capability, pair, dense_rows, backward)
     if fp8 == Fp8Mode.ROWWISE and wide_k:
-        # dense rows through TMA (_dense_a_tma): 256-deep K steps in 2 stages of 48 KB, the bytes in flight of 3 of 128
+        # rows through TMA: 256-deep K steps in 2 stages of 48 KB, the bytes in flight of 3 of 128
         block_k, stages = 256, 2
         if not _blackwell(capability):  # sm_90's pair: its two accumulators at 64 columns, 2 CTAs per SM
             block_n = 64
     return GemmConfig(block_m, block_n, block_k, 8, warps, stages, epi, swap)
 
 
-def _rowwise_wide_k(block_m: int, capability: int | None, pair: bool) -> bool:
-    """Whether ``_fp8_config`` gives a rowwise FP8 GEMM of dense rows 256-deep K steps: the dgrad pair's 128-row
-    tiles on sm_90, the pair's and the down GEMM's 64-row tiles on sm_100."""
+def _rowwise_wide_k(block_m: int, capability: int | None, pair: bool, dense_rows: bool, backward: bool) -> bool:
+    """Whether ``_fp8_config`` gives a rowwise FP8 GEMM (not the GLU forward) 256-deep K steps, its rows through TMA:
+    the dgrad pair's 128-row tiles on sm_90 (dense rows, 2D TMA: sm_90 has no row gather), every 64-row tile on
+    sm_100 (dense rows, or gathered through TMA's row gather)."""
     hopper = capability is None or capability // 10 == 9
-    return (hopper and pair and block_m == 128) or (_blackwell(capability) and block_m == 64)
+    return (hopper and pair and dense_rows and not backward and block_m == 128) or (
+        _blackwell(capability) and block_m == 64
+    )
 
 
 def _swap_ab(block_m: int, capability: int | None) -> bool:
@@ -1548,13 +1553,13 @@ def _mx_scales_descriptor(chunks: torch.Tensor, block_rows: int, block_k: int) -
 
 def _gather_load(r: Rows) -> WeightLoad:
     """How ``gemm_kernel`` reads a gathered A ``r`` (``A_TMA``): ``GATHER4``, TMA's row gather from a host descriptor
-    over the token rows ``[T, K]``, on sm_100 (``_gather4_device``, ``TMA_ROWS``) for non-empty 16-bit rows with a
-    16-byte aligned base, unit column stride and a 16-byte multiple row stride (TMA's rules); else ``POINTERS``
-    (asynchronous copies). The caller asks only for aligned configs (K steps 16-byte aligned) without warp
-    specialization (there the gather moves into the producer partition and ptxas drops Triton's register split:
+    over the token rows ``[T, K]``, on sm_100 (``_gather4_device``, ``TMA_ROWS``) for non-empty 16-bit or E4M3 rows
+    with a 16-byte aligned base, unit column stride and a 16-byte multiple row stride (TMA's rules); else
+    ``POINTERS`` (asynchronous copies). The caller asks only for aligned configs (K steps 16-byte aligned) without
+    warp specialization (there the gather moves into the producer partition and ptxas drops Triton's register split:
     255 registers; docs/audit.md)."""
     t = r.tensor
-    if not TMA_ROWS or not r.gathered or t.dtype not in _HALF or t.numel() == 0 or not _gather4_device(t.device):
+    if not TMA_ROWS or not r.gathered or t.dtype not in _ROW_TMA or t.numel() == 0 or not _gather4_device(t.device):
         return WeightLoad.POINTERS
     if t.data_ptr() % 16 or t.stride(1) != 1 or t.stride(0) * t.element_size() % 16:
         return WeightLoad.POINTERS
@@ -1570,13 +1575,17 @@ def _dense_a_tma(fp8: Fp8Mode, aligned: bool, a: Rows, a2: Rows | None) -> bool:
     return all(_row_tma(r) == WeightLoad.TMA for r in (a, a2) if r is not None)
 
 
-def dense_rows_warp_specialized(fp8: Fp8Mode, cfg: GemmConfig) -> bool:
-    """Whether an FP8 GEMM of dense rows keeps sm_100's warp-specialized loop (its rows by cp.async) rather than take
-    them through TMA without it (``bench.audit``, 2026-12-07, the down GEMM on sm_100): blockwise (128 rows: 108 B of
-    spills without; 64: issue ratio 1.02 against 1.11, not worth the rule) and MX's swapped 64-row tiles (1.49 against
-    1.31) keep it; rowwise (128 rows: 0.62 -> 0.37; 64 rows, 256-deep K steps: 1.00 -> 0.44) and MX's 128-row tiles
-    (0.70 -> 0.53) do not."""
-    return fp8 == Fp8Mode.BLOCKWISE or cfg.swap_ab
+def fp8_rows_warp_specialized(fp8: Fp8Mode, cfg: GemmConfig, gathered: bool) -> bool:
+    """Whether an FP8 GEMM that sm_100 would warp-specialize keeps that loop (its rows by cp.async) rather than take
+    its rows through TMA without it (dense: ``_dense_a_tma``; gathered: TMA's row gather, ``GATHER4``), measured by
+    ``bench.audit`` (2026-12-07, sm_100, issue ratio with -> without): blockwise keeps it (its 128-row down GEMM
+    spilled 108 B without, the up-projection 192 B), and so do MX's swapped 64-row tiles (1.31 -> 1.49) and its
+    gathered rows (the up-projection 0.89 -> 0.93: its tokens' scales by pointer loads either way); rowwise (dense
+    rows: 0.62 -> 0.37 at 128 rows, 1.00 -> 0.44 at 64 with 256-deep K steps; gathered: 0.67 -> 0.61, 1.03 -> 0.66)
+    and MX's dense 128-row tiles (0.70 -> 0.53) leave it."""
+    if fp8 == Fp8Mode.MX:
+        return cfg.swap_ab or gathered
+    return fp8 != Fp8Mode.ROWWISE
 
 
 def _tma_mode(w: torch.Tensor) -> WeightLoad:
@@ -1820,16 +1829,18 @@ def gemm(
     two_acc = epilogue == Epilogue.BACKWARD or (glu and epilogue == Epilogue.FORWARD)
     two_acc = two_acc or (pair is not None and fp8 in (Fp8Mode.BLOCKWISE, Fp8Mode.ROWWISE))  # FP8: 4-warp ws spilled
     dense_tma = _dense_a_tma(fp8, aligned, a, a2 if pair is not None else None)
+    # gathered rows by TMA's row gather (sm_100): 16-bit, and E4M3 in K steps of at least 128 (at 64 its per-step
+    # index work cost sm_100's rowwise GLU forward 0.66 -> 0.73 issue clocks per MMA clock, bench.audit)
+    gather4 = aligned and pair is None and (fp8 == Fp8Mode.NONE or cfg.block_k >= 128)
+    gather4 = gather4 and _gather_load(a) == WeightLoad.GATHER4
     warp_spec = tma != WeightLoad.POINTERS and not two_acc and _warp_specialize(w.device)
-    # FP8 dense rows: through TMA in a loop that is not warp-specialized (warp-specialized, the rows' TMA moves into
-    # the producer partition and ptxas drops Triton's register split: 255 registers), where that measured leaner
-    # (dense_rows_warp_specialized: rowwise, MX's unswapped tiles); blockwise (its promotion in registers) keeps warp
-    # specialization and loads its rows by cp.async there
-    if warp_spec and dense_tma and not dense_rows_warp_specialized(fp8, cfg):
-        warp_spec = False
+    # FP8 rows through TMA in a loop that is not warp-specialized (warp-specialized, the rows' TMA moves into the
+    # producer partition and ptxas drops Triton's register split: 255 registers), where that measured leaner
+    # (fp8_rows_warp_specialized); the others keep warp specialization and load their rows by cp.async there
+    if warp_spec and fp8 != Fp8Mode.NONE and (dense_tma or gather4):
+        warp_spec = fp8_rows_warp_specialized(fp8, cfg, a.gathered)
     persistent = interpreting() or warp_spec  # elsewhere the tile loop costs registers: sm_90 1 CTA/SM, spills
-    gather4 = aligned and pair is None and fp8 == Fp8Mode.NONE and not warp_spec
-    a_tma = _gather_load(a) if gather4 else WeightLoad.POINTERS
+    a_tma = WeightLoad.GATHER4 if gather4 and not warp_spec else WeightLoad.POINTERS
     a_desc = TensorDescriptor.from_tensor(a.tensor, [1, cfg.block_k]) if a_tma == WeightLoad.GATHER4 else None
     a2_desc = None
     if dense_tma and not warp_spec:

@@ -45,7 +45,7 @@ from .expert_gemm import (
     Epilogue,
     Fp8Mode,
     WeightLoad,
-    dense_rows_warp_specialized,
+    fp8_rows_warp_specialized,
     gemm_config,
     gemm_kernel,
     mx_chunk_tiles,
@@ -217,9 +217,9 @@ _WAIVE_SMALL_M_100 = (
     "registers) and rowwise gained nothing (1.00-2.11; at 256 columns spills or 1 CTA/SM). mxfp8's 128-column tiles "
     "swapped run native block-scaled MMAs (UTCQMMA, at the 8-bit rate) where Triton emulated M = 64 in bf16: "
     "1.72-1.86 at that rate, fewer loop instructions than the emulation (228-496 per K step against 288-1360); its "
-    "GLU forward (64 columns: still emulated swapped) stays as it was (3.55); rowwise's pair passes (256-deep K "
-    "steps, its dense rows through TMA: 0.45), its gathered or warp-specialized 64-row tiles do not in 2 stages "
-    "(gathered rows' cp.async waits to zero every step; the rows' TMA in a producer partition: 255 registers)"
+    "GLU forward (64 columns: still emulated swapped) stays as it was (3.55); rowwise's 64-row tiles pass with their "
+    "rows through TMA (dense, or TMA's row gather) and 256-deep K steps (0.44-0.66), but its GLU forward (1.14; 0.88 "
+    "at 256-deep steps)"
 )
 _WAIVE_DECODE = (
     "tiles under 64 rows (decode: experts of at most 32 rows) on sm_100: computed transposed (SWAP_AB: 256 weight "
@@ -281,10 +281,10 @@ def _weight_loads(dtype, cfg, mode: WeightLoad, two: bool) -> tuple[dict, dict[s
 
 def _gather_loads(dtype, variants, archs, gathered: bool) -> list[tuple[bool, tuple[int, ...]]]:
     """``(gather4, archs)``: the architectures of a ``gemm_kernel`` build whose gathered A comes through TMA's row
-    gather (aligned 16-bit builds of a gathered use without warp specialization, on ``_GATHER4_ARCHS``) and the
-    others."""
+    gather (aligned 16-bit or E4M3 builds of a gathered use without warp specialization, on ``_GATHER4_ARCHS``; the
+    caller asks for E4M3 ones at K steps of 128 or more) and the others."""
     g4 = tuple(cc for cc in archs if cc in _GATHER4_ARCHS) if (
-        gathered and variants == ("aligned",) and dtype in _HALF) else ()  # fmt: skip
+        gathered and variants == ("aligned",) and dtype in (*_HALF, torch.float8_e4m3fn)) else ()  # fmt: skip
     rest = tuple(cc for cc in archs if cc not in g4)
     return [(load, a) for load, a in ((True, g4), (False, rest)) if a]
 
@@ -527,7 +527,8 @@ _WAIVE_FP8_MX_100 = (
     "MX on sm_100 with gathered A rows (block-scaled tcgen05: UTCQMMA with two scale-factor tensor-memory operands, "
     "4 per 128-deep K step): the weights' E8M0 scales come by TMA in tcgen05's chunk layout (SW_TMA), A's (its "
     "tokens') by pointer loads every K step, copied to tensor memory through registers: the backward epilogue's "
-    "264 loop instructions on 4 warps, 1.03 issue clocks per MMA clock (287 and 1.12 with the weights' by pointers "
+    "238 loop instructions on 4 warps with its rows by TMA's row gather, 0.93 issue clocks per MMA clock (264 and "
+    "1.03 with its rows by cp.async; 287 and 1.12 with the weights' scales by pointers "
     "too; a dense A's scales by TMA as well, SA_TMA: the down GEMM 180 and 0.70); A's through TMA after a gather "
     "pass per M tile measured 0.90 there but 102 KB of shared memory instead of 68 (3 -> 2 CTAs/SM): not taken"
 )
@@ -652,16 +653,23 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                     name += warps_tag
                     tma = WeightLoad.TMA_T if use.w_t else WeightLoad.TMA
                     builds = ((tma, False, (90, 120)), (tma, True, (100,)))  # the launcher's rule (see _gemm_specs)
-                    # (dense rows: through TMA outside sm_100's warp-specialized loop, but where it keeps it)
-                    dense_tma = not use.gather and not dense_rows_warp_specialized(mode, cfg)
-                    if use.epilogue == Epilogue.BACKWARD or two_w or (use.pair and mode != Fp8Mode.MX) or dense_tma:
+                    # sm_100: rows through TMA (dense; gathered: TMA's row gather at K steps of 128 or more) outside
+                    # the warp-specialized loop, where expert_gemm.fp8_rows_warp_specialized says so
+                    rows_tma = not use.gather or cfg.block_k >= 128
+                    leave_ws = rows_tma and not fp8_rows_warp_specialized(mode, cfg, use.gather)
+                    if use.epilogue == Epilogue.BACKWARD or two_w or (use.pair and mode != Fp8Mode.MX) or leave_ws:
                         builds = ((tma, False, _FP8_ARCHS),)
                     if variants != ("aligned",):
                         builds = ((WeightLoad.POINTERS, False, _FP8_ARCHS),)
                     for load, ws, load_archs in builds:
                         archs = tuple(cc for cc in load_archs if cc in (cfg_archs or _FP8_ARCHS))
                         two = two_w or use.pair
-                        for sw_tma, sw_archs in _scale_loads(mode, cfg, variants, archs):
+                        g4 = use.gather and bool(load) and not ws and cfg.block_k >= 128
+                        for gather4, sw_tma, sw_archs in [
+                            (gather4, sw_tma, sw_archs)
+                            for gather4, g_archs in _gather_loads(dtype, variants, archs, g4)
+                            for sw_tma, sw_archs in _scale_loads(mode, cfg, variants, g_archs)
+                        ]:
                             constexprs, descs = _weight_loads(dtype, cfg, load, two=two)
                             constexprs = {
                                 **base,
@@ -671,8 +679,12 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                                 "A_TMA": int(WeightLoad.POINTERS),
                                 "a_desc": None,
                                 "a2_desc": None,
-                            }  # gathered FP8 rows (and the unaligned fallback's): cp.async
-                            if load and not use.gather and not ws:  # dense rows through TMA (expert_gemm._dense_a_tma)
+                            }  # gathered FP8 rows (and the unaligned fallback's): cp.async, but sm_100's by gather4
+                            if gather4:
+                                constexprs["A_TMA"] = int(WeightLoad.GATHER4)
+                                del constexprs["a_desc"]
+                                descs["a_desc"] = _rows_desc(dtype, cfg.block_k)
+                            elif load and not use.gather and not ws:  # dense rows through TMA (_dense_a_tma)
                                 constexprs["A_TMA"] = int(WeightLoad.TMA)
                                 for d in ("a_desc", "a2_desc") if use.pair else ("a_desc",):
                                     del constexprs[d]
@@ -683,7 +695,8 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                                 constexprs.update(scale_constexprs)
                                 descs.update(scale_descs)
                             scale_tag = (",sw_tma" if use.gather else ",s_tma") if sw_tma else ""  # s: both
-                            tag = (",tma,ws" if ws else ",tma" if load else "") + scale_tag
+                            tag = (",tma,ws" if ws else ",tma" if load else "") + (",gather4" if gather4 else "")
+                            tag += scale_tag
                             spec = _spec(f"{name}{tag}]", gemm_kernel, dtype, cfg, constexprs, unit, _GEMM_ALIGNED,
                                          variants, use_pointers, sw_archs, **audit)  # fmt: skip
                             spec.signature.update(descs)
