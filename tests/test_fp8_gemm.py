@@ -338,14 +338,15 @@ def test_fp8_gemm_configs(monkeypatch):
                 slow = expert_gemm.gemm_config(e4m3, 128, aligned=False, capability=cc, fp8=mode)
                 assert slow.block_k == slow.block_n == 32
     # sm_100's aligned 128-row MX / rowwise GLU forward: 128 columns per weight (MX: whole scale chunks, its weights'
-    # scales by TMA; rowwise: K steps of 64), the epilogue in 32-column slices, 4 warps; blockwise, 64-row, unaligned
-    # and the other architectures' keep 64 columns
+    # scales by TMA; rowwise: K steps of 64), the epilogue in 32-column slices, 4 warps; blockwise, MX's 64-row,
+    # unaligned and the other architectures' keep 64 columns (rowwise's 64-row: below)
     for mode, block_k in ((Fp8Mode.MX, 128), (Fp8Mode.ROWWISE, 64)):
         wide = expert_gemm.gemm_config(e4m3, 128, epilogue=1, glu=True, capability=100, fp8=mode)
         assert (wide.block_n, wide.block_k, wide.epi_n, wide.num_warps, wide.num_stages) == (128, block_k, 32, 4, 3)
         assert expert_gemm.mx_chunk_tiles(wide) == (mode == Fp8Mode.MX)
         for block_m, cc in ((64, 100), (128, 90), (128, 120)):
-            assert expert_gemm.gemm_config(e4m3, block_m, epilogue=1, glu=True, capability=cc, fp8=mode).block_n == 64
+            cfg = expert_gemm.gemm_config(e4m3, block_m, epilogue=1, glu=True, capability=cc, fp8=mode)
+            assert cfg.block_n == (128 if (mode, block_m, cc) == (Fp8Mode.ROWWISE, 64, 100) else 64)
         assert expert_gemm.gemm_config(e4m3, 128, epilogue=1, glu=True, aligned=False, capability=100,
                                        fp8=mode).block_n == 32  # fmt: skip
     assert expert_gemm.gemm_config(e4m3, 128, epilogue=1, glu=True, capability=100, fp8=Fp8Mode.BLOCKWISE).block_n == 64
@@ -372,7 +373,7 @@ def test_fp8_gemm_configs(monkeypatch):
     assert steps(64, 100, dense_rows=False, epilogue=1) == (128, 256, 2)  # the up-projection without GLU
     assert steps(128, 100) == steps(128, 100, dense_rows=False, epilogue=2) == (128, 128, 3)
     glu = expert_gemm.gemm_config(e4m3, 64, epilogue=1, glu=True, capability=100, fp8=Fp8Mode.ROWWISE)
-    assert (glu.block_n, glu.block_k, glu.num_stages) == (64, 128, 3)
+    assert (glu.block_n, glu.block_k, glu.epi_n, glu.num_stages) == (128, 128, 32, 2)  # its two accumulators: TMEM
     assert steps(64, 90, pair=True) == steps(128, 90) == steps(128, 100, pair=True) == (128, 128, 3)
     for mode in (Fp8Mode.BLOCKWISE, Fp8Mode.MX):
         assert steps(128, 90, mode, pair=True) == steps(128, 90, mode, pair=True, dense_rows=False)

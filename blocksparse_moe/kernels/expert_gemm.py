@@ -1294,11 +1294,12 @@ def _fp8_config(
     The blockwise tiles stay 128 wide on sm_90: at 64 columns their per-step overhead gives 0.9-1.3 issue clocks per
     MMA clock, 0.47-0.8 at 128.
 
-    Rowwise's 64-row tiles on sm_100 take 256-deep K steps in 2 stages too, their rows through TMA (dense: 2D
-    boxes; gathered: TMA's row gather) outside the warp-specialized loop: issue ratio 1.00-1.06 -> 0.44-0.66 (M = 64
-    MMAs do half the work per step under the same loop; ``bench.audit`` 2026-12-07); not the GLU forward (64 columns
-    of two accumulators: 1.14 at 128-deep steps, 0.88 at 256, waived). With 2 stages gathered rows by cp.async wait
-    to zero every step; warp-specialized, the rows' TMA moves to the producer and ptxas drops Triton's register split
+    Rowwise's 64-row tiles on sm_100 take their rows through TMA (dense: 2D boxes; gathered: TMA's row gather)
+    outside the warp-specialized loop, in 2 stages: 256-deep K steps, and the GLU forward 128 columns of two
+    accumulators in tensor memory (the epilogue in 32-column slices: 196 registers) in 128-deep ones; issue ratio
+    1.00-1.38 -> 0.44-0.66 (M = 64 MMAs do half the work per step under the same loop; ``bench.audit`` 2026-12-07;
+    the GLU forward at 64 columns: 1.14, 0.88 at 256-deep steps). With 2 stages gathered rows by cp.async wait to
+    zero every step; warp-specialized, the rows' TMA moves to the producer and ptxas drops Triton's register split
     (255 registers).
 
     sm_100's aligned 64-row MX tiles of 128 columns (not the GLU forward's 64) are computed transposed
@@ -1313,11 +1314,13 @@ def _fp8_config(
     tcgen05_4 = block_m >= 128 and _blackwell(capability) and aligned and not registers
     warps = 8 if block_m >= 128 and not tcgen05_4 else 4
     glu_forward = glu and not backward
-    # sm_100's MX / rowwise GLU forward: two 128x128 accumulators in tensor memory, the epilogue in 32-column slices
-    wide_glu = glu_forward and tcgen05_4 and fp8 in (Fp8Mode.MX, Fp8Mode.ROWWISE)
+    # sm_100's MX / rowwise GLU forward: two 128x128 accumulators in tensor memory, the epilogue in 32-column slices;
+    # rowwise's 64-row tiles too (two 64x128 accumulators, the rows by TMA's row gather, 2 stages below)
+    rowwise_glu64 = glu_forward and aligned and fp8 == Fp8Mode.ROWWISE and block_m == 64 and _blackwell(capability)
+    wide_glu = (glu_forward and tcgen05_4 and fp8 in (Fp8Mode.MX, Fp8Mode.ROWWISE)) or rowwise_glu64
     block_n = 64 if (glu_forward and not wide_glu) or capability == 120 else 128
     block_k = 128
-    if wide_glu and fp8 == Fp8Mode.ROWWISE:  # 3 buffers of 128-deep steps there: 148 KB, 1 CTA/SM
+    if wide_glu and fp8 == Fp8Mode.ROWWISE and not rowwise_glu64:  # 3 buffers of 128-deep steps: 148 KB, 1 CTA/SM
         block_k = 64
     if fp8 == Fp8Mode.MX and not _blackwell(capability):
         block_k = 32 if capability == 120 and backward else 64
@@ -1333,7 +1336,7 @@ def _fp8_config(
     # sm_100's 64-row MX tiles computed transposed: the block-scaled tcgen05 MMA needs M = 128 (the weight's columns;
     # not the GLU forward's 64: still emulated swapped, and at 128 columns it spilled 684 B)
     swap = fp8 == Fp8Mode.MX and aligned and block_m == 64 and _blackwell(capability) and block_n == 128
-    stages = 3
+    stages = 2 if rowwise_glu64 else 3  # (2 buffers of 40 KB: 2 CTAs per SM)
     wide_k = aligned and not glu_forward and _rowwise_wide_k(block_m, capability, pair, dense_rows, backward)
     if fp8 == Fp8Mode.ROWWISE and wide_k:
         # rows through TMA: 256-deep K steps in 2 stages of 48 KB, the bytes in flight of 3 of 128

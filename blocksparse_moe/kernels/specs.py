@@ -211,15 +211,14 @@ _WAIVE_B64 = (
     "a tile over several blocks is a kernel change"
 )
 _WAIVE_SMALL_M_100 = (
-    "FP8 64-row tiles (small T) on sm_100: blockwise and rowwise run tcgen05 M = 64 MMAs, half an M = 128 one's work "
-    "under the same row loads of 4 warps (1.0-2.1 issue clocks per MMA clock); swapped (SWAP_AB, as the 16-bit tiles "
-    "and mxfp8's: the weight's columns as M) blockwise spilled 336-1748 B (each step's transposed product promoted in "
-    "registers) and rowwise gained nothing (1.00-2.11; at 256 columns spills or 1 CTA/SM). mxfp8's 128-column tiles "
-    "swapped run native block-scaled MMAs (UTCQMMA, at the 8-bit rate) where Triton emulated M = 64 in bf16: "
-    "1.72-1.86 at that rate, fewer loop instructions than the emulation (228-496 per K step against 288-1360); its "
-    "GLU forward (64 columns: still emulated swapped) stays as it was (3.55); rowwise's 64-row tiles pass with their "
-    "rows through TMA (dense, or TMA's row gather) and 256-deep K steps (0.44-0.66), but its GLU forward (1.14; 0.88 "
-    "at 256-deep steps)"
+    "FP8 64-row tiles (small T) on sm_100, blockwise and mxfp8: blockwise runs tcgen05 M = 64 MMAs, half an M = 128 "
+    "one's work under the same loop, and promotes each step's product in registers (1.11-1.67 issue clocks per MMA "
+    "clock); swapped (SWAP_AB, as the 16-bit tiles and mxfp8's: the weight's columns as M) it spilled 336-1748 B "
+    "(each step's transposed product promoted in registers). mxfp8's 128-column tiles swapped run native block-scaled "
+    "MMAs (UTCQMMA, at the 8-bit rate) where Triton emulated M = 64 in bf16: 1.59-1.73 at that rate, fewer loop "
+    "instructions than the emulation (204-228 per K step against 288-1360); its GLU forward (64 columns: still "
+    "emulated swapped) stays as it was (3.57). Rowwise's 64-row tiles pass (their rows through TMA, 256-deep K steps "
+    "or 128 GLU columns in 2 stages: 0.44-0.66)"
 )
 _WAIVE_DECODE = (
     "tiles under 64 rows (decode: experts of at most 32 rows) on sm_100: computed transposed (SWAP_AB: 256 weight "
@@ -242,10 +241,10 @@ _WAIVE_WGRAD_100 = (
 
 
 def _audit_fields(dtype, cfg, variants, shapes: str, operand_bytes: int, *, backward=False, fp8_glu=False, wgrad=False,
-                  blocked_64=False) -> dict:  # fmt: skip
+                  blocked_64=False, fp8_small_m=True) -> dict:  # fmt: skip
     """``CompileSpec``'s per-FLOP fields of a launcher config: what it serves (``shapes`` and the alignment its
     variants run), the per-FLOP checks on its aligned build, the intensity floor (exempt below ``_LARGE_M`` rows),
-    and the waivers that apply to it."""
+    and the waivers that apply to it (``fp8_small_m``: an FP8 recipe whose 64-row tiles are waived on sm_100)."""
     alignment = {("aligned",): "aligned", ("unaligned",): "unaligned fallback"}.get(variants, "any alignment")
     small_m = cfg.block_m < _LARGE_M
     floor = None if small_m else _MIN_INTENSITY_BWD if backward else _MIN_INTENSITY
@@ -258,7 +257,7 @@ def _audit_fields(dtype, cfg, variants, shapes: str, operand_bytes: int, *, back
         waivers.append(("issue@100", _WAIVE_WGRAD_100))
     elif cfg.block_m < 64:
         waivers.append(("issue@100", _WAIVE_DECODE))
-    elif small_m and dtype == torch.float8_e4m3fn:  # (16-bit 64-row tiles pass there: swapped operands)
+    elif small_m and dtype == torch.float8_e4m3fn and fp8_small_m:  # (16-bit 64-row tiles pass: swapped operands)
         waivers.append(("issue@100", _WAIVE_SMALL_M_100))
     elif fp8_glu and cfg.block_n < 128:  # the FP8 GLU forward's 64-column tiles (sm_100's 128-wide ones pass)
         waivers.append(("issue@100", _WAIVE_FP8_GLU_100))
@@ -635,7 +634,8 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                         continue
                     tiles = cfg.block_m * cfg.block_k + (1 + two_w) * cfg.block_k * cfg.block_n
                     audit = _audit_fields(dtype, cfg, variants, shapes, tiles * dtype.itemsize,
-                                          backward=use.epilogue == Epilogue.BACKWARD, fp8_glu=two_w)  # fmt: skip
+                                          backward=use.epilogue == Epilogue.BACKWARD, fp8_glu=two_w,
+                                          fp8_small_m=mode != Fp8Mode.ROWWISE)  # fmt: skip
                     if "aligned" in variants:
                         audit["waivers"] += _fp8_waivers(mode, use, cfg)
                     elif mode == Fp8Mode.MX:  # the fallback tiles: Triton's dot_scaled emulation where it emulates
