@@ -259,7 +259,7 @@ def _audit_fields(dtype, cfg, variants, shapes: str, operand_bytes: int, *, back
         waivers.append(("issue@100", _WAIVE_DECODE))
     elif small_m and dtype == torch.float8_e4m3fn and fp8_small_m:  # (16-bit 64-row tiles pass: swapped operands)
         waivers.append(("issue@100", _WAIVE_SMALL_M_100))
-    elif fp8_glu and cfg.block_n < 128:  # the FP8 GLU forward's 64-column tiles (sm_100's 128-wide ones pass)
+    elif fp8_glu and cfg.block_n < 128:  # blockwise's GLU forward, 64 columns (sm_100's MX / rowwise: 128, passing)
         waivers.append(("issue@100", _WAIVE_FP8_GLU_100))
     return dict(
         serves=f"{shapes}, {alignment}", per_flop="aligned" in variants, operand_bytes=operand_bytes,
@@ -634,7 +634,8 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                         continue
                     tiles = cfg.block_m * cfg.block_k + (1 + two_w) * cfg.block_k * cfg.block_n
                     audit = _audit_fields(dtype, cfg, variants, shapes, tiles * dtype.itemsize,
-                                          backward=use.epilogue == Epilogue.BACKWARD, fp8_glu=two_w,
+                                          backward=use.epilogue == Epilogue.BACKWARD,
+                                          fp8_glu=two_w and mode == Fp8Mode.BLOCKWISE,
                                           fp8_small_m=mode != Fp8Mode.ROWWISE)  # fmt: skip
                     if "aligned" in variants:
                         audit["waivers"] += _fp8_waivers(mode, use, cfg)
