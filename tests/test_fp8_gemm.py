@@ -628,6 +628,22 @@ def test_glu_forward_sm100_tiles(case, mode, quant_a, monkeypatch):
         assert torch.equal(results[False][3], results[True][3]), "a's scales"
 
 
+def _rows_tma_against_pointers(monkeypatch, seed: int, *launch) -> tuple[dict, dict]:
+    """``_launch_tiles(*launch)`` (fresh operands from ``seed``) with the A rows through TMA (``TMA_ROWS``) and by
+    pointer loads: the outputs bit for bit equal; returns the two launches' ``gemm_kernel`` arguments (TMA first)."""
+    results, calls = {}, {}
+    for tma in (True, False):
+        monkeypatch.setattr(expert_gemm, "TMA_ROWS", tma)
+        kernel = Recorded(expert_gemm.gemm_kernel)
+        monkeypatch.setattr(expert_gemm, "gemm_kernel", kernel)
+        torch.manual_seed(seed)
+        results[tma] = _launch_tiles(*launch)
+        calls[tma] = kernel.calls[-1]
+    for i, (tma, pointers) in enumerate(zip(results[True], results[False])):
+        assert torch.equal(tma.view(torch.uint8), pointers.view(torch.uint8)), i
+    return calls[True], calls[False]
+
+
 DENSE_TMA_CASES = {
     # name: (T, k, E, K, N, routing, block_m); K and N 16-byte aligned (A's rows through TMA)
     # M tiles of 16 rows over experts of ~6 rows: each tile's rows run into the next experts' (loaded, never stored)
@@ -646,16 +662,8 @@ def test_dense_rows_through_tma(case, mode, use, monkeypatch):
     # (expert_gemm._dense_a_tma): poisoned outputs against the float64 reference of the quantized math
     # (_launch_tiles), and bit for bit the pointer loads' (TMA_ROWS off), which mask the rows past the expert's end
     T, k, E, K, N, kind, block_m = DENSE_TMA_CASES[case]
-    results = {}
-    for tma in (True, False):
-        monkeypatch.setattr(expert_gemm, "TMA_ROWS", tma)
-        kernel = Recorded(expert_gemm.gemm_kernel)
-        monkeypatch.setattr(expert_gemm, "gemm_kernel", kernel)
-        torch.manual_seed(31)
-        results[tma] = _launch_tiles(use, T, k, E, K, N, kind, mode, block_m)
-        assert kernel.calls[-1]["A_TMA"] == int(WeightLoad.TMA if tma else WeightLoad.POINTERS)
-    for i, (tma, pointers) in enumerate(zip(results[True], results[False])):
-        assert torch.equal(tma.view(torch.int16), pointers.view(torch.int16)), i
+    tma, pointers = _rows_tma_against_pointers(monkeypatch, 31, use, T, k, E, K, N, kind, mode, block_m)
+    assert (tma["A_TMA"], pointers["A_TMA"]) == (WeightLoad.TMA, WeightLoad.POINTERS)
 
 
 GATHER4_CASES = {
@@ -676,20 +684,12 @@ def test_gathered_rows_through_tma_gather(case, mode, use, monkeypatch):
     monkeypatch.setattr(expert_gemm, "gemm_config", gpu_gemm_config(100))
     monkeypatch.setattr(expert_gemm, "_gather4_device", lambda device: True)
     use = "forward-glu-aq" if mode == Fp8Mode.MX and use == "forward-glu" else use  # (mxfp8 quantizes a there)
-    results = {}
-    for tma in (True, False):
-        monkeypatch.setattr(expert_gemm, "TMA_ROWS", tma)
-        kernel = Recorded(expert_gemm.gemm_kernel)
-        monkeypatch.setattr(expert_gemm, "gemm_kernel", kernel)
-        torch.manual_seed(37)
-        results[tma] = _launch_tiles(use, T, k, E, K, N, kind, mode, block_m)
-        call = kernel.calls[-1]
-        # (sm_100's 128-row rowwise GLU forward: K steps of 64, its rows by cp.async: the row gather cost more there)
-        gather4 = call["BLOCK_K"] >= 128
-        assert gather4 or (mode == Fp8Mode.ROWWISE and use == "forward-glu" and block_m == 128), call["BLOCK_K"]
-        assert call["A_TMA"] == int(WeightLoad.GATHER4 if tma and gather4 else WeightLoad.POINTERS)
-    for i, (tma, pointers) in enumerate(zip(results[True], results[False])):
-        assert torch.equal(tma.view(torch.uint8), pointers.view(torch.uint8)), i
+    tma, pointers = _rows_tma_against_pointers(monkeypatch, 37, use, T, k, E, K, N, kind, mode, block_m)
+    # (sm_100's 128-row rowwise GLU forward: K steps of 64, its rows by cp.async: the row gather cost more there)
+    gather4 = tma["BLOCK_K"] >= 128
+    assert gather4 or (mode == Fp8Mode.ROWWISE and use == "forward-glu" and block_m == 128), tma["BLOCK_K"]
+    assert tma["A_TMA"] == (WeightLoad.GATHER4 if gather4 else WeightLoad.POINTERS)
+    assert pointers["A_TMA"] == WeightLoad.POINTERS
 
 
 ROWWISE_128_CASES = {
