@@ -761,6 +761,43 @@ def test_rowwise_gpu_tiles(case, capability, monkeypatch):
                            whole.view(torch.int16 if whole.dtype == torch.bfloat16 else torch.int32)), i  # fmt: skip
 
 
+@pytest.mark.parametrize("block_m", [64, 128])
+@pytest.mark.parametrize("fp8_name", ["blockwise", "mxfp8", "rowwise"])
+def test_fp8_mlp_launches_what_sm100_builds(fp8_name, block_m, monkeypatch):
+    # the FP8 MLP (backends.triton_fp8, forward and backward, GLU) as gemm launches it on sm_100 (its configs, warp
+    # specialization, TMA's row gather and MX scale chunks forced under the interpreter): every gemm_kernel launch is
+    # an sm_100 build of the audit (bench.audit's specs) with the same tile, stages, warp specialization, row loads
+    # (A_TMA) and scale loads, so that the compile evidence is the launched code's
+    from bench.audit import jobs as audit_jobs
+    from blocksparse_moe import functional
+    from blocksparse_moe.backends import triton as triton_backend
+    from blocksparse_moe.kernels import specs
+
+    built = [s for s in audit_jobs._gpu_specs(specs) if s.kernel is expert_gemm.gemm_kernel and s.fp8]
+    monkeypatch.setattr(expert_gemm, "gemm_config", gpu_gemm_config(100))
+    for device_check in ("_warp_specialize", "_gather4_device", "_scale_tma_device"):
+        monkeypatch.setattr(expert_gemm, device_check, lambda device: True)
+    monkeypatch.setattr(triton_backend, "_grouped_block_m", lambda rows, num_experts, fp8=False: block_m)
+    kernel = Recorded(expert_gemm.gemm_kernel)
+    monkeypatch.setattr(expert_gemm, "gemm_kernel", kernel)
+    T, d, f, E, k = 6, 128, 128, 2, 2
+    torch.manual_seed(11)
+    x, idx, weights = torch.randn(T, d), routing(T, k, E, "uniform"), torch.rand(T, k)
+    w1, w3, w2 = torch.randn(E, d, f) / d**0.5, torch.randn(E, d, f) / d**0.5, torch.randn(E, f, d) / f**0.5
+    leaves = [t.clone().requires_grad_() for t in (x, w1, w2, w3)]
+    out = functional.moe_mlp(leaves[0], idx, weights, leaves[1], leaves[2], leaves[3], activation="silu",
+                             impl="grouped", backend="triton", fp8=fp8_name)  # fmt: skip
+    out.backward(torch.randn(T, d))
+    keys = ("FP8", "EPILOGUE", "GLU", "PAIR", "GATHER", "BLOCK_M", "BLOCK_N", "BLOCK_K", "EPI_N", "SWAP_AB",
+            "WARP_SPEC", "A_TMA", "SW_TMA", "SA_TMA", "QUANT_A")  # fmt: skip
+    assert len(kernel.calls) == 4  # up (GLU), down, the dgrad with its backward epilogue, the dx pair
+    for call in kernel.calls:
+        launched = tuple(int(call[key]) for key in keys) + (call["num_warps"], call["num_stages"])
+        found = [s for s in built if 100 in (s.archs or (100,)) and "aligned" in s.variants and
+                 tuple(int(s.constexprs[key]) for key in keys) + (s.num_warps, s.num_stages) == launched]  # fmt: skip
+        assert found, str(dict(zip((*keys, "num_warps", "num_stages"), launched)))
+
+
 def test_mx_scales_tma_in_the_fp8_mlp(monkeypatch):
     # the FP8 MLP (backends.triton_fp8, mxfp8) forward and backward with sm_100's scale loads forced (128-row tiles
     # of 128 x 128 x 128): the scales its GEMMs pass (the weights' transposed views in the backward, the epilogue-

@@ -1259,7 +1259,7 @@ def _fp8_config(
       registers, backward 148 -> 113, 1 -> 2 CTAs per SM (99 KB of shared memory), issue ratio 0.48 as before
       (slices of 8: 101 too, of 32 106, of 64 128; the whole tile 136). The pair keeps two accumulators in
       registers (128 per thread at 128 × 128 on 8 warps: 171 registers, 1 CTA per SM), so on sm_90 it runs 128 × 64
-      tiles with 256-deep K steps in 2 stages (``_rowwise_pair_wide_k``), its dense dh / dg rows through TMA
+      tiles with 256-deep K steps in 2 stages (``_rowwise_wide_k``), its dense dh / dg rows through TMA
       (``_dense_a_tma``): 98 registers, 2 CTAs per SM, issue ratio 0.41 (by cp.async at 128 × 64 × 128: 112
       registers but 0.96; in 2 stages the row copies wait to zero every K step);
     - sm_100 runs 128-row tiles on 4 warps (the accumulator in tensor memory) except where blockwise promotes each
