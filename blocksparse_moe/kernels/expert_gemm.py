@@ -162,6 +162,7 @@ __all__ = [
     "persistent_programs",
     "mx_chunk_tiles",
     "fp8_rows_warp_specialized",
+    "row_gather_step",
     "gemm",
     "wgrad",
     "gemm_kernel",
@@ -1578,6 +1579,13 @@ def _dense_a_tma(fp8: Fp8Mode, aligned: bool, a: Rows, a2: Rows | None) -> bool:
     return all(_row_tma(r) == WeightLoad.TMA for r in (a, a2) if r is not None)
 
 
+def row_gather_step(fp8: Fp8Mode, cfg: GemmConfig) -> bool:
+    """Whether ``cfg``'s K step takes gathered rows by TMA's row gather (``GATHER4``, where ``_gather_load`` allows):
+    16-bit rows at any, E4M3 rows at 128 or more (at 64 the per-step index work cost sm_100's rowwise GLU forward
+    0.66 -> 0.73 issue clocks per MMA clock, ``bench.audit``)."""
+    return fp8 == Fp8Mode.NONE or cfg.block_k >= 128
+
+
 def fp8_rows_warp_specialized(fp8: Fp8Mode, cfg: GemmConfig, gathered: bool) -> bool:
     """Whether an FP8 GEMM that sm_100 would warp-specialize keeps that loop (its rows by cp.async) rather than take
     its rows through TMA without it (dense: ``_dense_a_tma``; gathered: TMA's row gather, ``GATHER4``), measured by
@@ -1832,10 +1840,7 @@ def gemm(
     two_acc = epilogue == Epilogue.BACKWARD or (glu and epilogue == Epilogue.FORWARD)
     two_acc = two_acc or (pair is not None and fp8 in (Fp8Mode.BLOCKWISE, Fp8Mode.ROWWISE))  # FP8: 4-warp ws spilled
     dense_tma = _dense_a_tma(fp8, aligned, a, a2 if pair is not None else None)
-    # gathered rows by TMA's row gather (sm_100): 16-bit, and E4M3 in K steps of at least 128 (at 64 its per-step
-    # index work cost sm_100's rowwise GLU forward 0.66 -> 0.73 issue clocks per MMA clock, bench.audit)
-    gather4 = aligned and pair is None and (fp8 == Fp8Mode.NONE or cfg.block_k >= 128)
-    gather4 = gather4 and _gather_load(a) == WeightLoad.GATHER4
+    gather4 = aligned and pair is None and row_gather_step(fp8, cfg) and _gather_load(a) == WeightLoad.GATHER4
     warp_spec = tma != WeightLoad.POINTERS and not two_acc and _warp_specialize(w.device)
     # FP8 rows through TMA in a loop that is not warp-specialized (warp-specialized, the rows' TMA moves into the
     # producer partition and ptxas drops Triton's register split: 255 registers), where that measured leaner

@@ -49,6 +49,7 @@ from .expert_gemm import (
     gemm_config,
     gemm_kernel,
     mx_chunk_tiles,
+    row_gather_step,
     scale_chunks_kernel,
     wgrad_config,
     wgrad_kernel,
@@ -288,14 +289,10 @@ def _gather_loads(dtype, variants, archs, gathered: bool) -> list[tuple[bool, tu
     return [(load, a) for load, a in ((True, g4), (False, rest)) if a]
 
 
-def _dense_rows_desc(dtype, rows: int, cols: int) -> str:
-    """The signature type of dense rows' host descriptor (``a_desc``, ``a2_desc``: FP8 A): an M tile per box."""
+def _rows_desc(dtype, cols: int, rows: int = 1) -> str:
+    """The signature type of a row operand's host descriptor (``a_desc``, ``a2_desc``): ``rows`` rows of ``cols``
+    columns per box (gathered rows: one; FP8 dense rows: an M tile)."""
     return f"tensordesc<{triton_type(dtype)}[{rows},{cols}]>"
-
-
-def _rows_desc(dtype, cols: int) -> str:
-    """The signature type of gathered rows' host descriptor (``a_desc``): one row of ``cols`` columns per box."""
-    return f"tensordesc<{triton_type(dtype)}[1,{cols}]>"
 
 
 def _variants(
@@ -656,7 +653,7 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                     builds = ((tma, False, (90, 120)), (tma, True, (100,)))  # the launcher's rule (see _gemm_specs)
                     # sm_100: rows through TMA (dense; gathered: TMA's row gather at K steps of 128 or more) outside
                     # the warp-specialized loop, where expert_gemm.fp8_rows_warp_specialized says so
-                    rows_tma = not use.gather or cfg.block_k >= 128
+                    rows_tma = not use.gather or row_gather_step(mode, cfg)
                     leave_ws = rows_tma and not fp8_rows_warp_specialized(mode, cfg, use.gather)
                     if use.epilogue == Epilogue.BACKWARD or two_w or (use.pair and mode != Fp8Mode.MX) or leave_ws:
                         builds = ((tma, False, _FP8_ARCHS),)
@@ -665,7 +662,7 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                     for load, ws, load_archs in builds:
                         archs = tuple(cc for cc in load_archs if cc in (cfg_archs or _FP8_ARCHS))
                         two = two_w or use.pair
-                        g4 = use.gather and bool(load) and not ws and cfg.block_k >= 128
+                        g4 = use.gather and bool(load) and not ws and row_gather_step(mode, cfg)
                         for gather4, sw_tma, sw_archs in [
                             (gather4, sw_tma, sw_archs)
                             for gather4, g_archs in _gather_loads(dtype, variants, archs, g4)
@@ -689,7 +686,7 @@ def _gemm_fp8_specs() -> list[CompileSpec]:
                                 constexprs["A_TMA"] = int(WeightLoad.TMA)
                                 for d in ("a_desc", "a2_desc") if use.pair else ("a_desc",):
                                     del constexprs[d]
-                                    descs[d] = _dense_rows_desc(dtype, cfg.block_m, cfg.block_k)
+                                    descs[d] = _rows_desc(dtype, cfg.block_k, cfg.block_m)
                             if sw_tma:
                                 scale_constexprs, scale_descs = _scale_tma_loads(cfg, use, two)
                                 constexprs = {k: v for k, v in constexprs.items() if k not in scale_descs}
